@@ -1,0 +1,107 @@
+"""Model-family adapters and `load_model`, which picks one from a model's config.
+
+Example:
+    >>> from embedlens.adapters import load_model
+    >>> adapter = load_model("tiny:llava-siglip")
+    >>> adapter.name, adapter.tower, adapter.n_llm_layers
+    ('llava', 'siglip', 4)
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel, ProcessorMixin
+
+from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText
+from embedlens.adapters.llava import LlavaAdapter
+from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionImageProcessor
+from embedlens.adapters.paligemma import PaliGemmaAdapter
+from embedlens.errors import AdapterError
+from embedlens.registry import adapters
+
+TINY_PREFIX = "tiny:"
+
+__all__ = [
+    "Adapter",
+    "Batch",
+    "LlavaAdapter",
+    "LlavaOnevisionAdapter",
+    "ModulePaths",
+    "OnevisionImageProcessor",
+    "PaliGemmaAdapter",
+    "PromptText",
+    "adapter_for_architecture",
+    "load_model",
+    "wrap_model",
+]
+
+
+def adapter_for_architecture(architectures: list[str] | tuple[str, ...] | None, model_type: str = "") -> type[Adapter]:
+    """The registered adapter class that supports one of `architectures`.
+
+    Raises:
+        AdapterError: listing every supported architecture.
+    """
+    for name, cls in adapters.items():
+        if set(architectures or ()) & set(cls.architectures):
+            return cls
+    supported = sorted(a for _, cls in adapters.items() for a in cls.architectures)
+    got = ", ".join(architectures or ()) or f"(none; model_type {model_type!r})"
+    raise AdapterError(f"No adapter supports architecture {got}. Supported: {', '.join(supported)}")
+
+
+def wrap_model(model: PreTrainedModel, processor: ProcessorMixin, adapter: str | None = None) -> Adapter:
+    """Wrap an already-loaded model and processor in the adapter for its family."""
+    if adapter is not None:
+        cls = adapters.get(adapter)
+    else:
+        archs = getattr(model.config, "architectures", None) or [type(model).__name__]
+        cls = adapter_for_architecture(archs, getattr(model.config, "model_type", ""))
+    return cls(model, processor)
+
+
+def load_model(
+    source: str,
+    *,
+    adapter: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    attn_implementation: str | None = None,
+) -> Adapter:
+    """Load a model and wrap it in its adapter.
+
+    Args:
+        source: a local folder or hub id (loaded with `from_pretrained`), or
+            ``tiny:NAME`` for a built-in tiny random model (see
+            `embedlens.testing.TINY_SPECS`).
+        adapter: force an adapter by registered name instead of choosing one
+            from the config's `architectures`.
+        dtype, device, attn_implementation: passed to `from_pretrained`.
+
+    Raises:
+        AdapterError: the architecture has no adapter (the error lists the supported ones).
+        UnknownNameError: an unknown adapter or tiny-model name.
+    """
+    if source.startswith(TINY_PREFIX):
+        from embedlens.testing.tiny import tiny_model
+
+        model, processor = tiny_model(source[len(TINY_PREFIX):])
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
+        from embedlens.adapters.base import DTYPES
+
+        if dtype not in DTYPES:
+            raise AdapterError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        wrapped = wrap_model(model.to(device=device, dtype=DTYPES[dtype]), processor, adapter)
+        wrapped.source = source
+        return wrapped
+    if adapter is not None:
+        cls = adapters.get(adapter)
+    else:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except OSError as e:
+            raise AdapterError(f"cannot load a model config from {source!r}: {e}") from None
+        cls = adapter_for_architecture(getattr(config, "architectures", None), getattr(config, "model_type", ""))
+    return cls.from_pretrained(source, dtype=dtype, device=device, attn_implementation=attn_implementation)

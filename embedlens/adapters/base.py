@@ -1,0 +1,426 @@
+"""What every adapter is: module paths for the site vocabulary, plus the few
+family-specific functions (prompt format, where the visual tokens sit and
+which patch each one is)."""
+
+from __future__ import annotations
+
+import operator
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+from transformers import AutoProcessor, BatchFeature, PreTrainedModel, ProcessorMixin
+
+from embedlens.data import Sample
+from embedlens.errors import AdapterError, InputError
+from embedlens.roles import Role, TokenRoles
+from embedlens.sites import Site
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class ModulePaths:
+    """Dotted attribute paths, from the top-level model, of the modules behind each site."""
+
+    vision_embed: str = "model.vision_tower.embeddings"
+    vision_layers: str = "model.vision_tower.encoder.layers"
+    projector: str = "model.multi_modal_projector"
+    language_model: str = "model.language_model"
+    llm_layers: str = "model.language_model.layers"
+    llm_norm: str = "model.language_model.norm"
+    unembed: str = "lm_head"
+    attn: str = "self_attn"  # inside one LLM layer
+    mlp: str = "mlp"  # inside one LLM layer
+
+
+@dataclass
+class PromptText:
+    """The text a processor receives for one sample, and where its parts are.
+
+    `spans` are character ranges in `text` (before the processor expands image
+    placeholders). `suffix` is an answer a family passes separately (PaliGemma).
+    """
+
+    text: str
+    spans: dict[Role, list[tuple[int, int]]] = field(default_factory=dict)
+    suffix: str | None = None
+
+
+@dataclass
+class Batch:
+    """A processed batch: the model's keyword inputs, its token-role map and the samples."""
+
+    inputs: BatchFeature
+    roles: TokenRoles
+    samples: list[Sample]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.inputs["input_ids"]
+
+
+def resolve_path(root: Any, path: str) -> Any:
+    """Follow a dotted attribute path (`a.b.c`) from `root`."""
+    try:
+        return operator.attrgetter(path)(root)
+    except AttributeError:
+        raise AdapterError(
+            f"{type(root).__name__} has no module at {path!r}; the adapter's paths do not fit this model"
+        ) from None
+
+
+class Adapter(ABC):
+    """Base class of model-family adapters.
+
+    Subclasses are mostly data: `paths`, `architectures`, `model_class` and
+    capability flags; they override `image_layouts` (and `prompt` where the
+    family formats prompts differently).
+    """
+
+    registered_name: ClassVar[str] = ""  # set by the registry
+    architectures: ClassVar[tuple[str, ...]] = ()
+    model_class: ClassVar[type[PreTrainedModel]]
+    paths: ClassVar[ModulePaths] = ModulePaths()
+    # Capabilities
+    multi_image: ClassVar[bool] = True
+    has_image_newline: ClassVar[bool] = False
+    answer_as_suffix: ClassVar[bool] = False
+
+    @property
+    def name(self) -> str:
+        """The adapter's registered name (its key in plans)."""
+        return self.registered_name or type(self).__name__
+
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, source: str | None = None):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.source = source or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self._nnsight = None
+        for attr in ("vision_embed", "vision_layers", "projector", "language_model", "llm_layers", "llm_norm", "unembed"):
+            resolve_path(model, getattr(self.paths, attr))  # fail at load, not mid-run
+
+    # -- loading -------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        attn_implementation: str | None = None,
+    ) -> "Adapter":
+        """Load model and processor from a local folder or hub id.
+
+        Args:
+            path: folder written by `save_pretrained`, or a hub id.
+            dtype: one of float32, float16, bfloat16, float64.
+            device: torch device string.
+            attn_implementation: `sdpa`, `eager`, ... (None: transformers' default).
+        """
+        if dtype not in DTYPES:
+            raise AdapterError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        model = cls.model_class.from_pretrained(path, **kwargs).to(device).eval()
+        return cls(model, cls.load_processor(path), source=str(path))
+
+    @classmethod
+    def load_processor(cls, path: str) -> ProcessorMixin:
+        return AutoProcessor.from_pretrained(path)
+
+    # -- the model's shape -----------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def n_vision_layers(self) -> int:
+        return len(resolve_path(self.model, self.paths.vision_layers))
+
+    @property
+    def n_llm_layers(self) -> int:
+        return len(resolve_path(self.model, self.paths.llm_layers))
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def input_embeddings(self) -> torch.Tensor:
+        """`[vocab, d_model]` input embedding matrix of the LLM."""
+        return self.model.get_input_embeddings().weight
+
+    def output_embeddings(self) -> torch.Tensor:
+        """`[vocab, d_model]` unembedding matrix (rows of `lm_head`)."""
+        return self.model.get_output_embeddings().weight
+
+    def n_layers(self, component: str) -> int:
+        return self.n_vision_layers if component == "vision.layers" else self.n_llm_layers
+
+    def resolve(self, site: "str | Site") -> Site:
+        """Parse a site and check its layer index against this model."""
+        site = Site.parse(site)
+        if site.layer is None:
+            return site
+        return site.resolve(self.n_layers(site.component))
+
+    def module_path(self, site: Site) -> str:
+        """The module whose input/output holds `site` (for documentation and hooks)."""
+        p = self.paths
+        table = {
+            "vision.embed": p.vision_embed,
+            "vision.features": p.projector,
+            "projector": p.projector,
+            "llm.embed": p.language_model,
+            "llm.norm": p.llm_norm,
+            "llm.unembed": p.unembed,
+        }
+        if site.component in table:
+            return table[site.component]
+        base = p.vision_layers if site.component == "vision.layers" else p.llm_layers
+        sub = {"attn": p.attn, "mlp": p.mlp}.get(site.sub)
+        return f"{base}.{site.layer}" + (f".{sub}" if sub else "")
+
+    @property
+    def nnsight(self):
+        """The model wrapped in `nnsight.NNsight` (built once)."""
+        if self._nnsight is None:
+            from nnsight import NNsight
+
+            self._nnsight = NNsight(self.model)
+        return self._nnsight
+
+    # -- prompts and encoding --------------------------------------------------
+    @property
+    def image_placeholder(self) -> str:
+        return getattr(self.processor, "image_token", None) or "<image>"
+
+    def prompt(self, sample: Sample) -> PromptText:
+        """Render a sample's prompt; the default uses the processor's chat template.
+
+        A sample with an explicit `prompt` keeps it verbatim (it must contain
+        one image placeholder per image); otherwise `question` is wrapped in the
+        chat template with the images before it.
+        """
+        ph = self.image_placeholder
+        if sample.prompt is not None:
+            text = sample.prompt
+            n = text.count(ph)
+            if n != len(sample.images):
+                raise InputError(
+                    f"sample {sample.id!r}: the prompt has {n} image placeholder(s) {ph!r} but "
+                    f"{len(sample.images)} image(s) were given: {text!r}"
+                )
+            spans: dict[Role, list[tuple[int, int]]] = {}
+            if sample.question is not None and sample.question in text:
+                start = text.rindex(sample.question)
+                spans[Role.QUESTION] = [(start, start + len(sample.question))]
+        else:
+            text, spans = self._render_question(sample)
+        if sample.answer is not None and not self.answer_as_suffix:
+            start = len(text) + 1
+            text = f"{text} {sample.answer}"
+            spans.setdefault(Role.ANSWER, []).append((start, len(text)))
+        return PromptText(text, spans, suffix=sample.answer if self.answer_as_suffix else None)
+
+    def _render_question(self, sample: Sample) -> tuple[str, dict[Role, list[tuple[int, int]]]]:
+        template = getattr(self.processor, "chat_template", None)
+        if not template:
+            raise AdapterError(
+                f"{self.name}: the processor has no chat template; give each sample a full `prompt` "
+                f"with {self.image_placeholder!r} placeholders instead of a `question`"
+            )
+        sentinel = "\uE000QUESTION\uE000"
+        content = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": sentinel}]
+        rendered = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        start = rendered.index(sentinel)
+        text = rendered.replace(sentinel, sample.question or "")
+        return text, {Role.QUESTION: [(start, start + len(sample.question or ""))]}
+
+    def processor_text(self, text: str) -> tuple[str, list[tuple[int, int]]]:
+        """The text as the processor rewrites it before expanding image placeholders.
+
+        Returns:
+            the rewritten text and its insertions as (offset in the original, length).
+        """
+        return text, []
+
+    def processor_kwargs(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        return {}
+
+    def encode(self, samples: Sequence[Sample], padding_side: str = "right") -> Batch:
+        """Process a batch of samples and build its token-role map.
+
+        Args:
+            samples: the samples; each needs at least one image.
+            padding_side: "left" or "right".
+
+        Raises:
+            InputError: a sample without images, too many images for the family,
+                or a prompt whose placeholders do not match its images.
+        """
+        if padding_side not in ("left", "right"):
+            raise InputError(f"padding_side must be 'left' or 'right'; got {padding_side!r}")
+        if not samples:
+            raise InputError("cannot encode an empty batch")
+        for s in samples:
+            if not s.images:
+                raise InputError(f"sample {s.id!r} has no image")
+            if len(s.images) > 1 and not self.multi_image:
+                raise InputError(f"sample {s.id!r} has {len(s.images)} images; {self.name} takes one per prompt")
+        prompts = [self.prompt(s) for s in samples]
+        tok = self.tokenizer
+        old_side = tok.padding_side
+        tok.padding_side = padding_side
+        try:
+            kwargs: dict[str, Any] = dict(
+                images=[list(s.images) for s in samples],
+                text=[p.text for p in prompts],
+                return_tensors="pt",
+                padding=True,
+                **self.processor_kwargs(samples),
+            )
+            if self.answer_as_suffix and any(p.suffix is not None for p in prompts):
+                if any(p.suffix is None for p in prompts):
+                    raise InputError("either every sample of a batch has an answer or none has")
+                kwargs["suffix"] = [p.suffix for p in prompts]
+            inputs = self.processor(**kwargs)
+        finally:
+            tok.padding_side = old_side
+        inputs.pop("labels", None)
+        roles = self._build_roles(inputs, prompts, samples)
+        return Batch(inputs=inputs, roles=roles, samples=list(samples))
+
+    # -- family-specific layout ------------------------------------------------
+    @abstractmethod
+    def image_layouts(self, inputs: BatchFeature) -> list[torch.Tensor]:
+        """For each image of the batch (flattened in order), one row per token it fills.
+
+        Returns:
+            list of `[n_tokens, 5]` long tensors: (tile, row, col, feature_row,
+            feature_col); a newline token has row = col = feature_col = -1.
+        """
+
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the vision encoder's patch grid for one tile."""
+        v = self.config.vision_config
+        n = v.image_size // v.patch_size
+        return n, n
+
+    def _plain_layouts(self, n_images: int) -> list[torch.Tensor]:
+        """Layout of families where each image is one tile, patches in row-major order."""
+        h, w = self.grid()
+        r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        r, c = r.flatten(), c.flatten()
+        out = []
+        for i in range(n_images):
+            out.append(torch.stack([torch.zeros_like(r), r, c, torch.full_like(r, i), r * w + c], dim=1))
+        return out
+
+    # -- role map --------------------------------------------------------------
+    def _build_roles(self, inputs: BatchFeature, prompts: list[PromptText], samples: Sequence[Sample]) -> TokenRoles:
+        ids = inputs["input_ids"]
+        attn = inputs["attention_mask"].bool()
+        bsz, seq = ids.shape
+        kind = torch.full((bsz, seq), int(Role.TEMPLATE), dtype=torch.long)
+        kind[~attn] = int(Role.PAD)
+        meta = {k: torch.full((bsz, seq), -1, dtype=torch.long) for k in ("image", "tile", "row", "col", "feature_row", "feature_col")}
+        layouts = self.image_layouts(inputs)
+        if len(layouts) != sum(len(s.images) for s in samples):
+            raise AdapterError(f"{self.name}: layout has {len(layouts)} images, batch has {sum(len(s.images) for s in samples)}")
+        special_ids = set(self.tokenizer.all_special_ids) - {self.image_token_id}
+        next_image = 0
+        for b, (sample, prompt) in enumerate(zip(samples, prompts)):
+            pos = ((ids[b] == self.image_token_id) & attn[b]).nonzero().flatten()
+            mine = layouts[next_image : next_image + len(sample.images)]
+            next_image += len(sample.images)
+            counts = [len(l) for l in mine]
+            if len(pos) != sum(counts):
+                raise AdapterError(
+                    f"sample {sample.id!r}: {len(pos)} image-token positions but the images give "
+                    f"{sum(counts)} features ({counts})"
+                )
+            start = 0
+            for i, lay in enumerate(mine):
+                p = pos[start : start + len(lay)]
+                start += len(lay)
+                newline = lay[:, 1] < 0
+                kind[b, p] = torch.where(newline, int(Role.IMAGE_NEWLINE), int(Role.VISUAL))
+                meta["image"][b, p] = i
+                for j, name in enumerate(("tile", "row", "col", "feature_row", "feature_col")):
+                    meta[name][b, p] = lay[:, j]
+            free = attn[b] & (kind[b] == Role.TEMPLATE)
+            bos = free & (ids[b] == self.tokenizer.bos_token_id)
+            kind[b, bos] = int(Role.BOS)
+            kind[b, free & ~bos & torch.isin(ids[b], torch.tensor(sorted(special_ids)))] = int(Role.SPECIAL)
+            self._mark_spans(kind[b], ids[b], attn[b], prompt, counts, sample, inputs, b)
+        return TokenRoles(kind=kind, **meta)
+
+    def _mark_spans(self, kind, ids, attn, prompt: PromptText, counts, sample, inputs, b) -> None:
+        """Mark question/answer tokens by aligning the processor's ids with a tokenization
+        (with offsets) of the same text, image placeholders expanded as the processor does."""
+        ph = self.image_placeholder
+        text, insertions = self.processor_text(prompt.text)
+        pieces = text.split(ph)
+        if len(pieces) - 1 != len(counts):
+            raise AdapterError(f"sample {sample.id!r}: cannot align {len(pieces) - 1} placeholders with {len(counts)} images")
+        # Original offset -> expanded offset, piece by piece.
+        expanded, anchors = "", []
+        orig = 0
+        for k, piece in enumerate(pieces):
+            anchors.append((orig, len(expanded), len(piece)))
+            expanded += piece
+            orig += len(piece)
+            if k < len(counts):
+                expanded += ph * counts[k]
+                orig += len(ph)
+        enc = self.tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=self._adds_special_tokens())
+        mine = ids[attn]
+        n = len(enc["input_ids"])
+        if self.answer_as_suffix and "token_type_ids" in inputs:
+            types = inputs["token_type_ids"][b][attn]
+            mine = mine[types == 0]
+        if n != len(mine) or not torch.equal(torch.tensor(enc["input_ids"]), mine.cpu()):
+            raise AdapterError(
+                f"sample {sample.id!r}: could not align the processor's tokens with the prompt text; "
+                "question/answer spans would be wrong"
+            )
+        positions = attn.nonzero().flatten()[:n]
+
+        def expand(x: int, end: bool = False) -> int:
+            # Text inserted exactly at a span's end belongs after the span.
+            x += sum(n for at, n in insertions if (at < x if end else at <= x))
+            for o, e, ln in anchors:
+                if o <= x <= o + ln:
+                    return e + (x - o)
+            return len(expanded)
+
+        for role, spans in prompt.spans.items():
+            for s, e in spans:
+                s_, e_ = expand(s), expand(e, end=True)
+                for t, (ts, te) in enumerate(enc["offset_mapping"]):
+                    if te > ts and ts >= s_ and te <= e_ and kind[positions[t]] == Role.TEMPLATE:
+                        kind[positions[t]] = int(role)
+        if self.answer_as_suffix and "token_type_ids" in inputs:
+            types = inputs["token_type_ids"][b]
+            ans = (types == 1) & attn & (kind == Role.TEMPLATE)
+            kind[ans] = int(Role.ANSWER)
+
+    def _adds_special_tokens(self) -> bool:
+        return True
+
+    def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the model's forward, on the model's device."""
+        return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.inputs.items()}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r}, vision_layers={self.n_vision_layers}, llm_layers={self.n_llm_layers})"

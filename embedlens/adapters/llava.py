@@ -1,0 +1,35 @@
+"""LLaVA-1.5 style models (`LlavaForConditionalGeneration`) with a CLIP or SigLIP tower.
+
+The tower is whatever the config says; the CLS rule follows
+`vision_feature_select_strategy` ("default" drops CLIP's CLS token, "full"
+keeps every token, as SigLIP has no CLS).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import BatchFeature, LlavaForConditionalGeneration
+
+from embedlens.adapters.base import Adapter
+from embedlens.registry import adapters
+
+
+@adapters.register("llava")
+class LlavaAdapter(Adapter):
+    """LLaVA-1.5: vision tower (CLIP or SigLIP), 2-layer MLP projector, LLaMA-style LLM."""
+
+    architectures = ("LlavaForConditionalGeneration",)
+    model_class = LlavaForConditionalGeneration
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        """Vision-sequence tokens before the first patch (CLS) that `vision.features` drops."""
+        return 1 if self.config.vision_feature_select_strategy == "default" else 0
+
+    @property
+    def tower(self) -> str:
+        """'clip' or 'siglip' (or the vision config's model type)."""
+        return self.config.vision_config.model_type.replace("_vision_model", "")
+
+    def image_layouts(self, inputs: BatchFeature) -> list[torch.Tensor]:
+        return self._plain_layouts(int(inputs["pixel_values"].shape[0]))

@@ -1,0 +1,47 @@
+"""PaliGemma (`PaliGemmaForConditionalGeneration`): SigLIP tower, linear projector, Gemma.
+
+Image tokens come first, then BOS, the prompt and a newline; image and prompt
+form a bidirectional prefix (prefix-LM attention) and the answer is passed as
+the processor's `suffix`, attended causally.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import BatchFeature, PaliGemmaForConditionalGeneration
+
+from embedlens.adapters.base import Adapter, PromptText
+from embedlens.data import Sample
+from embedlens.registry import adapters
+from embedlens.roles import Role
+
+
+@adapters.register("paligemma")
+class PaliGemmaAdapter(Adapter):
+    """PaliGemma: SigLIP tower, linear projector (scaled by 1/sqrt(d)), Gemma LLM with prefix-LM attention."""
+
+    architectures = ("PaliGemmaForConditionalGeneration",)
+    model_class = PaliGemmaForConditionalGeneration
+    answer_as_suffix = True
+    n_prefix_tokens = 0
+
+    def prompt(self, sample: Sample) -> PromptText:
+        if sample.prompt is not None:
+            return super().prompt(sample)
+        question = sample.question or ""
+        text = self.image_placeholder * len(sample.images) + question
+        start = len(text) - len(question)
+        return PromptText(text, {Role.QUESTION: [(start, len(text))]}, suffix=sample.answer)
+
+    def processor_text(self, text: str) -> tuple[str, list[tuple[int, int]]]:
+        # PaliGemmaProcessor puts BOS after the last image placeholder and a
+        # newline at the end of the prompt.
+        ph, bos = self.image_placeholder, self.tokenizer.bos_token
+        at = text.rindex(ph) + len(ph)
+        return text[:at] + bos + text[at:] + "\n", [(at, len(bos)), (len(text), 1)]
+
+    def _adds_special_tokens(self) -> bool:
+        return False  # the processor writes BOS into the text itself
+
+    def image_layouts(self, inputs: BatchFeature) -> list[torch.Tensor]:
+        return self._plain_layouts(int(inputs["pixel_values"].shape[0]))

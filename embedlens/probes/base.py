@@ -1,0 +1,47 @@
+"""Base class of probes: read sites over batches and aggregate a result."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from embedlens.adapters.base import Adapter, Batch
+    from embedlens.sites import Site
+
+Table = dict[str, list[Any]]
+
+
+class Probe(ABC):
+    """A probe names the sites it reads, consumes each batch's activations, and
+    returns tables (streamed to disk by the runner) and a summary.
+
+    Subclasses take parameters as explicit typed constructor arguments and
+    register with ``@probes.register("name")``.
+    """
+
+    def check(self, adapter: "Adapter") -> None:
+        """Validate parameters against the loaded model (before the first batch).
+
+        Raise `embedlens.errors.EmbedLensError` subclasses naming the parameter.
+        """
+        self.sites(adapter)
+
+    @abstractmethod
+    def sites(self, adapter: "Adapter") -> list["Site"]:
+        """The sites this probe reads, resolved for `adapter`."""
+
+    @abstractmethod
+    def update(self, adapter: "Adapter", batch: "Batch", acts: dict["Site", torch.Tensor]) -> dict[str, Table]:
+        """Consume one batch; return rows to append, by table name."""
+
+    @abstractmethod
+    def result(self) -> dict[str, Any]:
+        """A JSON-serialisable summary of everything seen so far."""
+
+    def figures(self, out_dir: Path) -> list[Path]:
+        """Write figures to `out_dir`; return their paths."""
+        return []

@@ -1,0 +1,226 @@
+"""The embedding lens (EmbedLens): nearest vocabulary rows of every visual token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from embedlens.errors import PlanError
+from embedlens.probes.base import Probe, Table
+from embedlens.registry import probes
+from embedlens.sites import Site
+
+if TYPE_CHECKING:
+    from embedlens.adapters.base import Adapter, Batch
+
+
+def nearest_vocab(
+    x: torch.Tensor, vocab: torch.Tensor, k: int, chunk_size: int = 8192, normalized_vocab: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k cosine similarity of each row of `x` against every vocabulary row.
+
+    The vocabulary is scanned in chunks of `chunk_size` rows, so peak extra
+    memory is ``[tokens, chunk_size + k]`` whatever the vocabulary size.
+
+    Args:
+        x: `[tokens, d]` vectors.
+        vocab: `[vocab, d]` embedding (or unembedding) matrix.
+        k: neighbours to keep.
+        chunk_size: vocabulary rows per chunk.
+        normalized_vocab: `vocab` rows already have unit norm.
+
+    Returns:
+        (scores `[tokens, k]`, ids `[tokens, k]`), best first.
+
+    Example:
+        >>> v = torch.eye(4)
+        >>> scores, ids = nearest_vocab(torch.tensor([[0.0, 2.0, 1.0, 0.0]]), v, k=2, chunk_size=3)
+        >>> ids.tolist()
+        [[1, 2]]
+    """
+    n = x.shape[0]
+    k = min(k, vocab.shape[0])
+    xn = F.normalize(x.to(vocab.dtype), dim=-1)
+    best_s = torch.full((n, 0), float("-inf"), dtype=vocab.dtype, device=vocab.device)
+    best_i = torch.zeros((n, 0), dtype=torch.long, device=vocab.device)
+    for start in range(0, vocab.shape[0], chunk_size):
+        chunk = vocab[start : start + chunk_size]
+        if not normalized_vocab:
+            chunk = F.normalize(chunk, dim=-1)
+        sims = xn @ chunk.T  # [tokens, chunk]
+        s, i = sims.topk(min(k, sims.shape[1]), dim=-1)
+        cand_s = torch.cat([best_s, s], dim=1)
+        cand_i = torch.cat([best_i, i + start], dim=1)
+        best_s, order = cand_s.topk(min(k, cand_s.shape[1]), dim=-1)
+        best_i = cand_i.gather(1, order)
+    return best_s, best_i
+
+
+def lens_site(layer: int) -> Site:
+    """LLM layer `l` of the lens: 0 is the LLM input (`llm.embed`), l > 0 the output of decoder layer l - 1."""
+    return Site("llm.embed") if layer == 0 else Site("llm.layers", layer - 1)
+
+
+@probes.register("embedding_lens")
+class EmbeddingLens(Probe):
+    """Nearest vocabulary tokens (cosine top-k) of every visual token at chosen LLM layers.
+
+    Layer 0 is the LLM input (the projector output in place); layer l > 0 is
+    the residual stream after decoder layer l - 1.
+
+    Args:
+        k: neighbours kept per token.
+        layers: LLM layers to read (0..n_layers; negative counts from the end).
+        matrix: "input" (the input embedding matrix, as EmbedLens) or "output" (the unembedding).
+        chunk_size: vocabulary rows compared at once; bounds extra memory.
+        figure_layer: layer shown in the token-map figure (default: the first of `layers`).
+
+    Example:
+        >>> from embedlens.adapters import load_model
+        >>> from embedlens.testing.images import checkerboard
+        >>> from embedlens.data import Sample
+        >>> from embedlens.tracing import collect
+        >>> adapter = load_model("tiny:llava-clip")
+        >>> batch = adapter.encode([Sample([checkerboard()], question="what is it?")])
+        >>> lens = EmbeddingLens(k=3)
+        >>> rows = lens.update(adapter, batch, collect(adapter, batch, lens.sites(adapter)))["tokens"]
+        >>> len(rows["sample"]), rows["layer"][0]
+        (16, 0)
+    """
+
+    def __init__(
+        self,
+        k: int = 3,
+        layers: list[int] = [0],  # noqa: B006 - never mutated; a list reads naturally in plans
+        matrix: Literal["input", "output"] = "input",
+        chunk_size: int = 8192,
+        figure_layer: int | None = None,
+    ):
+        if k < 1:
+            raise PlanError(f"embedding_lens.k must be >= 1; got {k}")
+        if chunk_size < 1:
+            raise PlanError(f"embedding_lens.chunk_size must be >= 1; got {chunk_size}")
+        if matrix not in ("input", "output"):
+            raise PlanError(f"embedding_lens.matrix must be 'input' or 'output'; got {matrix!r}")
+        if not layers:
+            raise PlanError("embedding_lens.layers must name at least one layer")
+        self.k = k
+        self.layers = list(layers)
+        self.matrix = matrix
+        self.chunk_size = chunk_size
+        self.figure_layer = figure_layer
+        self._vocab: torch.Tensor | None = None
+        self._counts: dict[int, dict[int, int]] = {}
+        self._n_tokens = 0
+        self._first: dict[str, Any] | None = None
+
+    def _resolved_layers(self, adapter: "Adapter") -> list[int]:
+        n = adapter.n_llm_layers
+        out = []
+        for layer in self.layers:
+            idx = layer + n + 1 if layer < 0 else layer
+            if not 0 <= idx <= n:
+                raise PlanError(
+                    f"embedding_lens.layers: layer {layer} is out of range for this model (0..{n}; "
+                    f"0 is the LLM input, {n} the last decoder layer's output)"
+                )
+            out.append(idx)
+        return out
+
+    def sites(self, adapter: "Adapter") -> list[Site]:
+        return [lens_site(layer) for layer in self._resolved_layers(adapter)]
+
+    def _matrix(self, adapter: "Adapter") -> torch.Tensor:
+        if self._vocab is None:
+            w = adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()
+            self._vocab = F.normalize(w.detach().float(), dim=-1)
+        return self._vocab
+
+    def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
+        vocab = self._matrix(adapter)
+        vt = batch.roles.visual_tokens()
+        rows: Table = {c: [] for c in ("sample", "sample_id", "image", "tile", "row", "col", "position", "layer")}
+        for j in range(1, self.k + 1):
+            rows.update({f"id_{j}": [], f"token_{j}": [], f"score_{j}": []})
+        n = len(vt["sample"])
+        for layer in self._resolved_layers(adapter):
+            h = acts[lens_site(layer)]  # [batch, seq, d]
+            x = h[vt["sample"].to(h.device), vt["position"].to(h.device)].to(vocab.device)  # [tokens, d]
+            scores, ids = nearest_vocab(x, vocab, self.k, self.chunk_size, normalized_vocab=True)
+            ids_l, scores_l = ids.tolist(), scores.tolist()
+            rows["sample"] += vt["sample"].tolist()
+            rows["sample_id"] += [batch.samples[s].id for s in vt["sample"].tolist()]
+            for c in ("image", "tile", "row", "col", "position"):
+                rows[c] += vt[c].tolist()
+            rows["layer"] += [layer] * n
+            for j in range(min(self.k, ids.shape[1])):
+                col = [r[j] for r in ids_l]
+                rows[f"id_{j + 1}"] += col
+                rows[f"token_{j + 1}"] += adapter.tokenizer.convert_ids_to_tokens(col)
+                rows[f"score_{j + 1}"] += [r[j] for r in scores_l]
+            counts = self._counts.setdefault(layer, {})
+            for t in ids[:, 0].tolist():
+                counts[t] = counts.get(t, 0) + 1
+            if self._first is None:
+                self._remember_first(adapter, batch, layer, vt, ids, layer == self._figure_layer(adapter))
+            elif self._first.get("layer") != self._figure_layer(adapter) and layer == self._figure_layer(adapter):
+                self._remember_first(adapter, batch, layer, vt, ids, True)
+        self._n_tokens += n
+        return {"tokens": rows}
+
+    def _figure_layer(self, adapter: "Adapter") -> int:
+        layers = self._resolved_layers(adapter)
+        if self.figure_layer is None:
+            return layers[0]
+        fl = self.figure_layer + adapter.n_llm_layers + 1 if self.figure_layer < 0 else self.figure_layer
+        if fl not in layers:
+            raise PlanError(f"embedding_lens.figure_layer {self.figure_layer} must be one of layers {self.layers}")
+        return fl
+
+    def _remember_first(self, adapter, batch, layer, vt, ids, final: bool) -> None:
+        """Keep what the figure needs for the first image of the run (tile 0)."""
+        sel = (vt["sample"] == 0) & (vt["image"] == 0) & (vt["tile"] == 0)
+        frow = int(vt["feature_row"][sel][0])
+        self._first = {
+            "layer": layer,
+            "sample_id": batch.samples[0].id,
+            "pixels": _display_pixels(adapter, batch.inputs["pixel_values"], frow),
+            "row": vt["row"][sel].tolist(),
+            "col": vt["col"][sel].tolist(),
+            "tokens": adapter.tokenizer.convert_ids_to_tokens(ids[sel.to(ids.device), 0].tolist()),
+        }
+
+    def result(self) -> dict[str, Any]:
+        top = {
+            str(layer): sorted(c.items(), key=lambda kv: -kv[1])[:10] for layer, c in self._counts.items()
+        }
+        return {"n_visual_tokens": self._n_tokens, "most_frequent_top1_ids": top, "k": self.k, "matrix": self.matrix}
+
+    def figures(self, out_dir: Path) -> list[Path]:
+        if self._first is None:
+            return []
+        from embedlens.figures import token_map
+
+        f = self._first
+        path = Path(out_dir) / f"embedding_lens_layer{f['layer']}.png"
+        token_map(
+            f["pixels"],
+            f["row"],
+            f["col"],
+            f["tokens"],
+            path,
+            title=f"Nearest vocabulary token per patch - {f['sample_id']}, LLM layer {f['layer']} ({self.matrix} embeddings)",
+        )
+        return [path]
+
+
+def _display_pixels(adapter: "Adapter", pixel_values: torch.Tensor, feature_row: int) -> torch.Tensor:
+    """`[H, W, 3]` in 0..1: the tile the vision tower saw, un-normalised for display."""
+    pv = pixel_values.reshape(-1, *pixel_values.shape[-3:])[feature_row].float()
+    ip = adapter.processor.image_processor
+    mean = torch.tensor(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0])[:, None, None]
+    std = torch.tensor(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0])[:, None, None]
+    return (pv.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)

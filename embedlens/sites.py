@@ -1,0 +1,111 @@
+"""The one vocabulary of sites every adapter maps onto its model.
+
+A site names an activation independently of the model family:
+
+=========================  ===================================================
+``vision.embed``           patch-embedding output of the vision tower
+``vision.layers[i]``       residual stream after vision layer ``i``
+``vision.features``        what the projector receives (feature layer, CLS rule)
+``projector``              projector output: the visual tokens
+``llm.embed``              merged input embeddings given to the language model
+``llm.layers[i].in``       residual stream entering LLM layer ``i``
+``llm.layers[i]``          residual stream leaving LLM layer ``i``
+``llm.layers[i].attn``     attention update of layer ``i`` (before the residual add)
+``llm.layers[i].mlp``      MLP update of layer ``i`` (before the residual add)
+``llm.norm``               final norm output
+``llm.unembed``            logits
+=========================  ===================================================
+
+Example:
+    >>> Site.parse("llm.layers[3].mlp")
+    Site(component='llm.layers', layer=3, sub='mlp')
+    >>> str(Site.parse("vision.layers[-2]"))
+    'vision.layers[-2]'
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from embedlens.errors import AdapterError, UnknownNameError
+
+# Components in the order a forward pass reaches them; nnsight requires sites
+# to be touched in that order inside one trace.
+COMPONENTS = (
+    "vision.embed",
+    "vision.layers",
+    "vision.features",
+    "projector",
+    "llm.embed",
+    "llm.layers",
+    "llm.norm",
+    "llm.unembed",
+)
+LAYERED = {"vision.layers", "llm.layers"}
+LLM_SUBS = ("in", "attn", "mlp", None)  # execution order inside a decoder layer
+
+_PATTERN = re.compile(r"^(?P<comp>[a-z.]+?)(?:\[(?P<layer>-?\d+)\])?(?:\.(?P<sub>in|attn|mlp))?$")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A parsed site name; `layer` may be negative until resolved by an adapter."""
+
+    component: str
+    layer: int | None = None
+    sub: str | None = None
+
+    @classmethod
+    def parse(cls, name: "str | Site") -> "Site":
+        """Parse a site name such as ``llm.layers[3].attn``.
+
+        Raises:
+            UnknownNameError: the component does not exist (with suggestions).
+            AdapterError: a layer index is missing, or given where none is taken.
+        """
+        if isinstance(name, Site):
+            return name
+        m = _PATTERN.match(name.strip())
+        comp = m.group("comp") if m else name
+        if comp not in COMPONENTS:
+            raise UnknownNameError.make("site", name, [*COMPONENTS[:1], "vision.layers[i]", *COMPONENTS[2:5],
+                                                         "llm.layers[i]", "llm.layers[i].in", "llm.layers[i].attn",
+                                                         "llm.layers[i].mlp", *COMPONENTS[6:]])
+        layer = int(m.group("layer")) if m.group("layer") is not None else None
+        sub = m.group("sub")
+        if comp in LAYERED and layer is None:
+            raise AdapterError(f"Site {name!r} needs a layer index, e.g. {comp}[0]")
+        if comp not in LAYERED and layer is not None:
+            raise AdapterError(f"Site {name!r}: {comp} takes no layer index")
+        if sub is not None and comp != "llm.layers":
+            raise AdapterError(f"Site {name!r}: only llm.layers[i] has .in/.attn/.mlp")
+        return cls(comp, layer, sub)
+
+    def __str__(self) -> str:
+        s = self.component
+        if self.layer is not None:
+            s += f"[{self.layer}]"
+        if self.sub is not None:
+            s += f".{self.sub}"
+        return s
+
+    def order_key(self) -> tuple[int, int, int]:
+        """Sort key giving forward-pass order (layers must be resolved first)."""
+        return (COMPONENTS.index(self.component), self.layer or 0, LLM_SUBS.index(self.sub))
+
+    def resolve(self, n_layers: int) -> "Site":
+        """Return the site with a non-negative layer index checked against `n_layers`.
+
+        Raises:
+            AdapterError: if the layer is out of range.
+        """
+        if self.layer is None:
+            return self
+        idx = self.layer + n_layers if self.layer < 0 else self.layer
+        if not 0 <= idx < n_layers:
+            raise AdapterError(
+                f"Site {self}: layer {self.layer} is out of range for this model "
+                f"({self.component} has layers 0..{n_layers - 1})"
+            )
+        return Site(self.component, idx, self.sub)

@@ -1,0 +1,209 @@
+"""Tiny, randomly initialised models of every supported family, built offline.
+
+Each is a real Hugging Face class (`LlavaForConditionalGeneration`, ...) made
+from a small config, with a word-level tokenizer and a real processor, so that
+tests and demos exercise exactly the code paths a released checkpoint does.
+
+Example:
+    >>> from embedlens.testing import tiny_model
+    >>> model, processor = tiny_model("llava-clip")
+    >>> type(model).__name__
+    'LlavaForConditionalGeneration'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    GemmaConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaProcessor,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
+    PreTrainedModel,
+    ProcessorMixin,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+from embedlens.adapters.llava_onevision import OnevisionImageProcessor
+from embedlens.testing._tokenizer import build_tokenizer
+
+IMAGE_SIZE = 32
+PATCH_SIZE = 8
+GRID = IMAGE_SIZE // PATCH_SIZE  # 4 x 4 patches per image (or tile)
+TEXT_HIDDEN = 64
+
+_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=IMAGE_SIZE,
+    patch_size=PATCH_SIZE,
+)
+_TEXT = dict(
+    hidden_size=TEXT_HIDDEN,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+_NORM = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """One tiny configuration: a family, its vision tower, and how to build it."""
+
+    name: str
+    family: str
+    tower: str
+    build: Callable[[int], tuple[PreTrainedModel, ProcessorMixin]]
+
+
+def _special_ids(tokenizer) -> dict:
+    return dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def _llava(tower: str) -> Callable[[int], tuple[PreTrainedModel, ProcessorMixin]]:
+    def build(seed: int):
+        tok = build_tokenizer()
+        if tower == "clip":
+            vision = CLIPVisionConfig(**_VISION)
+            image_processor = CLIPImageProcessorPil(
+                size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **_NORM
+            )
+            strategy, extra = "default", 1  # CLIP's CLS token is dropped, as in LLaVA-1.5
+        else:
+            vision = SiglipVisionConfig(**_VISION)
+            image_processor = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **_NORM)
+            strategy, extra = "full", 0  # SigLIP has no CLS token
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=LlamaConfig(vocab_size=len(tok), **_TEXT, **_special_ids(tok)),
+            image_token_id=tok.image_token_id,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy=strategy,
+            projector_hidden_act="gelu",
+        )
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).eval()
+        processor = LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tok,
+            patch_size=PATCH_SIZE,
+            vision_feature_select_strategy=strategy,
+            num_additional_image_tokens=extra,
+            chat_template=tok.chat_template,
+        )
+        return model, processor
+
+    return build
+
+
+def _onevision(seed: int):
+    tok = build_tokenizer()
+    pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**_VISION),
+        text_config=Qwen2Config(vocab_size=len(tok), **_TEXT, **_special_ids(tok)),
+        image_token_id=tok.image_token_id,
+        video_token_id=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_grid_pinpoints=pinpoints, **_NORM
+    )
+    processor = OnevisionImageProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        num_image_tokens=GRID * GRID,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        chat_template=tok.chat_template,
+    )
+    return model, processor
+
+
+def _paligemma(seed: int):
+    tok = build_tokenizer(chat_template=None)
+    image_processor = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **_NORM)
+    image_processor.image_seq_length = GRID * GRID
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)  # adds PaliGemma's extra tokens
+    tok = processor.tokenizer
+    config = PaliGemmaConfig(
+        vision_config=SiglipVisionConfig(**_VISION, projection_dim=TEXT_HIDDEN),
+        text_config=GemmaConfig(vocab_size=len(tok), head_dim=16, **_TEXT, **_special_ids(tok)),
+        image_token_id=tok.image_token_id,
+        projection_dim=TEXT_HIDDEN,
+        hidden_size=TEXT_HIDDEN,
+    )
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    return model, processor
+
+
+TINY_SPECS: dict[str, TinySpec] = {
+    s.name: s
+    for s in (
+        TinySpec("llava-clip", "llava", "clip", _llava("clip")),
+        TinySpec("llava-siglip", "llava", "siglip", _llava("siglip")),
+        TinySpec("llava-onevision", "llava_onevision", "siglip", _onevision),
+        TinySpec("paligemma", "paligemma", "siglip", _paligemma),
+    )
+}
+
+
+def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Build one tiny model and its processor, in float32 on the CPU.
+
+    Args:
+        name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
+            `llava-onevision`, `paligemma`).
+        seed: seed of the random initialisation.
+
+    Returns:
+        `(model, processor)`, the model in eval mode.
+
+    Raises:
+        UnknownNameError: if `name` is not a tiny model.
+    """
+    from embedlens.errors import UnknownNameError
+
+    if name not in TINY_SPECS:
+        raise UnknownNameError.make("tiny model", name, TINY_SPECS)
+    return TINY_SPECS[name].build(seed)
+
+
+def save_tiny_model(name: str, directory: str | Path, seed: int = 0) -> Path:
+    """Write a tiny model and its processor to `directory` with `save_pretrained`.
+
+    The folder then loads like any checkpoint, through `embedlens.load_model`.
+    """
+    directory = Path(directory)
+    model, processor = tiny_model(name, seed)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory

@@ -1,0 +1,77 @@
+"""Reading sites through an nnsight trace.
+
+nnsight compiles the body of a ``with model.trace()`` block from this file's
+source, so the trace lives here, in a module, and touches sites in forward
+order (vision tower before the language model).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+
+from embedlens.adapters.base import resolve_path
+from embedlens.sites import Site
+
+if TYPE_CHECKING:
+    from embedlens.adapters.base import Adapter, Batch
+
+
+def _first(value):
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def _read(root, adapter: "Adapter", site: Site):
+    """The envoy value behind one resolved site (inside a trace)."""
+    p = adapter.paths
+    comp = site.component
+    if comp == "vision.embed":
+        return _first(resolve_path(root, p.vision_embed).output)
+    if comp == "vision.layers":
+        return _first(resolve_path(root, p.vision_layers)[site.layer].output)
+    if comp == "vision.features":
+        return resolve_path(root, p.projector).input
+    if comp == "projector":
+        return _first(resolve_path(root, p.projector).output)
+    if comp == "llm.embed":
+        return resolve_path(root, p.language_model).inputs[1]["inputs_embeds"]
+    if comp == "llm.norm":
+        return _first(resolve_path(root, p.llm_norm).output)
+    if comp == "llm.unembed":
+        return _first(resolve_path(root, p.unembed).output)
+    layer = resolve_path(root, p.llm_layers)[site.layer]
+    if site.sub == "in":
+        return layer.input
+    if site.sub == "attn":
+        return _first(resolve_path(layer, p.attn).output)
+    if site.sub == "mlp":
+        return _first(resolve_path(layer, p.mlp).output)
+    return _first(layer.output)
+
+
+def collect(adapter: "Adapter", batch: "Batch", sites: Iterable["str | Site"]) -> dict[Site, torch.Tensor]:
+    """Run the model once on `batch` and return the activations at `sites`.
+
+    Args:
+        adapter: the model's adapter.
+        batch: from `adapter.encode`.
+        sites: site names or `Site`s (negative layers allowed).
+
+    Returns:
+        dict from resolved `Site` to a detached tensor, shaped as the module
+        gives it (``[batch, seq, d]`` for LLM sites, ``[images*tiles, tokens, d]``
+        for vision sites).
+
+    Raises:
+        AdapterError: a site the model does not have or a layer out of range.
+    """
+    resolved = sorted({adapter.resolve(s) for s in sites}, key=Site.order_key)
+    root = adapter.nnsight
+    inputs = adapter.model_inputs(batch)
+    saved = {}
+    with torch.no_grad():
+        with root.trace(**inputs):
+            for site in resolved:
+                saved[site] = _read(root, adapter, site).save()
+    return {s: v.detach() for s, v in saved.items()}
