@@ -55,10 +55,16 @@ class Param:
         return s if self.required else f"{s} = {self.default!r}"
 
 
+def _init_params(cls: type) -> list[inspect.Parameter]:
+    if cls.__init__ is object.__init__:  # no constructor of its own: no parameters
+        return []
+    return list(inspect.signature(cls.__init__).parameters.values())[1:]
+
+
 def plugin_params(cls: type) -> list[Param]:
     """The explicit constructor parameters of a plugin class, in order."""
     params = []
-    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+    for p in _init_params(cls):
         ann = p.annotation
         ann = ann if isinstance(ann, str) else str(ann).replace("typing.", "") if not isinstance(ann, type) else ann.__name__
         params.append(Param(p.name, ann, p.default))
@@ -127,7 +133,7 @@ class Registry(Generic[T]):
             fn = getattr(cls, meth, None)
             if fn is None or getattr(fn, "__isabstractmethod__", False):
                 raise PluginError(f"{where}: a {self.kind} must define {meth}()")
-        for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        for p in _init_params(cls):
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 raise PluginError(
                     f"{where}: {self.kind} parameters must be explicit keyword arguments; found {p}"

@@ -291,7 +291,11 @@ class Adapter(ABC):
             )
             if self.answer_as_suffix and any(p.suffix is not None for p in prompts):
                 if any(p.suffix is None for p in prompts):
-                    raise InputError("either every sample of a batch has an answer or none has")
+                    raise InputError(
+                        f"{self.name} passes answers as a separate suffix: in one batch either every "
+                        f"sample has an answer or none has (without answer: "
+                        f"{[s.id for s, p in zip(samples, prompts) if p.suffix is None]})"
+                    )
                 kwargs["suffix"] = [p.suffix for p in prompts]
             inputs = self.processor(**kwargs)
         finally:
@@ -337,7 +341,7 @@ class Adapter(ABC):
         layouts = self.image_layouts(inputs)
         if len(layouts) != sum(len(s.images) for s in samples):
             raise AdapterError(f"{self.name}: layout has {len(layouts)} images, batch has {sum(len(s.images) for s in samples)}")
-        special_ids = set(self.tokenizer.all_special_ids) - {self.image_token_id}
+        special_ids = set(self.tokenizer.all_special_ids) - {self.image_token_id, self.tokenizer.unk_token_id}
         next_image = 0
         for b, (sample, prompt) in enumerate(zip(samples, prompts)):
             pos = ((ids[b] == self.image_token_id) & attn[b]).nonzero().flatten()

@@ -1,0 +1,72 @@
+"""Site activations read through nnsight equal Hugging Face's own outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embedlens.errors import AdapterError, UnknownNameError
+from embedlens.sites import Site
+from embedlens.tracing import collect
+from tests.conftest import mixed_samples
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_llm_sites_equal_hf_hidden_states(adapter, padding_side):
+    batch = adapter.encode(mixed_samples(adapter=adapter), padding_side=padding_side)
+    n = adapter.n_llm_layers
+    sites = ["llm.embed", "llm.norm", "llm.unembed"] + [f"llm.layers[{i}].in" for i in range(n)] + [f"llm.layers[{i}]" for i in range(n)]
+    acts = collect(adapter, batch, sites)
+    with torch.no_grad():
+        ref = adapter.model(**adapter.model_inputs(batch), output_hidden_states=True)
+    hs = ref.hidden_states  # [n + 1] x [batch, seq, d]; hs[i] enters layer i, hs[n] is after the final norm
+    for i in range(n):
+        torch.testing.assert_close(acts[Site("llm.layers", i, "in")], hs[i], **TOL)
+    for i in range(n - 1):
+        torch.testing.assert_close(acts[Site("llm.layers", i)], hs[i + 1], **TOL)
+    torch.testing.assert_close(acts[Site("llm.norm")], hs[n], **TOL)
+    torch.testing.assert_close(acts[Site("llm.unembed")], ref.logits, **TOL)
+    # llm.embed is what the LM receives: the merged embeddings, visual rows = projector output
+    emb = adapter.model.get_input_embeddings()(batch.input_ids)
+    text = batch.roles.text
+    torch.testing.assert_close(acts[Site("llm.embed")][text], emb[text], **TOL)
+
+
+def test_vision_sites_equal_hf_hidden_states(adapter):
+    batch = adapter.encode(mixed_samples(adapter=adapter))
+    n = adapter.n_vision_layers
+    acts = collect(adapter, batch, [f"vision.layers[{i}]" for i in range(n)] + ["vision.features", "projector"])
+    pv = batch.inputs["pixel_values"]
+    if pv.dim() == 5:  # anyres: [batch, max_tiles, ...], padded; keep each sample's real tiles
+        fr = batch.roles.feature_row
+        pv = torch.cat([pv[b, : int(fr[b].max() - fr[b][fr[b] >= 0].min()) + 1] for b in range(pv.shape[0])])
+    vis = adapter.model.model.vision_tower
+    with torch.no_grad():
+        out = vis(pv, output_hidden_states=True)
+    for i in range(n):
+        torch.testing.assert_close(acts[Site("vision.layers", i)], out.hidden_states[i + 1], **TOL)
+    # vision.features: the family's feature layer and CLS rule, then the projector
+    cfg = adapter.config
+    layer = getattr(cfg, "vision_feature_layer", None)
+    feats = out.last_hidden_state if layer is None else out.hidden_states[layer]
+    feats = feats[:, getattr(adapter, "n_prefix_tokens", 0):]
+    torch.testing.assert_close(acts[Site("vision.features")], feats, **TOL)
+    torch.testing.assert_close(acts[Site("projector")], adapter.model.model.multi_modal_projector(feats), **TOL)
+
+
+def test_attn_and_mlp_updates_sum_to_the_layer_output(adapter):
+    batch = adapter.encode(mixed_samples(adapter=adapter)[:2])
+    acts = collect(adapter, batch, ["llm.layers[1].in", "llm.layers[1].attn", "llm.layers[1].mlp", "llm.layers[1]"])
+    h_in, attn, mlp, out = (acts[Site("llm.layers", 1, s)] for s in ("in", "attn", "mlp", None))
+    torch.testing.assert_close(h_in + attn + mlp, out, **TOL)
+
+
+def test_site_errors(adapter):
+    with pytest.raises(AdapterError, match=r"layer 40 is out of range .*0\.\.3"):
+        adapter.resolve("llm.layers[40]")
+    with pytest.raises(UnknownNameError, match="Did you mean"):
+        Site.parse("llm.layayers[1]")
+    with pytest.raises(AdapterError, match="needs a layer index"):
+        Site.parse("vision.layers")

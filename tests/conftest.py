@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny models of every family, built once per session, and a
+guard that fails any test in which something tries to install a package."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from embedlens.adapters import load_model  # noqa: E402
+from embedlens.data import Sample  # noqa: E402
+from embedlens.testing import TINY_SPECS  # noqa: E402
+from embedlens.testing.images import noise, shapes  # noqa: E402
+
+FAMILIES = list(TINY_SPECS)
+
+_real_popen_init = subprocess.Popen.__init__
+
+
+def _guarded_popen_init(self, args, *a, **k):
+    text = " ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args)
+    if "install" in text and ("pip" in text or "uv" in text):
+        raise AssertionError(f"a package install was attempted at run time: {text}")
+    return _real_popen_init(self, args, *a, **k)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_installs():
+    """TransformerLens may `pip install torchvision` on its own; never let it."""
+    subprocess.Popen.__init__ = _guarded_popen_init
+    yield
+    subprocess.Popen.__init__ = _real_popen_init
+
+
+_CACHE: dict[str, object] = {}
+
+
+def get_adapter(name: str):
+    if name not in _CACHE:
+        _CACHE[name] = load_model(f"tiny:{name}")
+    return _CACHE[name]
+
+
+@pytest.fixture(params=FAMILIES)
+def adapter(request):
+    return get_adapter(request.param)
+
+
+def mixed_samples(n_images_last: int = 1, adapter=None) -> list[Sample]:
+    """Three samples with different prompt lengths, image sizes and answers.
+
+    The last has no answer, except for families that pass answers separately
+    (PaliGemma's suffix), where a batch is all-or-none.
+    """
+    last_answer = "two" if adapter is not None and adapter.answer_as_suffix else None
+    return [
+        Sample([shapes(64, seed=1)], question="what is it?", answer="a red circle", id="a"),
+        Sample([noise(40, 70, seed=2)], question="what colour is the big square on the left?", answer="blue", id="b"),
+        Sample([shapes(48, seed=3) for _ in range(n_images_last)], question="count", answer=last_answer, id="c"),
+    ]

@@ -1,0 +1,144 @@
+"""Plans: located errors for bad input, and the quickstart end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from embedlens.cli import app
+from embedlens.errors import PlanError
+from embedlens.plan import load_plan, prepare, run
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+GOOD = """\
+model:
+  source: tiny:llava-clip
+data:
+  prompts: prompts.jsonl
+probes:
+  - name: embedding_lens
+    params:
+      k: 2
+      layers: [0, 1]
+output:
+  dir: out
+batch_size: 2
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    shutil.copy(EXAMPLES / "data" / "shapes_0.png", tmp_path / "a.png")
+    shutil.copy(EXAMPLES / "data" / "shapes_1.png", tmp_path / "b.png")
+    (tmp_path / "prompts.jsonl").write_text(
+        '{"id": "x", "image": "a.png", "question": "what is it?", "answer": "red"}\n'
+        '{"id": "y", "image": "b.png", "question": "what colour is the circle?"}\n'
+        '{"id": "z", "image": "a.png", "prompt": "USER: <image>\\nname the shape ASSISTANT:"}\n'
+    )
+    return tmp_path
+
+
+def _write(workdir: Path, text: str) -> Path:
+    p = workdir / "plan.yaml"
+    p.write_text(text)
+    return p
+
+
+def _error(workdir, text) -> str:
+    path = _write(workdir, text)
+    with pytest.raises(PlanError) as e:
+        prepare(load_plan(path))
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    "old, new, expected",
+    [
+        ("  - name: embedding_lens", "  - name: embeding_lens", r"plan.yaml:6 probes\[0\].name: Unknown probe 'embeding_lens'. Did you mean: embedding_lens\?"),
+        ("batch_size: 2", "batch_sise: 2", r"plan.yaml:12 batch_sise: unknown key. Did you mean: batch_size\?"),
+        ("      k: 2", "      kk: 2", r"plan.yaml:8 probes\[0\].params.kk: embedding_lens has no parameter 'kk'. Did you mean: k\?"),
+        ("      k: 2", "      k: two", r"plan.yaml:8 probes\[0\].params.k: expected int, got 'two'"),
+        ("      layers: [0, 1]", "      layers: [0, 40]", r"plan.yaml:\d+ probes\[0\].params.layers: layer 40 is out of range for this model \(0..4"),
+        ("  source: tiny:llava-clip", "  source: tiny:llava-clop", r"plan.yaml:2 model.source: Unknown tiny model 'llava-clop'. Did you mean: llava-clip"),
+        ("  source: tiny:llava-clip", "  source: tiny:llava-clip\n  adapter: lava", r"model.adapter: Unknown adapter 'lava'. Did you mean: llava\?"),
+        ("  prompts: prompts.jsonl", "  prompts: missing.jsonl", r"plan.yaml:4 data.prompts: file not found: .*missing.jsonl"),
+        ("batch_size: 2", "batch_size: 0", r"plan.yaml:12 batch_size: Input should be greater than or equal to 1; got 0"),
+        ("probes:", "probes: [\n", r"plan.yaml:\d+: YAML syntax error"),
+    ],
+)
+def test_bad_plans_get_located_errors(workdir, old, new, expected):
+    import re
+
+    assert old in GOOD
+    msg = _error(workdir, GOOD.replace(old, new))
+    assert re.search(expected, msg), msg
+
+
+def test_unknown_architecture_lists_supported(tmp_path, workdir):
+    folder = tmp_path / "gpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    msg = _error(workdir, GOOD.replace("tiny:llava-clip", str(folder)))
+    assert "No adapter supports architecture GPT2LMHeadModel. Supported: LlavaForConditionalGeneration" in msg
+
+
+def test_unreadable_image_is_named(workdir):
+    (workdir / "a.png").write_bytes(b"not a png")
+    msg = _error(workdir, GOOD)
+    assert "prompts.jsonl:1: cannot read image" in msg and "a.png" in msg
+
+
+def test_prompt_without_placeholder_is_named(workdir):
+    (workdir / "prompts.jsonl").write_text('{"id": "q", "image": "a.png", "prompt": "USER: what is it? ASSISTANT:"}\n')
+    loaded = load_plan(_write(workdir, GOOD))
+    prepared = prepare(loaded)
+    with pytest.raises(Exception, match=r"sample 'q': the prompt has 0 image placeholder\(s\) '<image>' but 1 image\(s\)"):
+        run(prepared, workdir / "out")
+
+
+def test_run_writes_table_and_figure(workdir):
+    loaded = load_plan(_write(workdir, GOOD))
+    result = run(prepare(loaded), workdir / "out")
+    rows = list(csv.DictReader(open(result.tables["tokens"])))
+    assert len(rows) == 3 * 16 * 2  # samples x visual tokens x layers
+    assert {r["sample_id"] for r in rows} == {"x", "y", "z"}
+    assert rows[0].keys() >= {"sample", "image", "row", "col", "layer", "id_1", "token_1", "score_1", "id_2"}
+    assert result.figures and result.figures[0].stat().st_size > 1000
+    manifest = json.loads((workdir / "out" / "manifest.json").read_text())
+    assert manifest["versions"]["nnsight"] and manifest["plan_hash"]
+
+
+def test_cli_validate_list_and_run(workdir):
+    runner = CliRunner()
+    plan = _write(workdir, GOOD)
+    r = runner.invoke(app, ["validate", str(plan)])
+    assert r.exit_code == 0 and "ok (llava model, 3 samples" in r.output
+    r = runner.invoke(app, ["list"])
+    assert r.exit_code == 0 and "embedding_lens" in r.output and "k: int = 3" in r.output
+    bad = _write(workdir, GOOD.replace("batch_size", "batchsize"))
+    r = runner.invoke(app, ["validate", str(bad)])
+    assert r.exit_code == 2 and "unknown key" in r.output and "Traceback" not in r.output
+    for cmd in ("run", "validate", "list"):
+        r = runner.invoke(app, [cmd, "--help"])
+        assert r.exit_code == 0 and "Example" in r.output
+
+
+@pytest.mark.slow
+def test_quickstart_runs_from_the_console_script(tmp_path):
+    out = tmp_path / "quick"
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedlens.cli", "run", str(EXAMPLES / "quickstart.yaml"), "--output", str(out), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "tokens.csv").is_file() and (out / "figures" / "embedding_lens_layer0.png").is_file()

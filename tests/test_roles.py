@@ -1,0 +1,133 @@
+"""The token-role map against planted ground truth and the model's own code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embedlens.roles import Role
+from embedlens.sites import Site
+from embedlens.tracing import collect
+from tests.conftest import mixed_samples
+
+
+def _samples(adapter):
+    return mixed_samples(n_images_last=2 if adapter.multi_image else 1, adapter=adapter)
+
+
+def _n_features(adapter, batch) -> int:
+    """Rows of image features the model itself scatters into the sequence."""
+    keys = ("pixel_values", "image_sizes", "batch_num_images")
+    kwargs = {k: v for k, v in batch.inputs.items() if k in keys}
+    with torch.no_grad():
+        feats = adapter.model.model.get_image_features(**kwargs).pooler_output
+    return sum(f.shape[0] for f in feats) if isinstance(feats, (list, tuple)) else feats.shape[0] * feats.shape[1]
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_visual_positions_hold_image_tokens(adapter, padding_side):
+    batch = adapter.encode(_samples(adapter), padding_side=padding_side)
+    roles, ids = batch.roles, batch.input_ids
+    assert (ids[roles.image_span] == adapter.image_token_id).all()
+    assert not (ids[~roles.image_span] == adapter.image_token_id).any()
+    assert int(roles.image_span.sum()) == _n_features(adapter, batch)
+    pad = ~batch.inputs["attention_mask"].bool()
+    assert torch.equal(roles.padding, pad)
+    if padding_side == "left":
+        assert roles.padding[:, 0].any()
+    else:
+        assert roles.padding[:, -1].any()
+    # every sample: images in order, each with a full grid of tile 0
+    for b, s in enumerate(batch.samples):
+        assert roles.n_images(b) == len(s.images)
+        for i in range(len(s.images)):
+            assert roles.grid_shape(b, i) == adapter.grid()
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_text_spans_decode_to_what_was_asked(adapter, padding_side):
+    samples = _samples(adapter)
+    batch = adapter.encode(samples, padding_side=padding_side)
+    roles, ids, tok = batch.roles, batch.input_ids, adapter.tokenizer
+    for b, s in enumerate(samples):
+        assert tok.decode(ids[b][roles.question[b]]).replace(" ", "") == s.question.replace(" ", "")
+        answer = tok.decode(ids[b][roles.answer[b]], skip_special_tokens=True).replace(" ", "")
+        assert answer == (s.answer or "").replace(" ", "")
+        last = int(roles.last_index[b])
+        assert roles.last[b].sum() == 1 and roles.last[b, last]
+        # the last prompt token comes right before the answer, or ends the sequence
+        if s.answer:
+            assert roles.answer[b, last + 1]
+        else:
+            assert last == int(batch.inputs["attention_mask"][b].nonzero().max())
+        assert roles.bos[b].sum() == 1
+        assert ids[b][roles.bos[b]].item() == tok.bos_token_id
+    assert not (roles.text & roles.visual).any()
+
+
+def test_newline_tokens_only_where_the_family_has_them(adapter):
+    batch = adapter.encode(_samples(adapter))
+    assert bool(batch.roles.image_newline.any()) == adapter.has_image_newline
+
+
+def test_row_col_match_the_patch_embedding(adapter):
+    """Change one patch of the pixels the tower sees: at the patch-embedding output
+    (before attention mixes tokens) exactly the token the map names changes."""
+    batch = adapter.encode(_samples(adapter)[:2])
+    roles = batch.roles
+    vt = roles.visual_tokens()
+    prefix = getattr(adapter, "n_prefix_tokens", 0)
+    ps = adapter.config.vision_config.patch_size
+    base = collect(adapter, batch, ["vision.embed"])[Site("vision.embed")]
+    pv = batch.inputs["pixel_values"]
+    checked = 0
+    for t in torch.linspace(0, len(vt["row"]) - 1, 7).long().tolist():
+        fr, r, c = int(vt["feature_row"][t]), int(vt["row"][t]), int(vt["col"][t])
+        changed = pv.clone()
+        flat = changed.view(-1, *pv.shape[-3:])
+        flat[fr, :, r * ps : (r + 1) * ps, c * ps : (c + 1) * ps] += 1.0
+        batch.inputs["pixel_values"] = changed
+        try:
+            emb = collect(adapter, batch, ["vision.embed"])[Site("vision.embed")]
+        finally:
+            batch.inputs["pixel_values"] = pv
+        diff = (emb - base).abs().amax(-1)  # [vision rows, tokens]
+        where = diff.nonzero().tolist()
+        assert where == [[fr, prefix + int(vt["feature_col"][t])]], (t, where)
+        assert int(vt["feature_col"][t]) == r * adapter.grid()[1] + c
+        checked += 1
+    assert checked == 7
+
+
+def test_sequence_positions_receive_the_named_features(adapter):
+    """Plant a code for every (vision row, feature index) in the projector output and let the
+    model's own merging (packing, unpadding, newlines) place it: each visual position
+    must hold the code of the patch the map names."""
+    batch = adapter.encode(_samples(adapter), padding_side="left")
+    proj = adapter.model.model.multi_modal_projector
+
+    def plant(module, args, output):
+        rows, toks = output.shape[0], output.shape[1]
+        code = torch.zeros_like(output)
+        code[..., 0] = torch.arange(rows, dtype=output.dtype)[:, None] + 1
+        code[..., 1] = torch.arange(toks, dtype=output.dtype)[None, :] + 1
+        return code
+
+    handle = proj.register_forward_hook(plant)
+    try:
+        emb = collect(adapter, batch, ["llm.embed"])[Site("llm.embed")]
+    finally:
+        handle.remove()
+    roles = batch.roles
+    vis = emb[roles.visual]
+    scale = vis[:, 0:2].abs().amax() / vis[:, 0:2].abs().amax().round()  # PaliGemma scales by 1/sqrt(d)
+    got = (vis[:, 0:2] / scale).round().long() - 1
+    assert torch.equal(got[:, 0], roles.feature_row[roles.visual])
+    assert torch.equal(got[:, 1], roles.feature_col[roles.visual])
+
+
+def test_role_kinds_partition_every_position(adapter):
+    batch = adapter.encode(_samples(adapter))
+    roles = batch.roles
+    total = sum(roles._is(r).long() for r in Role)
+    assert (total == 1).all()
