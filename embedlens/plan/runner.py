@@ -74,6 +74,11 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None) -> Prepared:
         raise loaded.error(("data", "prompts"), str(e)) from None
     if data.limit is not None:
         samples = samples[: data.limit]
+    try:
+        for s in samples:  # prompt checks are cheap: fail before the first batch, not in the middle
+            adapter.prompt(s)
+    except EmbedLensError as e:
+        raise loaded.error(("data", "prompts"), str(e)) from None
     return Prepared(loaded, adapter, built, samples)
 
 

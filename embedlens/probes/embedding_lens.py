@@ -164,10 +164,8 @@ class EmbeddingLens(Probe):
             counts = self._counts.setdefault(layer, {})
             for t in ids[:, 0].tolist():
                 counts[t] = counts.get(t, 0) + 1
-            if self._first is None:
-                self._remember_first(adapter, batch, layer, vt, ids, layer == self._figure_layer(adapter))
-            elif self._first.get("layer") != self._figure_layer(adapter) and layer == self._figure_layer(adapter):
-                self._remember_first(adapter, batch, layer, vt, ids, True)
+            if self._first is None and layer == self._figure_layer(adapter):
+                self._remember_first(adapter, batch, layer, vt, ids)
         self._n_tokens += n
         return {"tokens": rows}
 
@@ -180,7 +178,7 @@ class EmbeddingLens(Probe):
             raise PlanError(f"embedding_lens.figure_layer {self.figure_layer} must be one of layers {self.layers}")
         return fl
 
-    def _remember_first(self, adapter, batch, layer, vt, ids, final: bool) -> None:
+    def _remember_first(self, adapter, batch, layer, vt, ids) -> None:
         """Keep what the figure needs for the first image of the run (tile 0)."""
         sel = (vt["sample"] == 0) & (vt["image"] == 0) & (vt["tile"] == 0)
         frow = int(vt["feature_row"][sel][0])

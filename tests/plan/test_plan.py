@@ -98,10 +98,8 @@ def test_unreadable_image_is_named(workdir):
 
 def test_prompt_without_placeholder_is_named(workdir):
     (workdir / "prompts.jsonl").write_text('{"id": "q", "image": "a.png", "prompt": "USER: what is it? ASSISTANT:"}\n')
-    loaded = load_plan(_write(workdir, GOOD))
-    prepared = prepare(loaded)
-    with pytest.raises(Exception, match=r"sample 'q': the prompt has 0 image placeholder\(s\) '<image>' but 1 image\(s\)"):
-        run(prepared, workdir / "out")
+    msg = _error(workdir, GOOD)
+    assert "plan.yaml:4 data.prompts: sample 'q': the prompt has 0 image placeholder(s) '<image>' but 1 image(s)" in msg
 
 
 def test_run_writes_table_and_figure(workdir):
