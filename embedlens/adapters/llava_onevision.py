@@ -39,9 +39,14 @@ class LlavaOnevisionAdapter(Adapter):
         from transformers import AutoImageProcessor, AutoTokenizer
 
         try:
-            return super().load_processor(path)
-        except Exception:  # without torchvision the stock processor cannot build its video part
-            return OnevisionImageProcessor(
+            processor = super().load_processor(path)
+            if hasattr(processor, "image_processor"):
+                return processor
+        except Exception:  # noqa: BLE001 - without torchvision the stock processor cannot build
+            pass
+        # Without torchvision AutoProcessor fails or degrades to the bare tokenizer
+        # (its video processor needs torchvision); build the image-only one.
+        return OnevisionImageProcessor(
                 image_processor=AutoImageProcessor.from_pretrained(path),
                 tokenizer=AutoTokenizer.from_pretrained(path),
                 **{k: v for k, v in OnevisionImageProcessor.get_processor_dict(path)[0].items()
