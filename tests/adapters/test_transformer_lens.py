@@ -42,14 +42,15 @@ def test_sites_equal_transformer_bridge_hooks(name, tmp_path):
 
     batch = ours.encode(mixed_samples()[:2], padding_side="left")
     n_llm, n_vis = ours.n_llm_layers, ours.n_vision_layers
-    sites = (
-        [f"vision.layers[{i}]" for i in range(n_vis)]
-        + ["projector", "llm.embed"]
-        + [f"llm.layers[{i}]" for i in range(n_llm)]
-        + [f"llm.layers[{i}].attn" for i in range(n_llm)]
-        + [f"llm.layers[{i}].mlp" for i in range(n_llm)]
-        + ["llm.norm", "llm.unembed"]
+    # (our site, the bridge hook that should hold the same tensor)
+    pairs = (
+        [(f"vision.layers[{i}]", f"vision_encoder.encoder_layers.{i}.hook_out") for i in range(n_vis)]
+        + [("projector", "vision_projector.hook_out"), ("llm.embed", "blocks.0.hook_in")]
+        + [(f"llm.layers[{i}]{sub}", f"blocks.{i}{hook}") for i in range(n_llm)
+           for sub, hook in (("", ".hook_out"), (".attn", ".attn.hook_out"), (".mlp", ".mlp.hook_out"))]
+        + [("llm.norm", "ln_final.hook_out"), ("llm.unembed", "unembed.hook_out")]
     )
+    sites, names = zip(*pairs)
     acts = collect(ours, batch, sites)
     names = (
         [f"vision_encoder.encoder_layers.{i}.hook_out" for i in range(n_vis)]
