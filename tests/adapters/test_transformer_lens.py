@@ -52,14 +52,6 @@ def test_sites_equal_transformer_bridge_hooks(name, tmp_path):
     )
     sites, names = zip(*pairs)
     acts = collect(ours, batch, sites)
-    names = (
-        [f"vision_encoder.encoder_layers.{i}.hook_out" for i in range(n_vis)]
-        + ["vision_projector.hook_out", "blocks.0.hook_in"]
-        + [f"blocks.{i}.hook_out" for i in range(n_llm)]
-        + [f"blocks.{i}.attn.hook_out" for i in range(n_llm)]
-        + [f"blocks.{i}.mlp.hook_out" for i in range(n_llm)]
-        + ["ln_final.hook_out", "unembed.hook_out"]
-    )
     cache = {}
 
     def save(name):
