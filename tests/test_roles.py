@@ -76,7 +76,7 @@ def test_row_col_match_the_patch_embedding(adapter):
     batch = adapter.encode(_samples(adapter)[:2])
     roles = batch.roles
     vt = roles.visual_tokens()
-    prefix = getattr(adapter, "n_prefix_tokens", 0)
+    prefix = adapter.n_prefix_tokens
     ps = adapter.config.vision_config.patch_size
     base = collect(adapter, batch, ["vision.embed"])[Site("vision.embed")]
     pv = batch.inputs["pixel_values"]
@@ -111,6 +111,7 @@ def test_sequence_positions_receive_the_named_features(adapter):
         code = torch.zeros_like(output)
         code[..., 0] = torch.arange(rows, dtype=output.dtype)[:, None] + 1
         code[..., 1] = torch.arange(toks, dtype=output.dtype)[None, :] + 1
+        code[..., 2] = 1.0  # carries whatever scale the family applies after the projector
         return code
 
     handle = proj.register_forward_hook(plant)
@@ -120,14 +121,18 @@ def test_sequence_positions_receive_the_named_features(adapter):
         handle.remove()
     roles = batch.roles
     vis = emb[roles.visual]
-    scale = vis[:, 0:2].abs().amax() / vis[:, 0:2].abs().amax().round()  # PaliGemma scales by 1/sqrt(d)
-    got = (vis[:, 0:2] / scale).round().long() - 1
+    got = (vis[:, 0:2] / vis[:, 2:3]).round().long() - 1
     assert torch.equal(got[:, 0], roles.feature_row[roles.visual])
     assert torch.equal(got[:, 1], roles.feature_col[roles.visual])
 
 
 def test_role_kinds_partition_every_position(adapter):
     batch = adapter.encode(_samples(adapter))
-    roles = batch.roles
+    roles, ids, tok = batch.roles, batch.input_ids, adapter.tokenizer
     total = sum(roles._is(r).long() for r in Role)
     assert (total == 1).all()
+    # special roles hold the tokenizer's special ids, and text never does
+    special = torch.tensor(tok.all_special_ids)
+    assert torch.isin(ids[roles.special], special).all()
+    assert not torch.isin(ids[roles.text], special[special != tok.unk_token_id]).any()
+    assert torch.equal(roles.bos, (ids == tok.bos_token_id) & ~roles.padding)

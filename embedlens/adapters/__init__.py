@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel, ProcessorMixin
 
-from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText
+from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText, parse_dtype
 from embedlens.adapters.llava import LlavaAdapter
 from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionImageProcessor
 from embedlens.adapters.paligemma import PaliGemmaAdapter
@@ -87,11 +87,7 @@ def load_model(
         model, processor = tiny_model(source[len(TINY_PREFIX):])
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
-        from embedlens.adapters.base import DTYPES
-
-        if dtype not in DTYPES:
-            raise AdapterError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-        wrapped = wrap_model(model.to(device=device, dtype=DTYPES[dtype]), processor, adapter)
+        wrapped = wrap_model(model.to(device=device, dtype=parse_dtype(dtype)), processor, adapter)
         wrapped.source = source
         return wrapped
     if adapter is not None:

@@ -20,6 +20,17 @@ from embedlens.sites import Site
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+def parse_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a plan's dtype name.
+
+    Raises:
+        AdapterError: naming the allowed values.
+    """
+    if name not in DTYPES:
+        raise AdapterError(f"dtype must be one of {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
 @dataclass(frozen=True)
 class ModulePaths:
     """Dotted attribute paths, from the top-level model, of the modules behind each site."""
@@ -120,9 +131,7 @@ class Adapter(ABC):
             device: torch device string.
             attn_implementation: `sdpa`, `eager`, ... (None: transformers' default).
         """
-        if dtype not in DTYPES:
-            raise AdapterError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+        kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype)}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         model = cls.model_class.from_pretrained(path, **kwargs).to(device).eval()
@@ -171,22 +180,14 @@ class Adapter(ABC):
             return site
         return site.resolve(self.n_layers(site.component))
 
-    def module_path(self, site: Site) -> str:
-        """The module whose input/output holds `site` (for documentation and hooks)."""
-        p = self.paths
-        table = {
-            "vision.embed": p.vision_embed,
-            "vision.features": p.projector,
-            "projector": p.projector,
-            "llm.embed": p.language_model,
-            "llm.norm": p.llm_norm,
-            "llm.unembed": p.unembed,
-        }
-        if site.component in table:
-            return table[site.component]
-        base = p.vision_layers if site.component == "vision.layers" else p.llm_layers
-        sub = {"attn": p.attn, "mlp": p.mlp}.get(site.sub)
-        return f"{base}.{site.layer}" + (f".{sub}" if sub else "")
+    @property
+    def n_prefix_tokens(self) -> int:
+        """Vision-sequence tokens before the first patch (CLS) that `vision.features` drops.
+
+        Follows the LLaVA convention: `vision_feature_select_strategy` "default"
+        drops CLIP's CLS token, "full" (and families without the option) keep all.
+        """
+        return 1 if getattr(self.config, "vision_feature_select_strategy", "full") == "default" else 0
 
     @property
     def nnsight(self):

@@ -22,11 +22,6 @@ class LlavaAdapter(Adapter):
     model_class = LlavaForConditionalGeneration
 
     @property
-    def n_prefix_tokens(self) -> int:
-        """Vision-sequence tokens before the first patch (CLS) that `vision.features` drops."""
-        return 1 if self.config.vision_feature_select_strategy == "default" else 0
-
-    @property
     def tower(self) -> str:
         """'clip' or 'siglip' (or the vision config's model type)."""
         return self.config.vision_config.model_type.replace("_vision_model", "")

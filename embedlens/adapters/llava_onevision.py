@@ -30,22 +30,18 @@ class LlavaOnevisionAdapter(Adapter):
     model_class = LlavaOnevisionForConditionalGeneration
     has_image_newline = True
 
-    @property
-    def n_prefix_tokens(self) -> int:
-        return 1 if self.config.vision_feature_select_strategy == "default" else 0
-
     @classmethod
     def load_processor(cls, path: str):
         from transformers import AutoImageProcessor, AutoTokenizer
 
+        # Without torchvision AutoProcessor fails or degrades to the bare tokenizer
+        # (its video processor needs torchvision); then build the image-only one.
         try:
             processor = super().load_processor(path)
-            if hasattr(processor, "image_processor"):
-                return processor
-        except Exception:  # noqa: BLE001 - without torchvision the stock processor cannot build
-            pass
-        # Without torchvision AutoProcessor fails or degrades to the bare tokenizer
-        # (its video processor needs torchvision); build the image-only one.
+        except Exception:  # noqa: BLE001 - any failure here has the same remedy
+            processor = None
+        if hasattr(processor, "image_processor"):
+            return processor
         return OnevisionImageProcessor(
                 image_processor=AutoImageProcessor.from_pretrained(path),
                 tokenizer=AutoTokenizer.from_pretrained(path),
@@ -77,17 +73,12 @@ class LlavaOnevisionAdapter(Adapter):
             if p else 1
             for s, p in zip(image_sizes, need)
         ]
-        r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        coords = []
-        for n in n_tiles:
-            base = torch.stack([torch.ones(h * w), r.flatten() + 1.0, c.flatten() + 1.0], dim=-1)
-            if n == 1:
-                coords.append(base[None])
-                continue
-            tiles = [base]
-            for t in range(n - 1):
-                tiles.append(torch.stack([torch.full((h * w,), t + 2.0), r.flatten() + 1.0, c.flatten() + 1.0], dim=-1))
-            coords.append(torch.stack(tiles))
+        r, c = torch.meshgrid(torch.arange(h) + 1.0, torch.arange(w) + 1.0, indexing="ij")
+        # coords[i]: [tiles, h*w, 3] = (tile + 1, row + 1, col + 1); tile 0 is the base image
+        coords = [
+            torch.stack([torch.full((n, h * w), 1.0) + torch.arange(n)[:, None], r.flatten().expand(n, -1), c.flatten().expand(n, -1)], dim=-1)
+            for n in n_tiles
+        ]
         packed, _ = model.pack_image_features(
             coords, image_sizes, image_newline=torch.zeros(3), vision_aspect_ratio=cfg.vision_aspect_ratio
         )

@@ -23,7 +23,6 @@ class PaliGemmaAdapter(Adapter):
     architectures = ("PaliGemmaForConditionalGeneration",)
     model_class = PaliGemmaForConditionalGeneration
     answer_as_suffix = True
-    n_prefix_tokens = 0
 
     def prompt(self, sample: Sample) -> PromptText:
         if sample.prompt is not None:

@@ -112,8 +112,8 @@ class EmbeddingLens(Probe):
         self.matrix = matrix
         self.chunk_size = chunk_size
         self.figure_layer = figure_layer
-        self._vocab: torch.Tensor | None = None
-        self._counts: dict[int, dict[int, int]] = {}
+        self._vocab: tuple[Adapter, torch.Tensor] | None = None
+        self._counts: dict[int, torch.Tensor] = {}  # layer -> [vocab] top-1 counts
         self._n_tokens = 0
         self._first: dict[str, Any] | None = None
 
@@ -130,14 +130,18 @@ class EmbeddingLens(Probe):
             out.append(idx)
         return out
 
+    def check(self, adapter: "Adapter") -> None:
+        self._figure_layer(adapter)  # also checks `layers`
+
     def sites(self, adapter: "Adapter") -> list[Site]:
         return [lens_site(layer) for layer in self._resolved_layers(adapter)]
 
     def _matrix(self, adapter: "Adapter") -> torch.Tensor:
-        if self._vocab is None:
+        """`[vocab, d]` unit-norm rows, normalised once per adapter rather than per batch."""
+        if self._vocab is None or self._vocab[0] is not adapter:
             w = adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()
-            self._vocab = F.normalize(w.detach().float(), dim=-1)
-        return self._vocab
+            self._vocab = (adapter, F.normalize(w.detach().float(), dim=-1))
+        return self._vocab[1]
 
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
         vocab = self._matrix(adapter)
@@ -146,6 +150,7 @@ class EmbeddingLens(Probe):
         for j in range(1, self.k + 1):
             rows.update({f"id_{j}": [], f"token_{j}": [], f"score_{j}": []})
         n = len(vt["sample"])
+        figure_layer = self._figure_layer(adapter)
         for layer in self._resolved_layers(adapter):
             h = acts[lens_site(layer)]  # [batch, seq, d]
             x = h[vt["sample"].to(h.device), vt["position"].to(h.device)].to(vocab.device)  # [tokens, d]
@@ -161,10 +166,9 @@ class EmbeddingLens(Probe):
                 rows[f"id_{j + 1}"] += col
                 rows[f"token_{j + 1}"] += adapter.tokenizer.convert_ids_to_tokens(col)
                 rows[f"score_{j + 1}"] += [r[j] for r in scores_l]
-            counts = self._counts.setdefault(layer, {})
-            for t in ids[:, 0].tolist():
-                counts[t] = counts.get(t, 0) + 1
-            if self._first is None and layer == self._figure_layer(adapter):
+            top1 = torch.bincount(ids[:, 0].cpu(), minlength=vocab.shape[0])  # [vocab]
+            self._counts[layer] = self._counts[layer] + top1 if layer in self._counts else top1
+            if self._first is None and layer == figure_layer:
                 self._remember_first(adapter, batch, layer, vt, ids)
         self._n_tokens += n
         return {"tokens": rows}
@@ -175,7 +179,7 @@ class EmbeddingLens(Probe):
             return layers[0]
         fl = self.figure_layer + adapter.n_llm_layers + 1 if self.figure_layer < 0 else self.figure_layer
         if fl not in layers:
-            raise PlanError(f"embedding_lens.figure_layer {self.figure_layer} must be one of layers {self.layers}")
+            raise PlanError(f"embedding_lens.figure_layer: {self.figure_layer} must be one of layers {self.layers}")
         return fl
 
     def _remember_first(self, adapter, batch, layer, vt, ids) -> None:
@@ -192,9 +196,10 @@ class EmbeddingLens(Probe):
         }
 
     def result(self) -> dict[str, Any]:
-        top = {
-            str(layer): sorted(c.items(), key=lambda kv: -kv[1])[:10] for layer, c in self._counts.items()
-        }
+        top = {}
+        for layer, counts in self._counts.items():
+            c, i = counts.topk(min(10, int((counts > 0).sum())))
+            top[str(layer)] = list(zip(i.tolist(), c.tolist()))
         return {"n_visual_tokens": self._n_tokens, "most_frequent_top1_ids": top, "k": self.k, "matrix": self.matrix}
 
     def figures(self, out_dir: Path) -> list[Path]:

@@ -51,7 +51,7 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
     cfg = adapter.config
     layer = getattr(cfg, "vision_feature_layer", None)
     feats = out.last_hidden_state if layer is None else out.hidden_states[layer]
-    feats = feats[:, getattr(adapter, "n_prefix_tokens", 0):]
+    feats = feats[:, adapter.n_prefix_tokens:]
     torch.testing.assert_close(acts[Site("vision.features")], feats, **TOL)
     torch.testing.assert_close(acts[Site("projector")], adapter.model.model.multi_modal_projector(feats), **TOL)
 

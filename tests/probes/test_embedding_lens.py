@@ -70,6 +70,8 @@ def test_layer_zero_is_the_projector_output(adapter):
 def test_bad_parameters_are_named(adapter):
     with pytest.raises(PlanError, match=r"embedding_lens.layers: layer 9 is out of range .*0\.\.4"):
         EmbeddingLens(layers=[9]).check(adapter)
+    with pytest.raises(PlanError, match=r"embedding_lens.figure_layer: 2 must be one of layers \[0, 1\]"):
+        EmbeddingLens(layers=[0, 1], figure_layer=2).check(adapter)
     with pytest.raises(PlanError, match="embedding_lens.k must be >= 1; got 0"):
         EmbeddingLens(k=0)
     with pytest.raises(PlanError, match="matrix must be 'input' or 'output'; got 'middle'"):
