@@ -47,3 +47,7 @@ class InputError(EmbedLensError):
 
 class PlanError(EmbedLensError):
     """A plan that does not validate; the message names file, line and key path."""
+
+
+class InterventionError(EmbedLensError):
+    """An intervention's parameters or selection do not fit the model or the batch."""

@@ -206,7 +206,7 @@ probes: Registry = Registry(
     "probe", "embedlens.probes.base:Probe", "embedlens.probes", required=("sites", "update", "result")
 )
 interventions: Registry = Registry(
-    "intervention", "embedlens.interventions.base:Intervention", "embedlens.interventions", required=("apply",)
+    "intervention", "embedlens.interventions.base:Intervention", "embedlens.interventions", required=("setup",)
 )
 metrics: Registry = Registry("metric", "embedlens.metrics:Metric", "embedlens.metrics", required=("compute",))
 REGISTRIES: dict[str, Registry] = {

@@ -98,6 +98,8 @@ class Adapter(ABC):
     multi_image: ClassVar[bool] = True
     has_image_newline: ClassVar[bool] = False
     answer_as_suffix: ClassVar[bool] = False
+    # Position id of the first token (PaliGemma counts from 1).
+    position_offset: ClassVar[int] = 0
 
     @property
     def name(self) -> str:
@@ -422,6 +424,17 @@ class Adapter(ABC):
 
     def _adds_special_tokens(self) -> bool:
         return True
+
+    def block_ids(self, inputs: BatchFeature) -> torch.Tensor | None:
+        """`[batch, seq]` ids of bidirectional attention blocks (-1: causal), or None
+        when the whole sequence is causal. Tokens of one block >= 0 see each other."""
+        return None
+
+    def position_ids(self, inputs: BatchFeature) -> torch.Tensor:
+        """`[batch, seq]` position ids each sample would get if it ran alone
+        (padding does not count), as `generate` computes them."""
+        mask = inputs["attention_mask"].long()
+        return (mask.cumsum(dim=1) - 1).clamp(min=0) + self.position_offset
 
     def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Keyword arguments for the model's forward, on the model's device."""

@@ -23,6 +23,12 @@ class PaliGemmaAdapter(Adapter):
     architectures = ("PaliGemmaForConditionalGeneration",)
     model_class = PaliGemmaForConditionalGeneration
     answer_as_suffix = True
+    position_offset = 1
+
+    def block_ids(self, inputs: BatchFeature) -> torch.Tensor | None:
+        # As PaliGemmaModel: the prefix (token type 0) is one bidirectional block.
+        types = inputs.get("token_type_ids")
+        return None if types is None else torch.where(types == 0, 0, -1)
 
     def prompt(self, sample: Sample) -> PromptText:
         if sample.prompt is not None:

@@ -1,5 +1,9 @@
-"""Interventions on visual tokens, found through `embedlens.registry.interventions`."""
+"""Interventions on visual tokens, found through `embedlens.registry.interventions`,
+and the engine that applies them."""
 
 from embedlens.interventions.base import Intervention
+from embedlens.interventions.engine import Context, Engine, Outcome, RowCache, Rows, attention_rows
+from embedlens.interventions.select import Selection
+from embedlens.interventions import ablate, layers, prune  # noqa: F401, E402 - registers the built-ins
 
-__all__ = ["Intervention"]
+__all__ = ["Context", "Engine", "Intervention", "Outcome", "RowCache", "Rows", "Selection", "attention_rows"]

@@ -207,3 +207,23 @@ def save_tiny_model(name: str, directory: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+def tiny_batch(name: str = "llava-clip", n: int = 2, padding_side: str = "right"):
+    """A tiny model's adapter and an encoded batch of `n` shape images with questions.
+
+    Example:
+        >>> adapter, batch = tiny_batch("paligemma", n=3)
+        >>> batch.input_ids.shape[0]
+        3
+    """
+    from embedlens.adapters import load_model
+    from embedlens.data import Sample
+    from embedlens.testing.images import shapes
+
+    adapter = load_model(f"tiny:{name}")
+    questions = ["what is it?", "what colour is the square?", "count the shapes", "is there a circle?"]
+    samples = [
+        Sample([shapes(32 + 8 * (i % 3), seed=i)], question=questions[i % len(questions)], id=f"s{i}") for i in range(n)
+    ]
+    return adapter, adapter.encode(samples, padding_side=padding_side)

@@ -1,0 +1,103 @@
+"""Ablation: replace selected image tokens with zeros or the data-set mean."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from embedlens.errors import InterventionError
+from embedlens.interventions.base import IfEmpty, Intervention, parse_selection, require_nonempty
+from embedlens.interventions.engine import Context, Rows
+from embedlens.interventions.select import SelectionSpec
+from embedlens.registry import interventions
+from embedlens.sites import Site
+
+
+@interventions.register("ablate")
+class Ablate(Intervention):
+    """Replace selected image tokens with zeros or with the data-set mean at a site.
+
+    `site` is ``llm.embed`` (the LLM input: projector outputs) or
+    ``llm.layers[i]`` (the residual stream after layer i). With
+    ``value: mean`` the mean over the `mean_over` tokens of the whole data set
+    at that site is computed in an earlier pass of the same run (Neo et al.
+    mean-ablate object patches).
+
+    Example:
+        >>> Ablate(tokens="visual and row < 2", value="zero").value
+        'zero'
+    """
+
+    needs_fit = True
+
+    def __init__(
+        self,
+        tokens: SelectionSpec,
+        value: Literal["zero", "mean"] = "mean",
+        site: str = "llm.embed",
+        mean_over: SelectionSpec = "visual",
+        if_empty: IfEmpty = "error",
+    ):
+        if value not in ("zero", "mean"):
+            raise InterventionError(f"value: must be 'zero' or 'mean'; got {value!r}")
+        self.tokens, self.value, self.site, self.mean_over, self.if_empty = tokens, value, site, mean_over, if_empty
+        self.selection = parse_selection(tokens, "tokens")
+        self.mean_sel = parse_selection(mean_over, "mean_over")
+        try:
+            parsed = Site.parse(site)
+        except Exception as exc:
+            raise InterventionError(f"site: {exc}") from None
+        if parsed.component not in ("llm.embed", "llm.layers") or parsed.sub is not None:
+            raise InterventionError(f"site: ablate acts on llm.embed or llm.layers[i]; got {site!r}")
+        self._site = parsed
+        self.mean: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+        self.needs_fit = value == "mean"
+
+    def check(self, adapter) -> None:
+        try:
+            self._resolved = adapter.resolve(self._site)
+        except Exception as exc:
+            raise InterventionError(f"site: {exc}") from None
+
+    # -- the data-set mean ---------------------------------------------------------
+    def fit_sites(self, adapter) -> list[Site]:
+        self.check(adapter)
+        return [self._resolved] if self.value == "mean" else []
+
+    def observe(self, adapter, batch, acts) -> None:
+        x = acts[self._resolved].double()
+        mask = self.mean_sel.evaluate(batch.roles) & batch.roles.image_span
+        mask = mask.to(x.device)
+        s = x[mask].sum(dim=0)
+        self._sum = s if self._sum is None else self._sum + s
+        self._count += int(mask.sum())
+
+    def finish_fit(self) -> None:
+        if self.value != "mean":
+            return
+        if not self._count:
+            raise InterventionError(f"mean_over: selection {self.mean_over!r} matched no image token in the data set")
+        self.mean = self._sum / self._count
+
+    # -- the edit ------------------------------------------------------------------
+    def setup(self, ctx: Context) -> None:
+        self.check(ctx.adapter)
+        if self.value == "mean" and self.mean is None:
+            raise InterventionError("value: mean needs the data-set mean; run the condition's fit pass first")
+        self._mask = ctx.select(self.selection, within=ctx.roles.image_span)
+        require_nonempty(ctx, self._mask, "tokens", self.tokens, self.if_empty, what="image")
+
+    def _fill(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        fill = torch.zeros((), dtype=x.dtype, device=x.device) if self.value == "zero" else self.mean.to(x)
+        return torch.where(mask[..., None], fill, x)
+
+    def edit_embeds(self, ctx: Context, embeds: torch.Tensor) -> torch.Tensor:
+        return self._fill(embeds, self._mask) if self._resolved.component == "llm.embed" else embeds
+
+    def after_layer(self, ctx: Context, layer: int, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
+        if self._resolved.component == "llm.layers" and self._resolved.layer == layer:
+            return self._fill(hidden, rows.gather(self._mask) & rows.valid)
+        return hidden

@@ -1,0 +1,599 @@
+"""The prefill engine: runs the LLM layer by layer so that interventions can
+change which tokens are in the sequence, what they attend to and which updates
+they receive.
+
+Why not an nnsight trace: pruning, injection, withdrawal and FastV change the
+sequence *between* layers, so every later layer needs its own attention mask,
+rotary embeddings and key/value cache. The engine calls the model's own
+decoder layers, final norm and head (nothing is re-implemented), and builds
+those per-layer arguments itself:
+
+- tokens are addressed by their index in the encoded batch; a token is
+  *present* in layer ``l`` when ``enter <= l < exit`` (interventions set
+  ``enter``/``exit``); the present tokens of each sample are packed left, the
+  rest of the row is padding that nothing attends to;
+- position ids are the ones each sample gets alone (padding does not count),
+  so a kept token keeps its original position and decoding continues from the
+  unpruned length;
+- the attention mask is causal in the original order (plus the family's
+  bidirectional blocks, e.g. PaliGemma's prefix), minus what knockouts block.
+
+With no interventions the engine reproduces the model's forward pass (tests
+compare it with Hugging Face's logits).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+from embedlens.adapters.base import resolve_path
+from embedlens.errors import AdapterError, EmbedLensError, InterventionError
+from embedlens.interventions.select import Selection, SelectionSpec
+
+if TYPE_CHECKING:
+    from embedlens.adapters.base import Adapter, Batch
+    from embedlens.interventions.base import Intervention
+    from embedlens.roles import TokenRoles
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+class _Stop(Exception):
+    pass
+
+
+class RowCache:
+    """Key/value cache where each layer holds its own rows.
+
+    Layers may hold different tokens (pruned after layer K, injected at k), so
+    each layer's length is its own. Implements the `update` call Hugging Face
+    attention modules make.
+    """
+
+    def __init__(self, n_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=-2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=-2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def lengths(self) -> list[int]:
+        return [0 if k is None else int(k.shape[-2]) for k in self.keys]
+
+    def crop(self, lengths: Sequence[int]) -> None:
+        for i, n in enumerate(lengths):
+            if self.keys[i] is not None:
+                self.keys[i] = self.keys[i][..., :n, :]
+                self.values[i] = self.values[i][..., :n, :]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths()[layer_idx]
+
+
+@dataclass
+class Rows:
+    """The tokens present in one layer: `index[b, r]` is the batch position of
+    row r of sample b; `valid[b, r]` is False for the packing's padding rows."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def pack(cls, present: torch.Tensor) -> "Rows":
+        seq = present.shape[1]
+        pos = torch.arange(seq, device=present.device).expand_as(present)
+        order = torch.where(present, pos, pos + seq).argsort(dim=1)
+        n = int(present.sum(dim=1).max().item()) if present.numel() else 0
+        index = order[:, : max(n, 1)]
+        return cls(index=index, valid=present.gather(1, index))
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """`[batch, seq, ...]` -> `[batch, rows, ...]`."""
+        if values.dim() == 2:
+            return values.gather(1, self.index)
+        idx = self.index.reshape(*self.index.shape, *([1] * (values.dim() - 2)))
+        return values.gather(1, idx.expand(*self.index.shape, *values.shape[2:]))
+
+    def scatter(self, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Write `rows` (`[batch, rows, d]`) back into `target` (`[batch, seq, d]`) at the valid rows."""
+        out = target.clone()
+        b, r = self.valid.nonzero(as_tuple=True)
+        out[b, self.index[b, r]] = rows[b, r]
+        return out
+
+    def same(self, other: "Rows | None") -> bool:
+        return other is not None and torch.equal(self.index, other.index) and torch.equal(self.valid, other.valid)
+
+
+@dataclass
+class Context:
+    """What interventions see and set during one run of one condition on one batch.
+
+    Attributes:
+        enter, exit: `[batch, seq]` long; a token is present in layer l when
+            ``enter <= l < exit``. Interventions raise ``enter`` (injection) or
+            lower ``exit`` (pruning, withdrawal) — never the reverse.
+        attention: last-token attention recorded for requested layers,
+            ``{layer: [batch, heads, seq]}`` over batch positions (0 where absent).
+    """
+
+    adapter: "Adapter"
+    batch: "Batch"
+    condition: str
+    roles: "TokenRoles"
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    blocks: torch.Tensor
+    n_layers: int
+    enter: torch.Tensor
+    exit: torch.Tensor
+    groups: Callable[[str], torch.Tensor] | None = None
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    attention_requests: set[int] = field(default_factory=set)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return ~self.roles.padding
+
+    def select(self, spec: "SelectionSpec | Selection", *, within: torch.Tensor | None = None) -> torch.Tensor:
+        """Evaluate a selection on this batch, optionally restricted to `within`."""
+        mask = Selection.parse(spec).evaluate(self.roles, self.groups)
+        return mask if within is None else mask & within
+
+    def present(self, layer: int) -> torch.Tensor:
+        return (self.enter <= layer) & (layer < self.exit) & self.valid
+
+    def request_last_attention(self, layer: int) -> None:
+        """Ask the engine to record the last prompt token's attention in `layer`."""
+        self.attention_requests.add(layer)
+
+    def sample_ids(self, mask: torch.Tensor) -> list[str]:
+        return [self.batch.samples[int(b)].id for b in mask.nonzero().flatten()]
+
+
+def _rotary_fn(attn: torch.nn.Module):
+    fn = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise AdapterError(f"{type(attn).__name__}: cannot find the module's apply_rotary_pos_emb to recompute attention rows")
+    return fn
+
+
+def attention_rows(
+    attn: torch.nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_rows: torch.Tensor,
+    allowed: torch.Tensor,
+) -> torch.Tensor:
+    """Attention probabilities of chosen query rows, recomputed from queries and keys.
+
+    Only the requested rows are computed (``[batch, heads, q, keys]``), never the
+    full pattern, so this works whatever attention implementation runs the model.
+
+    Args:
+        attn: the layer's attention module (``q_proj``, ``k_proj``, ``scaling``).
+        hidden: ``[batch, rows, d]`` input of the attention module (after its norm).
+        position_embeddings: the layer's ``(cos, sin)``, ``[batch, rows, head_dim]``.
+        query_rows: ``[batch, q]`` row indices of the queries.
+        allowed: ``[batch, q, rows]`` bool, what each query may attend to.
+    """
+    bsz, n_rows, _ = hidden.shape
+    hd = attn.head_dim
+    cos, sin = position_embeddings
+    q_in = hidden.gather(1, query_rows[..., None].expand(-1, -1, hidden.shape[-1]))
+    q = attn.q_proj(q_in).view(bsz, query_rows.shape[1], -1, hd)
+    k = attn.k_proj(hidden).view(bsz, n_rows, -1, hd)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    rope = _rotary_fn(attn)
+    qc = cos.gather(1, query_rows[..., None].expand(-1, -1, cos.shape[-1]))
+    qs = sin.gather(1, query_rows[..., None].expand(-1, -1, sin.shape[-1]))
+    q = rope(q, q, qc, qs)[0]
+    k = rope(k, k, cos, sin)[1]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
+    cap = getattr(attn.config, "attn_logit_softcapping", None)
+    if cap:
+        scores = torch.tanh(scores / cap) * cap
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+class Outcome:
+    """What a run produced: final hidden states, token counts per layer, and
+    (when run with ``cache=True``) a decoder that continues from the prefill."""
+
+    def __init__(self, engine: "Engine", ctx: Context, hidden: torch.Tensor, present: torch.Tensor, counts: dict):
+        self.engine = engine
+        self.context = ctx
+        self.hidden = hidden
+        self.present = present
+        self.counts = counts  # {"rows": [L, B], "visual": [L, B], "keys": [L, B]}
+        self.cache: RowCache | None = None
+        self.key_valid: list[torch.Tensor] = []
+        self.decoded_valid: torch.Tensor | None = None
+        self.next_position: torch.Tensor | None = None
+
+    @property
+    def last_index(self) -> torch.Tensor:
+        return self.context.roles.last_index
+
+    def logits_at(self, index: torch.Tensor) -> torch.Tensor:
+        """`[batch, vocab]` logits at one batch position per sample."""
+        rows = self.hidden[torch.arange(self.hidden.shape[0], device=index.device), index]
+        return self.engine.head(rows)
+
+    def last_logits(self) -> torch.Tensor:
+        """`[batch, vocab]` next-token logits after the prompt."""
+        return self.logits_at(self.last_index)
+
+    def logits(self) -> torch.Tensor:
+        """`[batch, seq, vocab]` logits; NaN at tokens absent from the last layer."""
+        out = self.engine.head(self.hidden)
+        return out.masked_fill(~self.present[..., None], float("nan"))
+
+    # -- decoding --------------------------------------------------------------
+    def checkpoint(self):
+        self._need_cache()
+        return (self.cache.lengths(), self.decoded_valid.shape[1], self.next_position.clone())
+
+    def rollback(self, point) -> None:
+        lengths, n_decoded, nxt = point
+        self.cache.crop(lengths)
+        self.decoded_valid = self.decoded_valid[:, :n_decoded]
+        self.next_position = nxt
+
+    def _need_cache(self) -> None:
+        if self.cache is None:
+            raise EmbedLensError("this outcome was run without cache=True; it cannot decode")
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed `tokens` (`[batch, n]`) after everything so far; return their logits.
+
+        Args:
+            tokens: token ids; each sample's continuation, right-padded.
+            valid: `[batch, n]` bool, False for padding (nothing attends to it).
+        """
+        self._need_cache()
+        eng = self.engine
+        tokens = tokens.to(eng.device)
+        bsz, n = tokens.shape
+        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.to(eng.device)
+        x = eng.adapter.model.get_input_embeddings()(tokens)
+        pos = self.next_position[:, None] + (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        pe = eng.rotary(x, pos)
+        causal = torch.ones(n, n, dtype=torch.bool, device=eng.device).tril()
+        new = causal[None] & valid[:, None, :]
+        new = new | torch.eye(n, dtype=torch.bool, device=eng.device)[None]
+        for layer_idx, layer in enumerate(eng.layers):
+            old = torch.cat([self.key_valid[layer_idx], self.decoded_valid], dim=1)
+            allowed = torch.cat([old[:, None, :].expand(bsz, n, -1), new], dim=2)
+            x = layer(
+                x,
+                attention_mask=eng.mask(allowed),
+                position_ids=pos,
+                past_key_values=self.cache,
+                use_cache=True,
+                position_embeddings=pe,
+            )
+        self.decoded_valid = torch.cat([self.decoded_valid, valid], dim=1)
+        self.next_position = self.next_position + valid.long().sum(dim=1)
+        return eng.head(eng.norm(x))
+
+    @torch.no_grad()
+    def score(self, continuations: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Log-probability of each sample's continuation after the prompt (`[batch]`, float64).
+
+        The cache is rolled back afterwards, so several candidates can be scored in turn.
+        """
+        bsz = self.hidden.shape[0]
+        if len(continuations) != bsz:
+            raise EmbedLensError(f"score needs one continuation per sample ({bsz}); got {len(continuations)}")
+        n = max(len(c) for c in continuations)
+        if n == 0:
+            return torch.zeros(bsz, dtype=torch.float64)
+        tokens = torch.zeros(bsz, n, dtype=torch.long)
+        valid = torch.zeros(bsz, n, dtype=torch.bool)
+        for b, c in enumerate(continuations):
+            tokens[b, : len(c)] = torch.tensor(list(c), dtype=torch.long)
+            valid[b, : len(c)] = True
+        point = self.checkpoint()
+        try:
+            logits = self.step(tokens, valid)
+        finally:
+            self.rollback(point)
+        logp = torch.cat([self.last_logits()[:, None], logits[:, :-1]], dim=1).double().log_softmax(-1).cpu()
+        picked = logp.gather(2, tokens[..., None])[..., 0]
+        return (picked * valid).sum(dim=1)
+
+    @torch.no_grad()
+    def generate(self, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
+        """Greedy continuation (`[batch, max_new_tokens]`); after EOS a sample repeats EOS.
+
+        The cache is rolled back afterwards.
+        """
+        point = self.checkpoint()
+        try:
+            nxt = self.last_logits().argmax(dim=-1)
+            out = [nxt]
+            done = nxt == eos_token_id if eos_token_id is not None else torch.zeros_like(nxt, dtype=torch.bool)
+            for _ in range(max_new_tokens - 1):
+                if bool(done.all()):
+                    out.append(nxt)
+                    continue
+                logits = self.step(nxt[:, None], valid=~done[:, None])[:, 0]
+                cand = logits.argmax(dim=-1)
+                nxt = torch.where(done, nxt, cand)
+                if eos_token_id is not None:
+                    done = done | (nxt == eos_token_id)
+                out.append(nxt)
+        finally:
+            self.rollback(point)
+        return torch.stack(out, dim=1)
+
+
+class Engine:
+    """Runs an adapter's language model with interventions.
+
+    Example:
+        >>> import embedlens
+        >>> from embedlens.testing import tiny_batch
+        >>> adapter, batch = tiny_batch("llava-clip", n=2)
+        >>> eng = Engine(adapter)
+        >>> out = eng.run(batch)
+        >>> out.last_logits().shape[0]
+        2
+    """
+
+    def __init__(self, adapter: "Adapter"):
+        self.adapter = adapter
+        p = adapter.paths
+        self.lm = resolve_path(adapter.model, p.language_model)
+        self.layers = list(resolve_path(adapter.model, p.llm_layers))
+        self._norm = resolve_path(adapter.model, p.llm_norm)
+        self._head = resolve_path(adapter.model, p.unembed)
+        cfg = self.lm.config
+        impl = getattr(cfg, "_attn_implementation", None) or "eager"
+        if impl not in SUPPORTED_ATTENTION:
+            raise AdapterError(
+                f"interventions need attention implementation {' or '.join(SUPPORTED_ATTENTION)} "
+                f"(they pass their own masks); the model runs {impl!r}. Load it with attn_implementation='sdpa'"
+            )
+        self.eager = impl == "eager"
+        layer_types = set(getattr(cfg, "layer_types", None) or ())
+        if "sliding_attention" in layer_types or getattr(cfg, "use_sliding_window", False):
+            raise AdapterError(
+                f"{adapter.name}: the language model uses sliding-window attention layers; "
+                "the intervention engine builds full-attention masks only"
+            )
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    # -- the model's own pieces ----------------------------------------------------
+    def rotary(self, x: torch.Tensor, positions: torch.Tensor):
+        return self.lm.rotary_emb(x, position_ids=positions)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self._norm(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self._head(x)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """`[batch, q, k]` bool -> the 4-D mask the attention implementation takes."""
+        allowed = allowed[:, None]
+        if not self.eager:
+            return allowed
+        dtype = self._head.weight.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    @torch.no_grad()
+    def embed(self, batch: "Batch") -> torch.Tensor:
+        """The language model's input embeddings for `batch` (images merged in), as the model builds them."""
+        captured = {}
+
+        def hook(module, args, kwargs):
+            captured["x"] = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[4]
+            raise _Stop
+
+        handle = self.lm.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.adapter.model(**self.adapter.model_inputs(batch))
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured["x"]
+
+    def context(self, batch: "Batch", condition: str = "baseline", groups=None, embeds=None) -> Context:
+        inputs = batch.inputs
+        roles = batch.roles.to(self.device)
+        embeds = self.embed(batch) if embeds is None else embeds
+        blocks = self.adapter.block_ids(inputs)
+        if blocks is None:
+            blocks = torch.full_like(roles.kind, -1)
+        valid = ~roles.padding
+        return Context(
+            adapter=self.adapter,
+            batch=batch,
+            condition=condition,
+            roles=roles,
+            embeds=embeds,
+            positions=self.adapter.position_ids(inputs).to(self.device),
+            blocks=blocks.to(self.device),
+            n_layers=self.n_layers,
+            enter=torch.zeros_like(roles.kind),
+            exit=torch.where(valid, self.n_layers, 0),
+            groups=groups,
+        )
+
+    # -- the run ---------------------------------------------------------------
+    @torch.no_grad()
+    def run(
+        self,
+        batch: "Batch",
+        interventions: Sequence["Intervention"] = (),
+        *,
+        condition: str = "baseline",
+        groups: Callable[[str], torch.Tensor] | None = None,
+        embeds: torch.Tensor | None = None,
+        cache: bool = False,
+    ) -> Outcome:
+        """Prefill `batch` with `interventions` applied together.
+
+        Args:
+            batch: from `adapter.encode`.
+            interventions: instances; applied in order where order matters.
+            condition: the condition's name (errors name it).
+            groups: token groups by name (`[batch, seq]` bool), for selections
+                that name a group (e.g. from a partition).
+            embeds: precomputed input embeddings (skips the vision tower).
+            cache: keep a key/value cache so the outcome can decode.
+        """
+        ctx = self.context(batch, condition, groups, embeds)
+        for i, iv in enumerate(interventions):
+            with _naming(condition, i, iv):
+                iv.setup(ctx)
+        x_full = ctx.embeds
+        for i, iv in enumerate(interventions):
+            with _naming(condition, i, iv):
+                x_full = iv.edit_embeds(ctx, x_full)
+
+        n_layers, bsz, seq = self.n_layers, *ctx.roles.kind.shape
+        kv = RowCache(n_layers) if cache else None
+        image = ctx.roles.image_span
+        counts = {k: torch.zeros(n_layers, bsz, dtype=torch.long) for k in ("rows", "visual", "keys")}
+        key_valid: list[torch.Tensor] = []
+        order = torch.arange(seq, device=self.device)
+        rows: Rows | None = None
+        x = None
+        for layer_idx, layer in enumerate(self.layers):
+            for i, iv in enumerate(interventions):
+                with _naming(condition, i, iv):
+                    iv.before_layer(ctx, layer_idx)
+            new_rows = Rows.pack(ctx.present(layer_idx))
+            if not new_rows.same(rows):
+                if rows is not None:
+                    x_full = rows.scatter(x_full, x)
+                rows = new_rows
+                x = rows.gather(x_full)
+                pos = rows.gather(ctx.positions)
+                pe = self.rotary(x, pos)
+                o, blk = rows.gather(order[None].expand(bsz, -1)), rows.gather(ctx.blocks)
+                base = (o[:, None, :] <= o[:, :, None]) | ((blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] >= 0))
+                base = base & rows.valid[:, None, :]
+            allowed = base
+            blocked = [iv.blocked(ctx, layer_idx) for iv in interventions]
+            for i, b in enumerate(blocked):
+                if b is not None:
+                    src, dst = rows.gather(b[0]), rows.gather(b[1])
+                    allowed = allowed & ~(src[:, :, None] & dst[:, None, :])
+            empty = ~allowed.any(dim=-1)
+            if bool(empty.any()):
+                allowed = allowed | (torch.eye(allowed.shape[1], dtype=torch.bool, device=self.device)[None] & empty[..., None])
+            counts["rows"][layer_idx] = rows.valid.sum(dim=1).cpu()
+            counts["visual"][layer_idx] = (rows.valid & rows.gather(image)).sum(dim=1).cpu()
+            counts["keys"][layer_idx] = (allowed & rows.valid[:, :, None]).sum(dim=(1, 2)).cpu()
+            zero = {}
+            for sub in ("attn", "mlp"):
+                z = torch.zeros_like(ctx.valid)
+                for i, iv in enumerate(interventions):
+                    with _naming(condition, i, iv):
+                        m = iv.zero_update(ctx, layer_idx, sub)
+                    if m is not None:
+                        z = z | m
+                zero[sub] = rows.gather(z) & rows.valid
+            zero["attn"] = zero["attn"] | (empty & rows.valid)
+            hooks = self._hooks(layer, layer_idx, ctx, rows, allowed, zero, interventions)
+            try:
+                x = layer(
+                    x,
+                    attention_mask=self.mask(allowed),
+                    position_ids=pos,
+                    past_key_values=kv,
+                    use_cache=cache,
+                    position_embeddings=pe,
+                )
+            finally:
+                for h in hooks:
+                    h.remove()
+            for i, iv in enumerate(interventions):
+                with _naming(condition, i, iv):
+                    x = iv.after_layer(ctx, layer_idx, x, rows)
+            key_valid.append(rows.valid)
+        x_full = rows.scatter(x_full, x)
+        present = ctx.present(n_layers - 1)
+        out = Outcome(self, ctx, self.norm(x_full), present, counts)
+        if cache:
+            out.cache = kv
+            out.key_valid = key_valid
+            out.decoded_valid = torch.zeros(bsz, 0, dtype=torch.bool, device=self.device)
+            out.next_position = ctx.positions.masked_fill(ctx.roles.padding, -1).max(dim=1).values + 1
+        return out
+
+    def _hooks(self, layer, layer_idx, ctx, rows, allowed, zero, interventions) -> list:
+        attn = resolve_path(layer, self.adapter.paths.attn)
+        mlp = resolve_path(layer, self.adapter.paths.mlp)
+        hooks = []
+
+        def zero_attn(module, args, output):
+            return (output[0].masked_fill(zero["attn"][..., None], 0.0), *output[1:])
+
+        def zero_mlp(module, args, output):
+            return output.masked_fill(zero["mlp"][..., None], 0.0)
+
+        hooks.append(attn.register_forward_hook(zero_attn))
+        hooks.append(mlp.register_forward_hook(zero_mlp))
+        if layer_idx in ctx.attention_requests:
+            last = ctx.roles.last_index
+            # the row holding each sample's last prompt token
+            qrow = (rows.index == last[:, None]).float().argmax(dim=1)
+
+            def record(module, args, kwargs):
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                probs = attention_rows(module, hidden, kwargs["position_embeddings"], qrow[:, None], allowed.gather(1, qrow[:, None, None].expand(-1, 1, allowed.shape[2])))
+                full = torch.zeros(hidden.shape[0], probs.shape[1], ctx.roles.kind.shape[1], device=hidden.device)
+                b, r = rows.valid.nonzero(as_tuple=True)
+                full[b, :, rows.index[b, r]] = probs[b, :, 0, r]
+                ctx.attention[layer_idx] = full
+
+            hooks.append(attn.register_forward_pre_hook(record, with_kwargs=True))
+        return hooks
+
+
+class _naming:
+    """Prefix errors raised by an intervention with the condition and its place in it."""
+
+    def __init__(self, condition: str, index: int, iv: "Intervention"):
+        self.where = f"condition {condition!r}, interventions[{index}] ({getattr(iv, 'registered_name', '') or type(iv).__name__})"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, InterventionError) and not getattr(exc, "_named", False):
+            err = InterventionError(f"{self.where}: {exc}")
+            err._named = True
+            raise err from None
+        return False

@@ -1,0 +1,168 @@
+"""Removing image tokens: `prune`, its matched random control, and FastV."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Literal
+
+import torch
+
+from embedlens.errors import InterventionError
+from embedlens.interventions.base import IfEmpty, Intervention, check_layer, parse_selection, require_nonempty
+from embedlens.interventions.engine import Context
+from embedlens.interventions.select import SelectionSpec
+from embedlens.registry import interventions
+
+PruneMode = Literal["remove", "mask"]
+
+
+class _Pruning(Intervention):
+    """Shared by prune and its control: drop `self._chosen` tokens from every layer."""
+
+    mode: PruneMode = "remove"
+    _chosen: torch.Tensor | None = None
+
+    def _apply(self, ctx: Context, chosen: torch.Tensor) -> None:
+        self._chosen = chosen
+        if self.mode == "remove":
+            ctx.exit = torch.where(chosen, torch.zeros_like(ctx.exit), ctx.exit)
+
+    def blocked(self, ctx: Context, layer: int):
+        if self.mode == "mask":
+            return ctx.valid, self._chosen
+        return None
+
+
+@interventions.register("prune")
+class Prune(_Pruning):
+    """Remove image tokens from the sequence before the first LLM layer.
+
+    Kept tokens keep their original position ids and decoding continues from
+    the unpruned length; text is never touched (the selection is restricted to
+    image tokens). ``mode: mask`` keeps the tokens but blocks every query from
+    attending to them: the same outputs without the saving, as a check.
+
+    Example:
+        >>> Prune(tokens="dead")
+        Prune(tokens='dead', mode='remove', if_empty='error')
+
+        In a plan::
+
+            conditions:
+              prune_dead: [{name: prune, params: {tokens: dead}}]
+    """
+
+    def __init__(self, tokens: SelectionSpec, mode: PruneMode = "remove", if_empty: IfEmpty = "error"):
+        if mode not in ("remove", "mask"):
+            raise InterventionError(f"mode: must be 'remove' or 'mask'; got {mode!r}")
+        self.tokens, self.mode, self.if_empty = tokens, mode, if_empty
+        self.selection = parse_selection(tokens, "tokens")
+
+    def setup(self, ctx: Context) -> None:
+        chosen = ctx.select(self.selection, within=ctx.roles.image_span)
+        require_nonempty(ctx, chosen, "tokens", self.tokens, self.if_empty, what="image")
+        self._apply(ctx, chosen)
+
+
+def sample_seed(seed: int, sample_id: str, ids: torch.Tensor) -> int:
+    """A per-sample seed that does not depend on batching: the run's seed, the
+    sample's id and its tokens."""
+    return zlib.crc32(f"{seed}:{sample_id}:".encode() + ids.cpu().numpy().tobytes())
+
+
+@interventions.register("prune_random_matched")
+class PruneRandomMatched(_Pruning):
+    """The control for `prune`: remove as many image tokens as `target` has, drawn
+    at random (seeded per sample) from the `pool` tokens outside the target.
+
+    A sample whose target is empty is an error, or unchanged with
+    ``if_empty: noop``; never "remove everything". The draw depends only on
+    the seed, the sample's id and its tokens, not on how samples are batched.
+
+    Example:
+        >>> PruneRandomMatched(target="dead", seed=1).seed
+        1
+    """
+
+    def __init__(
+        self,
+        target: SelectionSpec,
+        seed: int = 0,
+        pool: SelectionSpec = "visual",
+        mode: PruneMode = "remove",
+        if_empty: IfEmpty = "error",
+    ):
+        if mode not in ("remove", "mask"):
+            raise InterventionError(f"mode: must be 'remove' or 'mask'; got {mode!r}")
+        self.target, self.seed, self.pool, self.mode, self.if_empty = target, seed, pool, mode, if_empty
+        self.target_sel = parse_selection(target, "target")
+        self.pool_sel = parse_selection(pool, "pool")
+
+    def setup(self, ctx: Context) -> None:
+        image = ctx.roles.image_span
+        target = ctx.select(self.target_sel, within=image)
+        require_nonempty(ctx, target, "target", self.target, self.if_empty, what="image")
+        pool = ctx.select(self.pool_sel, within=image) & ~target
+        chosen = torch.zeros_like(target)
+        ids = ctx.batch.input_ids
+        for b, sample in enumerate(ctx.batch.samples):
+            n = int(target[b].sum())
+            if n == 0:
+                continue
+            candidates = pool[b].nonzero().flatten()
+            if len(candidates) < n:
+                raise InterventionError(
+                    f"target: sample {sample.id!r} has {n} target tokens but only {len(candidates)} "
+                    f"pool tokens ({self.pool!r}) outside the target to draw from"
+                )
+            gen = torch.Generator().manual_seed(sample_seed(self.seed, sample.id, ids[b][~ctx.batch.roles.padding[b]]))
+            pick = torch.randperm(len(candidates), generator=gen)[:n]
+            chosen[b, candidates[pick.to(candidates.device)]] = True
+        self._apply(ctx, chosen)
+
+
+@interventions.register("fastv")
+class FastV(Intervention):
+    """FastV: after layer K, keep the fraction of image tokens that receive the
+    most attention from the last prompt token (head average in layer K-1).
+
+    The attention row is recomputed from layer K-1's queries and keys, so this
+    works with SDPA; tokens dropped are absent from layer K on.
+
+    Example:
+        >>> FastV(layer=2, keep=0.5).keep
+        0.5
+    """
+
+    def __init__(self, layer: int = 2, keep: float = 0.5, tokens: SelectionSpec = "visual"):
+        if not 0.0 < keep <= 1.0:
+            raise InterventionError(f"keep: must be a fraction in (0, 1]; got {keep!r}")
+        self.layer, self.keep, self.tokens = layer, keep, tokens
+        self.selection = parse_selection(tokens, "tokens")
+
+    def check(self, adapter) -> None:
+        n = adapter.n_llm_layers
+        if not 1 <= self.layer <= n - 1:
+            raise InterventionError(f"layer: FastV prunes after layer K with 1 <= K <= {n - 1}; got {self.layer}")
+
+    def setup(self, ctx: Context) -> None:
+        self.check(ctx.adapter)
+        self._candidates = ctx.select(self.selection, within=ctx.roles.image_span)
+        ctx.request_last_attention(self.layer - 1)
+
+    def before_layer(self, ctx: Context, layer: int) -> None:
+        if layer != self.layer:
+            return
+        att = ctx.attention[layer - 1].mean(dim=1)
+        cand = self._candidates & ctx.present(layer - 1)
+        score = att.masked_fill(~cand, float("-inf"))
+        drop = torch.zeros_like(cand)
+        for b in range(cand.shape[0]):
+            n = int(cand[b].sum())
+            n_drop = n - math.ceil(n * self.keep)
+            if n_drop > 0:
+                # lowest attention first; ties broken by position, so the result is deterministic
+                order = torch.argsort(score[b].masked_fill(~cand[b], float("inf")), stable=True)
+                drop[b, order[:n_drop]] = True
+        ctx.exit = torch.where(drop, torch.minimum(ctx.exit, torch.full_like(ctx.exit, layer)), ctx.exit)

@@ -1,0 +1,246 @@
+"""Token selections: which positions of a batch an intervention acts on.
+
+A selection is either a list of visual-token indices (the n-th visual token of
+each sample, in sequence order) or an expression over the token-role map:
+
+- role names: ``visual``, ``image_newline``, ``image_span``, ``text``,
+  ``template``, ``question``, ``answer``, ``bos``, ``special``, ``last``,
+  ``all``, ``none``;
+- group names from the run's partition (``sink``, ``dead``, ``alive``, or any
+  group the partition defines);
+- comparisons on token metadata: ``row``, ``col``, ``image``, ``tile``,
+  ``position`` (index in the sequence) and ``index`` (n-th visual token of the
+  sample), e.g. ``row < 12``, ``index in [0, 5, 7]``, ``col % 2 == 0``;
+- combined with ``and``, ``or``, ``not`` (or ``&``, ``|``, ``~``, which here
+  bind looser than comparisons, so ``visual & row < 2`` means what it says)
+  and parentheses.
+
+Example:
+    >>> sel = Selection.parse("visual & row < 2")
+    >>> sel.names
+    {'visual'}
+    >>> Selection.parse("visual & rows < 2")
+    Traceback (most recent call last):
+    ...
+    embedlens.errors.InterventionError: unknown name 'rows' in selection 'visual & rows < 2'. Did you mean: row?
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Union
+
+import torch
+
+from embedlens.errors import InterventionError
+
+if TYPE_CHECKING:
+    from embedlens.roles import TokenRoles
+
+ROLE_NAMES = (
+    "visual",
+    "image_newline",
+    "image_span",
+    "text",
+    "template",
+    "question",
+    "answer",
+    "bos",
+    "special",
+    "last",
+    "padding",
+)
+FIELDS = ("row", "col", "image", "tile", "position", "index")
+CONSTANTS = ("all", "none")
+
+# What plugins accept as a selection parameter.
+SelectionSpec = Union[str, list[int]]
+
+_CMP = {
+    ast.Lt: torch.lt,
+    ast.LtE: torch.le,
+    ast.Gt: torch.gt,
+    ast.GtE: torch.ge,
+    ast.Eq: torch.eq,
+    ast.NotEq: torch.ne,
+}
+
+
+def visual_index(roles: "TokenRoles") -> torch.Tensor:
+    """`[batch, seq]` long: the n-th visual token of its sample (-1 elsewhere)."""
+    vis = roles.visual
+    return torch.where(vis, vis.long().cumsum(dim=1) - 1, -1)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A parsed selection; `evaluate` turns it into a `[batch, seq]` bool mask."""
+
+    source: str
+    tree: ast.AST | None  # None: an index list
+    indices: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, spec: "SelectionSpec | Selection", groups: tuple[str, ...] = ()) -> "Selection":
+        """Parse a selection; unknown names raise with suggestions.
+
+        Args:
+            spec: an expression string or a list of visual-token indices.
+            groups: group names the run's partition defines (also accepted
+                before the partition is known: any name not a role or field
+                is taken as a group and checked when evaluated).
+        """
+        if isinstance(spec, Selection):
+            return spec
+        if isinstance(spec, (list, tuple)):
+            bad = [i for i in spec if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+            if bad:
+                raise InterventionError(f"a selection list holds visual-token indices (ints >= 0); got {bad}")
+            return cls(source=str(list(spec)), tree=None, indices=tuple(spec))
+        if not isinstance(spec, str) or not spec.strip():
+            raise InterventionError(f"a selection is an expression string or a list of indices; got {spec!r}")
+        text = spec.strip().replace("&", " and ").replace("|", " or ").replace("~", " not ")
+        try:
+            tree = ast.parse(text, mode="eval").body
+        except SyntaxError as exc:
+            raise InterventionError(f"selection {spec!r} is not a valid expression: {exc.msg}") from None
+        sel = cls(source=spec, tree=tree)
+        for name in sel.names:
+            if name not in ROLE_NAMES + FIELDS + CONSTANTS and name not in groups and groups:
+                raise sel._unknown(name, groups)
+        sel._check(tree, groups)
+        return sel
+
+    @property
+    def names(self) -> set[str]:
+        if self.tree is None:
+            return set()
+        return {n.id for n in ast.walk(self.tree) if isinstance(n, ast.Name)} - set(FIELDS)
+
+    def group_names(self) -> set[str]:
+        """Names that must come from a partition."""
+        return self.names - set(ROLE_NAMES) - set(CONSTANTS)
+
+    def _unknown(self, name: str, groups: tuple[str, ...]) -> InterventionError:
+        options = list(ROLE_NAMES + FIELDS + CONSTANTS + tuple(groups))
+        close = difflib.get_close_matches(name, options, n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else f" Known: {', '.join(options)}"
+        return InterventionError(f"unknown name {name!r} in selection {self.source!r}.{hint}")
+
+    def _check(self, node: ast.AST, groups: tuple[str, ...]) -> None:
+        allowed = (
+            ast.BinOp,
+            ast.BoolOp,
+            ast.And,
+            ast.Or,
+            ast.Not,
+            ast.UnaryOp,
+            ast.Compare,
+            ast.Name,
+            ast.Constant,
+            ast.List,
+            ast.Tuple,
+            ast.Mod,
+            ast.Load,
+            ast.In,
+            ast.NotIn,
+            ast.USub,
+            *_CMP,
+        )
+        for n in ast.walk(node):
+            if not isinstance(n, allowed):
+                raise InterventionError(
+                    f"selection {self.source!r}: {type(n).__name__} is not allowed; use role/group names, "
+                    f"comparisons on {', '.join(FIELDS)}, and/or/not"
+                )
+            if isinstance(n, ast.Name) and not groups and n.id not in ROLE_NAMES + FIELDS + CONSTANTS:
+                if not n.id.isidentifier():
+                    raise self._unknown(n.id, groups)
+
+    # -- evaluation ------------------------------------------------------------
+    def evaluate(self, roles: "TokenRoles", groups: "Callable[[str], torch.Tensor] | None" = None) -> torch.Tensor:
+        """The `[batch, seq]` bool mask this selection picks in a batch.
+
+        Args:
+            roles: the batch's token-role map.
+            groups: returns a group's `[batch, seq]` mask by name; needed when
+                the selection names a group.
+        """
+        if self.tree is None:
+            idx = visual_index(roles)
+            return torch.isin(idx, torch.tensor(self.indices, dtype=torch.long, device=idx.device)) & roles.visual
+        out = self._eval(self.tree, roles, groups)
+        if not (isinstance(out, torch.Tensor) and out.dtype == torch.bool):
+            raise InterventionError(f"selection {self.source!r} does not give a token mask (is it a comparison?)")
+        return out & ~roles.padding
+
+    def _eval(self, node, roles, groups):
+        if isinstance(node, ast.Name):
+            name = node.id
+            if name == "all":
+                return torch.ones_like(roles.kind, dtype=torch.bool)
+            if name == "none":
+                return torch.zeros_like(roles.kind, dtype=torch.bool)
+            if name in ROLE_NAMES:
+                return getattr(roles, name).clone()
+            if name in FIELDS:
+                if name == "position":
+                    return torch.arange(roles.kind.shape[1], device=roles.kind.device).expand_as(roles.kind)
+                if name == "index":
+                    return visual_index(roles)
+                return getattr(roles, name)
+            if groups is None:
+                raise InterventionError(
+                    f"selection {self.source!r} names group {name!r} but this run defines no partition; "
+                    "give the condition a partition (anchor ids) or select by role"
+                )
+            return groups(name)
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, int):
+                raise InterventionError(f"selection {self.source!r}: only integer constants are allowed; got {node.value!r}")
+            return node.value
+        if isinstance(node, (ast.List, ast.Tuple)):
+            return [self._eval(e, roles, groups) for e in node.elts]
+        if isinstance(node, ast.UnaryOp):
+            v = self._eval(node.operand, roles, groups)
+            if isinstance(node.op, ast.Not):
+                return ~self._mask(v, node.operand)
+            return -v
+        if isinstance(node, ast.BoolOp):
+            masks = [self._mask(self._eval(v, roles, groups), v) for v in node.values]
+            out = masks[0]
+            for m in masks[1:]:
+                out = out & m if isinstance(node.op, ast.And) else out | m
+            return out
+        if isinstance(node, ast.BinOp):
+            a, b = self._eval(node.left, roles, groups), self._eval(node.right, roles, groups)
+            return a % b
+        if isinstance(node, ast.Compare):
+            left = self._eval(node.left, roles, groups)
+            out = None
+            for op, comp in zip(node.ops, node.comparators):
+                right = self._eval(comp, roles, groups)
+                if isinstance(op, (ast.In, ast.NotIn)):
+                    if not isinstance(right, list):
+                        raise InterventionError(f"selection {self.source!r}: `in` needs a list, e.g. index in [0, 1]")
+                    r = torch.isin(left, torch.tensor(right, dtype=torch.long, device=roles.kind.device))
+                    r = ~r if isinstance(op, ast.NotIn) else r
+                else:
+                    r = _CMP[type(op)](torch.as_tensor(left), torch.as_tensor(right))
+                out = r if out is None else out & r
+                left = right
+            return out
+        raise InterventionError(f"selection {self.source!r}: cannot evaluate {ast.dump(node)}")
+
+    def _mask(self, value, node) -> torch.Tensor:
+        if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+            return value
+        raise InterventionError(
+            f"selection {self.source!r}: {ast.unparse(node)!r} is not a token mask; "
+            "combine names and comparisons with and/or/not (e.g. visual and row < 4)"
+        )
+
+    def __str__(self) -> str:
+        return self.source
