@@ -7,7 +7,7 @@ Example:
     'llava'
 """
 
-from embedlens import interventions, probes  # noqa: F401 - registers built-in plugins
+from embedlens import interventions, metrics, probes  # noqa: F401 - registers built-in plugins
 from embedlens.adapters import Adapter, Batch, load_model, wrap_model
 from embedlens.data import Sample, load_image, read_jsonl
 from embedlens.errors import AdapterError, EmbedLensError, InputError, PlanError, PluginError, UnknownNameError

@@ -425,6 +425,19 @@ class Adapter(ABC):
     def _adds_special_tokens(self) -> bool:
         return True
 
+    def continuation_ids(self, sample: Sample, text: str) -> list[int]:
+        """Token ids of `text` as it continues the sample's prompt (answer or
+        candidate), tokenised as it would be in the full text."""
+        import dataclasses
+
+        prompt = self.prompt(dataclasses.replace(sample, answer=None)).text
+        tok = self.tokenizer
+        ctx = tok(prompt, add_special_tokens=False)["input_ids"]
+        full = tok(f"{prompt} {text}", add_special_tokens=False)["input_ids"]
+        if full[: len(ctx)] == ctx:
+            return list(full[len(ctx) :])
+        return list(tok(f" {text}", add_special_tokens=False)["input_ids"])
+
     def block_ids(self, inputs: BatchFeature) -> torch.Tensor | None:
         """`[batch, seq]` ids of bidirectional attention blocks (-1: causal), or None
         when the whole sequence is causal. Tokens of one block >= 0 see each other."""

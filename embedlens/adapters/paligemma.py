@@ -38,6 +38,10 @@ class PaliGemmaAdapter(Adapter):
         start = len(text) - len(question)
         return PromptText(text, {Role.QUESTION: [(start, len(text))]}, suffix=sample.answer)
 
+    def continuation_ids(self, sample: Sample, text: str) -> list[int]:
+        # The processor tokenises the suffix on its own, after the prefix's newline.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def processor_text(self, text: str) -> tuple[str, list[tuple[int, int]]]:
         # PaliGemmaProcessor puts BOS after the last image placeholder and a
         # newline at the end of the prompt.

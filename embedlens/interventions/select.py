@@ -22,7 +22,7 @@ Example:
     >>> Selection.parse("visual & rows < 2")
     Traceback (most recent call last):
     ...
-    embedlens.errors.InterventionError: unknown name 'rows' in selection 'visual & rows < 2'. Did you mean: row?
+    embedlens.errors.InterventionError: unknown name 'rows' in selection 'visual & rows < 2': comparisons take token fields. Did you mean: row?
 """
 
 from __future__ import annotations
@@ -155,9 +155,14 @@ class Selection:
                     f"selection {self.source!r}: {type(n).__name__} is not allowed; use role/group names, "
                     f"comparisons on {', '.join(FIELDS)}, and/or/not"
                 )
-            if isinstance(n, ast.Name) and not groups and n.id not in ROLE_NAMES + FIELDS + CONSTANTS:
-                if not n.id.isidentifier():
-                    raise self._unknown(n.id, groups)
+            if isinstance(n, ast.Compare):
+                for operand in [n.left, *n.comparators]:
+                    if isinstance(operand, ast.Name) and operand.id not in FIELDS:
+                        close = difflib.get_close_matches(operand.id, FIELDS, n=2)
+                        hint = f" Did you mean: {', '.join(close)}?" if close else f" Fields: {', '.join(FIELDS)}"
+                        raise InterventionError(
+                            f"unknown name {operand.id!r} in selection {self.source!r}: comparisons take token fields.{hint}"
+                        )
 
     # -- evaluation ------------------------------------------------------------
     def evaluate(self, roles: "TokenRoles", groups: "Callable[[str], torch.Tensor] | None" = None) -> torch.Tensor:
@@ -192,9 +197,11 @@ class Selection:
                     return visual_index(roles)
                 return getattr(roles, name)
             if groups is None:
+                close = difflib.get_close_matches(name, ROLE_NAMES + CONSTANTS, n=2)
+                hint = f" (did you mean: {', '.join(close)}?)" if close else ""
                 raise InterventionError(
-                    f"selection {self.source!r} names group {name!r} but this run defines no partition; "
-                    "give the condition a partition (anchor ids) or select by role"
+                    f"selection {self.source!r} names group {name!r}{hint} but this run defines no partition; "
+                    "define one (anchor ids) or select by role"
                 )
             return groups(name)
         if isinstance(node, ast.Constant):

@@ -1,0 +1,74 @@
+"""Conditions: named lists of interventions applied together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from embedlens.errors import EmbedLensError, InterventionError
+from embedlens.interventions.base import Intervention
+
+if TYPE_CHECKING:
+    from embedlens.adapters.base import Adapter, Batch
+
+
+@dataclass
+class Condition:
+    """A named list of interventions, applied together in one run.
+
+    Example:
+        >>> c = Condition.build("prune_dead", [{"name": "prune", "params": {"tokens": "dead"}}])
+        >>> c.interventions
+        [Prune(tokens='dead', mode='remove', if_empty='error')]
+        >>> Condition.build("skip", [{"name": "skip_sublayer", "params": {"tokens": "visual", "sublayers": [1.3]}}])
+        Traceback (most recent call last):
+        ...
+        embedlens.errors.InterventionError: condition 'skip', interventions[0] (skip_sublayer): sublayer 1.3 is neither n (attention of layer n) nor n + 0.5 (its MLP)
+    """
+
+    name: str
+    interventions: list[Intervention] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, name: str, specs: Iterable[Mapping[str, Any]]) -> "Condition":
+        """Build from ``[{name: plugin, params: {...}}, ...]`` (the plan's form)."""
+        from embedlens.registry import interventions as registry
+
+        items = []
+        for i, spec in enumerate(specs):
+            plugin = spec.get("name")
+            try:
+                items.append(registry.get(plugin)(**dict(spec.get("params") or {})))
+            except TypeError as exc:
+                raise InterventionError(f"condition {name!r}, interventions[{i}] ({plugin}): {exc}") from None
+            except EmbedLensError as exc:
+                raise type(exc)(f"condition {name!r}, interventions[{i}] ({plugin}): {exc}") from None
+        return cls(name, items)
+
+    @property
+    def needs_fit(self) -> bool:
+        return any(iv.needs_fit for iv in self.interventions)
+
+    def check(self, adapter: "Adapter") -> None:
+        """Check every intervention against the model; errors name the condition and the intervention."""
+        for i, iv in enumerate(self.interventions):
+            try:
+                iv.check(adapter)
+            except InterventionError as exc:
+                raise InterventionError(f"condition {self.name!r}, interventions[{i}] ({iv.registered_name}): {exc}") from None
+
+    def fit(self, adapter: "Adapter", batches: Iterable["Batch"]) -> None:
+        """The earlier pass over the data for interventions that need a data-set statistic."""
+        from embedlens.tracing import collect
+
+        todo = [iv for iv in self.interventions if iv.needs_fit]
+        if not todo:
+            return
+        sites = {iv: iv.fit_sites(adapter) for iv in todo}
+        wanted = sorted({s for v in sites.values() for s in v}, key=lambda s: s.order_key())
+        for batch in batches:
+            acts = collect(adapter, batch, wanted) if wanted else {}
+            for iv in todo:
+                iv.observe(adapter, batch, acts)
+        for iv in todo:
+            iv.finish_fit()

@@ -1,0 +1,215 @@
+"""The built-in effect metrics."""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from embedlens.errors import InputError
+from embedlens.metrics.base import Metric
+from embedlens.registry import metrics
+
+if TYPE_CHECKING:
+    from embedlens.data import Sample
+    from embedlens.interventions.engine import Outcome
+
+NAN = float("nan")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and articles, squeeze spaces (VQA-style).
+
+    Example:
+        >>> normalize_answer("  A Red circle. ")
+        'red circle'
+    """
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+@metrics.register("next_token_kl")
+class NextTokenKL(Metric):
+    """KL(baseline || condition) of the next-token distribution at the answer position.
+
+    Example:
+        >>> NextTokenKL()
+        NextTokenKL()
+    """
+
+    def compute(self, baseline, condition, samples):
+        p = baseline.last_logits().double().log_softmax(-1)
+        q = condition.last_logits().double().log_softmax(-1)
+        kl = (p.exp() * (p - q)).sum(-1)
+        return {"kl": kl.cpu().tolist()}
+
+
+def _answer_ids(outcome: "Outcome", samples: Sequence["Sample"]) -> list[list[int]]:
+    ad = outcome.engine.adapter
+    return [ad.continuation_ids(s, s.answer) if s.answer else [] for s in samples]
+
+
+@metrics.register("answer_logprob")
+class AnswerLogprob(Metric):
+    """Log-probability of the sample's answer under each run, its change, and the
+    rank of the answer's first token at the answer position (1 = top).
+
+    Samples without an answer get NaN.
+
+    Example:
+        >>> AnswerLogprob()
+        AnswerLogprob()
+    """
+
+    needs_cache = True
+
+    def compute(self, baseline, condition, samples):
+        ids = _answer_ids(baseline, samples)
+        out: dict[str, list] = {}
+        for tag, o in (("_base", baseline), ("", condition)):
+            lp = o.score(ids).tolist()
+            logits = o.last_logits()
+            ranks = []
+            for b, seq in enumerate(ids):
+                if not seq:
+                    ranks.append(NAN)
+                    continue
+                ranks.append(int((logits[b] > logits[b, seq[0]]).sum()) + 1)
+            out[f"logprob{tag}"] = [v if ids[b] else NAN for b, v in enumerate(lp)]
+            out[f"rank{tag}"] = ranks
+        out["logprob_delta"] = [c - b for b, c in zip(out["logprob_base"], out["logprob"])]
+        return out
+
+
+@metrics.register("forced_choice")
+class ForcedChoice(Metric):
+    """Accuracy of picking the answer among the sample's candidate answers.
+
+    Each candidate is scored by its log-probability as a continuation of the
+    prompt (mean per token with `length_normalize`). Candidates come from the
+    sample's `meta[key]` (a list of strings); samples without get NaN.
+
+    Example:
+        >>> ForcedChoice(key="choices").key
+        'choices'
+    """
+
+    needs_cache = True
+
+    def __init__(self, key: str = "candidates", length_normalize: bool = False):
+        self.key, self.length_normalize = key, length_normalize
+
+    def compute(self, baseline, condition, samples):
+        ad = baseline.engine.adapter
+        cands = []
+        for s in samples:
+            c = s.meta.get(self.key)
+            if c is not None and (not isinstance(c, list) or not all(isinstance(x, str) for x in c) or not c):
+                raise InputError(f"sample {s.id!r}: {self.key} must be a non-empty list of strings; got {c!r}")
+            cands.append(c or [])
+        n = max((len(c) for c in cands), default=0)
+        out: dict[str, list] = {}
+        for tag, o in (("_base", baseline), ("", condition)):
+            scores = torch.full((len(samples), n), float("-inf"), dtype=torch.float64)
+            for j in range(n):
+                ids = [ad.continuation_ids(s, c[j]) if j < len(c) else [] for s, c in zip(samples, cands)]
+                lp = o.score(ids)
+                if self.length_normalize:
+                    lp = lp / torch.tensor([max(len(x), 1) for x in ids], dtype=torch.float64)
+                for b, c in enumerate(cands):
+                    if j < len(c):
+                        scores[b, j] = lp[b]
+            choice, correct = [], []
+            for b, (s, c) in enumerate(zip(samples, cands)):
+                if not c:
+                    choice.append(None)
+                    correct.append(NAN)
+                    continue
+                pick = c[int(scores[b].argmax())]
+                choice.append(pick)
+                correct.append(float(s.answer is not None and normalize_answer(pick) == normalize_answer(s.answer)))
+            out[f"choice{tag}"] = choice
+            out[f"correct{tag}"] = correct
+        return out
+
+
+@metrics.register("generation")
+class Generation(Metric):
+    """Greedy generation with exact-match and contains accuracy against the answer.
+
+    Example:
+        >>> Generation(max_new_tokens=5).max_new_tokens
+        5
+    """
+
+    needs_cache = True
+
+    def __init__(self, max_new_tokens: int = 16):
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens: must be >= 1; got {max_new_tokens}")
+        self.max_new_tokens = max_new_tokens
+
+    def compute(self, baseline, condition, samples):
+        tok = baseline.engine.adapter.tokenizer
+        eos = tok.eos_token_id
+        out: dict[str, list] = {}
+        for tag, o in (("_base", baseline), ("", condition)):
+            ids = o.generate(self.max_new_tokens, eos).cpu()
+            texts = []
+            for row in ids.tolist():
+                if eos is not None and eos in row:
+                    row = row[: row.index(eos)]
+                texts.append(tok.decode(row, skip_special_tokens=True).strip())
+            out[f"text{tag}"] = texts
+            exact, contains = [], []
+            for s, t in zip(samples, texts):
+                if s.answer is None:
+                    exact.append(NAN)
+                    contains.append(NAN)
+                    continue
+                a, g = normalize_answer(s.answer), normalize_answer(t)
+                exact.append(float(a == g))
+                contains.append(float(bool(a) and a in g))
+            out[f"exact{tag}"] = exact
+            out[f"contains{tag}"] = contains
+        return out
+
+
+@metrics.register("visual_tokens")
+class VisualTokens(Metric):
+    """Image tokens processed per LLM layer (one column per layer, and their mean).
+
+    Example:
+        >>> VisualTokens()
+        VisualTokens()
+    """
+
+    def compute(self, baseline, condition, samples):
+        counts = condition.counts["visual"]  # [layers, batch]
+        out = {f"visual_tokens_l{i}": counts[i].tolist() for i in range(counts.shape[0])}
+        out["visual_tokens_mean"] = counts.double().mean(0).tolist()
+        out["visual_tokens_mean_base"] = baseline.counts["visual"].double().mean(0).tolist()
+        return out
+
+
+@metrics.register("prefill_flops")
+class PrefillFlops(Metric):
+    """Estimated LLM prefill FLOPs of each run and the fraction the condition saves.
+
+    Example:
+        >>> PrefillFlops()
+        PrefillFlops()
+    """
+
+    def compute(self, baseline, condition, samples):
+        from embedlens.metrics.compare import prefill_flops
+
+        base, cond = prefill_flops(baseline), prefill_flops(condition)
+        saved = [(1.0 - c / b) if b > 0 else NAN for b, c in zip(base.tolist(), cond.tolist())]
+        return {"flops_base": base.tolist(), "flops": cond.tolist(), "flops_saved": saved}
+
+
+__all__ = ["AnswerLogprob", "ForcedChoice", "Generation", "NextTokenKL", "PrefillFlops", "VisualTokens"]
