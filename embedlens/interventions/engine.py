@@ -430,6 +430,10 @@ class Engine:
         inputs = batch.inputs
         roles = batch.roles.to(self.device)
         embeds = self.embed(batch) if embeds is None else embeds
+        if hasattr(groups, "masks"):  # a partition: label this batch's tokens once
+            groups = _lookup(groups.masks(self.adapter, embeds, roles))
+        elif isinstance(groups, dict):
+            groups = _lookup(groups)
         blocks = self.adapter.block_ids(inputs)
         if blocks is None:
             blocks = torch.full_like(roles.kind, -1)
@@ -466,8 +470,10 @@ class Engine:
             batch: from `adapter.encode`.
             interventions: instances; applied in order where order matters.
             condition: the condition's name (errors name it).
-            groups: token groups by name (`[batch, seq]` bool), for selections
-                that name a group (e.g. from a partition).
+            groups: token groups for selections that name a group: a partition
+                (an object with ``masks(adapter, embeds, roles)``, e.g.
+                `embedlens.groups.AnchorPartition`), a dict of `[batch, seq]`
+                masks, or a function from group name to mask.
             embeds: precomputed input embeddings (skips the vision tower).
             cache: keep a key/value cache so the outcome can decode.
         """
@@ -580,6 +586,15 @@ class Engine:
 
             hooks.append(attn.register_forward_pre_hook(record, with_kwargs=True))
         return hooks
+
+
+def _lookup(masks: dict[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    def get(name: str) -> torch.Tensor:
+        if name not in masks:
+            raise InterventionError(f"unknown group {name!r}; the partition defines {', '.join(masks)}")
+        return masks[name]
+
+    return get
 
 
 class _naming:
