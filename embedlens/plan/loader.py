@@ -154,31 +154,44 @@ def load_plan(path: str | Path | None = None, text: str | None = None) -> Loaded
 
 
 def _check_plugins(loaded: LoadedPlan) -> None:
-    for i, spec in enumerate(loaded.plan.probes):
+    from embedlens.registry import interventions, metrics
+
+    plan = loaded.plan
+    for i, spec in enumerate(plan.probes):
+        _check_plugin(loaded, probes, ("probes", i), spec)
+    for name, items in plan.conditions.items():
+        for i, spec in enumerate(items):
+            _check_plugin(loaded, interventions, ("conditions", name, i), spec)
+    for i, spec in enumerate(plan.metrics):
+        _check_plugin(loaded, metrics, ("metrics", i), spec)
+
+
+def _check_plugin(loaded: LoadedPlan, registry, loc: tuple, spec) -> None:
+    """Name, parameter names and parameter types of one plugin entry, against its declared signature."""
+    try:
+        cls = registry.get(spec.name)
+    except EmbedLensError as e:
+        raise loaded.error((*loc, "name"), str(e)) from None
+    params = {p.name: p for p in plugin_params(cls)}
+    for key, value in spec.params.items():
+        if key not in params:
+            close = difflib.get_close_matches(key, list(params), n=2)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise loaded.error(
+                (*loc, "params", key),
+                f"{spec.name} has no parameter {key!r}.{hint} Parameters: {', '.join(map(str, params.values()))}",
+            )
+        ann = typing.get_type_hints(cls.__init__).get(key, Any)
         try:
-            cls = probes.get(spec.name)
-        except EmbedLensError as e:
-            raise loaded.error(("probes", i, "name"), str(e)) from None
-        params = {p.name: p for p in plugin_params(cls)}
-        for key, value in spec.params.items():
-            if key not in params:
-                close = difflib.get_close_matches(key, list(params), n=2)
-                hint = f" Did you mean: {', '.join(close)}?" if close else ""
-                raise loaded.error(
-                    ("probes", i, "params", key),
-                    f"{spec.name} has no parameter {key!r}.{hint} Parameters: {', '.join(map(str, params.values()))}",
-                )
-            ann = typing.get_type_hints(cls.__init__).get(key, Any)
-            try:
-                TypeAdapter(ann).validate_python(value, strict=False)
-            except ValidationError as e:
-                raise loaded.error(
-                    ("probes", i, "params", key),
-                    f"expected {params[key].annotation}, got {value!r} ({e.errors()[0]['msg']})",
-                ) from None
-        missing = [p.name for p in params.values() if p.required and p.name not in spec.params]
-        if missing:
-            raise loaded.error(("probes", i, "params"), f"{spec.name} needs parameter(s): {', '.join(missing)}")
+            TypeAdapter(ann).validate_python(value, strict=False)
+        except ValidationError as e:
+            raise loaded.error(
+                (*loc, "params", key),
+                f"expected {params[key].annotation}, got {value!r} ({e.errors()[0]['msg']})",
+            ) from None
+    missing = [p.name for p in params.values() if p.required and p.name not in spec.params]
+    if missing:
+        raise loaded.error((*loc, "params"), f"{spec.name} needs parameter(s): {', '.join(missing)}")
 
 
 def _check_files(loaded: LoadedPlan) -> None:

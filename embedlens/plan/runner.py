@@ -17,6 +17,12 @@ from embedlens.adapters import load_model
 from embedlens.adapters.base import Adapter
 from embedlens.data import Sample, read_jsonl
 from embedlens.errors import EmbedLensError
+from embedlens.groups import AnchorPartition
+from embedlens.interventions.condition import Condition
+from embedlens.interventions.engine import Engine
+from embedlens.metrics import Metric, compare
+from embedlens.registry import interventions as intervention_registry
+from embedlens.registry import metrics as metric_registry
 from embedlens.plan.loader import LoadedPlan
 from embedlens.probes.base import Probe
 from embedlens.registry import probes as probe_registry
@@ -31,6 +37,9 @@ class Prepared:
     adapter: Adapter
     probes: list[tuple[str, Probe]]
     samples: list[Sample]
+    conditions: list[Condition] = field(default_factory=list)
+    metrics: list[Metric] = field(default_factory=list)
+    partition: AnchorPartition | None = None
 
 
 @dataclass
@@ -67,6 +76,32 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None) -> Prepared:
             loc = ("probes", i, "params", key) if key else ("probes", i)
             raise loaded.error(loc, msg.split(": ", 1)[-1] if key else msg) from None
         built.append((spec.name, probe))
+    conditions = []
+    for cname, items in plan.conditions.items():
+        ivs = []
+        for i, spec in enumerate(items):
+            try:
+                iv = intervention_registry.get(spec.name)(**spec.params)
+                iv.check(adapter)
+            except EmbedLensError as e:
+                raise _plugin_error(loaded, ("conditions", cname, i), spec, e, f"condition {cname!r} ({spec.name}): ") from None
+            ivs.append(iv)
+        conditions.append(Condition(cname, ivs))
+    metrics = []
+    for i, spec in enumerate(plan.metrics):
+        try:
+            metrics.append(metric_registry.get(spec.name)(**spec.params))
+        except EmbedLensError as e:
+            raise _plugin_error(loaded, ("metrics", i), spec, e) from None
+    partition = None
+    if plan.partition is not None:
+        p = plan.partition
+        try:
+            partition = AnchorPartition(dict(p.anchors), k=p.k, matrix=p.matrix)
+            partition.check(adapter)
+        except EmbedLensError as e:
+            head, _, msg = str(e).partition(": ")  # "partition.anchors.dead: ..." -> that key
+            raise loaded.error(tuple(head.split(".")), msg) from None
     data = plan.data
     try:
         samples = read_jsonl(loaded.resolve(data.prompts), loaded.resolve(data.images) if data.images else None)
@@ -79,7 +114,16 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None) -> Prepared:
             adapter.prompt(s)
     except EmbedLensError as e:
         raise loaded.error(("data", "prompts"), str(e)) from None
-    return Prepared(loaded, adapter, built, samples)
+    return Prepared(loaded, adapter, built, samples, conditions, metrics, partition)
+
+
+def _plugin_error(loaded: LoadedPlan, loc: tuple, spec, err: EmbedLensError, prefix: str = ""):
+    """Point a plugin's error at the parameter it names (``"key: ..."``), else at the entry."""
+    msg = str(err)
+    key = next((k for k in spec.params if msg.startswith(f"{k}:")), None)
+    if key:
+        return loaded.error((*loc, "params", key), prefix + msg.split(": ", 1)[1])
+    return loaded.error(loc, prefix + msg)
 
 
 def _plan_hash(loaded: LoadedPlan) -> str:
@@ -125,6 +169,27 @@ class _CsvSink:
             fh.close()
 
 
+class _EffectSummary:
+    """Running mean of every numeric metric column, per condition (NaN values skipped)."""
+
+    def __init__(self):
+        self.sums: dict[str, dict[str, list[float]]] = {}
+
+    def add(self, table: dict[str, list]) -> None:
+        for i, cond in enumerate(table["condition"]):
+            acc = self.sums.setdefault(cond, {})
+            for col, values in table.items():
+                v = values[i]
+                if col in ("sample", "condition") or isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                    continue
+                s = acc.setdefault(col, [0.0, 0])
+                s[0] += float(v)
+                s[1] += 1
+
+    def result(self) -> dict[str, dict[str, float]]:
+        return {c: {k: s / n for k, (s, n) in cols.items()} for c, cols in self.sums.items()}
+
+
 def run(
     prepared: Prepared,
     out_dir: str | Path | None = None,
@@ -146,20 +211,41 @@ def run(
     sink = _CsvSink(out)
     started = time.time()
     total = len(prepared.samples)
+    chunks = [prepared.samples[i : i + plan.batch_size] for i in range(0, total, plan.batch_size)]
+    engine = Engine(adapter) if prepared.conditions else None
+    for cond in prepared.conditions:
+        if cond.needs_fit:  # data-set statistics (e.g. mean ablation) in an earlier pass
+            cond.fit(adapter, (adapter.encode(c, padding_side=plan.data.padding_side) for c in chunks))
+    effects = _EffectSummary()
     try:
-        for start in range(0, total, plan.batch_size):
-            chunk = prepared.samples[start : start + plan.batch_size]
-            batch = adapter.encode(chunk, padding_side=plan.data.padding_side)
-            acts = collect(adapter, batch, sites)
-            for name, probe in prepared.probes:
-                for table, rows in probe.update(adapter, batch, acts).items():
-                    sink.write(f"{name}.{table}" if len(prepared.probes) > 1 else table, rows)
+        done = 0
+        for chunk in chunks:
+            if prepared.probes:
+                batch = adapter.encode(chunk, padding_side=plan.data.padding_side)
+                acts = collect(adapter, batch, sites)
+                for name, probe in prepared.probes:
+                    for table, rows in probe.update(adapter, batch, acts).items():
+                        sink.write(f"{name}.{table}" if len(prepared.probes) > 1 else table, rows)
+            if engine is not None:
+                table = compare(
+                    engine,
+                    chunk,
+                    prepared.conditions,
+                    prepared.metrics,
+                    padding_side=plan.data.padding_side,
+                    groups=prepared.partition,
+                )
+                sink.write("effects", table)
+                effects.add(table)
+            done += len(chunk)
             if progress is not None:
-                progress(min(start + plan.batch_size, total), total)
+                progress(done, total)
     finally:
         sink.close()
     result = RunResult(out_dir=out, tables=dict(sink.paths))
     result.summary = {name: probe.result() for name, probe in prepared.probes}
+    if engine is not None:
+        result.summary["effects"] = effects.result()
     if plan.output.figures:
         fig_dir = out / "figures"
         for _, probe in prepared.probes:

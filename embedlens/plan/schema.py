@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -41,6 +41,28 @@ class ProbeSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class InterventionSpec(_Strict):
+    """One intervention of a condition: a registered name and its parameters."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class MetricSpec(_Strict):
+    """One effect metric: a registered name and its parameters."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class PartitionSpec(_Strict):
+    """Token groups by anchor ids (EmbedLens's rule), for selections naming a group."""
+
+    anchors: dict[str, list[int]] = Field(..., description="group name -> anchor vocabulary ids, in precedence order")
+    k: int = Field(3, ge=1, description="a token is in a group if any of its top-k neighbours is an anchor")
+    matrix: Literal["input", "output"] = "input"
+
+
 class OutputSpec(_Strict):
     dir: str = Field("runs/plan", description="output folder; relative to the working directory")
     figures: bool = True
@@ -51,7 +73,22 @@ class Plan(_Strict):
 
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec
-    probes: list[ProbeSpec] = Field(..., min_length=1)
+    probes: list[ProbeSpec] = Field(default_factory=list)
+    conditions: dict[str, list[InterventionSpec]] = Field(
+        default_factory=dict, description="named lists of interventions, each compared with the baseline"
+    )
+    metrics: list[MetricSpec] = Field(default_factory=list)
+    partition: PartitionSpec | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
     batch_size: int = Field(4, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> "Plan":
+        if not self.probes and not self.conditions:
+            raise ValueError("a plan needs at least one probe or one condition")
+        if self.conditions and not self.metrics:
+            raise ValueError("conditions need at least one metric to compare them with the baseline")
+        if "baseline" in self.conditions:
+            raise ValueError("'baseline' is the unmodified run every condition is compared with; name conditions otherwise")
+        return self
