@@ -144,8 +144,9 @@ class AttentionKnockout(Intervention):
 
 @interventions.register("inject_at_layer")
 class InjectAtLayer(Intervention):
-    """Mid-layer injection: text runs alone through layers < `layer`; at `layer`
-    the image tokens (projector outputs) enter at their original positions.
+    """Mid-layer injection: image tokens enter the sequence at `layer`; text runs alone before.
+
+    At `layer` the projector outputs enter at their original positions.
 
     ``layer: 0`` is the unmodified model.
 

@@ -73,8 +73,10 @@ def sample_seed(seed: int, sample_id: str, ids: torch.Tensor) -> int:
 
 @interventions.register("prune_random_matched")
 class PruneRandomMatched(_Pruning):
-    """The control for `prune`: remove as many image tokens as `target` has, drawn
-    at random (seeded per sample) from the `pool` tokens outside the target.
+    """Matched random control for `prune`: remove as many tokens as `target` has, drawn from the rest.
+
+    The tokens are drawn at random (seeded per sample) from the `pool` tokens
+    outside the target.
 
     A sample whose target is empty is an error, or unchanged with
     ``if_empty: noop``; never "remove everything". The draw depends only on
@@ -124,8 +126,9 @@ class PruneRandomMatched(_Pruning):
 
 @interventions.register("fastv")
 class FastV(Intervention):
-    """FastV: after layer K, keep the fraction of image tokens that receive the
-    most attention from the last prompt token (head average in layer K-1).
+    """FastV: after layer K, keep the fraction of image tokens the last prompt token attends to most.
+
+    Attention is the head average in layer K-1.
 
     The attention row is recomputed from layer K-1's queries and keys, so this
     works with SDPA; tokens dropped are absent from layer K on.

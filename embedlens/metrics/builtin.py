@@ -54,8 +54,9 @@ def _answer_ids(outcome: "Outcome", samples: Sequence["Sample"]) -> list[list[in
 
 @metrics.register("answer_logprob")
 class AnswerLogprob(Metric):
-    """Log-probability of the sample's answer under each run, its change, and the
-    rank of the answer's first token at the answer position (1 = top).
+    """Answer log-probability under each run, its change, and the answer's first-token rank.
+
+    The rank is taken at the answer position (1 = top).
 
     Samples without an answer get NaN.
 
