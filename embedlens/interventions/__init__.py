@@ -2,7 +2,8 @@
 and the engine that applies them."""
 
 from embedlens.interventions.base import Intervention
-from embedlens.interventions.engine import Context, Engine, Outcome, RowCache, Rows, attention_rows
+from embedlens.attention import attention_rows
+from embedlens.interventions.engine import Context, Engine, Outcome, RowCache, Rows
 from embedlens.interventions.select import Selection
 from embedlens.interventions import ablate, layers, prune  # noqa: F401, E402 - registers the built-ins
 

@@ -50,7 +50,7 @@ class Intervention(ABC):
         return embeds
 
     def before_layer(self, ctx: "Context", layer: int) -> None:
-        pass
+        """Change ``ctx.enter``/``ctx.exit`` just before `layer` runs (e.g. FastV)."""
 
     def zero_update(self, ctx: "Context", layer: int, sublayer: str) -> torch.Tensor | None:
         """`[batch, seq]` tokens whose `sublayer` ("attn" or "mlp") update is zeroed in `layer`."""
@@ -68,10 +68,10 @@ class Intervention(ABC):
         return []
 
     def observe(self, adapter: "Adapter", batch: "Batch", acts: dict) -> None:
-        pass
+        """Accumulate a statistic from one batch's activations at `fit_sites`."""
 
     def finish_fit(self) -> None:
-        pass
+        """Turn the accumulated statistic into what `setup` uses."""
 
     def __repr__(self) -> str:
         from embedlens.registry import plugin_params
