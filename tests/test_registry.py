@@ -13,7 +13,7 @@ from embedlens.registry import Registry, probes
 
 
 class _Base:
-    pass
+    """The plugin base class of these tests."""
 
 
 def test_register_get_and_duplicate():
@@ -40,10 +40,10 @@ def test_plugins_are_validated_when_registered():
 
     class Kw(_Base):
         def __init__(self, **kwargs: int):
-            pass
+            self.kwargs = kwargs
 
         def run(self):
-            pass
+            return self.kwargs
 
     with pytest.raises(PluginError, match=r"test_registry.*Kw: widget parameters must be explicit"):
         reg.add("kw", Kw)

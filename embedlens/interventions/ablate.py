@@ -29,8 +29,6 @@ class Ablate(Intervention):
         'zero'
     """
 
-    needs_fit = True
-
     def __init__(
         self,
         tokens: SelectionSpec,
@@ -54,7 +52,10 @@ class Ablate(Intervention):
         self.mean: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None
         self._count = 0
-        self.needs_fit = value == "mean"
+
+    @property
+    def needs_fit(self) -> bool:
+        return self.value == "mean"
 
     def check(self, adapter) -> None:
         try:

@@ -170,6 +170,7 @@ class Outcome:
         self.hidden = hidden
         self.present = present
         self.counts = counts  # {"rows": [L, B], "visual": [L, B], "keys": [L, B]}
+        self.memo: dict = {}  # per-run values metrics keep (e.g. the baseline's generation)
         self.cache: RowCache | None = None
         self.key_valid: list[torch.Tensor] = []
         self.decoded_valid: torch.Tensor | None = None
@@ -461,10 +462,11 @@ class Engine:
                 base = (o[:, None, :] <= o[:, :, None]) | ((blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] >= 0))
                 base = base & rows.valid[:, None, :]
             allowed = base
-            blocked = [iv.blocked(ctx, layer_idx) for iv in interventions]
-            for i, b in enumerate(blocked):
-                if b is not None:
-                    src, dst = rows.gather(b[0]), rows.gather(b[1])
+            for i, iv in enumerate(interventions):
+                with _naming(condition, i, iv):
+                    blocked = iv.blocked(ctx, layer_idx)
+                if blocked is not None:
+                    src, dst = rows.gather(blocked[0]), rows.gather(blocked[1])
                     allowed = allowed & ~(src[:, :, None] & dst[:, None, :])
             empty = ~allowed.any(dim=-1)
             if bool(empty.any()):

@@ -83,14 +83,13 @@ class Selection:
     indices: tuple[int, ...] = ()
 
     @classmethod
-    def parse(cls, spec: "SelectionSpec | Selection", groups: tuple[str, ...] = ()) -> "Selection":
-        """Parse a selection; unknown names raise with suggestions.
+    def parse(cls, spec: "SelectionSpec | Selection") -> "Selection":
+        """Parse a selection; a misspelt field raises with suggestions.
 
         Args:
-            spec: an expression string or a list of visual-token indices.
-            groups: group names the run's partition defines (also accepted
-                before the partition is known: any name not a role or field
-                is taken as a group and checked when evaluated).
+            spec: an expression string or a list of visual-token indices. Names
+                that are not roles or fields are taken as partition groups and
+                checked when evaluated, when the run's partition is known.
         """
         if isinstance(spec, Selection):
             return spec
@@ -107,10 +106,7 @@ class Selection:
         except SyntaxError as exc:
             raise InterventionError(f"selection {spec!r} is not a valid expression: {exc.msg}") from None
         sel = cls(source=spec, tree=tree)
-        for name in sel.names:
-            if name not in ROLE_NAMES + FIELDS + CONSTANTS and name not in groups and groups:
-                raise sel._unknown(name, groups)
-        sel._check(tree, groups)
+        sel._check(tree)
         return sel
 
     @property
@@ -123,13 +119,7 @@ class Selection:
         """Names that must come from a partition."""
         return self.names - set(ROLE_NAMES) - set(CONSTANTS)
 
-    def _unknown(self, name: str, groups: tuple[str, ...]) -> InterventionError:
-        options = list(ROLE_NAMES + FIELDS + CONSTANTS + tuple(groups))
-        close = difflib.get_close_matches(name, options, n=3)
-        hint = f" Did you mean: {', '.join(close)}?" if close else f" Known: {', '.join(options)}"
-        return InterventionError(f"unknown name {name!r} in selection {self.source!r}.{hint}")
-
-    def _check(self, node: ast.AST, groups: tuple[str, ...]) -> None:
+    def _check(self, node: ast.AST) -> None:
         allowed = (
             ast.BinOp,
             ast.BoolOp,

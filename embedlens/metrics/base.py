@@ -22,6 +22,20 @@ class Metric(ABC):
     registered_name: ClassVar[str] = ""
     needs_cache: ClassVar[bool] = False
 
+    def measure(self, outcome: "Outcome", samples: Sequence["Sample"]) -> dict[str, list[Any]]:
+        """Per-run values (e.g. a score or a generation); `both` pairs them up."""
+        raise NotImplementedError(f"{type(self).__name__} does not measure single runs")
+
+    def both(self, baseline: "Outcome", condition: "Outcome", samples: Sequence["Sample"]) -> dict[str, list[Any]]:
+        """`measure` on each run, baseline columns suffixed ``_base``. The baseline's
+        values are kept on the outcome, so several conditions measure it once."""
+        memo = baseline.memo.setdefault(id(self), None)
+        if memo is None:
+            memo = baseline.memo[id(self)] = self.measure(baseline, samples)
+        out = {f"{k}_base": v for k, v in memo.items()}
+        out.update(self.measure(condition, samples))
+        return out
+
     @abstractmethod
     def compute(self, baseline: "Outcome", condition: "Outcome", samples: Sequence["Sample"]) -> dict[str, list[Any]]:
         """Per-sample values: column name -> one value per sample of the batch."""

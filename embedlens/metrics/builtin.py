@@ -56,9 +56,8 @@ def _answer_ids(outcome: "Outcome", samples: Sequence["Sample"]) -> list[list[in
 class AnswerLogprob(Metric):
     """Answer log-probability under each run, its change, and the answer's first-token rank.
 
-    The rank is taken at the answer position (1 = top).
-
-    Samples without an answer get NaN.
+    The rank is taken at the answer position (1 = top). Samples without an
+    answer get NaN.
 
     Example:
         >>> AnswerLogprob()
@@ -67,20 +66,15 @@ class AnswerLogprob(Metric):
 
     needs_cache = True
 
+    def measure(self, outcome, samples):
+        ids = _answer_ids(outcome, samples)
+        lp = outcome.score(ids).tolist()
+        logits = outcome.last_logits()
+        ranks = [int((logits[b] > logits[b, seq[0]]).sum()) + 1 if seq else NAN for b, seq in enumerate(ids)]
+        return {"logprob": [v if ids[b] else NAN for b, v in enumerate(lp)], "rank": ranks}
+
     def compute(self, baseline, condition, samples):
-        ids = _answer_ids(baseline, samples)
-        out: dict[str, list] = {}
-        for tag, o in (("_base", baseline), ("", condition)):
-            lp = o.score(ids).tolist()
-            logits = o.last_logits()
-            ranks = []
-            for b, seq in enumerate(ids):
-                if not seq:
-                    ranks.append(NAN)
-                    continue
-                ranks.append(int((logits[b] > logits[b, seq[0]]).sum()) + 1)
-            out[f"logprob{tag}"] = [v if ids[b] else NAN for b, v in enumerate(lp)]
-            out[f"rank{tag}"] = ranks
+        out = self.both(baseline, condition, samples)
         out["logprob_delta"] = [c - b for b, c in zip(out["logprob_base"], out["logprob"])]
         return out
 
@@ -103,38 +97,41 @@ class ForcedChoice(Metric):
     def __init__(self, key: str = "candidates", length_normalize: bool = False):
         self.key, self.length_normalize = key, length_normalize
 
-    def compute(self, baseline, condition, samples):
-        ad = baseline.engine.adapter
-        cands = []
+    def _candidates(self, samples) -> list[list[str]]:
+        out = []
         for s in samples:
             c = s.meta.get(self.key)
             if c is not None and (not isinstance(c, list) or not all(isinstance(x, str) for x in c) or not c):
                 raise InputError(f"sample {s.id!r}: {self.key} must be a non-empty list of strings; got {c!r}")
-            cands.append(c or [])
-        n = max((len(c) for c in cands), default=0)
-        out: dict[str, list] = {}
-        for tag, o in (("_base", baseline), ("", condition)):
-            scores = torch.full((len(samples), n), float("-inf"), dtype=torch.float64)
-            for j in range(n):
-                ids = [ad.continuation_ids(s, c[j]) if j < len(c) else [] for s, c in zip(samples, cands)]
-                lp = o.score(ids)
-                if self.length_normalize:
-                    lp = lp / torch.tensor([max(len(x), 1) for x in ids], dtype=torch.float64)
-                for b, c in enumerate(cands):
-                    if j < len(c):
-                        scores[b, j] = lp[b]
-            choice, correct = [], []
-            for b, (s, c) in enumerate(zip(samples, cands)):
-                if not c:
-                    choice.append(None)
-                    correct.append(NAN)
-                    continue
-                pick = c[int(scores[b].argmax())]
-                choice.append(pick)
-                correct.append(float(s.answer is not None and normalize_answer(pick) == normalize_answer(s.answer)))
-            out[f"choice{tag}"] = choice
-            out[f"correct{tag}"] = correct
+            out.append(c or [])
         return out
+
+    def measure(self, outcome, samples):
+        ad = outcome.engine.adapter
+        cands = self._candidates(samples)
+        n = max((len(c) for c in cands), default=0)
+        scores = torch.full((len(samples), n), float("-inf"), dtype=torch.float64)
+        for j in range(n):
+            ids = [ad.continuation_ids(s, c[j]) if j < len(c) else [] for s, c in zip(samples, cands)]
+            lp = outcome.score(ids)
+            if self.length_normalize:
+                lp = lp / torch.tensor([max(len(x), 1) for x in ids], dtype=torch.float64)
+            for b, c in enumerate(cands):
+                if j < len(c):
+                    scores[b, j] = lp[b]
+        choice, correct = [], []
+        for b, (s, c) in enumerate(zip(samples, cands)):
+            if not c:
+                choice.append(None)
+                correct.append(NAN)
+                continue
+            pick = c[int(scores[b].argmax())]
+            choice.append(pick)
+            correct.append(float(s.answer is not None and normalize_answer(pick) == normalize_answer(s.answer)))
+        return {"choice": choice, "correct": correct}
+
+    def compute(self, baseline, condition, samples):
+        return self.both(baseline, condition, samples)
 
 
 @metrics.register("generation")
@@ -153,30 +150,26 @@ class Generation(Metric):
             raise InputError(f"max_new_tokens: must be >= 1; got {max_new_tokens}")
         self.max_new_tokens = max_new_tokens
 
-    def compute(self, baseline, condition, samples):
-        tok = baseline.engine.adapter.tokenizer
+    def measure(self, outcome, samples):
+        tok = outcome.engine.adapter.tokenizer
         eos = tok.eos_token_id
-        out: dict[str, list] = {}
-        for tag, o in (("_base", baseline), ("", condition)):
-            ids = o.generate(self.max_new_tokens, eos).cpu()
-            texts = []
-            for row in ids.tolist():
-                if eos is not None and eos in row:
-                    row = row[: row.index(eos)]
-                texts.append(tok.decode(row, skip_special_tokens=True).strip())
-            out[f"text{tag}"] = texts
-            exact, contains = [], []
-            for s, t in zip(samples, texts):
-                if s.answer is None:
-                    exact.append(NAN)
-                    contains.append(NAN)
-                    continue
-                a, g = normalize_answer(s.answer), normalize_answer(t)
-                exact.append(float(a == g))
-                contains.append(float(bool(a) and a in g))
-            out[f"exact{tag}"] = exact
-            out[f"contains{tag}"] = contains
-        return out
+        texts, exact, contains = [], [], []
+        for s, row in zip(samples, outcome.generate(self.max_new_tokens, eos).cpu().tolist()):
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            text = tok.decode(row, skip_special_tokens=True).strip()
+            texts.append(text)
+            if s.answer is None:
+                exact.append(NAN)
+                contains.append(NAN)
+                continue
+            a, g = normalize_answer(s.answer), normalize_answer(text)
+            exact.append(float(a == g))
+            contains.append(float(bool(a) and a in g))
+        return {"text": texts, "exact": exact, "contains": contains}
+
+    def compute(self, baseline, condition, samples):
+        return self.both(baseline, condition, samples)
 
 
 @metrics.register("visual_tokens")

@@ -61,6 +61,7 @@ def compare(
     batch = adapter.encode(prompt_only(samples), padding_side=padding_side)
     cache = any(m.needs_cache for m in metrics)
     base = engine.run(batch, cache=cache, groups=groups)
+    groups = base.context.groups  # the batch's groups, labelled once for every condition
     table: dict[str, list] = {"sample": [], "condition": []}
     for cond in conditions:
         out = engine.run(batch, cond.interventions, condition=cond.name, groups=groups, embeds=base.context.embeds, cache=cache)

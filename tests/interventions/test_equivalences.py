@@ -61,6 +61,19 @@ def hf_run(adapter, batch, b, keep, embeds=None, **extra):
         return adapter.model(**kwargs, **extra)
 
 
+def hf_run_from(adapter, batch, b, keep, embeds, layer: int, state: torch.Tensor):
+    """`hf_run`, with decoder layer `layer`'s input replaced by `state` (a two-phase run)."""
+
+    def swap(module, args, kwargs):
+        return (state[None], *args[1:]), kwargs
+
+    handle = adapter.model.model.language_model.layers[layer].register_forward_pre_hook(swap, with_kwargs=True)
+    try:
+        return hf_run(adapter, batch, b, keep, embeds)
+    finally:
+        handle.remove()
+
+
 @pytest.fixture(params=["left", "right"])
 def setup(request, adapter):
     batch = adapter.encode(prompt_samples(), padding_side=request.param)
@@ -139,7 +152,6 @@ def test_inject_at_layer_1_equals_two_phase_run(setup):
     out = eng.run(batch, [InjectAtLayer(layer=1)])
     embeds = eng.embed(batch)
     image = batch.roles.image_span
-    layers = adapter.model.model.language_model.layers
     for b in range(3):
         valid = ~batch.roles.padding[b]
         text = valid & ~image[b]
@@ -148,15 +160,7 @@ def test_inject_at_layer_1_equals_two_phase_run(setup):
         merged = embeds[b][valid].clone()
         merged[text[valid]] = h1
         # phase 2: everything from layer 1 on, image rows entering as projector outputs
-
-        def swap(module, args, kwargs):
-            return (merged[None], *args[1:]), kwargs
-
-        handle = layers[1].register_forward_pre_hook(swap, with_kwargs=True)
-        try:
-            ref = hf_run(adapter, batch, b, valid, embeds).logits[0]
-        finally:
-            handle.remove()
+        ref = hf_run_from(adapter, batch, b, valid, embeds, 1, merged).logits[0]
         torch.testing.assert_close(out.logits()[b][valid], ref, atol=TOL, rtol=0)
     assert out.counts["visual"][0].sum() == 0 and torch.equal(out.counts["visual"][1], image.sum(1))
 
@@ -198,21 +202,11 @@ def test_withdraw_equals_two_phase_run(setup):
     adapter, batch, eng = setup
     out = eng.run(batch, [WithdrawAtLayer(layer=2)])
     embeds = eng.embed(batch)
-    layers = adapter.model.model.language_model.layers
     for b in range(3):
         valid = ~batch.roles.padding[b]
         text = valid & ~batch.roles.image_span[b]
         h2 = hf_run(adapter, batch, b, valid, embeds, output_hidden_states=True).hidden_states[2][0]
-        state = h2[text[valid]]
-
-        def swap(module, args, kwargs):
-            return (state[None], *args[1:]), kwargs
-
-        handle = layers[2].register_forward_pre_hook(swap, with_kwargs=True)
-        try:
-            ref = hf_run(adapter, batch, b, text, embeds).logits[0]
-        finally:
-            handle.remove()
+        ref = hf_run_from(adapter, batch, b, text, embeds, 2, h2[text[valid]]).logits[0]
         torch.testing.assert_close(out.logits()[b][text], ref, atol=TOL, rtol=0)
 
 
