@@ -60,3 +60,122 @@ def token_map(
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
+
+
+GROUP_COLOURS = {"sink": "#d62728", "dead": "#7f7f7f", "alive": "#2ca02c", "visual": "#1f77b4"}
+_CYCLE = ["#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#1f77b4"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    _plt().close(fig)
+    return path
+
+
+def category_map(
+    pixels: torch.Tensor,
+    rows: Sequence[int],
+    cols: Sequence[int],
+    categories: Sequence[str],
+    path: str | Path,
+    title: str = "",
+    labels: Sequence[str] | None = None,
+) -> Path:
+    """The image with each patch tinted by its category (sink / dead / alive, cluster, ...).
+
+    Known group names get fixed colours (sink red, dead grey, alive green);
+    other categories take colours in order. `labels` adds text per patch.
+    """
+    from matplotlib.patches import Patch, Rectangle
+
+    plt = _plt()
+    names = list(dict.fromkeys(categories))
+    colours = {}
+    for i, n in enumerate(names):
+        colours[n] = GROUP_COLOURS.get(n, _CYCLE[i % len(_CYCLE)])
+    n_rows, n_cols = max(rows) + 1, max(cols) + 1
+    h, w = pixels.shape[:2]
+    ph, pw = h / n_rows, w / n_cols
+    size = max(4.0, 0.45 * max(n_rows, n_cols))
+    fig, ax = plt.subplots(figsize=(size + 1.5, size * h / w + 0.6))
+    ax.imshow(pixels.numpy(), extent=(0, w, h, 0), interpolation="nearest")
+    for r, c, cat in zip(rows, cols, categories):
+        ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, facecolor=colours[cat], alpha=0.45, edgecolor="white", lw=0.4))
+    if labels is not None:
+        fs = max(4, min(9, int(220 / max(n_rows, n_cols))))
+        for r, c, lab in zip(rows, cols, labels):
+            ax.text((c + 0.5) * pw, (r + 0.5) * ph, str(lab), ha="center", va="center", fontsize=fs, color="black")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(handles=[Patch(color=colours[n], label=n) for n in names], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9, wrap=True)
+    return _save(fig, path)
+
+
+def value_map(
+    pixels: torch.Tensor, rows: Sequence[int], cols: Sequence[int], values: Sequence[float], path: str | Path, title: str = "", label: str = ""
+) -> Path:
+    """The image with a heat map of one value per patch (attention received, entropy, ...)."""
+    plt = _plt()
+    n_rows, n_cols = max(rows) + 1, max(cols) + 1
+    grid = torch.full((n_rows, n_cols), float("nan"))
+    for r, c, v in zip(rows, cols, values):
+        grid[r, c] = float(v)
+    h, w = pixels.shape[:2]
+    fig, ax = plt.subplots(figsize=(5.5, 4.5 * h / w + 0.6))
+    ax.imshow(pixels.numpy(), extent=(0, w, h, 0), interpolation="nearest")
+    im = ax.imshow(grid.numpy(), extent=(0, w, h, 0), alpha=0.6, cmap="magma", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label=label, fraction=0.046)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9, wrap=True)
+    return _save(fig, path)
+
+
+def layer_curves(
+    curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, xlabel: str = "LLM layer", ylabel: str = "", title: str = ""
+) -> Path:
+    """One line per named curve, `(xs, ys)` each (per-layer statistics)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, (name, (xs, ys)) in enumerate(curves.items()):
+        ax.plot(list(xs), list(ys), marker="o", ms=3, label=name, color=GROUP_COLOURS.get(name, _CYCLE[i % len(_CYCLE)]))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def histograms(hists: dict[str, dict[str, list]], path: str | Path, xlabel: str = "", title: str = "") -> Path:
+    """Overlaid step histograms from ``{name: {"edges": [...], "counts": [...]}}`` (normalised per name)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, (name, h) in enumerate(hists.items()):
+        counts = torch.tensor(h["counts"], dtype=torch.float64)
+        if counts.sum() == 0:
+            continue
+        ax.stairs((counts / counts.sum()).numpy(), h["edges"], label=name, color=GROUP_COLOURS.get(name, _CYCLE[i % len(_CYCLE)]))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction of tokens")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

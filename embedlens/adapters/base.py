@@ -43,6 +43,7 @@ class ModulePaths:
     llm_norm: str = "model.language_model.norm"
     unembed: str = "lm_head"
     attn: str = "self_attn"  # inside one LLM layer
+    attn_norm: str = "input_layernorm"  # inside one LLM layer: the norm before attention
     mlp: str = "mlp"  # inside one LLM layer
 
 
@@ -61,11 +62,12 @@ class PromptText:
 
 @dataclass
 class Batch:
-    """A processed batch: the model's keyword inputs, its token-role map and the samples."""
+    """A processed batch: the model's keyword inputs, its token-role map, the samples and (in a run with a partition) token groups."""
 
     inputs: BatchFeature
     roles: TokenRoles
     samples: list[Sample]
+    groups: dict[str, torch.Tensor] | None = None  # `[batch, seq]` masks from the run's partition, when it has one
 
     @property
     def input_ids(self) -> torch.Tensor:

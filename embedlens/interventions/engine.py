@@ -382,8 +382,8 @@ class Engine:
         inputs = batch.inputs
         roles = batch.roles.to(self.device)
         embeds = self.embed(batch) if embeds is None else embeds
-        if hasattr(groups, "masks"):  # a partition: label this batch's tokens once
-            groups = _lookup(groups.masks(self.adapter, embeds, roles))
+        if hasattr(groups, "label"):  # a partition: label this batch's tokens once
+            groups = _lookup({g: m.to(self.device) for g, m in groups.label(self.adapter, batch, embeds=embeds).items()})
         elif isinstance(groups, dict):
             groups = _lookup(groups)
         blocks = self.adapter.block_ids(inputs)
@@ -423,8 +423,8 @@ class Engine:
             interventions: instances; applied in order where order matters.
             condition: the condition's name (errors name it).
             groups: token groups for selections that name a group: a partition
-                (an object with ``masks(adapter, embeds, roles)``, e.g.
-                `embedlens.groups.AnchorPartition`), a dict of `[batch, seq]`
+                (an object with ``label(adapter, batch, embeds=)``, e.g.
+                `embedlens.groups.Partition`), a dict of `[batch, seq]`
                 masks, or a function from group name to mask.
             embeds: precomputed input embeddings (skips the vision tower).
             cache: keep a key/value cache so the outcome can decode.

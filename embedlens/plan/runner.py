@@ -17,7 +17,7 @@ from embedlens.adapters import load_model
 from embedlens.adapters.base import Adapter
 from embedlens.data import Sample, read_jsonl
 from embedlens.errors import EmbedLensError
-from embedlens.groups import AnchorPartition
+from embedlens.groups import Partition
 from embedlens.interventions.condition import Condition
 from embedlens.interventions.engine import Engine
 from embedlens.metrics import Metric, compare
@@ -39,7 +39,7 @@ class Prepared:
     samples: list[Sample]
     conditions: list[Condition] = field(default_factory=list)
     metrics: list[Metric] = field(default_factory=list)
-    partition: AnchorPartition | None = None
+    partition: Partition | None = None
 
 
 @dataclass
@@ -97,7 +97,7 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None) -> Prepared:
     if plan.partition is not None:
         p = plan.partition
         try:
-            partition = AnchorPartition(dict(p.anchors), k=p.k, matrix=p.matrix)
+            partition = Partition(dict(p.anchors), k=p.k, matrix=p.matrix)
             partition.check(adapter)
         except EmbedLensError as e:
             head, _, msg = str(e).partition(": ")  # "partition.anchors.dead: ..." -> that key

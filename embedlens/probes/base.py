@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
@@ -41,6 +41,16 @@ class Probe(ABC):
     @abstractmethod
     def result(self) -> dict[str, Any]:
         """A JSON-serialisable summary of everything seen so far."""
+
+    needs_fit: bool = False
+    """True when the probe needs a pass over the data before the first `update` (see `fit`)."""
+
+    def fit(self, adapter: "Adapter", batches: Iterable["Batch"]) -> None:
+        """A first pass over the data (e.g. discovering anchors); only called when `needs_fit`."""
+
+    def final_tables(self) -> dict[str, Table]:
+        """Tables known only at the end of the run (e.g. a ranking over the data set)."""
+        return {}
 
     def figures(self, out_dir: Path) -> list[Path]:
         """Write figures to `out_dir`; return their paths."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from embedlens.groups import AnchorPartition
+from embedlens.groups import Partition
 from embedlens.interventions import Engine
 from embedlens.interventions.prune import Prune
 from embedlens.testing import tiny_batch
@@ -24,8 +24,8 @@ def test_planted_anchors_are_recovered_and_prunable():
         embeds[b, p] = 5 * vocab[dead_id]
     for b, p in planted["both"].tolist():  # near both anchors: sink wins by precedence
         embeds[b, p] = vocab[sink_id] / vocab[sink_id].norm() + vocab[dead_id] / vocab[dead_id].norm()
-    part = AnchorPartition({"sink": [sink_id], "dead": [dead_id]}, k=2)
-    masks = part.masks(adapter, embeds, batch.roles)
+    part = Partition({"sink": [sink_id], "dead": [dead_id]}, k=2)
+    masks = part.label(adapter, batch, embeds=embeds)
     want_sink = torch.zeros_like(batch.roles.visual)
     want_dead = torch.zeros_like(batch.roles.visual)
     for b, p in planted["sink"].tolist() + planted["both"].tolist():

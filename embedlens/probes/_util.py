@@ -1,0 +1,141 @@
+"""Helpers shared by the probes: layer resolution, token tables, bounded aggregation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from embedlens.errors import PlanError
+
+if TYPE_CHECKING:
+    from embedlens.adapters.base import Adapter, Batch
+
+from embedlens.probes.base import Table
+
+META_COLUMNS = ("sample", "sample_id", "image", "tile", "row", "col", "position")
+
+
+def resolve_layers(probe: str, param: str, layers: Sequence[int], n: int, *, include_input: bool = True) -> list[int]:
+    """Resolve lens layers: 0..n with 0 the LLM input (``include_input``) or 0..n-1 decoder layers.
+
+    Negative values count from the end. Raises `PlanError` naming ``probe.param``.
+    """
+    hi = n if include_input else n - 1
+    out = []
+    for layer in layers:
+        idx = layer + hi + 1 if layer < 0 else layer
+        if not 0 <= idx <= hi:
+            what = f"0..{n}; 0 is the LLM input, {n} the last decoder layer's output" if include_input else f"0..{n - 1}"
+            raise PlanError(f"{probe}.{param}: layer {layer} is out of range for this model ({what})")
+        out.append(idx)
+    if not out:
+        raise PlanError(f"{probe}.{param}: name at least one layer")
+    return out
+
+
+def token_meta(batch: "Batch", vt: dict[str, torch.Tensor]) -> Table:
+    """The identifying columns of one row per visual token."""
+    rows: Table = {"sample": vt["sample"].tolist()}
+    rows["sample_id"] = [batch.samples[s].id for s in rows["sample"]]
+    for c in ("image", "tile", "row", "col", "position"):
+        rows[c] = vt[c].tolist()
+    return rows
+
+
+def token_groups(batch: "Batch", sample: torch.Tensor, position: torch.Tensor) -> list[str]:
+    """The group of each token from the run's partition (``batch.groups``); ``"visual"`` without one."""
+    if not batch.groups:
+        return ["visual"] * len(sample)
+    out = ["visual"] * len(sample)
+    for g, mask in batch.groups.items():
+        hit = mask[sample, position].tolist()
+        out = [g if h and o == "visual" else o for o, h in zip(out, hit)]
+    return out
+
+
+def extend(table: Table, more: Table) -> None:
+    for k, v in more.items():
+        table.setdefault(k, []).extend(v)
+
+
+class Reservoir:
+    """A uniform sample of at most `capacity` rows from a stream (Algorithm R), reproducible by seed.
+
+    Rows are tensors ``[n, d]`` with optional parallel label lists.
+
+    Example:
+        >>> r = Reservoir(3, seed=0)
+        >>> r.add(torch.arange(10.0)[:, None], label=list("abcdefghij"))
+        >>> r.rows().shape, len(r.labels["label"]), r.seen
+        (torch.Size([3, 1]), 3, 10)
+    """
+
+    def __init__(self, capacity: int, seed: int = 0):
+        self.capacity = capacity
+        self.seen = 0
+        self._rows: list[torch.Tensor] = []
+        self.labels: dict[str, list[Any]] = {}
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def add(self, rows: torch.Tensor, **labels: Sequence[Any]) -> None:
+        rows = rows.detach().float().cpu()
+        for i in range(rows.shape[0]):
+            self.seen += 1
+            if len(self._rows) < self.capacity:
+                slot = len(self._rows)
+                self._rows.append(rows[i])
+                for k, v in labels.items():
+                    self.labels.setdefault(k, []).append(v[i])
+                continue
+            slot = int(torch.randint(self.seen, (1,), generator=self._gen))
+            if slot < self.capacity:
+                self._rows[slot] = rows[i]
+                for k, v in labels.items():
+                    self.labels[k][slot] = v[i]
+
+    def rows(self) -> torch.Tensor:
+        return torch.stack(self._rows) if self._rows else torch.zeros(0, 0)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+class Histogram:
+    """Counts of values in fixed bins over ``[lo, hi]`` (values outside go to the end bins)."""
+
+    def __init__(self, lo: float, hi: float, bins: int = 40):
+        self.edges = torch.linspace(lo, hi, bins + 1)
+        self.counts = torch.zeros(bins, dtype=torch.long)
+
+    def add(self, values: torch.Tensor) -> None:
+        idx = torch.bucketize(values.float().cpu().clamp(self.edges[0], self.edges[-1]), self.edges[1:-1])
+        self.counts += torch.bincount(idx, minlength=len(self.counts))
+
+    def to_dict(self) -> dict[str, list]:
+        return {"edges": self.edges.tolist(), "counts": self.counts.tolist()}
+
+
+class FirstImage:
+    """What a token-map figure needs from the first image of a run (sample 0, image 0, tile 0)."""
+
+    def __init__(self):
+        self.data: dict[str, Any] | None = None
+
+    def offer(self, adapter: "Adapter", batch: "Batch", vt: dict[str, torch.Tensor], **per_token: Sequence[Any]) -> None:
+        """Keep the first image's patches with one value per visual token of `vt` for each keyword."""
+        if self.data is not None:
+            return
+        from embedlens.probes.embedding_lens import _display_pixels
+
+        sel = ((vt["sample"] == 0) & (vt["image"] == 0) & (vt["tile"] == 0)).nonzero().flatten().tolist()
+        if not sel:
+            return
+        frow = int(vt["feature_row"][sel[0]])
+        self.data = {
+            "sample_id": batch.samples[0].id,
+            "pixels": _display_pixels(adapter, batch.inputs["pixel_values"], frow),
+            "row": [int(vt["row"][i]) for i in sel],
+            "col": [int(vt["col"][i]) for i in sel],
+            **{k: [v[i] for i in sel] for k, v in per_token.items()},
+        }

@@ -1,0 +1,231 @@
+"""The sink / dead / alive partition of visual tokens as probes: `anchor_groups` and `token_partition`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Literal
+
+import torch
+
+from embedlens.errors import EmbedLensError, PlanError
+from embedlens.groups import Partition
+from embedlens.probes._util import FirstImage, token_meta
+from embedlens.probes.base import Probe, Table
+from embedlens.registry import probes
+from embedlens.sites import Site
+
+if TYPE_CHECKING:
+    from embedlens.adapters.base import Adapter, Batch
+
+
+class _PartitionProbe(Probe):
+    """Labels every visual token with a `Partition` and counts groups, rules and overlaps."""
+
+    name = "partition"
+    partition: Partition
+
+    def _build(self, **kw) -> None:
+        try:
+            self.partition = Partition(**kw)
+        except EmbedLensError as e:  # "partition.k: ..." -> "token_partition.k: ..."
+            raise PlanError(str(e).replace("partition.", f"{self.name}.", 1).replace("partition:", f"{self.name}:", 1)) from None
+        self._counts: dict[str, int] = {g: 0 for g in self.partition.names}
+        self._rule_counts: dict[str, int] = {}
+        self._overlap: dict[str, int] = {}
+        self._per_image: list[dict[str, float]] = []
+        self._n = 0
+        self._first = FirstImage()
+
+    @property
+    def needs_fit(self) -> bool:
+        return self.partition.needs_fit
+
+    def fit(self, adapter: "Adapter", batches: Iterable["Batch"]) -> None:
+        self.partition.fit(adapter, batches)
+
+    def check(self, adapter: "Adapter") -> None:
+        try:
+            self.partition.check(adapter)
+        except EmbedLensError as e:
+            raise PlanError(str(e).replace("partition.", f"{self.name}.", 1)) from None
+
+    def sites(self, adapter: "Adapter") -> list[Site]:
+        return self.partition.sites(adapter)
+
+    def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
+        vt = batch.roles.visual_tokens()
+        groups = self.partition.token_groups(adapter, batch, acts)
+        rules = self.partition.last_rules
+        n = len(vt["sample"])
+        label = ["alive"] * n
+        for g in reversed(self.partition.names):
+            for i in groups[g].nonzero().flatten().tolist():
+                label[i] = g
+        rows = token_meta(batch, vt)
+        rows["group"] = label
+        for r, hit in rules.items():
+            rows[r.replace(":", "_")] = hit.tolist()
+            self._rule_counts[r] = self._rule_counts.get(r, 0) + int(hit.sum())
+        for g, hit in groups.items():
+            self._counts[g] += int(hit.sum())
+        for k, v in self.partition.last_overlap.items():
+            self._overlap[k] = self._overlap.get(k, 0) + v
+        key = vt["sample"] * 10_000 + vt["image"]
+        for img in key.unique().tolist():
+            sel = key == img
+            self._per_image.append({g: float(groups[g][sel].float().mean()) for g in groups})
+        self._n += n
+        self._first.offer(adapter, batch, vt, group=label)
+        return {"tokens": rows}
+
+    def result(self) -> dict[str, Any]:
+        n = max(self._n, 1)
+        per_image = {
+            g: {
+                "mean": sum(d[g] for d in self._per_image) / max(len(self._per_image), 1),
+                "min": min((d[g] for d in self._per_image), default=0.0),
+                "max": max((d[g] for d in self._per_image), default=0.0),
+            }
+            for g in self._counts
+        }
+        out = {
+            "n_visual_tokens": self._n,
+            "order": list(self.partition.names),
+            "counts": dict(self._counts),
+            "fractions": {g: c / n for g, c in self._counts.items()},
+            "per_image_fraction": per_image,
+            "rule_counts": dict(self._rule_counts),
+            "overlaps": dict(self._overlap),
+        }
+        if self.partition.discover:
+            out["discovered_anchors"] = self.partition.discovered
+        return out
+
+    def figures(self, out_dir: Path) -> list[Path]:
+        f = self._first.data
+        if f is None:
+            return []
+        from embedlens.figures import category_map
+
+        fr = self.result()["fractions"]
+        summary = ", ".join(f"{g} {fr[g]:.0%}" for g in self.partition.names)
+        return [
+            category_map(
+                f["pixels"], f["row"], f["col"], f["group"], Path(out_dir) / f"{self.name}_map.png",
+                title=f"{self.name} - {f['sample_id']} (run: {summary})",
+            )
+        ]
+
+
+@probes.register("anchor_groups")
+class AnchorGroups(_PartitionProbe):
+    """EmbedLens's anchor rule: a token is in a group if any of its top-k nearest vocabulary ids is an anchor.
+
+    Groups are tried in precedence order (sink, dead, then others), tokens
+    in no group are alive, and tokens several groups claim are counted as
+    overlaps before precedence. LLaVA-1.5-7B's published anchors are
+    ``{"sink": [1141, 26673], "dead": [30296]}``; for other vocabularies use
+    `anchor_discovery`.
+
+    Args:
+        anchors: group name -> anchor vocabulary ids.
+        k: neighbours compared with the anchors.
+        matrix: "input" embeddings (EmbedLens) or "output" (unembedding).
+        chunk_size: vocabulary rows compared at once.
+        order: precedence of the groups (default: sink, dead, others as given).
+
+    Example:
+        >>> from embedlens.testing import tiny_batch
+        >>> from embedlens.tracing import collect
+        >>> adapter, batch = tiny_batch("llava-clip", n=2)
+        >>> probe = AnchorGroups({"sink": [5], "dead": [6]}, k=3)
+        >>> rows = probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))["tokens"]
+        >>> sorted(set(rows["group"])) <= ["alive", "dead", "sink"], probe.result()["n_visual_tokens"]
+        (True, 32)
+    """
+
+    name = "anchor_groups"
+
+    def __init__(
+        self,
+        anchors: dict[str, list[int]],
+        k: int = 3,
+        matrix: Literal["input", "output"] = "input",
+        chunk_size: int = 8192,
+        order: list[str] | None = None,
+    ):
+        if not anchors:
+            raise PlanError("anchor_groups.anchors: give at least one group with anchor ids, e.g. {dead: [30296]}")
+        self.anchors, self.k, self.matrix, self.chunk_size, self.order = anchors, k, matrix, chunk_size, order
+        self._build(anchors=anchors, k=k, matrix=matrix, chunk_size=chunk_size, order=order)
+
+
+@probes.register("token_partition")
+class TokenPartition(_PartitionProbe):
+    """Label every visual token sink / dead / alive by the rules selected, with precedence and overlaps.
+
+    Rules: anchor ids (given, and/or discovered from the data with
+    ``discover: true``), ViT high-norm tokens, LLM massive activations and
+    flat vocabulary similarities (entropy). Each rule sends tokens to a
+    group; precedence decides between groups; the table keeps every rule's
+    verdict per token.
+
+    Args:
+        anchors: group name -> anchor vocabulary ids.
+        discover: find sink/dead anchors from the data in a first pass (see `anchor_discovery`).
+        k: neighbours compared with the anchors.
+        matrix: "input" or "output" embeddings for the neighbours.
+        vit_norm: group for ViT high-norm tokens ("sink"), or None to skip the rule.
+        vit_layer: vision layer of the norm test (-2: LLaVA's feature layer).
+        vit_sigma: norm > mean + vit_sigma * std over the image.
+        vit_threshold: absolute norm threshold instead.
+        massive: group for tokens with a massive activation ("sink"), or None.
+        massive_layers: LLM layers searched (default all).
+        massive_threshold: |a| above this ...
+        massive_ratio: ... and above this many times the median |a|.
+        entropy: group for flat-similarity tokens ("dead"), or None.
+        entropy_threshold: normalised entropy (0..1) above which the rule fires.
+        temperature: softmax temperature over cosine similarities.
+        order: precedence (default sink, dead, then the others).
+        chunk_size: vocabulary rows compared at once.
+
+    Example:
+        >>> from embedlens.testing import tiny_batch
+        >>> from embedlens.tracing import collect
+        >>> adapter, batch = tiny_batch("llava-clip", n=1)
+        >>> probe = TokenPartition(anchors={"dead": [6]}, vit_norm="sink", entropy="dead")
+        >>> rows = probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))["tokens"]
+        >>> sorted(c for c in rows if c.startswith(("anchors", "vit", "entropy")))
+        ['anchors_dead', 'entropy', 'vit_norm']
+    """
+
+    name = "token_partition"
+
+    def __init__(
+        self,
+        anchors: dict[str, list[int]] = {},  # noqa: B006 - never mutated
+        discover: bool = False,
+        k: int = 3,
+        matrix: Literal["input", "output"] = "input",
+        vit_norm: str | None = None,
+        vit_layer: int = -2,
+        vit_sigma: float = 2.0,
+        vit_threshold: float | None = None,
+        massive: str | None = None,
+        massive_layers: list[int] | None = None,
+        massive_threshold: float = 100.0,
+        massive_ratio: float = 1000.0,
+        entropy: str | None = None,
+        entropy_threshold: float = 0.9,
+        temperature: float = 0.05,
+        order: list[str] | None = None,
+        chunk_size: int = 8192,
+    ):
+        params = dict(
+            anchors=anchors, discover=discover, k=k, matrix=matrix, vit_norm=vit_norm, vit_layer=vit_layer,
+            vit_sigma=vit_sigma, vit_threshold=vit_threshold, massive=massive, massive_layers=massive_layers,
+            massive_threshold=massive_threshold, massive_ratio=massive_ratio, entropy=entropy,
+            entropy_threshold=entropy_threshold, temperature=temperature, order=order, chunk_size=chunk_size,
+        )
+        self.__dict__.update(params)
+        self._build(**params)

@@ -1,0 +1,208 @@
+"""Sink detectors that need no vocabulary: ViT high-norm tokens, massive activations, visual attention sinks."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from embedlens.errors import PlanError
+from embedlens.groups import vision_to_tokens
+from embedlens.probes._util import FirstImage, token_groups, token_meta
+from embedlens.probes.base import Probe, Table
+from embedlens.registry import probes
+from embedlens.roles import Role
+from embedlens.signals import attention_sink_scores, massive_entries, sink_dims, vit_norm_outliers
+from embedlens.sites import Site
+
+if TYPE_CHECKING:
+    from embedlens.adapters.base import Adapter, Batch
+
+FLAGS = ("vit_norm", "massive", "attention_sink")
+
+
+@probes.register("sink_detector")
+class SinkDetector(Probe):
+    """Flag sink visual tokens three ways and report how the detectors agree.
+
+    - **ViT high-norm** (Darcet et al.): patch norm at ``vit_layer`` above
+      mean + ``vit_sigma`` std over the image (or above ``vit_threshold``).
+    - **Massive activations** (Sun et al.): an entry with |a| > ``massive_threshold``
+      and > ``massive_ratio`` x the median |a| of that sample's hidden state, at
+      any LLM layer; per-layer statistics and the dims where they sit are
+      reported for every token, not only visual ones.
+    - **Visual attention sinks** (Kang et al.): max over the sink dims of the
+      RMS-normalised hidden state > ``tau``, at layers >= ``sink_from_layer``.
+      Sink dims are given, or found per batch as the dims where the BOS
+      token's (else the first token's) RMS-normalised value exceeds ``tau``.
+
+    Agreement: for each pair of detectors, tokens flagged by both, by either
+    and their Jaccard index; and, when the run has a partition, how many of
+    each detector's tokens fall in each group.
+
+    Args:
+        vit_layer: vision layer of the norm test (-2: LLaVA's feature layer).
+        vit_sigma: sigma of the per-image norm rule.
+        vit_threshold: absolute norm threshold instead.
+        massive_threshold: |a| above this ...
+        massive_ratio: ... and this many times the median |a|.
+        tau: attention-sink threshold on the RMS-normalised value.
+        sink_from_layer: first LLM layer of the attention-sink test.
+        sink_dims: sink dimensions; None finds them from the BOS token.
+
+    Example:
+        >>> from embedlens.testing import tiny_batch
+        >>> from embedlens.tracing import collect
+        >>> adapter, batch = tiny_batch("llava-clip", n=2, padding_side="left")
+        >>> probe = SinkDetector(tau=5.0)
+        >>> rows = probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))["tokens"]
+        >>> len(rows["vit_norm_flag"]) == int(batch.roles.visual.sum())
+        True
+    """
+
+    def __init__(
+        self,
+        vit_layer: int = -2,
+        vit_sigma: float = 2.0,
+        vit_threshold: float | None = None,
+        massive_threshold: float = 100.0,
+        massive_ratio: float = 1000.0,
+        tau: float = 20.0,
+        sink_from_layer: int = 2,
+        sink_dims: list[int] | None = None,
+    ):
+        if vit_sigma <= 0:
+            raise PlanError(f"sink_detector.vit_sigma: must be > 0; got {vit_sigma}")
+        if tau <= 0:
+            raise PlanError(f"sink_detector.tau: must be > 0; got {tau}")
+        self.vit_layer, self.vit_sigma, self.vit_threshold = vit_layer, vit_sigma, vit_threshold
+        self.massive_threshold, self.massive_ratio, self.tau = massive_threshold, massive_ratio, tau
+        self.sink_from_layer, self.sink_dims = sink_from_layer, sink_dims
+        self._layer_stats: dict[int, dict[str, Any]] = {}
+        self._dims_found: Counter = Counter()
+        self._flag_counts = {f: 0 for f in FLAGS}
+        self._pairs = {(a, b): [0, 0] for i, a in enumerate(FLAGS) for b in FLAGS[i + 1 :]}  # [both, either]
+        self._by_group: dict[str, dict[str, int]] = {}
+        self._n = 0
+        self._first = FirstImage()
+
+    def check(self, adapter: "Adapter") -> None:
+        self.sites(adapter)
+        n = adapter.n_llm_layers
+        if not 0 <= self.sink_from_layer < n:
+            raise PlanError(f"sink_detector.sink_from_layer: layer {self.sink_from_layer} is out of range for this model (0..{n - 1})")
+        d = adapter.input_embeddings().shape[1]
+        bad = [x for x in self.sink_dims or [] if not 0 <= x < d]
+        if bad:
+            raise PlanError(f"sink_detector.sink_dims: {bad} are outside the hidden size (0..{d - 1})")
+
+    def sites(self, adapter: "Adapter") -> list[Site]:
+        try:
+            vit = adapter.resolve(Site("vision.layers", self.vit_layer))
+        except Exception as e:
+            raise PlanError(f"sink_detector.vit_layer: {e}") from None
+        return [vit, *(Site("llm.layers", i) for i in range(adapter.n_llm_layers))]
+
+    def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
+        vt = batch.roles.visual_tokens()
+        s, p = vt["sample"], vt["position"]
+        feats = acts[adapter.resolve(Site("vision.layers", self.vit_layer))]
+        prefix = adapter.n_prefix_tokens
+        norms = feats[:, prefix:].float().norm(dim=-1)
+        vit_flag = vision_to_tokens(vit_norm_outliers(feats, self.vit_sigma, self.vit_threshold, prefix), vt).cpu()
+        vit_norm = vision_to_tokens(norms, vt).cpu()
+        valid = ~batch.roles.padding
+        kind = batch.roles.kind
+        n_tok = len(s)
+        massive = torch.zeros(n_tok, dtype=torch.bool)
+        max_abs = torch.zeros(n_tok)
+        sink_score = torch.zeros(n_tok)
+        ref = batch.roles.bos if batch.roles.bos.any() else _first_valid(valid)
+        for layer in range(adapter.n_llm_layers):
+            h = acts[Site("llm.layers", layer)].float().cpu()
+            flags, med = massive_entries(h, valid, self.massive_threshold, self.massive_ratio)
+            massive |= flags.any(-1)[s, p]
+            max_abs = torch.maximum(max_abs, h.abs().amax(-1)[s, p])
+            st = self._layer_stats.setdefault(layer, {"n_massive": 0, "max_abs": 0.0, "median_abs": [], "dims": Counter(), "roles": Counter()})
+            st["n_massive"] += int(flags.sum())
+            st["max_abs"] = max(st["max_abs"], float((h.abs() * valid[..., None]).max()))
+            st["median_abs"] += med.tolist()
+            b_i, pos_i, d_i = flags.nonzero(as_tuple=True)
+            st["dims"].update(d_i.tolist())
+            st["roles"].update(Role(int(k)).name.lower() for k in kind[b_i, pos_i].tolist())
+            if layer >= self.sink_from_layer:
+                dims = self.sink_dims if self.sink_dims is not None else sink_dims(h, ref, self.tau)
+                self._dims_found.update(dims)
+                sink_score = torch.maximum(sink_score, attention_sink_scores(h, dims)[s, p])
+        attn_flag = sink_score > self.tau
+        flags = {"vit_norm": vit_flag, "massive": massive, "attention_sink": attn_flag}
+        for f, v in flags.items():
+            self._flag_counts[f] += int(v.sum())
+        for (a, b), acc in self._pairs.items():
+            acc[0] += int((flags[a] & flags[b]).sum())
+            acc[1] += int((flags[a] | flags[b]).sum())
+        groups = token_groups(batch, s, p)
+        for f, v in flags.items():
+            for g, hit in zip(groups, v.tolist()):
+                if hit:
+                    d = self._by_group.setdefault(f, {})
+                    d[g] = d.get(g, 0) + 1
+        self._n += n_tok
+        rows = token_meta(batch, vt)
+        rows["group"] = groups
+        rows["vit_norm"] = vit_norm.tolist()
+        rows["vit_norm_flag"] = vit_flag.tolist()
+        rows["max_abs_activation"] = max_abs.tolist()
+        rows["massive_flag"] = massive.tolist()
+        rows["attention_sink_score"] = sink_score.tolist()
+        rows["attention_sink_flag"] = attn_flag.tolist()
+        self._first.offer(adapter, batch, vt, norm=vit_norm.tolist(),
+                          label=["V" * a + "M" * b + "A" * c for a, b, c in zip(vit_flag.tolist(), massive.tolist(), attn_flag.tolist())])
+        return {"tokens": rows}
+
+    def result(self) -> dict[str, Any]:
+        layers = {}
+        for layer, st in sorted(self._layer_stats.items()):
+            med = torch.tensor(st["median_abs"]).median().item() if st["median_abs"] else 0.0
+            layers[str(layer)] = {
+                "n_massive": st["n_massive"],
+                "max_abs": st["max_abs"],
+                "median_abs": med,
+                "top_dims": st["dims"].most_common(5),
+                "roles": dict(st["roles"]),
+            }
+        return {
+            "n_visual_tokens": self._n,
+            "flag_counts": dict(self._flag_counts),
+            "agreement": {f"{a}&{b}": {"both": both, "either": either, "jaccard": both / either if either else None}
+                          for (a, b), (both, either) in self._pairs.items()},
+            "flags_by_group": self._by_group,
+            "sink_dims": sorted(self._dims_found) if self.sink_dims is None else list(self.sink_dims),
+            "layers": layers,
+        }
+
+    def figures(self, out_dir: Path) -> list[Path]:
+        from embedlens.figures import layer_curves, token_map
+
+        out = []
+        if self._layer_stats:
+            r = self.result()["layers"]
+            xs = [int(k) + 1 for k in r]
+            out.append(layer_curves({"max |a|": (xs, [v["max_abs"] for v in r.values()]),
+                                     "median |a|": (xs, [v["median_abs"] for v in r.values()])},
+                                    Path(out_dir) / "sink_detector_layers.png", ylabel="|activation|",
+                                    title="Largest and median hidden-state magnitude after each LLM layer"))
+        f = self._first.data
+        if f is not None:
+            labels = [f"{n:.0f}{(' ' + lab) if lab else ''}" for n, lab in zip(f["norm"], f["label"])]
+            out.append(token_map(f["pixels"], f["row"], f["col"], labels, Path(out_dir) / "sink_detector_map.png",
+                                 title=f"ViT norm per patch; V = high norm, M = massive activation, A = attention sink - {f['sample_id']}"))
+        return out
+
+
+def _first_valid(valid: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(valid)
+    out[torch.arange(valid.shape[0]), valid.long().argmax(dim=1)] = True
+    return out

@@ -1,0 +1,116 @@
+"""Per-token signals that flag sink and dead visual tokens without a vocabulary rule.
+
+Each function is a plain tensor computation, shared by the partition
+(`embedlens.groups`) and the probes that report these signals.
+
+Example:
+    >>> import torch
+    >>> feats = torch.ones(1, 5, 4); feats[0, 3] *= 30
+    >>> vit_norm_outliers(feats, sigma=1.5)[0].tolist()
+    [False, False, False, True, False]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def vit_norm_outliers(
+    feats: torch.Tensor, sigma: float = 2.0, threshold: float | None = None, prefix: int = 0
+) -> torch.Tensor:
+    """High-norm vision-tower tokens (registers / ViT sinks).
+
+    Args:
+        feats: ``[images, tokens, d]`` vision-layer output.
+        sigma: flag norms above mean + sigma * std of that image's patch norms.
+        threshold: an absolute norm threshold instead of the per-image rule.
+        prefix: tokens before the first patch (CLIP's CLS) left out of the statistics.
+
+    Returns:
+        ``[images, tokens - prefix]`` bool, one entry per patch.
+    """
+    norms = feats[:, prefix:].float().norm(dim=-1)  # [images, patches]
+    if threshold is not None:
+        return norms > threshold
+    mean, std = norms.mean(dim=1, keepdim=True), norms.std(dim=1, keepdim=True, unbiased=False)
+    return norms > mean + sigma * std
+
+
+def massive_entries(
+    h: torch.Tensor, valid: torch.Tensor, threshold: float = 100.0, ratio: float = 1000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Massive activations (Sun et al. 2402.17762): |a| > threshold and > ratio x the median |a|.
+
+    Args:
+        h: ``[batch, seq, d]`` hidden states of one layer.
+        valid: ``[batch, seq]`` bool, positions that count (not padding).
+
+    Returns:
+        (``[batch, seq, d]`` bool flags, ``[batch]`` median |a| over each sample's valid entries).
+    """
+    a = h.float().abs()
+    med = torch.stack([a[b][valid[b]].median() if valid[b].any() else a.new_tensor(0.0) for b in range(a.shape[0])])
+    flags = (a > threshold) & (a > ratio * med[:, None, None]) & valid[..., None]
+    return flags, med
+
+
+def rms_normalized(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``h / RMS(h)`` over the last dim, in float32 (the final-norm style normalisation, without weights)."""
+    h = h.float()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def sink_dims(h: torch.Tensor, reference: torch.Tensor, tau: float) -> list[int]:
+    """Dimensions where the reference tokens (e.g. BOS) have an RMS-normalised |value| above `tau`.
+
+    Args:
+        h: ``[batch, seq, d]``; reference: ``[batch, seq]`` bool.
+    """
+    if not reference.any():
+        return []
+    phi = rms_normalized(h[reference]).abs()  # [n, d]
+    return sorted(set((phi > tau).nonzero()[:, 1].tolist()))
+
+
+def attention_sink_scores(h: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """Kang et al. (2503.03321): max over the sink dims of |RMS-normalised h|; ``[batch, seq]``.
+
+    Zero everywhere when there are no sink dims.
+    """
+    if not dims:
+        return h.new_zeros(h.shape[:-1], dtype=torch.float32)
+    return rms_normalized(h)[..., dims].abs().amax(dim=-1)
+
+
+def similarity_entropy(
+    x: torch.Tensor, vocab: torch.Tensor, temperature: float, chunk_size: int = 8192, normalized_vocab: bool = False
+) -> torch.Tensor:
+    """Entropy (nats) of ``softmax(cos(x, vocab) / temperature)`` for each row of `x`.
+
+    The vocabulary is scanned in chunks with a running log-sum-exp, so extra
+    memory is ``[tokens, chunk_size]`` whatever the vocabulary size.
+
+    Args:
+        x: ``[tokens, d]``; vocab: ``[vocab, d]``.
+
+    Returns:
+        ``[tokens]`` float32; divide by ``log(vocab)`` for a 0..1 scale.
+    """
+    xn = F.normalize(x.float(), dim=-1)
+    n = x.shape[0]
+    m = torch.full((n,), float("-inf"), device=x.device)
+    z = torch.zeros(n, device=x.device)  # running sum of exp(l - m)
+    s = torch.zeros(n, device=x.device)  # running sum of exp(l - m) * l
+    for start in range(0, vocab.shape[0], chunk_size):
+        chunk = vocab[start : start + chunk_size].float()
+        if not normalized_vocab:
+            chunk = F.normalize(chunk, dim=-1)
+        logits = xn @ chunk.T / temperature  # [tokens, chunk]
+        m_new = torch.maximum(m, logits.max(dim=-1).values)
+        scale = torch.exp(m - m_new)
+        e = torch.exp(logits - m_new[:, None])
+        z = z * scale + e.sum(-1)
+        s = s * scale + (e * logits).sum(-1)
+        m = m_new
+    return m + z.log() - s / z
