@@ -52,6 +52,10 @@ class Probe(ABC):
         """Tables known only at the end of the run (e.g. a ranking over the data set)."""
         return {}
 
+    def artifacts(self, out_dir: Path) -> list[Path]:
+        """Write fitted state worth reusing (e.g. tuned-lens translators) to `out_dir`; return the paths."""
+        return []
+
     def figures(self, out_dir: Path) -> list[Path]:
         """Write figures to `out_dir`; return their paths."""
         return []

@@ -1,0 +1,398 @@
+"""Logit lens and tuned lens: read the residual stream at every LLM layer through the unembedding."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from embedlens.adapters.base import resolve_path
+from embedlens.errors import EmbedLensError, PlanError
+from embedlens.interventions.select import Selection
+from embedlens.probes._util import resolve_layers, token_groups
+from embedlens.probes.base import Probe, Table
+from embedlens.probes.embedding_lens import lens_site
+from embedlens.registry import probes
+from embedlens.sites import Site
+
+if TYPE_CHECKING:
+    from embedlens.adapters.base import Adapter, Batch
+
+
+def lens_logits(adapter: "Adapter", h: torch.Tensor) -> torch.Tensor:
+    """``W_U . FinalNorm(h)``: logits read from residual states ``[..., d]`` (float32)."""
+    norm = resolve_path(adapter.model, adapter.paths.llm_norm)
+    head = resolve_path(adapter.model, adapter.paths.unembed)
+    logits = head(norm(h.to(adapter.device, next(head.parameters()).dtype))).float()
+    cap = getattr(getattr(adapter.config, "text_config", adapter.config), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _selections(probe: str, queries: list[str]) -> dict[str, Selection]:
+    if not queries:
+        raise PlanError(f"{probe}.roles: name at least one token selection, e.g. [visual, last]")
+    try:
+        return {q: Selection.parse(q) for q in queries}
+    except EmbedLensError as e:
+        raise PlanError(f"{probe}.roles: {e}") from None
+
+
+def _select(probe: str, sels: dict[str, Selection], batch: "Batch") -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(role name, samples, positions) for each selection, padding excluded."""
+    out = []
+    for q, sel in sels.items():
+        try:
+            m = sel.evaluate(batch.roles, (lambda g: batch.groups[g]) if batch.groups else None) & ~batch.roles.padding
+        except EmbedLensError as e:
+            raise PlanError(f"{probe}.roles: {e}") from None
+        s, p = m.nonzero(as_tuple=True)
+        out.append((q, s, p))
+    return out
+
+
+def _target_ids(adapter: "Adapter", batch: "Batch", target: str | None) -> list[int | None]:
+    """Per sample, the token whose rank is tracked: the answer's first token, or a fixed word's first token."""
+    if target is None:
+        return [None] * len(batch.samples)
+    if target == "answer":
+        return [adapter.continuation_ids(s, s.answer)[0] if s.answer else None for s in batch.samples]
+    ids = adapter.tokenizer(target, add_special_tokens=False)["input_ids"]
+    return [ids[0] if ids else None] * len(batch.samples)
+
+
+@probes.register("logit_lens")
+class LogitLens(Probe):
+    """Final norm + unembedding applied at every LLM layer, for chosen tokens.
+
+    Per token and layer: the top-k tokens and probabilities, the entropy of
+    the distribution, and the rank (0 = top) and probability of a target
+    token (the sample's answer's first token, or a fixed word). Summaries are
+    per selection (and per group for visual tokens) and layer; layer l is the
+    residual stream after decoder layer l - 1 (0 = the LLM input).
+
+    Args:
+        layers: lens layers (default: all, 0..n).
+        roles: token selections to read (role names or selection expressions).
+        k: top tokens kept per row.
+        target: "answer", a word, or None.
+        token_chunk: rows unembedded at once (bounds the ``[rows, vocab]`` logits).
+
+    Example:
+        >>> from embedlens.testing import tiny_batch
+        >>> from embedlens.tracing import collect
+        >>> adapter, batch = tiny_batch("llava-clip", n=2)
+        >>> probe = LogitLens(roles=["last"], k=2)
+        >>> rows = probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))["tokens"]
+        >>> len(rows["layer"]) == 2 * (adapter.n_llm_layers + 1)
+        True
+    """
+
+    def __init__(
+        self,
+        layers: list[int] | None = None,
+        roles: list[str] = ["visual", "last"],  # noqa: B006 - never mutated
+        k: int = 5,
+        target: str | None = "answer",
+        token_chunk: int = 256,
+    ):
+        if k < 1:
+            raise PlanError(f"logit_lens.k: must be >= 1; got {k}")
+        self._sels = _selections("logit_lens", roles)
+        self.layers, self.roles, self.k, self.target, self.token_chunk = layers, list(roles), k, target, token_chunk
+        self._stats: dict[tuple[str, int], list[float]] = {}  # (role/group, layer) -> [n, sum entropy, sum rank, n ranked, top1 agrees final]
+
+    def _layers(self, adapter: "Adapter") -> list[int]:
+        n = adapter.n_llm_layers
+        return list(range(n + 1)) if self.layers is None else resolve_layers("logit_lens", "layers", self.layers, n)
+
+    def sites(self, adapter: "Adapter") -> list[Site]:
+        layers = sorted(set(self._layers(adapter)) | {adapter.n_llm_layers})
+        return [lens_site(layer) for layer in layers]
+
+    def _read(self, adapter: "Adapter", h: torch.Tensor) -> torch.Tensor:
+        return lens_logits(adapter, h)
+
+    @torch.no_grad()
+    def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
+        cols = ["sample", "sample_id", "position", "role", "group", "layer"]
+        cols += [f"{x}_{j}" for j in range(1, self.k + 1) for x in ("id", "token", "prob")]
+        cols += ["entropy", "target_id", "target_rank", "target_prob"]
+        rows: Table = {c: [] for c in cols}
+        targets = _target_ids(adapter, batch, self.target)
+        n = adapter.n_llm_layers
+        for role, s, p in _select("logit_lens", self._sels, batch):
+            if len(s) == 0:
+                continue
+            groups = token_groups(batch, s, p) if role == "visual" else [role] * len(s)
+            tgt = torch.tensor([t if t is not None else -1 for t in targets])[s]
+            final_top = torch.cat([self._read(adapter, acts[lens_site(n)][s[i : i + self.token_chunk], p[i : i + self.token_chunk]]).argmax(-1).cpu()
+                                   for i in range(0, len(s), self.token_chunk)])
+            for layer in self._layers(adapter):
+                h = acts[lens_site(layer)]
+                for i in range(0, len(s), self.token_chunk):
+                    sl = slice(i, i + self.token_chunk)
+                    logp = F.log_softmax(self._read(adapter, h[s[sl], p[sl]]), dim=-1).cpu()  # [rows, vocab]
+                    self._emit(adapter, rows, batch, role, groups[sl], layer, s[sl], p[sl], logp, tgt[sl], final_top[sl])
+        return {"tokens": rows}
+
+    def _emit(self, adapter, rows, batch, role, groups, layer, s, p, logp, tgt, final_top) -> None:
+        probs = logp.exp()
+        ent = -(probs * logp).sum(-1)
+        top_p, top_i = probs.topk(self.k, dim=-1)
+        has = tgt >= 0
+        t_lp = logp.gather(1, tgt.clamp(min=0)[:, None])[:, 0]
+        rank = (logp > t_lp[:, None]).sum(-1)
+        rows["sample"] += s.tolist()
+        rows["sample_id"] += [batch.samples[i].id for i in s.tolist()]
+        rows["position"] += p.tolist()
+        rows["role"] += [role] * len(s)
+        rows["group"] += list(groups)
+        rows["layer"] += [layer] * len(s)
+        ids = top_i.tolist()
+        for j in range(self.k):
+            col = [r[j] for r in ids]
+            rows[f"id_{j + 1}"] += col
+            rows[f"token_{j + 1}"] += adapter.tokenizer.convert_ids_to_tokens(col)
+            rows[f"prob_{j + 1}"] += top_p[:, j].tolist()
+        rows["entropy"] += ent.tolist()
+        rows["target_id"] += [int(t) if h else None for t, h in zip(tgt.tolist(), has.tolist())]
+        rows["target_rank"] += [int(r) if h else None for r, h in zip(rank.tolist(), has.tolist())]
+        rows["target_prob"] += [float(x) if h else None for x, h in zip(t_lp.exp().tolist(), has.tolist())]
+        agree = (top_i[:, 0] == final_top).tolist()
+        for i, g in enumerate(groups):
+            st = self._stats.setdefault((g, layer), [0, 0.0, 0.0, 0, 0])
+            st[0] += 1
+            st[1] += float(ent[i])
+            if has[i]:
+                st[2] += float(rank[i])
+                st[3] += 1
+            st[4] += int(agree[i])
+
+    def result(self) -> dict[str, Any]:
+        out: dict[str, dict[str, Any]] = {}
+        for (g, layer), (n, e, r, nr, agree) in sorted(self._stats.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            d = out.setdefault(g, {"layers": [], "mean_entropy": [], "mean_target_rank": [], "top1_agrees_with_final": []})
+            d["layers"].append(layer)
+            d["mean_entropy"].append(e / n)
+            d["mean_target_rank"].append(r / nr if nr else None)
+            d["top1_agrees_with_final"].append(agree / n)
+        return {"by_role": out}
+
+    def figures(self, out_dir: Path) -> list[Path]:
+        from embedlens.figures import layer_curves
+
+        res = self.result()["by_role"]
+        if not res:
+            return []
+        name = self.registered_name
+        out = [layer_curves({g: (d["layers"], d["mean_entropy"]) for g, d in res.items()}, Path(out_dir) / f"{name}_entropy.png",
+                            ylabel="entropy (nats)", title=f"{name}: entropy of the read-out per layer")]
+        ranked = {g: (d["layers"], [math.log1p(x) if x is not None else float("nan") for x in d["mean_target_rank"]])
+                  for g, d in res.items() if any(x is not None for x in d["mean_target_rank"])}
+        if ranked:
+            out.append(layer_curves(ranked, Path(out_dir) / f"{name}_target_rank.png", ylabel="log(1 + mean target rank)",
+                                    title=f"{name}: rank of the target token per layer"))
+        return out
+
+
+class Translators(torch.nn.Module):
+    """One affine translator per layer, ``h + A h + b`` with A, b starting at zero (the logit lens)."""
+
+    def __init__(self, layers: list[int], d: int):
+        super().__init__()
+        self.layers = list(layers)
+        self.weight = torch.nn.Parameter(torch.zeros(len(layers), d, d))
+        self.bias = torch.nn.Parameter(torch.zeros(len(layers), d))
+
+    def forward(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        return h + h @ self.weight[i].T + self.bias[i]
+
+
+@probes.register("tuned_lens")
+class TunedLens(LogitLens):
+    """Tuned lens (2303.08112): a learned affine translator per layer before the final norm and unembedding.
+
+    Translators start as the identity (the logit lens) and are fitted on the
+    run's own batches to minimise KL(final distribution || lens distribution)
+    over the selected tokens. Each batch is first evaluated, then trained on
+    (prequential), so the reported KL is always on unseen data. Give
+    `translators` to load fitted ones (they are then not trained);
+    they are saved as ``tuned_lens.safetensors`` in the run folder.
+
+    Args:
+        layers: lens layers (default: 0..n-1; layer n is the final one).
+        roles: token selections.
+        k: top tokens kept per row.
+        target: "answer", a word, or None.
+        lr: Adam learning rate.
+        steps: optimisation steps per batch.
+        translators: a saved ``.safetensors`` file to load instead of training.
+        seed: seed of the optimisation.
+        token_chunk: rows unembedded at once.
+
+    Example:
+        >>> from embedlens.testing import tiny_batch
+        >>> from embedlens.tracing import collect
+        >>> adapter, batch = tiny_batch("llava-clip", n=2)
+        >>> probe = TunedLens(layers=[1, 2], roles=["visual"], steps=2)
+        >>> _ = probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))
+        >>> sorted(probe.result()["kl"])
+        ['1', '2']
+    """
+
+    def __init__(
+        self,
+        layers: list[int] | None = None,
+        roles: list[str] = ["visual", "text"],  # noqa: B006 - never mutated
+        k: int = 5,
+        target: str | None = "answer",
+        lr: float = 1e-3,
+        steps: int = 20,
+        translators: str | None = None,
+        seed: int = 0,
+        token_chunk: int = 256,
+    ):
+        super().__init__(layers=layers, roles=roles, k=k, target=target, token_chunk=token_chunk)
+        if lr <= 0 or steps < 0:
+            raise PlanError(f"tuned_lens: lr must be > 0 and steps >= 0; got lr={lr}, steps={steps}")
+        self.lr, self.steps, self.translators, self.seed = lr, steps, translators, seed
+        self._tr: Translators | None = None
+        self._opt: torch.optim.Optimizer | None = None
+        self._layer_index: dict[int, int] = {}
+        self._kl: dict[int, list[float]] = {}  # layer -> [sum KL logit lens, sum KL tuned, n]
+
+    def _layers(self, adapter: "Adapter") -> list[int]:
+        n = adapter.n_llm_layers
+        if self.layers is None:
+            return list(range(n))
+        return resolve_layers("tuned_lens", "layers", self.layers, n)
+
+    def check(self, adapter: "Adapter") -> None:
+        self.sites(adapter)
+        self._init(adapter)
+
+    def _load(self, adapter: "Adapter") -> None:
+        from safetensors.torch import load_file
+
+        path = Path(self.translators)
+        if not path.is_file():
+            raise PlanError(f"tuned_lens.translators: file not found: {path}")
+        state = load_file(str(path))
+        layers = state.pop("layers").tolist()
+        want = self._layers(adapter)
+        if layers != want or state["weight"].shape[-1] != adapter.input_embeddings().shape[1]:
+            raise PlanError(f"tuned_lens.translators: {path} holds layers {layers} of width {state['weight'].shape[-1]}; "
+                            f"this probe reads layers {want} of width {adapter.input_embeddings().shape[1]}")
+        self._tr.load_state_dict(state)
+
+    def _init(self, adapter: "Adapter") -> None:
+        if self._tr is None:
+            torch.manual_seed(self.seed)
+            layers = self._layers(adapter)
+            self._tr = Translators(layers, adapter.input_embeddings().shape[1])
+            self._layer_index = {layer: i for i, layer in enumerate(layers)}
+            self._opt = torch.optim.Adam(self._tr.parameters(), lr=self.lr)
+            if self.translators is not None:
+                self._load(adapter)
+
+    def _read(self, adapter: "Adapter", h: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return lens_logits(adapter, self._tr(self._layer_index[self._current], h.float()))
+
+    def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
+        self._init(adapter)
+        n = adapter.n_llm_layers
+        sel = [(s, p) for _, s, p in _select("tuned_lens", self._sels, batch) if len(s)]
+        if not sel:
+            return {}
+        s = torch.cat([x[0] for x in sel])
+        p = torch.cat([x[1] for x in sel])
+        with torch.no_grad():
+            final = F.log_softmax(lens_logits(adapter, acts[lens_site(n)][s, p]), -1)
+        # evaluate first (prequential), then train on this batch
+        for layer in self._layers(adapter):
+            self._current = layer
+            h = acts[lens_site(layer)][s, p].float()
+            with torch.no_grad():
+                kl_logit = F.kl_div(F.log_softmax(lens_logits(adapter, h), -1), final, log_target=True, reduction="sum")
+                kl_tuned = F.kl_div(F.log_softmax(self._read(adapter, h), -1), final, log_target=True, reduction="sum")
+            acc = self._kl.setdefault(layer, [0.0, 0.0, 0])
+            acc[0] += float(kl_logit)
+            acc[1] += float(kl_tuned)
+            acc[2] += len(s)
+        rows: dict[str, Table] = {}
+        self._current = None
+        tables = self._tables(adapter, batch, acts)
+        if self.translators is None and self.steps:
+            self._train(adapter, acts, s, p, final)
+        rows.update(tables)
+        return rows
+
+    @torch.no_grad()
+    def _tables(self, adapter, batch, acts) -> dict[str, Table]:
+        cols = ["sample", "sample_id", "position", "role", "group", "layer"]
+        cols += [f"{x}_{j}" for j in range(1, self.k + 1) for x in ("id", "token", "prob")]
+        cols += ["entropy", "target_id", "target_rank", "target_prob"]
+        rows: Table = {c: [] for c in cols}
+        targets = _target_ids(adapter, batch, self.target)
+        n = adapter.n_llm_layers
+        for role, s, p in _select("tuned_lens", self._sels, batch):
+            if len(s) == 0:
+                continue
+            groups = token_groups(batch, s, p) if role == "visual" else [role] * len(s)
+            tgt = torch.tensor([t if t is not None else -1 for t in targets])[s]
+            with torch.no_grad():
+                final_top = lens_logits(adapter, acts[lens_site(n)][s, p]).argmax(-1).cpu()
+            for layer in self._layers(adapter):
+                self._current = layer
+                logp = F.log_softmax(self._read(adapter, acts[lens_site(layer)][s, p]), dim=-1).cpu()
+                self._emit(adapter, rows, batch, role, groups, layer, s, p, logp, tgt, final_top)
+        return {"tokens": rows}
+
+    def _train(self, adapter, acts, s, p, final) -> None:
+        layers = self._layers(adapter)
+        hs = [acts[lens_site(layer)][s, p].float() for layer in layers]
+        gen = torch.random.fork_rng()
+        with gen:
+            torch.manual_seed(self.seed + sum(self._kl[layers[0]][2:]))
+            for _ in range(self.steps):
+                self._opt.zero_grad()
+                loss = sum(
+                    F.kl_div(F.log_softmax(lens_logits(adapter, self._tr(i, h)), -1), final, log_target=True, reduction="batchmean")
+                    for i, h in enumerate(hs)
+                )
+                loss.backward()
+                self._opt.step()
+
+    def result(self) -> dict[str, Any]:
+        out = super().result()
+        out["kl"] = {str(layer): {"logit_lens": a / n, "tuned_lens": b / n, "n_tokens": n} for layer, (a, b, n) in sorted(self._kl.items())}
+        out["trained"] = self.translators is None
+        return out
+
+    def artifacts(self, out_dir: Path) -> list[Path]:
+        if self._tr is None:
+            return []
+        from safetensors.torch import save_file
+
+        path = Path(out_dir) / "tuned_lens.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"weight": self._tr.weight.detach().contiguous(), "bias": self._tr.bias.detach().contiguous(),
+                   "layers": torch.tensor(self._tr.layers)}, str(path))
+        return [path]
+
+    def figures(self, out_dir: Path) -> list[Path]:
+        from embedlens.figures import layer_curves
+
+        out = super().figures(out_dir)
+        kl = self.result()["kl"]
+        if kl:
+            xs = [int(k) for k in kl]
+            out.append(layer_curves({"logit lens": (xs, [v["logit_lens"] for v in kl.values()]),
+                                     "tuned lens": (xs, [v["tuned_lens"] for v in kl.values()])},
+                                    Path(out_dir) / "tuned_lens_kl.png", ylabel="KL to the final layer (nats/token)",
+                                    title="Held-out KL per layer: logit lens vs tuned lens"))
+        return out
