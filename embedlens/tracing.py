@@ -75,3 +75,36 @@ def collect(adapter: "Adapter", batch: "Batch", sites: Iterable["str | Site"]) -
             for site in resolved:
                 saved[site] = _read(root, adapter, site).save()
     return {s: v.detach() for s, v in saved.items()}
+
+
+def collect_text(adapter: "Adapter", texts: list[str], sites: Iterable["str | Site"]) -> tuple[dict[Site, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Run the model on text alone (no image) and return LLM activations at `sites`.
+
+    Args:
+        texts: passages, tokenized with the model's tokenizer (right padding).
+        sites: LLM sites only (``llm.embed``, ``llm.layers[i]``, ...).
+
+    Returns:
+        (activations by site ``[batch, seq, d]``, ``input_ids``, ``attention_mask``).
+    """
+    resolved = sorted({adapter.resolve(s) for s in sites}, key=Site.order_key)
+    bad = [str(s) for s in resolved if not s.component.startswith("llm.")]
+    if bad:
+        from embedlens.errors import AdapterError
+
+        raise AdapterError(f"collect_text reads LLM sites only; got {bad}")
+    tok = adapter.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        enc = tok(list(texts), return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    inputs = {"input_ids": enc["input_ids"].to(adapter.device), "attention_mask": enc["attention_mask"].to(adapter.device)}
+    root = adapter.nnsight
+    saved = {}
+    with torch.no_grad():
+        with root.trace(**inputs):
+            for site in resolved:
+                saved[site] = _read(root, adapter, site).save()
+    return {s: v.detach() for s, v in saved.items()}, enc["input_ids"], enc["attention_mask"].bool()

@@ -97,11 +97,12 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None) -> Prepared:
     if plan.partition is not None:
         p = plan.partition
         try:
-            partition = Partition(dict(p.anchors), k=p.k, matrix=p.matrix)
+            partition = Partition(**p.model_dump())
             partition.check(adapter)
         except EmbedLensError as e:
             head, _, msg = str(e).partition(": ")  # "partition.anchors.dead: ..." -> that key
-            raise loaded.error(tuple(head.split(".")), msg) from None
+            key = tuple(head.split(".")) if head.startswith("partition.") else ("partition",)
+            raise loaded.error(key, msg if head.startswith("partition.") else str(e)) from None
     data = plan.data
     try:
         samples = read_jsonl(loaded.resolve(data.prompts), loaded.resolve(data.images) if data.images else None)
@@ -207,15 +208,27 @@ def run(
     out = Path(out_dir) if out_dir is not None else Path(plan.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(plan.seed)
-    sites = sorted({s for _, p in prepared.probes for s in p.sites(adapter)}, key=lambda s: s.order_key())
+    partition = prepared.partition
+    sites = {s for _, p in prepared.probes for s in p.sites(adapter)}
+    if partition is not None and prepared.probes:
+        sites |= set(partition.sites(adapter))
+    sites = sorted(sites, key=lambda s: s.order_key())
     sink = _CsvSink(out)
     started = time.time()
     total = len(prepared.samples)
     chunks = [prepared.samples[i : i + plan.batch_size] for i in range(0, total, plan.batch_size)]
     engine = Engine(adapter) if prepared.conditions else None
+    def batches():
+        return (adapter.encode(c, padding_side=plan.data.padding_side) for c in chunks)
+
+    if partition is not None and partition.needs_fit:  # discovered anchors, before any batch is labelled
+        partition.fit(adapter, batches())
+    for _, probe in prepared.probes:
+        if probe.needs_fit:
+            probe.fit(adapter, batches())
     for cond in prepared.conditions:
         if cond.needs_fit:  # data-set statistics (e.g. mean ablation) in an earlier pass
-            cond.fit(adapter, (adapter.encode(c, padding_side=plan.data.padding_side) for c in chunks))
+            cond.fit(adapter, batches())
     effects = _EffectSummary()
     try:
         done = 0
@@ -223,6 +236,8 @@ def run(
             if prepared.probes:
                 batch = adapter.encode(chunk, padding_side=plan.data.padding_side)
                 acts = collect(adapter, batch, sites)
+                if partition is not None:
+                    batch.groups = partition.label(adapter, batch, acts=acts)
                 for name, probe in prepared.probes:
                     for table, rows in probe.update(adapter, batch, acts).items():
                         sink.write(f"{name}.{table}" if len(prepared.probes) > 1 else table, rows)
@@ -240,10 +255,16 @@ def run(
             done += len(chunk)
             if progress is not None:
                 progress(done, total)
+        for name, probe in prepared.probes:
+            for table, rows in probe.final_tables().items():
+                sink.write(f"{name}.{table}" if len(prepared.probes) > 1 else table, rows)
     finally:
         sink.close()
     result = RunResult(out_dir=out, tables=dict(sink.paths))
     result.summary = {name: probe.result() for name, probe in prepared.probes}
+    if partition is not None and partition.discovered:
+        result.summary["partition"] = {"discovered_anchors": partition.discovered}
+    artifacts = [p for _, probe in prepared.probes for p in probe.artifacts(out)]
     if engine is not None:
         result.summary["effects"] = effects.result()
     if plan.output.figures:
@@ -261,6 +282,7 @@ def run(
         "seconds": round(time.time() - started, 3),
         "tables": {k: str(v.relative_to(out)) for k, v in result.tables.items()},
         "figures": [str(f.relative_to(out)) for f in result.figures],
+        "artifacts": [str(a.relative_to(out)) for a in artifacts],
     }
     (out / "summary.json").write_text(json.dumps(result.summary, indent=2, default=str))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

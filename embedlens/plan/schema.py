@@ -56,11 +56,28 @@ class MetricSpec(_Strict):
 
 
 class PartitionSpec(_Strict):
-    """Token groups by anchor ids (EmbedLens's rule), for selections naming a group."""
+    """Token groups (sink / dead / alive) for the whole run: selections name them, probes report per group.
 
-    anchors: dict[str, list[int]] = Field(..., description="group name -> anchor vocabulary ids, in precedence order")
+    The fields are those of `embedlens.groups.Partition`; at least one rule is needed.
+    """
+
+    anchors: dict[str, list[int]] = Field(default_factory=dict, description="group name -> anchor vocabulary ids")
+    discover: bool = Field(False, description="discover sink/dead anchor ids from the data first")
     k: int = Field(3, ge=1, description="a token is in a group if any of its top-k neighbours is an anchor")
     matrix: Literal["input", "output"] = "input"
+    vit_norm: str | None = Field(None, description="group for ViT high-norm tokens (e.g. sink)")
+    vit_layer: int = -2
+    vit_sigma: float = Field(2.0, gt=0)
+    vit_threshold: float | None = None
+    massive: str | None = Field(None, description="group for tokens with a massive activation (e.g. sink)")
+    massive_layers: list[int] | None = None
+    massive_threshold: float = 100.0
+    massive_ratio: float = 1000.0
+    entropy: str | None = Field(None, description="group for tokens with flat vocabulary similarities (e.g. dead)")
+    entropy_threshold: float = Field(0.9, gt=0, le=1)
+    temperature: float = Field(0.05, gt=0)
+    order: list[str] | None = Field(None, description="precedence (default: sink, dead, others)")
+    chunk_size: int = Field(8192, ge=1)
 
 
 class OutputSpec(_Strict):

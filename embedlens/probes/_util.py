@@ -139,3 +139,29 @@ class FirstImage:
             "col": [int(vt["col"][i]) for i in sel],
             **{k: [v[i] for i in sel] for k, v in per_token.items()},
         }
+
+
+def visual_rows(adapter: "Adapter", site, act: torch.Tensor, vt: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[tokens, d]``: the activation at `site` of each visual token of `vt`.
+
+    LLM sites are indexed by (sample, position); vision sites by the token's
+    row of the vision batch and its patch (after CLIP's CLS for vision layers).
+    """
+    comp = site.component
+    if comp.startswith("llm."):
+        return act[vt["sample"].to(act.device), vt["position"].to(act.device)]
+    col = vt["feature_col"] + (adapter.n_prefix_tokens if comp in ("vision.layers", "vision.embed") else 0)
+    return act[vt["feature_row"].to(act.device), col.to(act.device)]
+
+
+def parse_site(probe: str, param: str, adapter: "Adapter", name: str):
+    """Resolve a site name for a probe parameter; `PlanError` naming ``probe.param`` when it is wrong."""
+    from embedlens.errors import EmbedLensError
+
+    try:
+        site = adapter.resolve(name)
+    except EmbedLensError as e:
+        raise PlanError(f"{probe}.{param}: {e}") from None
+    if site.component == "llm.unembed" or site.component == "llm.norm":
+        raise PlanError(f"{probe}.{param}: {name} has no per-token residual vectors to compare; use llm.embed or llm.layers[i]")
+    return site

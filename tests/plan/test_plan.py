@@ -62,7 +62,7 @@ def _error(workdir, text) -> str:
 @pytest.mark.parametrize(
     "old, new, expected",
     [
-        ("  - name: embedding_lens", "  - name: embeding_lens", r"plan.yaml:6 probes\[0\].name: Unknown probe 'embeding_lens'. Did you mean: embedding_lens\?"),
+        ("  - name: embedding_lens", "  - name: embeding_lens", r"plan.yaml:6 probes\[0\].name: Unknown probe 'embeding_lens'. Did you mean: embedding_lens\b"),
         ("batch_size: 2", "batch_sise: 2", r"plan.yaml:12 batch_sise: unknown key. Did you mean: batch_size\?"),
         ("      k: 2", "      kk: 2", r"plan.yaml:8 probes\[0\].params.kk: embedding_lens has no parameter 'kk'. Did you mean: k\?"),
         ("      k: 2", "      k: two", r"plan.yaml:8 probes\[0\].params.k: expected int, got 'two'"),
