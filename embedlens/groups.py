@@ -176,7 +176,9 @@ class Partition:
         from embedlens.probes.anchor_discovery import AnchorDiscovery
         from embedlens.tracing import collect
 
-        probe = AnchorDiscovery(k=self.k, matrix=self.matrix, chunk_size=self.chunk_size, vit_layer=self.vit_layer)
+        # discovery counts nearest ids only (k=1): with larger k an anchor's own close neighbours
+        # would look content-independent too; membership then uses the partition's k
+        probe = AnchorDiscovery(k=1, matrix=self.matrix, chunk_size=self.chunk_size, vit_layer=self.vit_layer)
         for batch in batches:
             probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))
         found = probe.anchors()

@@ -1,0 +1,105 @@
+"""Planted structure: the partition, anchor discovery and the sink detectors recover exactly what was planted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embedlens.groups import Partition
+from embedlens.probes import AnchorDiscovery, SemanticProbe, SinkDetector, TokenPartition
+from embedlens.testing.planted import planted_model, planted_samples
+from embedlens.tracing import collect
+
+_MODELS: dict = {}
+
+
+@pytest.fixture(params=["clip", "siglip"])
+def planted(request):
+    if request.param not in _MODELS:
+        _MODELS[request.param] = planted_model(request.param)
+    adapter, truth = _MODELS[request.param]
+    batch = adapter.encode(planted_samples(5), padding_side="left")
+    return adapter, truth, batch
+
+
+def _run(probe, adapter, batch):
+    return probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))
+
+
+def _mask_of(rows, batch, column, value=True):
+    """`[batch, seq]` mask of the rows of a per-token table whose `column` equals `value`."""
+    m = torch.zeros_like(batch.roles.visual)
+    for s, p, v in zip(rows["sample"], rows["position"], rows[column]):
+        if v == value:
+            m[s, p] = True
+    return m
+
+
+def test_token_partition_recovers_planted_anchor_groups(planted):
+    adapter, truth, batch = planted
+    rows = _run(TokenPartition(anchors={"sink": [truth.sink_id], "dead": [truth.dead_id]}, k=1), adapter, batch)["tokens"]
+    for g, want in truth.masks(batch).items():
+        assert torch.equal(_mask_of(rows, batch, "group", g), want), g
+
+
+def test_rules_combine_with_precedence_and_overlaps(planted):
+    adapter, truth, batch = planted
+    probe = TokenPartition(anchors={"sink": [truth.sink_id], "dead": [truth.dead_id]}, k=1, vit_norm="sink", massive="sink")
+    rows = _run(probe, adapter, batch)["tokens"]
+    p = truth.patch_masks(batch)
+    assert torch.equal(_mask_of(rows, batch, "group", "sink"), p["vit"] | p["massive"])
+    assert torch.equal(_mask_of(rows, batch, "group", "dead"), p["background"] & ~p["vit"] & ~p["massive"])
+    assert torch.equal(_mask_of(rows, batch, "vit_norm"), p["vit"])
+    assert torch.equal(_mask_of(rows, batch, "massive"), p["massive"])
+    # the massive-activation patch sits on the dead row: claimed by both, sink wins by precedence
+    assert probe.result()["overlaps"] == {"sink&dead": 5}
+    reordered = TokenPartition(anchors={"sink": [truth.sink_id], "dead": [truth.dead_id]}, k=1, massive="sink", order=["dead", "sink"])
+    rows = _run(reordered, adapter, batch)["tokens"]
+    assert torch.equal(_mask_of(rows, batch, "group", "dead"), p["background"] & ~p["vit"])
+
+
+def test_anchor_discovery_finds_exactly_the_planted_anchors(planted):
+    adapter, truth, batch = planted
+    probe = AnchorDiscovery()
+    _run(probe, adapter, batch)
+    cands = {c["id"]: c["kind"] for c in probe.candidates()}
+    assert cands == {truth.dead_id: "dead", truth.sink_id: "sink"}
+    # and the partition built on discovered anchors alone matches the ground truth
+    part = Partition(discover=True, k=1)
+    part.fit(adapter, [batch])
+    assert part.discovered == {"sink": [truth.sink_id], "dead": [truth.dead_id]}
+    masks = part.label(adapter, batch)
+    for g, want in truth.masks(batch).items():
+        assert torch.equal(masks[g], want), g
+
+
+def test_sink_detector_flags_exactly_the_planted_tokens(planted):
+    adapter, truth, batch = planted
+    probe = SinkDetector(tau=5.0)  # a 64-wide model cannot reach tau=20: max |h/rms(h)| is sqrt(64)
+    rows = _run(probe, adapter, batch)["tokens"]
+    p = truth.patch_masks(batch)
+    assert torch.equal(_mask_of(rows, batch, "vit_norm_flag"), p["vit"])
+    assert torch.equal(_mask_of(rows, batch, "massive_flag"), p["massive"])
+    assert torch.equal(_mask_of(rows, batch, "attention_sink_flag"), p["massive"])
+    res = probe.result()
+    assert res["sink_dims"] == [truth.massive_dim]
+    first = res["layers"][str(truth.massive_layer)]
+    assert first["top_dims"][0][0] == truth.massive_dim
+    assert first["roles"] == {"visual": 5, "bos": 5}  # BOS carries the planted activation too
+    assert res["layers"][str(truth.massive_layer - 1)]["n_massive"] == 0  # not before the planted layer
+    assert res["agreement"]["massive&attention_sink"]["jaccard"] == 1.0
+    assert res["agreement"]["vit_norm&massive"]["both"] == 0
+
+
+def test_semantic_probe_reads_colour_from_object_tokens_only(planted):
+    adapter, truth, batch = planted
+    part = Partition(anchors={"sink": [truth.sink_id], "dead": [truth.dead_id]}, k=1)
+    probe = SemanticProbe(attributes=["colour"], sites=["llm.embed"], cv=2)
+    for seed in range(2):  # two batches, ten images, two per colour
+        b = adapter.encode(planted_samples(10)[seed * 5 : seed * 5 + 5], padding_side="right")
+        acts = collect(adapter, b, probe.sites(adapter))
+        b.groups = part.label(adapter, b, acts=acts)
+        probe.update(adapter, b, acts)
+    scores = {(e["group"]): e for e in probe.result()["scores"]}
+    assert scores["alive"]["accuracy"] == 1.0 and scores["alive"]["n"] == 40
+    assert scores["dead"]["accuracy"] is None and scores["dead"]["chance"] == 1.0  # one class: nothing to learn
