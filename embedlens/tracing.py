@@ -93,6 +93,17 @@ def collect_text(adapter: "Adapter", texts: list[str], sites: Iterable["str | Si
         from embedlens.errors import AdapterError
 
         raise AdapterError(f"collect_text reads LLM sites only; got {bad}")
+    from embedlens.adapters.base import Adapter
+
+    if len(texts) > 1 and type(adapter).block_ids is not Adapter.block_ids:
+        # prefix-LM families (PaliGemma) mask padded text-only batches differently from the language
+        # model alone; one passage per forward keeps every passage exactly as the LM reads it
+        parts = [collect_text(adapter, [t], resolved) for t in texts]
+        width = max(p[1].shape[1] for p in parts)
+        pad = lambda x, v: torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1]) if x.dim() == 3 else (0, width - x.shape[1]), value=v)  # noqa: E731
+        acts = {s: torch.cat([pad(p[0][s], 0.0) for p in parts]) for s in resolved}
+        pad_id = adapter.tokenizer.pad_token_id or 0
+        return acts, torch.cat([pad(p[1], pad_id) for p in parts]), torch.cat([pad(p[2], False) for p in parts])
     tok = adapter.tokenizer
     side = tok.padding_side
     tok.padding_side = "right"
@@ -100,7 +111,13 @@ def collect_text(adapter: "Adapter", texts: list[str], sites: Iterable["str | Si
         enc = tok(list(texts), return_tensors="pt", padding=True)
     finally:
         tok.padding_side = side
-    inputs = {"input_ids": enc["input_ids"].to(adapter.device), "attention_mask": enc["attention_mask"].to(adapter.device)}
+    mask = enc["attention_mask"]
+    inputs = {
+        "input_ids": enc["input_ids"].to(adapter.device),
+        "attention_mask": mask.to(adapter.device),
+        # each passage is numbered as if it ran alone, from the family's first position (PaliGemma: 1)
+        "position_ids": ((mask.long().cumsum(1) - 1).clamp(min=0) + adapter.position_offset).to(adapter.device),
+    }
     root = adapter.nnsight
     saved = {}
     with torch.no_grad():
