@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
 import torch
 
@@ -41,6 +41,9 @@ class Probe(ABC):
     @abstractmethod
     def result(self) -> dict[str, Any]:
         """A JSON-serialisable summary of everything seen so far."""
+
+    example_params: ClassVar[dict[str, Any]] = {}
+    """Parameters for the conformance suite when the probe has required ones."""
 
     needs_fit: bool = False
     """True when the probe needs a pass over the data before the first `update` (see `fit`)."""

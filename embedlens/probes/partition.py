@@ -145,6 +145,7 @@ class AnchorGroups(_PartitionProbe):
     """
 
     name = "anchor_groups"
+    example_params = {"anchors": {"sink": [5], "dead": [6, 7]}}
 
     def __init__(
         self,
@@ -172,7 +173,8 @@ class TokenPartition(_PartitionProbe):
 
     Args:
         anchors: group name -> anchor vocabulary ids.
-        discover: find sink/dead anchors from the data in a first pass (see `anchor_discovery`).
+        discover: find sink/dead anchors from the data in a first pass (see `anchor_discovery`);
+            default: only when no anchors are given.
         k: neighbours compared with the anchors.
         matrix: "input" or "output" embeddings for the neighbours.
         vit_norm: group for ViT high-norm tokens ("sink"), or None to skip the rule.
@@ -204,7 +206,7 @@ class TokenPartition(_PartitionProbe):
     def __init__(
         self,
         anchors: dict[str, list[int]] = {},  # noqa: B006 - never mutated
-        discover: bool = False,
+        discover: bool | None = None,
         k: int = 3,
         matrix: Literal["input", "output"] = "input",
         vit_norm: str | None = None,
@@ -222,7 +224,7 @@ class TokenPartition(_PartitionProbe):
         chunk_size: int = 8192,
     ):
         params = dict(
-            anchors=anchors, discover=discover, k=k, matrix=matrix, vit_norm=vit_norm, vit_layer=vit_layer,
+            anchors=anchors, discover=(not anchors) if discover is None else discover, k=k, matrix=matrix, vit_norm=vit_norm, vit_layer=vit_layer,
             vit_sigma=vit_sigma, vit_threshold=vit_threshold, massive=massive, massive_layers=massive_layers,
             massive_threshold=massive_threshold, massive_ratio=massive_ratio, entropy=entropy,
             entropy_threshold=entropy_threshold, temperature=temperature, order=order, chunk_size=chunk_size,

@@ -78,6 +78,8 @@ class SemanticProbe(Probe):
         []
     """
 
+    example_params = {"attributes": ["colour"], "cv": 2}
+
     def __init__(
         self,
         attributes: list[str],
