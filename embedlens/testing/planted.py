@@ -18,7 +18,7 @@ Example:
     >>> batch = adapter.encode(planted_samples(2))
     >>> gt = truth.masks(batch)
     >>> [int(gt[g].sum()) for g in ("sink", "dead", "alive")]
-    [2, 20, 8]
+    [2, 22, 8]
 """
 
 from __future__ import annotations
