@@ -72,10 +72,15 @@ class SemanticProbe(Probe):
         seed: seed of the reservoir, the folds and the solver.
 
     Example:
-        >>> from embedlens.testing import tiny_batch
-        >>> probe = SemanticProbe(attributes=["colour"], sites=["llm.embed"])
-        >>> probe.result()["scores"]
-        []
+        >>> from embedlens.adapters import load_model
+        >>> from embedlens.testing.planted import planted_samples
+        >>> from embedlens.tracing import collect
+        >>> adapter = load_model("tiny:llava-clip")
+        >>> batch = adapter.encode(planted_samples(10))  # 4x4 colour grids in meta.patch_labels
+        >>> probe = SemanticProbe(attributes=["colour"], cv=2)
+        >>> _ = probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))
+        >>> probe.result()["n_labelled_tokens"], probe.result()["scores"][0]["group"]
+        (160, 'all')
     """
 
     example_params = {"attributes": ["colour"], "cv": 2}
