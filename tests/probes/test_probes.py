@@ -92,6 +92,7 @@ def test_cls_attention_is_refused_for_siglip():
         AttentionFlow(vit_cls_layer=-2).check(get_adapter("llava-siglip"))
 
 
+@torch.no_grad()
 def test_logit_lens_matches_hf_and_float64(adapter):
     batch = adapter.encode(mixed_samples(adapter=adapter), padding_side="left")
     probe = LogitLens(roles=["last", "answer"], k=3)
