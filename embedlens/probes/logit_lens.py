@@ -103,6 +103,7 @@ class LogitLens(Probe):
         self._sels = _selections("logit_lens", roles)
         self.layers, self.roles, self.k, self.target, self.token_chunk = layers, list(roles), k, target, token_chunk
         self._stats: dict[tuple[str, int], list[float]] = {}  # (role/group, layer) -> [n, sum entropy, sum rank, n ranked, top1 agrees final]
+        self._current: int | None = None  # layer being read (the tuned lens picks its translator by it)
 
     def _layers(self, adapter: "Adapter") -> list[int]:
         n = adapter.n_llm_layers
@@ -117,25 +118,30 @@ class LogitLens(Probe):
 
     @torch.no_grad()
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
+        return self._tables(adapter, batch, acts)
+
+    @torch.no_grad()
+    def _tables(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
         cols = ["sample", "sample_id", "position", "role", "group", "layer"]
         cols += [f"{x}_{j}" for j in range(1, self.k + 1) for x in ("id", "token", "prob")]
         cols += ["entropy", "target_id", "target_rank", "target_prob"]
         rows: Table = {c: [] for c in cols}
         targets = _target_ids(adapter, batch, self.target)
         n = adapter.n_llm_layers
-        for role, s, p in _select("logit_lens", self._sels, batch):
+        name = self.registered_name
+        for role, s, p in _select(name, self._sels, batch):
             if len(s) == 0:
                 continue
             groups = token_groups(batch, s, p) if role == "visual" else [role] * len(s)
             tgt = torch.tensor([t if t is not None else -1 for t in targets])[s]
-            final_top = torch.cat([self._read(adapter, acts[lens_site(n)][s[i : i + self.token_chunk], p[i : i + self.token_chunk]]).argmax(-1).cpu()
-                                   for i in range(0, len(s), self.token_chunk)])
+            chunks = [slice(i, i + self.token_chunk) for i in range(0, len(s), self.token_chunk)]
+            final_top = torch.cat([lens_logits(adapter, acts[lens_site(n)][s[c], p[c]]).argmax(-1).cpu() for c in chunks])
             for layer in self._layers(adapter):
+                self._current = layer
                 h = acts[lens_site(layer)]
-                for i in range(0, len(s), self.token_chunk):
-                    sl = slice(i, i + self.token_chunk)
-                    logp = F.log_softmax(self._read(adapter, h[s[sl], p[sl]]), dim=-1).cpu()  # [rows, vocab]
-                    self._emit(adapter, rows, batch, role, groups[sl], layer, s[sl], p[sl], logp, tgt[sl], final_top[sl])
+                for c in chunks:
+                    logp = F.log_softmax(self._read(adapter, h[s[c], p[c]]), dim=-1).cpu()  # [rows, vocab]
+                    self._emit(adapter, rows, batch, role, groups[c], layer, s[c], p[c], logp, tgt[c], final_top[c])
         return {"tokens": rows}
 
     def _emit(self, adapter, rows, batch, role, groups, layer, s, p, logp, tgt, final_top) -> None:
@@ -323,41 +329,16 @@ class TunedLens(LogitLens):
             acc[0] += float(kl_logit)
             acc[1] += float(kl_tuned)
             acc[2] += len(s)
-        rows: dict[str, Table] = {}
-        self._current = None
         tables = self._tables(adapter, batch, acts)
         if self.translators is None and self.steps:
             self._train(adapter, acts, s, p, final)
-        rows.update(tables)
-        return rows
-
-    @torch.no_grad()
-    def _tables(self, adapter, batch, acts) -> dict[str, Table]:
-        cols = ["sample", "sample_id", "position", "role", "group", "layer"]
-        cols += [f"{x}_{j}" for j in range(1, self.k + 1) for x in ("id", "token", "prob")]
-        cols += ["entropy", "target_id", "target_rank", "target_prob"]
-        rows: Table = {c: [] for c in cols}
-        targets = _target_ids(adapter, batch, self.target)
-        n = adapter.n_llm_layers
-        for role, s, p in _select("tuned_lens", self._sels, batch):
-            if len(s) == 0:
-                continue
-            groups = token_groups(batch, s, p) if role == "visual" else [role] * len(s)
-            tgt = torch.tensor([t if t is not None else -1 for t in targets])[s]
-            with torch.no_grad():
-                final_top = lens_logits(adapter, acts[lens_site(n)][s, p]).argmax(-1).cpu()
-            for layer in self._layers(adapter):
-                self._current = layer
-                logp = F.log_softmax(self._read(adapter, acts[lens_site(layer)][s, p]), dim=-1).cpu()
-                self._emit(adapter, rows, batch, role, groups, layer, s, p, logp, tgt, final_top)
-        return {"tokens": rows}
+        return tables
 
     def _train(self, adapter, acts, s, p, final) -> None:
         layers = self._layers(adapter)
         hs = [acts[lens_site(layer)][s, p].float() for layer in layers]
-        gen = torch.random.fork_rng()
-        with gen:
-            torch.manual_seed(self.seed + sum(self._kl[layers[0]][2:]))
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed + self._kl[layers[0]][2])  # reproducible, and different per batch
             for _ in range(self.steps):
                 self._opt.zero_grad()
                 loss = sum(
