@@ -12,7 +12,7 @@ Baseline measured in the same run: ``chunk_size = vocab`` (no chunking), whose
 similarity matrix for one layer is ``tokens x vocab``. Targets:
 
 - chunk 1024 uses at most 1/4 of the unchunked extra memory;
-- every chunk size stays below ``layers x tokens x vocab x 4`` bytes / 8
+- every chunked run stays below ``layers x tokens x vocab x 4`` bytes / 8
   (what holding all layers' similarities at once would need, with a wide margin);
 - chunked runs use less than the unchunked one (the chunk size is the knob that bounds it).
 
@@ -73,8 +73,7 @@ def measure(chunk: int) -> dict:
     batch = adapter.encode([Sample([shapes(336)], question="what is it?")])
     lens = EmbeddingLens(k=3, layers=list(range(LAYERS + 1)), chunk_size=chunk)
     acts = collect(adapter, batch, lens.sites(adapter))
-    # warm-up: the normalised vocabulary copy (made once per run, not per batch) and the
-    # math library's one-time workspaces are not what the chunk size controls
+    # warm-up: the math library's one-time workspaces are not what the chunk size controls
     lens.update(adapter, batch, acts)
     tokens = int(batch.roles.visual.sum())
     gc.collect()
@@ -119,7 +118,7 @@ def main(argv=None) -> int:
     all_layers_mb = (LAYERS + 1) * tokens * VOCAB * 4 / 2**20
     checks = {
         "chunk 1024 <= 1/4 of unchunked": by[1024] <= by[VOCAB] / 4,
-        "every chunk < all-layers tensor / 8": all(v < all_layers_mb / 8 for v in by.values()),
+        "chunked runs < all-layers tensor / 8": all(v < all_layers_mb / 8 for c, v in by.items() if c < VOCAB),
         "grows with chunk size": by[1024] < by[VOCAB] and by[4096] < by[VOCAB],
     }
     result = {"extra_mb_by_chunk": by, "all_layers_tensor_mb": all_layers_mb, "checks": checks}

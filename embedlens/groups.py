@@ -85,9 +85,10 @@ class Partition:
     temperature: float = 0.05
     discover: bool = False
     order: list[str] | None = None
-    last_overlap: dict[str, int] = field(default_factory=dict)
-    last_rules: dict[str, torch.Tensor] = field(default_factory=dict)
-    discovered: dict[str, list[int]] = field(default_factory=dict)
+    # state, not parameters: the last batch's overlaps and rule verdicts, and anchors found by `fit`
+    last_overlap: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    last_rules: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    discovered: dict[str, list[int]] = field(default_factory=dict, init=False)
 
     def __post_init__(self):
         self.anchors = {g: list(ids) for g, ids in self.anchors.items()}
@@ -207,7 +208,7 @@ class Partition:
         anchors = self._all_anchors()
         vocab = None
         if anchors or self.entropy is not None:
-            vocab = (adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach().float()
+            vocab = (adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach()
             x = acts[Site("llm.embed")][vt["sample"], vt["position"]].to(vocab.device)  # [tokens, d]
         if anchors:
             _, ids = nearest_vocab(x, vocab, self.k, self.chunk_size)

@@ -30,7 +30,11 @@ def vit_norm_outliers(
     Returns:
         ``[images, tokens - prefix]`` bool, one entry per patch.
     """
-    norms = feats[:, prefix:].float().norm(dim=-1)  # [images, patches]
+    return norm_outliers(feats[:, prefix:].float().norm(dim=-1), sigma, threshold)
+
+
+def norm_outliers(norms: torch.Tensor, sigma: float = 2.0, threshold: float | None = None) -> torch.Tensor:
+    """``[images, patches]`` norms -> bool: above `threshold`, else above mean + sigma * std of their row."""
     if threshold is not None:
         return norms > threshold
     mean, std = norms.mean(dim=1, keepdim=True), norms.std(dim=1, keepdim=True, unbiased=False)
@@ -97,16 +101,17 @@ def similarity_entropy(
     Returns:
         ``[tokens]`` float32; divide by ``log(vocab)`` for a 0..1 scale.
     """
-    xn = F.normalize(x.float(), dim=-1)
+    xn = F.normalize(x.to(vocab.device, torch.float32), dim=-1)
     n = x.shape[0]
-    m = torch.full((n,), float("-inf"), device=x.device)
-    z = torch.zeros(n, device=x.device)  # running sum of exp(l - m)
-    s = torch.zeros(n, device=x.device)  # running sum of exp(l - m) * l
+    m = torch.full((n,), float("-inf"), device=vocab.device)
+    z = torch.zeros(n, device=vocab.device)  # running sum of exp(l - m)
+    s = torch.zeros(n, device=vocab.device)  # running sum of exp(l - m) * l
     for start in range(0, vocab.shape[0], chunk_size):
         chunk = vocab[start : start + chunk_size].float()
+        cos = xn @ chunk.T  # [tokens, chunk]
         if not normalized_vocab:
-            chunk = F.normalize(chunk, dim=-1)
-        logits = xn @ chunk.T / temperature  # [tokens, chunk]
+            cos.div_(chunk.norm(dim=-1).clamp_min(1e-12))
+        logits = cos.div_(temperature)
         m_new = torch.maximum(m, logits.max(dim=-1).values)
         scale = torch.exp(m - m_new)
         e = torch.exp(logits - m_new[:, None])

@@ -62,3 +62,10 @@ def mixed_samples(n_images_last: int = 1, adapter=None) -> list[Sample]:
         Sample([noise(40, 70, seed=2)], question="what colour is the big square on the left?", answer="blue", id="b"),
         Sample([shapes(48, seed=3) for _ in range(n_images_last)], question="count", answer=last_answer, id="c"),
     ]
+
+
+def run_probe(probe, adapter, batch):
+    """One `update` of `probe` on `batch`, with the activations it asks for."""
+    from embedlens.tracing import collect
+
+    return probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from embedlens.errors import InterventionError
-from embedlens.interventions.base import IfEmpty, Intervention, check_layer, parse_selection, require_nonempty
+from embedlens.interventions.base import IfEmpty, Intervention, parse_selection, require_nonempty
 from embedlens.interventions.engine import Context
 from embedlens.interventions.select import SelectionSpec
 from embedlens.registry import interventions

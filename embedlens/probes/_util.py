@@ -54,9 +54,38 @@ def token_groups(batch: "Batch", sample: torch.Tensor, position: torch.Tensor) -
     return out
 
 
-def extend(table: Table, more: Table) -> None:
-    for k, v in more.items():
-        table.setdefault(k, []).extend(v)
+def parse_selections(probe: str, param: str, names: Sequence[str]) -> dict[str, Any]:
+    """Parse token selections (role names or expressions) for a probe parameter; `PlanError` naming it."""
+    from embedlens.errors import EmbedLensError
+    from embedlens.interventions.select import Selection
+
+    if not names:
+        raise PlanError(f"{probe}.{param}: name at least one token selection, e.g. [last]")
+    try:
+        return {q: Selection.parse(q) for q in names}
+    except EmbedLensError as e:
+        raise PlanError(f"{probe}.{param}: {e}") from None
+
+
+def selection_masks(probe: str, param: str, selections: dict[str, Any], batch: "Batch") -> dict[str, torch.Tensor]:
+    """``{name: [batch, seq] bool}`` for each selection on this batch (groups from ``batch.groups``), padding excluded."""
+    from embedlens.errors import EmbedLensError
+
+    groups = (lambda g: batch.groups[g]) if batch.groups else None
+    out = {}
+    for q, sel in selections.items():
+        try:
+            out[q] = sel.evaluate(batch.roles, groups) & ~batch.roles.padding
+        except EmbedLensError as e:
+            raise PlanError(f"{probe}.{param}: {e}") from None
+    return out
+
+
+def group_masks(groups: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``{group: [tokens] bool}`` from one group name per token (groups in order of first appearance)."""
+    names = list(dict.fromkeys(groups))
+    idx = torch.tensor([names.index(g) for g in groups], dtype=torch.long)
+    return {g: idx == i for i, g in enumerate(names)}
 
 
 class Reservoir:
@@ -126,15 +155,13 @@ class FirstImage:
         """Keep the first image's patches with one value per visual token of `vt` for each keyword."""
         if self.data is not None:
             return
-        from embedlens.probes.embedding_lens import _display_pixels
-
         sel = ((vt["sample"] == 0) & (vt["image"] == 0) & (vt["tile"] == 0)).nonzero().flatten().tolist()
         if not sel:
             return
         frow = int(vt["feature_row"][sel[0]])
         self.data = {
             "sample_id": batch.samples[0].id,
-            "pixels": _display_pixels(adapter, batch.inputs["pixel_values"], frow),
+            "pixels": display_pixels(adapter, batch.inputs["pixel_values"], frow),
             "row": [int(vt["row"][i]) for i in sel],
             "col": [int(vt["col"][i]) for i in sel],
             **{k: [v[i] for i in sel] for k, v in per_token.items()},
@@ -165,3 +192,12 @@ def parse_site(probe: str, param: str, adapter: "Adapter", name: str):
     if site.component == "llm.unembed" or site.component == "llm.norm":
         raise PlanError(f"{probe}.{param}: {name} has no per-token residual vectors to compare; use llm.embed or llm.layers[i]")
     return site
+
+
+def display_pixels(adapter: "Adapter", pixel_values: torch.Tensor, feature_row: int) -> torch.Tensor:
+    """`[H, W, 3]` in 0..1: the tile the vision tower saw, un-normalised for display."""
+    pv = pixel_values.reshape(-1, *pixel_values.shape[-3:])[feature_row].float()
+    ip = adapter.processor.image_processor
+    mean = torch.tensor(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0])[:, None, None]
+    std = torch.tensor(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0])[:, None, None]
+    return (pv.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)

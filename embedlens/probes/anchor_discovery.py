@@ -7,12 +7,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from embedlens.errors import PlanError
-from embedlens.groups import vision_to_tokens
+from embedlens.errors import EmbedLensError, PlanError
+from embedlens.groups import Partition
 from embedlens.probes.base import Probe, Table
 from embedlens.probes.embedding_lens import nearest_vocab
 from embedlens.registry import probes
-from embedlens.signals import massive_entries, vit_norm_outliers
 from embedlens.sites import Site
 
 if TYPE_CHECKING:
@@ -78,6 +77,9 @@ class AnchorDiscovery(Probe):
         self.k, self.min_image_fraction, self.max_anchors, self.sink_fraction = k, min_image_fraction, max_anchors, sink_fraction
         self.matrix, self.vit_layer, self.vit_sigma = matrix, vit_layer, vit_sigma
         self.massive_threshold, self.massive_ratio, self.chunk_size = massive_threshold, massive_ratio, chunk_size
+        # the outlier tests are the partition's own ViT-norm and massive-activation rules
+        self._outliers_rule = Partition(vit_norm="sink", vit_layer=vit_layer, vit_sigma=vit_sigma, massive="sink",
+                                        massive_threshold=massive_threshold, massive_ratio=massive_ratio)
         self._images: torch.Tensor | None = None  # [vocab] images containing the id
         self._tokens: torch.Tensor | None = None  # [vocab] tokens with the id in their top-k
         self._outliers: torch.Tensor | None = None  # [vocab] of those, outlier tokens
@@ -87,13 +89,13 @@ class AnchorDiscovery(Probe):
 
     def sites(self, adapter: "Adapter") -> list[Site]:
         try:
-            vit = adapter.resolve(Site("vision.layers", self.vit_layer))
-        except Exception as e:
-            raise PlanError(f"anchor_discovery.vit_layer: {e}") from None
-        return [vit, Site("llm.embed"), *(Site("llm.layers", i) for i in range(adapter.n_llm_layers))]
+            outlier_sites = self._outliers_rule.sites(adapter)
+        except EmbedLensError as e:
+            raise PlanError(str(e).replace("partition.", "anchor_discovery.", 1)) from None
+        return sorted({Site("llm.embed"), *outlier_sites}, key=Site.order_key)
 
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
-        vocab = (adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach().float()
+        vocab = (adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach()
         v = vocab.shape[0]
         if self._images is None:
             self._images, self._tokens, self._outliers = (torch.zeros(v, dtype=torch.long) for _ in range(3))
@@ -102,13 +104,8 @@ class AnchorDiscovery(Probe):
         x = acts[Site("llm.embed")][vt["sample"], vt["position"]]
         _, ids = nearest_vocab(x, vocab, self.k, self.chunk_size)  # [tokens, k]
         ids = ids.cpu()
-        vit = vit_norm_outliers(acts[adapter.resolve(Site("vision.layers", self.vit_layer))], self.vit_sigma, prefix=adapter.n_prefix_tokens)
-        outlier = vision_to_tokens(vit, vt).cpu()
-        valid = ~batch.roles.padding
-        for layer in range(adapter.n_llm_layers):
-            h = acts[Site("llm.layers", layer)]
-            flags, _ = massive_entries(h, valid.to(h.device), self.massive_threshold, self.massive_ratio)
-            outlier |= flags.any(-1)[vt["sample"], vt["position"]].cpu()
+        rules = self._outliers_rule.rules(adapter, batch, acts)
+        outlier = rules["vit_norm"] | rules["massive"]
         key = vt["sample"] * 10_000 + vt["image"]
         for img in key.unique().tolist():
             sel = key == img

@@ -15,8 +15,7 @@ import torch
 from embedlens.adapters.base import resolve_path
 from embedlens.attention import attention_rows
 from embedlens.errors import EmbedLensError, PlanError
-from embedlens.interventions.select import Selection
-from embedlens.probes._util import FirstImage, token_groups, token_meta
+from embedlens.probes._util import FirstImage, group_masks, parse_selections, selection_masks, token_groups, token_meta
 from embedlens.probes.base import Probe, Table
 from embedlens.registry import probes
 from embedlens.sites import Site
@@ -112,18 +111,14 @@ class AttentionFlow(Probe):
         queries: list[str] = ["last", "question"],  # noqa: B006 - never mutated
         vit_cls_layer: int | None = None,
     ):
-        if not queries:
-            raise PlanError("attention_flow.queries: name at least one query selection, e.g. [last]")
-        try:
-            self._selections = {q: Selection.parse(q) for q in queries}
-        except EmbedLensError as e:
-            raise PlanError(f"attention_flow.queries: {e}") from None
+        self._selections = parse_selections("attention_flow", "queries", queries)
         self.layers, self.queries, self.vit_cls_layer = layers, list(queries), vit_cls_layer
         self._mass: dict[tuple[str, str], torch.Tensor] = {}  # (query, target) -> [layers, heads] sum
         self._n_queries: dict[str, int] = {q: 0 for q in queries}
         self._last_sum: dict[str, torch.Tensor] = {}  # group -> [layers] sum of last-token attention
         self._last_n: dict[str, int] = {}
         self._first = FirstImage()
+        self._first_layer: int | None = None
 
     def _layers(self, adapter: "Adapter") -> list[int]:
         n = adapter.n_llm_layers
@@ -165,16 +160,13 @@ class AttentionFlow(Probe):
         layers = self._layers(adapter)
         vt = roles.visual_tokens()
         groups = token_groups(batch, vt["sample"], vt["position"])
-        targets = {g: torch.zeros_like(roles.visual) for g in dict.fromkeys(groups)}
-        for g, s, p in zip(groups, vt["sample"].tolist(), vt["position"].tolist()):
-            targets[g][s, p] = True
+        by_group = group_masks(groups)  # group -> [tokens]
+        targets = {}
+        for g, sel in by_group.items():
+            targets[g] = torch.zeros_like(roles.visual)
+            targets[g][vt["sample"][sel], vt["position"][sel]] = True
         targets["text"] = roles.text
-        qmasks = {}
-        for q, sel in self._selections.items():
-            try:
-                qmasks[q] = sel.evaluate(roles, (lambda g: batch.groups[g]) if batch.groups else None) & ~roles.padding
-            except EmbedLensError as e:
-                raise PlanError(f"attention_flow.queries: {e}") from None
+        qmasks = selection_masks("attention_flow", "queries", self._selections, batch)
         # one attention computation per layer over the union of all queries and the last token
         union = roles.last.clone()
         for m in qmasks.values():
@@ -186,9 +178,8 @@ class AttentionFlow(Probe):
             idx = union[b].nonzero().flatten()
             pos[b, : len(idx)], ok[b, : len(idx)] = idx, True
             pos[b, len(idx) :] = idx[-1]
-        rows = token_meta(batch, vt)
-        rows = {k: [] for k in (*rows, "group", "layer", "last_token_attention")}
         meta = token_meta(batch, vt)
+        rows: Table = {k: [] for k in (*meta, "group", "layer", "last_token_attention")}
         last_pos = roles.last_index
         for li, layer in enumerate(layers):
             h = acts[Site("llm.layers", layer, "in")]
@@ -212,13 +203,13 @@ class AttentionFlow(Probe):
             rows["group"] += groups
             rows["layer"] += [layer] * len(groups)
             rows["last_token_attention"] += vals.tolist()
-            for g in set(groups):
-                sel = torch.tensor([x == g for x in groups])
+            for g, sel in by_group.items():
                 self._last_sum.setdefault(g, torch.zeros(len(layers), dtype=torch.float64))[li] += float(vals[sel].sum())
                 if li == 0:
                     self._last_n[g] = self._last_n.get(g, 0) + int(sel.sum())
-            if li == 0:
-                self._first.offer(adapter, batch, vt, value=vals.tolist(), layer=[layer] * len(groups))
+            if li == 0 and self._first.data is None:
+                self._first.offer(adapter, batch, vt, value=vals.tolist())
+                self._first_layer = layer
         out = {"tokens": rows}
         vl = self._vit_layer(adapter)
         if vl is not None:
@@ -250,7 +241,7 @@ class AttentionFlow(Probe):
         f = self._first.data
         if f is not None:
             out.append(value_map(f["pixels"], f["row"], f["col"], f["value"], Path(out_dir) / "attention_flow_last_token.png",
-                                 title=f"Attention from the last token, LLM layer {f['layer'][0]} (FastV) - {f['sample_id']}",
+                                 title=f"Attention from the last token, LLM layer {self._first_layer} (FastV) - {f['sample_id']}",
                                  label="attention"))
         return out
 

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from embedlens.errors import PlanError
-from embedlens.probes._util import FirstImage, Histogram, resolve_layers, token_groups, token_meta
+from embedlens.probes._util import FirstImage, Histogram, group_masks, resolve_layers, token_groups, token_meta
 from embedlens.probes.base import Probe, Table
 from embedlens.probes.embedding_lens import lens_site, nearest_vocab
 from embedlens.registry import probes
@@ -81,12 +80,12 @@ class DeadTokenEntropy(Probe):
         return [lens_site(self._layer(adapter))]
 
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
-        vocab = F.normalize((adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach().float(), dim=-1)
+        vocab = (adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach()
         vt = batch.roles.visual_tokens()
         x = acts[lens_site(self._layer(adapter))][vt["sample"], vt["position"]].to(vocab.device)
-        ent = similarity_entropy(x, vocab, self.temperature, self.chunk_size, normalized_vocab=True).cpu()
+        ent = similarity_entropy(x, vocab, self.temperature, self.chunk_size).cpu()
         norm = ent / math.log(vocab.shape[0])
-        top1 = nearest_vocab(x, vocab, 1, self.chunk_size, normalized_vocab=True)[1][:, 0].cpu()
+        top1 = nearest_vocab(x, vocab, 1, self.chunk_size)[1][:, 0].cpu()
         groups = token_groups(batch, vt["sample"], vt["position"])
         if self._df is None:
             self._df = torch.zeros(vocab.shape[0], dtype=torch.long)
@@ -94,8 +93,7 @@ class DeadTokenEntropy(Probe):
         for img in key.unique().tolist():
             self._df[top1[key == img].unique()] += 1
             self._n_images += 1
-        for g in set(groups):
-            sel = torch.tensor([x == g for x in groups])
+        for g, sel in group_masks(groups).items():
             self._hist.setdefault(g, Histogram(0.0, 1.0, self.bins)).add(norm[sel])
             s = self._sum.setdefault(g, [0.0, 0, 0])
             s[0] += float(norm[sel].sum())

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from embedlens.errors import PlanError
+from embedlens.probes._util import FirstImage
 from embedlens.probes.base import Probe, Table
 from embedlens.registry import probes
 from embedlens.sites import Site
@@ -22,8 +23,10 @@ def nearest_vocab(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k cosine similarity of each row of `x` against every vocabulary row.
 
-    The vocabulary is scanned in chunks of `chunk_size` rows, so peak extra
-    memory is ``[tokens, chunk_size + k]`` whatever the vocabulary size.
+    The vocabulary is scanned in chunks of `chunk_size` rows (each normalised
+    on the fly, in float32), so peak extra memory is about ``[tokens, chunk_size]``
+    plus one chunk, whatever the vocabulary size; no normalised copy of the
+    matrix is ever made.
 
     Args:
         x: `[tokens, d]` vectors.
@@ -43,14 +46,14 @@ def nearest_vocab(
     """
     n = x.shape[0]
     k = min(k, vocab.shape[0])
-    xn = F.normalize(x.to(vocab.dtype), dim=-1)
-    best_s = torch.full((n, 0), float("-inf"), dtype=vocab.dtype, device=vocab.device)
+    xn = F.normalize(x.to(vocab.device, torch.float32), dim=-1)
+    best_s = torch.full((n, 0), float("-inf"), device=vocab.device)
     best_i = torch.zeros((n, 0), dtype=torch.long, device=vocab.device)
     for start in range(0, vocab.shape[0], chunk_size):
-        chunk = vocab[start : start + chunk_size]
-        if not normalized_vocab:
-            chunk = F.normalize(chunk, dim=-1)
+        chunk = vocab[start : start + chunk_size].float()
         sims = xn @ chunk.T  # [tokens, chunk]
+        if not normalized_vocab:
+            sims.div_(chunk.norm(dim=-1).clamp_min(1e-12))  # as F.normalize, without a normalised copy
         s, i = sims.topk(min(k, sims.shape[1]), dim=-1)
         cand_s = torch.cat([best_s, s], dim=1)
         cand_i = torch.cat([best_i, i + start], dim=1)
@@ -112,10 +115,10 @@ class EmbeddingLens(Probe):
         self.matrix = matrix
         self.chunk_size = chunk_size
         self.figure_layer = figure_layer
-        self._vocab: tuple[Adapter, torch.Tensor] | None = None
         self._counts: dict[int, torch.Tensor] = {}  # layer -> [vocab] top-1 counts
         self._n_tokens = 0
-        self._first: dict[str, Any] | None = None
+        self._first = FirstImage()
+        self._first_layer: int | None = None  # the resolved figure layer (figures() has no adapter)
 
     def _resolved_layers(self, adapter: "Adapter") -> list[int]:
         n = adapter.n_llm_layers
@@ -136,25 +139,18 @@ class EmbeddingLens(Probe):
     def sites(self, adapter: "Adapter") -> list[Site]:
         return [lens_site(layer) for layer in self._resolved_layers(adapter)]
 
-    def _matrix(self, adapter: "Adapter") -> torch.Tensor:
-        """`[vocab, d]` unit-norm rows, normalised once per adapter rather than per batch."""
-        if self._vocab is None or self._vocab[0] is not adapter:
-            w = adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()
-            self._vocab = (adapter, F.normalize(w.detach().float(), dim=-1))
-        return self._vocab[1]
-
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
-        vocab = self._matrix(adapter)
+        vocab = (adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach()
         vt = batch.roles.visual_tokens()
         rows: Table = {c: [] for c in ("sample", "sample_id", "image", "tile", "row", "col", "position", "layer")}
         for j in range(1, self.k + 1):
             rows.update({f"id_{j}": [], f"token_{j}": [], f"score_{j}": []})
         n = len(vt["sample"])
-        figure_layer = self._figure_layer(adapter)
+        figure_layer = self._first_layer = self._figure_layer(adapter)
         for layer in self._resolved_layers(adapter):
             h = acts[lens_site(layer)]  # [batch, seq, d]
             x = h[vt["sample"].to(h.device), vt["position"].to(h.device)].to(vocab.device)  # [tokens, d]
-            scores, ids = nearest_vocab(x, vocab, self.k, self.chunk_size, normalized_vocab=True)
+            scores, ids = nearest_vocab(x, vocab, self.k, self.chunk_size)
             ids_l, scores_l = ids.tolist(), scores.tolist()
             rows["sample"] += vt["sample"].tolist()
             rows["sample_id"] += [batch.samples[s].id for s in vt["sample"].tolist()]
@@ -168,8 +164,8 @@ class EmbeddingLens(Probe):
                 rows[f"score_{j + 1}"] += [r[j] for r in scores_l]
             top1 = torch.bincount(ids[:, 0].cpu(), minlength=vocab.shape[0])  # [vocab]
             self._counts[layer] = self._counts[layer] + top1 if layer in self._counts else top1
-            if self._first is None and layer == figure_layer:
-                self._remember_first(adapter, batch, layer, vt, ids)
+            if layer == figure_layer:
+                self._first.offer(adapter, batch, vt, tokens=adapter.tokenizer.convert_ids_to_tokens(ids[:, 0].tolist()))
         self._n_tokens += n
         return {"tokens": rows}
 
@@ -182,19 +178,6 @@ class EmbeddingLens(Probe):
             raise PlanError(f"embedding_lens.figure_layer: {self.figure_layer} must be one of layers {self.layers}")
         return fl
 
-    def _remember_first(self, adapter, batch, layer, vt, ids) -> None:
-        """Keep what the figure needs for the first image of the run (tile 0)."""
-        sel = (vt["sample"] == 0) & (vt["image"] == 0) & (vt["tile"] == 0)
-        frow = int(vt["feature_row"][sel][0])
-        self._first = {
-            "layer": layer,
-            "sample_id": batch.samples[0].id,
-            "pixels": _display_pixels(adapter, batch.inputs["pixel_values"], frow),
-            "row": vt["row"][sel].tolist(),
-            "col": vt["col"][sel].tolist(),
-            "tokens": adapter.tokenizer.convert_ids_to_tokens(ids[sel.to(ids.device), 0].tolist()),
-        }
-
     def result(self) -> dict[str, Any]:
         top = {}
         for layer, counts in self._counts.items():
@@ -203,27 +186,19 @@ class EmbeddingLens(Probe):
         return {"n_visual_tokens": self._n_tokens, "most_frequent_top1_ids": top, "k": self.k, "matrix": self.matrix}
 
     def figures(self, out_dir: Path) -> list[Path]:
-        if self._first is None:
+        f = self._first.data
+        if f is None:
             return []
         from embedlens.figures import token_map
 
-        f = self._first
-        path = Path(out_dir) / f"embedding_lens_layer{f['layer']}.png"
+        layer = self._first_layer
+        path = Path(out_dir) / f"embedding_lens_layer{layer}.png"
         token_map(
             f["pixels"],
             f["row"],
             f["col"],
             f["tokens"],
             path,
-            title=f"Nearest vocabulary token per patch - {f['sample_id']}, LLM layer {f['layer']} ({self.matrix} embeddings)",
+            title=f"Nearest vocabulary token per patch - {f['sample_id']}, LLM layer {layer} ({self.matrix} embeddings)",
         )
         return [path]
-
-
-def _display_pixels(adapter: "Adapter", pixel_values: torch.Tensor, feature_row: int) -> torch.Tensor:
-    """`[H, W, 3]` in 0..1: the tile the vision tower saw, un-normalised for display."""
-    pv = pixel_values.reshape(-1, *pixel_values.shape[-3:])[feature_row].float()
-    ip = adapter.processor.image_processor
-    mean = torch.tensor(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0])[:, None, None]
-    std = torch.tensor(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0])[:, None, None]
-    return (pv.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)

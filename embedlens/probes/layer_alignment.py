@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from embedlens.errors import PlanError
-from embedlens.probes._util import Reservoir, resolve_layers, token_groups
+from embedlens.probes._util import Reservoir, group_masks, resolve_layers, token_groups
 from embedlens.probes.base import Probe, Table
 from embedlens.probes.embedding_lens import lens_site
 from embedlens.registry import probes
@@ -106,8 +106,8 @@ class LayerAlignment(Probe):
             if not tsel.any() or not vsel.any():
                 continue
             means = {"visual": x0[vsel].mean(0)}
-            for g in set(groups):
-                sel = vsel & torch.tensor([x == g for x in groups])
+            for g, gsel in group_masks(groups).items():
+                sel = vsel & gsel
                 if sel.any():
                     means[g] = x0[sel].mean(0)
             self._samples.add(stack[tsel].mean(0).flatten()[None], visual=[means])
@@ -124,10 +124,8 @@ class LayerAlignment(Probe):
         for li in range(n_l):
             sims = vis @ F.normalize(text[:, li], dim=-1).T  # [visual, text]
             top = sims.max(dim=1).values
-            for g in dict.fromkeys(["visual", *vgroups]):
-                sel = torch.ones(len(vgroups), dtype=torch.bool) if g == "visual" else torch.tensor([x == g for x in vgroups])
-                if sel.any():
-                    best.setdefault(g, []).append(float(top[sel].mean()))
+            for g, sel in {"visual": torch.ones(len(vgroups), dtype=torch.bool), **group_masks(vgroups)}.items():
+                best.setdefault(g, []).append(float(top[sel].mean()))
         cka: dict[str, list[float]] = {}
         if len(self._samples) >= 2:
             t = self._samples.rows().view(-1, n_l, d)
@@ -138,7 +136,7 @@ class LayerAlignment(Probe):
                     v = torch.stack([means[i][g] for i in ok])
                     cka[g] = [linear_cka(v, t[ok, li]) for li in range(n_l)]
         key = "alive" if "alive" in best else "visual"
-        layer_ids = self._layer_ids
+        layer_ids = self._resolved
         rec = layer_ids[int(torch.tensor(best[key]).argmax())]
         return {
             "layers": layer_ids,
@@ -148,13 +146,6 @@ class LayerAlignment(Probe):
             "recommended_by": key,
             "cka_best_layer": {g: layer_ids[int(torch.tensor(c).nan_to_num(-1).argmax())] for g, c in cka.items()},
         }
-
-    @property
-    def _layer_ids(self) -> list[int]:
-        return self._resolved
-
-    def check(self, adapter: "Adapter") -> None:
-        self._resolved = self._layers(adapter)
 
     def figures(self, out_dir: Path) -> list[Path]:
         from embedlens.figures import layer_curves

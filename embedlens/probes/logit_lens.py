@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from embedlens.adapters.base import resolve_path
-from embedlens.errors import EmbedLensError, PlanError
-from embedlens.interventions.select import Selection
-from embedlens.probes._util import resolve_layers, token_groups
+from embedlens.errors import PlanError
+from embedlens.probes._util import parse_selections, resolve_layers, selection_masks, token_groups
 from embedlens.probes.base import Probe, Table
 from embedlens.probes.embedding_lens import lens_site
 from embedlens.registry import probes
@@ -31,26 +30,9 @@ def lens_logits(adapter: "Adapter", h: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def _selections(probe: str, queries: list[str]) -> dict[str, Selection]:
-    if not queries:
-        raise PlanError(f"{probe}.roles: name at least one token selection, e.g. [visual, last]")
-    try:
-        return {q: Selection.parse(q) for q in queries}
-    except EmbedLensError as e:
-        raise PlanError(f"{probe}.roles: {e}") from None
-
-
-def _select(probe: str, sels: dict[str, Selection], batch: "Batch") -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(role name, samples, positions) for each selection, padding excluded."""
-    out = []
-    for q, sel in sels.items():
-        try:
-            m = sel.evaluate(batch.roles, (lambda g: batch.groups[g]) if batch.groups else None) & ~batch.roles.padding
-        except EmbedLensError as e:
-            raise PlanError(f"{probe}.roles: {e}") from None
-        s, p = m.nonzero(as_tuple=True)
-        out.append((q, s, p))
-    return out
+def _select(probe: str, sels: dict, batch: "Batch") -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(selection name, samples, positions) for each selection, padding excluded."""
+    return [(q, *m.nonzero(as_tuple=True)) for q, m in selection_masks(probe, "roles", sels, batch).items()]
 
 
 def _target_ids(adapter: "Adapter", batch: "Batch", target: str | None) -> list[int | None]:
@@ -100,14 +82,18 @@ class LogitLens(Probe):
     ):
         if k < 1:
             raise PlanError(f"logit_lens.k: must be >= 1; got {k}")
-        self._sels = _selections("logit_lens", roles)
+        self._sels = parse_selections(self.registered_name, "roles", roles)
         self.layers, self.roles, self.k, self.target, self.token_chunk = layers, list(roles), k, target, token_chunk
         self._stats: dict[tuple[str, int], list[float]] = {}  # (role/group, layer) -> [n, sum entropy, sum rank, n ranked, top1 agrees final]
         self._current: int | None = None  # layer being read (the tuned lens picks its translator by it)
 
+    reads_final: ClassVar[bool] = True  # default layers include n (the final read-out itself)
+
     def _layers(self, adapter: "Adapter") -> list[int]:
         n = adapter.n_llm_layers
-        return list(range(n + 1)) if self.layers is None else resolve_layers("logit_lens", "layers", self.layers, n)
+        if self.layers is None:
+            return list(range(n + 1 if self.reads_final else n))
+        return resolve_layers(self.registered_name, "layers", self.layers, n)
 
     def sites(self, adapter: "Adapter") -> list[Site]:
         layers = sorted(set(self._layers(adapter)) | {adapter.n_llm_layers})
@@ -270,11 +256,7 @@ class TunedLens(LogitLens):
         self._layer_index: dict[int, int] = {}
         self._kl: dict[int, list[float]] = {}  # layer -> [sum KL logit lens, sum KL tuned, n]
 
-    def _layers(self, adapter: "Adapter") -> list[int]:
-        n = adapter.n_llm_layers
-        if self.layers is None:
-            return list(range(n))
-        return resolve_layers("tuned_lens", "layers", self.layers, n)
+    reads_final = False  # layer n is the target distribution, not a layer to translate
 
     def check(self, adapter: "Adapter") -> None:
         self.sites(adapter)
@@ -311,7 +293,7 @@ class TunedLens(LogitLens):
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
         self._init(adapter)
         n = adapter.n_llm_layers
-        sel = [(s, p) for _, s, p in _select("tuned_lens", self._sels, batch) if len(s)]
+        sel = [(s, p) for _, s, p in _select(self.registered_name, self._sels, batch) if len(s)]
         if not sel:
             return {}
         s = torch.cat([x[0] for x in sel])

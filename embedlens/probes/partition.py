@@ -58,8 +58,8 @@ class _PartitionProbe(Probe):
         rules = self.partition.last_rules
         n = len(vt["sample"])
         label = ["alive"] * n
-        for g in reversed(self.partition.names):
-            for i in groups[g].nonzero().flatten().tolist():
+        for g, hit in groups.items():  # exclusive after precedence
+            for i in hit.nonzero().flatten().tolist():
                 label[i] = g
         rows = token_meta(batch, vt)
         rows["group"] = label

@@ -14,7 +14,7 @@ from embedlens.probes._util import FirstImage, token_groups, token_meta
 from embedlens.probes.base import Probe, Table
 from embedlens.registry import probes
 from embedlens.roles import Role
-from embedlens.signals import attention_sink_scores, massive_entries, sink_dims, vit_norm_outliers
+from embedlens.signals import attention_sink_scores, massive_entries, norm_outliers, sink_dims
 from embedlens.sites import Site
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class SinkDetector(Probe):
         feats = acts[adapter.resolve(Site("vision.layers", self.vit_layer))]
         prefix = adapter.n_prefix_tokens
         norms = feats[:, prefix:].float().norm(dim=-1)
-        vit_flag = vision_to_tokens(vit_norm_outliers(feats, self.vit_sigma, self.vit_threshold, prefix), vt).cpu()
+        vit_flag = vision_to_tokens(norm_outliers(norms, self.vit_sigma, self.vit_threshold), vt).cpu()
         vit_norm = vision_to_tokens(norms, vt).cpu()
         valid = ~batch.roles.padding
         kind = batch.roles.kind

@@ -9,6 +9,7 @@ from embedlens.groups import Partition
 from embedlens.probes import AnchorDiscovery, SemanticProbe, SinkDetector, TokenPartition
 from embedlens.testing.planted import planted_model, planted_samples
 from embedlens.tracing import collect
+from tests.conftest import run_probe
 
 _MODELS: dict = {}
 
@@ -22,10 +23,6 @@ def planted(request):
     return adapter, truth, batch
 
 
-def _run(probe, adapter, batch):
-    return probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))
-
-
 def _mask_of(rows, batch, column, value=True):
     """`[batch, seq]` mask of the rows of a per-token table whose `column` equals `value`."""
     m = torch.zeros_like(batch.roles.visual)
@@ -37,7 +34,7 @@ def _mask_of(rows, batch, column, value=True):
 
 def test_token_partition_recovers_planted_anchor_groups(planted):
     adapter, truth, batch = planted
-    rows = _run(TokenPartition(anchors={"sink": [truth.sink_id], "dead": [truth.dead_id]}, k=1), adapter, batch)["tokens"]
+    rows = run_probe(TokenPartition(anchors={"sink": [truth.sink_id], "dead": [truth.dead_id]}, k=1), adapter, batch)["tokens"]
     for g, want in truth.masks(batch).items():
         assert torch.equal(_mask_of(rows, batch, "group", g), want), g
 
@@ -45,7 +42,7 @@ def test_token_partition_recovers_planted_anchor_groups(planted):
 def test_rules_combine_with_precedence_and_overlaps(planted):
     adapter, truth, batch = planted
     probe = TokenPartition(anchors={"sink": [truth.sink_id], "dead": [truth.dead_id]}, k=1, vit_norm="sink", massive="sink")
-    rows = _run(probe, adapter, batch)["tokens"]
+    rows = run_probe(probe, adapter, batch)["tokens"]
     p = truth.patch_masks(batch)
     assert torch.equal(_mask_of(rows, batch, "group", "sink"), p["vit"] | p["massive"])
     assert torch.equal(_mask_of(rows, batch, "group", "dead"), p["background"] & ~p["vit"] & ~p["massive"])
@@ -54,14 +51,14 @@ def test_rules_combine_with_precedence_and_overlaps(planted):
     # the massive-activation patch sits on the dead row: claimed by both, sink wins by precedence
     assert probe.result()["overlaps"] == {"sink&dead": 5}
     reordered = TokenPartition(anchors={"sink": [truth.sink_id], "dead": [truth.dead_id]}, k=1, massive="sink", order=["dead", "sink"])
-    rows = _run(reordered, adapter, batch)["tokens"]
+    rows = run_probe(reordered, adapter, batch)["tokens"]
     assert torch.equal(_mask_of(rows, batch, "group", "dead"), p["background"] & ~p["vit"])
 
 
 def test_anchor_discovery_finds_exactly_the_planted_anchors(planted):
     adapter, truth, batch = planted
     probe = AnchorDiscovery()
-    _run(probe, adapter, batch)
+    run_probe(probe, adapter, batch)
     cands = {c["id"]: c["kind"] for c in probe.candidates()}
     assert cands == {truth.dead_id: "dead", truth.sink_id: "sink"}
     # and the partition built on discovered anchors alone matches the ground truth
@@ -76,7 +73,7 @@ def test_anchor_discovery_finds_exactly_the_planted_anchors(planted):
 def test_sink_detector_flags_exactly_the_planted_tokens(planted):
     adapter, truth, batch = planted
     probe = SinkDetector(tau=5.0)  # a 64-wide model cannot reach tau=20: max |h/rms(h)| is sqrt(64)
-    rows = _run(probe, adapter, batch)["tokens"]
+    rows = run_probe(probe, adapter, batch)["tokens"]
     p = truth.patch_masks(batch)
     assert torch.equal(_mask_of(rows, batch, "vit_norm_flag"), p["vit"])
     assert torch.equal(_mask_of(rows, batch, "massive_flag"), p["massive"])

@@ -26,11 +26,7 @@ from embedlens.probes.contextual_lens import default_corpus
 from embedlens.probes.layer_alignment import linear_cka
 from embedlens.testing.planted import planted_model, planted_samples
 from embedlens.tracing import collect
-from tests.conftest import get_adapter, mixed_samples
-
-
-def _run(probe, adapter, batch):
-    return probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))
+from tests.conftest import get_adapter, mixed_samples, run_probe
 
 
 @contextmanager
@@ -54,7 +50,7 @@ def _cos64(x, y):
 def test_attention_rows_equal_the_eager_pattern(adapter):
     batch = adapter.encode(mixed_samples(adapter=adapter), padding_side="left")
     probe = AttentionFlow(queries=["last", "question"])
-    rows = _run(probe, adapter, batch)["tokens"]  # the model runs with SDPA here
+    rows = run_probe(probe, adapter, batch)["tokens"]  # the model runs with SDPA here
     with eager(adapter):
         attn = _hf(adapter, batch, output_attentions=True).attentions  # [B, H, S, S] per layer
     vt = batch.roles.visual_tokens()
@@ -76,7 +72,7 @@ def test_attention_rows_equal_the_eager_pattern(adapter):
 def test_cls_attention_equals_clip_eager_attention():
     adapter = get_adapter("llava-clip")
     batch = adapter.encode(mixed_samples(adapter=adapter))
-    rows = _run(AttentionFlow(layers=[0], vit_cls_layer=-2), adapter, batch)["vit_cls"]
+    rows = run_probe(AttentionFlow(layers=[0], vit_cls_layer=-2), adapter, batch)["vit_cls"]
     with eager(adapter), torch.no_grad():
         att = adapter.model.model.vision_tower(batch.inputs["pixel_values"], output_attentions=True).attentions
     layer = adapter.n_vision_layers - 2
@@ -122,12 +118,12 @@ def test_tuned_lens_starts_as_the_logit_lens_learns_and_reloads(tmp_path):
     batches = [adapter.encode(mixed_samples(adapter=adapter), padding_side=side) for side in ("left", "right", "left")]
     plain = LogitLens(layers=[0, 1, 2, 3], roles=["visual", "text"])
     untrained = TunedLens(roles=["visual", "text"], steps=0)
-    a = _run(plain, adapter, batches[0])["tokens"]
-    b = _run(untrained, adapter, batches[0])["tokens"]
+    a = run_probe(plain, adapter, batches[0])["tokens"]
+    b = run_probe(untrained, adapter, batches[0])["tokens"]
     assert a["id_1"] == b["id_1"] and a["entropy"] == pytest.approx(b["entropy"], abs=1e-6)
     lens = TunedLens(roles=["visual", "text"], steps=40, lr=1e-2)
     for batch in batches:
-        _run(lens, adapter, batch)
+        run_probe(lens, adapter, batch)
     kl = lens.result()["kl"]
     # prequential: the third batch was scored before being trained on; the translators only ever reduce KL here
     assert all(v["tuned_lens"] < v["logit_lens"] for v in kl.values())
@@ -137,8 +133,8 @@ def test_tuned_lens_starts_as_the_logit_lens_learns_and_reloads(tmp_path):
     after = TunedLens(roles=["visual", "text"], steps=0)
     after._init(adapter)
     after._tr.load_state_dict(lens._tr.state_dict())
-    x = _run(again, adapter, batches[0])["tokens"]
-    y = _run(after, adapter, batches[0])["tokens"]
+    x = run_probe(again, adapter, batches[0])["tokens"]
+    y = run_probe(after, adapter, batches[0])["tokens"]
     assert x["id_1"] == y["id_1"] and x["entropy"] == pytest.approx(y["entropy"])
 
 
@@ -168,7 +164,7 @@ def test_dead_token_entropy_matches_float64(adapter):
 
 def test_vit_norms_match_hf_hidden_states(adapter):
     batch = adapter.encode(mixed_samples(adapter=adapter))
-    rows = _run(SinkDetector(), adapter, batch)["tokens"]
+    rows = run_probe(SinkDetector(), adapter, batch)["tokens"]
     with torch.no_grad():
         hs = adapter.model.model.vision_tower(batch.inputs["pixel_values"].reshape(-1, *batch.inputs["pixel_values"].shape[-3:]),
                                               output_hidden_states=True).hidden_states
