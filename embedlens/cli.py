@@ -1,4 +1,4 @@
-"""The `embedlens` command line: run, validate, list."""
+"""The `embedlens` command line: run, validate, list, compare."""
 
 from __future__ import annotations
 
@@ -22,44 +22,87 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _progress_bar(quiet: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
+    return Progress(*columns, disable=quiet, transient=False)
+
+
 @app.command()
 def run(
     plan: Path = typer.Argument(..., help="YAML plan file."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (overrides output.dir)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run in the output folder from its last finished batch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an unfinished run in the output folder and start again."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or model messages."),
 ) -> None:
-    """Run an analysis plan and write tables, figures and a manifest.
+    """Run an analysis plan: tables (Parquet/CSV), figures, report.html and a manifest.
+
+    Results stream to disk batch by batch; a run that stops (killed, out of
+    memory, a crash) continues with --resume and ends with the same files as
+    an uninterrupted run. A plan with several models runs each into
+    OUTPUT/NAME and compares them in OUTPUT/compare.
 
     Example:
 
         embedlens run examples/quickstart.yaml --output runs/quickstart
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+        embedlens run examples/partition_study.yaml --resume
+    """
     import embedlens  # noqa: F401 - registers the built-in plugins
-    from embedlens.plan import load_plan, prepare
-    from embedlens.plan import run as run_plan
+    from embedlens.plan import load_plan, run_all
 
     try:
         loaded = load_plan(plan)
-        typer.echo(f"loading model {loaded.plan.model.source} ...", err=True)
-        prepared = prepare(loaded)
-        columns = [TextColumn("samples"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-        with Progress(*columns, disable=quiet, transient=False) as bar:
-            task = bar.add_task("run", total=len(prepared.samples))
-            result = run_plan(prepared, output, progress=lambda done, total: bar.update(task, completed=done))
+        with _progress_bar(quiet) as bar:
+            tasks: dict[tuple[str, str], object] = {}
+            many = len(loaded.plan.model_specs()) > 1
+
+            def on_model(name: str) -> None:
+                if not quiet:
+                    bar.console.print(f"loading model {name if many else loaded.plan.model.source} ...")
+
+            def progress(model: str, phase: str, done: int, total: int) -> None:
+                key = (model, phase)
+                if key not in tasks:
+                    tasks[key] = bar.add_task(f"{model}: {phase}" if many else phase, total=total, rate="")
+                task = tasks[key]
+                t = bar.tasks[[x.id for x in bar.tasks].index(task)]
+                rate = f"{t.speed:.1f} samples/s" if t.speed else ""
+                bar.update(task, completed=done, rate=rate)
+
+            results = run_all(loaded, output, progress=progress, resume=resume, overwrite=overwrite, on_model=on_model)
     except EmbedLensError as e:
         _fail(e)
-    typer.echo(f"wrote {result.out_dir}")
-    for name, path in result.tables.items():
-        typer.echo(f"  table  {name}: {path}")
-    for fig in result.figures:
-        typer.echo(f"  figure {fig}")
+    for name, result in results.items():
+        typer.echo(f"wrote {result.out_dir}" + (f" (resumed at batch {result.resumed_from})" if result.resumed_from else ""))
+        for tname, path in result.tables.items():
+            typer.echo(f"  table  {tname}: {path}")
+        if result.figures:
+            typer.echo(f"  figures: {len(result.figures)} in {result.out_dir / 'figures'}")
+        if result.report is not None:
+            typer.echo(f"  report: {result.report}")
+        for s in result.skipped:
+            typer.echo(f"  skipped sample {s['sample_id']}: {s['error']}", err=True)
+    if len(results) > 1:
+        out = Path(output) if output is not None else Path(loaded.plan.output.dir)
+        typer.echo(f"comparison: {out / 'compare' / 'compare.html'}")
 
 
 @app.command()
 def validate(plan: Path = typer.Argument(..., help="YAML plan file.")) -> None:
-    """Check a plan completely (schema, plugins, files, and against the model) without running it.
+    """Check a plan completely without running it: schema, plugin names and
+    parameter types, files and data records, and (after loading each model)
+    layer ranges and model-dependent options.
 
     Example:
 
@@ -70,13 +113,58 @@ def validate(plan: Path = typer.Argument(..., help="YAML plan file.")) -> None:
 
     try:
         loaded = load_plan(plan)
-        prepared = prepare(loaded)
+        for name in loaded.plan.model_specs():
+            prepared = prepare(loaded, model=name)
+            typer.echo(
+                f"{plan}: ok ({name}: {prepared.adapter.name} model, {len(prepared.records)} samples, "
+                f"probes: {', '.join(n for n, _ in prepared.probes) or 'none'}, "
+                f"conditions: {', '.join(c.name for c in prepared.conditions) or 'none'})"
+            )
     except EmbedLensError as e:
         _fail(e)
-    typer.echo(
-        f"{plan}: ok ({prepared.adapter.name} model, {len(prepared.samples)} samples, "
-        f"probes: {', '.join(n for n, _ in prepared.probes)})"
-    )
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Two or more finished run folders."),
+    output: Path = typer.Option(Path("runs/compare"), "--output", "-o", help="Folder for compare.csv and compare.html."),
+    names: Optional[str] = typer.Option(None, "--names", help="Comma-separated column names (default: model names)."),
+    all_rows: bool = typer.Option(False, "--all", help="Print every compared value, not only the differences."),
+) -> None:
+    """Put finished runs side by side: token-group fractions, probe summaries,
+    intervention effects and figures, with the largest differences first.
+
+    Example:
+
+        embedlens compare runs/clip_vs_siglip/clip runs/clip_vs_siglip/siglip --output runs/cmp
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from embedlens.compare import compare_runs
+    from embedlens.report import fmt
+
+    try:
+        name_list = [n.strip() for n in names.split(",")] if names else None
+        if name_list is not None and len(name_list) != len(runs):
+            raise EmbedLensError(f"--names gives {len(name_list)} names for {len(runs)} runs")
+        cmp = compare_runs(runs, output, names=name_list)
+    except EmbedLensError as e:
+        _fail(e)
+    rows = cmp.rows if all_rows else [r for r in cmp.rows if r["section"] == "token groups"] + cmp.differences()[:25]
+    table = Table(title="where the runs differ" if not all_rows else "all compared values")
+    table.add_column("key")
+    for n in cmp.names:
+        table.add_column(n, justify="right")
+    table.add_column("rel diff", justify="right")
+    seen = set()
+    for r in rows:
+        if r["key"] in seen:
+            continue
+        seen.add(r["key"])
+        table.add_row(r["key"], *[fmt(v) for v in r["values"]], fmt(r["rel_diff"]) if r["rel_diff"] is not None else "")
+    Console(width=160).print(table)
+    typer.echo(f"wrote {cmp.csv} and {cmp.html}")
 
 
 @app.command("list")

@@ -29,84 +29,340 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB.
+#: Images with more pixels than this are downscaled (aspect kept) when read; see `open_image`.
+DEFAULT_MAX_PIXELS = 4096 * 4096
 
-    Grayscale, palette, RGBA and 16-bit images are converted (RGBA is
-    composited on white, so transparent areas do not turn black).
+
+def open_image(source: "str | Path | Image.Image | Any", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, list[str]]:
+    """Open an image as 8-bit RGB and say what was converted.
+
+    Grayscale and palette images are converted; RGBA is composited on white
+    (so transparent areas do not turn black); 16/32-bit integer and float
+    images are scaled to 8 bit instead of clipped; images with more than
+    `max_pixels` pixels are downscaled (decoded at reduced size where the
+    format allows). Images too large for Pillow to open safely are refused.
+
+    Returns:
+        (image, notes): notes name each conversion, e.g. ``"mode I;16 -> RGB (scaled to 8 bit)"``.
 
     Raises:
         InputError: the file is missing or is not a readable image.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"image file not found: {path}")
+    import numpy as np
+
+    notes: list[str] = []
+    if isinstance(source, Image.Image):
+        im, name = source, "<image>"
+    elif hasattr(source, "read"):  # encoded bytes, e.g. from a data set
+        name = "<image bytes>"
+        try:
+            source.seek(0)
+            im = Image.open(source)
+        except Image.DecompressionBombError as e:
+            raise InputError(f"image is too large to open safely: {e}") from None
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise InputError(f"cannot read image bytes: {e}") from None
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise InputError(f"image file not found: {path}")
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise InputError(f"image {path} is too large to open safely: {e}") from None
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise InputError(f"cannot read image {path}: {e}") from None
     try:
-        with Image.open(path) as im:
+        if max_pixels is not None and im.width * im.height > max_pixels:
+            scale = (max_pixels / (im.width * im.height)) ** 0.5
+            size = (max(1, int(im.width * scale)), max(1, int(im.height * scale)))
+            if hasattr(im, "draft") and im.format == "JPEG":
+                im.draft("RGB", size)
+            notes.append(f"downscaled from {im.width}x{im.height} to {size[0]}x{size[1]} (max_pixels {max_pixels})")
             im.load()
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-                canvas.paste(rgba, mask=rgba.getchannel("A"))
-                return canvas
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16/32-bit integer images: scale to 8 bit instead of clipping.
-                import numpy as np
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                im = im.convert("F")
+            im = im.resize(size, Image.Resampling.BILINEAR) if im.size != size else im
+        else:
+            im.load()
+        mode = im.mode
+        if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+            canvas.paste(rgba, mask=rgba.getchannel("A"))
+            notes.append(f"mode {mode} -> RGB (alpha composited on white)")
+            return canvas, notes
+        if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = np.asarray(im, dtype=np.float64)
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            arr = (arr - min(lo, 0.0)) / ((hi - min(lo, 0.0)) or 1.0)
+            notes.append(f"mode {mode} -> RGB (scaled to 8 bit)")
+            return Image.fromarray((arr * 255).round().astype("uint8")).convert("RGB"), notes
+        if mode != "RGB":
+            notes.append(f"mode {mode} -> RGB")
+            return im.convert("RGB"), notes
+        return im, notes
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"cannot read image {name}: {e}") from None
 
-                arr = np.asarray(im, dtype=np.float64)
-                hi = arr.max() or 1.0
-                return Image.fromarray((arr / hi * 255).astype("uint8")).convert("RGB")
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"cannot read image {path}: {e}") from None
 
-
-def read_jsonl(path: str | Path, image_root: str | Path | None = None) -> list[Sample]:
-    """Read samples from a JSONL file.
-
-    Each line is an object with ``image`` (a path, or ``images``: a list of
-    paths, relative to `image_root` or the file's folder), and ``question`` or
-    ``prompt``; optional ``answer`` and ``id``; other keys go to `meta`.
+def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image as RGB (see `open_image` for the conversions).
 
     Raises:
-        InputError: naming the file and line of a bad record.
+        InputError: the file is missing or is not a readable image.
     """
+    return open_image(path, max_pixels)[0]
+
+
+@dataclass
+class Record:
+    """One sample before its images are decoded: what a data source lists.
+
+    `images` holds paths or in-memory images; `where` says where the record
+    came from (``file:line``) for error messages. `load` decodes the images
+    and returns the `Sample`; a bad image is an error for that sample only.
+    """
+
+    images: list[Any]
+    question: str | None = None
+    prompt: str | None = None
+    answer: str | None = None
+    id: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    where: str = ""
+
+    def load(self, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[Sample, list[str]]:
+        """Decode the images.
+
+        Returns:
+            (sample, notes): the conversions applied, one note per converted image.
+
+        Raises:
+            InputError: naming the record and the image.
+        """
+        images, notes = [], []
+        for i, src in enumerate(self.images):
+            try:
+                im, n = open_image(src, max_pixels)
+            except InputError as e:
+                raise InputError(f"{self.where}: {e}") from None
+            images.append(im)
+            notes += [f"image {i}: {x}" for x in n]
+        meta = dict(self.meta)
+        if "regions" in meta and "patch_labels" not in meta:
+            meta["patch_labels"] = regions_to_grids(meta["regions"], images[0].size, where=self.where)
+        return Sample(images, self.question, self.prompt, self.answer, self.id, meta), notes
+
+
+def regions_to_grids(regions: Any, size: tuple[int, int], cells: int = 32, where: str = "") -> dict[str, list[list[Any]]]:
+    """Rasterise per-region annotations into per-attribute grids (`meta.patch_labels`).
+
+    `regions` is a list of ``{"box": [x0, y0, x1, y1], "labels": {attribute: value}}``
+    in pixels of the (first) image; later regions are drawn over earlier ones;
+    cells no region covers are ``None``. Grids are `cells` x `cells`; probes
+    read them at their own patch resolution (`semantic_probe.patch_label`).
+
+    >>> regions_to_grids([{"box": [0, 0, 32, 64], "labels": {"colour": "red"}}], (64, 64), cells=2)
+    {'colour': [['red', None], ['red', None]]}
+    """
+    if not isinstance(regions, list):
+        raise InputError(f"{where}: 'regions' must be a list of {{box: [x0, y0, x1, y1], labels: {{...}}}}")
+    w, h = size
+    grids: dict[str, list[list[Any]]] = {}
+    for j, reg in enumerate(regions):
+        box = reg.get("box") if isinstance(reg, dict) else None
+        labels = reg.get("labels") if isinstance(reg, dict) else None
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)) or not isinstance(labels, dict):
+            raise InputError(f"{where}: regions[{j}] needs 'box': [x0, y0, x1, y1] (pixels) and 'labels': {{attribute: value}}; got {reg!r}")
+        x0, y0, x1, y1 = box
+        for attr, value in labels.items():
+            g = grids.setdefault(attr, [[None] * cells for _ in range(cells)])
+            for r in range(cells):
+                cy = (r + 0.5) * h / cells
+                if not y0 <= cy < y1:
+                    continue
+                for c in range(cells):
+                    if x0 <= (c + 0.5) * w / cells < x1:
+                        g[r][c] = value
+    return grids
+
+
+_JSON_COLUMNS = ("candidates", "patch_labels", "regions", "images")
+
+
+def _record(rec: dict, where: str, root: Path) -> Record:
+    paths = rec.pop("images", None) or ([rec.pop("image")] if rec.get("image") not in (None, "") else None)
+    rec.pop("image", None)
+    if not paths:
+        raise InputError(f"{where}: needs 'image' (a path) or 'images' (a list of paths)")
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise InputError(f"{where}: 'images' must be a list of paths; got {paths!r}")
+    has_q, has_p = rec.get("question") not in (None, ""), rec.get("prompt") not in (None, "")
+    if has_q == has_p:
+        raise InputError(f"{where}: give exactly one of 'question' or 'prompt'")
+    if "candidates" in rec and not (isinstance(rec["candidates"], list) and all(isinstance(c, str) for c in rec["candidates"])):
+        raise InputError(f"{where}: 'candidates' must be a list of strings; got {rec['candidates']!r}")
+    missing = [p for p in paths if not (root / p).is_file()]
+    if missing:
+        raise InputError(f"{where}: image file not found: {root / missing[0]}")
+    question, prompt = rec.pop("question", None) or None, rec.pop("prompt", None) or None
+    answer = rec.pop("answer", None)
+    rid = rec.pop("id", None)
+    return Record([root / p for p in paths], question, prompt, answer if answer not in ("",) else None, str(rid) if rid not in (None, "") else "", rec, where)
+
+
+def read_records(path: str | Path, image_root: str | Path | None = None) -> list[Record]:
+    """List the samples of a JSONL or CSV file without decoding images.
+
+    JSONL: one object per line. CSV: a header row; list-valued columns
+    (``candidates``, ``patch_labels``, ``regions``) hold JSON, ``images``
+    holds paths separated by ``;``. Keys: ``image`` (a path) or ``images``,
+    ``question`` or ``prompt``; optional ``answer``, ``id``, ``candidates``
+    (candidate answers), ``patch_labels`` (per-patch annotation grids),
+    ``regions`` (boxes with labels); other keys go to `Sample.meta`. Image
+    paths are relative to `image_root` or the file's folder; that each image
+    exists is checked here, decoding happens per batch (`Record.load`).
+
+    Raises:
+        InputError: naming the file and line of a bad record, or an empty file.
+    """
+    import csv
+
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     if not path.is_file():
         raise InputError(f"prompts file not found: {path}")
-    samples = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        paths = rec.pop("images", None) or ([rec.pop("image")] if "image" in rec else None)
-        if not paths:
-            raise InputError(f"{where}: needs 'image' (a path) or 'images' (a list of paths)")
-        if ("question" in rec) == ("prompt" in rec):
-            raise InputError(f"{where}: give exactly one of 'question' or 'prompt'")
-        images = []
-        for p in paths:
+    records: list[Record] = []
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                rec: dict[str, Any] = {k: v for k, v in row.items() if k is not None and v not in (None, "")}
+                if None in row:
+                    raise InputError(f"{where}: more fields than the header has columns")
+                for k in _JSON_COLUMNS:
+                    if k in rec:
+                        if k == "images" and not rec[k].lstrip().startswith("["):
+                            rec[k] = [p.strip() for p in rec[k].split(";") if p.strip()]
+                            continue
+                        try:
+                            rec[k] = json.loads(rec[k])
+                        except json.JSONDecodeError as e:
+                            raise InputError(f"{where}: column {k!r} must hold JSON ({e.msg}); got {rec[k]!r}") from None
+                records.append(_record(rec, where, root))
+                if not records[-1].id:
+                    records[-1].id = f"{path.stem}-{reader.line_num}"
+    else:
+        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
             try:
-                images.append(load_image(root / p))
-            except InputError as e:
-                raise InputError(f"{where}: {e}") from None
-        samples.append(
-            Sample(
-                images=images,
-                question=rec.pop("question", None),
-                prompt=rec.pop("prompt", None),
-                answer=rec.pop("answer", None),
-                id=str(rec.pop("id", f"{path.stem}-{lineno}")),
-                meta=rec,
-            )
-        )
-    if not samples:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            records.append(_record(rec, where, root))
+            if not records[-1].id:
+                records[-1].id = f"{path.stem}-{lineno}"
+    if not records:
         raise InputError(f"{path}: no samples")
-    return samples
+    seen: dict[str, str] = {}
+    for r in records:
+        if r.id in seen:
+            raise InputError(f"{r.where}: duplicate sample id {r.id!r} (first at {seen[r.id]})")
+        seen[r.id] = r.where
+    return records
+
+
+def read_jsonl(path: str | Path, image_root: str | Path | None = None) -> list[Sample]:
+    """Read and decode every sample of a JSONL or CSV file (see `read_records`).
+
+    Raises:
+        InputError: naming the file and line of a bad record or image.
+    """
+    return [r.load()[0] for r in read_records(path, image_root)]
+
+
+def read_hf_dataset(
+    path: str | Path,
+    split: str | None = None,
+    columns: dict[str, str] | None = None,
+) -> list[Record]:
+    """List the samples of a Hugging Face `datasets` data set stored locally.
+
+    `path` is a folder written by ``Dataset.save_to_disk`` (or a
+    ``DatasetDict``'s, then `split` picks one), or a folder ``load_dataset``
+    reads (data files, e.g. Parquet/JSON/CSV or an image folder). `columns`
+    maps the fields embedlens uses (``image``, ``question``, ``prompt``,
+    ``answer``, ``candidates``, ``id``, ``patch_labels``, ``regions``) to the
+    data set's column names; unmapped columns go to `meta`.
+
+    Raises:
+        InputError: naming the path, split or column that is wrong.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise InputError("reading a Hugging Face data set needs the 'datasets' package: pip install datasets") from None
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"data set folder not found: {path}")
+    try:
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset(str(path))
+    except Exception as e:  # datasets raises many types for a bad folder
+        raise InputError(f"cannot read data set {path}: {type(e).__name__}: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None:
+            if len(ds) != 1:
+                raise InputError(f"data set {path} has splits {sorted(ds)}; choose one with data.split")
+            split = next(iter(ds))
+        if split not in ds:
+            raise InputError(f"data set {path} has no split {split!r}; splits: {sorted(ds)}")
+        ds = ds[split]
+    names = {"image": "image", "question": "question", "prompt": "prompt", "answer": "answer", "candidates": "candidates", "id": "id"}
+    names.update(columns or {})
+    if names["image"] not in ds.column_names and "images" not in ds.column_names:
+        raise InputError(f"data set {path} has no image column {names['image']!r}; columns: {ds.column_names} (map it with data.columns.image)")
+    for field_ in ("question", "prompt", "answer", "candidates", "id"):
+        if field_ in (columns or {}) and names[field_] not in ds.column_names:
+            raise InputError(f"data set {path}: data.columns.{field_} names {names[field_]!r}, not a column; columns: {ds.column_names}")
+    records = []
+    used = set(names.values())
+    for i, row in enumerate(ds):
+        where = f"{path}[{i}]"
+        img = row.get(names["image"], row.get("images"))
+        imgs = img if isinstance(img, list) else [img]
+        resolved = []
+        for im in imgs:
+            if isinstance(im, str):
+                p = Path(im) if Path(im).is_absolute() else path / im
+                resolved.append(p)
+            elif isinstance(im, Image.Image):
+                resolved.append(im)
+            elif isinstance(im, dict) and im.get("bytes"):
+                import io
+
+                resolved.append(io.BytesIO(im["bytes"]))
+            else:
+                raise InputError(f"{where}: column {names['image']!r} holds {type(im).__name__}, expected an image or a path")
+        q, pr = row.get(names["question"]), row.get(names["prompt"])
+        if (q not in (None, "")) == (pr not in (None, "")):
+            raise InputError(f"{where}: needs exactly one of a question (column {names['question']!r}) or a prompt (column {names['prompt']!r})")
+        meta = {k: v for k, v in row.items() if k not in used and k != "images" and not isinstance(v, Image.Image)}
+        if row.get(names["candidates"]) is not None:
+            meta["candidates"] = list(row[names["candidates"]])
+        rid = row.get(names["id"])
+        records.append(
+            Record(resolved, q or None, pr or None, row.get(names["answer"]) or None, str(rid) if rid is not None else f"{path.name}-{i}", meta, where)
+        )
+    if not records:
+        raise InputError(f"data set {path} has no rows")
+    return records

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from pathlib import Path
 from typing import Sequence
 
@@ -57,9 +58,7 @@ def token_map(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 GROUP_COLOURS = {"sink": "#d62728", "dead": "#7f7f7f", "alive": "#2ca02c", "visual": "#1f77b4"}
@@ -75,11 +74,22 @@ def _plt():
     return plt
 
 
+#: Extra vector copies written beside every PNG (the runner sets it from `output.figure_formats`).
+EXTRA_FORMATS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("EXTRA_FORMATS", default=())
+
+
 def _save(fig, path: str | Path) -> Path:
+    """Write a figure reproducibly: the same figure gives the same bytes (no dates, fixed SVG ids)."""
+    import matplotlib
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=150, metadata={"Software": None} if path.suffix == ".png" else {"Date": None})
+    for fmt in EXTRA_FORMATS.get():
+        if fmt != path.suffix.lstrip("."):
+            with matplotlib.rc_context({"svg.hashsalt": "embedlens"}):
+                fig.savefig(path.with_suffix("." + fmt), dpi=150, metadata={"Date": None} if fmt in ("svg", "pdf") else None)
     _plt().close(fig)
     return path
 
@@ -178,4 +188,45 @@ def histograms(hists: dict[str, dict[str, list]], path: str | Path, xlabel: str 
     if title:
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def effect_chart(
+    effects: dict[str, dict[str, dict[str, float]]],
+    metric: str,
+    path: str | Path,
+    controls: dict[str, str] | None = None,
+    title: str = "",
+) -> Path:
+    """Bar chart of one metric per condition (mean with standard error), each control bar beside its condition.
+
+    Args:
+        effects: ``{condition: {metric: {"mean", "sem", "n"}}}`` (baseline values under the metric's own column).
+        metric: the column to chart.
+        controls: ``{condition: its matched random control}``; controls are hatched and drawn right after theirs.
+    """
+    plt = _plt()
+    controls = controls or {}
+    is_control = set(controls.values())
+    order: list[str] = []
+    for cond in effects:
+        if cond in is_control or metric not in effects[cond]:
+            continue
+        order.append(cond)
+        ctrl = controls.get(cond)
+        if ctrl is not None and metric in effects.get(ctrl, {}):
+            order.append(ctrl)
+    order += [c for c in effects if c not in order and metric in effects[c]]
+    means = [effects[c][metric]["mean"] for c in order]
+    sems = [effects[c][metric].get("sem", 0.0) or 0.0 for c in order]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(order) + 1.5), 3.2))
+    colours = ["#bbbbbb" if c in is_control else "#1f77b4" for c in order]
+    bars = ax.bar(range(len(order)), means, yerr=sems, color=colours, capsize=3)
+    for b, c in zip(bars, order):
+        if c in is_control:
+            b.set_hatch("//")
+    ax.set_xticks(range(len(order)), order, rotation=30, ha="right", fontsize=8)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} by condition (hatched: matched random control)", fontsize=9)
     return _save(fig, path)

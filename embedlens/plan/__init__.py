@@ -1,7 +1,7 @@
 """Declarative analysis plans: schema, loading with located errors, running."""
 
 from embedlens.plan.loader import LoadedPlan, load_plan
-from embedlens.plan.runner import Prepared, RunResult, prepare, run
+from embedlens.plan.runner import Prepared, RunResult, prepare, run, run_all
 from embedlens.plan.schema import DataSpec, ModelSpec, OutputSpec, Plan, ProbeSpec
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "load_plan",
     "prepare",
     "run",
+    "run_all",
 ]

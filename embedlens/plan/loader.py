@@ -53,12 +53,26 @@ class _Located:
 
 
 class LoadedPlan:
-    """A validated plan, with where it came from (for resolving relative paths and errors)."""
+    """A validated plan, with where it came from (for resolving relative paths and errors).
+
+    `aliases` maps key paths of the expanded plan (after sweeps) to where they
+    were written, so errors about a swept value point at the sweep line.
+    """
 
     def __init__(self, plan: Plan, path: Path | None, located: _Located):
         self.plan = plan
         self.path = path
         self._located = located
+        self.aliases: dict[tuple, tuple] = {}
+
+    def written(self, loc: tuple) -> tuple:
+        """Where an expanded key path was written in the file."""
+        for n in range(len(loc), 0, -1):
+            target = self.aliases.get(loc[:n])
+            if target is not None:
+                # a swept value is written in the sweep list: nothing below it to point at
+                return target if target[0] == "sweep" else target + tuple(loc[n:])
+        return loc
 
     @property
     def base_dir(self) -> Path:
@@ -70,6 +84,7 @@ class LoadedPlan:
 
     def error(self, loc: tuple, message: str) -> PlanError:
         """A `PlanError` pointing at `loc` (a key path tuple) in the plan file."""
+        loc = self.written(tuple(loc))
         line = self._located.line(loc)
         where = f"{self.path or '<plan>'}" + (f":{line}" if line else "")
         return PlanError(f"{where} {_key_path(loc)}: {message}")
@@ -131,6 +146,10 @@ def load_plan(path: str | Path | None = None, text: str | None = None) -> Loaded
         problem = getattr(e, "problem", None) or str(e)
         raise PlanError(f"{where}{line}: YAML syntax error: {problem}") from None
     located = _Located(node)
+    dup = _duplicate_key(node)
+    if dup is not None:
+        line, path_, key, first = dup
+        raise PlanError(f"{where}:{line} {path_}: duplicate key {key!r} (first given on line {first}); names must be unique")
     if raw is None:
         raise PlanError(f"{where}: the plan is empty")
     if not isinstance(raw, dict):
@@ -142,15 +161,162 @@ def load_plan(path: str | Path | None = None, text: str | None = None) -> Loaded
         first = errs[0]
         loc = tuple(first["loc"])
         msg = _message(first)
+        if first["type"] == "value_error":
+            msg = str(first["ctx"]["error"]) if "ctx" in first else msg.removeprefix("Value error, ")
+            head, sep, rest = msg.partition(": ")
+            if sep and head and " " not in head:  # "conditions.x: ..." names its own key
+                loc = loc + tuple(head.split("."))
+                msg = rest
         if first["type"] == "extra_forbidden":
             msg += _suggest(Plan, loc)
         line = located.line(loc)
         more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
         raise PlanError(f"{where}{':' + str(line) if line else ''} {_key_path(loc)}: {msg}{more}") from None
     loaded = LoadedPlan(plan, p, located)
+    _expand_sweeps(loaded)
     _check_plugins(loaded)
+    _check_labels(loaded)
     _check_files(loaded)
     return loaded
+
+
+def _duplicate_key(node: yaml.Node | None, path: str = "") -> tuple[int, str, str, int] | None:
+    """The first mapping key given twice (PyYAML would silently keep the last): (line, key path, key, first line)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for k, v in node.value:
+            key = k.value
+            if key in seen:
+                return k.start_mark.line + 1, path or "(top level)", key, seen[key]
+            seen[key] = k.start_mark.line + 1
+            found = _duplicate_key(v, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            found = _duplicate_key(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _param_names(registry, name: str) -> set[str]:
+    try:
+        return {p.name for p in plugin_params(registry.get(name))}
+    except EmbedLensError:
+        return set()
+
+
+def _fmt(v: Any) -> str:
+    return v if isinstance(v, str) else yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _expand_sweeps(loaded: LoadedPlan) -> None:
+    """Replace each swept condition or probe by one copy per value (every combination for several keys).
+
+    Keys are ``TARGET.PARAM``: TARGET is a condition name (its one
+    intervention with PARAM), ``CONDITION.INTERVENTION``, an intervention name
+    (every condition using it) or a probe name or label. Copies are named
+    ``target[param=value]``.
+    """
+    from embedlens.registry import interventions
+
+    plan = loaded.plan
+    if not plan.sweep:
+        return
+    cond_sweeps: dict[str, list[tuple[int, str, list, str]]] = {}
+    probe_sweeps: dict[int, list[tuple[str, list, str]]] = {}
+    for key, values in plan.sweep.items():
+        loc = ("sweep", key)
+        target, dot, param = key.rpartition(".")
+        if not dot or not target or not param:
+            raise loaded.error(loc, "expected TARGET.PARAM (e.g. inject.layer, inject_at_layer.layer, embedding_lens.k)")
+        if not values:
+            raise loaded.error(loc, "needs at least one value")
+        hits: list[tuple[str, Any]] = []
+        cname, _, ivname = target.partition(".")
+        if target in plan.conditions:
+            idx = [i for i, iv in enumerate(plan.conditions[target]) if param in _param_names(interventions, iv.name)]
+            if len(idx) > 1:
+                raise loaded.error(loc, f"condition {target!r} has several interventions with parameter {param!r}; write {target}.INTERVENTION.{param}")
+            if not idx:
+                names = sorted({n for iv in plan.conditions[target] for n in _param_names(interventions, iv.name)})
+                raise loaded.error(loc, f"no intervention of condition {target!r} has parameter {param!r}; parameters: {', '.join(names)}")
+            hits.append(("condition", (target, idx[0])))
+        elif ivname and cname in plan.conditions:
+            idx = [i for i, iv in enumerate(plan.conditions[cname]) if iv.name == ivname]
+            if not idx:
+                raise loaded.error(loc, f"condition {cname!r} has no intervention {ivname!r}")
+            hits += [("condition", (cname, i)) for i in idx]
+        else:
+            for c, items in plan.conditions.items():
+                hits += [("condition", (c, i)) for i, iv in enumerate(items) if iv.name == target]
+            hits += [("probe", j) for j, pr in enumerate(plan.probes) if (pr.label or pr.name) == target or (pr.label is None and pr.name == target)]
+            if not hits:
+                names = list(plan.conditions) + sorted({iv.name for items in plan.conditions.values() for iv in items}) + [
+                    pr.label or pr.name for pr in plan.probes
+                ]
+                close = difflib.get_close_matches(target, names, n=2)
+                hint = f" Did you mean: {', '.join(close)}?" if close else ""
+                raise loaded.error(loc, f"{target!r} is not a condition, an intervention of one, or a probe of this plan.{hint} Targets: {', '.join(names)}")
+        for kind, ref in hits:
+            if kind == "condition":
+                c, i = ref
+                iv = plan.conditions[c][i]
+                if param not in _param_names(interventions, iv.name):
+                    raise loaded.error(loc, f"{iv.name} has no parameter {param!r}; parameters: {', '.join(sorted(_param_names(interventions, iv.name)))}")
+                cond_sweeps.setdefault(c, []).append((i, param, values, key))
+            else:
+                pr = plan.probes[ref]
+                if param not in _param_names(probes, pr.name):
+                    raise loaded.error(loc, f"{pr.name} has no parameter {param!r}; parameters: {', '.join(sorted(_param_names(probes, pr.name)))}")
+                probe_sweeps.setdefault(ref, []).append((param, values, key))
+
+    import itertools
+
+    new_conditions: dict[str, list] = {}
+    for c, items in plan.conditions.items():
+        if c not in cond_sweeps:
+            new_conditions[c] = items
+            continue
+        axes = cond_sweeps[c]
+        for combo in itertools.product(*[list(enumerate(vals)) for _, _, vals, _ in axes]):
+            name = c + "[" + ",".join(f"{p}={_fmt(v)}" for (_, p, _, _), (_, v) in zip(axes, combo)) + "]"
+            copy = [iv.model_copy(deep=True) for iv in items]
+            loaded.aliases[("conditions", name)] = ("conditions", c)
+            for (i, p, _, key), (j, v) in zip(axes, combo):
+                copy[i].params[p] = v
+                loaded.aliases[("conditions", name, i, "params", p)] = ("sweep", key, j)
+            new_conditions[name] = copy
+    new_probes = []
+    for j, pr in enumerate(plan.probes):
+        if j not in probe_sweeps:
+            loaded.aliases[("probes", len(new_probes))] = ("probes", j)
+            new_probes.append(pr)
+            continue
+        axes = probe_sweeps[j]
+        for combo in itertools.product(*[list(enumerate(vals)) for _, vals, _ in axes]):
+            label = (pr.label or pr.name) + "[" + ",".join(f"{p}={_fmt(v)}" for (p, _, _), (_, v) in zip(axes, combo)) + "]"
+            copy = pr.model_copy(deep=True, update={"label": label})
+            loaded.aliases[("probes", len(new_probes))] = ("probes", j)
+            for (p, _, key), (k, v) in zip(axes, combo):
+                copy.params[p] = v
+                loaded.aliases[("probes", len(new_probes), "params", p)] = ("sweep", key, k)
+            new_probes.append(copy)
+    plan.conditions = new_conditions
+    plan.probes = new_probes
+
+
+def _check_labels(loaded: LoadedPlan) -> None:
+    seen: dict[str, int] = {}
+    for i, pr in enumerate(loaded.plan.probes):
+        label = pr.label or pr.name
+        if label in seen:
+            raise loaded.error(
+                ("probes", i, "label" if pr.label else "name"),
+                f"two probes would write tables named {label!r} (probes[{seen[label]}] too); give one a different label",
+            )
+        seen[label] = i
 
 
 def _check_plugins(loaded: LoadedPlan) -> None:
@@ -196,8 +362,15 @@ def _check_plugin(loaded: LoadedPlan, registry, loc: tuple, spec) -> None:
 
 def _check_files(loaded: LoadedPlan) -> None:
     data = loaded.plan.data
-    prompts = loaded.resolve(data.prompts)
-    if not prompts.is_file():
-        raise loaded.error(("data", "prompts"), f"file not found: {prompts}")
+    if data.prompts is not None:
+        prompts = loaded.resolve(data.prompts)
+        if not prompts.is_file():
+            raise loaded.error(("data", "prompts"), f"file not found: {prompts}")
+        if prompts.suffix.lower() not in (".jsonl", ".json", ".csv"):
+            raise loaded.error(("data", "prompts"), f"expected a .jsonl or .csv file; got {prompts.name}")
+        if not prompts.read_text().strip():
+            raise loaded.error(("data", "prompts"), f"{prompts} is empty: no samples")
     if data.images is not None and not loaded.resolve(data.images).is_dir():
         raise loaded.error(("data", "images"), f"folder not found: {loaded.resolve(data.images)}")
+    if data.dataset is not None and not loaded.resolve(data.dataset).exists():
+        raise loaded.error(("data", "dataset"), f"data set folder not found: {loaded.resolve(data.dataset)}")

@@ -1,11 +1,22 @@
-"""Run a plan: load the model, check the plan against it, stream batches through the probes."""
+"""Run a plan: load the model, check the plan against it, stream batches through probes and conditions.
+
+Results stream to disk per batch (`parts/`), with a checkpoint of every
+probe's running state after each batch, so a run killed at any moment resumes
+(``resume=True``) from the last finished batch and ends with the same bytes as
+an uninterrupted run. At the end the parts are gathered into one Parquet
+(and/or CSV) file per table, figures and ``report.html`` are written, and the
+checkpoint is removed.
+"""
 
 from __future__ import annotations
 
-import csv
 import hashlib
+import re
 import json
+import os
+import pickle
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,18 +26,27 @@ import torch
 
 from embedlens.adapters import load_model
 from embedlens.adapters.base import Adapter
-from embedlens.data import Sample, read_jsonl
-from embedlens.errors import EmbedLensError
+from embedlens.data import Record, Sample, read_hf_dataset, read_records
+from embedlens.errors import EmbedLensError, InputError, PlanError
 from embedlens.groups import Partition
 from embedlens.interventions.condition import Condition
 from embedlens.interventions.engine import Engine
 from embedlens.metrics import Metric, compare
+from embedlens.plan.loader import LoadedPlan
+from embedlens.plan.schema import ModelSpec
+from embedlens.probes.base import Probe, Tensors
 from embedlens.registry import interventions as intervention_registry
 from embedlens.registry import metrics as metric_registry
-from embedlens.plan.loader import LoadedPlan
-from embedlens.probes.base import Probe
 from embedlens.registry import probes as probe_registry
 from embedlens.tracing import collect
+
+#: ``progress(phase, done, total)``: phase is "fit: NAME" for a fitting pass, "run" for the main pass.
+ProgressFn = Callable[[str, int, int], None]
+
+CHECKPOINT = "checkpoint.pkl"
+PARTS = "parts"
+#: Files whose content legitimately differs between two runs of the same plan (timings, resume history).
+VOLATILE = ("run_log.json",)
 
 
 @dataclass
@@ -36,10 +56,15 @@ class Prepared:
     loaded: LoadedPlan
     adapter: Adapter
     probes: list[tuple[str, Probe]]
-    samples: list[Sample]
+    records: list[Record]
     conditions: list[Condition] = field(default_factory=list)
     metrics: list[Metric] = field(default_factory=list)
     partition: Partition | None = None
+    model_name: str = "model"
+
+    @property
+    def samples(self) -> list[Record]:  # kept for callers that count samples
+        return self.records
 
 
 @dataclass
@@ -48,23 +73,76 @@ class RunResult:
     tables: dict[str, Path] = field(default_factory=dict)
     figures: list[Path] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    report: Path | None = None
+    resumed_from: int | None = None
 
 
-def prepare(loaded: LoadedPlan, adapter: Adapter | None = None) -> Prepared:
-    """Load model and data and build the probes; run the checks that need the model.
+def _model_loc(loaded: LoadedPlan, name: str) -> tuple:
+    return ("models", name) if loaded.plan.models is not None else ("model",)
+
+
+def load_plan_model(loaded: LoadedPlan, name: str | None = None) -> tuple[str, Adapter]:
+    """Load one of the plan's models (the only one when `name` is None); errors point at its entry."""
+    specs = loaded.plan.model_specs()
+    if name is None:
+        name = next(iter(specs))
+    m: ModelSpec = specs[name]
+    try:
+        return name, load_model(m.source, adapter=m.adapter, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation)
+    except EmbedLensError as e:
+        key = "adapter" if m.adapter and "adapter" in str(e) else "source"
+        raise loaded.error((*_model_loc(loaded, name), key), str(e)) from None
+
+
+def read_data(loaded: LoadedPlan, adapter: Adapter | None = None) -> list[Record]:
+    """The plan's samples as records (images not decoded yet), checked record by record.
+
+    Raises:
+        PlanError: pointing at the data key, with the file and line of the bad record.
+    """
+    data = loaded.plan.data
+    try:
+        if data.prompts is not None:
+            key = "prompts"
+            records = read_records(loaded.resolve(data.prompts), loaded.resolve(data.images) if data.images else None)
+        elif data.dataset is not None:
+            key = "dataset"
+            records = read_hf_dataset(loaded.resolve(data.dataset), data.split, data.columns)
+        else:
+            from embedlens.synthetic import SyntheticSpec, make_records
+
+            key = "synthetic"
+            syn = data.synthetic.model_dump()
+            if syn["patch_grid"] == "auto":
+                if adapter is None:
+                    syn["patch_grid"] = 8
+                else:
+                    syn["patch_grid"] = adapter.grid()[0]
+            syn["question_types"] = tuple(syn["question_types"])
+            records = make_records(SyntheticSpec(**syn))
+    except EmbedLensError as e:
+        raise loaded.error(("data", key), str(e)) from None
+    if data.limit is not None:
+        records = records[: data.limit]
+    return records
+
+
+def prepare(loaded: LoadedPlan, adapter: Adapter | None = None, model: str | None = None) -> Prepared:
+    """Load model and data and build the plugins; run the checks that need the model.
+
+    Args:
+        loaded: from `load_plan`.
+        adapter: an already loaded model (skips loading `model`).
+        model: which of the plan's `models` (default: the first).
 
     Raises:
         PlanError: naming the plan file, line and key (e.g. a layer out of range).
     """
     plan = loaded.plan
+    name = model or next(iter(plan.model_specs()))
     if adapter is None:
-        m = plan.model
-        try:
-            adapter = load_model(
-                m.source, adapter=m.adapter, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation
-            )
-        except EmbedLensError as e:
-            raise loaded.error(("model", "adapter" if m.adapter and "adapter" in str(e) else "source"), str(e)) from None
+        name, adapter = load_plan_model(loaded, name)
     built: list[tuple[str, Probe]] = []
     for i, spec in enumerate(plan.probes):
         try:
@@ -75,7 +153,7 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None) -> Prepared:
             key = next((k for k in spec.params if msg.startswith(f"{spec.name}.{k}")), None)
             loc = ("probes", i, "params", key) if key else ("probes", i)
             raise loaded.error(loc, msg.split(": ", 1)[-1] if key else msg) from None
-        built.append((spec.name, probe))
+        built.append((spec.label or spec.name, probe))
     conditions = []
     for cname, items in plan.conditions.items():
         ivs = []
@@ -95,27 +173,21 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None) -> Prepared:
             raise _plugin_error(loaded, ("metrics", i), spec, e) from None
     partition = None
     if plan.partition is not None:
-        p = plan.partition
         try:
-            partition = Partition(**p.model_dump())
+            partition = Partition(**plan.partition.model_dump())
             partition.check(adapter)
         except EmbedLensError as e:
             head, _, msg = str(e).partition(": ")  # "partition.anchors.dead: ..." -> that key
             key = tuple(head.split(".")) if head.startswith("partition.") else ("partition",)
             raise loaded.error(key, msg if head.startswith("partition.") else str(e)) from None
-    data = plan.data
-    try:
-        samples = read_jsonl(loaded.resolve(data.prompts), loaded.resolve(data.images) if data.images else None)
-    except EmbedLensError as e:
-        raise loaded.error(("data", "prompts"), str(e)) from None
-    if data.limit is not None:
-        samples = samples[: data.limit]
-    try:
-        for s in samples:  # prompt checks are cheap: fail before the first batch, not in the middle
-            adapter.prompt(s)
-    except EmbedLensError as e:
-        raise loaded.error(("data", "prompts"), str(e)) from None
-    return Prepared(loaded, adapter, built, samples, conditions, metrics, partition)
+    records = read_data(loaded, adapter)
+    key = ("data", "prompts" if plan.data.prompts else "dataset" if plan.data.dataset else "synthetic")
+    for r in records:  # prompt checks are cheap: fail before the first batch, not in the middle
+        try:
+            adapter.prompt(Sample([None] * len(r.images), r.question, r.prompt, r.answer, r.id, r.meta))
+        except EmbedLensError as e:
+            raise loaded.error(key, f"{r.where}: {e}") from None
+    return Prepared(loaded, adapter, built, records, conditions, metrics, partition, name)
 
 
 def _plugin_error(loaded: LoadedPlan, loc: tuple, spec, err: EmbedLensError, prefix: str = ""):
@@ -127,7 +199,8 @@ def _plugin_error(loaded: LoadedPlan, loc: tuple, spec, err: EmbedLensError, pre
     return loaded.error(loc, prefix + msg)
 
 
-def _plan_hash(loaded: LoadedPlan) -> str:
+def plan_hash(loaded: LoadedPlan) -> str:
+    """Hash of the validated (sweep-expanded) plan: what a resumed run must match."""
     return hashlib.sha256(loaded.plan.model_dump_json().encode()).hexdigest()[:16]
 
 
@@ -135,7 +208,7 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("embedlens", "torch", "transformers", "nnsight"):
+    for pkg in ("embedlens", "torch", "transformers", "nnsight", "pyarrow"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -143,35 +216,108 @@ def _versions() -> dict[str, str]:
     return out
 
 
-class _CsvSink:
-    """Appends rows to one CSV per table as batches finish."""
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
-        self.files: dict[str, tuple[Any, csv.writer, list[str]]] = {}
-        self.paths: dict[str, Path] = {}
-
-    def write(self, name: str, table: dict[str, list]) -> None:
-        cols = list(table)
-        if name not in self.files:
-            path = self.out_dir / f"{name}.csv"
-            fh = path.open("w", newline="")
-            w = csv.writer(fh)
-            w.writerow(cols)
-            self.files[name], self.paths[name] = (fh, w, cols), path
-        fh, w, header = self.files[name]
-        if cols != header:
-            raise EmbedLensError(f"table {name!r} changed columns between batches: {header} -> {cols}")
-        w.writerows(zip(*(table[c] for c in cols)))
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
         fh.flush()
-
-    def close(self) -> None:
-        for fh, _, _ in self.files.values():
-            fh.close()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
-class _EffectSummary:
-    """Running mean of every numeric metric column, per condition (NaN values skipped)."""
+class _Parts:
+    """Per-batch part files: ``parts/TABLE/000012.parquet`` and ``tensors/NAME/000012.safetensors``."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def table(self, name: str, table: dict[str, list], index: int) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not table or not next(iter(table.values()), None):
+            return
+        lengths = {k: len(v) for k, v in table.items()}
+        if len(set(lengths.values())) != 1:
+            raise EmbedLensError(f"table {name!r}: columns have different lengths {lengths}")
+        folder = self.out / PARTS / name
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{index:06d}.parquet"
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(pa.table({k: _plain(v) for k, v in table.items()}), tmp)
+        os.replace(tmp, path)
+
+    def tensors(self, name: str, tensors: dict[str, torch.Tensor], index: int) -> None:
+        from safetensors.torch import save
+
+        folder = self.out / "tensors" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"batch": str(index)})
+        _atomic_write(folder / f"{index:06d}.safetensors", data)
+
+    def drop_from(self, index: int) -> None:
+        """Remove parts of batches >= index (the batch in flight when a run was killed)."""
+        for root in (self.out / PARTS, self.out / "tensors"):
+            if not root.is_dir():
+                continue
+            for f in root.glob("*/*"):
+                stem = f.name.split(".")[0]
+                if f.name.endswith(".tmp") or (stem.isdigit() and int(stem) >= index):
+                    f.unlink()
+
+    def gather(self, formats: list[str]) -> dict[str, Path]:
+        """One file per table from its parts, in batch order; returns table -> main file."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        out: dict[str, Path] = {}
+        root = self.out / PARTS
+        if not root.is_dir():
+            return out
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            files = sorted(folder.glob("*.parquet"))
+            if not files:
+                continue
+            table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+            name = folder.name
+            if "parquet" in formats:
+                pq.write_table(table, self.out / f"{name}.parquet")
+                out[name] = self.out / f"{name}.parquet"
+            if "csv" in formats:
+                _write_csv(table, self.out / f"{name}.csv")
+                out.setdefault(name, self.out / f"{name}.csv")
+        shutil.rmtree(root)
+        return out
+
+
+def _plain(values: list) -> list:
+    """Python scalars for Arrow (numpy / torch scalars in a column become int / float / bool)."""
+    out = []
+    for v in values:
+        if hasattr(v, "item") and not isinstance(v, (list, dict, str)):
+            try:
+                v = v.item()
+            except (ValueError, RuntimeError):
+                v = v.tolist()
+        out.append(v)
+    return out
+
+
+def _write_csv(table, path: Path) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(table.column_names)
+    cols = [c.to_pylist() for c in table.columns]
+    for row in zip(*cols):
+        w.writerow(["" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v for v in row])
+    path.write_text(buf.getvalue())
+
+
+class EffectSummary:
+    """Running mean and standard error of every numeric metric column, per condition (NaN skipped)."""
 
     def __init__(self):
         self.sums: dict[str, dict[str, list[float]]] = {}
@@ -183,107 +329,377 @@ class _EffectSummary:
                 v = values[i]
                 if col in ("sample", "condition") or isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
                     continue
-                s = acc.setdefault(col, [0.0, 0])
+                s = acc.setdefault(col, [0.0, 0.0, 0])
                 s[0] += float(v)
-                s[1] += 1
+                s[1] += float(v) * float(v)
+                s[2] += 1
+
+    def stats(self) -> dict[str, dict[str, dict[str, float]]]:
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for cond, cols in self.sums.items():
+            for col, (s, ss, n) in cols.items():
+                mean = s / n
+                var = max(0.0, ss / n - mean * mean) * n / (n - 1) if n > 1 else 0.0
+                out.setdefault(cond, {})[col] = {"mean": mean, "sem": (var / n) ** 0.5, "n": n}
+        return out
 
     def result(self) -> dict[str, dict[str, float]]:
-        return {c: {k: s / n for k, (s, n) in cols.items()} for c, cols in self.sums.items()}
+        return {c: {k: v["mean"] for k, v in cols.items()} for c, cols in self.stats().items()}
+
+
+def matched_controls(conditions: list[Condition]) -> dict[str, str]:
+    """``{pruning condition: its matched random control}``, paired by the control's target selection and mode."""
+    prunes: dict[tuple[str, str], str] = {}
+    for c in conditions:
+        for iv in c.interventions:
+            if type(iv).__name__ == "Prune" or getattr(iv, "name", "") == "prune":
+                prunes.setdefault((str(getattr(iv, "tokens", "")), str(getattr(iv, "mode", ""))), c.name)
+    out = {}
+    for c in conditions:
+        for iv in c.interventions:
+            target = getattr(iv, "target", None)
+            if target is not None and hasattr(iv, "pool"):  # prune_random_matched
+                key = (str(target), str(getattr(iv, "mode", "")))
+                if key in prunes and prunes[key] != c.name:
+                    out[prunes[key]] = c.name
+    return out
+
+
+@dataclass
+class _State:
+    """What a checkpoint holds: enough to continue exactly where a run stopped."""
+
+    plan_hash: str
+    next_batch: int
+    n_batches: int
+    fitted: bool
+    probes: list[tuple[str, Probe]]
+    partition: Partition | None
+    conditions: list[Condition]
+    effects: EffectSummary
+    skipped: list[dict[str, str]]
+    converted: list[dict[str, str]]
+
+
+def read_checkpoint(out: Path) -> _State | None:
+    """The checkpoint of an unfinished run in `out`, or None."""
+    path = Path(out) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as fh:
+            state = pickle.load(fh)
+    except Exception as e:  # a checkpoint from another embedlens version, or damaged
+        raise EmbedLensError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e}); start again with --overwrite") from None
+    if not isinstance(state, _State):
+        raise EmbedLensError(f"{path}: not an embedlens checkpoint; start again with --overwrite")
+    return state
+
+
+def _clear(out: Path) -> None:
+    """Remove what an earlier run wrote in `out`: only files its manifest lists and embedlens's own names."""
+    old = out / "manifest.json"
+    if old.is_file():
+        try:
+            listed = json.loads(old.read_text())
+        except json.JSONDecodeError:
+            listed = {}
+        for rel in list((listed.get("tables") or {}).values()) + list(listed.get("figures") or []) + list(listed.get("artifacts") or []):
+            for f in {out / rel, (out / rel).with_suffix(".csv"), (out / rel).with_suffix(".parquet")}:
+                if f.is_file() and out.resolve() in f.resolve().parents:
+                    f.unlink()
+    for name in (CHECKPOINT, "summary.json", "manifest.json", "run_log.json", "report.html"):
+        (out / name).unlink(missing_ok=True)
+    for name in (PARTS, "tensors"):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
+def finished_result(out: Path) -> RunResult | None:
+    """The result of a finished run in `out` (manifest and no checkpoint), or None."""
+    out = Path(out)
+    if (out / CHECKPOINT).is_file() or not (out / "manifest.json").is_file():
+        return None
+    manifest = json.loads((out / "manifest.json").read_text())
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    report = out / "report.html"
+    return RunResult(
+        out_dir=out,
+        tables={k: out / v for k, v in manifest.get("tables", {}).items()},
+        figures=[out / f for f in manifest.get("figures", [])],
+        summary=summary,
+        skipped=summary.get("data", {}).get("skipped", []),
+        report=report if report.is_file() else None,
+        resumed_from=manifest.get("n_batches"),
+    )
 
 
 def run(
     prepared: Prepared,
     out_dir: str | Path | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> RunResult:
-    """Run every batch through the probes and write tables, figures and a manifest.
+    """Run every batch through the probes and conditions; write tables, figures, a report and a manifest.
 
     Args:
         prepared: from `prepare`.
         out_dir: overrides the plan's `output.dir`.
-        progress: called as ``progress(done_samples, total_samples)`` after each batch.
+        progress: called as ``progress(phase, done_samples, total_samples)``.
+        resume: continue the unfinished run in `out_dir` from its last finished batch.
+        overwrite: discard an unfinished run in `out_dir` and start again.
+
+    Raises:
+        EmbedLensError: `out_dir` holds an unfinished run and neither `resume` nor
+            `overwrite` is given, or the checkpoint belongs to another plan.
     """
+    from embedlens.figures import EXTRA_FORMATS
+
     loaded, adapter = prepared.loaded, prepared.adapter
     plan = loaded.plan
     out = Path(out_dir) if out_dir is not None else Path(plan.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(plan.seed)
-    partition = prepared.partition
-    sites = {s for _, p in prepared.probes for s in p.sites(adapter)}
-    if partition is not None and prepared.probes:
-        sites |= set(partition.sites(adapter))
-    sites = sorted(sites, key=lambda s: s.order_key())
-    sink = _CsvSink(out)
     started = time.time()
-    total = len(prepared.samples)
-    chunks = [prepared.samples[i : i + plan.batch_size] for i in range(0, total, plan.batch_size)]
-    engine = Engine(adapter) if prepared.conditions else None
-    def batches():
-        return (adapter.encode(c, padding_side=plan.data.padding_side) for c in chunks)
+    h = plan_hash(loaded)
+    records = prepared.records
+    bs = plan.batch_size
+    chunks = [records[i : i + bs] for i in range(0, len(records), bs)]
+    state = read_checkpoint(out)
+    if state is not None and not resume and not overwrite:
+        raise EmbedLensError(
+            f"{out} holds an unfinished run (batch {state.next_batch} of {state.n_batches} done); "
+            "continue it with --resume or start again with --overwrite"
+        )
+    if state is not None and resume:
+        if state.plan_hash != h:
+            raise EmbedLensError(
+                f"{out}: the unfinished run there is of a different plan (hash {state.plan_hash}, this plan {h}); "
+                "resume with the same plan, or start again with --overwrite"
+            )
+        resumed_from = state.next_batch
+    else:
+        done = finished_result(out) if resume and not overwrite else None
+        if done is not None:  # resuming a finished run: nothing left to do
+            return done
+        _clear(out)
+        state = _State(h, 0, len(chunks), False, prepared.probes, prepared.partition, prepared.conditions, EffectSummary(), [], [])
+        resumed_from = None
+    parts = _Parts(out)
+    parts.drop_from(state.next_batch)
+    probes, partition, conditions = state.probes, state.partition, state.conditions
 
-    if partition is not None and partition.needs_fit:  # discovered anchors, before any batch is labelled
-        partition.fit(adapter, batches())
-    for _, probe in prepared.probes:
-        if probe.needs_fit:
-            probe.fit(adapter, batches())
-    for cond in prepared.conditions:
-        if cond.needs_fit:  # data-set statistics (e.g. mean ablation) in an earlier pass
-            cond.fit(adapter, batches())
-    effects = _EffectSummary()
-    try:
+    def checkpoint() -> None:
+        _atomic_write(out / CHECKPOINT, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def load_chunk(chunk: list[Record], record_problems: bool) -> list[Sample]:
+        samples = []
+        for r in chunk:
+            try:
+                s, notes = r.load(plan.data.max_pixels)
+            except InputError as e:
+                if record_problems:
+                    state.skipped.append({"sample_id": r.id, "where": r.where, "error": str(e)})
+                continue
+            if record_problems:
+                state.converted += [{"sample_id": r.id, "where": r.where, "note": n} for n in notes]
+            samples.append(s)
+        return samples
+
+    def batches(phase: str):
         done = 0
         for chunk in chunks:
-            if prepared.probes:
-                batch = adapter.encode(chunk, padding_side=plan.data.padding_side)
+            samples = load_chunk(chunk, record_problems=False)
+            if samples:
+                yield adapter.encode(samples, padding_side=plan.data.padding_side)
+            done += len(chunk)
+            if progress is not None:
+                progress(phase, done, len(records))
+
+    token = EXTRA_FORMATS.set(tuple(f for f in plan.output.figure_formats if f != "png"))
+    try:
+        if not state.fitted:
+            torch.manual_seed(plan.seed)
+            if partition is not None and partition.needs_fit:  # discovered anchors, before any batch is labelled
+                partition.fit(adapter, batches("fit: partition"))
+            for label, probe in probes:
+                if probe.needs_fit:
+                    probe.fit(adapter, batches(f"fit: {label}"))
+            for cond in conditions:
+                if cond.needs_fit:  # data-set statistics (e.g. mean ablation) in an earlier pass
+                    cond.fit(adapter, batches(f"fit: {cond.name}"))
+            state.fitted = True
+            checkpoint()
+        sites = {s for _, p in probes for s in p.sites(adapter)}
+        if partition is not None and probes:
+            sites |= set(partition.sites(adapter))
+        sites = sorted(sites, key=lambda s: s.order_key())
+        engine = Engine(adapter) if conditions else None
+        if progress is not None:
+            progress("run", min(len(records), state.next_batch * bs), len(records))
+        for b in range(state.next_batch, len(chunks)):
+            torch.manual_seed(plan.seed * 1_000_003 + b)  # per batch, so a resumed run draws the same numbers
+            samples = load_chunk(chunks[b], record_problems=True)
+            if samples and probes:
+                batch = adapter.encode(samples, padding_side=plan.data.padding_side)
                 acts = collect(adapter, batch, sites)
                 if partition is not None:
                     batch.groups = partition.label(adapter, batch, acts=acts)
-                for name, probe in prepared.probes:
-                    for table, rows in probe.update(adapter, batch, acts).items():
-                        sink.write(f"{name}.{table}" if len(prepared.probes) > 1 else table, rows)
-            if engine is not None:
-                table = compare(
-                    engine,
-                    chunk,
-                    prepared.conditions,
-                    prepared.metrics,
-                    padding_side=plan.data.padding_side,
-                    groups=prepared.partition,
-                )
-                sink.write("effects", table)
-                effects.add(table)
-            done += len(chunk)
+                for label, probe in probes:
+                    for name, rows in probe.update(adapter, batch, acts).items():
+                        _emit(parts, label, name, rows, b, len(probes))
+            if samples and engine is not None:
+                table = compare(engine, samples, conditions, prepared.metrics, padding_side=plan.data.padding_side, groups=partition)
+                parts.table("effects", table, b)
+                state.effects.add(table)
+            state.next_batch = b + 1
+            checkpoint()
             if progress is not None:
-                progress(done, total)
-        for name, probe in prepared.probes:
-            for table, rows in probe.final_tables().items():
-                sink.write(f"{name}.{table}" if len(prepared.probes) > 1 else table, rows)
+                progress("run", min(len(records), (b + 1) * bs), len(records))
+        for label, probe in probes:
+            for name, rows in probe.final_tables().items():
+                _emit(parts, label, name, rows, len(chunks), len(probes))
+        return _finish(prepared, out, parts, state, started, resumed_from)
     finally:
-        sink.close()
-    result = RunResult(out_dir=out, tables=dict(sink.paths))
-    result.summary = {name: probe.result() for name, probe in prepared.probes}
+        EXTRA_FORMATS.reset(token)
+
+
+def _emit(parts: _Parts, label: str, name: str, rows: Any, index: int, n_probes: int) -> None:
+    full = f"{label}.{name}" if n_probes > 1 else name
+    if isinstance(rows, Tensors):
+        parts.tensors(full, rows, index)
+    else:
+        parts.table(full, rows, index)
+
+
+def _finish(prepared: Prepared, out: Path, parts: _Parts, state: _State, started: float, resumed_from: int | None) -> RunResult:
+    from embedlens.figures import effect_chart
+
+    loaded, adapter, plan = prepared.loaded, prepared.adapter, prepared.loaded.plan
+    probes, partition = state.probes, state.partition
+    if state.skipped:
+        parts.table("skipped", {k: [s[k] for s in state.skipped] for k in ("sample_id", "where", "error")}, 0)
+    if state.converted:
+        parts.table("converted", {k: [s[k] for s in state.converted] for k in ("sample_id", "where", "note")}, 0)
+    effects = state.effects.stats()
+    controls = matched_controls(state.conditions)
+    if effects:
+        rows: dict[str, list] = {"condition": [], "metric": [], "mean": [], "sem": [], "n": [], "control": []}
+        for cond, cols in effects.items():
+            for metric, st in cols.items():
+                rows["condition"].append(cond)
+                rows["metric"].append(metric)
+                rows["mean"].append(st["mean"])
+                rows["sem"].append(st["sem"])
+                rows["n"].append(st["n"])
+                rows["control"].append(controls.get(cond))
+        parts.table("effects_summary", rows, 0)
+    tables = parts.gather(plan.output.formats)
+    result = RunResult(out_dir=out, tables=tables, skipped=list(state.skipped), resumed_from=resumed_from)
+    result.summary = {label: probe.result() for label, probe in probes}
     if partition is not None and partition.discovered:
         result.summary["partition"] = {"discovered_anchors": partition.discovered}
-    artifacts = [p for _, probe in prepared.probes for p in probe.artifacts(out)]
-    if engine is not None:
-        result.summary["effects"] = effects.result()
+    if effects:
+        result.summary["effects"] = state.effects.result()
+        result.summary["effects_sem"] = {c: {k: v["sem"] for k, v in cols.items()} for c, cols in effects.items()}
+        if controls:
+            result.summary["controls"] = controls
+    result.summary["data"] = {
+        "samples": len(prepared.records),
+        "used": len(prepared.records) - len(state.skipped),
+        "skipped": state.skipped,
+        "converted": len(state.converted),
+    }
+    names = [type(p).__name__ for _, p in probes]
+    # probes sharing a class (sweeps, labels) get a folder each so their files do not collide
+    own = {label: names.count(type(p).__name__) > 1 for label, p in probes}
+    artifacts = [a for label, probe in probes for a in probe.artifacts(out / "artifacts" / label if own[label] else out)]
     if plan.output.figures:
         fig_dir = out / "figures"
-        for _, probe in prepared.probes:
-            result.figures += probe.figures(fig_dir)
+        for label, probe in probes:
+            result.figures += probe.figures(fig_dir / label if own[label] else fig_dir)
+        if effects:
+            metrics = sorted({m for cols in effects.values() for m in cols})
+            for m in metrics:
+                vals = [cols[m]["mean"] for cols in effects.values() if m in cols]
+                if len(set(vals)) > 1 and not re.search(r"_l\d+$", m):  # constant metrics and per-layer columns say little as charts
+                    result.figures.append(effect_chart(effects, m, fig_dir / f"effects_{m}.png", controls))
     manifest = {
         "plan": str(loaded.path) if loaded.path else None,
-        "plan_hash": _plan_hash(loaded),
+        "plan_hash": plan_hash(loaded),
         "seed": plan.seed,
-        "model": {"source": adapter.source, "adapter": adapter.name, "class": type(adapter.model).__name__},
+        "model": {
+            "name": prepared.model_name,
+            "source": adapter.source,
+            "adapter": adapter.name,
+            "class": type(adapter.model).__name__,
+            "dtype": str(next(adapter.model.parameters()).dtype),
+        },
         "device": str(adapter.device),
+        "device_name": torch.cuda.get_device_name(adapter.device) if adapter.device.type == "cuda" else platform.processor() or platform.machine(),
         "versions": _versions(),
-        "n_samples": total,
-        "seconds": round(time.time() - started, 3),
-        "tables": {k: str(v.relative_to(out)) for k, v in result.tables.items()},
+        "n_samples": len(prepared.records),
+        "n_batches": state.n_batches,
+        "batch_size": plan.batch_size,
+        "skipped_samples": len(state.skipped),
+        "tables": {k: str(v.relative_to(out)) for k, v in sorted(result.tables.items())},
         "figures": [str(f.relative_to(out)) for f in result.figures],
         "artifacts": [str(a.relative_to(out)) for a in artifacts],
+        "tensors": sorted(str(p.relative_to(out)) for p in (out / "tensors").glob("*")) if (out / "tensors").is_dir() else [],
     }
     (out / "summary.json").write_text(json.dumps(result.summary, indent=2, default=str))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if plan.output.report:
+        from embedlens.report import write_report
+
+        result.report = write_report(out)
+    log = {"seconds": round(time.time() - started, 3), "resumed_from_batch": resumed_from, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (out / "run_log.json").write_text(json.dumps(log, indent=2))
+    (out / CHECKPOINT).unlink(missing_ok=True)
     return result
+
+
+def run_all(
+    loaded: LoadedPlan,
+    out_dir: str | Path | None = None,
+    progress: Callable[[str, str, int, int], None] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_model: Callable[[str], None] | None = None,
+) -> dict[str, RunResult]:
+    """Run a plan on every model it names: one run folder each, then a comparison.
+
+    A single-model plan writes into the output folder itself. With several
+    models every model is loaded and checked before any batch runs (each is
+    released after its checks), then each runs into ``OUT/NAME`` and
+    ``OUT/compare`` puts them side by side.
+
+    Args:
+        progress: ``progress(model, phase, done, total)``.
+        on_model: called with each model's name before it loads.
+    """
+    plan = loaded.plan
+    out = Path(out_dir) if out_dir is not None else Path(plan.output.dir)
+    names = list(plan.model_specs())
+
+    def prog(name):
+        return (lambda phase, d, t: progress(name, phase, d, t)) if progress else None
+
+    if len(names) == 1:
+        if on_model:
+            on_model(names[0])
+        prepared = prepare(loaded)
+        return {names[0]: run(prepared, out, prog(names[0]), resume=resume, overwrite=overwrite)}
+    for name in names:  # every model checked before the first batch of any
+        if on_model:
+            on_model(f"{name} (checking)")
+        prepare(loaded, model=name)
+    results = {}
+    for name in names:
+        if on_model:
+            on_model(name)
+        results[name] = run(prepare(loaded, model=name), out / name, prog(name), resume=resume, overwrite=overwrite)
+    from embedlens.compare import compare_runs
+
+    compare_runs([out / n for n in names], out / "compare", names=names)
+    return results

@@ -25,19 +25,53 @@ class ModelSpec(_Strict):
     attn_implementation: str | None = None
 
 
-class DataSpec(_Strict):
-    """Images and prompts: a JSONL file, one sample per line."""
+class SyntheticDataSpec(_Strict):
+    """The built-in synthetic data set (`embedlens.synthetic`): shapes, words and per-patch ground truth."""
 
-    prompts: str = Field(..., description="JSONL file; paths relative to the plan file")
-    images: str | None = Field(None, description="folder image paths are relative to (default: the JSONL's folder)")
+    n: int = Field(64, ge=1, description="number of images (one question each)")
+    seed: int = 0
+    size: int = Field(64, ge=16, le=1024, description="image side in pixels")
+    grid: int = Field(3, ge=1, le=6, description="objects sit in a grid x grid layout")
+    background: float = Field(0.4, ge=0.0, lt=1.0, description="target share of background patches (0.4 ~ natural images, 0.85 sparse)")
+    texture: float = Field(0.08, ge=0.0, le=1.0)
+    word_rate: float = Field(0.3, ge=0.0, le=1.0)
+    patch_grid: int | Literal["auto"] = Field("auto", description="ground-truth patches per side; auto = the vision encoder's")
+    question_types: list[Literal["colour", "shape", "position", "word", "count"]] = Field(
+        default_factory=lambda: ["colour", "shape", "position", "word", "count"]
+    )
+
+
+class DataSpec(_Strict):
+    """Where samples come from: exactly one of `prompts`, `dataset` or `synthetic`."""
+
+    prompts: str | None = Field(None, description="JSONL or CSV file of samples; paths relative to the plan file")
+    images: str | None = Field(None, description="folder image paths are relative to (default: the prompts file's folder)")
+    dataset: str | None = Field(None, description="a Hugging Face datasets folder (save_to_disk or data files), read locally")
+    split: str | None = Field(None, description="split of `dataset` to read")
+    columns: dict[str, str] = Field(default_factory=dict, description="embedlens field -> data set column (image, question, answer, ...)")
+    synthetic: SyntheticDataSpec | None = Field(None, description="the built-in synthetic data set")
     padding_side: Literal["left", "right"] = "right"
     limit: int | None = Field(None, ge=1, description="use only the first N samples")
+    max_pixels: int = Field(4096 * 4096, ge=1, description="larger images are downscaled when read")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        given = [k for k in ("prompts", "dataset", "synthetic") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one data source: prompts (JSONL/CSV), dataset (a local Hugging Face data set) or synthetic"
+                + (f"; got {', '.join(given)}" if given else "")
+            )
+        if self.columns and self.dataset is None:
+            raise ValueError("columns maps the columns of a Hugging Face data set; it needs data.dataset")
+        return self
 
 
 class ProbeSpec(_Strict):
     """One probe: a registered name and its parameters."""
 
     name: str
+    label: str | None = Field(None, description="names its tables and figures (default: the probe name)")
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -81,14 +115,26 @@ class PartitionSpec(_Strict):
 
 
 class OutputSpec(_Strict):
+    """Where results go and in which formats."""
+
     dir: str = Field("runs/plan", description="output folder; relative to the working directory")
+    formats: list[Literal["parquet", "csv"]] = Field(
+        default_factory=lambda: ["parquet", "csv"], min_length=1, description="table formats"
+    )
     figures: bool = True
+    figure_formats: list[Literal["png", "svg", "pdf"]] = Field(
+        default_factory=lambda: ["png"], description="PNG is always written (the report shows it); svg/pdf add vector copies"
+    )
+    report: bool = Field(True, description="write report.html (self-contained) next to the tables")
 
 
 class Plan(_Strict):
     """A whole analysis plan."""
 
-    model: ModelSpec = Field(default_factory=ModelSpec)
+    model: ModelSpec | None = None
+    models: dict[str, ModelSpec] | None = Field(
+        None, description="several models by name (e.g. clip, siglip): the plan runs on each, then they are compared"
+    )
     data: DataSpec
     probes: list[ProbeSpec] = Field(default_factory=list)
     conditions: dict[str, list[InterventionSpec]] = Field(
@@ -96,16 +142,34 @@ class Plan(_Strict):
     )
     metrics: list[MetricSpec] = Field(default_factory=list)
     partition: PartitionSpec | None = None
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="TARGET.PARAM: [values] - TARGET a condition, an intervention, a probe name or label; "
+        "each value gives its own condition/probe (several keys on one target: every combination)",
+    )
     output: OutputSpec = Field(default_factory=OutputSpec)
     batch_size: int = Field(4, ge=1)
     seed: int = 0
 
     @model_validator(mode="after")
     def _something_to_do(self) -> "Plan":
+        if self.model is not None and self.models is not None:
+            raise ValueError("models: give either model (one) or models (several by name), not both")
+        if self.model is None and self.models is None:
+            self.model = ModelSpec()
+        if self.models is not None and not self.models:
+            raise ValueError("models: is empty; give at least one model")
         if not self.probes and not self.conditions:
-            raise ValueError("a plan needs at least one probe or one condition")
+            raise ValueError("probes: a plan needs at least one probe or one condition")
         if self.conditions and not self.metrics:
-            raise ValueError("conditions need at least one metric to compare them with the baseline")
+            raise ValueError("metrics: conditions need at least one metric to compare them with the baseline")
         if "baseline" in self.conditions:
-            raise ValueError("'baseline' is the unmodified run every condition is compared with; name conditions otherwise")
+            raise ValueError("conditions.baseline: 'baseline' is the unmodified run every condition is compared with; name conditions otherwise")
+        for name, items in self.conditions.items():
+            if not items:
+                raise ValueError(f"conditions.{name}: condition {name!r} has no interventions")
         return self
+
+    def model_specs(self) -> dict[str, ModelSpec]:
+        """The models to run, by name (a single `model` is named ``model``)."""
+        return dict(self.models) if self.models is not None else {"model": self.model or ModelSpec()}

@@ -15,6 +15,14 @@ if TYPE_CHECKING:
 Table = dict[str, list[Any]]
 
 
+class Tensors(dict):
+    """What `Probe.update` returns under a name to have tensors saved rather than a table.
+
+    The runner writes each batch's tensors to ``tensors/NAME/BATCH.safetensors``
+    (keys -> tensors, moved to the CPU).
+    """
+
+
 class Probe(ABC):
     """A probe names the sites it reads, consumes each batch's activations, and
     returns tables (streamed to disk by the runner) and a summary.

@@ -80,7 +80,7 @@ def test_run_writes_effects(workdir):
     path = workdir / "plan.yaml"
     path.write_text(GOOD)
     result = run(prepare(load_plan(path)), workdir / "out")
-    rows = list(csv.DictReader(open(result.tables["effects"])))
+    rows = list(csv.DictReader(open(result.tables["effects"].with_suffix(".csv"))))
     assert [(r["sample"], r["condition"]) for r in rows] == [
         ("x", "prune_top"), ("y", "prune_top"), ("x", "late"), ("y", "late"), ("z", "prune_top"), ("z", "late")
     ]

@@ -90,22 +90,30 @@ def test_unknown_architecture_lists_supported(tmp_path, workdir):
     assert "No adapter supports architecture GPT2LMHeadModel. Supported: LlavaForConditionalGeneration" in msg
 
 
-def test_unreadable_image_is_named(workdir):
+def test_unreadable_image_is_skipped_and_reported(workdir):
+    """A corrupt image costs its samples only: the run goes on and lists them with the file and the reason."""
     (workdir / "a.png").write_bytes(b"not a png")
-    msg = _error(workdir, GOOD)
-    assert "prompts.jsonl:1: cannot read image" in msg and "a.png" in msg
+    loaded = load_plan(_write(workdir, GOOD))
+    result = run(prepare(loaded), workdir / "out")
+    assert [s["sample_id"] for s in result.skipped] == ["x", "z"]  # both samples that use a.png
+    assert all("prompts.jsonl:" in s["where"] and "cannot read image" in s["error"] and "a.png" in s["error"] for s in result.skipped)
+    rows = list(csv.DictReader(open(workdir / "out" / "tokens.csv")))
+    assert {r["sample_id"] for r in rows} == {"y"}
+    skipped = list(csv.DictReader(open(workdir / "out" / "skipped.csv")))
+    assert [r["sample_id"] for r in skipped] == ["x", "z"]
+    assert json.loads((workdir / "out" / "summary.json").read_text())["data"]["used"] == 1
 
 
 def test_prompt_without_placeholder_is_named(workdir):
     (workdir / "prompts.jsonl").write_text('{"id": "q", "image": "a.png", "prompt": "USER: what is it? ASSISTANT:"}\n')
     msg = _error(workdir, GOOD)
-    assert "plan.yaml:4 data.prompts: sample 'q': the prompt has 0 image placeholder(s) '<image>' but 1 image(s)" in msg
+    assert "plan.yaml:4 data.prompts: " in msg and "prompts.jsonl:1: sample 'q': the prompt has 0 image placeholder(s) '<image>' but 1 image(s)" in msg
 
 
 def test_run_writes_table_and_figure(workdir):
     loaded = load_plan(_write(workdir, GOOD))
     result = run(prepare(loaded), workdir / "out")
-    rows = list(csv.DictReader(open(result.tables["tokens"])))
+    rows = list(csv.DictReader(open(result.tables["tokens"].with_suffix(".csv"))))
     assert len(rows) == 3 * 16 * 2  # samples x visual tokens x layers
     assert {r["sample_id"] for r in rows} == {"x", "y", "z"}
     assert rows[0].keys() >= {"sample", "image", "row", "col", "layer", "id_1", "token_1", "score_1", "id_2"}
@@ -118,13 +126,13 @@ def test_cli_validate_list_and_run(workdir):
     runner = CliRunner()
     plan = _write(workdir, GOOD)
     r = runner.invoke(app, ["validate", str(plan)])
-    assert r.exit_code == 0 and "ok (llava model, 3 samples" in r.output
+    assert r.exit_code == 0 and "ok (model: llava model, 3 samples" in r.output
     r = runner.invoke(app, ["list"])
     assert r.exit_code == 0 and "embedding_lens" in r.output and "k: int = 3" in r.output
     bad = _write(workdir, GOOD.replace("batch_size", "batchsize"))
     r = runner.invoke(app, ["validate", str(bad)])
     assert r.exit_code == 2 and "unknown key" in r.output and "Traceback" not in r.output
-    for cmd in ("run", "validate", "list"):
+    for cmd in ("run", "validate", "list", "compare"):
         r = runner.invoke(app, [cmd, "--help"])
         assert r.exit_code == 0 and "Example" in r.output
 

@@ -16,7 +16,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _rows(path):
-    with open(path) as f:
+    with open(path.with_suffix(".csv")) as f:
         return list(csv.DictReader(f))
 
 

@@ -1,0 +1,197 @@
+"""One self-contained HTML page per run (figures inlined), and helpers shared with `compare`.
+
+The page needs no server and no network: images are embedded as data URIs,
+styles are inline, there is no script.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
+header{background:#20232a;color:#fff;padding:14px 24px}
+header h1{font-size:20px;margin:0 0 4px}
+header p{margin:0;color:#c9d1d9;font-size:13px}
+main{padding:8px 24px 40px;max-width:1400px}
+h2{font-size:17px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
+h3{font-size:15px;margin:18px 0 6px}
+table{border-collapse:collapse;margin:6px 0 12px;font-size:12.5px;background:#fff}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f0f0f0}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.diff td{background:#fff4d6}
+.figs{display:flex;flex-wrap:wrap;gap:12px}
+figure{margin:0;background:#fff;border:1px solid #ddd;padding:6px;max-width:460px}
+figure img{max-width:100%;height:auto;display:block}
+figcaption{font-size:12px;color:#555;margin-top:4px;word-break:break-all}
+.note{color:#666;font-size:12.5px}
+.probe{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
+.bad{color:#b00020}
+nav a{margin-right:12px;color:#0b57d0;text-decoration:none}
+"""
+
+GROUP_KEYS = ("token_partition", "anchor_groups")
+
+
+def esc(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def fmt(v: Any) -> str:
+    """A value as short text: floats to 4 significant digits, short lists inline."""
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(fmt(x) for x in v) + "]"
+    return str(v)
+
+
+def flatten(d: Any, prefix: str = "", max_list: int = 12) -> list[tuple[str, Any]]:
+    """Scalar leaves of a nested summary as (dotted key, value); short lists of scalars kept whole."""
+    out: list[tuple[str, Any]] = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out += flatten(v, f"{prefix}.{k}" if prefix else str(k), max_list)
+    elif isinstance(d, list):
+        if len(d) <= max_list and all(isinstance(x, (int, float, str, bool)) or x is None for x in d):
+            out.append((prefix, d))
+    else:
+        out.append((prefix, d))
+    return out
+
+
+def image_uri(path: Path) -> str:
+    """A PNG/SVG file as a data URI."""
+    data = path.read_bytes()
+    kind = "image/svg+xml" if path.suffix == ".svg" else "image/png"
+    return f"data:{kind};base64,{base64.b64encode(data).decode()}"
+
+
+def figure_html(path: Path, caption: str) -> str:
+    if not path.is_file():
+        return f'<figure><p class="note">missing: {esc(caption)}</p></figure>'
+    return f'<figure><img alt="{esc(caption)}" src="{image_uri(path)}"><figcaption>{esc(caption)}</figcaption></figure>'
+
+
+def table_html(header: list[str], rows: Iterable[list[Any]], highlight: Iterable[bool] | None = None) -> str:
+    hl = list(highlight) if highlight is not None else None
+    body = []
+    for i, row in enumerate(rows):
+        cls = ' class="diff"' if hl and hl[i] else ""
+        cells = "".join(
+            f'<td class="num">{esc(fmt(v))}</td>' if isinstance(v, (int, float)) and not isinstance(v, bool) else f"<td>{esc(fmt(v))}</td>"
+            for v in row
+        )
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>" + "".join(body) + "</table>"
+
+
+def page(title: str, subtitle: str, body: str) -> str:
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{esc(title)}</title>'
+        f"<style>{_CSS}</style></head><body><header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>"
+        f"<main>{body}</main></body></html>\n"
+    )
+
+
+def group_fractions(summary: dict) -> dict[str, float]:
+    """Token group fractions (sink / dead / alive ...) of a run's summary, from the partition probes."""
+    for key in GROUP_KEYS:
+        for label, res in summary.items():
+            if (label == key or label.startswith(key + "[")) and isinstance(res, dict) and isinstance(res.get("fractions"), dict):
+                return dict(res["fractions"])
+    return {}
+
+
+def _preview(path: Path, n: int = 8) -> tuple[list[str], list[list[Any]], int]:
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".parquet":
+        t = pq.read_table(path)
+        head = t.slice(0, n).to_pylist()
+        cols = t.column_names
+        return cols, [[r[c] for c in cols] for r in head], t.num_rows
+    import csv
+
+    with path.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    return rows[0], rows[1 : n + 1], len(rows) - 1
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report.html`` for a finished run folder (manifest.json + summary.json); returns its path."""
+    run = Path(run_dir)
+    manifest = json.loads((run / "manifest.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    model = manifest.get("model", {})
+    title = f"embedlens run: {model.get('name', '')} ({model.get('source', '')})"
+    v = manifest.get("versions", {})
+    subtitle = (
+        f"plan {manifest.get('plan')} · hash {manifest.get('plan_hash')} · seed {manifest.get('seed')} · "
+        f"{manifest.get('n_samples')} samples · device {manifest.get('device')} · "
+        + " · ".join(f"{k} {v[k]}" for k in ("embedlens", "torch", "transformers", "nnsight") if k in v)
+    )
+    figures = [Path(f) for f in manifest.get("figures", [])]
+    used: set[Path] = set()
+    parts: list[str] = []
+    sections = ["data"]
+    data = summary.get("data", {})
+    body = [f"<p>{data.get('used', '?')} of {data.get('samples', '?')} samples used; {data.get('converted', 0)} image(s) converted.</p>"]
+    if data.get("skipped"):
+        body.append('<p class="bad">Skipped samples (their images could not be read):</p>')
+        body.append(table_html(["sample", "where", "error"], [[s["sample_id"], s["where"], s["error"]] for s in data["skipped"]]))
+    parts.append('<h2 id="data">Data</h2>' + "".join(body))
+    fr = group_fractions(summary)
+    if fr:
+        sections.append("groups")
+        parts.append('<h2 id="groups">Token groups</h2>' + table_html(["group", "fraction of visual tokens"], [[k, v] for k, v in fr.items()]))
+    effects = summary.get("effects")
+    if effects:
+        sections.append("effects")
+        sem = summary.get("effects_sem", {})
+        controls = summary.get("controls", {})
+        metrics = sorted({m for cols in effects.values() for m in cols})
+        rows = [[c] + [effects[c].get(m) for m in metrics] + [controls.get(c, "")] for c in effects]
+        html_ = table_html(["condition"] + metrics + ["matched control"], rows)
+        html_ += '<p class="note">Means over samples; standard errors in <code>effects_summary</code>.</p>' if sem else ""
+        figs = [f for f in figures if f.name.startswith("effects_")]
+        used |= set(figs)
+        html_ += '<div class="figs">' + "".join(figure_html(run / f, f.name) for f in figs) + "</div>"
+        parts.append('<h2 id="effects">Intervention effects</h2>' + html_)
+    probe_labels = [k for k in summary if k not in ("data", "effects", "effects_sem", "controls", "partition")]
+    for label in probe_labels:
+        sections.append(f"probe-{label}")
+        flat = flatten(summary[label])
+        html_ = table_html(["key", "value"], [[k, val] for k, val in flat[:60]])
+        if len(flat) > 60:
+            html_ += f'<p class="note">{len(flat) - 60} more values in summary.json</p>'
+        base = label.split("[")[0]
+        figs = [f for f in figures if f not in used and (f.parent.name == label or (f.parent.name == "figures" and f.name.startswith(base)))]
+        used |= set(figs)
+        if figs:
+            html_ += '<div class="figs">' + "".join(figure_html(run / f, f.name) for f in figs) + "</div>"
+        parts.append(f'<h2 id="probe-{esc(label)}">{esc(label)}</h2><div class="probe">' + html_ + "</div>")
+    rest = [f for f in figures if f not in used]
+    if rest:
+        sections.append("figures")
+        parts.append('<h2 id="figures">Other figures</h2><div class="figs">' + "".join(figure_html(run / f, str(f)) for f in rest) + "</div>")
+    tables = manifest.get("tables", {})
+    if tables:
+        sections.append("tables")
+        html_ = []
+        for name, rel in tables.items():
+            cols, rows, n = _preview(run / rel)
+            html_.append(f"<h3>{esc(name)} <span class='note'>({n} rows, {esc(rel)})</span></h3>" + table_html(cols, rows))
+        parts.append('<h2 id="tables">Tables (first rows)</h2>' + "".join(html_))
+    nav = "<nav>" + "".join(f'<a href="#{esc(s)}">{esc(s.removeprefix("probe-"))}</a>' for s in sections) + "</nav>"
+    out = run / "report.html"
+    out.write_text(page(title, subtitle, nav + "".join(parts)))
+    return out
