@@ -50,6 +50,11 @@ def _load(run: Path) -> tuple[dict, dict]:
         raise InputError(f"{run}: cannot read its manifest or summary ({e})") from None
 
 
+def _numeric_lists(vals: list[Any]) -> bool:
+    ok = all(isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) for v in vals)
+    return ok and len(vals) > 1 and len({len(v) for v in vals}) == 1
+
+
 def _section(key: str) -> str:
     if key.startswith("groups."):
         return "token groups"
@@ -95,8 +100,12 @@ def compare_runs(runs: list[str | Path], out_dir: str | Path, names: list[str] |
             abs_d = max(nums) - min(nums)
             scale = max(abs(x) for x in nums)
             rel_d = abs_d / scale if scale > 0 else 0.0
+        elif _numeric_lists(vals):  # per-layer curves: the largest difference at any layer
+            cols = list(zip(*vals))
+            abs_d = max(max(c) - min(c) for c in cols)
+            rel_d = max(((max(c) - min(c)) / max(abs(x) for x in c)) if any(c) else 0.0 for c in cols)
         elif len({json.dumps(v, sort_keys=True, default=str) for v in vals}) > 1:
-            rel_d = 1.0  # non-numeric values that differ
+            rel_d = 1.0  # non-numeric values that differ (or a value only one run has)
         cmp.rows.append({"key": key, "section": _section(key), "values": vals, "abs_diff": abs_d, "rel_diff": rel_d})
     figs: dict[str, list[Path | None]] = {}
     for i, (m, _) in enumerate(loaded):

@@ -102,3 +102,41 @@ class Ablate(Intervention):
         if self._resolved.component == "llm.layers" and self._resolved.layer == layer:
             return self._fill(hidden, rows.gather(self._mask) & rows.valid)
         return hidden
+
+
+@interventions.register("ablate_random_matched")
+class AblateRandomMatched(Ablate):
+    """Matched random control for `ablate`: replace as many tokens as `target` has, drawn at random from the rest.
+
+    The draw is the one `prune_random_matched` makes (seeded per sample by the
+    seed, the sample id and its tokens); the replacement is `ablate`'s (zeros
+    or the data-set mean at `site`).
+
+    Example:
+        >>> AblateRandomMatched(target="dead", value="zero").target
+        'dead'
+    """
+
+    def __init__(
+        self,
+        target: SelectionSpec,
+        seed: int = 0,
+        pool: SelectionSpec = "visual",
+        value: Literal["zero", "mean"] = "mean",
+        site: str = "llm.embed",
+        mean_over: SelectionSpec = "visual",
+        if_empty: IfEmpty = "error",
+        exclude_target: bool = True,
+    ):
+        super().__init__(target, value=value, site=site, mean_over=mean_over, if_empty=if_empty)
+        self.target, self.seed, self.pool, self.exclude_target = target, seed, pool, exclude_target
+        self.target_sel = parse_selection(target, "target")
+        self.pool_sel = parse_selection(pool, "pool")
+
+    def setup(self, ctx: Context) -> None:
+        from embedlens.interventions.prune import draw_matched
+
+        self.check(ctx.adapter)
+        if self.value == "mean" and self.mean is None:
+            raise InterventionError("value: mean needs the data-set mean; run the condition's fit pass first")
+        self._mask = draw_matched(ctx, self.target_sel, self.target, self.pool_sel, self.pool, self.seed, self.if_empty, self.exclude_target)

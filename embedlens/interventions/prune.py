@@ -76,7 +76,8 @@ class PruneRandomMatched(_Pruning):
     """Matched random control for `prune`: remove as many tokens as `target` has, drawn from the rest.
 
     The tokens are drawn at random (seeded per sample) from the `pool` tokens
-    outside the target.
+    outside the target (from the whole pool with ``exclude_target: false``,
+    for when the target is more than half of the pool).
 
     A sample whose target is empty is an error, or unchanged with
     ``if_empty: noop``; never "remove everything". The draw depends only on
@@ -94,34 +95,49 @@ class PruneRandomMatched(_Pruning):
         pool: SelectionSpec = "visual",
         mode: PruneMode = "remove",
         if_empty: IfEmpty = "error",
+        exclude_target: bool = True,
     ):
         if mode not in ("remove", "mask"):
             raise InterventionError(f"mode: must be 'remove' or 'mask'; got {mode!r}")
         self.target, self.seed, self.pool, self.mode, self.if_empty = target, seed, pool, mode, if_empty
+        self.exclude_target = exclude_target
         self.target_sel = parse_selection(target, "target")
         self.pool_sel = parse_selection(pool, "pool")
 
     def setup(self, ctx: Context) -> None:
-        image = ctx.roles.image_span
-        target = ctx.select(self.target_sel, within=image)
-        require_nonempty(ctx, target, "target", self.target, self.if_empty, what="image")
-        pool = ctx.select(self.pool_sel, within=image) & ~target
-        chosen = torch.zeros_like(target)
-        ids = ctx.batch.input_ids
-        for b, sample in enumerate(ctx.batch.samples):
-            n = int(target[b].sum())
-            if n == 0:
-                continue
-            candidates = pool[b].nonzero().flatten()
-            if len(candidates) < n:
-                raise InterventionError(
-                    f"target: sample {sample.id!r} has {n} target tokens but only {len(candidates)} "
-                    f"pool tokens ({self.pool!r}) outside the target to draw from"
-                )
-            gen = torch.Generator().manual_seed(sample_seed(self.seed, sample.id, ids[b][~ctx.batch.roles.padding[b]]))
-            pick = torch.randperm(len(candidates), generator=gen)[:n]
-            chosen[b, candidates[pick.to(candidates.device)]] = True
+        chosen = draw_matched(ctx, self.target_sel, self.target, self.pool_sel, self.pool, self.seed, self.if_empty, self.exclude_target)
         self._apply(ctx, chosen)
+
+
+def draw_matched(
+    ctx: Context, target_sel, target_spec, pool_sel, pool_spec, seed: int, if_empty: IfEmpty, exclude_target: bool = True
+) -> torch.Tensor:
+    """Per sample, as many tokens as the target has, drawn at random from the pool (outside the target unless
+    `exclude_target` is False). Seeded by the run seed, the sample id and its tokens, so batching does not matter."""
+    image = ctx.roles.image_span
+    target = ctx.select(target_sel, within=image)
+    require_nonempty(ctx, target, "target", target_spec, if_empty, what="image")
+    pool = ctx.select(pool_sel, within=image)
+    if exclude_target:
+        pool = pool & ~target
+    chosen = torch.zeros_like(target)
+    ids = ctx.batch.input_ids
+    for b, sample in enumerate(ctx.batch.samples):
+        n = int(target[b].sum())
+        if n == 0:
+            continue
+        candidates = pool[b].nonzero().flatten()
+        if len(candidates) < n:
+            where = " outside the target" if exclude_target else ""
+            hint = " (exclude_target: false draws from the whole pool)" if exclude_target else ""
+            raise InterventionError(
+                f"target: sample {sample.id!r} has {n} target tokens but only {len(candidates)} "
+                f"pool tokens ({pool_spec!r}){where} to draw from{hint}"
+            )
+        gen = torch.Generator().manual_seed(sample_seed(seed, sample.id, ids[b][~ctx.batch.roles.padding[b]]))
+        pick = torch.randperm(len(candidates), generator=gen)[:n]
+        chosen[b, candidates[pick.to(candidates.device)]] = True
+    return chosen
 
 
 @interventions.register("fastv")

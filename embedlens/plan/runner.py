@@ -27,7 +27,7 @@ import torch
 from embedlens.adapters import load_model
 from embedlens.adapters.base import Adapter
 from embedlens.data import Record, Sample, read_hf_dataset, read_records
-from embedlens.errors import EmbedLensError, InputError, PlanError
+from embedlens.errors import EmbedLensError, InputError
 from embedlens.groups import Partition
 from embedlens.interventions.condition import Condition
 from embedlens.interventions.engine import Engine
@@ -347,21 +347,38 @@ class EffectSummary:
         return {c: {k: v["mean"] for k, v in cols.items()} for c, cols in self.stats().items()}
 
 
+def _family(iv) -> tuple[str, ...] | None:
+    """What kind of removal an intervention makes, so a control pairs only with its own kind."""
+    from embedlens.interventions.ablate import Ablate
+    from embedlens.interventions.prune import Prune, PruneRandomMatched
+
+    if isinstance(iv, (Prune, PruneRandomMatched)):
+        return ("prune", str(iv.mode))
+    if isinstance(iv, Ablate):
+        return ("ablate", str(iv.value), str(iv.site))
+    return None
+
+
 def matched_controls(conditions: list[Condition]) -> dict[str, str]:
-    """``{pruning condition: its matched random control}``, paired by the control's target selection and mode."""
-    prunes: dict[tuple[str, str], str] = {}
+    """``{condition: its matched random control}``: a one-intervention condition removing tokens X, paired
+    with a one-intervention condition drawing as many at random with ``target: X`` (same kind and mode)."""
+    from embedlens.interventions.ablate import AblateRandomMatched
+    from embedlens.interventions.prune import PruneRandomMatched
+
+    subjects: dict[tuple, str] = {}
     for c in conditions:
-        for iv in c.interventions:
-            if type(iv).__name__ == "Prune" or getattr(iv, "name", "") == "prune":
-                prunes.setdefault((str(getattr(iv, "tokens", "")), str(getattr(iv, "mode", ""))), c.name)
+        if len(c.interventions) == 1:
+            iv = c.interventions[0]
+            fam = _family(iv)
+            if fam is not None and not isinstance(iv, (PruneRandomMatched, AblateRandomMatched)):
+                subjects.setdefault((*fam, str(iv.tokens)), c.name)
     out = {}
     for c in conditions:
-        for iv in c.interventions:
-            target = getattr(iv, "target", None)
-            if target is not None and hasattr(iv, "pool"):  # prune_random_matched
-                key = (str(target), str(getattr(iv, "mode", "")))
-                if key in prunes and prunes[key] != c.name:
-                    out[prunes[key]] = c.name
+        if len(c.interventions) == 1 and isinstance(c.interventions[0], (PruneRandomMatched, AblateRandomMatched)):
+            iv = c.interventions[0]
+            key = (*_family(iv), str(iv.target))
+            if key in subjects:
+                out.setdefault(subjects[key], c.name)
     return out
 
 
@@ -466,6 +483,9 @@ def run(
     bs = plan.batch_size
     chunks = [records[i : i + bs] for i in range(0, len(records), bs)]
     state = read_checkpoint(out)
+    if state is not None and not resume and state.next_batch == 0:
+        state = None  # nothing finished but the fit passes: start again without asking
+        _clear(out)
     if state is not None and not resume and not overwrite:
         raise EmbedLensError(
             f"{out} holds an unfinished run (batch {state.next_batch} of {state.n_batches} done); "
@@ -537,31 +557,44 @@ def run(
         engine = Engine(adapter) if conditions else None
         if progress is not None:
             progress("run", min(len(records), state.next_batch * bs), len(records))
-        for b in range(state.next_batch, len(chunks)):
-            torch.manual_seed(plan.seed * 1_000_003 + b)  # per batch, so a resumed run draws the same numbers
-            samples = load_chunk(chunks[b], record_problems=True)
-            if samples and probes:
-                batch = adapter.encode(samples, padding_side=plan.data.padding_side)
-                acts = collect(adapter, batch, sites)
-                if partition is not None:
-                    batch.groups = partition.label(adapter, batch, acts=acts)
-                for label, probe in probes:
-                    for name, rows in probe.update(adapter, batch, acts).items():
-                        _emit(parts, label, name, rows, b, len(probes))
-            if samples and engine is not None:
-                table = compare(engine, samples, conditions, prepared.metrics, padding_side=plan.data.padding_side, groups=partition)
-                parts.table("effects", table, b)
-                state.effects.add(table)
-            state.next_batch = b + 1
-            checkpoint()
-            if progress is not None:
-                progress("run", min(len(records), (b + 1) * bs), len(records))
+        try:
+            _main_pass(prepared, state, chunks, parts, probes, partition, conditions, engine, sites, load_chunk, checkpoint, progress)
+        except EmbedLensError as e:
+            if state.next_batch:
+                raise type(e)(f"{e}\n(the {state.next_batch} finished batch(es) of {len(chunks)} are kept in {out}: "
+                              "fix the cause and continue with --resume)") from None
+            raise
         for label, probe in probes:
             for name, rows in probe.final_tables().items():
                 _emit(parts, label, name, rows, len(chunks), len(probes))
         return _finish(prepared, out, parts, state, started, resumed_from)
     finally:
         EXTRA_FORMATS.reset(token)
+
+
+def _main_pass(prepared, state, chunks, parts, probes, partition, conditions, engine, sites, load_chunk, checkpoint, progress) -> None:
+    """The batches not finished yet: probes and conditions per batch, a checkpoint after each."""
+    adapter, plan = prepared.adapter, prepared.loaded.plan
+    bs, n_records = plan.batch_size, len(prepared.records)
+    for b in range(state.next_batch, len(chunks)):
+        torch.manual_seed(plan.seed * 1_000_003 + b)  # per batch, so a resumed run draws the same numbers
+        samples = load_chunk(chunks[b], record_problems=True)
+        if samples and probes:
+            batch = adapter.encode(samples, padding_side=plan.data.padding_side)
+            acts = collect(adapter, batch, sites)
+            if partition is not None:
+                batch.groups = partition.label(adapter, batch, acts=acts)
+            for label, probe in probes:
+                for name, rows in probe.update(adapter, batch, acts).items():
+                    _emit(parts, label, name, rows, b, len(probes))
+        if samples and engine is not None:
+            table = compare(engine, samples, conditions, prepared.metrics, padding_side=plan.data.padding_side, groups=partition)
+            parts.table("effects", table, b)
+            state.effects.add(table)
+        state.next_batch = b + 1
+        checkpoint()
+        if progress is not None:
+            progress("run", min(n_records, (b + 1) * bs), n_records)
 
 
 def _emit(parts: _Parts, label: str, name: str, rows: Any, index: int, n_probes: int) -> None:
