@@ -94,9 +94,15 @@ def open_image(source: "str | Path | Image.Image | Any", max_pixels: int | None 
             notes.append(f"mode {mode} -> RGB (alpha composited on white)")
             return canvas, notes
         if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            arr = np.asarray(im, dtype=np.float64)
-            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-            arr = (arr - min(lo, 0.0)) / ((hi - min(lo, 0.0)) or 1.0)
+            arr = np.nan_to_num(np.asarray(im, dtype=np.float64))
+            hi = float(arr.max()) if arr.size else 0.0
+            if mode.startswith("I;16") or (mode == "I" and 0 <= arr.min() and hi <= 65535):
+                arr = arr / 65535.0  # 16-bit range (PNG 16-bit opens as I or I;16)
+            elif mode == "F" and 0 <= arr.min() and hi <= 1.0:
+                pass  # already 0..1
+            else:  # anything else: its own range
+                lo = float(arr.min())
+                arr = (arr - lo) / ((hi - lo) or 1.0)
             notes.append(f"mode {mode} -> RGB (scaled to 8 bit)")
             return Image.fromarray((arr * 255).round().astype("uint8")).convert("RGB"), notes
         if mode != "RGB":

@@ -7,6 +7,7 @@ styles are inline, there is no script.
 from __future__ import annotations
 
 import base64
+import re
 import html
 import json
 from pathlib import Path
@@ -158,7 +159,7 @@ def write_report(run_dir: str | Path) -> Path:
         sections.append("effects")
         sem = summary.get("effects_sem", {})
         controls = summary.get("controls", {})
-        metrics = sorted({m for cols in effects.values() for m in cols})
+        metrics = sorted({m for cols in effects.values() for m in cols if not re.search(r"_l\d+$", m)})  # per-layer columns: in the table files
         rows = [[c] + [effects[c].get(m) for m in metrics] + [controls.get(c, "")] for c in effects]
         html_ = table_html(["condition"] + metrics + ["matched control"], rows)
         html_ += '<p class="note">Means over samples; standard errors in <code>effects_summary</code>.</p>' if sem else ""

@@ -197,7 +197,9 @@ def render(spec: SyntheticSpec, index: int) -> Scene:
             y0, y1 = int(top), int(min(top + cell * 0.5, (r + 1) * cell))
             box = np.zeros_like(m)
             box[y0:y1, x0:x1] = True
-            box |= m
+            cell_mask = np.zeros_like(m)
+            cell_mask[int(r * cell) : int((r + 1) * cell), int(c * cell) : int((c + 1) * cell)] = True
+            box |= m & cell_mask  # ink outside the word's cell (large fonts) does not claim other cells
             kind[box], char[box] = 2, ord(ch)
             x += adv
         word_cell = (r, c)

@@ -510,7 +510,14 @@ def run(
     probes, partition, conditions = state.probes, state.partition, state.conditions
 
     def checkpoint() -> None:
-        _atomic_write(out / CHECKPOINT, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+        try:
+            data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            raise EmbedLensError(
+                f"cannot checkpoint the run: a probe, intervention or partition holds something pickle cannot save ({e}); "
+                "plugins must be module-level classes whose state is tensors, arrays and plain Python values"
+            ) from None
+        _atomic_write(out / CHECKPOINT, data)
 
     def load_chunk(chunk: list[Record], record_problems: bool) -> list[Sample]:
         samples = []

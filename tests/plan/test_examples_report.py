@@ -1,0 +1,139 @@
+"""The example plans run offline; sweeps and several models expand as written; the report and the comparison
+render in headless Chromium without console errors (a screenshot is taken)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from embedlens.cli import app
+from embedlens.compare import compare_runs
+from embedlens.errors import InputError
+from embedlens.plan import load_plan, prepare, run, run_all
+from embedlens.testing.browser import find_chromium, render
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture(scope="module")
+def example_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("examples")
+    runs = {}
+    for name in ("pruning_study", "sublayer_skip", "injection_sweep", "clip_vs_siglip"):
+        runs[name] = (run_all(load_plan(EXAMPLES / f"{name}.yaml"), out / name), out / name)
+    return runs
+
+
+@pytest.mark.slow
+def test_pruning_study_pairs_every_condition_with_its_control(example_runs):
+    results, out = example_runs["pruning_study"]
+    s = results["model"].summary
+    assert s["controls"] == {
+        "prune_dead": "prune_dead_random",
+        "prune_alive": "prune_alive_random",
+        "mean_dead": "mean_dead_random",
+        "mean_alive": "mean_alive_random",
+    }
+    assert set(s["effects"]) == {"prune_dead", "prune_dead_random", "prune_alive", "prune_alive_random", "mean_dead", "mean_dead_random", "mean_alive", "mean_alive_random", "blind"}
+    # the control removes as many tokens as its condition (so the comparison is matched)
+    e = s["effects"]
+    assert e["prune_dead"]["visual_tokens_mean"] == pytest.approx(e["prune_dead_random"]["visual_tokens_mean"])
+    assert e["blind"]["visual_tokens_mean"] == 0
+    assert e["mean_dead"]["visual_tokens_mean"] == e["mean_dead"]["visual_tokens_mean_base"]  # replaced, not removed
+    rows = list(csv.DictReader(open(out / "effects_summary.csv")))
+    assert {r["control"] for r in rows if r["condition"] == "prune_dead"} == {"prune_dead_random"}
+    assert (out / "figures" / "effects_correct.png").is_file()
+
+
+@pytest.mark.slow
+def test_injection_sweep_expands_the_condition(example_runs):
+    results, out = example_runs["injection_sweep"]
+    assert list(results["model"].summary["effects"]) == [f"inject[layer={k}]" for k in range(4)]
+    loaded = load_plan(EXAMPLES / "injection_sweep.yaml")
+    layers = [c[0].params["layer"] for c in loaded.plan.conditions.values()]
+    assert layers == [0, 1, 2, 3]
+    # injecting later saves prefill compute monotonically
+    saved = [results["model"].summary["effects"][f"inject[layer={k}]"]["flops_saved"] for k in range(4)]
+    assert saved == sorted(saved) and saved[0] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_sublayer_skip_runs(example_runs):
+    results, _ = example_runs["sublayer_skip"]
+    assert set(results["model"].summary["effects"]) == {"skip_attn_0", "skip_mlp_0", "skip_both_0_1", "skip_mlp_late"}
+
+
+@pytest.mark.slow
+def test_clip_vs_siglip_runs_both_and_compares(example_runs):
+    results, out = example_runs["clip_vs_siglip"]
+    assert set(results) == {"clip", "siglip"}
+    for name in ("clip", "siglip"):
+        m = json.loads((out / name / "manifest.json").read_text())
+        assert m["model"]["name"] == name
+    rows = list(csv.DictReader(open(out / "compare" / "compare.csv")))
+    assert list(rows[0])[:4] == ["section", "key", "clip", "siglip"]
+    by_key = {r["key"]: r for r in rows}
+    for g in ("sink", "dead", "alive"):
+        r = by_key[f"groups.{g}"]
+        want = [results[n].summary["token_partition"]["fractions"][g] for n in ("clip", "siglip")]
+        assert [float(r["clip"]), float(r["siglip"])] == pytest.approx(want)
+        assert float(r["abs_diff"]) == pytest.approx(abs(want[0] - want[1]))
+
+
+def test_probe_sweep_gives_separate_tables_and_figures(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "data: {synthetic: {n: 2}}\nprobes:\n  - {name: embedding_lens, params: {layers: [0]}}\n"
+        "sweep:\n  embedding_lens.k: [1, 3]\noutput: {dir: out}\n"
+    )
+    res = run(prepare(load_plan(plan)), tmp_path / "out")
+    assert set(res.tables) == {"embedding_lens[k=1].tokens", "embedding_lens[k=3].tokens"}
+    cols1 = next(csv.reader(open(tmp_path / "out" / "embedding_lens[k=1].tokens.csv")))
+    cols3 = next(csv.reader(open(tmp_path / "out" / "embedding_lens[k=3].tokens.csv")))
+    assert "id_2" not in cols1 and "id_3" in cols3
+    assert {f.parent.name for f in res.figures} == {"embedding_lens[k=1]", "embedding_lens[k=3]"}
+
+
+def test_compare_errors_are_clear(tmp_path):
+    r = CliRunner().invoke(app, ["compare", str(tmp_path), str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "is not a finished embedlens run" in r.output
+    with pytest.raises(InputError, match="at least two"):
+        compare_runs([tmp_path], tmp_path / "c")
+
+
+def _chromium_or_skip():
+    if find_chromium() is None:
+        if os.environ.get("EMBEDLENS_REQUIRE_CHROMIUM"):
+            pytest.fail("EMBEDLENS_REQUIRE_CHROMIUM is set but no Chromium was found")
+        pytest.skip("no Chromium (apt-get install chromium)")
+
+
+@pytest.mark.slow
+def test_report_and_comparison_render_in_headless_chromium(example_runs, tmp_path):
+    _chromium_or_skip()
+    _, out = example_runs["clip_vs_siglip"]
+    pages = [out / "clip" / "report.html", out / "compare" / "compare.html", example_runs["pruning_study"][1] / "report.html"]
+    for i, page in enumerate(pages):
+        shot = tmp_path / f"shot{i}.png"
+        problems = render(page, shot, width=1280)
+        assert problems == [], f"{page}: {problems}"
+        im = Image.open(shot)
+        assert im.width == 1280 and im.height > 800
+        assert len(set(im.convert("L").resize((64, 64)).getdata())) > 20  # not a blank page
+    # the page is self-contained: no file references outside it
+    text = pages[0].read_text()
+    assert 'src="data:image/png;base64,' in text and "src=\"figures/" not in text
+
+
+def test_the_browser_check_catches_console_errors(tmp_path):
+    _chromium_or_skip()
+    page = tmp_path / "bad.html"
+    page.write_text('<!DOCTYPE html><html><body><img src="missing.png"><script>console.error("boom"); nofn();</script></body></html>')
+    problems = render(page, tmp_path / "bad.png")
+    assert any("boom" in p for p in problems) and any("nofn" in p for p in problems) and any("missing.png" in p for p in problems)
