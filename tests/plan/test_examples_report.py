@@ -4,6 +4,7 @@ render in headless Chromium without console errors (a screenshot is taken)."""
 from __future__ import annotations
 
 import csv
+import re
 import json
 import os
 from pathlib import Path
@@ -137,3 +138,31 @@ def test_the_browser_check_catches_console_errors(tmp_path):
     page.write_text('<!DOCTYPE html><html><body><img src="missing.png"><script>console.error("boom"); nofn();</script></body></html>')
     problems = render(page, tmp_path / "bad.png")
     assert any("boom" in p for p in problems) and any("nofn" in p for p in problems) and any("missing.png" in p for p in problems)
+
+
+def test_svg_copies_are_reproducible(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "data: {synthetic: {n: 2}}\nprobes: [{name: embedding_lens, params: {k: 1, layers: [0]}}]\n"
+        "output: {dir: out, figure_formats: [png, svg], formats: [parquet]}\n"
+    )
+    a = run(prepare(load_plan(plan)), tmp_path / "a")
+    run(prepare(load_plan(plan)), tmp_path / "b")
+    svgs = sorted((tmp_path / "a" / "figures").glob("*.svg"))
+    assert [p.with_suffix(".png") for p in svgs] == a.figures
+    for p in svgs:
+        text = p.read_text()
+        assert text.startswith("<?xml") and "<svg" in text
+        assert text == (tmp_path / "b" / "figures" / p.name).read_text()
+    assert not list((tmp_path / "a").glob("*.csv")) and (tmp_path / "a" / "tokens.parquet").is_file()
+
+
+def test_validate_checks_every_model(tmp_path):
+    r = CliRunner().invoke(app, ["validate", str(EXAMPLES / "clip_vs_siglip.yaml")])
+    assert r.exit_code == 0, r.output
+    assert "ok (clip: llava model, 8 samples" in r.output and "ok (siglip: llava model, 8 samples" in r.output
+    bad = tmp_path / "plan.yaml"
+    text = (EXAMPLES / "clip_vs_siglip.yaml").read_text().replace("source: tiny:llava-siglip", "source: tiny:llava-siglp")
+    bad.write_text(text.replace("synthetic: {n: 8, seed: 3}", "synthetic: {n: 8, seed: 3}").replace("dir: runs/clip_vs_siglip", f"dir: {tmp_path}/o"))
+    r = CliRunner().invoke(app, ["validate", str(bad)])
+    assert r.exit_code == 2 and re.search(r"plan\.yaml:\d+ models\.siglip\.source: Unknown tiny model 'llava-siglp'", r.output), r.output
