@@ -251,7 +251,7 @@ def _expand_sweeps(loaded: LoadedPlan) -> None:
         else:
             for c, items in plan.conditions.items():
                 hits += [("condition", (c, i)) for i, iv in enumerate(items) if iv.name == target]
-            hits += [("probe", j) for j, pr in enumerate(plan.probes) if (pr.label or pr.name) == target or (pr.label is None and pr.name == target)]
+            hits += [("probe", j) for j, pr in enumerate(plan.probes) if target in (pr.label, pr.name)]
             if not hits:
                 names = list(plan.conditions) + sorted({iv.name for items in plan.conditions.values() for iv in items}) + [
                     pr.label or pr.name for pr in plan.probes

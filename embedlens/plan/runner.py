@@ -62,10 +62,6 @@ class Prepared:
     partition: Partition | None = None
     model_name: str = "model"
 
-    @property
-    def samples(self) -> list[Record]:  # kept for callers that count samples
-        return self.records
-
 
 @dataclass
 class RunResult:
