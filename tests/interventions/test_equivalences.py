@@ -307,6 +307,25 @@ def test_prune_random_matched(adapter):
     assert torch.equal(c[0][alone.roles.visual[0]], a[1][batch.roles.visual[1]])
 
 
+def test_ablate_random_matched_draws_what_prune_random_matched_draws(adapter):
+    """Same seed, target and pool: the ablation control replaces exactly the tokens the pruning control removes;
+    with exclude_target false the draw may include target tokens, still matched in count."""
+    from embedlens.interventions.ablate import AblateRandomMatched
+
+    batch = adapter.encode(prompt_samples(), padding_side="left")
+    eng = Engine(adapter)
+    group = planted_group(batch, denom=8)
+    groups = {"dead": group}.__getitem__
+    for exclude in (True, False):
+        ctx = eng.context(batch, groups=groups)
+        PruneRandomMatched(target="dead", seed=3, exclude_target=exclude).setup(ctx)
+        pruned = (ctx.exit == 0) & ~batch.roles.padding
+        ablate = AblateRandomMatched(target="dead", seed=3, value="zero", exclude_target=exclude)
+        ablate.setup(eng.context(batch, groups=groups))
+        assert torch.equal(ablate._mask, pruned)
+        assert torch.equal(pruned.sum(1), group.sum(1))
+
+
 def test_empty_group_is_an_error_or_an_explicit_noop(adapter):
     batch = adapter.encode(prompt_samples(), padding_side="right")
     eng = Engine(adapter)
