@@ -53,26 +53,19 @@ def open_image(source: "str | Path | Image.Image | Any", max_pixels: int | None 
     notes: list[str] = []
     if isinstance(source, Image.Image):
         im, name = source, "<image>"
-    elif hasattr(source, "read"):  # encoded bytes, e.g. from a data set
-        name = "<image bytes>"
+    else:
+        file_like = hasattr(source, "read")  # encoded bytes, e.g. from a data set
+        name = "image bytes" if file_like else f"image {source}"
+        if not file_like and not Path(source).is_file():
+            raise InputError(f"image file not found: {source}")
         try:
-            source.seek(0)
+            if file_like:
+                source.seek(0)
             im = Image.open(source)
         except Image.DecompressionBombError as e:
-            raise InputError(f"image is too large to open safely: {e}") from None
+            raise InputError(f"{name} is too large to open safely: {e}") from None
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise InputError(f"cannot read image bytes: {e}") from None
-    else:
-        path = Path(source)
-        name = str(path)
-        if not path.is_file():
-            raise InputError(f"image file not found: {path}")
-        try:
-            im = Image.open(path)
-        except Image.DecompressionBombError as e:
-            raise InputError(f"image {path} is too large to open safely: {e}") from None
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise InputError(f"cannot read image {path}: {e}") from None
+            raise InputError(f"cannot read {name}: {e}") from None
     try:
         if max_pixels is not None and im.width * im.height > max_pixels:
             scale = (max_pixels / (im.width * im.height)) ** 0.5
@@ -81,12 +74,13 @@ def open_image(source: "str | Path | Image.Image | Any", max_pixels: int | None 
                 im.draft("RGB", size)
             notes.append(f"downscaled from {im.width}x{im.height} to {size[0]}x{size[1]} (max_pixels {max_pixels})")
             im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                im = im.convert("F")
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                im = im.convert("F")  # resized in float, scaled below by the original mode's range
             im = im.resize(size, Image.Resampling.BILINEAR) if im.size != size else im
         else:
             im.load()
-        mode = im.mode
+            mode = im.mode
         if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")
             canvas = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -98,9 +92,7 @@ def open_image(source: "str | Path | Image.Image | Any", max_pixels: int | None 
             hi = float(arr.max()) if arr.size else 0.0
             if mode.startswith("I;16") or (mode == "I" and 0 <= arr.min() and hi <= 65535):
                 arr = arr / 65535.0  # 16-bit range (PNG 16-bit opens as I or I;16)
-            elif mode == "F" and 0 <= arr.min() and hi <= 1.0:
-                pass  # already 0..1
-            else:  # anything else: its own range
+            elif not (mode == "F" and 0 <= arr.min() and hi <= 1.0):  # float already in 0..1 stays; else its own range
                 lo = float(arr.min())
                 arr = (arr - lo) / ((hi - lo) or 1.0)
             notes.append(f"mode {mode} -> RGB (scaled to 8 bit)")
@@ -110,7 +102,7 @@ def open_image(source: "str | Path | Image.Image | Any", max_pixels: int | None 
             return im.convert("RGB"), notes
         return im, notes
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"cannot read image {name}: {e}") from None
+        raise InputError(f"cannot read {name}: {e}") from None
 
 
 def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:

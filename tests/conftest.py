@@ -69,3 +69,15 @@ def run_probe(probe, adapter, batch):
     from embedlens.tracing import collect
 
     return probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))
+
+
+def plan_error(workdir, text: str) -> str:
+    """Write `text` as ``workdir/plan.yaml`` and return the `PlanError` that loading and preparing it raise."""
+    from embedlens.errors import PlanError
+    from embedlens.plan import load_plan, prepare
+
+    path = workdir / "plan.yaml"
+    path.write_text(text)
+    with pytest.raises(PlanError) as e:
+        prepare(load_plan(path))
+    return str(e.value)

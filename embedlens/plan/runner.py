@@ -13,10 +13,8 @@ from __future__ import annotations
 import hashlib
 import re
 import json
-import os
 import pickle
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,9 @@ from embedlens.interventions.condition import Condition
 from embedlens.interventions.engine import Engine
 from embedlens.metrics import Metric, compare
 from embedlens.plan.loader import LoadedPlan
+from embedlens.plan.effects import EffectSummary, matched_controls
 from embedlens.plan.schema import ModelSpec
+from embedlens.plan.store import CHECKPOINT, Parts, atomic_write, clear_run
 from embedlens.probes.base import Probe, Tensors
 from embedlens.registry import interventions as intervention_registry
 from embedlens.registry import metrics as metric_registry
@@ -42,11 +42,6 @@ from embedlens.tracing import collect
 
 #: ``progress(phase, done, total)``: phase is "fit: NAME" for a fitting pass, "run" for the main pass.
 ProgressFn = Callable[[str, int, int], None]
-
-CHECKPOINT = "checkpoint.pkl"
-PARTS = "parts"
-#: Files whose content legitimately differs between two runs of the same plan (timings, resume history).
-VOLATILE = ("run_log.json",)
 
 
 @dataclass
@@ -212,172 +207,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-class _Parts:
-    """Per-batch part files: ``parts/TABLE/000012.parquet`` and ``tensors/NAME/000012.safetensors``."""
-
-    def __init__(self, out: Path):
-        self.out = out
-
-    def table(self, name: str, table: dict[str, list], index: int) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if not table or not next(iter(table.values()), None):
-            return
-        lengths = {k: len(v) for k, v in table.items()}
-        if len(set(lengths.values())) != 1:
-            raise EmbedLensError(f"table {name!r}: columns have different lengths {lengths}")
-        folder = self.out / PARTS / name
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{index:06d}.parquet"
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(pa.table({k: _plain(v) for k, v in table.items()}), tmp)
-        os.replace(tmp, path)
-
-    def tensors(self, name: str, tensors: dict[str, torch.Tensor], index: int) -> None:
-        from safetensors.torch import save
-
-        folder = self.out / "tensors" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"batch": str(index)})
-        _atomic_write(folder / f"{index:06d}.safetensors", data)
-
-    def drop_from(self, index: int) -> None:
-        """Remove parts of batches >= index (the batch in flight when a run was killed)."""
-        for root in (self.out / PARTS, self.out / "tensors"):
-            if not root.is_dir():
-                continue
-            for f in root.glob("*/*"):
-                stem = f.name.split(".")[0]
-                if f.name.endswith(".tmp") or (stem.isdigit() and int(stem) >= index):
-                    f.unlink()
-
-    def gather(self, formats: list[str]) -> dict[str, Path]:
-        """One file per table from its parts, in batch order; returns table -> main file."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        out: dict[str, Path] = {}
-        root = self.out / PARTS
-        if not root.is_dir():
-            return out
-        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-            files = sorted(folder.glob("*.parquet"))
-            if not files:
-                continue
-            table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
-            name = folder.name
-            if "parquet" in formats:
-                pq.write_table(table, self.out / f"{name}.parquet")
-                out[name] = self.out / f"{name}.parquet"
-            if "csv" in formats:
-                _write_csv(table, self.out / f"{name}.csv")
-                out.setdefault(name, self.out / f"{name}.csv")
-        shutil.rmtree(root)
-        return out
-
-
-def _plain(values: list) -> list:
-    """Python scalars for Arrow (numpy / torch scalars in a column become int / float / bool)."""
-    out = []
-    for v in values:
-        if hasattr(v, "item") and not isinstance(v, (list, dict, str)):
-            try:
-                v = v.item()
-            except (ValueError, RuntimeError):
-                v = v.tolist()
-        out.append(v)
-    return out
-
-
-def _write_csv(table, path: Path) -> None:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(table.column_names)
-    cols = [c.to_pylist() for c in table.columns]
-    for row in zip(*cols):
-        w.writerow(["" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v for v in row])
-    path.write_text(buf.getvalue())
-
-
-class EffectSummary:
-    """Running mean and standard error of every numeric metric column, per condition (NaN skipped)."""
-
-    def __init__(self):
-        self.sums: dict[str, dict[str, list[float]]] = {}
-
-    def add(self, table: dict[str, list]) -> None:
-        for i, cond in enumerate(table["condition"]):
-            acc = self.sums.setdefault(cond, {})
-            for col, values in table.items():
-                v = values[i]
-                if col in ("sample", "condition") or isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-                    continue
-                s = acc.setdefault(col, [0.0, 0.0, 0])
-                s[0] += float(v)
-                s[1] += float(v) * float(v)
-                s[2] += 1
-
-    def stats(self) -> dict[str, dict[str, dict[str, float]]]:
-        out: dict[str, dict[str, dict[str, float]]] = {}
-        for cond, cols in self.sums.items():
-            for col, (s, ss, n) in cols.items():
-                mean = s / n
-                var = max(0.0, ss / n - mean * mean) * n / (n - 1) if n > 1 else 0.0
-                out.setdefault(cond, {})[col] = {"mean": mean, "sem": (var / n) ** 0.5, "n": n}
-        return out
-
-    def result(self) -> dict[str, dict[str, float]]:
-        return {c: {k: v["mean"] for k, v in cols.items()} for c, cols in self.stats().items()}
-
-
-def _family(iv) -> tuple[str, ...] | None:
-    """What kind of removal an intervention makes, so a control pairs only with its own kind."""
-    from embedlens.interventions.ablate import Ablate
-    from embedlens.interventions.prune import Prune, PruneRandomMatched
-
-    if isinstance(iv, (Prune, PruneRandomMatched)):
-        return ("prune", str(iv.mode))
-    if isinstance(iv, Ablate):
-        return ("ablate", str(iv.value), str(iv.site))
-    return None
-
-
-def matched_controls(conditions: list[Condition]) -> dict[str, str]:
-    """``{condition: its matched random control}``: a one-intervention condition removing tokens X, paired
-    with a one-intervention condition drawing as many at random with ``target: X`` (same kind and mode)."""
-    from embedlens.interventions.ablate import AblateRandomMatched
-    from embedlens.interventions.prune import PruneRandomMatched
-
-    subjects: dict[tuple, str] = {}
-    for c in conditions:
-        if len(c.interventions) == 1:
-            iv = c.interventions[0]
-            fam = _family(iv)
-            if fam is not None and not isinstance(iv, (PruneRandomMatched, AblateRandomMatched)):
-                subjects.setdefault((*fam, str(iv.tokens)), c.name)
-    out = {}
-    for c in conditions:
-        if len(c.interventions) == 1 and isinstance(c.interventions[0], (PruneRandomMatched, AblateRandomMatched)):
-            iv = c.interventions[0]
-            key = (*_family(iv), str(iv.target))
-            if key in subjects:
-                out.setdefault(subjects[key], c.name)
-    return out
-
-
 @dataclass
 class _State:
     """What a checkpoint holds: enough to continue exactly where a run stopped."""
@@ -407,25 +236,6 @@ def read_checkpoint(out: Path) -> _State | None:
     if not isinstance(state, _State):
         raise EmbedLensError(f"{path}: not an embedlens checkpoint; start again with --overwrite")
     return state
-
-
-def _clear(out: Path) -> None:
-    """Remove what an earlier run wrote in `out`: only files its manifest lists and embedlens's own names."""
-    old = out / "manifest.json"
-    if old.is_file():
-        try:
-            listed = json.loads(old.read_text())
-        except json.JSONDecodeError:
-            listed = {}
-        for rel in list((listed.get("tables") or {}).values()) + list(listed.get("figures") or []) + list(listed.get("artifacts") or []):
-            for f in {out / rel, (out / rel).with_suffix(".csv"), (out / rel).with_suffix(".parquet")}:
-                if f.is_file() and out.resolve() in f.resolve().parents:
-                    f.unlink()
-    for name in (CHECKPOINT, "summary.json", "manifest.json", "run_log.json", "report.html"):
-        (out / name).unlink(missing_ok=True)
-    for name in (PARTS, "tensors"):
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
 
 
 def finished_result(out: Path) -> RunResult | None:
@@ -481,7 +291,7 @@ def run(
     state = read_checkpoint(out)
     if state is not None and not resume and state.next_batch == 0:
         state = None  # nothing finished but the fit passes: start again without asking
-        _clear(out)
+        clear_run(out)
     if state is not None and not resume and not overwrite:
         raise EmbedLensError(
             f"{out} holds an unfinished run (batch {state.next_batch} of {state.n_batches} done); "
@@ -498,10 +308,10 @@ def run(
         done = finished_result(out) if resume and not overwrite else None
         if done is not None:  # resuming a finished run: nothing left to do
             return done
-        _clear(out)
+        clear_run(out)
         state = _State(h, 0, len(chunks), False, prepared.probes, prepared.partition, prepared.conditions, EffectSummary(), [], [])
         resumed_from = None
-    parts = _Parts(out)
+    parts = Parts(out)
     parts.drop_from(state.next_batch)
     probes, partition, conditions = state.probes, state.partition, state.conditions
 
@@ -513,7 +323,7 @@ def run(
                 f"cannot checkpoint the run: a probe, intervention or partition holds something pickle cannot save ({e}); "
                 "plugins must be module-level classes whose state is tensors, arrays and plain Python values"
             ) from None
-        _atomic_write(out / CHECKPOINT, data)
+        atomic_write(out / CHECKPOINT, data)
 
     def load_chunk(chunk: list[Record], record_problems: bool) -> list[Sample]:
         samples = []
@@ -561,7 +371,7 @@ def run(
         if progress is not None:
             progress("run", min(len(records), state.next_batch * bs), len(records))
         try:
-            _main_pass(prepared, state, chunks, parts, probes, partition, conditions, engine, sites, load_chunk, checkpoint, progress)
+            _main_pass(prepared, state, chunks, parts, engine, sites, load_chunk, checkpoint, progress)
         except EmbedLensError as e:
             if state.next_batch:
                 raise type(e)(f"{e}\n(the {state.next_batch} finished batch(es) of {len(chunks)} are kept in {out}: "
@@ -575,8 +385,9 @@ def run(
         EXTRA_FORMATS.reset(token)
 
 
-def _main_pass(prepared, state, chunks, parts, probes, partition, conditions, engine, sites, load_chunk, checkpoint, progress) -> None:
+def _main_pass(prepared, state, chunks, parts, engine, sites, load_chunk, checkpoint, progress) -> None:
     """The batches not finished yet: probes and conditions per batch, a checkpoint after each."""
+    probes, partition, conditions = state.probes, state.partition, state.conditions
     adapter, plan = prepared.adapter, prepared.loaded.plan
     bs, n_records = plan.batch_size, len(prepared.records)
     for b in range(state.next_batch, len(chunks)):
@@ -600,7 +411,7 @@ def _main_pass(prepared, state, chunks, parts, probes, partition, conditions, en
             progress("run", min(n_records, (b + 1) * bs), n_records)
 
 
-def _emit(parts: _Parts, label: str, name: str, rows: Any, index: int, n_probes: int) -> None:
+def _emit(parts: Parts, label: str, name: str, rows: Any, index: int, n_probes: int) -> None:
     full = f"{label}.{name}" if n_probes > 1 else name
     if isinstance(rows, Tensors):
         parts.tensors(full, rows, index)
@@ -608,7 +419,7 @@ def _emit(parts: _Parts, label: str, name: str, rows: Any, index: int, n_probes:
         parts.table(full, rows, index)
 
 
-def _finish(prepared: Prepared, out: Path, parts: _Parts, state: _State, started: float, resumed_from: int | None) -> RunResult:
+def _finish(prepared: Prepared, out: Path, parts: Parts, state: _State, started: float, resumed_from: int | None) -> RunResult:
     from embedlens.figures import effect_chart
 
     loaded, adapter, plan = prepared.loaded, prepared.adapter, prepared.loaded.plan

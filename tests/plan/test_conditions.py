@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from embedlens.errors import PlanError
 from embedlens.plan import load_plan, prepare, run
+from tests.conftest import plan_error
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -50,14 +50,6 @@ def workdir(tmp_path):
     return tmp_path
 
 
-def _error(workdir, text) -> str:
-    path = workdir / "plan.yaml"
-    path.write_text(text)
-    with pytest.raises(PlanError) as e:
-        prepare(load_plan(path))
-    return str(e.value)
-
-
 @pytest.mark.parametrize(
     "old, new, expected",
     [
@@ -72,7 +64,7 @@ def _error(workdir, text) -> str:
 )
 def test_bad_conditions_get_located_errors(workdir, old, new, expected):
     assert old in GOOD
-    msg = _error(workdir, GOOD.replace(old, new))
+    msg = plan_error(workdir, GOOD.replace(old, new))
     assert re.search(expected, msg), msg
 
 

@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from embedlens.cli import app
-from embedlens.errors import PlanError
 from embedlens.plan import load_plan, prepare, run
+from tests.conftest import plan_error
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -52,13 +52,6 @@ def _write(workdir: Path, text: str) -> Path:
     return p
 
 
-def _error(workdir, text) -> str:
-    path = _write(workdir, text)
-    with pytest.raises(PlanError) as e:
-        prepare(load_plan(path))
-    return str(e.value)
-
-
 @pytest.mark.parametrize(
     "old, new, expected",
     [
@@ -78,7 +71,7 @@ def test_bad_plans_get_located_errors(workdir, old, new, expected):
     import re
 
     assert old in GOOD
-    msg = _error(workdir, GOOD.replace(old, new))
+    msg = plan_error(workdir, GOOD.replace(old, new))
     assert re.search(expected, msg), msg
 
 
@@ -86,7 +79,7 @@ def test_unknown_architecture_lists_supported(tmp_path, workdir):
     folder = tmp_path / "gpt"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    msg = _error(workdir, GOOD.replace("tiny:llava-clip", str(folder)))
+    msg = plan_error(workdir, GOOD.replace("tiny:llava-clip", str(folder)))
     assert "No adapter supports architecture GPT2LMHeadModel. Supported: LlavaForConditionalGeneration" in msg
 
 
@@ -106,7 +99,7 @@ def test_unreadable_image_is_skipped_and_reported(workdir):
 
 def test_prompt_without_placeholder_is_named(workdir):
     (workdir / "prompts.jsonl").write_text('{"id": "q", "image": "a.png", "prompt": "USER: what is it? ASSISTANT:"}\n')
-    msg = _error(workdir, GOOD)
+    msg = plan_error(workdir, GOOD)
     assert "plan.yaml:4 data.prompts: " in msg and "prompts.jsonl:1: sample 'q': the prompt has 0 image placeholder(s) '<image>' but 1 image(s)" in msg
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from embedlens.errors import EmbedLensError
 from embedlens.plan import load_plan, prepare, run
-from embedlens.plan.runner import VOLATILE
+from embedlens.plan.store import VOLATILE
 
 PLAN = """\
 model:

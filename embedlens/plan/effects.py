@@ -1,0 +1,71 @@
+"""Intervention effects over a run: running means and standard errors, and which condition is whose control."""
+
+from __future__ import annotations
+
+from embedlens.interventions.condition import Condition
+
+
+class EffectSummary:
+    """Running mean and standard error of every numeric metric column, per condition (NaN skipped)."""
+
+    def __init__(self):
+        self.sums: dict[str, dict[str, list[float]]] = {}
+
+    def add(self, table: dict[str, list]) -> None:
+        for i, cond in enumerate(table["condition"]):
+            acc = self.sums.setdefault(cond, {})
+            for col, values in table.items():
+                v = values[i]
+                if col in ("sample", "condition") or isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                    continue
+                s = acc.setdefault(col, [0.0, 0.0, 0])
+                s[0] += float(v)
+                s[1] += float(v) * float(v)
+                s[2] += 1
+
+    def stats(self) -> dict[str, dict[str, dict[str, float]]]:
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for cond, cols in self.sums.items():
+            for col, (s, ss, n) in cols.items():
+                mean = s / n
+                var = max(0.0, ss / n - mean * mean) * n / (n - 1) if n > 1 else 0.0
+                out.setdefault(cond, {})[col] = {"mean": mean, "sem": (var / n) ** 0.5, "n": n}
+        return out
+
+    def result(self) -> dict[str, dict[str, float]]:
+        return {c: {k: v["mean"] for k, v in cols.items()} for c, cols in self.stats().items()}
+
+
+def _family(iv) -> tuple[str, ...] | None:
+    """What kind of removal an intervention makes, so a control pairs only with its own kind."""
+    from embedlens.interventions.ablate import Ablate
+    from embedlens.interventions.prune import Prune, PruneRandomMatched
+
+    if isinstance(iv, (Prune, PruneRandomMatched)):
+        return ("prune", str(iv.mode))
+    if isinstance(iv, Ablate):
+        return ("ablate", str(iv.value), str(iv.site))
+    return None
+
+
+def matched_controls(conditions: list[Condition]) -> dict[str, str]:
+    """``{condition: its matched random control}``: a one-intervention condition removing tokens X, paired
+    with a one-intervention condition drawing as many at random with ``target: X`` (same kind and mode)."""
+    from embedlens.interventions.ablate import AblateRandomMatched
+    from embedlens.interventions.prune import PruneRandomMatched
+
+    subjects: dict[tuple, str] = {}
+    for c in conditions:
+        if len(c.interventions) == 1:
+            iv = c.interventions[0]
+            fam = _family(iv)
+            if fam is not None and not isinstance(iv, (PruneRandomMatched, AblateRandomMatched)):
+                subjects.setdefault((*fam, str(iv.tokens)), c.name)
+    out = {}
+    for c in conditions:
+        if len(c.interventions) == 1 and isinstance(c.interventions[0], (PruneRandomMatched, AblateRandomMatched)):
+            iv = c.interventions[0]
+            key = (*_family(iv), str(iv.target))
+            if key in subjects:
+                out.setdefault(subjects[key], c.name)
+    return out
