@@ -1,4 +1,4 @@
-"""The `embedlens` command line: run, validate, list, compare."""
+"""The `embedlens` command line: run, validate, list, compare, zoo (train / evaluate / list)."""
 
 from __future__ import annotations
 
@@ -193,6 +193,93 @@ def list_plugins() -> None:
                 typer.echo(f"  {'':<18}   {p}")
         for name, err in reg.failed.items():
             typer.echo(f"  {name:<18} FAILED TO LOAD: {err}")
+
+
+zoo_app = typer.Typer(no_args_is_help=True, help="The model zoo: train, evaluate and list embedlens's own trained models.")
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """List the zoo models (load any of them as zoo:NAME).
+
+    Example:
+
+        embedlens zoo list
+    """
+    from embedlens.zoo import ZOO, ZOO_DIR
+
+    for e in ZOO.values():
+        there = (ZOO_DIR / e.folder / "config.json").exists()
+        typer.echo(f"  zoo:{e.name:<26} {e.description}{'' if there else '  (checkpoint missing)'}")
+
+
+@zoo_app.command("train")
+def zoo_train(
+    variant: str = typer.Argument(..., help="clip or siglip."),
+    output: Path = typer.Argument(..., help="Folder for the checkpoint (model, tokenizer, processor, recipe, train_log.json)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data, the initialisation and the batch order."),
+    threads: int = typer.Option(2, "--threads", help="torch CPU threads; results are reproducible for a fixed count."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Recipe override KEY=VALUE (repeatable), e.g. --set lm_steps=100."),
+) -> None:
+    """Train a zoo model from scratch on the synthetic data set (LLaVA's staged recipe; see embedlens.zoo.train).
+
+    Example:
+
+        embedlens zoo train clip runs/my-tiny-llava-clip --seed 0 --threads 2
+    """
+    from embedlens.zoo.recipe import Recipe
+    from embedlens.zoo.train import train
+
+    try:
+        recipe = Recipe(variant=variant, seed=seed, threads=threads)
+        for kv in overrides or []:
+            recipe = recipe.with_override(kv)
+        recipe.check()
+        train(recipe, output)
+    except EmbedLensError as e:
+        _fail(e)
+    typer.echo(f"wrote {output}")
+
+
+@zoo_app.command("evaluate")
+def zoo_evaluate(
+    model: str = typer.Argument("zoo:tiny-llava-clip", help="zoo:NAME, tiny:NAME or a checkpoint folder."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for the validation (default runs/zoo-eval/NAME)."),
+    images: int = typer.Option(200, "--images", help="Held-out images (every answerable question type is asked of each)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    pruning: bool = typer.Option(True, "--pruning/--no-pruning", help="Run the pruning experiments (both modes) besides QA and blind."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Validate a model on held-out synthetic images: QA by question type and blind, the
+    sink/dead/alive partition against the per-patch ground truth, the embedding lens,
+    a semantic linear probe, and pruning in both modes (table, figures, report).
+
+    Example:
+
+        embedlens zoo evaluate zoo:tiny-llava-siglip -o runs/zoo-siglip
+    """
+    from embedlens.zoo.evaluate import check, evaluate, markdown
+
+    name = model.split(":", 1)[-1].rstrip("/").split("/")[-1]
+    out = output if output is not None else Path("runs/zoo-eval") / name
+    try:
+        with _progress_bar(quiet) as bar:
+            tasks: dict[str, object] = {}
+
+            def progress(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(phase, total=total, rate="")
+                bar.update(tasks[phase], completed=done)
+
+            result = evaluate(model, out, n_images=images, batch_size=batch_size, progress=progress, pruning=pruning)
+    except EmbedLensError as e:
+        _fail(e)
+    typer.echo(markdown(result))
+    bad = check(result, name)
+    if bad:
+        typer.echo("below the zoo thresholds: " + "; ".join(bad))
+    typer.echo(f"wrote {out / 'validation.md'}, {out / 'validation.png'} and the run with report.html in {out / 'run'}")
 
 
 def main() -> None:

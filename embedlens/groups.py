@@ -55,6 +55,8 @@ class Partition:
         entropy_threshold: normalised entropy (0..1, entropy / log vocab) above which the rule fires.
         temperature: softmax temperature over cosine similarities.
         discover: find anchor ids from the data first (`fit`); given anchors are kept.
+        discover_min_images: share of images an id must be nearest to some token in to be
+            discovered as an anchor (raise it when a few content words occur in most images).
         order: precedence among groups; default sink, dead, then the others as named.
 
     Example:
@@ -84,6 +86,7 @@ class Partition:
     entropy_threshold: float = 0.9
     temperature: float = 0.05
     discover: bool = False
+    discover_min_images: float = 0.5
     order: list[str] | None = None
     # state, not parameters: the last batch's overlaps and rule verdicts, and anchors found by `fit`
     last_overlap: dict[str, int] = field(default_factory=dict, init=False, repr=False)
@@ -105,6 +108,8 @@ class Partition:
             raise InterventionError(f"partition.entropy_threshold: must be in (0, 1]; got {self.entropy_threshold}")
         if self.temperature <= 0:
             raise InterventionError(f"partition.temperature: must be > 0; got {self.temperature}")
+        if not 0 < self.discover_min_images <= 1:
+            raise InterventionError(f"partition.discover_min_images: must be in (0, 1]; got {self.discover_min_images}")
         if not self.rule_groups() and not self.discover:
             raise InterventionError(
                 "partition: no rule selected; give anchors, discover: true, or one of vit_norm / massive / entropy"
@@ -179,7 +184,7 @@ class Partition:
 
         # discovery counts nearest ids only (k=1): with larger k an anchor's own close neighbours
         # would look content-independent too; membership then uses the partition's k
-        probe = AnchorDiscovery(k=1, matrix=self.matrix, chunk_size=self.chunk_size, vit_layer=self.vit_layer)
+        probe = AnchorDiscovery(k=1, min_image_fraction=self.discover_min_images, matrix=self.matrix, chunk_size=self.chunk_size, vit_layer=self.vit_layer)
         for batch in batches:
             probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))
         found = probe.anchors()

@@ -19,6 +19,7 @@ from embedlens.errors import AdapterError
 from embedlens.registry import adapters
 
 TINY_PREFIX = "tiny:"
+ZOO_PREFIX = "zoo:"
 
 __all__ = [
     "Adapter",
@@ -70,9 +71,10 @@ def load_model(
     """Load a model and wrap it in its adapter.
 
     Args:
-        source: a local folder or hub id (loaded with `from_pretrained`), or
-            ``tiny:NAME`` for a built-in tiny random model (see
-            `embedlens.testing.TINY_SPECS`).
+        source: a local folder or hub id (loaded with `from_pretrained`),
+            ``zoo:NAME`` for a trained model shipped with embedlens (see
+            `embedlens.zoo`), or ``tiny:NAME`` for a built-in tiny random
+            model (see `embedlens.testing.TINY_SPECS`).
         adapter: force an adapter by registered name instead of choosing one
             from the config's `architectures`.
         dtype, device, attn_implementation: passed to `from_pretrained`.
@@ -81,6 +83,10 @@ def load_model(
         AdapterError: the architecture has no adapter (the error lists the supported ones).
         UnknownNameError: an unknown adapter or tiny-model name.
     """
+    if source.startswith(ZOO_PREFIX):
+        from embedlens.zoo import load_zoo
+
+        return load_zoo(source[len(ZOO_PREFIX):], dtype=dtype, device=device, attn_implementation=attn_implementation)
     if source.startswith(TINY_PREFIX):
         from embedlens.testing.tiny import tiny_model
 

@@ -18,7 +18,7 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """Which model to load and how."""
 
-    source: str = Field("tiny:llava-clip", description="folder, hub id, or tiny:NAME for a built-in tiny model")
+    source: str = Field("zoo:tiny-llava-clip", description="folder, hub id, zoo:NAME (trained, shipped) or tiny:NAME (random)")
     adapter: str | None = Field(None, description="force an adapter by name instead of auto-selection")
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     device: str = "cpu"
@@ -97,6 +97,7 @@ class PartitionSpec(_Strict):
 
     anchors: dict[str, list[int]] = Field(default_factory=dict, description="group name -> anchor vocabulary ids")
     discover: bool = Field(False, description="discover sink/dead anchor ids from the data first")
+    discover_min_images: float = Field(0.5, gt=0, le=1, description="share of images a discovered anchor must occur in")
     k: int = Field(3, ge=1, description="a token is in a group if any of its top-k neighbours is an anchor")
     matrix: Literal["input", "output"] = "input"
     vit_norm: str | None = Field(None, description="group for ViT high-norm tokens (e.g. sink)")

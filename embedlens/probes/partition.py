@@ -175,6 +175,7 @@ class TokenPartition(_PartitionProbe):
         anchors: group name -> anchor vocabulary ids.
         discover: find sink/dead anchors from the data in a first pass (see `anchor_discovery`);
             default: only when no anchors are given.
+        discover_min_images: share of images a discovered anchor must be nearest to some token in.
         k: neighbours compared with the anchors.
         matrix: "input" or "output" embeddings for the neighbours.
         vit_norm: group for ViT high-norm tokens ("sink"), or None to skip the rule.
@@ -207,6 +208,7 @@ class TokenPartition(_PartitionProbe):
         self,
         anchors: dict[str, list[int]] = {},  # noqa: B006 - never mutated
         discover: bool | None = None,
+        discover_min_images: float = 0.5,
         k: int = 3,
         matrix: Literal["input", "output"] = "input",
         vit_norm: str | None = None,
@@ -224,7 +226,8 @@ class TokenPartition(_PartitionProbe):
         chunk_size: int = 8192,
     ):
         params = dict(
-            anchors=anchors, discover=(not anchors) if discover is None else discover, k=k, matrix=matrix, vit_norm=vit_norm, vit_layer=vit_layer,
+            anchors=anchors, discover=(not anchors) if discover is None else discover,
+            discover_min_images=discover_min_images, k=k, matrix=matrix, vit_norm=vit_norm, vit_layer=vit_layer,
             vit_sigma=vit_sigma, vit_threshold=vit_threshold, massive=massive, massive_layers=massive_layers,
             massive_threshold=massive_threshold, massive_ratio=massive_ratio, entropy=entropy,
             entropy_threshold=entropy_threshold, temperature=temperature, order=order, chunk_size=chunk_size,

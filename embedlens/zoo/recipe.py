@@ -1,0 +1,284 @@
+"""What a zoo model is made of: the recipe (sizes, data, stages), the model and processor, and the training corpus.
+
+Everything here is deterministic given the recipe: the corpus is rendered
+from seeded synthetic specs, the models are built from real Hugging Face
+configs (`LlavaForConditionalGeneration` with a `CLIPVisionModel` or
+`SiglipVisionModel` tower and a Llama LM) and initialised under the seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from embedlens.errors import InputError
+from embedlens.synthetic import COLOURS, SHAPES, SyntheticSpec, patch_truth, position_names, question, render
+
+VARIANTS = ("clip", "siglip")
+FILLER = "background"  # the word a background patch reads as in the grid text
+
+
+@dataclass
+class Recipe:
+    """Sizes, data and schedule of one zoo model. The defaults are what the shipped checkpoints used.
+
+    Stages (LLaVA's recipe, preceded by the tower's own pretraining):
+      0. vision tower + a small text tower, contrastive on image/caption pairs
+         (softmax for CLIP, sigmoid for SigLIP);
+      1. the LM alone on the data set's text (grid text + captions + QA);
+      2. the projector alone (tower and LM frozen) on captioning;
+      3. projector + LM (+ the tower at `vision_lr`) on QA and captions.
+    """
+
+    variant: str = "clip"
+    seed: int = 0
+    threads: int = 1
+    # data
+    image_size: int = 96
+    patch_size: int = 12
+    grid: int = 3
+    backgrounds: tuple[float, ...] = (0.4, 0.55, 0.7, 0.85)
+    train_images: int = 20000
+    heldout_images: int = 400
+    word_rate: float = 0.3
+    # model
+    vision_hidden: int = 96
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_tower_hidden: int = 64
+    text_tower_layers: int = 2
+    lm_hidden: int = 128
+    lm_layers: int = 4
+    lm_heads: int = 4
+    lm_kv_heads: int = 2
+    # schedule: steps, batch size, learning rate per stage
+    contrastive_steps: int = 800
+    contrastive_batch: int = 128
+    contrastive_lr: float = 1e-3
+    lm_steps: int = 600
+    lm_batch: int = 64
+    lm_lr: float = 2e-3
+    projector_steps: int = 400
+    projector_batch: int = 32
+    projector_lr: float = 2e-3
+    finetune_steps: int = 2500
+    finetune_batch: int = 32
+    finetune_lr: float = 1e-3
+    vision_lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+
+    def check(self) -> None:
+        if self.variant not in VARIANTS:
+            raise InputError(f"recipe.variant: expected one of {list(VARIANTS)}; got {self.variant!r}")
+        if self.image_size % self.patch_size:
+            raise InputError(f"recipe.patch_size: {self.patch_size} does not divide image_size {self.image_size}")
+        if self.vision_lr > 3e-4:
+            raise InputError(f"recipe.vision_lr: above 3e-4 the tower's fine-tuning stalls QA at chance; got {self.vision_lr}")
+        if self.threads < 1:
+            raise InputError(f"recipe.threads: must be >= 1; got {self.threads}")
+
+    def with_override(self, kv: str) -> "Recipe":
+        """A copy with one ``KEY=VALUE`` applied (tuples as comma-separated lists); InputError names a bad key or value."""
+        import dataclasses
+
+        if "=" not in kv:
+            raise InputError(f"recipe override {kv!r}: expected KEY=VALUE")
+        key, value = kv.split("=", 1)
+        if key not in self.__dataclass_fields__:
+            raise InputError(f"recipe override {kv!r}: unknown key {key!r}; known: {sorted(self.__dataclass_fields__)}")
+        cur = getattr(self, key)
+        try:
+            new = tuple(float(x) for x in value.split(",")) if isinstance(cur, tuple) else type(cur)(value)
+        except ValueError:
+            raise InputError(f"recipe override {kv!r}: {value!r} is not a {type(cur).__name__}") from None
+        return dataclasses.replace(self, **{key: new})
+
+    @property
+    def patch_grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["backgrounds"] = list(self.backgrounds)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        d = dict(d)
+        if "backgrounds" in d:
+            d["backgrounds"] = tuple(d["backgrounds"])
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"recipe: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+    def specs(self, split: str) -> list[SyntheticSpec]:
+        """The synthetic specs of a split ("train" or "heldout"): one per background level, disjoint seeds."""
+        n = self.train_images if split == "train" else self.heldout_images
+        base = {"train": 1000, "heldout": 2000}[split]
+        per = [n // len(self.backgrounds) + (i < n % len(self.backgrounds)) for i in range(len(self.backgrounds))]
+        return [
+            SyntheticSpec(n=k, seed=self.seed * 10_000 + base + i, size=self.image_size, grid=self.grid, background=b,
+                          word_rate=self.word_rate, patch_grid=self.patch_grid)
+            for i, (k, b) in enumerate(zip(per, self.backgrounds))
+        ]
+
+
+def heldout_specs(recipe: Recipe) -> list[SyntheticSpec]:
+    return recipe.specs("heldout")
+
+
+# -- model and processor ----------------------------------------------------------
+
+
+def _vision_kwargs(r: Recipe) -> dict[str, Any]:
+    return dict(
+        hidden_size=r.vision_hidden, intermediate_size=2 * r.vision_hidden, num_hidden_layers=r.vision_layers,
+        num_attention_heads=r.vision_heads, image_size=r.image_size, patch_size=r.patch_size,
+    )
+
+
+def build_llava(r: Recipe):
+    """(model, processor) of a fresh zoo LLaVA, initialised under `r.seed`."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                              SiglipVisionConfig)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from embedlens.testing._tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    norm = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    S = r.image_size
+    if r.variant == "clip":
+        vision = CLIPVisionConfig(**_vision_kwargs(r))
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": S}, crop_size={"height": S, "width": S}, **norm)
+        strategy, extra = "default", 1
+    else:
+        vision = SiglipVisionConfig(**_vision_kwargs(r))
+        image_processor = SiglipImageProcessorPil(size={"height": S, "width": S}, **norm)
+        strategy, extra = "full", 0
+    text = LlamaConfig(
+        vocab_size=len(tok), hidden_size=r.lm_hidden, intermediate_size=2 * r.lm_hidden, num_hidden_layers=r.lm_layers,
+        num_attention_heads=r.lm_heads, num_key_value_heads=r.lm_kv_heads, max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tok.image_token_id, vision_feature_layer=-2,
+        vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
+    )
+    torch.manual_seed(r.seed)
+    model = LlavaForConditionalGeneration(config)
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=r.patch_size, vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=extra, chat_template=tok.chat_template,
+    )
+    return model, processor
+
+
+def build_contrastive(r: Recipe, vocab_size: int, special: dict[str, int]):
+    """A CLIPModel or SiglipModel whose vision half has the LLaVA tower's config, for stage 0."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, SiglipConfig, SiglipModel, SiglipTextConfig
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    text = dict(vocab_size=vocab_size, hidden_size=r.text_tower_hidden, intermediate_size=2 * r.text_tower_hidden,
+                num_hidden_layers=r.text_tower_layers, num_attention_heads=4, max_position_embeddings=TEXT_LEN, **special)
+    torch.manual_seed(r.seed + 1)
+    if r.variant == "clip":
+        cfg = CLIPConfig(text_config=CLIPTextConfig(**text).to_dict(), vision_config=CLIPVisionConfig(**_vision_kwargs(r)).to_dict(),
+                         projection_dim=64)
+        return CLIPModel(cfg)
+    cfg = SiglipConfig(text_config=SiglipTextConfig(**text, projection_size=r.vision_hidden).to_dict(),
+                       vision_config=SiglipVisionConfig(**_vision_kwargs(r)).to_dict())
+    model = SiglipModel(cfg)
+    with torch.no_grad():  # HF's default (random ~0) does not train; SigLIP's paper: t = log 10, b = -log(batch)
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-math.log(r.contrastive_batch))
+    return model
+
+
+TEXT_LEN = 48  # contrastive text length (captions padded to it)
+
+
+# -- corpus -----------------------------------------------------------------------
+
+
+def caption(objects: list[dict[str, Any]], word: str | None) -> str:
+    """The scene as text: objects in reading order, then the word ("red circle top left , blue square centre , word cat")."""
+    parts = [f"{o['colour']} {o['shape']} {o['position']}" for o in sorted(objects, key=lambda o: (o["row"], o["col"]))]
+    if word is not None:
+        parts.append(f"word {word}")
+    return " , ".join(parts) if parts else "nothing"
+
+
+@dataclass
+class Corpus:
+    """A rendered split: pixels, per-patch grid words, captions, QA pairs and the ground truth."""
+
+    pixel_values: torch.Tensor  # [N, 3, H, W] uint8 RGB (the processor's input at the model's size)
+    grid_words: torch.Tensor  # [N, P] vocabulary id each patch reads as in the grid text
+    captions: list[str]
+    qa: list[tuple[int, str, str, str]]  # (image index, question, answer, qtype)
+    truth: list[dict[str, Any]] = field(default_factory=list)  # patch_truth per image
+    images: list[Any] = field(default_factory=list)
+
+    def pixels(self, idx) -> torch.Tensor:
+        """Pixel values of images `idx` as the processor makes them (rescale to [0, 1], normalise by 0.5 / 0.5)."""
+        return (self.pixel_values[idx].float() / 255.0 - 0.5) / 0.5
+
+
+def grid_word(truth: dict[str, list[list[Any]]], r: int, c: int, rng: np.random.Generator) -> str:
+    """What one patch reads as in the grid text: its colour or its shape (drawn), its character, or the filler."""
+    kind = truth["kind"][r][c]
+    if kind == "object":
+        return truth["colour"][r][c] if rng.random() < 0.5 else truth["shape"][r][c]
+    if kind == "text":
+        return truth["char"][r][c]
+    return FILLER
+
+
+def build_corpus(r: Recipe, split: str, processor, keep_images: bool = False) -> Corpus:
+    """Render a split: every image with its caption and every question type it can answer."""
+    tok = processor.tokenizer
+    ip = processor.image_processor
+    pixels, grids, caps, qa, truths, images = [], [], [], [], [], []
+    P = r.patch_grid
+    for spec in r.specs(split):
+        for i in range(spec.n):
+            scene = render(spec, i)
+            truth = patch_truth(scene, P)
+            rng = np.random.default_rng([spec.seed, i, 7])
+            words = [grid_word(truth, a, b, rng) for a in range(P) for b in range(P)]
+            ids = tok.convert_tokens_to_ids(words)
+            if tok.unk_token_id in ids:
+                raise InputError(f"grid words {words} are not all in the tokenizer's vocabulary")
+            idx = len(caps)
+            grids.append(ids)
+            caps.append(caption(scene.objects, scene.word))
+            qrng = np.random.default_rng([spec.seed, i, 8])
+            for qtype in ("colour", "shape", "position", "word", "count"):
+                got = question(scene, qtype, qrng, spec.grid)
+                if got is not None:
+                    qa.append((idx, got[0], got[1], qtype))
+            arr = torch.from_numpy(np.array(scene.image.convert("RGB"))).permute(2, 0, 1).contiguous()
+            if not pixels:  # the stored pixels normalise exactly as the saved processor does
+                ref = ip(scene.image, return_tensors="pt")["pixel_values"][0]
+                if not torch.allclose((arr.float() / 255.0 - 0.5) / 0.5, ref, atol=1e-5):
+                    raise RuntimeError("the training pixels differ from the processor's; check the image processor settings")
+            pixels.append(arr)
+            truths.append(truth)
+            if keep_images:
+                images.append(scene.image)
+    return Corpus(torch.stack(pixels), torch.tensor(grids), caps, qa, truths, images)
+
+
+def positions_vocab(grid: int) -> list[str]:
+    return [n for row in position_names(grid) for n in row]
+
+
+__all__ = ["Recipe", "VARIANTS", "Corpus", "build_llava", "build_contrastive", "build_corpus", "caption", "COLOURS", "SHAPES"]

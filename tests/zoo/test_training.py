@@ -1,0 +1,130 @@
+"""The zoo's training recipe: determinism, the saved checkpoint, and the sequence layout it trains on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from embedlens.errors import InputError
+from embedlens.zoo.recipe import Recipe, build_corpus, build_llava, caption
+from embedlens.zoo.train import make_sequences, train
+
+# A recipe small enough to train in seconds: every stage runs, on a few images.
+SMOKE = dict(train_images=48, heldout_images=12, contrastive_steps=3, contrastive_batch=16, lm_steps=3, lm_batch=8,
+             projector_steps=3, projector_batch=8, finetune_steps=3, finetune_batch=8, vision_layers=2, lm_layers=2,
+             vision_hidden=32, lm_hidden=32, text_tower_hidden=32)
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    out = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        r = Recipe(variant="siglip" if name == "c" else "clip", seed=seed, threads=1, **SMOKE)
+        folder = tmp_path_factory.mktemp(f"zoo-{name}")
+        out[name] = (folder, train(r, folder, log=_quiet))
+    return out
+
+
+@pytest.mark.slow
+def test_retraining_is_bit_exact(smoke_runs):
+    (_, a), (_, b) = smoke_runs["a"], smoke_runs["b"]
+    assert a["weights_sha256"] == b["weights_sha256"]
+    assert a["heldout_qa"] == b["heldout_qa"]
+    for stage in ("tower", "lm", "projector", "finetune"):
+        assert a[stage]["last_loss"] == b[stage]["last_loss"]
+
+
+@pytest.mark.slow
+def test_another_seed_gives_other_weights(smoke_runs):
+    assert smoke_runs["a"][1]["weights_sha256"] != smoke_runs["c"][1]["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_offline_with_autoprocessor(smoke_runs):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from embedlens.adapters import load_model
+    from embedlens.zoo.train import weights_hash
+
+    folder, log = smoke_runs["a"]
+    proc = AutoProcessor.from_pretrained(folder)
+    assert type(proc).__name__ == "LlavaProcessor" and proc.tokenizer.convert_tokens_to_ids("circle") != proc.tokenizer.unk_token_id
+    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    assert weights_hash(model) == log["weights_sha256"]  # what was saved is what was trained
+    adapter = load_model(str(folder))
+    assert adapter.tower == "clip"
+    saved = json.loads((folder / "recipe.json").read_text())
+    assert Recipe.from_dict(saved) == Recipe(variant="clip", seed=0, threads=1, **SMOKE)
+
+
+@pytest.mark.slow
+def test_siglip_tower_starts_from_the_paper_initialisation():
+    from embedlens.zoo.recipe import build_contrastive
+
+    r = Recipe(variant="siglip", contrastive_batch=64, **{k: v for k, v in SMOKE.items() if k != "contrastive_batch"})
+    m = build_contrastive(r, 300, {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3})
+    assert float(m.logit_scale) == pytest.approx(torch.log(torch.tensor(10.0)).item())
+    assert float(m.logit_bias) == pytest.approx(-torch.log(torch.tensor(64.0)).item())
+
+
+def test_training_sequences_are_what_the_adapter_encodes():
+    """The model is trained on exactly the token layout embedlens evaluates it with (chat template, image tokens, answer)."""
+    from embedlens.adapters import wrap_model
+    from embedlens.data import Sample
+
+    r = Recipe(**{**SMOKE, "train_images": 4})
+    model, processor = build_llava(r)
+    corpus = build_corpus(r, "train", processor, keep_images=True)
+    img, q, a, _ = corpus.qa[0]
+    seqs = make_sequences(processor, r, [corpus.qa[0]])
+    adapter = wrap_model(model, processor)
+    batch = adapter.encode([Sample([corpus.images[img]], question=q, answer=a)])
+    ids = batch.inputs["input_ids"][0].tolist()
+    assert seqs.ids[0][: len(ids)] == ids  # training adds only the closing </s>
+    assert seqs.ids[0][len(ids):] == [processor.tokenizer.eos_token_id]
+    assert torch.allclose(corpus.pixels([img]), batch.inputs["pixel_values"], atol=1e-5)
+    answer = processor.tokenizer(f" {a}", add_special_tokens=False)["input_ids"]
+    assert seqs.ids[0][seqs.answer_start[0]: seqs.answer_start[0] + len(answer)] == answer
+
+
+def test_grid_text_reads_each_patch():
+    """The LM's grid text: background patches read as the filler, object patches as their colour or shape."""
+    r = Recipe(**{**SMOKE, "train_images": 8})
+    _, processor = build_llava(r)
+    corpus = build_corpus(r, "train", processor)
+    tok = processor.tokenizer
+    P = r.patch_grid
+    for i, truth in enumerate(corpus.truth):
+        words = tok.convert_ids_to_tokens(corpus.grid_words[i].tolist())
+        for k, w in enumerate(words):
+            kind = truth["kind"][k // P][k % P]
+            if kind == "background":
+                assert w == "background"
+            elif kind == "object":
+                assert w in (truth["colour"][k // P][k % P], truth["shape"][k // P][k % P])
+            else:
+                assert w == truth["char"][k // P][k % P]
+
+
+def test_caption_lists_objects_in_reading_order():
+    objs = [{"colour": "red", "shape": "circle", "row": 1, "col": 0, "position": "middle left"},
+            {"colour": "blue", "shape": "cross", "row": 0, "col": 2, "position": "top right"}]
+    assert caption(objs, "cat") == "blue cross top right , red circle middle left , word cat"
+    assert caption([], None) == "nothing"
+
+
+@pytest.mark.parametrize("bad, match", [("lm_steps", "KEY=VALUE"), ("nope=1", "unknown key 'nope'"), ("lm_steps=many", "not a int")])
+def test_recipe_overrides_name_the_problem(bad, match):
+    with pytest.raises(InputError, match=match):
+        Recipe().with_override(bad)
+
+
+def test_recipe_refuses_a_vision_rate_that_stalls_training():
+    with pytest.raises(InputError, match="vision_lr"):
+        Recipe(vision_lr=1e-3).check()
