@@ -26,7 +26,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def example_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("examples")
     runs = {}
-    for name in ("pruning_study", "sublayer_skip", "injection_sweep", "clip_vs_siglip"):
+    for name in ("pruning_study", "sublayer_skip", "injection_sweep", "clip_vs_siglip", "planted_sinks"):
         runs[name] = (run_all(load_plan(EXAMPLES / f"{name}.yaml"), out / name), out / name)
     return runs
 
@@ -50,6 +50,23 @@ def test_pruning_study_pairs_every_condition_with_its_control(example_runs):
     rows = list(csv.DictReader(open(out / "effects_summary.csv")))
     assert {r["control"] for r in rows if r["condition"] == "prune_dead"} == {"prune_dead_random"}
     assert (out / "figures" / "effects_correct.png").is_file()
+
+
+@pytest.mark.slow
+def test_planted_sinks_example_finds_the_planted_patch(example_runs):
+    import pyarrow.parquet as pq
+
+    results, out = example_runs["planted_sinks"]
+    s = results["model"].summary
+    tokens = pq.read_table(out / "token_partition.tokens.parquet").to_pydict()
+    where = list(zip(tokens["sample_id"], tokens["row"], tokens["col"]))
+    for rule in ("vit_norm", "massive"):  # both detectors: the planted patch of every image, nothing else
+        hits = [w for w, h in zip(where, tokens[rule]) if h]
+        assert sorted(hits) == sorted((sid, 0, 0) for sid in set(tokens["sample_id"])), rule
+    assert all(g == "sink" for (_, r, c), g in zip(where, tokens["group"]) if (r, c) == (0, 0))
+    # anchor discovery calls the planted token's nearest word a sink anchor (its tokens are outliers)
+    cands = s["anchor_discovery"]["candidates"]
+    assert any(c["kind"] == "sink" and c["outlier_fraction"] >= 0.5 for c in cands), cands
 
 
 @pytest.mark.slow
@@ -162,7 +179,7 @@ def test_validate_checks_every_model(tmp_path):
     assert r.exit_code == 0, r.output
     assert "ok (clip: llava model, 8 samples" in r.output and "ok (siglip: llava model, 8 samples" in r.output
     bad = tmp_path / "plan.yaml"
-    text = (EXAMPLES / "clip_vs_siglip.yaml").read_text().replace("source: tiny:llava-siglip", "source: tiny:llava-siglp")
+    text = (EXAMPLES / "clip_vs_siglip.yaml").read_text().replace("source: zoo:tiny-llava-siglip", "source: zoo:tiny-llava-siglp")
     bad.write_text(text.replace("synthetic: {n: 8, seed: 3}", "synthetic: {n: 8, seed: 3}").replace("dir: runs/clip_vs_siglip", f"dir: {tmp_path}/o"))
     r = CliRunner().invoke(app, ["validate", str(bad)])
-    assert r.exit_code == 2 and re.search(r"plan\.yaml:\d+ models\.siglip\.source: Unknown tiny model 'llava-siglp'", r.output), r.output
+    assert r.exit_code == 2 and re.search(r"plan\.yaml:\d+ models\.siglip\.source: Unknown zoo model 'tiny-llava-siglp'", r.output), r.output
