@@ -309,7 +309,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "## Partition vs ground truth (dead vs background patches)", "",
               f"Anchors discovered from the data: {p['discovered_anchors']}; params {p['params']}.", "",
               f"- precision {p['precision']:.3f}, recall {p['recall']:.3f}",
-              f"- group fractions: " + ", ".join(f"{g} {v:.3f}" for g, v in p["fractions"].items()),
+              "- group fractions: " + ", ".join(f"{g} {v:.3f}" for g, v in p["fractions"].items()),
               "- confusion (group|truth): " + ", ".join(f"{k} {v}" for k, v in p["confusion"].items())]
     sk = result["sinks"]
     lines += ["", "## Sink detectors (ViT high norm > mean + 4 sd, massive activation)", "",

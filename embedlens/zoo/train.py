@@ -109,6 +109,16 @@ def schedule(opt: torch.optim.Optimizer, steps: int, warmup: float) -> torch.opt
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
+def _update(loss: torch.Tensor, opt: torch.optim.Optimizer, sch, params) -> float:
+    """One optimiser step (gradients clipped to norm 1); returns the loss."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sch.step()
+    return float(loss.detach())
+
+
 def _loop(name: str, steps: int, step_fn: Callable[[int], float], log: Log, every: int = 50) -> dict:
     t0, losses = time.perf_counter(), []
     for s in range(steps):
@@ -141,12 +151,7 @@ def stage_contrastive(r: Recipe, model, processor, corpus: Corpus, log: Log) -> 
         idx = next(it)
         kw = {"attention_mask": enc["attention_mask"][idx]} if r.variant == "clip" else {}
         out = clip(input_ids=enc["input_ids"][idx], pixel_values=corpus.pixels(idx), return_loss=True, **kw)
-        opt.zero_grad()
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
-        opt.step()
-        sch.step()
-        return float(out.loss.detach())
+        return _update(out.loss, opt, sch, clip.parameters())
 
     info = _loop("tower", r.contrastive_steps, step, log)
     tower = model.model.vision_tower
@@ -188,12 +193,7 @@ def stage_lm(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences, log: 
         labels[where] = grid.reshape(-1)
         logits = _lm_forward(model, ids, mask)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sch.step()
-        return float(loss.detach())
+        return _update(loss, opt, sch, params)
 
     return _loop("lm", r.lm_steps, step, log)
 
@@ -220,12 +220,7 @@ def stage_projector(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences
 
     def step(_: int) -> float:
         loss = _llava_step(model, corpus, seqs, next(it), pad)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sch.step()
-        return float(loss.detach())
+        return _update(loss, opt, sch, params)
 
     info = _loop("projector", r.projector_steps, step, log)
     for p in model.parameters():
@@ -248,12 +243,7 @@ def stage_finetune(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences,
 
     def step(_: int) -> float:
         loss = _llava_step(model, corpus, seqs, next(it), pad)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sch.step()
-        return float(loss.detach())
+        return _update(loss, opt, sch, model.parameters())
 
     return _loop("finetune", r.finetune_steps, step, log)
 

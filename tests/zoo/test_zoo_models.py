@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from embedlens.adapters import load_model
 from embedlens.errors import UnknownNameError

@@ -5,7 +5,6 @@ Held-out images come from seeds the training never saw (`Recipe.specs("heldout")
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
