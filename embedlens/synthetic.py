@@ -271,6 +271,20 @@ def question(scene: Scene, qtype: str, rng: np.random.Generator, grid: int) -> t
     raise InputError(f"unknown question type {qtype!r}")
 
 
+def all_questions(spec: SyntheticSpec, index: int, scene: Scene) -> list[tuple[str, str, str, list[str]]]:
+    """Every question type image `index` can answer, as (qtype, question, answer, candidates), seeded by (seed, index).
+
+    The zoo trains on these and `embedlens zoo evaluate` asks them of held-out images.
+    """
+    rng = np.random.default_rng([spec.seed, index, 8])
+    out = []
+    for qtype in QUESTION_TYPES:
+        got = question(scene, qtype, rng, spec.grid)
+        if got is not None:
+            out.append((qtype, *got))
+    return out
+
+
 def make_records(spec: SyntheticSpec) -> list[Record]:
     """The data set as records (images rendered in memory), one question per image.
 

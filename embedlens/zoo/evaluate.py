@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from embedlens.synthetic import QUESTION_TYPES, SyntheticSpec, patch_truth, question, render
+from embedlens.synthetic import QUESTION_TYPES, SyntheticSpec, all_questions, patch_truth, render
 
 # The partition used for the validation: anchors discovered from the data
 # (no hand-given ids). An id must be some token's nearest in 90% of the images
@@ -81,13 +81,8 @@ def heldout_rows(specs: list[SyntheticSpec], n_images: int | None = None) -> lis
             scene = render(spec, i)
             labels = patch_truth(scene, spec.patch_grid)
             labels["near_colour"], labels["near_shape"] = _nearest_object(scene, spec.patch_grid, spec.grid)
-            rng = np.random.default_rng([spec.seed, i, 8])
             first = True
-            for qtype in QUESTION_TYPES:
-                got = question(scene, qtype, rng, spec.grid)
-                if got is None:
-                    continue
-                q, a, cands = got
+            for qtype, q, a, cands in all_questions(spec, i, scene):
                 row = {"id": f"s{spec.seed}-{i:04d}-{qtype}", "image": f"images/s{spec.seed}-{i:04d}.png", "question": q, "answer": a,
                        "qtype": qtype, "candidates": cands, "image_id": f"s{spec.seed}-{i:04d}", "background": spec.background}
                 if first:

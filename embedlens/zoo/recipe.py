@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from embedlens.errors import InputError
-from embedlens.synthetic import COLOURS, SHAPES, SyntheticSpec, patch_truth, position_names, question, render
+from embedlens.synthetic import SyntheticSpec, all_questions, patch_truth, render
 
 VARIANTS = ("clip", "siglip")
 FILLER = "background"  # the word a background patch reads as in the grid text
@@ -129,10 +129,6 @@ class Recipe:
         ]
 
 
-def heldout_specs(recipe: Recipe) -> list[SyntheticSpec]:
-    return recipe.specs("heldout")
-
-
 # -- model and processor ----------------------------------------------------------
 
 
@@ -224,6 +220,7 @@ class Corpus:
     grid_words: torch.Tensor  # [N, P] vocabulary id each patch reads as in the grid text
     captions: list[str]
     qa: list[tuple[int, str, str, str]]  # (image index, question, answer, qtype)
+    candidates: list[list[str]] = field(default_factory=list)  # the candidate answers of each qa item
     truth: list[dict[str, Any]] = field(default_factory=list)  # patch_truth per image
     images: list[Any] = field(default_factory=list)
 
@@ -246,7 +243,7 @@ def build_corpus(r: Recipe, split: str, processor, keep_images: bool = False) ->
     """Render a split: every image with its caption and every question type it can answer."""
     tok = processor.tokenizer
     ip = processor.image_processor
-    pixels, grids, caps, qa, truths, images = [], [], [], [], [], []
+    pixels, grids, caps, qa, cands, truths, images = [], [], [], [], [], [], []
     P = r.patch_grid
     for spec in r.specs(split):
         for i in range(spec.n):
@@ -260,11 +257,9 @@ def build_corpus(r: Recipe, split: str, processor, keep_images: bool = False) ->
             idx = len(caps)
             grids.append(ids)
             caps.append(caption(scene.objects, scene.word))
-            qrng = np.random.default_rng([spec.seed, i, 8])
-            for qtype in ("colour", "shape", "position", "word", "count"):
-                got = question(scene, qtype, qrng, spec.grid)
-                if got is not None:
-                    qa.append((idx, got[0], got[1], qtype))
+            for qtype, q, a, c in all_questions(spec, i, scene):
+                qa.append((idx, q, a, qtype))
+                cands.append(c)
             arr = torch.from_numpy(np.array(scene.image.convert("RGB"))).permute(2, 0, 1).contiguous()
             if not pixels:  # the stored pixels normalise exactly as the saved processor does
                 ref = ip(scene.image, return_tensors="pt")["pixel_values"][0]
@@ -274,11 +269,7 @@ def build_corpus(r: Recipe, split: str, processor, keep_images: bool = False) ->
             truths.append(truth)
             if keep_images:
                 images.append(scene.image)
-    return Corpus(torch.stack(pixels), torch.tensor(grids), caps, qa, truths, images)
+    return Corpus(torch.stack(pixels), torch.tensor(grids), caps, qa, cands, truths, images)
 
 
-def positions_vocab(grid: int) -> list[str]:
-    return [n for row in position_names(grid) for n in row]
-
-
-__all__ = ["Recipe", "VARIANTS", "Corpus", "build_llava", "build_contrastive", "build_corpus", "caption", "COLOURS", "SHAPES"]
+__all__ = ["Recipe", "VARIANTS", "Corpus", "build_llava", "build_contrastive", "build_corpus", "caption"]

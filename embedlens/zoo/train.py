@@ -254,16 +254,10 @@ def stage_finetune(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences,
 @torch.no_grad()
 def quick_qa(model, processor, recipe: Recipe, corpus: Corpus, limit: int | None = None, batch: int = 64) -> dict:
     """Forced-choice accuracy per question type on a corpus (the training's own check; `zoo evaluate` is the report)."""
-    from embedlens.synthetic import COLOURS, COUNTS, SHAPES, WORDS
-
-    from embedlens.zoo.recipe import positions_vocab
-
-    cands = {"colour": list(COLOURS), "shape": list(SHAPES), "word": list(WORDS), "count": list(COUNTS[1 : recipe.grid**2 + 1]),
-             "position": positions_vocab(recipe.grid)}
     items = corpus.qa[:limit] if limit else corpus.qa
     model.eval()
     tok = processor.tokenizer
-    flat = [(k, (img, q, c, t)) for k, (img, q, a, t) in enumerate(items) for c in cands[t]]
+    flat = [(k, (img, q, c, t)) for k, (img, q, a, t) in enumerate(items) for c in corpus.candidates[k]]
     seqs = make_sequences(processor, recipe, [x for _, x in flat])
     scores = torch.empty(len(flat), dtype=torch.float64)
     for s in range(0, len(flat), batch):
