@@ -181,11 +181,11 @@ def render(spec: SyntheticSpec, index: int) -> Scene:
         free = [cells[j] for j in order[k:]]
         r, c = free[int(rng.integers(len(free)))]
         word = WORDS[int(rng.integers(len(WORDS)))]
-        font = _font(max(8, int(cell * 0.42)))
+        font = _font(max(8, int(cell * 0.5)))
         draw = ImageDraw.Draw(image)
         total = sum(font.getlength(ch) for ch in word)
         x = c * cell + (cell - total) / 2
-        top = r * cell + cell * 0.25
+        top = r * cell + cell * 0.15
         for ch in word:
             adv = font.getlength(ch)
             layer = Image.new("L", (S, S), 0)
@@ -194,7 +194,7 @@ def render(spec: SyntheticSpec, index: int) -> Scene:
             draw.text((x, top), ch, font=font, fill=(15, 15, 15))
             # the character owns its advance box (ink is sparse), clipped to the cell
             x0, x1 = int(max(x, c * cell)), int(min(x + adv, (c + 1) * cell))
-            y0, y1 = int(top), int(min(top + cell * 0.5, (r + 1) * cell))
+            y0, y1 = int(top), int(min(top + cell * 0.7, (r + 1) * cell))
             box = np.zeros_like(m)
             box[y0:y1, x0:x1] = True
             cell_mask = np.zeros_like(m)

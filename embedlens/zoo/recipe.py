@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from embedlens.errors import InputError
-from embedlens.synthetic import SyntheticSpec, all_questions, patch_truth, render
+from embedlens.synthetic import SyntheticSpec, all_questions, patch_truth, position_names, render
 
 VARIANTS = ("clip", "siglip")
 FILLER = "background"  # the word a background patch reads as in the grid text
@@ -29,7 +29,10 @@ class Recipe:
     Stages (LLaVA's recipe, preceded by the tower's own pretraining):
       0. vision tower + a small text tower, contrastive on image/caption pairs
          (softmax for CLIP, sigmoid for SigLIP);
-      1. the LM alone on the data set's text (grid text + captions + QA);
+      1. the LM alone on the data set's text (captions + QA), each image given
+         as *grid tokens*: per patch the mean of its words' embeddings (see
+         `patch_words`), so the LM learns to read a patch that means
+         "red circle, top left" before any pixels are involved;
       2. the projector alone (tower and LM frozen) on captioning;
       3. projector + LM (+ the tower at `vision_lr`) on QA and captions.
     """
@@ -39,12 +42,13 @@ class Recipe:
     threads: int = 1
     # data
     image_size: int = 96
-    patch_size: int = 12
+    patch_size: int = 16
     grid: int = 3
     backgrounds: tuple[float, ...] = (0.4, 0.55, 0.7, 0.85)
-    train_images: int = 20000
-    heldout_images: int = 400
+    train_images: int = 10000
+    heldout_images: int = 300
     word_rate: float = 0.3
+    grid_position_weight: float = 0.5  # weight of the cell's position words in a patch's grid token (stage 1)
     # model
     vision_hidden: int = 96
     vision_layers: int = 4
@@ -56,16 +60,16 @@ class Recipe:
     lm_heads: int = 4
     lm_kv_heads: int = 2
     # schedule: steps, batch size, learning rate per stage
-    contrastive_steps: int = 800
+    contrastive_steps: int = 600
     contrastive_batch: int = 128
     contrastive_lr: float = 1e-3
-    lm_steps: int = 600
-    lm_batch: int = 64
-    lm_lr: float = 2e-3
-    projector_steps: int = 400
+    lm_steps: int = 4500
+    lm_batch: int = 32
+    lm_lr: float = 1e-3
+    projector_steps: int = 300
     projector_batch: int = 32
     projector_lr: float = 2e-3
-    finetune_steps: int = 2500
+    finetune_steps: int = 1800
     finetune_batch: int = 32
     finetune_lr: float = 1e-3
     vision_lr: float = 2e-4
@@ -79,6 +83,8 @@ class Recipe:
             raise InputError(f"recipe.patch_size: {self.patch_size} does not divide image_size {self.image_size}")
         if self.vision_lr > 3e-4:
             raise InputError(f"recipe.vision_lr: above 3e-4 the tower's fine-tuning stalls QA at chance; got {self.vision_lr}")
+        if self.grid_position_weight < 0:
+            raise InputError(f"recipe.grid_position_weight: must be >= 0; got {self.grid_position_weight}")
         if self.threads < 1:
             raise InputError(f"recipe.threads: must be >= 1; got {self.threads}")
 
@@ -217,7 +223,8 @@ class Corpus:
     """A rendered split: pixels, per-patch grid words, captions, QA pairs and the ground truth."""
 
     pixel_values: torch.Tensor  # [N, 3, H, W] uint8 RGB (the processor's input at the model's size)
-    grid_words: torch.Tensor  # [N, P] vocabulary id each patch reads as in the grid text
+    grid_ids: torch.Tensor  # [N, P, K] vocabulary ids of each patch's grid token (content words, then position words)
+    grid_weights: torch.Tensor  # [N, P, K] their weights: the grid token is the weighted sum of their embeddings
     captions: list[str]
     qa: list[tuple[int, str, str, str]]  # (image index, question, answer, qtype)
     candidates: list[list[str]] = field(default_factory=list)  # the candidate answers of each qa item
@@ -229,33 +236,53 @@ class Corpus:
         return (self.pixel_values[idx].float() / 255.0 - 0.5) / 0.5
 
 
-def grid_word(truth: dict[str, list[list[Any]]], r: int, c: int, rng: np.random.Generator) -> str:
-    """What one patch reads as in the grid text: its colour or its shape (drawn), its character, or the filler."""
+def patch_words(truth: dict[str, list[list[Any]]], r: int, c: int, word: str | None) -> tuple[str, str]:
+    """The two content words a patch reads as in the grid tokens: (colour, shape) on an object, the written word
+    (twice) on text, the filler (twice) on background."""
     kind = truth["kind"][r][c]
     if kind == "object":
-        return truth["colour"][r][c] if rng.random() < 0.5 else truth["shape"][r][c]
-    if kind == "text":
-        return truth["char"][r][c]
-    return FILLER
+        return truth["colour"][r][c], truth["shape"][r][c]
+    if kind == "text" and word is not None:
+        return word, word
+    return FILLER, FILLER
+
+
+def cell_words(recipe: Recipe) -> list[list[str]]:
+    """Per patch (row-major), the words of the position name of the layout cell its centre lies in."""
+    P, G = recipe.patch_grid, recipe.grid
+    names = position_names(G)
+    out = []
+    for r in range(P):
+        for c in range(P):
+            name = names[int((r + 0.5) * G / P)][int((c + 0.5) * G / P)]
+            out.append(name.split())
+    return out
 
 
 def build_corpus(r: Recipe, split: str, processor, keep_images: bool = False) -> Corpus:
     """Render a split: every image with its caption and every question type it can answer."""
     tok = processor.tokenizer
     ip = processor.image_processor
-    pixels, grids, caps, qa, cands, truths, images = [], [], [], [], [], [], []
+    pixels, grid_ids, grid_w, caps, qa, cands, truths, images = [], [], [], [], [], [], [], []
     P = r.patch_grid
+    pos_words = cell_words(r)
+    K = 2 + max(len(w) for w in pos_words)
+    pos_ids = [tok.convert_tokens_to_ids(w) for w in pos_words]
     for spec in r.specs(split):
         for i in range(spec.n):
             scene = render(spec, i)
             truth = patch_truth(scene, P)
-            rng = np.random.default_rng([spec.seed, i, 7])
-            words = [grid_word(truth, a, b, rng) for a in range(P) for b in range(P)]
-            ids = tok.convert_tokens_to_ids(words)
-            if tok.unk_token_id in ids:
-                raise InputError(f"grid words {words} are not all in the tokenizer's vocabulary")
+            ids, ws = [], []
+            for k in range(P * P):
+                content = tok.convert_tokens_to_ids(list(patch_words(truth, k // P, k % P, scene.word)))
+                pad = K - 2 - len(pos_ids[k])
+                ids.append(content + pos_ids[k] + [tok.pad_token_id] * pad)
+                ws.append([0.5, 0.5] + [r.grid_position_weight / len(pos_ids[k])] * len(pos_ids[k]) + [0.0] * pad)
+            if tok.unk_token_id in {t for row in ids for t in row}:
+                raise InputError(f"grid words of image {i} are not all in the tokenizer's vocabulary")
             idx = len(caps)
-            grids.append(ids)
+            grid_ids.append(ids)
+            grid_w.append(ws)
             caps.append(caption(scene.objects, scene.word))
             for qtype, q, a, c in all_questions(spec, i, scene):
                 qa.append((idx, q, a, qtype))
@@ -269,7 +296,7 @@ def build_corpus(r: Recipe, split: str, processor, keep_images: bool = False) ->
             truths.append(truth)
             if keep_images:
                 images.append(scene.image)
-    return Corpus(torch.stack(pixels), torch.tensor(grids), caps, qa, cands, truths, images)
+    return Corpus(torch.stack(pixels), torch.tensor(grid_ids), torch.tensor(grid_w), caps, qa, cands, truths, images)
 
 
 __all__ = ["Recipe", "VARIANTS", "Corpus", "build_llava", "build_contrastive", "build_corpus", "caption"]

@@ -166,14 +166,17 @@ def stage_contrastive(r: Recipe, model, processor, corpus: Corpus, log: Log) -> 
     return info
 
 
-def _lm_forward(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    lm = model.model.language_model
-    h = lm(input_ids=ids, attention_mask=mask).last_hidden_state
-    return model.lm_head(h)
+def grid_tokens(model, corpus: Corpus, images: list[int]) -> torch.Tensor:
+    """[B, P, H] grid tokens of `images`: per patch the weighted sum of its words' input embeddings."""
+    ids, w = corpus.grid_ids[images], corpus.grid_weights[images]
+    B, P, K = ids.shape
+    emb = model.get_input_embeddings().weight
+    return F.embedding_bag(ids.reshape(-1, K), emb, per_sample_weights=w.reshape(-1, K), mode="sum").view(B, P, -1)
 
 
 def stage_lm(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences, log: Log) -> dict:
-    """Stage 1: the LM alone on the data set's text, the image tokens read as the grid text."""
+    """Stage 1: the LM alone on the data set's text (captions and QA, every text token a target), each image
+    given as its grid tokens in the image tokens' places."""
     img_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     pad = processor.tokenizer.pad_token_id
     params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
@@ -182,16 +185,16 @@ def stage_lm(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences, log: 
     gen = torch.Generator().manual_seed(r.seed * 100 + 1)
     it = batches(len(seqs.ids), r.lm_batch, r.lm_steps, gen)
     model.train()
+    lm = model.model.language_model
 
     def step(_: int) -> float:
         idx = next(it)
         ids, mask, labels = collate(seqs, idx, pad, answer_only=False)
         where = ids == img_id
-        grid = corpus.grid_words[[seqs.image[i] for i in idx]]  # [B, P]
-        ids = ids.clone()
-        ids[where] = grid.reshape(-1)
-        labels[where] = grid.reshape(-1)
-        logits = _lm_forward(model, ids, mask)
+        labels[where] = -100
+        x = model.get_input_embeddings()(ids.masked_fill(where, pad))
+        x = x.masked_scatter(where[..., None], grid_tokens(model, corpus, [seqs.image[i] for i in idx]).to(x.dtype))
+        logits = model.lm_head(lm(inputs_embeds=x, attention_mask=mask).last_hidden_state)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
         return _update(loss, opt, sch, params)
 
@@ -252,8 +255,12 @@ def stage_finetune(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences,
 
 
 @torch.no_grad()
-def quick_qa(model, processor, recipe: Recipe, corpus: Corpus, limit: int | None = None, batch: int = 64) -> dict:
-    """Forced-choice accuracy per question type on a corpus (the training's own check; `zoo evaluate` is the report)."""
+def quick_qa(model, processor, recipe: Recipe, corpus: Corpus, limit: int | None = None, batch: int = 64,
+             grid: bool = False) -> dict:
+    """Forced-choice accuracy per question type on a corpus (the training's own check; `zoo evaluate` is the report).
+
+    With `grid`, the LM reads each image's grid tokens instead of the projected pixels (what stage 1 taught it):
+    the accuracy a perfect projector would give."""
     items = corpus.qa[:limit] if limit else corpus.qa
     model.eval()
     tok = processor.tokenizer
@@ -264,8 +271,15 @@ def quick_qa(model, processor, recipe: Recipe, corpus: Corpus, limit: int | None
         idx = list(range(s, min(s + batch, len(flat))))
         ids, mask, labels = collate(seqs, idx, tok.pad_token_id)
         labels[labels == tok.eos_token_id] = -100  # score the candidate's words only
-        px = corpus.pixels([seqs.image[i] for i in idx])
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=px).logits.double()
+        images = [seqs.image[i] for i in idx]
+        if grid:
+            where = ids == tok.convert_tokens_to_ids(processor.image_token)
+            x = model.get_input_embeddings()(ids.masked_fill(where, tok.pad_token_id))
+            x = x.masked_scatter(where[..., None], grid_tokens(model, corpus, images).to(x.dtype))
+            logits = model.lm_head(model.model.language_model(inputs_embeds=x, attention_mask=mask).last_hidden_state)
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=corpus.pixels(images)).logits
+        logits = logits.double()
         lp = torch.log_softmax(logits[:, :-1], -1)
         lab = labels[:, 1:]
         got = lp.gather(-1, lab.clamp(min=0)[..., None])[..., 0] * (lab != -100)
@@ -354,6 +368,8 @@ def _train(recipe: Recipe, out: str | Path, log: Log) -> dict:
                     "data_seconds": time.perf_counter() - t0, "n_train_qa": len(train_c.qa), "n_heldout_qa": len(held.qa)}
     report["tower"] = stage_contrastive(recipe, model, processor, train_c, log)
     report["lm"] = stage_lm(recipe, model, processor, train_c, both, log)
+    report["after_lm_grid_qa"] = quick_qa(model, processor, recipe, held, limit=300, grid=True)
+    log(f"[check] held-out QA of the LM reading grid tokens (a perfect projector's): {report['after_lm_grid_qa']}")
     report["projector"] = stage_projector(recipe, model, processor, train_c, caps, log)
     report["after_projector_qa"] = quick_qa(model, processor, recipe, held, limit=300)
     log(f"[check] held-out QA after the projector stage: {report['after_projector_qa']}")

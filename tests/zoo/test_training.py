@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from embedlens.errors import InputError
+from embedlens.synthetic import position_names
 from embedlens.zoo.recipe import Recipe, build_corpus, build_llava, caption
 from embedlens.zoo.train import make_sequences, train
 
@@ -93,23 +94,37 @@ def test_training_sequences_are_what_the_adapter_encodes():
     assert seqs.ids[0][seqs.answer_start[0]: seqs.answer_start[0] + len(answer)] == answer
 
 
-def test_grid_text_reads_each_patch():
-    """The LM's grid text: background patches read as the filler, object patches as their colour or shape."""
-    r = Recipe(**{**SMOKE, "train_images": 8})
+def test_grid_tokens_read_each_patch():
+    """The LM's grid tokens: a patch is its content words (colour + shape on an object, the written word on text,
+    the filler on background) at weight 1/2 each, plus the words of its layout cell's position name."""
+    r = Recipe(**{**SMOKE, "train_images": 8, "word_rate": 1.0})
     _, processor = build_llava(r)
     corpus = build_corpus(r, "train", processor)
     tok = processor.tokenizer
-    P = r.patch_grid
+    P, G = r.patch_grid, r.grid
+    names = position_names(G)
+    seen = set()
     for i, truth in enumerate(corpus.truth):
-        words = tok.convert_ids_to_tokens(corpus.grid_words[i].tolist())
-        for k, w in enumerate(words):
-            kind = truth["kind"][k // P][k % P]
-            if kind == "background":
-                assert w == "background"
-            elif kind == "object":
-                assert w in (truth["colour"][k // P][k % P], truth["shape"][k // P][k % P])
-            else:
-                assert w == truth["char"][k // P][k % P]
+        word = corpus.captions[i].split(" word ")[-1] if " word " in f" {corpus.captions[i]}" else None
+        for k in range(P * P):
+            a, b = k // P, k % P
+            ids = corpus.grid_ids[i, k].tolist()
+            w = corpus.grid_weights[i, k].tolist()
+            bag = {}
+            for t, x in zip(ids, w):
+                if x:
+                    bag[tok.convert_ids_to_tokens(t)] = bag.get(tok.convert_ids_to_tokens(t), 0.0) + x
+            kind = truth["kind"][a][b]
+            seen.add(kind)
+            content = {"object": [truth["colour"][a][b], truth["shape"][a][b]], "text": [word, word]}.get(kind, ["background"] * 2)
+            pos = names[(2 * a + 1) * G // (2 * P)][(2 * b + 1) * G // (2 * P)].split()
+            want = {}
+            for t in content:
+                want[t] = want.get(t, 0.0) + 0.5
+            for t in pos:
+                want[t] = want.get(t, 0.0) + r.grid_position_weight / len(pos)
+            assert bag.keys() == want.keys() and all(abs(bag[t] - want[t]) < 1e-6 for t in want), (i, k, bag, want)
+    assert seen == {"background", "object", "text"}
 
 
 def test_caption_lists_objects_in_reading_order():
