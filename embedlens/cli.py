@@ -249,6 +249,7 @@ def zoo_evaluate(
     images: int = typer.Option(200, "--images", help="Held-out images (every answerable question type is asked of each)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     pruning: bool = typer.Option(True, "--pruning/--no-pruning", help="Run the pruning experiments (both modes) besides QA and blind."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Torch and BLAS threads while it runs (1 is fastest for the zoo's tiny models)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Validate a model on held-out synthetic images: QA by question type and blind, the
@@ -272,7 +273,8 @@ def zoo_evaluate(
                     tasks[phase] = bar.add_task(phase, total=total, rate="")
                 bar.update(tasks[phase], completed=done)
 
-            result = evaluate(model, out, n_images=images, batch_size=batch_size, progress=progress, pruning=pruning)
+            result = evaluate(model, out, n_images=images, batch_size=batch_size, progress=progress, pruning=pruning,
+                                  threads=threads)
     except EmbedLensError as e:
         _fail(e)
     typer.echo(markdown(result))

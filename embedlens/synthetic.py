@@ -285,6 +285,29 @@ def all_questions(spec: SyntheticSpec, index: int, scene: Scene) -> list[tuple[s
     return out
 
 
+def every_question(scene: Scene, grid: int) -> list[tuple[str, str, str, list[str]]]:
+    """Every unambiguous question of a scene as (qtype, question, answer, candidates): the colour of each object
+    whose shape is unique, the shape of each object whose colour is unique, the position of each object whose
+    colour and shape are unique together, the count, and the word if one is written. Object order: reading order.
+
+    The zoo trains on these (all of an image's questions as turns of one conversation); `all_questions` draws
+    one of each type, which is what the held-out evaluation asks.
+    """
+    objs = sorted(scene.objects, key=lambda o: (o["row"], o["col"]))
+    positions = [n for row in position_names(grid) for n in row]
+    out = [("count", *question(scene, "count", np.random.default_rng(0), grid))]
+    if scene.word is not None:
+        out.append(("word", "what word is written?", scene.word, list(WORDS)))
+    for o in objs:
+        if sum(p["shape"] == o["shape"] for p in objs) == 1:
+            out.append(("colour", f"what colour is the {o['shape']}?", o["colour"], list(COLOURS)))
+        if sum(p["colour"] == o["colour"] for p in objs) == 1:
+            out.append(("shape", f"what shape is {o['colour']}?", o["shape"], list(SHAPES)))
+        if sum((p["colour"], p["shape"]) == (o["colour"], o["shape"]) for p in objs) == 1:
+            out.append(("position", f"where is the {o['colour']} {o['shape']}?", o["position"], positions))
+    return out
+
+
 def make_records(spec: SyntheticSpec) -> list[Record]:
     """The data set as records (images rendered in memory), one question per image.
 

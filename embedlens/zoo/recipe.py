@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from embedlens.errors import InputError
-from embedlens.synthetic import SyntheticSpec, all_questions, patch_truth, position_names, render
+from embedlens.synthetic import SyntheticSpec, all_questions, every_question, patch_truth, position_names, render
 
 VARIANTS = ("clip", "siglip")
 FILLER = "background"  # the word a background patch reads as in the grid text
@@ -48,7 +48,8 @@ class Recipe:
     train_images: int = 10000
     heldout_images: int = 300
     word_rate: float = 0.3
-    grid_position_weight: float = 0.5  # weight of the cell's position words in a patch's grid token (stage 1)
+    grid_position_weight: float = 1.0  # weight of the cell's position words in a patch's grid token (stage 1)
+    turns: int = 6  # questions per training conversation (an image's questions and caption, split into conversations)
     # model
     vision_hidden: int = 96
     vision_layers: int = 4
@@ -63,14 +64,14 @@ class Recipe:
     contrastive_steps: int = 600
     contrastive_batch: int = 128
     contrastive_lr: float = 1e-3
-    lm_steps: int = 4500
-    lm_batch: int = 32
+    lm_steps: int = 5000
+    lm_batch: int = 16
     lm_lr: float = 1e-3
     projector_steps: int = 300
     projector_batch: int = 32
     projector_lr: float = 2e-3
-    finetune_steps: int = 1800
-    finetune_batch: int = 32
+    finetune_steps: int = 2400
+    finetune_batch: int = 16
     finetune_lr: float = 1e-3
     vision_lr: float = 2e-4
     weight_decay: float = 0.01
@@ -85,6 +86,8 @@ class Recipe:
             raise InputError(f"recipe.vision_lr: above 3e-4 the tower's fine-tuning stalls QA at chance; got {self.vision_lr}")
         if self.grid_position_weight < 0:
             raise InputError(f"recipe.grid_position_weight: must be >= 0; got {self.grid_position_weight}")
+        if self.turns < 1:
+            raise InputError(f"recipe.turns: must be >= 1; got {self.turns}")
         if self.threads < 1:
             raise InputError(f"recipe.threads: must be >= 1; got {self.threads}")
 
@@ -226,7 +229,8 @@ class Corpus:
     grid_ids: torch.Tensor  # [N, P, K] vocabulary ids of each patch's grid token (content words, then position words)
     grid_weights: torch.Tensor  # [N, P, K] their weights: the grid token is the weighted sum of their embeddings
     captions: list[str]
-    qa: list[tuple[int, str, str, str]]  # (image index, question, answer, qtype)
+    qa: list[tuple[int, str, str, str]]  # (image index, question, answer, qtype): one of each type (`all_questions`)
+    every_qa: list[list[tuple[str, str, str]]]  # per image, every unambiguous (question, answer, qtype) (`every_question`)
     candidates: list[list[str]] = field(default_factory=list)  # the candidate answers of each qa item
     truth: list[dict[str, Any]] = field(default_factory=list)  # patch_truth per image
     images: list[Any] = field(default_factory=list)
@@ -263,7 +267,7 @@ def build_corpus(r: Recipe, split: str, processor, keep_images: bool = False) ->
     """Render a split: every image with its caption and every question type it can answer."""
     tok = processor.tokenizer
     ip = processor.image_processor
-    pixels, grid_ids, grid_w, caps, qa, cands, truths, images = [], [], [], [], [], [], [], []
+    pixels, grid_ids, grid_w, caps, qa, every, cands, truths, images = [], [], [], [], [], [], [], [], []
     P = r.patch_grid
     pos_words = cell_words(r)
     K = 2 + max(len(w) for w in pos_words)
@@ -287,6 +291,7 @@ def build_corpus(r: Recipe, split: str, processor, keep_images: bool = False) ->
             for qtype, q, a, c in all_questions(spec, i, scene):
                 qa.append((idx, q, a, qtype))
                 cands.append(c)
+            every.append([(q, a, qtype) for qtype, q, a, _ in every_question(scene, r.grid)])
             arr = torch.from_numpy(np.array(scene.image.convert("RGB"))).permute(2, 0, 1).contiguous()
             if not pixels:  # the stored pixels normalise exactly as the saved processor does
                 ref = ip(scene.image, return_tensors="pt")["pixel_values"][0]
@@ -296,7 +301,7 @@ def build_corpus(r: Recipe, split: str, processor, keep_images: bool = False) ->
             truths.append(truth)
             if keep_images:
                 images.append(scene.image)
-    return Corpus(torch.stack(pixels), torch.tensor(grid_ids), torch.tensor(grid_w), caps, qa, cands, truths, images)
+    return Corpus(torch.stack(pixels), torch.tensor(grid_ids), torch.tensor(grid_w), caps, qa, every, cands, truths, images)
 
 
 __all__ = ["Recipe", "VARIANTS", "Corpus", "build_llava", "build_contrastive", "build_corpus", "caption"]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,12 +37,17 @@ def _stderr(msg: str) -> None:
 
 @dataclass
 class Sequences:
-    """Token sequences over a corpus: which image, the ids, where the answer starts, the question type."""
+    """Token sequences over a corpus: which image, the ids, the answer spans [start, end) and the question type
+    (a conversation's spans are its turns' answers, its qtype "conversation")."""
 
     image: list[int]
     ids: list[list[int]]
-    answer_start: list[int]
+    spans: list[list[tuple[int, int]]]
     qtype: list[str]
+
+    @property
+    def answer_start(self) -> list[int]:
+        return [s[0][0] for s in self.spans]
 
 
 def prompt_template(processor) -> str:
@@ -66,7 +72,44 @@ def make_sequences(processor, recipe: Recipe, items: list[tuple[int, str, str, s
     full = [f"{p} {a} {tok.eos_token}" for p, (_, _, a, _) in zip(prompts, items)]
     p_ids = tok(prompts)["input_ids"]
     f_ids = tok(full)["input_ids"]
-    return Sequences([i for i, *_ in items], f_ids, [len(p) for p in p_ids], [t for *_, t in items])
+    return Sequences([i for i, *_ in items], f_ids, [[(len(p), len(f))] for p, f in zip(p_ids, f_ids)], [t for *_, t in items])
+
+
+def make_conversations(processor, recipe: Recipe, corpus: Corpus) -> Sequences:
+    """Every question of every image (and its caption) as turns of multi-turn conversations, as LLaVA's
+    instruction data packs them: the turns of an image are shuffled (seeded) and split into conversations of
+    at most `recipe.turns`; the chat template's layout, every answer (and its ``</s>``) a target span.
+
+    One forward pass then trains about `turns` answers instead of one: the image tokens dominate the cost.
+    """
+    tok = processor.tokenizer
+    first = prompt_template(processor).replace(processor.image_token, processor.image_token * n_image_tokens(recipe))
+    rng = np.random.default_rng([recipe.seed, 9])
+    cache: dict[str, list[int]] = {}
+
+    def enc(text: str) -> list[int]:
+        if text not in cache:
+            cache[text] = tok(text, add_special_tokens=False)["input_ids"]
+        return cache[text]
+
+    bos = [tok.bos_token_id] if tok(" ")["input_ids"][:1] == [tok.bos_token_id] else []
+    out = Sequences([], [], [], [])
+    for img, turns in enumerate(corpus.every_qa):
+        turns = turns + [(CAPTION_QUESTION, corpus.captions[img], "caption")]
+        order = rng.permutation(len(turns)).tolist()
+        for s in range(0, len(order), recipe.turns):
+            ids, spans = [], []
+            for j, k in enumerate(order[s : s + recipe.turns]):
+                q, a, _ = turns[k]
+                ids += bos + enc(first.format(q=q)) if j == 0 else enc(f" USER: {q} ASSISTANT:")
+                answer = enc(f" {a} {tok.eos_token}")
+                spans.append((len(ids), len(ids) + len(answer)))
+                ids += answer
+            out.image.append(img)
+            out.ids.append(ids)
+            out.spans.append(spans)
+            out.qtype.append("conversation")
+    return out
 
 
 def caption_items(corpus: Corpus) -> list[tuple[int, str, str, str]]:
@@ -83,8 +126,11 @@ def collate(seqs: Sequences, idx: list[int], pad: int, answer_only: bool = True)
         s = torch.tensor(seqs.ids[i])
         ids[b, : len(s)] = s
         mask[b, : len(s)] = 1
-        start = seqs.answer_start[i] if answer_only else 1
-        labels[b, start : len(s)] = s[start:]
+        if answer_only:
+            for a, e in seqs.spans[i]:
+                labels[b, a:e] = s[a:e]
+        else:
+            labels[b, 1 : len(s)] = s[1:]
     return ids, mask, labels
 
 
@@ -175,8 +221,8 @@ def grid_tokens(model, corpus: Corpus, images: list[int]) -> torch.Tensor:
 
 
 def stage_lm(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences, log: Log) -> dict:
-    """Stage 1: the LM alone on the data set's text (captions and QA, every text token a target), each image
-    given as its grid tokens in the image tokens' places."""
+    """Stage 1: the LM alone on the data set's text (the conversations of QA and captions, every text token a
+    target), each image given as its grid tokens in the image tokens' places."""
     img_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     pad = processor.tokenizer.pad_token_id
     params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
@@ -232,7 +278,7 @@ def stage_projector(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences
 
 
 def stage_finetune(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences, log: Log) -> dict:
-    """Stage 3: projector + LM on QA and captions, the tower at `vision_lr`."""
+    """Stage 3: projector + LM on the conversations (QA and captions; answers are the targets), the tower at `vision_lr`."""
     pad = processor.tokenizer.pad_token_id
     tower = list(model.model.vision_tower.parameters())
     tower_ids = {id(p) for p in tower}
@@ -361,13 +407,13 @@ def _train(recipe: Recipe, out: str | Path, log: Log) -> dict:
     log(f"[data] rendering {recipe.train_images} training and {recipe.heldout_images} held-out images")
     train_c = build_corpus(recipe, "train", processor)
     held = build_corpus(recipe, "heldout", processor)
-    qa = make_sequences(processor, recipe, train_c.qa)
+    convs = make_conversations(processor, recipe, train_c)
     caps = make_sequences(processor, recipe, caption_items(train_c))
-    both = Sequences(qa.image + caps.image, qa.ids + caps.ids, qa.answer_start + caps.answer_start, qa.qtype + caps.qtype)
     report: dict = {"recipe": recipe.to_dict(), "torch": torch.__version__, "threads": recipe.threads,
-                    "data_seconds": time.perf_counter() - t0, "n_train_qa": len(train_c.qa), "n_heldout_qa": len(held.qa)}
+                    "data_seconds": time.perf_counter() - t0, "n_train_qa": sum(len(q) for q in train_c.every_qa), "n_train_conversations": len(convs.ids),
+                    "n_heldout_qa": len(held.qa)}
     report["tower"] = stage_contrastive(recipe, model, processor, train_c, log)
-    report["lm"] = stage_lm(recipe, model, processor, train_c, both, log)
+    report["lm"] = stage_lm(recipe, model, processor, train_c, convs, log)
     report["after_lm_grid_qa"] = quick_qa(model, processor, recipe, held, limit=300, grid=True)
     log(f"[check] held-out QA of the LM reading grid tokens (a perfect projector's): {report['after_lm_grid_qa']}")
     report["projector"] = stage_projector(recipe, model, processor, train_c, caps, log)
@@ -375,7 +421,7 @@ def _train(recipe: Recipe, out: str | Path, log: Log) -> dict:
     log(f"[check] held-out QA after the projector stage: {report['after_projector_qa']}")
     report["after_projector_lens"] = quick_lens(model, processor, recipe, held)
     log(f"[check] lens after the projector stage: {report['after_projector_lens']}")
-    report["finetune"] = stage_finetune(recipe, model, processor, train_c, both, log)
+    report["finetune"] = stage_finetune(recipe, model, processor, train_c, convs, log)
     report["heldout_qa"] = quick_qa(model, processor, recipe, held)
     log(f"[check] held-out QA: {report['heldout_qa']}")
     report["heldout_lens"] = quick_lens(model, processor, recipe, held)

@@ -45,7 +45,7 @@ def _sink_hits(adapter, n=12):
     from embedlens.groups import Partition
     from embedlens.synthetic import SyntheticSpec, make_records
 
-    recs = make_records(SyntheticSpec(n=n, seed=11, size=96, patch_grid=8, background=0.6))
+    recs = make_records(SyntheticSpec(n=n, seed=11, size=96, patch_grid=6, background=0.6))
     batch = adapter.encode([r.load()[0] for r in recs])
     part = Partition(vit_norm="sink", vit_sigma=4.0, massive="sink")
     part.label(adapter, batch)
@@ -76,7 +76,7 @@ def test_planted_massive_activation_is_in_the_named_dimension():
 
     adapter = load_model("zoo:tiny-llava-clip-planted")
     p = adapter.model.config.embedlens_planted
-    batch = adapter.encode([r.load()[0] for r in make_records(SyntheticSpec(n=2, seed=3, size=96, patch_grid=8))])
+    batch = adapter.encode([r.load()[0] for r in make_records(SyntheticSpec(n=2, seed=3, size=96, patch_grid=6))])
     h = collect(adapter, batch, [Site("llm.layers", 1)])[Site("llm.layers", 1)]
     vt = batch.roles.visual_tokens()
     x = h[vt["sample"], vt["position"]]  # [tokens, d]
