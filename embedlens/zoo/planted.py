@@ -60,8 +60,9 @@ def plant_sinks(model, spec: PlantedSinks = PlantedSinks()) -> PlantedSinks:
     px = torch.zeros(1, 3, vcfg.image_size, vcfg.image_size)  # a fixed grey image calibrates the sizes
     hs = tower(pixel_values=px, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
     scale = float(hs[0].norm(dim=-1).mean()) * spec.norm_factor
-    # 1. the trigger: the patch's position embedding points along u (CLIP's pre-layernorm keeps the direction)
-    emb.position_embedding.weight[index] += 30.0 * emb.position_embedding.weight.norm(dim=-1).mean() * u
+    # 1. the trigger: the patch's position embedding points along u (CLIP's pre-layernorm keeps the direction);
+    #    100x its mean norm so an object drawn on the patch cannot move it below the MLP unit's threshold (30x missed 2 of 12)
+    emb.position_embedding.weight[index] += 100.0 * emb.position_embedding.weight.norm(dim=-1).mean() * u
     # 2. the first layer's MLP: its least-used unit fires on the trigger and writes scale * u into the residual
     layer0 = getattr(tower, "vision_model", tower).encoder.layers[0]
     seen = {}

@@ -127,6 +127,58 @@ def test_grid_tokens_read_each_patch():
     assert seen == {"background", "object", "text"}
 
 
+def test_conversations_follow_the_chat_template_and_cover_every_question():
+    """Training conversations tokenise exactly as the processor's chat template renders the same turns; their
+    spans are the answers (with </s>); together they hold every question of every image and its caption once."""
+    from embedlens.zoo.train import CAPTION_QUESTION, make_conversations
+
+    r = Recipe(**{**SMOKE, "train_images": 8, "turns": 3})
+    _, processor = build_llava(r)
+    corpus = build_corpus(r, "train", processor)
+    convs = make_conversations(processor, r, corpus)
+    tok = processor.tokenizer
+    seen: dict[int, list[tuple[str, str]]] = {}
+    for img, ids, spans in zip(convs.image, convs.ids, convs.spans):
+        assert 1 <= len(spans) <= 3
+        answers = [tok.decode(ids[a:e - 1]) for a, e in spans]
+        assert all(ids[e - 1] == tok.eos_token_id for _, e in spans)
+        # the questions sit between the answers: rebuild the conversation and render it with the template
+        bounds = [0] + [e for _, e in spans]
+        questions = []
+        for k, (a, _) in enumerate(spans):
+            text = tok.decode(ids[bounds[k]:a], skip_special_tokens=False)
+            questions.append(text.split("user :")[-1].replace("<image>", "").split("assistant :")[0].strip())
+        conv = []
+        for k, (q, a) in enumerate(zip(questions, answers)):
+            content = ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": q}]
+            conv += [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": a}]}]
+        rendered = processor.apply_chat_template(conv, tokenize=False)
+        rendered = rendered.replace(processor.image_token, processor.image_token * (r.patch_grid ** 2))
+        assert tok(rendered)["input_ids"] == ids
+        seen.setdefault(img, []).extend(zip(questions, answers))
+    for img, turns in enumerate(corpus.every_qa):
+        def key(q, a):
+            return tuple(tok(q, add_special_tokens=False)["input_ids"]), tuple(tok(a, add_special_tokens=False)["input_ids"])
+
+        want = sorted([key(q, a) for q, a, _ in turns] + [key(CAPTION_QUESTION, corpus.captions[img])])
+        assert sorted(key(q, a) for q, a in seen[img]) == want
+
+
+def test_every_question_holds_the_drawn_ones_and_only_unambiguous_ones():
+    from embedlens.synthetic import SyntheticSpec, all_questions, every_question, render
+
+    spec = SyntheticSpec(n=30, seed=5, size=96, patch_grid=6, background=0.5)
+    for i in range(spec.n):
+        scene = render(spec, i)
+        every = every_question(scene, spec.grid)
+        assert all(q in every for q in all_questions(spec, i, scene))
+        for qtype, q, a, cands in every:
+            assert a in cands
+            if qtype == "colour":  # exactly one object has the asked shape
+                shape = q.split()[-1].rstrip("?")
+                assert [o["colour"] for o in scene.objects if o["shape"] == shape] == [a]
+
+
 def test_caption_lists_objects_in_reading_order():
     objs = [{"colour": "red", "shape": "circle", "row": 1, "col": 0, "position": "middle left"},
             {"colour": "blue", "shape": "cross", "row": 0, "col": 2, "position": "top right"}]
