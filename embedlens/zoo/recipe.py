@@ -29,12 +29,15 @@ class Recipe:
     Stages (LLaVA's recipe, preceded by the tower's own pretraining):
       0. vision tower + a small text tower, contrastive on image/caption pairs
          (softmax for CLIP, sigmoid for SigLIP);
-      1. the LM alone on the data set's text (captions + QA), each image given
-         as *grid tokens*: per patch the mean of its words' embeddings (see
-         `patch_words`), so the LM learns to read a patch that means
+      1. the LM alone on the data set's text, each image given as *grid
+         tokens*: per patch half of each content word's embedding (see
+         `patch_words`) plus the cell's position words at
+         `grid_position_weight`, so the LM learns to read a patch that means
          "red circle, top left" before any pixels are involved;
       2. the projector alone (tower and LM frozen) on captioning;
-      3. projector + LM (+ the tower at `vision_lr`) on QA and captions.
+      3. projector + LM (+ the tower at `vision_lr`), answers as targets.
+    Stages 1 and 3 train on conversations: an image's questions and caption as
+    chat turns, at most `turns` per conversation (`train.make_conversations`).
     """
 
     variant: str = "clip"
