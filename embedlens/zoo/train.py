@@ -59,6 +59,18 @@ def prompt_template(processor) -> str:
     return rendered.replace("{", "{{").replace("}", "}}").replace("\ue000", "{q}")
 
 
+def followup_template(processor) -> str:
+    """A later user turn as the chat template renders it after an answer's ``</s>``; ``{q}`` marks the question."""
+    rendered = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\ue000"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "\ue001"}]},
+         {"role": "user", "content": [{"type": "text", "text": "\ue002"}]}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    after = rendered.split("\ue001", 1)[1].removeprefix(processor.tokenizer.eos_token)
+    return after.replace("{", "{{").replace("}", "}}").replace("\ue002", "{q}")
+
+
 def n_image_tokens(recipe: Recipe) -> int:
     return recipe.patch_grid**2
 
@@ -84,15 +96,15 @@ def make_conversations(processor, recipe: Recipe, corpus: Corpus) -> Sequences:
     """
     tok = processor.tokenizer
     first = prompt_template(processor).replace(processor.image_token, processor.image_token * n_image_tokens(recipe))
+    later = followup_template(processor)
     rng = np.random.default_rng([recipe.seed, 9])
-    cache: dict[str, list[int]] = {}
+    cache: dict[tuple[str, bool], list[int]] = {}
 
-    def enc(text: str) -> list[int]:
-        if text not in cache:
-            cache[text] = tok(text, add_special_tokens=False)["input_ids"]
-        return cache[text]
+    def enc(text: str, special: bool = False) -> list[int]:
+        if (text, special) not in cache:
+            cache[text, special] = tok(text, add_special_tokens=special)["input_ids"]
+        return cache[text, special]
 
-    bos = [tok.bos_token_id] if tok(" ")["input_ids"][:1] == [tok.bos_token_id] else []
     out = Sequences([], [], [], [])
     for img, turns in enumerate(corpus.every_qa):
         turns = turns + [(CAPTION_QUESTION, corpus.captions[img], "caption")]
@@ -101,7 +113,7 @@ def make_conversations(processor, recipe: Recipe, corpus: Corpus) -> Sequences:
             ids, spans = [], []
             for j, k in enumerate(order[s : s + recipe.turns]):
                 q, a, _ = turns[k]
-                ids += bos + enc(first.format(q=q)) if j == 0 else enc(f" USER: {q} ASSISTANT:")
+                ids += enc(first.format(q=q), special=True) if j == 0 else enc(later.format(q=q))
                 answer = enc(f" {a} {tok.eos_token}")
                 spans.append((len(ids), len(ids) + len(answer)))
                 ids += answer
