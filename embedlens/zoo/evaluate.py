@@ -175,9 +175,7 @@ def evaluate(source: str, out: str | Path, n_images: int = 200, batch_size: int 
     lens and probe without the pruning experiments: what the threshold test uses).
     `threads` pins torch and BLAS to that many threads while it runs (None leaves them alone).
     """
-    if threads is None:
-        return _evaluate(source, out, n_images, batch_size, progress, overwrite, pruning)
-    with pinned_threads(threads):
+    with contextlib.nullcontext() if threads is None else pinned_threads(threads):
         return _evaluate(source, out, n_images, batch_size, progress, overwrite, pruning)
 
 
