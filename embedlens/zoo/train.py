@@ -232,6 +232,13 @@ def grid_tokens(model, corpus: Corpus, images: list[int]) -> torch.Tensor:
     return F.embedding_bag(ids.reshape(-1, K), emb, per_sample_weights=w.reshape(-1, K), mode="sum").view(B, P, -1)
 
 
+def grid_logits(model, corpus: Corpus, images: list[int], ids, mask, where, pad: int) -> torch.Tensor:
+    """The LM's logits over `ids` with `images`' grid tokens in the image-token slots `where` (no pixels involved)."""
+    x = model.get_input_embeddings()(ids.masked_fill(where, pad))
+    x = x.masked_scatter(where[..., None], grid_tokens(model, corpus, images).to(x.dtype))
+    return model.lm_head(model.model.language_model(inputs_embeds=x, attention_mask=mask).last_hidden_state)
+
+
 def stage_lm(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences, log: Log) -> dict:
     """Stage 1: the LM alone on the data set's text (the conversations of QA and captions, every text token a
     target), each image given as its grid tokens in the image tokens' places."""
@@ -243,16 +250,13 @@ def stage_lm(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences, log: 
     gen = torch.Generator().manual_seed(r.seed * 100 + 1)
     it = batches(len(seqs.ids), r.lm_batch, r.lm_steps, gen)
     model.train()
-    lm = model.model.language_model
 
     def step(_: int) -> float:
         idx = next(it)
         ids, mask, labels = collate(seqs, idx, pad, answer_only=False)
         where = ids == img_id
         labels[where] = -100
-        x = model.get_input_embeddings()(ids.masked_fill(where, pad))
-        x = x.masked_scatter(where[..., None], grid_tokens(model, corpus, [seqs.image[i] for i in idx]).to(x.dtype))
-        logits = model.lm_head(lm(inputs_embeds=x, attention_mask=mask).last_hidden_state)
+        logits = grid_logits(model, corpus, [seqs.image[i] for i in idx], ids, mask, where, pad)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
         return _update(loss, opt, sch, params)
 
@@ -332,9 +336,7 @@ def quick_qa(model, processor, recipe: Recipe, corpus: Corpus, limit: int | None
         images = [seqs.image[i] for i in idx]
         if grid:
             where = ids == tok.convert_tokens_to_ids(processor.image_token)
-            x = model.get_input_embeddings()(ids.masked_fill(where, tok.pad_token_id))
-            x = x.masked_scatter(where[..., None], grid_tokens(model, corpus, images).to(x.dtype))
-            logits = model.lm_head(model.model.language_model(inputs_embeds=x, attention_mask=mask).last_hidden_state)
+            logits = grid_logits(model, corpus, images, ids, mask, where, tok.pad_token_id)
         else:
             logits = model(input_ids=ids, attention_mask=mask, pixel_values=corpus.pixels(images)).logits
         logits = logits.double()
