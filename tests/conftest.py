@@ -81,3 +81,25 @@ def plan_error(workdir, text: str) -> str:
     with pytest.raises(PlanError) as e:
         prepare(load_plan(path))
     return str(e.value)
+
+
+def hf_run(adapter, batch, b, keep, embeds=None, **extra):
+    """HF forward of sample b with only the `keep` rows, at their original position ids: the hand-cut reference
+    for token removal. The explicit all-ones attention mask matters: without one, transformers (>= 5.24) reads
+    the gaps in the position ids as packed sequences and stops attention across them."""
+    import torch
+
+    from embedlens.interventions import Engine
+
+    if embeds is None:
+        embeds = Engine(adapter).embed(batch)
+    keep = keep & ~batch.roles.padding[b]
+    kwargs = dict(
+        inputs_embeds=embeds[b][keep][None],
+        position_ids=adapter.position_ids(batch.inputs)[b][keep][None],
+        attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+    )
+    if "token_type_ids" in batch.inputs:
+        kwargs["token_type_ids"] = batch.inputs["token_type_ids"][b][keep][None]
+    with torch.no_grad():
+        return adapter.model(**kwargs, **extra)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import get_adapter
+from conftest import get_adapter, hf_run
 from embedlens.data import Sample
 from embedlens.errors import InterventionError
 from embedlens.interventions import Engine
@@ -44,21 +44,6 @@ def planted_group(batch, seed: int = 0, denom: int = 5) -> torch.Tensor:
         n = max(1, len(pos) * (b + 1) // denom)
         out[b, pos[torch.randperm(len(pos), generator=gen)[:n]]] = True
     return out
-
-
-def hf_run(adapter, batch, b, keep, embeds=None, **extra):
-    """HF forward of sample b with only the `keep` rows, at their original position ids."""
-    if embeds is None:
-        embeds = Engine(adapter).embed(batch)
-    keep = keep & ~batch.roles.padding[b]
-    kwargs = dict(
-        inputs_embeds=embeds[b][keep][None],
-        position_ids=adapter.position_ids(batch.inputs)[b][keep][None],
-    )
-    if "token_type_ids" in batch.inputs:
-        kwargs["token_type_ids"] = batch.inputs["token_type_ids"][b][keep][None]
-    with torch.no_grad():
-        return adapter.model(**kwargs, **extra)
 
 
 def hf_run_from(adapter, batch, b, keep, embeds, layer: int, state: torch.Tensor):

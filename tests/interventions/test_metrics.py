@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from conftest import get_adapter
+from conftest import get_adapter, hf_run
 from embedlens.data import Sample
 from embedlens.interventions import Engine
 from embedlens.interventions.condition import Condition
@@ -69,17 +69,11 @@ def test_kl_is_zero_for_noop_and_matches_hand_cut_for_pruning(adapter):
     assert table["kl"][:3] == [0.0, 0.0, 0.0]
     batch = adapter.encode([dataclasses.replace(s, answer=None) for s in samples], padding_side="right")
     embeds = eng.embed(batch)
-    pos_ids = adapter.position_ids(batch.inputs)
     drop = batch.roles.visual & (torch.where(batch.roles.visual, batch.roles.visual.long().cumsum(1) - 1, -1) % 2 == 0)
     for b in range(3):
         full = ~batch.roles.padding[b]
-        outs = []
-        for keep in (full, full & ~drop[b]):
-            kw = dict(inputs_embeds=embeds[b][keep][None], position_ids=pos_ids[b][keep][None])
-            if "token_type_ids" in batch.inputs:
-                kw["token_type_ids"] = batch.inputs["token_type_ids"][b][keep][None]
-            with torch.no_grad():
-                outs.append(adapter.model(**kw).logits[0, -1].double().log_softmax(-1))
+        outs = [hf_run(adapter, batch, b, keep, embeds).logits[0, -1].double().log_softmax(-1)
+                for keep in (full, full & ~drop[b])]
         p, q = outs
         ref = float((p.exp() * (p - q)).sum())
         assert abs(table["kl"][3 + b] - ref) < 1e-6 * max(1.0, ref) + 1e-7
