@@ -235,9 +235,9 @@ class Outcome:
                 x,
                 attention_mask=eng.mask(allowed),
                 position_ids=pos,
-                past_key_values=self.cache,
                 use_cache=True,
                 position_embeddings=pe,
+                **{eng.cache_kwarg: self.cache},
             )
         self.decoded_valid = torch.cat([self.decoded_valid, valid], dim=1)
         self.next_position = self.next_position + valid.long().sum(dim=1)
@@ -295,6 +295,15 @@ class Outcome:
         return torch.stack(out, dim=1)
 
 
+def cache_kwarg(layer: torch.nn.Module) -> str:
+    """The keyword a decoder layer takes its KV cache under: ``cache`` from transformers 5.24 on (where
+    ``past_key_values`` is deprecated, to go in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    params = inspect.signature(layer.forward).parameters  # follows the deprecation wrapper's __wrapped__
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class Engine:
     """Runs an adapter's language model with interventions.
 
@@ -330,6 +339,7 @@ class Engine:
                 "the intervention engine builds full-attention masks only"
             )
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.cache_kwarg = cache_kwarg(self.layers[0]) if self.layers else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -490,9 +500,9 @@ class Engine:
                     x,
                     attention_mask=self.mask(allowed),
                     position_ids=pos,
-                    past_key_values=kv,
                     use_cache=cache,
                     position_embeddings=pe,
+                    **{self.cache_kwarg: kv},
                 )
             finally:
                 for h in hooks:

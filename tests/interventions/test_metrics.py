@@ -127,3 +127,38 @@ def test_visual_tokens_and_flops():
             assert table[col][3 + b] == ref
         assert abs(table["flops_saved"][3 + b] - (1 - table["flops"][3 + b] / table["flops_base"][3 + b])) < 1e-12
     assert prefill_flops(eng.run(batch)).tolist() == table["flops_base"][3:]
+
+
+def test_decoding_passes_the_cache_under_the_installed_transformers_name(adapter):
+    """transformers 5.24 renamed a decoder layer's ``past_key_values`` to ``cache`` (the old name warns, and goes in
+    5.40): the engine reads the name off the layer's signature, so decoding raises no deprecation warning on either."""
+    import functools
+    import inspect
+    import warnings
+
+    from embedlens.interventions.engine import cache_kwarg
+
+    eng = Engine(adapter)
+    expect = "cache" if "cache" in inspect.signature(eng.layers[0].forward).parameters else "past_key_values"
+    assert eng.cache_kwarg == expect
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        compare(eng, answered()[:2], [NOOP], [Generation(max_new_tokens=3), ForcedChoice()], padding_side="left")
+
+    class Old(torch.nn.Module):
+        def forward(self, x, past_key_values=None, use_cache=False):
+            return x
+
+    class New(torch.nn.Module):
+        def forward(self, x, cache=None, use_cache=False):
+            return x
+
+    def renamed(f):  # a deprecation wrapper as transformers writes it: the new signature behind functools.wraps
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            return f(*args, **kwargs)
+
+        return wrapper
+
+    New.forward = renamed(New.forward)
+    assert cache_kwarg(Old()) == "past_key_values" and cache_kwarg(New()) == "cache"
