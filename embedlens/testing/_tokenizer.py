@@ -30,6 +30,8 @@ WORDS = (
 ).split()
 PUNCTUATION = tuple(".,:;?!'\"-()[]/\n")
 CHARS = tuple("abcdefghijklmnopqrstuvwxyz0123456789")
+# Words added later go last, so that every id above keeps its value.
+LATER_WORDS = ("shapes", "written")
 
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -54,7 +56,7 @@ def build_tokenizer(chat_template: str | None = LLAVA_CHAT_TEMPLATE) -> PreTrain
         `<s>` as BOS, `</s>` as EOS and `<pad>` as padding.
     """
     vocab: dict[str, int] = {}
-    for tok in (*SPECIAL_TOKENS, *WORDS, *PUNCTUATION, *CHARS):
+    for tok in (*SPECIAL_TOKENS, *WORDS, *PUNCTUATION, *CHARS, *LATER_WORDS):
         vocab.setdefault(tok, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()

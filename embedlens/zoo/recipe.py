@@ -32,10 +32,16 @@ class Recipe:
       1. the LM alone on the data set's text, each image given as *grid
          tokens*: per patch half of each content word's embedding (see
          `patch_words`) plus the cell's position words at
-         `grid_position_weight`, so the LM learns to read a patch that means
-         "red circle, top left" before any pixels are involved;
-      2. the projector alone (tower and LM frozen) on captioning;
-      3. projector + LM (+ the tower at `vision_lr`), answers as targets.
+         `grid_position_weight` (`filler_position_weight` on background,
+         0: a background patch is exactly the filler word), so the LM learns
+         to read a patch that means "red circle, top left" before any pixels
+         are involved;
+      2. the projector alone (tower and LM frozen) on captioning, plus
+         `align_weight` x the distance of each projected token from its
+         patch's grid token (`train.alignment`): LLaVA's "feature alignment"
+         stage with the alignment made explicit;
+      3. projector + LM (+ the tower at `vision_lr`), answers as targets, the
+         alignment kept at `finetune_align_weight`.
     Stages 1 and 3 train on conversations: an image's questions and caption as
     chat turns, at most `turns` per conversation (`train.make_conversations`).
     """
@@ -52,6 +58,7 @@ class Recipe:
     heldout_images: int = 300
     word_rate: float = 0.3
     grid_position_weight: float = 1.0  # weight of the cell's position words in a patch's grid token (stage 1)
+    filler_position_weight: float = 0.0  # the same for background patches: 0 makes every one exactly emb(background)
     turns: int = 6  # questions per training conversation (an image's questions and caption, split into conversations)
     # model
     vision_hidden: int = 96
@@ -73,10 +80,12 @@ class Recipe:
     projector_steps: int = 300
     projector_batch: int = 32
     projector_lr: float = 2e-3
+    align_weight: float = 1.0  # stage 2: weight of the per-patch alignment of projected tokens onto their grid tokens
     finetune_steps: int = 2400
     finetune_batch: int = 16
     finetune_lr: float = 1e-3
     vision_lr: float = 2e-4
+    finetune_align_weight: float = 1.0  # stage 3: the same alignment term, kept beside the answers' loss
     weight_decay: float = 0.01
     warmup: float = 0.05
 
@@ -87,8 +96,9 @@ class Recipe:
             raise InputError(f"recipe.patch_size: {self.patch_size} does not divide image_size {self.image_size}")
         if self.vision_lr > 3e-4:
             raise InputError(f"recipe.vision_lr: above 3e-4 the tower's fine-tuning stalls QA at chance; got {self.vision_lr}")
-        if self.grid_position_weight < 0:
-            raise InputError(f"recipe.grid_position_weight: must be >= 0; got {self.grid_position_weight}")
+        for key in ("grid_position_weight", "filler_position_weight", "align_weight", "finetune_align_weight"):
+            if getattr(self, key) < 0:
+                raise InputError(f"recipe.{key}: must be >= 0; got {getattr(self, key)}")
         if self.turns < 1:
             raise InputError(f"recipe.turns: must be >= 1; got {self.turns}")
         if self.threads < 1:
@@ -281,10 +291,12 @@ def build_corpus(r: Recipe, split: str, processor, keep_images: bool = False) ->
             truth = patch_truth(scene, P)
             ids, ws = [], []
             for k in range(P * P):
-                content = tok.convert_tokens_to_ids(list(patch_words(truth, k // P, k % P, scene.word)))
+                words = patch_words(truth, k // P, k % P, scene.word)
+                content = tok.convert_tokens_to_ids(list(words))
                 pad = K - 2 - len(pos_ids[k])
+                pw = r.filler_position_weight if words == (FILLER, FILLER) else r.grid_position_weight
                 ids.append(content + pos_ids[k] + [tok.pad_token_id] * pad)
-                ws.append([0.5, 0.5] + [r.grid_position_weight / len(pos_ids[k])] * len(pos_ids[k]) + [0.0] * pad)
+                ws.append([0.5, 0.5] + [pw / len(pos_ids[k])] * len(pos_ids[k]) + [0.0] * pad)
             if tok.unk_token_id in {t for row in ids for t in row}:
                 raise InputError(f"grid words of image {i} are not all in the tokenizer's vocabulary")
             idx = len(caps)

@@ -263,14 +263,34 @@ def stage_lm(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences, log: 
     return _loop("lm", r.lm_steps, step, log)
 
 
-def _llava_step(model, corpus: Corpus, seqs: Sequences, idx: list[int], pad: int) -> torch.Tensor:
+def alignment(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Relative squared distance of projected tokens [B, P, H] from their grid tokens: mean ||p - g||^2 / mean ||g||^2."""
+    return (projected - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
+
+
+def _llava_step(model, corpus: Corpus, seqs: Sequences, idx: list[int], pad: int, align: float = 0.0) -> torch.Tensor:
+    """The LLaVA loss on `idx` (answers or captions as targets), plus `align` x the projected tokens' `alignment`
+    to the grid tokens the LM read in stage 1 (the targets detached: only the projector and tower move toward them)."""
     ids, mask, labels = collate(seqs, idx, pad)
-    px = corpus.pixels([seqs.image[i] for i in idx])
-    return model(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels).loss
+    images = [seqs.image[i] for i in idx]
+    px = corpus.pixels(images)
+    if not align:
+        return model(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels).loss
+    seen: list[torch.Tensor] = []
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        loss = model(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels).loss
+    finally:
+        hook.remove()
+    (projected,) = seen
+    with torch.no_grad():
+        target = grid_tokens(model, corpus, images)
+    return loss + align * alignment(projected.view_as(target), target.to(projected.dtype))
 
 
 def stage_projector(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences, log: Log) -> dict:
-    """Stage 2: only the projector learns (tower and LM frozen), on captioning."""
+    """Stage 2: only the projector learns (tower and LM frozen), on captioning plus `align_weight` x the alignment
+    of each projected token onto its patch's grid token (the feature alignment LLaVA's stage 2 is for, made explicit)."""
     pad = processor.tokenizer.pad_token_id
     for p in model.parameters():
         p.requires_grad_(False)
@@ -284,7 +304,7 @@ def stage_projector(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences
     model.train()
 
     def step(_: int) -> float:
-        loss = _llava_step(model, corpus, seqs, next(it), pad)
+        loss = _llava_step(model, corpus, seqs, next(it), pad, r.align_weight)
         return _update(loss, opt, sch, params)
 
     info = _loop("projector", r.projector_steps, step, log)
@@ -294,7 +314,8 @@ def stage_projector(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences
 
 
 def stage_finetune(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences, log: Log) -> dict:
-    """Stage 3: projector + LM on the conversations (QA and captions; answers are the targets), the tower at `vision_lr`."""
+    """Stage 3: projector + LM on the conversations (QA and captions; answers are the targets), the tower at `vision_lr`,
+    with the stage-2 alignment kept at `finetune_align_weight`."""
     pad = processor.tokenizer.pad_token_id
     tower = list(model.model.vision_tower.parameters())
     tower_ids = {id(p) for p in tower}
@@ -307,7 +328,7 @@ def stage_finetune(r: Recipe, model, processor, corpus: Corpus, seqs: Sequences,
     model.train()
 
     def step(_: int) -> float:
-        loss = _llava_step(model, corpus, seqs, next(it), pad)
+        loss = _llava_step(model, corpus, seqs, next(it), pad, r.finetune_align_weight)
         return _update(loss, opt, sch, model.parameters())
 
     return _loop("finetune", r.finetune_steps, step, log)

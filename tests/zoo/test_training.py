@@ -96,7 +96,8 @@ def test_training_sequences_are_what_the_adapter_encodes():
 
 def test_grid_tokens_read_each_patch():
     """The LM's grid tokens: a patch is its content words (colour + shape on an object, the written word on text,
-    the filler on background) at weight 1/2 each, plus the words of its layout cell's position name."""
+    the filler on background) at weight 1/2 each, plus the words of its layout cell's position name (at
+    `filler_position_weight` on background, 0 by default: every background patch is exactly the filler)."""
     r = Recipe(**{**SMOKE, "train_images": 8, "word_rate": 1.0})
     _, processor = build_llava(r)
     corpus = build_corpus(r, "train", processor)
@@ -121,8 +122,9 @@ def test_grid_tokens_read_each_patch():
             want = {}
             for t in content:
                 want[t] = want.get(t, 0.0) + 0.5
-            for t in pos:
-                want[t] = want.get(t, 0.0) + r.grid_position_weight / len(pos)
+            pw = r.filler_position_weight if kind == "background" else r.grid_position_weight
+            for t in pos if pw else []:
+                want[t] = want.get(t, 0.0) + pw / len(pos)
             assert bag.keys() == want.keys() and all(abs(bag[t] - want[t]) < 1e-6 for t in want), (i, k, bag, want)
     assert seen == {"background", "object", "text"}
 
@@ -195,3 +197,52 @@ def test_recipe_overrides_name_the_problem(bad, match):
 def test_recipe_refuses_a_vision_rate_that_stalls_training():
     with pytest.raises(InputError, match="vision_lr"):
         Recipe(vision_lr=1e-3).check()
+
+
+def test_alignment_term_is_the_projected_tokens_distance_to_their_grid_tokens():
+    """`_llava_step(align=a)` adds a x the relative squared distance between what the projector makes of the batch's
+    pixels (recomputed here through `get_image_features`) and the grid tokens, and nothing else."""
+    from embedlens.zoo.train import _llava_step, grid_tokens, make_conversations
+
+    r = Recipe(**{**SMOKE, "train_images": 8})
+    model, processor = build_llava(r)
+    model.eval()
+    corpus = build_corpus(r, "train", processor)
+    convs = make_conversations(processor, r, corpus)
+    idx = [0, 3, 5]
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        plain = _llava_step(model, corpus, convs, idx, pad)
+        aligned = _llava_step(model, corpus, convs, idx, pad, align=0.5)
+        images = [convs.image[i] for i in idx]
+        feats = model.get_image_features(pixel_values=corpus.pixels(images))
+        feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+        projected = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        target = grid_tokens(model, corpus, images)
+        want = ((projected - target) ** 2).sum(-1).mean() / (target**2).sum(-1).mean()
+    assert projected.shape == target.shape == (3, r.patch_grid**2, r.lm_hidden)
+    torch.testing.assert_close(aligned - plain, 0.5 * want, rtol=1e-4, atol=1e-6)
+    # a projector that returns the grid tokens exactly has nothing to align
+    from embedlens.zoo.train import alignment
+
+    assert float(alignment(target, target)) == 0.0 and float(alignment(torch.zeros_like(target), target)) == 1.0
+
+
+@pytest.mark.parametrize("key", ["filler_position_weight", "align_weight", "finetune_align_weight"])
+def test_recipe_refuses_negative_weights(key):
+    with pytest.raises(InputError, match=key):
+        Recipe(**{key: -1.0}).check()
+
+
+def test_every_training_text_is_in_the_vocabulary():
+    """Questions, answers, candidates and captions of the synthetic data tokenise without <unk> (the word-level
+    tokenizer knows every word the zoo trains on)."""
+    r = Recipe(**{**SMOKE, "train_images": 40, "word_rate": 0.5})
+    _, processor = build_llava(r)
+    corpus = build_corpus(r, "train", processor)
+    tok = processor.tokenizer
+    texts = set(corpus.captions) | {q for _, q, _, _ in corpus.qa} | {c for cands in corpus.candidates for c in cands}
+    texts |= {f"{q} {a}" for turns in corpus.every_qa for q, a, _ in turns}
+    assert {t for _, _, _, t in corpus.qa} >= {"colour", "shape", "position", "count", "word"}
+    for text in texts:
+        assert tok.unk_token_id not in tok(text)["input_ids"], text
