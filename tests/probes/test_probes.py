@@ -288,3 +288,26 @@ def test_anchor_groups_match_brute_force_topk(adapter):
         want.append("sink" if {5, 9} & set(ids) else "dead" if {6, 7, 8} & set(ids) else "alive")
     assert rows["group"] == want
     assert probe.result()["counts"] == {g: want.count(g) for g in ("sink", "dead", "alive")}
+
+
+def test_semantic_probe_standardize_reads_a_signal_carried_at_a_small_scale():
+    """Planted: every visual token is the same vector plus 1e-3 x a one-hot of its colour. The L2-penalised probe
+    on raw tokens sees nothing (majority class); with `standardize` the same signal is read perfectly."""
+    adapter = get_adapter("llava-siglip")
+    samples = planted_samples(10)
+    batch = adapter.encode(samples)
+    vt = batch.roles.visual_tokens()
+    colours = sorted({c for s in samples for row in s.meta["patch_labels"]["colour"] for c in row})
+    results = {}
+    for standardize in (False, True):
+        probe = SemanticProbe(attributes=["colour"], cv=2, standardize=standardize)
+        (site,) = probe.sites(adapter)
+        H = adapter.input_embeddings().shape[1]
+        x = torch.full((*batch.input_ids.shape, H), 3.0)
+        for s, p, r, c in zip(vt["sample"].tolist(), vt["position"].tolist(), vt["row"].tolist(), vt["col"].tolist()):
+            x[s, p, colours.index(samples[s].meta["patch_labels"]["colour"][r][c])] += 1e-3
+        probe.update(adapter, batch, {site: x})
+        results[standardize] = next(e for e in probe.result()["scores"] if e["group"] == "all")
+    raw, scaled = results[False], results[True]
+    assert raw["accuracy"] == pytest.approx(raw["chance"]) and raw["chance"] < 0.8 and not raw["standardized"]
+    assert scaled["accuracy"] == 1.0 and scaled["standardized"]
