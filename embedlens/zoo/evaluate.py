@@ -117,6 +117,10 @@ def eval_plan(source: str, prompts: Path, run_dir: Path, batch_size: int = 16, p
             {"name": "embedding_lens", "params": {"k": 3, "layers": [0]}},
             {"name": "semantic_probe", "params": {"attributes": ["colour", "shape", "near_colour", "near_shape"], "sites": ["llm.embed"],
                                                   "cv": 5, "max_tokens": 4000}},
+            # the same on standardised features: a signal kept at a small scale is read here at full strength
+            {"name": "semantic_probe", "label": "semantic_probe_standardized",
+             "params": {"attributes": ["near_colour", "near_shape"], "sites": ["llm.embed"], "cv": 5, "max_tokens": 4000,
+                        "standardize": True}},
         ],
         "conditions": PRUNING if pruning else {k: v for k, v in PRUNING.items() if k == "blind"},
         "metrics": [{"name": "forced_choice"}, {"name": "visual_tokens"}],
@@ -277,16 +281,18 @@ def summarise(run: Path, rows: list[dict[str, Any]], source: str) -> dict[str, A
                    "background_top1": dict(sorted(bg_top.items(), key=lambda kv: -kv[1])[:5])}
 
     # semantic linear probe at the LM input
-    scores = summ["semantic_probe"]["scores"]
-    pick = {(e["attribute"], e["group"]): e for e in scores if e["site"] == "llm.embed"}
+    pick = {(label, e["attribute"], e["group"]): e for label in ("semantic_probe", "semantic_probe_standardized")
+            for e in summ.get(label, {}).get("scores", []) if e["site"] == "llm.embed"}
 
-    def entry(attr: str) -> dict[str, Any]:
-        e = pick.get((attr, "all"), {})
+    def entry(attr: str, label: str = "semantic_probe") -> dict[str, Any]:
+        e = pick.get((label, attr, "all"), {})
         return {"accuracy": e.get("accuracy"), "chance": e.get("chance"), "n": e.get("n")}
 
     res["semantic_probe"] = {
         "object_colour": entry("colour"), "object_shape": entry("shape"),
         "background_nearest_colour": entry("near_colour"), "background_nearest_shape": entry("near_shape"),
+        "background_nearest_colour_standardized": entry("near_colour", "semantic_probe_standardized"),
+        "background_nearest_shape_standardized": entry("near_shape", "semantic_probe_standardized"),
     }
     return res
 
@@ -346,6 +352,8 @@ def markdown(result: dict[str, Any]) -> str:
               f"(n = {le['n_object_tokens']})", f"- background tokens' nearest words: {le['background_top1']}"]
     sp = result["semantic_probe"]
     lines += ["", "## Semantic linear probe at the LM input (5-fold CV; chance = majority class)", "",
+              "Logistic regression (L2, C = 1) on the raw tokens, as the study probes them; the *standardized* rows "
+              "scale each feature to unit variance first, which reads a signal however small its scale.", "",
               "| tokens | predicts | accuracy | chance | n |", "|---|---|---|---|---|"]
     for key, e in sp.items():
         who, what = key.split("_", 1)
