@@ -45,10 +45,6 @@ class Sequences:
     spans: list[list[tuple[int, int]]]
     qtype: list[str]
 
-    @property
-    def answer_start(self) -> list[int]:
-        return [s[0][0] for s in self.spans]
-
 
 def prompt_template(processor) -> str:
     """The user turn with one image as the chat template renders it; ``{q}`` marks the question."""

@@ -91,7 +91,8 @@ def test_training_sequences_are_what_the_adapter_encodes():
     assert seqs.ids[0][len(ids):] == [processor.tokenizer.eos_token_id]
     assert torch.allclose(corpus.pixels([img]), batch.inputs["pixel_values"], atol=1e-5)
     answer = processor.tokenizer(f" {a}", add_special_tokens=False)["input_ids"]
-    assert seqs.ids[0][seqs.answer_start[0]: seqs.answer_start[0] + len(answer)] == answer
+    ((start, end),) = seqs.spans[0]  # one answer span: the answer and its </s>
+    assert seqs.ids[0][start:end] == answer + [processor.tokenizer.eos_token_id]
 
 
 def test_grid_tokens_read_each_patch():
