@@ -93,6 +93,14 @@ def run(
             typer.echo(f"  report: {result.report}")
         for s in result.skipped:
             typer.echo(f"  skipped sample {s['sample_id']}: {s['error']}", err=True)
+        part = result.summary.get("partition")
+        if part:
+            fr = ", ".join(f"{g} {part['fractions'][g]:.0%}" for g in part["order"])
+            anchors = "; ".join(f"{g}: {', '.join(repr(a['token']) for a in part['anchors'] if a['group'] == g)}"
+                                for g in dict.fromkeys(a["group"] for a in part["anchors"]))
+            typer.echo(f"  partition: {fr}" + (f" (anchors {anchors})" if anchors else " (no anchors)"))
+        for w in result.warnings:
+            typer.secho(f"  warning: {w}", fg=typer.colors.YELLOW, err=True)
     if len(results) > 1:
         out = Path(output) if output is not None else Path(loaded.plan.output.dir)
         typer.echo(f"comparison: {out / 'compare' / 'compare.html'}")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextvars
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from embedlens.anchors import AnchorRule
 
 
 def token_map(
@@ -229,4 +233,30 @@ def effect_chart(
     ax.axhline(0, color="k", lw=0.5)
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} by condition (hatched: matched random control)", fontsize=9)
+    return _save(fig, path)
+
+
+def evidence_figure(table: list[dict[str, Any]], rule: "AnchorRule", path: Path, title: str = "") -> Path:
+    """Each id at (share of images, relative dispersion), coloured by verdict, with the rule's thresholds."""
+    plt = _plt()
+    colours = {"sink": "#d62728", "dead": "#7f7f7f", "content": "#2ca02c", "rare": "#bcbd22", "excess": "#ff7f0e"}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    floor = 1e-4
+    for verdict, colour in colours.items():
+        pts = [r for r in table if r["verdict"] == verdict and not math.isnan(r["relative_dispersion"])]
+        if pts:
+            ax.scatter([r["image_fraction"] for r in pts], [max(r["relative_dispersion"], floor) for r in pts],
+                       s=[20 + 400 * r["token_share"] for r in pts], c=colour, alpha=0.8, label=verdict, edgecolors="black", linewidths=0.4)
+    for r in sorted(table, key=lambda r: -r["tokens"])[:15]:
+        if not math.isnan(r["relative_dispersion"]):
+            ax.annotate(str(r["token"]), (r["image_fraction"], max(r["relative_dispersion"], floor)), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.axhline(rule.max_dispersion, color="black", lw=0.8, ls="--")
+    ax.axvline(rule.min_image_fraction, color="black", lw=0.8, ls=":")
+    ax.set_xlim(0, 1.05)
+    ax.set_xlabel("share of images where the id is some token's nearest (dotted: min_image_fraction)")
+    ax.set_ylabel("dispersion / other tokens' (dashed: max_dispersion)")
+    ax.set_title(title or "Anchor discovery: dead anchors collapse, content words spread (marker size: token share)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)

@@ -8,8 +8,14 @@ vocabulary similarities are flat (high entropy). A token several groups claim
 goes to the first in the precedence order (sink before dead by default);
 tokens no group claims are ``alive``. Overlaps are counted before precedence.
 
-Anchor ids can also be *discovered* from the data (``discover=True``), which
-runs `embedlens.probes.anchor_discovery` over the run's batches first.
+Anchor ids can also be *discovered* from the data (``discover=True``): a
+first pass collects the evidence of `embedlens.anchors` (where tokens land,
+whether they collapse, whether they are outliers) and keeps the ids that
+pass its rule, with the evidence for every verdict (`evidence`).
+
+A partition keeps a tally of the groups of every image it labels, so a run
+can report group fractions and warn when the partition looks degenerate
+(`summary`).
 """
 
 from __future__ import annotations
@@ -20,19 +26,15 @@ from typing import TYPE_CHECKING, Iterable
 
 import torch
 
+from embedlens.anchors import AnchorRule, Discoverer, discovery_warnings
 from embedlens.errors import InterventionError
+from embedlens.signals import massive_token_flags, similarity_entropy, vision_to_tokens, vit_norm_token_flags
 from embedlens.sites import Site
-from embedlens.signals import massive_entries, similarity_entropy, vit_norm_outliers
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
 
 DEFAULT_ORDER = ("sink", "dead")
-
-
-def vision_to_tokens(flags: torch.Tensor, vt: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-patch flags of the vision batch (``[rows, patches]``) read at each visual token; ``[tokens]``."""
-    return flags[vt["feature_row"].to(flags.device), vt["feature_col"].to(flags.device)]
 
 
 @dataclass
@@ -48,6 +50,8 @@ class Partition:
         vit_layer: vision layer of the norm test (-2: LLaVA's feature layer).
         vit_sigma: flag norms above mean + vit_sigma * std over the image.
         vit_threshold: absolute norm threshold instead of the sigma rule.
+        vit_ratio: and at least this many times the image's median norm (the sigma rule alone flags the
+            upper tail of any image; see `embedlens.signals.norm_outliers`).
         massive: group that receives tokens with a massive activation (e.g. "sink"), or None.
         massive_layers: LLM layers (outputs) searched; default: all.
         massive_threshold, massive_ratio: |a| > threshold and > ratio x median |a|.
@@ -55,8 +59,13 @@ class Partition:
         entropy_threshold: normalised entropy (0..1, entropy / log vocab) above which the rule fires.
         temperature: softmax temperature over cosine similarities.
         discover: find anchor ids from the data first (`fit`); given anchors are kept.
-        discover_min_images: share of images an id must be nearest to some token in to be
-            discovered as an anchor (raise it when a few content words occur in most images).
+        discover_min_images: share of images an id must be the nearest id of some token in to be
+            an anchor (`embedlens.anchors.AnchorRule.min_image_fraction`).
+        discover_max_dispersion: a dead anchor's tokens spread at most this share of the other
+            tokens' (`AnchorRule.max_dispersion`): dead tokens collapse, content tokens do not.
+        discover_sink_fraction: share of an id's tokens that must be ViT-norm / massive outliers
+            for a sink anchor (the massive test counts when `massive` is set).
+        discover_max_anchors: anchors kept per group.
         order: precedence among groups; default sink, dead, then the others as named.
 
     Example:
@@ -78,6 +87,7 @@ class Partition:
     vit_layer: int = -2
     vit_sigma: float = 2.0
     vit_threshold: float | None = None
+    vit_ratio: float = 2.0
     massive: str | None = None
     massive_layers: list[int] | None = None
     massive_threshold: float = 100.0
@@ -86,12 +96,20 @@ class Partition:
     entropy_threshold: float = 0.9
     temperature: float = 0.05
     discover: bool = False
-    discover_min_images: float = 0.5
+    discover_min_images: float = AnchorRule.min_image_fraction
+    discover_max_dispersion: float = AnchorRule.max_dispersion
+    discover_sink_fraction: float = AnchorRule.sink_fraction
+    discover_max_anchors: int = AnchorRule.max_anchors
     order: list[str] | None = None
-    # state, not parameters: the last batch's overlaps and rule verdicts, and anchors found by `fit`
+    # state, not parameters: the last batch's overlaps and rule verdicts; what `fit` found and why;
+    # and the group counts of every image labelled, by "sample id/image" (relabelling one overwrites it)
     last_overlap: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     last_rules: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
     discovered: dict[str, list[int]] = field(default_factory=dict, init=False)
+    evidence: list[dict] = field(default_factory=list, init=False, repr=False)
+    discovery_notes: list[str] = field(default_factory=list, init=False, repr=False)
+    tally: dict[str, dict[str, int]] = field(default_factory=dict, init=False, repr=False)
+    decoded: dict[int, str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         self.anchors = {g: list(ids) for g, ids in self.anchors.items()}
@@ -106,10 +124,14 @@ class Partition:
             raise InterventionError(f"partition.chunk_size: must be >= 1; got {self.chunk_size}")
         if not 0 < self.entropy_threshold <= 1:
             raise InterventionError(f"partition.entropy_threshold: must be in (0, 1]; got {self.entropy_threshold}")
+        if not self.vit_ratio >= 0:
+            raise InterventionError(f"partition.vit_ratio: must be >= 0; got {self.vit_ratio}")
         if self.temperature <= 0:
             raise InterventionError(f"partition.temperature: must be > 0; got {self.temperature}")
-        if not 0 < self.discover_min_images <= 1:
-            raise InterventionError(f"partition.discover_min_images: must be in (0, 1]; got {self.discover_min_images}")
+        try:
+            self.anchor_rule()
+        except InterventionError as e:
+            raise InterventionError(f"partition.discover_{str(e).replace('min_image_fraction', 'min_images', 1)}") from None
         if not self.rule_groups() and not self.discover:
             raise InterventionError(
                 "partition: no rule selected; give anchors, discover: true, or one of vit_norm / massive / entropy"
@@ -138,6 +160,10 @@ class Partition:
             ranked = [g for g in DEFAULT_ORDER if g in groups] + [g for g in groups if g not in DEFAULT_ORDER]
         return (*ranked, "alive")
 
+    def anchor_rule(self) -> AnchorRule:
+        """The discovery thresholds of this partition."""
+        return AnchorRule(self.discover_min_images, self.discover_max_dispersion, self.discover_sink_fraction, self.discover_max_anchors)
+
     @property
     def needs_fit(self) -> bool:
         return self.discover and not self.discovered
@@ -150,6 +176,7 @@ class Partition:
             if bad:
                 raise InterventionError(f"partition.anchors.{g}: ids {bad} are outside the vocabulary (0..{vocab - 1})")
         self.sites(adapter)
+        self._decode(adapter)
 
     def _massive_layers(self, adapter: "Adapter") -> list[int]:
         n = adapter.n_llm_layers
@@ -177,18 +204,28 @@ class Partition:
         return out
 
     # -- discovery ---------------------------------------------------------------
+    def discoverer(self, adapter: "Adapter") -> Discoverer:
+        """The shared discovery (`embedlens.anchors`) with this partition's settings."""
+        return Discoverer(
+            rule=self.anchor_rule(), matrix=self.matrix, chunk_size=self.chunk_size, vit_layer=self.vit_layer,
+            vit_sigma=self.vit_sigma, vit_threshold=self.vit_threshold, vit_ratio=self.vit_ratio,
+            massive_layers=self._massive_layers(adapter) if self.massive is not None else None,
+            massive_threshold=self.massive_threshold, massive_ratio=self.massive_ratio,
+        )
+
     def fit(self, adapter: "Adapter", batches: Iterable["Batch"]) -> dict[str, list[int]]:
-        """Discover anchor ids over `batches` (anchor_discovery's classification); returns them."""
-        from embedlens.probes.anchor_discovery import AnchorDiscovery
+        """Discover anchor ids over `batches`; returns them. `evidence` keeps every candidate's statistics and verdict."""
         from embedlens.tracing import collect
 
-        # discovery counts nearest ids only (k=1): with larger k an anchor's own close neighbours
-        # would look content-independent too; membership then uses the partition's k
-        probe = AnchorDiscovery(k=1, min_image_fraction=self.discover_min_images, matrix=self.matrix, chunk_size=self.chunk_size, vit_layer=self.vit_layer)
+        disc = self.discoverer(adapter)
+        sites = disc.sites(adapter)
         for batch in batches:
-            probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))
-        found = probe.anchors()
+            disc.update(adapter, batch, collect(adapter, batch, sites))
+        found = disc.anchors()
         self.discovered = {g: found.get(g, []) for g in DEFAULT_ORDER}
+        self.evidence = disc.table(adapter)
+        self.discovery_notes = discovery_warnings(self.evidence, disc.rule)
+        self._decode(adapter)
         return self.discovered
 
     def _all_anchors(self) -> dict[str, list[int]]:
@@ -223,17 +260,9 @@ class Partition:
             ent = similarity_entropy(x, vocab, self.temperature, self.chunk_size) / math.log(vocab.shape[0])
             out["entropy"] = (ent > self.entropy_threshold).cpu()
         if self.vit_norm is not None:
-            site = adapter.resolve(Site("vision.layers", self.vit_layer))
-            flags = vit_norm_outliers(acts[site], self.vit_sigma, self.vit_threshold, adapter.n_prefix_tokens)
-            out["vit_norm"] = vision_to_tokens(flags, vt).cpu()
+            out["vit_norm"] = vit_norm_token_flags(adapter, batch, acts, self.vit_layer, self.vit_sigma, self.vit_threshold, self.vit_ratio)
         if self.massive is not None:
-            hit = torch.zeros(len(vt["sample"]), dtype=torch.bool)
-            valid = ~batch.roles.padding
-            for layer in self._massive_layers(adapter):
-                h = acts[Site("llm.layers", layer)]
-                flags, _ = massive_entries(h, valid.to(h.device), self.massive_threshold, self.massive_ratio)
-                hit |= flags.any(-1)[vt["sample"], vt["position"]].cpu()
-            out["massive"] = hit
+            out["massive"] = massive_token_flags(batch, acts, self._massive_layers(adapter), self.massive_threshold, self.massive_ratio)
         return out
 
     def _rule_target(self, rule: str) -> str:
@@ -265,6 +294,7 @@ class Partition:
         """``{group: [tokens] bool}`` over the batch's visual tokens (precedence applied)."""
         self.last_rules = self.rules(adapter, batch, acts)
         groups, self.last_overlap = self.assign(self.last_rules, int(batch.roles.visual.sum()))
+        self._count(batch, groups)
         return groups
 
     def label(
@@ -296,3 +326,81 @@ class Partition:
             full[vis] = hit
             out[g] = full
         return out
+
+    # -- what the run reports ------------------------------------------------------
+    def _decode(self, adapter: "Adapter") -> None:
+        ids = sorted({i for ids in self._all_anchors().values() for i in ids})
+        self.decoded = {i: str(adapter.tokenizer.convert_ids_to_tokens(i)) for i in ids}
+
+    def _count(self, batch: "Batch", groups: dict[str, torch.Tensor]) -> None:
+        vt = batch.roles.visual_tokens()
+        key = vt["sample"] * 10_000 + vt["image"]
+        for k in key.unique().tolist():
+            s, img = divmod(k, 10_000)
+            sel = key == k
+            self.tally[f"{batch.samples[s].id}/{img}"] = {g: int(m[sel].sum()) for g, m in groups.items()}
+
+    def anchor_table(self, adapter: "Adapter | None" = None) -> list[dict]:
+        """Every anchor in use, decoded: ``[{group, id, token, source}]`` (source: given or discovered)."""
+        if adapter is not None:
+            self._decode(adapter)
+        out = []
+        for g, ids in self._all_anchors().items():
+            given = set(self.anchors.get(g, []))
+            for i in ids:
+                out.append({"group": g, "id": i, "token": self.decoded.get(i, str(i)), "source": "given" if i in given else "discovered"})
+        return out
+
+    def summary(self) -> dict:
+        """Group fractions over every image labelled, per-image spread, the anchors decoded, discovery evidence, warnings."""
+        names = list(self.names)
+        total = {g: sum(t.get(g, 0) for t in self.tally.values()) for g in names}
+        n = sum(total.values())
+        per_image = {}
+        for g in names:
+            fr = [t.get(g, 0) / max(sum(t.values()), 1) for t in self.tally.values()]
+            per_image[g] = {"mean": sum(fr) / len(fr) if fr else 0.0, "min": min(fr, default=0.0), "max": max(fr, default=0.0)}
+        emptied = {g: sorted(k for k, t in self.tally.items() if t.get(g, 0) and t.get(g, 0) == sum(t.values())) for g in names if g != "alive"}
+        out = {
+            "order": names,
+            "n_images": len(self.tally),
+            "n_visual_tokens": n,
+            "counts": total,
+            "fractions": {g: c / n if n else 0.0 for g, c in total.items()},
+            "per_image_fraction": per_image,
+            "anchors": self.anchor_table(),
+            "warnings": partition_warnings(self, total, emptied),
+        }
+        if self.discover:
+            out["discovered_anchors"] = {g: [{"id": i, "token": self.decoded.get(i, str(i))} for i in ids] for g, ids in self.discovered.items()}
+            out["discovery"] = self.evidence
+        return out
+
+
+#: Thresholds of the degenerate-partition warnings: dead above / below these shares of all visual tokens.
+DEAD_HIGH, DEAD_LOW = 0.9, 0.02
+
+
+def partition_warnings(part: Partition, total: dict[str, int], emptied: dict[str, list[str]]) -> list[str]:
+    """What looks degenerate about a partition, each with what to check."""
+    out = list(part.discovery_notes)
+    n = sum(total.values())
+    if not n:
+        return out
+    if "dead" in total:
+        dead = total["dead"] / n
+        how = "discovered" if part.discover else "given"
+        if dead > DEAD_HIGH:
+            out.append(f"partition: {dead:.0%} of visual tokens are dead (more than {DEAD_HIGH:.0%}); the dead anchors "
+                       f"({how}: {', '.join(repr(a['token']) for a in part.anchor_table() if a['group'] == 'dead')}) "
+                       "probably include content words: check the discovery evidence, or give anchors / a larger data set")
+        elif dead < DEAD_LOW:
+            out.append(f"partition: only {dead:.1%} of visual tokens are dead (less than {DEAD_LOW:.0%}); "
+                       + ("no dead anchor was found: this model may have no dead tokens, or the data set is too small"
+                          if part.discover and not part._all_anchors().get("dead") else "check the dead anchors and k"))
+    for g, keys in emptied.items():
+        if keys:
+            shown = ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")
+            out.append(f"partition: group {g!r} holds every visual token of {len(keys)} image(s) ({shown}); "
+                       f"a condition that removes {g!r} leaves those images without visual tokens")
+    return out

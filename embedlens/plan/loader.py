@@ -176,6 +176,7 @@ def load_plan(path: str | Path | None = None, text: str | None = None) -> Loaded
     _expand_sweeps(loaded)
     _check_plugins(loaded)
     _check_labels(loaded)
+    _one_partition(loaded)
     _check_files(loaded)
     return loaded
 
@@ -374,3 +375,45 @@ def _check_files(loaded: LoadedPlan) -> None:
         raise loaded.error(("data", "images"), f"folder not found: {loaded.resolve(data.images)}")
     if data.dataset is not None and not loaded.resolve(data.dataset).exists():
         raise loaded.error(("data", "dataset"), f"data set folder not found: {loaded.resolve(data.dataset)}")
+
+
+def _one_partition(loaded: LoadedPlan) -> None:
+    """One partition per plan: `token_partition` reads the `partition:` block, or, without one, defines it.
+
+    A plan with a ``partition:`` block and a ``token_partition`` probe with
+    parameters of its own is an error (the two could disagree); a plan without
+    the block takes the probe's parameters as its partition, so conditions and
+    every other probe use the same groups.
+    """
+    from embedlens.plan.schema import PartitionSpec
+
+    plan = loaded.plan
+    found = [(i, pr) for i, pr in enumerate(plan.probes) if pr.name == "token_partition"]
+    if plan.partition is not None:
+        for i, pr in found:
+            if pr.params:
+                key = next(iter(pr.params))
+                raise loaded.error(
+                    ("probes", i, "params", key),
+                    "token_partition labels with the plan's partition: block (one partition per plan); "
+                    f"set {key} there and give token_partition no parameters",
+                )
+        return
+    if not found:
+        return
+    params_given = [(i, pr) for i, pr in found if pr.params]
+    if len(params_given) > 1 or (params_given and len(found) > 1 and any(pr.params != params_given[0][1].params for _, pr in found)):
+        i = params_given[-1][0]
+        raise loaded.error(("probes", i), "a plan has one partition: give its settings once, in a partition: block, "
+                           "and no parameters to token_partition")
+    i, pr = params_given[0] if params_given else found[0]
+    params = dict(pr.params)
+    if params.get("discover") is None:
+        params["discover"] = not params.get("anchors")
+    try:
+        plan.partition = PartitionSpec(**params)
+    except Exception as e:  # pydantic's message, located at the probe's parameters
+        raise loaded.error(("probes", i, "params"), f"not a valid partition: {e}") from None
+    loaded.aliases[("partition",)] = ("probes", i, "params")
+    for _, pr in found:
+        pr.params = {}

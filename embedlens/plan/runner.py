@@ -24,6 +24,7 @@ import torch
 
 from embedlens.adapters import load_model
 from embedlens.adapters.base import Adapter
+from embedlens.anchors import EVIDENCE_COLUMNS
 from embedlens.data import Record, Sample, read_hf_dataset, read_records
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.groups import Partition
@@ -35,6 +36,7 @@ from embedlens.plan.effects import EffectSummary, matched_controls
 from embedlens.plan.schema import ModelSpec
 from embedlens.plan.store import CHECKPOINT, Parts, atomic_write, clear_run
 from embedlens.probes.base import Probe, Tensors
+from embedlens.probes.partition import TokenPartition
 from embedlens.registry import interventions as intervention_registry
 from embedlens.registry import metrics as metric_registry
 from embedlens.registry import probes as probe_registry
@@ -67,6 +69,11 @@ class RunResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
     report: Path | None = None
     resumed_from: int | None = None
+
+    @property
+    def warnings(self) -> list[str]:
+        """What looks degenerate (today: the partition), each with what to check."""
+        return list(self.summary.get("partition", {}).get("warnings", []))
 
 
 def _model_loc(loaded: LoadedPlan, name: str) -> tuple:
@@ -171,6 +178,9 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None, model: str | Non
             head, _, msg = str(e).partition(": ")  # "partition.anchors.dead: ..." -> that key
             key = tuple(head.split(".")) if head.startswith("partition.") else ("partition",)
             raise loaded.error(key, msg if head.startswith("partition.") else str(e)) from None
+    for _, probe in built:  # one partition per plan (see loader._one_partition): token_partition labels with it
+        if isinstance(probe, TokenPartition) and partition is not None:
+            probe.use_partition(partition)
     records = read_data(loaded, adapter)
     key = ("data", "prompts" if plan.data.prompts else "dataset" if plan.data.dataset else "synthetic")
     for r in records:  # prompt checks are cheap: fail before the first batch, not in the middle
@@ -420,7 +430,7 @@ def _emit(parts: Parts, label: str, name: str, rows: Any, index: int, n_probes: 
 
 
 def _finish(prepared: Prepared, out: Path, parts: Parts, state: _State, started: float, resumed_from: int | None) -> RunResult:
-    from embedlens.figures import effect_chart
+    from embedlens.figures import effect_chart, evidence_figure
 
     loaded, adapter, plan = prepared.loaded, prepared.adapter, prepared.loaded.plan
     probes, partition = state.probes, state.partition
@@ -441,11 +451,13 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: _State, started:
                 rows["n"].append(st["n"])
                 rows["control"].append(controls.get(cond))
         parts.table("effects_summary", rows, 0)
+    if partition is not None and partition.evidence:  # why each id is (not) an anchor
+        parts.table("partition_discovery", {k: [r[k] for r in partition.evidence] for k in EVIDENCE_COLUMNS}, 0)
     tables = parts.gather(plan.output.formats)
     result = RunResult(out_dir=out, tables=tables, skipped=list(state.skipped), resumed_from=resumed_from)
     result.summary = {label: probe.result() for label, probe in probes}
-    if partition is not None and partition.discovered:
-        result.summary["partition"] = {"discovered_anchors": partition.discovered}
+    if partition is not None:
+        result.summary["partition"] = partition.summary()
     if effects:
         result.summary["effects"] = state.effects.result()
         result.summary["effects_sem"] = {c: {k: v["sem"] for k, v in cols.items()} for c, cols in effects.items()}
@@ -465,6 +477,9 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: _State, started:
         fig_dir = out / "figures"
         for label, probe in probes:
             result.figures += probe.figures(fig_dir / label if own[label] else fig_dir)
+        if partition is not None and partition.evidence:
+            result.figures.append(evidence_figure(partition.evidence, partition.anchor_rule(), fig_dir / "partition_discovery.png",
+                                                  title="Partition: discovered anchors and the rejected candidates (marker size: token share)"))
         if effects:
             metrics = sorted({m for cols in effects.values() for m in cols})
             for m in metrics:

@@ -97,13 +97,17 @@ class PartitionSpec(_Strict):
 
     anchors: dict[str, list[int]] = Field(default_factory=dict, description="group name -> anchor vocabulary ids")
     discover: bool = Field(False, description="discover sink/dead anchor ids from the data first")
-    discover_min_images: float = Field(0.5, gt=0, le=1, description="share of images a discovered anchor must occur in")
+    discover_min_images: float = Field(0.3, gt=0, le=1, description="share of images a discovered anchor must be some token's nearest id in (and two at least)")
+    discover_max_dispersion: float = Field(0.2, gt=0, le=1, description="a dead anchor's tokens spread at most this share of the other tokens' (they collapse)")
+    discover_sink_fraction: float = Field(0.5, gt=0, le=1, description="share of an id's tokens that must be ViT-norm / massive outliers for a sink anchor")
+    discover_max_anchors: int = Field(10, ge=1, description="anchors kept per group, most tokens first")
     k: int = Field(3, ge=1, description="a token is in a group if any of its top-k neighbours is an anchor")
     matrix: Literal["input", "output"] = "input"
     vit_norm: str | None = Field(None, description="group for ViT high-norm tokens (e.g. sink)")
     vit_layer: int = -2
     vit_sigma: float = Field(2.0, gt=0)
     vit_threshold: float | None = None
+    vit_ratio: float = Field(2.0, ge=0, description="a ViT high-norm token is also at least this many times the image's median norm")
     massive: str | None = Field(None, description="group for tokens with a massive activation (e.g. sink)")
     massive_layers: list[int] | None = None
     massive_threshold: float = 100.0

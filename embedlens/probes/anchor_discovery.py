@@ -1,4 +1,4 @@
-"""Anchor discovery: vocabulary ids visual tokens land near whatever the image shows."""
+"""Anchor discovery as a probe: the vocabulary ids that mark sink and dead tokens, with the evidence for each verdict."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from embedlens.anchors import EVIDENCE_COLUMNS, AnchorRule, Discoverer, discovery_warnings
 from embedlens.errors import EmbedLensError, PlanError
-from embedlens.groups import Partition
 from embedlens.probes.base import Probe, Table
-from embedlens.probes.embedding_lens import nearest_vocab
 from embedlens.registry import probes
 from embedlens.sites import Site
 
@@ -20,26 +19,30 @@ if TYPE_CHECKING:
 
 @probes.register("anchor_discovery")
 class AnchorDiscovery(Probe):
-    """Find the vocabulary ids visual tokens land near in most images, and say which look like sinks.
+    """Find the vocabulary ids that sink and dead visual tokens land on, and show why each id was or was not chosen.
 
-    For every vocabulary id it counts, over the data set, the images in which
-    some visual token has it among its top-k nearest input embeddings, and
-    those tokens. Ids present in at least ``min_image_fraction`` of the images
-    do not depend on content: they are anchor candidates, ranked by image
-    frequency, then token share. A candidate whose tokens are mostly outliers
-    (ViT high-norm at ``vit_layer``, or a massive LLM activation) is called a
-    sink anchor, the others dead anchors. The result feeds
-    ``token_partition(discover: true)``.
+    Every visual token at the LLM input is counted under its nearest
+    vocabulary id. An id is an anchor by what lands on it (`embedlens.anchors`):
+    a **dead** anchor's tokens collapse onto nearly one point across images
+    (their dispersion is at most ``max_dispersion`` of the other tokens'), a
+    **sink** anchor's tokens are mostly ViT high-norm or massive-activation
+    outliers; either must be the nearest id of some token in at least
+    ``min_image_fraction`` of the images. A content word that occurs in every
+    image is not an anchor: its tokens still differ. This is the discovery
+    ``partition: {discover: true}`` runs, with the same defaults; the
+    ``candidates`` table holds the evidence of every id seen in two images or
+    more.
 
     Args:
-        k: neighbours per token counted (1: the nearest only; larger k also
-            counts the anchors' own close neighbours).
-        min_image_fraction: share of images an id must occur in to be a candidate.
-        max_anchors: candidates kept.
-        sink_fraction: share of a candidate's tokens that must be outliers to call it a sink.
+        min_image_fraction: share of images an anchor must occur in (and at least two).
+        max_dispersion: a dead anchor's dispersion at most this share of the other tokens'.
+        sink_fraction: share of an id's tokens that must be outliers for a sink anchor.
+        max_anchors: anchors kept per group (most tokens first).
         matrix: "input" or "output" embeddings.
         vit_layer: vision layer of the norm test.
-        vit_sigma: norm > mean + vit_sigma * std over the image.
+        vit_sigma: norm > mean + vit_sigma * std over the image ...
+        vit_ratio: ... and >= vit_ratio x the image's median norm.
+        massive: also count massive LLM activations as sink evidence (runs the LLM; False stops at its input).
         massive_threshold: |a| above this ...
         massive_ratio: ... and this many times the median |a| (any LLM layer).
         chunk_size: vocabulary rows compared at once.
@@ -48,7 +51,7 @@ class AnchorDiscovery(Probe):
         >>> from embedlens.testing import tiny_batch
         >>> from embedlens.tracing import collect
         >>> adapter, batch = tiny_batch("llava-clip", n=3)
-        >>> probe = AnchorDiscovery(min_image_fraction=0.5)
+        >>> probe = AnchorDiscovery()
         >>> _ = probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))
         >>> probe.result()["n_images"]
         3
@@ -56,127 +59,83 @@ class AnchorDiscovery(Probe):
 
     def __init__(
         self,
-        k: int = 1,
-        min_image_fraction: float = 0.5,
-        max_anchors: int = 10,
-        sink_fraction: float = 0.5,
+        min_image_fraction: float = AnchorRule.min_image_fraction,
+        max_dispersion: float = AnchorRule.max_dispersion,
+        sink_fraction: float = AnchorRule.sink_fraction,
+        max_anchors: int = AnchorRule.max_anchors,
         matrix: Literal["input", "output"] = "input",
         vit_layer: int = -2,
         vit_sigma: float = 2.0,
+        vit_ratio: float = 2.0,
+        massive: bool = True,
         massive_threshold: float = 100.0,
         massive_ratio: float = 1000.0,
         chunk_size: int = 8192,
     ):
-        if k < 1:
-            raise PlanError(f"anchor_discovery.k: must be >= 1; got {k}")
-        for name, v in (("min_image_fraction", min_image_fraction), ("sink_fraction", sink_fraction)):
-            if not 0 < v <= 1:
-                raise PlanError(f"anchor_discovery.{name}: must be in (0, 1]; got {v}")
-        if max_anchors < 1:
-            raise PlanError(f"anchor_discovery.max_anchors: must be >= 1; got {max_anchors}")
-        self.k, self.min_image_fraction, self.max_anchors, self.sink_fraction = k, min_image_fraction, max_anchors, sink_fraction
-        self.matrix, self.vit_layer, self.vit_sigma = matrix, vit_layer, vit_sigma
+        try:
+            rule = AnchorRule(min_image_fraction, max_dispersion, sink_fraction, max_anchors)
+        except EmbedLensError as e:
+            raise PlanError(f"anchor_discovery.{e}") from None
+        if chunk_size < 1:
+            raise PlanError(f"anchor_discovery.chunk_size: must be >= 1; got {chunk_size}")
+        self.min_image_fraction, self.max_dispersion, self.sink_fraction, self.max_anchors = (
+            min_image_fraction, max_dispersion, sink_fraction, max_anchors)
+        self.matrix, self.vit_layer, self.vit_sigma, self.vit_ratio, self.massive = matrix, vit_layer, vit_sigma, vit_ratio, massive
         self.massive_threshold, self.massive_ratio, self.chunk_size = massive_threshold, massive_ratio, chunk_size
-        # the outlier tests are the partition's own ViT-norm and massive-activation rules
-        self._outliers_rule = Partition(vit_norm="sink", vit_layer=vit_layer, vit_sigma=vit_sigma, massive="sink",
-                                        massive_threshold=massive_threshold, massive_ratio=massive_ratio)
-        self._images: torch.Tensor | None = None  # [vocab] images containing the id
-        self._tokens: torch.Tensor | None = None  # [vocab] tokens with the id in their top-k
-        self._outliers: torch.Tensor | None = None  # [vocab] of those, outlier tokens
-        self._n_images = 0
-        self._n_tokens = 0
-        self._vocab_tokens: list[str] = []
+        self._rule = rule
+        self._disc: Discoverer | None = None
+        self._table: list[dict[str, Any]] = []
+
+    def _discoverer(self, adapter: "Adapter") -> Discoverer:
+        if self._disc is None:
+            self._disc = Discoverer(
+                rule=self._rule, matrix=self.matrix, chunk_size=self.chunk_size, vit_layer=self.vit_layer,
+                vit_sigma=self.vit_sigma, vit_ratio=self.vit_ratio, massive_layers=list(range(adapter.n_llm_layers)) if self.massive else None,
+                massive_threshold=self.massive_threshold, massive_ratio=self.massive_ratio,
+            )
+        return self._disc
 
     def sites(self, adapter: "Adapter") -> list[Site]:
         try:
-            outlier_sites = self._outliers_rule.sites(adapter)
+            return self._discoverer(adapter).sites(adapter)
         except EmbedLensError as e:
-            raise PlanError(str(e).replace("partition.", "anchor_discovery.", 1)) from None
-        return sorted({Site("llm.embed"), *outlier_sites}, key=Site.order_key)
+            raise PlanError(f"anchor_discovery.vit_layer: {e}") from None
 
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
-        vocab = (adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach()
-        v = vocab.shape[0]
-        if self._images is None:
-            self._images, self._tokens, self._outliers = (torch.zeros(v, dtype=torch.long) for _ in range(3))
-            self._vocab_tokens = adapter.tokenizer.convert_ids_to_tokens(list(range(v)))
-        vt = batch.roles.visual_tokens()
-        x = acts[Site("llm.embed")][vt["sample"], vt["position"]]
-        _, ids = nearest_vocab(x, vocab, self.k, self.chunk_size)  # [tokens, k]
-        ids = ids.cpu()
-        rules = self._outliers_rule.rules(adapter, batch, acts)
-        outlier = rules["vit_norm"] | rules["massive"]
-        key = vt["sample"] * 10_000 + vt["image"]
-        for img in key.unique().tolist():
-            sel = key == img
-            present = ids[sel].flatten().unique()
-            self._images[present] += 1
-            self._n_images += 1
-        per_token = [row.unique() for row in ids]  # an id counted once per token even if k > 1 repeats it
-        for row, out in zip(per_token, outlier.tolist()):
-            self._tokens[row] += 1
-            if out:
-                self._outliers[row] += 1
-        self._n_tokens += ids.shape[0]
+        disc = self._discoverer(adapter)
+        disc.update(adapter, batch, acts)
+        self._table = disc.table(adapter)
         return {}
 
     def candidates(self) -> list[dict[str, Any]]:
-        """Anchor candidates, best first: id, token, image_fraction, token_share, outlier_fraction, kind."""
-        if self._images is None or self._n_images == 0:
-            return []
-        frac = self._images.double() / self._n_images
-        ok = (frac >= self.min_image_fraction).nonzero().flatten().tolist()
-        ok.sort(key=lambda i: (-float(frac[i]), -int(self._tokens[i]), i))
-        out = []
-        for i in ok[: self.max_anchors]:
-            n = int(self._tokens[i])
-            of = int(self._outliers[i]) / max(n, 1)
-            out.append(
-                {
-                    "id": i,
-                    "token": self._vocab_tokens[i],
-                    "image_fraction": float(frac[i]),
-                    "token_share": n / max(self._n_tokens, 1),
-                    "outlier_fraction": of,
-                    "kind": "sink" if of >= self.sink_fraction else "dead",
-                }
-            )
-        return out
+        """The evidence table: anchors first, then every other id seen in two images or more."""
+        return list(self._table)
 
     def anchors(self) -> dict[str, list[int]]:
-        """``{"sink": [...], "dead": [...]}`` from the candidates."""
+        """``{"sink": [...], "dead": [...]}`` from the evidence."""
         out: dict[str, list[int]] = {"sink": [], "dead": []}
-        for c in self.candidates():
-            out[c["kind"]].append(c["id"])
+        for c in self._table:
+            if c["verdict"] in out:
+                out[c["verdict"]].append(c["id"])
         return out
 
     def result(self) -> dict[str, Any]:
+        ev = self._disc.evidence if self._disc is not None else None
         return {
-            "n_images": self._n_images,
-            "n_visual_tokens": self._n_tokens,
+            "n_images": ev.n_images if ev else 0,
+            "n_visual_tokens": ev.n_tokens if ev else 0,
+            "anchors": {g: [{"id": c["id"], "token": c["token"]} for c in self._table if c["verdict"] == g] for g in ("sink", "dead")},
             "candidates": self.candidates(),
-            "anchors": self.anchors(),
+            "warnings": discovery_warnings(self._table, self._rule),
         }
 
     def final_tables(self) -> dict[str, Table]:
-        cands = self.candidates()
-        return {"candidates": {k: [c[k] for c in cands] for k in ("id", "token", "image_fraction", "token_share", "outlier_fraction", "kind")}}
+        return {"candidates": {k: [c[k] for c in self._table] for k in EVIDENCE_COLUMNS}} if self._table else {}
 
     def figures(self, out_dir: Path) -> list[Path]:
-        if self._images is None or self._n_images == 0:
+        if not self._table:
             return []
-        from embedlens.figures import _plt, _save
+        from embedlens.figures import evidence_figure
 
-        plt = _plt()
-        frac = (self._images.double() / self._n_images)
-        top = frac.topk(min(20, int((frac > 0).sum()))).indices.tolist()
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        labels = [f"{self._vocab_tokens[i]!s} ({i})" for i in top]
-        kinds = {c["id"]: c["kind"] for c in self.candidates()}
-        colours = ["#d62728" if kinds.get(i) == "sink" else "#7f7f7f" if i in kinds else "#2ca02c" for i in top]
-        ax.bar(range(len(top)), [float(frac[i]) for i in top], color=colours)
-        ax.axhline(self.min_image_fraction, color="black", lw=0.8, ls="--")
-        ax.set_xticks(range(len(top)), labels, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("fraction of images")
-        ax.set_title("Nearest-vocabulary ids by image frequency (red: sink, grey: dead anchors, green: content)", fontsize=9)
-        return [_save(fig, Path(out_dir) / "anchor_discovery.png")]
+        return [evidence_figure(self._table, self._rule, Path(out_dir) / "anchor_discovery.png")]
+

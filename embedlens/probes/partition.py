@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import torch
 
+from embedlens.anchors import AnchorRule
 from embedlens.errors import EmbedLensError, PlanError
 from embedlens.groups import Partition
 from embedlens.probes._util import FirstImage, token_meta
@@ -35,6 +36,11 @@ class _PartitionProbe(Probe):
         self._per_image: list[dict[str, float]] = []
         self._n = 0
         self._first = FirstImage()
+
+    def use_partition(self, partition: Partition) -> None:
+        """Label with `partition` (the run's one partition, from the plan) instead of the one built from parameters."""
+        self.partition = partition
+        self._counts = {g: 0 for g in partition.names}
 
     @property
     def needs_fit(self) -> bool:
@@ -97,8 +103,12 @@ class _PartitionProbe(Probe):
             "rule_counts": dict(self._rule_counts),
             "overlaps": dict(self._overlap),
         }
+        summ = self.partition.summary()
+        out["anchors"] = summ["anchors"]
         if self.partition.discover:
-            out["discovered_anchors"] = self.partition.discovered
+            out["discovered_anchors"] = summ["discovered_anchors"]
+            out["discovery"] = summ["discovery"]
+        out["warnings"] = summ["warnings"]
         return out
 
     def figures(self, out_dir: Path) -> list[Path]:
@@ -107,14 +117,20 @@ class _PartitionProbe(Probe):
             return []
         from embedlens.figures import category_map
 
+        from embedlens.figures import evidence_figure
+
         fr = self.result()["fractions"]
         summary = ", ".join(f"{g} {fr[g]:.0%}" for g in self.partition.names)
-        return [
+        out = [
             category_map(
                 f["pixels"], f["row"], f["col"], f["group"], Path(out_dir) / f"{self.name}_map.png",
                 title=f"{self.name} - {f['sample_id']} (run: {summary})",
             )
         ]
+        if self.partition.evidence:
+            out.append(evidence_figure(self.partition.evidence, self.partition.anchor_rule(), Path(out_dir) / f"{self.name}_discovery.png",
+                                       title="Partition: discovered anchors and the rejected candidates (marker size: token share)"))
+        return out
 
 
 @probes.register("anchor_groups")
@@ -171,17 +187,27 @@ class TokenPartition(_PartitionProbe):
     group; precedence decides between groups; the table keeps every rule's
     verdict per token.
 
+    In a plan there is one partition: a plan with a ``partition:`` block
+    labels with it (this probe then takes no parameters), and a plan without
+    one takes this probe's parameters as its partition, so the probe, the
+    other probes' groups, the conditions' selections and the figures can
+    never disagree.
+
     Args:
         anchors: group name -> anchor vocabulary ids.
         discover: find sink/dead anchors from the data in a first pass (see `anchor_discovery`);
             default: only when no anchors are given.
-        discover_min_images: share of images a discovered anchor must be nearest to some token in.
+        discover_min_images: share of images a discovered anchor must be the nearest id of some token in.
+        discover_max_dispersion: a dead anchor's tokens spread at most this share of the other tokens'.
+        discover_sink_fraction: share of an id's tokens that must be outliers for a sink anchor.
+        discover_max_anchors: anchors kept per group.
         k: neighbours compared with the anchors.
         matrix: "input" or "output" embeddings for the neighbours.
         vit_norm: group for ViT high-norm tokens ("sink"), or None to skip the rule.
         vit_layer: vision layer of the norm test (-2: LLaVA's feature layer).
         vit_sigma: norm > mean + vit_sigma * std over the image.
         vit_threshold: absolute norm threshold instead.
+        vit_ratio: and at least this many times the image's median norm.
         massive: group for tokens with a massive activation ("sink"), or None.
         massive_layers: LLM layers searched (default all).
         massive_threshold: |a| above this ...
@@ -208,13 +234,17 @@ class TokenPartition(_PartitionProbe):
         self,
         anchors: dict[str, list[int]] = {},  # noqa: B006 - never mutated
         discover: bool | None = None,
-        discover_min_images: float = 0.5,
+        discover_min_images: float = AnchorRule.min_image_fraction,
+        discover_max_dispersion: float = AnchorRule.max_dispersion,
+        discover_sink_fraction: float = AnchorRule.sink_fraction,
+        discover_max_anchors: int = AnchorRule.max_anchors,
         k: int = 3,
         matrix: Literal["input", "output"] = "input",
         vit_norm: str | None = None,
         vit_layer: int = -2,
         vit_sigma: float = 2.0,
         vit_threshold: float | None = None,
+        vit_ratio: float = 2.0,
         massive: str | None = None,
         massive_layers: list[int] | None = None,
         massive_threshold: float = 100.0,
@@ -227,8 +257,9 @@ class TokenPartition(_PartitionProbe):
     ):
         params = dict(
             anchors=anchors, discover=(not anchors) if discover is None else discover,
-            discover_min_images=discover_min_images, k=k, matrix=matrix, vit_norm=vit_norm, vit_layer=vit_layer,
-            vit_sigma=vit_sigma, vit_threshold=vit_threshold, massive=massive, massive_layers=massive_layers,
+            discover_min_images=discover_min_images, discover_max_dispersion=discover_max_dispersion,
+            discover_sink_fraction=discover_sink_fraction, discover_max_anchors=discover_max_anchors, k=k, matrix=matrix, vit_norm=vit_norm, vit_layer=vit_layer,
+            vit_sigma=vit_sigma, vit_threshold=vit_threshold, vit_ratio=vit_ratio, massive=massive, massive_layers=massive_layers,
             massive_threshold=massive_threshold, massive_ratio=massive_ratio, entropy=entropy,
             entropy_threshold=entropy_threshold, temperature=temperature, order=order, chunk_size=chunk_size,
         )

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from embedlens.errors import PlanError
-from embedlens.groups import vision_to_tokens
+from embedlens.signals import vision_to_tokens
 from embedlens.probes._util import FirstImage, token_groups, token_meta
 from embedlens.probes.base import Probe, Table
 from embedlens.registry import probes
@@ -28,7 +28,7 @@ class SinkDetector(Probe):
     """Flag sink visual tokens three ways and report how the detectors agree.
 
     - **ViT high-norm** (Darcet et al.): patch norm at ``vit_layer`` above
-      mean + ``vit_sigma`` std over the image (or above ``vit_threshold``).
+      mean + ``vit_sigma`` std over the image and at least ``vit_ratio`` x its median (or above ``vit_threshold``).
     - **Massive activations** (Sun et al.): an entry with |a| > ``massive_threshold``
       and > ``massive_ratio`` x the median |a| of that sample's hidden state, at
       any LLM layer; per-layer statistics and the dims where they sit are
@@ -46,6 +46,7 @@ class SinkDetector(Probe):
         vit_layer: vision layer of the norm test (-2: LLaVA's feature layer).
         vit_sigma: sigma of the per-image norm rule.
         vit_threshold: absolute norm threshold instead.
+        vit_ratio: a flagged norm is also at least this many times the image's median.
         massive_threshold: |a| above this ...
         massive_ratio: ... and this many times the median |a|.
         tau: attention-sink threshold on the RMS-normalised value.
@@ -67,6 +68,7 @@ class SinkDetector(Probe):
         vit_layer: int = -2,
         vit_sigma: float = 2.0,
         vit_threshold: float | None = None,
+        vit_ratio: float = 2.0,
         massive_threshold: float = 100.0,
         massive_ratio: float = 1000.0,
         tau: float = 20.0,
@@ -75,9 +77,11 @@ class SinkDetector(Probe):
     ):
         if vit_sigma <= 0:
             raise PlanError(f"sink_detector.vit_sigma: must be > 0; got {vit_sigma}")
+        if not vit_ratio >= 0:
+            raise PlanError(f"sink_detector.vit_ratio: must be >= 0; got {vit_ratio}")
         if tau <= 0:
             raise PlanError(f"sink_detector.tau: must be > 0; got {tau}")
-        self.vit_layer, self.vit_sigma, self.vit_threshold = vit_layer, vit_sigma, vit_threshold
+        self.vit_layer, self.vit_sigma, self.vit_threshold, self.vit_ratio = vit_layer, vit_sigma, vit_threshold, vit_ratio
         self.massive_threshold, self.massive_ratio, self.tau = massive_threshold, massive_ratio, tau
         self.sink_from_layer, self.sink_dims = sink_from_layer, sink_dims
         self._layer_stats: dict[int, dict[str, Any]] = {}
@@ -111,7 +115,7 @@ class SinkDetector(Probe):
         feats = acts[adapter.resolve(Site("vision.layers", self.vit_layer))]
         prefix = adapter.n_prefix_tokens
         norms = feats[:, prefix:].float().norm(dim=-1)
-        vit_flag = vision_to_tokens(norm_outliers(norms, self.vit_sigma, self.vit_threshold), vt).cpu()
+        vit_flag = vision_to_tokens(norm_outliers(norms, self.vit_sigma, self.vit_threshold, self.vit_ratio), vt).cpu()
         vit_norm = vision_to_tokens(norms, vt).cpu()
         valid = ~batch.roles.padding
         kind = batch.roles.kind

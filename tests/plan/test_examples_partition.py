@@ -1,0 +1,111 @@
+"""The shipped examples' partitions, with their default settings, against the data's ground truth.
+
+Dead tokens must be the background patches (synthetic per-patch truth; for
+`examples/data` the images' flat background colour), the only dead anchor
+discovered must be ``background`` on both zoo models, and no image may lose
+every visual token to ``prune dead``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embedlens.groups import Partition
+from embedlens.plan import load_plan, prepare
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+# (example, model name in the plan or None): every example whose plan has a partition, and the quickstart's data
+CASES = [
+    ("pruning_study.yaml", None),
+    ("clip_vs_siglip.yaml", "clip"),
+    ("clip_vs_siglip.yaml", "siglip"),
+    ("partition_study.yaml", None),
+    ("quickstart.yaml", None),
+]
+
+
+def _background_truth(sample, rows: int, cols: int) -> np.ndarray:
+    """``[rows, cols]`` bool: the patch is background (synthetic truth, else the majority of its pixels are the flat background colour)."""
+    labels = sample.meta.get("patch_labels", {}).get("kind")
+    if labels is not None:
+        return np.array(labels) == "background"
+    img = np.asarray(sample.images[0].convert("RGB").resize((cols * 16, rows * 16), resample=0))
+    colours, counts = np.unique(img.reshape(-1, 3), axis=0, return_counts=True)
+    bg = colours[counts.argmax()]
+    same = (img == bg).all(-1).reshape(rows, 16, cols, 16).mean(axis=(1, 3))
+    return same > 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example,model", CASES, ids=[f"{e}-{m or 'model'}" for e, m in CASES])
+def test_default_partition_finds_background_alone(example, model):
+    loaded = load_plan(EXAMPLES / example)
+    prepared = prepare(loaded, model=model)
+    adapter = prepared.adapter
+    part = prepared.partition or Partition(discover=True)  # the quickstart has none: the default one
+    assert part.discover
+    samples = [r.load()[0] for r in prepared.records]
+    batches = [adapter.encode(samples[i : i + 4], padding_side="left") for i in range(0, len(samples), 4)]
+    part.fit(adapter, batches)
+    tok = adapter.tokenizer
+    assert [tok.convert_ids_to_tokens(i) for i in part.discovered["dead"]] == ["background"]
+    tp = fp = fn = 0
+    for b in batches:
+        groups = part.label(adapter, b)
+        vt = b.roles.visual_tokens()
+        dead = groups["dead"][vt["sample"], vt["position"]]
+        truth = torch.zeros_like(dead)
+        for s, sample in enumerate(b.samples):
+            sel = vt["sample"] == s
+            rows, cols = b.roles.grid_shape(s, 0)
+            bg = torch.from_numpy(_background_truth(sample, rows, cols))
+            truth[sel] = bg[vt["row"][sel], vt["col"][sel]]
+            assert not dead[sel].all(), f"prune dead would remove every visual token of {sample.id}"
+        tp += int((dead & truth).sum()); fp += int((dead & ~truth).sum()); fn += int((~dead & truth).sum())
+    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+    summary = part.summary()
+    assert not [w for w in summary["warnings"] if "dead" in w], summary["warnings"]  # defaults raise no degenerate-partition warning
+
+
+def test_partition_block_and_token_partition_cannot_disagree(tmp_path):
+    """One partition per plan: token_partition with its own settings beside a partition: block is refused,
+    and without the block its settings become the plan's partition (the same object the probe labels with)."""
+    from embedlens.errors import PlanError
+    from embedlens.probes.partition import TokenPartition
+
+    both = tmp_path / "both.yaml"
+    both.write_text("data: {synthetic: {n: 2}}\npartition: {discover: true}\n"
+                    "probes:\n  - name: token_partition\n    params: {discover: true, k: 1}\n")
+    with pytest.raises(PlanError, match=r"both.yaml:5 probes\[0\]\.params\.discover: token_partition labels with the plan's partition"):
+        load_plan(both)
+    alone = tmp_path / "alone.yaml"
+    alone.write_text("model: {source: 'tiny:llava-clip'}\ndata: {synthetic: {n: 2, size: 32}}\n"
+                     "probes:\n  - name: token_partition\n    params: {k: 1, vit_norm: sink}\n"
+                     "conditions: {p: [{name: prune, params: {tokens: dead, if_empty: noop}}]}\nmetrics: [{name: visual_tokens}]\n")
+    loaded = load_plan(alone)
+    assert loaded.plan.partition.k == 1 and loaded.plan.partition.vit_norm == "sink" and loaded.plan.partition.discover
+    prepared = prepare(loaded)
+    probe = dict(prepared.probes)["token_partition"]
+    assert isinstance(probe, TokenPartition) and probe.partition is prepared.partition
+    two = tmp_path / "two.yaml"
+    two.write_text("data: {synthetic: {n: 2}}\nprobes:\n  - name: token_partition\n    params: {k: 1}\n"
+                   "  - name: token_partition\n    label: other\n    params: {k: 2}\n")
+    with pytest.raises(PlanError, match="one partition"):
+        load_plan(two)
+
+
+def test_partition_spec_defaults_are_the_partitions():
+    """The YAML block and the Python class have the same defaults (the schema cannot import torch to share them)."""
+    import dataclasses
+
+    from embedlens.plan.schema import PartitionSpec
+
+    fields = {f.name: f.default for f in dataclasses.fields(Partition) if f.init}
+    for name, info in PartitionSpec.model_fields.items():
+        default = info.default if info.default_factory is None else info.default_factory()
+        assert default == (fields[name] if not isinstance(fields[name], dataclasses._MISSING_TYPE) else {}), name
