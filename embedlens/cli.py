@@ -147,6 +147,7 @@ def compare(
         embedlens compare runs/clip_vs_siglip/clip runs/clip_vs_siglip/siglip --output runs/cmp
     """
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from embedlens.compare import compare_runs
@@ -170,8 +171,10 @@ def compare(
         if r["key"] in seen:
             continue
         seen.add(r["key"])
-        table.add_row(r["key"], *[fmt(v) for v in r["values"]], fmt(r["rel_diff"]) if r["rel_diff"] is not None else "")
+        table.add_row(escape(r["key"]), *[escape(fmt(v)) for v in r["values"]], fmt(r["rel_diff"]) if r["rel_diff"] is not None else "")
     Console(width=160).print(table)
+    for w in cmp.warnings:
+        typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"wrote {cmp.csv} and {cmp.html}")
 
 

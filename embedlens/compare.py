@@ -30,6 +30,7 @@ class Comparison:
     figures: dict[str, list[Path | None]] = field(default_factory=dict)
     csv: Path | None = None
     html: Path | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def differences(self, threshold: float = DIFF_THRESHOLD) -> list[dict[str, Any]]:
         """Rows whose values differ by more than `threshold` (relative), largest first."""
@@ -48,6 +49,28 @@ def _load(run: Path) -> tuple[dict, dict]:
         return json.loads(m.read_text()), json.loads(s.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{run}: cannot read its manifest or summary ({e})") from None
+
+
+def readable(v: Any) -> Any:
+    """Vocabulary ids made readable: a list of ``{id, token[, count]}`` records becomes ``["token (id) xcount", ...]``."""
+    if isinstance(v, dict):
+        return {k: readable(x) for k, x in v.items()}
+    if isinstance(v, list) and v and all(isinstance(x, dict) and "id" in x and "token" in x for x in v):
+        return [f"{x['token']} ({x['id']})" + (f" x{x['count']}" if "count" in x else "") for x in v]
+    if isinstance(v, list):
+        return [readable(x) for x in v]
+    return v
+
+
+def tokenizer_warning(names: list[str], manifests: list[dict]) -> str | None:
+    """A warning when the runs' tokenizers differ: the same vocabulary id then means different words."""
+    prints = [m.get("tokenizer", {}).get("sha256") for m in manifests]
+    if len(set(prints)) <= 1:
+        return None
+    shown = ", ".join(f"{n}: {m.get('tokenizer', {}).get('class', '?')} ({m.get('tokenizer', {}).get('vocab_size', '?')} ids)"
+                      for n, m in zip(names, manifests))
+    return (f"the runs use different tokenizers ({shown}): a vocabulary id means a different word in each, so compare "
+            "anchors and nearest tokens by their decoded words, never by id")
 
 
 def _numeric_lists(vals: list[Any]) -> bool:
@@ -83,10 +106,16 @@ def compare_runs(runs: list[str | Path], out_dir: str | Path, names: list[str] |
             n = r.name if m.get("model", {}).get("name") in (None, "model") else m["model"]["name"]
             names.append(n if n not in names else f"{n} ({r})")
     cmp = Comparison(list(names))
+    warn = tokenizer_warning(cmp.names, [m for m, _ in loaded])
+    if warn:
+        cmp.warnings.append(warn)
     values: dict[str, list[Any]] = {}
     for i, (_, s) in enumerate(loaded):
         flat = [(f"groups.{k}", v) for k, v in group_fractions(s).items()]
-        for k, v in flatten({k: v for k, v in s.items() if k not in ("data", "effects_sem", "controls")}):
+        part = s.get("partition", {})
+        for g in dict.fromkeys(a["group"] for a in part.get("anchors", [])):  # anchors by decoded word
+            flat.append((f"groups.anchors.{g}", [f"{a['token']} ({a['id']})" for a in part["anchors"] if a["group"] == g]))
+        for k, v in flatten(readable({k: v for k, v in s.items() if k not in ("data", "effects_sem", "controls", "partition")})):
             flat.append((k, v))
         flat.append(("data.used", s.get("data", {}).get("used")))
         for k, v in flat:
@@ -131,6 +160,8 @@ def _html(cmp: Comparison, runs: list[Path], loaded: list[tuple[dict, dict]]) ->
     parts = []
     about = [[n, str(r), m.get("model", {}).get("source"), m.get("plan_hash"), m.get("n_samples")] for n, r, (m, _) in zip(cmp.names, runs, loaded)]
     parts.append("<h2>Runs</h2>" + table_html(["name", "folder", "model", "plan hash", "samples"], about))
+    for w in cmp.warnings:
+        parts.append(f'<p class="bad">Warning: {esc(w)}</p>')
     hashes = {m.get("plan_hash") for m, _ in loaded}
     if len(hashes) > 1:
         parts.append('<p class="bad">The runs come from different plans (plan hashes differ): differences may come from the plans, not only the models.</p>')

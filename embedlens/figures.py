@@ -252,11 +252,13 @@ def evidence_figure(table: list[dict[str, Any]], rule: "AnchorRule", path: Path,
             ax.annotate(str(r["token"]), (r["image_fraction"], max(r["relative_dispersion"], floor)), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
     ax.set_yscale("log")
+    ys = [max(r["relative_dispersion"], floor) for r in table if not math.isnan(r["relative_dispersion"])]
+    ax.set_ylim(min(ys + [rule.max_dispersion]) / 3, max(ys + [1.0]) * 3)
     ax.axhline(rule.max_dispersion, color="black", lw=0.8, ls="--")
     ax.axvline(rule.min_image_fraction, color="black", lw=0.8, ls=":")
     ax.set_xlim(0, 1.05)
     ax.set_xlabel("share of images where the id is some token's nearest (dotted: min_image_fraction)")
     ax.set_ylabel("dispersion / other tokens' (dashed: max_dispersion)")
     ax.set_title(title or "Anchor discovery: dead anchors collapse, content words spread (marker size: token share)", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", markerscale=0.6)
     return _save(fig, path)

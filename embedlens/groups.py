@@ -338,7 +338,8 @@ class Partition:
         for k in key.unique().tolist():
             s, img = divmod(k, 10_000)
             sel = key == k
-            self.tally[f"{batch.samples[s].id}/{img}"] = {g: int(m[sel].sum()) for g, m in groups.items()}
+            sid = batch.samples[s].id or f"#{len(self.tally)}"  # an unnamed sample cannot be recognised when relabelled
+            self.tally[f"{sid}/{img}"] = {g: int(m[sel].sum()) for g, m in groups.items()}
 
     def anchor_table(self, adapter: "Adapter | None" = None) -> list[dict]:
         """Every anchor in use, decoded: ``[{group, id, token, source}]`` (source: given or discovered)."""

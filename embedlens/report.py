@@ -22,7 +22,7 @@ main{padding:8px 24px 40px;max-width:1400px}
 h2{font-size:17px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
 h3{font-size:15px;margin:18px 0 6px}
 table{border-collapse:collapse;margin:6px 0 12px;font-size:12.5px;background:#fff}
-th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top;max-width:520px}
 th{background:#f0f0f0}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.diff td{background:#fff4d6}
@@ -33,6 +33,8 @@ figcaption{font-size:12px;color:#555;margin-top:4px;word-break:break-all}
 .note{color:#666;font-size:12.5px}
 .probe{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
 .bad{color:#b00020}
+.warn{background:#fff4d6;border:1px solid #e0b44c;padding:6px 12px;margin:10px 0}
+.warn li{margin:3px 0}
 nav a{margin-right:12px;color:#0b57d0;text-decoration:none}
 """
 
@@ -104,12 +106,42 @@ def page(title: str, subtitle: str, body: str) -> str:
 
 
 def group_fractions(summary: dict) -> dict[str, float]:
-    """Token group fractions (sink / dead / alive ...) of a run's summary, from the partition probes."""
+    """Token group fractions (sink / dead / alive ...) of a run's summary: the run's partition, else the partition probes."""
+    part = summary.get("partition")
+    if isinstance(part, dict) and isinstance(part.get("fractions"), dict) and part.get("n_visual_tokens"):
+        return dict(part["fractions"])
     for key in GROUP_KEYS:
         for label, res in summary.items():
             if (label == key or label.startswith(key + "[")) and isinstance(res, dict) and isinstance(res.get("fractions"), dict):
                 return dict(res["fractions"])
     return {}
+
+
+def partition_html(part: dict) -> str:
+    """The run's partition: groups with per-image spread, the anchors decoded, and the discovery evidence."""
+    per = part.get("per_image_fraction", {})
+    out = table_html(
+        ["group", "tokens", "fraction", "per image: mean", "min", "max"],
+        [[g, part["counts"].get(g, 0), part["fractions"].get(g, 0.0), per.get(g, {}).get("mean"), per.get(g, {}).get("min"), per.get(g, {}).get("max")]
+         for g in part["order"]],
+    )
+    out += f'<p class="note">{part.get("n_visual_tokens", 0)} visual tokens of {part.get("n_images", 0)} images; precedence: {esc(" > ".join(part["order"]))}.</p>'
+    anchors = part.get("anchors", [])
+    out += "<h3>Anchors</h3>" + (table_html(["group", "id", "token", "source"], [[a["group"], a["id"], a["token"], a["source"]] for a in anchors])
+                                 if anchors else '<p class="note">none</p>')
+    ev = part.get("discovery")
+    if ev:
+        cols = ["verdict", "token (id)", "tokens", "token share", "images", "cos between images", "relative dispersion",
+                "outlier share", "norm ratio", "reason"]
+        rows = [[r["verdict"], f"{r['token']} ({r['id']})", r["tokens"], r["token_share"], r["images"], r["cos_between"],
+                 r["relative_dispersion"], r["outlier_fraction"], r["norm_ratio"], r["reason"]] for r in ev]
+        out += ("<h3>Anchor discovery: every candidate and its verdict</h3>"
+                '<p class="note">An id is a dead anchor when the tokens that land on it collapse (their dispersion across images, '
+                "1 - cos between images, is at most max_dispersion x that of all other tokens: the relative dispersion), a sink anchor "
+                "when its tokens are mostly ViT-norm / massive-activation outliers; either must be the nearest id of some token in "
+                "min_image_fraction of the images. Frequency alone decides nothing. All columns: <code>partition_discovery</code>.</p>"
+                + table_html(cols, rows, highlight=[r["verdict"] in ("sink", "dead") for r in ev]))
+    return out
 
 
 def _preview(path: Path, n: int = 8) -> tuple[list[str], list[list[Any]], int]:
@@ -150,8 +182,19 @@ def write_report(run_dir: str | Path) -> Path:
         body.append('<p class="bad">Skipped samples (their images could not be read):</p>')
         body.append(table_html(["sample", "where", "error"], [[s["sample_id"], s["where"], s["error"]] for s in data["skipped"]]))
     parts.append('<h2 id="data">Data</h2>' + "".join(body))
+    warnings = summary.get("partition", {}).get("warnings", [])
+    if warnings:
+        sections.insert(0, "warnings")
+        parts.insert(0, '<h2 id="warnings">Warnings</h2><div class="warn"><ul>' + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul></div>")
+    part = summary.get("partition")
     fr = group_fractions(summary)
-    if fr:
+    if isinstance(part, dict) and part.get("order"):
+        sections.append("partition")
+        figs = [f for f in figures if f.name == "partition_discovery.png"]
+        used |= set(figs)
+        parts.append('<h2 id="partition">Partition (sink / dead / alive)</h2>' + partition_html(part)
+                     + '<div class="figs">' + "".join(figure_html(run / f, f.name) for f in figs) + "</div>")
+    elif fr:
         sections.append("groups")
         parts.append('<h2 id="groups">Token groups</h2>' + table_html(["group", "fraction of visual tokens"], [[k, v] for k, v in fr.items()]))
     effects = summary.get("effects")

@@ -1,4 +1,4 @@
-"""Ablation: replace selected image tokens with zeros or the data-set mean."""
+"""Ablation: replace selected image tokens with zeros, the data-set mean, or a vocabulary word's embedding."""
 
 from __future__ import annotations
 
@@ -16,30 +16,43 @@ from embedlens.sites import Site
 
 @interventions.register("ablate")
 class Ablate(Intervention):
-    """Replace selected image tokens with zeros or with the data-set mean at a site.
+    """Replace selected image tokens with zeros, the data-set mean or a word's input embedding at a site.
 
     `site` is ``llm.embed`` (the LLM input: projector outputs) or
     ``llm.layers[i]`` (the residual stream after layer i). With
     ``value: mean`` the mean over the `mean_over` tokens of the whole data set
     at that site is computed in an earlier pass of the same run (Neo et al.
-    mean-ablate object patches).
+    mean-ablate object patches). With ``value: word`` the tokens become the
+    input-embedding row of `word` (one token of the vocabulary, or an id), at
+    ``llm.embed`` only: e.g. dead tokens replaced by their anchor word, which
+    keeps their slots in the sequence but drops whatever they still carried.
 
     Example:
         >>> Ablate(tokens="visual and row < 2", value="zero").value
         'zero'
+        >>> Ablate(tokens="dead", value="word", word="background").word
+        'background'
     """
 
     def __init__(
         self,
         tokens: SelectionSpec,
-        value: Literal["zero", "mean"] = "mean",
+        value: Literal["zero", "mean", "word"] = "mean",
         site: str = "llm.embed",
         mean_over: SelectionSpec = "visual",
         if_empty: IfEmpty = "error",
+        word: str | int | None = None,
     ):
-        if value not in ("zero", "mean"):
-            raise InterventionError(f"value: must be 'zero' or 'mean'; got {value!r}")
+        if value not in ("zero", "mean", "word"):
+            raise InterventionError(f"value: must be 'zero', 'mean' or 'word'; got {value!r}")
+        if (value == "word") != (word is not None):
+            raise InterventionError("word: give a word (or vocabulary id) exactly when value is 'word'"
+                                    + (f"; got value {value!r} and word {word!r}" if word is not None else ""))
+        if value == "word" and site != "llm.embed":
+            raise InterventionError(f"site: value 'word' replaces tokens at the LLM input (llm.embed); got {site!r}")
         self.tokens, self.value, self.site, self.mean_over, self.if_empty = tokens, value, site, mean_over, if_empty
+        self.word = word
+        self._word_vec: torch.Tensor | None = None
         self.selection = parse_selection(tokens, "tokens")
         self.mean_sel = parse_selection(mean_over, "mean_over")
         try:
@@ -62,6 +75,9 @@ class Ablate(Intervention):
             self._resolved = adapter.resolve(self._site)
         except Exception as exc:
             raise InterventionError(f"site: {exc}") from None
+        if self.value == "word":
+            emb = adapter.input_embeddings()
+            self._word_vec = emb[word_id(adapter.tokenizer, self.word, emb.shape[0])].detach()
 
     # -- the data-set mean ---------------------------------------------------------
     def fit_sites(self, adapter) -> list[Site]:
@@ -92,7 +108,10 @@ class Ablate(Intervention):
         require_nonempty(ctx, self._mask, "tokens", self.tokens, self.if_empty, what="image")
 
     def _fill(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        fill = torch.zeros((), dtype=x.dtype, device=x.device) if self.value == "zero" else self.mean.to(x)
+        if self.value == "zero":
+            fill = torch.zeros((), dtype=x.dtype, device=x.device)
+        else:
+            fill = (self.mean if self.value == "mean" else self._word_vec).to(x)
         return torch.where(mask[..., None], fill, x)
 
     def edit_embeds(self, ctx: Context, embeds: torch.Tensor) -> torch.Tensor:
@@ -102,6 +121,23 @@ class Ablate(Intervention):
         if self._resolved.component == "llm.layers" and self._resolved.layer == layer:
             return self._fill(hidden, rows.gather(self._mask) & rows.valid)
         return hidden
+
+
+def word_id(tokenizer, word: str | int, vocab_size: int) -> int:
+    """The vocabulary id of `word`: an id as given, else the token itself, else the one token the text encodes to."""
+    if isinstance(word, int) and not isinstance(word, bool):
+        if not 0 <= word < vocab_size:
+            raise InterventionError(f"word: id {word} is outside the vocabulary (0..{vocab_size - 1})")
+        return word
+    if not isinstance(word, str) or not word:
+        raise InterventionError(f"word: expected a word or a vocabulary id; got {word!r}")
+    i = tokenizer.convert_tokens_to_ids(word)
+    if i is not None and i != tokenizer.unk_token_id:
+        return int(i)
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+        raise InterventionError(f"word: {word!r} is not one token of this vocabulary (it encodes to {len(ids)} ids: {ids}); give an id")
+    return int(ids[0])
 
 
 @interventions.register("ablate_random_matched")
@@ -122,13 +158,14 @@ class AblateRandomMatched(Ablate):
         target: SelectionSpec,
         seed: int = 0,
         pool: SelectionSpec = "visual",
-        value: Literal["zero", "mean"] = "mean",
+        value: Literal["zero", "mean", "word"] = "mean",
         site: str = "llm.embed",
         mean_over: SelectionSpec = "visual",
         if_empty: IfEmpty = "error",
         exclude_target: bool = True,
+        word: str | int | None = None,
     ):
-        super().__init__(target, value=value, site=site, mean_over=mean_over, if_empty=if_empty)
+        super().__init__(target, value=value, site=site, mean_over=mean_over, if_empty=if_empty, word=word)
         self.target, self.seed, self.pool, self.exclude_target = target, seed, pool, exclude_target
         self.target_sel = parse_selection(target, "target")
         self.pool_sel = parse_selection(pool, "pool")

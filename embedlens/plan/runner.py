@@ -205,6 +205,13 @@ def plan_hash(loaded: LoadedPlan) -> str:
     return hashlib.sha256(loaded.plan.model_dump_json().encode()).hexdigest()[:16]
 
 
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    """Class, size and a hash of the vocabulary (token -> id): two runs whose ids mean the same words share it."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+    return {"class": type(tokenizer).__name__, "vocab_size": len(vocab), "sha256": digest}
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -497,6 +504,7 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: _State, started:
             "class": type(adapter.model).__name__,
             "dtype": str(next(adapter.model.parameters()).dtype),
         },
+        "tokenizer": tokenizer_fingerprint(adapter.tokenizer),
         "device": str(adapter.device),
         "device_name": torch.cuda.get_device_name(adapter.device) if adapter.device.type == "cuda" else platform.processor() or platform.machine(),
         "versions": _versions(),

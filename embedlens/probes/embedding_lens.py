@@ -116,6 +116,7 @@ class EmbeddingLens(Probe):
         self.chunk_size = chunk_size
         self.figure_layer = figure_layer
         self._counts: dict[int, torch.Tensor] = {}  # layer -> [vocab] top-1 counts
+        self._names: dict[int, str] = {}  # vocabulary id -> token, for the ids counted
         self._n_tokens = 0
         self._first = FirstImage()
         self._first_layer: int | None = None  # the resolved figure layer (figures() has no adapter)
@@ -163,6 +164,8 @@ class EmbeddingLens(Probe):
                 rows[f"token_{j + 1}"] += adapter.tokenizer.convert_ids_to_tokens(col)
                 rows[f"score_{j + 1}"] += [r[j] for r in scores_l]
             top1 = torch.bincount(ids[:, 0].cpu(), minlength=vocab.shape[0])  # [vocab]
+            new = [i for i in ids[:, 0].unique().tolist() if i not in self._names]
+            self._names.update(zip(new, adapter.tokenizer.convert_ids_to_tokens(new)))
             self._counts[layer] = self._counts[layer] + top1 if layer in self._counts else top1
             if layer == figure_layer:
                 self._first.offer(adapter, batch, vt, tokens=adapter.tokenizer.convert_ids_to_tokens(ids[:, 0].tolist()))
@@ -182,7 +185,7 @@ class EmbeddingLens(Probe):
         top = {}
         for layer, counts in self._counts.items():
             c, i = counts.topk(min(10, int((counts > 0).sum())))
-            top[str(layer)] = list(zip(i.tolist(), c.tolist()))
+            top[str(layer)] = [{"id": a, "token": self._names.get(a, str(a)), "count": b} for a, b in zip(i.tolist(), c.tolist())]
         return {"n_visual_tokens": self._n_tokens, "most_frequent_top1_ids": top, "k": self.k, "matrix": self.matrix}
 
     def figures(self, out_dir: Path) -> list[Path]:

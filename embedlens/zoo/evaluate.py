@@ -26,12 +26,11 @@ import yaml
 from embedlens.errors import InputError
 from embedlens.synthetic import QUESTION_TYPES, SyntheticSpec, all_questions, patch_truth, render
 
-# The partition used for the validation: anchors discovered from the data
-# (no hand-given ids). An id must be some token's nearest in 90% of the images
-# to count as content-independent: colour words occur in most dense images.
-PARTITION = {"discover": True, "discover_min_images": 0.9, "k": 1}
-# the sink detectors, reported on their own (the zoo models grew no sinks; the planted variant has one)
-SINK_RULES = {"anchors": {}, "discover": False, "vit_norm": "sink", "vit_sigma": 4.0, "massive": "sink"}
+# The partition used for the validation: anchors discovered from the data with
+# the default rule (no hand-given ids, no hand-set thresholds; `embedlens.anchors`).
+PARTITION = {"discover": True}
+# the sink detectors, reported on their own with their defaults (the zoo models grew no sinks; the planted variant has one)
+SINK_RULES: dict[str, Any] = {}
 PRUNING = {
     "blind": [{"name": "prune", "params": {"tokens": "visual"}}],
     "prune_dead": [{"name": "prune", "params": {"tokens": "dead", "if_empty": "noop"}}],
@@ -41,6 +40,12 @@ PRUNING = {
     "mean_dead_random": [{"name": "ablate_random_matched", "params": {"target": "dead", "seed": 0, "value": "mean", "if_empty": "noop",
                                                                       "exclude_target": False}}],
     "mean_alive": [{"name": "ablate", "params": {"tokens": "alive", "value": "mean", "if_empty": "noop"}}],
+    # why removal costs what it costs: blocked from attention (the same computation as removal, a check), and
+    # replaced by the embedding of their anchor word (slots kept, content dropped; `background` is the zoo's anchor)
+    "mask_dead": [{"name": "prune", "params": {"tokens": "dead", "mode": "mask", "if_empty": "noop"}}],
+    "word_dead": [{"name": "ablate", "params": {"tokens": "dead", "value": "word", "word": "background", "if_empty": "noop"}}],
+    "word_dead_random": [{"name": "ablate_random_matched", "params": {"target": "dead", "seed": 0, "value": "word", "word": "background",
+                                                                      "if_empty": "noop", "exclude_target": False}}],
 }
 THRESHOLDS = {  # what the shipped checkpoints must reach (tests/zoo/test_zoo_thresholds.py)
     "tiny-llava-clip": {"qa_overall": 0.85, "qa_per_type": 0.70, "dead_precision": 0.9, "dead_recall": 0.9, "lens_top3": 0.5,
@@ -112,8 +117,8 @@ def eval_plan(source: str, prompts: Path, run_dir: Path, batch_size: int = 16, p
         "data": {"prompts": str(prompts), "padding_side": "left"},
         "partition": dict(PARTITION),
         "probes": [
-            {"name": "token_partition", "params": dict(PARTITION)},
-            {"name": "token_partition", "label": "sinks", "params": dict(SINK_RULES)},
+            {"name": "token_partition"},  # labels with the partition above
+            {"name": "sink_detector", "label": "sinks", "params": dict(SINK_RULES)},
             {"name": "embedding_lens", "params": {"k": 3, "layers": [0]}},
             {"name": "semantic_probe", "params": {"attributes": ["colour", "shape", "near_colour", "near_shape"], "sites": ["llm.embed"],
                                                   "cv": 5, "max_tokens": 4000}},
@@ -247,7 +252,7 @@ def summarise(run: Path, rows: list[dict[str, Any]], source: str) -> dict[str, A
         "recall": dead_bg / n_bg if n_bg else 0.0,
         "confusion": {f"{g}|{k}": v for (g, k), v in sorted(conf.items())},
         "fractions": summ["token_partition"]["fractions"],
-        "discovered_anchors": summ["token_partition"].get("discovered_anchors"),
+        "discovered_anchors": {g: [a["token"] for a in v] for g, v in summ["partition"]["discovered_anchors"].items()},
         "params": dict(PARTITION),
     }
 
@@ -255,11 +260,11 @@ def summarise(run: Path, rows: list[dict[str, Any]], source: str) -> dict[str, A
     sk = _table(run, "sinks.tokens")
     where: dict[tuple[int, int], int] = {}
     n_sink = 0
-    for sid, r, c, g in zip(sk["sample_id"], sk["row"], sk["col"], sk["group"]):
-        if sid in truth and g == "sink":
+    for sid, r, c, vit, massive in zip(sk["sample_id"], sk["row"], sk["col"], sk["vit_norm_flag"], sk["massive_flag"]):
+        if sid in truth and (vit or massive):
             n_sink += 1
             where[(r, c)] = where.get((r, c), 0) + 1
-    res["sinks"] = {"n_sink_tokens": n_sink, "per_image": n_sink / max(1, len(truth)), "rule_counts": summ["sinks"]["rule_counts"],
+    res["sinks"] = {"n_sink_tokens": n_sink, "per_image": n_sink / max(1, len(truth)), "rule_counts": {k: v for k, v in summ["sinks"]["flag_counts"].items() if k in ("vit_norm", "massive")},
                     "top_patches": [{"row": r, "col": c, "count": n} for (r, c), n in sorted(where.items(), key=lambda kv: -kv[1])[:3]],
                     "params": dict(SINK_RULES)}
 
@@ -343,7 +348,7 @@ def markdown(result: dict[str, Any]) -> str:
               "- group fractions: " + ", ".join(f"{g} {v:.3f}" for g, v in p["fractions"].items()),
               "- confusion (group|truth): " + ", ".join(f"{k} {v}" for k, v in p["confusion"].items())]
     sk = result["sinks"]
-    lines += ["", "## Sink detectors (ViT high norm > mean + 4 sd, massive activation)", "",
+    lines += ["", "## Sink detectors (defaults: ViT high norm > mean + 2 sd and >= 2x the median, massive activation)", "",
               f"- sink tokens: {sk['n_sink_tokens']} ({sk['per_image']:.2f} per image); rules fired: {sk['rule_counts']}; "
               f"most frequent patches: {sk['top_patches']}"]
     le = result["lens"]

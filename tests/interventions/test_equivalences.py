@@ -214,6 +214,26 @@ def test_ablate_zero_and_mean(setup):
     torch.testing.assert_close(cond.interventions[0].mean, rows.mean(0), atol=1e-9, rtol=0)
 
 
+def test_ablate_with_a_word_embedding(setup):
+    """value: word puts the word's input-embedding row in each selected slot: HF on hand-edited embeddings agrees."""
+    adapter, batch, eng = setup
+    sel = batch.roles.visual & (batch.roles.col == 1)
+    out = eng.run(batch, [Ablate(tokens="visual and col == 1", value="word", word="background")])
+    wid = adapter.tokenizer.convert_tokens_to_ids("background")
+    embeds = eng.embed(batch)
+    edited = torch.where(sel[..., None], adapter.input_embeddings()[wid].detach().to(embeds), embeds)
+    for b in range(3):
+        valid = ~batch.roles.padding[b]
+        ref = hf_run(adapter, batch, b, valid, edited).logits[0]
+        torch.testing.assert_close(out.logits()[b][valid], ref, atol=TOL, rtol=0)
+    same = eng.run(batch, [Ablate(tokens="visual and col == 1", value="word", word=wid)])  # an id is the same word
+    torch.testing.assert_close(same.logits(), out.logits(), atol=0, rtol=0)
+    with pytest.raises(InterventionError, match="word: 'not-a-word-at-all' is not one token"):
+        Ablate(tokens="visual", value="word", word="not-a-word-at-all").check(adapter)
+    with pytest.raises(InterventionError, match="word: give a word"):
+        Ablate(tokens="visual", value="word")
+
+
 def test_ablate_mean_at_a_layer(setup):
     adapter, batch, eng = setup
     iv = Ablate(tokens="visual", value="mean", site="llm.layers[1]")

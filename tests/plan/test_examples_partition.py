@@ -109,3 +109,30 @@ def test_partition_spec_defaults_are_the_partitions():
     for name, info in PartitionSpec.model_fields.items():
         default = info.default if info.default_factory is None else info.default_factory()
         assert default == (fields[name] if not isinstance(fields[name], dataclasses._MISSING_TYPE) else {}), name
+
+
+def test_degenerate_partition_warns_in_console_and_report(tmp_path):
+    """Anchors accepted whatever their spread (max_dispersion 1) and frequency: content words become dead, and the run says so."""
+    from typer.testing import CliRunner
+
+    from embedlens.cli import app
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "model: {source: 'zoo:tiny-llava-clip'}\ndata: {synthetic: {n: 8, seed: 1, size: 96}, padding_side: left}\n"
+        "partition: {discover: true, discover_max_dispersion: 1.0, discover_min_images: 0.1}\n"
+        "probes: [{name: token_partition}]\nconditions: {p: [{name: prune, params: {tokens: dead, if_empty: noop}}]}\n"
+        "metrics: [{name: visual_tokens}]\noutput: {figures: false}\n"
+    )
+    res = CliRunner().invoke(app, ["run", str(plan), "-o", str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0, res.output
+    summary = __import__("json").loads((tmp_path / "out" / "summary.json").read_text())
+    part = summary["partition"]
+    assert part["fractions"]["dead"] > 0.9
+    warnings = part["warnings"]
+    assert any("of visual tokens are dead (more than 90%)" in w for w in warnings)
+    assert any("dead anchors (" in w and "a real vocabulary usually has one to three" in w for w in warnings)
+    assert any("holds every visual token of" in w for w in warnings)  # prune dead would empty some image
+    assert "warning: partition:" in res.output
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="warnings"' in report and "more than 90%" in report

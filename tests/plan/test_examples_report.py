@@ -66,7 +66,11 @@ def test_planted_sinks_example_finds_the_planted_patch(example_runs):
     assert all(g == "sink" for (_, r, c), g in zip(where, tokens["group"]) if (r, c) == (0, 0))
     # anchor discovery calls the planted token's nearest word a sink anchor (its tokens are outliers)
     cands = s["anchor_discovery"]["candidates"]
-    assert any(c["kind"] == "sink" and c["outlier_fraction"] >= 0.5 for c in cands), cands
+    assert any(c["verdict"] == "sink" and c["outlier_fraction"] >= 0.5 for c in cands), cands
+    # and the run's one partition (token_partition labels with it) found the same sink anchor, decoded
+    sinks = [a for a in s["partition"]["anchors"] if a["group"] == "sink"]
+    assert [a["id"] for a in sinks] == [c["id"] for c in cands if c["verdict"] == "sink"] and all(a["token"] for a in sinks)
+    assert s["partition"]["warnings"] == []
 
 
 @pytest.mark.slow
@@ -102,6 +106,25 @@ def test_clip_vs_siglip_runs_both_and_compares(example_runs):
         want = [results[n].summary["token_partition"]["fractions"][g] for n in ("clip", "siglip")]
         assert [float(r["clip"]), float(r["siglip"])] == pytest.approx(want)
         assert float(r["abs_diff"]) == pytest.approx(abs(want[0] - want[1]))
+    # anchors are compared by their decoded words; one tokenizer, so no warning
+    assert json.loads(by_key["groups.anchors.dead"]["clip"]) == json.loads(by_key["groups.anchors.dead"]["siglip"]) == ["background (86)"]
+    assert "different tokenizers" not in (out / "compare" / "compare.html").read_text()
+
+
+def test_compare_warns_when_tokenizers_differ(example_runs, tmp_path):
+    import shutil
+
+    _, out = example_runs["clip_vs_siglip"]
+    for name in ("clip", "siglip"):
+        shutil.copytree(out / name, tmp_path / name)
+    m = json.loads((tmp_path / "siglip" / "manifest.json").read_text())
+    m["tokenizer"]["sha256"] = "0" * 16  # as if the second run had another vocabulary
+    (tmp_path / "siglip" / "manifest.json").write_text(json.dumps(m))
+    cmp = compare_runs([tmp_path / "clip", tmp_path / "siglip"], tmp_path / "cmp")
+    assert len(cmp.warnings) == 1 and "different tokenizers" in cmp.warnings[0]
+    assert "different tokenizers" in cmp.html.read_text()
+    r = CliRunner().invoke(app, ["compare", str(tmp_path / "clip"), str(tmp_path / "siglip"), "-o", str(tmp_path / "cmp2")])
+    assert r.exit_code == 0 and "warning: the runs use different tokenizers" in r.output
 
 
 def test_probe_sweep_gives_separate_tables_and_figures(tmp_path):

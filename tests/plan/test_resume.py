@@ -30,7 +30,6 @@ probes:
   - name: embedding_lens
     params: {k: 2, layers: [0, 2]}
   - name: token_partition
-    params: {discover: true}
   - name: token_clusters
     params: {n_clusters: 3}
 conditions:

@@ -54,6 +54,13 @@ def test_probe_rows_match_brute_force(adapter, matrix):
             torch.testing.assert_close(torch.tensor(rows[f"score_{j + 1}"][sl]).double(), ref_s[:, j], atol=1e-5, rtol=1e-5)
         assert rows["row"][sl] == vt["row"].tolist() and rows["col"][sl] == vt["col"].tolist()
     assert rows["token_1"][:m] == adapter.tokenizer.convert_ids_to_tokens(rows["id_1"][:m])
+    # the summary's most frequent nearest ids come decoded, with counts from the brute-force top-1
+    from collections import Counter
+
+    top = lens.result()["most_frequent_top1_ids"]["0"]
+    want = Counter(_brute(acts[lens_site(0)][vt["sample"], vt["position"]].detach(), vocab.detach(), 1)[1][:, 0].tolist())
+    assert {(e["id"], e["count"]) for e in top} <= set(want.items()) and top[0]["count"] == max(want.values())
+    assert all(e["token"] == adapter.tokenizer.convert_ids_to_tokens(e["id"]) for e in top)
 
 
 def test_layer_zero_is_the_projector_output(adapter):
