@@ -337,3 +337,21 @@ def test_softcapped_logits_agree_everywhere():
     torch.testing.assert_close(lens_logits(adapter, acts[Site("llm.layers", n - 1)])[valid], ref.logits[valid], atol=1e-4, rtol=1e-5)
     engine_logits = Engine(adapter).run(batch).logits()
     torch.testing.assert_close(engine_logits[valid], ref.logits[valid], atol=1e-4, rtol=1e-5)
+
+
+# -- loading -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_saved_folder_loads_with_every_weight_in_place(name, tmp_path):
+    """`load_model` refuses checkpoints whose weights do not fill the model; every tester configuration
+    (tied embeddings included) saved with `save_pretrained` passes that check and gives the same logits."""
+    from embedlens.adapters import load_model
+
+    model, processor = TESTER_CONFIGS[name].build(3)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    adapter = load_model(str(tmp_path))
+    assert adapter.name == TESTER_CONFIGS[name].family
+    batch = _batch(name)[1]
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.model(**adapter.model_inputs(batch)).logits,
+                                   model(**adapter.model_inputs(batch)).logits, **TOL)
