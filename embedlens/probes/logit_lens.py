@@ -55,7 +55,10 @@ class LogitLens(Probe):
     the distribution, and the rank (0 = top) and probability of a target
     token (the sample's answer's first token, or a fixed word). Summaries are
     per selection (and per group for visual tokens) and layer; layer l is the
-    residual stream after decoder layer l - 1 (0 = the LLM input).
+    residual stream after decoder layer l - 1 (0 = the LLM input), read before
+    the final norm, which the lens applies itself: at l = n_layers the lens
+    gives the model's own logits (final-logit softcapping included, as
+    `llm.unembed`).
 
     Args:
         layers: lens layers (default: all, 0..n).

@@ -10,10 +10,10 @@ config). Only the vocabulary is ours: every variant uses embedlens's offline
 word-level tokenizer, so ``vocab_size`` and the special-token ids follow it.
 
 A new family's adapter is checked by adding its tester's values here as one
-more `TesterConfig`; ``tests/adapters/test_hf_configs.py`` runs every entry.
+more `HFTesterConfig`; ``tests/adapters/test_hf_configs.py`` runs every entry.
 
 Example:
-    >>> from embedlens.testing.hf_testers import TESTER_CONFIGS
+    >>> from embedlens.testing import TESTER_CONFIGS
     >>> model, processor = TESTER_CONFIGS["paligemma2"].build(0)
     >>> model.config.text_config.model_type, model.config.text_config.final_logit_softcapping
     ('gemma2', 30.0)
@@ -97,7 +97,7 @@ PALIGEMMA_TESTER = dict(
 
 
 @dataclass(frozen=True)
-class TesterConfig:
+class HFTesterConfig:
     """One variant of a Hugging Face tester configuration and how to build it.
 
     Attributes:
@@ -251,40 +251,40 @@ def paligemma_builder(text_model_type: str = "gemma", full_attention_only: bool 
 
 _OV_MANY_TILES = [[16 * i, 16 * j] for i in range(1, 4) for j in range(1, 4)]
 
-TESTER_CONFIGS: dict[str, TesterConfig] = {
+TESTER_CONFIGS: dict[str, HFTesterConfig] = {
     c.name: c
     for c in (
-        TesterConfig("llava", "llava", "LlavaVisionText2TextModelTester", llava_builder(), images_per_sample=2),
-        TesterConfig("llava-full", "llava", "LlavaVisionText2TextModelTester, vision_feature_select_strategy='full' "
+        HFTesterConfig("llava", "llava", "LlavaVisionText2TextModelTester", llava_builder(), images_per_sample=2),
+        HFTesterConfig("llava-full", "llava", "LlavaVisionText2TextModelTester, vision_feature_select_strategy='full' "
                      "(CLIP's CLS token kept)", llava_builder(strategy="full"), images_per_sample=2),
-        TesterConfig("llava-layers", "llava", "LlavaForConditionalGenerationModelTest.test_vision_feature_layers: "
+        HFTesterConfig("llava-layers", "llava", "LlavaForConditionalGenerationModelTest.test_vision_feature_layers: "
                      "vision_feature_layer=[-1, -2]", llava_builder(feature_layer=[-1, -2])),
-        TesterConfig("llava-tied", "llava", "LlavaVisionText2TextModelTester with tied embeddings and LlavaConfig's "
+        HFTesterConfig("llava-tied", "llava", "LlavaVisionText2TextModelTester with tied embeddings and LlavaConfig's "
                      "default image_seq_length (576, not the tester's 16 patches)",
                      llava_builder(tie_word_embeddings=True, image_seq_length=None)),
-        TesterConfig("llava-onevision", "llava_onevision", "LlavaOnevisionVisionText2TextModelTester (one 16-px "
+        HFTesterConfig("llava-onevision", "llava_onevision", "LlavaOnevisionVisionText2TextModelTester (one 16-px "
                      "pinpoint: base image + 1 tile, no downsampling)", onevision_builder(),
                      image_sizes=((45, 45), (30, 50))),
-        TesterConfig("llava-onevision-layers", "llava_onevision", "LlavaOnevisionForConditionalGenerationModelTest."
+        HFTesterConfig("llava-onevision-layers", "llava_onevision", "LlavaOnevisionForConditionalGenerationModelTest."
                      "test_vision_feature_layers: vision_feature_layer=[-1, -2]",
                      onevision_builder(feature_layer=[-1, -2]), image_sizes=((45, 45),)),
-        TesterConfig("llava-onevision-multi", "llava_onevision", "LlavaOnevisionVisionText2TextModelTester, two images "
+        HFTesterConfig("llava-onevision-multi", "llava_onevision", "LlavaOnevisionVisionText2TextModelTester, two images "
                      "per prompt (each one tile: batch_num_images)", onevision_builder(pinpoints=_OV_MANY_TILES),
                      image_sizes=((40, 30),), images_per_sample=2),
-        TesterConfig("llava-onevision-downsample", "llava_onevision", "LlavaOnevisionVisionText2TextModelTester with "
+        HFTesterConfig("llava-onevision-downsample", "llava_onevision", "LlavaOnevisionVisionText2TextModelTester with "
                      "pinpoints up to 3x3 tiles and anyres_max_1, so that multi-tile grids are downsampled",
                      onevision_builder(pinpoints=_OV_MANY_TILES, vision_aspect_ratio="anyres_max_1"),
                      image_sizes=((48, 48), (44, 30), (30, 47)), downsamples=True),
-        TesterConfig("paligemma", "paligemma", "PaliGemmaVisionText2TextModelTester (vision_feature_select_strategy="
+        HFTesterConfig("paligemma", "paligemma", "PaliGemmaVisionText2TextModelTester (vision_feature_select_strategy="
                      "'default', which PaliGemmaModel ignores)", paligemma_builder("gemma"), image_sizes=((20, 20),),
                      images_per_sample=2),
-        TesterConfig("paligemma2", "paligemma", "PaliGemma2VisionText2TextModelTester (Gemma2 text config: final "
+        HFTesterConfig("paligemma2", "paligemma", "PaliGemma2VisionText2TextModelTester (Gemma2 text config: final "
                      "logit softcapping 30, sliding-window layers)", paligemma_builder("gemma2"), image_sizes=((20, 20),)),
     )
 }
 
 
-def tester_model(name: str, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
+def hf_tester_model(name: str, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Build one tester-configuration model and its processor.
 
     Raises:

@@ -30,7 +30,8 @@ from embedlens.data import Sample
 from embedlens.probes._util import visual_rows
 from embedlens.roles import Role
 from embedlens.sites import Site
-from embedlens.testing.hf_testers import TESTER_CONFIGS, paligemma_builder
+from embedlens.testing import TESTER_CONFIGS
+from embedlens.testing.hf_testers import paligemma_builder
 from embedlens.testing.images import noise
 from embedlens.tracing import collect
 
