@@ -139,6 +139,22 @@ def test_vision_rows_of_each_token_are_its_patch(name):
     torch.testing.assert_close(got, want, **TOL)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_sink_detector_reads_each_tokens_own_patch_norm(name):
+    """The ViT high-norm test indexes the tower by the role map (where PaliGemma's ignored
+    `vision_feature_select_strategy: default` once shifted it a patch, past the end of the grid)."""
+    from embedlens.probes.sink_detector import SinkDetector
+
+    adapter, batch = _batch(name)
+    probe = SinkDetector(vit_layer=-1, tau=5.0)
+    rows = probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))["tokens"]
+    vt = batch.roles.visual_tokens()
+    _, tower, _ = _hf_forward(adapter, batch)
+    index = _n_cls(adapter) + vt["row"] * adapter.grid()[1] + vt["col"]
+    want = tower.hidden_states[-1][vt["feature_row"], index].norm(dim=-1)
+    torch.testing.assert_close(torch.tensor(rows["vit_norm"]), want, atol=1e-4, rtol=1e-5)
+
+
 # -- the role map ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_role_counts_match_the_model(name):
