@@ -275,7 +275,8 @@ def _old_layouts(config, image_sizes, n_tiles):
     pack = functools.partial(LlavaOnevisionModel.pack_image_features, types.SimpleNamespace(config=config))
     h = w = config.vision_config.image_size // config.vision_config.patch_size
     r, c = torch.meshgrid(torch.arange(h) + 1.0, torch.arange(w) + 1.0, indexing="ij")
-    coords = [torch.stack([torch.full((n, h * w), 1.0) + torch.arange(n)[:, None], r.flatten().expand(n, -1), c.flatten().expand(n, -1)], dim=-1) for n in n_tiles]
+    coords = [torch.stack([torch.full((n, h * w), 1.0) + torch.arange(n)[:, None], r.flatten().expand(n, -1),
+                           c.flatten().expand(n, -1)], dim=-1) for n in n_tiles]
     packed, _ = pack(coords, image_sizes, image_newline=torch.zeros(3), vision_aspect_ratio=config.vision_aspect_ratio)
     return [f.round().long() - 1 for f in packed]  # (tile, row, col), newline -1
 
