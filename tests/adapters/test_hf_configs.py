@@ -86,6 +86,24 @@ def _n_cls(adapter) -> int:
     return 1 if adapter.config.vision_config.model_type == "clip_vision_model" else 0
 
 
+def test_the_table_covers_the_testers_variants():
+    """Every supported family, and each variant HF's tests switch on, has an entry (read off the built models)."""
+    from embedlens.registry import adapters
+
+    built = {n: _adapter(n) for n in NAMES}
+    cfgs = {n: a.config for n, a in built.items()}
+    assert {TESTER_CONFIGS[n].family for n in NAMES} == {name for name, _ in adapters.items()}
+    assert any(isinstance(c.vision_feature_layer, list) for c in cfgs.values())
+    assert {c.vision_feature_select_strategy for c in cfgs.values()} >= {"full", "default"}
+    assert any(a.model.lm_head.weight is a.model.get_input_embeddings().weight for a in built.values() if a.name == "llava")
+    assert any(getattr(c, "image_seq_length", None) not in (None, built[n].grid()[0] * built[n].grid()[1])
+               for n, c in cfgs.items())
+    assert any(TESTER_CONFIGS[n].images_per_sample > 1 for n in NAMES)
+    ov = [n for n in NAMES if TESTER_CONFIGS[n].family == "llava_onevision"]
+    assert {TESTER_CONFIGS[n].downsamples for n in ov} == {True, False}
+    assert any(c.text_config.model_type == "gemma2" for c in cfgs.values())
+
+
 # -- sites ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_llm_sites_equal_hf(name):
