@@ -34,6 +34,7 @@ class Role(IntEnum):
     BOS = 5
     IMAGE_NEWLINE = 6  # a learned separator inside the image span (anyres families)
     SPECIAL = 7  # any other special token (EOS, ...)
+    IMAGE_CLS = 8  # the vision tower's CLS token, projected like a patch ("full" feature selection on CLIP)
 
 
 TEXT_ROLES = (Role.TEMPLATE, Role.QUESTION, Role.ANSWER)
@@ -45,7 +46,7 @@ class TokenRoles:
 
     Attributes:
         kind: a `Role` per position.
-        image: index of the image within its sample (visual and newline tokens), else -1.
+        image: index of the image within its sample (every token of the image span), else -1.
         tile: tile of that image (0 = the base/overview image; anyres tiles 1..), else -1.
         row, col: patch coordinates in the vision encoder's grid of that tile, else -1.
         feature_row: row of the vision-tower batch (one per tile) this token comes from, else -1.
@@ -71,8 +72,8 @@ class TokenRoles:
 
     @property
     def image_span(self) -> torch.Tensor:
-        """`[batch, seq]` bool: everything the model fills with image features (patches and newlines)."""
-        return self._is(Role.VISUAL, Role.IMAGE_NEWLINE)
+        """`[batch, seq]` bool: everything the model fills with image features (patches, newlines, a kept CLS)."""
+        return self._is(Role.VISUAL, Role.IMAGE_NEWLINE, Role.IMAGE_CLS)
 
     @property
     def text(self) -> torch.Tensor:
@@ -100,9 +101,14 @@ class TokenRoles:
         return self._is(Role.IMAGE_NEWLINE)
 
     @property
+    def image_cls(self) -> torch.Tensor:
+        """`[batch, seq]` bool: the tower's CLS token where the model keeps it (no patch, row = col = -1)."""
+        return self._is(Role.IMAGE_CLS)
+
+    @property
     def special(self) -> torch.Tensor:
-        """`[batch, seq]` bool: BOS, image newlines and other special tokens."""
-        return self._is(Role.BOS, Role.IMAGE_NEWLINE, Role.SPECIAL)
+        """`[batch, seq]` bool: BOS, image newlines, a kept CLS and other special tokens."""
+        return self._is(Role.BOS, Role.IMAGE_NEWLINE, Role.IMAGE_CLS, Role.SPECIAL)
 
     @property
     def padding(self) -> torch.Tensor:

@@ -9,12 +9,26 @@ A site names an activation independently of the model family:
 ``projector``              projector output: the visual tokens
 ``llm.embed``              merged input embeddings given to the language model
 ``llm.layers[i].in``       residual stream entering LLM layer ``i``
-``llm.layers[i]``          residual stream leaving LLM layer ``i``
+``llm.layers[i]``          residual stream leaving LLM layer ``i`` (before the final norm)
 ``llm.layers[i].attn``     attention update of layer ``i`` (before the residual add)
 ``llm.layers[i].mlp``      MLP update of layer ``i`` (before the residual add)
 ``llm.norm``               final norm output
-``llm.unembed``            logits
+``llm.unembed``            logits as the model returns them (``outputs.logits``;
+                           ``lm_head`` then final-logit softcapping, Gemma2)
 =========================  ===================================================
+
+Against Hugging Face's ``output_hidden_states`` (``n`` decoder layers):
+``hidden_states[i]`` is ``llm.layers[i].in`` for ``i < n`` (``hidden_states[0]``
+is ``llm.embed``) and ``llm.layers[i - 1]`` for ``0 < i < n``, but
+``hidden_states[n]`` (``hidden_states[-1]``) is ``llm.norm``, after the final
+norm, while ``llm.layers[n - 1]`` is before it. The lenses number layers from
+the LLM input (lens layer ``l`` = ``llm.layers[l - 1]``); per-layer keys of
+``sink_detector`` are decoder layers (``llm.layers[l]``).
+
+``vision.features`` is indexed by a visual token's ``feature_col``;
+``vision.layers[i]`` by ``feature_col`` + `Adapter.n_prefix_tokens` (the
+tokens the family drops before the projector: CLIP's CLS under
+``vision_feature_select_strategy: default``).
 
 Example:
     >>> Site.parse("llm.layers[3].mlp")

@@ -50,6 +50,13 @@ def _read(root, adapter: "Adapter", site: Site):
     return _first(layer.output)
 
 
+def _value(adapter: "Adapter", site: Site, saved) -> torch.Tensor:
+    """A saved site value as the site defines it: `llm.unembed` is the model's logits,
+    so it carries the final-logit softcapping (Gemma2) that follows `lm_head`."""
+    value = saved.detach()
+    return adapter.softcap_logits(value) if site.component == "llm.unembed" else value
+
+
 def collect(adapter: "Adapter", batch: "Batch", sites: Iterable["str | Site"]) -> dict[Site, torch.Tensor]:
     """Run the model once on `batch` and return the activations at `sites`.
 
@@ -74,7 +81,7 @@ def collect(adapter: "Adapter", batch: "Batch", sites: Iterable["str | Site"]) -
         with root.trace(**inputs):
             for site in resolved:
                 saved[site] = _read(root, adapter, site).save()
-    return {s: v.detach() for s, v in saved.items()}
+    return {s: _value(adapter, s, v) for s, v in saved.items()}
 
 
 def collect_text(adapter: "Adapter", texts: list[str], sites: Iterable["str | Site"]) -> tuple[dict[Site, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -124,4 +131,4 @@ def collect_text(adapter: "Adapter", texts: list[str], sites: Iterable["str | Si
         with root.trace(**inputs):
             for site in resolved:
                 saved[site] = _read(root, adapter, site).save()
-    return {s: v.detach() for s, v in saved.items()}, enc["input_ids"], enc["attention_mask"].bool()
+    return {s: _value(adapter, s, v) for s, v in saved.items()}, enc["input_ids"], enc["attention_mask"].bool()

@@ -51,9 +51,18 @@ def adapter_for_architecture(architectures: list[str] | tuple[str, ...] | None, 
 
 
 def wrap_model(model: PreTrainedModel, processor: ProcessorMixin, adapter: str | None = None) -> Adapter:
-    """Wrap an already-loaded model and processor in the adapter for its family."""
+    """Wrap an already-loaded model and processor in the adapter for its family.
+
+    Raises:
+        UnknownNameError: `adapter` is not a registered adapter.
+        AdapterError: the model is not an instance of the forced adapter's model class.
+    """
     if adapter is not None:
         cls = adapters.get(adapter)
+        if not isinstance(model, cls.model_class):
+            raise AdapterError(
+                f"adapter {adapter!r} takes {cls.model_class.__name__} models; got {type(model).__name__}"
+            )
     else:
         archs = getattr(model.config, "architectures", None) or [type(model).__name__]
         cls = adapter_for_architecture(archs, getattr(model.config, "model_type", ""))
@@ -76,17 +85,23 @@ def load_model(
             `embedlens.zoo`), or ``tiny:NAME`` for a built-in tiny random
             model (see `embedlens.testing.TINY_SPECS`).
         adapter: force an adapter by registered name instead of choosing one
-            from the config's `architectures`.
+            from the config's `architectures` (for every kind of source); the
+            checkpoint's weights must then fill that adapter's model class exactly.
         dtype, device, attn_implementation: passed to `from_pretrained`.
 
     Raises:
-        AdapterError: the architecture has no adapter (the error lists the supported ones).
-        UnknownNameError: an unknown adapter or tiny-model name.
+        AdapterError: the architecture has no adapter (the error lists the
+            supported ones), or the checkpoint's weights do not fit the adapter's
+            model (missing, unexpected or wrongly shaped weights, named).
+        UnknownNameError: an unknown adapter, zoo or tiny-model name.
     """
+    if adapter is not None:
+        adapters.get(adapter)  # an unknown name fails here, whatever the source
     if source.startswith(ZOO_PREFIX):
         from embedlens.zoo import load_zoo
 
-        return load_zoo(source[len(ZOO_PREFIX):], dtype=dtype, device=device, attn_implementation=attn_implementation)
+        return load_zoo(source[len(ZOO_PREFIX):], adapter=adapter, dtype=dtype, device=device,
+                        attn_implementation=attn_implementation)
     if source.startswith(TINY_PREFIX):
         from embedlens.testing.tiny import tiny_model
 

@@ -84,6 +84,50 @@ def resolve_path(root: Any, path: str) -> Any:
         ) from None
 
 
+def _names(keys: Any, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_weights_fit(label: str, path: str, model: PreTrainedModel, info: dict[str, Any]) -> None:
+    """Refuse a model whose checkpoint does not fill it exactly.
+
+    `from_pretrained` initialises missing weights at random and drops
+    unexpected ones with only a log message; a forced adapter on another
+    family's checkpoint (or a damaged one) would then run as a random model.
+
+    Args:
+        label: the adapter and class, for the message.
+        path: the checkpoint.
+        model: the loaded model (for its config).
+        info: `from_pretrained(..., output_loading_info=True)`'s report.
+
+    Raises:
+        AdapterError: naming the missing, unexpected and wrongly shaped weights.
+    """
+    missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
+    mismatched = [f"{k} (checkpoint {tuple(a)}, model {tuple(b)})" for k, a, b in info.get("mismatched_keys") or ()]
+    errors = list(info.get("error_msgs") or ())
+    if not (missing or unexpected or mismatched or errors):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weight(s) the model needs are not in the checkpoint (they would be random): {_names(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} checkpoint weight(s) have no place in the model: {_names(unexpected)}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} weight(s) have the wrong shape: {_names(mismatched)}")
+    if errors:
+        parts.append(f"loading errors: {'; '.join(errors[:3])}")
+    cfg = model.config
+    raise AdapterError(
+        f"{label} does not fit the weights in {path!r}: " + "; ".join(parts) + ". The checkpoint's config says "
+        f"architectures {getattr(cfg, 'architectures', None)}, model_type {getattr(cfg, 'model_type', None)!r}: "
+        "is model.adapter right for it?"
+    )
+
+
 class Adapter(ABC):
     """Base class of model-family adapters.
 
@@ -138,8 +182,13 @@ class Adapter(ABC):
         kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype)}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        model = cls.model_class.from_pretrained(path, **kwargs).to(device).eval()
-        return cls(model, cls.load_processor(path), source=str(path))
+        label = f"adapter {cls.registered_name or cls.__name__!r} ({cls.model_class.__name__})"
+        try:
+            model, info = cls.model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - a checkpoint of another family fails in arbitrary ways
+            raise AdapterError(f"{label} cannot load {str(path)!r}: {type(e).__name__}: {e}") from None
+        check_weights_fit(label, str(path), model, info)
+        return cls(model.to(device).eval(), cls.load_processor(path), source=str(path))
 
     @classmethod
     def load_processor(cls, path: str) -> ProcessorMixin:
@@ -174,6 +223,21 @@ class Adapter(ABC):
         """`[vocab, d_model]` unembedding matrix (rows of `lm_head`)."""
         return self.model.get_output_embeddings().weight
 
+    @property
+    def final_logit_softcap(self) -> float | None:
+        """The LM's `final_logit_softcapping` (Gemma2-style; None when it has none)."""
+        cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
+        return float(cap) if cap else None
+
+    def softcap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``tanh(logits / cap) * cap`` as the model applies it after `lm_head`; unchanged without a cap.
+
+        `llm.unembed`, the logit lens and the intervention engine all go
+        through this, so their logits are the model's own (``outputs.logits``).
+        """
+        cap = self.final_logit_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
+
     def n_layers(self, component: str) -> int:
         return self.n_vision_layers if component == "vision.layers" else self.n_llm_layers
 
@@ -185,13 +249,30 @@ class Adapter(ABC):
         return site.resolve(self.n_layers(site.component))
 
     @property
-    def n_prefix_tokens(self) -> int:
-        """Vision-sequence tokens before the first patch (CLS) that `vision.features` drops.
+    def feature_select_strategy(self) -> str:
+        """How the model picks `vision.features` from the tower's sequence: "default"
+        drops its first token (CLIP's CLS), "full" keeps every token.
 
-        Follows the LLaVA convention: `vision_feature_select_strategy` "default"
-        drops CLIP's CLS token, "full" (and families without the option) keep all.
+        Read from the config's `vision_feature_select_strategy` (LLaVA convention);
+        a family whose model ignores that option overrides this.
         """
-        return 1 if getattr(self.config, "vision_feature_select_strategy", "full") == "default" else 0
+        return getattr(self.config, "vision_feature_select_strategy", None) or "full"
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        """Tower tokens before the first `vision.features` token: what the model drops.
+
+        `vision.layers[i]` index = `vision.features` index (a token's `feature_col`)
+        + this. 1 under the "default" strategy, else 0.
+        """
+        return 1 if self.feature_select_strategy == "default" else 0
+
+    @property
+    def n_cls_tokens(self) -> int:
+        """Tokens the vision tower puts before its patches (CLIP's CLS: 1; SigLIP: 0)."""
+        emb = resolve_path(self.model, self.paths.vision_embed)
+        n_pos, n_patches = getattr(emb, "num_positions", None), getattr(emb, "num_patches", None)
+        return int(n_pos - n_patches) if n_pos is not None and n_patches is not None else 0
 
     @property
     def nnsight(self):
@@ -316,7 +397,8 @@ class Adapter(ABC):
 
         Returns:
             list of `[n_tokens, 5]` long tensors: (tile, row, col, feature_row,
-            feature_col); a newline token has row = col = feature_col = -1.
+            feature_col); a newline token has row = col = feature_col = -1, a
+            kept CLS token row = col = -1 and its `vision.features` index.
         """
 
     def grid(self) -> tuple[int, int]:
@@ -326,14 +408,20 @@ class Adapter(ABC):
         return n, n
 
     def _plain_layouts(self, n_images: int) -> list[torch.Tensor]:
-        """Layout of families where each image is one tile, patches in row-major order."""
+        """Layout of families where each image is one tile, tokens in the tower's order.
+
+        The tower's sequence is `n_cls_tokens` CLS tokens then the patches in
+        row-major order; the model keeps it from `n_prefix_tokens` on. A kept CLS
+        token ("full" strategy on a CLIP tower) has row = col = -1.
+        """
         h, w = self.grid()
-        r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        r, c = r.flatten(), c.flatten()
-        out = []
-        for i in range(n_images):
-            out.append(torch.stack([torch.zeros_like(r), r, c, torch.full_like(r, i), r * w + c], dim=1))
-        return out
+        seq = torch.arange(self.n_prefix_tokens, self.n_cls_tokens + h * w)  # tower indices the model keeps
+        patch = seq - self.n_cls_tokens
+        is_patch = patch >= 0
+        row = torch.where(is_patch, patch.div(w, rounding_mode="floor"), -1)
+        col = torch.where(is_patch, patch % w, -1)
+        fcol = seq - self.n_prefix_tokens
+        return [torch.stack([torch.zeros_like(seq), row, col, torch.full_like(seq, i), fcol], dim=1) for i in range(n_images)]
 
     # -- role map --------------------------------------------------------------
     def _build_roles(self, inputs: BatchFeature, prompts: list[PromptText], samples: Sequence[Sample]) -> TokenRoles:
@@ -362,8 +450,12 @@ class Adapter(ABC):
             for i, lay in enumerate(mine):
                 p = pos[start : start + len(lay)]
                 start += len(lay)
-                newline = lay[:, 1] < 0
-                kind[b, p] = torch.where(newline, int(Role.IMAGE_NEWLINE), int(Role.VISUAL))
+                not_patch = lay[:, 1] < 0
+                kind[b, p] = torch.where(
+                    not_patch,
+                    torch.where(lay[:, 4] < 0, int(Role.IMAGE_NEWLINE), int(Role.IMAGE_CLS)),
+                    int(Role.VISUAL),
+                )
                 meta["image"][b, p] = i
                 for j, name in enumerate(("tile", "row", "col", "feature_row", "feature_col")):
                     meta[name][b, p] = lay[:, j]

@@ -25,6 +25,12 @@ class PaliGemmaAdapter(Adapter):
     answer_as_suffix = True
     position_offset = 1
 
+    @property
+    def feature_select_strategy(self) -> str:
+        # PaliGemmaModel projects every SigLIP token, whatever the config's
+        # vision_feature_select_strategy says (HF's own PaliGemma testers set "default").
+        return "full"
+
     def block_ids(self, inputs: BatchFeature) -> torch.Tensor | None:
         # As PaliGemmaModel: the prefix (token type 0) is one bidirectional block.
         types = inputs.get("token_type_ids")

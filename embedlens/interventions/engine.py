@@ -338,7 +338,6 @@ class Engine:
                 f"{adapter.name}: the language model uses sliding-window attention layers; "
                 "the intervention engine builds full-attention masks only"
             )
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.cache_kwarg = cache_kwarg(self.layers[0]) if self.layers else "past_key_values"
 
     @property
@@ -357,10 +356,8 @@ class Engine:
         return self._norm(x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self._head(x)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        # the model's own logits: lm_head, then its final-logit softcapping (as `llm.unembed`)
+        return self.adapter.softcap_logits(self._head(x))
 
     def mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """`[batch, q, k]` bool -> the 4-D mask the attention implementation takes."""

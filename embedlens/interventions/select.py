@@ -3,7 +3,7 @@
 A selection is either a list of visual-token indices (the n-th visual token of
 each sample, in sequence order) or an expression over the token-role map:
 
-- role names: ``visual``, ``image_newline``, ``image_span``, ``text``,
+- role names: ``visual``, ``image_newline``, ``image_cls``, ``image_span``, ``text``,
   ``template``, ``question``, ``answer``, ``bos``, ``special``, ``last``,
   ``all``, ``none``;
 - group names from the run's partition (``sink``, ``dead``, ``alive``, or any
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 ROLE_NAMES = (
     "visual",
     "image_newline",
+    "image_cls",
     "image_span",
     "text",
     "template",

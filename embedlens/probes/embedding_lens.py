@@ -63,7 +63,11 @@ def nearest_vocab(
 
 
 def lens_site(layer: int) -> Site:
-    """LLM layer `l` of the lens: 0 is the LLM input (`llm.embed`), l > 0 the output of decoder layer l - 1."""
+    """LLM layer `l` of the lens: 0 is the LLM input (`llm.embed`), l > 0 the output of decoder layer l - 1.
+
+    The output of the last decoder layer is read before the final norm (Hugging
+    Face's ``hidden_states[-1]`` is after it; that is `llm.norm`).
+    """
     return Site("llm.embed") if layer == 0 else Site("llm.layers", layer - 1)
 
 
@@ -72,7 +76,11 @@ class EmbeddingLens(Probe):
     """Nearest vocabulary tokens (cosine top-k) of every visual token at chosen LLM layers.
 
     Layer 0 is the LLM input (the projector output in place); layer l > 0 is
-    the residual stream after decoder layer l - 1.
+    the residual stream after decoder layer l - 1 (`llm.layers[l-1]`), before
+    the final norm. Against Hugging Face's ``output_hidden_states``: layer l is
+    ``hidden_states[l]`` for l < n_layers, but layer n_layers is the last
+    decoder layer's output before the final norm, while ``hidden_states[-1]``
+    is after it (`llm.norm`).
 
     Args:
         k: neighbours kept per token.

@@ -22,12 +22,14 @@ if TYPE_CHECKING:
 
 
 def lens_logits(adapter: "Adapter", h: torch.Tensor) -> torch.Tensor:
-    """``W_U . FinalNorm(h)``: logits read from residual states ``[..., d]`` (float32)."""
+    """``W_U . FinalNorm(h)``: logits read from residual states ``[..., d]`` (float32).
+
+    With the model's final-logit softcapping applied (Gemma2), as in `llm.unembed`:
+    at the last layer these are the model's own logits.
+    """
     norm = resolve_path(adapter.model, adapter.paths.llm_norm)
     head = resolve_path(adapter.model, adapter.paths.unembed)
-    logits = head(norm(h.to(adapter.device, next(head.parameters()).dtype))).float()
-    cap = getattr(getattr(adapter.config, "text_config", adapter.config), "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+    return adapter.softcap_logits(head(norm(h.to(adapter.device, next(head.parameters()).dtype))).float())
 
 
 def _select(probe: str, sels: dict, batch: "Batch") -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -53,7 +55,10 @@ class LogitLens(Probe):
     the distribution, and the rank (0 = top) and probability of a target
     token (the sample's answer's first token, or a fixed word). Summaries are
     per selection (and per group for visual tokens) and layer; layer l is the
-    residual stream after decoder layer l - 1 (0 = the LLM input).
+    residual stream after decoder layer l - 1 (0 = the LLM input), read before
+    the final norm, which the lens applies itself: at l = n_layers the lens
+    gives the model's own logits (final-logit softcapping included, as
+    `llm.unembed`).
 
     Args:
         layers: lens layers (default: all, 0..n).

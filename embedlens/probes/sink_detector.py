@@ -42,6 +42,13 @@ class SinkDetector(Probe):
     and their Jaccard index; and, when the run has a partition, how many of
     each detector's tokens fall in each group.
 
+    Layer numbering: the per-layer keys (``layers`` table, ``sink_from_layer``)
+    are decoder layers: key l is `llm.layers[l]`, the output of decoder layer
+    l, before the final norm. That is Hugging Face's ``hidden_states[l + 1]``
+    for l < n - 1, but not for the last layer: ``hidden_states[-1]`` is after
+    the final norm (`llm.norm`). The lenses count one higher (their layer 0 is
+    the LLM input), so sink_detector key l is lens layer l + 1.
+
     Args:
         vit_layer: vision layer of the norm test (-2: LLaVA's feature layer).
         vit_sigma: sigma of the per-image norm rule.

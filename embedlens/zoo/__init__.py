@@ -57,11 +57,28 @@ def zoo_path(name: str) -> Path:
     return path
 
 
-def load_zoo(name: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None):
-    """Load a zoo model through the normal adapter path; the planted variant gets its sinks planted."""
+def load_zoo(
+    name: str,
+    adapter: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    attn_implementation: str | None = None,
+):
+    """Load a zoo model through the normal adapter path; the planted variant gets its sinks planted.
+
+    Args:
+        name: a `ZOO` name.
+        adapter: force an adapter (as `load_model`'s `adapter`): checked like any
+            other source, so a wrong one is an error, not ignored.
+
+    Raises:
+        UnknownNameError: an unknown zoo model or adapter name.
+        AdapterError: the forced adapter does not fit the checkpoint.
+    """
     from embedlens.adapters import load_model
 
-    adapter = load_model(str(zoo_path(name)), dtype=dtype, device=device, attn_implementation=attn_implementation)
+    path = str(zoo_path(name))
+    adapter = load_model(path, adapter=adapter, dtype=dtype, device=device, attn_implementation=attn_implementation)
     if ZOO[name].planted:
         from embedlens.zoo.planted import plant_sinks
 

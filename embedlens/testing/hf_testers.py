@@ -1,0 +1,297 @@
+"""Tiny models built from the configurations of Hugging Face's own test suite.
+
+`embedlens.testing.tiny` builds the models embedlens chose for itself; this
+module builds, for every supported family, the ones Hugging Face tests its
+classes with: the values of the ``*ModelTester`` classes in transformers'
+``tests/models/NAME/test_modeling_NAME.py`` (``get_config()``), and the
+variants those test files switch on (list-valued ``vision_feature_layer``,
+``full`` and ``default`` feature selection, tied embeddings, a Gemma2 text
+config). Only the vocabulary is ours: every variant uses embedlens's offline
+word-level tokenizer, so ``vocab_size`` and the special-token ids follow it.
+
+A new family's adapter is checked by adding its tester's values here as one
+more `HFTesterConfig`; ``tests/adapters/test_hf_configs.py`` runs every entry.
+
+Example:
+    >>> from embedlens.testing import TESTER_CONFIGS
+    >>> model, processor = TESTER_CONFIGS["paligemma2"].build(0)
+    >>> model.config.text_config.model_type, model.config.text_config.final_logit_softcapping
+    ('gemma2', 30.0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    Gemma2Config,
+    GemmaConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaProcessor,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
+    PreTrainedModel,
+    ProcessorMixin,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+from embedlens.adapters.llava_onevision import OnevisionImageProcessor
+from embedlens.testing._tokenizer import build_tokenizer
+
+Builder = Callable[[int], tuple[PreTrainedModel, ProcessorMixin]]
+_NORM = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+# -- the testers' values (transformers tests/models/*/test_modeling_*.py) --------------------------
+# Keys the testers pass that the config classes do not read (seq_length, is_training, use_labels,
+# dropout probabilities, num_labels, ...) are left out; they change nothing in the model.
+
+#: `LlavaVisionText2TextModelTester` (tests/models/llava/test_modeling_llava.py).
+LLAVA_TESTER = dict(
+    text=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, hidden_act="gelu",
+              max_position_embeddings=512, initializer_range=0.02),
+    vision=dict(image_size=8, patch_size=2, num_channels=3, hidden_size=32, projection_dim=32, num_hidden_layers=2,
+                num_attention_heads=4, intermediate_size=37, dropout=0.1, attention_dropout=0.1, initializer_range=0.02),
+    top=dict(projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-1,
+             image_seq_length=16),  # (8 // 2) ** 2 patches
+)
+
+#: `LlavaOnevisionVisionText2TextModelTester` (tests/models/llava_onevision/test_modeling_llava_onevision.py).
+ONEVISION_TESTER = dict(
+    text=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=37,
+              hidden_act="gelu", max_position_embeddings=580, initializer_range=0.02),
+    vision=dict(image_size=16, patch_size=8, num_channels=3, hidden_size=32, projection_dim=32, num_hidden_layers=2,
+                num_attention_heads=4, intermediate_size=37, dropout=0.1, attention_dropout=0.1, initializer_range=0.02),
+    top=dict(projector_hidden_act="gelu", vision_feature_select_strategy="full", vision_feature_layer=-1,
+             image_grid_pinpoints=[[16, 16]]),
+)
+
+#: `PaliGemmaVisionText2TextModelTester` (tests/models/paligemma/test_modeling_paligemma.py); the
+#: PaliGemma2 tester (tests/models/paligemma2/test_modeling_paligemma2.py) is the same with
+#: ``model_type: gemma2``.
+PALIGEMMA_TESTER = dict(
+    text=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+              intermediate_size=37, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=512,
+              initializer_range=0.02),
+    # `num_image_tokens: 4` is what the tester writes; the model has (20 // 5) ** 2 = 16 patches and ignores it.
+    vision=dict(image_size=20, patch_size=5, num_image_tokens=4, num_channels=3, hidden_size=32, projection_dim=32,
+                num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, dropout=0.1, attention_dropout=0.1,
+                initializer_range=0.02),
+    # PaliGemmaModel ignores vision_feature_select_strategy: it keeps every SigLIP patch.
+    top=dict(projector_hidden_act="gelu", projection_dim=32, vision_feature_select_strategy="default",
+             vision_feature_layer=-1),
+)
+
+
+@dataclass(frozen=True)
+class HFTesterConfig:
+    """One variant of a Hugging Face tester configuration and how to build it.
+
+    Attributes:
+        name: key in `TESTER_CONFIGS`.
+        family: the embedlens adapter that must load it.
+        origin: where the values come from (tester class and the variant's change).
+        build: ``build(seed) -> (model, processor)``, float32, eval mode, on the CPU.
+        image_sizes: (height, width) of the test images; anyres families tile them differently.
+        images_per_sample: images in each test prompt (several exercise multi-image merging).
+        downsamples: the family's anyres_max downsampling applies to these images.
+    """
+
+    name: str
+    family: str
+    origin: str
+    build: Builder
+    image_sizes: tuple[tuple[int, int], ...] = ((24, 24),)
+    images_per_sample: int = 1
+    downsamples: bool = False
+
+
+def _ids(tok) -> dict[str, int]:
+    return dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+
+
+def llava_builder(
+    strategy: str = "default",
+    feature_layer: int | list[int] = -1,
+    tie_word_embeddings: bool = False,
+    image_seq_length: int | None = 16,
+) -> Builder:
+    """A LLaVA (CLIP tower, Llama LM) on the LLaVA tester's values, with the given variant.
+
+    Args:
+        strategy: ``vision_feature_select_strategy``; "full" keeps CLIP's CLS token.
+        feature_layer: ``vision_feature_layer``, an int or a list (features concatenated).
+        tie_word_embeddings: tie ``lm_head`` to the input embeddings.
+        image_seq_length: the config's ``image_seq_length``; None keeps LlavaConfig's default
+            (576), which need not equal the tower's patch count (the model never reads it).
+    """
+    t = LLAVA_TESTER
+
+    def build(seed: int):
+        tok = build_tokenizer()
+        vision = CLIPVisionConfig(**t["vision"])
+        top = {**t["top"], "vision_feature_select_strategy": strategy, "vision_feature_layer": feature_layer}
+        if image_seq_length is None:
+            top.pop("image_seq_length")
+        else:
+            top["image_seq_length"] = image_seq_length
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=LlamaConfig(vocab_size=len(tok), tie_word_embeddings=tie_word_embeddings, **t["text"], **_ids(tok)),
+            image_token_id=tok.image_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **top,
+        )
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).eval()
+        size = vision.image_size
+        processor = LlavaProcessor(
+            image_processor=CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **_NORM),
+            tokenizer=tok,
+            patch_size=vision.patch_size,
+            vision_feature_select_strategy=strategy,
+            num_additional_image_tokens=1,  # CLIP's CLS token
+            chat_template=tok.chat_template,
+        )
+        return model, processor
+
+    return build
+
+
+def onevision_builder(
+    pinpoints: list[list[int]] | None = None,
+    vision_aspect_ratio: str = "anyres_max_9",
+    feature_layer: int | list[int] = -1,
+) -> Builder:
+    """A LLaVA-OneVision (SigLIP tower, Qwen2 LM) on the OneVision tester's values.
+
+    Args:
+        pinpoints: ``image_grid_pinpoints`` (default: the tester's ``[[16, 16]]``, one tile).
+        vision_aspect_ratio: ``anyres_max_N``; grids of more than N tiles' worth of patches are
+            downsampled by the model.
+        feature_layer: ``vision_feature_layer``.
+    """
+    t = ONEVISION_TESTER
+
+    def build(seed: int):
+        tok = build_tokenizer()
+        grid_pinpoints = pinpoints or t["top"]["image_grid_pinpoints"]
+        vision = SiglipVisionConfig(**t["vision"])
+        top = {**t["top"], "image_grid_pinpoints": grid_pinpoints, "vision_feature_layer": feature_layer}
+        config = LlavaOnevisionConfig(
+            vision_config=vision,
+            text_config=Qwen2Config(vocab_size=len(tok), **t["text"], **_ids(tok)),
+            image_token_id=tok.image_token_id,
+            video_token_id=tok.convert_tokens_to_ids("<video>"),
+            vision_aspect_ratio=vision_aspect_ratio,
+            **top,
+        )
+        torch.manual_seed(seed)
+        model = LlavaOnevisionForConditionalGeneration(config).eval()
+        size = vision.image_size
+        processor = OnevisionImageProcessor(
+            image_processor=LlavaOnevisionImageProcessorPil(
+                size={"height": size, "width": size}, image_grid_pinpoints=grid_pinpoints, **_NORM
+            ),
+            tokenizer=tok,
+            num_image_tokens=(size // vision.patch_size) ** 2,
+            vision_feature_select_strategy=top["vision_feature_select_strategy"],
+            vision_aspect_ratio=vision_aspect_ratio,
+            chat_template=tok.chat_template,
+        )
+        return model, processor
+
+    return build
+
+
+def paligemma_builder(text_model_type: str = "gemma", full_attention_only: bool = False) -> Builder:
+    """A PaliGemma (``gemma``) or PaliGemma2 (``gemma2``, final-logit softcapping) on the testers' values.
+
+    Args:
+        text_model_type: "gemma" or "gemma2".
+        full_attention_only: give Gemma2 full attention in every layer instead of its
+            alternating sliding-window layers (the intervention engine refuses those).
+    """
+    t = PALIGEMMA_TESTER
+    text_cls = {"gemma": GemmaConfig, "gemma2": Gemma2Config}[text_model_type]
+    extra = {"layer_types": ["full_attention"] * t["text"]["num_hidden_layers"]} if full_attention_only else {}
+
+    def build(seed: int):
+        tok = build_tokenizer(chat_template=None)
+        vision = SiglipVisionConfig(**t["vision"])
+        image_processor = SiglipImageProcessorPil(size={"height": vision.image_size, "width": vision.image_size}, **_NORM)
+        image_processor.image_seq_length = (vision.image_size // vision.patch_size) ** 2
+        processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)  # adds PaliGemma's extra tokens
+        tok = processor.tokenizer
+        config = PaliGemmaConfig(
+            vision_config=vision,
+            text_config=text_cls(vocab_size=len(tok), **t["text"], **extra, **_ids(tok)),
+            image_token_id=tok.image_token_id,
+            **t["top"],
+        )
+        torch.manual_seed(seed)
+        model = PaliGemmaForConditionalGeneration(config).eval()
+        return model, processor
+
+    return build
+
+
+_OV_MANY_TILES = [[16 * i, 16 * j] for i in range(1, 4) for j in range(1, 4)]
+
+TESTER_CONFIGS: dict[str, HFTesterConfig] = {
+    c.name: c
+    for c in (
+        HFTesterConfig("llava", "llava", "LlavaVisionText2TextModelTester", llava_builder(), images_per_sample=2),
+        HFTesterConfig("llava-full", "llava", "LlavaVisionText2TextModelTester, vision_feature_select_strategy='full' "
+                     "(CLIP's CLS token kept)", llava_builder(strategy="full"), images_per_sample=2),
+        HFTesterConfig("llava-layers", "llava", "LlavaForConditionalGenerationModelTest.test_vision_feature_layers: "
+                     "vision_feature_layer=[-1, -2]", llava_builder(feature_layer=[-1, -2])),
+        HFTesterConfig("llava-tied", "llava", "LlavaVisionText2TextModelTester with tied embeddings and LlavaConfig's "
+                     "default image_seq_length (576, not the tester's 16 patches)",
+                     llava_builder(tie_word_embeddings=True, image_seq_length=None)),
+        HFTesterConfig("llava-onevision", "llava_onevision", "LlavaOnevisionVisionText2TextModelTester (one 16-px "
+                     "pinpoint: base image + 1 tile, no downsampling)", onevision_builder(),
+                     image_sizes=((45, 45), (30, 50))),
+        HFTesterConfig("llava-onevision-layers", "llava_onevision", "LlavaOnevisionForConditionalGenerationModelTest."
+                     "test_vision_feature_layers: vision_feature_layer=[-1, -2]",
+                     onevision_builder(feature_layer=[-1, -2]), image_sizes=((45, 45),)),
+        HFTesterConfig("llava-onevision-multi", "llava_onevision", "LlavaOnevisionVisionText2TextModelTester, two images "
+                     "per prompt (each one tile: batch_num_images)", onevision_builder(pinpoints=_OV_MANY_TILES),
+                     image_sizes=((40, 30),), images_per_sample=2),
+        HFTesterConfig("llava-onevision-downsample", "llava_onevision", "LlavaOnevisionVisionText2TextModelTester with "
+                     "pinpoints up to 3x3 tiles and anyres_max_1, so that multi-tile grids are downsampled",
+                     onevision_builder(pinpoints=_OV_MANY_TILES, vision_aspect_ratio="anyres_max_1"),
+                     image_sizes=((48, 48), (44, 30), (30, 47)), downsamples=True),
+        HFTesterConfig("paligemma", "paligemma", "PaliGemmaVisionText2TextModelTester (vision_feature_select_strategy="
+                     "'default', which PaliGemmaModel ignores)", paligemma_builder("gemma"), image_sizes=((20, 20),),
+                     images_per_sample=2),
+        HFTesterConfig("paligemma2", "paligemma", "PaliGemma2VisionText2TextModelTester (Gemma2 text config: final "
+                     "logit softcapping 30, sliding-window layers)", paligemma_builder("gemma2"), image_sizes=((20, 20),)),
+    )
+}
+
+
+def hf_tester_model(name: str, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Build one tester-configuration model and its processor.
+
+    Raises:
+        UnknownNameError: if `name` is not in `TESTER_CONFIGS`.
+    """
+    from embedlens.errors import UnknownNameError
+
+    if name not in TESTER_CONFIGS:
+        raise UnknownNameError.make("tester configuration", name, TESTER_CONFIGS)
+    return TESTER_CONFIGS[name].build(seed)
