@@ -475,6 +475,8 @@ class Engine:
                 if blocked is not None:
                     src, dst = rows.gather(blocked[0]), rows.gather(blocked[1])
                     allowed = allowed & ~(src[:, :, None] & dst[:, None, :])
+            # a key no prompt query may attend to (e.g. pruned by mask) stays hidden from decoded tokens too
+            seen = (allowed & rows.valid[:, :, None]).any(dim=1)  # padding queries do not count
             empty = ~allowed.any(dim=-1)
             if bool(empty.any()):
                 allowed = allowed | (torch.eye(allowed.shape[1], dtype=torch.bool, device=self.device)[None] & empty[..., None])
@@ -507,7 +509,7 @@ class Engine:
             for i, iv in enumerate(interventions):
                 with _naming(condition, i, iv):
                     x = iv.after_layer(ctx, layer_idx, x, rows)
-            key_valid.append(rows.valid)
+            key_valid.append(rows.valid & seen)
         x_full = rows.scatter(x_full, x)
         present = ctx.present(n_layers - 1)
         out = Outcome(self, ctx, self.norm(x_full), present, counts)
