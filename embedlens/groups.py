@@ -23,6 +23,7 @@ import torch
 from embedlens.errors import InterventionError
 from embedlens.sites import Site
 from embedlens.signals import massive_entries, similarity_entropy, vit_norm_outliers
+from embedlens.state import Stateful
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
@@ -36,7 +37,7 @@ def vision_to_tokens(flags: torch.Tensor, vt: dict[str, torch.Tensor]) -> torch.
 
 
 @dataclass
-class Partition:
+class Partition(Stateful):
     """Sink / dead / alive (or any named groups) from the rules selected.
 
     Args:

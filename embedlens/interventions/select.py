@@ -109,6 +109,16 @@ class Selection:
         sel._check(tree)
         return sel
 
+    def state_dict(self) -> dict[str, object]:
+        """A selection is immutable and rebuilt from the plan; its state only identifies it (see `embedlens.state`)."""
+        return {"source": self.source, "indices": list(self.indices)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        from embedlens.state import CheckpointError
+
+        if state != self.state_dict():
+            raise CheckpointError(f"selection {self.source!r}: the checkpoint was written for selection {state.get('source')!r}")
+
     @property
     def names(self) -> set[str]:
         if self.tree is None:
