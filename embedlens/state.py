@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Any
@@ -100,6 +101,11 @@ class _Nested:
     state: Any
 
 
+#: ``defaultdict`` factories a checkpoint may name (builtins only: no callable comes from a file).
+_FACTORIES: dict[str, type] = {"defaultdict:list": list, "defaultdict:int": int, "defaultdict:float": float,
+                               "defaultdict:dict": dict, "defaultdict:set": set}
+
+
 def _qualname(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
@@ -136,14 +142,21 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str, owner: str,
         key = f"t{len(tensors)}"
         tensors[key] = value.get_state()
         return {"$generator": key, "device": str(value.device)}
-    if isinstance(value, list):
+    if type(value) is list:
         return [_encode(v, tensors, f"{path}[{i}]", owner, depth + 1) for i, v in enumerate(value)]
-    if isinstance(value, tuple):
+    if type(value) is tuple:
         return {"$tuple": [_encode(v, tensors, f"{path}[{i}]", owner, depth + 1) for i, v in enumerate(value)]}
-    if isinstance(value, (set, frozenset)):
+    if type(value) in (set, frozenset):
         items = sorted(value, key=repr)
         return {"$set": [_encode(v, tensors, f"{path}{{}}", owner, depth + 1) for v in items]}
-    if isinstance(value, dict):
+    if type(value) in (collections.Counter, collections.OrderedDict) or (
+        type(value) is collections.defaultdict and value.default_factory in _FACTORIES.values()
+    ):
+        kind = {collections.Counter: "counter", collections.OrderedDict: "ordered"}.get(type(value))
+        if kind is None:
+            kind = next(k for k, f in _FACTORIES.items() if f is value.default_factory)
+        return {"$mapping": kind, "items": _encode(dict(value), tensors, path, owner, depth + 1)}
+    if type(value) is dict:
         if all(isinstance(k, str) and not k.startswith("$") for k in value):
             return {k: _encode(v, tensors, f"{path}.{k}", owner, depth + 1) for k, v in value.items()}
         return {"$dict": [[_encode(k, tensors, f"{path}<key>", owner, depth + 1), _encode(v, tensors, f"{path}[{k!r}]", owner, depth + 1)]
@@ -200,6 +213,14 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
                 return {_decode(v, tensors, where) for v in value["$set"]}
             if tag == "$dict":
                 return {_hashable(_decode(k, tensors, where)): _decode(v, tensors, where) for k, v in value["$dict"]}
+            if tag == "$mapping":
+                items = _decode(value["items"], tensors, where)
+                kind = value["$mapping"]
+                if kind == "counter":
+                    return collections.Counter(items)
+                if kind == "ordered":
+                    return collections.OrderedDict(items)
+                return collections.defaultdict(_FACTORIES[kind], items)
             if tag == "$obj":
                 return _Nested(str(value["$obj"]), _decode(value["state"], tensors, where))
             if tag == "$value":

@@ -37,11 +37,11 @@ from embedlens.metrics import Metric, compare
 from embedlens.plan.loader import LoadedPlan
 from embedlens.plan.effects import EffectSummary, matched_controls
 from embedlens.plan.schema import ModelSpec
-from embedlens.files import RunFolderError, contained, os_error, safe_dir, write_text
+from embedlens.files import check_output, contained, os_error, safe_dir, write_text
 from embedlens.plan import checkpoint as ckpt
 from embedlens.plan.checkpoint import RunState
 from embedlens.plan.identity import check_same, run_identity
-from embedlens.plan.store import CHECKPOINT, MARKER, Parts, RunLock, claim, clear_run
+from embedlens.plan.store import CHECKPOINT, Parts, RunLock, claim, clear_run
 from embedlens.probes.base import Probe, Tensors
 from embedlens.registry import interventions as intervention_registry
 from embedlens.registry import metrics as metric_registry
@@ -573,6 +573,7 @@ def run_all(
     def prog(name):
         return (lambda phase, d, t: progress(name, phase, d, t)) if progress else None
 
+    check_output(out_dir if out_dir is not None else plan.output.dir)  # as written: '' is not '.'
     claim(out, kind="run" if len(names) == 1 else "runs")  # refuse a foreign folder before loading any model
     if len(names) == 1:
         if on_model:

@@ -199,6 +199,9 @@ def clear_run(out: Path) -> None:
                 f = contained(out, cand)
                 if f is not None:
                     f.unlink()
+                elif not Path(cand).is_absolute() and ".." not in Path(cand).parts and (out / cand).is_symlink() \
+                        and not any(q.is_symlink() for q in (out / cand).parents if out in q.parents):
+                    (out / cand).unlink()  # a link planted under an embedlens name: the link goes, its target stays
     for name in RUN_FILES:
         p = out / name
         if p.is_symlink() or p.is_file():
