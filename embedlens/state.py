@@ -180,8 +180,6 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str, owner: str,
 
 
 def _decode(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
-    import numpy as np
-
     if isinstance(value, list):
         return [_decode(v, tensors, where) for v in value]
     if not isinstance(value, dict):

@@ -35,7 +35,7 @@ from embedlens.interventions.condition import Condition
 from embedlens.interventions.engine import Engine
 from embedlens.metrics import Metric, compare
 from embedlens.plan.loader import LoadedPlan
-from embedlens.plan.effects import EffectSummary, matched_controls
+from embedlens.plan.effects import matched_controls
 from embedlens.plan.schema import ModelSpec
 from embedlens.files import check_output, contained, os_error, safe_dir, write_text
 from embedlens.plan import checkpoint as ckpt
@@ -288,7 +288,7 @@ def run(
         EmbedLensError: `out_dir` holds an unfinished run and neither `resume` nor
             `overwrite` is given, or the checkpoint belongs to another plan.
     """
-    loaded, plan = prepared.loaded, prepared.loaded.plan
+    plan = prepared.loaded.plan
     out = claim(Path(out_dir) if out_dir is not None else Path(plan.output.dir))
     try:
         with RunLock(out):

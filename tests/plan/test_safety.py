@@ -17,10 +17,12 @@ from typer.testing import CliRunner
 
 from embedlens.cli import app
 from embedlens.errors import EmbedLensError
-from embedlens.files import LOCK, MARKER, RunFolderError, RunLock, contained
 from embedlens.plan import load_plan, prepare, run
-from embedlens.plan.checkpoint import read_document
-from embedlens.plan.store import CHECKPOINT, VOLATILE, clear_run
+from embedlens.plan.store import clear_run
+
+# names of this fix's modules are imported inside the tests, so that every test also runs (and fails) on the old code
+MARKER, LOCK, CHECKPOINT = ".embedlens-run", ".embedlens-lock", "checkpoint.safetensors"
+VOLATILE = ("run_log.json", MARKER, LOCK)
 
 SMALL = """\
 model:
@@ -126,6 +128,8 @@ def test_checkpoint_never_names_the_class_it_builds(tmp_path):
         if phase == "run" and done >= 2:
             raise EmbedLensError("stop")
 
+    from embedlens.plan.checkpoint import read_document
+
     with pytest.raises(EmbedLensError):
         run(prepare(loaded), tmp_path / "a", progress=stop)
     doc, tensors = read_document(tmp_path / "a")
@@ -149,7 +153,6 @@ def test_every_probe_state_round_trips_bit_exactly():
     import torch
 
     from embedlens.adapters import load_model
-    from embedlens.plan.checkpoint import _rename  # noqa: F401 - the module must import cleanly
     from embedlens.registry import probes
     from embedlens.state import decode_state, encode_state
     from embedlens.testing.conformance import conformance_samples
@@ -249,7 +252,7 @@ def test_foreign_folder_is_refused_and_left_byte_identical(tmp_path, monkeypatch
         r, text = _invoke(["run", str(plan), "-o", str(mine), "-q", *flags])
         assert r.exit_code == 2 and "not created by embedlens" in text and "notes.txt" in text, text
     assert _tree(tmp_path) == before
-    with pytest.raises(RunFolderError, match="no .embedlens-run marker"):
+    with pytest.raises(EmbedLensError, match="no .embedlens-run marker"):
         clear_run(mine)
     assert _tree(tmp_path) == before
 
@@ -305,7 +308,7 @@ def test_symlinks_planted_in_a_run_folder_are_not_written_through(tmp_path, monk
 
 
 def test_write_bytes_replaces_a_link_instead_of_writing_through_it(tmp_path):
-    from embedlens.files import write_text
+    from embedlens.files import contained, write_text
 
     (tmp_path / "target").write_text("keep")
     os.symlink(tmp_path / "target", tmp_path / "link")
