@@ -104,8 +104,8 @@ def test_planted_pickle_is_never_loaded(tmp_path, monkeypatch):
     (out / "checkpoint.pkl").write_bytes(pickle.dumps(_Boom(sentinel)))
     for flags in ([], ["--overwrite"], ["--resume"]):
         r, text = _invoke(["run", str(plan), "-o", str(out), "-q", *flags])
-        assert r.exit_code == 0, text
         assert not sentinel.exists(), f"the planted pickle ran with flags {flags}"
+        assert r.exit_code == 0, text
     # in a foreign folder the plant is not even looked at: refused, untouched
     foreign = tmp_path / "foreign"
     foreign.mkdir()
