@@ -497,3 +497,38 @@ def test_compare_inlines_only_files_inside_the_runs(tmp_path):
     html = (tmp_path / "cmp" / "compare.html").read_text()
     assert base64.b64encode(secret.read_bytes())[:20].decode() not in html and "root:" not in html
     assert "no such figure" in html
+
+
+INTERVENTION_PARAMS = {
+    "ablate": {"tokens": "visual", "value": "mean"},
+    "ablate_random_matched": {"target": "visual"},
+    "attention_knockout": {"source": "last", "target": "visual", "layers": [0, 1]},
+    "inject_at_layer": {"layer": 1, "tokens": "visual"},
+    "prune": {"tokens": "visual"},
+    "prune_random_matched": {"target": "visual"},
+    "skip_sublayer": {"tokens": "visual", "sublayers": [0, 1.5]},
+    "withdraw_at_layer": {"layer": 1, "tokens": "visual"},
+}
+
+
+def test_every_intervention_state_round_trips():
+    """Every registered intervention, checked against a model, checkpoints as data and loads into a fresh one;
+    a selection saved for another expression is refused (it identifies the plan's selection, never replaces it)."""
+    from embedlens.adapters import load_model
+    from embedlens.registry import interventions
+    from embedlens.state import CheckpointError, decode_state, encode_state
+
+    ad = load_model("tiny:llava-clip")
+    for name, cls in interventions.items():
+        params = INTERVENTION_PARAMS.get(name, {})
+        iv = cls(**params)
+        iv.check(ad)
+        meta, tensors = encode_state(iv, name)
+        fresh = cls(**params)
+        fresh.check(ad)
+        decode_state(fresh, json.loads(json.dumps(meta, allow_nan=False)), tensors, name)
+        assert encode_state(fresh, name)[0] == meta, name
+    iv = interventions.get("prune")(tokens="visual")
+    meta, tensors = encode_state(iv, "prune")
+    with pytest.raises(CheckpointError, match="selection 'text'.*written for selection 'visual'"):
+        decode_state(interventions.get("prune")(tokens="text"), meta, tensors, "prune")
