@@ -532,3 +532,32 @@ def test_every_intervention_state_round_trips():
     meta, tensors = encode_state(iv, "prune")
     with pytest.raises(CheckpointError, match="selection 'text'.*written for selection 'visual'"):
         decode_state(interventions.get("prune")(tokens="text"), meta, tensors, "prune")
+
+
+def test_resume_refuses_changed_model_weights(tmp_path):
+    """A model folder whose weights are rewritten between the stop and --resume: refused, naming the file."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from embedlens.testing.tiny import tiny_model
+
+    model, processor = tiny_model("llava-clip")
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(SMALL.replace("tiny:llava-clip", str(folder)))
+
+    def stop(phase, done, total):
+        if phase == "run" and done >= 2:
+            raise EmbedLensError("stop")
+
+    with pytest.raises(EmbedLensError, match="stop"):
+        run(prepare(load_plan(plan)), tmp_path / "out", progress=stop)
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = tensors[name] + torch.ones_like(tensors[name])
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(EmbedLensError, match=r"inputs changed.*model file in .*model\.safetensors changed"):
+        run(prepare(load_plan(plan)), tmp_path / "out", resume=True)
