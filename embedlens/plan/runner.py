@@ -286,7 +286,11 @@ def run(
 
     Raises:
         EmbedLensError: `out_dir` holds an unfinished run and neither `resume` nor
-            `overwrite` is given, or the checkpoint belongs to another plan.
+            `overwrite` is given, or the checkpoint belongs to another plan, or the
+            data files or model changed since the unfinished run started.
+        RunFolderError: `out_dir` is not embedlens's (non-empty without its marker),
+            holds a symbolic link, is locked by another run, or cannot be written
+            (full disk, read-only file system).
     """
     plan = prepared.loaded.plan
     out = claim(Path(out_dir) if out_dir is not None else Path(plan.output.dir))
