@@ -37,13 +37,13 @@ LOCK = ".embedlens-lock"
 
 #: Names a plan may give to things that become file or folder names (probe labels, model keys).
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
-#: Names embedlens derives (sweep copies ``label[k=2,layer=3]``) are safe when they match this.
-FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-\[\]=,+]{0,199}$")
+#: Names embedlens derives from a slug (sweep copies ``label[layers=[0, 1],k=2]``): one path component, printable.
+FILE_NAME = re.compile(r"^[A-Za-z0-9][^/\\\x00-\x1f\x7f]{0,199}$")
 
 
 def is_safe_name(name: str, pattern: re.Pattern = FILE_NAME) -> bool:
-    """True when `name` can be one path component: no separators, no ``..``, no leading dot, bounded length."""
-    return isinstance(name, str) and bool(pattern.match(name)) and ".." not in name
+    """True when `name` can be one path component: no separators or control characters, no leading dot, bounded length."""
+    return isinstance(name, str) and bool(pattern.match(name)) and name not in (".", "..")
 
 
 def os_error(e: OSError, doing: str) -> RunFolderError:

@@ -168,6 +168,7 @@ def load_plan(path: str | Path | None = None, text: str | None = None) -> Loaded
         more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
         raise PlanError(f"{where}{':' + str(line) if line else ''} {_key_path(loc)}: {msg}{more}") from None
     loaded = LoadedPlan(plan, p, located)
+    _check_names(loaded)
     _expand_sweeps(loaded)
     _check_plugins(loaded)
     _check_labels(loaded)
@@ -387,23 +388,28 @@ def _expand_sweeps(loaded: LoadedPlan) -> None:
     plan.probes = new_probes
 
 
-def _check_labels(loaded: LoadedPlan) -> None:
-    """Names that become file and folder names: probe labels (and sweep copies) and model keys."""
+def _check_names(loaded: LoadedPlan) -> None:
+    """Names written in the plan that become file and folder names: probe labels and model keys (slugs)."""
     from embedlens.files import SLUG, is_safe_name
 
     for name in loaded.plan.models or {}:
         if not is_safe_name(str(name), SLUG):
             raise loaded.error(("models", name), f"model name {name!r} becomes a folder name: use letters, digits, '_', '-' and '.' "
-                               "(not starting with '.', no '..', at most 100 characters)")
+                               "(not starting with '.', at most 100 characters)")
+    for i, pr in enumerate(loaded.plan.probes):
+        if pr.label is not None and not is_safe_name(pr.label, SLUG):
+            raise loaded.error(("probes", i, "label"), f"label {pr.label!r} names this probe's tables, figures and folders: use letters, "
+                               "digits, '_', '-' and '.' (not starting with '.', no '/', at most 100 characters)")
+
+
+def _check_labels(loaded: LoadedPlan) -> None:
+    """Labels after sweeps expand (``label[param=value]``) must still be one safe file name, and unique."""
+    from embedlens.files import is_safe_name
+
     for i, pr in enumerate(loaded.plan.probes):
         if pr.label is not None and not is_safe_name(pr.label):
-            msg = (f"label {pr.label!r} names this probe's tables, figures and folders: use letters, digits, '_', '-' and '.' "
-                   "(not starting with '.', no '/', no '..', at most 100 characters)")
-            base = pr.label.split("[")[0]
-            if "[" in pr.label and is_safe_name(base, SLUG):  # a sweep copy whose value is not file-safe
-                raise loaded.error(("probes", i, "label"), f"a sweep value makes the label {pr.label!r}, which cannot be a file name; "
-                                   "sweep values of probes must be numbers or simple words")
-            raise loaded.error(("probes", i, "label"), msg)
+            raise loaded.error(("probes", i, "label"), f"a sweep value makes the label {pr.label!r}, which cannot be a file name "
+                               "(it holds '/', '\\' or a control character, or is too long); sweep probes over numbers, lists or simple words")
     seen: dict[str, int] = {}
     for i, pr in enumerate(loaded.plan.probes):
         label = pr.label or pr.name

@@ -175,6 +175,8 @@ CASES = [
     ("probe label absolute", lambda w: _plan(w, _sub("  - name: sink_detector", "  - name: sink_detector\n    label: /etc/cron.d/x")),
      r"probes\[0\]\.label: label '/etc/cron\.d/x'"),
     ("probe label hidden", lambda w: _plan(w, _sub("  - name: sink_detector", "  - name: sink_detector\n    label: .hidden")), r"probes\[0\]\.label: label '\.hidden'"),
+    ("sweep value with a slash", lambda w: _plan(w, _sub("  - name: sink_detector", "  - name: logit_lens") + "sweep:\n  logit_lens.target: [answer, ../../etc]\n"),
+     r"plan\.yaml:6 probes\[0\]\.label: a sweep value makes the label 'logit_lens\[target=\.\./\.\./etc\]', which cannot be a file name"),
     ("model key ..", lambda w: _plan(w, _sub("model:\n  source: tiny:llava-clip", "models:\n  ..: {source: tiny:llava-clip}\n  b: {source: tiny:llava-clip}")),
      r"plan\.yaml:2 models\.\.\.: model name '\.\.' becomes a folder name"),
     ("unknown attn_implementation", lambda w: _plan(w, _sub("  source: tiny:llava-clip", "  source: tiny:llava-clip\n  attn_implementation: warp_drive")),
