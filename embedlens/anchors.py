@@ -58,6 +58,7 @@ import torch
 from embedlens.errors import InterventionError
 from embedlens.signals import massive_token_flags, vit_norm_token_flags
 from embedlens.sites import Site
+from embedlens.state import Stateful, rebuildable, value_type
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
@@ -70,6 +71,7 @@ EVIDENCE_COLUMNS = (
 )
 
 
+@value_type
 @dataclass(frozen=True)
 class AnchorRule:
     """When an id is a sink or dead anchor (see the module docstring).
@@ -97,7 +99,8 @@ class AnchorRule:
             raise InterventionError(f"max_anchors: must be an integer >= 1; got {self.max_anchors!r}")
 
 
-class AnchorEvidence:
+@rebuildable
+class AnchorEvidence(Stateful):
     """Streaming per-id statistics of the visual tokens that land on each nearest vocabulary id.
 
     Memory: one float32 vector per distinct nearest id (ids x hidden size), plus a few counters.
@@ -275,8 +278,9 @@ def discovery_warnings(table: list[dict[str, Any]], rule: AnchorRule) -> list[st
     return out
 
 
+@rebuildable
 @dataclass
-class Discoverer:
+class Discoverer(Stateful):
     """Collects `AnchorEvidence` from a model's batches: the one discovery the partition and the probes share.
 
     Each visual token at the LLM input is counted under its nearest vocabulary

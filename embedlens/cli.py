@@ -40,7 +40,7 @@ def _progress_bar(quiet: bool):
 @app.command()
 def run(
     plan: Path = typer.Argument(..., help="YAML plan file."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (overrides output.dir)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder (overrides output.dir); new, empty, or an earlier run's."),
     resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run in the output folder from its last finished batch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an unfinished run in the output folder and start again."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or model messages."),
@@ -80,9 +80,17 @@ def run(
                 rate = f"{t.speed:.1f} samples/s" if t.speed else ""
                 bar.update(task, completed=done, rate=rate)
 
+            if output is not None:
+                from embedlens.files import check_output
+
+                check_output(output)  # '' would become '.': refuse it as written
             results = run_all(loaded, output, progress=progress, resume=resume, overwrite=overwrite, on_model=on_model)
     except EmbedLensError as e:
         _fail(e)
+    except OSError as e:  # a file system that fails under us (full, read-only): named, with the run's state kept
+        from embedlens.files import os_error
+
+        _fail(os_error(e, "write"))
     for name, result in results.items():
         typer.echo(f"wrote {result.out_dir}" + (f" (resumed at batch {result.resumed_from})" if result.resumed_from else ""))
         for tname, path in result.tables.items():
@@ -160,6 +168,10 @@ def compare(
         cmp = compare_runs(runs, output, names=name_list)
     except EmbedLensError as e:
         _fail(e)
+    except OSError as e:
+        from embedlens.files import os_error
+
+        _fail(os_error(e, "write"))
     rows = cmp.rows if all_rows else [r for r in cmp.rows if r["section"] == "token groups"] + cmp.differences()[:25]
     table = Table(title="where the runs differ" if not all_rows else "all compared values")
     table.add_column("key")

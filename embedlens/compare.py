@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from embedlens.errors import InputError
+from embedlens.files import contained, write_text
+from embedlens.files import claim
 from embedlens.report import esc, figure_html, flatten, group_fractions, page, table_html
 
 #: Relative difference above which a row counts as a difference (highlighted, listed first).
@@ -41,14 +43,17 @@ class Comparison:
 def _load(run: Path) -> tuple[dict, dict]:
     if not run.is_dir():
         raise InputError(f"run folder not found: {run}")
-    m, s = run / "manifest.json", run / "summary.json"
-    if not m.is_file() or not s.is_file():
-        hint = " (it holds an unfinished run: finish it with embedlens run --resume)" if (run / "checkpoint.pkl").is_file() else ""
-        raise InputError(f"{run} is not a finished embedlens run: manifest.json and summary.json are needed{hint}")
+    m, s = contained(run, "manifest.json"), contained(run, "summary.json")
+    if m is None or s is None:
+        hint = " (it holds an unfinished run: finish it with embedlens run --resume)" if (run / "checkpoint.safetensors").is_file() else ""
+        raise InputError(f"{run} is not a finished embedlens run: manifest.json and summary.json (files, not links) are needed{hint}")
     try:
-        return json.loads(m.read_text()), json.loads(s.read_text())
-    except json.JSONDecodeError as e:
+        manifest, summary = json.loads(m.read_text(encoding="utf-8")), json.loads(s.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{run}: cannot read its manifest or summary ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(summary, dict):
+        raise InputError(f"{run}: manifest.json and summary.json must each hold a JSON object")
+    return manifest, summary
 
 
 def readable(v: Any) -> Any:
@@ -138,20 +143,20 @@ def compare_runs(runs: list[str | Path], out_dir: str | Path, names: list[str] |
         cmp.rows.append({"key": key, "section": _section(key), "values": vals, "abs_diff": abs_d, "rel_diff": rel_d})
     figs: dict[str, list[Path | None]] = {}
     for i, (m, _) in enumerate(loaded):
-        for f in m.get("figures", []):
-            figs.setdefault(f, [None] * len(runs))[i] = runs[i] / f
+        for f in m.get("figures", []) if isinstance(m.get("figures"), list) else []:
+            if isinstance(f, str):  # only files inside the run folder, reached without links, are read
+                figs.setdefault(f, [None] * len(runs))[i] = contained(runs[i], f)
     cmp.figures = figs
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim(out_dir, kind="compare")
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["section", "key", *cmp.names, "abs_diff", "rel_diff"])
     for r in cmp.rows:
         w.writerow([r["section"], r["key"], *[json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else v) for v in r["values"]], r["abs_diff"] if r["abs_diff"] is not None else "", r["rel_diff"] if r["rel_diff"] is not None else ""])
     cmp.csv = out / "compare.csv"
-    cmp.csv.write_text(buf.getvalue())
+    write_text(cmp.csv, buf.getvalue())
     cmp.html = out / "compare.html"
-    cmp.html.write_text(_html(cmp, runs, loaded))
+    write_text(cmp.html, _html(cmp, runs, loaded))
     return cmp
 
 

@@ -31,6 +31,11 @@ class Sample:
 
 #: Images with more pixels than this are downscaled (aspect kept) when read; see `open_image`.
 DEFAULT_MAX_PIXELS = 4096 * 4096
+#: Images with more than this many times `max_pixels` are refused unread (decoding them could exhaust memory).
+REFUSE_FACTOR = 16
+#: Longer side / shorter side above which an image is refused unread: processors resize the short side up,
+#: so a 200000x1 strip of a few hundred bytes would become gigabytes of pixels.
+MAX_ASPECT = 50.0
 
 
 def open_image(source: "str | Path | Image.Image | Any", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, list[str]]:
@@ -66,6 +71,13 @@ def open_image(source: "str | Path | Image.Image | Any", max_pixels: int | None 
             raise InputError(f"{name} is too large to open safely: {e}") from None
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise InputError(f"cannot read {name}: {e}") from None
+    w, h = im.size  # read from the header: nothing is decoded yet
+    if w < 1 or h < 1:
+        raise InputError(f"{name} has no pixels ({w}x{h})")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise InputError(f"{name} is {w}x{h}: aspect ratio {max(w, h) / min(w, h):.0f}:1 is above {MAX_ASPECT:.0f}:1, which no vision tower sees usefully; crop it")
+    if max_pixels is not None and w * h > REFUSE_FACTOR * max_pixels:
+        raise InputError(f"{name} is {w}x{h} ({w * h} pixels), more than {REFUSE_FACTOR} x data.max_pixels ({max_pixels}); downscale it first")
     try:
         if max_pixels is not None and im.width * im.height > max_pixels:
             scale = (max_pixels / (im.width * im.height)) ** 0.5
@@ -103,6 +115,8 @@ def open_image(source: "str | Path | Image.Image | Any", max_pixels: int | None 
         return im, notes
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise InputError(f"cannot read {name}: {e}") from None
+    except (MemoryError, Image.DecompressionBombError) as e:
+        raise InputError(f"cannot read {name}: too large to decode ({type(e).__name__})") from None
 
 
 def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -233,8 +247,15 @@ def read_records(path: str | Path, image_root: str | Path | None = None) -> list
     if not path.is_file():
         raise InputError(f"prompts file not found: {path}")
     records: list[Record] = []
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte offset {e.start}); save the file as UTF-8") from None
     if path.suffix.lower() == ".csv":
-        with path.open(newline="") as fh:
+        import io
+
+        with io.StringIO(text, newline="") as fh:
             reader = csv.DictReader(fh)
             for row in reader:
                 where = f"{path}:{reader.line_num}"
@@ -250,11 +271,13 @@ def read_records(path: str | Path, image_root: str | Path | None = None) -> list
                             rec[k] = json.loads(rec[k])
                         except json.JSONDecodeError as e:
                             raise InputError(f"{where}: column {k!r} must hold JSON ({e.msg}); got {rec[k]!r}") from None
+                        except RecursionError:
+                            raise InputError(f"{where}: column {k!r}: the JSON is nested too deeply") from None
                 records.append(_record(rec, where, root))
                 if not records[-1].id:
                     records[-1].id = f"{path.stem}-{reader.line_num}"
     else:
-        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -262,6 +285,8 @@ def read_records(path: str | Path, image_root: str | Path | None = None) -> list
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise InputError(f"{where}: the JSON is nested too deeply") from None
             if not isinstance(rec, dict):
                 raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
             records.append(_record(rec, where, root))

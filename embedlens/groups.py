@@ -30,6 +30,7 @@ from embedlens.anchors import AnchorRule, Discoverer, discovery_warnings
 from embedlens.errors import InterventionError
 from embedlens.signals import massive_token_flags, similarity_entropy, vision_to_tokens, vit_norm_token_flags
 from embedlens.sites import Site
+from embedlens.state import Stateful
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
@@ -38,7 +39,7 @@ DEFAULT_ORDER = ("sink", "dead")
 
 
 @dataclass
-class Partition:
+class Partition(Stateful):
     """Sink / dead / alive (or any named groups) from the rules selected.
 
     Args:

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+from embedlens.files import contained
+
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
 header{background:#20232a;color:#fff;padding:14px 24px}
@@ -77,8 +79,9 @@ def image_uri(path: Path) -> str:
     return f"data:{kind};base64,{base64.b64encode(data).decode()}"
 
 
-def figure_html(path: Path, caption: str) -> str:
-    if not path.is_file():
+def figure_html(path: Path | None, caption: str) -> str:
+    """A figure inlined as a data URI; `path` must already be checked to lie inside its run (`contained`)."""
+    if path is None or not path.is_file():
         return f'<figure><p class="note">missing: {esc(caption)}</p></figure>'
     return f'<figure><img alt="{esc(caption)}" src="{image_uri(path)}"><figcaption>{esc(caption)}</figcaption></figure>'
 
@@ -159,11 +162,18 @@ def _preview(path: Path, n: int = 8) -> tuple[list[str], list[list[Any]], int]:
     return rows[0], rows[1 : n + 1], len(rows) - 1
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``report.html`` for a finished run folder (manifest.json + summary.json); returns its path."""
+def write_report(run_dir: str | Path, manifest: dict | None = None) -> Path:
+    """Write ``report.html`` for a run folder (summary.json, and manifest.json unless `manifest` is given); returns its path.
+
+    Only files inside the run folder are read (figures and tables a manifest
+    names elsewhere, or through links, show as missing).
+    """
+    from embedlens.files import write_text
+
     run = Path(run_dir)
-    manifest = json.loads((run / "manifest.json").read_text())
-    summary = json.loads((run / "summary.json").read_text())
+    if manifest is None:
+        manifest = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     model = manifest.get("model", {})
     title = f"embedlens run: {model.get('name', '')} ({model.get('source', '')})"
     v = manifest.get("versions", {})
@@ -208,7 +218,7 @@ def write_report(run_dir: str | Path) -> Path:
         html_ += '<p class="note">Means over samples; standard errors in <code>effects_summary</code>.</p>' if sem else ""
         figs = [f for f in figures if f.name.startswith("effects_")]
         used |= set(figs)
-        html_ += '<div class="figs">' + "".join(figure_html(run / f, f.name) for f in figs) + "</div>"
+        html_ += '<div class="figs">' + "".join(figure_html(contained(run, f), f.name) for f in figs) + "</div>"
         parts.append('<h2 id="effects">Intervention effects</h2>' + html_)
     probe_labels = [k for k in summary if k not in ("data", "effects", "effects_sem", "controls", "partition")]
     for label in probe_labels:
@@ -221,21 +231,25 @@ def write_report(run_dir: str | Path) -> Path:
         figs = [f for f in figures if f not in used and (f.parent.name == label or (f.parent.name == "figures" and f.name.startswith(base)))]
         used |= set(figs)
         if figs:
-            html_ += '<div class="figs">' + "".join(figure_html(run / f, f.name) for f in figs) + "</div>"
+            html_ += '<div class="figs">' + "".join(figure_html(contained(run, f), f.name) for f in figs) + "</div>"
         parts.append(f'<h2 id="probe-{esc(label)}">{esc(label)}</h2><div class="probe">' + html_ + "</div>")
     rest = [f for f in figures if f not in used]
     if rest:
         sections.append("figures")
-        parts.append('<h2 id="figures">Other figures</h2><div class="figs">' + "".join(figure_html(run / f, str(f)) for f in rest) + "</div>")
+        parts.append('<h2 id="figures">Other figures</h2><div class="figs">' + "".join(figure_html(contained(run, f), str(f)) for f in rest) + "</div>")
     tables = manifest.get("tables", {})
     if tables:
         sections.append("tables")
         html_ = []
         for name, rel in tables.items():
-            cols, rows, n = _preview(run / rel)
+            path = contained(run, rel)
+            if path is None:
+                html_.append(f"<h3>{esc(name)}</h3><p class='note'>missing or outside the run folder: {esc(rel)}</p>")
+                continue
+            cols, rows, n = _preview(path)
             html_.append(f"<h3>{esc(name)} <span class='note'>({n} rows, {esc(rel)})</span></h3>" + table_html(cols, rows))
         parts.append('<h2 id="tables">Tables (first rows)</h2>' + "".join(html_))
     nav = "<nav>" + "".join(f'<a href="#{esc(s)}">{esc(s.removeprefix("probe-"))}</a>' for s in sections) + "</nav>"
     out = run / "report.html"
-    out.write_text(page(title, subtitle, nav + "".join(parts)))
+    write_text(out, page(title, subtitle, nav + "".join(parts)))
     return out

@@ -43,6 +43,7 @@ import re
 from dataclasses import dataclass
 
 from embedlens.errors import AdapterError, UnknownNameError
+from embedlens.state import value_type
 
 # Components in the order a forward pass reaches them; nnsight requires sites
 # to be touched in that order inside one trace.
@@ -62,6 +63,7 @@ LLM_SUBS = ("in", "attn", "mlp", None)  # execution order inside a decoder layer
 _PATTERN = re.compile(r"^(?P<comp>[a-z.]+?)(?:\[(?P<layer>-?\d+)\])?(?:\.(?P<sub>in|attn|mlp))?$")
 
 
+@value_type
 @dataclass(frozen=True)
 class Site:
     """A parsed site name; `layer` may be negative until resolved by an adapter."""

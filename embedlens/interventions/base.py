@@ -10,6 +10,7 @@ import torch
 
 from embedlens.errors import InterventionError
 from embedlens.interventions.select import Selection, SelectionSpec
+from embedlens.state import Stateful
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 IfEmpty = Literal["error", "noop"]
 
 
-class Intervention(ABC):
+class Intervention(Stateful, ABC):
     """An edit of the forward pass at prefill (pruning, knockout, injection, ...).
 
     Subclasses take explicit, typed constructor parameters and register with
@@ -33,7 +34,9 @@ class Intervention(ABC):
 
     Every hook but `setup` defaults to "no change". Interventions that need a
     statistic of the data set (`needs_fit`) get `fit_sites` read over the data
-    in an earlier pass, through `observe` and `finish_fit`.
+    in an earlier pass, through `observe` and `finish_fit`. Checkpoints save
+    `state_dict()` (by default the attributes, as plain data; see
+    `embedlens.state`) and load it into an intervention built from the plan.
     """
 
     registered_name: ClassVar[str] = ""

@@ -7,13 +7,14 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from embedlens.errors import EmbedLensError, InterventionError
 from embedlens.interventions.base import Intervention
+from embedlens.state import Stateful
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
 
 
 @dataclass
-class Condition:
+class Condition(Stateful):
     """A named list of interventions, applied together in one run.
 
     Example:

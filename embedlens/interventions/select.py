@@ -75,6 +75,21 @@ def visual_index(roles: "TokenRoles") -> torch.Tensor:
     return torch.where(vis, vis.long().cumsum(dim=1) - 1, -1)
 
 
+#: Selections are short expressions; longer or deeper ones are refused before they are evaluated.
+MAX_SOURCE = 2000
+MAX_DEPTH = 32
+
+
+def _depth(node: ast.AST) -> int:
+    """Nesting depth of an expression tree, without recursion (a deep tree must not raise RecursionError)."""
+    best, todo = 0, [(node, 1)]
+    while todo:
+        n, d = todo.pop()
+        best = max(best, d)
+        todo += [(c, d + 1) for c in ast.iter_child_nodes(n)]
+    return best
+
+
 @dataclass(frozen=True)
 class Selection:
     """A parsed selection; `evaluate` turns it into a `[batch, seq]` bool mask."""
@@ -101,14 +116,31 @@ class Selection:
             return cls(source=str(list(spec)), tree=None, indices=tuple(spec))
         if not isinstance(spec, str) or not spec.strip():
             raise InterventionError(f"a selection is an expression string or a list of indices; got {spec!r}")
+        if len(spec) > MAX_SOURCE:
+            raise InterventionError(f"a selection is at most {MAX_SOURCE} characters; got {len(spec)}")
         text = spec.strip().replace("&", " and ").replace("|", " or ").replace("~", " not ")
         try:
             tree = ast.parse(text, mode="eval").body
         except SyntaxError as exc:
             raise InterventionError(f"selection {spec!r} is not a valid expression: {exc.msg}") from None
+        except (RecursionError, MemoryError):
+            raise InterventionError(f"selection {spec[:60]!r}...: nested too deeply") from None
+        depth = _depth(tree)
+        if depth > MAX_DEPTH:
+            raise InterventionError(f"selection {spec[:60]!r}: nested {depth} levels deep; at most {MAX_DEPTH}")
         sel = cls(source=spec, tree=tree)
         sel._check(tree)
         return sel
+
+    def state_dict(self) -> dict[str, object]:
+        """A selection is immutable and rebuilt from the plan; its state only identifies it (see `embedlens.state`)."""
+        return {"source": self.source, "indices": list(self.indices)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        from embedlens.state import CheckpointError
+
+        if state != self.state_dict():
+            raise CheckpointError(f"selection {self.source!r}: the checkpoint was written for selection {state.get('source')!r}")
 
     @property
     def names(self) -> set[str]:
@@ -146,6 +178,10 @@ class Selection:
                     f"selection {self.source!r}: {type(n).__name__} is not allowed; use role/group names, "
                     f"comparisons on {', '.join(FIELDS)}, and/or/not"
                 )
+            if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Mod) and not (
+                isinstance(n.right, ast.Constant) and isinstance(n.right.value, int) and not isinstance(n.right.value, bool) and n.right.value > 0
+            ):
+                raise InterventionError(f"selection {self.source!r}: '% N' needs a whole number N > 0 (e.g. index % 2 == 0)")
             if isinstance(n, ast.Compare):
                 for operand in [n.left, *n.comparators]:
                     if isinstance(operand, ast.Name) and operand.id not in FIELDS:

@@ -146,8 +146,8 @@ class Generation(Metric):
     needs_cache = True
 
     def __init__(self, max_new_tokens: int = 16):
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens: must be >= 1; got {max_new_tokens}")
+        if not 1 <= max_new_tokens <= 4096:
+            raise InputError(f"max_new_tokens: must be in 1..4096; got {max_new_tokens}")
         self.max_new_tokens = max_new_tokens
 
     def measure(self, outcome, samples):

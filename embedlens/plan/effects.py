@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from embedlens.interventions.condition import Condition
+from embedlens.state import Stateful
 
 
-class EffectSummary:
+class EffectSummary(Stateful):
     """Running mean and standard error of every numeric metric column, per condition (NaN skipped)."""
 
     def __init__(self):

@@ -135,16 +135,11 @@ def load_plan(path: str | Path | None = None, text: str | None = None) -> Loaded
     if text is None:
         if p is None or not p.is_file():
             raise PlanError(f"plan file not found: {p}")
-        text = p.read_text()
+        if p.stat().st_size > MAX_PLAN_BYTES:
+            raise PlanError(f"{p}: the plan is {p.stat().st_size} bytes; plans are at most {MAX_PLAN_BYTES} bytes")
+        text = read_utf8(p, PlanError)
     where = str(p or "<plan>")
-    try:
-        node = yaml.compose(text)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise PlanError(f"{where}{line}: YAML syntax error: {problem}") from None
+    node, raw = _parse_yaml(text, where)
     located = _Located(node)
     dup = _duplicate_key(node)
     if dup is not None:
@@ -173,12 +168,98 @@ def load_plan(path: str | Path | None = None, text: str | None = None) -> Loaded
         more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
         raise PlanError(f"{where}{':' + str(line) if line else ''} {_key_path(loc)}: {msg}{more}") from None
     loaded = LoadedPlan(plan, p, located)
+    _check_names(loaded)
     _expand_sweeps(loaded)
     _check_plugins(loaded)
     _check_labels(loaded)
     _one_partition(loaded)
     _check_files(loaded)
     return loaded
+
+
+#: Limits that keep a hostile plan from costing minutes of CPU or a RecursionError (YAML alias bombs, deep nesting).
+MAX_PLAN_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_ALIASES = 100
+MAX_NODES = 100_000
+
+
+def read_utf8(path: Path, error: type[EmbedLensError]) -> str:
+    """The text of `path`, or `error` naming the byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save the file as UTF-8") from None
+
+
+class _Limits(yaml.SafeLoader):
+    """The safe loader, with a cap on nesting depth and alias count while composing."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                mark = self.peek_event().start_mark
+                raise _TooBig(mark.line + 1, f"more than {MAX_ALIASES} aliases (*name); write the values out")
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise _TooBig(mark.line + 1, f"nested more than {MAX_DEPTH} levels deep")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _TooBig(Exception):
+    def __init__(self, line: int, msg: str):
+        super().__init__(msg)
+        self.line = line
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Number of values the document holds once aliases are expanded (shared nodes counted each time)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a cycle counts once, never loops
+    if isinstance(node, yaml.MappingNode):
+        n = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        n = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    else:
+        n = 1
+    memo[key] = min(n, MAX_NODES + 1)
+    return memo[key]
+
+
+def _parse_yaml(text: str, where: str) -> tuple[yaml.Node | None, Any]:
+    """Compose and construct the document with the safe loader, within `MAX_DEPTH`, `MAX_ALIASES` and `MAX_NODES`."""
+    loader = _Limits(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_NODES:
+            raise _TooBig(1, f"expands to more than {MAX_NODES} values through aliases")
+        raw = loader.construct_document(node) if node is not None else None
+    except _TooBig as e:
+        raise PlanError(f"{where}:{e.line}: the plan is {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise PlanError(f"{where}{line}: YAML syntax error: {problem}") from None
+    except RecursionError:
+        raise PlanError(f"{where}: the plan is nested too deeply") from None
+    finally:
+        loader.dispose()
+    return node, raw
 
 
 def _duplicate_key(node: yaml.Node | None, path: str = "") -> tuple[int, str, str, int] | None:
@@ -308,7 +389,28 @@ def _expand_sweeps(loaded: LoadedPlan) -> None:
     plan.probes = new_probes
 
 
+def _check_names(loaded: LoadedPlan) -> None:
+    """Names written in the plan that become file and folder names: probe labels and model keys (slugs)."""
+    from embedlens.files import SLUG, is_safe_name
+
+    for name in loaded.plan.models or {}:
+        if not is_safe_name(str(name), SLUG):
+            raise loaded.error(("models", name), f"model name {name!r} becomes a folder name: use letters, digits, '_', '-' and '.' "
+                               "(not starting with '.', at most 100 characters)")
+    for i, pr in enumerate(loaded.plan.probes):
+        if pr.label is not None and not is_safe_name(pr.label, SLUG):
+            raise loaded.error(("probes", i, "label"), f"label {pr.label!r} names this probe's tables, figures and folders: use letters, "
+                               "digits, '_', '-' and '.' (not starting with '.', no '/', at most 100 characters)")
+
+
 def _check_labels(loaded: LoadedPlan) -> None:
+    """Labels after sweeps expand (``label[param=value]``) must still be one safe file name, and unique."""
+    from embedlens.files import is_safe_name
+
+    for i, pr in enumerate(loaded.plan.probes):
+        if pr.label is not None and not is_safe_name(pr.label):
+            raise loaded.error(("probes", i, "label"), f"a sweep value makes the label {pr.label!r}, which cannot be a file name "
+                               "(it holds '/', '\\' or a control character, or is too long); sweep probes over numbers, lists or simple words")
     seen: dict[str, int] = {}
     for i, pr in enumerate(loaded.plan.probes):
         label = pr.label or pr.name
@@ -333,6 +435,36 @@ def _check_plugins(loaded: LoadedPlan) -> None:
         _check_plugin(loaded, metrics, ("metrics", i), spec)
 
 
+#: Plugin parameters are checked against these bounds before any plugin sees them: numbers a plan can hold
+#: but no probe, intervention or metric can use (``k: 1e30``, ``tau: nan``) are plan errors, not crashes.
+MAX_PARAM_INT = 2**31 - 1
+MAX_PARAM_DEPTH = 8
+MAX_PARAM_ITEMS = 100_000
+
+
+def _bad_value(value: Any, depth: int = 0) -> str | None:
+    """Why a plugin parameter value is unusable (non-finite, too large, too deep), or None."""
+    import math
+
+    if depth > MAX_PARAM_DEPTH:
+        return f"nested more than {MAX_PARAM_DEPTH} levels deep"
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return None if not isinstance(value, str) or len(value) <= 10_000 else "a string longer than 10000 characters"
+    if isinstance(value, int):
+        return None if abs(value) <= MAX_PARAM_INT else f"{value:.3g} is too large (at most {MAX_PARAM_INT})"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return f"{value} is not a finite number"
+        return None if abs(value) <= 1e15 else f"{value:.3g} is too large (at most 1e15)"
+    if isinstance(value, (list, tuple)):
+        if len(value) > MAX_PARAM_ITEMS:
+            return f"a list of more than {MAX_PARAM_ITEMS} items"
+        return next((f"[{i}]: {r}" for i, v in enumerate(value) if (r := _bad_value(v, depth + 1))), None)
+    if isinstance(value, dict):
+        return next((f"{k}: {r}" for k, v in value.items() if (r := _bad_value(v, depth + 1))), None)
+    return None
+
+
 def _check_plugin(loaded: LoadedPlan, registry, loc: tuple, spec) -> None:
     """Name, parameter names and parameter types of one plugin entry, against its declared signature."""
     try:
@@ -348,6 +480,9 @@ def _check_plugin(loaded: LoadedPlan, registry, loc: tuple, spec) -> None:
                 (*loc, "params", key),
                 f"{spec.name} has no parameter {key!r}.{hint} Parameters: {', '.join(map(str, params.values()))}",
             )
+        bad = _bad_value(value)
+        if bad is not None:
+            raise loaded.error((*loc, "params", key), f"expected a usable value for {params[key].annotation}; {bad}")
         ann = typing.get_type_hints(cls.__init__).get(key, Any)
         try:
             TypeAdapter(ann).validate_python(value, strict=False)
@@ -369,7 +504,11 @@ def _check_files(loaded: LoadedPlan) -> None:
             raise loaded.error(("data", "prompts"), f"file not found: {prompts}")
         if prompts.suffix.lower() not in (".jsonl", ".json", ".csv"):
             raise loaded.error(("data", "prompts"), f"expected a .jsonl or .csv file; got {prompts.name}")
-        if not prompts.read_text().strip():
+        try:
+            text = read_utf8(prompts, PlanError)
+        except PlanError as e:
+            raise loaded.error(("data", "prompts"), str(e)) from None
+        if not text.strip():
             raise loaded.error(("data", "prompts"), f"{prompts} is empty: no samples")
     if data.images is not None and not loaded.resolve(data.images).is_dir():
         raise loaded.error(("data", "images"), f"folder not found: {loaded.resolve(data.images)}")

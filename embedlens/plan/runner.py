@@ -1,20 +1,24 @@
 """Run a plan: load the model, check the plan against it, stream batches through probes and conditions.
 
 Results stream to disk per batch (`parts/`), with a checkpoint of every
-probe's running state after each batch, so a run killed at any moment resumes
-(``resume=True``) from the last finished batch and ends with the same bytes as
-an uninterrupted run. At the end the parts are gathered into one Parquet
-(and/or CSV) file per table, figures and ``report.html`` are written, and the
-checkpoint is removed.
+probe's running state after each batch (data only: `embedlens.plan.checkpoint`),
+so a run killed at any moment resumes (``resume=True``) from the last finished
+batch and ends with the same bytes as an uninterrupted run. The output folder
+is claimed (a marker) and locked for the life of the run (`embedlens.plan.store`).
+At the end the parts are gathered into one Parquet (and/or CSV) file per
+table, figures, ``summary.json``, ``report.html`` and ``manifest.json`` are
+written, the checkpoint is removed, and only then the parts: a kill at any
+point of the finish resumes to the same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 import json
-import pickle
+import os
 import platform
+import re
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +36,13 @@ from embedlens.interventions.condition import Condition
 from embedlens.interventions.engine import Engine
 from embedlens.metrics import Metric, compare
 from embedlens.plan.loader import LoadedPlan
-from embedlens.plan.effects import EffectSummary, matched_controls
+from embedlens.plan.effects import matched_controls
 from embedlens.plan.schema import ModelSpec
-from embedlens.plan.store import CHECKPOINT, Parts, atomic_write, clear_run
+from embedlens.files import check_output, contained, os_error, safe_dir, write_text
+from embedlens.plan import checkpoint as ckpt
+from embedlens.plan.checkpoint import RunState
+from embedlens.plan.identity import check_same, run_identity
+from embedlens.plan.store import CHECKPOINT, Parts, RunLock, claim, clear_run
 from embedlens.probes.base import Probe, Tensors
 from embedlens.probes.partition import TokenPartition
 from embedlens.registry import interventions as intervention_registry
@@ -86,11 +94,36 @@ def load_plan_model(loaded: LoadedPlan, name: str | None = None) -> tuple[str, A
     if name is None:
         name = next(iter(specs))
     m: ModelSpec = specs[name]
+    loc = _model_loc(loaded, name)
+    _check_device(loaded, loc, m.device)
     try:
         return name, load_model(m.source, adapter=m.adapter, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation)
     except EmbedLensError as e:
         key = "adapter" if m.adapter and "adapter" in str(e) else "source"
-        raise loaded.error((*_model_loc(loaded, name), key), str(e)) from None
+        raise loaded.error((*loc, key), str(e)) from None
+    except MemoryError:
+        raise loaded.error((*loc, "source"), f"not enough memory to load {m.source!r}") from None
+    except Exception as e:  # noqa: BLE001 - transformers / safetensors raise many types for a broken model folder
+        msg = f"{type(e).__name__}: {e}".strip()
+        if m.attn_implementation and "attn" in msg.lower():
+            raise loaded.error((*loc, "attn_implementation"), f"{m.attn_implementation!r} cannot be used with this model ({msg[:400]})") from None
+        raise loaded.error((*loc, "source"), f"cannot load the model from {m.source!r}: {msg[:600]}") from None
+
+
+def _check_device(loaded: LoadedPlan, loc: tuple, device: str) -> None:
+    """An unknown or unavailable device is a plan error, not a traceback from the first tensor moved there."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise loaded.error((*loc, "device"), f"not a device: {device!r} ({e}); expected cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index is not None and dev.index >= n):
+            raise loaded.error((*loc, "device"), f"{device!r} is not available here ({n} CUDA device(s)); use cpu or an available device")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise loaded.error((*loc, "device"), "'mps' is not available here; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta") and not hasattr(torch, dev.type):
+        raise loaded.error((*loc, "device"), f"{device!r} is not a device this torch supports")
 
 
 def read_data(loaded: LoadedPlan, adapter: Adapter | None = None) -> list[Record]:
@@ -224,49 +257,27 @@ def _versions() -> dict[str, str]:
     return out
 
 
-@dataclass
-class _State:
-    """What a checkpoint holds: enough to continue exactly where a run stopped."""
+def finished_result(out: Path) -> RunResult | None:
+    """The result of a finished run in `out` (manifest and no checkpoint), or None.
 
-    plan_hash: str
-    next_batch: int
-    n_batches: int
-    fitted: bool
-    probes: list[tuple[str, Probe]]
-    partition: Partition | None
-    conditions: list[Condition]
-    effects: EffectSummary
-    skipped: list[dict[str, str]]
-    converted: list[dict[str, str]]
-
-
-def read_checkpoint(out: Path) -> _State | None:
-    """The checkpoint of an unfinished run in `out`, or None."""
-    path = Path(out) / CHECKPOINT
-    if not path.is_file():
+    Parts a kill left after the checkpoint was removed are deleted (the tables hold them).
+    """
+    out = Path(out)
+    if ckpt.exists(out) or contained(out, "manifest.json") is None:
         return None
     try:
-        with path.open("rb") as fh:
-            state = pickle.load(fh)
-    except Exception as e:  # a checkpoint from another embedlens version, or damaged
-        raise EmbedLensError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e}); start again with --overwrite") from None
-    if not isinstance(state, _State):
-        raise EmbedLensError(f"{path}: not an embedlens checkpoint; start again with --overwrite")
-    return state
-
-
-def finished_result(out: Path) -> RunResult | None:
-    """The result of a finished run in `out` (manifest and no checkpoint), or None."""
-    out = Path(out)
-    if (out / CHECKPOINT).is_file() or not (out / "manifest.json").is_file():
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8")) if contained(out, "summary.json") else {}
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return None
-    manifest = json.loads((out / "manifest.json").read_text())
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    if not isinstance(manifest, dict) or not isinstance(summary, dict):
+        return None
+    Parts(out).remove()
     report = out / "report.html"
     return RunResult(
         out_dir=out,
-        tables={k: out / v for k, v in manifest.get("tables", {}).items()},
-        figures=[out / f for f in manifest.get("figures", [])],
+        tables={k: out / v for k, v in manifest.get("tables", {}).items() if contained(out, v)},
+        figures=[out / f for f in manifest.get("figures", []) if contained(out, f)],
         summary=summary,
         skipped=summary.get("data", {}).get("skipped", []),
         report=report if report.is_file() else None,
@@ -292,55 +303,63 @@ def run(
 
     Raises:
         EmbedLensError: `out_dir` holds an unfinished run and neither `resume` nor
-            `overwrite` is given, or the checkpoint belongs to another plan.
+            `overwrite` is given, or the checkpoint belongs to another plan, or the
+            data files or model changed since the unfinished run started.
+        RunFolderError: `out_dir` is not embedlens's (non-empty without its marker),
+            holds a symbolic link, is locked by another run, or cannot be written
+            (full disk, read-only file system).
     """
+    plan = prepared.loaded.plan
+    out = claim(Path(out_dir) if out_dir is not None else Path(plan.output.dir))
+    try:
+        with RunLock(out):
+            return _run_locked(prepared, out, progress, resume, overwrite)
+    except OSError as e:  # full disk, read-only file system, permissions: an error naming the file, state kept
+        raise os_error(e, "write") from None
+
+
+def _run_locked(prepared: Prepared, out: Path, progress: ProgressFn | None, resume: bool, overwrite: bool) -> RunResult:
     from embedlens.figures import EXTRA_FORMATS
 
     loaded, adapter = prepared.loaded, prepared.adapter
     plan = loaded.plan
-    out = Path(out_dir) if out_dir is not None else Path(plan.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     h = plan_hash(loaded)
     records = prepared.records
     bs = plan.batch_size
     chunks = [records[i : i + bs] for i in range(0, len(records), bs)]
-    state = read_checkpoint(out)
-    if state is not None and not resume and state.next_batch == 0:
-        state = None  # nothing finished but the fit passes: start again without asking
-        clear_run(out)
-    if state is not None and not resume and not overwrite:
+    unfinished = ckpt.exists(out)
+    if unfinished and not resume and not overwrite:
         raise EmbedLensError(
-            f"{out} holds an unfinished run (batch {state.next_batch} of {state.n_batches} done); "
-            "continue it with --resume or start again with --overwrite"
+            f"{out} holds an unfinished run ({CHECKPOINT}); continue it with --resume or start again with --overwrite"
         )
-    if state is not None and resume:
-        if state.plan_hash != h:
+    identity = run_identity(prepared)
+    state: RunState | None = None
+    if unfinished and resume:  # the only place a checkpoint is read
+        doc, tensors = ckpt.read_document(out)
+        if doc.get("plan_hash") != h:
             raise EmbedLensError(
-                f"{out}: the unfinished run there is of a different plan (hash {state.plan_hash}, this plan {h}); "
+                f"{out}: the unfinished run there is of a different plan (hash {doc.get('plan_hash')}, this plan {h}); "
                 "resume with the same plan, or start again with --overwrite"
             )
+        check_same(doc.get("identity") or {}, identity, out)
+        state = ckpt.load_into(doc, tensors, prepared.probes, prepared.partition, prepared.conditions, out / CHECKPOINT)
+        if state.n_batches != len(chunks):
+            raise EmbedLensError(f"{out}: the unfinished run has {state.n_batches} batches, this plan {len(chunks)}; start again with --overwrite")
         resumed_from = state.next_batch
     else:
         done = finished_result(out) if resume and not overwrite else None
         if done is not None:  # resuming a finished run: nothing left to do
             return done
         clear_run(out)
-        state = _State(h, 0, len(chunks), False, prepared.probes, prepared.partition, prepared.conditions, EffectSummary(), [], [])
+        state = RunState(h, identity, 0, len(chunks), False, prepared.probes, prepared.partition, prepared.conditions)
         resumed_from = None
     parts = Parts(out)
     parts.drop_from(state.next_batch)
     probes, partition, conditions = state.probes, state.partition, state.conditions
 
     def checkpoint() -> None:
-        try:
-            data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
-        except (pickle.PicklingError, AttributeError, TypeError) as e:
-            raise EmbedLensError(
-                f"cannot checkpoint the run: a probe, intervention or partition holds something pickle cannot save ({e}); "
-                "plugins must be module-level classes whose state is tensors, arrays and plain Python values"
-            ) from None
-        atomic_write(out / CHECKPOINT, data)
+        ckpt.write(out, state)
 
     def load_chunk(chunk: list[Record], record_problems: bool) -> list[Sample]:
         samples = []
@@ -436,7 +455,24 @@ def _emit(parts: Parts, label: str, name: str, rows: Any, index: int, n_probes: 
         parts.table(full, rows, index)
 
 
-def _finish(prepared: Prepared, out: Path, parts: Parts, state: _State, started: float, resumed_from: int | None) -> RunResult:
+#: Test hook: ``EMBEDLENS_KILL_AT=PHASE`` makes the runner SIGKILL itself at that point of the finish, so tests
+#: can check that every state a kill leaves on disk resumes to the same bytes. Phases, in order: see `_PHASES`.
+KILL_ENV = "EMBEDLENS_KILL_AT"
+_PHASES = ("after_gather", "after_figures", "after_summary", "after_report", "after_manifest", "after_checkpoint")
+
+
+def _phase(name: str) -> None:
+    if os.environ.get(KILL_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, started: float, resumed_from: int | None) -> RunResult:
+    """Write the run's results in an order where every prefix resumes to the same bytes.
+
+    Tables, figures, artifacts, summary, report and manifest are all derived
+    from the parts and the checkpointed state; the checkpoint goes only after
+    all of them are written, and the parts only after the checkpoint.
+    """
     from embedlens.figures import effect_chart, evidence_figure
 
     loaded, adapter, plan = prepared.loaded, prepared.adapter, prepared.loaded.plan
@@ -461,6 +497,7 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: _State, started:
     if partition is not None and partition.evidence:  # why each id is (not) an anchor
         parts.table("partition_discovery", {k: [r[k] for r in partition.evidence] for k in EVIDENCE_COLUMNS}, 0)
     tables = parts.gather(plan.output.formats)
+    _phase("after_gather")
     result = RunResult(out_dir=out, tables=tables, skipped=list(state.skipped), resumed_from=resumed_from)
     result.summary = {label: probe.result() for label, probe in probes}
     if partition is not None:
@@ -479,11 +516,11 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: _State, started:
     names = [type(p).__name__ for _, p in probes]
     # probes sharing a class (sweeps, labels) get a folder each so their files do not collide
     own = {label: names.count(type(p).__name__) > 1 for label, p in probes}
-    artifacts = [a for label, probe in probes for a in probe.artifacts(out / "artifacts" / label if own[label] else out)]
+    artifacts = [a for label, probe in probes for a in probe.artifacts(safe_dir(out, Path("artifacts") / label) if own[label] else out)]
     if plan.output.figures:
-        fig_dir = out / "figures"
+        fig_dir = safe_dir(out, "figures")
         for label, probe in probes:
-            result.figures += probe.figures(fig_dir / label if own[label] else fig_dir)
+            result.figures += probe.figures(safe_dir(out, Path("figures") / label) if own[label] else fig_dir)
         if partition is not None and partition.evidence:
             result.figures.append(evidence_figure(partition.evidence, partition.anchor_rule(), fig_dir / "partition_discovery.png",
                                                   title="Partition: discovered anchors and the rejected candidates (marker size: token share)"))
@@ -492,7 +529,9 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: _State, started:
             for m in metrics:
                 vals = [cols[m]["mean"] for cols in effects.values() if m in cols]
                 if len(set(vals)) > 1 and not re.search(r"_l\d+$", m):  # constant metrics and per-layer columns say little as charts
-                    result.figures.append(effect_chart(effects, m, fig_dir / f"effects_{m}.png", controls))
+                    fname = re.sub(r"[^A-Za-z0-9_.\-]", "_", m).lstrip(".")[:120]  # a metric column is a name, not a path
+                    result.figures.append(effect_chart(effects, m, fig_dir / f"effects_{fname}.png", controls))
+    _phase("after_figures")
     manifest = {
         "plan": str(loaded.path) if loaded.path else None,
         "plan_hash": plan_hash(loaded),
@@ -516,16 +555,22 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: _State, started:
         "figures": [str(f.relative_to(out)) for f in result.figures],
         "artifacts": [str(a.relative_to(out)) for a in artifacts],
         "tensors": sorted(str(p.relative_to(out)) for p in (out / "tensors").glob("*")) if (out / "tensors").is_dir() else [],
+        "inputs": state.identity,
     }
-    (out / "summary.json").write_text(json.dumps(result.summary, indent=2, default=str))
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_text(out / "summary.json", json.dumps(result.summary, indent=2, default=str))
+    _phase("after_summary")
     if plan.output.report:
         from embedlens.report import write_report
 
-        result.report = write_report(out)
+        result.report = write_report(out, manifest)
+    _phase("after_report")
+    write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    _phase("after_manifest")
+    (out / CHECKPOINT).unlink(missing_ok=True)  # the commit point: from here on the run is finished
+    _phase("after_checkpoint")
+    parts.remove()
     log = {"seconds": round(time.time() - started, 3), "resumed_from_batch": resumed_from, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (out / "run_log.json").write_text(json.dumps(log, indent=2))
-    (out / CHECKPOINT).unlink(missing_ok=True)
+    write_text(out / "run_log.json", json.dumps(log, indent=2))
     return result
 
 
@@ -555,21 +600,27 @@ def run_all(
     def prog(name):
         return (lambda phase, d, t: progress(name, phase, d, t)) if progress else None
 
+    check_output(out_dir if out_dir is not None else plan.output.dir)  # as written: '' is not '.'
+    claim(out, kind="run" if len(names) == 1 else "runs")  # refuse a foreign folder before loading any model
     if len(names) == 1:
         if on_model:
             on_model(names[0])
         prepared = prepare(loaded)
         return {names[0]: run(prepared, out, prog(names[0]), resume=resume, overwrite=overwrite)}
-    for name in names:  # every model checked before the first batch of any
-        if on_model:
-            on_model(f"{name} (checking)")
-        prepare(loaded, model=name)
-    results = {}
-    for name in names:
-        if on_model:
-            on_model(name)
-        results[name] = run(prepare(loaded, model=name), out / name, prog(name), resume=resume, overwrite=overwrite)
-    from embedlens.compare import compare_runs
+    try:
+        with RunLock(out):
+            for name in names:  # every model checked before the first batch of any
+                if on_model:
+                    on_model(f"{name} (checking)")
+                prepare(loaded, model=name)
+            results = {}
+            for name in names:
+                if on_model:
+                    on_model(name)
+                results[name] = run(prepare(loaded, model=name), out / name, prog(name), resume=resume, overwrite=overwrite)
+            from embedlens.compare import compare_runs
 
-    compare_runs([out / n for n in names], out / "compare", names=names)
+            compare_runs([out / n for n in names], out / "compare", names=names)
+    except OSError as e:
+        raise os_error(e, "write") from None
     return results

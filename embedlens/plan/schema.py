@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities are never a usable setting; refused here rather than written into results
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -28,8 +29,8 @@ class ModelSpec(_Strict):
 class SyntheticDataSpec(_Strict):
     """The built-in synthetic data set (`embedlens.synthetic`): shapes, words and per-patch ground truth."""
 
-    n: int = Field(64, ge=1, description="number of images (one question each)")
-    seed: int = 0
+    n: int = Field(64, ge=1, le=1_000_000, description="number of images (one question each)")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     size: int = Field(64, ge=16, le=1024, description="image side in pixels")
     grid: int = Field(3, ge=1, le=6, description="objects sit in a grid x grid layout")
     background: float = Field(0.4, ge=0.0, lt=1.0, description="target share of background patches (0.4 ~ natural images, 0.85 sparse)")
@@ -52,7 +53,7 @@ class DataSpec(_Strict):
     synthetic: SyntheticDataSpec | None = Field(None, description="the built-in synthetic data set")
     padding_side: Literal["left", "right"] = "right"
     limit: int | None = Field(None, ge=1, description="use only the first N samples")
-    max_pixels: int = Field(4096 * 4096, ge=1, description="larger images are downscaled when read")
+    max_pixels: int = Field(4096 * 4096, ge=1, le=2**31, description="larger images are downscaled when read (16x larger are refused)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
@@ -153,8 +154,8 @@ class Plan(_Strict):
         "each value gives its own condition/probe (several keys on one target: every combination)",
     )
     output: OutputSpec = Field(default_factory=OutputSpec)
-    batch_size: int = Field(4, ge=1)
-    seed: int = 0
+    batch_size: int = Field(4, ge=1, le=65536)
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds every random draw of the run")
 
     @model_validator(mode="after")
     def _something_to_do(self) -> "Plan":

@@ -1,35 +1,45 @@
-"""How a run lives on disk: per-batch part files, atomic writes, the gathered tables.
+"""How a run lives on disk: an owned, locked folder; per-batch part files; atomic writes; the gathered tables.
+
+A run folder is owned: `claim` writes the marker ``.embedlens-run`` into an
+empty (or new) folder first, and refuses a non-empty folder without it, so
+embedlens never reads, overwrites or deletes what it did not write. `RunLock`
+holds an exclusive ``flock`` on ``.embedlens-lock`` for the life of a run; a
+second run into the folder is refused and told who holds it.
 
 Each batch's tables go to ``parts/TABLE/BATCH.parquet`` and its tensors to
-``tensors/NAME/BATCH.safetensors``; `Parts.gather` turns the parts into one
-Parquet (and/or CSV) file per table when the run ends.
+``tensors/NAME/BATCH.safetensors``; `Parts.gather` writes one Parquet (and/or
+CSV) file per table when the run ends. Parts are removed only after the
+checkpoint (``checkpoint.safetensors``), so every state a kill can leave
+resumes to the same bytes.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
+import re
+import stat
 from pathlib import Path
 
 import torch
 
 from embedlens.errors import EmbedLensError
+from embedlens.files import LOCK, MARKER, RunFolderError, RunLock, claim, check_output, safe_dir, write_bytes, write_text  # noqa: F401
 
-#: The running state of an unfinished run (see `embedlens.plan.runner`).
-CHECKPOINT = "checkpoint.pkl"
+#: The running state of an unfinished run: JSON in a safetensors file (see `embedlens.plan.checkpoint`).
+CHECKPOINT = "checkpoint.safetensors"
 PARTS = "parts"
 #: Files whose content legitimately differs between two runs of the same plan (timings, resume history).
-VOLATILE = ("run_log.json",)
+VOLATILE = ("run_log.json", MARKER, LOCK)
+#: Files a run writes at the top of its folder (tables are listed by its manifest).
+RUN_FILES = (CHECKPOINT, "summary.json", "manifest.json", "run_log.json", "report.html", "compare.csv", "compare.html")
+_PART_NAME = re.compile(r"^\.?\d{6}\.(parquet|safetensors)(\.\d+)?(\.tmp)?$|^\.\d{6}\.(parquet|safetensors)\.\d+\.tmp$")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write `data` atomically without following links (see `embedlens.files.write_bytes`)."""
+    write_bytes(path, data)
 
 
 class Parts:
@@ -47,33 +57,34 @@ class Parts:
         lengths = {k: len(v) for k, v in table.items()}
         if len(set(lengths.values())) != 1:
             raise EmbedLensError(f"table {name!r}: columns have different lengths {lengths}")
-        folder = self.out / PARTS / name
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{index:06d}.parquet"
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(pa.table({k: _plain(v) for k, v in table.items()}), tmp)
-        os.replace(tmp, path)
+        folder = safe_dir(self.out, Path(PARTS) / name)
+        buf = io.BytesIO()
+        pq.write_table(pa.table({k: _plain(v) for k, v in table.items()}), buf)
+        write_bytes(folder / f"{index:06d}.parquet", buf.getvalue())
 
     def tensors(self, name: str, tensors: dict[str, torch.Tensor], index: int) -> None:
         from safetensors.torch import save
 
-        folder = self.out / "tensors" / name
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = safe_dir(self.out, Path("tensors") / name)
         data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"batch": str(index)})
         atomic_write(folder / f"{index:06d}.safetensors", data)
 
     def drop_from(self, index: int) -> None:
         """Remove parts of batches >= index (the batch in flight when a run was killed)."""
         for root in (self.out / PARTS, self.out / "tensors"):
-            if not root.is_dir():
+            if not root.is_dir() or root.is_symlink():
                 continue
             for f in root.glob("*/*"):
-                stem = f.name.split(".")[0]
+                stem = f.name.lstrip(".").split(".")[0]
                 if f.name.endswith(".tmp") or (stem.isdigit() and int(stem) >= index):
                     f.unlink()
 
     def gather(self, formats: list[str]) -> dict[str, Path]:
-        """One file per table from its parts, in batch order; returns table -> main file."""
+        """One file per table from its parts, in batch order; returns table -> main file.
+
+        The parts stay until `remove` (after the checkpoint is gone), so a run killed
+        while it finishes gathers the same tables again when it resumes.
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -88,13 +99,18 @@ class Parts:
             table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
             name = folder.name
             if "parquet" in formats:
-                pq.write_table(table, self.out / f"{name}.parquet")
+                buf = io.BytesIO()
+                pq.write_table(table, buf)
+                write_bytes(self.out / f"{name}.parquet", buf.getvalue())
                 out[name] = self.out / f"{name}.parquet"
             if "csv" in formats:
                 _write_csv(table, self.out / f"{name}.csv")
                 out.setdefault(name, self.out / f"{name}.csv")
-        shutil.rmtree(root)
         return out
+
+    def remove(self) -> None:
+        """Delete ``parts/`` (only the part files embedlens writes there, never through links)."""
+        _remove_tree(self.out / PARTS)
 
 
 def _plain(values: list) -> list:
@@ -120,23 +136,78 @@ def _write_csv(table, path: Path) -> None:
     cols = [c.to_pylist() for c in table.columns]
     for row in zip(*cols):
         w.writerow(["" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v for v in row])
-    path.write_text(buf.getvalue())
+    write_text(path, buf.getvalue())
+
+
+def _remove_tree(root: Path, names: re.Pattern | None = _PART_NAME) -> None:
+    """Remove ``root/NAME/FILE`` part files matching `names` and then the emptied folders; links are unlinked, never followed."""
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        os.unlink(root)  # removes the link itself; what it points to is untouched
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    for sub in os.scandir(root):
+        if sub.is_symlink():
+            os.unlink(sub.path)
+            continue
+        if not sub.is_dir(follow_symlinks=False):
+            continue
+        for f in os.scandir(sub.path):
+            if f.is_symlink() or (f.is_file(follow_symlinks=False) and (names is None or names.match(f.name))):
+                os.unlink(f.path)
+        try:
+            os.rmdir(sub.path)
+        except OSError:
+            pass  # something that is not embedlens's is left with its folder
+    try:
+        os.rmdir(root)
+    except OSError:
+        pass
 
 
 def clear_run(out: Path) -> None:
-    """Remove what an earlier run wrote in `out`: only files its manifest lists and embedlens's own names."""
+    """Remove what an earlier run wrote in `out`, a folder `claim` checked is embedlens's.
+
+    Only embedlens's own file names (`RUN_FILES`, part and tensor files) and the
+    files the earlier run's manifest lists (inside `out`, reached without links)
+    are deleted; links are removed as links, never followed; anything else stays.
+    """
+    from embedlens.files import contained
+
+    out = Path(out)
+    if not (out / MARKER).is_file() or (out / MARKER).is_symlink():
+        raise RunFolderError(f"{out}: no {MARKER} marker; embedlens deletes nothing in a folder it did not create")
     old = out / "manifest.json"
-    if old.is_file():
+    if old.is_file() and not old.is_symlink():
         try:
-            listed = json.loads(old.read_text())
-        except json.JSONDecodeError:
+            listed = json.loads(old.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
             listed = {}
-        for rel in list((listed.get("tables") or {}).values()) + list(listed.get("figures") or []) + list(listed.get("artifacts") or []):
-            for f in {out / rel, (out / rel).with_suffix(".csv"), (out / rel).with_suffix(".parquet")}:
-                if f.is_file() and out.resolve() in f.resolve().parents:
+        if not isinstance(listed, dict):
+            listed = {}
+        rels = [v for v in (listed.get("tables") or {}).values()] if isinstance(listed.get("tables"), dict) else []
+        for key in ("figures", "artifacts"):
+            rels += listed.get(key) if isinstance(listed.get(key), list) else []
+        for rel in rels:
+            if not isinstance(rel, str):
+                continue
+            for cand in {rel, str(Path(rel).with_suffix(".csv")), str(Path(rel).with_suffix(".parquet"))}:
+                f = contained(out, cand)
+                if f is not None:
                     f.unlink()
-    for name in (CHECKPOINT, "summary.json", "manifest.json", "run_log.json", "report.html"):
-        (out / name).unlink(missing_ok=True)
-    for name in (PARTS, "tensors"):
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
+                elif not Path(cand).is_absolute() and ".." not in Path(cand).parts and (out / cand).is_symlink() \
+                        and not any(q.is_symlink() for q in (out / cand).parents if out in q.parents):
+                    (out / cand).unlink()  # a link planted under an embedlens name: the link goes, its target stays
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+    _remove_tree(out / PARTS)
+    _remove_tree(out / "tensors")
+    for f in out.glob(".*.tmp"):
+        if f.is_symlink() or f.is_file():
+            f.unlink()

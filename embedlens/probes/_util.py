@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from embedlens.errors import PlanError
+from embedlens.state import Stateful, rebuildable
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
@@ -88,7 +89,8 @@ def group_masks(groups: Sequence[str]) -> dict[str, torch.Tensor]:
     return {g: idx == i for i, g in enumerate(names)}
 
 
-class Reservoir:
+@rebuildable
+class Reservoir(Stateful):
     """A uniform sample of at most `capacity` rows from a stream (Algorithm R), reproducible by seed.
 
     Rows are tensors ``[n, d]`` with optional parallel label lists.
@@ -130,7 +132,8 @@ class Reservoir:
         return len(self._rows)
 
 
-class Histogram:
+@rebuildable
+class Histogram(Stateful):
     """Counts of values in fixed bins over ``[lo, hi]`` (values outside go to the end bins)."""
 
     def __init__(self, lo: float, hi: float, bins: int = 40):
@@ -145,7 +148,8 @@ class Histogram:
         return {"edges": self.edges.tolist(), "counts": self.counts.tolist()}
 
 
-class FirstImage:
+@rebuildable
+class FirstImage(Stateful):
     """What a token-map figure needs from the first image of a run (sample 0, image 0, tile 0)."""
 
     def __init__(self):

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
 import torch
 
+from embedlens.state import Stateful
+
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
     from embedlens.sites import Site
@@ -23,12 +25,17 @@ class Tensors(dict):
     """
 
 
-class Probe(ABC):
+class Probe(Stateful, ABC):
     """A probe names the sites it reads, consumes each batch's activations, and
     returns tables (streamed to disk by the runner) and a summary.
 
     Subclasses take parameters as explicit typed constructor arguments and
-    register with ``@probes.register("name")``.
+    register with ``@probes.register("name")``. A run's checkpoint saves each
+    probe's `state_dict()` (by default its attributes, which must be plain
+    data: tensors, arrays, numbers, strings, containers of them, or objects
+    with `state_dict` themselves) and loads it into a probe built from the
+    plan on resume; a probe keeping other Python state overrides
+    `state_dict` / `load_state_dict` (see `embedlens.state`).
     """
 
     def check(self, adapter: "Adapter") -> None:

@@ -63,6 +63,17 @@ class TokenClusters(Probe):
         self._model = None
         self._fitted_on = -1
 
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointed state without the fitted KMeans: a cache, refitted (seeded) from the reservoir when needed."""
+        state = super().state_dict()
+        state.pop("_model")
+        state["_fitted_on"] = -1
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._model, self._fitted_on = None, -1
+
     def sites(self, adapter: "Adapter") -> list[Site]:
         return [parse_site("token_clusters", "site", adapter, self.site)]
 

@@ -10,7 +10,7 @@ Example (in a plugin's test suite)::
 
 `check_probe` runs the probe on every tiny model family with a batch of three
 samples of different image sizes and prompt lengths, padded left and right,
-and fails with an `AssertionError` that names the probe, the family and the
+checks that its state survives a checkpoint (`embedlens.state`), and fails with an `AssertionError` that names the probe, the family and the
 check.
 """
 
@@ -73,6 +73,25 @@ def _same(where: str, name: str, a: dict, b: dict, atol: float) -> None:
                 _fail(where, f"table {name!r} column {col!r} row {i} depends on padding: {x!r} vs {y!r}")
 
 
+def _check_state(where: str, cls: type, params: dict[str, Any], adapter, probe) -> None:
+    """The probe's state survives a checkpoint: JSON + safetensors, loaded into a probe built from the same parameters."""
+    from embedlens.state import CheckpointError, decode_state, encode_state
+
+    try:
+        meta, tensors = encode_state(probe, where)
+        text = json.dumps(meta, allow_nan=False)
+        fresh = cls(**params)
+        fresh.check(adapter)
+        decode_state(fresh, json.loads(text), tensors, where)
+    except CheckpointError as e:
+        _fail(where, f"its state cannot be checkpointed: {e}")
+    again, tensors2 = encode_state(fresh, where)
+    if again != meta or any(not tensors[k].equal(tensors2[k]) and not tensors[k].isnan().any() for k in tensors):
+        _fail(where, "state_dict() -> load_state_dict() does not give the same state back")
+    if json.dumps(fresh.result(), sort_keys=True, default=str) != json.dumps(probe.result(), sort_keys=True, default=str):
+        _fail(where, "a probe loaded from its checkpointed state gives a different result()")
+
+
 def check_probe(cls: type, params: dict[str, Any] | None = None, families: tuple[str, ...] = DEFAULT_FAMILIES,
                 atol: float = 1e-4) -> None:
     """Run the conformance checks on probe class `cls` (see the module docstring).
@@ -132,6 +151,7 @@ def check_probe(cls: type, params: dict[str, Any] | None = None, families: tuple
         except (TypeError, ValueError) as e:
             _fail(where, f"result() is not JSON-serialisable: {e}")
         _check_tables(where, probe.final_tables())
+        _check_state(where, cls, params, adapter, probe)
         with tempfile.TemporaryDirectory() as tmp:
             for kind, paths in (("figures", probe.figures(Path(tmp))), ("artifacts", probe.artifacts(Path(tmp)))):
                 missing = [str(p) for p in paths if not Path(p).is_file()]

@@ -4,7 +4,6 @@ uninterrupted one, and the same plan twice gives byte-identical outputs."""
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 
 from embedlens.errors import EmbedLensError
 from embedlens.plan import load_plan, prepare, run
+from embedlens.plan.checkpoint import read_document
 from embedlens.plan.store import VOLATILE
 
 PLAN = """\
@@ -81,8 +81,8 @@ def test_sigkill_then_resume_gives_identical_outputs(tmp_path):
     assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    state = pickle.loads((killed / "checkpoint.pkl").read_bytes())
-    assert 3 <= state.next_batch < state.n_batches and not (killed / "manifest.json").exists()
+    doc, _ = read_document(killed)
+    assert 3 <= doc["next_batch"] < doc["n_batches"] and not (killed / "manifest.json").exists()
     # without --resume the unfinished run is refused, not overwritten
     r = subprocess.run(_cli(plan, killed), env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "unfinished run" in r.stderr and "--resume" in r.stderr and "Traceback" not in r.stderr
@@ -93,7 +93,7 @@ def test_sigkill_then_resume_gives_identical_outputs(tmp_path):
     r = subprocess.run(_cli(plan, whole), env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     _assert_same(killed, whole)
-    assert not (killed / "checkpoint.pkl").exists() and not (killed / "parts").exists()
+    assert not (killed / "checkpoint.safetensors").exists() and not (killed / "parts").exists()
 
 
 def test_failure_mid_run_keeps_finished_batches_and_resumes(tmp_path):
