@@ -200,9 +200,9 @@ CASES = [
     # model folders
     ("model folder without config", lambda w: _plan(w, _sub("tiny:llava-clip", _model_folder(w, "no config"))), r"plan\.yaml:2 model\.source: cannot load .*model.*config\.json"),
     ("model folder bad config", lambda w: _plan(w, _sub("tiny:llava-clip", _model_folder(w, "bad config"))), r"plan\.yaml:2 model\.source: cannot load"),
-    ("model folder without weights", lambda w: _plan(w, _sub("tiny:llava-clip", _model_folder(w, "no weights"))), r"plan\.yaml:2 model\.source: cannot load the model from .*model"),
-    ("model garbage safetensors", lambda w: _plan(w, _sub("tiny:llava-clip", _model_folder(w, "garbage weights"))), r"plan\.yaml:2 model\.source: cannot load the model from"),
-    ("model truncated safetensors", lambda w: _plan(w, _sub("tiny:llava-clip", _model_folder(w, "truncated weights"))), r"plan\.yaml:2 model\.source: cannot load the model from"),
+    ("model folder without weights", lambda w: _plan(w, _sub("tiny:llava-clip", _model_folder(w, "no weights"))), r"plan\.yaml:2 model\.source: (cannot load the model from|adapter .llava. \(\w+\) cannot load) .*model"),
+    ("model garbage safetensors", lambda w: _plan(w, _sub("tiny:llava-clip", _model_folder(w, "garbage weights"))), r"plan\.yaml:2 model\.source: (cannot load the model from|adapter .llava. \(\w+\) cannot load)"),
+    ("model truncated safetensors", lambda w: _plan(w, _sub("tiny:llava-clip", _model_folder(w, "truncated weights"))), r"plan\.yaml:2 model\.source: (cannot load the model from|adapter .llava. \(\w+\) cannot load)"),
     ("model folder missing", lambda w: _plan(w, _sub("tiny:llava-clip", str(w / "nowhere"))), r"model\.source: cannot load a model config"),
     # output folders
     ("output empty string", lambda w: _run(w, out=""), r"the output folder is empty \(''\)"),
