@@ -71,8 +71,8 @@ def check_search(owner: str, search: str, n_probe: int) -> None:
 
 
 def default_n_lists(n_rows: int) -> int:
-    """Inverted lists for a matrix of `n_rows`: about 4 sqrt(rows), with >= 39 training rows per list (FAISS's minimum)."""
-    return max(1, min(round(4 * math.sqrt(n_rows)), n_rows // 39))
+    """Inverted lists for a matrix of `n_rows`: about 2 sqrt(rows), with >= 39 training rows per list (FAISS's minimum)."""
+    return max(1, min(round(2 * math.sqrt(n_rows)), n_rows // 39))
 
 
 class VocabIndex:
@@ -94,6 +94,10 @@ class VocabIndex:
         self._quantizer = faiss.IndexFlatIP(d)  # kept alive: the IVF index does not own it
         self.index = faiss.IndexIVFFlat(self._quantizer, d, self.n_lists, faiss.METRIC_INNER_PRODUCT)
         self.index.cp.seed = 1234  # k-means is seeded: the same matrix gives the same index
+        # k-means on a sample of 40 rows per list, 10 iterations: a 152k x 1024 matrix trains in
+        # seconds, not minutes; rougher cells cost recall only through n_probe, which is measured
+        self.index.cp.niter = 10
+        self.index.cp.max_points_per_centroid = 40
         self.index.train(rows)
         for start in range(0, n, chunk_size):
             self.index.add(rows[start : start + chunk_size])

@@ -72,7 +72,7 @@ def test_index_is_built_once_per_matrix_and_rebuilt_when_it_changes():
     assert vocab_index(vocab.detach()) is first  # a detached view of the same weights: same index
     vocab.mul_(-1)  # an in-place edit (a steering experiment, a loaded checkpoint) must not reuse it
     assert vocab_index(vocab) is not first
-    assert default_n_lists(500) == 12 and default_n_lists(32_000) == 716
+    assert default_n_lists(500) == 12 and default_n_lists(32_000) == 358
 
 
 def test_lens_rows_with_every_list_probed_equal_exact_ones(adapter):
