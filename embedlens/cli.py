@@ -175,7 +175,7 @@ def list_plugins() -> None:
 
         embedlens list
     """
-    from embedlens.registry import REGISTRIES  # each registry imports its built-ins on first look-up, plugin_params, summary
+    from embedlens.registry import REGISTRIES, plugin_params, summary  # registries import their built-ins on first look-up
 
     for kind, reg in REGISTRIES.items():
         typer.echo(f"{kind}:")
