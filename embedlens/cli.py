@@ -58,11 +58,11 @@ def run(
 
         embedlens run examples/partition_study.yaml --resume
     """
-    import embedlens  # noqa: F401 - registers the built-in plugins
-    from embedlens.plan import load_plan, run_all
+    from embedlens.plan import load_plan
 
     try:
         loaded = load_plan(plan)
+        from embedlens.plan import run_all  # torch and the models: after the plan's own errors
         with _progress_bar(quiet) as bar:
             tasks: dict[tuple[str, str], object] = {}
             many = len(loaded.plan.model_specs()) > 1
@@ -124,11 +124,11 @@ def validate(plan: Path = typer.Argument(..., help="YAML plan file.")) -> None:
 
         embedlens validate examples/quickstart.yaml
     """
-    import embedlens  # noqa: F401
-    from embedlens.plan import load_plan, prepare
+    from embedlens.plan import load_plan
 
     try:
         loaded = load_plan(plan)
+        from embedlens.plan import prepare  # torch and the models: after the plan's own errors
         for name in loaded.plan.model_specs():
             prepared = prepare(loaded, model=name)
             typer.echo(
@@ -198,8 +198,7 @@ def list_plugins() -> None:
 
         embedlens list
     """
-    import embedlens  # noqa: F401
-    from embedlens.registry import REGISTRIES, plugin_params, summary
+    from embedlens.registry import REGISTRIES, plugin_params, summary  # registries import their built-ins on first look-up
 
     for kind, reg in REGISTRIES.items():
         typer.echo(f"{kind}:")

@@ -86,16 +86,20 @@ class Registry(Generic[T]):
             imported on first use (the base classes' packages import this module).
         group: entry-point group to load third-party plugins from.
         required: methods a plugin must define (not inherit from `base` unchanged).
+        builtins: module whose import registers the built-in plugins; imported on
+            the first look-up, so ``import embedlens`` itself stays light.
     """
 
-    def __init__(self, kind: str, base: "type | str", group: str | None = None, required: tuple[str, ...] = ()):
+    def __init__(self, kind: str, base: "type | str", group: str | None = None, required: tuple[str, ...] = (),
+                 builtins: str | None = None):
         self.kind = kind
         self._base = base
         self.group = group
         self.required = required
+        self.builtins = builtins
         self._items: dict[str, type] = {}
         self._failed: dict[str, str] = {}  # entry-point name -> error
-        self._entry_points_loaded = group is None
+        self._entry_points_loaded = group is None and builtins is None
 
     @property
     def base(self) -> type:
@@ -147,7 +151,9 @@ class Registry(Generic[T]):
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
-        for ep in metadata.entry_points(group=self.group):
+        if self.builtins is not None:
+            importlib.import_module(self.builtins)  # registers through the decorators (a no-op once imported)
+        for ep in (metadata.entry_points(group=self.group) if self.group is not None else ()):
             if ep.name in self._items:
                 continue
             try:
@@ -196,19 +202,23 @@ class Registry(Generic[T]):
 
     def fresh(self) -> "Registry[T]":
         """An empty registry of the same kind (for tests)."""
-        return Registry(self.kind, self._base, self.group, self.required)
+        return Registry(self.kind, self._base, self.group, self.required)  # no built-ins: empty until told
 
 
 adapters: Registry = Registry(
-    "adapter", "embedlens.adapters.base:Adapter", "embedlens.adapters", required=("image_layouts",)
+    "adapter", "embedlens.adapters.base:Adapter", "embedlens.adapters", required=("image_layouts",),
+    builtins="embedlens.adapters",
 )
 probes: Registry = Registry(
-    "probe", "embedlens.probes.base:Probe", "embedlens.probes", required=("sites", "update", "result")
+    "probe", "embedlens.probes.base:Probe", "embedlens.probes", required=("sites", "update", "result"),
+    builtins="embedlens.probes",
 )
 interventions: Registry = Registry(
-    "intervention", "embedlens.interventions.base:Intervention", "embedlens.interventions", required=("setup",)
+    "intervention", "embedlens.interventions.base:Intervention", "embedlens.interventions", required=("setup",),
+    builtins="embedlens.interventions",
 )
-metrics: Registry = Registry("metric", "embedlens.metrics:Metric", "embedlens.metrics", required=("compute",))
+metrics: Registry = Registry("metric", "embedlens.metrics:Metric", "embedlens.metrics", required=("compute",),
+                             builtins="embedlens.metrics")
 REGISTRIES: dict[str, Registry] = {
     "adapters": adapters,
     "probes": probes,

@@ -3,6 +3,12 @@
 nnsight compiles the body of a ``with model.trace()`` block from this file's
 source, so the trace lives here, in a module, and touches sites in forward
 order (vision tower before the language model).
+
+A trace stops as soon as its last site has been read: a pass whose sites end
+at the projector or at ``llm.embed`` (the language model's input) never runs
+the language model, and a pass that reads decoder layers but not
+``llm.unembed`` never computes the head. Only a pass that reads the logits
+runs the whole model.
 """
 
 from __future__ import annotations
@@ -57,6 +63,23 @@ def _value(adapter: "Adapter", site: Site, saved) -> torch.Tensor:
     return adapter.softcap_logits(value) if site.component == "llm.unembed" else value
 
 
+def _needs_whole_forward(resolved: list[Site]) -> bool:
+    """Whether the last site (in forward order) is the logits, the one output after which nothing runs."""
+    return bool(resolved) and resolved[-1].component == "llm.unembed"
+
+
+def _trace(root, inputs: dict, adapter: "Adapter", resolved: list[Site]) -> dict[Site, torch.Tensor]:
+    """Read `resolved` (in forward order) in one trace, stopping right after the last one."""
+    saved = {}
+    with torch.no_grad():
+        with root.trace(**inputs) as tracer:
+            for site in resolved:
+                saved[site] = _read(root, adapter, site).save()
+            if not _needs_whole_forward(resolved):
+                tracer.stop()  # nothing after the last site is read: the model does not run past it
+    return {s: _value(adapter, s, v) for s, v in saved.items()}
+
+
 def collect(adapter: "Adapter", batch: "Batch", sites: Iterable["str | Site"]) -> dict[Site, torch.Tensor]:
     """Run the model once on `batch` and return the activations at `sites`.
 
@@ -64,6 +87,11 @@ def collect(adapter: "Adapter", batch: "Batch", sites: Iterable["str | Site"]) -
         adapter: the model's adapter.
         batch: from `adapter.encode`.
         sites: site names or `Site`s (negative layers allowed).
+
+    The forward stops right after the last site: sites that end at the
+    projector or ``llm.embed`` cost the vision tower alone, and the head runs
+    only when ``llm.unembed`` is asked for. The activations are the same,
+    bit for bit, as a whole forward's.
 
     Returns:
         dict from resolved `Site` to a detached tensor, shaped as the module
@@ -74,14 +102,7 @@ def collect(adapter: "Adapter", batch: "Batch", sites: Iterable["str | Site"]) -
         AdapterError: a site the model does not have or a layer out of range.
     """
     resolved = sorted({adapter.resolve(s) for s in sites}, key=Site.order_key)
-    root = adapter.nnsight
-    inputs = adapter.model_inputs(batch)
-    saved = {}
-    with torch.no_grad():
-        with root.trace(**inputs):
-            for site in resolved:
-                saved[site] = _read(root, adapter, site).save()
-    return {s: _value(adapter, s, v) for s, v in saved.items()}
+    return _trace(adapter.nnsight, adapter.model_inputs(batch), adapter, resolved)
 
 
 def collect_text(adapter: "Adapter", texts: list[str], sites: Iterable["str | Site"]) -> tuple[dict[Site, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -125,10 +146,4 @@ def collect_text(adapter: "Adapter", texts: list[str], sites: Iterable["str | Si
         # each passage is numbered as if it ran alone, from the family's first position (PaliGemma: 1)
         "position_ids": ((mask.long().cumsum(1) - 1).clamp(min=0) + adapter.position_offset).to(adapter.device),
     }
-    root = adapter.nnsight
-    saved = {}
-    with torch.no_grad():
-        with root.trace(**inputs):
-            for site in resolved:
-                saved[site] = _read(root, adapter, site).save()
-    return {s: _value(adapter, s, v) for s, v in saved.items()}, enc["input_ids"], enc["attention_mask"].bool()
+    return _trace(adapter.nnsight, inputs, adapter, resolved), enc["input_ids"], enc["attention_mask"].bool()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from embedlens.errors import PlanError
 from embedlens.probes._util import FirstImage
 from embedlens.probes.base import Probe, Table
+from embedlens.probes.vocab_index import approximate_nearest, check_search
 from embedlens.registry import probes
 from embedlens.sites import Site
 
@@ -19,14 +20,27 @@ if TYPE_CHECKING:
 
 
 def nearest_vocab(
-    x: torch.Tensor, vocab: torch.Tensor, k: int, chunk_size: int = 8192, normalized_vocab: bool = False
+    x: torch.Tensor,
+    vocab: torch.Tensor,
+    k: int,
+    chunk_size: int = 8192,
+    normalized_vocab: bool = False,
+    search: Literal["exact", "approximate"] = "exact",
+    n_probe: int = 8,
+    n_candidates: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k cosine similarity of each row of `x` against every vocabulary row.
+    """Top-k cosine similarity of each row of `x` against the vocabulary rows.
 
-    The vocabulary is scanned in chunks of `chunk_size` rows (each normalised
-    on the fly, in float32), so peak extra memory is about ``[tokens, chunk_size]``
-    plus one chunk, whatever the vocabulary size; no normalised copy of the
-    matrix is ever made.
+    Exact search scans the vocabulary in chunks of `chunk_size` rows (each
+    normalised on the fly, in float32), so peak extra memory is about
+    ``[tokens, chunk_size]`` plus one chunk, whatever the vocabulary size; no
+    normalised copy of the matrix is ever made.
+
+    Approximate search (`embedlens.probes.vocab_index`, needs FAISS) takes
+    `n_candidates` rows per token from the `n_probe` nearest lists of an IVF
+    index built once per matrix, and scores them exactly: the result is the
+    exact top-k whenever the true neighbours are among the candidates. Its
+    recall depends on the matrix; measure it with `vocab_index.recall_at_k`.
 
     Args:
         x: `[tokens, d]` vectors.
@@ -34,9 +48,15 @@ def nearest_vocab(
         k: neighbours to keep.
         chunk_size: vocabulary rows per chunk.
         normalized_vocab: `vocab` rows already have unit norm.
+        search: ``"exact"`` or ``"approximate"``.
+        n_probe: approximate search: inverted lists probed per token.
+        n_candidates: approximate search: rows re-ranked per token (default ``max(2k, 16)``).
 
     Returns:
         (scores `[tokens, k]`, ids `[tokens, k]`), best first.
+
+    Raises:
+        EmbedLensError: an unknown `search`, or FAISS missing for an approximate one.
 
     Example:
         >>> v = torch.eye(4)
@@ -47,6 +67,10 @@ def nearest_vocab(
     n = x.shape[0]
     k = min(k, vocab.shape[0])
     xn = F.normalize(x.to(vocab.device, torch.float32), dim=-1)
+    if search != "exact":
+        check_search("nearest_vocab", search, n_probe)
+        c = max(2 * k, 16) if n_candidates is None else n_candidates
+        return approximate_nearest(xn, vocab, k, n_probe, c, normalized_vocab)
     best_s = torch.full((n, 0), float("-inf"), device=vocab.device)
     best_i = torch.zeros((n, 0), dtype=torch.long, device=vocab.device)
     for start in range(0, vocab.shape[0], chunk_size):
@@ -88,6 +112,9 @@ class EmbeddingLens(Probe):
         matrix: "input" (the input embedding matrix, as EmbedLens) or "output" (the unembedding).
         chunk_size: vocabulary rows compared at once; bounds extra memory.
         figure_layer: layer shown in the token-map figure (default: the first of `layers`).
+        search: "exact" (every vocabulary row) or "approximate" (IVF-index candidates re-ranked
+            exactly; needs ``embedlens[fast]``; see `nearest_vocab`).
+        n_probe: approximate search: inverted lists probed per token (more: slower, higher recall).
 
     Example:
         >>> from embedlens.adapters import load_model
@@ -109,6 +136,8 @@ class EmbeddingLens(Probe):
         matrix: Literal["input", "output"] = "input",
         chunk_size: int = 8192,
         figure_layer: int | None = None,
+        search: Literal["exact", "approximate"] = "exact",
+        n_probe: int = 8,
     ):
         if k < 1:
             raise PlanError(f"embedding_lens.k must be >= 1; got {k}")
@@ -118,11 +147,14 @@ class EmbeddingLens(Probe):
             raise PlanError(f"embedding_lens.matrix must be 'input' or 'output'; got {matrix!r}")
         if not layers:
             raise PlanError("embedding_lens.layers must name at least one layer")
+        check_search("embedding_lens", search, n_probe)
         self.k = k
         self.layers = list(layers)
         self.matrix = matrix
         self.chunk_size = chunk_size
         self.figure_layer = figure_layer
+        self.search = search
+        self.n_probe = n_probe
         self._counts: dict[int, torch.Tensor] = {}  # layer -> [vocab] top-1 counts
         self._names: dict[int, str] = {}  # vocabulary id -> token, for the ids counted
         self._n_tokens = 0
@@ -159,7 +191,7 @@ class EmbeddingLens(Probe):
         for layer in self._resolved_layers(adapter):
             h = acts[lens_site(layer)]  # [batch, seq, d]
             x = h[vt["sample"].to(h.device), vt["position"].to(h.device)].to(vocab.device)  # [tokens, d]
-            scores, ids = nearest_vocab(x, vocab, self.k, self.chunk_size)
+            scores, ids = nearest_vocab(x, vocab, self.k, self.chunk_size, search=self.search, n_probe=self.n_probe)
             ids_l, scores_l = ids.tolist(), scores.tolist()
             rows["sample"] += vt["sample"].tolist()
             rows["sample_id"] += [batch.samples[s].id for s in vt["sample"].tolist()]
@@ -194,7 +226,8 @@ class EmbeddingLens(Probe):
         for layer, counts in self._counts.items():
             c, i = counts.topk(min(10, int((counts > 0).sum())))
             top[str(layer)] = [{"id": a, "token": self._names.get(a, str(a)), "count": b} for a, b in zip(i.tolist(), c.tolist())]
-        return {"n_visual_tokens": self._n_tokens, "most_frequent_top1_ids": top, "k": self.k, "matrix": self.matrix}
+        return {"n_visual_tokens": self._n_tokens, "most_frequent_top1_ids": top, "k": self.k, "matrix": self.matrix,
+                "search": self.search}
 
     def figures(self, out_dir: Path) -> list[Path]:
         f = self._first.data

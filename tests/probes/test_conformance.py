@@ -18,7 +18,7 @@ def test_conformance_catches_a_padding_dependent_probe():
     from embedlens.probes.embedding_lens import EmbeddingLens
 
     class Leaky(EmbeddingLens):
-        """Reports the raw sequence position as a float (depends on padding). Example: none. k layers matrix chunk_size figure_layer"""
+        """Reports the raw sequence position as a float (depends on padding). Example: none. k layers matrix chunk_size figure_layer search n_probe"""
 
         def update(self, adapter, batch, acts):
             out = super().update(adapter, batch, acts)

@@ -1,0 +1,66 @@
+"""The command line starts without torch, transformers or nnsight until a model or plugin needs them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HEAVY = ("torch", "transformers", "nnsight")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _heavy_imported(args: list[str], cwd: Path) -> tuple[list[str], subprocess.CompletedProcess]:
+    """Run the CLI in a fresh interpreter and report which heavy packages it imported."""
+    code = (
+        "import sys\n"
+        "from embedlens.cli import main\n"
+        f"sys.argv = ['embedlens', *{args!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "else:\n"
+        "    code = 0\n"
+        f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+        "sys.exit(code)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("HEAVY=")][-1]
+    return [m for m in line[len("HEAVY="):].split(",") if m], proc
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["validate", "--help"]])
+def test_help_imports_nothing_heavy(args, tmp_path):
+    heavy, proc = _heavy_imported(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage" in proc.stdout
+    assert heavy == []
+
+
+def test_plan_errors_before_the_model_import_nothing_heavy(tmp_path):
+    heavy, proc = _heavy_imported(["validate", "missing.yaml"], tmp_path)
+    assert proc.returncode == 2 and "plan file not found" in proc.stderr and heavy == []
+    (tmp_path / "plan.yaml").write_text("model: {source: tiny:llava-clip}\nprobes: [{embedding_lens: {}}]\n")
+    heavy, proc = _heavy_imported(["validate", "plan.yaml"], tmp_path)
+    assert proc.returncode == 2 and "plan.yaml:1 data: required key is missing" in proc.stderr, proc.stderr
+    assert heavy == []
+    heavy, proc = _heavy_imported(["run", "plan.yaml"], tmp_path)
+    assert proc.returncode == 2 and "data: required key is missing" in proc.stderr and heavy == []
+
+
+def test_import_embedlens_is_light_and_names_load_on_use():
+    code = (
+        "import sys, embedlens\n"
+        f"assert not [m for m in {HEAVY!r} if m in sys.modules], sys.modules.keys()\n"
+        "assert embedlens.Site.parse('llm.layers[1]').layer == 1 and 'torch' not in sys.modules\n"
+        "assert 'embedding_lens' in embedlens.probe_registry  # the registry imports its built-ins\n"
+        "assert 'torch' in sys.modules and callable(embedlens.collect)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
