@@ -161,8 +161,9 @@ def lens_cases(reps: int, vocab_size: int, n_layers: int | None) -> dict:
     that resembles a word: the case the lens is read for).
     """
     from embedlens.adapters import wrap_model
-    from embedlens.probes.embedding_lens import lens_site, nearest_vocab
-    from embedlens.probes.vocab_index import clear_cache, recall_at_k, vocab_index
+    from embedlens.probes.embedding_lens import lens_site
+    from embedlens.vocab import nearest_vocab
+    from embedlens.vocab_index import clear_cache, recall_at_k, vocab_index
     from embedlens.tracing import collect
 
     spec = MediumSpec()

@@ -59,6 +59,7 @@ from embedlens.errors import InterventionError
 from embedlens.signals import massive_token_flags, vit_norm_token_flags
 from embedlens.sites import Site
 from embedlens.state import Stateful, rebuildable, value_type
+from embedlens.vocab import nearest_vocab
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
@@ -292,6 +293,7 @@ class Discoverer(Stateful):
         rule: the verdict thresholds.
         matrix: "input" embeddings or "output" (unembedding) for the neighbours.
         chunk_size: vocabulary rows compared at once.
+        search: "exact" or "approximate" nearest-row search (`embedlens.vocab.nearest_vocab`).
         vit_layer, vit_sigma, vit_threshold, vit_ratio: the ViT high-norm test (`embedlens.signals.vit_norm_outliers`).
         massive_layers: resolved LLM layers searched for massive activations, or None to skip that evidence
             (the pass then stops at the LLM input).
@@ -301,6 +303,7 @@ class Discoverer(Stateful):
     rule: AnchorRule = AnchorRule()
     matrix: str = "input"
     chunk_size: int = 8192
+    search: str = "exact"
     vit_layer: int = -2
     vit_sigma: float = 2.0
     vit_threshold: float | None = None
@@ -321,12 +324,10 @@ class Discoverer(Stateful):
         return (adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach()
 
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> None:
-        from embedlens.probes.embedding_lens import nearest_vocab
-
         vt = batch.roles.visual_tokens()
         vocab = self.vocab(adapter)
         x = acts[Site("llm.embed")][vt["sample"], vt["position"]]  # [tokens, d]
-        _, ids = nearest_vocab(x, vocab, 1, self.chunk_size)
+        _, ids = nearest_vocab(x, vocab, 1, self.chunk_size, search=self.search)
         outlier = vit_norm_token_flags(adapter, batch, acts, self.vit_layer, self.vit_sigma, self.vit_threshold, self.vit_ratio)
         if self.massive_layers:
             outlier = outlier | massive_token_flags(batch, acts, self.massive_layers, self.massive_threshold, self.massive_ratio)

@@ -31,6 +31,7 @@ from embedlens.errors import InterventionError
 from embedlens.signals import massive_token_flags, similarity_entropy, vision_to_tokens, vit_norm_token_flags
 from embedlens.sites import Site
 from embedlens.state import Stateful
+from embedlens.vocab import nearest_vocab
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
@@ -47,6 +48,7 @@ class Partition(Stateful):
         k: a token matches an anchor if the anchor is among its top-k neighbours.
         matrix: "input" embeddings (EmbedLens) or "output" (unembedding) for the neighbours.
         chunk_size: vocabulary rows compared at once.
+        search: "exact" or "approximate" (`embedlens.vocab.nearest_vocab`; FAISS) for every vocabulary search.
         vit_norm: group that receives ViT high-norm tokens (e.g. "sink"), or None.
         vit_layer: vision layer of the norm test (-2: LLaVA's feature layer).
         vit_sigma: flag norms above mean + vit_sigma * std over the image.
@@ -84,6 +86,7 @@ class Partition(Stateful):
     k: int = 3
     matrix: str = "input"
     chunk_size: int = 8192
+    search: str = "exact"
     vit_norm: str | None = None
     vit_layer: int = -2
     vit_sigma: float = 2.0
@@ -121,6 +124,8 @@ class Partition(Stateful):
             raise InterventionError(f"partition.matrix: must be 'input' or 'output'; got {self.matrix!r}")
         if self.k < 1:
             raise InterventionError(f"partition.k: must be >= 1; got {self.k}")
+        if self.search not in ("exact", "approximate"):
+            raise InterventionError(f"partition.search: must be 'exact' or 'approximate'; got {self.search!r}")
         if self.chunk_size < 1:
             raise InterventionError(f"partition.chunk_size: must be >= 1; got {self.chunk_size}")
         if not 0 < self.entropy_threshold <= 1:
@@ -208,7 +213,7 @@ class Partition(Stateful):
     def discoverer(self, adapter: "Adapter") -> Discoverer:
         """The shared discovery (`embedlens.anchors`) with this partition's settings."""
         return Discoverer(
-            rule=self.anchor_rule(), matrix=self.matrix, chunk_size=self.chunk_size, vit_layer=self.vit_layer,
+            rule=self.anchor_rule(), matrix=self.matrix, chunk_size=self.chunk_size, search=self.search, vit_layer=self.vit_layer,
             vit_sigma=self.vit_sigma, vit_threshold=self.vit_threshold, vit_ratio=self.vit_ratio,
             massive_layers=self._massive_layers(adapter) if self.massive is not None else None,
             massive_threshold=self.massive_threshold, massive_ratio=self.massive_ratio,
@@ -244,8 +249,6 @@ class Partition(Stateful):
         """
         if self.needs_fit:
             raise InterventionError("partition: discover is set but fit() has not run; call partition.fit(adapter, batches)")
-        from embedlens.probes.embedding_lens import nearest_vocab
-
         vt = batch.roles.visual_tokens()
         out: dict[str, torch.Tensor] = {}
         anchors = self._all_anchors()
@@ -254,7 +257,7 @@ class Partition(Stateful):
             vocab = (adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach()
             x = acts[Site("llm.embed")][vt["sample"], vt["position"]].to(vocab.device)  # [tokens, d]
         if anchors:
-            _, ids = nearest_vocab(x, vocab, self.k, self.chunk_size)
+            _, ids = nearest_vocab(x, vocab, self.k, self.chunk_size, search=self.search)
             for g, a in anchors.items():
                 out[f"anchors:{g}"] = torch.isin(ids, torch.tensor(a, dtype=ids.dtype, device=ids.device)).any(-1).cpu()
         if self.entropy is not None:

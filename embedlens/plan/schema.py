@@ -118,6 +118,7 @@ class PartitionSpec(_Strict):
     temperature: float = Field(0.05, gt=0)
     order: list[str] | None = Field(None, description="precedence (default: sink, dead, others)")
     chunk_size: int = Field(8192, ge=1)
+    search: Literal["exact", "approximate"] = Field("exact", description="vocabulary search: exact, or approximate (FAISS IVF + exact re-rank; pip install embedlens[fast])")
 
 
 class OutputSpec(_Strict):

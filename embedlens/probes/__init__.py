@@ -8,7 +8,8 @@ from embedlens.probes.attention_flow import AttentionFlow
 from embedlens.probes.base import Probe, Table
 from embedlens.probes.contextual_lens import ContextualLens
 from embedlens.probes.dead_token_entropy import DeadTokenEntropy
-from embedlens.probes.embedding_lens import EmbeddingLens, nearest_vocab
+from embedlens.probes.embedding_lens import EmbeddingLens
+from embedlens.vocab import nearest_vocab
 from embedlens.probes.layer_alignment import LayerAlignment
 from embedlens.probes.logit_lens import LogitLens, TunedLens
 from embedlens.probes.partition import AnchorGroups, TokenPartition

@@ -46,6 +46,7 @@ class AnchorDiscovery(Probe):
         massive_threshold: |a| above this ...
         massive_ratio: ... and this many times the median |a| (any LLM layer).
         chunk_size: vocabulary rows compared at once.
+        search: "exact" or "approximate" vocabulary search.
 
     Example:
         >>> from embedlens.testing import tiny_batch
@@ -71,17 +72,20 @@ class AnchorDiscovery(Probe):
         massive_threshold: float = 100.0,
         massive_ratio: float = 1000.0,
         chunk_size: int = 8192,
+        search: Literal["exact", "approximate"] = "exact",
     ):
         try:
             rule = AnchorRule(min_image_fraction, max_dispersion, sink_fraction, max_anchors)
         except EmbedLensError as e:
             raise PlanError(f"anchor_discovery.{e}") from None
+        if search not in ("exact", "approximate"):
+            raise PlanError(f"anchor_discovery.search: must be 'exact' or 'approximate'; got {search!r}")
         if chunk_size < 1:
             raise PlanError(f"anchor_discovery.chunk_size: must be >= 1; got {chunk_size}")
         self.min_image_fraction, self.max_dispersion, self.sink_fraction, self.max_anchors = (
             min_image_fraction, max_dispersion, sink_fraction, max_anchors)
         self.matrix, self.vit_layer, self.vit_sigma, self.vit_ratio, self.massive = matrix, vit_layer, vit_sigma, vit_ratio, massive
-        self.massive_threshold, self.massive_ratio, self.chunk_size = massive_threshold, massive_ratio, chunk_size
+        self.massive_threshold, self.massive_ratio, self.chunk_size, self.search = massive_threshold, massive_ratio, chunk_size, search
         self._rule = rule
         self._disc: Discoverer | None = None
         self._table: list[dict[str, Any]] = []
@@ -89,7 +93,7 @@ class AnchorDiscovery(Probe):
     def _discoverer(self, adapter: "Adapter") -> Discoverer:
         if self._disc is None:
             self._disc = Discoverer(
-                rule=self._rule, matrix=self.matrix, chunk_size=self.chunk_size, vit_layer=self.vit_layer,
+                rule=self._rule, matrix=self.matrix, chunk_size=self.chunk_size, search=self.search, vit_layer=self.vit_layer,
                 vit_sigma=self.vit_sigma, vit_ratio=self.vit_ratio, massive_layers=list(range(adapter.n_llm_layers)) if self.massive else None,
                 massive_threshold=self.massive_threshold, massive_ratio=self.massive_ratio,
             )

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from embedlens.errors import PlanError
 from embedlens.probes._util import FirstImage, resolve_layers, token_groups, token_meta
 from embedlens.probes.base import Probe, Table
-from embedlens.probes.embedding_lens import lens_site, nearest_vocab
+from embedlens.probes.embedding_lens import lens_site
+from embedlens.vocab import nearest_vocab
 from embedlens.registry import probes
 from embedlens.sites import Site
 from embedlens.tracing import collect_text

@@ -11,7 +11,8 @@ import torch
 from embedlens.errors import PlanError
 from embedlens.probes._util import FirstImage, Histogram, group_masks, resolve_layers, token_groups, token_meta
 from embedlens.probes.base import Probe, Table
-from embedlens.probes.embedding_lens import lens_site, nearest_vocab
+from embedlens.probes.embedding_lens import lens_site
+from embedlens.vocab import nearest_vocab
 from embedlens.registry import probes
 from embedlens.signals import similarity_entropy
 from embedlens.sites import Site

@@ -217,6 +217,7 @@ class TokenPartition(_PartitionProbe):
         temperature: softmax temperature over cosine similarities.
         order: precedence (default sink, dead, then the others).
         chunk_size: vocabulary rows compared at once.
+        search: "exact" or "approximate" vocabulary search.
 
     Example:
         >>> from embedlens.testing import tiny_batch
@@ -254,6 +255,7 @@ class TokenPartition(_PartitionProbe):
         temperature: float = 0.05,
         order: list[str] | None = None,
         chunk_size: int = 8192,
+        search: Literal["exact", "approximate"] = "exact",
     ):
         params = dict(
             anchors=anchors, discover=(not anchors) if discover is None else discover,
@@ -261,7 +263,7 @@ class TokenPartition(_PartitionProbe):
             discover_sink_fraction=discover_sink_fraction, discover_max_anchors=discover_max_anchors, k=k, matrix=matrix, vit_norm=vit_norm, vit_layer=vit_layer,
             vit_sigma=vit_sigma, vit_threshold=vit_threshold, vit_ratio=vit_ratio, massive=massive, massive_layers=massive_layers,
             massive_threshold=massive_threshold, massive_ratio=massive_ratio, entropy=entropy,
-            entropy_threshold=entropy_threshold, temperature=temperature, order=order, chunk_size=chunk_size,
+            entropy_threshold=entropy_threshold, temperature=temperature, order=order, chunk_size=chunk_size, search=search,
         )
         self.__dict__.update(params)
         self._build(**params)

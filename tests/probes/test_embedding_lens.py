@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from embedlens.errors import PlanError
-from embedlens.probes.embedding_lens import EmbeddingLens, lens_site, nearest_vocab
+from embedlens.probes.embedding_lens import EmbeddingLens, lens_site
+from embedlens.vocab import nearest_vocab
 from embedlens.sites import Site
 from embedlens.tracing import collect
 from tests.conftest import mixed_samples

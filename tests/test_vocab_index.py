@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from embedlens.errors import EmbedLensError, PlanError
-from embedlens.probes.embedding_lens import EmbeddingLens, nearest_vocab
-from embedlens.probes.vocab_index import VocabIndex, clear_cache, default_n_lists, recall_at_k, vocab_index
+from embedlens.probes.embedding_lens import EmbeddingLens
+from embedlens.vocab import nearest_vocab
+from embedlens.vocab_index import VocabIndex, clear_cache, default_n_lists, recall_at_k, vocab_index
 from embedlens.tracing import collect
 from tests.conftest import mixed_samples
 
