@@ -12,6 +12,7 @@ from embedlens.errors import PlanError
 from embedlens.probes._util import FirstImage
 from embedlens.probes.base import Probe, Table
 from embedlens.vocab import nearest_vocab  # noqa: F401 - its home until it moved to the core; importable here still
+from embedlens.vocab_index import check_search
 from embedlens.registry import probes
 from embedlens.sites import Site
 
