@@ -35,11 +35,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from embedlens.errors import EmbedLensError
+
+if TYPE_CHECKING:  # torch is imported where a value is encoded: `Site` (a value type) stays importable without it
+    import torch
 
 
 class CheckpointError(EmbedLensError):
@@ -118,6 +119,7 @@ def _float(v: float) -> Any:
 
 def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str, owner: str, depth: int = 0) -> Any:
     import numpy as np
+    import torch
 
     if depth > 64:
         raise CheckpointError(f"{owner}: attribute {path!r} is nested more than 64 levels deep")
@@ -180,6 +182,8 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str, owner: str,
 
 
 def _decode(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    import torch
+
     if isinstance(value, list):
         return [_decode(v, tensors, where) for v in value]
     if not isinstance(value, dict):
