@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText, parse_dtype
 from embedlens.adapters.llava import LlavaAdapter
+from embedlens.adapters.llava_next import LlavaNextAdapter
 from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionImageProcessor
 from embedlens.adapters.paligemma import PaliGemmaAdapter
 from embedlens.errors import AdapterError
@@ -25,6 +26,7 @@ __all__ = [
     "Adapter",
     "Batch",
     "LlavaAdapter",
+    "LlavaNextAdapter",
     "LlavaOnevisionAdapter",
     "ModulePaths",
     "OnevisionImageProcessor",

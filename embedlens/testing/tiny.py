@@ -24,6 +24,9 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
@@ -36,6 +39,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
 )
@@ -147,6 +151,37 @@ def _onevision(seed: int):
     return model, processor
 
 
+def _llava_next(seed: int):
+    # A CLIP tower with the "default" strategy, as llava-v1.6 checkpoints: the CLS
+    # token is dropped from every tile, base image and anyres tiles alike.
+    tok = build_tokenizer()
+    pinpoints = [[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**_VISION),
+        text_config=LlamaConfig(vocab_size=len(tok), **_TEXT, **_special_ids(tok)),
+        image_token_id=tok.image_token_id,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_grid_pinpoints=pinpoints, **_NORM,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    )
+    return model, processor
+
+
 def _paligemma(seed: int):
     tok = build_tokenizer(chat_template=None)
     image_processor = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **_NORM)
@@ -172,6 +207,7 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("llava-siglip", "llava", "siglip", _llava("siglip")),
         TinySpec("llava-onevision", "llava_onevision", "siglip", _onevision),
         TinySpec("paligemma", "paligemma", "siglip", _paligemma),
+        TinySpec("llava-next", "llava_next", "clip", _llava_next),
     )
 }
 
@@ -181,7 +217,7 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
 
     Args:
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
-            `llava-onevision`, `paligemma`).
+            `llava-onevision`, `paligemma`, `llava-next`).
         seed: seed of the random initialisation.
 
     Returns:
