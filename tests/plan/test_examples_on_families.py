@@ -1,0 +1,41 @@
+"""The example plans run unchanged on the tiny model of each family added after LLaVA/OneVision/PaliGemma:
+only ``model.source`` differs (the original families run them through the zoo models in test_examples_report)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from embedlens.plan import load_plan, run_all
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+ORIGINAL_SOURCE = "source: zoo:tiny-llava-clip"
+NEW_FAMILIES = ("llava-next",)
+TILED = {"llava-next": True}  # families whose images become several tiles
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_examples_run_unchanged_on_the_family(family, tmp_path):
+    work = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, work)  # the plans read data files relative to themselves
+    for name in ("quickstart", "partition_study", "pruning_study"):
+        text = (EXAMPLES / f"{name}.yaml").read_text()
+        assert text.count(ORIGINAL_SOURCE) == 1, f"{name}.yaml no longer names {ORIGINAL_SOURCE!r}"
+        plan = work / f"{name}.yaml"
+        plan.write_text(text.replace(ORIGINAL_SOURCE, f"source: tiny:{family}"))
+        out = tmp_path / "runs" / name
+        run_all(load_plan(plan), out)
+        manifests = list(out.rglob("manifest.json"))
+        assert manifests, f"{name}: the run wrote no manifest"
+        for m in manifests:
+            meta = json.loads(m.read_text())
+            assert f"tiny:{family}" in json.dumps(meta), f"{name}: {m} does not record the model source"
+    # the lens table covers every tile the family makes, not only the first
+    with open(tmp_path / "runs" / "quickstart" / "tokens.csv") as f:
+        tiles = {int(row["tile"]) for row in csv.DictReader(f)}
+    assert tiles == set(range(max(tiles) + 1)) and (max(tiles) > 0) == TILED[family], tiles
