@@ -12,6 +12,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel, ProcessorMixin
 
 from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText, parse_dtype
+from embedlens.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter, SmolVLMImageProcessor
 from embedlens.adapters.llava import LlavaAdapter
 from embedlens.adapters.llava_next import LlavaNextAdapter
 from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionImageProcessor
@@ -25,6 +26,7 @@ ZOO_PREFIX = "zoo:"
 __all__ = [
     "Adapter",
     "Batch",
+    "Idefics3Adapter",
     "LlavaAdapter",
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",
@@ -32,6 +34,8 @@ __all__ = [
     "OnevisionImageProcessor",
     "PaliGemmaAdapter",
     "PromptText",
+    "SmolVLMAdapter",
+    "SmolVLMImageProcessor",
     "adapter_for_architecture",
     "load_model",
     "wrap_model",

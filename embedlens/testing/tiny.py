@@ -21,6 +21,10 @@ import torch
 from transformers import (
     CLIPVisionConfig,
     GemmaConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3Processor,
+    Idefics3VisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -37,14 +41,20 @@ from transformers import (
     ProcessorMixin,
     Qwen2Config,
     SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
 )
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
+from embedlens.adapters.idefics3 import FAKE_TOKEN, GLOBAL_TAG, SmolVLMImageProcessor, row_col_tag
 from embedlens.adapters.llava_onevision import OnevisionImageProcessor
 from embedlens.testing._tokenizer import build_tokenizer
 
@@ -182,6 +192,31 @@ def _llava_next(seed: int):
     return model, processor
 
 
+def _idefics3_family(smolvlm: bool) -> Callable[[int], tuple[PreTrainedModel, ProcessorMixin]]:
+    # Sub-images of 32 x 32 pixels in 8 x 8 patches of 4; the pixel shuffle folds 2 x 2 patch
+    # blocks, so each sub-image gives 4 x 4 tokens. Images up to 64 pixels split into up to 2 x 2.
+    def build(seed: int):
+        tok = build_tokenizer()
+        markers = [FAKE_TOKEN, GLOBAL_TAG, "<end_of_utterance>"] + [row_col_tag(i, j) for i in range(6) for j in range(6)]
+        tok.add_special_tokens({"additional_special_tokens": markers}, replace_extra_special_tokens=False)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=4)
+        text = LlamaConfig(vocab_size=len(tok), **_TEXT, **_special_ids(tok))
+        ip_kwargs = dict(size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}, do_image_splitting=True, **_NORM)
+        seq = (IMAGE_SIZE // 4 // 2) ** 2
+        torch.manual_seed(seed)
+        if smolvlm:
+            config = SmolVLMConfig(vision_config=SmolVLMVisionConfig(**vision), text_config=text, scale_factor=2, image_token_id=tok.image_token_id, pad_token_id=tok.pad_token_id)
+            model = SmolVLMForConditionalGeneration(config).eval()
+            processor = SmolVLMImageProcessor(SmolVLMImageProcessorPil(**ip_kwargs), tok, image_seq_len=seq, chat_template=tok.chat_template)
+        else:
+            config = Idefics3Config(vision_config=Idefics3VisionConfig(**vision), text_config=text, scale_factor=2, image_token_id=tok.image_token_id, pad_token_id=tok.pad_token_id)
+            model = Idefics3ForConditionalGeneration(config).eval()
+            processor = Idefics3Processor(Idefics3ImageProcessorPil(**ip_kwargs), tok, image_seq_len=seq, chat_template=tok.chat_template)
+        return model, processor
+
+    return build
+
+
 def _paligemma(seed: int):
     tok = build_tokenizer(chat_template=None)
     image_processor = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **_NORM)
@@ -208,6 +243,8 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("llava-onevision", "llava_onevision", "siglip", _onevision),
         TinySpec("paligemma", "paligemma", "siglip", _paligemma),
         TinySpec("llava-next", "llava_next", "clip", _llava_next),
+        TinySpec("idefics3", "idefics3", "idefics3", _idefics3_family(smolvlm=False)),
+        TinySpec("smolvlm", "smolvlm", "smolvlm", _idefics3_family(smolvlm=True)),
     )
 }
 
@@ -217,7 +254,7 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
 
     Args:
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
-            `llava-onevision`, `paligemma`, `llava-next`).
+            `llava-onevision`, `paligemma`, `llava-next`, `idefics3`, `smolvlm`).
         seed: seed of the random initialisation.
 
     Returns:
