@@ -14,8 +14,8 @@ from embedlens.plan import load_plan, run_all
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ORIGINAL_SOURCE = "source: zoo:tiny-llava-clip"
-NEW_FAMILIES = ("llava-next",)
-TILED = {"llava-next": True}  # families whose images become several tiles
+NEW_FAMILIES = ("llava-next", "idefics3", "smolvlm")
+TILED = {"llava-next": True, "idefics3": True, "smolvlm": True}  # families whose images become several tiles
 
 
 @pytest.mark.slow
