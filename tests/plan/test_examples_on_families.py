@@ -1,5 +1,7 @@
 """The example plans run unchanged on the tiny model of each family added after LLaVA/OneVision/PaliGemma:
-only ``model.source`` differs (the original families run them through the zoo models in test_examples_report)."""
+only ``model.source`` differs (the original families run them through the zoo models in test_examples_report).
+One exception: partition_study's attention_flow asks for CLS attention, which towers without a CLS token
+(Idefics3/SmolVLM's) cannot give; the plan is refused with an error naming the option and runs without it."""
 
 from __future__ import annotations
 
@@ -10,12 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from embedlens.plan import load_plan, run_all
+from embedlens.errors import PlanError
+from embedlens.plan import load_plan, prepare, run_all
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ORIGINAL_SOURCE = "source: zoo:tiny-llava-clip"
 NEW_FAMILIES = ("llava-next", "idefics3", "smolvlm")
 TILED = {"llava-next": True, "idefics3": True, "smolvlm": True}  # families whose images become several tiles
+HAS_CLS = {"llava-next": True, "idefics3": False, "smolvlm": False}  # vision towers with a CLS token
+CLS_OPTION = ", vit_cls_layer: -2"  # families whose images become several tiles
 
 
 @pytest.mark.slow
@@ -27,7 +32,14 @@ def test_examples_run_unchanged_on_the_family(family, tmp_path):
         text = (EXAMPLES / f"{name}.yaml").read_text()
         assert text.count(ORIGINAL_SOURCE) == 1, f"{name}.yaml no longer names {ORIGINAL_SOURCE!r}"
         plan = work / f"{name}.yaml"
-        plan.write_text(text.replace(ORIGINAL_SOURCE, f"source: tiny:{family}"))
+        text = text.replace(ORIGINAL_SOURCE, f"source: tiny:{family}")
+        plan.write_text(text)
+        if not HAS_CLS[family] and CLS_OPTION in text:
+            # partition_study asks attention_flow for CLS attention, which a tower without CLS cannot give:
+            # the plan is refused up front, naming the option; the rest of the plan runs without it
+            with pytest.raises(PlanError, match=r"vit_cls_layer: .*has no CLS token"):
+                prepare(load_plan(plan))
+            plan.write_text(text.replace(CLS_OPTION, ""))
         out = tmp_path / "runs" / name
         run_all(load_plan(plan), out)
         manifests = list(out.rglob("manifest.json"))
