@@ -22,6 +22,7 @@ from embedlens.registry import adapters
 
 TINY_PREFIX = "tiny:"
 ZOO_PREFIX = "zoo:"
+ADDING_A_FAMILY = "docs/adding-a-family.md"  # the guide the unsupported-architecture error points to
 
 __all__ = [
     "Adapter",
@@ -46,14 +47,17 @@ def adapter_for_architecture(architectures: list[str] | tuple[str, ...] | None, 
     """The registered adapter class that supports one of `architectures`.
 
     Raises:
-        AdapterError: listing every supported architecture.
+        AdapterError: listing every supported architecture and pointing to docs/adding-a-family.md.
     """
     for name, cls in adapters.items():
         if set(architectures or ()) & set(cls.architectures):
             return cls
     supported = sorted(a for _, cls in adapters.items() for a in cls.architectures)
     got = ", ".join(architectures or ()) or f"(none; model_type {model_type!r})"
-    raise AdapterError(f"No adapter supports architecture {got}. Supported: {', '.join(supported)}")
+    raise AdapterError(
+        f"No adapter supports architecture {got}. Supported: {', '.join(supported)}. "
+        f"To add a family, see {ADDING_A_FAMILY}"
+    )
 
 
 def wrap_model(model: PreTrainedModel, processor: ProcessorMixin, adapter: str | None = None) -> Adapter:
