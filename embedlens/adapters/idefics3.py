@@ -108,20 +108,18 @@ class Idefics3Adapter(Adapter):
     def image_splits(self, inputs: BatchFeature) -> list[tuple[int, int]]:
         """(rows, cols) of the sub-image grid of each image of the batch, read off the
         marker tokens the processor wrote ((0, 0): the image was not split)."""
-        ids = inputs["input_ids"]
-        global_id = self._token_id(GLOBAL_TAG)
+        flat = inputs["input_ids"].flatten()  # sample-major, so images stay in batch order
         tags = self._tag_ids()
-        out = []
-        for b in range(ids.shape[0]):
-            rows = cols = 0
-            for t in ids[b].tolist():
-                if t in tags:
-                    i, j = tags[t]
-                    rows, cols = max(rows, i + 1), max(cols, j + 1)
-                elif t == global_id:
-                    out.append((rows, cols))
-                    rows = cols = 0
-        return out
+        tag_ids = torch.tensor(sorted(tags), dtype=flat.dtype)
+        cells = torch.tensor([tags[t] for t in sorted(tags)], dtype=torch.long).reshape(-1, 2)
+        # each image ends with its global image's tag; the tags before it, after the previous one, are its sub-images
+        is_global = flat == self._token_id(GLOBAL_TAG)
+        image_of = torch.cumsum(is_global.long(), 0) - is_global.long()
+        hit = torch.isin(flat, tag_ids)
+        cell = cells[torch.searchsorted(tag_ids, flat[hit])] + 1  # [tags seen, 2]: (row + 1, col + 1)
+        grid = torch.zeros(int(is_global.sum()), 2, dtype=torch.long)
+        grid = grid.scatter_reduce(0, image_of[hit][:, None].expand(-1, 2), cell, reduce="amax")
+        return [(int(r), int(c)) for r, c in grid.tolist()]
 
     def image_layouts(self, inputs: BatchFeature) -> list[torch.Tensor]:
         gh, gw = self.grid()
