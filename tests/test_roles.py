@@ -82,6 +82,7 @@ def test_row_col_match_the_patch_embedding(adapter):
     vt = roles.visual_tokens()
     prefix = adapter.n_prefix_tokens
     ps = adapter.config.vision_config.patch_size
+    ps = ps[0] if isinstance(ps, (list, tuple)) else ps  # InternViT gives (h, w); every tower here is square
     bh, bw = adapter.patch_block
     gh, gw = adapter.grid()
     proj = resolve_path(adapter.model, adapter.paths.projector)
@@ -108,12 +109,11 @@ def test_row_col_match_the_patch_embedding(adapter):
         assert where == [[fr, prefix + patch]], (t, where)
         assert patch in adapter.patch_indices(vt["feature_col"][t : t + 1])[0].tolist()
 
-        def bump(module, args):
-            x = args[0].clone()
-            x[fr, patch] += 1.0
-            return (x, *args[1:])
-
-        handle = proj.register_forward_pre_hook(bump)
+        if adapter.merge_before_projector:
+            # the merge runs between tower and projector (InternVL): change the tower layer the features come from
+            handle = _feature_layer(adapter).register_forward_hook(lambda m, a, o: _bumped(o, fr, prefix + patch))
+        else:
+            handle = proj.register_forward_pre_hook(lambda m, args: _bumped(args, fr, patch))
         try:
             out = collect(adapter, batch, ["projector"])[Site("projector")]
         finally:
@@ -123,6 +123,20 @@ def test_row_col_match_the_patch_embedding(adapter):
         assert int(vt["feature_col"][t]) == r * gw + c and 0 <= r < gh
         checked += 1
     assert checked == 7
+
+
+def _bumped(x, row: int, col: int):
+    """`x` (a tensor, or a tuple whose first item is one) with entry [row, col] raised by 1."""
+    first = (x[0] if isinstance(x, tuple) else x).clone()
+    first[row, col] += 1.0
+    return (first, *x[1:]) if isinstance(x, tuple) else first
+
+
+def _feature_layer(adapter):
+    """The vision layer whose output the family's features are taken from."""
+    layers = resolve_path(adapter.model, adapter.paths.vision_layers)
+    f = getattr(adapter.config, "vision_feature_layer", -1)
+    return layers[len(layers) + f if f < 0 else f - 1]
 
 
 def test_sequence_positions_receive_the_named_features(adapter):

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText, parse_dtype
 from embedlens.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter, SmolVLMImageProcessor
+from embedlens.adapters.internvl import InternVLAdapter, InternVLImageProcessor
 from embedlens.adapters.llava import LlavaAdapter
 from embedlens.adapters.llava_next import LlavaNextAdapter
 from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionImageProcessor
@@ -28,6 +29,8 @@ __all__ = [
     "Adapter",
     "Batch",
     "Idefics3Adapter",
+    "InternVLAdapter",
+    "InternVLImageProcessor",
     "LlavaAdapter",
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",

@@ -146,6 +146,9 @@ class Adapter(ABC):
     answer_as_suffix: ClassVar[bool] = False
     # Position id of the first token (PaliGemma counts from 1).
     position_offset: ClassVar[int] = 0
+    # Tokens merge blocks of patches before the projector (InternVL's pixel shuffle), so
+    # `vision.features` has one row per token; otherwise one row per patch.
+    merge_before_projector: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -373,6 +376,7 @@ class Adapter(ABC):
                 text=[p.text for p in prompts],
                 return_tensors="pt",
                 padding=True,
+                padding_side=padding_side,  # some processors default to their own side (InternVL: left)
                 **self.processor_kwargs(samples),
             )
             if self.answer_as_suffix and any(p.suffix is not None for p in prompts):
@@ -417,8 +421,9 @@ class Adapter(ABC):
 
     def patch_indices(self, feature_col: torch.Tensor) -> torch.Tensor:
         """`[tokens, bh * bw]`: for each token's `feature_col` (its index in the projector
-        output of its tile), the indices of the patches it stands for in that tile's
-        `vision.features` sequence (add `n_prefix_tokens` for `vision.layers`)."""
+        output of its tile), the indices of the patches it stands for in that tile's patch
+        sequence: the tower's tokens after `n_prefix_tokens` (add it for `vision.layers`),
+        which is also `vision.features` unless `merge_before_projector`."""
         bh, bw = self.patch_block
         _, gw = self.grid()
         r, c = feature_col // gw, feature_col % gw

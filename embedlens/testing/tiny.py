@@ -25,6 +25,9 @@ from transformers import (
     Idefics3ForConditionalGeneration,
     Idefics3Processor,
     Idefics3VisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -46,6 +49,7 @@ from transformers import (
     SmolVLMVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
@@ -55,8 +59,9 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from embedlens.adapters.idefics3 import FAKE_TOKEN, GLOBAL_TAG, SmolVLMImageProcessor, row_col_tag
+from embedlens.adapters.internvl import InternVLImageProcessor
 from embedlens.adapters.llava_onevision import OnevisionImageProcessor
-from embedlens.testing._tokenizer import build_tokenizer
+from embedlens.testing._tokenizer import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, build_tokenizer
 
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
@@ -217,6 +222,36 @@ def _idefics3_family(smolvlm: bool) -> Callable[[int], tuple[PreTrainedModel, Pr
     return build
 
 
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+
+
+def _internvl(seed: int):
+    # Tiles of 32 x 32 pixels in 8 x 8 patches of 4 (+ CLS); the pixel shuffle folds 2 x 2 blocks,
+    # so a tile gives 4 x 4 tokens. Images become 1 to 4 tiles, plus a thumbnail when more than one.
+    tok = build_tokenizer(
+        chat_template=LLAVA_CHAT_TEMPLATE.replace(IMAGE_TOKEN, INTERNVL_TOKENS["context_image_token"]),
+        extra_special_tokens=INTERNVL_TOKENS,
+    )
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=[4, 4])
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=Qwen2Config(vocab_size=len(tok), **_TEXT, **_special_ids(tok)),
+        image_token_id=tok.context_image_token_id,
+        image_seq_length=(IMAGE_SIZE // 4 // 2) ** 2,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_to_patches=True, min_patches=1, max_patches=4, **_NORM
+    )
+    processor = InternVLImageProcessor(image_processor, tok, image_seq_length=config.image_seq_length, chat_template=tok.chat_template)
+    return model, processor
+
+
 def _paligemma(seed: int):
     tok = build_tokenizer(chat_template=None)
     image_processor = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **_NORM)
@@ -245,6 +280,7 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("llava-next", "llava_next", "clip", _llava_next),
         TinySpec("idefics3", "idefics3", "idefics3", _idefics3_family(smolvlm=False)),
         TinySpec("smolvlm", "smolvlm", "smolvlm", _idefics3_family(smolvlm=True)),
+        TinySpec("internvl", "internvl", "internvit", _internvl),
     )
 }
 
@@ -254,7 +290,7 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
 
     Args:
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
-            `llava-onevision`, `paligemma`, `llava-next`, `idefics3`, `smolvlm`).
+            `llava-onevision`, `paligemma`, `llava-next`, `idefics3`, `smolvlm`, `internvl`).
         seed: seed of the random initialisation.
 
     Returns:

@@ -53,6 +53,10 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
     layer = getattr(cfg, "vision_feature_layer", None)
     feats = out.last_hidden_state if layer is None else out.hidden_states[layer]
     feats = feats[:, adapter.n_prefix_tokens:]
+    if adapter.merge_before_projector:  # InternVL: the model's own pixel shuffle runs before the projector
+        n, (gh, gw), (bh, bw) = feats.shape[0], adapter.grid(), adapter.patch_block
+        merged = adapter.model.model.pixel_shuffle(feats.reshape(n, gh * bh, gw * bw, -1), scale_factor=cfg.downsample_ratio)
+        feats = merged.reshape(n, gh * gw, -1)
     torch.testing.assert_close(acts[Site("vision.features")], feats, **TOL)
     torch.testing.assert_close(acts[Site("projector")], resolve_path(adapter.model, adapter.paths.projector)(feats), **TOL)
 
