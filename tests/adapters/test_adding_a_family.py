@@ -22,7 +22,8 @@ def test_unsupported_architecture_lists_supported_and_points_to_the_guide():
     assert msg.startswith("No adapter supports architecture Qwen2_5_VLForConditionalGeneration. Supported: ")
     listed = msg.split("Supported: ", 1)[1].split(". To add", 1)[0].split(", ")
     assert listed == sorted(a for _, cls in adapters.items() for a in cls.architectures)
-    for arch in ("LlavaNextForConditionalGeneration", "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"):
+    for arch in ("LlavaNextForConditionalGeneration", "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
+                 "InternVLForConditionalGeneration"):
         assert arch in listed
     assert msg.endswith(f"To add a family, see {ADDING_A_FAMILY}")
     assert (ROOT / ADDING_A_FAMILY).is_file()
@@ -37,5 +38,5 @@ def test_the_guide_names_files_and_functions_that_exist():
     from embedlens.adapters.base import Adapter
 
     for name in ("image_layouts", "placeholder_text", "special_token_ids", "processor_text", "block_ids", "position_ids",
-                 "load_processor", "grid", "patch_block", "n_prefix_tokens"):
+                 "load_processor", "grid", "patch_block", "merge_before_projector", "n_prefix_tokens"):
         assert f"`{name}" in text and hasattr(Adapter, name), name
