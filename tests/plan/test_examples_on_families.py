@@ -22,7 +22,7 @@ NEW_FAMILIES = ("llava-next", "idefics3", "smolvlm", "internvl")
 TILED = {"llava-next": True, "idefics3": True, "smolvlm": True, "internvl": True}  # families whose images become several tiles
 # towers whose CLS attention attention_flow can compute (CLIP's); InternViT has a CLS token, but not CLIP's modules
 HAS_CLS = {"llava-next": True, "idefics3": False, "smolvlm": False, "internvl": False}
-CLS_OPTION = ", vit_cls_layer: -2"  # families whose images become several tiles
+CLS_OPTION = ", vit_cls_layer: -2"  # how partition_study.yaml asks attention_flow for CLS attention
 
 
 @pytest.mark.slow
