@@ -14,32 +14,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    Idefics3Config,
-    Idefics3ForConditionalGeneration,
-    Idefics3Processor,
-    SmolVLMConfig,
-    SmolVLMForConditionalGeneration,
-)
-from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from embedlens.adapters import Idefics3Adapter, SmolVLMAdapter, SmolVLMImageProcessor, load_model, wrap_model
+from embedlens.adapters import Idefics3Adapter, SmolVLMAdapter, load_model, wrap_model
 from embedlens.adapters.idefics3 import FAKE_TOKEN, GLOBAL_TAG, row_col_tag
 from embedlens.data import Sample
 from embedlens.interventions import Engine
 from embedlens.roles import Role
-from embedlens.testing._tokenizer import build_tokenizer
+from embedlens.testing import BLOCK_TESTER_CONFIGS
 from embedlens.testing.images import noise
 from tests import test_roles
 from tests.adapters import test_sites
-
-TESTER_VISION = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=32, dropout=0.1, attention_dropout=0.1, initializer_range=0.02)
-TESTER_TEXT = dict(hidden_size=64, intermediate_size=56, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
-                   hidden_act="silu", max_position_embeddings=256, initializer_range=0.02, rms_norm_eps=1e-6,
-                   tie_word_embeddings=False, rope_theta=10000.0, attention_dropout=0.0)
-
 
 @pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
 def test_layout_follows_the_processors_split(name):
@@ -87,27 +71,8 @@ def _check_layout(adapter, batch, sizes):
 
 
 def build_tester_adapter(smolvlm: bool):
-    """The HF tester's model. Departures, needed to run real prompts: the vocabulary is embedlens's offline
-    word tokenizer with Idefics3's marker tokens (the tester's 100 ids hold no words), so vocab size and the
-    pad/bos/eos/image ids come from it; the image processor cuts 32-pixel images into 16-pixel sub-images
-    (the tester's image_size)."""
-    tok = build_tokenizer()
-    markers = [FAKE_TOKEN, GLOBAL_TAG, "<end_of_utterance>"] + [row_col_tag(i, j) for i in range(6) for j in range(6)]
-    tok.add_special_tokens({"additional_special_tokens": markers}, replace_extra_special_tokens=False)
-    text = dict(TESTER_TEXT, vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id)
-    ip = dict(size={"longest_edge": 32}, max_image_size={"longest_edge": 16}, do_image_splitting=True)
-    seq = (16 // 4 // 2) ** 2
-    torch.manual_seed(0)
-    cfg = dict(use_cache=False, image_token_id=tok.image_token_id, tie_word_embeddings=False, vision_config=TESTER_VISION,
-               text_config=text, scale_factor=2)
-    if smolvlm:
-        model = SmolVLMForConditionalGeneration(SmolVLMConfig(**cfg)).eval()
-        processor = SmolVLMImageProcessor(SmolVLMImageProcessorPil(**ip), tok, image_seq_len=seq, chat_template=tok.chat_template)
-    else:
-        model = Idefics3ForConditionalGeneration(Idefics3Config(**cfg)).eval()
-        processor = Idefics3Processor(Idefics3ImageProcessorPil(**ip), tok, image_seq_len=seq, chat_template=tok.chat_template)
-    adapter = wrap_model(model, processor)
+    """The HF tester's model (`embedlens.testing.BLOCK_TESTER_CONFIGS`)."""
+    adapter = wrap_model(*BLOCK_TESTER_CONFIGS["smolvlm" if smolvlm else "idefics3"].build(0))
     assert type(adapter) is (SmolVLMAdapter if smolvlm else Idefics3Adapter)
     return adapter
 

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import InternVLConfig, InternVLForConditionalGeneration
-from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-from embedlens.adapters import InternVLAdapter, InternVLImageProcessor, load_model, wrap_model
+from embedlens.adapters import InternVLAdapter, load_model, wrap_model
 from embedlens.data import Sample
 from embedlens.interventions import Engine
 from embedlens.roles import Role
-from embedlens.testing._tokenizer import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, build_tokenizer
+from embedlens.testing import BLOCK_TESTER_CONFIGS
 from embedlens.testing.images import noise
-from embedlens.testing.tiny import INTERNVL_TOKENS
 from tests import test_roles
 from tests.adapters import test_sites
 
@@ -59,23 +56,8 @@ def test_tiles_follow_the_image_processors_tiling():
 
 
 def build_tester_adapter() -> InternVLAdapter:
-    """The HF tester's model. Departures, needed to run real prompts: the vocabulary is embedlens's offline word
-    tokenizer with InternVL's <img>, </img>, <IMG_CONTEXT> tokens (the tester's 99 ids hold no words), so vocab
-    size and the pad/bos/eos/image ids come from it; the image processor tiles at the tester's image_size (64)."""
-    tok = build_tokenizer(chat_template=LLAVA_CHAT_TEMPLATE.replace(IMAGE_TOKEN, INTERNVL_TOKENS["context_image_token"]),
-                          extra_special_tokens=INTERNVL_TOKENS)
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    text = dict(model_type="qwen2", vocab_size=len(tok), hidden_size=128, intermediate_size=37, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=512,
-                rope_theta=10000, tie_word_embeddings=True, **ids)
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=64,
-                  patch_size=4, num_channels=3, hidden_act="quick_gelu", use_absolute_position_embeddings=True)
-    config = InternVLConfig(text_config=text, vision_config=vision, image_token_id=tok.context_image_token_id,
-                            image_seq_length=64, vision_feature_layer=-1, **ids)
-    torch.manual_seed(0)
-    model = InternVLForConditionalGeneration(config).eval()
-    ip = GotOcr2ImageProcessorPil(size={"height": 64, "width": 64}, crop_to_patches=True, min_patches=1, max_patches=4)
-    adapter = wrap_model(model, InternVLImageProcessor(ip, tok, image_seq_length=64, chat_template=tok.chat_template))
+    """The HF tester's model (`embedlens.testing.BLOCK_TESTER_CONFIGS["internvl"]`)."""
+    adapter = wrap_model(*BLOCK_TESTER_CONFIGS["internvl"].build(0))
     assert isinstance(adapter, InternVLAdapter)
     return adapter
 

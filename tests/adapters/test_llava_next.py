@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 from transformers.image_processing_utils import select_best_resolution
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from embedlens.adapters import LlavaNextAdapter, load_model, wrap_model
 from embedlens.data import Sample
-from embedlens.testing._tokenizer import build_tokenizer
+from embedlens.testing import TESTER_CONFIGS
 from embedlens.testing.images import noise
 from tests import test_roles
 from tests.adapters import test_sites
@@ -67,34 +65,9 @@ def test_layout_equals_the_hand_computed_unpadding():
 
 
 def hf_tester_adapter() -> LlavaNextAdapter:
-    """LLaVA-NeXT from the HF tester's values. Departures, needed to run real prompts: the vocabulary is
-    embedlens's offline word tokenizer (the tester's 99 ids hold no words), so vocab size and the
-    image/pad ids come from it."""
-    tok = build_tokenizer()
-    vision = dict(image_size=16, patch_size=2, num_channels=3, hidden_size=32, projection_dim=32, num_hidden_layers=2,
-                  num_attention_heads=4, intermediate_size=37, dropout=0.1, attention_dropout=0.1, initializer_range=0.02)
-    text = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                hidden_act="gelu", max_position_embeddings=580, initializer_range=0.02, pad_token_id=tok.pad_token_id)
-    pinpoints = [[32, 32]]
-    config = LlavaNextConfig(
-        text_config=LlamaConfig(**text),
-        vision_config=CLIPVisionConfig(**vision),
-        image_token_id=tok.image_token_id,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-        image_grid_pinpoints=pinpoints,
-    )
-    torch.manual_seed(0)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    processor = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessorPil(
-            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=pinpoints
-        ),
-        tokenizer=tok, patch_size=2, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=tok.chat_template,
-    )
-    adapter = wrap_model(model, processor)
+    """LLaVA-NeXT from the HF tester's values (`embedlens.testing.TESTER_CONFIGS["llava-next"]`, which
+    `tests/adapters/test_hf_configs.py` also runs)."""
+    adapter = wrap_model(*TESTER_CONFIGS["llava-next"].build(0))
     assert isinstance(adapter, LlavaNextAdapter)
     return adapter
 
