@@ -138,19 +138,27 @@ def similarity_entropy(
 
 
 # -- per visual token, from a batch's activations ------------------------------------
-def vision_to_tokens(flags: torch.Tensor, vt: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-patch values of the vision batch (``[rows, patches]``) read at each visual token; ``[tokens]``."""
-    return flags[vt["feature_row"].to(flags.device), vt["feature_col"].to(flags.device)]
+def vision_to_tokens(flags: torch.Tensor, vt: dict[str, torch.Tensor], adapter: "Adapter | None" = None) -> torch.Tensor:
+    """Per-patch values of the vision batch (``[rows, patches]``) read at each visual token; ``[tokens]``.
+
+    Where a token stands for a block of patches (`adapter.patch_block`, e.g.
+    Idefics3's pixel shuffle), it takes the block's largest value (for flags:
+    any patch of the block flagged).
+    """
+    rows = vt["feature_row"].to(flags.device)
+    if adapter is None or adapter.patch_block == (1, 1):
+        return flags[rows, vt["feature_col"].to(flags.device)]
+    return flags[rows[:, None], adapter.patch_indices(vt["feature_col"]).to(flags.device)].amax(dim=1)
 
 
 def vit_norm_token_flags(
     adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor], layer: int = -2, sigma: float = 2.0,
     threshold: float | None = None, ratio: float = 2.0,
 ) -> torch.Tensor:
-    """``[visual tokens]`` bool: the token's patch is a ViT high-norm outlier at vision layer `layer`."""
+    """``[visual tokens]`` bool: the token's patch (any of its block's) is a ViT high-norm outlier at vision layer `layer`."""
     site = adapter.resolve(Site("vision.layers", layer))
     flags = vit_norm_outliers(acts[site], sigma, threshold, adapter.n_prefix_tokens, ratio)
-    return vision_to_tokens(flags, batch.roles.visual_tokens()).cpu()
+    return vision_to_tokens(flags, batch.roles.visual_tokens(), adapter).cpu()
 
 
 def massive_token_flags(

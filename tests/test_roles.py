@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from embedlens.adapters.base import resolve_path
 from embedlens.roles import Role
 from embedlens.sites import Site
 from embedlens.tracing import collect
@@ -17,7 +18,7 @@ def _samples(adapter):
 
 def _n_features(adapter, batch) -> int:
     """Rows of image features the model itself scatters into the sequence."""
-    keys = ("pixel_values", "image_sizes", "batch_num_images")
+    keys = ("pixel_values", "image_sizes", "batch_num_images", "pixel_attention_mask")
     kwargs = {k: v for k, v in batch.inputs.items() if k in keys}
     with torch.no_grad():
         feats = adapter.model.model.get_image_features(**kwargs).pooler_output
@@ -71,32 +72,71 @@ def test_newline_tokens_only_where_the_family_has_them(adapter):
 
 
 def test_row_col_match_the_patch_embedding(adapter):
-    """Change one patch of the pixels the tower sees: at the patch-embedding output
-    (before attention mixes tokens) exactly the token the map names changes."""
+    """Change one pixel patch inside the block of patches a token stands for (one patch where
+    `patch_block` is 1 x 1): at the patch-embedding output (before attention mixes tokens)
+    exactly that patch changes; then change that patch's row of the projector input: of the
+    projector output (the model's own merging, e.g. Idefics3's pixel shuffle) exactly the
+    token the map names changes."""
     batch = adapter.encode(_samples(adapter)[:2])
     roles = batch.roles
     vt = roles.visual_tokens()
     prefix = adapter.n_prefix_tokens
     ps = adapter.config.vision_config.patch_size
-    base = collect(adapter, batch, ["vision.embed"])[Site("vision.embed")]
+    ps = ps[0] if isinstance(ps, (list, tuple)) else ps  # InternViT gives (h, w); every tower here is square
+    bh, bw = adapter.patch_block
+    gh, gw = adapter.grid()
+    proj = resolve_path(adapter.model, adapter.paths.projector)
+    base = collect(adapter, batch, ["vision.embed", "projector"])
     pv = batch.inputs["pixel_values"]
+    # pixel_values rows in the vision batch's order (families that pad with blank sub-images drop them, as the model does)
+    flat_rows = pv.view(-1, *pv.shape[-3:])
+    real = (flat_rows != 0).flatten(1).any(1).nonzero().flatten()
     checked = 0
-    for t in torch.linspace(0, len(vt["row"]) - 1, 7).long().tolist():
+    for k, t in enumerate(torch.linspace(0, len(vt["row"]) - 1, 7).long().tolist()):
         fr, r, c = int(vt["feature_row"][t]), int(vt["row"][t]), int(vt["col"][t])
+        i, j = k % bh, (k // bh) % bw  # a different patch of the block each time
+        pr, pc = r * bh + i, c * bw + j
+        patch = pr * gw * bw + pc  # index in the tile's patch sequence
         changed = pv.clone()
         flat = changed.view(-1, *pv.shape[-3:])
-        flat[fr, :, r * ps : (r + 1) * ps, c * ps : (c + 1) * ps] += 1.0
+        flat[real[fr], :, pr * ps : (pr + 1) * ps, pc * ps : (pc + 1) * ps] += 1.0
         batch.inputs["pixel_values"] = changed
         try:
             emb = collect(adapter, batch, ["vision.embed"])[Site("vision.embed")]
         finally:
             batch.inputs["pixel_values"] = pv
-        diff = (emb - base).abs().amax(-1)  # [vision rows, tokens]
-        where = diff.nonzero().tolist()
-        assert where == [[fr, prefix + int(vt["feature_col"][t])]], (t, where)
-        assert int(vt["feature_col"][t]) == r * adapter.grid()[1] + c
+        where = (emb - base[Site("vision.embed")]).abs().amax(-1).nonzero().tolist()  # [vision rows, tokens]
+        assert where == [[fr, prefix + patch]], (t, where)
+        assert patch in adapter.patch_indices(vt["feature_col"][t : t + 1])[0].tolist()
+
+        if adapter.merge_before_projector:
+            # the merge runs between tower and projector (InternVL): change the tower layer the features come from
+            handle = _feature_layer(adapter).register_forward_hook(lambda m, a, o: _bumped(o, fr, prefix + patch))
+        else:
+            handle = proj.register_forward_pre_hook(lambda m, args: _bumped(args, fr, patch))
+        try:
+            out = collect(adapter, batch, ["projector"])[Site("projector")]
+        finally:
+            handle.remove()
+        where = (out - base[Site("projector")]).abs().amax(-1).nonzero().tolist()
+        assert where == [[fr, int(vt["feature_col"][t])]], (t, where)
+        assert int(vt["feature_col"][t]) == r * gw + c and 0 <= r < gh
         checked += 1
     assert checked == 7
+
+
+def _bumped(x, row: int, col: int):
+    """`x` (a tensor, or a tuple whose first item is one) with entry [row, col] raised by 1."""
+    first = (x[0] if isinstance(x, tuple) else x).clone()
+    first[row, col] += 1.0
+    return (first, *x[1:]) if isinstance(x, tuple) else first
+
+
+def _feature_layer(adapter):
+    """The vision layer whose output the family's features are taken from."""
+    layers = resolve_path(adapter.model, adapter.paths.vision_layers)
+    f = getattr(adapter.config, "vision_feature_layer", -1)
+    return layers[len(layers) + f if f < 0 else f - 1]
 
 
 def test_sequence_positions_receive_the_named_features(adapter):
@@ -104,7 +144,7 @@ def test_sequence_positions_receive_the_named_features(adapter):
     model's own merging (packing, unpadding, newlines) place it: each visual position
     must hold the code of the patch the map names."""
     batch = adapter.encode(_samples(adapter), padding_side="left")
-    proj = adapter.model.model.multi_modal_projector
+    proj = resolve_path(adapter.model, adapter.paths.projector)
 
     def plant(module, args, output):
         rows, toks = output.shape[0], output.shape[1]
@@ -132,7 +172,7 @@ def test_role_kinds_partition_every_position(adapter):
     total = sum(roles._is(r).long() for r in Role)
     assert (total == 1).all()
     # special roles hold the tokenizer's special ids, and text never does
-    special = torch.tensor(tok.all_special_ids)
+    special = torch.tensor(sorted(adapter.special_token_ids()))
     assert torch.isin(ids[roles.special], special).all()
     assert not torch.isin(ids[roles.text], special[special != tok.unk_token_id]).any()
     assert torch.equal(roles.bos, (ids == tok.bos_token_id) & ~roles.padding)

@@ -12,7 +12,10 @@ from __future__ import annotations
 from transformers import PreTrainedModel, ProcessorMixin
 
 from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText, parse_dtype
+from embedlens.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter, SmolVLMImageProcessor
+from embedlens.adapters.internvl import InternVLAdapter, InternVLImageProcessor
 from embedlens.adapters.llava import LlavaAdapter
+from embedlens.adapters.llava_next import LlavaNextAdapter
 from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionImageProcessor
 from embedlens.adapters.paligemma import PaliGemmaAdapter
 from embedlens.errors import AdapterError
@@ -20,16 +23,23 @@ from embedlens.registry import adapters
 
 TINY_PREFIX = "tiny:"
 ZOO_PREFIX = "zoo:"
+ADDING_A_FAMILY = "docs/adding-a-family.md"  # the guide the unsupported-architecture error points to
 
 __all__ = [
     "Adapter",
     "Batch",
+    "Idefics3Adapter",
+    "InternVLAdapter",
+    "InternVLImageProcessor",
     "LlavaAdapter",
+    "LlavaNextAdapter",
     "LlavaOnevisionAdapter",
     "ModulePaths",
     "OnevisionImageProcessor",
     "PaliGemmaAdapter",
     "PromptText",
+    "SmolVLMAdapter",
+    "SmolVLMImageProcessor",
     "adapter_for_architecture",
     "load_model",
     "wrap_model",
@@ -40,14 +50,17 @@ def adapter_for_architecture(architectures: list[str] | tuple[str, ...] | None, 
     """The registered adapter class that supports one of `architectures`.
 
     Raises:
-        AdapterError: listing every supported architecture.
+        AdapterError: listing every supported architecture and pointing to docs/adding-a-family.md.
     """
     for name, cls in adapters.items():
         if set(architectures or ()) & set(cls.architectures):
             return cls
     supported = sorted(a for _, cls in adapters.items() for a in cls.architectures)
     got = ", ".join(architectures or ()) or f"(none; model_type {model_type!r})"
-    raise AdapterError(f"No adapter supports architecture {got}. Supported: {', '.join(supported)}")
+    raise AdapterError(
+        f"No adapter supports architecture {got}. Supported: {', '.join(supported)}. "
+        f"To add a family, see {ADDING_A_FAMILY}"
+    )
 
 
 def wrap_model(model: PreTrainedModel, processor: ProcessorMixin, adapter: str | None = None) -> Adapter:

@@ -146,6 +146,9 @@ class Adapter(ABC):
     answer_as_suffix: ClassVar[bool] = False
     # Position id of the first token (PaliGemma counts from 1).
     position_offset: ClassVar[int] = 0
+    # Tokens merge blocks of patches before the projector (InternVL's pixel shuffle), so
+    # `vision.features` has one row per token; otherwise one row per patch.
+    merge_before_projector: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -373,6 +376,7 @@ class Adapter(ABC):
                 text=[p.text for p in prompts],
                 return_tensors="pt",
                 padding=True,
+                padding_side=padding_side,  # some processors default to their own side (InternVL: left)
                 **self.processor_kwargs(samples),
             )
             if self.answer_as_suffix and any(p.suffix is not None for p in prompts):
@@ -402,10 +406,40 @@ class Adapter(ABC):
         """
 
     def grid(self) -> tuple[int, int]:
-        """(rows, cols) of the vision encoder's patch grid for one tile."""
+        """(rows, cols) of the visual-token grid of one tile: the vision encoder's patch
+        grid, divided by `patch_block` where tokens merge blocks of patches."""
         v = self.config.vision_config
         n = v.image_size // v.patch_size
-        return n, n
+        bh, bw = self.patch_block
+        return n // bh, n // bw
+
+    @property
+    def patch_block(self) -> tuple[int, int]:
+        """(rows, cols) of vision patches one visual token stands for: (1, 1), or the
+        block a pixel-shuffle or pooling family merges into one token."""
+        return 1, 1
+
+    def patch_indices(self, feature_col: torch.Tensor) -> torch.Tensor:
+        """`[tokens, bh * bw]`: for each token's `feature_col` (its index in the projector
+        output of its tile), the indices of the patches it stands for in that tile's patch
+        sequence: the tower's tokens after `n_prefix_tokens` (add it for `vision.layers`),
+        which is also `vision.features` unless `merge_before_projector`."""
+        bh, bw = self.patch_block
+        _, gw = self.grid()
+        r, c = feature_col // gw, feature_col % gw
+        i, j = torch.meshgrid(torch.arange(bh, device=feature_col.device), torch.arange(bw, device=feature_col.device), indexing="ij")
+        return (r[:, None] * bh + i.flatten()) * (gw * bw) + c[:, None] * bw + j.flatten()
+
+    def special_token_ids(self) -> set[int]:
+        """Ids the role map marks SPECIAL (outside image spans): the tokenizer's special
+        tokens, plus marker tokens a family's processor writes (Idefics3's sub-image tags)."""
+        return set(self.tokenizer.all_special_ids)
+
+    def placeholder_text(self, inputs: BatchFeature, image: int, n_tokens: int) -> str:
+        """The text the processor puts in place of image `image` (counted over the batch),
+        which fills `n_tokens` image tokens; families that add marker text around the
+        image tokens (Idefics3's sub-image tags) override this."""
+        return self.image_placeholder * n_tokens
 
     def _plain_layouts(self, n_images: int) -> list[torch.Tensor]:
         """Layout of families where each image is one tile, tokens in the tower's order.
@@ -434,7 +468,7 @@ class Adapter(ABC):
         layouts = self.image_layouts(inputs)
         if len(layouts) != sum(len(s.images) for s in samples):
             raise AdapterError(f"{self.name}: layout has {len(layouts)} images, batch has {sum(len(s.images) for s in samples)}")
-        special_ids = set(self.tokenizer.all_special_ids) - {self.image_token_id, self.tokenizer.unk_token_id}
+        special_ids = self.special_token_ids() - {self.image_token_id, self.tokenizer.unk_token_id}
         next_image = 0
         for b, (sample, prompt) in enumerate(zip(samples, prompts)):
             pos = ((ids[b] == self.image_token_id) & attn[b]).nonzero().flatten()
@@ -463,10 +497,10 @@ class Adapter(ABC):
             bos = free & (ids[b] == self.tokenizer.bos_token_id)
             kind[b, bos] = int(Role.BOS)
             kind[b, free & ~bos & torch.isin(ids[b], torch.tensor(sorted(special_ids)))] = int(Role.SPECIAL)
-            self._mark_spans(kind[b], ids[b], attn[b], prompt, counts, sample, inputs, b)
+            self._mark_spans(kind[b], ids[b], attn[b], prompt, counts, sample, inputs, b, next_image - len(counts))
         return TokenRoles(kind=kind, **meta)
 
-    def _mark_spans(self, kind, ids, attn, prompt: PromptText, counts, sample, inputs, b) -> None:
+    def _mark_spans(self, kind, ids, attn, prompt: PromptText, counts, sample, inputs, b, first_image: int = 0) -> None:
         """Mark question/answer tokens by aligning the processor's ids with a tokenization
         (with offsets) of the same text, image placeholders expanded as the processor does."""
         ph = self.image_placeholder
@@ -482,7 +516,7 @@ class Adapter(ABC):
             expanded += piece
             orig += len(piece)
             if k < len(counts):
-                expanded += ph * counts[k]
+                expanded += self.placeholder_text(inputs, first_image + k, counts[k])
                 orig += len(ph)
         enc = self.tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=self._adds_special_tokens())
         mine = ids[attn]

@@ -175,14 +175,20 @@ class FirstImage(Stateful):
 def visual_rows(adapter: "Adapter", site, act: torch.Tensor, vt: dict[str, torch.Tensor]) -> torch.Tensor:
     """``[tokens, d]``: the activation at `site` of each visual token of `vt`.
 
-    LLM sites are indexed by (sample, position); vision sites by the token's
-    row of the vision batch and its patch (after CLIP's CLS for vision layers).
+    LLM sites and the projector output are indexed by (sample, position) and
+    (vision row, token); the tower's sites by the token's row of the vision batch
+    and its patch (after CLIP's CLS for vision layers). Where a token stands for
+    a block of patches (`Adapter.patch_block`, e.g. Idefics3's pixel shuffle), a
+    tower site gives the mean over the block's patches.
     """
     comp = site.component
     if comp.startswith("llm."):
         return act[vt["sample"].to(act.device), vt["position"].to(act.device)]
-    col = vt["feature_col"] + (adapter.n_prefix_tokens if comp in ("vision.layers", "vision.embed") else 0)
-    return act[vt["feature_row"].to(act.device), col.to(act.device)]
+    rows = vt["feature_row"].to(act.device)
+    if comp == "projector" or (comp == "vision.features" and adapter.merge_before_projector):
+        return act[rows, vt["feature_col"].to(act.device)]
+    cols = adapter.patch_indices(vt["feature_col"]) + (adapter.n_prefix_tokens if comp in ("vision.layers", "vision.embed") else 0)
+    return act[rows[:, None], cols.to(act.device)].mean(dim=1)  # [tokens, block, d] -> [tokens, d]
 
 
 def parse_site(probe: str, param: str, adapter: "Adapter", name: str):

@@ -122,8 +122,8 @@ class SinkDetector(Probe):
         feats = acts[adapter.resolve(Site("vision.layers", self.vit_layer))]
         prefix = adapter.n_prefix_tokens
         norms = feats[:, prefix:].float().norm(dim=-1)
-        vit_flag = vision_to_tokens(norm_outliers(norms, self.vit_sigma, self.vit_threshold, self.vit_ratio), vt).cpu()
-        vit_norm = vision_to_tokens(norms, vt).cpu()
+        vit_flag = vision_to_tokens(norm_outliers(norms, self.vit_sigma, self.vit_threshold, self.vit_ratio), vt, adapter).cpu()
+        vit_norm = vision_to_tokens(norms, vt, adapter).cpu()
         valid = ~batch.roles.padding
         kind = batch.roles.kind
         n_tok = len(s)

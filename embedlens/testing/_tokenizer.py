@@ -48,8 +48,16 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(chat_template: str | None = LLAVA_CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    chat_template: str | None = LLAVA_CHAT_TEMPLATE, extra_special_tokens: dict[str, str] | None = None
+) -> PreTrainedTokenizerFast:
     """Build the word-level tokenizer shared by every tiny model.
+
+    Args:
+        chat_template: the Jinja chat template.
+        extra_special_tokens: more named special tokens (`name: token`), each added to the
+            vocabulary after every other id and readable as ``tokenizer.name`` / ``tokenizer.name_id``
+            (InternVL's processor reads ``start_image_token`` and friends).
 
     Returns:
         A `PreTrainedTokenizerFast` whose special tokens include `<image>`, with
@@ -79,8 +87,10 @@ def build_tokenizer(chat_template: str | None = LLAVA_CHAT_TEMPLATE) -> PreTrain
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": IMAGE_TOKEN, **(extra_special_tokens or {})},
         chat_template=chat_template,
     )
     fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, "<video>"]})
+    if extra_special_tokens:
+        fast.add_special_tokens({"additional_special_tokens": list(extra_special_tokens.values())}, replace_extra_special_tokens=False)
     return fast

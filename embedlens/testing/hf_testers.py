@@ -249,6 +249,118 @@ def paligemma_builder(text_model_type: str = "gemma", full_attention_only: bool 
     return build
 
 
+# -- families added by issue 18 (their testers' values; only the vocabulary is ours, as above) -------------------
+
+#: `LlavaNextVisionText2TextModelTester` (tests/models/llava_next/test_modeling_llava_next.py).
+LLAVA_NEXT_TESTER = dict(
+    text=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, hidden_act="gelu",
+              max_position_embeddings=580, initializer_range=0.02),
+    vision=dict(image_size=16, patch_size=2, num_channels=3, hidden_size=32, projection_dim=32, num_hidden_layers=2,
+                num_attention_heads=4, intermediate_size=37, dropout=0.1, attention_dropout=0.1, initializer_range=0.02),
+    top=dict(projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-1,
+             image_grid_pinpoints=[[32, 32]]),
+)
+
+#: `Idefics3VisionText2TextModelTester` and `SmolVLMVisionText2TextModelTester` (same values).
+IDEFICS3_TESTER = dict(
+    text=dict(hidden_size=64, intermediate_size=56, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+              hidden_act="silu", max_position_embeddings=256, initializer_range=0.02, rms_norm_eps=1e-6,
+              tie_word_embeddings=False, rope_theta=10000.0, attention_dropout=0.0),
+    vision=dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32,
+                dropout=0.1, attention_dropout=0.1, initializer_range=0.02),
+    top=dict(use_cache=False, tie_word_embeddings=False, scale_factor=2),
+)
+
+#: `InternVLVisionText2TextModelTester` (tests/models/internvl/test_modeling_internvl.py).
+INTERNVL_TESTER = dict(
+    text=dict(model_type="qwen2", hidden_size=128, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, hidden_act="silu", max_position_embeddings=512, rope_theta=10000, tie_word_embeddings=True),
+    vision=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=64, patch_size=4,
+                num_channels=3, hidden_act="quick_gelu", use_absolute_position_embeddings=True),
+    top=dict(image_seq_length=64, vision_feature_layer=-1),
+)
+
+
+def llava_next_builder() -> Builder:
+    """LLaVA-NeXT from its tester: CLIP 16-px tiles of 2-px patches, one 32-px pinpoint (base + 2 x 2 tiles)."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    t = LLAVA_NEXT_TESTER
+
+    def build(seed: int):
+        tok = build_tokenizer()
+        config = LlavaNextConfig(text_config=LlamaConfig(vocab_size=len(tok), **t["text"], **_ids(tok)),
+                                 vision_config=CLIPVisionConfig(**t["vision"]), image_token_id=tok.image_token_id, **t["top"])
+        torch.manual_seed(seed)
+        model = LlavaNextForConditionalGeneration(config).eval()
+        size = t["vision"]["image_size"]
+        ip = LlavaNextImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                        image_grid_pinpoints=t["top"]["image_grid_pinpoints"])
+        processor = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=t["vision"]["patch_size"],
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                       chat_template=tok.chat_template)
+        return model, processor
+
+    return build
+
+
+def idefics3_builder(smolvlm: bool = False) -> Builder:
+    """Idefics3 (or SmolVLM) from its tester: 16-px sub-images of 4-px patches, pixel shuffle 2; images cut at 32 px."""
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, SmolVLMConfig,
+                              SmolVLMForConditionalGeneration)
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    from embedlens.adapters.idefics3 import FAKE_TOKEN, GLOBAL_TAG, SmolVLMImageProcessor, row_col_tag
+
+    t = IDEFICS3_TESTER
+
+    def build(seed: int):
+        tok = build_tokenizer()
+        markers = [FAKE_TOKEN, GLOBAL_TAG, "<end_of_utterance>"] + [row_col_tag(i, j) for i in range(6) for j in range(6)]
+        tok.add_special_tokens({"additional_special_tokens": markers}, replace_extra_special_tokens=False)
+        size = t["vision"]["image_size"]
+        ip = dict(size={"longest_edge": 2 * size}, max_image_size={"longest_edge": size}, do_image_splitting=True)
+        seq = (size // t["vision"]["patch_size"] // t["top"]["scale_factor"]) ** 2
+        cfg = dict(image_token_id=tok.image_token_id, vision_config=t["vision"], text_config=dict(t["text"], vocab_size=len(tok), **_ids(tok)), **t["top"])
+        torch.manual_seed(seed)
+        if smolvlm:
+            model = SmolVLMForConditionalGeneration(SmolVLMConfig(**cfg)).eval()
+            processor = SmolVLMImageProcessor(SmolVLMImageProcessorPil(**ip), tok, image_seq_len=seq, chat_template=tok.chat_template)
+        else:
+            model = Idefics3ForConditionalGeneration(Idefics3Config(**cfg)).eval()
+            processor = Idefics3Processor(Idefics3ImageProcessorPil(**ip), tok, image_seq_len=seq, chat_template=tok.chat_template)
+        return model, processor
+
+    return build
+
+
+def internvl_builder() -> Builder:
+    """InternVL from its tester: 64-px tiles of 4-px patches (+ CLS), pixel shuffle 0.5; up to 4 tiles + thumbnail."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from embedlens.adapters.internvl import InternVLImageProcessor
+    from embedlens.testing._tokenizer import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE
+    from embedlens.testing.tiny import INTERNVL_TOKENS
+
+    t = INTERNVL_TESTER
+
+    def build(seed: int):
+        tok = build_tokenizer(chat_template=LLAVA_CHAT_TEMPLATE.replace(IMAGE_TOKEN, INTERNVL_TOKENS["context_image_token"]),
+                              extra_special_tokens=INTERNVL_TOKENS)
+        config = InternVLConfig(text_config=dict(t["text"], vocab_size=len(tok), **_ids(tok)), vision_config=t["vision"],
+                                image_token_id=tok.context_image_token_id, **t["top"], **_ids(tok))
+        torch.manual_seed(seed)
+        model = InternVLForConditionalGeneration(config).eval()
+        size = t["vision"]["image_size"]
+        ip = GotOcr2ImageProcessorPil(size={"height": size, "width": size}, crop_to_patches=True, min_patches=1, max_patches=4)
+        return model, InternVLImageProcessor(ip, tok, image_seq_length=t["top"]["image_seq_length"], chat_template=tok.chat_template)
+
+    return build
+
+
 _OV_MANY_TILES = [[16 * i, 16 * j] for i in range(1, 4) for j in range(1, 4)]
 
 TESTER_CONFIGS: dict[str, HFTesterConfig] = {
@@ -280,6 +392,23 @@ TESTER_CONFIGS: dict[str, HFTesterConfig] = {
                      images_per_sample=2),
         HFTesterConfig("paligemma2", "paligemma", "PaliGemma2VisionText2TextModelTester (Gemma2 text config: final "
                      "logit softcapping 30, sliding-window layers)", paligemma_builder("gemma2"), image_sizes=((20, 20),)),
+        HFTesterConfig("llava-next", "llava_next", "LlavaNextVisionText2TextModelTester (one 32-px pinpoint: base image "
+                     "+ 2 x 2 tiles, unpadded)", llava_next_builder(), image_sizes=((30, 30), (20, 32)), images_per_sample=2),
+    )
+}
+
+#: Families whose tokens are blocks of patches (pixel shuffle). ``tests/adapters/test_hf_configs.py`` assumes one
+#: patch per token (and LLaVA's module names), so these entries are proved by the block-aware shared proofs in
+#: ``tests/adapters/test_idefics3.py`` and ``tests/adapters/test_internvl.py`` instead.
+BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
+    c.name: c
+    for c in (
+        HFTesterConfig("idefics3", "idefics3", "Idefics3VisionText2TextModelTester (images split into 16-px sub-images "
+                     "+ a global image)", idefics3_builder(), image_sizes=((30, 30), (12, 30))),
+        HFTesterConfig("smolvlm", "smolvlm", "SmolVLMVisionText2TextModelTester (as Idefics3's)", idefics3_builder(smolvlm=True),
+                     image_sizes=((30, 30), (12, 30))),
+        HFTesterConfig("internvl", "internvl", "InternVLVisionText2TextModelTester (64-px tiles, up to 4 + thumbnail)",
+                     internvl_builder(), image_sizes=((64, 64), (40, 100))),
     )
 }
 

@@ -21,9 +21,19 @@ import torch
 from transformers import (
     CLIPVisionConfig,
     GemmaConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3Processor,
+    Idefics3VisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
@@ -34,15 +44,24 @@ from transformers import (
     ProcessorMixin,
     Qwen2Config,
     SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
 )
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
+from embedlens.adapters.idefics3 import FAKE_TOKEN, GLOBAL_TAG, SmolVLMImageProcessor, row_col_tag
+from embedlens.adapters.internvl import InternVLImageProcessor
 from embedlens.adapters.llava_onevision import OnevisionImageProcessor
-from embedlens.testing._tokenizer import build_tokenizer
+from embedlens.testing._tokenizer import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, build_tokenizer
 
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
@@ -147,6 +166,92 @@ def _onevision(seed: int):
     return model, processor
 
 
+def _llava_next(seed: int):
+    # A CLIP tower with the "default" strategy, as llava-v1.6 checkpoints: the CLS
+    # token is dropped from every tile, base image and anyres tiles alike.
+    tok = build_tokenizer()
+    pinpoints = [[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**_VISION),
+        text_config=LlamaConfig(vocab_size=len(tok), **_TEXT, **_special_ids(tok)),
+        image_token_id=tok.image_token_id,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_grid_pinpoints=pinpoints, **_NORM,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    )
+    return model, processor
+
+
+def _idefics3_family(smolvlm: bool) -> Callable[[int], tuple[PreTrainedModel, ProcessorMixin]]:
+    # Sub-images of 32 x 32 pixels in 8 x 8 patches of 4; the pixel shuffle folds 2 x 2 patch
+    # blocks, so each sub-image gives 4 x 4 tokens. Images up to 64 pixels split into up to 2 x 2.
+    def build(seed: int):
+        tok = build_tokenizer()
+        markers = [FAKE_TOKEN, GLOBAL_TAG, "<end_of_utterance>"] + [row_col_tag(i, j) for i in range(6) for j in range(6)]
+        tok.add_special_tokens({"additional_special_tokens": markers}, replace_extra_special_tokens=False)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=4)
+        text = LlamaConfig(vocab_size=len(tok), **_TEXT, **_special_ids(tok))
+        ip_kwargs = dict(size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}, do_image_splitting=True, **_NORM)
+        seq = (IMAGE_SIZE // 4 // 2) ** 2
+        torch.manual_seed(seed)
+        if smolvlm:
+            config = SmolVLMConfig(vision_config=SmolVLMVisionConfig(**vision), text_config=text, scale_factor=2, image_token_id=tok.image_token_id, pad_token_id=tok.pad_token_id)
+            model = SmolVLMForConditionalGeneration(config).eval()
+            processor = SmolVLMImageProcessor(SmolVLMImageProcessorPil(**ip_kwargs), tok, image_seq_len=seq, chat_template=tok.chat_template)
+        else:
+            config = Idefics3Config(vision_config=Idefics3VisionConfig(**vision), text_config=text, scale_factor=2, image_token_id=tok.image_token_id, pad_token_id=tok.pad_token_id)
+            model = Idefics3ForConditionalGeneration(config).eval()
+            processor = Idefics3Processor(Idefics3ImageProcessorPil(**ip_kwargs), tok, image_seq_len=seq, chat_template=tok.chat_template)
+        return model, processor
+
+    return build
+
+
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+
+
+def _internvl(seed: int):
+    # Tiles of 32 x 32 pixels in 8 x 8 patches of 4 (+ CLS); the pixel shuffle folds 2 x 2 blocks,
+    # so a tile gives 4 x 4 tokens. Images become 1 to 4 tiles, plus a thumbnail when more than one.
+    tok = build_tokenizer(
+        chat_template=LLAVA_CHAT_TEMPLATE.replace(IMAGE_TOKEN, INTERNVL_TOKENS["context_image_token"]),
+        extra_special_tokens=INTERNVL_TOKENS,
+    )
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=[4, 4])
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=Qwen2Config(vocab_size=len(tok), **_TEXT, **_special_ids(tok)),
+        image_token_id=tok.context_image_token_id,
+        image_seq_length=(IMAGE_SIZE // 4 // 2) ** 2,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_to_patches=True, min_patches=1, max_patches=4, **_NORM
+    )
+    processor = InternVLImageProcessor(image_processor, tok, image_seq_length=config.image_seq_length, chat_template=tok.chat_template)
+    return model, processor
+
+
 def _paligemma(seed: int):
     tok = build_tokenizer(chat_template=None)
     image_processor = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **_NORM)
@@ -172,6 +277,10 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("llava-siglip", "llava", "siglip", _llava("siglip")),
         TinySpec("llava-onevision", "llava_onevision", "siglip", _onevision),
         TinySpec("paligemma", "paligemma", "siglip", _paligemma),
+        TinySpec("llava-next", "llava_next", "clip", _llava_next),
+        TinySpec("idefics3", "idefics3", "idefics3", _idefics3_family(smolvlm=False)),
+        TinySpec("smolvlm", "smolvlm", "smolvlm", _idefics3_family(smolvlm=True)),
+        TinySpec("internvl", "internvl", "internvit", _internvl),
     )
 }
 
@@ -181,7 +290,7 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
 
     Args:
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
-            `llava-onevision`, `paligemma`).
+            `llava-onevision`, `paligemma`, `llava-next`, `idefics3`, `smolvlm`, `internvl`).
         seed: seed of the random initialisation.
 
     Returns:

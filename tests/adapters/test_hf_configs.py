@@ -92,7 +92,10 @@ def test_the_table_covers_the_testers_variants():
 
     built = {n: _adapter(n) for n in NAMES}
     cfgs = {n: a.config for n, a in built.items()}
-    assert {TESTER_CONFIGS[n].family for n in NAMES} == {name for name, _ in adapters.items()}
+    from embedlens.testing import BLOCK_TESTER_CONFIGS  # pixel-shuffle families, proved in test_idefics3/test_internvl
+
+    families = {TESTER_CONFIGS[n].family for n in NAMES} | {c.family for c in BLOCK_TESTER_CONFIGS.values()}
+    assert families == {name for name, _ in adapters.items()}
     assert any(isinstance(c.vision_feature_layer, list) for c in cfgs.values())
     assert {c.vision_feature_select_strategy for c in cfgs.values()} >= {"full", "default"}
     assert any(a.model.lm_head.weight is a.model.get_input_embeddings().weight for a in built.values() if a.name == "llava")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from embedlens.adapters.base import resolve_path
 from embedlens.errors import AdapterError, UnknownNameError
 from embedlens.sites import Site
 from embedlens.tracing import collect
@@ -42,7 +43,7 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
     if pv.dim() == 5:  # anyres: [batch, max_tiles, ...], padded; keep each sample's real tiles
         fr = batch.roles.feature_row
         pv = torch.cat([pv[b, : int(fr[b].max() - fr[b][fr[b] >= 0].min()) + 1] for b in range(pv.shape[0])])
-    vis = adapter.model.model.vision_tower
+    vis = resolve_path(adapter.model, adapter.paths.vision_embed.rsplit(".", 1)[0])  # the tower
     with torch.no_grad():
         out = vis(pv, output_hidden_states=True)
     for i in range(n):
@@ -52,8 +53,12 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
     layer = getattr(cfg, "vision_feature_layer", None)
     feats = out.last_hidden_state if layer is None else out.hidden_states[layer]
     feats = feats[:, adapter.n_prefix_tokens:]
+    if adapter.merge_before_projector:  # InternVL: the model's own pixel shuffle runs before the projector
+        n, (gh, gw), (bh, bw) = feats.shape[0], adapter.grid(), adapter.patch_block
+        merged = adapter.model.model.pixel_shuffle(feats.reshape(n, gh * bh, gw * bw, -1), scale_factor=cfg.downsample_ratio)
+        feats = merged.reshape(n, gh * gw, -1)
     torch.testing.assert_close(acts[Site("vision.features")], feats, **TOL)
-    torch.testing.assert_close(acts[Site("projector")], adapter.model.model.multi_modal_projector(feats), **TOL)
+    torch.testing.assert_close(acts[Site("projector")], resolve_path(adapter.model, adapter.paths.projector)(feats), **TOL)
 
 
 def test_attn_and_mlp_updates_sum_to_the_layer_output(adapter):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import get_adapter, hf_run
+from embedlens.adapters.base import resolve_path
 from embedlens.data import Sample
 from embedlens.errors import InterventionError
 from embedlens.interventions import Engine
@@ -52,7 +53,7 @@ def hf_run_from(adapter, batch, b, keep, embeds, layer: int, state: torch.Tensor
     def swap(module, args, kwargs):
         return (state[None], *args[1:]), kwargs
 
-    handle = adapter.model.model.language_model.layers[layer].register_forward_pre_hook(swap, with_kwargs=True)
+    handle = resolve_path(adapter.model, adapter.paths.llm_layers)[layer].register_forward_pre_hook(swap, with_kwargs=True)
     try:
         return hf_run(adapter, batch, b, keep, embeds)
     finally:
@@ -177,7 +178,7 @@ def test_skip_sublayer_equals_hooks_on_hf_forward(setup):
     adapter, batch, eng = setup
     sel = batch.roles.visual & (batch.roles.col % 2 == 0)
     out = eng.run(batch, [SkipSublayer(tokens="visual and col % 2 == 0", sublayers=[0.5, {"layer": 1, "sublayer": "attn"}])])
-    layers = adapter.model.model.language_model.layers
+    layers = resolve_path(adapter.model, adapter.paths.llm_layers)
     embeds = eng.embed(batch)
     for b in range(3):
         valid = ~batch.roles.padding[b]
@@ -252,7 +253,7 @@ def test_ablate_mean_at_a_layer(setup):
     iv = Ablate(tokens="visual", value="mean", site="llm.layers[1]")
     Condition("m", [iv]).fit(adapter, [batch])
     out = eng.run(batch, [iv])
-    layers = adapter.model.model.language_model.layers
+    layers = resolve_path(adapter.model, adapter.paths.llm_layers)
     embeds = eng.embed(batch)
     for b in range(3):
         valid = ~batch.roles.padding[b]

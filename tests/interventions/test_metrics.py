@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from conftest import get_adapter, hf_run
+from embedlens.adapters.base import resolve_path
 from embedlens.data import Sample
 from embedlens.interventions import Engine
 from embedlens.interventions.condition import Condition
@@ -116,7 +117,7 @@ def test_visual_tokens_and_flops():
         assert [table[f"visual_tokens_l{i}"][3 + b] for i in range(4)] == [n_vis // 2] * 4
     # flops against the closed form for a causal model
     batch = adapter.encode([dataclasses.replace(s, answer=None) for s in samples], padding_side="right")
-    layer = adapter.model.model.language_model.layers[0]
+    layer = resolve_path(adapter.model, adapter.paths.llm_layers)[0]
     weights = sum(p.numel() for n, p in layer.named_parameters() if n.endswith("proj.weight"))
     cfg = adapter.model.config.text_config
     width = cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads)

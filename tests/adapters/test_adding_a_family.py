@@ -1,0 +1,42 @@
+"""The unsupported-architecture error lists what is supported and points to the guide, and the guide's
+file references are real."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from embedlens.adapters import ADDING_A_FAMILY, adapter_for_architecture
+from embedlens.errors import AdapterError
+from embedlens.registry import adapters
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_unsupported_architecture_lists_supported_and_points_to_the_guide():
+    with pytest.raises(AdapterError) as e:
+        adapter_for_architecture(["Qwen2_5_VLForConditionalGeneration"], "qwen2_5_vl")
+    msg = str(e.value)
+    assert msg.startswith("No adapter supports architecture Qwen2_5_VLForConditionalGeneration. Supported: ")
+    listed = msg.split("Supported: ", 1)[1].split(". To add", 1)[0].split(", ")
+    assert listed == sorted(a for _, cls in adapters.items() for a in cls.architectures)
+    for arch in ("LlavaNextForConditionalGeneration", "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
+                 "InternVLForConditionalGeneration"):
+        assert arch in listed
+    assert msg.endswith(f"To add a family, see {ADDING_A_FAMILY}")
+    assert (ROOT / ADDING_A_FAMILY).is_file()
+
+
+def test_the_guide_names_files_and_functions_that_exist():
+    text = (ROOT / ADDING_A_FAMILY).read_text()
+    paths = set(re.findall(r"`((?:embedlens|tests|examples)/[\w/.-]+\.(?:py|yaml))`", text))
+    assert len(paths) >= 10
+    missing = [p for p in paths if "NAME" not in p and not (ROOT / p).is_file()]
+    assert not missing, missing
+    from embedlens.adapters.base import Adapter
+
+    for name in ("image_layouts", "placeholder_text", "special_token_ids", "processor_text", "block_ids", "position_ids",
+                 "load_processor", "grid", "patch_block", "merge_before_projector", "n_prefix_tokens"):
+        assert f"`{name}" in text and hasattr(Adapter, name), name
