@@ -346,7 +346,8 @@ def test_a_second_run_is_refused_while_the_folder_is_locked(tmp_path, monkeypatc
 def test_concurrent_runs_second_refused_first_complete(tmp_path):
     """Two real runs started into one folder: the second exits 2 naming the first; the first equals an uninterrupted run."""
     plan = tmp_path / "plan.yaml"
-    plan.write_text(SMALL.replace("n: 4", "n: 16"))
+    # long enough that the second run (a fresh interpreter: seconds of imports) starts while the first still runs
+    plan.write_text(SMALL.replace("n: 4", "n: 240"))
     out, whole = tmp_path / "out", tmp_path / "whole"
     first = subprocess.Popen(_cli(plan, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240

@@ -139,10 +139,12 @@ def test_pruning_experiments_in_both_modes(tmp_path):
         n_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
         r = evaluate(f"zoo:{name}", tmp_path / name, n_images=10, batch_size=16, pruning=True)
         kept = r["tokens_kept"]
-        assert set(kept) == {"blind", "prune_dead", "prune_dead_random", "prune_alive", "mean_dead", "mean_dead_random", "mean_alive"}
+        assert set(kept) == {"blind", "prune_dead", "prune_dead_random", "prune_alive", "mean_dead", "mean_dead_random", "mean_alive",
+                             "mask_dead", "word_dead", "word_dead_random"}
         assert kept["blind"] == 0
         assert kept["prune_dead"] == pytest.approx(kept["prune_dead_random"])
-        assert kept["mean_dead"] == kept["mean_alive"] == n_tokens
+        assert kept["mean_dead"] == kept["mean_alive"] == kept["mask_dead"] == kept["word_dead"] == n_tokens
+        assert r["qa"]["mask_dead"] == r["qa"]["prune_dead"]  # blocked from attention == removed, question for question
         dead = r["partition"]["fractions"]["dead"]
         # the effects count every question, the partition every image once; they agree in expectation
         assert kept["prune_dead"] == pytest.approx(n_tokens * (1 - dead), abs=0.1 * n_tokens)
