@@ -28,7 +28,7 @@ import torch
 
 from embedlens.anchors import AnchorRule, Discoverer, discovery_warnings
 from embedlens.errors import InterventionError
-from embedlens.signals import massive_token_flags, similarity_entropy, vision_to_tokens, vit_norm_token_flags
+from embedlens.signals import massive_token_flags, similarity_entropy, vit_norm_token_flags
 from embedlens.sites import Site
 from embedlens.state import Stateful
 from embedlens.vocab import nearest_vocab

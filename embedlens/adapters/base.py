@@ -149,6 +149,10 @@ class Adapter(ABC):
     # Tokens merge blocks of patches before the projector (InternVL's pixel shuffle), so
     # `vision.features` has one row per token; otherwise one row per patch.
     merge_before_projector: ClassVar[bool] = False
+    # A processor subclass without the video part (which needs torchvision), built when the stock processor
+    # cannot be, and the processor_config.json keys it takes (see `load_processor`).
+    image_only_processor: ClassVar[type[ProcessorMixin] | None] = None
+    image_only_keys: ClassVar[tuple[str, ...]] = ()
 
     @property
     def name(self) -> str:
@@ -195,7 +199,24 @@ class Adapter(ABC):
 
     @classmethod
     def load_processor(cls, path: str) -> ProcessorMixin:
-        return AutoProcessor.from_pretrained(path)
+        """The checkpoint's processor; for a family with `image_only_processor`, that class when the stock one
+        cannot be built (its video processor needs torchvision) or degrades to a bare tokenizer."""
+        if cls.image_only_processor is None:
+            return AutoProcessor.from_pretrained(path)
+        try:
+            processor = AutoProcessor.from_pretrained(path)
+        except Exception:  # noqa: BLE001 - any failure here has the same remedy
+            processor = None
+        if hasattr(processor, "image_processor"):
+            return processor
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        extra = cls.image_only_processor.get_processor_dict(path)[0]
+        return cls.image_only_processor(
+            image_processor=AutoImageProcessor.from_pretrained(path),
+            tokenizer=AutoTokenizer.from_pretrained(path),
+            **{k: v for k, v in extra.items() if k in cls.image_only_keys},
+        )
 
     # -- the model's shape -----------------------------------------------------
     @property

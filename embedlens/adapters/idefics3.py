@@ -156,20 +156,5 @@ class SmolVLMAdapter(Idefics3Adapter):
     architectures = ("SmolVLMForConditionalGeneration",)
     model_class = SmolVLMForConditionalGeneration
 
-    @classmethod
-    def load_processor(cls, path: str):
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        # Without torchvision AutoProcessor fails (the video processor needs it); then build the image-only one.
-        try:
-            processor = super().load_processor(path)
-        except Exception:  # noqa: BLE001 - any failure here has the same remedy
-            processor = None
-        if hasattr(processor, "image_processor"):
-            return processor
-        extra = SmolVLMImageProcessor.get_processor_dict(path)[0]
-        return SmolVLMImageProcessor(
-            image_processor=AutoImageProcessor.from_pretrained(path),
-            tokenizer=AutoTokenizer.from_pretrained(path),
-            **{k: v for k, v in extra.items() if k in ("image_seq_len", "chat_template")},
-        )
+    image_only_processor = SmolVLMImageProcessor
+    image_only_keys = ("image_seq_len", "chat_template")

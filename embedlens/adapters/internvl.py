@@ -16,7 +16,7 @@ row-major order; row/col are the token's cell in its tile's token grid.
 from __future__ import annotations
 
 import torch
-from transformers import BatchFeature, InternVLForConditionalGeneration, InternVLProcessor, ProcessorMixin
+from transformers import BatchFeature, InternVLForConditionalGeneration, InternVLProcessor
 
 from embedlens.adapters.base import Adapter, ModulePaths
 from embedlens.errors import AdapterError
@@ -51,23 +51,8 @@ class InternVLAdapter(Adapter):
     paths = ModulePaths(vision_layers="model.vision_tower.encoder.layer")
     merge_before_projector = True
 
-    @classmethod
-    def load_processor(cls, path: str) -> ProcessorMixin:
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        # Without torchvision AutoProcessor fails (the video processor needs it); then build the image-only one.
-        try:
-            processor = super().load_processor(path)
-        except Exception:  # noqa: BLE001 - any failure here has the same remedy
-            processor = None
-        if hasattr(processor, "image_processor"):
-            return processor
-        extra = InternVLImageProcessor.get_processor_dict(path)[0]
-        return InternVLImageProcessor(
-            image_processor=AutoImageProcessor.from_pretrained(path),
-            tokenizer=AutoTokenizer.from_pretrained(path),
-            **{k: v for k, v in extra.items() if k in ("image_seq_length", "chat_template")},
-        )
+    image_only_processor = InternVLImageProcessor
+    image_only_keys = ("image_seq_length", "chat_template")
 
     @property
     def patch_block(self) -> tuple[int, int]:

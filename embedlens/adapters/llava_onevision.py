@@ -35,24 +35,8 @@ class LlavaOnevisionAdapter(Adapter):
     model_class = LlavaOnevisionForConditionalGeneration
     has_image_newline = True
 
-    @classmethod
-    def load_processor(cls, path: str):
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        # Without torchvision AutoProcessor fails or degrades to the bare tokenizer
-        # (its video processor needs torchvision); then build the image-only one.
-        try:
-            processor = super().load_processor(path)
-        except Exception:  # noqa: BLE001 - any failure here has the same remedy
-            processor = None
-        if hasattr(processor, "image_processor"):
-            return processor
-        return OnevisionImageProcessor(
-                image_processor=AutoImageProcessor.from_pretrained(path),
-                tokenizer=AutoTokenizer.from_pretrained(path),
-                **{k: v for k, v in OnevisionImageProcessor.get_processor_dict(path)[0].items()
-                   if k in ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "chat_template")},
-            )
+    image_only_processor = OnevisionImageProcessor
+    image_only_keys = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "chat_template")
 
     def image_layouts(self, inputs: BatchFeature) -> list[torch.Tensor]:
         """The model's own `pack_image_features` run on patch coordinates (see `anyres_layouts`)."""

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from embedlens.errors import PlanError
 from embedlens.probes._util import FirstImage
