@@ -68,6 +68,9 @@ class Batch:
     roles: TokenRoles
     samples: list[Sample]
     groups: dict[str, torch.Tensor] | None = None  # `[batch, seq]` masks from the run's partition, when it has one
+    # results several probes of one pass would compute alike (the layer-0 vocabulary search of the
+    # lens and the partition): `embedlens.vocab.visual_nearest` keeps them here, keyed by what they read
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def input_ids(self) -> torch.Tensor:
