@@ -6,7 +6,9 @@
 Every ratio is measured within one run: the cases being compared run in
 interleaved repetitions (A B A B ...) and each case's time is the median of its
 repetitions, so a slower or busier machine moves both sides together. Times
-are wall-clock; the harness pins torch (and FAISS) to `--threads` threads.
+are wall-clock, or with `--clock cpu` this process's CPU time (robust on a
+shared machine, best with `--threads 1`); the harness pins torch (and FAISS)
+to `--threads` threads.
 Results go to ``benchmarks/results.json`` (and the table to stdout).
 """
 
