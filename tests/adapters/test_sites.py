@@ -45,7 +45,12 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
         pv = torch.cat([pv[b, : int(fr[b].max() - fr[b][fr[b] >= 0].min()) + 1] for b in range(pv.shape[0])])
     vis = resolve_path(adapter.model, adapter.paths.vision_embed.rsplit(".", 1)[0])  # the tower
     with torch.no_grad():
-        out = vis(pv, output_hidden_states=True)
+        if adapter.packed_vision:  # Qwen-VL: the batch's patches as one sequence, split by image_grid_thw
+            out = vis(pv, grid_thw=batch.inputs["image_grid_thw"], output_hidden_states=True)
+            out.hidden_states = tuple(h[None] for h in out.hidden_states)
+            out.last_hidden_state = out.last_hidden_state[None]
+        else:
+            out = vis(pv, output_hidden_states=True)
     for i in range(n):
         torch.testing.assert_close(acts[Site("vision.layers", i)], out.hidden_states[i + 1], **TOL)
     # vision.features: the family's feature layer and CLS rule, then the projector
@@ -58,7 +63,9 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
         merged = adapter.model.model.pixel_shuffle(feats.reshape(n, gh * bh, gw * bw, -1), scale_factor=cfg.downsample_ratio)
         feats = merged.reshape(n, gh * gw, -1)
     torch.testing.assert_close(acts[Site("vision.features")], feats, **TOL)
-    torch.testing.assert_close(acts[Site("projector")], resolve_path(adapter.model, adapter.paths.projector)(feats), **TOL)
+    merger = resolve_path(adapter.model, adapter.paths.projector)
+    proj = merger(feats[0])[None] if adapter.packed_vision else merger(feats)
+    torch.testing.assert_close(acts[Site("projector")], proj, **TOL)
 
 
 def test_attn_and_mlp_updates_sum_to_the_layer_output(adapter):
