@@ -23,8 +23,12 @@ def test_llm_sites_equal_hf_hidden_states(adapter, padding_side):
     with torch.no_grad():
         ref = adapter.model(**adapter.model_inputs(batch), output_hidden_states=True)
     hs = ref.hidden_states  # [n + 1] x [batch, seq, d]; hs[i] enters layer i, hs[n] is after the final norm
+    deep = _deepstack_features(adapter, batch)
     for i in range(n):
-        torch.testing.assert_close(acts[Site("llm.layers", i, "in")], hs[i], **TOL)
+        # DeepStack (Qwen3-VL): HF's hidden_states[i] is decoder layer i - 1's output; the model adds the
+        # features of vision layer deepstack_visual_indexes[i - 1] at the image tokens before layer i reads it
+        added = deep[i - 1] if 0 < i <= len(deep) else 0.0
+        torch.testing.assert_close(acts[Site("llm.layers", i, "in")], hs[i] + added, **TOL)
     for i in range(n - 1):
         torch.testing.assert_close(acts[Site("llm.layers", i)], hs[i + 1], **TOL)
     torch.testing.assert_close(acts[Site("llm.norm")], hs[n], **TOL)
@@ -33,6 +37,22 @@ def test_llm_sites_equal_hf_hidden_states(adapter, padding_side):
     emb = adapter.model.get_input_embeddings()(batch.input_ids)
     text = batch.roles.text
     torch.testing.assert_close(acts[Site("llm.embed")][text], emb[text], **TOL)
+
+
+def _deepstack_features(adapter, batch) -> list:
+    """Qwen3-VL's DeepStack features from the model's own `get_image_features`, scattered onto the image tokens
+    (`[batch, seq, d]` each); none for other families."""
+    if not adapter.deepstack:
+        return []
+    with torch.no_grad():
+        out = adapter.model.model.get_image_features(batch.inputs["pixel_values"], batch.inputs["image_grid_thw"])
+    image = batch.input_ids == adapter.image_token_id
+    feats = []
+    for per_image in out.deepstack_features:
+        full = torch.zeros(*image.shape, per_image[0].shape[-1])
+        full[image] = torch.cat(per_image)
+        feats.append(full)
+    return feats
 
 
 def test_vision_sites_equal_hf_hidden_states(adapter):
