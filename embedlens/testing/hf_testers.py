@@ -384,17 +384,36 @@ QWEN2_5_VL_TESTER = dict(
 )
 
 
-def qwen_vl_builder(version: str) -> Builder:
-    """Qwen2-VL or Qwen2.5-VL from its tester: 14-px patches, merged 2 x 2 (Qwen2-VL) or not at all (Qwen2.5-VL);
-    the image processor keeps images up to 3 x 3 tester images."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+#: `Qwen3VLVisionText2TextModelTester` (tests/models/qwen3_vl/test_modeling_qwen3_vl.py, a `VLMModelTester`): its own
+#: values, and the text sizes of the VLM tester base (hidden 32, MLP 37, 2 layers; out_hidden_size and the
+#: vision widths follow hidden_size). Patches of 16 px, no merge, DeepStack after vision blocks 0 and 1.
+QWEN3_VL_TESTER = dict(
+    text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=8, hidden_act="silu", max_position_embeddings=512, tie_word_embeddings=True,
+              rope_parameters={"rope_type": "default", "mrope_section": [16, 8, 8], "mrope_interleaved": True,
+                               "rope_theta": 10000.0}),
+    vision=dict(depth=2, hidden_act="gelu_pytorch_tanh", num_heads=4, patch_size=16, spatial_merge_size=1, temporal_patch_size=2,
+                num_position_embeddings=16, deepstack_visual_indexes=[0, 1], hidden_size=32, intermediate_size=32,
+                out_hidden_size=32),
+    image_size=16,
+)
 
-    from embedlens.adapters.qwen_vl import Qwen2_5_VLImageProcessor, Qwen2VLImageProcessor
+
+def qwen_vl_builder(version: str) -> Builder:
+    """Qwen2-VL, Qwen2.5-VL or Qwen3-VL from its tester: 14-px patches merged 2 x 2 (Qwen2-VL), 14-px patches
+    unmerged (Qwen2.5-VL), 16-px patches unmerged with DeepStack (Qwen3-VL); the image processor keeps images up
+    to 3 x 3 tester images."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+
+    from embedlens.adapters.qwen_vl import Qwen2_5_VLImageProcessor, Qwen2VLImageProcessor, Qwen3VLImageProcessor
     from embedlens.testing.tiny import qwen_ids, qwen_image_processor, qwen_tokenizer
 
-    t = QWEN2_VL_TESTER if version == "2" else QWEN2_5_VL_TESTER
-    config_cls, model_cls, proc_cls = ((Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor) if version == "2"
-                                       else (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLImageProcessor))
+    t, config_cls, model_cls, proc_cls = {
+        "2": (QWEN2_VL_TESTER, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor),
+        "2.5": (QWEN2_5_VL_TESTER, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLImageProcessor),
+        "3": (QWEN3_VL_TESTER, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLImageProcessor),
+    }[version]
 
     def build(seed: int):
         tok = qwen_tokenizer()
@@ -463,6 +482,8 @@ BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
                      images_per_sample=2),
         HFTesterConfig("qwen2.5-vl", "qwen2_5_vl", "Qwen2_5_VLVisionText2TextModelTester (14-px patches, no merge, "
                      "112-px windows)", qwen_vl_builder("2.5"), image_sizes=((42, 42), (20, 40)), images_per_sample=2),
+        HFTesterConfig("qwen3-vl", "qwen3_vl", "Qwen3VLVisionText2TextModelTester (16-px patches, no merge, DeepStack "
+                     "after vision blocks 0 and 1)", qwen_vl_builder("3"), image_sizes=((48, 48), (20, 40)), images_per_sample=2),
     )
 }
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from embedlens.adapters import Qwen2_5_VLAdapter, Qwen2VLAdapter, load_model, wrap_model
+from embedlens.adapters import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter, load_model, wrap_model
 from embedlens.adapters.base import resolve_path
 from embedlens.data import Sample
 from embedlens.interventions import Engine
@@ -131,11 +131,12 @@ def test_unsupported_video_and_errors(qwen):
         qwen.image_layouts(bad)
 
 
-@pytest.fixture(scope="module", params=["qwen2-vl", "qwen2.5-vl"])
+@pytest.fixture(scope="module", params=QWEN)
 def tester(request):
     cfg = BLOCK_TESTER_CONFIGS[request.param]
     adapter = wrap_model(*cfg.build(0))
-    assert isinstance(adapter, Qwen2_5_VLAdapter if request.param == "qwen2.5-vl" else Qwen2VLAdapter)
+    want = {"qwen2-vl": Qwen2VLAdapter, "qwen2.5-vl": Qwen2_5_VLAdapter, "qwen3-vl": Qwen3VLAdapter}[request.param]
+    assert type(adapter) is want
     return adapter
 
 
@@ -159,8 +160,9 @@ def test_hf_tester_config_sites(tester):
 def test_hf_tester_config_prune_equivalence(tester):
     from tests.interventions import test_equivalences
 
-    # three images of 3 x 3 tester images, so that the planted groups differ in size from sample to sample
-    samples = [Sample([noise(84, 84, seed=i)], question=q, id=f"s{i}") for i, q in enumerate(["what?", "count the shapes", "is it red?"])]
+    # the largest images the tester's processor keeps (9 tokens each): the planted groups differ in size per sample
+    side = int(tester.processor.image_processor.size["longest_edge"] ** 0.5)
+    samples = [Sample([noise(side, side, seed=i)], question=q, id=f"s{i}") for i, q in enumerate(["what?", "count the shapes", "is it red?"])]
     batch = tester.encode(samples, padding_side="left")
     test_equivalences.test_prune_remove_mask_and_hand_cut_agree((tester, batch, Engine(tester)))
     test_equivalences.test_generation_after_pruning_matches_hand_built((tester, batch, Engine(tester)))
