@@ -611,6 +611,12 @@ class Adapter(ABC):
         mask = inputs["attention_mask"].long()
         return (mask.cumsum(dim=1) - 1).clamp(min=0) + self.position_offset
 
+    def tower_images(self, inputs: BatchFeature) -> torch.Tensor | None:
+        """`[rows, patches]`: the image (counted over the batch) of each patch of the tower's batch, for families
+        whose tower rows hold several images (`packed_vision`); None where each row is one tile of one image
+        (per-image statistics of the tower, such as the ViT-norm rule, are then per row)."""
+        return None
+
     def site_value(self, site: Site, value: torch.Tensor, inputs: BatchFeature) -> torch.Tensor:
         """A site's value as embedlens defines it, from the module's own tensor (the identity, except where a
         family's tensors need a documented view: Qwen-VL's packed tower)."""

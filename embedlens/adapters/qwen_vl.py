@@ -16,9 +16,9 @@ batch's packed sequence as HF gives it, with a leading dimension of 1
 (``[1, patches, d]``; ``projector`` is ``[1, tokens, d]``). So every visual
 token has ``feature_row = 0`` and ``feature_col`` = its row of the packed
 merger output, and a token's patch block is rows ``4 * feature_col ..
-4 * feature_col + 3`` of ``vision.layers[i]`` / ``vision.features``. A
-per-image statistic of the tower (``sink_detector``'s ViT-norm rule) is
-taken over the packed row, that is over the batch's images together.
+4 * feature_col + 3`` of ``vision.layers[i]`` / ``vision.features``.
+Per-image statistics of the tower (the ViT-norm rule of ``sink_detector`` and
+the partition) are taken over each image's own patches (`tower_images`).
 
 Qwen2.5-VL's tower attends within windows (all but ``fullatt_block_indexes``)
 and, to do so, permutes whole 2 x 2 blocks into window order right after the
@@ -179,6 +179,11 @@ class Qwen2VLAdapter(Adapter):
             attention_mask=inputs["attention_mask"],
         )
         return ids
+
+    def tower_images(self, inputs: BatchFeature) -> torch.Tensor:
+        # images are contiguous in the packed sequence (Qwen2.5-VL's windows reorder within an image only)
+        n = inputs["image_grid_thw"].prod(-1)
+        return torch.repeat_interleave(torch.arange(len(n)), n)[None]
 
     def site_value(self, site: Site, value: torch.Tensor, inputs: BatchFeature) -> torch.Tensor:
         if site.component in ("vision.embed", "vision.layers", "vision.features", "projector") and value.dim() == 2:
