@@ -34,9 +34,13 @@ Qwen3-VL adds DeepStack: the outputs of vision layers
 ``deepstack_visual_indexes`` go through their own mergers and are added to
 the LLM hidden states at the visual positions after each of the first
 ``len(deepstack_visual_indexes)`` decoder layers. ``llm.layers[i]`` reads the
-decoder layer's output *before* that addition (the module's own output); the
-intervention engine adds the features of the visual tokens present in a
-layer (a pruned token's features are dropped with it).
+decoder layer's output *before* that addition (the module's own output, HF's
+``hidden_states[i + 1]``), ``llm.layers[i + 1].in`` after it; the features
+themselves are no site (read them with `Engine.deepstack`, scattered onto the
+sequence, or the model's ``get_image_features``). The intervention engine adds
+the features of the visual tokens present in a layer (a pruned token's
+features are dropped with it; an injected token gets those of the layers it
+is present in).
 
 Positions: the language model takes ``[3, batch, seq]`` (t, h, w) position
 ids from the model's ``get_rope_index``: text tokens count on, an image's

@@ -412,6 +412,12 @@ class Engine:
             groups = _lookup({g: m.to(self.device) for g, m in groups.label(self.adapter, batch, embeds=embeds).items()})
         elif isinstance(groups, dict):
             groups = _lookup(groups)
+        positions = self.adapter.position_ids(inputs)
+        if positions.dim() != (3 if self.adapter.mrope else 2):
+            raise AdapterError(
+                f"{self.adapter.name}: position_ids gave shape {tuple(positions.shape)}; the adapter declares "
+                f"{'[3, batch, seq] M-RoPE' if self.adapter.mrope else '[batch, seq]'} positions (Adapter.mrope)"
+            )
         blocks = self.adapter.block_ids(inputs)
         if blocks is None:
             blocks = torch.full_like(roles.kind, -1)
@@ -422,7 +428,7 @@ class Engine:
             condition=condition,
             roles=roles,
             embeds=embeds,
-            positions=self.adapter.position_ids(inputs).to(self.device),
+            positions=positions.to(self.device),
             blocks=blocks.to(self.device),
             n_layers=self.n_layers,
             enter=torch.zeros_like(roles.kind),

@@ -55,6 +55,16 @@ def test_patch_rows_follow_the_image(qwen):
         assert qwen.token_order(ref.inputs)[token].item() == vt["feature_col"][token].item()
 
 
+def test_display_pixels_put_the_patches_back(qwen):
+    """The figure's image: `pixel_values` rows (merge-window order) put back in place give the image itself."""
+    img = (np.random.default_rng(1).random((24, 40, 3)) * 255).astype(np.uint8)
+    batch = qwen.encode([Sample([shapes(32, seed=0), Image.fromarray(img)], question="what is it?", id="s")])
+    from embedlens.probes._util import display_pixels
+
+    shown = display_pixels(qwen, batch.inputs, feature_row=0, image=1)  # [H, W, 3] in 0..1
+    torch.testing.assert_close(shown, torch.tensor(img / 255.0, dtype=torch.float32), atol=2e-2, rtol=0)
+
+
 def _hand_positions(ids: list[int], image_token: int, grids: list[tuple[int, int]]) -> torch.Tensor:
     """M-RoPE ids written out from the Qwen2-VL paper: text counts on in all three; an image of h x w tokens
     starting at s gets (s, s + row, s + col); the text after it resumes at s + max(h, w)."""
@@ -119,6 +129,15 @@ def test_qwen2_5_sites_are_in_the_towers_window_order():
     torch.testing.assert_close(acts[Site("vision.embed")][0], seen["in"], atol=0, rtol=0)
     vt = batch.roles.visual_tokens()
     torch.testing.assert_close(acts[Site("llm.embed")][0, vt["position"]], acts[Site("projector")][0, vt["feature_col"]], atol=0, rtol=0)
+
+
+def test_engine_refuses_positions_the_adapter_does_not_declare(qwen, monkeypatch):
+    from embedlens.errors import AdapterError
+
+    batch = qwen.encode([Sample([shapes(32)], question="what?", id="a")])
+    monkeypatch.setattr(qwen, "mrope", False)
+    with pytest.raises(AdapterError, match=r"position_ids gave shape \(3, 1, \d+\); the adapter declares \[batch, seq\]"):
+        Engine(qwen).run(batch)
 
 
 def test_unsupported_video_and_errors(qwen):
