@@ -14,7 +14,12 @@ those per-layer arguments itself:
   rest of the row is padding that nothing attends to;
 - position ids are the ones each sample gets alone (padding does not count),
   so a kept token keeps its original position and decoding continues from the
-  unpruned length;
+  unpruned length; for M-RoPE families (Qwen-VL, `Adapter.mrope`) they are
+  `[3, batch, seq]` (t, h, w) ids, gathered per axis, and decoding continues
+  one past each sample's largest id (HF's ``rope_deltas``);
+- DeepStack features (Qwen3-VL, `Adapter.deepstack`), taken from the model's
+  own call of its language model, are added after their decoder layers to the
+  visual tokens present there, as the text model does;
 - the attention mask is causal in the original order (plus the family's
   bidirectional blocks, e.g. PaliGemma's prefix), minus what knockouts block.
 
