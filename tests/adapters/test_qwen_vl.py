@@ -49,10 +49,9 @@ def test_patch_rows_follow_the_image(qwen):
         img[pr * p : (pr + 1) * p, pc * p : (pc + 1) * p] = 255 - img[pr * p : (pr + 1) * p, pc * p : (pc + 1) * p]
         changed = (enc(img).inputs["pixel_values"] - ref.inputs["pixel_values"]).abs().amax(-1).nonzero().flatten().tolist()
         assert changed == [qwen_patch_row(0, 40 // p, pr, pc)], (pr, pc, changed)
-        token = ((vt["row"] == pr // 2) & (vt["col"] == pc // 2)).nonzero().flatten()
-        assert len(token) == 1
-        # the token's block covers that patch where the model reads it (window order for Qwen2.5-VL, below)
-        assert qwen.token_order(ref.inputs)[token].item() == vt["feature_col"][token].item()
+        # one token of the role map sits at that patch's 2 x 2 block; test_roles' packed branch then proves, on
+        # the model, that this row's patch reaches exactly that token
+        assert int(((vt["row"] == pr // 2) & (vt["col"] == pc // 2)).sum()) == 1
 
 
 def test_display_pixels_put_the_patches_back(qwen):
