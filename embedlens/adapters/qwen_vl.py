@@ -47,6 +47,16 @@ ids from the model's ``get_rope_index``: text tokens count on, an image's
 tokens get (start, start + row, start + col) and the text after it resumes at
 ``start + max(h, w) / 2``. `position_ids` returns exactly those, each sample
 numbered alone (padding excluded).
+
+Example:
+    >>> from embedlens import Sample, load_model
+    >>> from embedlens.testing.images import shapes
+    >>> adapter = load_model("tiny:qwen2-vl")
+    >>> batch = adapter.encode([Sample([shapes(64)], question="what is it?")])
+    >>> batch.inputs["image_grid_thw"].tolist(), adapter.image_grids(batch.inputs)  # 8 x 8 patches, 4 x 4 tokens
+    ([[1, 8, 8]], [(4, 4)])
+    >>> adapter.position_ids(batch.inputs).shape[0]  # (t, h, w)
+    3
 """
 
 from __future__ import annotations
