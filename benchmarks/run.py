@@ -334,9 +334,25 @@ def machine() -> dict:
     return info
 
 
+def qwen_vocab_cases(threads: int) -> dict:
+    """Extra peak memory of the embedding lens + partition on a 151,936-row vocabulary (tiny Qwen2.5-VL, in a
+    fresh process: `qwen_vocab.py`) against the chunked search's bound."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EMBEDLENS_BENCH_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "qwen_vocab.py")], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    res["rows"] = [
+        ("152k vocab (tiny Qwen2.5-VL): lens + partition extra peak / chunk bound", res["extra_peak_mib"] / res["chunk_bound_mib"], "<=", 1.5),
+        ("152k vocab (tiny Qwen2.5-VL): lens + partition extra peak / unchunked sims", res["extra_peak_mib"] / res["unchunked_mib"], "<=", 0.25),
+    ]
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", nargs="*", default=None, help="groups: forward siglip lens lens152k plans memory startup")
+    p.add_argument("--only", nargs="*", default=None, help="groups: forward siglip lens lens152k qwen152k plans memory startup")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per case (medians are reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
@@ -346,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     global CLOCK
     CLOCK = args.clock
     torch.set_num_threads(args.threads)
-    groups = args.only or ["startup", "forward", "siglip", "lens", "lens152k", "plans", "memory"]
+    groups = args.only or ["startup", "forward", "siglip", "lens", "lens152k", "qwen152k", "plans", "memory"]
     started = time.perf_counter()
     results: dict = {"machine": machine(), "clock": args.clock, "groups": {}}
     rows: list[tuple] = []
@@ -364,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = lens_cases(args.reps, 32_000, None)
             elif g == "lens152k":
                 r = lens_cases(1, 152_064, 2)
+            elif g == "qwen152k":
+                r = qwen_vocab_cases(args.threads)
             elif g == "plans":
                 r = plan_cases(tmp, n_b1=2, n_b8=8)
             elif g == "memory":
