@@ -139,6 +139,8 @@ class Context:
     groups: Callable[[str], torch.Tensor] | None = None
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
     attention_requests: set[int] = field(default_factory=set)
+    #: `[batch, seq]` bool, set by the run: tokens whose LLM input an intervention edited (`edit_embeds`).
+    edited: torch.Tensor | None = None
 
     @property
     def valid(self) -> torch.Tensor:
@@ -444,6 +446,7 @@ class Engine:
         for i, iv in enumerate(interventions):
             with _naming(condition, i, iv):
                 x_full = iv.edit_embeds(ctx, x_full)
+        ctx.edited = (x_full != ctx.embeds).any(dim=-1) & ctx.valid
 
         n_layers, bsz, seq = self.n_layers, *ctx.roles.kind.shape
         kv = RowCache(n_layers) if cache else None
