@@ -260,10 +260,10 @@ def write_report(run_dir: str | Path, manifest: dict | None = None) -> Path:
             cols, rows, n = _preview(path)
             html_.append(f"<h3>{esc(name)} <span class='note'>({n} rows, {esc(rel)})</span></h3>" + table_html(cols, rows))
         parts.append('<h2 id="tables">Tables (first rows)</h2>' + "".join(html_))
-    plan_file = contained(run, "plan.yaml")
+    plan_file = contained(run, "run_plan.yaml")
     if plan_file is not None:
         sections.append("plan")
-        parts.append('<h2 id="plan">The plan</h2><p class="note">As written (plan.yaml in the run folder; hash '
+        parts.append('<h2 id="plan">The plan</h2><p class="note">As written (run_plan.yaml in the run folder; hash '
                      f'{esc(manifest.get("plan_hash"))}).</p><pre class="plan">{esc(plan_file.read_text(encoding="utf-8"))}</pre>')
     nav = "<nav>" + "".join(f'<a href="#{esc(s)}">{esc(s.removeprefix("probe-"))}</a>' for s in sections) + "</nav>"
     out = run / "report.html"

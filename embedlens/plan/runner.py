@@ -573,7 +573,7 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, starte
         "inputs": state.identity,
     }
     write_text(out / "summary.json", json.dumps(result.summary, indent=2, default=str))
-    write_text(out / "plan.yaml", getattr(loaded, "text", None) or _plan_yaml(loaded))  # the report embeds it
+    write_text(out / "run_plan.yaml", getattr(loaded, "text", None) or _plan_yaml(loaded))  # the report embeds it
     _phase("after_summary")
     if plan.output.report:
         from embedlens.report import write_report

@@ -33,7 +33,7 @@ PARTS = "parts"
 #: Files whose content legitimately differs between two runs of the same plan (timings, resume history).
 VOLATILE = ("run_log.json", MARKER, LOCK)
 #: Files a run writes at the top of its folder (tables are listed by its manifest).
-RUN_FILES = (CHECKPOINT, "summary.json", "manifest.json", "run_log.json", "report.html", "compare.csv", "compare.html", "plan.yaml")
+RUN_FILES = (CHECKPOINT, "summary.json", "manifest.json", "run_log.json", "report.html", "compare.csv", "compare.html", "run_plan.yaml")
 _PART_NAME = re.compile(r"^\.?\d{6}\.(parquet|safetensors)(\.\d+)?(\.tmp)?$|^\.\d{6}\.(parquet|safetensors)\.\d+\.tmp$")
 
 
