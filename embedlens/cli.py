@@ -128,13 +128,13 @@ def _print_headline(stats: dict, model: str = "") -> None:
         if not d:
             return ""
         lo, hi = d["ci"]
-        mark = "*" if lo > 0 or hi < 0 else ""
+        mark = "*" if d["p"] < 0.05 else ""
         return f"{d['diff']:+.3f} [{lo:+.2f}, {hi:+.2f}] p={d['p']:.2g}{mark}"
 
     for metric in stats.get("accuracy_metrics", []):
         base = stats.get("baseline", {}).get(metric)
         title = f"{metric}{' - ' + model if model else ''}" + (f" (baseline {base['mean']:.3f}, n={base['n']})" if base else "")
-        table = Table(title=escape(title), caption=f"{conf}% bootstrap intervals; McNemar p, unadjusted; * interval excludes 0")
+        table = Table(title=escape(title), caption=f"{conf}% bootstrap intervals; exact McNemar p, unadjusted; * p < 0.05")
         for col in ("condition", "mean", "minus baseline", "minus matched control"):
             table.add_column(col, justify="left" if col == "condition" else "right")
         for cond, entry in stats.get("conditions", {}).items():

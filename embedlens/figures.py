@@ -545,5 +545,5 @@ def word_map(panels: Sequence[dict], path: str | Path, title: str = "", top: int
     fig.legend(handles=handles, loc="center right", fontsize=7, title="word (tokens)", title_fontsize=7)
     if title:
         fig.suptitle(_wrap(title, panel_inches * n + 2.4), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1 - 2.2 / (panel_inches * n + 2.4), 1))
+    fig.tight_layout(rect=(0, 0, 1 - 1.7 / (panel_inches * n + 2.4), 1))
     return _save(fig, path, tight=False)

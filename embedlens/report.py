@@ -227,7 +227,7 @@ def write_report(run_dir: str | Path, manifest: dict | None = None) -> Path:
         rows = [[c] + [effects[c].get(m) for m in metrics] + [controls.get(c, "")] for c in effects]
         html_ = table_html(["condition"] + metrics + ["matched control"], rows)
         html_ += '<p class="note">Means over samples; standard errors in <code>effects_summary</code>.</p>' if sem else ""
-        figs = [f for f in figures if f.name.startswith("effects_")]
+        figs = [f for f in figures if f.name.startswith("effects_") and f not in used]
         used |= set(figs)
         html_ += '<div class="figs">' + "".join(figure_html(contained(run, f), f.name) for f in figs) + "</div>"
         parts.append('<h2 id="effects">Intervention effects</h2>' + html_)
@@ -304,7 +304,7 @@ def _p(p: Any) -> str:
 def _diff_cell(r: dict | None) -> str:
     if r is None:
         return "<td></td><td></td><td></td>"
-    sig = r["diff_ci_low"] > 0 or r["diff_ci_high"] < 0
+    sig = isinstance(r["p_value"], (int, float)) and r["p_value"] < 0.05
     cls = ' class="num sig"' if sig else ' class="num"'
     disc = f" ({r['x_only']} vs {r['reference_only']})" if isinstance(r.get("x_only"), int) and r["x_only"] >= 0 else ""
     return (f"<td{cls}>{r['diff']:+.3f}</td><td class=\"num\">{esc(_ci(r['diff_ci_low'], r['diff_ci_high'], True))}</td>"
@@ -326,7 +326,9 @@ def statistics_html(run: Path, manifest: dict, stats: dict, figures: list[Path])
            f"Intervals: {conf}% {esc(m.get('interval', ''))}, {esc(m.get('resamples'))} resamples, seeded from the run seed "
            f"{esc(m.get('seed'))}. Accuracies (0/1 per sample): {esc(m.get('accuracy_test', ''))}; the counts in brackets are "
            f"the discordant pairs (condition right only vs reference right only). Other metrics: {esc(m.get('continuous_test', ''))}. "
-           f"p-values are {esc(m.get('p_values', 'unadjusted'))}. <b>Bold</b>: the interval excludes 0. "
+           f"p-values are {esc(m.get('p_values', 'unadjusted'))}. <b>Bold</b>: p &lt; 0.05. With few samples a percentile "
+           "bootstrap interval is narrower than it should be (it can exclude 0 where the exact test does not): "
+           "decide with the test. "
            f"All rows: <code>effect_tests</code> ({esc(rel)}).</p>"]
     controls = {r["condition"]: r["reference"] for r in rows if r["reference"] not in ("", "baseline")}
     conds = list(stats.get("conditions", {}))
