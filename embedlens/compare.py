@@ -146,7 +146,8 @@ def _curves(cmp: Comparison, out: Path) -> list[Path]:
         return max(max(c) - min(c) for c in zip(*vals))
 
     paths = []
-    for key in sorted(series, key=lambda k: -spread(series[k]))[:MAX_CURVES]:
+    differing = [k for k in series if spread(series[k]) > 0]  # identical curves say nothing a table does not
+    for key in sorted(differing, key=lambda k: -spread(series[k]))[:MAX_CURVES]:
         vals = series[key]
         curves = {n: (list(range(len(v))), v) for n, v in zip(cmp.names, vals)}
         paths.append(layer_curves(curves, out / "curves" / f"{safe_name(key)}.png", xlabel="layer (position in the list)",
