@@ -349,7 +349,7 @@ def accuracy_chart(c, metric: str, path: str | Path) -> Path:
                 bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))
     _reference_lines(ax, c, metric)
     ax.set_xticks(range(len(order)), order, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.03)  # the fixed 0-1 axis, with room for a line at 1
+    ax.set_ylim(-0.02, 1.03)  # the fixed 0-1 axis, with room for lines at 0 and 1
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel(f"{metric} (mean, {int(c.spec.get('confidence', 0.95) * 100)}% bootstrap interval)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
