@@ -109,9 +109,43 @@ def run(
             typer.echo(f"  partition: {fr}" + (f" (anchors {anchors})" if anchors else " (no anchors)"))
         for w in result.warnings:
             typer.secho(f"  warning: {w}", fg=typer.colors.YELLOW, err=True)
+        if not quiet and result.summary.get("statistics"):
+            _print_headline(result.summary["statistics"], name if len(results) > 1 else "")
     if len(results) > 1:
         out = Path(output) if output is not None else Path(loaded.plan.output.dir)
         typer.echo(f"comparison: {out / 'compare' / 'compare.html'}")
+
+
+def _print_headline(stats: dict, model: str = "") -> None:
+    """The headline numbers of a run's effect tests: each accuracy metric by condition, with intervals and p-values."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    conf = int(round(100 * stats.get("method", {}).get("confidence", 0.95)))
+
+    def diff(d: dict | None) -> str:
+        if not d:
+            return ""
+        lo, hi = d["ci"]
+        mark = "*" if d["p"] < 0.05 else ""
+        return f"{d['diff']:+.3f} [{lo:+.2f}, {hi:+.2f}] p={d['p']:.2g}{mark}"
+
+    for metric in stats.get("accuracy_metrics", []):
+        base = stats.get("baseline", {}).get(metric)
+        title = f"{metric}{' - ' + model if model else ''}" + (f" (baseline {base['mean']:.3f}, n={base['n']})" if base else "")
+        table = Table(title=escape(title), caption=f"{conf}% bootstrap intervals; exact McNemar p, unadjusted; * p < 0.05")
+        for col in ("condition", "mean", "minus baseline", "minus matched control"):
+            table.add_column(col, justify="left" if col == "condition" else "right")
+        for cond, entry in stats.get("conditions", {}).items():
+            e = entry.get(metric)
+            if not e:
+                continue
+            ctrl = e.get("vs_control")
+            label = cond + (" (blind)" if cond == stats.get("blind") else "")
+            table.add_row(escape(label), f"{e['mean']:.3f}", diff(e.get("vs_baseline")),
+                          escape(f"{diff(ctrl)} vs {ctrl['control']}") if ctrl else "")
+        Console(width=160).print(table)
 
 
 @app.command()

@@ -30,6 +30,7 @@ class Comparison:
     names: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)  # key, section, values..., abs_diff, rel_diff
     figures: dict[str, list[Path | None]] = field(default_factory=dict)
+    curves: list[Path] = field(default_factory=list)  # per-layer values of every run on shared axes
     csv: Path | None = None
     html: Path | None = None
     warnings: list[str] = field(default_factory=list)
@@ -86,9 +87,72 @@ def _numeric_lists(vals: list[Any]) -> bool:
 def _section(key: str) -> str:
     if key.startswith("groups."):
         return "token groups"
-    if key.startswith("effects."):
+    if key.startswith(("effects.", "statistics.")):
         return "intervention effects"
     return "probe summaries"
+
+
+def _item_lists(vals: list[Any]) -> bool:
+    """Lists of words or ids in every run (anchors, top tokens): compared as sets."""
+    return len(vals) > 1 and all(isinstance(v, list) for v in vals) and any(v for v in vals) and all(
+        isinstance(x, (str, int)) and not isinstance(x, bool) for v in vals for x in v
+    ) and not _numeric_lists(vals)
+
+
+def _overlap(vals: list[list], names: list[str]) -> tuple[float, str]:
+    """``(1 - Jaccard overlap, "shared: ...; only A: ...")`` of lists taken as sets.
+
+    Example:
+        >>> _overlap([["sky", "red", "dog"], ["red", "sky", "cat"]], ["clip", "siglip"])
+        (0.5, 'shared (2): red, sky; only clip (1): dog; only siglip (1): cat')
+    """
+    sets = [set(map(str, v)) for v in vals]
+    union, common = set().union(*sets), set.intersection(*sets)
+    parts = [f"shared ({len(common)}): {', '.join(sorted(common)) or '-'}"]
+    for n, st in zip(names, sets):
+        others = set().union(*[o for o in sets if o is not st])
+        only = st - others
+        if only:
+            parts.append(f"only {n} ({len(only)}): {', '.join(sorted(only))}")
+    return (1.0 - len(common) / len(union) if union else 0.0), "; ".join(parts)
+
+
+#: At most this many per-layer curve figures in a comparison (the largest differences first).
+MAX_CURVES = 24
+
+
+def _curves(cmp: Comparison, out: Path) -> list[Path]:
+    """Per-layer values (equal-length numeric lists of 3 or more, or ``..._lN`` columns) as one figure each,
+    every run a curve on shared axes."""
+    import re
+
+    from embedlens.figures import layer_curves, safe_name
+
+    series: dict[str, list[list[float]]] = {}
+    for r in cmp.rows:
+        if _numeric_lists(r["values"]) and len(r["values"][0]) >= 3:
+            series[r["key"]] = [list(v) for v in r["values"]]
+    per_layer: dict[str, dict[int, list]] = {}
+    for r in cmp.rows:
+        m = re.match(r"^(.*)_l(\d+)$", r["key"])
+        if m and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r["values"]):
+            per_layer.setdefault(m.group(1), {})[int(m.group(2))] = r["values"]
+    for key, layers in per_layer.items():
+        if len(layers) >= 2:
+            order = sorted(layers)
+            series[key + "_l*"] = [[layers[i][j] for i in order] for j in range(len(cmp.names))]
+
+    def spread(vals: list[list[float]]) -> float:
+        return max(max(c) - min(c) for c in zip(*vals))
+
+    paths = []
+    differing = [k for k in series if spread(series[k]) > 0]  # identical curves say nothing a table does not
+    for key in sorted(differing, key=lambda k: -spread(series[k]))[:MAX_CURVES]:
+        vals = series[key]
+        curves = {n: (list(range(len(v))), v) for n, v in zip(cmp.names, vals)}
+        paths.append(layer_curves(curves, out / "curves" / f"{safe_name(key)}.png", xlabel="layer (position in the list)",
+                                  ylabel=key.rsplit(".", 1)[-1], title=key))
+    return paths
 
 
 def compare_runs(runs: list[str | Path], out_dir: str | Path, names: list[str] | None = None) -> Comparison:
@@ -138,9 +202,12 @@ def compare_runs(runs: list[str | Path], out_dir: str | Path, names: list[str] |
             cols = list(zip(*vals))
             abs_d = max(max(c) - min(c) for c in cols)
             rel_d = max(((max(c) - min(c)) / max(abs(x) for x in c)) if any(c) else 0.0 for c in cols)
-        elif len({json.dumps(v, sort_keys=True, default=str) for v in vals}) > 1:
+        detail = ""
+        if _item_lists(vals):  # lists of words / ids: compared as sets (overlap), not as strings
+            rel_d, detail = _overlap(vals, cmp.names)
+        elif abs_d is None and len({json.dumps(v, sort_keys=True, default=str) for v in vals}) > 1:
             rel_d = 1.0  # non-numeric values that differ (or a value only one run has)
-        cmp.rows.append({"key": key, "section": _section(key), "values": vals, "abs_diff": abs_d, "rel_diff": rel_d})
+        cmp.rows.append({"key": key, "section": _section(key), "values": vals, "abs_diff": abs_d, "rel_diff": rel_d, "detail": detail})
     figs: dict[str, list[Path | None]] = {}
     for i, (m, _) in enumerate(loaded):
         for f in m.get("figures", []) if isinstance(m.get("figures"), list) else []:
@@ -148,11 +215,12 @@ def compare_runs(runs: list[str | Path], out_dir: str | Path, names: list[str] |
                 figs.setdefault(f, [None] * len(runs))[i] = contained(runs[i], f)
     cmp.figures = figs
     out = claim(out_dir, kind="compare")
+    cmp.curves = _curves(cmp, out)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["section", "key", *cmp.names, "abs_diff", "rel_diff"])
+    w.writerow(["section", "key", *cmp.names, "abs_diff", "rel_diff", "detail"])
     for r in cmp.rows:
-        w.writerow([r["section"], r["key"], *[json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else v) for v in r["values"]], r["abs_diff"] if r["abs_diff"] is not None else "", r["rel_diff"] if r["rel_diff"] is not None else ""])
+        w.writerow([r["section"], r["key"], *[json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else v) for v in r["values"]], r["abs_diff"] if r["abs_diff"] is not None else "", r["rel_diff"] if r["rel_diff"] is not None else "", r["detail"]])
     cmp.csv = out / "compare.csv"
     write_text(cmp.csv, buf.getvalue())
     cmp.html = out / "compare.html"
@@ -161,7 +229,7 @@ def compare_runs(runs: list[str | Path], out_dir: str | Path, names: list[str] |
 
 
 def _html(cmp: Comparison, runs: list[Path], loaded: list[tuple[dict, dict]]) -> str:
-    head = ["key", *cmp.names, "abs diff", "rel diff"]
+    head = ["key", *cmp.names, "abs diff", "rel diff", "overlap"]
     parts = []
     about = [[n, str(r), m.get("model", {}).get("source"), m.get("plan_hash"), m.get("n_samples")] for n, r, (m, _) in zip(cmp.names, runs, loaded)]
     parts.append("<h2>Runs</h2>" + table_html(["name", "folder", "model", "plan hash", "samples"], about))
@@ -170,10 +238,13 @@ def _html(cmp: Comparison, runs: list[Path], loaded: list[tuple[dict, dict]]) ->
     hashes = {m.get("plan_hash") for m, _ in loaded}
     if len(hashes) > 1:
         parts.append('<p class="bad">The runs come from different plans (plan hashes differ): differences may come from the plans, not only the models.</p>')
+    if cmp.curves:
+        parts.append("<h2>Per-layer values: every run on shared axes</h2><p class='note'>Largest differences first.</p><div class='figs'>"
+                     + "".join(figure_html(p, p.stem) for p in cmp.curves) + "</div>")
     diffs = cmp.differences()
     parts.append(
         f"<h2>Where they differ</h2><p class='note'>{len(diffs)} values differ by more than {DIFF_THRESHOLD:.0%} (relative), largest first.</p>"
-        + table_html(head, [[r["key"], *r["values"], r["abs_diff"], r["rel_diff"]] for r in diffs[:40]])
+        + table_html(head, [[r["key"], *r["values"], r["abs_diff"], r["rel_diff"], r["detail"]] for r in diffs[:40]])
     )
     for section in ("token groups", "intervention effects", "probe summaries"):
         rows = [r for r in cmp.rows if r["section"] == section]
@@ -183,7 +254,7 @@ def _html(cmp: Comparison, runs: list[Path], loaded: list[tuple[dict, dict]]) ->
             f"<h2>{esc(section.capitalize())}</h2>"
             + table_html(
                 head,
-                [[r["key"], *r["values"], r["abs_diff"], r["rel_diff"]] for r in rows],
+                [[r["key"], *r["values"], r["abs_diff"], r["rel_diff"], r["detail"]] for r in rows],
                 [r["rel_diff"] is not None and r["rel_diff"] > DIFF_THRESHOLD for r in rows],
             )
         )

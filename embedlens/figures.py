@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -82,13 +83,14 @@ def _plt():
 EXTRA_FORMATS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("EXTRA_FORMATS", default=())
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig, path: str | Path, tight: bool = True) -> Path:
     """Write a figure reproducibly: the same figure gives the same bytes (no dates, fixed SVG ids)."""
     import matplotlib
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=150, metadata={"Software": None} if path.suffix == ".png" else {"Date": None})
     for fmt in EXTRA_FORMATS.get():
         if fmt != path.suffix.lstrip("."):
@@ -262,3 +264,286 @@ def evidence_figure(table: list[dict[str, Any]], rule: "AnchorRule", path: Path,
     ax.set_title(title or "Anchor discovery: dead anchors collapse, content words spread (marker size: token share)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", markerscale=0.6)
     return _save(fig, path)
+
+
+# -- the effect tests (embedlens.plan.conclusions) ----------------------------------------------------------
+
+ACTION_COLOURS = {"removed": "#d62728", "masked": "#9467bd", "replaced": "#ff7f0e", "dropped": "#1f77b4"}
+#: How a token map marks what was done to a token: removed ones are veiled dark, the others hatched (readable on any colour).
+ACTION_STYLE = {
+    "removed": dict(facecolor="black", alpha=0.62, edgecolor="#d62728", lw=0.8),
+    "masked": dict(facecolor="none", hatch="xxx", edgecolor="#9467bd", lw=0.8),
+    "replaced": dict(facecolor="none", hatch="///", edgecolor="black", lw=0.8),
+    "dropped": dict(facecolor="none", hatch="...", edgecolor="#1f77b4", lw=0.8),
+}
+
+
+def safe_name(name: str) -> str:
+    """A condition or metric name as a file-name piece (names come from plans, not paths)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", str(name)).lstrip(".")[:120] or "_"
+
+
+def _wrap(text: str, width_in: float, fontsize: float = 9) -> str:
+    """Wrap a title to the figure's width instead of letting matplotlib cut it off."""
+    import textwrap
+
+    chars = max(20, int(width_in * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.wrap(text, chars))
+
+
+def _ordered(c, metric: str) -> list[str]:
+    """Conditions with a value for `metric`, each matched control right after its condition; the blind one left out."""
+    is_control = set(c.controls.values())
+    order: list[str] = []
+    for cond in c.conditions:
+        if cond in is_control or cond == c.blind or cond in order:
+            continue
+        order.append(cond)
+        ctrl = c.controls.get(cond)
+        if ctrl is not None and ctrl in c.conditions:
+            order.append(ctrl)
+    order += [x for x in c.conditions if x not in order and x != c.blind]
+    return [x for x in order if _overall(c, x, metric) is not None]
+
+
+def _overall(c, cond: str, metric: str, by: str = "all", group: str = "all") -> dict | None:
+    for ref in ("baseline", c.controls.get(cond), ""):
+        if ref is not None:
+            row = c.find(cond, ref, metric, by, group)
+            if row is not None:
+                return row
+    return None
+
+
+def _reference_lines(ax, c, metric: str, horizontal: bool = True, by: str = "all", group: str = "all") -> None:
+    base = c.find("baseline", "", metric, by, group)
+    if base is not None:
+        ax.axhline(base["mean"], color="black", lw=1.2, ls="--", label=f"baseline {base['mean']:.3f}")
+        ax.axhspan(base["mean_ci_low"], base["mean_ci_high"], color="black", alpha=0.07, lw=0)
+    if c.blind is not None:
+        blind = _overall(c, c.blind, metric, by, group)
+        if blind is not None:
+            name = "blind" if c.blind == "blind" else f"blind ({c.blind})"
+            ax.axhline(blind["mean"], color="#8c564b", lw=1.2, ls=":", label=f"{name} {blind['mean']:.3f}")
+
+
+def accuracy_chart(c, metric: str, path: str | Path) -> Path:
+    """Accuracy of each condition with its bootstrap interval on a fixed 0-1 axis; matched controls hatched beside
+    their condition; the baseline (dashed, with its interval shaded) and the blind condition (dotted) as lines."""
+    plt = _plt()
+    order = _ordered(c, metric)
+    is_control = set(c.controls.values())
+    rows = [_overall(c, x, metric) for x in order]
+    width = max(5.0, 0.75 * len(order) + 2.5)
+    fig, ax = plt.subplots(figsize=(width, 4.2))
+    means = [r["mean"] for r in rows]
+    err = [[max(0.0, r["mean"] - r["mean_ci_low"]) for r in rows], [max(0.0, r["mean_ci_high"] - r["mean"]) for r in rows]]
+    bars = ax.bar(range(len(order)), means, yerr=err, capsize=3, color=["#bbbbbb" if x in is_control else "#1f77b4" for x in order])
+    for b, x in zip(bars, order):
+        if x in is_control:
+            b.set_hatch("//")
+    for i, m in enumerate(means):
+        ax.text(i, 0.015, f"{m:.2f}", ha="center", va="bottom", fontsize=7, color="black",
+                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))
+    _reference_lines(ax, c, metric)
+    ax.set_xticks(range(len(order)), order, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(-0.02, 1.03)  # the fixed 0-1 axis, with room for lines at 0 and 1
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_ylabel(f"{metric} (mean, {int(c.spec.get('confidence', 0.95) * 100)}% bootstrap interval)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(_wrap(f"{metric} by condition (hatched: the matched random control beside its condition); "
+                       f"n = {rows[0]['n'] if rows else 0} samples", width), fontsize=9)
+    return _save(fig, path)
+
+
+def paired_differences(c, metric: str, path: str | Path) -> Path:
+    """Each condition minus the baseline and minus its matched control, on the same samples: the mean paired
+    difference with its bootstrap interval, and the paired test's p-value written beside it."""
+    plt = _plt()
+    items = []
+    for cond in c.conditions:
+        for ref in ("baseline", c.controls.get(cond)):
+            row = c.find(cond, ref, metric) if ref else None
+            if row is not None:
+                items.append((f"{cond} - {ref}", row, ref != "baseline"))
+    height = max(2.4, 0.34 * len(items) + 1.5)
+    fig, (ax, tx) = plt.subplots(1, 2, figsize=(12, height), sharey=True, gridspec_kw={"width_ratios": [1.0, 1.0]})
+    for i, (label, r, vs_ctrl) in enumerate(items):
+        y = len(items) - 1 - i
+        colour = "#d62728" if vs_ctrl else "#1f77b4"
+        ax.plot([r["diff_ci_low"], r["diff_ci_high"]], [y, y], color=colour, lw=2)
+        ax.plot([r["diff"]], [y], "o", color=colour, ms=5)
+        test = "McNemar" if r["test"].startswith("mcnemar") else "sign-flip"
+        extra = f", {r['x_only']} vs {r['reference_only']} discordant" if r["x_only"] >= 0 else ""
+        tx.text(0.0, y, f"{r['diff']:+.3f} [{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]  p={r['p_value']:.3g} ({test}{extra})",
+                va="center", fontsize=8)
+    tx.set_xlim(0, 1)
+    tx.axis("off")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(items)), [lab for lab, _, _ in reversed(items)], fontsize=8)
+    ax.set_ylim(-0.7, len(items) - 0.3)
+    if metric in c.accuracy:
+        ax.set_xlim(-1, 1)
+    ax.set_xlabel(f"paired difference in {metric}\n(blue: minus the baseline; red: minus the matched control)", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(_wrap(f"{metric}: condition minus reference on the same samples, {int(c.spec.get('confidence', 0.95) * 100)}% "
+                       f"percentile bootstrap interval ({c.spec.get('resamples')} resamples); p-values unadjusted", 11), fontsize=9)
+    return _save(fig, path)
+
+
+def breakdown_heatmap(c, metric: str, by: str, path: str | Path) -> Path:
+    """Accuracy of the baseline and every condition per value of a sample field (e.g. question type), 0-1 colour scale."""
+    plt = _plt()
+    groups = list(dict.fromkeys(g for g, b, m in zip(c.rows["group"], c.rows["by"], c.rows["metric"]) if b == by and m == metric))
+    names = ["baseline"] + [x for x in c.conditions]
+    grid = np.full((len(names), len(groups)), np.nan)
+    ns = np.zeros((len(names), len(groups)), dtype=int)
+    for i, name in enumerate(names):
+        for j, g in enumerate(groups):
+            r = c.find("baseline", "", metric, by, g) if name == "baseline" else _overall(c, name, metric, by, g)
+            if r is not None:
+                grid[i, j], ns[i, j] = r["mean"], r["n"]
+    width = max(5.0, 1.1 * len(groups) + 3.5)
+    fig, ax = plt.subplots(figsize=(width, 0.36 * len(names) + 1.6))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for i in range(len(names)):
+        for j in range(len(groups)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f} (n={ns[i, j]})", ha="center", va="center", fontsize=7,
+                        color="black" if grid[i, j] > 0.6 else "white")
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    fig.colorbar(im, ax=ax, label=metric, fraction=0.04)
+    ax.set_title(_wrap(f"{metric} by {by} (cells: mean and number of samples)", width), fontsize=9)
+    return _save(fig, path)
+
+
+def sweep_curve(c, metric: str, base: str, path: str | Path) -> Path:
+    """A swept condition's accuracy against the visual tokens it removed (mean per sample), with bootstrap
+    intervals as a band, and the baseline and blind reference lines."""
+    plt = _plt()
+    members = c.sweeps[base]
+    pts = sorted((c.touched.get(m, 0.0), _overall(c, m, metric), m) for m in members if _overall(c, m, metric) is not None)
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    xs = [p[0] for p in pts]
+    ax.plot(xs, [p[1]["mean"] for p in pts], marker="o", color="#1f77b4", label=base)
+    ax.fill_between(xs, [p[1]["mean_ci_low"] for p in pts], [p[1]["mean_ci_high"] for p in pts], color="#1f77b4", alpha=0.2, lw=0)
+    for x, r, m in pts:
+        ax.annotate(m.removeprefix(base), (x, r["mean"]), fontsize=7, xytext=(3, 4), textcoords="offset points")
+    _reference_lines(ax, c, metric)
+    ax.set_ylim(0, 1.03)
+    ax.set_xlabel("visual tokens removed or replaced per sample (mean)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.set_title(_wrap(f"{base}: {metric} against tokens removed (band: {int(c.spec.get('confidence', 0.95) * 100)}% bootstrap interval)", 6.5),
+                 fontsize=9)
+    return _save(fig, path)
+
+
+def removal_maps(tm: dict, path: str | Path) -> Path:
+    """Which visual tokens a condition (top row) and its matched control (bottom row) acted on, for several samples.
+
+    Args:
+        tm: ``{"condition", "images": [{"sample_id", "pixels", "row", "col"}], "rows": [(name, {sample_id: {(row, col): action}})]}``.
+    """
+    from matplotlib.patches import Patch, Rectangle
+
+    plt = _plt()
+    images, rows = tm["images"], tm["rows"]
+    panel = 2.4
+    fig, axes = plt.subplots(len(rows), len(images), figsize=(panel * len(images) + 1.8, panel * len(rows) + 0.9), squeeze=False)
+    seen: set[str] = set()
+    for i, (name, acted) in enumerate(rows):
+        for j, im in enumerate(images):
+            ax = axes[i][j]
+            px = im["pixels"]
+            h, w = px.shape[:2]
+            nr, nc = max(im["row"]) + 1, max(im["col"]) + 1
+            ph, pw = h / nr, w / nc
+            ax.imshow(px.numpy(), extent=(0, w, h, 0), interpolation="nearest")
+            marks = acted.get(im["sample_id"], {})
+            for (r, col), action in marks.items():
+                seen.add(action)
+                ax.add_patch(Rectangle((col * pw, r * ph), pw, ph, **ACTION_STYLE.get(action, ACTION_STYLE["removed"])))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"{im['sample_id']}", fontsize=7)
+            ax.set_xlabel(f"{len(marks)} of {len(im['row'])} tokens", fontsize=7)
+            if j == 0:
+                ax.set_ylabel(_wrap(name, panel, 8), fontsize=8)
+    handles = [Patch(label=a, **ACTION_STYLE[a]) for a in ACTION_STYLE if a in seen]
+    if handles:
+        fig.legend(handles=handles, loc="upper right", fontsize=7)
+    ctrl = f" (top) and its matched control {rows[1][0]} (bottom)" if len(rows) > 1 else ""
+    fig.suptitle(_wrap(f"Tokens acted on by {rows[0][0]}{ctrl}", panel * len(images) + 1.8), fontsize=9)
+    return _save(fig, path)
+
+
+# -- word maps: token maps readable at real grids -------------------------------------------------------
+
+#: Most frequent words given a colour (and a legend entry) in a word map; the rest are "other".
+WORD_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+                "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2"]
+OTHER_COLOUR = "#dddddd"
+
+
+def label_fits(label: str, patch_points: float, fontsize: float) -> bool:
+    """Whether `label` fits in a patch `patch_points` wide at `fontsize` (about 0.6 em per character).
+
+    Example:
+        >>> label_fits("red", 30, 8), label_fits("background", 13.5, 6)
+        (True, False)
+    """
+    return len(label) * 0.6 * fontsize <= 0.92 * patch_points and fontsize * 1.1 <= patch_points
+
+
+def word_map(panels: Sequence[dict], path: str | Path, title: str = "", top: int = 12, panel_inches: float = 3.6) -> Path:
+    """Several images side by side, each patch coloured by its word (the `top` most frequent words over all
+    panels get a colour and a legend entry, the rest grey), the word written only where it fits.
+
+    Readable at real grids (24x24, 27x27 patches), where a label per patch overlaps.
+
+    Args:
+        panels: ``[{"sample_id", "pixels": [H, W, 3], "row", "col", "labels"}]``, one per image.
+    """
+    import collections
+
+    from matplotlib.patches import Patch, Rectangle
+
+    plt = _plt()
+    counts = collections.Counter(str(x) for p in panels for x in p["labels"])
+    top_words = [w for w, _ in counts.most_common(min(top, len(WORD_COLOURS)))]
+    colour = {w: WORD_COLOURS[i] for i, w in enumerate(top_words)}
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(panel_inches * n + 2.4, panel_inches + 0.9), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        px = p["pixels"]
+        h, w = px.shape[:2]
+        nr, nc = max(p["row"]) + 1, max(p["col"]) + 1
+        ph, pw = h / nr, w / nc
+        ax.imshow(px.numpy(), extent=(0, w, h, 0), interpolation="nearest")
+        patch_pts = panel_inches * 72 / max(nr, nc)
+        fs = max(4.0, min(8.0, patch_pts * 0.45))
+        for r, c, lab in zip(p["row"], p["col"], p["labels"]):
+            lab = str(lab)
+            ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, facecolor=colour.get(lab, OTHER_COLOUR), alpha=0.55,
+                                   edgecolor="white", lw=0.3))
+            shown = lab.replace("\n", "\\n")
+            if label_fits(shown, patch_pts, fs):
+                ax.text((c + 0.5) * pw, (r + 0.5) * ph, shown, ha="center", va="center", fontsize=fs, color="black")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{p.get('sample_id', '')} ({nr}x{nc})", fontsize=8)
+    handles = [Patch(facecolor=colour[wd], alpha=0.7, label=f"{wd!s} ({counts[wd]})") for wd in top_words]
+    rest = sum(counts.values()) - sum(counts[wd] for wd in top_words)
+    if rest:
+        handles.append(Patch(facecolor=OTHER_COLOUR, label=f"other ({rest})"))
+    fig.legend(handles=handles, loc="center right", fontsize=7, title="word (tokens)", title_fontsize=7)
+    if title:
+        fig.suptitle(_wrap(title, panel_inches * n + 2.4), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1 - 1.7 / (panel_inches * n + 2.4), 1))
+    return _save(fig, path, tight=False)

@@ -30,6 +30,10 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.diff td{background:#fff4d6}
 .figs{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;background:#fff;border:1px solid #ddd;padding:6px;max-width:460px}
+figure.wide{max-width:min(100%,980px)}
+td.num{white-space:nowrap}
+pre.plan{background:#fff;border:1px solid #ddd;padding:8px 12px;font-size:12px;overflow-x:auto;white-space:pre-wrap}
+td.sig{font-weight:600}
 figure img{max-width:100%;height:auto;display:block}
 figcaption{font-size:12px;color:#555;margin-top:4px;word-break:break-all}
 .note{color:#666;font-size:12.5px}
@@ -79,11 +83,12 @@ def image_uri(path: Path) -> str:
     return f"data:{kind};base64,{base64.b64encode(data).decode()}"
 
 
-def figure_html(path: Path | None, caption: str) -> str:
+def figure_html(path: Path | None, caption: str, wide: bool = False) -> str:
     """A figure inlined as a data URI; `path` must already be checked to lie inside its run (`contained`)."""
+    cls = ' class="wide"' if wide else ""
     if path is None or not path.is_file():
-        return f'<figure><p class="note">missing: {esc(caption)}</p></figure>'
-    return f'<figure><img alt="{esc(caption)}" src="{image_uri(path)}"><figcaption>{esc(caption)}</figcaption></figure>'
+        return f'<figure{cls}><p class="note">missing: {esc(caption)}</p></figure>'
+    return f'<figure{cls}><img alt="{esc(caption)}" src="{image_uri(path)}"><figcaption>{esc(caption)}</figcaption></figure>'
 
 
 def table_html(header: list[str], rows: Iterable[list[Any]], highlight: Iterable[bool] | None = None) -> str:
@@ -207,6 +212,12 @@ def write_report(run_dir: str | Path, manifest: dict | None = None) -> Path:
     elif fr:
         sections.append("groups")
         parts.append('<h2 id="groups">Token groups</h2>' + table_html(["group", "fraction of visual tokens"], [[k, v] for k, v in fr.items()]))
+    stats = summary.get("statistics")
+    if stats:
+        sections.append("statistics")
+        html_, figs = statistics_html(run, manifest, stats, figures)
+        used |= set(figs)
+        parts.append('<h2 id="statistics">What the effects support: paired comparisons</h2>' + html_)
     effects = summary.get("effects")
     if effects:
         sections.append("effects")
@@ -216,11 +227,11 @@ def write_report(run_dir: str | Path, manifest: dict | None = None) -> Path:
         rows = [[c] + [effects[c].get(m) for m in metrics] + [controls.get(c, "")] for c in effects]
         html_ = table_html(["condition"] + metrics + ["matched control"], rows)
         html_ += '<p class="note">Means over samples; standard errors in <code>effects_summary</code>.</p>' if sem else ""
-        figs = [f for f in figures if f.name.startswith("effects_")]
+        figs = [f for f in figures if f.name.startswith("effects_") and f not in used]
         used |= set(figs)
         html_ += '<div class="figs">' + "".join(figure_html(contained(run, f), f.name) for f in figs) + "</div>"
         parts.append('<h2 id="effects">Intervention effects</h2>' + html_)
-    probe_labels = [k for k in summary if k not in ("data", "effects", "effects_sem", "controls", "partition")]
+    probe_labels = [k for k in summary if k not in ("data", "effects", "effects_sem", "controls", "partition", "statistics")]
     for label in probe_labels:
         sections.append(f"probe-{label}")
         flat = flatten(summary[label])
@@ -249,7 +260,138 @@ def write_report(run_dir: str | Path, manifest: dict | None = None) -> Path:
             cols, rows, n = _preview(path)
             html_.append(f"<h3>{esc(name)} <span class='note'>({n} rows, {esc(rel)})</span></h3>" + table_html(cols, rows))
         parts.append('<h2 id="tables">Tables (first rows)</h2>' + "".join(html_))
+    plan_file = contained(run, "run_plan.yaml")
+    if plan_file is not None:
+        sections.append("plan")
+        parts.append('<h2 id="plan">The plan</h2><p class="note">As written (run_plan.yaml in the run folder; hash '
+                     f'{esc(manifest.get("plan_hash"))}).</p><pre class="plan">{esc(plan_file.read_text(encoding="utf-8"))}</pre>')
     nav = "<nav>" + "".join(f'<a href="#{esc(s)}">{esc(s.removeprefix("probe-"))}</a>' for s in sections) + "</nav>"
     out = run / "report.html"
     write_text(out, page(title, subtitle, nav + "".join(parts)))
     return out
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """A run's table (Parquet, or CSV with numbers parsed back) as a list of row dicts."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    import csv
+
+    def num(v: str) -> Any:
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+
+    with path.open(newline="", encoding="utf-8") as fh:
+        return [{k: num(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+
+
+def _ci(lo: Any, hi: Any, signed: bool = False) -> str:
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"[{f.format(lo)}, {f.format(hi)}]" if isinstance(lo, (int, float)) and lo == lo else ""
+
+
+def _p(p: Any) -> str:
+    return "" if not isinstance(p, (int, float)) or p != p else (f"{p:.3g}" if p >= 0.001 else "<0.001")
+
+
+def _diff_cell(r: dict | None) -> str:
+    if r is None:
+        return "<td></td><td></td><td></td>"
+    sig = isinstance(r["p_value"], (int, float)) and r["p_value"] < 0.05
+    cls = ' class="num sig"' if sig else ' class="num"'
+    disc = f" ({r['x_only']} vs {r['reference_only']})" if isinstance(r.get("x_only"), int) and r["x_only"] >= 0 else ""
+    return (f"<td{cls}>{r['diff']:+.3f}</td><td class=\"num\">{esc(_ci(r['diff_ci_low'], r['diff_ci_high'], True))}</td>"
+            f"<td class=\"num\">{esc(_p(r['p_value']))}{esc(disc)}</td>")
+
+
+def statistics_html(run: Path, manifest: dict, stats: dict, figures: list[Path]) -> tuple[str, list[Path]]:
+    """The paired comparisons of a run (`embedlens.plan.conclusions`): method, accuracy tables with intervals and
+    tests, per-group accuracies, the other metrics, and their figures. Returns the HTML and the figures it shows."""
+    rel = manifest.get("tables", {}).get("effect_tests")
+    path = contained(run, rel) if rel else None
+    if path is None:
+        return '<p class="note">effect_tests table missing</p>', []
+    rows = read_rows(path)
+    index = {(r["condition"], r["reference"] or "", r["metric"], r["by"], str(r["group"])): r for r in rows}
+    m = stats.get("method", {})
+    conf = int(round(100 * m.get("confidence", 0.95)))
+    out = [f'<p class="note">Every comparison is paired: a condition and its reference ran on the same samples. '
+           f"Intervals: {conf}% {esc(m.get('interval', ''))}, {esc(m.get('resamples'))} resamples, seeded from the run seed "
+           f"{esc(m.get('seed'))}. Accuracies (0/1 per sample): {esc(m.get('accuracy_test', ''))}; the counts in brackets are "
+           f"the discordant pairs (condition right only vs reference right only). Other metrics: {esc(m.get('continuous_test', ''))}. "
+           f"p-values are {esc(m.get('p_values', 'unadjusted'))}. <b>Bold</b>: p &lt; 0.05. With few samples a percentile "
+           "bootstrap interval is narrower than it should be (it can exclude 0 where the exact test does not): "
+           "decide with the test. "
+           f"All rows: <code>effect_tests</code> ({esc(rel)}).</p>"]
+    controls = {r["condition"]: r["reference"] for r in rows if r["reference"] not in ("", "baseline")}
+    conds = list(stats.get("conditions", {}))
+    blind = stats.get("blind")
+    shown: list[Path] = []
+
+    def figs(*names: str) -> str:
+        got = [f for f in figures if f.name in names]
+        shown.extend(got)
+        return '<div class="figs">' + "".join(figure_html(contained(run, f), f.name, wide=True) for f in got) + "</div>"
+
+    head = ("<tr><th rowspan=2>condition</th><th rowspan=2>tokens acted on (mean)</th><th rowspan=2>n</th><th rowspan=2>mean</th>"
+            f"<th rowspan=2>{conf}% interval</th><th colspan=3>minus the baseline</th><th colspan=4>minus the matched control</th></tr>"
+            "<tr><th>diff</th><th>interval</th><th>p</th><th>control</th><th>diff</th><th>interval</th><th>p</th></tr>")
+    for metric in stats.get("accuracy_metrics", []):
+        from embedlens.figures import safe_name
+
+        body = []
+        b = index.get(("baseline", "", metric, "all", "all"))
+        if b is not None:
+            body.append(f"<tr><td><b>baseline</b></td><td class=\"num\">0</td><td class=\"num\">{b['n']}</td><td class=\"num\">{b['mean']:.3f}</td>"
+                        f"<td class=\"num\">{esc(_ci(b['mean_ci_low'], b['mean_ci_high']))}</td>" + "<td></td>" * 7 + "</tr>")
+        for c in conds:
+            vb = index.get((c, "baseline", metric, "all", "all"))
+            ctrl = controls.get(c)
+            vc = index.get((c, ctrl, metric, "all", "all")) if ctrl else None
+            r = vb or vc
+            if r is None:
+                continue
+            name = f"<b>{esc(c)}</b> (blind: every visual token removed)" if c == blind else esc(c)
+            body.append(f"<tr><td>{name}</td><td class=\"num\">{r['tokens_touched']:.1f}</td><td class=\"num\">{r['n']}</td>"
+                        f"<td class=\"num\">{r['mean']:.3f}</td><td class=\"num\">{esc(_ci(r['mean_ci_low'], r['mean_ci_high']))}</td>"
+                        + _diff_cell(vb) + f"<td>{esc(ctrl or '')}</td>" + (_diff_cell(vc) if ctrl else "<td></td><td></td><td></td>") + "</tr>")
+        out.append(f"<h3>{esc(metric)}</h3><table>{head}{''.join(body)}</table>")
+        sm = safe_name(metric)
+        out.append(figs(f"effects_{sm}.png", f"effects_paired_{sm}.png"))
+        for by in stats.get("breakdown", []):
+            groups = list(dict.fromkeys(str(r["group"]) for r in rows if r["by"] == by and r["metric"] == metric))
+            trows = []
+            for c in ["baseline", *conds]:
+                cells = []
+                for g in groups:
+                    r = index.get((c, "", metric, by, g)) if c == "baseline" else (
+                        index.get((c, "baseline", metric, by, g)) or index.get((c, controls.get(c), metric, by, g)))
+                    cells.append("<td></td>" if r is None else
+                                 f"<td class=\"num\">{r['mean']:.2f} <span class=\"note\">{esc(_ci(r['mean_ci_low'], r['mean_ci_high']))} n={r['n']}</span></td>")
+                trows.append(f"<tr><td>{esc(c)}</td>{''.join(cells)}</tr>")
+            out.append(f"<h3>{esc(metric)} by {esc(by)}</h3><table><tr><th>condition</th>"
+                       + "".join(f"<th>{esc(g)}</th>" for g in groups) + "</tr>" + "".join(trows) + "</table>")
+            out.append(figs(f"effects_by_{safe_name(by)}_{sm}.png"))
+        for base in stats.get("sweeps", {}):
+            out.append(f"<h3>{esc(base)}: {esc(metric)} against tokens removed</h3>" + figs(f"effects_sweep_{safe_name(base)}_{sm}.png"))
+    maps = [f for f in figures if f.name.startswith("removed_")]
+    if maps:
+        out.append("<h3>Which tokens each condition and its control acted on</h3>" + figs(*[f.name for f in maps]))
+    others = [r for r in rows if r["by"] == "all" and r["metric"] not in stats.get("accuracy_metrics", []) and r["condition"] != "baseline"]
+    if others:
+        trs = []
+        for r in others:
+            ref = r["reference"] or "(none)"
+            trs.append(f"<tr><td>{esc(r['condition'])}</td><td>{esc(r['metric'])}</td><td>{esc(ref)}</td><td class=\"num\">{r['n']}</td>"
+                       f"<td class=\"num\">{r['mean']:.4g}</td><td class=\"num\">{esc(_ci(r['mean_ci_low'], r['mean_ci_high']))}</td>"
+                       + (_diff_cell(r) if r["reference"] else "<td></td><td></td><td></td>") + "</tr>")
+        out.append("<h3>Other metrics (paired sign-flip permutation tests)</h3><table><tr><th>condition</th><th>metric</th><th>reference</th>"
+                   f"<th>n</th><th>mean</th><th>{conf}% interval</th><th>diff</th><th>interval</th><th>p</th></tr>" + "".join(trs) + "</table>")
+    return "".join(out), shown

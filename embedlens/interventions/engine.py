@@ -145,6 +145,8 @@ class Context:
     deepstack: list[torch.Tensor] | None = None  # Qwen3-VL: `[batch, seq, d]` added after decoder layer i (0 off visual positions)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
     attention_requests: set[int] = field(default_factory=set)
+    #: `[batch, seq]` bool, set by the run: tokens whose LLM input an intervention edited (`edit_embeds`).
+    edited: torch.Tensor | None = None
 
     @property
     def valid(self) -> torch.Tensor:
@@ -475,6 +477,7 @@ class Engine:
         for i, iv in enumerate(interventions):
             with _naming(condition, i, iv):
                 x_full = iv.edit_embeds(ctx, x_full)
+        ctx.edited = (x_full != ctx.embeds).any(dim=-1) & ctx.valid
 
         n_layers, bsz, seq = self.n_layers, *ctx.roles.kind.shape
         kv = RowCache(n_layers) if cache else None

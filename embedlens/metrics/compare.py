@@ -47,11 +47,16 @@ def compare(
     *,
     padding_side: str = "left",
     groups: Callable | None = None,
+    touched: dict[str, list] | None = None,
 ) -> dict[str, list]:
     """Run the baseline and each condition on one batch and apply the metrics.
 
     The batch is the samples' prompts without answers; answers and candidates
     are scored as continuations, and generation continues from the prompt.
+
+    Args:
+        touched: when given, each condition's touched visual tokens are appended to it
+            (`embedlens.interventions.touched.touched_rows`: what token maps draw).
 
     Returns:
         a table: one row per (sample, condition), columns ``sample``,
@@ -68,6 +73,11 @@ def compare(
         cols: dict[str, list] = {}
         for m in metrics:
             cols.update(m.compute(base, out, samples))
+        if touched is not None:
+            from embedlens.interventions.touched import touched_rows
+
+            for k, v in touched_rows(out, cond.interventions, cond.name).items():
+                touched.setdefault(k, []).extend(v)
         table["sample"] += [s.id for s in samples]
         table["condition"] += [cond.name] * len(samples)
         for k, v in cols.items():

@@ -168,6 +168,7 @@ def load_plan(path: str | Path | None = None, text: str | None = None) -> Loaded
         more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
         raise PlanError(f"{where}{':' + str(line) if line else ''} {_key_path(loc)}: {msg}{more}") from None
     loaded = LoadedPlan(plan, p, located)
+    loaded.text = text  # the plan as written (comments kept): the report embeds it
     _check_names(loaded)
     _expand_sweeps(loaded)
     _check_plugins(loaded)

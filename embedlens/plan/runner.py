@@ -37,6 +37,7 @@ from embedlens.interventions.engine import Engine
 from embedlens.metrics import Metric, compare
 from embedlens.plan.loader import LoadedPlan
 from embedlens.plan.effects import matched_controls
+from embedlens.plan.conclusions import breakdown_fields
 from embedlens.plan.schema import ModelSpec
 from embedlens.files import check_output, contained, os_error, safe_dir, write_text
 from embedlens.plan import checkpoint as ckpt
@@ -215,6 +216,7 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None, model: str | Non
         if isinstance(probe, TokenPartition) and partition is not None:
             probe.use_partition(partition)
     records = read_data(loaded, adapter)
+    breakdown_fields(loaded, records)  # report.breakdown names fields the samples have
     key = ("data", "prompts" if plan.data.prompts else "dataset" if plan.data.dataset else "synthetic")
     for r in records:  # prompt checks are cheap: fail before the first batch, not in the middle
         try:
@@ -438,8 +440,11 @@ def _main_pass(prepared, state, chunks, parts, engine, sites, load_chunk, checkp
                 for name, rows in probe.update(adapter, batch, acts).items():
                     _emit(parts, label, name, rows, b, len(probes))
         if samples and engine is not None:
-            table = compare(engine, samples, conditions, prepared.metrics, padding_side=plan.data.padding_side, groups=partition)
+            touched: dict[str, list] = {}
+            table = compare(engine, samples, conditions, prepared.metrics, padding_side=plan.data.padding_side, groups=partition,
+                            touched=touched)
             parts.table("effects", table, b)
+            parts.table("touched_tokens", touched, b)
             state.effects.add(table)
         state.next_batch = b + 1
         checkpoint()
@@ -496,6 +501,7 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, starte
         parts.table("effects_summary", rows, 0)
     if partition is not None and partition.evidence:  # why each id is (not) an anchor
         parts.table("partition_discovery", {k: [r[k] for r in partition.evidence] for k in EVIDENCE_COLUMNS}, 0)
+    concl, touched = _conclusions(prepared, parts, controls)
     tables = parts.gather(plan.output.formats)
     _phase("after_gather")
     result = RunResult(out_dir=out, tables=tables, skipped=list(state.skipped), resumed_from=resumed_from)
@@ -528,9 +534,18 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, starte
             metrics = sorted({m for cols in effects.values() for m in cols})
             for m in metrics:
                 vals = [cols[m]["mean"] for cols in effects.values() if m in cols]
+                if concl is not None and m in concl.accuracy:
+                    continue  # drawn with intervals and reference lines below
                 if len(set(vals)) > 1 and not re.search(r"_l\d+$", m):  # constant metrics and per-layer columns say little as charts
                     fname = re.sub(r"[^A-Za-z0-9_.\-]", "_", m).lstrip(".")[:120]  # a metric column is a name, not a path
                     result.figures.append(effect_chart(effects, m, fig_dir / f"effects_{fname}.png", controls))
+        if concl is not None:
+            from embedlens.plan.conclusions import figures as conclusion_figures, token_map_panels
+
+            panels = token_map_panels(concl, touched, adapter, prepared.records, plan.report.token_map_samples, plan.data.max_pixels)
+            result.figures += conclusion_figures(concl, fig_dir, panels)
+    if concl is not None:
+        result.summary["statistics"] = concl.headline()
     _phase("after_figures")
     manifest = {
         "plan": str(loaded.path) if loaded.path else None,
@@ -558,6 +573,7 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, starte
         "inputs": state.identity,
     }
     write_text(out / "summary.json", json.dumps(result.summary, indent=2, default=str))
+    write_text(out / "run_plan.yaml", getattr(loaded, "text", None) or _plan_yaml(loaded))  # the report embeds it
     _phase("after_summary")
     if plan.output.report:
         from embedlens.report import write_report
@@ -572,6 +588,30 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, starte
     log = {"seconds": round(time.time() - started, 3), "resumed_from_batch": resumed_from, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_text(out / "run_log.json", json.dumps(log, indent=2))
     return result
+
+
+def _plan_yaml(loaded: LoadedPlan) -> str:
+    import yaml
+
+    return "# the validated plan (it was not read from a file)\n" + yaml.safe_dump(loaded.plan.model_dump(mode="json"), sort_keys=False)
+
+
+def _conclusions(prepared: Prepared, parts: Parts, controls: dict[str, str]):
+    """The effect tests (`embedlens.plan.conclusions`) from the effects parts, written as the ``effect_tests`` table."""
+    from embedlens.plan import conclusions
+
+    effects = parts.read("effects")
+    if effects is None:
+        return None, None
+    loaded = prepared.loaded
+    touched = parts.read("touched_tokens")
+    touched = touched.to_pydict() if touched is not None else None
+    fields = breakdown_fields(loaded, prepared.records)
+    groups = {f: {r.id: r.meta.get(f) for r in prepared.records} for f in fields}
+    concl = conclusions.analyse(effects.to_pydict(), touched, controls, loaded.plan.report, loaded.plan.seed, groups,
+                                conclusions.sweep_groups(loaded))
+    parts.table("effect_tests", concl.rows, 0)
+    return concl, touched
 
 
 def run_all(

@@ -135,6 +135,17 @@ class OutputSpec(_Strict):
     report: bool = Field(True, description="write report.html (self-contained) next to the tables")
 
 
+class ReportSpec(_Strict):
+    """The report's statistics (`embedlens.stats`, `embedlens.plan.conclusions`): what accuracies are broken down by and how."""
+
+    breakdown: list[str] | None = Field(
+        None, description="sample fields to break accuracies down by (e.g. [type]); default: the data's type (or qtype) field where it has one"
+    )
+    resamples: int = Field(10_000, ge=100, le=1_000_000, description="bootstrap resamples (percentile intervals) and random sign patterns of sampled permutation tests")
+    confidence: float = Field(0.95, ge=0.5, lt=1.0, description="level of the bootstrap intervals")
+    token_map_samples: int = Field(4, ge=1, le=16, description="samples drawn side by side in each token-map figure")
+
+
 class Plan(_Strict):
     """A whole analysis plan."""
 
@@ -155,6 +166,7 @@ class Plan(_Strict):
         "each value gives its own condition/probe (several keys on one target: every combination)",
     )
     output: OutputSpec = Field(default_factory=OutputSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
     batch_size: int = Field(4, ge=1, le=65536)
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds every random draw of the run")
 

@@ -33,7 +33,7 @@ PARTS = "parts"
 #: Files whose content legitimately differs between two runs of the same plan (timings, resume history).
 VOLATILE = ("run_log.json", MARKER, LOCK)
 #: Files a run writes at the top of its folder (tables are listed by its manifest).
-RUN_FILES = (CHECKPOINT, "summary.json", "manifest.json", "run_log.json", "report.html", "compare.csv", "compare.html")
+RUN_FILES = (CHECKPOINT, "summary.json", "manifest.json", "run_log.json", "report.html", "compare.csv", "compare.html", "run_plan.yaml")
 _PART_NAME = re.compile(r"^\.?\d{6}\.(parquet|safetensors)(\.\d+)?(\.tmp)?$|^\.\d{6}\.(parquet|safetensors)\.\d+\.tmp$")
 
 
@@ -78,6 +78,15 @@ class Parts:
                 stem = f.name.lstrip(".").split(".")[0]
                 if f.name.endswith(".tmp") or (stem.isdigit() and int(stem) >= index):
                     f.unlink()
+
+    def read(self, name: str):
+        """The parts of one table so far, concatenated in batch order (a `pyarrow.Table`), or None."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        folder = self.out / PARTS / name
+        files = sorted(folder.glob("*.parquet")) if folder.is_dir() and not folder.is_symlink() else []
+        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive") if files else None
 
     def gather(self, formats: list[str]) -> dict[str, Path]:
         """One file per table from its parts, in batch order; returns table -> main file.

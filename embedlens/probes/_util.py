@@ -148,28 +148,46 @@ class Histogram(Stateful):
         return {"edges": self.edges.tolist(), "counts": self.counts.tolist()}
 
 
+#: Samples drawn side by side in a word map (`embedlens.figures.word_map`).
+FIGURE_SAMPLES = 4
+
+
 @rebuildable
 class FirstImage(Stateful):
-    """What a token-map figure needs from the first image of a run (sample 0, image 0, tile 0)."""
+    """What a token-map figure needs from the first images of a run (image 0, tile 0 of the first `n` samples).
 
-    def __init__(self):
+    `data` is the first one (figures of one image); `images` all that were kept.
+    """
+
+    def __init__(self, n: int = 1):
+        self.n = n
         self.data: dict[str, Any] | None = None
+        self.more: list[dict[str, Any]] = []
+
+    @property
+    def images(self) -> list[dict[str, Any]]:
+        return ([self.data] if self.data is not None else []) + list(self.more)
 
     def offer(self, adapter: "Adapter", batch: "Batch", vt: dict[str, torch.Tensor], **per_token: Sequence[Any]) -> None:
-        """Keep the first image's patches with one value per visual token of `vt` for each keyword."""
-        if self.data is not None:
-            return
-        sel = ((vt["sample"] == 0) & (vt["image"] == 0) & (vt["tile"] == 0)).nonzero().flatten().tolist()
-        if not sel:
-            return
-        frow = int(vt["feature_row"][sel[0]])
-        self.data = {
-            "sample_id": batch.samples[0].id,
-            "pixels": display_pixels(adapter, batch.inputs, frow, image=int(vt["image"][sel[0]])),
-            "row": [int(vt["row"][i]) for i in sel],
-            "col": [int(vt["col"][i]) for i in sel],
-            **{k: [v[i] for i in sel] for k, v in per_token.items()},
-        }
+        """Keep the first images' patches with one value per visual token of `vt` for each keyword."""
+        for b in range(len(batch.samples)):
+            if len(self.images) >= self.n:
+                return
+            sel = ((vt["sample"] == b) & (vt["image"] == 0) & (vt["tile"] == 0)).nonzero().flatten().tolist()
+            if not sel:
+                continue
+            frow = int(vt["feature_row"][sel[0]])
+            entry = {
+                "sample_id": batch.samples[b].id,
+                "pixels": display_pixels(adapter, batch.inputs, frow, image=int(vt["image"][sel[0]])),
+                "row": [int(vt["row"][i]) for i in sel],
+                "col": [int(vt["col"][i]) for i in sel],
+                **{k: [v[i] for i in sel] for k, v in per_token.items()},
+            }
+            if self.data is None:
+                self.data = entry
+            else:
+                self.more.append(entry)
 
 
 def visual_rows(adapter: "Adapter", site, act: torch.Tensor, vt: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from embedlens.errors import PlanError
-from embedlens.probes._util import FirstImage, resolve_layers, token_groups, token_meta
+from embedlens.probes._util import FIGURE_SAMPLES, FirstImage, resolve_layers, token_groups, token_meta
 from embedlens.probes.base import Probe, Table
 from embedlens.probes.embedding_lens import lens_site
 from embedlens.vocab import nearest_vocab
@@ -76,7 +76,7 @@ class ContextualLens(Probe):
         self._passages: list[str] = []
         self._top1 = Counter()
         self._score: dict[str, list[float]] = {}
-        self._first = FirstImage()
+        self._first = FirstImage(n=FIGURE_SAMPLES)
 
     def _layers(self, adapter: "Adapter") -> tuple[int, int]:
         n = adapter.n_llm_layers
@@ -152,10 +152,10 @@ class ContextualLens(Probe):
         }
 
     def figures(self, out_dir: Path) -> list[Path]:
-        f = self._first.data
-        if f is None:
+        images = self._first.images
+        if not images:
             return []
-        from embedlens.figures import token_map
+        from embedlens.figures import word_map
 
-        return [token_map(f["pixels"], f["row"], f["col"], f["label"], Path(out_dir) / "contextual_lens_map.png",
-                          title=f"Nearest contextual text token per patch - {f['sample_id']}")]
+        return [word_map([{**im, "labels": im["label"]} for im in images], Path(out_dir) / "contextual_lens_map.png",
+                         title="Nearest contextual text token per patch (coloured by word; the most frequent words in the legend)")]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from embedlens.errors import PlanError
-from embedlens.probes._util import FirstImage
+from embedlens.probes._util import FIGURE_SAMPLES, FirstImage
 from embedlens.probes.base import Probe, Table
 from embedlens.vocab import nearest_vocab, visual_nearest  # noqa: F401 - nearest_vocab's home until it moved to the core; importable here still
 from embedlens.vocab_index import check_search
@@ -91,7 +91,7 @@ class EmbeddingLens(Probe):
         self._counts: dict[int, torch.Tensor] = {}  # layer -> [vocab] top-1 counts
         self._names: dict[int, str] = {}  # vocabulary id -> token, for the ids counted
         self._n_tokens = 0
-        self._first = FirstImage()
+        self._first = FirstImage(n=FIGURE_SAMPLES)
         self._first_layer: int | None = None  # the resolved figure layer (figures() has no adapter)
 
     def _resolved_layers(self, adapter: "Adapter") -> list[int]:
@@ -162,19 +162,14 @@ class EmbeddingLens(Probe):
                 "search": self.search}
 
     def figures(self, out_dir: Path) -> list[Path]:
-        f = self._first.data
-        if f is None:
+        images = self._first.images
+        if not images:
             return []
-        from embedlens.figures import token_map
+        from embedlens.figures import word_map
 
         layer = self._first_layer
         path = Path(out_dir) / f"embedding_lens_layer{layer}.png"
-        token_map(
-            f["pixels"],
-            f["row"],
-            f["col"],
-            f["tokens"],
-            path,
-            title=f"Nearest vocabulary token per patch - {f['sample_id']}, LLM layer {layer} ({self.matrix} embeddings)",
-        )
+        panels = [{**im, "labels": im["tokens"]} for im in images]
+        word_map(panels, path, title=f"Nearest vocabulary token per patch, LLM layer {layer} ({self.matrix} embeddings): "
+                 "each patch coloured by its word, the most frequent words in the legend, words written where they fit")
         return [path]

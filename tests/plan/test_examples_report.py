@@ -53,6 +53,52 @@ def test_pruning_study_pairs_every_condition_with_its_control(example_runs):
 
 
 @pytest.mark.slow
+def test_pruning_report_shows_paired_statistics(example_runs):
+    """The pruning study's statistics, recomputed from its effects table with scipy; its token maps from the partition."""
+    import pyarrow.parquet as pq
+    from scipy import stats as sps
+
+    results, out = example_runs["pruning_study"]
+    eff = pq.read_table(out / "effects.parquet").to_pydict()
+    tests = pq.read_table(out / "effect_tests.parquet").to_pylist()
+    by = {(r["condition"], r["reference"], r["metric"], r["by"], r["group"]): r for r in tests}
+
+    def col(cond, name):
+        return [v for c, v in zip(eff["condition"], eff[name]) if c == cond]
+
+    for cond, ref in (("prune_dead", "baseline"), ("prune_dead", "prune_dead_random"), ("prune_alive", "prune_alive_random")):
+        x = col(cond, "correct")
+        y = col(cond, "correct_base") if ref == "baseline" else col(ref, "correct")
+        b = sum(a == 1 and c == 0 for a, c in zip(x, y))
+        c_ = sum(a == 0 and c == 1 for a, c in zip(x, y))
+        row = by[(cond, ref, "correct", "all", "all")]
+        assert (row["x_only"], row["reference_only"]) == (b, c_)
+        assert row["p_value"] == pytest.approx(1.0 if b + c_ == 0 else sps.binomtest(b, b + c_, 0.5).pvalue)
+        assert row["diff"] == pytest.approx(sum(x) / len(x) - sum(y) / len(y))
+        assert row["diff_ci_low"] <= row["diff"] <= row["diff_ci_high"]
+    s = results["model"].summary["statistics"]
+    assert s["blind"] == "blind" and s["breakdown"] == ["qtype"]
+    qtypes = {r["group"] for r in tests if r["by"] == "qtype"}
+    assert qtypes and qtypes <= {"colour", "shape", "position", "word", "count"}
+    # prune_dead removed exactly the tokens the partition labels dead; its control as many, per sample
+    tokens = pq.read_table(out / "tokens.parquet").to_pydict()  # token_partition, the plan's one probe
+    dead = {(s_, r, c) for s_, r, c, g in zip(tokens["sample_id"], tokens["row"], tokens["col"], tokens["group"]) if g == "dead"}
+    touched = pq.read_table(out / "touched_tokens.parquet").to_pydict()
+    removed = {(s_, r, c) for s_, r, c, k in zip(touched["sample_id"], touched["row"], touched["col"], touched["condition"]) if k == "prune_dead"}
+    assert removed == dead
+    rand = [s_ for s_, k in zip(touched["sample_id"], touched["condition"]) if k == "prune_dead_random"]
+    assert sorted(rand) == sorted(s_ for s_, _, _ in dead)
+    replaced = {a for a, k in zip(touched["action"], touched["condition"]) if k == "mean_dead"}
+    assert replaced == {"replaced"}
+    html = (out / "report.html").read_text()
+    for text in ("What the effects support", "minus the matched control", "correct by qtype", "breakdown: [qtype]",
+                 "Which tokens each condition and its control acted on"):
+        assert text in html, text
+    for f in ("effects_correct.png", "effects_paired_correct.png", "effects_by_qtype_correct.png", "removed_prune_dead.png"):
+        assert (out / "figures" / f).is_file(), f
+
+
+@pytest.mark.slow
 def test_planted_sinks_example_finds_the_planted_patch(example_runs):
     import pyarrow.parquet as pq
 

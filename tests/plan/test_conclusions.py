@@ -1,0 +1,163 @@
+"""Effect tests of a run (embedlens.plan.conclusions): planted effects tables checked against scipy and hand
+numbers; a small sweep run whose removed tokens are known; report.breakdown validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from scipy import stats as sps
+from typer.testing import CliRunner
+
+from embedlens.cli import app
+from embedlens.errors import PlanError
+from embedlens.plan import load_plan, prepare
+from embedlens.plan.conclusions import analyse
+from embedlens.plan.schema import ReportSpec
+
+# 10 samples; condition "drop" vs its control "drop_random" vs the baseline, and "blind"
+IDS = [f"s{i}" for i in range(10)]
+BASE = [1, 1, 1, 1, 1, 1, 1, 1, 1, 0]
+DROP = [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
+RAND = [1, 0, 0, 1, 0, 0, 1, 0, 0, 1]
+BLIND = [0, 0, 1, 0, 0, 1, 0, 0, 0, 0]
+TYPE = ["a", "a", "a", "b", "b", "b", "b", "c", "c", "c"]
+
+
+def _effects():
+    eff = {"sample": [], "condition": [], "correct": [], "correct_base": [], "kl": []}
+    rng = np.random.default_rng(0)
+    for cond, vals in (("drop", DROP), ("drop_random", RAND), ("blind", BLIND)):
+        eff["sample"] += IDS
+        eff["condition"] += [cond] * 10
+        eff["correct"] += [float(v) for v in vals]
+        eff["correct_base"] += [float(v) for v in BASE]
+        eff["kl"] += rng.gamma(2.0, 0.1 if cond == "drop" else 0.5, size=10).tolist()
+    return eff
+
+
+def _touched():
+    t = {k: [] for k in ("sample_id", "condition", "action", "index", "image", "tile", "row", "col", "n_visual")}
+    for s in IDS:
+        for cond, n in (("drop", 3), ("drop_random", 3), ("blind", 9)):
+            for i in range(n):
+                for k, v in zip(t, (s, cond, "removed", i, 0, 0, i // 3, i % 3, 9)):
+                    t[k].append(v)
+    return t
+
+
+@pytest.fixture(scope="module")
+def planted():
+    eff = _effects()
+    c = analyse(eff, _touched(), {"drop": "drop_random"}, ReportSpec(resamples=2000), seed=0,
+                groups={"type": dict(zip(IDS, TYPE))})
+    return eff, c
+
+
+def test_paired_accuracy_rows_match_scipy(planted):
+    _, c = planted
+    vs_base = c.find("drop", "baseline", "correct")
+    # drop right / baseline wrong: none; baseline right / drop wrong: samples 7, 8
+    assert (vs_base["x_only"], vs_base["reference_only"], vs_base["n"]) == (0, 2, 10)
+    assert vs_base["diff"] == pytest.approx(np.mean(np.subtract(DROP, BASE)))
+    assert vs_base["p_value"] == pytest.approx(sps.binomtest(0, 2, 0.5).pvalue)
+    vs_ctrl = c.find("drop", "drop_random", "correct")
+    b = sum(x == 1 and y == 0 for x, y in zip(DROP, RAND))
+    cc = sum(x == 0 and y == 1 for x, y in zip(DROP, RAND))
+    assert (vs_ctrl["x_only"], vs_ctrl["reference_only"]) == (b, cc) == (4, 1)
+    assert vs_ctrl["p_value"] == pytest.approx(sps.binomtest(b, b + cc, 0.5).pvalue)
+    assert vs_ctrl["diff_ci_low"] <= vs_ctrl["diff"] <= vs_ctrl["diff_ci_high"]
+    base = c.find("baseline", "", "correct")
+    assert base["mean"] == pytest.approx(0.9) and base["n"] == 10
+    assert c.accuracy == ["correct"] and "kl" in c.metrics
+
+
+def test_continuous_metric_uses_the_exact_sign_flip_test(planted):
+    eff, c = planted
+    kl = {cond: np.array(eff["kl"][i * 10:(i + 1) * 10]) for i, cond in enumerate(("drop", "drop_random", "blind"))}
+    row = c.find("drop", "drop_random", "kl")
+    ref = sps.permutation_test((kl["drop"] - kl["drop_random"],), lambda s, axis: np.mean(s, axis=axis),
+                               permutation_type="samples", n_resamples=np.inf).pvalue
+    assert row["test"] == "sign_flip_permutation" and row["p_value"] == pytest.approx(ref)
+    assert row["diff"] == pytest.approx(np.mean(kl["drop"] - kl["drop_random"]))
+    # kl has no baseline column: blind, with no control, gets its mean and interval only
+    assert c.find("blind", "", "kl")["mean"] == pytest.approx(kl["blind"].mean())
+
+
+def test_breakdown_blind_and_headline(planted):
+    _, c = planted
+    for g, want in (("a", (1.0, 1.0)), ("b", (1.0, 1.0)), ("c", (0.0, 2 / 3))):
+        row = c.find("drop", "baseline", "correct", "type", g)
+        assert (row["mean"], row["mean_reference"]) == pytest.approx(want)
+        assert row["n"] == TYPE.count(g)
+    assert c.blind == "blind" and c.touched == {"drop": 3.0, "drop_random": 3.0, "blind": 9.0}
+    h = c.headline()
+    assert h["conditions"]["drop"]["correct"]["vs_control"]["control"] == "drop_random"
+    assert h["baseline"]["correct"]["mean"] == pytest.approx(0.9)
+    assert h["method"]["resamples"] == 2000
+
+
+PLAN = """
+model: {source: zoo:tiny-llava-clip}
+data: {synthetic: {n: 4, seed: 1, size: 96}}
+conditions:
+  top_rows:
+    - {name: prune, params: {tokens: "visual and row < 1"}}
+  blind:
+    - {name: prune, params: {tokens: visual}}
+sweep:
+  top_rows.tokens: ["visual and row < 1", "visual and row < 3"]
+metrics: [{name: forced_choice}]
+report: {breakdown: [qtype], resamples: 500, token_map_samples: 2}
+output: {dir: out, formats: [csv]}
+batch_size: 4
+"""
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweep")
+    (d / "plan.yaml").write_text(PLAN)
+    r = CliRunner().invoke(app, ["run", str(d / "plan.yaml"), "-o", str(d / "out")])
+    return r, d / "out"
+
+
+def test_sweep_over_tokens_removed_draws_a_curve(sweep_run):
+    import csv
+    import json
+
+    r, out = sweep_run
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "summary.json").read_text())["statistics"]
+    names = ['top_rows[tokens=visual and row < 1]', 'top_rows[tokens=visual and row < 3]']
+    assert s["sweeps"] == {"top_rows": names} and s["blind"] == "blind"
+    # the 96-px images are 6x6 patches: one row is 6 tokens, three rows 18 (planted by the selection)
+    assert [s["conditions"][n]["tokens_touched"] for n in names] == [6.0, 18.0]
+    touched = list(csv.DictReader(open(out / "touched_tokens.csv")))
+    rows = {(t["sample_id"], int(t["row"])) for t in touched if t["condition"] == names[0]}
+    assert {r_ for _, r_ in rows} == {0} and all(t["action"] == "removed" for t in touched)
+    assert (out / "figures" / "effects_sweep_top_rows_correct.png").is_file()
+    assert (out / "figures" / "effects_by_qtype_correct.png").is_file()
+    # the console shows the headline table
+    assert "minus baseline" in r.output and "(blind)" in r.output
+    html = (out / "report.html").read_text()
+    assert "against tokens removed" in html and "top_rows.tokens" in html  # the plan's YAML is embedded
+
+
+def test_quiet_run_prints_no_summary(sweep_run, tmp_path):
+    (tmp_path / "plan.yaml").write_text(PLAN.replace("n: 4", "n: 2").replace("sweep:\n  top_rows.tokens: [\"visual and row < 1\", \"visual and row < 3\"]\n", ""))
+    r = CliRunner().invoke(app, ["run", str(tmp_path / "plan.yaml"), "-o", str(tmp_path / "o"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "minus baseline" not in r.output
+
+
+def test_breakdown_field_must_exist(tmp_path):
+    (tmp_path / "plan.yaml").write_text(PLAN.replace("breakdown: [qtype]", "breakdown: [qtpye]"))
+    with pytest.raises(PlanError, match=r"plan\.yaml:\d+ report\.breakdown\[0\]: no sample has a field 'qtpye'; .*qtype"):
+        prepare(load_plan(tmp_path / "plan.yaml"))
+    (tmp_path / "p2.yaml").write_text(PLAN.replace("breakdown: [qtype]", "breakdown: [candidates]"))
+    with pytest.raises(PlanError, match="field 'candidates' holds lists"):
+        prepare(load_plan(tmp_path / "p2.yaml"))
+    (tmp_path / "p3.yaml").write_text(PLAN.replace("resamples: 500", "resamples: 5"))
+    with pytest.raises(PlanError, match=r"report\.resamples"):
+        load_plan(tmp_path / "p3.yaml")

@@ -1,0 +1,101 @@
+"""embedlens.stats against independent computations: scipy.stats and hand-computed planted cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from embedlens.errors import InputError
+from embedlens.stats import bootstrap_ci, bootstrap_means, is_binary, mcnemar_exact, paired, sign_flip_test
+
+
+@pytest.mark.parametrize("b,c", [(0, 0), (0, 1), (3, 0), (2, 7), (10, 10), (15, 4), (60, 41), (400, 350)])
+def test_mcnemar_matches_scipy_binomtest(b, c):
+    want = 1.0 if b + c == 0 else sps.binomtest(b, b + c, 0.5, alternative="two-sided").pvalue
+    assert mcnemar_exact(b, c) == pytest.approx(want, rel=1e-12, abs=1e-300)
+
+
+def test_mcnemar_by_hand():
+    # 0 vs 5 discordant pairs: 2 * (1/2)^5 = 1/16; 1 vs 4: 2 * (1 + 5) / 32 = 0.375
+    assert mcnemar_exact(0, 5) == 1 / 16
+    assert mcnemar_exact(4, 1) == 0.375
+    with pytest.raises(InputError, match="b: expected a count"):
+        mcnemar_exact(-1, 2)
+
+
+def test_paired_accuracy_counts_discordant_pairs():
+    x = [1, 1, 1, 1, 0, 0, 1, float("nan"), 1]
+    y = [0, 0, 1, 0, 0, 1, 1, 1, float("nan")]
+    r = paired(x, y, seed=3)
+    # NaN pairs dropped: 7 pairs left; x right only at 0, 1, 3; y right only at 5
+    assert (r.n, r.x_only, r.reference_only, r.test) == (7, 3, 1, "mcnemar_exact")
+    assert r.diff == pytest.approx(2 / 7) and r.mean == pytest.approx(5 / 7) and r.mean_reference == pytest.approx(3 / 7)
+    assert r.p_value == pytest.approx(sps.binomtest(3, 4, 0.5).pvalue)
+    assert r.diff_ci_low <= r.diff <= r.diff_ci_high
+
+
+def test_sign_flip_exact_matches_scipy_permutation_test():
+    rng = np.random.default_rng(1)
+    for n in (5, 9, 12):
+        d = rng.normal(0.4, 1.0, size=n)
+        res = sps.permutation_test((d,), lambda s, axis: np.mean(s, axis=axis), permutation_type="samples",
+                                   n_resamples=np.inf, alternative="two-sided")
+        p, exact = sign_flip_test(d)
+        assert exact and p == pytest.approx(res.pvalue, rel=1e-9)
+
+
+def test_sign_flip_by_hand_and_sampled():
+    # d = [1, 2, 3]: |sum| over the 8 sign patterns: 6, 4, 2, 0, 0, 2, 4, 6 -> two reach 6: p = 2/8
+    assert sign_flip_test([1.0, 2.0, 3.0]) == (0.25, True)
+    assert sign_flip_test([0.0, 0.0]) == (1.0, True)
+    # 40 positive differences: far beyond chance; sampled, p = 1 / (R + 1)
+    p, exact = sign_flip_test(np.ones(40), resamples=999, seed=0)
+    assert not exact and p == pytest.approx(1 / 1000)
+    # a sampled p-value agrees with scipy's Monte Carlo one within its noise
+    d = np.random.default_rng(2).normal(0.15, 1.0, size=30)
+    p, _ = sign_flip_test(d, resamples=20000, seed=0)
+    ref = sps.permutation_test((d,), lambda s, axis: np.mean(s, axis=axis), permutation_type="samples", n_resamples=20000,
+                               alternative="two-sided", rng=np.random.default_rng(0)).pvalue
+    assert abs(p - ref) < 0.02
+
+
+def test_bootstrap_on_a_planted_case_by_hand():
+    # two values 0 and 1: a resample's mean is 0, 1/2 or 1 with probabilities 1/4, 1/2, 1/4
+    means = bootstrap_means([0.0, 1.0], resamples=40000, seed=0)
+    freq = {v: np.mean(means == v) for v in (0.0, 0.5, 1.0)}
+    assert freq[0.0] == pytest.approx(0.25, abs=0.01) and freq[0.5] == pytest.approx(0.5, abs=0.01)
+    assert bootstrap_ci([0.0, 1.0], resamples=40000, confidence=0.95) == (0.0, 1.0)
+    assert bootstrap_ci([0.0, 1.0], resamples=40000, confidence=0.4) == (0.5, 0.5)  # 30% and 70% quantiles
+    # 0/1 values, k of n ones: the resample mean is Binomial(n, k/n) / n; its 2.5% / 97.5% quantiles
+    n, k = 20, 14
+    lo, hi = bootstrap_ci([1.0] * k + [0.0] * (n - k), resamples=40000, seed=5)
+    want = sps.binom(n, k / n).ppf([0.025, 0.975]) / n
+    assert (lo, hi) == pytest.approx(tuple(want), abs=1 / n + 1e-9)
+    # the same seed gives the same interval; constant data a point interval
+    assert bootstrap_ci([0.3, 0.9, 0.1], seed=7) == bootstrap_ci([0.3, 0.9, 0.1], seed=7)
+    assert bootstrap_ci([0.25] * 5) == (0.25, 0.25)
+    assert all(math.isnan(v) for v in bootstrap_ci([]))
+
+
+def test_bootstrap_agrees_with_scipy_percentile():
+    d = np.random.default_rng(4).normal(0.2, 1.0, size=50)
+    lo, hi = bootstrap_ci(d, resamples=20000, seed=1)
+    ref = sps.bootstrap((d,), np.mean, n_resamples=20000, method="percentile", confidence_level=0.95, rng=np.random.default_rng(1))
+    assert lo == pytest.approx(ref.confidence_interval.low, abs=0.03) and hi == pytest.approx(ref.confidence_interval.high, abs=0.03)
+
+
+def test_paired_continuous_and_errors():
+    x = [0.5, 1.5, 2.0, 3.5]
+    y = [0.0, 1.0, 1.0, 3.0]
+    r = paired(x, y)
+    assert r.test == "sign_flip_permutation" and r.diff == pytest.approx(0.625)
+    assert r.p_value == pytest.approx(2 / 16)  # all differences positive: only the two all-same-sign patterns reach it
+    assert is_binary([0, 1, 1]) and not is_binary([0, 2]) and not is_binary([])
+    assert paired([], []).n == 0
+    with pytest.raises(InputError, match="confidence: expected a level"):
+        paired(x, y, confidence=95)
+    with pytest.raises(InputError, match="one length"):
+        paired([1, 0], [1])
