@@ -40,7 +40,7 @@ def _progress_bar(quiet: bool):
 @app.command()
 def run(
     plan: Path = typer.Argument(..., help="YAML plan file."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder (overrides output.dir); new, empty, or an earlier run's."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder (overrides output.dir), relative to the working directory; new, empty, or an earlier run's."),
     resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run in the output folder from its last finished batch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an unfinished run in the output folder and start again."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or model messages."),
@@ -110,7 +110,7 @@ def run(
         for w in result.warnings:
             typer.secho(f"  warning: {w}", fg=typer.colors.YELLOW, err=True)
     if len(results) > 1:
-        out = Path(output) if output is not None else Path(loaded.plan.output.dir)
+        out = Path(output) if output is not None else loaded.output_dir
         typer.echo(f"comparison: {out / 'compare' / 'compare.html'}")
 
 

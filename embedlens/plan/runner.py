@@ -296,7 +296,7 @@ def run(
 
     Args:
         prepared: from `prepare`.
-        out_dir: overrides the plan's `output.dir`.
+        out_dir: overrides the plan's `output.dir` (which is relative to the plan's folder).
         progress: called as ``progress(phase, done_samples, total_samples)``.
         resume: continue the unfinished run in `out_dir` from its last finished batch.
         overwrite: discard an unfinished run in `out_dir` and start again.
@@ -310,7 +310,7 @@ def run(
             (full disk, read-only file system).
     """
     plan = prepared.loaded.plan
-    out = claim(Path(out_dir) if out_dir is not None else Path(plan.output.dir))
+    out = claim(Path(out_dir) if out_dir is not None else prepared.loaded.output_dir)
     try:
         with RunLock(out):
             return _run_locked(prepared, out, progress, resume, overwrite)
@@ -594,13 +594,14 @@ def run_all(
         on_model: called with each model's name before it loads.
     """
     plan = loaded.plan
-    out = Path(out_dir) if out_dir is not None else Path(plan.output.dir)
+    out = Path(out_dir) if out_dir is not None else loaded.output_dir  # the plan's: relative to its folder
     names = list(plan.model_specs())
 
     def prog(name):
         return (lambda phase, d, t: progress(name, phase, d, t)) if progress else None
 
     check_output(out_dir if out_dir is not None else plan.output.dir)  # as written: '' is not '.'
+    check_output(out)
     claim(out, kind="run" if len(names) == 1 else "runs")  # refuse a foreign folder before loading any model
     if len(names) == 1:
         if on_model:
