@@ -1,4 +1,4 @@
-"""The `embedlens` command line: run, validate, list, compare, zoo (train / evaluate / list)."""
+"""The `embedlens` command line: run, validate, list, compare, new (plugin scaffolds), docs, zoo (train / evaluate / list)."""
 
 from __future__ import annotations
 
@@ -215,6 +215,40 @@ def list_plugins() -> None:
                 typer.echo(f"  {'':<18}   {p}")
         for name, err in reg.failed.items():
             typer.echo(f"  {name:<18} FAILED TO LOAD: {err}")
+
+
+docs_app = typer.Typer(no_args_is_help=True, help="Generated documentation.")
+app.add_typer(docs_app, name="docs")
+
+
+@docs_app.command("plan-reference")
+def docs_plan_reference(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write it here (default: print it)."),
+    check: bool = typer.Option(False, "--check", help="Do not write: exit 1 when --output differs from what would be written."),
+) -> None:
+    """Every plan key (from the schema) and every built-in plugin's parameters, as Markdown.
+
+    Example:
+
+        embedlens docs plan-reference --output docs/plan-reference.md
+    """
+    from embedlens.plan.reference import plan_reference
+
+    text = plan_reference()
+    if output is None:
+        if check:
+            _fail(EmbedLensError("--check needs --output FILE to compare with"))
+        typer.echo(text, nl=False)
+        return
+    if check:
+        current = output.read_text(encoding="utf-8") if output.is_file() else None
+        if current != text:
+            typer.echo(f"{output} is stale; regenerate it with: embedlens docs plan-reference --output {output}", err=True)
+            raise typer.Exit(code=1)
+        typer.echo(f"{output} is up to date")
+        return
+    output.write_text(text, encoding="utf-8")
+    typer.echo(f"wrote {output}")
 
 
 zoo_app = typer.Typer(no_args_is_help=True, help="The model zoo: train, evaluate and list embedlens's own trained models.")
