@@ -217,6 +217,51 @@ def list_plugins() -> None:
             typer.echo(f"  {name:<18} FAILED TO LOAD: {err}")
 
 
+new_app = typer.Typer(no_args_is_help=True, help="Start a plugin: a pip-installable package that passes its own tests.")
+app.add_typer(new_app, name="new")
+
+
+def _new(kind: str, name: str, directory: Path) -> None:
+    from embedlens.scaffold import new_plugin
+
+    try:
+        root = new_plugin(kind, name, directory)
+    except EmbedLensError as e:
+        _fail(e)
+    typer.echo(f"wrote {root}")
+    typer.echo(f"  pip install -e {root}     # embedlens finds it through its entry point")
+    typer.echo("  embedlens list             # shows it with its parameters")
+    typer.echo(f"  python -m pytest -q {root / 'tests'}")
+
+
+@new_app.command("probe")
+def new_probe(
+    name: str = typer.Argument(..., help="The probe's name in plans (a lower-case identifier, e.g. token_norm)."),
+    directory: Path = typer.Option(Path("."), "--dir", "-d", help="Folder to create the package NAME in."),
+) -> None:
+    """Write a probe plugin package NAME/: pyproject (entry point), module, README, conformance test.
+
+    Example:
+
+        embedlens new probe token_norm && pip install -e token_norm && embedlens list
+    """
+    _new("probe", name, directory)
+
+
+@new_app.command("intervention")
+def new_intervention(
+    name: str = typer.Argument(..., help="The intervention's name in plans (a lower-case identifier)."),
+    directory: Path = typer.Option(Path("."), "--dir", "-d", help="Folder to create the package NAME in."),
+) -> None:
+    """Write an intervention plugin package NAME/: pyproject (entry point), module, README, conformance test.
+
+    Example:
+
+        embedlens new intervention scale_visual && pip install -e scale_visual
+    """
+    _new("intervention", name, directory)
+
+
 docs_app = typer.Typer(no_args_is_help=True, help="Generated documentation.")
 app.add_typer(docs_app, name="docs")
 
