@@ -68,3 +68,16 @@ def test_cli_check_says_stale_and_writes(tmp_path):
     assert r.exit_code == 0 and out.read_text() == plan_reference()
     r = CliRunner().invoke(app, ["docs", "plan-reference", "--output", str(out), "--check"])
     assert r.exit_code == 0 and "up to date" in r.output
+
+
+def test_every_builtin_plugin_parameter_is_described():
+    """Every parameter of a built-in probe, intervention and metric has a description under its docstring's Args
+    (the reference and `embedlens list` readers rely on it)."""
+    missing = []
+    for kind in ("probes", "interventions", "metrics"):
+        for name, cls in REGISTRIES[kind].items():
+            if not cls.__module__.startswith("embedlens.") or name.startswith("_"):
+                continue
+            args = docstring_args(cls)
+            missing += [f"{kind}.{name}.{p.name}" for p in plugin_params(cls) if not args.get(p.name)]
+    assert missing == []
