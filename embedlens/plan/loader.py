@@ -88,6 +88,20 @@ class LoadedPlan:
         q = Path(p).expanduser()
         return q if q.is_absolute() else self.base_dir / q
 
+    def model_source(self, source: str) -> str:
+        """``model.source`` with a local folder resolved from `base_dir`; ``zoo:``/``tiny:`` names and hub ids as written.
+
+        A relative source is a folder when it exists under `base_dir` or is written
+        as a path (``./ckpt``, ``../models/x``); otherwise it is a hub id (``org/name``).
+        """
+        if ":" in source.split("/", 1)[0]:  # zoo:NAME, tiny:NAME
+            return source
+        path = Path(source).expanduser()
+        if path.is_absolute():
+            return str(path)
+        here = self.base_dir / path
+        return str(here) if here.exists() or source.startswith(("./", "../")) else source
+
     @property
     def output_dir(self) -> Path:
         """``output.dir`` resolved from `base_dir` (the command line's ``--output`` is relative to the working directory instead)."""

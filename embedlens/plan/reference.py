@@ -42,7 +42,10 @@ PATHS = """\
 ## Paths
 
 Every relative path in a plan file is relative to **the plan file's folder**:
-`data.prompts`, `data.images`, `data.dataset` and `output.dir`. A plan shared
+`data.prompts`, `data.images`, `data.dataset`, `output.dir`, and `model.source`
+when it is a local checkpoint folder (one that exists there, or is written as a
+path: `./ckpt`, `../models/llava`; anything else is a hub id such as
+`llava-hf/llava-1.5-7b-hf`). A plan shared
 with its data (a folder holding `plan.yaml` and `data/`) runs the same from
 anywhere, and writes its results next to itself. Image paths inside a prompts
 file are relative to that file's folder (or to `data.images`). The command

@@ -97,7 +97,8 @@ def load_plan_model(loaded: LoadedPlan, name: str | None = None) -> tuple[str, A
     loc = _model_loc(loaded, name)
     _check_device(loaded, loc, m.device)
     try:
-        return name, load_model(m.source, adapter=m.adapter, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation)
+        return name, load_model(loaded.model_source(m.source), adapter=m.adapter, dtype=m.dtype, device=m.device,
+                                attn_implementation=m.attn_implementation)
     except EmbedLensError as e:
         key = "adapter" if m.adapter and "adapter" in str(e) else "source"
         raise loaded.error((*loc, key), str(e)) from None

@@ -57,3 +57,18 @@ def test_missing_or_unusable_paths_name_the_key_and_the_base(tmp_path, monkeypat
     (shared / "plan.yaml").write_text(PLAN.replace("results/out", "''"))
     r = CliRunner().invoke(app, ["validate", "../shared/plan.yaml"])
     assert r.exit_code == 2 and "output.dir: is empty" in r.output, r.output
+
+
+def test_a_local_model_folder_is_relative_to_the_plan(tmp_path, monkeypatch):
+    from embedlens.plan import load_plan, prepare
+    from embedlens.testing.tiny import save_tiny_model
+
+    shared, elsewhere = _shared(tmp_path)
+    save_tiny_model("llava-clip", shared / "ckpt")
+    monkeypatch.chdir(elsewhere)
+    (shared / "plan.yaml").write_text(PLAN.replace("tiny:llava-clip", "./ckpt"))
+    prepared = prepare(load_plan(Path("../shared/plan.yaml")))
+    assert prepared.adapter.name == "llava" and Path(prepared.adapter.source).resolve() == (shared / "ckpt").resolve()
+    (shared / "plan.yaml").write_text(PLAN.replace("tiny:llava-clip", "./nowhere"))
+    r = CliRunner().invoke(app, ["validate", "../shared/plan.yaml"])
+    assert r.exit_code == 2 and "plan.yaml:1 model.source: " in r.output and "nowhere" in r.output, r.output
