@@ -199,7 +199,7 @@ def run(
     return Results(run_all(loaded, output, progress=progress, resume=resume, overwrite=overwrite))
 
 
-def _check_params(kind: str, cls: type, params: dict[str, Any]) -> None:
+def _check_params(cls: type, params: dict[str, Any]) -> None:
     """Plugin parameters against its declared signature: names, required ones, types (as a plan is checked)."""
     import difflib
 
@@ -326,7 +326,7 @@ def probe(
         raise InputError(f"parameter(s) {', '.join(sorted(both))} given both in params= and as keywords")
     params = {**(params or {}), **kwargs}
     cls = probe_registry.get(name)
-    _check_params("probe", cls, params)
+    _check_params(cls, params)
     adapter = model if isinstance(model, Adapter) else load_model(model) if isinstance(model, str) else None
     if adapter is None:
         raise InputError(f"model: expected a loaded adapter or a source string (zoo:NAME, tiny:NAME, a folder); got {type(model).__name__}")
