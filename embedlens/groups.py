@@ -31,7 +31,7 @@ from embedlens.errors import InterventionError
 from embedlens.signals import massive_token_flags, similarity_entropy, vit_norm_token_flags
 from embedlens.sites import Site
 from embedlens.state import Stateful
-from embedlens.vocab import nearest_vocab
+from embedlens.vocab import visual_nearest
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
@@ -256,8 +256,8 @@ class Partition(Stateful):
         if anchors or self.entropy is not None:
             vocab = (adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach()
             x = acts[Site("llm.embed")][vt["sample"], vt["position"]].to(vocab.device)  # [tokens, d]
-        if anchors:
-            _, ids = nearest_vocab(x, vocab, self.k, self.chunk_size, search=self.search)
+        if anchors:  # the layer-0 lens of the same pass searches alike: computed once (`visual_nearest`)
+            _, ids = visual_nearest(batch, Site("llm.embed"), acts[Site("llm.embed")], vocab, self.k, self.chunk_size, self.search)
             for g, a in anchors.items():
                 out[f"anchors:{g}"] = torch.isin(ids, torch.tensor(a, dtype=ids.dtype, device=ids.device)).any(-1).cpu()
         if self.entropy is not None:

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 
 def vit_norm_outliers(
-    feats: torch.Tensor, sigma: float = 2.0, threshold: float | None = None, prefix: int = 0, ratio: float = 2.0
+    feats: torch.Tensor, sigma: float = 2.0, threshold: float | None = None, prefix: int = 0, ratio: float = 2.0,
+    images: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """High-norm vision-tower tokens (registers / ViT sinks).
 
@@ -34,16 +35,22 @@ def vit_norm_outliers(
         threshold: (an absolute norm threshold instead of the per-image rule)
         prefix: tokens before the first patch (CLIP's CLS) left out of the statistics.
         ratio: ... and at least `ratio` times the image's median patch norm (see `norm_outliers`).
+        images: ``[rows, tokens - prefix]`` image of each patch where one row holds several images
+            (`Adapter.tower_images`: Qwen-VL's packed tower); the statistics are then each image's.
 
     Returns:
         ``[images, tokens - prefix]`` bool, one entry per patch.
     """
-    return norm_outliers(feats[:, prefix:].float().norm(dim=-1), sigma, threshold, ratio)
+    return norm_outliers(feats[:, prefix:].float().norm(dim=-1), sigma, threshold, ratio, images)
 
 
-def norm_outliers(norms: torch.Tensor, sigma: float = 2.0, threshold: float | None = None, ratio: float = 2.0) -> torch.Tensor:
+def norm_outliers(
+    norms: torch.Tensor, sigma: float = 2.0, threshold: float | None = None, ratio: float = 2.0,
+    images: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``[images, patches]`` norms -> bool: above `threshold`, else above mean + sigma * std of their row
-    and at least `ratio` x their row's median.
+    and at least `ratio` x their row's median. With `images` (``[rows, patches]`` ids, for a row that packs
+    several images), the statistics are those of each patch's own image.
 
     The sigma rule alone (the study's) flags the upper tail of *any* image, about
     one patch in 40 at sigma 2, registers or not; registers are several times the
@@ -53,6 +60,12 @@ def norm_outliers(norms: torch.Tensor, sigma: float = 2.0, threshold: float | No
     """
     if threshold is not None:
         return norms > threshold
+    if images is not None:
+        out = torch.zeros_like(norms, dtype=torch.bool)
+        for i in images.unique().tolist():  # one pass per image of the batch, not per patch
+            at = images == i
+            out[at] = norm_outliers(norms[at][None], sigma, None, ratio)[0]
+        return out
     mean, std = norms.mean(dim=1, keepdim=True), norms.std(dim=1, keepdim=True, unbiased=False)
     return (norms > mean + sigma * std) & (norms >= ratio * norms.median(dim=1, keepdim=True).values)
 
@@ -157,7 +170,7 @@ def vit_norm_token_flags(
 ) -> torch.Tensor:
     """``[visual tokens]`` bool: the token's patch (any of its block's) is a ViT high-norm outlier at vision layer `layer`."""
     site = adapter.resolve(Site("vision.layers", layer))
-    flags = vit_norm_outliers(acts[site], sigma, threshold, adapter.n_prefix_tokens, ratio)
+    flags = vit_norm_outliers(acts[site], sigma, threshold, adapter.n_prefix_tokens, ratio, adapter.tower_images(batch.inputs))
     return vision_to_tokens(flags, batch.roles.visual_tokens(), adapter).cpu()
 
 

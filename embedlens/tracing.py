@@ -56,10 +56,11 @@ def _read(root, adapter: "Adapter", site: Site):
     return _first(layer.output)
 
 
-def _value(adapter: "Adapter", site: Site, saved) -> torch.Tensor:
+def _value(adapter: "Adapter", site: Site, saved, inputs: dict) -> torch.Tensor:
     """A saved site value as the site defines it: `llm.unembed` is the model's logits,
-    so it carries the final-logit softcapping (Gemma2) that follows `lm_head`."""
-    value = saved.detach()
+    so it carries the final-logit softcapping (Gemma2) that follows `lm_head`; a family's
+    documented view of its own tensors (`Adapter.site_value`: Qwen-VL's packed tower) applies."""
+    value = adapter.site_value(site, saved.detach(), inputs)
     return adapter.softcap_logits(value) if site.component == "llm.unembed" else value
 
 
@@ -77,7 +78,7 @@ def _trace(root, inputs: dict, adapter: "Adapter", resolved: list[Site]) -> dict
                 saved[site] = _read(root, adapter, site).save()
             if not _needs_whole_forward(resolved):
                 tracer.stop()  # nothing after the last site is read: the model does not run past it
-    return {s: _value(adapter, s, v) for s, v in saved.items()}
+    return {s: _value(adapter, s, v, inputs) for s, v in saved.items()}
 
 
 def collect(adapter: "Adapter", batch: "Batch", sites: Iterable["str | Site"]) -> dict[Site, torch.Tensor]:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import weakref
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 
 from embedlens.vocab_index import approximate_nearest, check_search
+
+if TYPE_CHECKING:
+    from embedlens.adapters.base import Batch
+    from embedlens.sites import Site
 
 
 def nearest_vocab(
@@ -75,3 +80,45 @@ def nearest_vocab(
         best_s, order = cand_s.topk(min(k, cand_s.shape[1]), dim=-1)
         best_i = cand_i.gather(1, order)
     return best_s, best_i
+
+
+def visual_nearest(
+    batch: "Batch",
+    site: "Site",
+    h: torch.Tensor,
+    vocab: torch.Tensor,
+    k: int,
+    chunk_size: int = 8192,
+    search: Literal["exact", "approximate"] = "exact",
+    n_probe: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nearest_vocab` of the batch's visual tokens at one site, computed once per pass.
+
+    The layer-0 lens and the partition of an EmbedLens plan read the same
+    activations and search the same matrix with the same `k`: the first caller
+    computes the search, the next one of the same pass gets the same tensors
+    back. The memo lives on the batch and is keyed by the site, the very
+    activation tensor `h` (identity, through a weak reference, so a later pass
+    over the same batch with new activations never reads a stale result and
+    the memo never keeps activations alive), the
+    matrix (storage, shape and version counter), `k`, `search` and `n_probe`;
+    `chunk_size` changes only the memory a search takes, not its result.
+
+    Args:
+        batch: the batch whose visual tokens (`TokenRoles.visual_tokens` order) are searched.
+        site: the site `h` was read at.
+        h: `[batch, seq, d]` activations at `site`.
+        vocab, k, chunk_size, search, n_probe: as `nearest_vocab`.
+
+    Returns:
+        (scores `[tokens, k]`, ids `[tokens, k]`), on `vocab`'s device, best first.
+    """
+    key = (site, vocab.data_ptr(), tuple(vocab.shape), vocab._version, k, search, n_probe)
+    hit = batch.memo.get(key)
+    if hit is not None and hit[0]() is h:
+        return hit[1], hit[2]
+    vt = batch.roles.visual_tokens()
+    x = h[vt["sample"].to(h.device), vt["position"].to(h.device)].to(vocab.device)  # [tokens, d]
+    scores, ids = nearest_vocab(x, vocab, k, chunk_size, search=search, n_probe=n_probe)
+    batch.memo[key] = (weakref.ref(h), scores, ids)  # weak: the memo never keeps a pass's activations alive
+    return scores, ids

@@ -107,6 +107,11 @@ def plan_error(workdir, text: str) -> str:
     return str(e.value)
 
 
+def sample_positions(adapter, batch, b):
+    """Sample b's position ids: `[seq]`, or `[3, seq]` for M-RoPE families (Qwen-VL's (t, h, w) ids)."""
+    return adapter.position_ids(batch.inputs).select(-2, b)
+
+
 def hf_run(adapter, batch, b, keep, embeds=None, **extra):
     """HF forward of sample b with only the `keep` rows, at their original position ids: the hand-cut reference
     for token removal. The explicit all-ones attention mask matters: without one, transformers (>= 5.24) reads
@@ -120,10 +125,31 @@ def hf_run(adapter, batch, b, keep, embeds=None, **extra):
     keep = keep & ~batch.roles.padding[b]
     kwargs = dict(
         inputs_embeds=embeds[b][keep][None],
-        position_ids=adapter.position_ids(batch.inputs)[b][keep][None],
+        position_ids=sample_positions(adapter, batch, b)[..., keep].unsqueeze(-2),
         attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
     )
     if "token_type_ids" in batch.inputs:
         kwargs["token_type_ids"] = batch.inputs["token_type_ids"][b][keep][None]
+    if adapter.deepstack:
+        return _hf_run_deepstack(adapter, batch, b, keep, kwargs, extra)
     with torch.no_grad():
         return adapter.model(**kwargs, **extra)
+
+
+def _hf_run_deepstack(adapter, batch, b, keep, kwargs, extra):
+    """`hf_run` for DeepStack families (Qwen3-VL): the model's forward takes no DeepStack features with
+    `inputs_embeds`, so run its language model with the kept visual tokens' features and mask, then the head."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from embedlens.adapters.base import resolve_path
+    from embedlens.interventions import Engine
+
+    feats = Engine(adapter).deepstack(batch)
+    image = batch.roles.image_span[b][keep]
+    kwargs = dict(kwargs, visual_pos_masks=image[None], deepstack_visual_embeds=[f[b][keep][image] for f in feats])
+    with torch.no_grad():
+        out = resolve_path(adapter.model, adapter.paths.language_model)(**kwargs, **extra)
+        logits = resolve_path(adapter.model, adapter.paths.unembed)(out.last_hidden_state)
+    return SimpleNamespace(logits=logits, hidden_states=out.hidden_states, past_key_values=getattr(out, "cache", None) or out.past_key_values)

@@ -18,7 +18,7 @@ def _samples(adapter):
 
 def _n_features(adapter, batch) -> int:
     """Rows of image features the model itself scatters into the sequence."""
-    keys = ("pixel_values", "image_sizes", "batch_num_images", "pixel_attention_mask")
+    keys = ("pixel_values", "image_sizes", "batch_num_images", "pixel_attention_mask", "image_grid_thw")
     kwargs = {k: v for k, v in batch.inputs.items() if k in keys}
     with torch.no_grad():
         feats = adapter.model.model.get_image_features(**kwargs).pooler_output
@@ -38,11 +38,12 @@ def test_visual_positions_hold_image_tokens(adapter, padding_side):
         assert roles.padding[:, 0].any()
     else:
         assert roles.padding[:, -1].any()
-    # every sample: images in order, each with a full grid of tile 0
+    # every sample: images in order, each with a full grid of tile 0 (native-resolution families: the image's own)
+    grids = iter(adapter.image_grids(batch.inputs))
     for b, s in enumerate(batch.samples):
         assert roles.n_images(b) == len(s.images)
         for i in range(len(s.images)):
-            assert roles.grid_shape(b, i) == adapter.grid()
+            assert roles.grid_shape(b, i) == next(grids)
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -77,6 +78,8 @@ def test_row_col_match_the_patch_embedding(adapter):
     exactly that patch changes; then change that patch's row of the projector input: of the
     projector output (the model's own merging, e.g. Idefics3's pixel shuffle) exactly the
     token the map names changes."""
+    if adapter.packed_vision:
+        return _packed_patch_blocks(adapter)
     batch = adapter.encode(_samples(adapter)[:2])
     roles = batch.roles
     vt = roles.visual_tokens()
@@ -125,6 +128,52 @@ def test_row_col_match_the_patch_embedding(adapter):
     assert checked == 7
 
 
+def qwen_patch_row(image_start: int, grid_w: int, pr: int, pc: int, m: int = 2) -> int:
+    """The row of `pixel_values` that holds patch (pr, pc) of an image whose patches start at `image_start`
+    and whose grid is `grid_w` patches wide, written out from `Qwen2VLImageProcessorPil.patchify`: 2 x 2 blocks
+    in row-major order, the four patches of a block in row-major order."""
+    block = (pr // m) * (grid_w // m) + pc // m
+    return image_start + block * m * m + (pr % m) * m + pc % m
+
+
+def _packed_patch_blocks(adapter):
+    """`test_row_col_match_the_patch_embedding` for a packed tower (Qwen-VL): `pixel_values` has one row per
+    patch, so the patch at (row, col) of an image's patch grid is perturbed through the processor's own
+    layout (`qwen_patch_row`; `tests/adapters/test_qwen_vl.py` proves that layout on image pixels)."""
+    batch = adapter.encode(_samples(adapter)[:2])
+    vt = batch.roles.visual_tokens()
+    bh, bw = adapter.patch_block
+    thw = batch.inputs["image_grid_thw"]
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), thw.prod(-1).cumsum(0)])
+    image_of = torch.cumsum(torch.tensor([0] + [len(s.images) for s in batch.samples]), 0)  # first global image per sample
+    proj = resolve_path(adapter.model, adapter.paths.projector)
+    base = collect(adapter, batch, ["vision.embed", "projector"])
+    pv = batch.inputs["pixel_values"]
+    for k, t in enumerate(torch.linspace(0, len(vt["row"]) - 1, 7).long().tolist()):
+        g = int(image_of[vt["sample"][t]] + vt["image"][t])  # the image, counted over the batch
+        r, c, fc = int(vt["row"][t]), int(vt["col"][t]), int(vt["feature_col"][t])
+        i, j = k % bh, (k // bh) % bw
+        row = qwen_patch_row(int(starts[g]), int(thw[g, 2]), r * bh + i, c * bw + j, bh)
+        changed = pv.clone()
+        changed[row] += 1.0
+        batch.inputs["pixel_values"] = changed
+        try:
+            emb = collect(adapter, batch, ["vision.embed"])[Site("vision.embed")]
+        finally:
+            batch.inputs["pixel_values"] = pv
+        where = (emb - base[Site("vision.embed")]).abs().amax(-1).nonzero().tolist()
+        assert len(where) == 1 and where[0][0] == 0, (t, where)
+        site_row = where[0][1]  # where the site holds that patch (Qwen2.5-VL: in window order)
+        assert site_row in adapter.patch_indices(vt["feature_col"][t : t + 1])[0].tolist(), (t, site_row)
+        handle = proj.register_forward_pre_hook(lambda m, args: (_bumped(args[0][None], 0, site_row)[0], *args[1:]))
+        try:
+            out = collect(adapter, batch, ["projector"])[Site("projector")]
+        finally:
+            handle.remove()
+        where = (out - base[Site("projector")]).abs().amax(-1).nonzero().tolist()
+        assert where == [[0, fc]], (t, where)
+
+
 def _bumped(x, row: int, col: int):
     """`x` (a tensor, or a tuple whose first item is one) with entry [row, col] raised by 1."""
     first = (x[0] if isinstance(x, tuple) else x).clone()
@@ -147,12 +196,14 @@ def test_sequence_positions_receive_the_named_features(adapter):
     proj = resolve_path(adapter.model, adapter.paths.projector)
 
     def plant(module, args, output):
-        rows, toks = output.shape[0], output.shape[1]
-        code = torch.zeros_like(output)
+        packed = output.dim() == 2  # a packed tower (Qwen-VL): one row of tokens, no batch dimension
+        out = output[None] if packed else output
+        rows, toks = out.shape[0], out.shape[1]
+        code = torch.zeros_like(out)
         code[..., 0] = torch.arange(rows, dtype=output.dtype)[:, None] + 1
         code[..., 1] = torch.arange(toks, dtype=output.dtype)[None, :] + 1
         code[..., 2] = 1.0  # carries whatever scale the family applies after the projector
-        return code
+        return code[0] if packed else code
 
     handle = proj.register_forward_hook(plant)
     try:

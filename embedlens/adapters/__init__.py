@@ -18,6 +18,7 @@ from embedlens.adapters.llava import LlavaAdapter
 from embedlens.adapters.llava_next import LlavaNextAdapter
 from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionImageProcessor
 from embedlens.adapters.paligemma import PaliGemmaAdapter
+from embedlens.adapters.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
 
@@ -38,6 +39,9 @@ __all__ = [
     "OnevisionImageProcessor",
     "PaliGemmaAdapter",
     "PromptText",
+    "Qwen2VLAdapter",
+    "Qwen2_5_VLAdapter",
+    "Qwen3VLAdapter",
     "SmolVLMAdapter",
     "SmolVLMImageProcessor",
     "adapter_for_architecture",

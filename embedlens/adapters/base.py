@@ -68,6 +68,9 @@ class Batch:
     roles: TokenRoles
     samples: list[Sample]
     groups: dict[str, torch.Tensor] | None = None  # `[batch, seq]` masks from the run's partition, when it has one
+    # results several probes of one pass would compute alike (the layer-0 vocabulary search of the
+    # lens and the partition): `embedlens.vocab.visual_nearest` keeps them here, keyed by what they read
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -153,6 +156,14 @@ class Adapter(ABC):
     # cannot be, and the processor_config.json keys it takes (see `load_processor`).
     image_only_processor: ClassVar[type[ProcessorMixin] | None] = None
     image_only_keys: ClassVar[tuple[str, ...]] = ()
+    # The tower runs the batch's images as one packed sequence without a batch dimension (Qwen-VL): its sites
+    # are `[1, patches, d]`, every visual token has feature_row 0, and `pixel_values` holds one row per patch.
+    packed_vision: ClassVar[bool] = False
+    # Position ids are `[3, batch, seq]` (t, h, w) M-RoPE ids instead of `[batch, seq]` (Qwen-VL).
+    mrope: ClassVar[bool] = False
+    # DeepStack (Qwen3-VL): vision features added to the LLM's hidden states at visual positions after the
+    # first decoder layers; the intervention engine adds them itself.
+    deepstack: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -434,6 +445,11 @@ class Adapter(ABC):
         bh, bw = self.patch_block
         return n // bh, n // bw
 
+    def image_grids(self, inputs: BatchFeature) -> list[tuple[int, int]]:
+        """(rows, cols) of tile 0's token grid for each image of the batch (flattened in order): `grid()`,
+        except for native-resolution families, where each image has its own."""
+        return [self.grid()] * len(self.image_layouts(inputs))
+
     @property
     def patch_block(self) -> tuple[int, int]:
         """(rows, cols) of vision patches one visual token stands for: (1, 1), or the
@@ -597,6 +613,23 @@ class Adapter(ABC):
         (padding does not count), as `generate` computes them."""
         mask = inputs["attention_mask"].long()
         return (mask.cumsum(dim=1) - 1).clamp(min=0) + self.position_offset
+
+    def tower_images(self, inputs: BatchFeature) -> torch.Tensor | None:
+        """`[rows, patches]`: the image (counted over the batch) of each patch of the tower's batch, for families
+        whose tower rows hold several images (`packed_vision`); None where each row is one tile of one image
+        (per-image statistics of the tower, such as the ViT-norm rule, are then per row)."""
+        return None
+
+    def site_value(self, site: Site, value: torch.Tensor, inputs: BatchFeature) -> torch.Tensor:
+        """A site's value as embedlens defines it, from the module's own tensor (the identity, except where a
+        family's tensors need a documented view: Qwen-VL's packed tower)."""
+        return value
+
+    def display_pixels(self, inputs: BatchFeature, image: int, feature_row: int) -> torch.Tensor:
+        """`[3, H, W]` normalised pixels of the tile in row `feature_row` of the vision batch, which belongs to
+        image `image` (counted over the batch), as the vision tower saw them."""
+        pv = inputs["pixel_values"]
+        return pv.reshape(-1, *pv.shape[-3:])[feature_row]
 
     def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Keyword arguments for the model's forward, on the model's device."""

@@ -14,7 +14,12 @@ those per-layer arguments itself:
   rest of the row is padding that nothing attends to;
 - position ids are the ones each sample gets alone (padding does not count),
   so a kept token keeps its original position and decoding continues from the
-  unpruned length;
+  unpruned length; for M-RoPE families (Qwen-VL, `Adapter.mrope`) they are
+  `[3, batch, seq]` (t, h, w) ids, gathered per axis, and decoding continues
+  one past each sample's largest id (HF's ``rope_deltas``);
+- DeepStack features (Qwen3-VL, `Adapter.deepstack`), taken from the model's
+  own call of its language model, are added after their decoder layers to the
+  visual tokens present there, as the text model does;
 - the attention mask is causal in the original order (plus the family's
   bidirectional blocks, e.g. PaliGemma's prefix), minus what knockouts block.
 
@@ -137,6 +142,7 @@ class Context:
     enter: torch.Tensor
     exit: torch.Tensor
     groups: Callable[[str], torch.Tensor] | None = None
+    deepstack: list[torch.Tensor] | None = None  # Qwen3-VL: `[batch, seq, d]` added after decoder layer i (0 off visual positions)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
     attention_requests: set[int] = field(default_factory=set)
 
@@ -224,6 +230,8 @@ class Outcome:
         valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.to(eng.device)
         x = eng.adapter.model.get_input_embeddings()(tokens)
         pos = self.next_position[:, None] + (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        if self.context.positions.dim() == 3:  # M-RoPE: decoded text has t = h = w (HF: text position + rope_deltas)
+            pos = pos[None].expand(self.context.positions.shape[0], -1, -1)
         pe = eng.rotary(x, pos)
         causal = torch.ones(n, n, dtype=torch.bool, device=eng.device).tril()
         new = causal[None] & valid[:, None, :]
@@ -234,7 +242,7 @@ class Outcome:
             x = layer(
                 x,
                 attention_mask=eng.mask(allowed),
-                position_ids=pos,
+                position_ids=_layer_positions(pos),
                 use_cache=True,
                 position_embeddings=pe,
                 **{eng.cache_kwarg: self.cache},
@@ -370,9 +378,21 @@ class Engine:
     @torch.no_grad()
     def embed(self, batch: "Batch") -> torch.Tensor:
         """The language model's input embeddings for `batch` (images merged in), as the model builds them."""
+        return self._lm_inputs(batch)["x"]
+
+    @torch.no_grad()
+    def deepstack(self, batch: "Batch") -> list[torch.Tensor] | None:
+        """Qwen3-VL's DeepStack features as the model hands them to its language model, scattered to
+        `[batch, seq, d]` (zero off the visual positions): entry i is added after decoder layer i. None for a
+        family without them."""
+        return _scatter_deepstack(self._lm_inputs(batch))
+
+    @torch.no_grad()
+    def _lm_inputs(self, batch: "Batch") -> dict:
         captured = {}
 
         def hook(module, args, kwargs):
+            captured.update(kwargs)
             captured["x"] = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[4]
             raise _Stop
 
@@ -383,16 +403,26 @@ class Engine:
             pass  # the hook stopped the forward on purpose
         finally:
             handle.remove()
-        return captured["x"]
+        return captured
 
     def context(self, batch: "Batch", condition: str = "baseline", groups=None, embeds=None) -> Context:
         inputs = batch.inputs
         roles = batch.roles.to(self.device)
-        embeds = self.embed(batch) if embeds is None else embeds
+        if embeds is None:
+            captured = self._lm_inputs(batch)
+            embeds, deep = captured["x"], _scatter_deepstack(captured)
+        else:  # precomputed embeddings; DeepStack features still need the tower
+            deep = self.deepstack(batch) if self.adapter.deepstack else None
         if hasattr(groups, "label"):  # a partition: label this batch's tokens once
             groups = _lookup({g: m.to(self.device) for g, m in groups.label(self.adapter, batch, embeds=embeds).items()})
         elif isinstance(groups, dict):
             groups = _lookup(groups)
+        positions = self.adapter.position_ids(inputs)
+        if positions.dim() != (3 if self.adapter.mrope else 2):
+            raise AdapterError(
+                f"{self.adapter.name}: position_ids gave shape {tuple(positions.shape)}; the adapter declares "
+                f"{'[3, batch, seq] M-RoPE' if self.adapter.mrope else '[batch, seq]'} positions (Adapter.mrope)"
+            )
         blocks = self.adapter.block_ids(inputs)
         if blocks is None:
             blocks = torch.full_like(roles.kind, -1)
@@ -403,12 +433,13 @@ class Engine:
             condition=condition,
             roles=roles,
             embeds=embeds,
-            positions=self.adapter.position_ids(inputs).to(self.device),
+            positions=positions.to(self.device),
             blocks=blocks.to(self.device),
             n_layers=self.n_layers,
             enter=torch.zeros_like(roles.kind),
             exit=torch.where(valid, self.n_layers, 0),
             groups=groups,
+            deepstack=deep,
         )
 
     # -- the run ---------------------------------------------------------------
@@ -463,7 +494,7 @@ class Engine:
                     x_full = rows.scatter(x_full, x)
                 rows = new_rows
                 x = rows.gather(x_full)
-                pos = rows.gather(ctx.positions)
+                pos = _gather_positions(rows, ctx.positions)
                 pe = self.rotary(x, pos)
                 o, blk = rows.gather(order[None].expand(bsz, -1)), rows.gather(ctx.blocks)
                 base = (o[:, None, :] <= o[:, :, None]) | ((blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] >= 0))
@@ -498,7 +529,7 @@ class Engine:
                 x = layer(
                     x,
                     attention_mask=self.mask(allowed),
-                    position_ids=pos,
+                    position_ids=_layer_positions(pos),
                     use_cache=cache,
                     position_embeddings=pe,
                     **{self.cache_kwarg: kv},
@@ -509,6 +540,10 @@ class Engine:
             for i, iv in enumerate(interventions):
                 with _naming(condition, i, iv):
                     x = iv.after_layer(ctx, layer_idx, x, rows)
+            if ctx.deepstack is not None and layer_idx < len(ctx.deepstack):
+                # as the model's text model does after this layer, for the visual tokens present (a pruned
+                # token's features go with it; padding rows gather a zero)
+                x = x + rows.gather(ctx.deepstack[layer_idx]) * rows.valid[..., None]
             key_valid.append(rows.valid & seen)
         x_full = rows.scatter(x_full, x)
         present = ctx.present(n_layers - 1)
@@ -517,7 +552,7 @@ class Engine:
             out.cache = kv
             out.key_valid = key_valid
             out.decoded_valid = torch.zeros(bsz, 0, dtype=torch.bool, device=self.device)
-            out.next_position = ctx.positions.masked_fill(ctx.roles.padding, -1).max(dim=1).values + 1
+            out.next_position = next_positions(ctx.positions, ctx.roles.padding)
         return out
 
     def _hooks(self, layer, layer_idx, ctx, rows, allowed, zero, interventions) -> list:
@@ -548,6 +583,42 @@ class Engine:
 
             hooks.append(attn.register_forward_pre_hook(record, with_kwargs=True))
         return hooks
+
+
+def _scatter_deepstack(captured: dict) -> list[torch.Tensor] | None:
+    """The DeepStack features among the language model's captured inputs, each scattered to `[batch, seq, d]`."""
+    feats = captured.get("deepstack_visual_embeds")
+    if feats is None:
+        return None
+    x, where = captured["x"], captured["visual_pos_masks"].to(captured["x"].device)
+    out = []
+    for f in feats:
+        full = torch.zeros_like(x)
+        full[where] = f.to(x)
+        out.append(full)
+    return out
+
+
+def _gather_positions(rows: Rows, positions: torch.Tensor) -> torch.Tensor:
+    """The position ids of the present rows: `[batch, rows]` from `[batch, seq]`, or `[3, batch, rows]` from M-RoPE's
+    `[3, batch, seq]` (each kept token keeps its original (t, h, w) ids)."""
+    if positions.dim() == 3:
+        return torch.stack([rows.gather(p) for p in positions])
+    return rows.gather(positions)
+
+
+def _layer_positions(pos: torch.Tensor) -> torch.Tensor | None:
+    """What a decoder layer takes as ``position_ids`` (only flash-attention kernels read them): the 1-D ids,
+    or None for M-RoPE ids, as the model's own text model passes (its rotary embeddings carry the positions)."""
+    return pos if pos.dim() == 2 else None
+
+
+def next_positions(positions: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """`[batch]`: the position of each sample's first decoded token: one past its largest prompt position
+    (pruned tokens included, so decoding continues from the unpruned prompt). With M-RoPE ids
+    (`[3, batch, seq]`) that is the largest over t, h and w: HF's ``rope_deltas`` continue text there."""
+    p = positions if positions.dim() == 3 else positions[None]
+    return p.masked_fill(padding[None], -1).amax(dim=(0, 2)) + 1
 
 
 def _lookup(masks: dict[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:

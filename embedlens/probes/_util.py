@@ -165,7 +165,7 @@ class FirstImage(Stateful):
         frow = int(vt["feature_row"][sel[0]])
         self.data = {
             "sample_id": batch.samples[0].id,
-            "pixels": display_pixels(adapter, batch.inputs["pixel_values"], frow),
+            "pixels": display_pixels(adapter, batch.inputs, frow, image=int(vt["image"][sel[0]])),
             "row": [int(vt["row"][i]) for i in sel],
             "col": [int(vt["col"][i]) for i in sel],
             **{k: [v[i] for i in sel] for k, v in per_token.items()},
@@ -204,9 +204,9 @@ def parse_site(probe: str, param: str, adapter: "Adapter", name: str):
     return site
 
 
-def display_pixels(adapter: "Adapter", pixel_values: torch.Tensor, feature_row: int) -> torch.Tensor:
-    """`[H, W, 3]` in 0..1: the tile the vision tower saw, un-normalised for display."""
-    pv = pixel_values.reshape(-1, *pixel_values.shape[-3:])[feature_row].float()
+def display_pixels(adapter: "Adapter", inputs, feature_row: int, image: int = 0) -> torch.Tensor:
+    """`[H, W, 3]` in 0..1: the tile the vision tower saw (`Adapter.display_pixels`), un-normalised for display."""
+    pv = adapter.display_pixels(inputs, image, feature_row).float()
     ip = adapter.processor.image_processor
     mean = torch.tensor(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0])[:, None, None]
     std = torch.tensor(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0])[:, None, None]

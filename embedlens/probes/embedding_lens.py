@@ -10,7 +10,7 @@ import torch
 from embedlens.errors import PlanError
 from embedlens.probes._util import FirstImage
 from embedlens.probes.base import Probe, Table
-from embedlens.vocab import nearest_vocab  # noqa: F401 - its home until it moved to the core; importable here still
+from embedlens.vocab import nearest_vocab, visual_nearest  # noqa: F401 - nearest_vocab's home until it moved to the core; importable here still
 from embedlens.vocab_index import check_search
 from embedlens.registry import probes
 from embedlens.sites import Site
@@ -122,9 +122,8 @@ class EmbeddingLens(Probe):
         n = len(vt["sample"])
         figure_layer = self._first_layer = self._figure_layer(adapter)
         for layer in self._resolved_layers(adapter):
-            h = acts[lens_site(layer)]  # [batch, seq, d]
-            x = h[vt["sample"].to(h.device), vt["position"].to(h.device)].to(vocab.device)  # [tokens, d]
-            scores, ids = nearest_vocab(x, vocab, self.k, self.chunk_size, search=self.search, n_probe=self.n_probe)
+            site = lens_site(layer)
+            scores, ids = visual_nearest(batch, site, acts[site], vocab, self.k, self.chunk_size, self.search, self.n_probe)
             ids_l, scores_l = ids.tolist(), scores.tolist()
             rows["sample"] += vt["sample"].tolist()
             rows["sample_id"] += [batch.samples[s].id for s in vt["sample"].tolist()]

@@ -122,7 +122,8 @@ class SinkDetector(Probe):
         feats = acts[adapter.resolve(Site("vision.layers", self.vit_layer))]
         prefix = adapter.n_prefix_tokens
         norms = feats[:, prefix:].float().norm(dim=-1)
-        vit_flag = vision_to_tokens(norm_outliers(norms, self.vit_sigma, self.vit_threshold, self.vit_ratio), vt, adapter).cpu()
+        images = adapter.tower_images(batch.inputs)  # a packed tower's rows hold several images: each its own statistics
+        vit_flag = vision_to_tokens(norm_outliers(norms, self.vit_sigma, self.vit_threshold, self.vit_ratio, images), vt, adapter).cpu()
         vit_norm = vision_to_tokens(norms, vt, adapter).cpu()
         valid = ~batch.roles.padding
         kind = batch.roles.kind

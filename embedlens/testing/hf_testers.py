@@ -361,6 +361,73 @@ def internvl_builder() -> Builder:
     return build
 
 
+#: `Qwen2VLVisionText2TextModelTester` (tests/models/qwen2_vl/test_modeling_qwen2_vl.py); its
+#: ``rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}`` is transformers 5's ``rope_parameters``.
+QWEN2_VL_TESTER = dict(
+    text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              hidden_act="silu", max_position_embeddings=512, max_window_layers=3, tie_word_embeddings=True,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}),
+    vision=dict(depth=2, embed_dim=32, hidden_act="quick_gelu", hidden_size=32, mlp_ratio=4, num_heads=4, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2),
+    image_size=28,
+)
+
+#: `Qwen2_5_VLVisionText2TextModelTester` (tests/models/qwen2_5_vl/test_modeling_qwen2_5_vl.py): no merge
+#: (``spatial_merge_size=1``), default 112-px windows, no full-attention block within its 2 blocks.
+QWEN2_5_VL_TESTER = dict(
+    text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+              hidden_act="silu", max_position_embeddings=512, max_window_layers=3, tie_word_embeddings=True,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}),
+    vision=dict(depth=2, in_chans=3, hidden_act="silu", intermediate_size=32, out_hidden_size=32, hidden_size=32, num_heads=4,
+                patch_size=14, spatial_patch_size=14, spatial_merge_size=1, temporal_patch_size=2),
+    image_size=14,
+)
+
+
+#: `Qwen3VLVisionText2TextModelTester` (tests/models/qwen3_vl/test_modeling_qwen3_vl.py, a `VLMModelTester`): its own
+#: values, and the text sizes of the VLM tester base (hidden 32, MLP 37, 2 layers; out_hidden_size and the
+#: vision widths follow hidden_size). Patches of 16 px, no merge, DeepStack after vision blocks 0 and 1.
+QWEN3_VL_TESTER = dict(
+    text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=8, hidden_act="silu", max_position_embeddings=512, tie_word_embeddings=True,
+              rope_parameters={"rope_type": "default", "mrope_section": [16, 8, 8], "mrope_interleaved": True,
+                               "rope_theta": 10000.0}),
+    vision=dict(depth=2, hidden_act="gelu_pytorch_tanh", num_heads=4, patch_size=16, spatial_merge_size=1, temporal_patch_size=2,
+                num_position_embeddings=16, deepstack_visual_indexes=[0, 1], hidden_size=32, intermediate_size=32,
+                out_hidden_size=32),
+    image_size=16,
+)
+
+
+def qwen_vl_builder(version: str) -> Builder:
+    """Qwen2-VL, Qwen2.5-VL or Qwen3-VL from its tester: 14-px patches merged 2 x 2 (Qwen2-VL), 14-px patches
+    unmerged (Qwen2.5-VL), 16-px patches unmerged with DeepStack (Qwen3-VL); the image processor keeps images up
+    to 3 x 3 tester images."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+
+    from embedlens.adapters.qwen_vl import Qwen2_5_VLImageProcessor, Qwen2VLImageProcessor, Qwen3VLImageProcessor
+    from embedlens.testing.tiny import qwen_ids, qwen_image_processor, qwen_tokenizer
+
+    t, config_cls, model_cls, proc_cls = {
+        "2": (QWEN2_VL_TESTER, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor),
+        "2.5": (QWEN2_5_VL_TESTER, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLImageProcessor),
+        "3": (QWEN3_VL_TESTER, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLImageProcessor),
+    }[version]
+
+    def build(seed: int):
+        tok = qwen_tokenizer()
+        v = t["vision"]
+        config = config_cls(text_config=dict(t["text"], vocab_size=len(tok), **_ids(tok)), vision_config=v, **qwen_ids(tok))
+        torch.manual_seed(seed)
+        model = model_cls(config).eval()
+        ip = qwen_image_processor(patch_size=v["patch_size"], merge_size=v["spatial_merge_size"], max_side=3 * t["image_size"],
+                                  min_side=t["image_size"])
+        return model, proc_cls(ip, tok, chat_template=tok.chat_template)
+
+    return build
+
+
 _OV_MANY_TILES = [[16 * i, 16 * j] for i in range(1, 4) for j in range(1, 4)]
 
 TESTER_CONFIGS: dict[str, HFTesterConfig] = {
@@ -397,9 +464,10 @@ TESTER_CONFIGS: dict[str, HFTesterConfig] = {
     )
 }
 
-#: Families whose tokens are blocks of patches (pixel shuffle). ``tests/adapters/test_hf_configs.py`` assumes one
-#: patch per token (and LLaVA's module names), so these entries are proved by the block-aware shared proofs in
-#: ``tests/adapters/test_idefics3.py`` and ``tests/adapters/test_internvl.py`` instead.
+#: Families whose tokens are blocks of patches (pixel shuffle, Qwen-VL's merger) or whose towers differ from LLaVA's.
+#: ``tests/adapters/test_hf_configs.py`` assumes one patch per token (and LLaVA's module names), so these entries
+#: are proved by the block-aware shared proofs in ``tests/adapters/test_idefics3.py``, ``test_internvl.py`` and
+#: ``test_qwen_vl.py`` instead.
 BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
     c.name: c
     for c in (
@@ -409,6 +477,13 @@ BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
                      image_sizes=((30, 30), (12, 30))),
         HFTesterConfig("internvl", "internvl", "InternVLVisionText2TextModelTester (64-px tiles, up to 4 + thumbnail)",
                      internvl_builder(), image_sizes=((64, 64), (40, 100))),
+        HFTesterConfig("qwen2-vl", "qwen2_vl", "Qwen2VLVisionText2TextModelTester (14-px patches merged 2 x 2; images "
+                     "at native resolution up to 84 x 84 px)", qwen_vl_builder("2"), image_sizes=((56, 56), (30, 80)),
+                     images_per_sample=2),
+        HFTesterConfig("qwen2.5-vl", "qwen2_5_vl", "Qwen2_5_VLVisionText2TextModelTester (14-px patches, no merge, "
+                     "112-px windows)", qwen_vl_builder("2.5"), image_sizes=((42, 42), (20, 40)), images_per_sample=2),
+        HFTesterConfig("qwen3-vl", "qwen3_vl", "Qwen3VLVisionText2TextModelTester (16-px patches, no merge, DeepStack "
+                     "after vision blocks 0 and 1)", qwen_vl_builder("3"), image_sizes=((48, 48), (20, 40)), images_per_sample=2),
     )
 }
 

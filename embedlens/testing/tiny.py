@@ -270,6 +270,69 @@ def _paligemma(seed: int):
     return model, processor
 
 
+QWEN_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "vision_start_token": "<|vision_start|>",
+               "vision_end_token": "<|vision_end|>"}
+QWEN_PATCH = 4  # 4-px patches, 2 x 2 merged: a token covers 8 x 8 pixels
+
+
+def qwen_tokenizer():
+    """The shared word-level tokenizer with Qwen-VL's image tokens; the chat template frames each image as
+    ``<|vision_start|><|image_pad|><|vision_end|>``, as Qwen's does."""
+    frame = QWEN_TOKENS["vision_start_token"] + QWEN_TOKENS["image_token"] + QWEN_TOKENS["vision_end_token"]
+    return build_tokenizer(chat_template=LLAVA_CHAT_TEMPLATE.replace(IMAGE_TOKEN + "\n", frame), extra_special_tokens=QWEN_TOKENS)
+
+
+def qwen_image_processor(patch_size: int = QWEN_PATCH, max_side: int = IMAGE_SIZE, min_side: int = 16, merge_size: int = 2):
+    """The PIL `Qwen2VLImageProcessorPil` (no torchvision): images resized to multiples of ``patch_size * merge_size``
+    with at most ``max_side ** 2`` pixels (a 64-px square becomes 32 x 32: 8 x 8 patches, 4 x 4 tokens)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(size={"shortest_edge": min_side * min_side, "longest_edge": max_side * max_side},
+                                    patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2, **_NORM)
+
+
+def qwen_ids(tok) -> dict:
+    """The token ids a Qwen-VL config names, from the tokenizer."""
+    return dict(image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                vision_start_token_id=tok.vision_start_token_id, vision_end_token_id=tok.vision_end_token_id)
+
+
+def _qwen_vl(version: str) -> Callable[[int], tuple[PreTrainedModel, ProcessorMixin]]:
+    # 3 vision blocks of width 32 on 4-px patches, merged 2 x 2 into the 64-wide LLM; M-RoPE sections of the
+    # 16-dim heads' 8 frequency pairs: 2 temporal, 3 height, 3 width.
+    def build(seed: int):
+        from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                                  Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+
+        from embedlens.adapters.qwen_vl import Qwen2_5_VLImageProcessor, Qwen2VLImageProcessor, Qwen3VLImageProcessor
+
+        tok = qwen_tokenizer()
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        text = dict(vocab_size=len(tok), **_TEXT, rope_parameters=rope, **_special_ids(tok))
+        vision = dict(depth=3, num_heads=4, in_channels=3, patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2)
+        torch.manual_seed(seed)
+        if version == "2":
+            config = Qwen2VLConfig(text_config=text, vision_config=dict(vision, embed_dim=32, hidden_size=TEXT_HIDDEN, mlp_ratio=2),
+                                   **qwen_ids(tok))
+            model, proc = Qwen2VLForConditionalGeneration(config), Qwen2VLImageProcessor
+        elif version == "2.5":
+            # 16-px windows: 2 x 2 tokens per window, so images of 3 x 3 tokens and more span several;
+            # block 1 of 3 attends across the whole image
+            vis = dict(vision, hidden_size=32, intermediate_size=64, out_hidden_size=TEXT_HIDDEN, window_size=16,
+                       fullatt_block_indexes=[1])
+            config = Qwen2_5_VLConfig(text_config=text, vision_config=vis, **qwen_ids(tok))
+            model, proc = Qwen2_5_VLForConditionalGeneration(config), Qwen2_5_VLImageProcessor
+        else:
+            text3 = dict(text, head_dim=16, rope_parameters=dict(rope, mrope_interleaved=True))
+            vis = dict(vision, hidden_size=32, intermediate_size=64, out_hidden_size=TEXT_HIDDEN, num_position_embeddings=64,
+                       deepstack_visual_indexes=[0, 1])
+            config = Qwen3VLConfig(text_config=text3, vision_config=vis, **qwen_ids(tok))
+            model, proc = Qwen3VLForConditionalGeneration(config), Qwen3VLImageProcessor
+        return model.eval(), proc(qwen_image_processor(), tok, chat_template=tok.chat_template)
+
+    return build
+
+
 TINY_SPECS: dict[str, TinySpec] = {
     s.name: s
     for s in (
@@ -281,6 +344,9 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("idefics3", "idefics3", "idefics3", _idefics3_family(smolvlm=False)),
         TinySpec("smolvlm", "smolvlm", "smolvlm", _idefics3_family(smolvlm=True)),
         TinySpec("internvl", "internvl", "internvit", _internvl),
+        TinySpec("qwen2-vl", "qwen2_vl", "qwen2-vit", _qwen_vl("2")),
+        TinySpec("qwen2.5-vl", "qwen2_5_vl", "qwen2.5-vit", _qwen_vl("2.5")),
+        TinySpec("qwen3-vl", "qwen3_vl", "qwen3-vit", _qwen_vl("3")),
     )
 }
 
@@ -290,7 +356,8 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
 
     Args:
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
-            `llava-onevision`, `paligemma`, `llava-next`, `idefics3`, `smolvlm`, `internvl`).
+            `llava-onevision`, `paligemma`, `llava-next`, `idefics3`, `smolvlm`, `internvl`,
+            `qwen2-vl`, `qwen2.5-vl`, `qwen3-vl`).
         seed: seed of the random initialisation.
 
     Returns:

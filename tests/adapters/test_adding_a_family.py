@@ -17,13 +17,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_unsupported_architecture_lists_supported_and_points_to_the_guide():
     with pytest.raises(AdapterError) as e:
-        adapter_for_architecture(["Qwen2_5_VLForConditionalGeneration"], "qwen2_5_vl")
+        adapter_for_architecture(["Glm4vForConditionalGeneration"], "glm4v")
     msg = str(e.value)
-    assert msg.startswith("No adapter supports architecture Qwen2_5_VLForConditionalGeneration. Supported: ")
+    assert msg.startswith("No adapter supports architecture Glm4vForConditionalGeneration. Supported: ")
     listed = msg.split("Supported: ", 1)[1].split(". To add", 1)[0].split(", ")
     assert listed == sorted(a for _, cls in adapters.items() for a in cls.architectures)
     for arch in ("LlavaNextForConditionalGeneration", "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
-                 "InternVLForConditionalGeneration"):
+                 "InternVLForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+                 "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"):
         assert arch in listed
     assert msg.endswith(f"To add a family, see {ADDING_A_FAMILY}")
     assert (ROOT / ADDING_A_FAMILY).is_file()

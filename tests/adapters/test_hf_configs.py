@@ -92,7 +92,7 @@ def test_the_table_covers_the_testers_variants():
 
     built = {n: _adapter(n) for n in NAMES}
     cfgs = {n: a.config for n, a in built.items()}
-    from embedlens.testing import BLOCK_TESTER_CONFIGS  # pixel-shuffle families, proved in test_idefics3/test_internvl
+    from embedlens.testing import BLOCK_TESTER_CONFIGS  # block families, proved in test_idefics3/test_internvl/test_qwen_vl
 
     families = {TESTER_CONFIGS[n].family for n in NAMES} | {c.family for c in BLOCK_TESTER_CONFIGS.values()}
     assert families == {name for name, _ in adapters.items()}

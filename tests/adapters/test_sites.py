@@ -23,8 +23,12 @@ def test_llm_sites_equal_hf_hidden_states(adapter, padding_side):
     with torch.no_grad():
         ref = adapter.model(**adapter.model_inputs(batch), output_hidden_states=True)
     hs = ref.hidden_states  # [n + 1] x [batch, seq, d]; hs[i] enters layer i, hs[n] is after the final norm
+    deep = _deepstack_features(adapter, batch)
     for i in range(n):
-        torch.testing.assert_close(acts[Site("llm.layers", i, "in")], hs[i], **TOL)
+        # DeepStack (Qwen3-VL): HF's hidden_states[i] is decoder layer i - 1's output; the model adds the
+        # features of vision layer deepstack_visual_indexes[i - 1] at the image tokens before layer i reads it
+        added = deep[i - 1] if 0 < i <= len(deep) else 0.0
+        torch.testing.assert_close(acts[Site("llm.layers", i, "in")], hs[i] + added, **TOL)
     for i in range(n - 1):
         torch.testing.assert_close(acts[Site("llm.layers", i)], hs[i + 1], **TOL)
     torch.testing.assert_close(acts[Site("llm.norm")], hs[n], **TOL)
@@ -33,6 +37,22 @@ def test_llm_sites_equal_hf_hidden_states(adapter, padding_side):
     emb = adapter.model.get_input_embeddings()(batch.input_ids)
     text = batch.roles.text
     torch.testing.assert_close(acts[Site("llm.embed")][text], emb[text], **TOL)
+
+
+def _deepstack_features(adapter, batch) -> list:
+    """Qwen3-VL's DeepStack features from the model's own `get_image_features`, scattered onto the image tokens
+    (`[batch, seq, d]` each); none for other families."""
+    if not adapter.deepstack:
+        return []
+    with torch.no_grad():
+        out = adapter.model.model.get_image_features(batch.inputs["pixel_values"], batch.inputs["image_grid_thw"])
+    image = batch.input_ids == adapter.image_token_id
+    feats = []
+    for per_image in out.deepstack_features:
+        full = torch.zeros(*image.shape, per_image[0].shape[-1])
+        full[image] = torch.cat(per_image)
+        feats.append(full)
+    return feats
 
 
 def test_vision_sites_equal_hf_hidden_states(adapter):
@@ -45,7 +65,12 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
         pv = torch.cat([pv[b, : int(fr[b].max() - fr[b][fr[b] >= 0].min()) + 1] for b in range(pv.shape[0])])
     vis = resolve_path(adapter.model, adapter.paths.vision_embed.rsplit(".", 1)[0])  # the tower
     with torch.no_grad():
-        out = vis(pv, output_hidden_states=True)
+        if adapter.packed_vision:  # Qwen-VL: the batch's patches as one sequence, split by image_grid_thw
+            out = vis(pv, grid_thw=batch.inputs["image_grid_thw"], output_hidden_states=True)
+            out.hidden_states = tuple(h[None] for h in out.hidden_states)
+            out.last_hidden_state = out.last_hidden_state[None]
+        else:
+            out = vis(pv, output_hidden_states=True)
     for i in range(n):
         torch.testing.assert_close(acts[Site("vision.layers", i)], out.hidden_states[i + 1], **TOL)
     # vision.features: the family's feature layer and CLS rule, then the projector
@@ -58,7 +83,9 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
         merged = adapter.model.model.pixel_shuffle(feats.reshape(n, gh * bh, gw * bw, -1), scale_factor=cfg.downsample_ratio)
         feats = merged.reshape(n, gh * gw, -1)
     torch.testing.assert_close(acts[Site("vision.features")], feats, **TOL)
-    torch.testing.assert_close(acts[Site("projector")], resolve_path(adapter.model, adapter.paths.projector)(feats), **TOL)
+    merger = resolve_path(adapter.model, adapter.paths.projector)
+    proj = merger(feats[0])[None] if adapter.packed_vision else merger(feats)
+    torch.testing.assert_close(acts[Site("projector")], proj, **TOL)
 
 
 def test_attn_and_mlp_updates_sum_to_the_layer_output(adapter):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import get_adapter, hf_run
+from conftest import get_adapter, hf_run, sample_positions
 from embedlens.adapters.base import resolve_path
 from embedlens.data import Sample
 from embedlens.errors import InterventionError
@@ -117,7 +117,8 @@ def test_generation_after_pruning_matches_hand_built(setup):
         valid = ~batch.roles.padding[b]
         first = hf_run(adapter, batch, b, keep[b], embeds, use_cache=True)
         pkv, nxt = first.past_key_values, int(first.logits[0, -1].argmax())
-        tokens, pos = [nxt], int(adapter.position_ids(batch.inputs)[b][valid].max()) + 1
+        # decoded text continues one past the largest prompt position (with M-RoPE: over t, h and w, as HF's rope_deltas)
+        tokens, pos = [nxt], int(sample_positions(adapter, batch, b)[..., valid].max()) + 1
         for i in range(4):
             with torch.no_grad():
                 o = adapter.model(

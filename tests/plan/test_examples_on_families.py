@@ -18,10 +18,12 @@ from embedlens.plan import load_plan, prepare, run_all
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ORIGINAL_SOURCE = "source: zoo:tiny-llava-clip"
-NEW_FAMILIES = ("llava-next", "idefics3", "smolvlm", "internvl")
-TILED = {"llava-next": True, "idefics3": True, "smolvlm": True, "internvl": True}  # families whose images become several tiles
+NEW_FAMILIES = ("llava-next", "idefics3", "smolvlm", "internvl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+TILED = {"llava-next": True, "idefics3": True, "smolvlm": True, "internvl": True,  # families whose images become several tiles
+         "qwen2-vl": False, "qwen2.5-vl": False, "qwen3-vl": False}
 # towers whose CLS attention attention_flow can compute (CLIP's); InternViT has a CLS token, but not CLIP's modules
-HAS_CLS = {"llava-next": True, "idefics3": False, "smolvlm": False, "internvl": False}
+HAS_CLS = {"llava-next": True, "idefics3": False, "smolvlm": False, "internvl": False,
+           "qwen2-vl": False, "qwen2.5-vl": False, "qwen3-vl": False}
 CLS_OPTION = ", vit_cls_layer: -2"  # how partition_study.yaml asks attention_flow for CLS attention
 
 

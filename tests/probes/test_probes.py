@@ -166,13 +166,20 @@ def test_dead_token_entropy_matches_float64(adapter):
 def test_vit_norms_match_hf_hidden_states(adapter):
     batch = adapter.encode(mixed_samples(adapter=adapter))
     rows = run_probe(SinkDetector(), adapter, batch)["tokens"]
-    pv = batch.inputs["pixel_values"].reshape(-1, *batch.inputs["pixel_values"].shape[-3:])
-    pv = pv[(pv != 0).flatten(1).any(1)]  # the tiles the tower saw (padding tiles are blank)
     tower = resolve_path(adapter.model, adapter.paths.vision_embed.rsplit(".", 1)[0])
-    with torch.no_grad():
-        hs = tower(pv, output_hidden_states=True).hidden_states
-    feats = hs[adapter.n_vision_layers - 1]  # output of layer n-2 = vision.layers[-2]
     vt = batch.roles.visual_tokens()
+    if adapter.packed_vision:  # Qwen-VL: every patch of the batch in one sequence; statistics per image
+        with torch.no_grad():
+            hs = tower(batch.inputs["pixel_values"], grid_thw=batch.inputs["image_grid_thw"], output_hidden_states=True).hidden_states
+        feats = hs[adapter.n_vision_layers - 1][None]
+        counts = batch.inputs["image_grid_thw"].prod(-1)
+        image_of = torch.repeat_interleave(torch.arange(len(counts)), counts)  # the image of each patch
+    else:
+        pv = batch.inputs["pixel_values"].reshape(-1, *batch.inputs["pixel_values"].shape[-3:])
+        pv = pv[(pv != 0).flatten(1).any(1)]  # the tiles the tower saw (padding tiles are blank)
+        with torch.no_grad():
+            hs = tower(pv, output_hidden_states=True).hidden_states
+        feats = hs[adapter.n_vision_layers - 1]  # output of layer n-2 = vision.layers[-2]
     # each token's patches (one, or the block a pixel-shuffle family merges): the block's largest norm
     patches = adapter.patch_indices(vt["feature_col"]) + adapter.n_prefix_tokens
     patch_norms = feats.double().norm(dim=-1)[vt["feature_row"][:, None], patches]  # [tokens, block]
@@ -180,8 +187,10 @@ def test_vit_norms_match_hf_hidden_states(adapter):
     all_norms = feats.double().norm(dim=-1)[:, adapter.n_prefix_tokens :]  # statistics over every patch the ViT saw
     sigma_only = run_probe(SinkDetector(vit_ratio=0.0), adapter, batch)["tokens"]["vit_norm_flag"]
     assert any(sigma_only)  # the 2-sigma tail of any image: what the ratio keeps out
-    for flag, flag0, r, ns in zip(rows["vit_norm_flag"], sigma_only, vt["feature_row"].tolist(), patch_norms.tolist()):
+    for t, (flag, flag0, r, ns) in enumerate(zip(rows["vit_norm_flag"], sigma_only, vt["feature_row"].tolist(), patch_norms.tolist())):
         v = all_norms[r]
+        if adapter.packed_vision:  # the patches of this token's own image
+            v = v[image_of == image_of[patches[t, 0] - adapter.n_prefix_tokens]]
         tails = [n > float(v.mean() + 2 * v.std(unbiased=False)) for n in ns]  # a block's token: any of its patches
         assert flag0 == any(tails)
         assert flag == any(t and n >= 2 * float(v.median()) for t, n in zip(tails, ns))
