@@ -1,5 +1,8 @@
 """embedlens: probe and intervene on the visual tokens of multimodal LLMs.
 
+In a notebook: `run` a plan (a file or a dict) and read its tables as
+DataFrames, or `probe` a model on samples directly (see docs/python-api.md).
+
 Example:
     >>> import embedlens
     >>> adapter = embedlens.load_model("tiny:llava-clip")
@@ -13,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the names below, imported on first use (see __getattr__)
     from embedlens import interventions, metrics, probes  # noqa: F401
     from embedlens.adapters import Adapter, Batch, load_model, wrap_model
+    from embedlens.api import Results, probe, run
     from embedlens.data import Sample, load_image, read_jsonl
     from embedlens.errors import AdapterError, EmbedLensError, InputError, PlanError, PluginError, UnknownNameError
     from embedlens.registry import Registry
@@ -22,6 +26,7 @@ if TYPE_CHECKING:  # the names below, imported on first use (see __getattr__)
     from embedlens.registry import probes as probe_registry
     from embedlens.roles import Role, TokenRoles
     from embedlens.sites import Site
+    from embedlens.synthetic import SyntheticSpec
     from embedlens.tracing import collect
 
 # Public name -> (module, attribute). Nothing heavy (torch, transformers, nnsight) is imported
@@ -32,6 +37,9 @@ _LAZY = {
     "Batch": ("embedlens.adapters", "Batch"),
     "load_model": ("embedlens.adapters", "load_model"),
     "wrap_model": ("embedlens.adapters", "wrap_model"),
+    "Results": ("embedlens.api", "Results"),
+    "probe": ("embedlens.api", "probe"),
+    "run": ("embedlens.api", "run"),
     "Sample": ("embedlens.data", "Sample"),
     "load_image": ("embedlens.data", "load_image"),
     "read_jsonl": ("embedlens.data", "read_jsonl"),
@@ -49,6 +57,7 @@ _LAZY = {
     "Role": ("embedlens.roles", "Role"),
     "TokenRoles": ("embedlens.roles", "TokenRoles"),
     "Site": ("embedlens.sites", "Site"),
+    "SyntheticSpec": ("embedlens.synthetic", "SyntheticSpec"),
     "collect": ("embedlens.tracing", "collect"),
 }
 _SUBPACKAGES = ("interventions", "metrics", "probes")
@@ -80,9 +89,11 @@ __all__ = [
     "PlanError",
     "PluginError",
     "Registry",
+    "Results",
     "Role",
     "Sample",
     "Site",
+    "SyntheticSpec",
     "TokenRoles",
     "UnknownNameError",
     "adapter_registry",
@@ -91,7 +102,9 @@ __all__ = [
     "load_image",
     "load_model",
     "metric_registry",
+    "probe",
     "probe_registry",
     "read_jsonl",
+    "run",
     "wrap_model",
 ]

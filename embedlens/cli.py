@@ -1,4 +1,4 @@
-"""The `embedlens` command line: run, validate, list, compare, zoo (train / evaluate / list)."""
+"""The `embedlens` command line: run, validate, list, compare, new (plugin scaffolds), docs, zoo (train / evaluate / list)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _progress_bar(quiet: bool):
 @app.command()
 def run(
     plan: Path = typer.Argument(..., help="YAML plan file."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder (overrides output.dir); new, empty, or an earlier run's."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder (overrides output.dir), relative to the working directory; new, empty, or an earlier run's."),
     resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run in the output folder from its last finished batch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an unfinished run in the output folder and start again."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or model messages."),
@@ -112,7 +112,7 @@ def run(
         if not quiet and result.summary.get("statistics"):
             _print_headline(result.summary["statistics"], name if len(results) > 1 else "")
     if len(results) > 1:
-        out = Path(output) if output is not None else Path(loaded.plan.output.dir)
+        out = Path(output) if output is not None else loaded.output_dir
         typer.echo(f"comparison: {out / 'compare' / 'compare.html'}")
 
 
@@ -249,6 +249,85 @@ def list_plugins() -> None:
                 typer.echo(f"  {'':<18}   {p}")
         for name, err in reg.failed.items():
             typer.echo(f"  {name:<18} FAILED TO LOAD: {err}")
+
+
+new_app = typer.Typer(no_args_is_help=True, help="Start a plugin: a pip-installable package that passes its own tests.")
+app.add_typer(new_app, name="new")
+
+
+def _new(kind: str, name: str, directory: Path) -> None:
+    from embedlens.scaffold import new_plugin
+
+    try:
+        root = new_plugin(kind, name, directory)
+    except EmbedLensError as e:
+        _fail(e)
+    typer.echo(f"wrote {root}")
+    typer.echo(f"  pip install -e {root}     # embedlens finds it through its entry point")
+    typer.echo("  embedlens list             # shows it with its parameters")
+    typer.echo(f"  python -m pytest -q {root / 'tests'}")
+
+
+@new_app.command("probe")
+def new_probe(
+    name: str = typer.Argument(..., help="The probe's name in plans (a lower-case identifier, e.g. token_norm)."),
+    directory: Path = typer.Option(Path("."), "--dir", "-d", help="Folder to create the package NAME in."),
+) -> None:
+    """Write a probe plugin package NAME/: pyproject (entry point), module, README, conformance test.
+
+    Example:
+
+        embedlens new probe token_norm && pip install -e token_norm && embedlens list
+    """
+    _new("probe", name, directory)
+
+
+@new_app.command("intervention")
+def new_intervention(
+    name: str = typer.Argument(..., help="The intervention's name in plans (a lower-case identifier)."),
+    directory: Path = typer.Option(Path("."), "--dir", "-d", help="Folder to create the package NAME in."),
+) -> None:
+    """Write an intervention plugin package NAME/: pyproject (entry point), module, README, conformance test.
+
+    Example:
+
+        embedlens new intervention scale_visual && pip install -e scale_visual
+    """
+    _new("intervention", name, directory)
+
+
+docs_app = typer.Typer(no_args_is_help=True, help="Generated documentation.")
+app.add_typer(docs_app, name="docs")
+
+
+@docs_app.command("plan-reference")
+def docs_plan_reference(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write it here (default: print it)."),
+    check: bool = typer.Option(False, "--check", help="Do not write: exit 1 when --output differs from what would be written."),
+) -> None:
+    """Every plan key (from the schema) and every built-in plugin's parameters, as Markdown.
+
+    Example:
+
+        embedlens docs plan-reference --output docs/plan-reference.md
+    """
+    from embedlens.plan.reference import plan_reference
+
+    text = plan_reference()
+    if output is None:
+        if check:
+            _fail(EmbedLensError("--check needs --output FILE to compare with"))
+        typer.echo(text, nl=False)
+        return
+    if check:
+        current = output.read_text(encoding="utf-8") if output.is_file() else None
+        if current != text:
+            typer.echo(f"{output} is stale; regenerate it with: embedlens docs plan-reference --output {output}", err=True)
+            raise typer.Exit(code=1)
+        typer.echo(f"{output} is up to date")
+        return
+    output.write_text(text, encoding="utf-8")
+    typer.echo(f"wrote {output}")
 
 
 zoo_app = typer.Typer(no_args_is_help=True, help="The model zoo: train, evaluate and list embedlens's own trained models.")

@@ -10,6 +10,15 @@ dead" has a known answer. Deterministic by seed.
 >>> sample, _ = rec.load()
 >>> sample.images[0].size, len(sample.meta["patch_labels"]["kind"])
 ((64, 64), 8)
+
+Given a model, the ground truth follows its visual-token grid unless
+`patch_grid` is set:
+
+>>> import embedlens
+>>> adapter = embedlens.load_model("tiny:llava-clip")
+>>> samples = SyntheticSpec(n=2, size=64).samples(adapter)
+>>> len(samples[0].meta["patch_labels"]["kind"]) == adapter.grid()[0]
+True
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from embedlens.data import Record
+from embedlens.data import Record, Sample
 from embedlens.errors import InputError
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -36,6 +45,8 @@ WORDS = ("cat", "dog", "sun", "car", "box", "cup", "sky", "man")
 COUNTS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 QUESTION_TYPES = ("colour", "shape", "position", "word", "count")
 KINDS = ("background", "object", "text")
+#: Ground-truth grid when neither the spec nor a model gives one.
+DEFAULT_PATCH_GRID = 8
 
 
 def position_names(grid: int) -> list[list[str]]:
@@ -69,8 +80,9 @@ class SyntheticSpec:
             60% alive tokens the study saw on natural images, 0.85 a sparse set.
         texture: amplitude (0..1) of the background's light texture.
         word_rate: share of images with a rendered word (in one free cell).
-        patch_grid: ground-truth grid (patches per side); match the vision
-            encoder (image_size // patch_size); plans may say ``auto``.
+        patch_grid: ground-truth grid (patches per side). None (the default):
+            the model's visual-token grid when `records` / `samples` /
+            `make_records` are given a model, else 8; plans say ``auto``.
         question_types: which questions to ask, cycled through the images.
     """
 
@@ -81,7 +93,7 @@ class SyntheticSpec:
     background: float = 0.4
     texture: float = 0.08
     word_rate: float = 0.3
-    patch_grid: int = 8
+    patch_grid: int | None = None
     question_types: tuple[str, ...] = QUESTION_TYPES
 
     def check(self) -> None:
@@ -94,11 +106,31 @@ class SyntheticSpec:
             raise InputError(f"synthetic.grid: expected 1..6 cells per side; got {self.grid}")
         if not 0.0 <= self.background < 1.0:
             raise InputError(f"synthetic.background: expected a share in [0, 1); got {self.background}")
-        if not 1 <= self.patch_grid <= self.size:
+        if self.patch_grid is not None and not 1 <= self.patch_grid <= self.size:
             raise InputError(f"synthetic.patch_grid: expected 1..{self.size}; got {self.patch_grid}")
         bad = [q for q in self.question_types if q not in QUESTION_TYPES]
         if bad or not self.question_types:
             raise InputError(f"synthetic.question_types: unknown {bad}; choose from {list(QUESTION_TYPES)}")
+
+    def for_model(self, model: Any = None) -> "SyntheticSpec":
+        """This spec with `patch_grid` fixed: as given, else `model`'s visual-token grid, else 8.
+
+        Args:
+            model: a loaded `embedlens.Adapter` (or None).
+        """
+        if self.patch_grid is not None:
+            return self
+        from dataclasses import replace
+
+        return replace(self, patch_grid=model.grid()[0] if model is not None else DEFAULT_PATCH_GRID)
+
+    def records(self, model: Any = None) -> list[Record]:
+        """The data set as records (images rendered in memory); see `make_records`."""
+        return make_records(self, model)
+
+    def samples(self, model: Any = None) -> list[Sample]:
+        """The data set as samples, ready for `Adapter.encode` or `embedlens.probe`."""
+        return [r.load()[0] for r in make_records(self, model)]
 
 
 @dataclass
@@ -308,14 +340,18 @@ def every_question(scene: Scene, grid: int) -> list[tuple[str, str, str, list[st
     return out
 
 
-def make_records(spec: SyntheticSpec) -> list[Record]:
+def make_records(spec: SyntheticSpec, model: Any = None) -> list[Record]:
     """The data set as records (images rendered in memory), one question per image.
+
+    With `model` (a loaded adapter) and no `patch_grid`, the ground truth is
+    at the model's visual-token grid (`SyntheticSpec.for_model`).
 
     Question types cycle through `spec.question_types`; when an image cannot
     answer the type due (no word, no unique shape), the next type is asked.
     Each record's meta holds ``qtype``, ``candidates``, ``patch_labels``
     (kind / colour / shape / char grids at `patch_grid`), ``objects`` and ``word``.
     """
+    spec = spec.for_model(model)
     spec.check()
     out = []
     for i in range(spec.n):
@@ -355,6 +391,7 @@ def save(spec: SyntheticSpec, folder: str, fmt: str = "jsonl") -> str:
     import json
     from pathlib import Path
 
+    spec = spec.for_model(None)  # spec.json records the grid the labels were made at
     out = Path(folder)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []

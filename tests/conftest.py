@@ -19,13 +19,37 @@ from embedlens.testing.images import noise, shapes  # noqa: E402
 FAMILIES = list(TINY_SPECS)
 
 _real_popen_init = subprocess.Popen.__init__
+#: Folders a test may `pip install --no-deps --target` into (see `pip_target`): installs there never touch the venv.
+_ALLOWED_TARGETS: set[str] = set()
+
+
+def _allowed_install(args) -> bool:
+    """Exactly ``python -m pip install --no-deps --no-build-isolation --target ALLOWED ...``, as a list."""
+    if not isinstance(args, (list, tuple)) or "--target" not in args:
+        return False
+    args = [str(a) for a in args]
+    target = args[args.index("--target") + 1] if args.index("--target") + 1 < len(args) else ""
+    return (args[1:4] == ["-m", "pip", "install"] and "--no-deps" in args and "--no-build-isolation" in args
+            and target in _ALLOWED_TARGETS)
 
 
 def _guarded_popen_init(self, args, *a, **k):
     text = " ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args)
-    if "install" in text and ("pip" in text or "uv" in text):
+    if "install" in text and ("pip" in text or "uv" in text) and not _allowed_install(args):
         raise AssertionError(f"a package install was attempted at run time: {text}")
     return _real_popen_init(self, args, *a, **k)
+
+
+@pytest.fixture
+def pip_target(tmp_path):
+    """A temporary folder a test may install plugin packages into with
+    ``python -m pip install --no-deps --no-build-isolation --target FOLDER``, then
+    put on a subprocess's PYTHONPATH: the venv itself is never modified."""
+    target = tmp_path / "site"
+    target.mkdir()
+    _ALLOWED_TARGETS.add(str(target))
+    yield target
+    _ALLOWED_TARGETS.discard(str(target))
 
 
 @pytest.fixture(autouse=True, scope="session")

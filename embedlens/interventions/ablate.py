@@ -27,6 +27,16 @@ class Ablate(Intervention):
     ``llm.embed`` only: e.g. dead tokens replaced by their anchor word, which
     keeps their slots in the sequence but drops whatever they still carried.
 
+    Args:
+        tokens: the image tokens replaced.
+        value: ``zero``, ``mean`` (the data-set mean of the `mean_over` tokens at `site`, fitted in an
+            earlier pass) or ``word`` (the input embedding of `word`).
+        site: ``llm.embed`` (the LLM input) or ``llm.layers[i]`` (the residual stream after layer i).
+        mean_over: the tokens the data-set mean is taken over (``value: mean``).
+        if_empty: ``error`` (the default) when some sample's selection is empty, or ``noop`` to leave such
+            samples unchanged.
+        word: for ``value: word``: one vocabulary token (text) or an id; ``llm.embed`` only.
+
     Example:
         >>> Ablate(tokens="visual and row < 2", value="zero").value
         'zero'
@@ -147,6 +157,18 @@ class AblateRandomMatched(Ablate):
     The draw is the one `prune_random_matched` makes (seeded per sample by the
     seed, the sample id and its tokens); the replacement is `ablate`'s (zeros
     or the data-set mean at `site`).
+
+    Args:
+        target: the selection whose size is matched per sample.
+        seed: seeds the per-sample draw (the one `prune_random_matched` makes).
+        pool: the tokens the draw is made from.
+        value: as `ablate`.
+        site: as `ablate`.
+        mean_over: as `ablate`.
+        if_empty: ``error`` (the default) when some sample's selection is empty, or ``noop`` to leave such
+            samples unchanged.
+        exclude_target: draw from the pool outside the target (``false``: from the whole pool).
+        word: as `ablate`.
 
     Example:
         >>> AblateRandomMatched(target="dead", value="zero").target

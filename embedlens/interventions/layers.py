@@ -78,6 +78,13 @@ class SkipSublayer(Intervention):
     notation (n = attention of layer n, n + 0.5 = its MLP) or
     ``{layer: n, sublayer: attn|mlp}``.
 
+    Args:
+        tokens: the tokens whose updates are zeroed.
+        sublayers: ``n`` = the attention update of decoder layer n, ``n + 0.5`` = its MLP update, or
+            ``{layer: n, sublayer: attn|mlp}``.
+        if_empty: ``error`` (the default) when some sample's selection is empty, or ``noop`` to leave such
+            samples unchanged.
+
     Example:
         >>> SkipSublayer(tokens="visual", sublayers=[0.5, 1]).targets
         [(0, 'mlp'), (1, 'attn')]
@@ -109,6 +116,13 @@ class AttentionKnockout(Intervention):
 
     `layers` takes indices and inclusive ranges (``["0-9"]`` for a 10-layer
     window). A query left with nothing to attend to gets a zero attention update.
+
+    Args:
+        source: the queries that may not look.
+        target: the keys they may not attend to.
+        layers: decoder layers: indices and inclusive ranges such as ``"0-9"``.
+        if_empty: ``error`` (the default) when some sample's selection is empty, or ``noop`` to leave such
+            samples unchanged.
 
     Example:
         >>> AttentionKnockout(source="last", target="visual", layers=["0-1", 3]).layers
@@ -150,6 +164,12 @@ class InjectAtLayer(Intervention):
 
     ``layer: 0`` is the unmodified model.
 
+    Args:
+        layer: k: the tokens enter at decoder layer k (0 = the unmodified model).
+        tokens: the tokens held back until layer k.
+        if_empty: ``error`` (the default) when some sample's selection is empty, or ``noop`` to leave such
+            samples unchanged.
+
     Example:
         >>> InjectAtLayer(layer=8).layer
         8
@@ -174,6 +194,12 @@ class WithdrawAtLayer(Intervention):
     """Visual token withdrawal (VTW): image tokens leave the sequence from `layer` on.
 
     ``layer`` may equal the number of layers (nothing leaves): the unmodified model.
+
+    Args:
+        layer: k: the tokens leave from decoder layer k on (the number of layers = the unmodified model).
+        tokens: the tokens withdrawn.
+        if_empty: ``error`` (the default) when some sample's selection is empty, or ``noop`` to leave such
+            samples unchanged.
 
     Example:
         >>> WithdrawAtLayer(layer=16).layer

@@ -43,6 +43,13 @@ class Prune(_Pruning):
     image tokens). ``mode: mask`` keeps the tokens but blocks every query from
     attending to them: the same outputs without the saving, as a check.
 
+    Args:
+        tokens: the image tokens to remove (a selection: ``dead``, ``visual and row < 12``, indices, ...).
+        mode: ``remove`` (drop them from the sequence; saves compute) or ``mask`` (block attention to
+            them; same outputs).
+        if_empty: ``error`` (the default) when some sample's selection is empty, or ``noop`` to leave such
+            samples unchanged.
+
     Example:
         >>> Prune(tokens="dead")
         Prune(tokens='dead', mode='remove', if_empty='error')
@@ -82,6 +89,16 @@ class PruneRandomMatched(_Pruning):
     A sample whose target is empty is an error, or unchanged with
     ``if_empty: noop``; never "remove everything". The draw depends only on
     the seed, the sample's id and its tokens, not on how samples are batched.
+
+    Args:
+        target: the selection whose size is matched per sample (e.g. ``dead``).
+        seed: seeds the per-sample draw (with the sample id and its tokens).
+        pool: the tokens the draw is made from.
+        mode: ``remove`` or ``mask``, as `prune`.
+        if_empty: ``error`` (the default) when some sample's selection is empty, or ``noop`` to leave such
+            samples unchanged.
+        exclude_target: draw from the pool outside the target (``false``: from the whole pool, for a target that
+            is most of it).
 
     Example:
         >>> PruneRandomMatched(target="dead", seed=1).seed
@@ -148,6 +165,12 @@ class FastV(Intervention):
 
     The attention row is recomputed from layer K-1's queries and keys, so this
     works with SDPA; tokens dropped are absent from layer K on.
+
+    Args:
+        layer: K: tokens are ranked by layer K-1's last-token attention and dropped from layer K on
+            (1..n_layers-1).
+        keep: fraction of the `tokens` kept, in (0, 1].
+        tokens: the tokens ranked (the others always stay).
 
     Example:
         >>> FastV(layer=2, keep=0.5).keep

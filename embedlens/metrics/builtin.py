@@ -87,6 +87,10 @@ class ForcedChoice(Metric):
     prompt (mean per token with `length_normalize`). Candidates come from the
     sample's `meta[key]` (a list of strings); samples without get NaN.
 
+    Args:
+        key: the sample meta key holding the candidate answers.
+        length_normalize: score candidates by their mean log-probability per token instead of the sum.
+
     Example:
         >>> ForcedChoice(key="choices").key
         'choices'
@@ -137,6 +141,9 @@ class ForcedChoice(Metric):
 @metrics.register("generation")
 class Generation(Metric):
     """Greedy generation with exact-match and contains accuracy against the answer.
+
+    Args:
+        max_new_tokens: tokens generated per sample (1..4096).
 
     Example:
         >>> Generation(max_new_tokens=5).max_new_tokens

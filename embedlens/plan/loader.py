@@ -59,10 +59,11 @@ class LoadedPlan:
     were written, so errors about a swept value point at the sweep line.
     """
 
-    def __init__(self, plan: Plan, path: Path | None, located: _Located):
+    def __init__(self, plan: Plan, path: Path | None, located: _Located, base_dir: Path | None = None):
         self.plan = plan
         self.path = path
         self._located = located
+        self._base_dir = base_dir
         self.aliases: dict[tuple, tuple] = {}
 
     def written(self, loc: tuple) -> tuple:
@@ -76,11 +77,35 @@ class LoadedPlan:
 
     @property
     def base_dir(self) -> Path:
+        """The one folder every relative path of the plan is resolved from: the plan file's
+        folder (a plan shared with its data runs anywhere); for a plan given as text, the
+        ``base_dir`` it was loaded with, else the working directory."""
+        if self._base_dir is not None:
+            return self._base_dir
         return self.path.parent if self.path is not None else Path.cwd()
 
     def resolve(self, p: str) -> Path:
         q = Path(p).expanduser()
         return q if q.is_absolute() else self.base_dir / q
+
+    def model_source(self, source: str) -> str:
+        """``model.source`` with a local folder resolved from `base_dir`; ``zoo:``/``tiny:`` names and hub ids as written.
+
+        A relative source is a folder when it exists under `base_dir` or is written
+        as a path (``./ckpt``, ``../models/x``); otherwise it is a hub id (``org/name``).
+        """
+        if ":" in source.split("/", 1)[0]:  # zoo:NAME, tiny:NAME
+            return source
+        path = Path(source).expanduser()
+        if path.is_absolute():
+            return str(path)
+        here = self.base_dir / path
+        return str(here) if here.exists() or source.startswith(("./", "../")) else source
+
+    @property
+    def output_dir(self) -> Path:
+        """``output.dir`` resolved from `base_dir` (the command line's ``--output`` is relative to the working directory instead)."""
+        return self.resolve(self.plan.output.dir)
 
     def error(self, loc: tuple, message: str) -> PlanError:
         """A `PlanError` pointing at `loc` (a key path tuple) in the plan file."""
@@ -121,12 +146,16 @@ def _suggest(model: type[BaseModel], loc: tuple) -> str:
     return (f". Did you mean: {', '.join(close)}?" if close else "") + f" Allowed keys: {', '.join(names)}"
 
 
-def load_plan(path: str | Path | None = None, text: str | None = None) -> LoadedPlan:
+def load_plan(path: str | Path | None = None, text: str | None = None, base_dir: str | Path | None = None) -> LoadedPlan:
     """Parse and validate a plan from a file (or from `text`).
 
     Checks that need no model happen here: schema, unknown keys, plugin names
     and parameter types, input files. Checks that need the model (layer
     ranges) run in `embedlens.plan.runner.prepare` after loading it.
+
+    Relative paths in the plan (``data.prompts``, ``data.images``,
+    ``data.dataset``, ``output.dir``) are relative to the plan file's folder;
+    for `text`, to `base_dir` (default: the working directory).
 
     Raises:
         PlanError: naming file, line and key path.
@@ -167,7 +196,7 @@ def load_plan(path: str | Path | None = None, text: str | None = None) -> Loaded
         line = located.line(loc)
         more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
         raise PlanError(f"{where}{':' + str(line) if line else ''} {_key_path(loc)}: {msg}{more}") from None
-    loaded = LoadedPlan(plan, p, located)
+    loaded = LoadedPlan(plan, p, located, Path(base_dir).expanduser() if base_dir is not None else None)
     loaded.text = text  # the plan as written (comments kept): the report embeds it
     _check_names(loaded)
     _expand_sweeps(loaded)
@@ -499,10 +528,11 @@ def _check_plugin(loaded: LoadedPlan, registry, loc: tuple, spec) -> None:
 
 def _check_files(loaded: LoadedPlan) -> None:
     data = loaded.plan.data
+    base = f"(a relative path is relative to {'the plan file' + chr(39) + 's folder' if loaded.path is not None else 'the base folder'}, {loaded.base_dir})"
     if data.prompts is not None:
         prompts = loaded.resolve(data.prompts)
         if not prompts.is_file():
-            raise loaded.error(("data", "prompts"), f"file not found: {prompts}")
+            raise loaded.error(("data", "prompts"), f"file not found: {prompts} {base}")
         if prompts.suffix.lower() not in (".jsonl", ".json", ".csv"):
             raise loaded.error(("data", "prompts"), f"expected a .jsonl or .csv file; got {prompts.name}")
         try:
@@ -512,9 +542,18 @@ def _check_files(loaded: LoadedPlan) -> None:
         if not text.strip():
             raise loaded.error(("data", "prompts"), f"{prompts} is empty: no samples")
     if data.images is not None and not loaded.resolve(data.images).is_dir():
-        raise loaded.error(("data", "images"), f"folder not found: {loaded.resolve(data.images)}")
+        raise loaded.error(("data", "images"), f"folder not found: {loaded.resolve(data.images)} {base}")
     if data.dataset is not None and not loaded.resolve(data.dataset).exists():
-        raise loaded.error(("data", "dataset"), f"data set folder not found: {loaded.resolve(data.dataset)}")
+        raise loaded.error(("data", "dataset"), f"data set folder not found: {loaded.resolve(data.dataset)} {base}")
+    out = loaded.plan.output.dir
+    if not out.strip():
+        raise loaded.error(("output", "dir"), "is empty (''); give a folder for the run, e.g. runs/NAME")
+    resolved = loaded.output_dir
+    if resolved.exists() and not resolved.is_dir():
+        raise loaded.error(("output", "dir"), f"{resolved} exists and is not a folder {base}")
+    parent = next((p for p in resolved.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise loaded.error(("output", "dir"), f"{parent} is a file, so {resolved} cannot be created {base}")
 
 
 def _one_partition(loaded: LoadedPlan) -> None:

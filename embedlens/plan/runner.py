@@ -98,7 +98,8 @@ def load_plan_model(loaded: LoadedPlan, name: str | None = None) -> tuple[str, A
     loc = _model_loc(loaded, name)
     _check_device(loaded, loc, m.device)
     try:
-        return name, load_model(m.source, adapter=m.adapter, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation)
+        return name, load_model(loaded.model_source(m.source), adapter=m.adapter, dtype=m.dtype, device=m.device,
+                                attn_implementation=m.attn_implementation)
     except EmbedLensError as e:
         key = "adapter" if m.adapter and "adapter" in str(e) else "source"
         raise loaded.error((*loc, key), str(e)) from None
@@ -298,7 +299,7 @@ def run(
 
     Args:
         prepared: from `prepare`.
-        out_dir: overrides the plan's `output.dir`.
+        out_dir: overrides the plan's `output.dir` (which is relative to the plan's folder).
         progress: called as ``progress(phase, done_samples, total_samples)``.
         resume: continue the unfinished run in `out_dir` from its last finished batch.
         overwrite: discard an unfinished run in `out_dir` and start again.
@@ -312,7 +313,7 @@ def run(
             (full disk, read-only file system).
     """
     plan = prepared.loaded.plan
-    out = claim(Path(out_dir) if out_dir is not None else Path(plan.output.dir))
+    out = claim(Path(out_dir) if out_dir is not None else prepared.loaded.output_dir)
     try:
         with RunLock(out):
             return _run_locked(prepared, out, progress, resume, overwrite)
@@ -634,13 +635,14 @@ def run_all(
         on_model: called with each model's name before it loads.
     """
     plan = loaded.plan
-    out = Path(out_dir) if out_dir is not None else Path(plan.output.dir)
+    out = Path(out_dir) if out_dir is not None else loaded.output_dir  # the plan's: relative to its folder
     names = list(plan.model_specs())
 
     def prog(name):
         return (lambda phase, d, t: progress(name, phase, d, t)) if progress else None
 
     check_output(out_dir if out_dir is not None else plan.output.dir)  # as written: '' is not '.'
+    check_output(out)
     claim(out, kind="run" if len(names) == 1 else "runs")  # refuse a foreign folder before loading any model
     if len(names) == 1:
         if on_model:

@@ -124,7 +124,7 @@ class PartitionSpec(_Strict):
 class OutputSpec(_Strict):
     """Where results go and in which formats."""
 
-    dir: str = Field("runs/plan", description="output folder; relative to the working directory")
+    dir: str = Field("runs/plan", description="output folder; relative to the plan file's folder (the command line's --output: to the working directory)")
     formats: list[Literal["parquet", "csv"]] = Field(
         default_factory=lambda: ["parquet", "csv"], min_length=1, description="table formats"
     )

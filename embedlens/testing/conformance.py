@@ -8,6 +8,7 @@ Example (in a plugin's test suite)::
     def test_my_probe_conforms():
         check_probe(MyProbe, params={"layer": 1})
 
+`check_intervention` does the same for interventions (see its docstring).
 `check_probe` runs the probe on every tiny model family with a batch of three
 samples of different image sizes and prompt lengths, padded left and right,
 checks that its state survives a checkpoint (`embedlens.state`), and fails with an `AssertionError` that names the probe, the family and the
@@ -108,18 +109,12 @@ def check_probe(cls: type, params: dict[str, Any] | None = None, families: tuple
     from embedlens.adapters import load_model
     from embedlens.groups import Partition
     from embedlens.probes.base import Probe
-    from embedlens.registry import plugin_params
     from embedlens.tracing import collect
 
     name = getattr(cls, "registered_name", cls.__name__)
     if not issubclass(cls, Probe):
         _fail(name, "a probe must subclass embedlens.probes.Probe")
-    doc = inspect.getdoc(cls) or ""
-    if "Example" not in doc:
-        _fail(name, "the class docstring needs an Example section")
-    documented = [p.name for p in plugin_params(cls) if p.name not in doc]
-    if documented:
-        _fail(name, f"parameters {documented} are not described in the class docstring")
+    _check_docstring(cls, name)
     params = dict(getattr(cls, "example_params", {}) if params is None else params)
     for family in families:
         where = f"{name} on tiny:{family}"
@@ -160,3 +155,96 @@ def check_probe(cls: type, params: dict[str, Any] | None = None, families: tuple
                 missing = [str(p) for p in paths if not Path(p).is_file()]
                 if missing:
                     _fail(where, f"{kind}() returned paths that were not written: {missing}")
+
+
+def _check_docstring(cls: type, name: str) -> None:
+    from embedlens.registry import plugin_params
+
+    doc = inspect.getdoc(cls) or ""
+    if "Example" not in doc:
+        _fail(name, "the class docstring needs an Example section")
+    documented = [p.name for p in plugin_params(cls) if p.name not in doc]
+    if documented:
+        _fail(name, f"parameters {documented} are not described in the class docstring")
+
+
+def check_intervention(cls: type, params: dict[str, Any] | None = None, families: tuple[str, ...] = DEFAULT_FAMILIES,
+                       atol: float = 1e-4) -> None:
+    """Run the conformance checks on intervention class `cls`.
+
+    On every tiny family, with the three `conformance_samples` labelled by a
+    partition (``dead``: anchors 6 and 7; ``sink``: ViT high norm), the
+    intervention runs as a plan's condition does (its fit pass first when
+    `needs_fit`, the baseline's groups and embeddings): each sample's
+    next-token logits under the intervention must be finite and the same with
+    left and right padding; its state must survive a checkpoint; and
+    registering it must succeed (explicit typed parameters, `setup` defined).
+
+    Example (in a plugin's test suite)::
+
+        from embedlens.testing.conformance import check_intervention
+        from my_plugin import ScaleVisual
+
+        def test_scale_visual_conforms():
+            check_intervention(ScaleVisual, params={"factor": 0.5})
+
+    Args:
+        cls: an `Intervention` subclass.
+        params: constructor parameters (default: ``cls.example_params``).
+        families: tiny model families to run on.
+        atol: absolute tolerance on the logits across paddings (relative: 1e-3).
+    """
+    from embedlens.adapters import load_model
+    from embedlens.groups import Partition
+    from embedlens.interventions.base import Intervention
+    from embedlens.interventions.condition import Condition
+    from embedlens.interventions.engine import Engine
+    import torch
+
+    from embedlens.metrics.compare import prompt_only
+    from embedlens.registry import interventions
+    from embedlens.state import CheckpointError, decode_state, encode_state
+
+    name = getattr(cls, "registered_name", "") or cls.__name__
+    if not (isinstance(cls, type) and issubclass(cls, Intervention)):
+        _fail(name, "an intervention must subclass embedlens.interventions.base.Intervention")
+    _check_docstring(cls, name)
+    try:
+        interventions.fresh().add(name, cls)  # the checks registration makes, on a registry of its own
+    except Exception as e:  # noqa: BLE001 - PluginError, named
+        _fail(name, str(e))
+    params = dict(getattr(cls, "example_params", {}) if params is None else params)
+    for family in families:
+        where = f"{name} on tiny:{family}"
+        adapter = load_model(f"tiny:{family}")
+        samples = prompt_only(conformance_samples())
+        part = Partition(anchors={"dead": [6, 7]}, vit_norm="sink")
+        effects = {}
+        for side in ("left", "right"):
+            iv = cls(**params)
+            iv.check(adapter)
+            cond = Condition("conformance", [iv])
+            if cond.needs_fit:
+                cond.fit(adapter, [adapter.encode(samples, padding_side=side)])
+            engine = Engine(adapter)
+            batch = adapter.encode(samples, padding_side=side)
+            with torch.no_grad():
+                base = engine.run(batch, groups=part)
+                out = engine.run(batch, cond.interventions, condition=cond.name, groups=base.context.groups, embeds=base.context.embeds)
+                effects[side] = (iv, out.last_logits().float().cpu())  # [samples, vocab]
+        (_, left), (_, right) = effects["left"], effects["right"]
+        for i, s in enumerate(samples):
+            if not bool(torch.isfinite(left[i]).all()):
+                _fail(where, f"the next-token logits of sample {s.id} are not finite")
+            gap = float((left[i] - right[i]).abs().max())
+            if not torch.allclose(left[i], right[i], rtol=1e-3, atol=atol):
+                _fail(where, f"the next-token logits of sample {s.id} depend on padding (max difference {gap:.3g} left vs right)")
+        iv = effects["right"][0]
+        try:
+            meta, tensors = encode_state(iv, where)
+            fresh = cls(**params)
+            decode_state(fresh, json.loads(json.dumps(meta, allow_nan=False)), tensors, where)
+        except CheckpointError as e:
+            _fail(where, f"its state cannot be checkpointed: {e}")
+        if encode_state(fresh, where)[0] != meta:
+            _fail(where, "state_dict() -> load_state_dict() does not give the same state back")

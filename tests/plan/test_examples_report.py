@@ -249,6 +249,6 @@ def test_validate_checks_every_model(tmp_path):
     assert "ok (clip: llava model, 8 samples" in r.output and "ok (siglip: llava model, 8 samples" in r.output
     bad = tmp_path / "plan.yaml"
     text = (EXAMPLES / "clip_vs_siglip.yaml").read_text().replace("source: zoo:tiny-llava-siglip", "source: zoo:tiny-llava-siglp")
-    bad.write_text(text.replace("synthetic: {n: 8, seed: 3}", "synthetic: {n: 8, seed: 3}").replace("dir: runs/clip_vs_siglip", f"dir: {tmp_path}/o"))
+    bad.write_text(text.replace("synthetic: {n: 8, seed: 3}", "synthetic: {n: 8, seed: 3}").replace("dir: ../runs/clip_vs_siglip", f"dir: {tmp_path}/o"))
     r = CliRunner().invoke(app, ["validate", str(bad)])
     assert r.exit_code == 2 and re.search(r"plan\.yaml:\d+ models\.siglip\.source: Unknown zoo model 'tiny-llava-siglp'", r.output), r.output
