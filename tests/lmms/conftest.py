@@ -1,0 +1,72 @@
+"""Fixtures of the lmms-eval bridge tests: lmms-eval itself (the lmms extra), offline settings, a plan on a zoo
+model with the pruning conditions, and one evaluation per zoo model shared by the tests that read it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the local tasks read local files; nothing may reach a hub
+
+PLAN = """\
+model:
+  source: {source}
+data:
+  {data}
+  padding_side: left
+partition:
+  anchors: {{dead: [{dead}]}}
+conditions:
+  prune_dead:
+    - {{name: prune, params: {{tokens: dead, if_empty: noop}}}}
+  prune_random:
+    - {{name: prune_random_matched, params: {{target: dead, seed: 0, if_empty: noop, exclude_target: false}}}}
+metrics:
+  - {{name: generation, params: {{max_new_tokens: 8}}}}
+  - {{name: forced_choice}}
+  - {{name: answer_logprob}}
+output:
+  dir: {out}
+batch_size: 3
+seed: 0
+"""
+
+
+def need_lmms_eval():
+    """lmms-eval, or a skip; a failure where CI installed the extra (EMBEDLENS_REQUIRE_LMMS=1)."""
+    try:
+        import lmms_eval.evaluator  # noqa: F401
+    except ImportError as e:
+        if os.environ.get("EMBEDLENS_REQUIRE_LMMS"):
+            pytest.fail(f"EMBEDLENS_REQUIRE_LMMS is set but lmms-eval does not import: {e}")
+        pytest.skip(f"lmms-eval is not installed (the lmms extra: docs/benchmarks-lmms.md): {e}")
+
+
+@pytest.fixture(scope="session")
+def lmms_env(tmp_path_factory):
+    """lmms-eval importable, and its data set cache in a temporary folder (not the user's HF cache)."""
+    need_lmms_eval()
+    cache = tmp_path_factory.mktemp("lmms_datasets_cache")
+    old = os.environ.get("LMMS_EVAL_DATASETS_CACHE")
+    os.environ["LMMS_EVAL_DATASETS_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("LMMS_EVAL_DATASETS_CACHE", None)
+    else:
+        os.environ["LMMS_EVAL_DATASETS_CACHE"] = old
+
+
+#: The zoo models' dead anchor: the word their background patches land on (README: the model zoo).
+DEAD_WORD = "background"
+
+
+def write_plan(folder, source: str = "zoo:tiny-llava-clip", data: str = "synthetic: {n: 4, seed: 0, size: 96}", name: str = "plan.yaml"):
+    """A plan with the pruning conditions, the zoo's dead anchor given (so every plan labels alike), `data` as given."""
+    from embedlens.adapters import load_model
+
+    tok = load_model(source).tokenizer
+    dead = tok.convert_tokens_to_ids(DEAD_WORD)
+    path = folder / name
+    path.write_text(PLAN.format(source=source, data=data, dead=dead, out=folder / "run"))
+    return path

@@ -1,0 +1,63 @@
+"""`embedlens eval`: the table, its paired differences, the chart and the report, and its refusals."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from embedlens.cli import app
+from tests.lmms.conftest import write_plan
+
+TASKS = "embedlens_synqa,embedlens_pope_mc"
+
+
+@pytest.fixture(scope="module")
+def evaluated(lmms_env, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval")
+    plan = write_plan(folder)
+    out = folder / "out"
+    res = CliRunner().invoke(app, ["eval", str(plan), "--tasks", TASKS, "--conditions", "prune_dead,prune_random",
+                                   "--limit", "4", "--output", str(out)])
+    return res, out
+
+
+def test_writes_table_chart_and_report(evaluated):
+    res, out = evaluated
+    assert res.exit_code == 0, res.output
+    rows = pq.read_table(out / "benchmarks.parquet").to_pylist()
+    assert {(r["task"], r["condition"]) for r in rows} == {
+        (t, c) for t in TASKS.split(",") for c in ("baseline", "prune_dead", "prune_random")}
+    assert (out / "benchmarks.csv").is_file() and (out / "benchmark_samples.csv").is_file()
+    samples = pq.read_table(out / "benchmark_samples.parquet").to_pylist()
+    for r in rows:
+        # the value is the mean of the logged per-document scores; the paired difference is recomputed from them
+        mine = {s["doc_id"]: s["score"] for s in samples if (s["task"], s["condition"], s["metric"]) == (r["task"], r["condition"], r["metric"])}
+        base = {s["doc_id"]: s["score"] for s in samples if (s["task"], s["condition"], s["metric"]) == (r["task"], "baseline", r["metric"])}
+        assert len(mine) == len(base) == 4 == r["paired_n"]
+        assert r["value"] == pytest.approx(sum(mine.values()) / 4)
+        assert r["diff"] == pytest.approx(r["value"] - r["baseline"])
+        assert r["paired_diff"] == pytest.approx(sum(mine[k] - base[k] for k in mine) / 4)
+    png = out / "figures" / "benchmarks.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (out / "report.html").read_text()
+    assert '<h2 id="benchmarks">Benchmarks (lmms-eval)</h2>' in html and "paired diff" in html
+    assert html.count("data:image/png;base64,") == 1  # the chart, once (not again under other figures)
+    assert (out / ".embedlens-run").is_file()
+    assert "embedlens_pope_mc" in res.output and "prune_random" in res.output
+
+
+def test_refusals_exit_2(lmms_env, tmp_path, evaluated):
+    plan = write_plan(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", str(plan), "--tasks", "embedlens_synqa", "--conditions", "prune_ded"])
+    assert res.exit_code == 2 and "Unknown condition of plan" in res.output and "Did you mean: prune_dead" in res.output
+    res = runner.invoke(app, ["eval", str(plan), "--tasks", "embedlens_synqa,embedlens_synqa"])
+    assert res.exit_code == 2 and "--tasks: embedlens_synqa given twice" in res.output
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    res = runner.invoke(app, ["eval", str(plan), "--tasks", "embedlens_synqa", "--output", str(foreign)])
+    assert res.exit_code == 2 and "was not created by embedlens" in res.output
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    assert "Traceback" not in res.output
