@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -9,15 +11,16 @@ from typer.testing import CliRunner
 from embedlens.cli import app
 from tests.lmms.conftest import write_plan
 
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "benchmarks.yaml"
+
 TASKS = "embedlens_synqa,embedlens_pope_mc"
 
 
 @pytest.fixture(scope="module")
 def evaluated(lmms_env, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("eval")
-    plan = write_plan(folder)
-    out = folder / "out"
-    res = CliRunner().invoke(app, ["eval", str(plan), "--tasks", TASKS, "--conditions", "prune_dead,prune_random",
+    """The example plan (anchors discovered on its own data first) on two local tasks."""
+    out = tmp_path_factory.mktemp("eval") / "out"
+    res = CliRunner().invoke(app, ["eval", str(EXAMPLE), "--tasks", TASKS, "--conditions", "prune_dead,prune_random",
                                    "--limit", "4", "--output", str(out)])
     return res, out
 
