@@ -64,7 +64,7 @@ def greedy_settings(gen_kwargs: Mapping[str, Any] | None, task: str = "?") -> Gr
         >>> greedy_settings({"temperature": 0.7}, task="pope")
         Traceback (most recent call last):
         ...
-        embedlens.errors.BenchmarkError: task 'pope': generation setting temperature=0.7 is not greedy decoding; the embedlens model decodes greedily only (temperature 0 / None, do_sample False, num_beams 1, num_return_sequences 1, repetition_penalty 1.0)
+        embedlens.errors.BenchmarkError: task 'pope': generation setting temperature=0.7 is not greedy decoding; the embedlens model decodes greedily only (temperature 0.0, do_sample False, num_beams 1, num_return_sequences 1, repetition_penalty 1.0 (or unset))
     """
     kw = dict(gen_kwargs or {})
     until = kw.pop("until", None)
@@ -81,7 +81,7 @@ def greedy_settings(gen_kwargs: Mapping[str, Any] | None, task: str = "?") -> Gr
         n = DEFAULT_MAX_NEW_TOKENS
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1_000_000:
         raise BenchmarkError(f"task {task!r}: generation setting max_new_tokens={n!r}: expected an integer >= 1")
-    greedy = ", ".join(f"{k} {' / '.join(str(v) for v in vals)}" for k, vals in GREEDY_VALUES.items())
+    greedy = ", ".join(f"{k} {vals[-2]}" for k, vals in GREEDY_VALUES.items()) + " (or unset)"
     for key, value in kw.items():
         if key in GREEDY_VALUES:
             allowed = GREEDY_VALUES[key]

@@ -64,3 +64,19 @@ def test_task_files_read_local_data_only():
         assert conf["dataset_path"] == "parquet"
         for f in conf["dataset_kwargs"]["data_files"].values():
             assert (TASKS_DIR / f).is_file()
+
+
+def test_task_scoring_normalises_as_embedlens():
+    """The tasks' copy of the answer normalisation is embedlens's rule (lmms-eval loads that file alone)."""
+    import importlib.util
+
+    from embedlens.metrics.builtin import normalize_answer
+
+    spec = importlib.util.spec_from_file_location("_task_utils", TASKS_DIR / "embedlens_task_utils.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for text in ["Yes.", "  A Red circle. ", "the top-left", "NO!", "an Apple, the cat", "yes\n\n", ""]:
+        assert mod.normalize_answer(text) == normalize_answer(text)
+    assert mod.synqa_process_results({"answer": "top left"}, ["Top left."]) == {"exact_match": 1.0}
+    pope = mod.pope_process_results({"answer": "no", "question_id": "q"}, ["Yes"])
+    assert pope["pope_accuracy"]["score"] == 0.0 and mod.pope_yes_ratio([pope["pope_accuracy"]]) == 1.0

@@ -1,6 +1,6 @@
 """Document functions of embedlens's local lmms-eval tasks (see embedlens/lmms/tasks.py).
 
-lmms-eval imports this file through the tasks' ``!function utils.NAME`` entries. Answers are compared
+lmms-eval imports this file through the tasks' ``!function embedlens_task_utils.NAME`` entries. Answers are compared
 after the normalisation embedlens's own exact-match metric applies (`embedlens.metrics.builtin.normalize_answer`:
 lower case, no punctuation, no articles, single spaces), so the bridge's scores and embedlens's metrics
 are the same numbers on the same samples.
