@@ -208,10 +208,12 @@ def eval_benchmarks(
         embedlens eval study.yaml --tasks pope,textvqa_val --conditions baseline,prune_dead,prune_random
     """
     try:
-        try:
-            from embedlens.lmms.evaluate import parse_list, run_eval
-        except ImportError as e:
-            raise EmbedLensError(f"embedlens eval needs lmms-eval ({e}); install it as docs/benchmarks-lmms.md says") from None
+        import importlib.util
+
+        if importlib.util.find_spec("lmms_eval") is None:
+            raise EmbedLensError('embedlens eval needs lmms-eval: pip install "embedlens[lmms]" && pip install --no-deps "lmms-eval==0.7.3" '
+                                 "(docs/benchmarks-lmms.md; a plain install of lmms-eval would replace torch)")
+        from embedlens.lmms.evaluate import parse_list, run_eval
         n = None
         if limit is not None:
             n = int(limit) if limit >= 1 and float(limit).is_integer() else limit

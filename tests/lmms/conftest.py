@@ -4,6 +4,7 @@ model with the pruning conditions, and one evaluation per zoo model shared by th
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -43,14 +44,28 @@ def need_lmms_eval():
         pytest.skip(f"lmms-eval is not installed (the lmms extra: docs/benchmarks-lmms.md): {e}")
 
 
+_real_connect = socket.socket.connect
+
+
+def _local_only_connect(self, address):
+    """Loopback and Unix sockets only: a bridge test that reaches for a hub (data sets, models, nltk) fails."""
+    host = address[0] if isinstance(address, tuple) else None
+    if host is not None and not (host in ("localhost", "::1") or str(host).startswith("127.")):
+        raise AssertionError(f"a network connection was attempted during an lmms-eval bridge test: {address}")
+    return _real_connect(self, address)
+
+
 @pytest.fixture(scope="session")
 def lmms_env(tmp_path_factory):
-    """lmms-eval importable, and its data set cache in a temporary folder (not the user's HF cache)."""
+    """lmms-eval importable, its data set cache in a temporary folder (not the user's HF cache), and no
+    connection leaving the machine for the rest of the session (the suite-wide guard already fails installs)."""
     need_lmms_eval()
     cache = tmp_path_factory.mktemp("lmms_datasets_cache")
     old = os.environ.get("LMMS_EVAL_DATASETS_CACHE")
     os.environ["LMMS_EVAL_DATASETS_CACHE"] = str(cache)
+    socket.socket.connect = _local_only_connect
     yield cache
+    socket.socket.connect = _real_connect
     if old is None:
         os.environ.pop("LMMS_EVAL_DATASETS_CACHE", None)
     else:

@@ -64,3 +64,13 @@ def test_refusals_exit_2(lmms_env, tmp_path, evaluated):
     assert res.exit_code == 2 and "was not created by embedlens" in res.output
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
     assert "Traceback" not in res.output
+
+
+def test_without_lmms_eval_says_how_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lmms_eval" else real(name, *a))
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "plan.yaml"), "--tasks", "embedlens_synqa"])
+    assert res.exit_code == 2
+    assert 'pip install --no-deps "lmms-eval==0.7.3"' in res.output and "Traceback" not in res.output
