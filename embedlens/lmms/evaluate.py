@@ -196,7 +196,8 @@ def _run_locked(plan, tasks, conditions, limit, out, batch_size, source, task_ma
                         result.samples.append({"task": task, "condition": cond, "doc_id": s["doc_id"], "metric": metric,
                                                "score": score, "response": _response(s)})
         result.raw[cond] = {k: v for k, v in res.items() if k != "samples"}
-    result.rows = table_rows(scores, per_sample, conditions)
+    means = {t: mean_aggregated(result.raw["baseline"], t) for t in tasks}
+    result.rows = table_rows(scores, per_sample, conditions, means)
     _write(result, bridge, plan, tasks, conditions, limit, started)
     return result
 
@@ -223,11 +224,35 @@ def _response(sample: dict) -> str:
     return json.dumps(resp, default=str)
 
 
-def table_rows(scores: dict, per_sample: dict, conditions: Sequence[str]) -> list[dict[str, Any]]:
+def mean_aggregated(results: dict, task: str) -> set[str]:
+    """The task's metrics that lmms-eval aggregates with its ``mean`` (from the results' task config)."""
+    out = set()
+    for entry in ((results.get("configs") or {}).get(task) or {}).get("metric_list") or []:
+        agg = entry.get("aggregation") if isinstance(entry, dict) else None
+        if (agg if isinstance(agg, str) else getattr(agg, "__name__", "")) == "mean":
+            out.add(entry.get("metric"))
+    return out
+
+
+def _per_sample_mean(scores: dict, per_sample: dict, conditions: Sequence[str], task: str, metric: str) -> bool:
+    """The metric is the mean of its logged per-sample scores under every condition, and those scores are not
+    all one value (where they are, e.g. all 0, precision and accuracy are indistinguishable from them)."""
+    seen = set()
+    for cond in conditions:
+        per = per_sample.get((cond, task, metric))
+        if not per or not _is_mean(per, scores.get(cond, {}).get(task, {}).get(metric)):
+            return False
+        seen |= set(per.values())
+    return len(seen) > 1
+
+
+def table_rows(scores: dict, per_sample: dict, conditions: Sequence[str], means: dict[str, set[str]] | None = None) -> list[dict[str, Any]]:
     """The task x condition x metric rows with differences to the baseline.
 
-    The paired difference is given where the metric's value is the mean of its logged per-sample
-    scores under both conditions (accuracy, exact match), over the documents both logged.
+    The paired difference (over the documents both logged) is given where the metric is a mean of
+    per-sample scores: lmms-eval aggregates it with ``mean`` (`means`: task -> metrics), or its value is the
+    mean of its logged scores under every condition and those scores vary (a task-defined accuracy, not
+    its precision or F1).
 
     Example:
         >>> scores = {"baseline": {"t": {"acc": 0.5}}, "prune": {"t": {"acc": 0.25}}}
@@ -237,6 +262,7 @@ def table_rows(scores: dict, per_sample: dict, conditions: Sequence[str]) -> lis
     """
     rows = []
     base = scores.get("baseline", {})
+    means = means or {}
     for cond in conditions:
         for task, metrics in scores.get(cond, {}).items():
             for metric, value in metrics.items():
@@ -244,7 +270,8 @@ def table_rows(scores: dict, per_sample: dict, conditions: Sequence[str]) -> lis
                 row = {"task": task, "condition": cond, "metric": metric, "value": value, "baseline": b,
                        "diff": (value - b) if b is not None else None, "paired_diff": None, "paired_sem": None, "paired_n": 0}
                 mine, ref = per_sample.get((cond, task, metric)), per_sample.get(("baseline", task, metric))
-                if mine and ref and _is_mean(mine, value) and _is_mean(ref, b):
+                paired = metric in means.get(task, set()) or _per_sample_mean(scores, per_sample, conditions, task, metric)
+                if mine and ref and paired:
                     docs = sorted(set(mine) & set(ref), key=str)
                     d = [mine[k] - ref[k] for k in docs]
                     n = len(d)

@@ -74,3 +74,26 @@ def test_without_lmms_eval_says_how_to_install(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["eval", str(tmp_path / "plan.yaml"), "--tasks", "embedlens_synqa"])
     assert res.exit_code == 2
     assert 'pip install --no-deps "lmms-eval==0.7.3"' in res.output and "Traceback" not in res.output
+
+
+def test_paired_only_for_per_sample_means():
+    """POPE logs one per-sample score (correct or not) under all five metrics: precision and F1 are not its mean,
+    so they get no paired difference, even where they happen to equal it."""
+    from embedlens.lmms.evaluate import table_rows
+
+    docs = range(4)
+    base = {0: 1.0, 1: 0.0, 2: 1.0, 3: 1.0}
+    cond = {0: 1.0, 1: 1.0, 2: 0.0, 3: 0.0}
+    scores = {"baseline": {"p": {"acc": 0.75, "precision": 0.6, "f1": 0.75}}, "c": {"p": {"acc": 0.5, "precision": 0.5, "f1": 0.4}}}
+    per = {(c, "p", m): dict(v) for c, v in (("baseline", base), ("c", cond)) for m in ("acc", "precision", "f1")}
+    rows = {(r["condition"], r["metric"]): r for r in table_rows(scores, per, ["baseline", "c"])}
+    assert rows[("c", "acc")]["paired_diff"] == pytest.approx(sum(cond[d] - base[d] for d in docs) / 4)
+    assert rows[("c", "acc")]["paired_n"] == 4
+    # f1 equals the baseline's mean score by chance, but not the condition's: no pairing; precision never
+    assert rows[("c", "f1")]["paired_n"] == rows[("c", "precision")]["paired_n"] == 0
+    # all scores one value (a model that is always wrong): nothing tells accuracy from precision
+    zero = {(c, "p", m): {d: 0.0 for d in docs} for c in ("baseline", "c") for m in ("acc", "precision")}
+    flat = {c: {"p": {"acc": 0.0, "precision": 0.0}} for c in ("baseline", "c")}
+    assert all(r["paired_n"] == 0 for r in table_rows(flat, zero, ["baseline", "c"]))
+    # unless lmms-eval says the metric is aggregated by its mean
+    assert [r["paired_n"] for r in table_rows(flat, zero, ["baseline", "c"], {"p": {"acc"}}) if r["metric"] == "acc"] == [4, 4]
