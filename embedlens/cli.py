@@ -199,6 +199,7 @@ def eval_benchmarks(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder (default: the plan's output.dir + _eval)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per engine run (default: the plan's batch_size)."),
     source: Optional[str] = typer.Option(None, "--source", help="Replace the plan model's source (e.g. a real checkpoint)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Replace the plan model's device (e.g. cuda)."),
 ) -> None:
     """Score the plan's conditions on lmms-eval benchmarks with each benchmark's own metrics (in-process):
     one task x condition x metric table with the paired difference to the baseline, a chart and report.html.
@@ -218,7 +219,7 @@ def eval_benchmarks(
         if limit is not None:
             n = int(limit) if limit >= 1 and float(limit).is_integer() else limit
         result = run_eval(plan, parse_list(tasks, "--tasks"), parse_list(conditions, "--conditions") if conditions is not None else None,
-                          limit=n, out_dir=output, batch_size=batch_size, source=source,
+                          limit=n, out_dir=output, batch_size=batch_size, source=source, device=device,
                           progress=lambda line: typer.echo(f"evaluating {line} ..."))
     except EmbedLensError as e:
         _fail(e)

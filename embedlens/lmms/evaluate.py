@@ -88,6 +88,7 @@ def run_eval(
     out_dir: str | Path | None = None,
     batch_size: int | None = None,
     source: str | None = None,
+    device: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Evaluate the plan's conditions on lmms-eval tasks and write the table, chart and report.
@@ -101,6 +102,7 @@ def run_eval(
         out_dir: the run folder (default: the plan's ``output.dir`` + ``_eval``).
         batch_size: prompts per engine run (default: the plan's).
         source: replaces the plan model's source.
+        device: replaces the plan model's device (e.g. ``cuda``).
         progress: called with a line of text as each condition starts.
 
     Raises:
@@ -129,7 +131,7 @@ def run_eval(
     claim(out, kind="eval")
     try:
         with RunLock(out):
-            return _run_locked(str(plan), tasks, wanted, limit, out, batch_size, source, task_manager, progress)
+            return _run_locked(str(plan), tasks, wanted, limit, out, batch_size, source, device, task_manager, progress)
     except OSError as e:
         raise os_error(e, "write") from None
 
@@ -156,7 +158,7 @@ def _task_manager(tasks: Sequence[str]):
     return tm
 
 
-def _run_locked(plan, tasks, conditions, limit, out, batch_size, source, task_manager, progress) -> EvalResult:
+def _run_locked(plan, tasks, conditions, limit, out, batch_size, source, device, task_manager, progress) -> EvalResult:
     from lmms_eval.evaluator import simple_evaluate
 
     from embedlens.lmms.bridge import Bridge
@@ -167,7 +169,7 @@ def _run_locked(plan, tasks, conditions, limit, out, batch_size, source, task_ma
     started = time.time()
     clear_run(out)
     register()
-    bridge = Bridge.load(plan, source=source, batch_size=batch_size)
+    bridge = Bridge.load(plan, source=source, device=device, batch_size=batch_size)
     for c in conditions:
         bridge.check_condition(c)
     seed = bridge.prepared.loaded.plan.seed

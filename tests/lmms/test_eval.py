@@ -50,13 +50,15 @@ def test_writes_table_chart_and_report(evaluated):
     assert "embedlens_pope_mc" in res.output and "prune_random" in res.output
 
 
-def test_refusals_exit_2(lmms_env, tmp_path, evaluated):
+def test_refusals_exit_2(lmms_env, tmp_path):
     plan = write_plan(tmp_path)
     runner = CliRunner()
     res = runner.invoke(app, ["eval", str(plan), "--tasks", "embedlens_synqa", "--conditions", "prune_ded"])
     assert res.exit_code == 2 and "Unknown condition of plan" in res.output and "Did you mean: prune_dead" in res.output
     res = runner.invoke(app, ["eval", str(plan), "--tasks", "embedlens_synqa,embedlens_synqa"])
     assert res.exit_code == 2 and "--tasks: embedlens_synqa given twice" in res.output
+    res = runner.invoke(app, ["eval", str(plan), "--tasks", "embedlens_synqa", "--device", "cuda:7"])
+    assert res.exit_code == 2 and "model.device: 'cuda:7' is not available here" in res.output
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
