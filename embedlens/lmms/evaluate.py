@@ -355,7 +355,7 @@ def _write(result: EvalResult, bridge, plan: str, tasks, conditions, limit, star
         "platform": platform.platform(),
     }
     write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
-    section = benchmarks_html(out, summary["benchmarks"], [out / f for f in manifest["figures"]])
+    section = benchmarks_html(out, summary["benchmarks"], manifest["figures"])
     shown = {**manifest, "figures": []}  # the chart is in the benchmark section, not again under "other figures"
     result.report = write_report(out, shown, extra_sections=[("benchmarks", "Benchmarks (lmms-eval)", section)])
     write_text(out / "manifest.json", json.dumps(manifest, indent=2))

@@ -9,13 +9,13 @@ from typing import Any, Sequence
 from embedlens.report import esc, figure_html, table_html
 
 
-def benchmarks_html(run: Path, bench: dict[str, Any], figures: Sequence[Path]) -> str:
+def benchmarks_html(run: Path, bench: dict[str, Any], figures: Sequence[str | Path]) -> str:
     """HTML of the section: the task x condition x metric table, then the chart.
 
     Args:
         run: the run folder (figures are read only inside it).
         bench: ``summary.json``'s ``benchmarks`` entry (tasks, conditions, limit, documents, rows).
-        figures: the chart files.
+        figures: the chart files, relative to `run` (as the manifest lists them).
     """
     from embedlens.files import contained
 
@@ -28,11 +28,15 @@ def benchmarks_html(run: Path, bench: dict[str, Any], figures: Sequence[Path]) -
             "diff = value - baseline; paired = mean per-sample difference to the baseline over the same documents "
             "(shown where the metric is the mean of per-sample scores), with its standard error.</p>")
     header = ["task", "metric", "condition", "value", "baseline", "diff", "paired diff", "paired s.e.", "pairs"]
-    body = [[r["task"], r["metric"], r["condition"], r["value"], r["baseline"], r["diff"], r["paired_diff"], r["paired_sem"], r["paired_n"]]
+    body = [[_cell(r[k]) for k in ("task", "metric", "condition", "value", "baseline", "diff", "paired_diff", "paired_sem", "paired_n")]
             for r in rows]
     changed = [r["condition"] != "baseline" and r["diff"] is not None and abs(r["diff"]) > 0 for r in rows]
-    figs = "".join(figure_html(contained(run, f.relative_to(run)) if f.is_absolute() else contained(run, f), f.name) for f in figures)
+    figs = "".join(figure_html(contained(run, f), Path(f).name) for f in figures)
     return head + table_html(header, body, highlight=changed) + f'<div class="figs">{figs}</div>'
+
+
+def _cell(v: Any) -> Any:
+    return "" if v is None else v  # no paired statistic for this metric: an empty cell, not "None"
 
 
 def benchmarks_chart(rows: Sequence[dict[str, Any]], conditions: Sequence[str], path: Path) -> Path | None:

@@ -18,11 +18,18 @@ TASKS = "embedlens_synqa,embedlens_pope_mc"
 
 @pytest.fixture(scope="module")
 def evaluated(lmms_env, tmp_path_factory):
-    """The example plan (anchors discovered on its own data first) on two local tasks."""
-    out = tmp_path_factory.mktemp("eval") / "out"
-    res = CliRunner().invoke(app, ["eval", str(EXAMPLE), "--tasks", TASKS, "--conditions", "prune_dead,prune_random",
-                                   "--limit", "4", "--output", str(out)])
-    return res, out
+    """The example plan (anchors discovered on its own data first) on two local tasks, into a relative --output."""
+    import os
+
+    work = tmp_path_factory.mktemp("eval")
+    here = os.getcwd()
+    os.chdir(work)
+    try:
+        res = CliRunner().invoke(app, ["eval", str(EXAMPLE), "--tasks", TASKS, "--conditions", "prune_dead,prune_random",
+                                       "--limit", "4", "--output", "out"])
+    finally:
+        os.chdir(here)
+    return res, work / "out"
 
 
 def test_writes_table_chart_and_report(evaluated):
@@ -46,6 +53,7 @@ def test_writes_table_chart_and_report(evaluated):
     html = (out / "report.html").read_text()
     assert '<h2 id="benchmarks">Benchmarks (lmms-eval)</h2>' in html and "paired diff" in html
     assert html.count("data:image/png;base64,") == 1  # the chart, once (not again under other figures)
+    assert "missing:" not in html and ">None<" not in html
     assert (out / ".embedlens-run").is_file()
     assert "embedlens_pope_mc" in res.output and "prune_random" in res.output
 
