@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from embedlens.lmms.tasks import TASKS_DIR
-from tests.lmms.conftest import write_plan
+from tests.lmms._support import lmms_env, write_plan  # noqa: F401 - lmms_env is a fixture
 
 TASKS = ["embedlens_pope", "embedlens_pope_mc", "embedlens_synqa"]
 LIMIT = 4

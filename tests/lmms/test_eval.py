@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from embedlens.cli import app
-from tests.lmms.conftest import write_plan
+from tests.lmms._support import lmms_env, write_plan  # noqa: F401 - lmms_env is a fixture
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "benchmarks.yaml"
 

@@ -10,7 +10,7 @@ import pytest
 
 from embedlens.errors import BenchmarkError, UnknownNameError
 from embedlens.lmms.bridge import GreedySettings, cut_at, greedy_settings
-from tests.lmms.conftest import write_plan
+from tests.lmms._support import lmms_env, write_plan  # noqa: F401 - lmms_env is a fixture
 
 
 @pytest.mark.parametrize(

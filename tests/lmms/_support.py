@@ -1,5 +1,9 @@
-"""Fixtures of the lmms-eval bridge tests: lmms-eval itself (the lmms extra), offline settings, a plan on a zoo
-model with the pruning conditions, and one evaluation per zoo model shared by the tests that read it."""
+"""Support of the lmms-eval bridge tests: lmms-eval itself (the lmms extra), offline settings, a plan on a zoo
+model with the pruning conditions.
+
+Not a conftest.py: tests elsewhere import the suite's fixtures with ``from conftest import ...``, and a second
+conftest module would shadow tests/conftest.py. Test modules import `lmms_env` from here.
+"""
 
 from __future__ import annotations
 
