@@ -1,4 +1,4 @@
-"""The `embedlens` command line: run, validate, list, compare, new (plugin scaffolds), docs, zoo (train / evaluate / list)."""
+"""The `embedlens` command line: run, validate, list, compare, eval (lmms-eval benchmarks), new (plugin scaffolds), docs, zoo (train / evaluate / list)."""
 
 from __future__ import annotations
 
@@ -222,6 +222,55 @@ def compare(
     for w in cmp.warnings:
         typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"wrote {cmp.csv} and {cmp.html}")
+
+
+@app.command("eval")
+def eval_benchmarks(
+    plan: Path = typer.Argument(..., help="YAML plan file (its model, partition and conditions)."),
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated lmms-eval tasks, e.g. pope,textvqa_val (offline: embedlens_pope, embedlens_pope_mc, embedlens_synqa)."),
+    conditions: Optional[str] = typer.Option(None, "--conditions", help="Comma-separated conditions of the plan; baseline is always run (default: baseline and every condition)."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="Documents per task (a count, or a fraction below 1)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder (default: the plan's output.dir + _eval)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per engine run (default: the plan's batch_size)."),
+    source: Optional[str] = typer.Option(None, "--source", help="Replace the plan model's source (e.g. a real checkpoint)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Replace the plan model's device (e.g. cuda)."),
+) -> None:
+    """Score the plan's conditions on lmms-eval benchmarks with each benchmark's own metrics (in-process):
+    one task x condition x metric table with the paired difference to the baseline, a chart and report.html.
+
+    Needs the lmms extra (docs/benchmarks-lmms.md). Example:
+
+        embedlens eval study.yaml --tasks pope,textvqa_val --conditions baseline,prune_dead,prune_random
+    """
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("lmms_eval") is None:
+            raise EmbedLensError('embedlens eval needs lmms-eval: pip install "embedlens[lmms]" && pip install --no-deps "lmms-eval==0.7.3" '
+                                 "(docs/benchmarks-lmms.md; a plain install of lmms-eval would replace torch)")
+        from embedlens.lmms.evaluate import parse_list, run_eval
+        n = None
+        if limit is not None:
+            n = int(limit) if limit >= 1 and float(limit).is_integer() else limit
+        result = run_eval(plan, parse_list(tasks, "--tasks"), parse_list(conditions, "--conditions") if conditions is not None else None,
+                          limit=n, out_dir=output, batch_size=batch_size, source=source, device=device,
+                          progress=lambda line: typer.echo(f"evaluating {line} ..."))
+    except EmbedLensError as e:
+        _fail(e)
+    except OSError as e:
+        from embedlens.files import os_error
+
+        _fail(os_error(e, "write"))
+    from embedlens.report import fmt
+
+    for r in result.rows:
+        paired = f"  paired {fmt(r['paired_diff'])} +- {fmt(r['paired_sem'])} (n={r['paired_n']})" if r["paired_n"] else ""
+        diff = f"  diff {fmt(r['diff'])}" if r["condition"] != "baseline" and r["diff"] is not None else ""
+        typer.echo(f"  {r['task']:<20} {r['metric']:<18} {r['condition']:<16} {fmt(r['value'])}{diff}{paired}")
+    typer.echo(f"wrote {result.out_dir}")
+    for name, path in result.tables.items():
+        typer.echo(f"  table  {name}: {path}")
+    typer.echo(f"  report: {result.report}")
 
 
 @app.command("list")

@@ -51,3 +51,7 @@ class PlanError(EmbedLensError):
 
 class InterventionError(EmbedLensError):
     """An intervention's parameters or selection do not fit the model or the batch."""
+
+
+class BenchmarkError(EmbedLensError):
+    """The lmms-eval bridge: a model argument, a generation setting or a request it cannot honour."""

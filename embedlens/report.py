@@ -167,11 +167,13 @@ def _preview(path: Path, n: int = 8) -> tuple[list[str], list[list[Any]], int]:
     return rows[0], rows[1 : n + 1], len(rows) - 1
 
 
-def write_report(run_dir: str | Path, manifest: dict | None = None) -> Path:
+def write_report(run_dir: str | Path, manifest: dict | None = None, extra_sections: Iterable[tuple[str, str, str]] = ()) -> Path:
     """Write ``report.html`` for a run folder (summary.json, and manifest.json unless `manifest` is given); returns its path.
 
     Only files inside the run folder are read (figures and tables a manifest
-    names elsewhere, or through links, show as missing).
+    names elsewhere, or through links, show as missing). `extra_sections` are
+    ``(id, heading, html)`` sections added after the data section (e.g. ``embedlens eval``'s
+    benchmarks); a summary key equal to a section's id is left to that section.
     """
     from embedlens.files import write_text
 
@@ -197,6 +199,10 @@ def write_report(run_dir: str | Path, manifest: dict | None = None) -> Path:
         body.append('<p class="bad">Skipped samples (their images could not be read):</p>')
         body.append(table_html(["sample", "where", "error"], [[s["sample_id"], s["where"], s["error"]] for s in data["skipped"]]))
     parts.append('<h2 id="data">Data</h2>' + "".join(body))
+    extra = list(extra_sections)
+    for sid, heading, html_ in extra:
+        sections.append(sid)
+        parts.append(f'<h2 id="{esc(sid)}">{esc(heading)}</h2>' + html_)
     warnings = summary.get("partition", {}).get("warnings", [])
     if warnings:
         sections.insert(0, "warnings")
@@ -231,7 +237,7 @@ def write_report(run_dir: str | Path, manifest: dict | None = None) -> Path:
         used |= set(figs)
         html_ += '<div class="figs">' + "".join(figure_html(contained(run, f), f.name) for f in figs) + "</div>"
         parts.append('<h2 id="effects">Intervention effects</h2>' + html_)
-    probe_labels = [k for k in summary if k not in ("data", "effects", "effects_sem", "controls", "partition", "statistics")]
+    probe_labels = [k for k in summary if k not in ("data", "effects", "effects_sem", "controls", "partition", "statistics", *(e[0] for e in extra))]
     for label in probe_labels:
         sections.append(f"probe-{label}")
         flat = flatten(summary[label])

@@ -1,0 +1,363 @@
+"""``embedlens eval``: every condition of a plan on every lmms-eval task, in-process, into one run folder.
+
+The plan's model is loaded once (`Bridge`); each condition (``baseline`` first) is evaluated by lmms-eval's
+own ``simple_evaluate`` with the ``embedlens`` model, so each task is scored by its own metrics. The run
+folder (claimed, locked, written atomically: `embedlens.files`) gets:
+
+- ``benchmarks.parquet`` / ``.csv``: one row per task x condition x metric: the value, the baseline's, their
+  difference, and where the metric is the mean of per-sample scores (accuracy, exact match; not precision or
+  F1), the paired difference per sample with its standard error and the number of pairs;
+- ``benchmark_samples.parquet`` / ``.csv``: every logged sample's score per condition (task, doc, metric,
+  score, response);
+- ``figures/benchmarks.png``: each task's metrics per condition, with the paired standard errors;
+- ``summary.json``, ``manifest.json`` and ``report.html`` (the benchmark section: `embedlens.lmms.report`).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from embedlens.errors import BenchmarkError, UnknownNameError
+
+#: Table names in the run folder.
+TABLE = "benchmarks"
+SAMPLES_TABLE = "benchmark_samples"
+FIGURE = "figures/benchmarks.png"
+#: Columns of the task x condition x metric table.
+COLUMNS = ("task", "condition", "metric", "value", "baseline", "diff", "paired_diff", "paired_sem", "paired_n")
+
+
+@dataclass
+class EvalResult:
+    """What `run_eval` wrote and the numbers behind it."""
+
+    out_dir: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    tables: dict[str, Path] = field(default_factory=dict)
+    figures: list[Path] = field(default_factory=list)
+    report: Path | None = None
+    raw: dict[str, dict] = field(default_factory=dict)  # condition -> lmms-eval's results dict (without samples)
+
+    def value(self, task: str, condition: str, metric: str) -> float:
+        """One cell of the table (``metric`` without lmms-eval's ``,filter`` suffix)."""
+        for r in self.rows:
+            if (r["task"], r["condition"], r["metric"]) == (task, condition, metric):
+                return r["value"]
+        raise KeyError((task, condition, metric))
+
+
+def parse_list(text: str | Sequence[str] | None, what: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]``; an empty entry or a repeated one is an error naming `what`.
+
+    Example:
+        >>> parse_list("pope, textvqa_val", "--tasks")
+        ['pope', 'textvqa_val']
+    """
+    if text is None:
+        return []
+    items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text)]
+    if not items or any(not t for t in items):
+        raise BenchmarkError(f"{what}: expected comma-separated names; got {text!r}")
+    dup = sorted({t for t in items if items.count(t) > 1})
+    if dup:
+        raise BenchmarkError(f"{what}: {', '.join(dup)} given twice")
+    return items
+
+
+def default_output(plan_dir: str) -> Path:
+    """Next to the plan's own run folder: ``runs/study`` -> ``runs/study_eval``."""
+    p = Path(plan_dir)
+    return p.with_name(p.name + "_eval")
+
+
+def run_eval(
+    plan: str | Path,
+    tasks: Sequence[str],
+    conditions: Sequence[str] | None = None,
+    *,
+    limit: int | float | None = None,
+    out_dir: str | Path | None = None,
+    batch_size: int | None = None,
+    source: str | None = None,
+    device: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """Evaluate the plan's conditions on lmms-eval tasks and write the table, chart and report.
+
+    Args:
+        plan: the plan YAML.
+        tasks: lmms-eval task names (``pope``, ``textvqa_val``, or the local ``embedlens_pope`` ...).
+        conditions: condition names of the plan; ``baseline`` is always run first (the paired
+            differences are to it). Default: ``baseline`` and every condition of the plan.
+        limit: documents per task (lmms-eval's ``--limit``: a count, or a fraction below 1).
+        out_dir: the run folder (default: the plan's ``output.dir`` + ``_eval``).
+        batch_size: prompts per engine run (default: the plan's).
+        source: replaces the plan model's source.
+        device: replaces the plan model's device (e.g. ``cuda``).
+        progress: called with a line of text as each condition starts.
+
+    Raises:
+        BenchmarkError: bad tasks, conditions or limit; PlanError: the plan; RunFolderError: the folder.
+    """
+    from embedlens.files import RunLock, check_output, claim, os_error
+
+    tasks = parse_list(list(tasks), "--tasks")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
+        raise BenchmarkError(f"--limit: expected a number of documents >= 1 or a fraction in (0, 1); got {limit!r}")
+    from embedlens.plan import load_plan
+
+    loaded = load_plan(plan)  # the plan's own errors before anything heavy
+    out = Path(out_dir) if out_dir is not None else default_output(str(loaded.output_dir))
+    check_output(out)
+    wanted = parse_list(list(conditions), "--conditions") if conditions is not None else None
+    if wanted is not None:
+        known = [*loaded.plan.conditions, "baseline", "none"]
+        for c in wanted:
+            if c not in known:
+                raise UnknownNameError.make(f"condition of plan {plan}", c, [*loaded.plan.conditions, "baseline"])
+        wanted = ["baseline"] + [c for c in wanted if c not in ("baseline", "none")]
+    else:
+        wanted = ["baseline", *loaded.plan.conditions]
+    task_manager = _task_manager(tasks)
+    claim(out, kind="eval")
+    try:
+        with RunLock(out):
+            return _run_locked(str(plan), tasks, wanted, limit, out, batch_size, source, device, task_manager, progress)
+    except OSError as e:
+        raise os_error(e, "write") from None
+
+
+def _task_manager(tasks: Sequence[str]):
+    """lmms-eval's task index with embedlens's local tasks; lmms-eval's own only when a task needs them
+    (indexing its ~2000 task files takes a while)."""
+    from lmms_eval.tasks import TaskManager
+
+    from embedlens.lmms.tasks import LOCAL_TASKS, TASKS_DIR
+
+    own = all(t in LOCAL_TASKS for t in tasks)
+    tm = TaskManager("WARNING", include_path=str(TASKS_DIR), include_defaults=not own)
+    unknown = [t for t in tasks if t not in tm.all_tasks]
+    if unknown:
+        hints = "; ".join(
+            f"{t!r}" + (f" (did you mean: {', '.join(m)}?)" if (m := difflib.get_close_matches(t, tm.all_tasks, n=3, cutoff=0.6)) else "")
+            for t in unknown
+        )
+        raise BenchmarkError(
+            f"--tasks: unknown lmms-eval task(s) {hints}; `python -m lmms_eval tasks list` lists the "
+            f"{len(tm.all_tasks)} tasks; embedlens's local ones: {', '.join(LOCAL_TASKS)}"
+        )
+    return tm
+
+
+def _run_locked(plan, tasks, conditions, limit, out, batch_size, source, device, task_manager, progress) -> EvalResult:
+    from lmms_eval.evaluator import simple_evaluate
+
+    from embedlens.lmms.bridge import Bridge
+    from embedlens.lmms.model import EmbedLensLMM
+    from embedlens.lmms.plugin import register
+    from embedlens.plan.store import clear_run
+
+    started = time.time()
+    clear_run(out)
+    register()
+    bridge = Bridge.load(plan, source=source, device=device, batch_size=batch_size)
+    for c in conditions:
+        bridge.check_condition(c)
+    seed = bridge.prepared.loaded.plan.seed
+    result = EvalResult(out_dir=out)
+    scores: dict[str, dict[str, dict[str, float]]] = {}  # condition -> task -> metric -> value
+    per_sample: dict[tuple[str, str, str], dict[Any, float]] = {}  # (condition, task, metric) -> doc -> score
+    for cond in conditions:
+        if progress is not None:
+            progress(f"{cond}: {', '.join(tasks)}")
+        lm = EmbedLensLMM(bridge=bridge, condition=cond)
+        res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit, bootstrap_iters=0,
+                              log_samples=True, verbosity="WARNING", random_seed=seed, numpy_random_seed=seed,
+                              torch_random_seed=seed, fewshot_random_seed=seed)
+        if res is None:
+            raise BenchmarkError("lmms-eval returned no results (a distributed rank other than 0?)")
+        scores[cond] = {}
+        for task in tasks:
+            vals = {_metric(k): v for k, v in (res["results"].get(task) or {}).items()
+                    if k != "alias" and "_stderr" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            scores[cond][task] = {k: float(v) for k, v in vals.items()}
+            for s in (res.get("samples") or {}).get(task, []):
+                for metric in vals:
+                    score = _sample_score(s.get(metric))
+                    if score is not None:
+                        per_sample.setdefault((cond, task, metric), {})[s["doc_id"]] = score
+                        result.samples.append({"task": task, "condition": cond, "doc_id": s["doc_id"], "metric": metric,
+                                               "score": score, "response": _response(s)})
+        result.raw[cond] = {k: v for k, v in res.items() if k != "samples"}
+    means = {t: mean_aggregated(result.raw["baseline"], t) for t in tasks}
+    result.rows = table_rows(scores, per_sample, conditions, means)
+    _write(result, bridge, plan, tasks, conditions, limit, started)
+    return result
+
+
+def _metric(key: str) -> str:
+    return key.split(",", 1)[0]
+
+
+def _sample_score(value) -> float | None:
+    """A logged sample's score: a number, or POPE-style ``{"score": ...}``; None when there is none."""
+    if isinstance(value, dict):
+        value = value.get("score")
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _response(sample: dict) -> str:
+    resp = sample.get("filtered_resps")
+    if isinstance(resp, list) and len(resp) == 1 and isinstance(resp[0], str):
+        return resp[0]
+    return json.dumps(resp, default=str)
+
+
+def mean_aggregated(results: dict, task: str) -> set[str]:
+    """The task's metrics that lmms-eval aggregates with its ``mean`` (from the results' task config)."""
+    out = set()
+    for entry in ((results.get("configs") or {}).get(task) or {}).get("metric_list") or []:
+        agg = entry.get("aggregation") if isinstance(entry, dict) else None
+        if (agg if isinstance(agg, str) else getattr(agg, "__name__", "")) == "mean":
+            out.add(entry.get("metric"))
+    return out
+
+
+def _per_sample_mean(scores: dict, per_sample: dict, conditions: Sequence[str], task: str, metric: str) -> bool:
+    """The metric is the mean of its logged per-sample scores under every condition, and those scores are not
+    all one value (where they are, e.g. all 0, precision and accuracy are indistinguishable from them)."""
+    seen = set()
+    for cond in conditions:
+        per = per_sample.get((cond, task, metric))
+        if not per or not _is_mean(per, scores.get(cond, {}).get(task, {}).get(metric)):
+            return False
+        seen |= set(per.values())
+    return len(seen) > 1
+
+
+def table_rows(scores: dict, per_sample: dict, conditions: Sequence[str], means: dict[str, set[str]] | None = None) -> list[dict[str, Any]]:
+    """The task x condition x metric rows with differences to the baseline.
+
+    The paired difference (over the documents both logged) is given where the metric is a mean of
+    per-sample scores: lmms-eval aggregates it with ``mean`` (`means`: task -> metrics), or its value is the
+    mean of its logged scores under every condition and those scores vary (a task-defined accuracy, not
+    its precision or F1).
+
+    Example:
+        >>> scores = {"baseline": {"t": {"acc": 0.5}}, "prune": {"t": {"acc": 0.25}}}
+        >>> per = {("baseline", "t", "acc"): {0: 1.0, 1: 0.0, 2: 1.0, 3: 0.0}, ("prune", "t", "acc"): {0: 0.0, 1: 0.0, 2: 1.0, 3: 0.0}}
+        >>> [(r["condition"], r["diff"], r["paired_diff"], r["paired_n"]) for r in table_rows(scores, per, ["baseline", "prune"])]
+        [('baseline', 0.0, 0.0, 4), ('prune', -0.25, -0.25, 4)]
+    """
+    rows = []
+    base = scores.get("baseline", {})
+    means = means or {}
+    for cond in conditions:
+        for task, metrics in scores.get(cond, {}).items():
+            for metric, value in metrics.items():
+                b = base.get(task, {}).get(metric)
+                row = {"task": task, "condition": cond, "metric": metric, "value": value, "baseline": b,
+                       "diff": (value - b) if b is not None else None, "paired_diff": None, "paired_sem": None, "paired_n": 0}
+                mine, ref = per_sample.get((cond, task, metric)), per_sample.get(("baseline", task, metric))
+                paired = metric in means.get(task, set()) or _per_sample_mean(scores, per_sample, conditions, task, metric)
+                if mine and ref and paired:
+                    docs = sorted(set(mine) & set(ref), key=str)
+                    d = [mine[k] - ref[k] for k in docs]
+                    n = len(d)
+                    mean = sum(d) / n
+                    sem = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else None
+                    row.update(paired_diff=mean, paired_sem=sem, paired_n=n)
+                rows.append(row)
+    return rows
+
+
+def _is_mean(per_doc: dict, value: float | None) -> bool:
+    return value is not None and bool(per_doc) and abs(sum(per_doc.values()) / len(per_doc) - value) <= 1e-9 * max(1.0, abs(value))
+
+
+# -- files -----------------------------------------------------------------------------------------------
+def _write_table(out: Path, name: str, rows: list[dict[str, Any]], columns: Sequence[str]) -> dict[str, Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedlens.files import write_bytes, write_text
+
+    cols = {c: [r.get(c) for r in rows] for c in columns}
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pydict(cols), buf)
+    write_bytes(out / f"{name}.parquet", buf.getvalue())
+    text = io.StringIO()
+    w = csv.writer(text, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        w.writerow(["" if r.get(c) is None else r.get(c) for c in columns])
+    write_text(out / f"{name}.csv", text.getvalue())
+    return {"parquet": out / f"{name}.parquet", "csv": out / f"{name}.csv"}
+
+
+def _write(result: EvalResult, bridge, plan: str, tasks, conditions, limit, started: float) -> None:
+    import platform
+
+    from embedlens.files import safe_dir, write_text
+    from embedlens.lmms.report import benchmarks_chart, benchmarks_html
+    from embedlens.plan.runner import _versions, plan_hash
+    from embedlens.report import write_report
+
+    out = result.out_dir
+    result.tables[TABLE] = _write_table(out, TABLE, result.rows, COLUMNS)["parquet"]
+    result.tables[SAMPLES_TABLE] = _write_table(out, SAMPLES_TABLE, result.samples,
+                                                ("task", "condition", "doc_id", "metric", "score", "response"))["parquet"]
+    fig_dir = safe_dir(out, "figures")
+    chart = benchmarks_chart(result.rows, conditions, fig_dir / "benchmarks.png")
+    if chart is not None:
+        result.figures.append(chart)
+    import importlib.metadata as md
+
+    versions = _versions()
+    versions["lmms_eval"] = md.version("lmms_eval")
+    adapter = bridge.adapter
+    counts = result.raw.get("baseline", {}).get("n-samples", {})
+    n_docs = {t: int((counts.get(t) or {}).get("effective", 0)) for t in tasks}
+    summary = {
+        "data": {"samples": sum(n_docs.values()), "used": sum(n_docs.values()), "skipped": [], "converted": 0},
+        "benchmarks": {"tasks": list(tasks), "conditions": list(conditions), "limit": limit, "documents": n_docs,
+                       "rows": result.rows},
+    }
+    manifest = {
+        "kind": "eval",
+        "plan": str(plan),
+        "plan_hash": plan_hash(bridge.prepared.loaded),
+        "seed": bridge.prepared.loaded.plan.seed,
+        "model": {"name": bridge.prepared.model_name, "source": adapter.source, "adapter": adapter.name,
+                  "class": type(adapter.model).__name__},
+        "device": str(adapter.device),
+        "versions": versions,
+        "n_samples": sum(n_docs.values()),
+        "tasks": list(tasks),
+        "conditions": list(conditions),
+        "limit": limit,
+        "batch_size": bridge.batch_size,
+        "tables": {TABLE: f"{TABLE}.parquet", SAMPLES_TABLE: f"{SAMPLES_TABLE}.parquet"},
+        "figures": [str(f.relative_to(out)) for f in result.figures],
+        "platform": platform.platform(),
+    }
+    write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    section = benchmarks_html(out, summary["benchmarks"], manifest["figures"])
+    shown = {**manifest, "figures": []}  # the chart is in the benchmark section, not again under "other figures"
+    result.report = write_report(out, shown, extra_sections=[("benchmarks", "Benchmarks (lmms-eval)", section)])
+    write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    write_text(out / "run_log.json", json.dumps({"seconds": round(time.time() - started, 3)}, indent=2))
+
