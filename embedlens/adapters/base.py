@@ -45,6 +45,11 @@ class ModulePaths:
     attn: str = "self_attn"  # inside one LLM layer
     attn_norm: str = "input_layernorm"  # inside one LLM layer: the norm before attention
     mlp: str = "mlp"  # inside one LLM layer
+    # Inside one LLM layer: the module whose output is the update added to the residual stream, where a norm follows
+    # attention / the MLP (Gemma 2/3's post-norms); empty: `attn` / `mlp` itself. The `llm.layers[i].attn` and `.mlp`
+    # sites read these; interventions still hook `attn` / `mlp` (a zeroed output stays zero through an RMSNorm).
+    attn_out: str = ""
+    mlp_out: str = ""
 
 
 @dataclass

@@ -16,7 +16,21 @@ those per-layer arguments itself:
   so a kept token keeps its original position and decoding continues from the
   unpruned length;
 - the attention mask is causal in the original order (plus the family's
-  bidirectional blocks, e.g. PaliGemma's prefix), minus what knockouts block.
+  bidirectional blocks, e.g. PaliGemma's prefix, Gemma 3's images), minus what
+  knockouts block;
+- a sliding-window layer (``config.layer_types[i] == "sliding_attention"``,
+  window ``config.sliding_window``; Gemma 2/3, Mistral) also masks every key
+  ``sliding_window`` or more *rows* before the query. Rows, not position ids:
+  Hugging Face measures the window in sequence index (``kv_idx > q_idx -
+  sliding_window`` in ``masking_utils.sliding_window_overlay``, indices into
+  the cache, whatever the position ids say), so a hand-cut run of the kept
+  tokens at their original position ids measures it over the kept tokens.
+  The engine counts the tokens present in that layer of that sample (padding
+  never counts); a token pruned by *removal* frees its place in the window,
+  one pruned by *mask* keeps it (as Hugging Face with a 0 in the 2-D
+  attention mask). On sliding layers removal and mask therefore differ once
+  the window is shorter than the sequence; each equals its Hugging Face run.
+  Decoding continues the count (`Outcome.step`).
 
 With no interventions the engine reproduces the model's forward pass (tests
 compare it with Hugging Face's logits).
@@ -173,6 +187,7 @@ class Outcome:
         self.memo: dict = {}  # per-run values metrics keep (e.g. the baseline's generation)
         self.cache: RowCache | None = None
         self.key_valid: list[torch.Tensor] = []
+        self.row_valid: list[torch.Tensor] = []  # per layer: the prefill's present rows (sliding windows count them)
         self.decoded_valid: torch.Tensor | None = None
         self.next_position: torch.Tensor | None = None
 
@@ -224,19 +239,27 @@ class Outcome:
         valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.to(eng.device)
         x = eng.adapter.model.get_input_embeddings()(tokens)
         pos = self.next_position[:, None] + (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-        pe = eng.rotary(x, pos)
+        pe = eng.rotaries(x, pos)
         causal = torch.ones(n, n, dtype=torch.bool, device=eng.device).tril()
         new = causal[None] & valid[:, None, :]
         new = new | torch.eye(n, dtype=torch.bool, device=eng.device)[None]
         for layer_idx, layer in enumerate(eng.layers):
             old = torch.cat([self.key_valid[layer_idx], self.decoded_valid], dim=1)
             allowed = torch.cat([old[:, None, :].expand(bsz, n, -1), new], dim=2)
+            window = eng.windows[layer_idx]
+            if window is not None:
+                # each key's and query's rank among the tokens this layer of the sample holds (prefill rows, then
+                # decoded tokens), as the index a sample run alone would give it
+                held = torch.cat([self.row_valid[layer_idx], self.decoded_valid, valid], dim=1).long()
+                rank = held.cumsum(dim=1) - 1
+                q_rank = rank[:, -n:]
+                allowed = allowed & (rank[:, None, :] > q_rank[:, :, None] - window)
             x = layer(
                 x,
                 attention_mask=eng.mask(allowed),
                 position_ids=pos,
                 use_cache=True,
-                position_embeddings=pe,
+                position_embeddings=pe[eng.layer_types[layer_idx]],
                 **{eng.cache_kwarg: self.cache},
             )
         self.decoded_valid = torch.cat([self.decoded_valid, valid], dim=1)
@@ -304,6 +327,41 @@ def cache_kwarg(layer: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_windows(cfg, n_layers: int, name: str) -> tuple[list[str], list[int | None]]:
+    """Each decoder layer's type and sliding window (None: full attention), read as the model reads them.
+
+    ``config.layer_types`` when the config has it (Gemma 2/3, Qwen2, Mistral in recent transformers); without
+    it, every layer slides when ``sliding_window`` is set (older Mistral configs), unless
+    ``use_sliding_window`` is False (Qwen2's switch).
+
+    Raises:
+        AdapterError: a layer type the engine cannot mask (chunked or linear attention), a sliding layer without
+            a window, or bidirectional text attention (``use_bidirectional_attention``).
+    """
+    types = list(getattr(cfg, "layer_types", None) or ())
+    window = getattr(cfg, "sliding_window", None)
+    if not types:
+        slides = window is not None and getattr(cfg, "use_sliding_window", True)
+        types = ["sliding_attention" if slides else "full_attention"] * n_layers
+    bad = sorted(set(types) - set(LAYER_TYPES))
+    if bad:
+        raise AdapterError(
+            f"{name}: config.layer_types has {', '.join(map(repr, bad))}; the intervention engine masks "
+            f"{' and '.join(LAYER_TYPES)} layers only"
+        )
+    if len(types) < n_layers:
+        raise AdapterError(f"{name}: config.layer_types names {len(types)} layers; the language model has {n_layers}")
+    if "sliding_attention" in types and not (isinstance(window, int) and window > 0):
+        raise AdapterError(f"{name}: config.layer_types has sliding_attention layers but config.sliding_window is {window!r}; expected a positive int")
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise AdapterError(f"{name}: config.use_bidirectional_attention is set; the intervention engine masks causal language models only")
+    types = types[:n_layers]
+    return types, [window if t == "sliding_attention" else None for t in types]
+
+
 class Engine:
     """Runs an adapter's language model with interventions.
 
@@ -332,12 +390,7 @@ class Engine:
                 f"(they pass their own masks); the model runs {impl!r}. Load it with attn_implementation='sdpa'"
             )
         self.eager = impl == "eager"
-        layer_types = set(getattr(cfg, "layer_types", None) or ())
-        if "sliding_attention" in layer_types or getattr(cfg, "use_sliding_window", False):
-            raise AdapterError(
-                f"{adapter.name}: the language model uses sliding-window attention layers; "
-                "the intervention engine builds full-attention masks only"
-            )
+        self.layer_types, self.windows = layer_windows(cfg, len(self.layers), adapter.name)
         self.cache_kwarg = cache_kwarg(self.layers[0]) if self.layers else "past_key_values"
 
     @property
@@ -351,6 +404,15 @@ class Engine:
     # -- the model's own pieces ----------------------------------------------------
     def rotary(self, x: torch.Tensor, positions: torch.Tensor):
         return self.lm.rotary_emb(x, position_ids=positions)
+
+    def rotaries(self, x: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The rotary embeddings of each layer type (Gemma 3 rotates sliding and full layers with different bases)."""
+        import inspect
+
+        if "layer_type" not in inspect.signature(self.lm.rotary_emb.forward).parameters:
+            pe = self.rotary(x, positions)
+            return {t: pe for t in set(self.layer_types)}
+        return {t: self.lm.rotary_emb(x, positions, layer_type=t) for t in set(self.layer_types)}
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return self._norm(x)
@@ -450,6 +512,7 @@ class Engine:
         image = ctx.roles.image_span
         counts = {k: torch.zeros(n_layers, bsz, dtype=torch.long) for k in ("rows", "visual", "keys")}
         key_valid: list[torch.Tensor] = []
+        row_valid: list[torch.Tensor] = []
         order = torch.arange(seq, device=self.device)
         rows: Rows | None = None
         x = None
@@ -464,11 +527,16 @@ class Engine:
                 rows = new_rows
                 x = rows.gather(x_full)
                 pos = rows.gather(ctx.positions)
-                pe = self.rotary(x, pos)
+                pe = self.rotaries(x, pos)
                 o, blk = rows.gather(order[None].expand(bsz, -1)), rows.gather(ctx.blocks)
                 base = (o[:, None, :] <= o[:, :, None]) | ((blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] >= 0))
                 base = base & rows.valid[:, None, :]
-            allowed = base
+                # sliding layers: AND the window, counted in rows (the present tokens, packed left), as HF does
+                # in sequence index: AND(window, OR(causal, blocks)) (Gemma 3's create_masks_for_vision_model)
+                r = torch.arange(base.shape[1], device=self.device)
+                near = {w: base & (r[None, None, :] > r[None, :, None] - w) for w in set(self.windows) if w is not None}
+            window = self.windows[layer_idx]
+            allowed = base if window is None else near[window]
             for i, iv in enumerate(interventions):
                 with _naming(condition, i, iv):
                     blocked = iv.blocked(ctx, layer_idx)
@@ -500,7 +568,7 @@ class Engine:
                     attention_mask=self.mask(allowed),
                     position_ids=pos,
                     use_cache=cache,
-                    position_embeddings=pe,
+                    position_embeddings=pe[self.layer_types[layer_idx]],
                     **{self.cache_kwarg: kv},
                 )
             finally:
@@ -510,12 +578,14 @@ class Engine:
                 with _naming(condition, i, iv):
                     x = iv.after_layer(ctx, layer_idx, x, rows)
             key_valid.append(rows.valid & seen)
+            row_valid.append(rows.valid)
         x_full = rows.scatter(x_full, x)
         present = ctx.present(n_layers - 1)
         out = Outcome(self, ctx, self.norm(x_full), present, counts)
         if cache:
             out.cache = kv
             out.key_valid = key_valid
+            out.row_valid = row_valid
             out.decoded_valid = torch.zeros(bsz, 0, dtype=torch.bool, device=self.device)
             out.next_position = ctx.positions.masked_fill(ctx.roles.padding, -1).max(dim=1).values + 1
         return out
