@@ -158,6 +158,9 @@ class Adapter(ABC):
     # cannot be, and the processor_config.json keys it takes (see `load_processor`).
     image_only_processor: ClassVar[type[ProcessorMixin] | None] = None
     image_only_keys: ClassVar[tuple[str, ...]] = ()
+    # On sliding-window layers, whether the window also bounds the bidirectional blocks (`block_ids`): Gemma 3 ANDs
+    # the window with (causal OR blocks); HF's generic sliding mask with block ids (PaliGemma 2) ORs the blocks in after.
+    window_bounds_blocks: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

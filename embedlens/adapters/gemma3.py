@@ -55,6 +55,8 @@ class Gemma3Adapter(Adapter):
     model_class = Gemma3ForConditionalGeneration
     # Gemma 3 layers norm each update before the residual add: the .attn/.mlp sites are those norms' outputs
     paths = ModulePaths(attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
+    # sliding layers: AND(window, OR(causal, image blocks)) (create_masks_for_vision_model)
+    window_bounds_blocks = True
 
     @property
     def feature_select_strategy(self) -> str:
@@ -66,13 +68,15 @@ class Gemma3Adapter(Adapter):
 
     @property
     def patch_block(self) -> tuple[int, int]:
+        # as Gemma3MultiModalProjector: kernel = patches per side // int(sqrt(mm_tokens_per_image)); the pooled grid is
+        # then patches // kernel per side (HF's tester sets mm_tokens_per_image=2 and gets one token per image)
         v = self.config.vision_config
         patches = v.image_size // v.patch_size
-        side = int(round(self.config.mm_tokens_per_image**0.5))
-        if side * side != self.config.mm_tokens_per_image or patches % side:
+        side = int(self.config.mm_tokens_per_image**0.5)
+        if not 0 < side <= patches:
             raise AdapterError(
-                f"{self.name}: mm_tokens_per_image={self.config.mm_tokens_per_image} is not a square grid that divides "
-                f"the tower's {patches} x {patches} patches"
+                f"{self.name}: mm_tokens_per_image={self.config.mm_tokens_per_image} does not pool the tower's "
+                f"{patches} x {patches} patches (expected 1 to {patches * patches} tokens)"
             )
         k = patches // side
         return k, k

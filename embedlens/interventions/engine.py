@@ -20,7 +20,8 @@ those per-layer arguments itself:
   knockouts block;
 - a sliding-window layer (``config.layer_types[i] == "sliding_attention"``,
   window ``config.sliding_window``; Gemma 2/3, Mistral) also masks every key
-  ``sliding_window`` or more *rows* before the query. Rows, not position ids:
+  ``sliding_window`` or more *rows* before the query (bidirectional blocks
+  included or not, as the family's `Adapter.window_bounds_blocks` says). Rows, not position ids:
   Hugging Face measures the window in sequence index (``kv_idx > q_idx -
   sliding_window`` in ``masking_utils.sliding_window_overlay``, indices into
   the cache, whatever the position ids say), so a hand-cut run of the kept
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from embedlens.adapters.base import resolve_path
-from embedlens.attention import attention_rows
+from embedlens.attention import attention_rows, layer_windows, rotary_embeddings
 from embedlens.errors import AdapterError, EmbedLensError, InterventionError
 from embedlens.interventions.select import Selection, SelectionSpec
 
@@ -327,41 +328,6 @@ def cache_kwarg(layer: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-LAYER_TYPES = ("full_attention", "sliding_attention")
-
-
-def layer_windows(cfg, n_layers: int, name: str) -> tuple[list[str], list[int | None]]:
-    """Each decoder layer's type and sliding window (None: full attention), read as the model reads them.
-
-    ``config.layer_types`` when the config has it (Gemma 2/3, Qwen2, Mistral in recent transformers); without
-    it, every layer slides when ``sliding_window`` is set (older Mistral configs), unless
-    ``use_sliding_window`` is False (Qwen2's switch).
-
-    Raises:
-        AdapterError: a layer type the engine cannot mask (chunked or linear attention), a sliding layer without
-            a window, or bidirectional text attention (``use_bidirectional_attention``).
-    """
-    types = list(getattr(cfg, "layer_types", None) or ())
-    window = getattr(cfg, "sliding_window", None)
-    if not types:
-        slides = window is not None and getattr(cfg, "use_sliding_window", True)
-        types = ["sliding_attention" if slides else "full_attention"] * n_layers
-    bad = sorted(set(types) - set(LAYER_TYPES))
-    if bad:
-        raise AdapterError(
-            f"{name}: config.layer_types has {', '.join(map(repr, bad))}; the intervention engine masks "
-            f"{' and '.join(LAYER_TYPES)} layers only"
-        )
-    if len(types) < n_layers:
-        raise AdapterError(f"{name}: config.layer_types names {len(types)} layers; the language model has {n_layers}")
-    if "sliding_attention" in types and not (isinstance(window, int) and window > 0):
-        raise AdapterError(f"{name}: config.layer_types has sliding_attention layers but config.sliding_window is {window!r}; expected a positive int")
-    if getattr(cfg, "use_bidirectional_attention", False):
-        raise AdapterError(f"{name}: config.use_bidirectional_attention is set; the intervention engine masks causal language models only")
-    types = types[:n_layers]
-    return types, [window if t == "sliding_attention" else None for t in types]
-
-
 class Engine:
     """Runs an adapter's language model with interventions.
 
@@ -407,12 +373,7 @@ class Engine:
 
     def rotaries(self, x: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The rotary embeddings of each layer type (Gemma 3 rotates sliding and full layers with different bases)."""
-        import inspect
-
-        if "layer_type" not in inspect.signature(self.lm.rotary_emb.forward).parameters:
-            pe = self.rotary(x, positions)
-            return {t: pe for t in set(self.layer_types)}
-        return {t: self.lm.rotary_emb(x, positions, layer_type=t) for t in set(self.layer_types)}
+        return rotary_embeddings(self.lm, x, positions, self.layer_types)
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return self._norm(x)
@@ -529,12 +490,17 @@ class Engine:
                 pos = rows.gather(ctx.positions)
                 pe = self.rotaries(x, pos)
                 o, blk = rows.gather(order[None].expand(bsz, -1)), rows.gather(ctx.blocks)
-                base = (o[:, None, :] <= o[:, :, None]) | ((blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] >= 0))
-                base = base & rows.valid[:, None, :]
-                # sliding layers: AND the window, counted in rows (the present tokens, packed left), as HF does
-                # in sequence index: AND(window, OR(causal, blocks)) (Gemma 3's create_masks_for_vision_model)
+                causal = o[:, None, :] <= o[:, :, None]
+                block = (blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] >= 0)
+                base = (causal | block) & rows.valid[:, None, :]
+                # sliding layers: the window counted in rows (the present tokens, packed left), as HF counts sequence
+                # index; it bounds the blocks too (Gemma 3: AND(window, OR(causal, blocks))) or only the causal part
+                # (PaliGemma 2: OR(AND(window, causal), blocks)), as the adapter declares
                 r = torch.arange(base.shape[1], device=self.device)
-                near = {w: base & (r[None, None, :] > r[None, :, None] - w) for w in set(self.windows) if w is not None}
+                near = {}
+                for w in {w for w in self.windows if w is not None}:
+                    inside = r[None, None, :] > r[None, :, None] - w
+                    near[w] = ((causal | block) & inside if self.adapter.window_bounds_blocks else (causal & inside) | block) & rows.valid[:, None, :]
             window = self.windows[layer_idx]
             allowed = base if window is None else near[window]
             for i, iv in enumerate(interventions):

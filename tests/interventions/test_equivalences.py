@@ -101,7 +101,6 @@ def test_prune_remove_mask_and_hand_cut_agree(setup):
     if not window_bites(eng, batch):
         torch.testing.assert_close(removed.logits()[text & keep], masked.logits()[text & keep], atol=TOL, rtol=0)
     else:  # a masked token keeps its place in a sliding window: HF with the token at 0 in the 2-D mask
-        assert not torch.allclose(removed.logits()[text & keep], masked.logits()[text & keep], atol=1e-3)
         for b in range(3):
             ref = hf_masked_run(adapter, batch, b, group[b], embeds).logits[0]
             at = (text & keep)[b][~batch.roles.padding[b]]
