@@ -48,8 +48,10 @@ from embedlens.registry import adapters
 
 @adapters.register("gemma3")
 class Gemma3Adapter(Adapter):
-    """Gemma 3: SigLIP tower, k x k average pooling + RMSNorm + linear projector, Gemma 3 LLM (sliding/global layers,
-    bidirectional attention within each image)."""
+    """Gemma 3: SigLIP tower, average pooling to mm_tokens_per_image tokens, Gemma 3 LLM with sliding and global layers.
+
+    Each image's tokens attend to each other both ways (`block_ids`); see the module docstring for the sites.
+    """
 
     architectures = ("Gemma3ForConditionalGeneration",)
     model_class = Gemma3ForConditionalGeneration

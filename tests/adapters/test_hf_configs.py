@@ -396,6 +396,9 @@ def test_paligemma2_interventions_equal_hand_built_hf_runs(window):
                            padding_side="left")
     setup = (adapter, batch, eng)
     assert eq.window_bites(eng, batch) == (window is not None)
+    from tests.adapters import test_sites
+
+    test_sites.test_attn_and_mlp_updates_sum_to_the_layer_output(adapter)  # Gemma 2's post-norms are the updates
     for check in (eq.test_baseline_equals_hf, eq.test_prune_remove_mask_and_hand_cut_agree,
                   eq.test_generation_after_pruning_matches_hand_built, eq.test_inject_at_layer_1_equals_two_phase_run,
                   eq.test_knockout_of_image_from_text_equals_pruning_the_image):
