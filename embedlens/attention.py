@@ -1,4 +1,5 @@
-"""Attention rows recomputed from a layer's queries and keys.
+"""Attention rows recomputed from a layer's queries and keys, and what each LLM layer's mask and rotary
+embeddings depend on (its type: full or sliding-window attention).
 
 Only the rows asked for are computed, never the full pattern, so this works
 whatever attention implementation (SDPA, eager) runs the model.
@@ -60,3 +61,55 @@ def attention_rows(
         scores = torch.tanh(scores / cap) * cap
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     return scores.softmax(dim=-1)
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_windows(cfg, n_layers: int, name: str) -> tuple[list[str], list[int | None]]:
+    """Each decoder layer's type and sliding window (None: full attention), read as the model reads them.
+
+    ``config.layer_types`` when the config has it (Gemma 2/3, Qwen2, Mistral in recent transformers); without
+    it, every layer slides when ``sliding_window`` is set (older Mistral configs), unless
+    ``use_sliding_window`` is False (Qwen2's switch).
+
+    Raises:
+        AdapterError: a layer type the engine cannot mask (chunked or linear attention), or a sliding layer
+            without a window.
+    """
+    types = list(getattr(cfg, "layer_types", None) or ())
+    window = getattr(cfg, "sliding_window", None)
+    if not types:
+        slides = window is not None and getattr(cfg, "use_sliding_window", True)
+        types = ["sliding_attention" if slides else "full_attention"] * n_layers
+    bad = sorted(set(types) - set(LAYER_TYPES))
+    if bad:
+        raise AdapterError(
+            f"{name}: config.layer_types has {', '.join(map(repr, bad))}; the intervention engine masks "
+            f"{' and '.join(LAYER_TYPES)} layers only"
+        )
+    if len(types) < n_layers:
+        raise AdapterError(f"{name}: config.layer_types names {len(types)} layers; the language model has {n_layers}")
+    if "sliding_attention" in types and not (isinstance(window, int) and window > 0):
+        raise AdapterError(f"{name}: config.layer_types has sliding_attention layers but config.sliding_window is {window!r}; expected a positive int")
+    types = types[:n_layers]
+    return types, [window if t == "sliding_attention" else None for t in types]
+
+
+def rotary_embeddings(lm: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor, layer_types) -> dict:
+    """``{layer type: (cos, sin)}`` from the language model's own ``rotary_emb``; Gemma 3's takes the layer type
+    (sliding and global layers rotate with different bases), the others one set for every layer."""
+    import inspect
+
+    if "layer_type" not in inspect.signature(lm.rotary_emb.forward).parameters:
+        pe = lm.rotary_emb(x, position_ids=positions)
+        return {t: pe for t in set(layer_types)}
+    return {t: lm.rotary_emb(x, positions, layer_type=t) for t in set(layer_types)}
+
+
+def window_keys(valid: torch.Tensor, query_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """``[batch, q, seq]`` bool: keys within `window` tokens before each query, counted over the tokens that are
+    there (`valid`, ``[batch, seq]``; padding does not count), as Hugging Face counts a sliding window in sequence
+    index for a sample run alone."""
+    rank = valid.long().cumsum(dim=1) - 1
+    return rank[:, None, :] > rank.gather(1, query_pos)[..., None] - window

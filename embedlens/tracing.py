@@ -50,9 +50,9 @@ def _read(root, adapter: "Adapter", site: Site):
     if site.sub == "in":
         return layer.input
     if site.sub == "attn":
-        return _first(resolve_path(layer, p.attn).output)
+        return _first(resolve_path(layer, p.attn_out or p.attn).output)
     if site.sub == "mlp":
-        return _first(resolve_path(layer, p.mlp).output)
+        return _first(resolve_path(layer, p.mlp_out or p.mlp).output)
     return _first(layer.output)
 
 

@@ -153,3 +153,28 @@ def _hf_run_deepstack(adapter, batch, b, keep, kwargs, extra):
         out = resolve_path(adapter.model, adapter.paths.language_model)(**kwargs, **extra)
         logits = resolve_path(adapter.model, adapter.paths.unembed)(out.last_hidden_state)
     return SimpleNamespace(logits=logits, hidden_states=out.hidden_states, past_key_values=getattr(out, "cache", None) or out.past_key_values)
+
+
+def hf_masked_run(adapter, batch, b, hidden, embeds, extra_embeds=None):
+    """HF forward of sample b (padding dropped) with the `hidden` tokens at 0 in the 2-D attention mask, at the
+    position ids it has alone: the reference for hiding tokens by mask, which on sliding-window layers still count
+    in the window (HF measures it in sequence index). `extra_embeds` (`[n, d]`) are appended as continuation tokens
+    at the following positions."""
+    import torch
+
+    valid = ~batch.roles.padding[b]
+    x = embeds[b][valid]
+    pos = adapter.position_ids(batch.inputs)[b][valid]
+    mask = (~hidden[valid]).long()
+    types = batch.inputs["token_type_ids"][b][valid] if "token_type_ids" in batch.inputs else None
+    if extra_embeds is not None:
+        n = extra_embeds.shape[0]
+        x = torch.cat([x, extra_embeds])
+        pos = torch.cat([pos, pos.max() + 1 + torch.arange(n)])
+        mask = torch.cat([mask, torch.ones(n, dtype=torch.long)])
+        types = None if types is None else torch.cat([types, torch.zeros(n, dtype=types.dtype)])
+    kwargs = dict(inputs_embeds=x[None], position_ids=pos[None], attention_mask=mask[None])
+    if types is not None:
+        kwargs["token_type_ids"] = types[None]
+    with torch.no_grad():
+        return adapter.model(**kwargs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel, ProcessorMixin
 
 from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText, parse_dtype
+from embedlens.adapters.gemma3 import Gemma3Adapter
 from embedlens.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter, SmolVLMImageProcessor
 from embedlens.adapters.internvl import InternVLAdapter, InternVLImageProcessor
 from embedlens.adapters.llava import LlavaAdapter
@@ -29,6 +30,7 @@ ADDING_A_FAMILY = "docs/adding-a-family.md"  # the guide the unsupported-archite
 __all__ = [
     "Adapter",
     "Batch",
+    "Gemma3Adapter",
     "Idefics3Adapter",
     "InternVLAdapter",
     "InternVLImageProcessor",

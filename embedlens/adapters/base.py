@@ -45,6 +45,11 @@ class ModulePaths:
     attn: str = "self_attn"  # inside one LLM layer
     attn_norm: str = "input_layernorm"  # inside one LLM layer: the norm before attention
     mlp: str = "mlp"  # inside one LLM layer
+    # Inside one LLM layer: the module whose output is the update added to the residual stream, where a norm follows
+    # attention / the MLP (Gemma 2/3's post-norms); empty: `attn` / `mlp` itself. The `llm.layers[i].attn` and `.mlp`
+    # sites read these; interventions still hook `attn` / `mlp` (a zeroed output stays zero through an RMSNorm).
+    attn_out: str = ""
+    mlp_out: str = ""
 
 
 @dataclass
@@ -164,6 +169,9 @@ class Adapter(ABC):
     # DeepStack (Qwen3-VL): vision features added to the LLM's hidden states at visual positions after the
     # first decoder layers; the intervention engine adds them itself.
     deepstack: ClassVar[bool] = False
+    # On sliding-window layers, whether the window also bounds the bidirectional blocks (`block_ids`): Gemma 3 ANDs
+    # the window with (causal OR blocks); HF's generic sliding mask with block ids (PaliGemma 2) ORs the blocks in after.
+    window_bounds_blocks: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import BatchFeature, PaliGemmaForConditionalGeneration
 
-from embedlens.adapters.base import Adapter, PromptText
+from embedlens.adapters.base import Adapter, ModulePaths, PromptText
 from embedlens.data import Sample
 from embedlens.registry import adapters
 from embedlens.roles import Role
@@ -24,6 +24,14 @@ class PaliGemmaAdapter(Adapter):
     model_class = PaliGemmaForConditionalGeneration
     answer_as_suffix = True
     position_offset = 1
+
+    @property
+    def paths(self) -> ModulePaths:  # type: ignore[override]
+        # PaliGemma 2's Gemma 2 layers norm each update before the residual add (in Gemma 1,
+        # `post_attention_layernorm` is the norm *before* the MLP, so the paths depend on the text model)
+        if self.model.config.text_config.model_type == "gemma2":
+            return ModulePaths(attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
+        return ModulePaths()
 
     @property
     def feature_select_strategy(self) -> str:

@@ -21,7 +21,22 @@ those per-layer arguments itself:
   own call of its language model, are added after their decoder layers to the
   visual tokens present there, as the text model does;
 - the attention mask is causal in the original order (plus the family's
-  bidirectional blocks, e.g. PaliGemma's prefix), minus what knockouts block.
+  bidirectional blocks, e.g. PaliGemma's prefix, Gemma 3's images), minus what
+  knockouts block;
+- a sliding-window layer (``config.layer_types[i] == "sliding_attention"``,
+  window ``config.sliding_window``; Gemma 2/3, Mistral) also masks every key
+  ``sliding_window`` or more *rows* before the query (bidirectional blocks
+  included or not, as the family's `Adapter.window_bounds_blocks` says). Rows, not position ids:
+  Hugging Face measures the window in sequence index (``kv_idx > q_idx -
+  sliding_window`` in ``masking_utils.sliding_window_overlay``, indices into
+  the cache, whatever the position ids say), so a hand-cut run of the kept
+  tokens at their original position ids measures it over the kept tokens.
+  The engine counts the tokens present in that layer of that sample (padding
+  never counts); a token pruned by *removal* frees its place in the window,
+  one pruned by *mask* keeps it (as Hugging Face with a 0 in the 2-D
+  attention mask). On sliding layers removal and mask therefore differ once
+  the window is shorter than the sequence; each equals its Hugging Face run.
+  Decoding continues the count (`Outcome.step`).
 
 With no interventions the engine reproduces the model's forward pass (tests
 compare it with Hugging Face's logits).
@@ -35,7 +50,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from embedlens.adapters.base import resolve_path
-from embedlens.attention import attention_rows
+from embedlens.attention import attention_rows, layer_windows, rotary_embeddings
 from embedlens.errors import AdapterError, EmbedLensError, InterventionError
 from embedlens.interventions.select import Selection, SelectionSpec
 
@@ -181,6 +196,7 @@ class Outcome:
         self.memo: dict = {}  # per-run values metrics keep (e.g. the baseline's generation)
         self.cache: RowCache | None = None
         self.key_valid: list[torch.Tensor] = []
+        self.row_valid: list[torch.Tensor] = []  # per layer: the prefill's present rows (sliding windows count them)
         self.decoded_valid: torch.Tensor | None = None
         self.next_position: torch.Tensor | None = None
 
@@ -234,19 +250,27 @@ class Outcome:
         pos = self.next_position[:, None] + (valid.long().cumsum(dim=1) - 1).clamp(min=0)
         if self.context.positions.dim() == 3:  # M-RoPE: decoded text has t = h = w (HF: text position + rope_deltas)
             pos = pos[None].expand(self.context.positions.shape[0], -1, -1)
-        pe = eng.rotary(x, pos)
+        pe = eng.rotaries(x, pos)
         causal = torch.ones(n, n, dtype=torch.bool, device=eng.device).tril()
         new = causal[None] & valid[:, None, :]
         new = new | torch.eye(n, dtype=torch.bool, device=eng.device)[None]
         for layer_idx, layer in enumerate(eng.layers):
             old = torch.cat([self.key_valid[layer_idx], self.decoded_valid], dim=1)
             allowed = torch.cat([old[:, None, :].expand(bsz, n, -1), new], dim=2)
+            window = eng.windows[layer_idx]
+            if window is not None:
+                # each key's and query's rank among the tokens this layer of the sample holds (prefill rows, then
+                # decoded tokens), as the index a sample run alone would give it
+                held = torch.cat([self.row_valid[layer_idx], self.decoded_valid, valid], dim=1).long()
+                rank = held.cumsum(dim=1) - 1
+                q_rank = rank[:, -n:]
+                allowed = allowed & (rank[:, None, :] > q_rank[:, :, None] - window)
             x = layer(
                 x,
                 attention_mask=eng.mask(allowed),
                 position_ids=_layer_positions(pos),
                 use_cache=True,
-                position_embeddings=pe,
+                position_embeddings=pe[eng.layer_types[layer_idx]],
                 **{eng.cache_kwarg: self.cache},
             )
         self.decoded_valid = torch.cat([self.decoded_valid, valid], dim=1)
@@ -342,12 +366,7 @@ class Engine:
                 f"(they pass their own masks); the model runs {impl!r}. Load it with attn_implementation='sdpa'"
             )
         self.eager = impl == "eager"
-        layer_types = set(getattr(cfg, "layer_types", None) or ())
-        if "sliding_attention" in layer_types or getattr(cfg, "use_sliding_window", False):
-            raise AdapterError(
-                f"{adapter.name}: the language model uses sliding-window attention layers; "
-                "the intervention engine builds full-attention masks only"
-            )
+        self.layer_types, self.windows = layer_windows(cfg, len(self.layers), adapter.name)
         self.cache_kwarg = cache_kwarg(self.layers[0]) if self.layers else "past_key_values"
 
     @property
@@ -361,6 +380,10 @@ class Engine:
     # -- the model's own pieces ----------------------------------------------------
     def rotary(self, x: torch.Tensor, positions: torch.Tensor):
         return self.lm.rotary_emb(x, position_ids=positions)
+
+    def rotaries(self, x: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The rotary embeddings of each layer type (Gemma 3 rotates sliding and full layers with different bases)."""
+        return rotary_embeddings(self.lm, x, positions, self.layer_types)
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return self._norm(x)
@@ -484,6 +507,7 @@ class Engine:
         image = ctx.roles.image_span
         counts = {k: torch.zeros(n_layers, bsz, dtype=torch.long) for k in ("rows", "visual", "keys")}
         key_valid: list[torch.Tensor] = []
+        row_valid: list[torch.Tensor] = []
         order = torch.arange(seq, device=self.device)
         rows: Rows | None = None
         x = None
@@ -498,11 +522,21 @@ class Engine:
                 rows = new_rows
                 x = rows.gather(x_full)
                 pos = _gather_positions(rows, ctx.positions)
-                pe = self.rotary(x, pos)
+                pe = self.rotaries(x, pos)
                 o, blk = rows.gather(order[None].expand(bsz, -1)), rows.gather(ctx.blocks)
-                base = (o[:, None, :] <= o[:, :, None]) | ((blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] >= 0))
-                base = base & rows.valid[:, None, :]
-            allowed = base
+                causal = o[:, None, :] <= o[:, :, None]
+                block = (blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] >= 0)
+                base = (causal | block) & rows.valid[:, None, :]
+                # sliding layers: the window counted in rows (the present tokens, packed left), as HF counts sequence
+                # index; it bounds the blocks too (Gemma 3: AND(window, OR(causal, blocks))) or only the causal part
+                # (PaliGemma 2: OR(AND(window, causal), blocks)), as the adapter declares
+                r = torch.arange(base.shape[1], device=self.device)
+                near = {}
+                for w in {w for w in self.windows if w is not None}:
+                    inside = r[None, None, :] > r[None, :, None] - w
+                    near[w] = ((causal | block) & inside if self.adapter.window_bounds_blocks else (causal & inside) | block) & rows.valid[:, None, :]
+            window = self.windows[layer_idx]
+            allowed = base if window is None else near[window]
             for i, iv in enumerate(interventions):
                 with _naming(condition, i, iv):
                     blocked = iv.blocked(ctx, layer_idx)
@@ -534,7 +568,7 @@ class Engine:
                     attention_mask=self.mask(allowed),
                     position_ids=_layer_positions(pos),
                     use_cache=cache,
-                    position_embeddings=pe,
+                    position_embeddings=pe[self.layer_types[layer_idx]],
                     **{self.cache_kwarg: kv},
                 )
             finally:
@@ -548,12 +582,14 @@ class Engine:
                 # token's features go with it; padding rows gather a zero)
                 x = x + rows.gather(ctx.deepstack[layer_idx]) * rows.valid[..., None]
             key_valid.append(rows.valid & seen)
+            row_valid.append(rows.valid)
         x_full = rows.scatter(x_full, x)
         present = ctx.present(n_layers - 1)
         out = Outcome(self, ctx, self.norm(x_full), present, counts)
         if cache:
             out.cache = kv
             out.key_valid = key_valid
+            out.row_valid = row_valid
             out.decoded_valid = torch.zeros(bsz, 0, dtype=torch.bool, device=self.device)
             out.next_position = next_positions(ctx.positions, ctx.roles.padding)
         return out

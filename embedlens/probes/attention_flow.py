@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from embedlens.adapters.base import resolve_path
-from embedlens.attention import attention_rows
+from embedlens.attention import attention_rows, layer_windows, rotary_embeddings, window_keys
 from embedlens.errors import EmbedLensError, PlanError
 from embedlens.probes._util import FirstImage, group_masks, parse_selections, selection_masks, token_groups, token_meta
 from embedlens.probes.base import Probe, Table
@@ -24,16 +24,28 @@ if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
 
 
-def allowed_keys(batch: "Batch", block_ids: torch.Tensor | None, query_pos: torch.Tensor) -> torch.Tensor:
-    """``[batch, q, seq]`` bool: keys each query may attend (causal, no padding, plus bidirectional blocks)."""
+def allowed_keys(
+    batch: "Batch", block_ids: torch.Tensor | None, query_pos: torch.Tensor, window: int | None = None, window_bounds_blocks: bool = False
+) -> torch.Tensor:
+    """``[batch, q, seq]`` bool: keys each query may attend (causal, no padding, plus bidirectional blocks).
+
+    Args:
+        window: on a sliding-window layer, its window (counted over the tokens present, as `window_keys`).
+        window_bounds_blocks: the window bounds the blocks too (Gemma 3), or only the causal part (PaliGemma 2).
+    """
     roles = batch.roles
     seq = roles.kind.shape[1]
     key = torch.arange(seq)
-    allowed = (key[None, None, :] <= query_pos[..., None]) & ~roles.padding[:, None, :]
+    present = ~roles.padding[:, None, :]
+    causal = key[None, None, :] <= query_pos[..., None]
+    block = torch.zeros_like(causal)
     if block_ids is not None:
         qb = block_ids.gather(1, query_pos)
-        allowed |= (qb[..., None] >= 0) & (qb[..., None] == block_ids[:, None, :]) & ~roles.padding[:, None, :]
-    return allowed
+        block = (qb[..., None] >= 0) & (qb[..., None] == block_ids[:, None, :])
+    if window is None:
+        return (causal | block) & present
+    near = window_keys(~roles.padding, query_pos, window)
+    return ((causal | block) & near if window_bounds_blocks else (causal & near) | block) & present
 
 
 def llm_attention_rows(adapter: "Adapter", batch: "Batch", layer: int, h_in: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
@@ -44,16 +56,19 @@ def llm_attention_rows(adapter: "Adapter", batch: "Batch", layer: int, h_in: tor
         query_pos: ``[batch, q]`` sequence positions of the queries.
     """
     lm = resolve_path(adapter.model, adapter.paths.language_model)
-    block = resolve_path(adapter.model, adapter.paths.llm_layers)[layer]
+    blocks = resolve_path(adapter.model, adapter.paths.llm_layers)
+    block = blocks[layer]
     attn = resolve_path(block, adapter.paths.attn)
     norm = resolve_path(block, adapter.paths.attn_norm)
     dev = h_in.device
     pos_ids = adapter.position_ids(batch.inputs).to(dev)
+    types, windows = layer_windows(lm.config, len(blocks), adapter.name)
+    block_ids = adapter.block_ids(batch.inputs)
     with torch.no_grad():
-        cos_sin = lm.rotary_emb(h_in, position_ids=pos_ids)
+        cos_sin = rotary_embeddings(lm, h_in, pos_ids, types[layer : layer + 1])[types[layer]]
         hidden = norm(h_in)
-        allowed = allowed_keys(batch, adapter.block_ids(batch.inputs), query_pos.cpu()).to(dev)
-        return attention_rows(attn, hidden, cos_sin, query_pos.to(dev), allowed)
+        allowed = allowed_keys(batch, block_ids, query_pos.cpu(), windows[layer], adapter.window_bounds_blocks)
+        return attention_rows(attn, hidden, cos_sin, query_pos.to(dev), allowed.to(dev))
 
 
 def vit_cls_attention(adapter: "Adapter", layer: int, x_in: torch.Tensor) -> torch.Tensor:

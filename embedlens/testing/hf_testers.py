@@ -217,17 +217,20 @@ def onevision_builder(
     return build
 
 
-def paligemma_builder(text_model_type: str = "gemma", full_attention_only: bool = False) -> Builder:
+def paligemma_builder(text_model_type: str = "gemma", full_attention_only: bool = False, sliding_window: int | None = None) -> Builder:
     """A PaliGemma (``gemma``) or PaliGemma2 (``gemma2``, final-logit softcapping) on the testers' values.
 
     Args:
         text_model_type: "gemma" or "gemma2".
         full_attention_only: give Gemma2 full attention in every layer instead of its
-            alternating sliding-window layers (the intervention engine refuses those).
+            alternating sliding-window layers.
+        sliding_window: Gemma2's window instead of its default (4096), so that it bites on short prompts.
     """
     t = PALIGEMMA_TESTER
     text_cls = {"gemma": GemmaConfig, "gemma2": Gemma2Config}[text_model_type]
     extra = {"layer_types": ["full_attention"] * t["text"]["num_hidden_layers"]} if full_attention_only else {}
+    if sliding_window is not None:
+        extra["sliding_window"] = sliding_window
 
     def build(seed: int):
         tok = build_tokenizer(chat_template=None)
@@ -279,6 +282,53 @@ INTERNVL_TESTER = dict(
                 num_channels=3, hidden_act="quick_gelu", use_absolute_position_embeddings=True),
     top=dict(image_seq_length=64, vision_feature_layer=-1),
 )
+
+
+#: `Gemma3Vision2TextModelTester` (tests/models/gemma3/test_modeling_gemma3.py); its text config is
+#: `Gemma3ModelTester.get_config()`, i.e. `CausalLMModelTester`'s defaults on `Gemma3TextConfig` (2 layers, both
+#: sliding with Gemma3TextConfig's default window 4096 and pattern 6; head_dim = 32 // 2; untied embeddings).
+#: ``mm_tokens_per_image=2`` is not a square: the projector pools the 4 x 4 patches with kernel 4 // int(sqrt(2)) = 4
+#: to one token per image, and the tester's prompts hold one image token, as here.
+GEMMA3_TESTER = dict(
+    text=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=37,
+              max_position_embeddings=512, initializer_range=0.02, head_dim=16, tie_word_embeddings=False),
+    vision=dict(image_size=20, patch_size=5, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=37, dropout=0.1, attention_dropout=0.1, initializer_range=0.02),
+    top=dict(mm_tokens_per_image=2),
+)
+
+
+def gemma3_builder(sliding_window: int | None = None) -> Builder:
+    """Gemma 3 from its tester: 20-px SigLIP images of 5-px patches, average-pooled to one token per image.
+
+    Args:
+        sliding_window: replaces the default window (4096) so that it bites on the test prompts.
+    """
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3TextConfig
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from embedlens.testing._tokenizer import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE
+    from embedlens.testing.tiny import GEMMA3_TOKENS
+
+    t = GEMMA3_TESTER
+
+    def build(seed: int):
+        tok = build_tokenizer(chat_template=LLAVA_CHAT_TEMPLATE.replace(IMAGE_TOKEN, GEMMA3_TOKENS["boi_token"]),
+                              extra_special_tokens=GEMMA3_TOKENS)
+        window = {} if sliding_window is None else {"sliding_window": sliding_window}
+        text = Gemma3TextConfig(vocab_size=len(tok), **t["text"], **window, **_ids(tok))
+        config = Gemma3Config(text_config=text, vision_config=SiglipVisionConfig(**t["vision"]), image_token_index=tok.image_token_id,
+                              boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id, **t["top"])
+        torch.manual_seed(seed)
+        model = Gemma3ForConditionalGeneration(config).eval()
+        with torch.no_grad():  # initialised to zeros (a checkpoint fills it): give the image tokens content
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.5)
+        size = t["vision"]["image_size"]
+        side = (size // t["vision"]["patch_size"]) // ((size // t["vision"]["patch_size"]) // int(t["top"]["mm_tokens_per_image"] ** 0.5))
+        ip = Gemma3ImageProcessorPil(size={"height": size, "width": size}, **_NORM)
+        return model, Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=side * side, chat_template=tok.chat_template)
+
+    return build
 
 
 def llava_next_builder() -> Builder:
@@ -464,10 +514,11 @@ TESTER_CONFIGS: dict[str, HFTesterConfig] = {
     )
 }
 
-#: Families whose tokens are blocks of patches (pixel shuffle, Qwen-VL's merger) or whose towers differ from LLaVA's.
-#: ``tests/adapters/test_hf_configs.py`` assumes one patch per token (and LLaVA's module names), so these entries
-#: are proved by the block-aware shared proofs in ``tests/adapters/test_idefics3.py``, ``test_internvl.py`` and
-#: ``test_qwen_vl.py`` instead.
+#: Families whose tokens are blocks of patches (pixel shuffle, pooling, Qwen-VL's merger) or whose towers differ
+#: from LLaVA's. The LLaVA-specific tests of ``tests/adapters/test_hf_configs.py`` assume one patch per token and
+#: LLaVA's module names; these entries run there through the block-aware shared proofs instead (role map, each
+#: token's patch block by perturbing one patch, sites, pruning equivalence); the Qwen-VL entries also in
+#: ``tests/adapters/test_qwen_vl.py`` (packed towers, M-RoPE).
 BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
     c.name: c
     for c in (
@@ -484,6 +535,10 @@ BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
                      "112-px windows)", qwen_vl_builder("2.5"), image_sizes=((42, 42), (20, 40)), images_per_sample=2),
         HFTesterConfig("qwen3-vl", "qwen3_vl", "Qwen3VLVisionText2TextModelTester (16-px patches, no merge, DeepStack "
                      "after vision blocks 0 and 1)", qwen_vl_builder("3"), image_sizes=((48, 48), (20, 40)), images_per_sample=2),
+        HFTesterConfig("gemma3", "gemma3", "Gemma3Vision2TextModelTester (4 x 4 patches pooled to one token; two sliding "
+                     "layers, window 4096)", gemma3_builder(), image_sizes=((20, 20), (12, 30)), images_per_sample=2),
+        HFTesterConfig("gemma3-window", "gemma3", "Gemma3Vision2TextModelTester with sliding_window=3, so that the "
+                     "window bites on every prompt", gemma3_builder(sliding_window=3), image_sizes=((20, 20),), images_per_sample=2),
     )
 }
 

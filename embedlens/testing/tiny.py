@@ -20,6 +20,10 @@ from typing import Callable
 import torch
 from transformers import (
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3Processor,
+    Gemma3TextConfig,
     GemmaConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -49,6 +53,7 @@ from transformers import (
     SmolVLMVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
@@ -333,6 +338,30 @@ def _qwen_vl(version: str) -> Callable[[int], tuple[PreTrainedModel, ProcessorMi
     return build
 
 
+GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+
+
+def _gemma3(seed: int):
+    # 32-px images in 8 x 8 patches of 4, pooled 2 x 2 to 4 x 4 = 16 tokens. Sliding layers (window 8, shorter than
+    # every prompt and than an image's 16 tokens) alternate with global ones. The config sets final-logit softcapping,
+    # which Gemma3ForConditionalGeneration ignores: the adapter must follow the model, not the config.
+    tok = build_tokenizer(chat_template=LLAVA_CHAT_TEMPLATE.replace(IMAGE_TOKEN, GEMMA3_TOKENS["boi_token"]),
+                          extra_special_tokens=GEMMA3_TOKENS)
+    vision = SiglipVisionConfig(**{**_VISION, "patch_size": 4})
+    text = Gemma3TextConfig(vocab_size=len(tok), head_dim=16, sliding_window=8, final_logit_softcapping=30.0,
+                            layer_types=["sliding_attention", "full_attention"] * (_TEXT["num_hidden_layers"] // 2),
+                            **_TEXT, **_special_ids(tok))
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=GRID * GRID,
+                          image_token_index=tok.image_token_id, boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # HF initialises the projection to zeros (a checkpoint fills it); give it weights to carry
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.5)
+    image_processor = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **_NORM)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=GRID * GRID, chat_template=tok.chat_template)
+    return model, processor
+
+
 TINY_SPECS: dict[str, TinySpec] = {
     s.name: s
     for s in (
@@ -347,6 +376,7 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("qwen2-vl", "qwen2_vl", "qwen2-vit", _qwen_vl("2")),
         TinySpec("qwen2.5-vl", "qwen2_5_vl", "qwen2.5-vit", _qwen_vl("2.5")),
         TinySpec("qwen3-vl", "qwen3_vl", "qwen3-vit", _qwen_vl("3")),
+        TinySpec("gemma3", "gemma3", "siglip", _gemma3),
     )
 }
 
@@ -357,7 +387,7 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
     Args:
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
             `llava-onevision`, `paligemma`, `llava-next`, `idefics3`, `smolvlm`, `internvl`,
-            `qwen2-vl`, `qwen2.5-vl`, `qwen3-vl`).
+            `qwen2-vl`, `qwen2.5-vl`, `qwen3-vl`, `gemma3`).
         seed: seed of the random initialisation.
 
     Returns:

@@ -11,6 +11,7 @@ own merging code (unpadding, newlines, anyres_max downsampling included).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 
@@ -30,7 +31,7 @@ from embedlens.data import Sample
 from embedlens.probes._util import visual_rows
 from embedlens.roles import Role
 from embedlens.sites import Site
-from embedlens.testing import TESTER_CONFIGS
+from embedlens.testing import BLOCK_TESTER_CONFIGS, TESTER_CONFIGS
 from embedlens.testing.hf_testers import paligemma_builder
 from embedlens.testing.images import noise
 from embedlens.tracing import collect
@@ -92,8 +93,6 @@ def test_the_table_covers_the_testers_variants():
 
     built = {n: _adapter(n) for n in NAMES}
     cfgs = {n: a.config for n, a in built.items()}
-    from embedlens.testing import BLOCK_TESTER_CONFIGS  # block families, proved in test_idefics3/test_internvl/test_qwen_vl
-
     families = {TESTER_CONFIGS[n].family for n in NAMES} | {c.family for c in BLOCK_TESTER_CONFIGS.values()}
     assert families == {name for name, _ in adapters.items()}
     assert any(isinstance(c.vision_feature_layer, list) for c in cfgs.values())
@@ -376,6 +375,107 @@ def test_softcapped_logits_agree_everywhere():
     torch.testing.assert_close(lens_logits(adapter, acts[Site("llm.layers", n - 1)])[valid], ref.logits[valid], atol=1e-4, rtol=1e-5)
     engine_logits = Engine(adapter).run(batch).logits()
     torch.testing.assert_close(engine_logits[valid], ref.logits[valid], atol=1e-4, rtol=1e-5)
+
+
+# -- PaliGemma 2: sliding-window layers in the intervention engine ------------------------------------------
+@pytest.mark.parametrize("window", [None, 4])
+def test_paligemma2_interventions_equal_hand_built_hf_runs(window):
+    """PaliGemma 2's Gemma 2 alternates sliding and global layers; its sliding mask ORs the bidirectional prefix in
+    after the window (HF's create_sliding_window_causal_mask with block ids), unlike Gemma 3. On the tester's
+    window (4096) and on one of 4 rows, shorter than every prompt and than the image, the engine's baseline,
+    pruning (removal == hand-cut run; mask == HF with a 2-D mask where the window bites), injection, knockout and
+    generation after pruning equal HF."""
+    from embedlens.interventions import Engine
+    from tests.interventions import test_equivalences as eq
+
+    adapter = wrap_model(*paligemma_builder("gemma2", sliding_window=window)(0))
+    eng = Engine(adapter)
+    assert eng.layer_types == ["sliding_attention", "full_attention"] and eng.windows[0] == (window or 4096)
+    batch = adapter.encode([Sample([noise(20, 20, seed=i)], question=q, id=f"s{i}")
+                            for i, q in enumerate(["what is it?", "what colour is the big square on the left?", "count"])],
+                           padding_side="left")
+    setup = (adapter, batch, eng)
+    assert eq.window_bites(eng, batch) == (window is not None)
+    from tests.adapters import test_sites
+
+    test_sites.test_attn_and_mlp_updates_sum_to_the_layer_output(adapter)  # Gemma 2's post-norms are the updates
+    for check in (eq.test_baseline_equals_hf, eq.test_prune_remove_mask_and_hand_cut_agree,
+                  eq.test_generation_after_pruning_matches_hand_built, eq.test_inject_at_layer_1_equals_two_phase_run,
+                  eq.test_knockout_of_image_from_text_equals_pruning_the_image):
+        check(setup)
+    if window is not None:  # the composition matters: the window also bounding the prefix is not PaliGemma 2's mask
+        valid = ~batch.roles.padding
+        with torch.no_grad():
+            ref = adapter.model(**adapter.model_inputs(batch), position_ids=adapter.position_ids(batch.inputs)).logits
+        type(adapter).window_bounds_blocks = True
+        try:
+            assert (eng.run(batch).logits()[valid] - ref[valid]).abs().max() > 1e-4
+        finally:
+            type(adapter).window_bounds_blocks = False
+
+
+# -- families whose tokens are blocks of patches ------------------------------------------------------------
+# The tests above assume one patch per token and LLaVA's module names; every `BLOCK_TESTER_CONFIGS` entry runs the
+# block-aware shared proofs instead: a new entry is covered by adding it there.
+BLOCK_NAMES = list(BLOCK_TESTER_CONFIGS)
+
+
+def _block_adapter(name: str):
+    if name not in _CACHE:
+        adapter = wrap_model(*BLOCK_TESTER_CONFIGS[name].build(0))
+        assert adapter.name == BLOCK_TESTER_CONFIGS[name].family
+        _CACHE[name] = adapter
+    return _CACHE[name]
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("name", BLOCK_NAMES)
+def test_block_family_role_map(name, padding_side):
+    from tests import test_roles
+
+    adapter = _block_adapter(name)
+    test_roles.test_visual_positions_hold_image_tokens(adapter, padding_side)
+    test_roles.test_text_spans_decode_to_what_was_asked(adapter, padding_side)
+    if padding_side == "left":
+        test_roles.test_role_kinds_partition_every_position(adapter)
+
+
+@pytest.mark.parametrize("name", BLOCK_NAMES)
+def test_block_family_tokens_stand_for_their_patch_blocks(name):
+    """One pixel patch changed -> one patch of the tower changes -> exactly the token whose block the map names;
+    planted codes in the projector output arrive where the map says."""
+    from tests import test_roles
+
+    adapter = _block_adapter(name)
+    assert adapter.patch_block != (1, 1)
+    test_roles.test_row_col_match_the_patch_embedding(adapter)
+    test_roles.test_sequence_positions_receive_the_named_features(adapter)
+    test_roles.test_newline_tokens_only_where_the_family_has_them(adapter)
+
+
+@pytest.mark.parametrize("name", BLOCK_NAMES)
+def test_block_family_sites(name):
+    from tests.adapters import test_sites
+
+    adapter = _block_adapter(name)
+    test_sites.test_llm_sites_equal_hf_hidden_states(adapter, "left")
+    test_sites.test_vision_sites_equal_hf_hidden_states(adapter)
+    test_sites.test_attn_and_mlp_updates_sum_to_the_layer_output(adapter)
+
+
+@pytest.mark.parametrize("name", BLOCK_NAMES)
+def test_block_family_prune_equivalence(name):
+    from embedlens.interventions import Engine
+    from tests.interventions import test_equivalences
+
+    adapter = _block_adapter(name)
+    samples = test_equivalences.prompt_samples()
+    rows, cols = adapter.grid()
+    if rows * cols < 5:  # so few tokens per image (Gemma 3's tester: one) that the samples need more images to
+        # prune a different number of tokens each
+        samples = [dataclasses.replace(s, images=[noise(24, 24, seed=k) for k in range(5)]) for s in samples]
+    batch = adapter.encode(samples, padding_side="right")
+    test_equivalences.test_prune_remove_mask_and_hand_cut_agree((adapter, batch, Engine(adapter)))
 
 
 # -- loading -----------------------------------------------------------------------------------------------

@@ -1,13 +1,12 @@
-"""Idefics3 and SmolVLM: sub-image layout against the processor's own split, and the family's proofs on
-HF's own tester configuration.
+"""Idefics3 and SmolVLM: sub-image layout against the processor's own split.
 
 The family-wide proofs (sites == HF hidden states, role map, one pixel patch ->
 one patch -> one token of the pixel shuffle, planted codes, conformance,
 intervention equivalences) run on ``tiny:idefics3`` and ``tiny:smolvlm``
-through the parametrised suites; here the same proofs also run on models built
-from the values of ``Idefics3VisionText2TextModelTester`` and
-``SmolVLMVisionText2TextModelTester`` (tests/models/{idefics3,smolvlm}/ in
-transformers; both testers use the same values).
+through the parametrised suites; the same proofs run on models built from the
+values of ``Idefics3VisionText2TextModelTester`` and
+``SmolVLMVisionText2TextModelTester`` in ``tests/adapters/test_hf_configs.py``
+(``BLOCK_TESTER_CONFIGS``).
 """
 
 from __future__ import annotations
@@ -15,15 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from embedlens.adapters import Idefics3Adapter, SmolVLMAdapter, load_model, wrap_model
+from embedlens.adapters import load_model
 from embedlens.adapters.idefics3 import FAKE_TOKEN, GLOBAL_TAG, row_col_tag
 from embedlens.data import Sample
-from embedlens.interventions import Engine
 from embedlens.roles import Role
-from embedlens.testing import BLOCK_TESTER_CONFIGS
 from embedlens.testing.images import noise
-from tests import test_roles
-from tests.adapters import test_sites
 
 @pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
 def test_layout_follows_the_processors_split(name):
@@ -68,41 +63,3 @@ def _check_layout(adapter, batch, sizes):
         assert at.sum() == 3 + 2 * rows * cols and (roles.kind[b][at] == Role.SPECIAL).all()
         assert (roles.kind[b][ids[b] == adapter.image_token_id] == Role.VISUAL).all()
     return adapter.image_splits(batch.inputs)
-
-
-def build_tester_adapter(smolvlm: bool):
-    """The HF tester's model (`embedlens.testing.BLOCK_TESTER_CONFIGS`)."""
-    adapter = wrap_model(*BLOCK_TESTER_CONFIGS["smolvlm" if smolvlm else "idefics3"].build(0))
-    assert type(adapter) is (SmolVLMAdapter if smolvlm else Idefics3Adapter)
-    return adapter
-
-
-@pytest.fixture(scope="module", params=["idefics3", "smolvlm"])
-def tester(request):
-    return build_tester_adapter(smolvlm=request.param == "smolvlm")
-
-
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_hf_tester_config_role_map(tester, padding_side):
-    assert tester.grid() == (2, 2) and tester.patch_block == (2, 2)
-    test_roles.test_visual_positions_hold_image_tokens(tester, padding_side)
-    test_roles.test_text_spans_decode_to_what_was_asked(tester, padding_side)
-    test_roles.test_role_kinds_partition_every_position(tester)
-
-
-def test_hf_tester_config_patch_blocks_and_features(tester):
-    test_roles.test_row_col_match_the_patch_embedding(tester)
-    test_roles.test_sequence_positions_receive_the_named_features(tester)
-    test_roles.test_newline_tokens_only_where_the_family_has_them(tester)
-
-
-def test_hf_tester_config_sites(tester):
-    test_sites.test_llm_sites_equal_hf_hidden_states(tester, "right")
-    test_sites.test_vision_sites_equal_hf_hidden_states(tester)
-
-
-def test_hf_tester_config_prune_equivalence(tester):
-    from tests.interventions import test_equivalences
-
-    batch = tester.encode(test_equivalences.prompt_samples(), padding_side="left")
-    test_equivalences.test_prune_remove_mask_and_hand_cut_agree((tester, batch, Engine(tester)))

@@ -1,26 +1,21 @@
-"""InternVL: tiles + thumbnail against the image processor's own tiling, and the family's proofs on HF's own
-tester configuration.
+"""InternVL: tiles + thumbnail against the image processor's own tiling.
 
 The family-wide proofs (sites == HF hidden states, role map, one pixel patch ->
 one patch -> one token of the pixel shuffle, planted codes, conformance,
 intervention equivalences) run on ``tiny:internvl`` through the parametrised
-suites; here the same proofs also run on a model built from the values of
-``InternVLVisionText2TextModelTester`` (tests/models/internvl/ in transformers).
+suites; the same proofs run on a model built from the values of
+``InternVLVisionText2TextModelTester`` in ``tests/adapters/test_hf_configs.py``
+(``BLOCK_TESTER_CONFIGS``).
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from embedlens.adapters import InternVLAdapter, load_model, wrap_model
+from embedlens.adapters import load_model
 from embedlens.data import Sample
-from embedlens.interventions import Engine
 from embedlens.roles import Role
-from embedlens.testing import BLOCK_TESTER_CONFIGS
 from embedlens.testing.images import noise
-from tests import test_roles
-from tests.adapters import test_sites
 
 
 def test_tiles_follow_the_image_processors_tiling():
@@ -53,40 +48,3 @@ def test_tiles_follow_the_image_processors_tiling():
             at = ids[b] == tid
             assert at.sum() == 1 and roles.kind[b][at].item() == Role.SPECIAL
     assert seen == {1, 4, 5}  # one tile; 1 x 3 / 3 x 1 crops + thumbnail; 2 x 2 crops + thumbnail
-
-
-def build_tester_adapter() -> InternVLAdapter:
-    """The HF tester's model (`embedlens.testing.BLOCK_TESTER_CONFIGS["internvl"]`)."""
-    adapter = wrap_model(*BLOCK_TESTER_CONFIGS["internvl"].build(0))
-    assert isinstance(adapter, InternVLAdapter)
-    return adapter
-
-
-@pytest.fixture(scope="module")
-def tester():
-    return build_tester_adapter()
-
-
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_hf_tester_config_role_map(tester, padding_side):
-    assert tester.grid() == (8, 8) and tester.patch_block == (2, 2) and tester.n_prefix_tokens == 1
-    test_roles.test_visual_positions_hold_image_tokens(tester, padding_side)
-    test_roles.test_text_spans_decode_to_what_was_asked(tester, padding_side)
-    test_roles.test_role_kinds_partition_every_position(tester)
-
-
-def test_hf_tester_config_patch_blocks_and_features(tester):
-    test_roles.test_row_col_match_the_patch_embedding(tester)
-    test_roles.test_sequence_positions_receive_the_named_features(tester)
-
-
-def test_hf_tester_config_sites(tester):
-    test_sites.test_llm_sites_equal_hf_hidden_states(tester, "left")
-    test_sites.test_vision_sites_equal_hf_hidden_states(tester)
-
-
-def test_hf_tester_config_prune_equivalence(tester):
-    from tests.interventions import test_equivalences
-
-    batch = tester.encode(test_equivalences.prompt_samples(), padding_side="right")
-    test_equivalences.test_prune_remove_mask_and_hand_cut_agree((tester, batch, Engine(tester)))

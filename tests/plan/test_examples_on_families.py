@@ -1,7 +1,7 @@
 """The example plans run unchanged on the tiny model of each family added after LLaVA/OneVision/PaliGemma:
 only ``model.source`` differs (the original families run them through the zoo models in test_examples_report).
 One exception: partition_study's attention_flow asks for CLS attention, which only CLIP towers give here
-(Idefics3/SmolVLM's have no CLS; InternViT's is not read yet); the plan is refused with an error naming the
+(Idefics3/SmolVLM's and Gemma 3's SigLIP have no CLS; InternViT's is not read yet); the plan is refused with an error naming the
 option and runs without it."""
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from embedlens.plan import load_plan, prepare, run_all
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ORIGINAL_SOURCE = "source: zoo:tiny-llava-clip"
-NEW_FAMILIES = ("llava-next", "idefics3", "smolvlm", "internvl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+NEW_FAMILIES = ("llava-next", "idefics3", "smolvlm", "internvl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "gemma3")
 TILED = {"llava-next": True, "idefics3": True, "smolvlm": True, "internvl": True,  # families whose images become several tiles
-         "qwen2-vl": False, "qwen2.5-vl": False, "qwen3-vl": False}
+         "qwen2-vl": False, "qwen2.5-vl": False, "qwen3-vl": False, "gemma3": False}
 # towers whose CLS attention attention_flow can compute (CLIP's); InternViT has a CLS token, but not CLIP's modules
 HAS_CLS = {"llava-next": True, "idefics3": False, "smolvlm": False, "internvl": False,
-           "qwen2-vl": False, "qwen2.5-vl": False, "qwen3-vl": False}
+           "qwen2-vl": False, "qwen2.5-vl": False, "qwen3-vl": False, "gemma3": False}
 CLS_OPTION = ", vit_cls_layer: -2"  # how partition_study.yaml asks attention_flow for CLS attention
 
 
