@@ -18,6 +18,7 @@ from embedlens.adapters.llava import LlavaAdapter
 from embedlens.adapters.llava_next import LlavaNextAdapter
 from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionImageProcessor
 from embedlens.adapters.paligemma import PaliGemmaAdapter
+from embedlens.adapters.placement import Placement, loading_kwargs, place
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
 
@@ -89,6 +90,7 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     attn_implementation: str | None = None,
+    placement: Placement | None = None,
 ) -> Adapter:
     """Load a model and wrap it in its adapter.
 
@@ -101,6 +103,8 @@ def load_model(
             from the config's `architectures` (for every kind of source); the
             checkpoint's weights must then fill that adapter's model class exactly.
         dtype, device, attn_implementation: passed to `from_pretrained`.
+        placement: a device map / memory limits / quantisation (`embedlens.adapters.placement.Placement`):
+            passed to `from_pretrained`, or applied with accelerate's `dispatch_model` to a ``tiny:`` model.
 
     Raises:
         AdapterError: the architecture has no adapter (the error lists the
@@ -114,14 +118,21 @@ def load_model(
         from embedlens.zoo import load_zoo
 
         return load_zoo(source[len(ZOO_PREFIX):], adapter=adapter, dtype=dtype, device=device,
-                        attn_implementation=attn_implementation)
+                        attn_implementation=attn_implementation, placement=placement)
     if source.startswith(TINY_PREFIX):
         from embedlens.testing.tiny import tiny_model
 
         model, processor = tiny_model(source[len(TINY_PREFIX):])
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
-        wrapped = wrap_model(model.to(device=device, dtype=parse_dtype(dtype)), processor, adapter)
+        if placement is not None and placement.spread:
+            model = place(model.to(dtype=parse_dtype(dtype)), placement)
+        else:
+            if placement is not None and placement.quantization is not None:
+                loading_kwargs(placement)  # the installation's own error first (no bitsandbytes, no GPU)
+                raise AdapterError("model.quantization: only checkpoints loaded with from_pretrained can be quantised (not tiny: models)")
+            model = model.to(device=device, dtype=parse_dtype(dtype))
+        wrapped = wrap_model(model, processor, adapter)
         wrapped.source = source
         return wrapped
     if adapter is not None:
@@ -134,4 +145,4 @@ def load_model(
         except OSError as e:
             raise AdapterError(f"cannot load a model config from {source!r}: {e}") from None
         cls = adapter_for_architecture(getattr(config, "architectures", None), getattr(config, "model_type", ""))
-    return cls.from_pretrained(source, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    return cls.from_pretrained(source, dtype=dtype, device=device, attn_implementation=attn_implementation, placement=placement)

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoProcessor, BatchFeature, PreTrainedModel, ProcessorMixin
 
 from embedlens.data import Sample
+from embedlens.adapters.placement import Placement, loading_kwargs, module_device, weight
 from embedlens.errors import AdapterError, InputError
 from embedlens.roles import Role, TokenRoles
 from embedlens.sites import Site
@@ -177,16 +178,18 @@ class Adapter(ABC):
         dtype: str = "float32",
         device: str = "cpu",
         attn_implementation: str | None = None,
+        placement: Placement | None = None,
     ) -> "Adapter":
         """Load model and processor from a local folder or hub id.
 
         Args:
             path: folder written by `save_pretrained`, or a hub id.
             dtype: one of float32, float16, bfloat16, float64.
-            device: torch device string.
+            device: torch device string (ignored when `placement` has a device map).
             attn_implementation: `sdpa`, `eager`, ... (None: transformers' default).
+            placement: a device map, memory limits, quantisation (`embedlens.adapters.placement`).
         """
-        kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype)}
+        kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), **loading_kwargs(placement)}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         label = f"adapter {cls.registered_name or cls.__name__!r} ({cls.model_class.__name__})"
@@ -195,7 +198,9 @@ class Adapter(ABC):
         except Exception as e:  # noqa: BLE001 - a checkpoint of another family fails in arbitrary ways
             raise AdapterError(f"{label} cannot load {str(path)!r}: {type(e).__name__}: {e}") from None
         check_weights_fit(label, str(path), model, info)
-        return cls(model.to(device).eval(), cls.load_processor(path), source=str(path))
+        if placement is None or placement.device_map is None:  # a dispatched or quantised model is placed already
+            model = model if placement is not None and placement.quantization is not None else model.to(device)
+        return cls(model.eval(), cls.load_processor(path), source=str(path))
 
     @classmethod
     def load_processor(cls, path: str) -> ProcessorMixin:
@@ -237,15 +242,20 @@ class Adapter(ABC):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the model's inputs go: the device the input embeddings compute on.
+
+        With a device map the model has no single device; every other module is
+        asked for its own (`embedlens.adapters.placement.module_device`).
+        """
+        return module_device(self.model.get_input_embeddings())
 
     def input_embeddings(self) -> torch.Tensor:
-        """`[vocab, d_model]` input embedding matrix of the LLM."""
-        return self.model.get_input_embeddings().weight
+        """`[vocab, d_model]` input embedding matrix of the LLM (also when accelerate offloaded it)."""
+        return weight(self.model.get_input_embeddings())
 
     def output_embeddings(self) -> torch.Tensor:
-        """`[vocab, d_model]` unembedding matrix (rows of `lm_head`)."""
-        return self.model.get_output_embeddings().weight
+        """`[vocab, d_model]` unembedding matrix (rows of `lm_head`; also when offloaded)."""
+        return weight(self.model.get_output_embeddings())
 
     @property
     def final_logit_softcap(self) -> float | None:
