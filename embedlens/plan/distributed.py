@@ -176,7 +176,8 @@ def pack(tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> bytes:
     """A batch's payload: named tensors and a JSON document, as one safetensors file (data, never code)."""
     from safetensors.torch import save
 
-    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"embedlens": json.dumps(doc)})
+    # a copy each: two sites may be views of one tensor, which safetensors refuses to save
+    return save({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, metadata={"embedlens": json.dumps(doc)})
 
 
 def unpack(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
