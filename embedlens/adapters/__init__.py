@@ -91,6 +91,7 @@ def load_model(
     device: str = "cpu",
     attn_implementation: str | None = None,
     placement: Placement | None = None,
+    remote: bool = False,
 ) -> Adapter:
     """Load a model and wrap it in its adapter.
 
@@ -105,6 +106,7 @@ def load_model(
         dtype, device, attn_implementation: passed to `from_pretrained`.
         placement: a device map / memory limits / quantisation (`embedlens.adapters.placement.Placement`):
             passed to `from_pretrained`, or applied with accelerate's `dispatch_model` to a ``tiny:`` model.
+        remote: a hub id run on NDIF (`embedlens.adapters.remote`): only its config and processor are loaded here.
 
     Raises:
         AdapterError: the architecture has no adapter (the error lists the
@@ -114,6 +116,8 @@ def load_model(
     """
     if adapter is not None:
         adapters.get(adapter)  # an unknown name fails here, whatever the source
+    if remote and (source.startswith((ZOO_PREFIX, TINY_PREFIX))):
+        raise AdapterError(f"model.remote: NDIF runs hub checkpoints; {source!r} is not a hub id (e.g. llava-hf/llava-1.5-7b-hf)")
     if source.startswith(ZOO_PREFIX):
         from embedlens.zoo import load_zoo
 
@@ -145,4 +149,5 @@ def load_model(
         except OSError as e:
             raise AdapterError(f"cannot load a model config from {source!r}: {e}") from None
         cls = adapter_for_architecture(getattr(config, "architectures", None), getattr(config, "model_type", ""))
-    return cls.from_pretrained(source, dtype=dtype, device=device, attn_implementation=attn_implementation, placement=placement)
+    return cls.from_pretrained(source, dtype=dtype, device=device, attn_implementation=attn_implementation, placement=placement,
+                               remote=remote)

@@ -116,13 +116,11 @@ def load_plan_model(loaded: LoadedPlan, name: str | None = None, run_dir: Path |
     if m.device_map is not None or m.quantization is not None:
         placement = Placement(m.device_map, m.max_memory, offload_dir(run_dir) if run_dir is not None else None, m.quantization)
     try:
-        adapter = load_model(m.source, adapter=m.adapter, dtype=m.dtype, device=device, attn_implementation=m.attn_implementation,
-                             placement=placement)
-        adapter.remote = m.remote
-        return name, adapter
+        return name, load_model(m.source, adapter=m.adapter, dtype=m.dtype, device=device, attn_implementation=m.attn_implementation,
+                                placement=placement, remote=m.remote)
     except EmbedLensError as e:
         msg = str(e)
-        for key in ("quantization", "device_map", "max_memory"):
+        for key in ("quantization", "device_map", "max_memory", "remote"):
             if msg.startswith(f"model.{key}"):
                 sub = msg.split(":", 1)[0].split(".")[1:]
                 raise loaded.error((*loc, *sub), msg.split(": ", 1)[1]) from None
