@@ -116,8 +116,11 @@ def place(model: torch.nn.Module, placement: Placement) -> torch.nn.Module:
     Raises:
         AdapterError: naming ``model.device_map`` when a path is not a module of the model, or a module is left out.
     """
-    from accelerate import dispatch_model, infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
+    try:
+        from accelerate import dispatch_model, infer_auto_device_map
+        from accelerate.utils import get_balanced_memory
+    except ImportError:
+        raise AdapterError("model.device_map: needs the accelerate package (pip install 'embedlens[scale]')") from None
 
     if placement.quantization is not None:
         raise AdapterError("model.quantization: only checkpoints loaded with from_pretrained can be quantised (not tiny: models)")
