@@ -636,6 +636,8 @@ def _main_pass_sharded(prepared, state, chunks, parts, engine, sites, load_chunk
                     doc["tally"], partition.tally = partition.tally, kept
                 parts.table("effects", table, mine)  # this rank's own part
                 doc["effects"] = {k: _plain(v) for k, v in table.items()}
+            if os.environ.get(KILL_ENV) == f"rank{world.rank}_batch{mine}":  # test hook: a rank dies mid-round
+                os.kill(os.getpid(), signal.SIGKILL)
             payload = distributed.pack(tensors, doc)
             if not world.main:
                 distributed.send(payload, 0)
@@ -675,6 +677,7 @@ def _emit(parts: Parts, label: str, name: str, rows: Any, index: int, n_probes: 
 
 #: Test hook: ``EMBEDLENS_KILL_AT=PHASE`` makes the runner SIGKILL itself at that point of the finish, so tests
 #: can check that every state a kill leaves on disk resumes to the same bytes. Phases, in order: see `_PHASES`.
+#: In a data-parallel run, ``rankR_batchB`` kills rank R once it has written its parts of batch B, before rank 0 folds it.
 KILL_ENV = "EMBEDLENS_KILL_AT"
 _PHASES = ("after_gather", "after_figures", "after_summary", "after_report", "after_manifest", "after_checkpoint")
 

@@ -39,7 +39,10 @@ def _files(out: Path) -> dict[str, bytes]:
 
 
 def _plan(tmp: Path, name: str, **changes) -> Path:
-    """An example plan with its data paths made absolute (and `changes` applied at the top level / to data)."""
+    """An example plan with its data paths made absolute (and `changes` applied at the top level / to data).
+
+    Written to one folder per module: the manifest names the plan file, so runs compared must share it.
+    """
     doc = yaml.safe_load((ROOT / "examples" / name).read_text())
     if "prompts" in doc["data"]:
         doc["data"]["prompts"] = str(ROOT / "examples" / doc["data"]["prompts"])
@@ -50,18 +53,37 @@ def _plan(tmp: Path, name: str, **changes) -> Path:
     return path
 
 
+_SINGLE: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("plans")
+
+
+def _single(tmp_path_factory, plan: Path, key: str) -> Path:
+    """The one-process run of a plan (once per module)."""
+    if key not in _SINGLE:
+        out = tmp_path_factory.mktemp("one") / "run"
+        # one thread, as torchrun gives each rank: scikit-learn's KMeans sums its inertia in thread order, so runs
+        # with different thread counts differ in the last bit (ranks or not)
+        r = _run(plan, out, 1)
+        assert r.returncode == 0, r.stderr[-3000:]
+        _SINGLE[key] = out
+    return _SINGLE[key]
+
+
+PRUNING = {"data": {"limit": 6}, "batch_size": 2}  # discovery and a data-set mean; 3 batches: a round with one
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, changes", [
     ("partition_study.yaml", {}),  # 8 prompts, batches of 2: two rounds of two ranks; fit pass = anchor discovery
-    ("pruning_study.yaml", {"data": {"limit": 6}, "batch_size": 2}),  # discovery and a data-set mean; 3 batches: a round with one
+    ("pruning_study.yaml", PRUNING),
 ])
-def test_two_gloo_processes_write_the_files_of_one(tmp_path, name, changes):
-    plan = _plan(tmp_path, name, **changes)
-    one, two = tmp_path / "one", tmp_path / "two"
-    # one process with one thread, as torchrun gives each rank: scikit-learn's KMeans sums its inertia in thread
-    # order, so runs with different thread counts differ in the last bit (ranks or not)
-    r1 = _run(plan, one, 1)
-    assert r1.returncode == 0, r1.stderr[-3000:]
+def test_two_gloo_processes_write_the_files_of_one(tmp_path, tmp_path_factory, plans, name, changes):
+    plan = _plan(plans, name, **changes)
+    one, two = _single(tmp_path_factory, plan, name), tmp_path / "two"
     r2 = _run(plan, two, 2)
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = _files(one), _files(two)
@@ -94,3 +116,21 @@ def test_rounds_give_every_batch_to_exactly_one_rank_from_any_resume_point():
                         owned[mine] = rank
             assert sorted(owned) == list(range(start, 7))
             assert all(owned[b] == b % size for b in owned)
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_round_resumes_to_the_same_files(tmp_path, tmp_path_factory, plans):
+    """Rank 1 dies after writing its part of batch 1 (torchrun then stops rank 0); --resume redoes the round."""
+    plan = _plan(plans, "pruning_study.yaml", **PRUNING)
+    one, two = _single(tmp_path_factory, plan, "pruning_study.yaml"), tmp_path / "two"
+    env_kill = dict(_env(), EMBEDLENS_KILL_AT="rank1_batch1")
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node=2", "-m", "embedlens", "run", str(plan), "--output", str(two), "-q"]
+    killed = subprocess.run(cmd, env=env_kill, capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0
+    assert (two / "checkpoint.safetensors").is_file()  # the fit passes were checkpointed; round 0 was not
+    assert (two / "ranks" / "rank-1" / "parts" / "effects" / "000001.parquet").is_file()  # the dead rank's own part
+    r = _run(plan, two, 2, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _files(one), _files(two)
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
