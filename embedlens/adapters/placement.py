@@ -140,7 +140,8 @@ def place(model: torch.nn.Module, placement: Placement) -> torch.nn.Module:
         raise AdapterError(f"model.device_map: no device for {covered[0]} (and {len(covered) - 1} more); map every module")
     if placement.needs_disk() and placement.offload_dir is None:
         raise AdapterError("model.device_map: modules mapped to 'disk' need a run folder to offload to")
-    main = next((d for d in dm.values() if d not in ("disk",)), "cpu")
+    # as accelerate's own from_pretrained path: the first accelerator runs what is offloaded to cpu/disk
+    main = next((d for d in dm.values() if str(d) not in ("cpu", "disk")), "cpu")
     model = dispatch_model(model, device_map=dm, main_device=main,
                            offload_dir=str(placement.offload_dir) if placement.offload_dir else None)
     model.hf_device_map = dict(dm)
