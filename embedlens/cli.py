@@ -63,6 +63,11 @@ def run(
     try:
         loaded = load_plan(plan)
         from embedlens.plan import run_all  # torch and the models: after the plan's own errors
+        from embedlens.plan import distributed
+
+        # under torchrun / accelerate launch: join the process group; only rank 0 shows progress and results
+        world = distributed.activate(distributed.World.from_env())
+        quiet = quiet or not world.main
         with _progress_bar(quiet) as bar:
             tasks: dict[tuple[str, str], object] = {}
             many = len(loaded.plan.model_specs()) > 1
@@ -91,6 +96,8 @@ def run(
         from embedlens.files import os_error
 
         _fail(os_error(e, "write"))
+    if not world.main:
+        return
     for name, result in results.items():
         typer.echo(f"wrote {result.out_dir}" + (f" (resumed at batch {result.resumed_from})" if result.resumed_from else ""))
         for tname, path in result.tables.items():

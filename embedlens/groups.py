@@ -223,10 +223,18 @@ class Partition(Stateful):
         """Discover anchor ids over `batches`; returns them. `evidence` keeps every candidate's statistics and verdict."""
         from embedlens.tracing import collect
 
+        sites = self.fit_sites(adapter)
+        return self.fit_stream(adapter, ((batch, collect(adapter, batch, sites)) for batch in batches))
+
+    def fit_sites(self, adapter: "Adapter") -> list[Site]:
+        """The activations the discovery pass reads."""
+        return self.discoverer(adapter).sites(adapter)
+
+    def fit_stream(self, adapter: "Adapter", stream: Iterable[tuple["Batch", dict[Site, torch.Tensor]]]) -> dict[str, list[int]]:
+        """`fit` over batches whose activations at `fit_sites` were read elsewhere (e.g. by other ranks), in batch order."""
         disc = self.discoverer(adapter)
-        sites = disc.sites(adapter)
-        for batch in batches:
-            disc.update(adapter, batch, collect(adapter, batch, sites))
+        for batch, acts in stream:
+            disc.update(adapter, batch, acts)
         found = disc.anchors()
         self.discovered = {g: found.get(g, []) for g in DEFAULT_ORDER}
         self.evidence = disc.table(adapter)

@@ -73,7 +73,7 @@ def _trace(root, inputs: dict, adapter: "Adapter", resolved: list[Site]) -> dict
     """Read `resolved` (in forward order) in one trace, stopping right after the last one."""
     saved = {}
     with torch.no_grad():
-        with root.trace(**inputs) as tracer:
+        with root.trace(**inputs, **({"remote": True} if getattr(adapter, "remote", False) else {})) as tracer:  # NDIF runs a remote one
             for site in resolved:
                 saved[site] = _read(root, adapter, site).save()
             if not _needs_whole_forward(resolved):

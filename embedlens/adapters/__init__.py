@@ -19,6 +19,7 @@ from embedlens.adapters.llava import LlavaAdapter
 from embedlens.adapters.llava_next import LlavaNextAdapter
 from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionImageProcessor
 from embedlens.adapters.paligemma import PaliGemmaAdapter
+from embedlens.adapters.placement import Placement, loading_kwargs, place
 from embedlens.adapters.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
@@ -95,6 +96,8 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     attn_implementation: str | None = None,
+    placement: Placement | None = None,
+    remote: bool = False,
 ) -> Adapter:
     """Load a model and wrap it in its adapter.
 
@@ -107,6 +110,9 @@ def load_model(
             from the config's `architectures` (for every kind of source); the
             checkpoint's weights must then fill that adapter's model class exactly.
         dtype, device, attn_implementation: passed to `from_pretrained`.
+        placement: a device map / memory limits / quantisation (`embedlens.adapters.placement.Placement`):
+            passed to `from_pretrained`, or applied with accelerate's `dispatch_model` to a ``tiny:`` model.
+        remote: a hub id run on NDIF (`embedlens.adapters.remote`): only its config and processor are loaded here.
 
     Raises:
         AdapterError: the architecture has no adapter (the error lists the
@@ -116,18 +122,27 @@ def load_model(
     """
     if adapter is not None:
         adapters.get(adapter)  # an unknown name fails here, whatever the source
+    if remote and (source.startswith((ZOO_PREFIX, TINY_PREFIX))):
+        raise AdapterError(f"model.remote: NDIF runs hub checkpoints; {source!r} is not a hub id (e.g. llava-hf/llava-1.5-7b-hf)")
     if source.startswith(ZOO_PREFIX):
         from embedlens.zoo import load_zoo
 
         return load_zoo(source[len(ZOO_PREFIX):], adapter=adapter, dtype=dtype, device=device,
-                        attn_implementation=attn_implementation)
+                        attn_implementation=attn_implementation, placement=placement)
     if source.startswith(TINY_PREFIX):
         from embedlens.testing.tiny import tiny_model
 
         model, processor = tiny_model(source[len(TINY_PREFIX):])
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
-        wrapped = wrap_model(model.to(device=device, dtype=parse_dtype(dtype)), processor, adapter)
+        if placement is not None and placement.spread:
+            model = place(model.to(dtype=parse_dtype(dtype)), placement)
+        else:
+            if placement is not None and placement.quantization is not None:
+                loading_kwargs(placement)  # the installation's own error first (no bitsandbytes, no GPU)
+                raise AdapterError("model.quantization: only checkpoints loaded with from_pretrained can be quantised (not tiny: models)")
+            model = model.to(device=device, dtype=parse_dtype(dtype))
+        wrapped = wrap_model(model, processor, adapter)
         wrapped.source = source
         return wrapped
     if adapter is not None:
@@ -140,4 +155,5 @@ def load_model(
         except OSError as e:
             raise AdapterError(f"cannot load a model config from {source!r}: {e}") from None
         cls = adapter_for_architecture(getattr(config, "architectures", None), getattr(config, "model_type", ""))
-    return cls.from_pretrained(source, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    return cls.from_pretrained(source, dtype=dtype, device=device, attn_implementation=attn_implementation, placement=placement,
+                               remote=remote)

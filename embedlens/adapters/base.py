@@ -13,6 +13,7 @@ import torch
 from transformers import AutoProcessor, BatchFeature, PreTrainedModel, ProcessorMixin
 
 from embedlens.data import Sample
+from embedlens.adapters.placement import Placement, loading_kwargs, module_device, weight
 from embedlens.errors import AdapterError, InputError
 from embedlens.roles import Role, TokenRoles
 from embedlens.sites import Site
@@ -184,6 +185,9 @@ class Adapter(ABC):
         self.tokenizer = processor.tokenizer
         self.source = source or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self._nnsight = None
+        #: Run traces on NDIF (`embedlens.adapters.remote`); the model here is then a weightless skeleton.
+        self.remote = False
+        self._remote_weights: dict[str, torch.Tensor] = {}
         for attr in ("vision_embed", "vision_layers", "projector", "language_model", "llm_layers", "llm_norm", "unembed"):
             resolve_path(model, getattr(self.paths, attr))  # fail at load, not mid-run
 
@@ -196,16 +200,26 @@ class Adapter(ABC):
         dtype: str = "float32",
         device: str = "cpu",
         attn_implementation: str | None = None,
+        placement: Placement | None = None,
+        remote: bool = False,
     ) -> "Adapter":
         """Load model and processor from a local folder or hub id.
 
         Args:
             path: folder written by `save_pretrained`, or a hub id.
             dtype: one of float32, float16, bfloat16, float64.
-            device: torch device string.
+            device: torch device string (ignored when `placement` has a device map).
             attn_implementation: `sdpa`, `eager`, ... (None: transformers' default).
+            placement: a device map, memory limits, quantisation (`embedlens.adapters.placement`).
+            remote: build a weightless skeleton and run traces on NDIF (`embedlens.adapters.remote`).
         """
-        kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype)}
+        if remote:
+            from embedlens.adapters.remote import load_skeleton
+
+            adapter = cls(load_skeleton(cls.model_class, path, parse_dtype(dtype)), cls.load_processor(path), source=str(path))
+            adapter.remote = True
+            return adapter
+        kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), **loading_kwargs(placement)}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         label = f"adapter {cls.registered_name or cls.__name__!r} ({cls.model_class.__name__})"
@@ -214,7 +228,9 @@ class Adapter(ABC):
         except Exception as e:  # noqa: BLE001 - a checkpoint of another family fails in arbitrary ways
             raise AdapterError(f"{label} cannot load {str(path)!r}: {type(e).__name__}: {e}") from None
         check_weights_fit(label, str(path), model, info)
-        return cls(model.to(device).eval(), cls.load_processor(path), source=str(path))
+        if placement is None or placement.device_map is None:  # a dispatched or quantised model is placed already
+            model = model if placement is not None and placement.quantization is not None else model.to(device)
+        return cls(model.eval(), cls.load_processor(path), source=str(path))
 
     @classmethod
     def load_processor(cls, path: str) -> ProcessorMixin:
@@ -256,15 +272,31 @@ class Adapter(ABC):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the model's inputs go: the device the input embeddings compute on.
+
+        With a device map the model has no single device; every other module is
+        asked for its own (`embedlens.adapters.placement.module_device`).
+        """
+        if self.remote:
+            return torch.device("cpu")  # inputs are built here and sent; the activations come back here
+        return module_device(self.model.get_input_embeddings())
 
     def input_embeddings(self) -> torch.Tensor:
-        """`[vocab, d_model]` input embedding matrix of the LLM."""
-        return self.model.get_input_embeddings().weight
+        """`[vocab, d_model]` input embedding matrix of the LLM (also when accelerate offloaded it, or NDIF holds it)."""
+        return self._weight("input", self.model.get_input_embeddings())
 
     def output_embeddings(self) -> torch.Tensor:
-        """`[vocab, d_model]` unembedding matrix (rows of `lm_head`)."""
-        return self.model.get_output_embeddings().weight
+        """`[vocab, d_model]` unembedding matrix (rows of `lm_head`; also when offloaded or remote)."""
+        return self._weight("output", self.model.get_output_embeddings())
+
+    def _weight(self, key: str, module: torch.nn.Module) -> torch.Tensor:
+        if self.remote and module.weight.device.type == "meta":
+            if key not in self._remote_weights:
+                from embedlens.adapters.remote import remote_weight
+
+                self._remote_weights[key] = remote_weight(self, module)
+            return self._remote_weights[key]
+        return weight(module)
 
     @property
     def final_logit_softcap(self) -> float | None:
@@ -321,9 +353,14 @@ class Adapter(ABC):
     def nnsight(self):
         """The model wrapped in `nnsight.NNsight` (built once)."""
         if self._nnsight is None:
-            from nnsight import NNsight
+            if self.remote:
+                from embedlens.adapters.remote import remote_wrapper
 
-            self._nnsight = NNsight(self.model)
+                self._nnsight = remote_wrapper(self)
+            else:
+                from nnsight import NNsight
+
+                self._nnsight = NNsight(self.model)
         return self._nnsight
 
     # -- prompts and encoding --------------------------------------------------

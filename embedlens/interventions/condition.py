@@ -62,13 +62,20 @@ class Condition(Stateful):
         """The earlier pass over the data for interventions that need a data-set statistic."""
         from embedlens.tracing import collect
 
+        wanted = self.fit_sites(adapter)
+        self.fit_stream(adapter, ((batch, collect(adapter, batch, wanted) if wanted else {}) for batch in batches))
+
+    def fit_sites(self, adapter: "Adapter") -> list:
+        """The activations the fit pass reads (every fitted intervention's `fit_sites`), in forward order."""
+        todo = [iv for iv in self.interventions if iv.needs_fit]
+        return sorted({s for iv in todo for s in iv.fit_sites(adapter)}, key=lambda s: s.order_key())
+
+    def fit_stream(self, adapter: "Adapter", stream: Iterable) -> None:
+        """`fit` over ``(batch, acts)`` pairs read elsewhere (e.g. by other ranks), in batch order."""
         todo = [iv for iv in self.interventions if iv.needs_fit]
         if not todo:
             return
-        sites = {iv: iv.fit_sites(adapter) for iv in todo}
-        wanted = sorted({s for v in sites.values() for s in v}, key=lambda s: s.order_key())
-        for batch in batches:
-            acts = collect(adapter, batch, wanted) if wanted else {}
+        for batch, acts in stream:
             for iv in todo:
                 iv.observe(adapter, batch, acts)
         for iv in todo:

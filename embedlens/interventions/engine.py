@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from embedlens.adapters.base import resolve_path
+from embedlens.adapters.placement import module_device
 from embedlens.attention import attention_rows, layer_windows, rotary_embeddings
 from embedlens.errors import AdapterError, EmbedLensError, InterventionError
 from embedlens.interventions.select import Selection, SelectionSpec
@@ -265,12 +266,14 @@ class Outcome:
                 rank = held.cumsum(dim=1) - 1
                 q_rank = rank[:, -n:]
                 allowed = allowed & (rank[:, None, :] > q_rank[:, :, None] - window)
+            dev = eng.layer_device(layer_idx)  # a device map may put each layer elsewhere: its inputs go there
+            lpos = _layer_positions(pos)
             x = layer(
-                x,
-                attention_mask=eng.mask(allowed),
-                position_ids=_layer_positions(pos),
+                x.to(dev),
+                attention_mask=eng.mask(allowed.to(dev)),
+                position_ids=None if lpos is None else lpos.to(dev),
                 use_cache=True,
-                position_embeddings=pe[eng.layer_types[layer_idx]],
+                position_embeddings=tuple(t.to(dev) for t in pe[eng.layer_types[layer_idx]]),
                 **{eng.cache_kwarg: self.cache},
             )
         self.decoded_valid = torch.cat([self.decoded_valid, valid], dim=1)
@@ -368,10 +371,18 @@ class Engine:
         self.eager = impl == "eager"
         self.layer_types, self.windows = layer_windows(cfg, len(self.layers), adapter.name)
         self.cache_kwarg = cache_kwarg(self.layers[0]) if self.layers else "past_key_values"
+        self._layer_devices: list[torch.device] | None = None
 
     @property
     def device(self) -> torch.device:
+        """Where the engine keeps its masks and the residual stream between layers (the input embeddings' device)."""
         return self.adapter.device
+
+    def layer_device(self, index: int) -> torch.device:
+        """Where decoder layer `index` computes (its own device under a device map, offloaded or not)."""
+        if self._layer_devices is None:
+            self._layer_devices = [module_device(layer) for layer in self.layers]
+        return self._layer_devices[index]
 
     @property
     def n_layers(self) -> int:
@@ -562,18 +573,21 @@ class Engine:
                 zero[sub] = rows.gather(z) & rows.valid
             zero["attn"] = zero["attn"] | (empty & rows.valid)
             hooks = self._hooks(layer, layer_idx, ctx, rows, allowed, zero, interventions)
+            dev = self.layer_device(layer_idx)  # under a device map each layer computes on its own device
+            lpos = _layer_positions(pos)
             try:
                 x = layer(
-                    x,
-                    attention_mask=self.mask(allowed),
-                    position_ids=_layer_positions(pos),
+                    x.to(dev),
+                    attention_mask=self.mask(allowed.to(dev)),
+                    position_ids=None if lpos is None else lpos.to(dev),
                     use_cache=cache,
-                    position_embeddings=pe[self.layer_types[layer_idx]],
+                    position_embeddings=tuple(t.to(dev) for t in pe[self.layer_types[layer_idx]]),
                     **{self.cache_kwarg: kv},
                 )
             finally:
                 for h in hooks:
                     h.remove()
+            x = x.to(self.device)  # interventions edit the residual stream where the masks are (device to device)
             for i, iv in enumerate(interventions):
                 with _naming(condition, i, iv):
                     x = iv.after_layer(ctx, layer_idx, x, rows)
@@ -600,10 +614,10 @@ class Engine:
         hooks = []
 
         def zero_attn(module, args, output):
-            return (output[0].masked_fill(zero["attn"][..., None], 0.0), *output[1:])
+            return (output[0].masked_fill(zero["attn"][..., None].to(output[0].device), 0.0), *output[1:])
 
         def zero_mlp(module, args, output):
-            return output.masked_fill(zero["mlp"][..., None], 0.0)
+            return output.masked_fill(zero["mlp"][..., None].to(output.device), 0.0)
 
         hooks.append(attn.register_forward_hook(zero_attn))
         hooks.append(mlp.register_forward_hook(zero_mlp))
@@ -614,10 +628,12 @@ class Engine:
 
             def record(module, args, kwargs):
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
-                probs = attention_rows(module, hidden, kwargs["position_embeddings"], qrow[:, None], allowed.gather(1, qrow[:, None, None].expand(-1, 1, allowed.shape[2])))
-                full = torch.zeros(hidden.shape[0], probs.shape[1], ctx.roles.kind.shape[1], device=hidden.device)
+                q = qrow.to(hidden.device)
+                probs = attention_rows(module, hidden, kwargs["position_embeddings"], q[:, None],
+                                       allowed.to(hidden.device).gather(1, q[:, None, None].expand(-1, 1, allowed.shape[2])))
+                full = torch.zeros(hidden.shape[0], probs.shape[1], ctx.roles.kind.shape[1], device=self.device)
                 b, r = rows.valid.nonzero(as_tuple=True)
-                full[b, :, rows.index[b, r]] = probs[b, :, 0, r]
+                full[b, :, rows.index[b, r]] = probs.to(self.device)[b, :, 0, r]
                 ctx.attention[layer_idx] = full
 
             hooks.append(attn.register_forward_pre_hook(record, with_kwargs=True))

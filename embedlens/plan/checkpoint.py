@@ -110,20 +110,28 @@ def read_document(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     Raises:
         CheckpointError: the file is missing, a link, damaged, or not an embedlens checkpoint.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     path = Path(out) / CHECKPOINT
     if path.is_symlink():
         raise CheckpointError(f"{path} is a symbolic link; embedlens does not read checkpoints through links")
     try:
         raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no checkpoint to resume from") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e}); start again with --overwrite") from None
+    return decode(raw, path)
+
+
+def decode(raw: bytes, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON document and tensors of checkpoint bytes (`encode`'s); `path` names them in errors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
         tensors = load(raw)
         header_len = int.from_bytes(raw[:8], "little")
         header = json.loads(raw[8 : 8 + header_len].decode("utf-8"))
         doc = json.loads(header.get("__metadata__", {}).get("embedlens", "null"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no checkpoint to resume from") from None
     except (SafetensorError, OSError, ValueError, UnicodeDecodeError, AttributeError) as e:
         raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e}); start again with --overwrite") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:

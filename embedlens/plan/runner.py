@@ -28,6 +28,7 @@ import torch
 
 from embedlens.adapters import load_model
 from embedlens.adapters.base import Adapter
+from embedlens.adapters.placement import Placement
 from embedlens.anchors import EVIDENCE_COLUMNS
 from embedlens.data import Record, Sample, read_hf_dataset, read_records
 from embedlens.errors import EmbedLensError, InputError
@@ -43,7 +44,10 @@ from embedlens.files import check_output, contained, os_error, safe_dir, write_t
 from embedlens.plan import checkpoint as ckpt
 from embedlens.plan.checkpoint import RunState
 from embedlens.plan.identity import check_same, run_identity
-from embedlens.plan.store import CHECKPOINT, Parts, RunLock, claim, clear_run
+from embedlens.files import MARKER
+from embedlens.plan import distributed
+from embedlens.plan.store import CHECKPOINT, Parts, RunLock, _plain, claim, clear_run, offload_dir, remove_offload, remove_shards, shard_dir
+from embedlens.sites import Site
 from embedlens.probes.base import Probe, Tensors
 from embedlens.probes.partition import TokenPartition
 from embedlens.registry import interventions as intervention_registry
@@ -89,18 +93,38 @@ def _model_loc(loaded: LoadedPlan, name: str) -> tuple:
     return ("models", name) if loaded.plan.models is not None else ("model",)
 
 
-def load_plan_model(loaded: LoadedPlan, name: str | None = None) -> tuple[str, Adapter]:
-    """Load one of the plan's models (the only one when `name` is None); errors point at its entry."""
+def load_plan_model(loaded: LoadedPlan, name: str | None = None, run_dir: Path | None = None) -> tuple[str, Adapter]:
+    """Load one of the plan's models (the only one when `name` is None); errors point at its entry.
+
+    Args:
+        run_dir: the run folder; modules a device map sends to ``disk`` are offloaded into its ``offload/``.
+    """
     specs = loaded.plan.model_specs()
     if name is None:
         name = next(iter(specs))
     m: ModelSpec = specs[name]
     loc = _model_loc(loaded, name)
-    _check_device(loaded, loc, m.device)
+    device = m.device
+    from embedlens.plan import distributed
+
+    world = distributed.current()
+    if world.size > 1 and device.startswith("cuda") and m.device_map is None:
+        device = f"cuda:{world.local_rank}"  # one model per process, each on its own GPU
+    _check_device(loaded, loc, device)
+    if m.remote:
+        _check_remote(loaded, loc, m)
+    placement = None
+    if m.device_map is not None or m.quantization is not None:
+        placement = Placement(m.device_map, m.max_memory, offload_dir(run_dir) if run_dir is not None else None, m.quantization)
     try:
-        return name, load_model(loaded.model_source(m.source), adapter=m.adapter, dtype=m.dtype, device=m.device,
-                                attn_implementation=m.attn_implementation)
+        return name, load_model(loaded.model_source(m.source), adapter=m.adapter, dtype=m.dtype, device=device, attn_implementation=m.attn_implementation,
+                                placement=placement, remote=m.remote)
     except EmbedLensError as e:
+        msg = str(e)
+        for key in ("quantization", "device_map", "max_memory", "remote"):
+            if msg.startswith(f"model.{key}"):
+                sub = msg.split(":", 1)[0].split(".")[1:]
+                raise loaded.error((*loc, *sub), msg.split(": ", 1)[1]) from None
         key = "adapter" if m.adapter and "adapter" in str(e) else "source"
         raise loaded.error((*loc, key), str(e)) from None
     except MemoryError:
@@ -110,6 +134,19 @@ def load_plan_model(loaded: LoadedPlan, name: str | None = None) -> tuple[str, A
         if m.attn_implementation and "attn" in msg.lower():
             raise loaded.error((*loc, "attn_implementation"), f"{m.attn_implementation!r} cannot be used with this model ({msg[:400]})") from None
         raise loaded.error((*loc, "source"), f"cannot load the model from {m.source!r}: {msg[:600]}") from None
+
+
+def _check_remote(loaded: LoadedPlan, loc: tuple, m: ModelSpec) -> None:
+    """What a remote model (NDIF) can do, checked before anything loads: probe passes only, a hub checkpoint."""
+    key = ".".join(str(k) for k in loc)
+    plan = loaded.plan
+    if plan.conditions:
+        cname, items = next(iter(plan.conditions.items()))
+        raise loaded.error(("conditions", cname, 0), f"{items[0].name} (condition {cname!r}) runs the intervention engine, which "
+                           f"runs locally only; {key}.remote: true runs probe passes on NDIF. Run the conditions in a plan "
+                           "without remote (on a model you host), or drop them from this one")
+    if m.source.startswith(("zoo:", "tiny:")) or Path(m.source).exists():
+        raise loaded.error((*loc, "remote"), f"NDIF runs hub checkpoints; {m.source!r} is not a hub id (e.g. llava-hf/llava-1.5-7b-hf)")
 
 
 def _check_device(loaded: LoadedPlan, loc: tuple, device: str) -> None:
@@ -161,13 +198,14 @@ def read_data(loaded: LoadedPlan, adapter: Adapter | None = None) -> list[Record
     return records
 
 
-def prepare(loaded: LoadedPlan, adapter: Adapter | None = None, model: str | None = None) -> Prepared:
+def prepare(loaded: LoadedPlan, adapter: Adapter | None = None, model: str | None = None, run_dir: Path | None = None) -> Prepared:
     """Load model and data and build the plugins; run the checks that need the model.
 
     Args:
         loaded: from `load_plan`.
         adapter: an already loaded model (skips loading `model`).
         model: which of the plan's `models` (default: the first).
+        run_dir: the run folder (claimed), for modules a device map offloads to ``disk``.
 
     Raises:
         PlanError: naming the plan file, line and key (e.g. a layer out of range).
@@ -175,7 +213,7 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None, model: str | Non
     plan = loaded.plan
     name = model or next(iter(plan.model_specs()))
     if adapter is None:
-        name, adapter = load_plan_model(loaded, name)
+        name, adapter = load_plan_model(loaded, name, run_dir)
     built: list[tuple[str, Probe]] = []
     for i, spec in enumerate(plan.probes):
         try:
@@ -312,16 +350,41 @@ def run(
             holds a symbolic link, is locked by another run, or cannot be written
             (full disk, read-only file system).
     """
-    plan = prepared.loaded.plan
-    out = claim(Path(out_dir) if out_dir is not None else prepared.loaded.output_dir)
+    world = distributed.current()
+    out, own = claim_run(Path(out_dir) if out_dir is not None else prepared.loaded.output_dir, world)
     try:
-        with RunLock(out):
-            return _run_locked(prepared, out, progress, resume, overwrite)
+        with RunLock(own):  # rank 0 locks the run folder, every other rank its own folder in it
+            result = _run_locked(prepared, out, own, world, progress, resume, overwrite)
+            if world.main:
+                distributed.barrier(world)  # every other rank has finished and let go of its lock
+                remove_shards(out)
+        if not world.main:
+            distributed.barrier(world)
+        return result
     except OSError as e:  # full disk, read-only file system, permissions: an error naming the file, state kept
         raise os_error(e, "write") from None
 
 
-def _run_locked(prepared: Prepared, out: Path, progress: ProgressFn | None, resume: bool, overwrite: bool) -> RunResult:
+def claim_run(out: Path, world: "distributed.World", kind: str = "run") -> tuple[Path, Path]:
+    """Claim the run folder (rank 0) and each other rank's own folder in it; returns (run folder, this rank's folder).
+
+    Raises:
+        RunFolderError: see `embedlens.files.claim`.
+        DistributedError: a rank does not see the folder rank 0 claimed (it must be on a file system every rank sees).
+    """
+    if world.main:
+        out = claim(out, kind=kind)
+    distributed.barrier(world)
+    if world.main:
+        return out, out
+    if not (Path(out) / MARKER).is_file():
+        raise distributed.DistributedError(f"{out}: rank {world.rank} does not see the run folder rank 0 claimed; "
+                                           "the output folder must be on a file system every rank sees")
+    return Path(out), claim(safe_dir(Path(out), shard_dir(Path("."), world.rank)))
+
+
+def _run_locked(prepared: Prepared, out: Path, own: Path, world: "distributed.World", progress: ProgressFn | None,
+                resume: bool, overwrite: bool) -> RunResult:
     from embedlens.figures import EXTRA_FORMATS
 
     loaded, adapter = prepared.loaded, prepared.adapter
@@ -331,34 +394,31 @@ def _run_locked(prepared: Prepared, out: Path, progress: ProgressFn | None, resu
     records = prepared.records
     bs = plan.batch_size
     chunks = [records[i : i + bs] for i in range(0, len(records), bs)]
-    unfinished = ckpt.exists(out)
-    if unfinished and not resume and not overwrite:
-        raise EmbedLensError(
-            f"{out} holds an unfinished run ({CHECKPOINT}); continue it with --resume or start again with --overwrite"
-        )
     identity = run_identity(prepared)
-    state: RunState | None = None
-    if unfinished and resume:  # the only place a checkpoint is read
-        doc, tensors = ckpt.read_document(out)
-        if doc.get("plan_hash") != h:
-            raise EmbedLensError(
-                f"{out}: the unfinished run there is of a different plan (hash {doc.get('plan_hash')}, this plan {h}); "
-                "resume with the same plan, or start again with --overwrite"
-            )
-        check_same(doc.get("identity") or {}, identity, out)
-        state = ckpt.load_into(doc, tensors, prepared.probes, prepared.partition, prepared.conditions, out / CHECKPOINT)
-        if state.n_batches != len(chunks):
-            raise EmbedLensError(f"{out}: the unfinished run has {state.n_batches} batches, this plan {len(chunks)}; start again with --overwrite")
-        resumed_from = state.next_batch
+    distributed.agree([h, len(chunks), identity], world, "the plan, its data and its model")
+    if not world.main:  # rank 0 decides whether to start, resume or stop; the others take its state
+        tensors, doc = distributed.unpack(distributed.broadcast(None, world))
+        if "error" in doc:
+            raise distributed.DistributedError(f"rank 0 stopped: {doc['error']}")
+        if doc.get("done"):
+            return RunResult(out_dir=out)
+        state = _state_from(bytes(tensors["state"].numpy().tobytes()), prepared, out)
+        resumed_from = doc.get("resumed_from")
     else:
-        done = finished_result(out) if resume and not overwrite else None
-        if done is not None:  # resuming a finished run: nothing left to do
-            return done
-        clear_run(out)
-        state = RunState(h, identity, 0, len(chunks), False, prepared.probes, prepared.partition, prepared.conditions)
-        resumed_from = None
-    parts = Parts(out)
-    parts.drop_from(state.next_batch)
+        try:
+            state, resumed_from = _start_state(prepared, out, h, identity, len(chunks), resume, overwrite)
+        except EmbedLensError as e:
+            if world.size > 1:
+                distributed.broadcast(distributed.pack({}, {"error": str(e)}), world)
+            raise
+        if state is None:  # resuming a finished run: nothing left to do
+            if world.size > 1:
+                distributed.broadcast(distributed.pack({}, {"done": True}), world)
+            return resumed_from
+        if world.size > 1:
+            distributed.broadcast(_state_payload(state, {"resumed_from": resumed_from}), world)
+    parts = Parts(own, shards=[shard_dir(out, r) for r in range(1, world.size)] if world.main else None)
+    parts.drop_from(state.next_batch)  # every rank its own parts
     probes, partition, conditions = state.probes, state.partition, state.conditions
 
     def checkpoint() -> None:
@@ -388,40 +448,106 @@ def _run_locked(prepared: Prepared, out: Path, progress: ProgressFn | None, resu
             if progress is not None:
                 progress(phase, done, len(records))
 
+    def fit(phase: str, sites: list[Site], consume: Callable) -> None:
+        """One fit pass: ``consume((batch, acts) for every batch in order)`` on rank 0; the others read their batches."""
+        if world.size == 1:
+            consume((batch, collect(adapter, batch, sites) if sites else {}) for batch in batches(phase))
+            return
+        stream = _sharded_stream(adapter, plan, chunks, world, sites, load_chunk, phase, progress, len(records))
+        if world.main:
+            consume(stream)
+        else:
+            for _ in stream:
+                pass
+
     token = EXTRA_FORMATS.set(tuple(f for f in plan.output.figure_formats if f != "png"))
     try:
         if not state.fitted:
             torch.manual_seed(plan.seed)
             if partition is not None and partition.needs_fit:  # discovered anchors, before any batch is labelled
-                partition.fit(adapter, batches("fit: partition"))
+                fit("fit: partition", partition.fit_sites(adapter), lambda stream: partition.fit_stream(adapter, stream))
             for label, probe in probes:
                 if probe.needs_fit:
+                    if world.size > 1 and not world.main:
+                        continue  # a probe fitted with the partition (token_partition): rank 0's state comes below
+                    if world.size > 1:
+                        raise distributed.DistributedError(f"probe {label!r} needs a fit pass of its own, which is not sharded "
+                                                           "across processes; run this plan in one process")
                     probe.fit(adapter, batches(f"fit: {label}"))
             for cond in conditions:
                 if cond.needs_fit:  # data-set statistics (e.g. mean ablation) in an earlier pass
-                    cond.fit(adapter, batches(f"fit: {cond.name}"))
+                    fit(f"fit: {cond.name}", cond.fit_sites(adapter), lambda stream, c=cond: c.fit_stream(adapter, stream))
             state.fitted = True
-            checkpoint()
+            if world.main:
+                checkpoint()
+            if world.size > 1:  # the fitted anchors and means: rank 0's, on every rank
+                data = distributed.broadcast(_state_payload(state, {}) if world.main else None, world)
+                if not world.main:
+                    state = _state_from(bytes(distributed.unpack(data)[0]["state"].numpy().tobytes()), prepared, out)
+                    probes, partition, conditions = state.probes, state.partition, state.conditions
         sites = {s for _, p in probes for s in p.sites(adapter)}
         if partition is not None and probes:
             sites |= set(partition.sites(adapter))
         sites = sorted(sites, key=lambda s: s.order_key())
         engine = Engine(adapter) if conditions else None
-        if progress is not None:
+        if progress is not None and world.main:
             progress("run", min(len(records), state.next_batch * bs), len(records))
         try:
-            _main_pass(prepared, state, chunks, parts, engine, sites, load_chunk, checkpoint, progress)
+            if world.size == 1:
+                _main_pass(prepared, state, chunks, parts, engine, sites, load_chunk, checkpoint, progress)
+            else:
+                _main_pass_sharded(prepared, state, chunks, parts, engine, sites, load_chunk, checkpoint, progress, world)
         except EmbedLensError as e:
             if state.next_batch:
                 raise type(e)(f"{e}\n(the {state.next_batch} finished batch(es) of {len(chunks)} are kept in {out}: "
                               "fix the cause and continue with --resume)") from None
             raise
+        if not world.main:
+            return RunResult(out_dir=out)
         for label, probe in probes:
             for name, rows in probe.final_tables().items():
                 _emit(parts, label, name, rows, len(chunks), len(probes))
-        return _finish(prepared, out, parts, state, started, resumed_from)
+        return _finish(prepared, out, parts, state, started, resumed_from, world)
     finally:
         EXTRA_FORMATS.reset(token)
+
+
+def _state_payload(state: RunState, doc: dict) -> bytes:
+    raw = ckpt.encode(state)
+    return distributed.pack({"state": torch.frombuffer(bytearray(raw), dtype=torch.uint8)}, doc)
+
+
+def _state_from(raw: bytes, prepared: Prepared, out: Path) -> RunState:
+    """Rank 0's run state (a checkpoint's bytes) loaded into this rank's plugins."""
+    doc, tensors = ckpt.decode(raw, out / CHECKPOINT)
+    return ckpt.load_into(doc, tensors, prepared.probes, prepared.partition, prepared.conditions, out / CHECKPOINT)
+
+
+def _start_state(prepared: Prepared, out: Path, h: str, identity: dict, n_batches: int, resume: bool, overwrite: bool):
+    """(state, resumed_from) to run from, or (None, the finished result) when `out` holds a finished run and `resume` is set."""
+    unfinished = ckpt.exists(out)
+    if unfinished and not resume and not overwrite:
+        raise EmbedLensError(
+            f"{out} holds an unfinished run ({CHECKPOINT}); continue it with --resume or start again with --overwrite"
+        )
+    state: RunState | None = None
+    if unfinished and resume:  # the only place a checkpoint is read
+        doc, tensors = ckpt.read_document(out)
+        if doc.get("plan_hash") != h:
+            raise EmbedLensError(
+                f"{out}: the unfinished run there is of a different plan (hash {doc.get('plan_hash')}, this plan {h}); "
+                "resume with the same plan, or start again with --overwrite"
+            )
+        check_same(doc.get("identity") or {}, identity, out)
+        state = ckpt.load_into(doc, tensors, prepared.probes, prepared.partition, prepared.conditions, out / CHECKPOINT)
+        if state.n_batches != n_batches:
+            raise EmbedLensError(f"{out}: the unfinished run has {state.n_batches} batches, this plan {n_batches}; start again with --overwrite")
+        return state, state.next_batch
+    done = finished_result(out) if resume and not overwrite else None
+    if done is not None:
+        return None, done
+    clear_run(out)
+    return RunState(h, identity, 0, n_batches, False, prepared.probes, prepared.partition, prepared.conditions), None
 
 
 def _main_pass(prepared, state, chunks, parts, engine, sites, load_chunk, checkpoint, progress) -> None:
@@ -453,6 +579,98 @@ def _main_pass(prepared, state, chunks, parts, engine, sites, load_chunk, checkp
             progress("run", min(n_records, (b + 1) * bs), n_records)
 
 
+def _rounds(start: int, n: int, world: "distributed.World"):
+    """``(batches of the round, this rank's batch or None)`` from batch `start` on, `world.size` batches a round."""
+    for first in range(start, n, world.size):
+        mine = first + (world.rank - first) % world.size
+        yield range(first, min(first + world.size, n)), (mine if mine < n else None)
+
+
+def _sharded_stream(adapter, plan, chunks, world, sites, load_chunk, phase, progress, n_records):
+    """A fit pass across ranks: each rank reads its batches' activations at `sites` and sends them to rank 0,
+    which yields ``(batch, acts)`` for every batch in batch order (the other ranks yield nothing)."""
+    bs = plan.batch_size
+    for rnd, mine in _rounds(0, len(chunks), world):
+        payload = None
+        if mine is not None:
+            samples = load_chunk(chunks[mine], False)
+            tensors = {}
+            if samples and sites:
+                acts = collect(adapter, adapter.encode(samples, padding_side=plan.data.padding_side), sites)
+                tensors = {f"s{i}": acts[s] for i, s in enumerate(sites)}
+            payload = distributed.pack(tensors, {"batch": mine, "empty": not samples})
+            if not world.main:
+                distributed.send(payload, 0)
+        if not world.main:
+            continue
+        for b in rnd:
+            tensors, doc = distributed.unpack(payload if b == mine else distributed.recv(world.owner(b)))
+            if doc.get("batch") != b:
+                raise distributed.DistributedError(f"rank {world.owner(b)} sent batch {doc.get('batch')} where batch {b} was due")
+            if not doc["empty"]:
+                batch = adapter.encode(load_chunk(chunks[b], False), padding_side=plan.data.padding_side)
+                yield batch, {s: tensors[f"s{i}"].to(adapter.device) for i, s in enumerate(sites) if f"s{i}" in tensors}
+            if progress is not None:
+                progress(phase, min(n_records, (b + 1) * bs), n_records)
+
+
+def _main_pass_sharded(prepared, state, chunks, parts, engine, sites, load_chunk, checkpoint, progress, world) -> None:
+    """`_main_pass` across ranks: each rank runs the model on its batch of every round (activations, conditions) and
+    writes its effect parts; rank 0 folds every batch into the probes, the partition's tally and the effect summary
+    in batch order, as one process does, and checkpoints after each round."""
+    probes, partition, conditions = state.probes, state.partition, state.conditions
+    adapter, plan = prepared.adapter, prepared.loaded.plan
+    bs, n_records = plan.batch_size, len(prepared.records)
+    for rnd, mine in _rounds(state.next_batch, len(chunks), world):
+        payload = None
+        if mine is not None:
+            torch.manual_seed(plan.seed * 1_000_003 + mine)
+            samples = load_chunk(chunks[mine], False)
+            tensors: dict[str, torch.Tensor] = {}
+            doc: dict[str, Any] = {"batch": mine, "empty": not samples}
+            if samples and probes:
+                acts = collect(adapter, adapter.encode(samples, padding_side=plan.data.padding_side), sites)
+                tensors = {f"s{i}": acts[s] for i, s in enumerate(sites)}
+            if samples and engine is not None:
+                kept = partition.tally if partition is not None else None
+                if partition is not None:
+                    partition.tally = {}  # what labelling this batch adds, for rank 0 to fold in order
+                table = compare(engine, samples, conditions, prepared.metrics, padding_side=plan.data.padding_side, groups=partition)
+                if partition is not None:
+                    doc["tally"], partition.tally = partition.tally, kept
+                parts.table("effects", table, mine)  # this rank's own part
+                doc["effects"] = {k: _plain(v) for k, v in table.items()}
+            if os.environ.get(KILL_ENV) == f"rank{world.rank}_batch{mine}":  # test hook: a rank dies mid-round
+                os.kill(os.getpid(), signal.SIGKILL)
+            payload = distributed.pack(tensors, doc)
+            if not world.main:
+                distributed.send(payload, 0)
+        if not world.main:
+            continue
+        for b in rnd:
+            tensors, doc = distributed.unpack(payload if b == mine else distributed.recv(world.owner(b)))
+            if doc.get("batch") != b:
+                raise distributed.DistributedError(f"rank {world.owner(b)} sent batch {doc.get('batch')} where batch {b} was due")
+            torch.manual_seed(plan.seed * 1_000_003 + b)
+            samples = load_chunk(chunks[b], record_problems=True)
+            if samples and probes:
+                batch = adapter.encode(samples, padding_side=plan.data.padding_side)
+                acts = {s: tensors[f"s{i}"].to(adapter.device) for i, s in enumerate(sites)}
+                if partition is not None:
+                    batch.groups = partition.label(adapter, batch, acts=acts)
+                for label, probe in probes:
+                    for name, rows in probe.update(adapter, batch, acts).items():
+                        _emit(parts, label, name, rows, b, len(probes))
+            if "effects" in doc:
+                if partition is not None:
+                    partition.tally.update(doc.get("tally") or {})
+                state.effects.add(doc["effects"])
+        state.next_batch = rnd[-1] + 1
+        checkpoint()
+        if progress is not None:
+            progress("run", min(n_records, state.next_batch * bs), n_records)
+
+
 def _emit(parts: Parts, label: str, name: str, rows: Any, index: int, n_probes: int) -> None:
     full = f"{label}.{name}" if n_probes > 1 else name
     if isinstance(rows, Tensors):
@@ -463,6 +681,7 @@ def _emit(parts: Parts, label: str, name: str, rows: Any, index: int, n_probes: 
 
 #: Test hook: ``EMBEDLENS_KILL_AT=PHASE`` makes the runner SIGKILL itself at that point of the finish, so tests
 #: can check that every state a kill leaves on disk resumes to the same bytes. Phases, in order: see `_PHASES`.
+#: In a data-parallel run, ``rankR_batchB`` kills rank R once it has written its parts of batch B, before rank 0 folds it.
 KILL_ENV = "EMBEDLENS_KILL_AT"
 _PHASES = ("after_gather", "after_figures", "after_summary", "after_report", "after_manifest", "after_checkpoint")
 
@@ -472,7 +691,8 @@ def _phase(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, started: float, resumed_from: int | None) -> RunResult:
+def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, started: float, resumed_from: int | None,
+            world: "distributed.World | None" = None) -> RunResult:
     """Write the run's results in an order where every prefix resumes to the same bytes.
 
     Tables, figures, artifacts, summary, report and manifest are all derived
@@ -586,7 +806,8 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, starte
     (out / CHECKPOINT).unlink(missing_ok=True)  # the commit point: from here on the run is finished
     _phase("after_checkpoint")
     parts.remove()
-    log = {"seconds": round(time.time() - started, 3), "resumed_from_batch": resumed_from, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    log = {"seconds": round(time.time() - started, 3), "resumed_from_batch": resumed_from, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "processes": world.size if world is not None else 1}
     write_text(out / "run_log.json", json.dumps(log, indent=2))
     return result
 
@@ -643,23 +864,32 @@ def run_all(
 
     check_output(out_dir if out_dir is not None else plan.output.dir)  # as written: '' is not '.'
     check_output(out)
-    claim(out, kind="run" if len(names) == 1 else "runs")  # refuse a foreign folder before loading any model
+    world = distributed.current()
+    # refuse a foreign folder before loading any model
+    out, own = claim_run(out, world, kind="run" if len(names) == 1 else "runs")
     if len(names) == 1:
         if on_model:
             on_model(names[0])
-        prepared = prepare(loaded)
-        return {names[0]: run(prepared, out, prog(names[0]), resume=resume, overwrite=overwrite)}
+        prepared = prepare(loaded, run_dir=own)
+        try:
+            return {names[0]: run(prepared, out, prog(names[0]), resume=resume, overwrite=overwrite)}
+        finally:
+            remove_offload(own)  # weights a device map offloaded to disk: not results
+    if world.size > 1:
+        raise distributed.DistributedError("models: a plan with several models runs in one process; "
+                                           "run each model's plan with torchrun, then embedlens compare")
     try:
         with RunLock(out):
             for name in names:  # every model checked before the first batch of any
                 if on_model:
                     on_model(f"{name} (checking)")
-                prepare(loaded, model=name)
+                prepare(loaded, model=name, run_dir=out)
             results = {}
             for name in names:
                 if on_model:
                     on_model(name)
-                results[name] = run(prepare(loaded, model=name), out / name, prog(name), resume=resume, overwrite=overwrite)
+                results[name] = run(prepare(loaded, model=name, run_dir=out), out / name, prog(name), resume=resume, overwrite=overwrite)
+                remove_offload(out)
             from embedlens.compare import compare_runs
 
             compare_runs([out / n for n in names], out / "compare", names=names)

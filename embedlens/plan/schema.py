@@ -24,6 +24,27 @@ class ModelSpec(_Strict):
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     device: str = "cpu"
     attn_implementation: str | None = None
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str] | None = Field(
+        None, description="spread the model over devices (accelerate): auto, balanced, or module path -> device "
+        "(GPU index, cuda:N, cpu, or disk: offloaded into the run folder's offload/); replaces device"
+    )
+    max_memory: dict[int | str, int | str] | None = Field(
+        None, description="with device_map: memory per device, e.g. {0: 20GiB, 1: 20GiB, cpu: 60GiB}"
+    )
+    quantization: dict[str, Any] | None = Field(
+        None, description="BitsAndBytesConfig arguments, e.g. {load_in_4bit: true, bnb_4bit_compute_dtype: bfloat16}"
+    )
+    remote: bool = Field(False, description="run probe passes on NDIF through nnsight (hub ids only; interventions run locally)")
+
+    @model_validator(mode="after")
+    def _placement(self) -> "ModelSpec":
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError("max_memory: needs device_map (e.g. device_map: auto)")
+        if self.device_map is not None and "device" in self.model_fields_set:
+            raise ValueError("device: give either device (one) or device_map (several), not both")
+        if self.remote and (self.device_map is not None or self.quantization is not None):
+            raise ValueError("remote: a remote model is placed by NDIF; drop device_map / quantization")
+        return self
 
 
 class SyntheticDataSpec(_Strict):

@@ -42,11 +42,27 @@ def atomic_write(path: Path, data: bytes) -> None:
     write_bytes(path, data)
 
 
-class Parts:
-    """Per-batch part files: ``parts/TABLE/000012.parquet`` and ``tensors/NAME/000012.safetensors``."""
+#: Where rank N of a data-parallel run writes its own parts: ``OUT/ranks/rank-N`` (claimed and locked by that rank).
+RANKS = "ranks"
 
-    def __init__(self, out: Path):
+
+def shard_dir(out: Path, rank: int) -> Path:
+    """Rank `rank`'s own folder inside the run folder (rank 0 uses the run folder itself)."""
+    return Path(out) if rank == 0 else Path(out) / RANKS / f"rank-{rank}"
+
+
+class Parts:
+    """Per-batch part files: ``parts/TABLE/000012.parquet`` and ``tensors/NAME/000012.safetensors``.
+
+    Args:
+        out: the folder written to (the run folder, or a rank's own folder).
+        shards: the other ranks' folders whose parts `gather` reads too (data-parallel runs;
+            a batch's part is in exactly one of them).
+    """
+
+    def __init__(self, out: Path, shards: list[Path] | None = None):
         self.out = out
+        self.shards = list(shards or [])
 
     def table(self, name: str, table: dict[str, list], index: int) -> None:
         import pyarrow as pa
@@ -98,15 +114,13 @@ class Parts:
         import pyarrow.parquet as pq
 
         out: dict[str, Path] = {}
-        root = self.out / PARTS
-        if not root.is_dir():
-            return out
-        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-            files = sorted(folder.glob("*.parquet"))
+        roots = [r / PARTS for r in (self.out, *self.shards) if (r / PARTS).is_dir() and not (r / PARTS).is_symlink()]
+        names = sorted({p.name for root in roots for p in root.iterdir() if p.is_dir() and not p.is_symlink()})
+        for name in names:
+            files = sorted((f for root in roots for f in (root / name).glob("*.parquet") if not f.is_symlink()), key=lambda f: f.name)
             if not files:
                 continue
             table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
-            name = folder.name
             if "parquet" in formats:
                 buf = io.BytesIO()
                 pq.write_table(table, buf)
@@ -118,8 +132,70 @@ class Parts:
         return out
 
     def remove(self) -> None:
-        """Delete ``parts/`` (only the part files embedlens writes there, never through links)."""
-        _remove_tree(self.out / PARTS)
+        """Delete ``parts/`` (only the part files embedlens writes there, never through links), the shards' too."""
+        for root in (self.out, *self.shards):
+            _remove_tree(root / PARTS)
+
+
+def remove_shards(out: Path) -> None:
+    """Remove ``OUT/ranks/``: each rank folder's marker, lock, emptied parts and offload files, then the folders.
+
+    Called by rank 0 once every rank has finished and let go of its lock; anything
+    that is not embedlens's stays (with its folder).
+    """
+    from embedlens.files import LOCK, MARKER
+
+    root = Path(out) / RANKS
+    if root.is_symlink():
+        root.unlink()
+        return
+    if not root.is_dir():
+        return
+    for sub in sorted(root.iterdir()):
+        if sub.is_symlink() or not sub.is_dir() or not re.fullmatch(r"rank-\d+", sub.name):
+            continue
+        _remove_tree(sub / PARTS)
+        _remove_tree(sub / "tensors")
+        remove_offload(sub)
+        for name in (MARKER, LOCK):
+            p = sub / name
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+        try:
+            sub.rmdir()
+        except OSError:
+            pass
+    try:
+        root.rmdir()
+    except OSError:
+        pass
+
+
+#: Modules a device map sends to ``disk`` are offloaded by accelerate into ``OUT/offload`` (these names only).
+OFFLOAD = "offload"
+_OFFLOAD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+\.dat$|^index\.json$")
+
+
+def offload_dir(run_dir: Path) -> Path:
+    """The folder accelerate offloads ``disk`` modules into, inside the run folder."""
+    return safe_dir(Path(run_dir), OFFLOAD)
+
+
+def remove_offload(run_dir: Path) -> None:
+    """Delete the offloaded weights (accelerate's ``*.dat`` and ``index.json``) and the folder, never through links."""
+    root = Path(run_dir) / OFFLOAD
+    if root.is_symlink():
+        root.unlink()
+        return
+    if not root.is_dir():
+        return
+    for f in os.scandir(root):
+        if f.is_symlink() or (f.is_file(follow_symlinks=False) and _OFFLOAD_NAME.match(f.name)):
+            os.unlink(f.path)
+    try:
+        os.rmdir(root)
+    except OSError:
+        pass
 
 
 def _plain(values: list) -> list:

@@ -63,6 +63,7 @@ def load_zoo(
     dtype: str = "float32",
     device: str = "cpu",
     attn_implementation: str | None = None,
+    placement=None,
 ):
     """Load a zoo model through the normal adapter path; the planted variant gets its sinks planted.
 
@@ -78,7 +79,7 @@ def load_zoo(
     from embedlens.adapters import load_model
 
     path = str(zoo_path(name))
-    adapter = load_model(path, adapter=adapter, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    adapter = load_model(path, adapter=adapter, dtype=dtype, device=device, attn_implementation=attn_implementation, placement=placement)
     if ZOO[name].planted:
         from embedlens.zoo.planted import plant_sinks
 

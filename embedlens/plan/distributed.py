@@ -1,0 +1,190 @@
+"""Data-parallel runs on torch.distributed: which process runs which batch, and how results reach rank 0.
+
+embedlens does not schedule processes itself: ``torchrun --nproc-per-node N -m
+embedlens run PLAN.yaml`` (or ``accelerate launch -m embedlens run ...``) starts
+them and sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; `World.from_env` reads
+those and `World.init` joins the process group (gloo on CPU, nccl on CUDA).
+
+Batch ``b`` belongs to rank ``b % WORLD_SIZE``. Batches go in rounds of
+``WORLD_SIZE``: each rank runs the model on its batch of the round (the forward
+passes and the interventions, the costly part), then sends what it computed to
+rank 0 (`send` / `recv`: safetensors bytes and JSON, never pickle), which
+folds every batch into the probes, the partition evidence, the data-set means
+and the effect summary *in batch order*, exactly as one process would. That is
+why the final folder is the same, byte for byte, as a single-process run's:
+nothing is summed in another order (see `embedlens.plan.runner`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from embedlens.errors import EmbedLensError
+
+#: Environment variables torchrun and accelerate launch set for every process.
+ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+class DistributedError(EmbedLensError):
+    """A data-parallel run that cannot start or whose processes disagree."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a data-parallel run (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "World":
+        """Read ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (one process when they are absent).
+
+        Raises:
+            DistributedError: a variable is not an integer, or the rank is outside ``0..WORLD_SIZE-1``.
+        """
+        env = os.environ if env is None else env
+        if "WORLD_SIZE" not in env:
+            return cls()
+        values = {}
+        for key in ENV:
+            raw = env.get(key, "0")
+            try:
+                values[key] = int(raw)
+            except ValueError:
+                raise DistributedError(f"{key}={raw!r}: expected an integer (set by torchrun / accelerate launch)") from None
+        size, rank = values["WORLD_SIZE"], values["RANK"]
+        if size < 1 or not 0 <= rank < size:
+            raise DistributedError(f"RANK={rank}, WORLD_SIZE={size}: the rank must be in 0..WORLD_SIZE-1")
+        return cls(rank, size, values["LOCAL_RANK"])
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: folds, checkpoints and writes the final files."""
+        return self.rank == 0
+
+    def owner(self, batch: int) -> int:
+        """The rank that runs batch `batch` (round robin: the same on every rank, whatever was resumed)."""
+        return batch % self.size
+
+    def init(self, backend: str | None = None) -> None:
+        """Join the process group (``env://``, as torchrun sets it up); gloo without CUDA, nccl with it."""
+        import torch.distributed as dist
+
+        if self.size == 1 or dist.is_initialized():
+            return
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(self.local_rank)
+        dist.init_process_group(backend=backend, rank=self.rank, world_size=self.size)
+
+
+_CURRENT = World()
+
+
+def current() -> World:
+    """The world this process runs in (set by `activate`; one process otherwise)."""
+    return _CURRENT
+
+
+def activate(world: World) -> World:
+    """Make `world` the current one (the CLI calls this with `World.from_env` before a run) and join its group."""
+    global _CURRENT
+    world.init()
+    _CURRENT = world
+    return world
+
+
+def _transfer_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def send(data: bytes, dst: int) -> None:
+    """Send bytes to rank `dst` (length first, then the bytes as a uint8 tensor)."""
+    import torch.distributed as dist
+
+    dev = _transfer_device()
+    dist.send(torch.tensor([len(data)], dtype=torch.int64, device=dev), dst)
+    if data:
+        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev), dst)
+
+
+def recv(src: int) -> bytes:
+    """Receive the bytes `send` sent from rank `src`."""
+    import torch.distributed as dist
+
+    dev = _transfer_device()
+    n = torch.zeros(1, dtype=torch.int64, device=dev)
+    dist.recv(n, src)
+    if int(n) == 0:
+        return b""
+    buf = torch.empty(int(n), dtype=torch.uint8, device=dev)
+    dist.recv(buf, src)
+    return buf.cpu().numpy().tobytes()
+
+
+def broadcast(data: bytes | None, world: World) -> bytes:
+    """Rank 0's bytes on every rank."""
+    if world.size == 1:
+        return data or b""
+    if world.main:
+        for r in range(1, world.size):
+            send(data or b"", r)
+        return data or b""
+    return recv(0)
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def agree(value: Any, world: World, what: str) -> None:
+    """Check that every rank holds the same JSON-able `value` (e.g. the plan hash, the number of batches).
+
+    Raises:
+        DistributedError: naming `what` and the ranks' values.
+    """
+    if world.size == 1:
+        return
+    mine = json.dumps(value, sort_keys=True, default=str).encode()
+    theirs = broadcast(mine if world.main else None, world)
+    ok = torch.tensor([int(theirs == mine)])
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        ok = ok.cuda()
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not int(ok):
+        raise DistributedError(f"the processes of this run disagree on {what} (rank 0: {theirs.decode()[:200]}, rank {world.rank}: "
+                               f"{mine.decode()[:200]}); every rank must run the same plan on the same data")
+
+
+# -- what a rank sends rank 0 for one batch ------------------------------------------
+def pack(tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> bytes:
+    """A batch's payload: named tensors and a JSON document, as one safetensors file (data, never code)."""
+    from safetensors.torch import save
+
+    # a copy each: two sites may be views of one tensor, which safetensors refuses to save
+    return save({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, metadata={"embedlens": json.dumps(doc)})
+
+
+def unpack(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Inverse of `pack`."""
+    from safetensors.torch import load
+
+    tensors = load(data)
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
+    return tensors, json.loads(header.get("__metadata__", {}).get("embedlens", "{}"))
