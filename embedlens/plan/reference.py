@@ -36,6 +36,7 @@ SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("metrics[i]", schema.MetricSpec),
     ("partition", schema.PartitionSpec),
     ("output", schema.OutputSpec),
+    ("report", schema.ReportSpec),
 )
 
 PATHS = """\
