@@ -635,10 +635,13 @@ def _main_pass_sharded(prepared, state, chunks, parts, engine, sites, load_chunk
                 kept = partition.tally if partition is not None else None
                 if partition is not None:
                     partition.tally = {}  # what labelling this batch adds, for rank 0 to fold in order
-                table = compare(engine, samples, conditions, prepared.metrics, padding_side=plan.data.padding_side, groups=partition)
+                touched: dict[str, list] = {}
+                table = compare(engine, samples, conditions, prepared.metrics, padding_side=plan.data.padding_side, groups=partition,
+                                touched=touched)
                 if partition is not None:
                     doc["tally"], partition.tally = partition.tally, kept
-                parts.table("effects", table, mine)  # this rank's own part
+                parts.table("effects", table, mine)  # this rank's own parts
+                parts.table("touched_tokens", touched, mine)
                 doc["effects"] = {k: _plain(v) for k, v in table.items()}
             if os.environ.get(KILL_ENV) == f"rank{world.rank}_batch{mine}":  # test hook: a rank dies mid-round
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -96,12 +96,14 @@ class Parts:
                     f.unlink()
 
     def read(self, name: str):
-        """The parts of one table so far, concatenated in batch order (a `pyarrow.Table`), or None."""
+        """The parts of one table so far (the run's and, in a data-parallel run, every rank's), concatenated in
+        batch order (a `pyarrow.Table`), or None."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        folder = self.out / PARTS / name
-        files = sorted(folder.glob("*.parquet")) if folder.is_dir() and not folder.is_symlink() else []
+        roots = [r / PARTS / name for r in (self.out, *self.shards)]
+        files = sorted((f for folder in roots if folder.is_dir() and not folder.is_symlink()
+                        for f in folder.glob("*.parquet") if not f.is_symlink()), key=lambda f: f.name)
         return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive") if files else None
 
     def gather(self, formats: list[str]) -> dict[str, Path]:

@@ -80,7 +80,8 @@ def test_a_model_offloaded_by_a_device_map_gives_the_same_probes_and_effects(tmp
     assert h[0] != h[1]
     b = {k: v.replace(h[1], h[0]) for k, v in b.items()}
     assert len(a) > 5
-    assert [k for k in a if a[k] != b[k]] == []
+    # run_plan.yaml is each plan as written (they differ in device_map); every output is the same
+    assert [k for k in a if a[k] != b[k]] == ["run_plan.yaml"]
 
 
 def test_offloaded_modules_keep_meta_weights_and_embedlens_reads_the_real_ones(tmp_path):
