@@ -286,12 +286,18 @@ class Outcome:
 
         The cache is rolled back afterwards, so several candidates can be scored in turn.
         """
+        return self.score_with_greedy(continuations)[0]
+
+    @torch.no_grad()
+    def score_with_greedy(self, continuations: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`score`, and whether each continuation is the greedy one: every token the argmax at its position
+        (`[batch]` bool; an empty continuation scores 0 and is greedy). The cache is rolled back afterwards."""
         bsz = self.hidden.shape[0]
         if len(continuations) != bsz:
             raise EmbedLensError(f"score needs one continuation per sample ({bsz}); got {len(continuations)}")
-        n = max(len(c) for c in continuations)
+        n = max((len(c) for c in continuations), default=0)
         if n == 0:
-            return torch.zeros(bsz, dtype=torch.float64)
+            return torch.zeros(bsz, dtype=torch.float64), torch.ones(bsz, dtype=torch.bool)
         tokens = torch.zeros(bsz, n, dtype=torch.long)
         valid = torch.zeros(bsz, n, dtype=torch.bool)
         for b, c in enumerate(continuations):
@@ -302,9 +308,12 @@ class Outcome:
             logits = self.step(tokens, valid)
         finally:
             self.rollback(point)
-        logp = torch.cat([self.last_logits()[:, None], logits[:, :-1]], dim=1).double().log_softmax(-1).cpu()
+        # the logits that predict token t: the prompt's last position for t = 0, the step's t - 1 after
+        pred = torch.cat([self.last_logits()[:, None], logits[:, :-1]], dim=1).double()
+        logp = pred.log_softmax(-1).cpu()
         picked = logp.gather(2, tokens[..., None])[..., 0]
-        return (picked * valid).sum(dim=1)
+        hit = pred.argmax(-1).cpu() == tokens
+        return (picked * valid).sum(dim=1), (hit | ~valid).all(dim=1)
 
     @torch.no_grad()
     def generate(self, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:

@@ -255,39 +255,11 @@ class Bridge:
         result: list[list[tuple[float, bool]]] = [[] for _ in samples]
         for j in range(max((len(c) for c in ids), default=0)):
             todo = [seqs[j] if j < len(seqs) else [] for seqs in ids]
-            lp, greedy = score_with_greedy(out, todo)
+            lp, greedy = out.score_with_greedy(todo)
             for b, seqs in enumerate(ids):
                 if j < len(seqs):
                     result[b].append((float(lp[b]), bool(greedy[b])))
         return result
-
-
-@torch.no_grad()
-def score_with_greedy(outcome: "Outcome", continuations: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability (`[batch]`, float64) of each continuation after the prompt, and whether each of
-    its tokens is the argmax at its position (`[batch]` bool). The outcome's cache is rolled back afterwards.
-
-    An empty continuation scores 0 and counts as greedy.
-    """
-    bsz = outcome.hidden.shape[0]
-    n = max((len(c) for c in continuations), default=0)
-    if n == 0:
-        return torch.zeros(bsz, dtype=torch.float64), torch.ones(bsz, dtype=torch.bool)
-    tokens = torch.zeros(bsz, n, dtype=torch.long)
-    valid = torch.zeros(bsz, n, dtype=torch.bool)
-    for b, c in enumerate(continuations):
-        tokens[b, : len(c)] = torch.tensor(list(c), dtype=torch.long)
-        valid[b, : len(c)] = True
-    point = outcome.checkpoint()
-    try:
-        logits = outcome.step(tokens, valid)
-    finally:
-        outcome.rollback(point)
-    # the logits that predict token t: the prompt's last position for t = 0, the step's t - 1 after
-    pred = torch.cat([outcome.last_logits()[:, None], logits[:, :-1]], dim=1).double().cpu()
-    logp = pred.log_softmax(-1).gather(2, tokens[..., None])[..., 0]
-    hit = pred.argmax(-1) == tokens
-    return (logp * valid).sum(dim=1), (hit | ~valid).all(dim=1)
 
 
 def prompt_sample(images: list, context: str, sample_id: str, placeholder: str) -> "Sample":
