@@ -586,6 +586,16 @@ def _rounds(start: int, n: int, world: "distributed.World"):
         yield range(first, min(first + world.size, n)), (mine if mine < n else None)
 
 
+def _received(rnd: range, mine: int | None, payload, world: "distributed.World"):
+    """Rank 0: ``(batch, tensors, doc)`` for every batch of the round, in batch order (its own payload for its
+    own batch, the owner's message for the others), checking each message is the batch due."""
+    for b in rnd:
+        tensors, doc = distributed.unpack(payload if b == mine else distributed.recv(world.owner(b)))
+        if doc.get("batch") != b:
+            raise distributed.DistributedError(f"rank {world.owner(b)} sent batch {doc.get('batch')} where batch {b} was due")
+        yield b, tensors, doc
+
+
 def _sharded_stream(adapter, plan, chunks, world, sites, load_chunk, phase, progress, n_records):
     """A fit pass across ranks: each rank reads its batches' activations at `sites` and sends them to rank 0,
     which yields ``(batch, acts)`` for every batch in batch order (the other ranks yield nothing)."""
@@ -603,10 +613,7 @@ def _sharded_stream(adapter, plan, chunks, world, sites, load_chunk, phase, prog
                 distributed.send(payload, 0)
         if not world.main:
             continue
-        for b in rnd:
-            tensors, doc = distributed.unpack(payload if b == mine else distributed.recv(world.owner(b)))
-            if doc.get("batch") != b:
-                raise distributed.DistributedError(f"rank {world.owner(b)} sent batch {doc.get('batch')} where batch {b} was due")
+        for b, tensors, doc in _received(rnd, mine, payload, world):
             if not doc["empty"]:
                 batch = adapter.encode(load_chunk(chunks[b], False), padding_side=plan.data.padding_side)
                 yield batch, {s: tensors[f"s{i}"].to(adapter.device) for i, s in enumerate(sites) if f"s{i}" in tensors}
@@ -650,10 +657,7 @@ def _main_pass_sharded(prepared, state, chunks, parts, engine, sites, load_chunk
                 distributed.send(payload, 0)
         if not world.main:
             continue
-        for b in rnd:
-            tensors, doc = distributed.unpack(payload if b == mine else distributed.recv(world.owner(b)))
-            if doc.get("batch") != b:
-                raise distributed.DistributedError(f"rank {world.owner(b)} sent batch {doc.get('batch')} where batch {b} was due")
+        for b, tensors, doc in _received(rnd, mine, payload, world):
             torch.manual_seed(plan.seed * 1_000_003 + b)
             samples = load_chunk(chunks[b], record_problems=True)
             if samples and probes:
