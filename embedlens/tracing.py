@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 
 from embedlens.adapters.base import resolve_path
-from embedlens.sites import Site
+from embedlens.sites import COMPONENTS, Site
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
@@ -69,12 +69,34 @@ def _needs_whole_forward(resolved: list[Site]) -> bool:
     return bool(resolved) and resolved[-1].component == "llm.unembed"
 
 
+def _skipped_vision_layers(adapter: "Adapter", resolved: list[Site], inputs: dict) -> range:
+    """Encoder layers that feed nothing the trace reads: after the deepest one the model's image features
+    select (`Adapter.vision_layers_needed`) and the deepest `vision.layers[i]` site read. Empty unless the
+    trace runs the tower (it has images) and reads something past it (otherwise it stops before them anyway)."""
+    if inputs.get("pixel_values") is None or not resolved or resolved[-1].component in ("vision.embed", "vision.layers") or getattr(adapter, "remote", False):
+        return range(0)
+    keep = max([adapter.vision_layers_needed] + [s.layer + 1 for s in resolved if s.component == "vision.layers"])
+    return range(keep, adapter.n_vision_layers)
+
+
+def _skip(root, adapter: "Adapter", layers: range) -> None:
+    """Skip encoder `layers` (inside a trace, in forward order): each passes its input through unchanged,
+    so the tower's hidden states keep their count and the selected ones are exactly the model's own."""
+    modules = resolve_path(root, adapter.paths.vision_layers)
+    for i in layers:
+        modules[i].skip(modules[i].input)
+
+
 def _trace(root, inputs: dict, adapter: "Adapter", resolved: list[Site]) -> dict[Site, torch.Tensor]:
     """Read `resolved` (in forward order) in one trace, stopping right after the last one."""
     saved = {}
     with torch.no_grad():
         with root.trace(**inputs, **({"remote": True} if getattr(adapter, "remote", False) else {})) as tracer:  # NDIF runs a remote one
+            skip = _skipped_vision_layers(adapter, resolved, inputs)
             for site in resolved:
+                if skip and COMPONENTS.index(site.component) > COMPONENTS.index("vision.layers"):  # past the tower
+                    _skip(root, adapter, skip)
+                    skip = range(0)
                 saved[site] = _read(root, adapter, site).save()
             if not _needs_whole_forward(resolved):
                 tracer.stop()  # nothing after the last site is read: the model does not run past it

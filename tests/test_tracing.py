@@ -81,3 +81,70 @@ def test_collect_text_stops_after_its_last_site_with_the_same_activations(adapte
     assert torch.equal(ids, ids2) and torch.equal(mask, mask2)
     for site in (Site("llm.embed"), Site("llm.layers", 0)):
         assert torch.equal(stopped[site], whole[site]), site
+
+
+def _attention_calls(adapter) -> dict[str, torch.nn.Module]:
+    """Each encoder layer's first child (its attention or norm): it runs only when the layer really computes
+    (a layer's own hooks fire even when nnsight skips its forward)."""
+    return {i: next(layer.children()) for i, layer in enumerate(resolve_path(adapter.model, adapter.paths.vision_layers))}
+
+
+def _hf_reference(adapter, batch):
+    """A plain HF forward (every encoder layer runs): the LM's input embeddings and its first layer's output."""
+    captured = {}
+    lm = resolve_path(adapter.model, adapter.paths.language_model)
+    handle = lm.register_forward_pre_hook(lambda m, a, k: captured.update(x=k["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = adapter.model(**adapter.model_inputs(batch), output_hidden_states=True)
+    finally:
+        handle.remove()
+    return captured["x"], out.hidden_states[1]
+
+
+def test_encoder_layers_after_the_selected_feature_layer_never_run_and_change_nothing(adapter):
+    """A family whose features are `hidden_states[vision_feature_layer]` (LLaVA's -2) skips the encoder layers
+    after it in traces and in the engine; every family's projector output and LLM activations stay the model's
+    own, bit for bit, against a plain HF forward that runs every layer."""
+    from embedlens.interventions import Engine
+
+    batch = adapter.encode(mixed_samples(adapter=adapter))
+    n = adapter.n_vision_layers
+    feature = getattr(adapter.config, "vision_feature_layer", None)
+    expected = n + 1 + feature if adapter.selects_vision_layer and isinstance(feature, int) and feature < 0 else n
+    assert adapter.vision_layers_needed == expected
+    embeds, layer0 = _hf_reference(adapter, batch)
+    with _Calls(_attention_calls(adapter)) as calls:
+        acts = collect(adapter, batch, ["llm.embed", "llm.layers[0]"])
+    assert [calls.n[i] > 0 for i in range(n)] == [i < expected for i in range(n)]
+    assert torch.equal(acts[Site("llm.embed")], embeds) and torch.equal(acts[Site("llm.layers", 0)], layer0)
+    layers = resolve_path(adapter.model, adapter.paths.vision_layers)
+    forwards = [layer.__dict__.get("forward") for layer in layers]  # nnsight's wrapper where it set one
+    with _Calls(_attention_calls(adapter)) as calls:
+        engine_embeds = Engine(adapter).embed(batch)
+    assert [calls.n[i] > 0 for i in range(n)] == [i < expected for i in range(n)]
+    assert torch.equal(engine_embeds, embeds)
+    assert [layer.__dict__.get("forward") for layer in layers] == forwards  # the engine put every forward back
+    with _Calls(_attention_calls(adapter)) as calls:  # a site in a later encoder layer makes it run
+        acts = collect(adapter, batch, ["vision.layers[-1]", "llm.embed"])
+    assert all(calls.n[i] > 0 for i in range(n))
+    assert torch.equal(acts[Site("llm.embed")], embeds)
+
+
+@pytest.mark.parametrize("feature_layer, needed", [(-2, 2), (-3, 1), (1, 1), (0, 0), ([-3, -2], 2), (-1, 3)])
+def test_vision_layers_needed_counts_as_hf_indexes_hidden_states(feature_layer, needed):
+    """`hidden_states[0]` is the embeddings and entry i the output of layer i - 1 (a 3-layer tower here); for each
+    single-layer setting a trace runs exactly the layers up to it and its LLM input is the model's own."""
+    from embedlens.adapters import load_model
+
+    adapter = load_model("tiny:llava-clip")  # a fresh model: its config is changed below
+    adapter.model.config.vision_feature_layer = feature_layer
+    assert adapter.n_vision_layers == 3 and adapter.vision_layers_needed == needed
+    if isinstance(feature_layer, list) or feature_layer == 0:
+        return  # concatenated layers need a wider projector than the tiny model's; HF's own forward fails on 0
+    batch = adapter.encode(mixed_samples(adapter=adapter))
+    embeds, _ = _hf_reference(adapter, batch)
+    with _Calls(_attention_calls(adapter)) as calls:
+        acts = collect(adapter, batch, ["vision.features", "llm.embed"])
+    assert [calls.n[i] > 0 for i in range(3)] == [i < needed for i in range(3)]
+    assert torch.equal(acts[Site("llm.embed")], embeds)

@@ -5,6 +5,7 @@ which patch each one is)."""
 from __future__ import annotations
 
 import operator
+from contextlib import contextmanager
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
@@ -137,6 +138,11 @@ def check_weights_fit(label: str, path: str, model: PreTrainedModel, info: dict[
     )
 
 
+def _pass_through(hidden_states, *args, **kwargs):
+    """An encoder layer that is skipped: its output is its input."""
+    return hidden_states
+
+
 class Adapter(ABC):
     """Base class of model-family adapters.
 
@@ -173,6 +179,10 @@ class Adapter(ABC):
     # On sliding-window layers, whether the window also bounds the bidirectional blocks (`block_ids`): Gemma 3 ANDs
     # the window with (causal OR blocks); HF's generic sliding mask with block ids (PaliGemma 2) ORs the blocks in after.
     window_bounds_blocks: ClassVar[bool] = False
+    # The model's image features are the tower's `hidden_states[config.vision_feature_layer]` (an int or a list:
+    # LLaVA's convention), so the encoder layers after the deepest one selected feed nothing; traces and the
+    # intervention engine skip them (`vision_layers_needed`).
+    selects_vision_layer: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -261,6 +271,40 @@ class Adapter(ABC):
     @property
     def n_vision_layers(self) -> int:
         return len(resolve_path(self.model, self.paths.vision_layers))
+
+    @property
+    def vision_layers_needed(self) -> int:
+        """How many of the tower's encoder layers (from the first) the model's image features depend on.
+
+        All of them, unless the family selects a hidden state (`selects_vision_layer`): then up to the
+        deepest of ``config.vision_feature_layer``, counted as HF counts ``hidden_states`` (entry 0 is the
+        embeddings, entry i the output of layer i - 1; -2 is the output of the last layer but one).
+        """
+        n = self.n_vision_layers
+        if not self.selects_vision_layer:
+            return n
+        chosen = self.config.vision_feature_layer
+        chosen = [chosen] if isinstance(chosen, int) else list(chosen)
+        return max(min(n, h if h >= 0 else n + 1 + h) for h in chosen)
+
+    @contextmanager
+    def unused_vision_layers_skipped(self):
+        """Within this block a plain forward of `model` skips the encoder layers after
+        `vision_layers_needed`: each returns its input (so ``hidden_states`` keep their count and the selected
+        ones are the model's own, bit for bit). For code that runs the model outside a trace (the intervention
+        engine); traces skip them through nnsight (`embedlens.tracing`)."""
+        layers = list(resolve_path(self.model, self.paths.vision_layers))[self.vision_layers_needed :]
+        own = [layer.__dict__.get("forward") for layer in layers]  # an instance forward (accelerate's hook) or None
+        for layer in layers:
+            layer.forward = _pass_through
+        try:
+            yield
+        finally:
+            for layer, forward in zip(layers, own):
+                if forward is None:
+                    del layer.forward
+                else:
+                    layer.forward = forward
 
     @property
     def n_llm_layers(self) -> int:

@@ -48,6 +48,7 @@ class InternVLAdapter(Adapter):
 
     architectures = ("InternVLForConditionalGeneration",)
     model_class = InternVLForConditionalGeneration
+    selects_vision_layer = True  # features = hidden_states[vision_feature_layer]: later encoder layers are skipped
     paths = ModulePaths(vision_layers="model.vision_tower.encoder.layer")
     merge_before_projector = True
 

@@ -20,6 +20,7 @@ class LlavaAdapter(Adapter):
 
     architectures = ("LlavaForConditionalGeneration",)
     model_class = LlavaForConditionalGeneration
+    selects_vision_layer = True  # features = hidden_states[vision_feature_layer]: later encoder layers are skipped
 
     @property
     def tower(self) -> str:

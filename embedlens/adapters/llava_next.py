@@ -24,6 +24,7 @@ class LlavaNextAdapter(Adapter):
 
     architectures = ("LlavaNextForConditionalGeneration",)
     model_class = LlavaNextForConditionalGeneration
+    selects_vision_layer = True  # features = hidden_states[vision_feature_layer]: later encoder layers are skipped
     has_image_newline = True
 
     def n_tiles(self, inputs: BatchFeature) -> list[int]:

@@ -443,7 +443,8 @@ class Engine:
 
         handle = self.lm.register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            self.adapter.model(**self.adapter.model_inputs(batch))
+            with self.adapter.unused_vision_layers_skipped():
+                self.adapter.model(**self.adapter.model_inputs(batch))
         except _Stop:
             pass  # the hook stopped the forward on purpose
         finally:
