@@ -19,7 +19,7 @@ import time
 import torch
 
 VOCAB = 151_936
-CHUNK = 8192  # nearest_vocab's default chunk_size
+CHUNK = 4096  # nearest_vocab's default chunk_size
 
 
 def _rss() -> int:

@@ -302,7 +302,7 @@ class Discoverer(Stateful):
 
     rule: AnchorRule = AnchorRule()
     matrix: str = "input"
-    chunk_size: int = 8192
+    chunk_size: int = 4096
     search: str = "exact"
     vit_layer: int = -2
     vit_sigma: float = 2.0

@@ -85,7 +85,7 @@ class Partition(Stateful):
     anchors: dict[str, list[int]] = field(default_factory=dict)
     k: int = 3
     matrix: str = "input"
-    chunk_size: int = 8192
+    chunk_size: int = 4096
     search: str = "exact"
     vit_norm: str | None = None
     vit_layer: int = -2

@@ -117,7 +117,7 @@ def attention_sink_scores(h: torch.Tensor, dims: list[int]) -> torch.Tensor:
 
 
 def similarity_entropy(
-    x: torch.Tensor, vocab: torch.Tensor, temperature: float, chunk_size: int = 8192, normalized_vocab: bool = False
+    x: torch.Tensor, vocab: torch.Tensor, temperature: float, chunk_size: int = 4096, normalized_vocab: bool = False
 ) -> torch.Tensor:
     """Entropy (nats) of ``softmax(cos(x, vocab) / temperature)`` for each row of `x`.
 

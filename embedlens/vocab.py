@@ -19,10 +19,10 @@ def nearest_vocab(
     x: torch.Tensor,
     vocab: torch.Tensor,
     k: int,
-    chunk_size: int = 8192,
+    chunk_size: int = 4096,
     normalized_vocab: bool = False,
     search: Literal["exact", "approximate"] = "exact",
-    n_probe: int = 8,
+    n_probe: int | None = None,
     n_candidates: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k cosine similarity of each row of `x` against the vocabulary rows.
@@ -30,7 +30,9 @@ def nearest_vocab(
     Exact search scans the vocabulary in chunks of `chunk_size` rows (each
     normalised on the fly, in float32), so peak extra memory is about
     ``[tokens, chunk_size]`` plus one chunk, whatever the vocabulary size; no
-    normalised copy of the matrix is ever made.
+    normalised copy of the matrix is ever made. The default 4096 rows keeps the
+    ``[tokens, chunk]`` block of a few hundred tokens in cache: on one CPU core it
+    measured 11-19% faster than 8192 for 576-2304 tokens x 32k x 1024.
 
     Approximate search (`embedlens.vocab_index`, needs FAISS) takes
     `n_candidates` rows per token from the `n_probe` nearest lists of an IVF
@@ -45,7 +47,8 @@ def nearest_vocab(
         chunk_size: vocabulary rows per chunk.
         normalized_vocab: `vocab` rows already have unit norm.
         search: ``"exact"`` or ``"approximate"``.
-        n_probe: approximate search: inverted lists probed per token.
+        n_probe: approximate search: inverted lists probed per token (default
+            `vocab_index.default_n_probe`: about 1 in 45 of the lists, at least 8).
         n_candidates: approximate search: rows re-ranked per token (default ``max(2k, 16)``).
 
     Returns:
@@ -88,9 +91,9 @@ def visual_nearest(
     h: torch.Tensor,
     vocab: torch.Tensor,
     k: int,
-    chunk_size: int = 8192,
+    chunk_size: int = 4096,
     search: Literal["exact", "approximate"] = "exact",
-    n_probe: int = 8,
+    n_probe: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`nearest_vocab` of the batch's visual tokens at one site, computed once per pass.
 

@@ -138,7 +138,7 @@ class PartitionSpec(_Strict):
     entropy_threshold: float = Field(0.9, gt=0, le=1)
     temperature: float = Field(0.05, gt=0)
     order: list[str] | None = Field(None, description="precedence (default: sink, dead, others)")
-    chunk_size: int = Field(8192, ge=1)
+    chunk_size: int = Field(4096, ge=1)
     search: Literal["exact", "approximate"] = Field("exact", description="vocabulary search: exact, or approximate (FAISS IVF + exact re-rank; pip install embedlens[fast])")
 
 

@@ -71,7 +71,7 @@ class AnchorDiscovery(Probe):
         massive: bool = True,
         massive_threshold: float = 100.0,
         massive_ratio: float = 1000.0,
-        chunk_size: int = 8192,
+        chunk_size: int = 4096,
         search: Literal["exact", "approximate"] = "exact",
     ):
         try:

@@ -125,7 +125,7 @@ class ContextualLens(Probe):
         layer, _ = self._layers(adapter)
         vt = batch.roles.visual_tokens()
         x = acts[lens_site(layer)][vt["sample"], vt["position"]].float().cpu()
-        scores, idx = nearest_vocab(x, self._bank, self.k, chunk_size=8192, normalized_vocab=True)
+        scores, idx = nearest_vocab(x, self._bank, self.k, chunk_size=4096, normalized_vocab=True)
         groups = token_groups(batch, vt["sample"], vt["position"])
         rows = token_meta(batch, vt)
         rows["group"] = groups

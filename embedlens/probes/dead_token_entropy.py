@@ -58,7 +58,7 @@ class DeadTokenEntropy(Probe):
         threshold: float = 0.9,
         layer: int = 0,
         matrix: Literal["input", "output"] = "input",
-        chunk_size: int = 8192,
+        chunk_size: int = 4096,
         bins: int = 40,
     ):
         if temperature <= 0:

@@ -168,7 +168,7 @@ class AnchorGroups(_PartitionProbe):
         anchors: dict[str, list[int]],
         k: int = 3,
         matrix: Literal["input", "output"] = "input",
-        chunk_size: int = 8192,
+        chunk_size: int = 4096,
         order: list[str] | None = None,
     ):
         if not anchors:
@@ -254,7 +254,7 @@ class TokenPartition(_PartitionProbe):
         entropy_threshold: float = 0.9,
         temperature: float = 0.05,
         order: list[str] | None = None,
-        chunk_size: int = 8192,
+        chunk_size: int = 4096,
         search: Literal["exact", "approximate"] = "exact",
     ):
         params = dict(
