@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from embedlens.errors import EmbedLensError
 
@@ -115,6 +117,27 @@ def write_bytes(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise os_error(e, "write") from None
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **dumps_kwargs: Any) -> str:
+    """`obj` as standard JSON: a NaN or infinite float (an undefined statistic, say) becomes ``null``, as
+    Python's ``json`` would otherwise write ``NaN``, which other JSON readers reject.
+
+    Example:
+        >>> json_text({"mean": float("nan"), "n": [1.5, float("inf")]})
+        '{"mean": null, "n": [1.5, null]}'
+    """
+    return json.dumps(_finite(obj), allow_nan=False, **dumps_kwargs)
 
 
 def write_text(path: Path, text: str) -> None:

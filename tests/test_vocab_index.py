@@ -57,6 +57,30 @@ def test_few_lists_exact_where_neighbours_are_candidates_and_recall_is_the_candi
     print(f"recall@{k} with {n_probe}/{vocab_index(vocab).n_lists} lists probed: {recall:.4f}")
 
 
+def test_cell_by_cell_scan_returns_the_top_rows_of_exactly_the_probed_cells():
+    """The candidates equal a brute force over the rows of each query's n_probe cells (cells by inner product
+    with the k-means centroids, rows assigned to their best centroid): the batched scan loses and adds nothing."""
+    vocab, x = _clustered(n_vocab=3000, d=24, n_clusters=40, n_queries=150, seed=4)
+    index = VocabIndex(vocab, n_lists=30)
+    rows = torch.nn.functional.normalize(vocab, dim=-1)
+    cell_of_row = (rows @ index.centroids.T).argmax(-1)
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    for n_probe, n_cand in ((1, 5), (3, 12), (30, 7)):
+        got = index.candidates(xn, n_cand, n_probe)
+        probed = (xn @ index.centroids.T).topk(n_probe, dim=-1).indices
+        for q in range(len(x)):
+            allowed = torch.isin(cell_of_row, probed[q]).nonzero().flatten()
+            want = allowed[(rows[allowed] @ xn[q]).topk(min(n_cand, len(allowed))).indices]
+            assert set(got[q][got[q] >= 0].tolist()) == set(want.tolist()), (n_probe, q)
+    assert index.offsets[-1] == len(vocab) and sorted(index.row_ids.tolist()) == list(range(len(vocab)))
+
+
+def test_default_n_probe_is_a_fixed_share_of_the_lists():
+    from embedlens.vocab_index import default_n_probe
+
+    assert [default_n_probe(n) for n in (5, 100, default_n_lists(32_000), default_n_lists(152_064))] == [5, 8, 8, 18]
+
+
 def test_random_matrix_has_no_structure_to_exploit_and_recall_says_so():
     """On a Gaussian matrix one probed list of many misses most neighbours: recall is measured, not assumed."""
     g = torch.Generator().manual_seed(2)

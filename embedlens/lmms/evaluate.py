@@ -311,7 +311,7 @@ def _write_table(out: Path, name: str, rows: list[dict[str, Any]], columns: Sequ
 def _write(result: EvalResult, bridge, plan: str, tasks, conditions, limit, started: float) -> None:
     import platform
 
-    from embedlens.files import safe_dir, write_text
+    from embedlens.files import json_text, safe_dir, write_text
     from embedlens.lmms.report import benchmarks_chart, benchmarks_html
     from embedlens.plan.runner import _versions, plan_hash
     from embedlens.report import write_report
@@ -354,10 +354,10 @@ def _write(result: EvalResult, bridge, plan: str, tasks, conditions, limit, star
         "figures": [str(f.relative_to(out)) for f in result.figures],
         "platform": platform.platform(),
     }
-    write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    write_text(out / "summary.json", json_text(summary, indent=2, default=str))  # NaN -> null: standard JSON
     section = benchmarks_html(out, summary["benchmarks"], manifest["figures"])
     shown = {**manifest, "figures": []}  # the chart is in the benchmark section, not again under "other figures"
     result.report = write_report(out, shown, extra_sections=[("benchmarks", "Benchmarks (lmms-eval)", section)])
-    write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    write_text(out / "manifest.json", json_text(manifest, indent=2))
     write_text(out / "run_log.json", json.dumps({"seconds": round(time.time() - started, 3)}, indent=2))
 

@@ -40,7 +40,7 @@ from embedlens.plan.loader import LoadedPlan
 from embedlens.plan.effects import matched_controls
 from embedlens.plan.conclusions import breakdown_fields
 from embedlens.plan.schema import ModelSpec
-from embedlens.files import check_output, contained, os_error, safe_dir, write_text
+from embedlens.files import check_output, contained, json_text, os_error, safe_dir, write_text
 from embedlens.plan import checkpoint as ckpt
 from embedlens.plan.checkpoint import RunState
 from embedlens.plan.identity import check_same, run_identity
@@ -800,7 +800,7 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, starte
         "tensors": sorted(str(p.relative_to(out)) for p in (out / "tensors").glob("*")) if (out / "tensors").is_dir() else [],
         "inputs": state.identity,
     }
-    write_text(out / "summary.json", json.dumps(result.summary, indent=2, default=str))
+    write_text(out / "summary.json", json_text(result.summary, indent=2, default=str))  # NaN -> null: standard JSON
     write_text(out / "run_plan.yaml", getattr(loaded, "text", None) or _plan_yaml(loaded))  # the report embeds it
     _phase("after_summary")
     if plan.output.report:
@@ -808,7 +808,7 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, starte
 
         result.report = write_report(out, manifest)
     _phase("after_report")
-    write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    write_text(out / "manifest.json", json_text(manifest, indent=2))
     _phase("after_manifest")
     (out / CHECKPOINT).unlink(missing_ok=True)  # the commit point: from here on the run is finished
     _phase("after_checkpoint")

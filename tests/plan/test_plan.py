@@ -94,7 +94,15 @@ def test_unreadable_image_is_skipped_and_reported(workdir):
     assert {r["sample_id"] for r in rows} == {"y"}
     skipped = list(csv.DictReader(open(workdir / "out" / "skipped.csv")))
     assert [r["sample_id"] for r in skipped] == ["x", "z"]
-    assert json.loads((workdir / "out" / "summary.json").read_text())["data"]["used"] == 1
+    assert _strict_json(workdir / "out" / "summary.json")["data"]["used"] == 1
+    _strict_json(workdir / "out" / "manifest.json")
+
+
+def _strict_json(path: Path):
+    """Standard JSON only: Python's NaN / Infinity extensions are refused, as other readers refuse them."""
+    def refuse(name):
+        raise AssertionError(f"{path.name} holds {name}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
 
 
 def test_prompt_without_placeholder_is_named(workdir):
