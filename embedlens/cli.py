@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -99,13 +100,13 @@ def run(
     if not world.main:
         return
     for name, result in results.items():
-        typer.echo(f"wrote {result.out_dir}" + (f" (resumed at batch {result.resumed_from})" if result.resumed_from else ""))
+        typer.echo(f"wrote {_shown(result.out_dir)}" + (f" (resumed at batch {result.resumed_from})" if result.resumed_from else ""))
         for tname, path in result.tables.items():
-            typer.echo(f"  table  {tname}: {path}")
+            typer.echo(f"  table  {tname}: {_shown(path)}")
         if result.figures:
-            typer.echo(f"  figures: {len(result.figures)} in {result.out_dir / 'figures'}")
+            typer.echo(f"  figures: {len(result.figures)} in {_shown(result.out_dir / 'figures')}")
         if result.report is not None:
-            typer.echo(f"  report: {result.report}")
+            typer.echo(f"  report: {_shown(result.report)}")
         for s in result.skipped:
             typer.echo(f"  skipped sample {s['sample_id']}: {s['error']}", err=True)
         part = result.summary.get("partition")
@@ -120,7 +121,12 @@ def run(
             _print_headline(result.summary["statistics"], name if len(results) > 1 else "")
     if len(results) > 1:
         out = Path(output) if output is not None else loaded.output_dir
-        typer.echo(f"comparison: {out / 'compare' / 'compare.html'}")
+        typer.echo(f"comparison: {_shown(out / 'compare' / 'compare.html')}")
+
+
+def _shown(path) -> str:
+    """A path as printed: ``examples/../runs/x`` (an output.dir relative to its plan) reads ``runs/x``."""
+    return os.path.normpath(path)
 
 
 def _print_headline(stats: dict, model: str = "") -> None:
@@ -274,10 +280,10 @@ def eval_benchmarks(
         paired = f"  paired {fmt(r['paired_diff'])} +- {fmt(r['paired_sem'])} (n={r['paired_n']})" if r["paired_n"] else ""
         diff = f"  diff {fmt(r['diff'])}" if r["condition"] != "baseline" and r["diff"] is not None else ""
         typer.echo(f"  {r['task']:<20} {r['metric']:<18} {r['condition']:<16} {fmt(r['value'])}{diff}{paired}")
-    typer.echo(f"wrote {result.out_dir}")
+    typer.echo(f"wrote {_shown(result.out_dir)}")
     for name, path in result.tables.items():
         typer.echo(f"  table  {name}: {path}")
-    typer.echo(f"  report: {result.report}")
+    typer.echo(f"  report: {_shown(result.report)}")
 
 
 @app.command("list")

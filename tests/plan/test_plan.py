@@ -138,6 +138,18 @@ def test_cli_validate_list_and_run(workdir):
         assert r.exit_code == 0 and "Example" in r.output
 
 
+def test_run_prints_its_folder_normalised(workdir, monkeypatch):
+    """An output.dir relative to a plan in a sub-folder (``../runs/q``) is printed as the folder it is."""
+    sub = workdir / "plans"
+    sub.mkdir()
+    (sub / "plan.yaml").write_text(GOOD.replace("dir: out", "dir: ../runs/q").replace("prompts: prompts.jsonl", "prompts: ../prompts.jsonl"))
+    monkeypatch.chdir(workdir)
+    r = CliRunner().invoke(app, ["run", "plans/plan.yaml", "-q"])
+    assert r.exit_code == 0, r.output
+    assert f"wrote {Path('runs') / 'q'}" in r.output.splitlines()[0] and ".." not in r.output
+    assert (workdir / "runs" / "q" / "summary.json").is_file()
+
+
 @pytest.mark.slow
 def test_quickstart_runs_from_the_console_script(tmp_path):
     out = tmp_path / "quick"
