@@ -59,6 +59,48 @@ def interleaved(cases: dict[str, Callable[[], object]], reps: int, warm_up: bool
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+PROFILE = False  # set by --profile
+
+
+def profile_split(cases: dict[str, Callable[[], object]], adapter) -> dict:
+    """Where each case's CPU time goes, one run after a warm-up: the time inside the vision tower, the
+    projector, the language model and the head (forward hooks; a module a stopped trace never finishes is not
+    counted), the rest (the vocabulary search and the probes' own work: everything outside the model), and the
+    top operators by self CPU time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from embedlens.adapters.base import resolve_path
+
+    parts = {"vision tower": resolve_path(adapter.model, adapter.paths.vision_layers.rsplit(".", 2)[0]),
+             "projector": resolve_path(adapter.model, adapter.paths.projector),
+             "language model": resolve_path(adapter.model, adapter.paths.language_model),
+             "head": resolve_path(adapter.model, adapter.paths.unembed)}
+    out = {}
+    for name, fn in cases.items():
+        fn()
+        spent = dict.fromkeys(parts, 0.0)
+        started: dict[str, float] = {}
+        handles = []
+        for label, module in parts.items():
+            handles.append(module.register_forward_pre_hook(lambda m, a, label=label: started.__setitem__(label, time.process_time())))
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, label=label: spent.__setitem__(label, spent[label] + time.process_time() - started.pop(label))))
+        try:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.process_time()
+                fn()
+                total = time.process_time() - t0
+        finally:
+            for h in handles:
+                h.remove()
+        split = {k: round(v, 3) for k, v in spent.items() if v}
+        split["outside the model (vocabulary search, probes)"] = round(total - sum(spent.values()), 3)
+        top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+        out[name] = {"total_s": round(total, 3), "split_s": split,
+                     "top_ops": [(e.key, round(e.self_cpu_time_total / 1e6, 3), e.count) for e in top]}
+    return out
+
+
 def _image_batch(adapter, n: int, size: int, seed: int = 0):
     from embedlens.data import Sample
     from embedlens.testing.images import shapes
@@ -123,7 +165,9 @@ def forward_cases(reps: int) -> dict:
         "engine_prefill_half_pruned": lambda: engine.run(batch, half, embeds=embeds),
     }, reps)
     flops = forward_flops(spec, batch.input_ids.shape[1])
+    prof = profile_split({"hf_forward": hf, "partition_pass": _partition_pass(adapter, batch)}, adapter) if PROFILE else None
     return {
+        "profile": prof,
         "times_s": t,
         "gflops": {k: round(v / 1e9, 1) for k, v in flops.items()},
         "rows": [
@@ -151,7 +195,9 @@ def siglip_cases(reps: int) -> dict:
             model(**inputs)
 
     t = interleaved({"hf_forward": hf, "partition_pass": _partition_pass(adapter, batch)}, reps)
-    return {"times_s": t, "rows": [
+    prof = profile_split({"hf_forward": hf, "partition_pass": _partition_pass(adapter, batch)}, adapter) if PROFILE else None
+    flops = forward_flops(spec, batch.input_ids.shape[1])
+    return {"profile": prof, "times_s": t, "gflops": {k: round(v / 1e9, 1) for k, v in flops.items()}, "rows": [
         ("SigLIP 729 tokens: partition plan pass / HF forward", t["partition_pass"] / t["hf_forward"], "<=", 0.4)]}
 
 
@@ -176,7 +222,7 @@ def lens_cases(reps: int, vocab_size: int, n_layers: int | None) -> dict:
     from embedlens.adapters import wrap_model
     from embedlens.probes.embedding_lens import lens_site
     from embedlens.vocab import nearest_vocab
-    from embedlens.vocab_index import clear_cache, recall_at_k, vocab_index
+    from embedlens.vocab_index import clear_cache, default_n_probe, recall_at_k, vocab_index
     from embedlens.tracing import collect
 
     spec = MediumSpec()
@@ -207,6 +253,8 @@ def lens_cases(reps: int, vocab_size: int, n_layers: int | None) -> dict:
             built[id(vocab)] = time.perf_counter() - t0
         exact: list[torch.Tensor] = []
         approx: dict[int, torch.Tensor] = {}
+        default = default_n_probe(vocab_index(vocab).n_lists)
+        probes = (default, 2 * default)
 
         def run_exact(vocab=vocab, queries=queries):
             exact.append(nearest_vocab(queries, vocab, 3)[1])
@@ -214,12 +262,13 @@ def lens_cases(reps: int, vocab_size: int, n_layers: int | None) -> dict:
         def run_approx(n_probe, vocab=vocab, queries=queries):
             approx[n_probe] = nearest_vocab(queries, vocab, 3, search="approximate", n_probe=n_probe)[1]
 
-        t = interleaved({"exact": run_exact, "approx_nprobe8": lambda: run_approx(8),
-                         "approx_nprobe32": lambda: run_approx(32)}, reps, warm_up=False)
+        t = interleaved({"exact": run_exact, **{f"approx_nprobe{p}": (lambda p=p: run_approx(p)) for p in probes}},
+                        reps, warm_up=False)
         res = {"build_s": built[id(vocab)], "n_lists": vocab_index(vocab).n_lists, "times_s": t}
-        for n_probe in (8, 32):
+        for n_probe in probes:
             rec = res[f"recall@3_nprobe{n_probe}"] = recall_at_k(approx[n_probe], exact[-1])
-            name = f"{vocab_size // 1000}k {label}: approximate lens (n_probe {n_probe}) speed-up / recall@3"
+            which = "default" if n_probe == default else "2x default"
+            name = f"{vocab_size // 1000}k {label}: approximate lens (n_probe {n_probe}, {which}) speed-up / recall@3"
             out["rows"].append((name, t["exact"] / t[f"approx_nprobe{n_probe}"], ">=", 4.0, rec, 0.99))
         out["settings"][label] = res
     clear_cache()
@@ -357,10 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall: elapsed time; cpu: process CPU time (use with --threads 1 on a shared machine)")
+    p.add_argument("--profile", action="store_true",
+                   help="forward, siglip: also profile one HF forward and one partition pass (torch.profiler): "
+                        "time by part (vision tower, projector, language model, head, vocabulary search), top operators")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results.json")
     args = p.parse_args(argv)
-    global CLOCK
-    CLOCK = args.clock
+    global CLOCK, PROFILE
+    CLOCK, PROFILE = args.clock, args.profile
     torch.set_num_threads(args.threads)
     groups = args.only or ["startup", "forward", "siglip", "lens", "lens152k", "qwen152k", "plans", "memory"]
     started = time.perf_counter()
@@ -375,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             elif g == "forward":
                 r = forward_cases(args.reps)
             elif g == "siglip":
-                r = siglip_cases(max(args.reps - 1, 1))
+                r = siglip_cases(args.reps)
             elif g == "lens":
                 r = lens_cases(args.reps, 32_000, None)
             elif g == "lens152k":
@@ -396,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     results["table"] = table(rows)
     args.out.write_text(json.dumps(results, indent=2, default=str))
     print(results["table"])
+    for g, r in results["groups"].items():
+        for case, prof in (r.get("profile") or {}).items():
+            print(f"\nprofile {g} / {case}: {prof['total_s']} s CPU; by part: {prof['split_s']}")
     print(f"\ntotal {results['total_seconds']:.0f} s; machine: {results['machine']}; JSON: {args.out}")
     return 0
 
