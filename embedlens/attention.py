@@ -7,6 +7,9 @@ whatever attention implementation (SDPA, eager) runs the model.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 import sys
 
 import torch
@@ -57,10 +60,21 @@ def attention_rows(
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
     cap = getattr(attn.config, "attn_logit_softcapping", None)
-    if cap:
+    if cap and applies_softcap(type(attn)):
         scores = torch.tanh(scores / cap) * cap
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     return scores.softmax(dim=-1)
+
+
+@functools.cache
+def applies_softcap(attention_class: type) -> bool:
+    """Whether the attention module really caps its scores with ``config.attn_logit_softcapping``: it passes
+    ``softcap=`` to its attention function (Gemma 2 does; Gemma 3 keeps the value from the config but never
+    uses it). Read from the module's own source, so the rows follow the model rather than the config."""
+    try:
+        return re.search(r"\bsoftcap\s*=", inspect.getsource(attention_class.forward)) is not None
+    except (OSError, TypeError):  # no source to read: trust the config, as before
+        return True
 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")

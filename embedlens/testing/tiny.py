@@ -343,13 +343,13 @@ GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
 
 def _gemma3(seed: int):
     # 32-px images in 8 x 8 patches of 4, pooled 2 x 2 to 4 x 4 = 16 tokens. Sliding layers (window 8, shorter than
-    # every prompt and than an image's 16 tokens) alternate with global ones. The config sets final-logit softcapping,
-    # which Gemma3ForConditionalGeneration ignores: the adapter must follow the model, not the config.
+    # every prompt and than an image's 16 tokens) alternate with global ones. The config sets final-logit and attention
+    # softcapping, which Gemma3ForConditionalGeneration both ignores: embedlens must follow the model, not the config.
     tok = build_tokenizer(chat_template=LLAVA_CHAT_TEMPLATE.replace(IMAGE_TOKEN, GEMMA3_TOKENS["boi_token"]),
                           extra_special_tokens=GEMMA3_TOKENS)
     vision = SiglipVisionConfig(**{**_VISION, "patch_size": 4})
     text = Gemma3TextConfig(vocab_size=len(tok), head_dim=16, sliding_window=8, final_logit_softcapping=30.0,
-                            layer_types=["sliding_attention", "full_attention"] * (_TEXT["num_hidden_layers"] // 2),
+                            attn_logit_softcapping=5.0, layer_types=["sliding_attention", "full_attention"] * (_TEXT["num_hidden_layers"] // 2),
                             **_TEXT, **_special_ids(tok))
     config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=GRID * GRID,
                           image_token_index=tok.image_token_id, boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id)

@@ -329,3 +329,41 @@ def test_semantic_probe_standardize_reads_a_signal_carried_at_a_small_scale():
     raw, scaled = results[False], results[True]
     assert raw["accuracy"] == pytest.approx(raw["chance"]) and raw["chance"] < 0.8 and not raw["standardized"]
     assert scaled["accuracy"] == 1.0 and scaled["standardized"]
+
+
+def test_attention_rows_cap_scores_where_the_model_does():
+    """Gemma 2 caps its attention scores with ``attn_logit_softcapping`` (Gemma 3 keeps the key but not the cap, which
+    the family-wide test above checks with a cap set). With the queries scaled so that scores pass the cap, the rows
+    equal the eager pattern, and the uncapped rows would not."""
+    from embedlens.adapters import wrap_model
+    from embedlens.attention import applies_softcap
+    from embedlens.data import Sample
+    from embedlens.testing.hf_testers import paligemma_builder
+    from embedlens.testing.images import noise
+
+    adapter = wrap_model(*paligemma_builder("gemma2", full_attention_only=True)(0))
+    attn_cls = type(adapter.model.model.language_model.layers[0].self_attn)
+    assert applies_softcap(attn_cls) and adapter.model.config.text_config.attn_logit_softcapping == 50.0
+    with torch.no_grad():
+        for layer in adapter.model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(1000.0)
+            layer.self_attn.k_proj.weight.mul_(1000.0)
+    batch = adapter.encode([Sample([noise(20, 20, seed=1)], question="what is it?", id="a"),
+                            Sample([noise(20, 20, seed=2)], question="count the shapes", id="b")], padding_side="left")
+    probe = AttentionFlow(queries=["last"])
+    rows = run_probe(probe, adapter, batch)["tokens"]
+    attn = _hf(adapter, batch, output_attentions=True).attentions  # Gemma 2 runs eager (no SDPA with a cap)
+    vt = batch.roles.visual_tokens()
+    m, last = len(vt["sample"]), batch.roles.last_index
+    got = torch.tensor(rows["last_token_attention"][:m])
+    ref = attn[0][vt["sample"], :, last[vt["sample"]], vt["position"]].mean(-1)
+    torch.testing.assert_close(got, ref.float(), atol=1e-5, rtol=1e-4)
+    import embedlens.attention as attention
+
+    original = attention.applies_softcap
+    try:
+        attention.applies_softcap = lambda cls: False
+        uncapped = torch.tensor(run_probe(AttentionFlow(queries=["last"]), adapter, batch)["tokens"]["last_token_attention"][:m])
+    finally:
+        attention.applies_softcap = original
+    assert (uncapped - ref).abs().max() > 1e-2  # the cap bites
