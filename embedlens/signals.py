@@ -151,17 +151,18 @@ def similarity_entropy(
 
 
 # -- per visual token, from a batch's activations ------------------------------------
-def vision_to_tokens(flags: torch.Tensor, vt: dict[str, torch.Tensor], adapter: "Adapter | None" = None) -> torch.Tensor:
+def vision_to_tokens(flags: torch.Tensor, vt: dict[str, torch.Tensor], adapter: "Adapter | None" = None, inputs=None) -> torch.Tensor:
     """Per-patch values of the vision batch (``[rows, patches]``) read at each visual token; ``[tokens]``.
 
     Where a token stands for a block of patches (`adapter.patch_block`, e.g.
     Idefics3's pixel shuffle), it takes the block's largest value (for flags:
-    any patch of the block flagged).
+    any patch of the block flagged); `inputs`, the batch's processor output, names
+    the block's patches where they depend on the batch (`Adapter.patch_indices`).
     """
     rows = vt["feature_row"].to(flags.device)
     if adapter is None or adapter.patch_block == (1, 1):
         return flags[rows, vt["feature_col"].to(flags.device)]
-    return flags[rows[:, None], adapter.patch_indices(vt["feature_col"]).to(flags.device)].amax(dim=1)
+    return flags[rows[:, None], adapter.patch_indices(vt["feature_col"], inputs).to(flags.device)].amax(dim=1)
 
 
 def vit_norm_token_flags(
@@ -171,7 +172,7 @@ def vit_norm_token_flags(
     """``[visual tokens]`` bool: the token's patch (any of its block's) is a ViT high-norm outlier at vision layer `layer`."""
     site = adapter.resolve(Site("vision.layers", layer))
     flags = vit_norm_outliers(acts[site], sigma, threshold, adapter.n_prefix_tokens, ratio, adapter.tower_images(batch.inputs))
-    return vision_to_tokens(flags, batch.roles.visual_tokens(), adapter).cpu()
+    return vision_to_tokens(flags, batch.roles.visual_tokens(), adapter, batch.inputs).cpu()
 
 
 def massive_token_flags(

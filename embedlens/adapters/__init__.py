@@ -18,6 +18,7 @@ from embedlens.adapters.internvl import InternVLAdapter, InternVLImageProcessor
 from embedlens.adapters.llava import LlavaAdapter
 from embedlens.adapters.llava_next import LlavaNextAdapter
 from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionImageProcessor
+from embedlens.adapters.mistral3 import Mistral3Adapter, PixtralProcessor
 from embedlens.adapters.paligemma import PaliGemmaAdapter
 from embedlens.adapters.placement import Placement, loading_kwargs, place
 from embedlens.adapters.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
@@ -38,9 +39,11 @@ __all__ = [
     "LlavaAdapter",
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",
+    "Mistral3Adapter",
     "ModulePaths",
     "OnevisionImageProcessor",
     "PaliGemmaAdapter",
+    "PixtralProcessor",
     "PromptText",
     "Qwen2VLAdapter",
     "Qwen2_5_VLAdapter",

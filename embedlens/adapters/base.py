@@ -545,11 +545,14 @@ class Adapter(ABC):
         block a pixel-shuffle or pooling family merges into one token."""
         return 1, 1
 
-    def patch_indices(self, feature_col: torch.Tensor) -> torch.Tensor:
+    def patch_indices(self, feature_col: torch.Tensor, inputs: BatchFeature | None = None) -> torch.Tensor:
         """`[tokens, bh * bw]`: for each token's `feature_col` (its index in the projector
         output of its tile), the indices of the patches it stands for in that tile's patch
         sequence: the tower's tokens after `n_prefix_tokens` (add it for `vision.layers`),
-        which is also `vision.features` unless `merge_before_projector`."""
+        which is also `vision.features` unless `merge_before_projector`.
+
+        `inputs` (the batch's processor output) is needed where the answer depends on the
+        batch (Mistral 3's packed tower of images of different sizes); the others ignore it."""
         bh, bw = self.patch_block
         _, gw = self.grid()
         r, c = feature_col // gw, feature_col % gw
@@ -702,6 +705,16 @@ class Adapter(ABC):
         (padding does not count), as `generate` computes them."""
         mask = inputs["attention_mask"].long()
         return (mask.cumsum(dim=1) - 1).clamp(min=0) + self.position_offset
+
+    def tower_kwargs(self, inputs: BatchFeature) -> dict[str, Any]:
+        """Keyword inputs the vision tower (the module above `paths.vision_embed`) takes besides `pixel_values`:
+        none, except for packed towers (Qwen-VL's ``grid_thw``, Pixtral's ``image_sizes``)."""
+        return {}
+
+    def projector_args(self, inputs: BatchFeature) -> tuple:
+        """Positional inputs the projector takes after the features: none, except where it merges patches per
+        image (Mistral 3's patch merger takes ``image_sizes``)."""
+        return ()
 
     def tower_images(self, inputs: BatchFeature) -> torch.Tensor | None:
         """`[rows, patches]`: the image (counted over the batch) of each patch of the tower's batch, for families

@@ -149,7 +149,7 @@ class Qwen2VLAdapter(Adapter):
         m = self.merge_size
         return [(int(h) // m, int(w) // m) for _, h, w in inputs["image_grid_thw"].tolist()]
 
-    def patch_indices(self, feature_col: torch.Tensor) -> torch.Tensor:
+    def patch_indices(self, feature_col: torch.Tensor, inputs: BatchFeature | None = None) -> torch.Tensor:
         # the packed sequence is in merge-window order: a token's block is its merge unit's consecutive rows
         unit = self.merge_size**2
         return feature_col[:, None] * unit + torch.arange(unit, device=feature_col.device)
@@ -193,6 +193,9 @@ class Qwen2VLAdapter(Adapter):
             attention_mask=inputs["attention_mask"],
         )
         return ids
+
+    def tower_kwargs(self, inputs: BatchFeature) -> dict:
+        return {"grid_thw": inputs["image_grid_thw"]}
 
     def tower_images(self, inputs: BatchFeature) -> torch.Tensor:
         # images are contiguous in the packed sequence (Qwen2.5-VL's windows reorder within an image only)

@@ -190,14 +190,16 @@ class FirstImage(Stateful):
                 self.more.append(entry)
 
 
-def visual_rows(adapter: "Adapter", site, act: torch.Tensor, vt: dict[str, torch.Tensor]) -> torch.Tensor:
+def visual_rows(adapter: "Adapter", site, act: torch.Tensor, vt: dict[str, torch.Tensor], inputs=None) -> torch.Tensor:
     """``[tokens, d]``: the activation at `site` of each visual token of `vt`.
 
     LLM sites and the projector output are indexed by (sample, position) and
     (vision row, token); the tower's sites by the token's row of the vision batch
     and its patch (after CLIP's CLS for vision layers). Where a token stands for
     a block of patches (`Adapter.patch_block`, e.g. Idefics3's pixel shuffle), a
-    tower site gives the mean over the block's patches.
+    tower site gives the mean over the block's patches. `inputs`, the batch's
+    processor output, names the patches where they depend on the batch
+    (`Adapter.patch_indices`: Mistral 3's packed images of different sizes).
     """
     comp = site.component
     if comp.startswith("llm."):
@@ -205,7 +207,7 @@ def visual_rows(adapter: "Adapter", site, act: torch.Tensor, vt: dict[str, torch
     rows = vt["feature_row"].to(act.device)
     if comp == "projector" or (comp == "vision.features" and adapter.merge_before_projector):
         return act[rows, vt["feature_col"].to(act.device)]
-    cols = adapter.patch_indices(vt["feature_col"]) + (adapter.n_prefix_tokens if comp in ("vision.layers", "vision.embed") else 0)
+    cols = adapter.patch_indices(vt["feature_col"], inputs) + (adapter.n_prefix_tokens if comp in ("vision.layers", "vision.embed") else 0)
     return act[rows[:, None], cols.to(act.device)].mean(dim=1)  # [tokens, block, d] -> [tokens, d]
 
 

@@ -137,7 +137,7 @@ class SemanticProbe(Probe):
         sub = {k: v[idx] for k, v in vt.items()}
         groups = token_groups(batch, sub["sample"], sub["position"])
         for site, name in zip(self.sites(adapter), self.site_names):
-            x = visual_rows(adapter, site, acts[site], sub).float().cpu()
+            x = visual_rows(adapter, site, acts[site], sub, batch.inputs).float().cpu()
             self._res.setdefault(name, Reservoir(self.max_tokens, self.seed)).add(x, group=groups, **labels)
         self._labelled += len(keep)
         return {}

@@ -123,8 +123,8 @@ class SinkDetector(Probe):
         prefix = adapter.n_prefix_tokens
         norms = feats[:, prefix:].float().norm(dim=-1)
         images = adapter.tower_images(batch.inputs)  # a packed tower's rows hold several images: each its own statistics
-        vit_flag = vision_to_tokens(norm_outliers(norms, self.vit_sigma, self.vit_threshold, self.vit_ratio, images), vt, adapter).cpu()
-        vit_norm = vision_to_tokens(norms, vt, adapter).cpu()
+        vit_flag = vision_to_tokens(norm_outliers(norms, self.vit_sigma, self.vit_threshold, self.vit_ratio, images), vt, adapter, batch.inputs).cpu()
+        vit_norm = vision_to_tokens(norms, vt, adapter, batch.inputs).cpu()
         valid = ~batch.roles.padding
         kind = batch.roles.kind
         n_tok = len(s)

@@ -84,7 +84,7 @@ class TokenClusters(Probe):
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
         site = self.sites(adapter)[0]
         vt = batch.roles.visual_tokens()
-        x = self._prep(visual_rows(adapter, site, acts[site], vt)).cpu()
+        x = self._prep(visual_rows(adapter, site, acts[site], vt, batch.inputs)).cpu()
         groups = token_groups(batch, vt["sample"], vt["position"])
         self._res.add(x, group=groups)
         if self._first.data is None:

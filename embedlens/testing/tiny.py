@@ -41,6 +41,7 @@ from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
+    Mistral3ForConditionalGeneration,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
@@ -362,6 +363,48 @@ def _gemma3(seed: int):
     return model, processor
 
 
+MISTRAL3_TOKENS = {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
+MISTRAL3_PATCH = 8  # 8-px patches, 2 x 2 merged: a token covers 16 x 16 pixels
+MISTRAL3_LONGEST_EDGE = 56
+
+
+def mistral3_tokenizer():
+    """The shared word-level tokenizer with Pixtral's ``[IMG]``, ``[IMG_BREAK]`` and ``[IMG_END]``; the chat
+    template writes ``[IMG]`` for each image, as Mistral's does."""
+    return build_tokenizer(chat_template=LLAVA_CHAT_TEMPLATE.replace(IMAGE_TOKEN + "\n", MISTRAL3_TOKENS["image_token"]),
+                           extra_special_tokens=MISTRAL3_TOKENS)
+
+
+def mistral3_processor(tok, patch_size: int = MISTRAL3_PATCH, merge_size: int = 2, longest_edge: int = MISTRAL3_LONGEST_EDGE):
+    """HF's `PixtralProcessor` with the PIL `PixtralImageProcessorPil` (no torchvision). Images shrink to fit
+    `longest_edge` and round up to whole merged blocks: with the defaults the test images (64 x 64, 40 x 70,
+    48 x 48) give 4 x 4, 2 x 4 and 3 x 3 tokens."""
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    from embedlens.adapters.mistral3 import PixtralProcessor
+
+    ip = PixtralImageProcessorPil(size={"longest_edge": longest_edge}, patch_size={"height": patch_size, "width": patch_size}, **_NORM)
+    return PixtralProcessor(image_processor=ip, tokenizer=tok, patch_size=patch_size, spatial_merge_size=merge_size,
+                            chat_template=tok.chat_template, **MISTRAL3_TOKENS)
+
+
+def _mistral3(seed: int):
+    # 3 Pixtral layers of width 32 on 8-px patches (2-D RoPE from each patch's row and column; the tower never reads
+    # image_size, set to the largest image), merged 2 x 2 in the projector. The Mistral LLM slides a window of 8 over
+    # every layer: shorter than every prompt and than the 16 tokens of a 64-px image.
+    from transformers import Mistral3Config, MistralConfig, PixtralVisionConfig
+
+    tok = mistral3_tokenizer()
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                 image_size=64, patch_size=MISTRAL3_PATCH)
+    text = MistralConfig(vocab_size=len(tok), head_dim=16, sliding_window=8, **_TEXT, **_special_ids(tok))
+    config = Mistral3Config(vision_config=vision, text_config=text, image_token_index=tok.image_token_id, spatial_merge_size=2,
+                            vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(config).eval()
+    return model, mistral3_processor(tok)
+
+
 TINY_SPECS: dict[str, TinySpec] = {
     s.name: s
     for s in (
@@ -377,6 +420,7 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("qwen2.5-vl", "qwen2_5_vl", "qwen2.5-vit", _qwen_vl("2.5")),
         TinySpec("qwen3-vl", "qwen3_vl", "qwen3-vit", _qwen_vl("3")),
         TinySpec("gemma3", "gemma3", "siglip", _gemma3),
+        TinySpec("mistral3", "mistral3", "pixtral", _mistral3),
     )
 }
 
@@ -387,7 +431,7 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
     Args:
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
             `llava-onevision`, `paligemma`, `llava-next`, `idefics3`, `smolvlm`, `internvl`,
-            `qwen2-vl`, `qwen2.5-vl`, `qwen3-vl`, `gemma3`).
+            `qwen2-vl`, `qwen2.5-vl`, `qwen3-vl`, `gemma3`, `mistral3`).
         seed: seed of the random initialisation.
 
     Returns:
