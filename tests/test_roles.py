@@ -110,7 +110,7 @@ def test_row_col_match_the_patch_embedding(adapter):
             batch.inputs["pixel_values"] = pv
         where = (emb - base[Site("vision.embed")]).abs().amax(-1).nonzero().tolist()  # [vision rows, tokens]
         assert where == [[fr, prefix + patch]], (t, where)
-        assert patch in adapter.patch_indices(vt["feature_col"][t : t + 1])[0].tolist()
+        assert patch in adapter.patch_indices(vt["feature_col"][t : t + 1], batch.inputs)[0].tolist()
 
         if adapter.merge_before_projector:
             # the merge runs between tower and projector (InternVL): change the tower layer the features come from
@@ -137,14 +137,16 @@ def qwen_patch_row(image_start: int, grid_w: int, pr: int, pc: int, m: int = 2) 
 
 
 def _packed_patch_blocks(adapter):
-    """`test_row_col_match_the_patch_embedding` for a packed tower (Qwen-VL): `pixel_values` has one row per
+    """`test_row_col_match_the_patch_embedding` for a packed tower. Qwen-VL: `pixel_values` has one row per
     patch, so the patch at (row, col) of an image's patch grid is perturbed through the processor's own
-    layout (`qwen_patch_row`; `tests/adapters/test_qwen_vl.py` proves that layout on image pixels)."""
+    layout (`qwen_patch_row`; `tests/adapters/test_qwen_vl.py` proves that layout on image pixels). Pixtral:
+    `pixel_values` holds each image's pixels (padded), so the patch's pixels are perturbed in place."""
     batch = adapter.encode(_samples(adapter)[:2])
     vt = batch.roles.visual_tokens()
     bh, bw = adapter.patch_block
-    thw = batch.inputs["image_grid_thw"]
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), thw.prod(-1).cumsum(0)])
+    thw = batch.inputs.get("image_grid_thw")
+    if thw is not None:
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), thw.prod(-1).cumsum(0)])
     image_of = torch.cumsum(torch.tensor([0] + [len(s.images) for s in batch.samples]), 0)  # first global image per sample
     proj = resolve_path(adapter.model, adapter.paths.projector)
     base = collect(adapter, batch, ["vision.embed", "projector"])
@@ -153,9 +155,13 @@ def _packed_patch_blocks(adapter):
         g = int(image_of[vt["sample"][t]] + vt["image"][t])  # the image, counted over the batch
         r, c, fc = int(vt["row"][t]), int(vt["col"][t]), int(vt["feature_col"][t])
         i, j = k % bh, (k // bh) % bw
-        row = qwen_patch_row(int(starts[g]), int(thw[g, 2]), r * bh + i, c * bw + j, bh)
         changed = pv.clone()
-        changed[row] += 1.0
+        if thw is not None:
+            changed[qwen_patch_row(int(starts[g]), int(thw[g, 2]), r * bh + i, c * bw + j, bh)] += 1.0
+        else:
+            ps = adapter.config.vision_config.patch_size
+            pr, pc = r * bh + i, c * bw + j
+            changed[g, :, pr * ps : (pr + 1) * ps, pc * ps : (pc + 1) * ps] += 1.0
         batch.inputs["pixel_values"] = changed
         try:
             emb = collect(adapter, batch, ["vision.embed"])[Site("vision.embed")]
@@ -164,7 +170,7 @@ def _packed_patch_blocks(adapter):
         where = (emb - base[Site("vision.embed")]).abs().amax(-1).nonzero().tolist()
         assert len(where) == 1 and where[0][0] == 0, (t, where)
         site_row = where[0][1]  # where the site holds that patch (Qwen2.5-VL: in window order)
-        assert site_row in adapter.patch_indices(vt["feature_col"][t : t + 1])[0].tolist(), (t, site_row)
+        assert site_row in adapter.patch_indices(vt["feature_col"][t : t + 1], batch.inputs)[0].tolist(), (t, site_row)
         handle = proj.register_forward_pre_hook(lambda m, args: (_bumped(args[0][None], 0, site_row)[0], *args[1:]))
         try:
             out = collect(adapter, batch, ["projector"])[Site("projector")]

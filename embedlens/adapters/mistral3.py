@@ -36,8 +36,8 @@ Example:
     >>> from embedlens.testing.images import noise
     >>> adapter = load_model("tiny:mistral3")
     >>> batch = adapter.encode([Sample([noise(40, 70)], question="what is it?")])
-    >>> batch.inputs["image_sizes"].tolist(), adapter.image_grids(batch.inputs)  # 4 x 8 patches, 2 x 4 tokens
-    ([[32, 64]], [(2, 4)])
+    >>> batch.inputs["image_sizes"].tolist(), adapter.image_grids(batch.inputs)  # 6 x 8 patches, 3 x 4 tokens
+    ([[48, 64]], [(3, 4)])
 """
 
 from __future__ import annotations

@@ -365,7 +365,7 @@ def _gemma3(seed: int):
 
 MISTRAL3_TOKENS = {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
 MISTRAL3_PATCH = 8  # 8-px patches, 2 x 2 merged: a token covers 16 x 16 pixels
-MISTRAL3_LONGEST_EDGE = 56
+MISTRAL3_LONGEST_EDGE = 64
 
 
 def mistral3_tokenizer():
@@ -378,7 +378,7 @@ def mistral3_tokenizer():
 def mistral3_processor(tok, patch_size: int = MISTRAL3_PATCH, merge_size: int = 2, longest_edge: int = MISTRAL3_LONGEST_EDGE):
     """HF's `PixtralProcessor` with the PIL `PixtralImageProcessorPil` (no torchvision). Images shrink to fit
     `longest_edge` and round up to whole merged blocks: with the defaults the test images (64 x 64, 40 x 70,
-    48 x 48) give 4 x 4, 2 x 4 and 3 x 3 tokens."""
+    48 x 48) give 4 x 4, 3 x 4 and 3 x 3 tokens."""
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
     from embedlens.adapters.mistral3 import PixtralProcessor

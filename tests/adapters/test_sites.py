@@ -65,10 +65,10 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
         pv = torch.cat([pv[b, : int(fr[b].max() - fr[b][fr[b] >= 0].min()) + 1] for b in range(pv.shape[0])])
     vis = resolve_path(adapter.model, adapter.paths.vision_embed.rsplit(".", 1)[0])  # the tower
     with torch.no_grad():
-        if adapter.packed_vision:  # Qwen-VL: the batch's patches as one sequence, split by image_grid_thw
-            out = vis(pv, grid_thw=batch.inputs["image_grid_thw"], output_hidden_states=True)
-            out.hidden_states = tuple(h[None] for h in out.hidden_states)
-            out.last_hidden_state = out.last_hidden_state[None]
+        if adapter.packed_vision:  # Qwen-VL, Pixtral: the batch's patches as one sequence, split by image sizes
+            out = vis(pv, **adapter.tower_kwargs(batch.inputs), output_hidden_states=True)
+            out.hidden_states = tuple(h if h.dim() == 3 else h[None] for h in out.hidden_states)  # Qwen-VL's have no batch dimension
+            out.last_hidden_state = out.last_hidden_state if out.last_hidden_state.dim() == 3 else out.last_hidden_state[None]
         else:
             out = vis(pv, output_hidden_states=True)
     for i in range(n):
@@ -84,7 +84,7 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
         feats = merged.reshape(n, gh * gw, -1)
     torch.testing.assert_close(acts[Site("vision.features")], feats, **TOL)
     merger = resolve_path(adapter.model, adapter.paths.projector)
-    proj = merger(feats[0])[None] if adapter.packed_vision else merger(feats)
+    proj = merger(feats[0], *adapter.projector_args(batch.inputs))[None] if adapter.packed_vision else merger(feats)
     torch.testing.assert_close(acts[Site("projector")], proj, **TOL)
 
 

@@ -168,11 +168,15 @@ def test_vit_norms_match_hf_hidden_states(adapter):
     rows = run_probe(SinkDetector(), adapter, batch)["tokens"]
     tower = resolve_path(adapter.model, adapter.paths.vision_embed.rsplit(".", 1)[0])
     vt = batch.roles.visual_tokens()
-    if adapter.packed_vision:  # Qwen-VL: every patch of the batch in one sequence; statistics per image
+    if adapter.packed_vision:  # Qwen-VL, Pixtral: every patch of the batch in one sequence; statistics per image
         with torch.no_grad():
-            hs = tower(batch.inputs["pixel_values"], grid_thw=batch.inputs["image_grid_thw"], output_hidden_states=True).hidden_states
-        feats = hs[adapter.n_vision_layers - 1][None]
-        counts = batch.inputs["image_grid_thw"].prod(-1)
+            hs = tower(batch.inputs["pixel_values"], **adapter.tower_kwargs(batch.inputs), output_hidden_states=True).hidden_states
+        feats = hs[adapter.n_vision_layers - 1]
+        feats = feats if feats.dim() == 3 else feats[None]  # Qwen-VL's tower states have no batch dimension
+        if "image_grid_thw" in batch.inputs:
+            counts = batch.inputs["image_grid_thw"].prod(-1)
+        else:  # Pixtral: each image's real patches, its padding cut off by image_sizes
+            counts = (batch.inputs["image_sizes"] // adapter.config.vision_config.patch_size).prod(-1)
         image_of = torch.repeat_interleave(torch.arange(len(counts)), counts)  # the image of each patch
     else:
         pv = batch.inputs["pixel_values"].reshape(-1, *batch.inputs["pixel_values"].shape[-3:])
@@ -181,7 +185,7 @@ def test_vit_norms_match_hf_hidden_states(adapter):
             hs = tower(pv, output_hidden_states=True).hidden_states
         feats = hs[adapter.n_vision_layers - 1]  # output of layer n-2 = vision.layers[-2]
     # each token's patches (one, or the block a pixel-shuffle family merges): the block's largest norm
-    patches = adapter.patch_indices(vt["feature_col"]) + adapter.n_prefix_tokens
+    patches = adapter.patch_indices(vt["feature_col"], batch.inputs) + adapter.n_prefix_tokens
     patch_norms = feats.double().norm(dim=-1)[vt["feature_row"][:, None], patches]  # [tokens, block]
     torch.testing.assert_close(torch.tensor(rows["vit_norm"]).double(), patch_norms.amax(1), atol=1e-4, rtol=1e-5)
     all_norms = feats.double().norm(dim=-1)[:, adapter.n_prefix_tokens :]  # statistics over every patch the ViT saw
