@@ -478,6 +478,49 @@ def qwen_vl_builder(version: str) -> Builder:
     return build
 
 
+#: `Mistral3VisionText2TextModelTester` (tests/models/mistral3/test_modeling_mistral3.py): Mistral text and Pixtral
+#: vision configs of its own, Mistral3Config's default 2 x 2 patch merger. The tester feeds 30-px images of 6-px
+#: patches, a 5 x 5 grid the merger's ``unfold`` floors to 2 x 2 tokens (``image_seq_length=4``); a processor never
+#: gives such a grid (it rounds each side up to whole 12-px merged blocks), so here images are 12-px multiples up to
+#: 60 px. Its ``sliding_window=None`` means full attention on both layers.
+MISTRAL3_TESTER = dict(
+    text=dict(model_type="mistral", attention_dropout=0.0, hidden_act="silu", hidden_size=32, initializer_range=0.02,
+              intermediate_size=37, max_position_embeddings=512, num_attention_heads=4, num_hidden_layers=2,
+              num_key_value_heads=2, rms_norm_eps=1e-05, rope_theta=1000000000.0, sliding_window=None),
+    vision=dict(model_type="pixtral", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                image_size=30, patch_size=6, num_channels=3, hidden_act="gelu"),
+    top=dict(vision_feature_layer=-1, image_seq_length=4),
+    longest_edge=60,
+)
+
+
+def mistral3_builder(sliding_window: int | None = None) -> Builder:
+    """Mistral 3 from its tester: Pixtral on 6-px patches merged 2 x 2, a 2-layer Mistral.
+
+    Args:
+        sliding_window: replaces the tester's None (full attention) so that a window bites on the test prompts.
+    """
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    from embedlens.testing.tiny import mistral3_processor, mistral3_tokenizer
+
+    t = MISTRAL3_TESTER
+
+    def build(seed: int):
+        tok = mistral3_tokenizer()
+        text = dict(t["text"], vocab_size=len(tok), **_ids(tok))
+        if sliding_window is not None:
+            text["sliding_window"] = sliding_window
+        config = Mistral3Config(text_config=text, vision_config=t["vision"], image_token_index=tok.image_token_id, **t["top"], **_ids(tok))
+        torch.manual_seed(seed)
+        model = Mistral3ForConditionalGeneration(config).eval()
+        processor = mistral3_processor(tok, patch_size=t["vision"]["patch_size"], merge_size=config.spatial_merge_size,
+                                       longest_edge=t["longest_edge"])
+        return model, processor
+
+    return build
+
+
 _OV_MANY_TILES = [[16 * i, 16 * j] for i in range(1, 4) for j in range(1, 4)]
 
 TESTER_CONFIGS: dict[str, HFTesterConfig] = {
@@ -539,6 +582,11 @@ BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
                      "layers, window 4096)", gemma3_builder(), image_sizes=((20, 20), (12, 30)), images_per_sample=2),
         HFTesterConfig("gemma3-window", "gemma3", "Gemma3Vision2TextModelTester with sliding_window=3, so that the "
                      "window bites on every prompt", gemma3_builder(sliding_window=3), image_sizes=((20, 20),), images_per_sample=2),
+        HFTesterConfig("mistral3", "mistral3", "Mistral3VisionText2TextModelTester (Pixtral, 6-px patches merged 2 x 2; "
+                     "images at native resolution up to 60 px; no sliding window)", mistral3_builder(),
+                     image_sizes=((30, 30), (24, 40)), images_per_sample=2),
+        HFTesterConfig("mistral3-window", "mistral3", "Mistral3VisionText2TextModelTester with sliding_window=3, so that "
+                     "the window bites on every prompt", mistral3_builder(sliding_window=3), image_sizes=((30, 30),)),
     )
 }
 
