@@ -557,7 +557,7 @@ TESTER_CONFIGS: dict[str, HFTesterConfig] = {
     )
 }
 
-#: Families whose tokens are blocks of patches (pixel shuffle, pooling, Qwen-VL's merger) or whose towers differ
+#: Families whose tokens are blocks of patches (pixel shuffle, pooling, Qwen-VL's and Mistral 3's mergers) or whose towers differ
 #: from LLaVA's. The LLaVA-specific tests of ``tests/adapters/test_hf_configs.py`` assume one patch per token and
 #: LLaVA's module names; these entries run there through the block-aware shared proofs instead (role map, each
 #: token's patch block by perturbing one patch, sites, pruning equivalence); the Qwen-VL entries also in

@@ -24,7 +24,7 @@ def test_unsupported_architecture_lists_supported_and_points_to_the_guide():
     assert listed == sorted(a for _, cls in adapters.items() for a in cls.architectures)
     for arch in ("LlavaNextForConditionalGeneration", "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
                  "InternVLForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-                 "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"):
+                 "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration", "Mistral3ForConditionalGeneration"):
         assert arch in listed
     assert msg.endswith(f"To add a family, see {ADDING_A_FAMILY}")
     assert (ROOT / ADDING_A_FAMILY).is_file()
