@@ -482,7 +482,8 @@ def qwen_vl_builder(version: str) -> Builder:
 #: vision configs of its own, Mistral3Config's default 2 x 2 patch merger. The tester feeds 30-px images of 6-px
 #: patches, a 5 x 5 grid the merger's ``unfold`` floors to 2 x 2 tokens (``image_seq_length=4``); a processor never
 #: gives such a grid (it rounds each side up to whole 12-px merged blocks), so here images are 12-px multiples up to
-#: 60 px. Its ``sliding_window=None`` means full attention on both layers.
+#: 60 px. Its ``sliding_window=None`` means full attention on both layers. Mistral3Config drops the tester's
+#: ``image_seq_length`` (kept here as the tester writes it): nothing in the model reads one.
 MISTRAL3_TESTER = dict(
     text=dict(model_type="mistral", attention_dropout=0.0, hidden_act="silu", hidden_size=32, initializer_range=0.02,
               intermediate_size=37, max_position_embeddings=512, num_attention_heads=4, num_hidden_layers=2,
