@@ -18,6 +18,9 @@ from PIL import Image
 from embedlens.lmms.tasks import TASKS_DIR
 from tests.lmms._support import lmms_env, write_plan  # noqa: F401 - lmms_env is a fixture
 
+# one xdist worker runs the whole module: its module-scoped fixture (the loaded zoo models) is built once
+pytestmark = pytest.mark.xdist_group("test_bridge")
+
 TASKS = ["embedlens_pope", "embedlens_pope_mc", "embedlens_synqa"]
 LIMIT = 4
 CONDITIONS = ("baseline", "prune_dead")

@@ -11,6 +11,9 @@ from typer.testing import CliRunner
 from embedlens.cli import app
 from tests.lmms._support import lmms_env, write_plan  # noqa: F401 - lmms_env is a fixture
 
+# one xdist worker runs the whole module: its module-scoped fixture (the evaluation run) is built once
+pytestmark = pytest.mark.xdist_group("test_eval")
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "benchmarks.yaml"
 
 TASKS = "embedlens_synqa,embedlens_pope_mc"

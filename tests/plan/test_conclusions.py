@@ -4,7 +4,6 @@ numbers; a small sweep run whose removed tokens are known; report.breakdown vali
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from scipy import stats as sps
 from typer.testing import CliRunner
@@ -14,6 +13,9 @@ from embedlens.errors import PlanError
 from embedlens.plan import load_plan, prepare
 from embedlens.plan.conclusions import analyse
 from embedlens.plan.schema import ReportSpec
+
+# one xdist worker runs the whole module: its module-scoped fixture (the sweep runs) is built once
+pytestmark = pytest.mark.xdist_group("test_conclusions")
 
 # 10 samples; condition "drop" vs its control "drop_random" vs the baseline, and "blind"
 IDS = [f"s{i}" for i in range(10)]

@@ -14,6 +14,9 @@ from embedlens.plan.distributed import DistributedError, World
 from embedlens.plan.runner import _rounds
 from embedlens.plan.store import VOLATILE
 
+# one xdist worker runs the whole module: its module-scoped fixture (the one-process reference runs) is built once
+pytestmark = pytest.mark.xdist_group("test_distributed")
+
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 

@@ -19,6 +19,9 @@ from embedlens.errors import InputError
 from embedlens.plan import load_plan, prepare, run, run_all
 from embedlens.testing.browser import find_chromium, render
 
+# one xdist worker runs the whole module: its module-scoped fixture (the example runs) is built once
+pytestmark = pytest.mark.xdist_group("test_examples_report")
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 

@@ -12,6 +12,9 @@ from embedlens.synthetic import position_names
 from embedlens.zoo.recipe import Recipe, build_corpus, build_llava, caption
 from embedlens.zoo.train import make_sequences, train
 
+# one xdist worker runs the whole module: its module-scoped fixture (the training run) is built once
+pytestmark = pytest.mark.xdist_group("test_training")
+
 # A recipe small enough to train in seconds: every stage runs, on a few images.
 SMOKE = dict(train_images=48, heldout_images=12, contrastive_steps=3, contrastive_batch=16, lm_steps=3, lm_batch=8,
              projector_steps=3, projector_batch=8, finetune_steps=3, finetune_batch=8, vision_layers=2, lm_layers=2,

@@ -10,6 +10,9 @@ import pytest
 
 from embedlens.zoo.evaluate import THRESHOLDS, check, evaluate
 
+# one xdist worker runs the whole module: its module-scoped fixture (the held-out evaluation of both checkpoints) is built once
+pytestmark = pytest.mark.xdist_group("test_zoo_validation")
+
 N_IMAGES = 200  # the held-out set the README and validation.md report (821 questions per model); 60 gave position 0.65 vs 0.775
 
 
