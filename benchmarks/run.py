@@ -312,12 +312,21 @@ def plan_cases(tmp: Path, n_b1: int, n_b8: int) -> dict:
     return {"runs": res, "rows": rows}
 
 
+# The child's own peak: VmHWM, the high-water mark of its address space, which exec starts afresh. Not
+# getrusage's ru_maxrss: Linux carries a forked child's maxrss over from the parent at the fork, through exec, so
+# a child of the harness (gigabytes after the medium-model groups) reported the parent's peak for 20 and for 200
+# images alike (a ratio of 1.00 that measured nothing).
 _MEMORY_CHILD = """
-import resource, sys, time
+import resource, sys
 from embedlens.plan import load_plan, prepare, run
 prepared = prepare(load_plan(sys.argv[1]))
 run(prepared, overwrite=True)
-print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+try:
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+except OSError:  # not Linux: there ru_maxrss is this process's own (in bytes on macOS)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == "darwin" else 1)
+print("PEAK_KB", peak)
 """
 
 
