@@ -21,9 +21,9 @@ class ModelSpec(_Strict):
 
     source: str = Field("zoo:tiny-llava-clip", description="folder, hub id, zoo:NAME (trained, shipped) or tiny:NAME (random)")
     adapter: str | None = Field(None, description="force an adapter by name instead of auto-selection")
-    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
-    device: str = "cpu"
-    attn_implementation: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = Field("float32", description="weights and activations; passed to from_pretrained")
+    device: str = Field("cpu", description="one device for the whole model: cpu, cuda or cuda:N")
+    attn_implementation: str | None = Field(None, description="eager, sdpa, ...; passed to from_pretrained (default: the model's own)")
     device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str] | None = Field(
         None, description="spread the model over devices (accelerate): auto, balanced, or module path -> device "
         "(GPU index, cuda:N, cpu, or disk: offloaded into the run folder's offload/); replaces device"
@@ -51,15 +51,16 @@ class SyntheticDataSpec(_Strict):
     """The built-in synthetic data set (`embedlens.synthetic`): shapes, words and per-patch ground truth."""
 
     n: int = Field(64, ge=1, le=1_000_000, description="number of images (one question each)")
-    seed: int = Field(0, ge=0, le=2**32 - 1)
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the images and questions (the same seed, the same data set)")
     size: int = Field(64, ge=16, le=1024, description="image side in pixels")
     grid: int = Field(3, ge=1, le=6, description="objects sit in a grid x grid layout")
     background: float = Field(0.4, ge=0.0, lt=1.0, description="target share of background patches (0.4 ~ natural images, 0.85 sparse)")
-    texture: float = Field(0.08, ge=0.0, le=1.0)
-    word_rate: float = Field(0.3, ge=0.0, le=1.0)
+    texture: float = Field(0.08, ge=0.0, le=1.0, description="amplitude of the background's light texture")
+    word_rate: float = Field(0.3, ge=0.0, le=1.0, description="share of images with a rendered word (in one free cell)")
     patch_grid: int | Literal["auto"] = Field("auto", description="ground-truth patches per side; auto = the vision encoder's")
     question_types: list[Literal["colour", "shape", "position", "word", "count"]] = Field(
-        default_factory=lambda: ["colour", "shape", "position", "word", "count"]
+        default_factory=lambda: ["colour", "shape", "position", "word", "count"],
+        description="questions asked, cycled through the images",
     )
 
 
@@ -72,7 +73,7 @@ class DataSpec(_Strict):
     split: str | None = Field(None, description="split of `dataset` to read")
     columns: dict[str, str] = Field(default_factory=dict, description="embedlens field -> data set column (image, question, answer, ...)")
     synthetic: SyntheticDataSpec | None = Field(None, description="the built-in synthetic data set")
-    padding_side: Literal["left", "right"] = "right"
+    padding_side: Literal["left", "right"] = Field("right", description="side the tokenizer pads the prompts of a batch on")
     limit: int | None = Field(None, ge=1, description="use only the first N samples")
     max_pixels: int = Field(4096 * 4096, ge=1, le=2**31, description="larger images are downscaled when read (16x larger are refused)")
 
@@ -92,23 +93,23 @@ class DataSpec(_Strict):
 class ProbeSpec(_Strict):
     """One probe: a registered name and its parameters."""
 
-    name: str
+    name: str = Field(description="a registered probe (embedlens list)")
     label: str | None = Field(None, description="names its tables and figures (default: the probe name)")
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, description="the probe's parameters (embedlens list shows each with its default)")
 
 
 class InterventionSpec(_Strict):
     """One intervention of a condition: a registered name and its parameters."""
 
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="a registered intervention (embedlens list)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the intervention's parameters (embedlens list shows each with its default)")
 
 
 class MetricSpec(_Strict):
     """One effect metric: a registered name and its parameters."""
 
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="a registered metric (embedlens list)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the metric's parameters (embedlens list shows each with its default)")
 
 
 class PartitionSpec(_Strict):
@@ -124,21 +125,21 @@ class PartitionSpec(_Strict):
     discover_sink_fraction: float = Field(0.5, gt=0, le=1, description="share of an id's tokens that must be ViT-norm / massive outliers for a sink anchor")
     discover_max_anchors: int = Field(10, ge=1, description="anchors kept per group, most tokens first")
     k: int = Field(3, ge=1, description="a token is in a group if any of its top-k neighbours is an anchor")
-    matrix: Literal["input", "output"] = "input"
+    matrix: Literal["input", "output"] = Field("input", description="neighbours among the input embeddings (EmbedLens) or the output unembedding")
     vit_norm: str | None = Field(None, description="group for ViT high-norm tokens (e.g. sink)")
-    vit_layer: int = -2
-    vit_sigma: float = Field(2.0, gt=0)
-    vit_threshold: float | None = None
+    vit_layer: int = Field(-2, description="vision layer of the ViT-norm test (-2: LLaVA's feature layer)")
+    vit_sigma: float = Field(2.0, gt=0, description="a ViT high-norm token is above mean + vit_sigma x std of its image's patch norms")
+    vit_threshold: float | None = Field(None, description="an absolute norm threshold instead of the sigma and ratio rule")
     vit_ratio: float = Field(2.0, ge=0, description="a ViT high-norm token is also at least this many times the image's median norm")
     massive: str | None = Field(None, description="group for tokens with a massive activation (e.g. sink)")
-    massive_layers: list[int] | None = None
-    massive_threshold: float = 100.0
-    massive_ratio: float = 1000.0
+    massive_layers: list[int] | None = Field(None, description="LLM layers (outputs) searched for massive activations (default: all)")
+    massive_threshold: float = Field(100.0, description="a massive activation has |a| above this ...")
+    massive_ratio: float = Field(1000.0, description="... and above this many times the median |a| of its sample")
     entropy: str | None = Field(None, description="group for tokens with flat vocabulary similarities (e.g. dead)")
-    entropy_threshold: float = Field(0.9, gt=0, le=1)
-    temperature: float = Field(0.05, gt=0)
+    entropy_threshold: float = Field(0.9, gt=0, le=1, description="normalised entropy (entropy / log vocab) above which the entropy rule fires")
+    temperature: float = Field(0.05, gt=0, description="softmax temperature over cosine similarities for the entropy rule")
     order: list[str] | None = Field(None, description="precedence (default: sink, dead, others)")
-    chunk_size: int = Field(4096, ge=1)
+    chunk_size: int = Field(4096, ge=1, description="vocabulary rows compared at once (extra memory: tokens x chunk_size)")
     search: Literal["exact", "approximate"] = Field("exact", description="vocabulary search: exact, or approximate (FAISS IVF + exact re-rank; pip install embedlens[fast])")
 
 
@@ -149,7 +150,7 @@ class OutputSpec(_Strict):
     formats: list[Literal["parquet", "csv"]] = Field(
         default_factory=lambda: ["parquet", "csv"], min_length=1, description="table formats"
     )
-    figures: bool = True
+    figures: bool = Field(True, description="draw each probe's figures into figures/")
     figure_formats: list[Literal["png", "svg", "pdf"]] = Field(
         default_factory=lambda: ["png"], description="PNG is always written (the report shows it); svg/pdf add vector copies"
     )
