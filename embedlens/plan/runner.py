@@ -424,9 +424,11 @@ def _run_locked(prepared: Prepared, out: Path, own: Path, world: "distributed.Wo
     def checkpoint() -> None:
         ckpt.write(out, state)
 
-    def load_chunk(chunk: list[Record], record_problems: bool) -> list[Sample]:
+    def load_chunk(chunk: list[Record], record_problems: bool, positions: list[int] | None = None) -> list[Sample]:
+        """The chunk's samples that load (the others are skipped, and recorded where `record_problems`); their
+        places in the chunk are appended to `positions` when given."""
         samples = []
-        for r in chunk:
+        for i, r in enumerate(chunk):
             try:
                 s, notes = r.load(plan.data.max_pixels)
             except InputError as e:
@@ -436,6 +438,8 @@ def _run_locked(prepared: Prepared, out: Path, own: Path, world: "distributed.Wo
             if record_problems:
                 state.converted += [{"sample_id": r.id, "where": r.where, "note": n} for n in notes]
             samples.append(s)
+            if positions is not None:
+                positions.append(i)
         return samples
 
     def batches(phase: str):
@@ -557,7 +561,8 @@ def _main_pass(prepared, state, chunks, parts, engine, sites, load_chunk, checkp
     bs, n_records = plan.batch_size, len(prepared.records)
     for b in range(state.next_batch, len(chunks)):
         torch.manual_seed(plan.seed * 1_000_003 + b)  # per batch, so a resumed run draws the same numbers
-        samples = load_chunk(chunks[b], record_problems=True)
+        positions: list[int] = []
+        samples = load_chunk(chunks[b], record_problems=True, positions=positions)
         if samples and probes:
             batch = adapter.encode(samples, padding_side=plan.data.padding_side)
             acts = collect(adapter, batch, sites)
@@ -565,7 +570,7 @@ def _main_pass(prepared, state, chunks, parts, engine, sites, load_chunk, checkp
                 batch.groups = partition.label(adapter, batch, acts=acts)
             for label, probe in probes:
                 for name, rows in probe.update(adapter, batch, acts).items():
-                    _emit(parts, label, name, rows, b, len(probes))
+                    _emit(parts, label, name, rows, b, len(probes), [b * bs + p for p in positions])
         if samples and engine is not None:
             touched: dict[str, list] = {}
             table = compare(engine, samples, conditions, prepared.metrics, padding_side=plan.data.padding_side, groups=partition,
@@ -659,7 +664,8 @@ def _main_pass_sharded(prepared, state, chunks, parts, engine, sites, load_chunk
             continue
         for b, tensors, doc in _received(rnd, mine, payload, world):
             torch.manual_seed(plan.seed * 1_000_003 + b)
-            samples = load_chunk(chunks[b], record_problems=True)
+            positions: list[int] = []
+            samples = load_chunk(chunks[b], record_problems=True, positions=positions)
             if samples and probes:
                 batch = adapter.encode(samples, padding_side=plan.data.padding_side)
                 acts = {s: tensors[f"s{i}"].to(adapter.device) for i, s in enumerate(sites)}
@@ -667,7 +673,7 @@ def _main_pass_sharded(prepared, state, chunks, parts, engine, sites, load_chunk
                     batch.groups = partition.label(adapter, batch, acts=acts)
                 for label, probe in probes:
                     for name, rows in probe.update(adapter, batch, acts).items():
-                        _emit(parts, label, name, rows, b, len(probes))
+                        _emit(parts, label, name, rows, b, len(probes), [b * bs + p for p in positions])
             if "effects" in doc:
                 if partition is not None:
                     partition.tally.update(doc.get("tally") or {})
@@ -678,12 +684,17 @@ def _main_pass_sharded(prepared, state, chunks, parts, engine, sites, load_chunk
             progress("run", min(n_records, state.next_batch * bs), n_records)
 
 
-def _emit(parts: Parts, label: str, name: str, rows: Any, index: int, n_probes: int) -> None:
+def _emit(parts: Parts, label: str, name: str, rows: Any, index: int, n_probes: int, data_index: list[int] | None = None) -> None:
+    """Write one probe output of batch `index`. A table's ``sample`` column, which probes fill with the sample's
+    place in its batch, becomes its place in the data set (`data_index`: the data-set index of each sample of
+    the batch, skipped samples left out), as the Python API gives it; ``sample_id`` stays beside it."""
     full = f"{label}.{name}" if n_probes > 1 else name
     if isinstance(rows, Tensors):
         parts.tensors(full, rows, index)
-    else:
-        parts.table(full, rows, index)
+        return
+    if data_index is not None and "sample" in rows:
+        rows = {**rows, "sample": [data_index[int(s)] for s in rows["sample"]]}
+    parts.table(full, rows, index)
 
 
 #: Test hook: ``EMBEDLENS_KILL_AT=PHASE`` makes the runner SIGKILL itself at that point of the finish, so tests

@@ -92,6 +92,7 @@ def test_unreadable_image_is_skipped_and_reported(workdir):
     assert all("prompts.jsonl:" in s["where"] and "cannot read image" in s["error"] and "a.png" in s["error"] for s in result.skipped)
     rows = list(csv.DictReader(open(workdir / "out" / "tokens.csv")))
     assert {r["sample_id"] for r in rows} == {"y"}
+    assert {r["sample"] for r in rows} == {"1"}  # y's place in the data set, x before it skipped (in its batch: 0)
     skipped = list(csv.DictReader(open(workdir / "out" / "skipped.csv")))
     assert [r["sample_id"] for r in skipped] == ["x", "z"]
     assert _strict_json(workdir / "out" / "summary.json")["data"]["used"] == 1
@@ -117,6 +118,8 @@ def test_run_writes_table_and_figure(workdir):
     rows = list(csv.DictReader(open(result.tables["tokens"].with_suffix(".csv"))))
     assert len(rows) == 3 * 16 * 2  # samples x visual tokens x layers
     assert {r["sample_id"] for r in rows} == {"x", "y", "z"}
+    # `sample` is the place in the prompts file, not in the batch (batches of 2: z is the first of the second)
+    assert {(r["sample"], r["sample_id"]) for r in rows} == {("0", "x"), ("1", "y"), ("2", "z")}
     assert rows[0].keys() >= {"sample", "image", "row", "col", "layer", "id_1", "token_1", "score_1", "id_2"}
     assert result.figures and result.figures[0].stat().st_size > 1000
     manifest = json.loads((workdir / "out" / "manifest.json").read_text())
