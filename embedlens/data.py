@@ -294,6 +294,12 @@ def read_records(path: str | Path, image_root: str | Path | None = None) -> list
                 records[-1].id = f"{path.stem}-{lineno}"
     if not records:
         raise InputError(f"{path}: no samples")
+    return _unique_ids(records)
+
+
+def _unique_ids(records: list[Record]) -> list[Record]:
+    """`records`, once no two share an id: results are paired and joined by sample id (conditions against the
+    baseline, tables against the data)."""
     seen: dict[str, str] = {}
     for r in records:
         if r.id in seen:
@@ -388,4 +394,4 @@ def read_hf_dataset(
         )
     if not records:
         raise InputError(f"data set {path} has no rows")
-    return records
+    return _unique_ids(records)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from embedlens import collect
 from embedlens.data import open_image, read_records
-from embedlens.errors import InputError
+from embedlens.errors import InputError, PlanError
 from embedlens.plan import load_plan, prepare, run
 from embedlens.probes.base import Probe, Tensors
 from embedlens.sites import Site
@@ -113,6 +113,18 @@ def test_local_hugging_face_dataset(tmp_path):
     with pytest.raises(Exception, match=r"data.dataset: data set .*has no image column 'picture'"):
         prepare(bad)
     assert result.skipped == []
+
+
+def test_duplicate_ids_in_a_hugging_face_dataset_are_refused(tmp_path):
+    """Conditions are paired with the baseline and tables joined to the data by sample id: a data set whose id
+    column repeats one is refused naming the row and the first use, as a prompts file is."""
+    datasets = pytest.importorskip("datasets")
+    ims = [Image.open(EXAMPLES / "data" / f"shapes_{i}.png").convert("RGB") for i in range(3)]
+    ds = datasets.Dataset.from_dict({"img": ims, "q": ["a?", "b?", "c?"], "key": ["k0", "k1", "k0"]}).cast_column("img", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "hf"))
+    plan = load_plan(_plan(tmp_path, "  dataset: hf\n  columns: {image: img, question: q, id: key}"))
+    with pytest.raises(PlanError, match=r"plan.yaml:3 data.dataset: .*hf\[2\]: duplicate sample id 'k0' \(first at .*hf\[0\]\)"):
+        prepare(plan)
 
 
 def test_synthetic_ground_truth_is_what_was_drawn():
