@@ -31,10 +31,9 @@ from embedlens.data import Sample
 from embedlens.probes._util import visual_rows
 from embedlens.roles import Role
 from embedlens.sites import Site
-from embedlens.testing import BLOCK_TESTER_CONFIGS, TESTER_CONFIGS
-from embedlens.testing.hf_testers import paligemma_builder
 from embedlens.testing.images import noise
 from embedlens.tracing import collect
+from tests.support.hf_testers import BLOCK_TESTER_CONFIGS, TESTER_CONFIGS, paligemma_builder
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 NAMES = list(TESTER_CONFIGS)
