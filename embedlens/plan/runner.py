@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import re
-import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -655,8 +654,7 @@ def _main_pass_sharded(prepared, state, chunks, parts, engine, sites, load_chunk
                 parts.table("effects", table, mine)  # this rank's own parts
                 parts.table("touched_tokens", touched, mine)
                 doc["effects"] = {k: _plain(v) for k, v in table.items()}
-            if os.environ.get(KILL_ENV) == f"rank{world.rank}_batch{mine}":  # test hook: a rank dies mid-round
-                os.kill(os.getpid(), signal.SIGKILL)
+            sys.audit(BATCH_EVENT, world.rank, mine)  # this rank's parts of batch `mine` are written
             payload = distributed.pack(tensors, doc)
             if not world.main:
                 distributed.send(payload, 0)
@@ -697,16 +695,19 @@ def _emit(parts: Parts, label: str, name: str, rows: Any, index: int, n_probes: 
     parts.table(full, rows, index)
 
 
-#: Test hook: ``EMBEDLENS_KILL_AT=PHASE`` makes the runner SIGKILL itself at that point of the finish, so tests
-#: can check that every state a kill leaves on disk resumes to the same bytes. Phases, in order: see `_PHASES`.
-#: In a data-parallel run, ``rankR_batchB`` kills rank R once it has written its parts of batch B, before rank 0 folds it.
-KILL_ENV = "EMBEDLENS_KILL_AT"
-_PHASES = ("after_gather", "after_figures", "after_summary", "after_report", "after_manifest", "after_checkpoint")
+#: Where a run stands, reported as audit events (`sys.audit`; nothing listens unless a hook is added, e.g. a
+#: profiler, or the kill tests' hook in tests/support/kill_hook/, which kills the process at one of them):
+#: ``embedlens.plan.finish`` (phase) after each step of the finish, phases in order `PHASES`, every prefix of
+#: which resumes to the same bytes; ``embedlens.plan.batch`` (rank, batch) once a data-parallel rank has written
+#: its parts of a batch, before rank 0 folds them in.
+FINISH_EVENT = "embedlens.plan.finish"
+BATCH_EVENT = "embedlens.plan.batch"
+PHASES = ("after_gather", "after_figures", "after_summary", "after_report", "after_manifest", "after_checkpoint")
+_PHASES = PHASES  # the old name
 
 
 def _phase(name: str) -> None:
-    if os.environ.get(KILL_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    sys.audit(FINISH_EVENT, name)
 
 
 def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, started: float, resumed_from: int | None,

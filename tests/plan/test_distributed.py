@@ -13,6 +13,7 @@ import yaml
 from embedlens.plan.distributed import DistributedError, World
 from embedlens.plan.runner import _rounds
 from embedlens.plan.store import VOLATILE
+from tests.support.faults import kill_env
 
 # one xdist worker runs the whole module: its module-scoped fixture (the one-process reference runs) is built once
 pytestmark = pytest.mark.xdist_group("test_distributed")
@@ -126,7 +127,7 @@ def test_a_rank_killed_mid_round_resumes_to_the_same_files(tmp_path, tmp_path_fa
     """Rank 1 dies after writing its part of batch 1 (torchrun then stops rank 0); --resume redoes the round."""
     plan = _plan(plans, "pruning_study.yaml", **PRUNING)
     one, two = _single(tmp_path_factory, plan, "pruning_study.yaml"), tmp_path / "two"
-    env_kill = dict(_env(), EMBEDLENS_KILL_AT="rank1_batch1")
+    env_kill = kill_env(_env(), "rank1_batch1")
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node=2", "-m", "embedlens", "run", str(plan), "--output", str(two), "-q"]
     killed = subprocess.run(cmd, env=env_kill, capture_output=True, text=True, timeout=600)
     assert killed.returncode != 0
