@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,7 +17,7 @@ from embedlens.plan import distributed
 from embedlens.plan.checkpoint import RunState
 from embedlens.plan.finish import RunResult
 from embedlens.plan.identity import check_same
-from embedlens.plan.preparation import Prepared, plan_hash
+from embedlens.plan.preparation import Prepared
 from embedlens.plan.store import CHECKPOINT, Parts, clear_run
 
 
@@ -84,3 +85,30 @@ def _start_state(prepared: Prepared, out: Path, h: str, identity: dict, n_batche
         return None, done
     clear_run(out)
     return RunState(h, identity, 0, n_batches, False, prepared.probes, prepared.partition, prepared.conditions), None
+
+
+def agree_start(prepared: Prepared, out: Path, h: str, identity: dict, n_batches: int, resume: bool, overwrite: bool,
+                world: "distributed.World") -> tuple[RunState | None, Any]:
+    """`_start_state` decided by rank 0 and taken by every other rank: (state, resumed_from), or (None, the result
+    to return) when the run in `out` is finished already.
+
+    Raises:
+        EmbedLensError: rank 0's refusal, on rank 0; the other ranks raise a `DistributedError` quoting it.
+    """
+    if not world.main:
+        tensors, doc = distributed.unpack(distributed.broadcast(None, world))
+        if "error" in doc:
+            raise distributed.DistributedError(f"rank 0 stopped: {doc['error']}")
+        if doc.get("done"):
+            return None, RunResult(out_dir=out)
+        return _state_from(bytes(tensors["state"].numpy().tobytes()), prepared, out), doc.get("resumed_from")
+    try:
+        state, resumed_from = _start_state(prepared, out, h, identity, n_batches, resume, overwrite)
+    except EmbedLensError as e:
+        if world.size > 1:
+            distributed.broadcast(distributed.pack({}, {"error": str(e)}), world)
+        raise
+    if world.size > 1:
+        done = state is None
+        distributed.broadcast(distributed.pack({}, {"done": True}) if done else _state_payload(state, {"resumed_from": resumed_from}), world)
+    return state, resumed_from

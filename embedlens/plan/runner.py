@@ -22,10 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from embedlens.data import Record, Sample
-from embedlens.errors import EmbedLensError, InputError
+from embedlens.errors import EmbedLensError
 from embedlens.files import MARKER, check_output, os_error, safe_dir
 from embedlens.interventions.engine import Engine
 from embedlens.plan import checkpoint as ckpt
@@ -33,12 +30,10 @@ from embedlens.plan import distributed
 from embedlens.plan.finish import FINISH_EVENT, PHASES, _PHASES, RunResult, _finish, _versions, tokenizer_fingerprint  # noqa: F401
 from embedlens.plan.identity import run_identity
 from embedlens.plan.loader import LoadedPlan
-from embedlens.plan.passes import BATCH_EVENT, ProgressFn, _emit, _main_pass, _main_pass_sharded, _rounds, _sharded_stream  # noqa: F401
+from embedlens.plan.passes import BATCH_EVENT, Passes, ProgressFn, _emit, _rounds, fit_all  # noqa: F401
 from embedlens.plan.preparation import Prepared, load_plan_model, plan_hash, prepare, read_data
-from embedlens.plan.resume import _start_state, _state_from, _state_payload, finished_result
+from embedlens.plan.resume import agree_start, finished_result
 from embedlens.plan.store import Parts, RunLock, claim, remove_offload, remove_shards, shard_dir
-from embedlens.sites import Site
-from embedlens.tracing import collect
 
 __all__ = [  # the runner's names, wherever they are defined now
     "BATCH_EVENT", "FINISH_EVENT", "PHASES", "Prepared", "ProgressFn", "RunResult", "claim_run", "finished_result",
@@ -105,122 +100,39 @@ def claim_run(out: Path, world: "distributed.World", kind: str = "run") -> tuple
 
 def _run_locked(prepared: Prepared, out: Path, own: Path, world: "distributed.World", progress: ProgressFn | None,
                 resume: bool, overwrite: bool) -> RunResult:
+    """Start or resume (`embedlens.plan.resume`), the fit passes and the main pass (`embedlens.plan.passes`), then
+    the finish on rank 0 (`embedlens.plan.finish`)."""
     from embedlens.figures import EXTRA_FORMATS
 
-    loaded, adapter = prepared.loaded, prepared.adapter
-    plan = loaded.plan
-    started = time.time()
-    h = plan_hash(loaded)
-    records = prepared.records
-    bs = plan.batch_size
-    chunks = [records[i : i + bs] for i in range(0, len(records), bs)]
+    plan, adapter = prepared.loaded.plan, prepared.adapter
+    started, h, bs = time.time(), plan_hash(prepared.loaded), plan.batch_size
+    chunks = [prepared.records[i : i + bs] for i in range(0, len(prepared.records), bs)]
     identity = run_identity(prepared)
     distributed.agree([h, len(chunks), identity], world, "the plan, its data and its model")
-    if not world.main:  # rank 0 decides whether to start, resume or stop; the others take its state
-        tensors, doc = distributed.unpack(distributed.broadcast(None, world))
-        if "error" in doc:
-            raise distributed.DistributedError(f"rank 0 stopped: {doc['error']}")
-        if doc.get("done"):
-            return RunResult(out_dir=out)
-        state = _state_from(bytes(tensors["state"].numpy().tobytes()), prepared, out)
-        resumed_from = doc.get("resumed_from")
-    else:
-        try:
-            state, resumed_from = _start_state(prepared, out, h, identity, len(chunks), resume, overwrite)
-        except EmbedLensError as e:
-            if world.size > 1:
-                distributed.broadcast(distributed.pack({}, {"error": str(e)}), world)
-            raise
-        if state is None:  # resuming a finished run: nothing left to do
-            if world.size > 1:
-                distributed.broadcast(distributed.pack({}, {"done": True}), world)
-            return resumed_from
-        if world.size > 1:
-            distributed.broadcast(_state_payload(state, {"resumed_from": resumed_from}), world)
+    state, resumed_from = agree_start(prepared, out, h, identity, len(chunks), resume, overwrite, world)
+    if state is None:  # resuming a finished run: nothing left to do
+        return resumed_from
     parts = Parts(own, shards=[shard_dir(out, r) for r in range(1, world.size)] if world.main else None)
     parts.drop_from(state.next_batch)  # every rank its own parts
-    probes, partition, conditions = state.probes, state.partition, state.conditions
+    passes = Passes(prepared, chunks, world, progress)
 
     def checkpoint() -> None:
         ckpt.write(out, state)
 
-    def load_chunk(chunk: list[Record], record_problems: bool, positions: list[int] | None = None) -> list[Sample]:
-        """The chunk's samples that load (the others are skipped, and recorded where `record_problems`); their
-        places in the chunk are appended to `positions` when given."""
-        samples = []
-        for i, r in enumerate(chunk):
-            try:
-                s, notes = r.load(plan.data.max_pixels)
-            except InputError as e:
-                if record_problems:
-                    state.skipped.append({"sample_id": r.id, "where": r.where, "error": str(e)})
-                continue
-            if record_problems:
-                state.converted += [{"sample_id": r.id, "where": r.where, "note": n} for n in notes]
-            samples.append(s)
-            if positions is not None:
-                positions.append(i)
-        return samples
-
-    def batches(phase: str):
-        done = 0
-        for chunk in chunks:
-            samples = load_chunk(chunk, record_problems=False)
-            if samples:
-                yield adapter.encode(samples, padding_side=plan.data.padding_side)
-            done += len(chunk)
-            if progress is not None:
-                progress(phase, done, len(records))
-
-    def fit(phase: str, sites: list[Site], consume: Callable) -> None:
-        """One fit pass: ``consume((batch, acts) for every batch in order)`` on rank 0; the others read their batches."""
-        if world.size == 1:
-            consume((batch, collect(adapter, batch, sites) if sites else {}) for batch in batches(phase))
-            return
-        stream = _sharded_stream(adapter, plan, chunks, world, sites, load_chunk, phase, progress, len(records))
-        if world.main:
-            consume(stream)
-        else:
-            for _ in stream:
-                pass
-
     token = EXTRA_FORMATS.set(tuple(f for f in plan.output.figure_formats if f != "png"))
     try:
         if not state.fitted:
-            torch.manual_seed(plan.seed)
-            if partition is not None and partition.needs_fit:  # discovered anchors, before any batch is labelled
-                fit("fit: partition", partition.fit_sites(adapter), lambda stream: partition.fit_stream(adapter, stream))
-            for label, probe in probes:
-                if probe.needs_fit:
-                    if world.size > 1 and not world.main:
-                        continue  # a probe fitted with the partition (token_partition): rank 0's state comes below
-                    if world.size > 1:
-                        raise distributed.DistributedError(f"probe {label!r} needs a fit pass of its own, which is not sharded "
-                                                           "across processes; run this plan in one process")
-                    probe.fit(adapter, batches(f"fit: {label}"))
-            for cond in conditions:
-                if cond.needs_fit:  # data-set statistics (e.g. mean ablation) in an earlier pass
-                    fit(f"fit: {cond.name}", cond.fit_sites(adapter), lambda stream, c=cond: c.fit_stream(adapter, stream))
-            state.fitted = True
-            if world.main:
-                checkpoint()
-            if world.size > 1:  # the fitted anchors and means: rank 0's, on every rank
-                data = distributed.broadcast(_state_payload(state, {}) if world.main else None, world)
-                if not world.main:
-                    state = _state_from(bytes(distributed.unpack(data)[0]["state"].numpy().tobytes()), prepared, out)
-                    probes, partition, conditions = state.probes, state.partition, state.conditions
+            state = fit_all(passes, state, checkpoint, out)
+        probes, partition = state.probes, state.partition
         sites = {s for _, p in probes for s in p.sites(adapter)}
         if partition is not None and probes:
             sites |= set(partition.sites(adapter))
         sites = sorted(sites, key=lambda s: s.order_key())
-        engine = Engine(adapter) if conditions else None
+        engine = Engine(adapter) if state.conditions else None
         if progress is not None and world.main:
-            progress("run", min(len(records), state.next_batch * bs), len(records))
+            progress("run", min(len(prepared.records), state.next_batch * bs), len(prepared.records))
         try:
-            if world.size == 1:
-                _main_pass(prepared, state, chunks, parts, engine, sites, load_chunk, checkpoint, progress)
-            else:
-                _main_pass_sharded(prepared, state, chunks, parts, engine, sites, load_chunk, checkpoint, progress, world)
+            passes.main(state, parts, engine, sites, checkpoint)
         except EmbedLensError as e:
             if state.next_batch:
                 raise type(e)(f"{e}\n(the {state.next_batch} finished batch(es) of {len(chunks)} are kept in {out}: "
