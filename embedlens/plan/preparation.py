@@ -16,7 +16,7 @@ from embedlens.adapters import load_model
 from embedlens.adapters.base import Adapter
 from embedlens.adapters.placement import Placement
 from embedlens.data import Record, Sample, read_hf_dataset, read_records
-from embedlens.errors import EmbedLensError
+from embedlens.errors import EmbedLensError, ParameterError
 from embedlens.groups import Partition
 from embedlens.interventions.condition import Condition
 from embedlens.metrics import Metric
@@ -204,10 +204,10 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None, model: str | Non
         try:
             partition = Partition(**plan.partition.model_dump())
             partition.check(adapter)
+        except ParameterError as e:  # keyed where raised: partition.anchors.dead
+            raise loaded.error(("partition", *e.key.split(".")) if e.key else ("partition",), e.detail) from None
         except EmbedLensError as e:
-            head, _, msg = str(e).partition(": ")  # "partition.anchors.dead: ..." -> that key
-            key = tuple(head.split(".")) if head.startswith("partition.") else ("partition",)
-            raise loaded.error(key, msg if head.startswith("partition.") else str(e)) from None
+            raise loaded.error(("partition",), str(e)) from None
     for _, probe in built:  # one partition per plan (see loader._one_partition): token_partition labels with it
         if isinstance(probe, TokenPartition) and partition is not None:
             probe.use_partition(partition)
