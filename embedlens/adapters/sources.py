@@ -50,8 +50,11 @@ def resolve(source: str, remote: bool = False) -> tuple[type[Source], str]:
 
     Raises:
         AdapterError: `remote` with a prefixed source that NDIF cannot run.
+        PluginError: the prefix names a plugin's source that failed to load.
     """
     prefix, sep, name = source.partition(":")
+    if sep and prefix in sources.failed:
+        sources.get(prefix)  # a plugin's source that failed to load: PluginError with its error, not a hub look-up
     if sep and prefix in sources and sources.get(prefix).prefixed:
         cls = sources.get(prefix)
         if remote and not cls.remote_ok:
