@@ -130,7 +130,7 @@ class AnchorDiscovery(Probe):
             "n_visual_tokens": ev.n_tokens if ev else 0,
             "anchors": {g: [{"id": c["id"], "token": c["token"]} for c in self._table if c["verdict"] == g] for g in ("sink", "dead")},
             "candidates": self.candidates(),
-            "warnings": discovery_warnings(self._table, self._rule),
+            "warnings": discovery_warnings(self._table, self._rule, "anchor_discovery.max_dispersion"),
         }
 
     def final_tables(self) -> dict[str, Table]:
