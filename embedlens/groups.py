@@ -112,6 +112,7 @@ class Partition(Stateful):
     discovered: dict[str, list[int]] = field(default_factory=dict, init=False)
     evidence: list[dict] = field(default_factory=list, init=False, repr=False)
     discovery_notes: list[str] = field(default_factory=list, init=False, repr=False)
+    discovery_counts: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     tally: dict[str, dict[str, int]] = field(default_factory=dict, init=False, repr=False)
     decoded: dict[int, str] = field(default_factory=dict, init=False, repr=False)
 
@@ -239,6 +240,7 @@ class Partition(Stateful):
         self.discovered = {g: found.get(g, []) for g in DEFAULT_ORDER}
         self.evidence = disc.table(adapter)
         self.discovery_notes = discovery_warnings(self.evidence, disc.rule, "partition.discover_max_dispersion")
+        self.discovery_counts = {"images": disc.evidence.n_images, "tokens": disc.evidence.n_tokens}
         self._decode(adapter)
         return self.discovered
 
