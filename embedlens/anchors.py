@@ -338,8 +338,9 @@ def discovery_warnings(table: list[dict[str, Any]], rule: AnchorRule, key: str =
     seps = [r["separation"] for r in table if r["verdict"] == "dead" and not math.isnan(r["separation"])]
     if seps and min(seps) < MIN_SEPARATION:
         worst = max(dead, key=lambda r: r["relative_dispersion"])
-        closest = min((r for r in table if r["verdict"] == "content"), key=lambda r: r["relative_dispersion"])
-        out.append(f"anchor discovery: marginal decision: dead anchor {_fmt(worst)} and content word {_fmt(closest)} are only "
+        closest = min((r for r in table if r["verdict"] == "content"), key=lambda r: r["relative_dispersion"], default=None)
+        other = f"content word {_fmt(closest)}" if closest is not None else "the closest content word"
+        out.append(f"anchor discovery: marginal decision: dead anchor {_fmt(worst)} and {other} are only "
                    f"{min(seps):.2g}x apart in relative dispersion (a clear case is {MIN_SEPARATION:g}x or more): the "
                    "dead anchors may include content words; check the evidence table")
     return out

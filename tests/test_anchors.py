@@ -184,3 +184,32 @@ def test_identical_tokens_have_zero_dispersion_not_negative():
     ev.add(x, torch.tensor([4] * 8 + [1, 2] * 4), torch.arange(16) % 8, torch.zeros(16, dtype=torch.bool))
     row = next(r for r in ev.table(AnchorRule()) if r["id"] == 4)
     assert row["dispersion"] == 0.0 and row["relative_dispersion"] == 0.0 and row["verdict"] == "dead"
+
+
+def test_warnings_name_the_setting_and_give_the_evidence(anisotropic):
+    """A loosened threshold that lets content words pass is named as the cause; with no dead anchor, the warning gives
+    the closest candidate's relative dispersion against the threshold."""
+    adapter, truth = planted_model("clip", background="content", anisotropy=1.0)
+    try:
+        batch = adapter.encode(planted_samples(12, colours=C3), padding_side="left")
+        loose = Partition(discover=True, k=1, discover_max_dispersion=0.5)
+        loose.fit(adapter, [batch])
+        loose.label(adapter, batch)
+        warnings = loose.summary()["warnings"]
+        accepted = {r["token"]: r for r in loose.evidence if r["verdict"] == "dead"}
+        assert {"red", "yellow"} <= set(accepted)  # content words, 0.23-0.25, pass only because of the setting
+        named = [w for w in warnings if "only because partition.discover_max_dispersion=0.5 (default 0.2)" in w]
+        assert named and all(f"{accepted[t]['relative_dispersion']:.3g}" in named[0] for t in ("red", "yellow")), warnings
+        assert not any("broken projector" in w for w in warnings)
+    finally:
+        for h in truth.handles:
+            h.remove()
+    adapter, truth = _planted("no_dead_tokens", background="content")
+    part = Partition(discover=True, k=1)
+    batch = adapter.encode(planted_samples(10), padding_side="left")
+    part.fit(adapter, [batch])
+    part.label(adapter, batch)
+    empty = next(r for r in part.evidence if r["token"] == "empty")
+    note = [w for w in part.summary()["warnings"] if "no dead anchor was found" in w]
+    assert note and f"'empty'" in note[0] and f"{empty['relative_dispersion']:.3g}" in note[0], note
+    assert "partition.discover_max_dispersion=0.2" in note[0]
