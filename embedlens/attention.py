@@ -132,7 +132,7 @@ def layer_windows(cfg, attention: Sequence[torch.nn.Module], name: str) -> tuple
     windows = [attention_window(attn, cfg) for attn in attention]
     types = [getattr(attn, "layer_type", None) or ("sliding_attention" if w is not None else "full_attention")
              for attn, w in zip(attention, windows)]
-    bad = sorted(set(types) - set(LAYER_TYPES))
+    bad = sorted((set(types) | set(getattr(cfg, "layer_types", None) or ())) - set(LAYER_TYPES))
     if bad:
         raise AdapterError(
             f"{name}: config.layer_types has {', '.join(map(repr, bad))}; the intervention engine masks "

@@ -211,5 +211,5 @@ def test_warnings_name_the_setting_and_give_the_evidence(anisotropic):
     part.label(adapter, batch)
     empty = next(r for r in part.evidence if r["token"] == "empty")
     note = [w for w in part.summary()["warnings"] if "no dead anchor was found" in w]
-    assert note and f"'empty'" in note[0] and f"{empty['relative_dispersion']:.3g}" in note[0], note
+    assert note and "'empty'" in note[0] and f"{empty['relative_dispersion']:.3g}" in note[0], note
     assert "partition.discover_max_dispersion=0.2" in note[0]

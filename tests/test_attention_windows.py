@@ -87,3 +87,15 @@ def test_layer_windows_read_each_attention_module():
     assert "sliding_attention" in types and "full_attention" in types
     off = Qwen2Config(sliding_window=7, use_sliding_window=False, **small)  # the released Qwen2 configs: a window, unused
     assert layer_windows(off, [Qwen2Attention(off, i) for i in range(3)], "t")[1] == [None] * 3
+
+
+def test_a_layer_type_the_engine_cannot_mask_is_refused_by_name():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from embedlens.errors import AdapterError
+
+    cfg = LlamaConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2)
+    cfg.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(AdapterError, match="'chunked_attention'.*masks full_attention and sliding_attention layers only"):
+        layer_windows(cfg, [LlamaAttention(cfg, i) for i in range(2)], "t")
