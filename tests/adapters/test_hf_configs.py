@@ -1,6 +1,6 @@
 """Every supported family on the configurations Hugging Face's own test suite uses.
 
-Table-driven: one entry of `embedlens.testing.hf_testers.TESTER_CONFIGS` per
+Table-driven: one entry of `tests.support.hf_testers.TESTER_CONFIGS` per
 tester configuration variant; every test runs on every entry. A new family
 is covered by adding its tester's values there. References are computed
 without embedlens: the model's own forward (``output_hidden_states``, torch
