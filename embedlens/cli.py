@@ -264,7 +264,7 @@ def eval_benchmarks(
         from embedlens.lmms.evaluate import parse_list, run_eval
         n = None
         if limit is not None:
-            n = int(limit) if limit >= 1 and float(limit).is_integer() else limit
+            n = int(limit) if 1 <= limit <= 2**53 and float(limit).is_integer() else limit  # NaN, inf, 1e30 reach the check as given
         result = run_eval(plan, parse_list(tasks, "--tasks"), parse_list(conditions, "--conditions") if conditions is not None else None,
                           limit=n, out_dir=output, batch_size=batch_size, source=source, device=device,
                           progress=lambda line: typer.echo(f"evaluating {line} ..."))
