@@ -175,9 +175,14 @@ def validate(plan: Path = typer.Argument(..., help="YAML plan file.")) -> None:
 
     try:
         loaded = load_plan(plan)
+        import tempfile
+
         from embedlens.plan import prepare  # torch and the models: after the plan's own errors
         for name in loaded.plan.model_specs():
-            prepared = prepare(loaded, model=name)
+            # a device map's disk modules need a folder to offload to, as run gives them its run folder; a
+            # temporary one here, so validate accepts (and refuses) the same maps as run
+            with tempfile.TemporaryDirectory(prefix="embedlens-validate-") as tmp:
+                prepared = prepare(loaded, model=name, run_dir=Path(tmp))
             typer.echo(
                 f"{plan}: ok ({name}: {prepared.adapter.name} model, {len(prepared.records)} samples, "
                 f"probes: {', '.join(n for n, _ in prepared.probes) or 'none'}, "
