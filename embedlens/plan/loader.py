@@ -161,6 +161,10 @@ def load_plan(path: str | Path | None = None, text: str | None = None, base_dir:
         PlanError: naming file, line and key path.
     """
     p = Path(path) if path is not None else None
+    if p is not None:
+        from embedlens.files import utf8_path
+
+        utf8_path(p, "plan file", PlanError)  # relative paths in the plan, output.dir among them, start from its folder
     if text is None:
         if p is None or not p.is_file():
             raise PlanError(f"plan file not found: {p}")
