@@ -28,6 +28,7 @@ from embedlens.adapters import wrap_model
 from embedlens.adapters.base import resolve_path
 from embedlens.data import Sample
 from embedlens.interventions import Engine
+from embedlens.interventions.engine import DONE_EVERY
 from embedlens.interventions.prune import FastV, Prune
 from embedlens.testing import tiny_model
 from embedlens.testing.images import noise, shapes
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.xdist_group("test_engine_sync")
 SYNC_EVENTS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero")
 HOST_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero", "equal", "tensor"}
 DEPTHS = (2, 4)
+GENERATED = (8, 16)
 #: the engine's operators per decoder layer may exceed Hugging Face's by this factor (issue 31)
 OPS_RATIO = 1.2
 
@@ -122,6 +124,9 @@ def counts(request):
             outcome.rollback(point)
 
         row["step"] = measure(step)
+        eos = adapter.tokenizer.eos_token_id
+        for n in GENERATED if depth == DEPTHS[1] else ():
+            row[f"generate{n}"] = measure(lambda n=n: outcome.generate(n, eos_token_id=eos))
         out[depth] = row
     return request.param, out
 
@@ -152,6 +157,15 @@ def test_a_decoding_step_never_waits(counts):
     for depth in DEPTHS:
         step = by_depth[depth]["step"]
         assert step["syncs"] == 0 and step["read_calls"] == {}, f"{name}, {depth} layers: {step}"
+
+
+def test_greedy_decoding_reads_the_host_once_per_few_tokens(counts):
+    """`Outcome.generate` asks whether every sample has ended once per `DONE_EVERY` tokens, not per token."""
+    name, by_depth = counts
+    short, long = (by_depth[DEPTHS[1]][f"generate{n}"] for n in GENERATED)
+    allowed = (GENERATED[1] - GENERATED[0]) // DONE_EVERY
+    assert long["reads"] - short["reads"] <= allowed, f"{name}: {short['read_calls']} -> {long['read_calls']}"
+    assert long["syncs"] - short["syncs"] <= 2 * allowed  # bool(t): aten::item and its _local_scalar_dense
 
 
 def test_schedule_matches_packing_every_layer():
