@@ -400,13 +400,12 @@ class Engine:
         inputs = batch.inputs
         roles = batch.roles.to(self.device)
         positions = None
-        shape = (3, *roles.kind.shape) if self.adapter.mrope else tuple(roles.kind.shape)
         if embeds is None:
             captured = self._lm_inputs(batch)
             embeds, deep = captured["x"], _scatter_deepstack(captured)
             given = captured.get("position_ids")
-            if isinstance(given, torch.Tensor) and tuple(given.shape) == shape:
-                # the ids the model itself computed for its language model (Qwen-VL's M-RoPE): asking the adapter
+            if self.adapter.mrope and isinstance(given, torch.Tensor) and tuple(given.shape) == (3, *roles.kind.shape):
+                # the M-RoPE ids the model itself computed for its language model (Qwen-VL): asking the adapter
                 # would run the same per-image host loop (get_rope_index) a second time
                 positions = given
         else:  # precomputed embeddings; DeepStack features still need the tower

@@ -203,3 +203,18 @@ def test_rows_scatter_writes_the_valid_rows_only():
     b, r = rows.valid.nonzero(as_tuple=True)
     expected[b, rows.index[b, r]] = values[b, r]
     assert torch.equal(rows.scatter(target, values), expected)
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl", "qwen3-vl"])
+def test_mrope_ids_taken_from_the_models_own_call_equal_the_adapters(name):
+    """The engine reuses the M-RoPE ids the model computed for its language model instead of asking the adapter
+    (a second get_rope_index, a host loop per image); they are the adapter's ids, padding on either side."""
+    from conftest import get_adapter
+
+    adapter = get_adapter(name)
+    samples = [Sample([shapes(48, seed=1)], question="what is it?", id="a"),
+               Sample([noise(40, 56, seed=2)], question="what colour is the big square on the left?", id="b")]
+    for side in ("left", "right"):
+        batch = adapter.encode(samples, padding_side=side)
+        ids = Engine(adapter).context(batch).positions
+        assert torch.equal(ids, adapter.position_ids(batch.inputs).to(ids.device))
