@@ -602,12 +602,10 @@ def _scatter_deepstack(captured: dict) -> list[torch.Tensor] | None:
     if feats is None:
         return None
     x, where = captured["x"], captured["visual_pos_masks"].to(captured["x"].device)
-    out = []
-    for f in feats:
-        full = torch.zeros_like(x)
-        full[where] = f.to(x)
-        out.append(full)
-    return out
+    where = where[..., None].expand_as(x)
+    # masked_scatter fills the visual positions in sequence order, as boolean indexing would, without the
+    # host learning how many there are (which boolean indexing waits for)
+    return [torch.zeros_like(x).masked_scatter(where, f.to(x)) for f in feats]
 
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
