@@ -76,6 +76,13 @@ def visual_index(roles: "TokenRoles") -> torch.Tensor:
     return torch.where(vis, vis.long().cumsum(dim=1) - 1, -1)
 
 
+def _on_device(values, device: torch.device) -> torch.Tensor:
+    """A list of ints as a long tensor on `device`, copied asynchronously: ``torch.tensor(values, device=cuda)``
+    makes the host wait for the copy and everything queued before it (a selection's list is small, which the
+    driver copies from pageable memory without that wait)."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
 #: Selections are short expressions; longer or deeper ones are refused before they are evaluated.
 MAX_SOURCE = 2000
 MAX_DEPTH = 32
@@ -211,7 +218,7 @@ class Selection:
         """
         if self.tree is None:
             idx = visual_index(roles)
-            return torch.isin(idx, torch.tensor(self.indices, dtype=torch.long, device=idx.device)) & roles.visual
+            return torch.isin(idx, _on_device(self.indices, idx.device)) & roles.visual
         out = self._eval(self.tree, roles, groups)
         if not (isinstance(out, torch.Tensor) and out.dtype == torch.bool):
             raise InterventionError(f"selection {self.source!r} does not give a token mask (is it a comparison?)")
@@ -268,7 +275,7 @@ class Selection:
                 if isinstance(op, (ast.In, ast.NotIn)):
                     if not isinstance(right, list):
                         raise InterventionError(f"selection {self.source!r}: `in` needs a list, e.g. index in [0, 1]")
-                    r = torch.isin(left, torch.tensor(right, dtype=torch.long, device=roles.kind.device))
+                    r = torch.isin(left, _on_device(right, roles.kind.device))
                     r = ~r if isinstance(op, ast.NotIn) else r
                 else:
                     r = _CMP[type(op)](torch.as_tensor(left), torch.as_tensor(right))
