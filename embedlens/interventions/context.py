@@ -7,6 +7,7 @@ neither imports the other's module to name them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -28,11 +29,19 @@ class Rows:
     valid: torch.Tensor
 
     @classmethod
-    def pack(cls, present: torch.Tensor) -> "Rows":
+    def pack(cls, present: torch.Tensor, n: int | None = None) -> "Rows":
+        """Pack each sample's `present` tokens (`[batch, seq]` bool) to the left, in sequence order.
+
+        Args:
+            present: the tokens the rows hold.
+            n: the most tokens a sample holds (the packing's width), when the caller knows it (`schedule`);
+                without it, it is read from the device (a host synchronisation).
+        """
         seq = present.shape[1]
         pos = torch.arange(seq, device=present.device).expand_as(present)
         order = torch.where(present, pos, pos + seq).argsort(dim=1)
-        n = int(present.sum(dim=1).max().item()) if present.numel() else 0
+        if n is None:
+            n = int(present.sum(dim=1).max().item()) if present.numel() else 0
         index = order[:, : max(n, 1)]
         return cls(index=index, valid=present.gather(1, index))
 
@@ -40,17 +49,24 @@ class Rows:
         """`[batch, seq, ...]` -> `[batch, rows, ...]`."""
         if values.dim() == 2:
             return values.gather(1, self.index)
-        idx = self.index.reshape(*self.index.shape, *([1] * (values.dim() - 2)))
-        return values.gather(1, idx.expand(*self.index.shape, *values.shape[2:]))
+        return values.gather(1, self._expand(values))
 
     def scatter(self, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Write `rows` (`[batch, rows, d]`) back into `target` (`[batch, seq, d]`) at the valid rows."""
-        out = target.clone()
-        b, r = self.valid.nonzero(as_tuple=True)
-        out[b, self.index[b, r]] = rows[b, r]
-        return out
+        """Write `rows` (`[batch, rows, d]`) back into `target` (`[batch, seq, d]`) at the valid rows.
+
+        The padding rows write back what `target` holds at their positions (each position is in at most one row
+        of its sample), so no mask of the valid rows is ever read on the host.
+        """
+        idx = self._expand(target)
+        kept = torch.where(self.valid[..., None], rows.to(target.dtype), target.gather(1, idx))
+        return target.scatter(1, idx, kept)
+
+    def _expand(self, values: torch.Tensor) -> torch.Tensor:
+        idx = self.index.reshape(*self.index.shape, *([1] * (values.dim() - 2)))
+        return idx.expand(*self.index.shape, *values.shape[2:])
 
     def same(self, other: "Rows | None") -> bool:
+        """Whether `other` packs the same tokens (reads both from the device: not for per-layer use)."""
         return other is not None and torch.equal(self.index, other.index) and torch.equal(self.valid, other.valid)
 
 
@@ -83,8 +99,9 @@ class Context:
     #: `[batch, seq]` bool, set by the run: tokens whose LLM input an intervention edited (`edit_embeds`).
     edited: torch.Tensor | None = None
 
-    @property
+    @functools.cached_property
     def valid(self) -> torch.Tensor:
+        """`[batch, seq]` bool: not padding (computed once: the engine and interventions read it every layer)."""
         return ~self.roles.padding
 
     def select(self, spec: "SelectionSpec | Selection", *, within: torch.Tensor | None = None) -> torch.Tensor:

@@ -108,7 +108,9 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, starte
                 rows["mean"].append(st["mean"])
                 rows["sem"].append(st["sem"])
                 rows["n"].append(st["n"])
-                rows["control"].append(controls.get(cond))
+                # "" where a condition has no matched control, never a missing cell: a missing cell compares
+                # unequal to itself (pandas), so two runs' tables would differ there whatever they computed
+                rows["control"].append(controls.get(cond, ""))
         parts.table("effects_summary", rows, 0)
     if partition is not None and partition.evidence:  # why each id is (not) an anchor
         parts.table("partition_discovery", {k: [r[k] for r in partition.evidence] for k in EVIDENCE_COLUMNS}, 0)
