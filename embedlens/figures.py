@@ -351,7 +351,7 @@ def accuracy_chart(c, metric: str, path: str | Path) -> Path:
     ax.set_xticks(range(len(order)), order, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(-0.02, 1.03)  # the fixed 0-1 axis, with room for lines at 0 and 1
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax.set_ylabel(f"{metric} (mean, {int(c.spec.get('confidence', 0.95) * 100)}% bootstrap interval)")
+    ax.set_ylabel(f"{metric}: share of samples right\n(mean, {int(c.spec.get('confidence', 0.95) * 100)}% Wilson interval)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(_wrap(f"{metric} by condition (hatched: the matched random control beside its condition); "
                        f"n = {rows[0]['n'] if rows else 0} samples", width), fontsize=9)
@@ -377,8 +377,12 @@ def paired_differences(c, metric: str, path: str | Path) -> Path:
         ax.plot([r["diff"]], [y], "o", color=colour, ms=5)
         test = "McNemar" if r["test"].startswith("mcnemar") else "sign-flip"
         extra = f", {r['x_only']} vs {r['reference_only']} discordant" if r["x_only"] >= 0 else ""
-        tx.text(0.0, y, f"{r['diff']:+.3f} [{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]  p={r['p_value']:.3g} ({test}{extra})",
-                va="center", fontsize=8)
+        if r["test"] == "deterministic":
+            tx.text(0.0, y, f"{r['diff']:+.3f} on every sample (deterministic: no test)", va="center", fontsize=8)
+            continue
+        holm = f", Holm {r['p_holm']:.2g}" if r.get("p_holm") == r.get("p_holm") and r.get("p_holm") is not None else ""
+        tx.text(0.0, y, f"{r['diff']:+.3f} [{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]  p={r['p_value']:.2g}{holm} "
+                f"({test}{extra}); mde {r['mde']:.2f}", va="center", fontsize=8)
     tx.set_xlim(0, 1)
     tx.axis("off")
     ax.axvline(0, color="black", lw=0.8)
@@ -389,7 +393,8 @@ def paired_differences(c, metric: str, path: str | Path) -> Path:
     ax.set_xlabel(f"paired difference in {metric}\n(blue: minus the baseline; red: minus the matched control)", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.suptitle(_wrap(f"{metric}: condition minus reference on the same samples, {int(c.spec.get('confidence', 0.95) * 100)}% "
-                       f"percentile bootstrap interval ({c.spec.get('resamples')} resamples); p-values unadjusted", 11), fontsize=9)
+                       f"BCa bootstrap interval ({c.spec.get('resamples')} resamples); p raw and Holm-adjusted; "
+                       "mde: smallest difference detectable with power 0.8", 11), fontsize=9)
     return _save(fig, path)
 
 

@@ -307,19 +307,41 @@ def _p(p: Any) -> str:
     return "" if not isinstance(p, (int, float)) or p != p else (f"{p:.3g}" if p >= 0.001 else "<0.001")
 
 
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
 def _diff_cell(r: dict | None) -> str:
+    """Four cells of a paired comparison: the difference, its interval, raw and Holm p (discordant pairs), and the MDE."""
     if r is None:
-        return "<td></td><td></td><td></td>"
-    sig = isinstance(r["p_value"], (int, float)) and r["p_value"] < 0.05
+        return "<td></td>" * 4
+    if r.get("test") == "deterministic":
+        return f'<td class="num">{r["diff"]:+.3f}</td><td colspan=3 class="note">deterministic: the same on every sample, no test</td>'
+    ph = r.get("p_holm")
+    sig = _num(ph) and ph < 0.05
     cls = ' class="num sig"' if sig else ' class="num"'
     disc = f" ({r['x_only']} vs {r['reference_only']})" if isinstance(r.get("x_only"), int) and r["x_only"] >= 0 else ""
+    holm = f" / {_p(ph)}" if _num(ph) else ""
+    mde = f"{r['mde']:.3f}" if _num(r.get("mde")) else ""
     return (f"<td{cls}>{r['diff']:+.3f}</td><td class=\"num\">{esc(_ci(r['diff_ci_low'], r['diff_ci_high'], True))}</td>"
-            f"<td class=\"num\">{esc(_p(r['p_value']))}{esc(disc)}</td>")
+            f"<td class=\"num\">{esc(_p(r['p_value']))}{esc(holm)}{esc(disc)}</td><td class=\"num\">{esc(mde)}</td>")
+
+
+def _overlap_cell(r: dict | None) -> str:
+    v = r.get("overlap") if r else None
+    return f'<td class="num">{v:.0%}</td>' if _num(v) else "<td></td>"
+
+
+def _sentences(items: list[tuple[str, dict | None]]) -> str:
+    """What each comparison supports, one sentence each (the ``verdict`` column of ``effect_tests``)."""
+    lis = [f"<li><b>{esc(label)}</b>: {esc(r['verdict'])}</li>" for label, r in items if r is not None and r.get("verdict")]
+    return f'<ul class="verdicts">{"".join(lis)}</ul>' if lis else ""
 
 
 def statistics_html(run: Path, manifest: dict, stats: dict, figures: list[Path]) -> tuple[str, list[Path]]:
-    """The paired comparisons of a run (`embedlens.plan.conclusions`): method, accuracy tables with intervals and
-    tests, per-group accuracies, the other metrics, and their figures. Returns the HTML and the figures it shows."""
+    """The paired comparisons of a run (`embedlens.plan.conclusions`): method, warnings, accuracy tables with intervals,
+    tests and minimum detectable effects, one sentence per comparison, per-group accuracies, the other metrics, and
+    their figures. Returns the HTML and the figures it shows."""
     rel = manifest.get("tables", {}).get("effect_tests")
     path = contained(run, rel) if rel else None
     if path is None:
@@ -329,13 +351,15 @@ def statistics_html(run: Path, manifest: dict, stats: dict, figures: list[Path])
     m = stats.get("method", {})
     conf = int(round(100 * m.get("confidence", 0.95)))
     out = [f'<p class="note">Every comparison is paired: a condition and its reference ran on the same samples. '
-           f"Intervals: {conf}% {esc(m.get('interval', ''))}, {esc(m.get('resamples'))} resamples, seeded from the run seed "
-           f"{esc(m.get('seed'))}. Accuracies (0/1 per sample): {esc(m.get('accuracy_test', ''))}; the counts in brackets are "
-           f"the discordant pairs (condition right only vs reference right only). Other metrics: {esc(m.get('continuous_test', ''))}. "
-           f"p-values are {esc(m.get('p_values', 'unadjusted'))}. <b>Bold</b>: p &lt; 0.05. With few samples a percentile "
-           "bootstrap interval is narrower than it should be (it can exclude 0 where the exact test does not): "
-           "decide with the test. "
+           f"Intervals of a difference: {conf}% {esc(m.get('interval', ''))}, {esc(m.get('resamples'))} resamples, seeded from "
+           f"the run seed {esc(m.get('seed'))}; of a mean: {esc(m.get('mean_interval', ''))}. Accuracies (0/1 per sample): "
+           f"{esc(m.get('accuracy_test', ''))}; the counts in brackets are the discordant pairs (condition right only vs "
+           f"reference right only). Other metrics: {esc(m.get('continuous_test', ''))}; {esc(m.get('deterministic', ''))}. "
+           f"p: raw / Holm-adjusted ({esc(m.get('p_values', ''))}); <b>bold</b>: Holm p &lt; 0.05. mde: "
+           f"{esc(m.get('mde', ''))}. {esc(m.get('min_n', ''))}. Overlap: {esc(m.get('overlap', ''))}. "
            f"All rows: <code>effect_tests</code> ({esc(rel)}).</p>"]
+    if stats.get("warnings"):
+        out.append('<div class="warn"><ul>' + "".join(f"<li>{esc(w)}</li>" for w in stats["warnings"]) + "</ul></div>")
     controls = {r["condition"]: r["reference"] for r in rows if r["reference"] not in ("", "baseline")}
     conds = list(stats.get("conditions", {}))
     blind = stats.get("blind")
@@ -347,16 +371,18 @@ def statistics_html(run: Path, manifest: dict, stats: dict, figures: list[Path])
         return '<div class="figs">' + "".join(figure_html(contained(run, f), f.name, wide=True) for f in got) + "</div>"
 
     head = ("<tr><th rowspan=2>condition</th><th rowspan=2>tokens acted on (mean)</th><th rowspan=2>n</th><th rowspan=2>mean</th>"
-            f"<th rowspan=2>{conf}% interval</th><th colspan=3>minus the baseline</th><th colspan=4>minus the matched control</th></tr>"
-            "<tr><th>diff</th><th>interval</th><th>p</th><th>control</th><th>diff</th><th>interval</th><th>p</th></tr>")
+            f"<th rowspan=2>{conf}% interval</th><th colspan=4>minus the baseline</th><th colspan=6>minus the matched control</th></tr>"
+            "<tr><th>diff</th><th>interval</th><th>p / Holm</th><th>mde</th><th>control</th><th>overlap with target</th>"
+            "<th>diff</th><th>interval</th><th>p / Holm</th><th>mde</th></tr>")
     for metric in stats.get("accuracy_metrics", []):
         from embedlens.figures import safe_name
 
         body = []
+        said: list[tuple[str, dict | None]] = []
         b = index.get(("baseline", "", metric, "all", "all"))
         if b is not None:
             body.append(f"<tr><td><b>baseline</b></td><td class=\"num\">0</td><td class=\"num\">{b['n']}</td><td class=\"num\">{b['mean']:.3f}</td>"
-                        f"<td class=\"num\">{esc(_ci(b['mean_ci_low'], b['mean_ci_high']))}</td>" + "<td></td>" * 7 + "</tr>")
+                        f"<td class=\"num\">{esc(_ci(b['mean_ci_low'], b['mean_ci_high']))}</td>" + "<td></td>" * 10 + "</tr>")
         for c in conds:
             vb = index.get((c, "baseline", metric, "all", "all"))
             ctrl = controls.get(c)
@@ -367,8 +393,12 @@ def statistics_html(run: Path, manifest: dict, stats: dict, figures: list[Path])
             name = f"<b>{esc(c)}</b> (blind: every visual token removed)" if c == blind else esc(c)
             body.append(f"<tr><td>{name}</td><td class=\"num\">{r['tokens_touched']:.1f}</td><td class=\"num\">{r['n']}</td>"
                         f"<td class=\"num\">{r['mean']:.3f}</td><td class=\"num\">{esc(_ci(r['mean_ci_low'], r['mean_ci_high']))}</td>"
-                        + _diff_cell(vb) + f"<td>{esc(ctrl or '')}</td>" + (_diff_cell(vc) if ctrl else "<td></td><td></td><td></td>") + "</tr>")
+                        + _diff_cell(vb) + f"<td>{esc(ctrl or '')}</td>" + _overlap_cell(vc) + _diff_cell(vc if ctrl else None) + "</tr>")
+            said.append((f"{c} vs the baseline", vb))
+            if ctrl:
+                said.append((f"{c} vs {ctrl}", vc))
         out.append(f"<h3>{esc(metric)}</h3><table>{head}{''.join(body)}</table>")
+        out.append(f"<h4>What the {esc(metric)} comparisons support</h4>" + _sentences(said))
         sm = safe_name(metric)
         out.append(figs(f"effects_{sm}.png", f"effects_paired_{sm}.png"))
         for by in stats.get("breakdown", []):
@@ -397,7 +427,8 @@ def statistics_html(run: Path, manifest: dict, stats: dict, figures: list[Path])
             ref = r["reference"] or "(none)"
             trs.append(f"<tr><td>{esc(r['condition'])}</td><td>{esc(r['metric'])}</td><td>{esc(ref)}</td><td class=\"num\">{r['n']}</td>"
                        f"<td class=\"num\">{r['mean']:.4g}</td><td class=\"num\">{esc(_ci(r['mean_ci_low'], r['mean_ci_high']))}</td>"
-                       + (_diff_cell(r) if r["reference"] else "<td></td><td></td><td></td>") + "</tr>")
+                       + (_diff_cell(r) if r["reference"] else "<td></td>" * 4) + f"<td>{esc(r.get('verdict') or '')}</td></tr>")
         out.append("<h3>Other metrics (paired sign-flip permutation tests)</h3><table><tr><th>condition</th><th>metric</th><th>reference</th>"
-                   f"<th>n</th><th>mean</th><th>{conf}% interval</th><th>diff</th><th>interval</th><th>p</th></tr>" + "".join(trs) + "</table>")
+                   f"<th>n</th><th>mean</th><th>{conf}% interval</th><th>diff</th><th>interval</th><th>p / Holm</th><th>mde</th>"
+                   "<th>what it supports</th></tr>" + "".join(trs) + "</table>")
     return "".join(out), shown
