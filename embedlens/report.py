@@ -1,7 +1,9 @@
 """One self-contained HTML page per run (figures inlined), and helpers shared with `compare`.
 
 The page needs no server and no network: images are embedded as data URIs,
-styles are inline, there is no script.
+styles are inline, there is no script. Every figure is shown at the page's
+full width and opens at full resolution on click (a CSS-only overlay; click
+again to close), so a 2500-pixel token map stays readable.
 """
 
 from __future__ import annotations
@@ -24,17 +26,22 @@ main{padding:8px 24px 40px;max-width:1400px}
 h2{font-size:17px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
 h3{font-size:15px;margin:18px 0 6px}
 table{border-collapse:collapse;margin:6px 0 12px;font-size:12.5px;background:#fff}
-th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top;max-width:520px}
+th,td{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top;max-width:520px}
 th{background:#f0f0f0}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.diff td{background:#fff4d6}
-.figs{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0;background:#fff;border:1px solid #ddd;padding:6px;max-width:460px}
-figure.wide{max-width:min(100%,980px)}
+.figs{display:flex;flex-direction:column;gap:14px}
+figure{margin:0;background:#fff;border:1px solid #ddd;padding:6px;max-width:100%}
+figure.wide{max-width:100%}
+label.zoom{cursor:zoom-in;display:block}
+label.zoom input{display:none}
+label.zoom input:checked+span{position:fixed;inset:0;z-index:10;overflow:auto;background:rgba(255,255,255,.98);cursor:zoom-out;padding:8px}
+label.zoom input:checked+span img{max-width:none;width:auto}
+.sidebyside{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:12px}
 td.num{white-space:nowrap}
 pre.plan{background:#fff;border:1px solid #ddd;padding:8px 12px;font-size:12px;overflow-x:auto;white-space:pre-wrap}
 td.sig{font-weight:600}
-figure img{max-width:100%;height:auto;display:block}
+figure img{max-width:100%;height:auto;display:block;margin:0 auto}
 figcaption{font-size:12px;color:#555;margin-top:4px;word-break:break-all}
 .note{color:#666;font-size:12.5px}
 .probe{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
@@ -88,7 +95,9 @@ def figure_html(path: Path | None, caption: str, wide: bool = False) -> str:
     cls = ' class="wide"' if wide else ""
     if path is None or not path.is_file():
         return f'<figure{cls}><p class="note">missing: {esc(caption)}</p></figure>'
-    return f'<figure{cls}><img alt="{esc(caption)}" src="{image_uri(path)}"><figcaption>{esc(caption)}</figcaption></figure>'
+    return (f'<figure{cls}><label class="zoom" title="click: full resolution; click again: back"><input type="checkbox">'
+            f'<span><img alt="{esc(caption)}" src="{image_uri(path)}"></span></label><figcaption>{esc(caption)} '
+            '<span class="note">(click the figure for full resolution)</span></figcaption></figure>')
 
 
 def table_html(header: list[str], rows: Iterable[list[Any]], highlight: Iterable[bool] | None = None) -> str:
@@ -304,7 +313,7 @@ def _ci(lo: Any, hi: Any, signed: bool = False) -> str:
 
 
 def _p(p: Any) -> str:
-    return "" if not isinstance(p, (int, float)) or p != p else (f"{p:.3g}" if p >= 0.001 else "<0.001")
+    return "" if not isinstance(p, (int, float)) or p != p else (f"{p:.2g}" if p >= 0.001 else "<0.001")
 
 
 def _num(v: Any) -> bool:
@@ -419,7 +428,11 @@ def statistics_html(run: Path, manifest: dict, stats: dict, figures: list[Path])
             out.append(f"<h3>{esc(base)}: {esc(metric)} against tokens removed</h3>" + figs(f"effects_sweep_{safe_name(base)}_{sm}.png"))
     maps = [f for f in figures if f.name.startswith("removed_")]
     if maps:
-        out.append("<h3>Which tokens each condition and its control acted on</h3>" + figs(*[f.name for f in maps]))
+        drawn = stats.get("token_map_samples")
+        which = (f"The first {len(drawn)} samples that have an image are drawn ({esc(', '.join(map(str, drawn)))}); "
+                 "every sample's tokens are in <code>touched_tokens</code>." if drawn else "")
+        out.append("<h3>Which tokens each condition and its control acted on</h3>"
+                   f'<p class="note">{which}</p>' + figs(*[f.name for f in maps]))
     others = [r for r in rows if r["by"] == "all" and r["metric"] not in stats.get("accuracy_metrics", []) and r["condition"] != "baseline"]
     if others:
         trs = []

@@ -97,6 +97,7 @@ class Conclusions:
     touched: dict[str, float] = field(default_factory=dict)  # condition -> mean visual tokens acted on per sample
     overlap: dict[str, float] = field(default_factory=dict)  # control -> share of its tokens its condition also acted on
     warnings: list[str] = field(default_factory=list)
+    map_samples: list[str] = field(default_factory=list)  # the samples the token maps draw
     spec: dict[str, Any] = field(default_factory=dict)
 
     def find(self, condition: str, reference: str, metric: str, by: str = "all", group: str = "all") -> dict | None:
@@ -112,7 +113,8 @@ class Conclusions:
         """The overall numbers of every accuracy metric (for summary.json and the console)."""
         out: dict[str, Any] = {"method": {**METHOD, **self.spec}, "accuracy_metrics": self.accuracy, "blind": self.blind,
                                "breakdown": self.breakdown, "sweeps": self.sweeps, "warnings": self.warnings,
-                               "control_overlap": self.overlap, "baseline": {}, "conditions": {}}
+                               "control_overlap": self.overlap, "token_map_samples": self.map_samples, "baseline": {},
+                               "conditions": {}}
         for m in self.accuracy:
             b = self.find("baseline", "", m)
             if b is not None:
@@ -391,6 +393,7 @@ def token_map_panels(c: Conclusions, touched: dict[str, list] | None, adapter, r
         images.append({"sample_id": s.id, "pixels": display_pixels(adapter, batch.inputs, int(vt["feature_row"][sel[0]]), image=int(vt["image"][sel[0]])),
                        "row": [int(vt["row"][i]) for i in sel], "col": [int(vt["col"][i]) for i in sel]})
     ids = {im["sample_id"] for im in images}
+    c.map_samples = [im["sample_id"] for im in images]
     acted: dict[str, dict[str, dict[tuple[int, int], str]]] = {}
     for cond, s, a, img, tile, row, col in zip(touched["condition"], touched["sample_id"], touched["action"], touched["image"],
                                                touched["tile"], touched["row"], touched["col"]):
