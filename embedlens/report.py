@@ -161,6 +161,25 @@ def partition_html(part: dict) -> str:
     return out
 
 
+def layer_summary_html(lens: dict) -> str:
+    """The embedding lens layer by layer: per token group and layer, the most frequent nearest words, the share
+    that name something in the image (ground truth), and the share that agree with the last layer read."""
+    final = lens.get("final_layer")
+    rows = []
+    for g, layers in lens["groups"].items():
+        for layer, e in sorted(layers.items(), key=lambda kv: int(kv[0])):
+            words = ", ".join(f"{t['token']} ({t['count']})" for t in e.get("top1", []))
+            cs, ag = e.get("content_word_share"), e.get("agrees_with_final_layer")
+            rows.append([g, int(layer), e.get("n_tokens"), words, "" if cs is None else f"{cs:.0%}", "" if ag is None else f"{ag:.0%}"])
+    return ("<h3>Layer by layer: the visual tokens' nearest words</h3>"
+            '<p class="note">Per token group and LLM layer (0: the LLM input): the most frequent nearest (top-1) vocabulary '
+            "words with their token counts; the share of tokens whose top-1 names a content of their image (a colour, shape "
+            f"or written word of the data's ground truth; empty without ground truth); the share whose top-1 is the same as "
+            f"at layer {esc(final)}, the last layer read.</p>"
+            + table_html(["group", "layer", "tokens", "most frequent top-1 words (tokens)", "content word of the image",
+                          f"same top-1 as layer {final}"], rows))
+
+
 def _preview(path: Path, n: int = 8) -> tuple[list[str], list[list[Any]], int]:
     import pyarrow.parquet as pq
 
@@ -249,8 +268,11 @@ def write_report(run_dir: str | Path, manifest: dict | None = None, extra_sectio
     probe_labels = [k for k in summary if k not in ("data", "effects", "effects_sem", "controls", "partition", "statistics", *(e[0] for e in extra))]
     for label in probe_labels:
         sections.append(f"probe-{label}")
-        flat = flatten(summary[label])
-        html_ = table_html(["key", "value"], [[k, val] for k, val in flat[:60]])
+        res = summary[label]
+        lens = res.get("layer_summary") if isinstance(res, dict) else None
+        flat = flatten({k: v for k, v in res.items() if k != "layer_summary"} if isinstance(res, dict) else res)
+        html_ = layer_summary_html(lens) if isinstance(lens, dict) and lens.get("groups") else ""
+        html_ += table_html(["key", "value"], [[k, val] for k, val in flat[:60]])
         if len(flat) > 60:
             html_ += f'<p class="note">{len(flat) - 60} more values in summary.json</p>'
         base = label.split("[")[0]
