@@ -481,6 +481,11 @@ def _run_locked(prepared: Prepared, out: Path, own: Path, world: "distributed.Wo
             for cond in conditions:
                 if cond.needs_fit:  # data-set statistics (e.g. mean ablation) in an earlier pass
                     fit(f"fit: {cond.name}", cond.fit_sites(adapter), lambda stream, c=cond: c.fit_stream(adapter, stream))
+            from embedlens.plan.pools import check_pools, outside_target_draws
+
+            if outside_target_draws(conditions):  # a matched control its pool cannot serve: refused before the main pass
+                fit("check: control pools", partition.sites(adapter) if partition is not None else [],
+                    lambda stream: check_pools(prepared.loaded, adapter, partition, conditions, stream))
             state.fitted = True
             if world.main:
                 checkpoint()
