@@ -98,6 +98,7 @@ class Conclusions:
     overlap: dict[str, float] = field(default_factory=dict)  # control -> share of its tokens its condition also acted on
     warnings: list[str] = field(default_factory=list)
     map_samples: list[str] = field(default_factory=list)  # the samples the token maps draw
+    descriptive: list[str] = field(default_factory=list)  # metrics described, not tested (Metric.descriptive)
     spec: dict[str, Any] = field(default_factory=dict)
 
     def find(self, condition: str, reference: str, metric: str, by: str = "all", group: str = "all") -> dict | None:
@@ -159,6 +160,7 @@ def analyse(
     seed: int,
     groups: dict[str, dict[str, Any]] | None = None,
     sweeps: dict[str, list[str]] | None = None,
+    descriptive: set[str] | None = None,
 ) -> Conclusions:
     """Paired comparisons of every condition with the baseline and with its matched control.
 
@@ -171,12 +173,15 @@ def analyse(
         seed: the run's seed; each comparison draws from `seed_for(seed, its names)`.
         groups: ``{field: {sample id: value}}`` to break accuracies down by.
         sweeps: ``{condition as written: [its sweep copies]}``.
+        descriptive: metric columns that record what a condition did (`Metric.descriptive`): means, no test.
     """
     groups = groups or {}
+    descriptive = set(descriptive or ())
     out = Conclusions(controls=dict(controls), breakdown=list(groups),
                       spec={"resamples": spec.resamples, "confidence": spec.confidence, "seed": seed})
     conds = list(dict.fromkeys(effects.get("condition", [])))
     out.conditions = conds
+    out.descriptive = sorted(descriptive)
     index: dict[str, dict[str, int]] = {c: {} for c in conds}
     for i, (s, c) in enumerate(zip(effects.get("sample", []), effects.get("condition", []))):
         index[c].setdefault(str(s), i)
@@ -256,6 +261,9 @@ def analyse(
                 if not samples:
                     continue
                 x = column(c, m, samples)
+                if m in descriptive:
+                    add(c, "", m, by, group, x, None, binary)
+                    continue
                 if f"{m}_base" in cols:
                     add(c, "baseline", m, by, group, x, column(c, f"{m}_base", samples), binary)
                 ctrl = controls.get(c)
@@ -295,6 +303,8 @@ def _adjust_and_say(out: Conclusions, spec: "ReportSpec") -> None:
     for i in range(n_rows):
         row = {c: rows[c][i] for c in COLUMNS}
         rows["verdict"][i] = verdict(row, row["metric"] in out.accuracy, spec.confidence, family.get(row["by"], 0))
+        if not row["reference"] and row["condition"] != "baseline" and row["metric"] in out.descriptive:
+            rows["verdict"][i] = "what the condition did, not an outcome: described by its mean, not tested"
     small = sorted({rows["n"][i] for i in range(n_rows) if rows["by"][i] == "all" and rows["reference"][i] and rows["n"][i] < MIN_N})
     if small:
         out.warnings.append(f"n = {small[0]} samples: below {MIN_N}, bootstrap intervals are approximate (decide with the exact "

@@ -212,6 +212,11 @@ def test_overlap_holm_verdicts_and_no_duplicate_or_constant_tests():
     # a plain sentence per comparison; n = 10 is small: a warning, and the MDE of McNemar at n = 10
     base = c.find("drop", "baseline", "correct")
     assert base["verdict"].startswith("no evidence of an effect") and "drop of up to" in base["verdict"]
+    # declared descriptive (Metric.descriptive: a count the condition sets), the same column gets a mean and no test
+    d = analyse(eff, t, {"drop": "drop_random"}, ReportSpec(resamples=200), seed=0, descriptive={"visual_tokens"})
+    vt_rows = [i for i in range(len(d.rows["metric"])) if d.rows["metric"][i] == "visual_tokens" and d.rows["condition"][i] == "drop"]
+    assert [(d.rows["reference"][i], d.rows["test"][i], d.rows["mean"][i]) for i in vt_rows] == [("", "", 6.0)]
+    assert d.rows["verdict"][vt_rows[0]].startswith("what the condition did")
     assert base["mde"] == pytest.approx(min(1.0, (sps.norm.ppf(0.975) + sps.norm.ppf(0.8)) ** 2 / 10))
     assert any("below 20" in w for w in c.warnings) and any("report.min_effect" in w for w in c.warnings)
     # accuracy means: Wilson intervals (0.9 of 10 is not capped at 1 by a bootstrap)
