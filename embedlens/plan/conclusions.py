@@ -339,9 +339,11 @@ def verdict(row: dict, accuracy: bool, confidence: float = 0.95, family: int = 1
     if math.isfinite(ph) and ph < ALPHA:
         holm_note = f", Holm-adjusted {ph:.2g} over {family} comparisons" if family > 1 else ""
         return f"evidence of a {way} of {abs(d):.3g} ({int(confidence * 100)}% interval {lo:+.3g} to {hi:+.3g}; p = {p:.2g}{holm_note})"
+    m = row.get("mde", math.nan)
+    power = f"; at n = {n} only a change of {m:.3g} or more is likely to be detected" if isinstance(m, float) and math.isfinite(m) else ""
     if math.isfinite(p) and p < ALPHA:
         return (f"a {way} of {abs(d):.3g} (p = {p:.2g}) that does not survive the Holm adjustment over {family} comparisons "
-                f"(adjusted p = {ph:.2g}): not evidence on its own")
+                f"(adjusted p = {ph:.2g}): not evidence on its own{power}")
     allows = []
     if math.isfinite(lo) and lo < 0:
         allows.append(f"a drop of up to {-lo:.3g}")
@@ -350,10 +352,7 @@ def verdict(row: dict, accuracy: bool, confidence: float = 0.95, family: int = 1
     s = f"no evidence of an effect (p = {p:.2g})"
     if allows:
         s += "; the interval allows " + " and ".join(allows)
-    m = row.get("mde", math.nan)
-    if isinstance(m, float) and math.isfinite(m):
-        s += f"; at n = {n} only a change of {m:.3g} or more is likely to be detected"
-    return s
+    return s + power
 
 
 def figures(c: Conclusions, fig_dir: Path, token_maps: list[dict] | None = None) -> list[Path]:

@@ -172,16 +172,23 @@ class EmbeddingLens(Probe):
         names = [_plain(t) for t in adapter.tokenizer.convert_ids_to_tokens(ids.tolist())]
         is_content = torch.tensor([[w in ws for w in names] for ws in words], dtype=torch.bool, device=dev)  # [batch, unique ids]
         last = top1[max(top1)]
-        for layer, t in top1.items():
-            col = torch.searchsorted(ids, t.contiguous())
-            content = is_content[s_idx, col] & truth
-            agree = t == last
-            for g, m in groups.items():
+        member = torch.stack(list(groups.values())).float()  # [groups, tokens]
+        g_off = torch.arange(len(groups), device=dev)[:, None] * n_vocab  # [groups, 1]
+        counts, tallies = [], []
+        for t in top1.values():  # on the device; one transfer for the whole batch below
+            content = (is_content[s_idx, torch.searchsorted(ids, t.contiguous())] & truth).float()
+            per = torch.stack([torch.ones_like(content), truth.float(), content, (t == last).float()], dim=1)  # [tokens, 4]
+            tallies.append(member @ per)  # [groups, 4]
+            counts.append(torch.bincount((g_off + t[None, :]).flatten(), weights=member.flatten(),
+                                         minlength=len(groups) * n_vocab).view(len(groups), n_vocab))
+        counts_h = torch.stack(counts).round().long().cpu()  # [layers, groups, vocab]
+        tallies_h = torch.stack(tallies).round().long().cpu()  # [layers, groups, 4]
+        for li, layer in enumerate(top1):
+            for gi, g in enumerate(groups):
                 key = (g, layer)
-                counts = torch.bincount(t[m].cpu(), minlength=n_vocab)
-                tally = torch.stack([m.sum(), (m & truth).sum(), (m & content).sum(), (m & agree).sum()]).cpu()
-                self._by_group[key] = self._by_group[key] + counts if key in self._by_group else counts
-                self._tally[key] = self._tally[key] + tally if key in self._tally else tally
+                c, tl = counts_h[li, gi], tallies_h[li, gi]  # views: copied when first kept (a checkpoint saves each alone)
+                self._by_group[key] = self._by_group[key] + c if key in self._by_group else c.clone()
+                self._tally[key] = self._tally[key] + tl if key in self._tally else tl.clone()
 
     def _figure_layer(self, adapter: "Adapter") -> int:
         layers = self._resolved_layers(adapter)

@@ -105,12 +105,13 @@ def test_pruning_report_shows_paired_statistics(example_runs):
         assert s["control_overlap"][ctrl] == pytest.approx(row["overlap"])
     assert by[("prune_dead", "prune_dead_random", "correct", "all", "all")]["overlap"] == 0
     assert by[("prune_alive", "prune_alive_random", "correct", "all", "all")]["overlap"] > 0.5
-    # at the shipped n = 12 no verdict is stronger than the data support: nothing survives Holm, every paired row
-    # says what it could have detected, and the report warns that n is small
+    # at the shipped n = 12 no verdict is stronger than the data support: a row claims evidence only where its
+    # Holm-adjusted p is below 0.05 (a log-prob that fell on all 12 samples); no accuracy comparison does, and each
+    # says what it could have detected; the report warns that n is small
     overall = [r for r in tests if r["by"] == "all" and r["reference"]]
-    assert all(not r["verdict"].startswith("evidence of") for r in overall)
-    assert all(r["p_holm"] >= 0.05 for r in overall if r["p_holm"] == r["p_holm"])
-    assert all(r["mde"] > 0.5 for r in overall if r["metric"] == "correct")
+    assert all(r["verdict"].startswith("evidence of") == (r["p_holm"] < 0.05) for r in overall)
+    acc = [r for r in overall if r["metric"] == "correct"]
+    assert acc and all(r["p_holm"] >= 0.05 and r["mde"] > 0.5 and "only a change of" in r["verdict"] for r in acc)
     assert any("below 20" in w for w in s["warnings"])
     # no duplicate rows (logprob_delta is logprob minus the baseline), no test where nothing varies
     assert "logprob_delta" not in {r["metric"] for r in tests}
