@@ -543,8 +543,8 @@ def word_map(panels: Sequence[dict], path: str | Path, title: str = "", top: int
             ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, facecolor=colour.get(lab, OTHER_COLOUR), alpha=0.55,
                                    edgecolor="white", lw=0.3))
             shown = lab.replace("\n", "\\n")
-            size = min(fs, 0.92 * patch_pts / (0.6 * max(1, len(shown))))  # a long word in a smaller type, down to 4.5 pt
-            if size >= 4.5 and label_fits(shown, patch_pts, size):
+            size = min(fs, 0.92 * patch_pts / (0.6 * max(1, len(shown))))  # long words smaller, to 4.5 pt
+            if size >= min(fs, 4.5) and label_fits(shown, patch_pts, size):
                 ax.text((c + 0.5) * pw, (r + 0.5) * ph, shown, ha="center", va="center", fontsize=size, color="black",
                         bbox=LABEL_BACKING)
         ax.set_xticks([])
