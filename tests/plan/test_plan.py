@@ -168,6 +168,6 @@ def test_quickstart_runs_from_the_console_script(tmp_path):
     html = (out / "report.html").read_text()
     for layer in (0, 2, 4):
         assert (out / "figures" / f"embedding_lens_layer{layer}.png").is_file()
-        assert f"embedding_lens_layer{layer}.png (click the figure for full resolution)" in html
+        assert f'alt="embedding_lens_layer{layer}.png"' in html
     assert html.count('<label class="zoom"') == html.count("<img ") and "<script" not in html
     assert "Layer by layer: the visual tokens' nearest words" in html and "content word of the image" in html
