@@ -272,3 +272,82 @@ def visual_nearest(
     scores, ids = nearest_vocab(x, vocab, k, chunk_size, search=search, n_probe=n_probe)
     batch.memo[key] = (weakref.ref(h), scores, ids)  # weak: the memo never keeps a pass's activations alive
     return scores, ids
+
+
+#: Elements of the ``[queries, chunk]`` similarity block one search of several layers may hold at once (1 GiB of
+#: float32): layers are searched together up to this, so a deep model's all-layer lens stays within it.
+LAYERS_BLOCK = 1 << 28
+
+
+def visual_nearest_layers(
+    batch: "Batch",
+    sites: "list[Site]",
+    acts: "dict[Site, torch.Tensor]",
+    vocab: torch.Tensor,
+    k: int,
+    chunk_size: int = 4096,
+    search: Literal["exact", "approximate"] = "exact",
+    n_probe: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`visual_nearest` of the batch's visual tokens at several sites, searched together.
+
+    The visual tokens are gathered at every site not already searched in this
+    pass (the memo of `visual_nearest`, which this fills too) with index tensors
+    moved to the device once, and searched as one query matrix (in groups of
+    sites whose ``[queries, chunk_size]`` block stays under `LAYERS_BLOCK`
+    elements): no host synchronisation per layer.
+
+    Returns:
+        (scores `[sites, tokens, k]`, ids `[sites, tokens, k]`) on `vocab`'s device, best first.
+    """
+    keys = [(site, vocab.data_ptr(), tuple(vocab.shape), vocab._version, k, search, n_probe) for site in sites]
+    found: dict = {}
+    for site, key in zip(sites, keys):
+        hit = batch.memo.get(key)
+        if hit is not None and hit[0]() is acts[site]:
+            found[site] = (hit[1], hit[2])
+    missing = [s for s in sites if s not in found]
+    if missing:
+        vt = batch.roles.visual_tokens()
+        index: dict = {}  # device -> (sample, position) index tensors, moved once
+
+        def rows(site):
+            h = acts[site]
+            if h.device not in index:
+                index[h.device] = (vt["sample"].to(h.device), vt["position"].to(h.device))
+            s, p = index[h.device]
+            return h[s, p].to(vocab.device)  # [tokens, d]
+
+        n_tok = len(vt["sample"])
+        per = max(1, LAYERS_BLOCK // max(1, n_tok * min(chunk_size, vocab.shape[0])))
+        for g in range(0, len(missing), per):
+            group = missing[g : g + per]
+            x = torch.cat([rows(site) for site in group])  # [sites * tokens, d]
+            sc, ids = nearest_vocab(x, vocab, k, chunk_size, search=search, n_probe=n_probe)
+            for j, site in enumerate(group):
+                found[site] = (sc[j * n_tok : (j + 1) * n_tok], ids[j * n_tok : (j + 1) * n_tok])
+                batch.memo[keys[sites.index(site)]] = (weakref.ref(acts[site]), *found[site])
+    return torch.stack([found[s][0] for s in sites]), torch.stack([found[s][1] for s in sites])
+
+
+_STRINGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def vocab_strings(tokenizer, n: int):
+    """``[n]`` numpy array of the token string of every id 0..n-1 (`convert_ids_to_tokens`; None where the
+    tokenizer has no token for an id), built once per tokenizer and size: tables index it with whole id arrays."""
+    import numpy as np
+
+    try:
+        cached = _STRINGS.get(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: built every time
+        cached = {}
+    if n not in cached:
+        out = np.empty(n, dtype=object)
+        out[:] = tokenizer.convert_ids_to_tokens(list(range(n)))
+        cached[n] = out
+        try:
+            _STRINGS[tokenizer] = cached
+        except TypeError:
+            pass
+    return cached[n]
