@@ -295,7 +295,7 @@ def visual_nearest_layers(
     pass (the memo of `visual_nearest`, which this fills too) with index tensors
     moved to the device once, and searched as one query matrix (in groups of
     sites whose ``[queries, chunk_size]`` block stays under `LAYERS_BLOCK`
-    elements): no host synchronisation per layer.
+    elements; one site at a time on the CPU): no host synchronisation per layer.
 
     Returns:
         (scores `[sites, tokens, k]`, ids `[sites, tokens, k]`) on `vocab`'s device, best first.
@@ -319,7 +319,8 @@ def visual_nearest_layers(
             return h[s, p].to(vocab.device)  # [tokens, d]
 
         n_tok = len(vt["sample"])
-        per = max(1, LAYERS_BLOCK // max(1, n_tok * min(chunk_size, vocab.shape[0])))
+        # on the CPU a search per site costs nothing more and keeps `nearest_vocab`'s memory bound of one site
+        per = 1 if vocab.device.type == "cpu" else max(1, LAYERS_BLOCK // max(1, n_tok * min(chunk_size, vocab.shape[0])))
         for g in range(0, len(missing), per):
             group = missing[g : g + per]
             x = torch.cat([rows(site) for site in group])  # [sites * tokens, d]
