@@ -314,7 +314,6 @@ def probe(
     from embedlens.plan.schema import PartitionSpec
     from embedlens.plan.store import arrow_table, is_empty
     from embedlens.probes.base import Tensors
-    from embedlens.probes.partition import TokenPartition
     from embedlens.registry import probes as probe_registry
     from embedlens.tracing import collect
 
@@ -347,8 +346,8 @@ def probe(
         part.check(adapter)
     the_probe = cls(**params)
     the_probe.check(adapter)
-    if part is not None and isinstance(the_probe, TokenPartition):
-        the_probe.use_partition(part)  # one partition, as in a plan
+    if part is not None and hasattr(the_probe, "use_partition"):
+        the_probe.use_partition(part)  # one partition and one discovery, as in a plan
     items = _as_samples(samples, adapter)
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
