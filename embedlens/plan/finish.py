@@ -222,7 +222,8 @@ def _conclusions(prepared: Prepared, parts: Parts, controls: dict[str, str]):
     touched = touched.to_pydict() if touched is not None else None
     fields = breakdown_fields(loaded, prepared.records)
     groups = {f: {r.id: r.meta.get(f) for r in prepared.records} for f in fields}
+    descriptive = {c for m in prepared.metrics for c in getattr(m, "descriptive", ())}
     concl = conclusions.analyse(effects.to_pydict(), touched, controls, loaded.plan.report, loaded.plan.seed, groups,
-                                conclusions.sweep_groups(loaded))
+                                conclusions.sweep_groups(loaded), descriptive=descriptive)
     parts.table("effect_tests", concl.rows, 0)
     return concl, touched

@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from embedlens.data import Record, Sample
@@ -258,7 +259,7 @@ def _emit(parts: Parts, label: str, name: str, rows: Any, index: int, n_probes: 
         parts.tensors(full, rows, index)
         return
     if data_index is not None and "sample" in rows:
-        rows = {**rows, "sample": [data_index[int(s)] for s in rows["sample"]]}
+        rows = {**rows, "sample": np.asarray(data_index, dtype=np.int64)[np.asarray(rows["sample"], dtype=np.int64)]}
     parts.table(full, rows, index)
 
 
@@ -281,6 +282,11 @@ def fit_all(passes: Passes, state: "RunState", checkpoint: Callable[[], None], o
     for cond in state.conditions:
         if cond.needs_fit:  # data-set statistics (e.g. mean ablation) in an earlier pass
             passes.fit(f"fit: {cond.name}", cond.fit_sites(adapter), lambda stream, c=cond: c.fit_stream(adapter, stream))
+    from embedlens.plan.pools import check_pools, outside_target_draws
+
+    if outside_target_draws(state.conditions):  # a matched control its pool cannot serve: refused before the main pass
+        passes.fit("check: control pools", partition.sites(adapter) if partition is not None else [],
+                   lambda stream: check_pools(passes.prepared.loaded, adapter, partition, state.conditions, stream))
     state.fitted = True
     if world.main:
         checkpoint()
