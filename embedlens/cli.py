@@ -318,16 +318,15 @@ app.add_typer(new_app, name="new")
 
 
 def _new(kind: str, name: str, directory: Path) -> None:
-    from embedlens.scaffold import new_plugin
+    from embedlens.scaffold import new_plugin, next_steps
 
     try:
         root = new_plugin(kind, name, directory)
     except EmbedLensError as e:
         _fail(e)
-    typer.echo(f"wrote {root}")
-    typer.echo(f"  pip install -e {root}     # embedlens finds it through its entry point")
-    typer.echo("  embedlens list             # shows it with its parameters")
-    typer.echo(f"  python -m pytest -q {root / 'tests'}")
+    typer.echo(f"wrote {root}; next, from this folder:")
+    for line in next_steps(root):
+        typer.echo(f"  {line}")
 
 
 @new_app.command("probe")
@@ -339,9 +338,23 @@ def new_probe(
 
     Example:
 
-        embedlens new probe token_norm && pip install -e token_norm && embedlens list
+        embedlens new probe token_norm && pip install -e './token_norm[test]' && embedlens list
     """
     _new("probe", name, directory)
+
+
+@new_app.command("metric")
+def new_metric(
+    name: str = typer.Argument(..., help="The metric's name in plans (a lower-case identifier)."),
+    directory: Path = typer.Option(Path("."), "--dir", "-d", help="Folder to create the package NAME in."),
+) -> None:
+    """Write a metric plugin package NAME/: pyproject (entry point), module, README, tests.
+
+    Example:
+
+        embedlens new metric top_kept && pip install -e './top_kept[test]'
+    """
+    _new("metric", name, directory)
 
 
 @new_app.command("intervention")
@@ -353,7 +366,7 @@ def new_intervention(
 
     Example:
 
-        embedlens new intervention scale_visual && pip install -e scale_visual
+        embedlens new intervention scale_visual && pip install -e './scale_visual[test]'
     """
     _new("intervention", name, directory)
 
