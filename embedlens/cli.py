@@ -23,6 +23,19 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _threads(n: Optional[int]) -> None:
+    """``--threads N``: the BLAS libraries read their variables when torch loads them, torch its own setting after."""
+    if n is None:
+        return
+    if n < 1:
+        _fail(EmbedLensError(f"--threads: expected an integer >= 1; got {n}"))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
+        os.environ[var] = str(n)
+    import torch  # after the variables: the BLAS libraries read them as torch loads them
+
+    torch.set_num_threads(n)
+
+
 def _progress_bar(quiet: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -45,6 +58,8 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run in the output folder from its last finished batch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an unfinished run in the output folder and start again."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or model messages."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE: set a plan key for this run (dotted: model.source, batch_size, data.synthetic.n, probes.0.params.layer), checked as the plan; repeatable."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and the BLAS libraries (default: theirs)."),
 ) -> None:
     """Run an analysis plan: tables (Parquet/CSV), figures, report.html and a manifest.
 
@@ -58,11 +73,14 @@ def run(
         embedlens run examples/quickstart.yaml --output runs/quickstart
 
         embedlens run examples/partition_study.yaml --resume
+
+        embedlens run examples/quickstart.yaml --set model.source=tiny:paligemma --set batch_size=2 --threads 1
     """
     from embedlens.plan import load_plan
 
+    _threads(threads)
     try:
-        loaded = load_plan(plan)
+        loaded = load_plan(plan, overrides=overrides or ())
         from embedlens.plan import run_all  # torch and the models: after the plan's own errors
         from embedlens.plan import distributed
 
@@ -162,7 +180,11 @@ def _print_headline(stats: dict, model: str = "") -> None:
 
 
 @app.command()
-def validate(plan: Path = typer.Argument(..., help="YAML plan file.")) -> None:
+def validate(
+    plan: Path = typer.Argument(..., help="YAML plan file."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE: set a plan key (as run --set does); repeatable."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and the BLAS libraries (default: theirs)."),
+) -> None:
     """Check a plan completely without running it: schema, plugin names and
     parameter types, files and data records, and (after loading each model)
     layer ranges and model-dependent options.
@@ -173,8 +195,9 @@ def validate(plan: Path = typer.Argument(..., help="YAML plan file.")) -> None:
     """
     from embedlens.plan import load_plan
 
+    _threads(threads)
     try:
-        loaded = load_plan(plan)
+        loaded = load_plan(plan, overrides=overrides or ())
         from embedlens.plan import prepare  # torch and the models: after the plan's own errors
         for name in loaded.plan.model_specs():
             prepared = prepare(loaded, model=name)
@@ -247,6 +270,8 @@ def eval_benchmarks(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per engine run (default: the plan's batch_size)."),
     source: Optional[str] = typer.Option(None, "--source", help="Replace the plan model's source (e.g. a real checkpoint)."),
     device: Optional[str] = typer.Option(None, "--device", help="Replace the plan model's device (e.g. cuda)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE: set a plan key for this run (dotted: model.source, batch_size, data.synthetic.n, probes.0.params.layer), checked as the plan; repeatable."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and the BLAS libraries (default: theirs)."),
 ) -> None:
     """Score the plan's conditions on lmms-eval benchmarks with each benchmark's own metrics (in-process):
     one task x condition x metric table with the paired difference to the baseline, a chart and report.html.
@@ -255,6 +280,7 @@ def eval_benchmarks(
 
         embedlens eval study.yaml --tasks pope,textvqa_val --conditions baseline,prune_dead,prune_random
     """
+    _threads(threads)
     try:
         import importlib.util
 
@@ -267,7 +293,7 @@ def eval_benchmarks(
             n = int(limit) if limit >= 1 and float(limit).is_integer() else limit
         result = run_eval(plan, parse_list(tasks, "--tasks"), parse_list(conditions, "--conditions") if conditions is not None else None,
                           limit=n, out_dir=output, batch_size=batch_size, source=source, device=device,
-                          progress=lambda line: typer.echo(f"evaluating {line} ..."))
+                          progress=lambda line: typer.echo(f"evaluating {line} ..."), overrides=overrides or ())
     except EmbedLensError as e:
         _fail(e)
     except OSError as e:

@@ -90,6 +90,7 @@ def run_eval(
     source: str | None = None,
     device: str | None = None,
     progress: Callable[[str], None] | None = None,
+    overrides: Sequence[str] = (),
 ) -> EvalResult:
     """Evaluate the plan's conditions on lmms-eval tasks and write the table, chart and report.
 
@@ -104,6 +105,7 @@ def run_eval(
         source: replaces the plan model's source.
         device: replaces the plan model's device (e.g. ``cuda``).
         progress: called with a line of text as each condition starts.
+        overrides: ``KEY=VALUE`` plan keys set before validation (``--set``), recorded in the manifest.
 
     Raises:
         BenchmarkError: bad tasks, conditions or limit; PlanError: the plan; RunFolderError: the folder.
@@ -115,7 +117,7 @@ def run_eval(
         raise BenchmarkError(f"--limit: expected a number of documents >= 1 or a fraction in (0, 1); got {limit!r}")
     from embedlens.plan import load_plan
 
-    loaded = load_plan(plan)  # the plan's own errors before anything heavy
+    loaded = load_plan(plan, overrides=tuple(overrides))  # the plan's own errors before anything heavy
     out = Path(out_dir) if out_dir is not None else default_output(str(loaded.output_dir))
     check_output(out)
     wanted = parse_list(list(conditions), "--conditions") if conditions is not None else None
@@ -131,7 +133,8 @@ def run_eval(
     claim(out, kind="eval")
     try:
         with RunLock(out):
-            return _run_locked(str(plan), tasks, wanted, limit, out, batch_size, source, device, task_manager, progress)
+            return _run_locked(str(plan), tasks, wanted, limit, out, batch_size, source, device, task_manager, progress,
+                               tuple(overrides))
     except OSError as e:
         raise os_error(e, "write") from None
 
@@ -158,7 +161,7 @@ def _task_manager(tasks: Sequence[str]):
     return tm
 
 
-def _run_locked(plan, tasks, conditions, limit, out, batch_size, source, device, task_manager, progress) -> EvalResult:
+def _run_locked(plan, tasks, conditions, limit, out, batch_size, source, device, task_manager, progress, overrides=()) -> EvalResult:
     from lmms_eval.evaluator import simple_evaluate
 
     from embedlens.lmms.bridge import Bridge
@@ -169,7 +172,7 @@ def _run_locked(plan, tasks, conditions, limit, out, batch_size, source, device,
     started = time.time()
     clear_run(out)
     register()
-    bridge = Bridge.load(plan, source=source, device=device, batch_size=batch_size)
+    bridge = Bridge.load(plan, source=source, device=device, batch_size=batch_size, overrides=overrides)
     for c in conditions:
         bridge.check_condition(c)
     seed = bridge.prepared.loaded.plan.seed
@@ -340,6 +343,7 @@ def _write(result: EvalResult, bridge, plan: str, tasks, conditions, limit, star
         "kind": "eval",
         "plan": str(plan),
         "plan_hash": plan_hash(bridge.prepared.loaded),
+        "overrides": bridge.prepared.loaded.overrides,  # --set KEY=VALUE applied to the plan
         "seed": bridge.prepared.loaded.plan.seed,
         "model": {"name": bridge.prepared.model_name, "source": adapter.source, "adapter": adapter.name,
                   "class": type(adapter.model).__name__},
