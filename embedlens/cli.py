@@ -198,9 +198,14 @@ def validate(
     _threads(threads)
     try:
         loaded = load_plan(plan, overrides=overrides or ())
+        import tempfile
+
         from embedlens.plan import prepare  # torch and the models: after the plan's own errors
         for name in loaded.plan.model_specs():
-            prepared = prepare(loaded, model=name)
+            # a device map's disk modules need a folder to offload to, as run gives them its run folder; a
+            # temporary one here, so validate accepts (and refuses) the same maps as run
+            with tempfile.TemporaryDirectory(prefix="embedlens-validate-") as tmp:
+                prepared = prepare(loaded, model=name, run_dir=Path(tmp))
             typer.echo(
                 f"{plan}: ok ({name}: {prepared.adapter.name} model, {len(prepared.records)} samples, "
                 f"probes: {', '.join(n for n, _ in prepared.probes) or 'none'}, "
@@ -290,7 +295,7 @@ def eval_benchmarks(
         from embedlens.lmms.evaluate import parse_list, run_eval
         n = None
         if limit is not None:
-            n = int(limit) if limit >= 1 and float(limit).is_integer() else limit
+            n = int(limit) if 1 <= limit <= 2**53 and float(limit).is_integer() else limit  # NaN, inf, 1e30 reach the check as given
         result = run_eval(plan, parse_list(tasks, "--tasks"), parse_list(conditions, "--conditions") if conditions is not None else None,
                           limit=n, out_dir=output, batch_size=batch_size, source=source, device=device,
                           progress=lambda line: typer.echo(f"evaluating {line} ..."), overrides=overrides or ())

@@ -48,13 +48,18 @@ def _load(run: Path) -> tuple[dict, dict]:
     if m is None or s is None:
         hint = " (it holds an unfinished run: finish it with embedlens run --resume)" if (run / "checkpoint.safetensors").is_file() else ""
         raise InputError(f"{run} is not a finished embedlens run: manifest.json and summary.json (files, not links) are needed{hint}")
-    try:
-        manifest, summary = json.loads(m.read_text(encoding="utf-8")), json.loads(s.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{run}: cannot read its manifest or summary ({e})") from None
-    if not isinstance(manifest, dict) or not isinstance(summary, dict):
-        raise InputError(f"{run}: manifest.json and summary.json must each hold a JSON object")
-    return manifest, summary
+    return _checked(run, m, s)
+
+
+def _checked(run: Path, m: Path, s: Path) -> tuple[dict, dict]:
+    """Input validation at load time (`embedlens.run_record`): a run folder may come from anyone."""
+    from embedlens.files import utf8_path
+    from embedlens.run_record import check_manifest, check_summary, read_record
+
+    utf8_path(run, "run folder", InputError)  # its name is written into compare.csv and compare.html
+    manifest, summary = read_record(m, "manifest"), read_record(s, "summary")
+    check_summary(s, summary)
+    return check_manifest(m, manifest), summary
 
 
 def readable(v: Any) -> Any:

@@ -28,7 +28,7 @@ import torch
 
 from embedlens.adapters import load_model
 from embedlens.adapters.base import Adapter
-from embedlens.adapters.placement import Placement
+from embedlens.adapters.placement import DeviceMapError, Placement, check_device_map
 from embedlens.anchors import EVIDENCE_COLUMNS
 from embedlens.data import Record, Sample, read_hf_dataset, read_records
 from embedlens.errors import EmbedLensError, InputError
@@ -110,6 +110,10 @@ def load_plan_model(loaded: LoadedPlan, name: str | None = None, run_dir: Path |
     if world.size > 1 and device.startswith("cuda") and m.device_map is None:
         device = f"cuda:{world.local_rank}"  # one model per process, each on its own GPU
     _check_device(loaded, loc, device)
+    try:
+        check_device_map(m.device_map)
+    except DeviceMapError as e:  # before loading: named by the map's own key
+        raise _device_map_error(loaded, loc, e) from None
     if m.remote:
         _check_remote(loaded, loc, m)
     placement = None
@@ -118,6 +122,8 @@ def load_plan_model(loaded: LoadedPlan, name: str | None = None, run_dir: Path |
     try:
         return name, load_model(loaded.model_source(m.source), adapter=m.adapter, dtype=m.dtype, device=device, attn_implementation=m.attn_implementation,
                                 placement=placement, remote=m.remote)
+    except DeviceMapError as e:
+        raise _device_map_error(loaded, loc, e) from None
     except EmbedLensError as e:
         msg = str(e)
         for key in ("quantization", "device_map", "max_memory", "remote"):
@@ -132,6 +138,8 @@ def load_plan_model(loaded: LoadedPlan, name: str | None = None, run_dir: Path |
         msg = f"{type(e).__name__}: {e}".strip()
         if m.attn_implementation and "attn" in msg.lower():
             raise loaded.error((*loc, "attn_implementation"), f"{m.attn_implementation!r} cannot be used with this model ({msg[:400]})") from None
+        if m.device_map is not None and any(w in msg.lower() for w in ("device_map", "device map", "offload", "meta tensor")):
+            raise loaded.error((*loc, "device_map"), f"{m.source!r} cannot be placed by this device map: {msg[:600]}") from None
         raise loaded.error((*loc, "source"), f"cannot load the model from {m.source!r}: {msg[:600]}") from None
 
 
@@ -148,6 +156,13 @@ def _check_remote(loaded: LoadedPlan, loc: tuple, m: ModelSpec) -> None:
         raise loaded.error((*loc, "remote"), f"NDIF runs hub checkpoints; {m.source!r} is not a hub id (e.g. llava-hf/llava-1.5-7b-hf)")
 
 
+def _device_map_error(loaded: LoadedPlan, loc: tuple, e: DeviceMapError):
+    """A `DeviceMapError` at its key in the plan (``model.device_map.<module path>``, with the path quoted as written)."""
+    if not e.key:  # the map as a whole, or '' (the whole model): the device_map key itself
+        return loaded.error((*loc, "device_map"), e.reason if e.key is None else f"module '' (the whole model): {e.reason}")
+    return loaded.error((*loc, "device_map", e.key), f"module {e.key!r}: {e.reason}")
+
+
 def _check_device(loaded: LoadedPlan, loc: tuple, device: str) -> None:
     """An unknown or unavailable device is a plan error, not a traceback from the first tensor moved there."""
     try:
@@ -160,7 +175,9 @@ def _check_device(loaded: LoadedPlan, loc: tuple, device: str) -> None:
             raise loaded.error((*loc, "device"), f"{device!r} is not available here ({n} CUDA device(s)); use cpu or an available device")
     elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise loaded.error((*loc, "device"), "'mps' is not available here; use cpu")
-    elif dev.type not in ("cpu", "cuda", "mps", "meta") and not hasattr(torch, dev.type):
+    elif dev.type == "meta":
+        raise loaded.error((*loc, "device"), "'meta' holds no weights (shapes only), so nothing can run on it; expected cpu, cuda, cuda:N or mps")
+    elif dev.type not in ("cpu", "cuda", "mps") and not hasattr(torch, dev.type):
         raise loaded.error((*loc, "device"), f"{device!r} is not a device this torch supports")
 
 
@@ -742,7 +759,9 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, starte
                 rows["mean"].append(st["mean"])
                 rows["sem"].append(st["sem"])
                 rows["n"].append(st["n"])
-                rows["control"].append(controls.get(cond))
+                # "" where a condition has no matched control, never a missing cell: a missing cell compares
+                # unequal to itself (pandas), so two runs' tables would differ there whatever they computed
+                rows["control"].append(controls.get(cond, ""))
         parts.table("effects_summary", rows, 0)
     if partition is not None and partition.evidence:  # why each id is (not) an anchor
         parts.table("partition_discovery", {k: [r[k] for r in partition.evidence] for k in EVIDENCE_COLUMNS}, 0)

@@ -268,18 +268,32 @@ class TunedLens(LogitLens):
         self._init(adapter)
 
     def _load(self, adapter: "Adapter") -> None:
-        from safetensors.torch import load_file
+        """Read fitted translators: a safetensors file (never a pickle), its names, shapes and values checked before use."""
+        from safetensors import safe_open
 
         path = Path(self.translators)
         if not path.is_file():
             raise PlanError(f"tuned_lens.translators: file not found: {path}")
-        state = load_file(str(path))
-        layers = state.pop("layers").tolist()
-        want = self._layers(adapter)
-        if layers != want or state["weight"].shape[-1] != adapter.input_embeddings().shape[1]:
-            raise PlanError(f"tuned_lens.translators: {path} holds layers {layers} of width {state['weight'].shape[-1]}; "
-                            f"this probe reads layers {want} of width {adapter.input_embeddings().shape[1]}")
-        self._tr.load_state_dict(state)
+        want, d = self._layers(adapter), adapter.input_embeddings().shape[1]
+        shapes = {"layers": [len(want)], "weight": [len(want), d, d], "bias": [len(want), d]}
+        expected = f"expected the safetensors file a tuned_lens saves: layers {list(shapes['layers'])}, weight {shapes['weight']}, bias {shapes['bias']}"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                got = {k: f.get_slice(k).get_shape() for k in f.keys()}
+                if got != shapes:
+                    raise PlanError(f"tuned_lens.translators: {path} holds {got or 'no tensors'}; {expected} (layers {want}, width {d})")
+                state = {k: f.get_tensor(k) for k in shapes}
+        except PlanError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a file that is not one
+            raise PlanError(f"tuned_lens.translators: {path} is not a readable safetensors file ({type(e).__name__}: {e}); {expected}") from None
+        layers = state.pop("layers")
+        if layers.is_floating_point() or layers.tolist() != want:
+            raise PlanError(f"tuned_lens.translators: {path} holds layers {layers.tolist()}; this probe reads layers {want}")
+        for k, t in state.items():
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise PlanError(f"tuned_lens.translators: {path}: {k} must hold finite floating-point values (dtype {t.dtype})")
+        self._tr.load_state_dict({k: t.float() for k, t in state.items()})
 
     def _init(self, adapter: "Adapter") -> None:
         if self._tr is None:

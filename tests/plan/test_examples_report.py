@@ -56,6 +56,27 @@ def test_pruning_study_pairs_every_condition_with_its_control(example_runs):
 
 
 @pytest.mark.slow
+def test_effects_summary_control_column_has_no_missing_cells(example_runs):
+    """`control` names each condition's matched control and is "" where there is none. It used to be a missing cell
+    there, which pandas compares unequal to itself: the 70 of 126 (pruning study) and 44 of 44 (injection sweep)
+    cells issue 31 saw differ between a cuda and a cpu run were exactly those, and a run compared with itself
+    differed in the same cells. The column depends on the plan alone, so it is the same on every device."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    for name, n_missing in (("pruning_study", 70), ("injection_sweep", 44)):
+        results, out = example_runs[name]
+        table = pq.read_table(out / "effects_summary.parquet")
+        controls = results["model"].summary.get("controls", {})
+        conditions = table.column("condition").to_pylist()
+        assert table.column("control").null_count == 0
+        assert table.column("control").to_pylist() == [controls.get(c, "") for c in conditions]
+        assert sum(c not in controls for c in conditions) == n_missing  # the cells that used to be missing
+        first, second = pd.read_parquet(out / "effects_summary.parquet"), pd.read_parquet(out / "effects_summary.parquet")
+        assert not (first["control"] != second["control"]).any()
+
+
+@pytest.mark.slow
 def test_pruning_report_shows_paired_statistics(example_runs):
     """The pruning study's statistics, recomputed from its effects table with scipy; its token maps from the partition."""
     import pyarrow.parquet as pq
