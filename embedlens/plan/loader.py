@@ -13,6 +13,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from embedlens.errors import EmbedLensError, PlanError
 from embedlens.plan.overrides import apply_overrides, overridden
 from embedlens.plan.schema import Plan
+from embedlens.plan.selections import check_selections
 from embedlens.registry import plugin_params, probes
 
 
@@ -221,6 +222,7 @@ def load_plan(path: str | Path | None = None, text: str | None = None, base_dir:
     _check_plugins(loaded)
     _check_labels(loaded)
     _one_partition(loaded)
+    check_selections(loaded)
     _check_files(loaded)
     return loaded
 
