@@ -159,13 +159,17 @@ def _print_headline(stats: dict, model: str = "") -> None:
         if not d:
             return ""
         lo, hi = d["ci"]
-        mark = "*" if d["p"] < 0.05 else ""
-        return f"{d['diff']:+.3f} [{lo:+.2f}, {hi:+.2f}] p={d['p']:.2g}{mark}"
+        if d.get("test") == "deterministic":
+            return f"{d['diff']:+.3f} (deterministic)"
+        ph = d.get("p_holm", d["p"])
+        mark = "*" if ph == ph and ph < 0.05 else ""
+        return f"{d['diff']:+.3f} [{lo:+.2f}, {hi:+.2f}] p={d['p']:.2g} (Holm {ph:.2g}){mark}"
 
     for metric in stats.get("accuracy_metrics", []):
         base = stats.get("baseline", {}).get(metric)
         title = f"{metric}{' - ' + model if model else ''}" + (f" (baseline {base['mean']:.3f}, n={base['n']})" if base else "")
-        table = Table(title=escape(title), caption=f"{conf}% bootstrap intervals; exact McNemar p, unadjusted; * p < 0.05")
+        table = Table(title=escape(title), caption=f"{conf}% BCa bootstrap intervals; exact McNemar p, raw and Holm-adjusted "
+                      "across the plan's comparisons; * Holm p < 0.05. What each row supports: report.html")
         for col in ("condition", "mean", "minus baseline", "minus matched control"):
             table.add_column(col, justify="left" if col == "condition" else "right")
         for cond, entry in stats.get("conditions", {}).items():
@@ -177,6 +181,8 @@ def _print_headline(stats: dict, model: str = "") -> None:
             table.add_row(escape(label), f"{e['mean']:.3f}", diff(e.get("vs_baseline")),
                           escape(f"{diff(ctrl)} vs {ctrl['control']}") if ctrl else "")
         Console(width=160).print(table)
+    for w in stats.get("warnings", []):
+        Console(width=160).print(f"[yellow]warning:[/yellow] {escape(w)}")
 
 
 @app.command()

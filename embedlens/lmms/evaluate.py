@@ -337,7 +337,10 @@ def _write(result: EvalResult, bridge, plan: str, tasks, conditions, limit, star
     result.tables[SAMPLES_TABLE] = _write_table(out, SAMPLES_TABLE, result.samples,
                                                 ("task", "condition", "doc_id", "metric", "score", "response"))["parquet"]
     fig_dir = safe_dir(out, "figures")
-    chart = benchmarks_chart(result.rows, conditions, fig_dir / "benchmarks.png")
+    from embedlens.plan.effects import matched_controls
+
+    controls = set(matched_controls(list(bridge.conditions.values())).values())
+    chart = benchmarks_chart(result.rows, conditions, fig_dir / "benchmarks.png", controls=controls)
     if chart is not None:
         result.figures.append(chart)
     import importlib.metadata as md

@@ -504,6 +504,11 @@ def _run_locked(prepared: Prepared, out: Path, own: Path, world: "distributed.Wo
             for cond in conditions:
                 if cond.needs_fit:  # data-set statistics (e.g. mean ablation) in an earlier pass
                     fit(f"fit: {cond.name}", cond.fit_sites(adapter), lambda stream, c=cond: c.fit_stream(adapter, stream))
+            from embedlens.plan.pools import check_pools, outside_target_draws
+
+            if outside_target_draws(conditions):  # a matched control its pool cannot serve: refused before the main pass
+                fit("check: control pools", partition.sites(adapter) if partition is not None else [],
+                    lambda stream: check_pools(prepared.loaded, adapter, partition, conditions, stream))
             state.fitted = True
             if world.main:
                 checkpoint()
@@ -874,8 +879,9 @@ def _conclusions(prepared: Prepared, parts: Parts, controls: dict[str, str]):
     touched = touched.to_pydict() if touched is not None else None
     fields = breakdown_fields(loaded, prepared.records)
     groups = {f: {r.id: r.meta.get(f) for r in prepared.records} for f in fields}
+    descriptive = {c for m in prepared.metrics for c in getattr(m, "descriptive", ())}
     concl = conclusions.analyse(effects.to_pydict(), touched, controls, loaded.plan.report, loaded.plan.seed, groups,
-                                conclusions.sweep_groups(loaded))
+                                conclusions.sweep_groups(loaded), descriptive=descriptive)
     parts.table("effect_tests", concl.rows, 0)
     return concl, touched
 
