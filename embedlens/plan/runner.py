@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from embedlens.adapters import load_model
@@ -721,7 +722,7 @@ def _emit(parts: Parts, label: str, name: str, rows: Any, index: int, n_probes: 
         parts.tensors(full, rows, index)
         return
     if data_index is not None and "sample" in rows:
-        rows = {**rows, "sample": [data_index[int(s)] for s in rows["sample"]]}
+        rows = {**rows, "sample": np.asarray(data_index, dtype=np.int64)[np.asarray(rows["sample"], dtype=np.int64)]}
     parts.table(full, rows, index)
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 
 from embedlens.errors import PlanError
 from embedlens.probes._util import FIGURE_SAMPLES, FirstImage
 from embedlens.probes.base import Probe, Table
-from embedlens.vocab import nearest_vocab, visual_nearest  # noqa: F401 - nearest_vocab's home until it moved to the core; importable here still
+from embedlens.vocab import nearest_vocab, visual_nearest, visual_nearest_layers, vocab_strings  # noqa: F401 - nearest_vocab's home until it moved to the core; importable here still
 from embedlens.vocab_index import check_search
 from embedlens.registry import probes
 from embedlens.sites import Site
@@ -59,7 +60,7 @@ class EmbeddingLens(Probe):
         >>> batch = adapter.encode([Sample([checkerboard()], question="what is it?")])
         >>> lens = EmbeddingLens(k=3)
         >>> rows = lens.update(adapter, batch, collect(adapter, batch, lens.sites(adapter)))["tokens"]
-        >>> len(rows["sample"]), rows["layer"][0]
+        >>> len(rows["sample"]), int(rows["layer"][0])
         (16, 0)
     """
 
@@ -122,36 +123,35 @@ class EmbeddingLens(Probe):
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
         vocab = (adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach()
         vt = batch.roles.visual_tokens()
-        rows: Table = {c: [] for c in ("sample", "sample_id", "image", "tile", "row", "col", "position", "layer")}
-        for j in range(1, self.k + 1):
-            rows.update({f"id_{j}": [], f"token_{j}": [], f"score_{j}": []})
-        n = len(vt["sample"])
+        layers = self._resolved_layers(adapter)
         figure_layer = self._first_layer = self._figure_layer(adapter)
-        layers = self._map_layers = self._resolved_layers(adapter)
-        top1: dict[int, torch.Tensor] = {}  # layer -> [tokens] nearest id
-        decoded: dict[int, list[str]] = {}
-        for layer in layers:
-            site = lens_site(layer)
-            scores, ids = visual_nearest(batch, site, acts[site], vocab, self.k, self.chunk_size, self.search, self.n_probe)
-            ids_l, scores_l = ids.tolist(), scores.tolist()
-            rows["sample"] += vt["sample"].tolist()
-            rows["sample_id"] += [batch.samples[s].id for s in vt["sample"].tolist()]
-            for c in ("image", "tile", "row", "col", "position"):
-                rows[c] += vt[c].tolist()
-            rows["layer"] += [layer] * n
-            for j in range(min(self.k, ids.shape[1])):
-                col = [r[j] for r in ids_l]
-                rows[f"id_{j + 1}"] += col
-                rows[f"token_{j + 1}"] += adapter.tokenizer.convert_ids_to_tokens(col)
-                rows[f"score_{j + 1}"] += [r[j] for r in scores_l]
-            decoded[layer] = rows["token_1"][-n:] if n else []
-            top1[layer] = ids[:, 0]
-            counts = torch.bincount(ids[:, 0].cpu(), minlength=vocab.shape[0])  # [vocab]
-            new = [i for i in ids[:, 0].unique().tolist() if i not in self._names]
-            self._names.update(zip(new, adapter.tokenizer.convert_ids_to_tokens(new)))
+        # every layer searched on the device; the results leave it once, as two whole arrays
+        scores, ids = visual_nearest_layers(batch, [lens_site(layer) for layer in layers], acts, vocab, self.k,
+                                            self.chunk_size, self.search, self.n_probe)  # [layers, tokens, k]
+        ids_h, scores_h = ids.cpu().numpy(), scores.cpu().numpy()
+        names = vocab_strings(adapter.tokenizer, vocab.shape[0])  # [vocab] id -> token string
+        n, n_layers = ids_h.shape[1], len(layers)
+        meta = {c: vt[c].numpy() for c in ("sample", "image", "tile", "row", "col", "position")}
+        sample_ids = np.array([s.id for s in batch.samples] + [None], dtype=object)[:-1]  # object: ids as given
+        rows: Table = {"sample": np.tile(meta["sample"], n_layers), "sample_id": np.tile(sample_ids[meta["sample"]], n_layers)}
+        for c in ("image", "tile", "row", "col", "position"):
+            rows[c] = np.tile(meta[c], n_layers)
+        rows["layer"] = np.repeat(np.asarray(layers, dtype=np.int64), n)
+        for j in range(ids_h.shape[2]):
+            col = ids_h[:, :, j].reshape(-1)
+            rows[f"id_{j + 1}"] = col
+            rows[f"token_{j + 1}"] = names[col]
+            rows[f"score_{j + 1}"] = scores_h[:, :, j].reshape(-1)
+        for li, layer in enumerate(layers):
+            top = ids_h[li, :, 0]
+            counts = torch.from_numpy(np.bincount(top, minlength=vocab.shape[0]))  # [vocab]
             self._counts[layer] = self._counts[layer] + counts if layer in self._counts else counts
+            new = [i for i in np.unique(top).tolist() if i not in self._names]
+            self._names.update(zip(new, names[new].tolist()))
+        self._map_layers = layers
+        decoded = {layer: names[ids_h[li, :, 0]] for li, layer in enumerate(layers)}  # layer -> [tokens] top-1 words
         self._first.offer(adapter, batch, vt, tokens=decoded[figure_layer], **{f"tokens_l{la}": decoded[la] for la in layers})
-        self._summarise(adapter, batch, vt, top1, vocab.shape[0])
+        self._summarise(adapter, batch, vt, {layer: ids[li, :, 0] for li, layer in enumerate(layers)}, vocab.shape[0])
         self._n_tokens += n
         return {"tokens": rows}
 

@@ -45,6 +45,7 @@ def test_probe_rows_match_brute_force(adapter, matrix):
     vt = batch.roles.visual_tokens()
     m = len(vt["sample"])
     assert len(rows["sample"]) == 3 * m
+    rows = {c: list(v) for c, v in rows.items()}  # numpy columns, compared as lists
     assert rows["layer"] == [0] * m + [1] * m + [n] * m
     for li, layer in enumerate([0, 1, n]):
         h = acts[lens_site(layer)][vt["sample"], vt["position"]].detach()
