@@ -377,14 +377,11 @@ def new_plugin(kind: str, name: str, parent: Path) -> Path:
         InputError: unknown kind, bad name, a name embedlens already uses or that would shadow another
             module, `parent` not a folder or not writable, or ``parent/NAME`` already exists (it is never overwritten).
     """
-    from embedlens.registry import interventions, metrics, probes
-
     if kind not in KINDS:
         raise InputError(f"KIND {kind!r}: expected one of {', '.join(KINDS)}")
     check_name(name)
-    registry = {"probe": probes, "intervention": interventions, "metric": metrics}.get(kind, interventions)
-    if name in registry and registry.get(name).__module__.startswith("embedlens."):
-        raise InputError(f"NAME {name!r}: embedlens already has a {kind} of that name; choose another")
+    if name in builtin_names(kind):  # read from the source, not imported: `embedlens new` starts without torch
+        raise InputError(f"NAME {name!r}: embedlens already has {'an' if kind[0] in 'aeiou' else 'a'} {kind} of that name; choose another")
     parent = Path(parent)
     if (parent.exists() or parent.is_symlink()) and not parent.is_dir():
         raise InputError(f"--dir {parent}: not a folder; expected a folder to create the package {name}/ in")
@@ -419,6 +416,28 @@ def new_plugin(kind: str, name: str, parent: Path) -> Path:
     except OSError as e:
         raise InputError(f"cannot write the package into {root} ({e.strerror or e}); what was written there is left as it is") from None
     return root
+
+
+def builtin_names(kind: str) -> set[str]:
+    """The names of embedlens's built-in plugins of `kind`, read from the ``@REGISTRY.register("name")`` decorators
+    in the source of ``embedlens/probes/`` (``interventions/``, ``metrics/``) without importing it (nor torch).
+
+    Example:
+        >>> {"embedding_lens", "sink_detector"} <= builtin_names("probe")
+        True
+    """
+    import ast
+
+    registry = {"probe": "probes", "intervention": "interventions", "metric": "metrics"}[kind]
+    names: set[str] = set()
+    for path in sorted((Path(__file__).resolve().parent / registry).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            for deco in getattr(node, "decorator_list", ()) if isinstance(node, ast.ClassDef) else ():
+                if (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute) and deco.func.attr == "register"
+                        and isinstance(deco.func.value, ast.Name) and deco.func.value.id == registry
+                        and deco.args and isinstance(deco.args[0], ast.Constant) and isinstance(deco.args[0].value, str)):
+                    names.add(deco.args[0].value)
+    return names
 
 
 def next_steps(root: Path) -> list[str]:

@@ -64,3 +64,17 @@ def test_import_embedlens_is_light_and_names_load_on_use():
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_new_imports_nothing_heavy_and_knows_the_builtin_names_from_the_source(tmp_path):
+    """`embedlens new` reads the built-in names from the plugin modules' decorators: the same names the registries hold."""
+    from embedlens.registry import interventions, metrics, probes
+    from embedlens.scaffold import builtin_names
+
+    for kind, registry in (("probe", probes), ("intervention", interventions), ("metric", metrics)):
+        assert builtin_names(kind) == {n for n, c in registry.items() if c.__module__.startswith("embedlens.")}, kind
+    heavy, proc = _heavy_imported(["new", "metric", "my_light_metric", "--dir", str(tmp_path)], tmp_path)
+    assert proc.returncode == 0 and (tmp_path / "my_light_metric" / "pyproject.toml").is_file(), proc.stderr
+    assert heavy == []
+    heavy, proc = _heavy_imported(["new", "intervention", "prune", "--dir", str(tmp_path)], tmp_path)
+    assert proc.returncode == 2 and "embedlens already has an intervention of that name" in proc.stderr and heavy == []
