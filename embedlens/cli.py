@@ -331,22 +331,35 @@ def list_plugins() -> None:
 
         embedlens list
     """
-    from embedlens.registry import REGISTRIES, plugin_params, summary  # registries import their built-ins on first look-up
+    from importlib import metadata
 
+    from embedlens.plugin_index import read_index
+    from embedlens.registry import REGISTRIES
+
+    builtin = read_index()  # the built-ins as stored: listing them imports neither them nor torch
     for kind, reg in REGISTRIES.items():
+        rows = {row["name"]: row for row in builtin.get(kind, [])}
+        failed: dict[str, str] = {}
+        if any(ep.name not in rows for ep in metadata.entry_points(group=reg.group)):  # third-party plugins: loaded
+            from embedlens.registry import plugin_params, summary
+
+            for name, cls in reg.items():
+                if name not in rows:
+                    rows[name] = {"name": name, "summary": summary(cls), "params": [str(p) for p in plugin_params(cls)],
+                                  "architectures": list(getattr(cls, "architectures", ()))}
+            failed = reg.failed
         typer.echo(f"{kind}:")
-        items = reg.items()
-        if not items and not reg.failed:
+        if not rows and not failed:
             typer.echo("  (none registered)")
-        for name, cls in items:
-            typer.echo(f"  {name:<18} {summary(cls)}")
+        for name in sorted(rows):
+            row = rows[name]
+            typer.echo(f"  {name:<18} {row['summary']}")
             if kind == "adapters":
-                typer.echo(f"  {'':<18} architectures: {', '.join(cls.architectures)}")
+                typer.echo(f"  {'':<18} architectures: {', '.join(row['architectures'])}")
                 continue
-            params = plugin_params(cls)
-            for p in params:
+            for p in row["params"]:
                 typer.echo(f"  {'':<18}   {p}")
-        for name, err in reg.failed.items():
+        for name, err in failed.items():
             typer.echo(f"  {name:<18} FAILED TO LOAD: {err}")
 
 
