@@ -33,8 +33,8 @@ def test_a_misspelt_group_is_refused_at_its_key_with_the_closest_name(tmp_path):
     assert f"{bad}:{line} conditions.prune_dead[0].params.tokens: condition 'prune_dead' (prune): unknown group 'ded' in selection 'ded'. Did you mean: dead?" in r.output
     assert "partition defines the groups sink, dead, alive" in r.output
     # in an expression, in a matched control's target, in a --set override
-    for old, new, key in (("target: dead, seed: 0, if_empty: noop, exclude_target: false}}\n  prune_alive",
-                           "target: visual and not sinks, seed: 0, if_empty: noop, exclude_target: false}}\n  prune_alive",
+    for old, new, key in (("{name: prune_random_matched, params: {target: dead,",
+                           "{name: prune_random_matched, params: {target: visual and not sinks,",
                            "conditions.prune_dead_random[0].params.target"),):
         assert text.count(old) == 1
         with pytest.raises(PlanError, match=rf"{re.escape(key)}: condition .*: unknown group 'sinks'.*Did you mean: sink\?"):
