@@ -96,7 +96,7 @@ def run(
     except OSError as e:  # a file system that fails under us (full, read-only): named, with the run's state kept
         from embedlens.files import os_error
 
-        _fail(os_error(e, "write"))
+        _fail(os_error(e, "write", output))
     if not world.main:
         return
     for name, result in results.items():
@@ -247,6 +247,8 @@ def eval_benchmarks(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per engine run (default: the plan's batch_size)."),
     source: Optional[str] = typer.Option(None, "--source", help="Replace the plan model's source (e.g. a real checkpoint)."),
     device: Optional[str] = typer.Option(None, "--device", help="Replace the plan model's device (e.g. cuda)."),
+    resume: bool = typer.Option(False, "--resume", help="The output folder holds a finished eval of the same plan, tasks, conditions and limit: show it, do not evaluate again."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what the output folder holds (an unfinished or finished embedlens run, another eval)."),
 ) -> None:
     """Score the plan's conditions on lmms-eval benchmarks with each benchmark's own metrics (in-process):
     one task x condition x metric table with the paired difference to the baseline, a chart and report.html.
@@ -267,13 +269,13 @@ def eval_benchmarks(
             n = int(limit) if limit >= 1 and float(limit).is_integer() else limit
         result = run_eval(plan, parse_list(tasks, "--tasks"), parse_list(conditions, "--conditions") if conditions is not None else None,
                           limit=n, out_dir=output, batch_size=batch_size, source=source, device=device,
-                          progress=lambda line: typer.echo(f"evaluating {line} ..."))
+                          progress=typer.echo, resume=resume, overwrite=overwrite)
     except EmbedLensError as e:
         _fail(e)
     except OSError as e:
         from embedlens.files import os_error
 
-        _fail(os_error(e, "write"))
+        _fail(os_error(e, "write", output))
     from embedlens.report import fmt
 
     for r in result.rows:
