@@ -223,15 +223,19 @@ def _finished(out: Path, manifest: dict) -> EvalResult:
 
 
 def datasets_cache() -> str:
-    """Where lmms-eval's data sets are cached: Hugging Face datasets' cache (``HF_DATASETS_CACHE``), outside the run."""
-    try:
-        import datasets.config
+    """Where lmms-eval caches the data sets it reads: ``LMMS_EVAL_DATASETS_CACHE``, else Hugging Face datasets'
+    ``HF_DATASETS_CACHE`` (default ``$HF_HOME/datasets``, ``~/.cache/huggingface/datasets``), as lmms-eval
+    resolves it; outside the run folder, so that every eval shares one copy of a benchmark."""
+    import os
 
-        return str(datasets.config.HF_DATASETS_CACHE)
-    except ImportError:  # pragma: no cover - lmms-eval depends on datasets
-        import os
+    def expand(p: str) -> str:
+        return os.path.expanduser(os.path.expandvars(p))
 
-        return os.environ.get("HF_DATASETS_CACHE", "~/.cache/huggingface/datasets")
+    explicit = os.environ.get("LMMS_EVAL_DATASETS_CACHE", "").strip()
+    if explicit:
+        return expand(explicit)
+    home = expand(os.environ.get("HF_HOME", "~/.cache/huggingface"))
+    return expand(os.environ.get("HF_DATASETS_CACHE", os.path.join(home, "datasets")))
 
 
 def _task_manager(tasks: Sequence[str]):
@@ -264,8 +268,9 @@ def _run_locked(plan, tasks, conditions, limit, out, batch_size, source, device,
     from embedlens.lmms.plugin import register
 
     started = time.time()
-    if progress is not None:  # not in the run folder: one cache serves every eval (set HF_DATASETS_CACHE to move it)
-        progress(f"data sets: cached by Hugging Face datasets in {datasets_cache()} (HF_DATASETS_CACHE), not in {out}")
+    if progress is not None:  # not in the run folder: one copy of a benchmark serves every eval
+        progress(f"data sets: lmms-eval caches them in {datasets_cache()}, not in {out} "
+                 "(set LMMS_EVAL_DATASETS_CACHE or HF_DATASETS_CACHE to move it)")
     register()
     bridge = Bridge.load(plan, source=source, device=device, batch_size=batch_size)
     for c in conditions:

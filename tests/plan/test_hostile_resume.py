@@ -288,3 +288,86 @@ def test_undamaged_copy_resumes_and_leaves_no_temporary_file(stopped, tmp_path, 
     assert r.exit_code == 0, r.output
     assert "resumed at batch 2" in r.output and (tmp_path / "out" / "manifest.json").is_file()
     assert not [p for p in (tmp_path / "out").rglob("*.tmp")]
+
+
+# -- a kill inside the gather ------------------------------------------------------------------------------------
+def _files(folder: Path) -> dict[str, bytes]:
+    from embedlens.plan.store import VOLATILE
+
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in VOLATILE}
+
+
+@pytest.mark.slow
+def test_kill_inside_the_gather_resumes_to_the_same_bytes_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """SIGKILL with ``.effects_summary.parquet.PID.tmp`` written and not yet renamed: --resume removes it and
+    ends with the bytes of an uninterrupted run."""
+    import signal
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plan.yaml").write_text(PLAN)
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "EMBEDLENS_KILL_AT": "write:effects_summary.parquet"}
+    k = subprocess.run([sys.executable, "-m", "embedlens.cli", "run", "plan.yaml", "-o", "killed", "-q"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert k.returncode == -signal.SIGKILL, k.stderr[-2000:]
+    left = [p.name for p in (tmp_path / "killed").glob(".*.tmp")]
+    assert left == [f".effects_summary.parquet.{n}.tmp" for n in re.findall(r"\.(\d+)\.tmp$", left[0])], left
+    assert (tmp_path / "killed" / CK).is_file()
+    r = CliRunner().invoke(app, ["run", "plan.yaml", "-o", "killed", "-q", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert CliRunner().invoke(app, ["run", "plan.yaml", "-o", "whole", "-q"]).exit_code == 0
+    assert not [p for p in (tmp_path / "killed").rglob("*") if p.name.endswith(".tmp")]
+    a, b = _files(tmp_path / "killed"), _files(tmp_path / "whole")
+    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
+    assert "effects_summary.parquet" in a and not (tmp_path / "killed" / CK).exists()
+
+
+# -- eval follows run's folder rules -----------------------------------------------------------------------------
+from tests.lmms._support import lmms_env, write_plan  # noqa: E402,F401 - lmms_env is a fixture
+
+
+def _eval(plan: Path, out: str, *extra: str, tasks: str = "embedlens_synqa"):
+    return CliRunner().invoke(app, ["eval", str(plan), "--tasks", tasks, "--conditions", "prune_dead", "--limit", "2",
+                                    "--output", out, *extra])
+
+
+def test_eval_never_clears_a_run_without_a_flag(stopped, lmms_env, tmp_path, monkeypatch):
+    """An unfinished run (checkpoint and parts) and a finished run's tables stay, byte for byte, unless --overwrite;
+    ``--output ''`` is refused, not the current folder; --overwrite replaces the run, says where data sets are
+    cached, and --resume then returns that eval without evaluating again."""
+    monkeypatch.chdir(tmp_path)
+    plan = write_plan(tmp_path)
+    shutil.copytree(stopped, tmp_path / "out", symlinks=True)
+    (tmp_path / "plan.yaml").write_text(PLAN)
+    for flags in ([], ["--resume"]):
+        before = _snapshot(tmp_path)
+        r = _eval(plan, "out", *flags)
+        assert r.exit_code == 2 and re.search(r"out holds an unfinished `embedlens run` \(checkpoint\.safetensors and its parts\); "
+                                              r"eval leaves it alone: continue it with `embedlens run PLAN --output out --resume`", r.output), r.output
+        _no_traceback(r)
+        assert _snapshot(tmp_path) == before
+    assert CliRunner().invoke(app, ["run", str(tmp_path / "plan.yaml"), "-o", "out", "-q", "--resume"]).exit_code == 0
+    assert (tmp_path / "out" / "embedding_lens.tokens.parquet").is_file()
+    for flags in ([], ["--resume"]):
+        before = _snapshot(tmp_path)
+        r = _eval(plan, "out", *flags)
+        assert r.exit_code == 2 and "out holds the results of an `embedlens run` (manifest.json and its tables); eval would delete them" in r.output, r.output
+        _no_traceback(r)
+        assert _snapshot(tmp_path) == before
+    before = _snapshot(tmp_path)
+    r = _eval(plan, "")
+    assert r.exit_code == 2 and "the output folder is empty ('')" in r.output and _snapshot(tmp_path) == before, r.output
+    r = _eval(plan, "out", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert f"data sets: lmms-eval caches them in {lmms_env}, not in out" in r.output
+    assert (tmp_path / "out" / "benchmarks.parquet").is_file() and not (tmp_path / "out" / "embedding_lens.tokens.parquet").exists()
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())["benchmarks"]["rows"]
+    before = _snapshot(tmp_path)
+    r = _eval(plan, "out", "--resume")
+    assert r.exit_code == 0 and "evaluating" not in r.output and _snapshot(tmp_path) == before, r.output
+    assert all(f"{row['task']:<20} {row['metric']:<18} {row['condition']:<16}" in r.output for row in rows)
+    r = _eval(plan, "out", "--resume", tasks="embedlens_pope_mc")
+    assert r.exit_code == 2 and "the finished eval there has tasks ['embedlens_synqa'] (now ['embedlens_pope_mc'])" in r.output, r.output
+    assert _snapshot(tmp_path) == before
