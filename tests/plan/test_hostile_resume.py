@@ -371,3 +371,98 @@ def test_eval_never_clears_a_run_without_a_flag(stopped, lmms_env, tmp_path, mon
     r = _eval(plan, "out", "--resume", tasks="embedlens_pope_mc")
     assert r.exit_code == 2 and "the finished eval there has tasks ['embedlens_synqa'] (now ['embedlens_pope_mc'])" in r.output, r.output
     assert _snapshot(tmp_path) == before
+
+
+# -- no code from a model folder, even on a terminal that answers "y" ---------------------------------------------
+EVIL = """\
+import os, pathlib
+pathlib.Path(os.environ["EVIL_MARKER"]).write_text("evil.py ran")
+from transformers import PretrainedConfig
+
+
+class EvilConfig(PretrainedConfig):
+    model_type = "evil_model"
+"""
+
+
+def _evil_folder(root: Path, auto_map: bool) -> Path:
+    """A model folder whose config names a custom model type and (optionally) an auto_map into its own evil.py."""
+    folder = root / ("auto_map" if auto_map else "custom_type")
+    folder.mkdir()
+    config = {"model_type": "evil_model", "architectures": ["LlavaForConditionalGeneration"]}
+    if auto_map:
+        config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForImageTextToText": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "evil.py").write_text(EVIL)
+    return folder
+
+
+def _in_terminal(args: list[str], env: dict[str, str], timeout: float = 240) -> tuple[int, str]:
+    """Run `args` with a pseudo-terminal as stdin/stdout/stderr, "y" typed ahead for any question; (exit code, output)."""
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: exec at once (nothing of the test's state is used)
+        os.execvpe(args[0], args, env)
+    os.write(fd, b"y\ny\ny\n")
+    out, deadline = b"", time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+            if b"[y/N]" in chunk:
+                os.write(fd, b"y\n")
+    else:
+        os.kill(pid, 9)
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), out.decode("utf-8", "replace")
+
+
+#: Validates each plan given with the real CLI in this one process, printing "exit N" after each.
+_VALIDATE_EACH = """\
+import sys
+from embedlens.cli import app
+if sys.argv[1] == "off":  # embedlens's own refusal switched off: trust_remote_code=False alone must hold
+    import embedlens.adapters as a, embedlens.adapters.base as b
+    a.refuse_remote_code = b.refuse_remote_code = lambda source: None
+for plan in sys.argv[2:]:
+    try:
+        app(["validate", plan])
+    except SystemExit as e:
+        print(f"exit {e.code}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("guard", ["on", "off"], ids=["embedlens refuses the folder", "trust_remote_code=False alone"])
+def test_no_code_from_a_model_folder_runs_on_a_terminal_answering_yes(tmp_path, guard):
+    """`embedlens validate` on a terminal that answers "y": the folder's evil.py never runs (its marker file is
+    never written). With embedlens's own refusal the message names config.json and its auto_map / model_type; with
+    that refusal switched off, ``trust_remote_code=False`` alone keeps transformers from asking and importing."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EVIL_MARKER": str(tmp_path / "PWNED"), "TERM": "dumb",
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    plans = []
+    for auto_map in (True, False):
+        folder = _evil_folder(tmp_path, auto_map)
+        plan = tmp_path / f"plan-{folder.name}.yaml"
+        plan.write_text(f"model:\n  source: {folder}\ndata:\n  synthetic: {{n: 2}}\nprobes:\n  - name: sink_detector\n")
+        plans.append(str(plan))
+    code, out = _in_terminal([sys.executable, "-c", _VALIDATE_EACH, guard, *plans], env)
+    text = out.replace("\r\n", "\n")
+    assert not (tmp_path / "PWNED").exists(), f"the model folder's evil.py ran\n{text}"
+    assert code == 0 and text.count("exit 2") == 2 and "Traceback" not in text and "[y/N]" not in text, text
+    if guard == "on":
+        flat = text.replace("\n", " ")
+        for name, key in (("auto_map", r"auto_map \{\"AutoConfig\": \"evil\.EvilConfig\""),
+                          ("custom_type", r"model_type 'evil_model' is not a model type transformers knows")):
+            assert re.search(rf"plan-{name}\.yaml:2 model\.source: \S*{name}/config\.json: {key}.*?\(the folder holds evil\.py\)"
+                             r".*?never runs code from a model folder", flat), text
