@@ -97,6 +97,13 @@ def run(
         from embedlens.files import os_error
 
         _fail(os_error(e, "write", output))
+    except Exception as e:  # under torchrun: a collective whose peer stopped is that peer's error, not a traceback here
+        from embedlens.plan.distributed import peer_failure
+
+        gone = peer_failure(e)
+        if gone is None:
+            raise
+        _fail(gone)
     if not world.main:
         return
     for name, result in results.items():

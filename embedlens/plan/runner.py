@@ -372,9 +372,13 @@ def claim_run(out: Path, world: "distributed.World", kind: str = "run") -> tuple
         RunFolderError: see `embedlens.files.claim`.
         DistributedError: a rank does not see the folder rank 0 claimed (it must be on a file system every rank sees).
     """
+    refusal = None
     if world.main:
-        out = claim(out, kind=kind)
-    distributed.barrier(world)
+        try:
+            out = claim(out, kind=kind)
+        except EmbedLensError as e:
+            refusal = e
+    distributed.settle(refusal, world)  # every rank stops with rank 0's refusal
     if world.main:
         return out, out
     if not (Path(out) / MARKER).is_file():
@@ -399,6 +403,7 @@ def _run_locked(prepared: Prepared, out: Path, own: Path, world: "distributed.Wo
     if not world.main:  # rank 0 decides whether to start, resume or stop; the others take its state
         tensors, doc = distributed.unpack(distributed.broadcast(None, world))
         if "error" in doc:
+            _leave_together(own, world)
             raise distributed.DistributedError(f"rank 0 stopped: {doc['error']}")
         if doc.get("done"):
             return RunResult(out_dir=out)
@@ -410,6 +415,7 @@ def _run_locked(prepared: Prepared, out: Path, own: Path, world: "distributed.Wo
         except EmbedLensError as e:
             if world.size > 1:
                 distributed.broadcast(distributed.pack({}, {"error": str(e)}), world)
+                _leave_together(own, world)
             raise
         if state is None:  # resuming a finished run: nothing left to do
             if world.size > 1:
@@ -514,6 +520,22 @@ def _run_locked(prepared: Prepared, out: Path, own: Path, world: "distributed.Wo
         return _finish(prepared, out, parts, state, started, resumed_from, world)
     finally:
         EXTRA_FORMATS.reset(token)
+
+
+def _leave_together(own: Path, world: "distributed.World") -> None:
+    """Every rank stops with rank 0's refusal: each other rank first removes its own folder when this run wrote
+    nothing there but its marker and lock (``ranks/rank-N``; parts of an earlier run stay), then all meet, then
+    rank 0 removes ``ranks/`` if it is empty, so a refused run leaves the folder as it found it."""
+    from embedlens.plan.store import RANKS, release_shard
+
+    if not world.main:
+        release_shard(own)
+    distributed.barrier(world)
+    if world.main:
+        try:
+            (own / RANKS).rmdir()
+        except OSError:
+            pass  # not empty (an earlier run's parts), or not there
 
 
 def _state_payload(state: RunState, doc: dict) -> bytes:

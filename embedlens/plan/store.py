@@ -173,6 +173,24 @@ def remove_shards(out: Path) -> None:
         pass
 
 
+def release_shard(own: Path) -> None:
+    """Remove a rank's own folder (``ranks/rank-N``) when it holds nothing but its marker and lock: a run refused
+    before it wrote anything leaves no folder behind (one holding an earlier run's parts stays as it is)."""
+    from embedlens.files import LOCK, MARKER
+
+    own = Path(own)
+    if own.is_symlink() or not own.is_dir() or own.parent.name != RANKS or not re.fullmatch(r"rank-\d+", own.name):
+        return
+    if sorted(os.listdir(own)) != sorted([LOCK, MARKER]):
+        return
+    for name in (LOCK, MARKER):
+        (own / name).unlink()
+    try:
+        own.rmdir()
+    except OSError:
+        pass
+
+
 #: Modules a device map sends to ``disk`` are offloaded by accelerate into ``OUT/offload`` (these names only).
 OFFLOAD = "offload"
 _OFFLOAD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+\.dat$|^index\.json$")

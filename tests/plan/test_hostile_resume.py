@@ -466,3 +466,35 @@ def test_no_code_from_a_model_folder_runs_on_a_terminal_answering_yes(tmp_path, 
                           ("custom_type", r"model_type 'evil_model' is not a model type transformers knows")):
             assert re.search(rf"plan-{name}\.yaml:2 model\.source: \S*{name}/config\.json: {key}.*?\(the folder holds evil\.py\)"
                              r".*?never runs code from a model folder", flat), text
+
+
+# -- under torchrun: one refusal, every rank ----------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", ["unfinished run", "foreign folder"])
+def test_every_torchrun_rank_stops_with_rank_0s_refusal_and_leaves_nothing(stopped, tmp_path, folder):
+    """Rank 0 refuses (an unfinished run without --resume, a folder that is not embedlens's): both ranks print
+    the refusal, neither fails in a collective (no gloo traceback, no frame of embedlens), and ``ranks/`` is
+    not left behind: the folder is as it was."""
+    import subprocess
+
+    out = tmp_path / "out"
+    if folder == "unfinished run":
+        shutil.copytree(stopped, out, symlinks=True)
+        refusal = f"{out} holds an unfinished run (checkpoint.safetensors); continue it with --resume"
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        refusal = f"{out} is not empty and was not created by embedlens (it holds notes.txt"
+    (tmp_path / "plan.yaml").write_text(PLAN)
+    before = _snapshot(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    r = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node=2", "-m", "embedlens",
+                        "run", str(tmp_path / "plan.yaml"), "--output", str(out), "-q"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert sorted(e.startswith(f"error: {refusal}") or e.startswith(f"error: rank 0 stopped: {refusal}") for e in errors) == [True, True], r.stderr[-3000:]
+    assert len({e.startswith("error: rank 0 stopped") for e in errors}) == 2, r.stderr[-3000:]  # rank 0's own, and rank 1's
+    assert "gloo" not in r.stderr.lower() and not re.search(r'File "[^"]*embedlens/', r.stderr), r.stderr[-3000:]
+    assert not (out / "ranks").exists() and _snapshot(tmp_path) == before
