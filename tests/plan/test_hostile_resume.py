@@ -498,3 +498,27 @@ def test_every_torchrun_rank_stops_with_rank_0s_refusal_and_leaves_nothing(stopp
     assert len({e.startswith("error: rank 0 stopped") for e in errors}) == 2, r.stderr[-3000:]  # rank 0's own, and rank 1's
     assert "gloo" not in r.stderr.lower() and not re.search(r'File "[^"]*embedlens/', r.stderr), r.stderr[-3000:]
     assert not (out / "ranks").exists() and _snapshot(tmp_path) == before
+
+
+def test_full_disk_names_the_file_not_a_question_mark(tmp_path, monkeypatch):
+    """ENOSPC from fsync (a write on a full disk fails with no file name in the error): the message names the
+    file being written and says to free space and --resume; the run stays resumable."""
+    import errno
+
+    import embedlens.files as files
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plan.yaml").write_text(PLAN)
+    real = files.os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".parquet.%d.tmp" % os.getpid()):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as the kernel gives it: no file name
+        return real(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    r = CliRunner().invoke(app, ["run", "plan.yaml", "-o", "out", "-q"])
+    assert r.exit_code == 2, r.output
+    _no_traceback(r)
+    assert re.search(r"^error: cannot write out/parts/[\w.]+/000000\.parquet: the disk is full; free space and continue with --resume", r.output), r.output
+    assert "?" not in r.output and not list((tmp_path / "out").rglob("*.tmp"))
