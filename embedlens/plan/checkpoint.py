@@ -241,11 +241,11 @@ def load_into(doc: dict[str, Any], tensors: dict[str, torch.Tensor], probes: lis
     """Load the saved states into plugins freshly built from the plan; returns the run state.
 
     Every value is checked before it is used (`check_document`; `embedlens.state.check_state` for each
-    plugin's attributes), and the loaded plugins are asked for their results once, so a state that
-    does not work is refused now rather than failing at the end of the run.
+    plugin's attributes). On a resume after some batches the loaded plugins are also asked for their
+    results once (on copies), so a state that does not work is refused now rather than at the end of the run.
 
     Args:
-        n_batches: the plan's number of batches (checked against the checkpoint's).
+        n_batches: the plan's number of batches (checked against the checkpoint's); given on a resume.
 
     Raises:
         CheckpointError: ``cannot resume: FILE what is wrong; start again with --overwrite``, or the saved
@@ -287,7 +287,8 @@ def load_into(doc: dict[str, Any], tensors: dict[str, torch.Tensor], probes: lis
         raise
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:
         raise damaged(path, f"the checkpoint is damaged ({type(e).__name__}: {e})") from None
-    _exercise(state, path)
+    if n_batches is not None and state.next_batch > 0:  # a resume (not a state passed between ranks) after some batches
+        _exercise(state, path)
     return state
 
 
