@@ -18,9 +18,6 @@ from typer.testing import CliRunner
 
 from embedlens.cli import app
 
-# one xdist worker: the module-scoped fixture runs a plan once
-pytestmark = pytest.mark.xdist_group("test_hostile_resume")
-
 PLAN = """\
 model:
   source: tiny:llava-clip
@@ -427,23 +424,25 @@ def _in_terminal(args: list[str], env: dict[str, str], timeout: float = 240) -> 
     return os.waitstatus_to_exitcode(status), out.decode("utf-8", "replace")
 
 
-#: Validates each plan given with the real CLI in this one process, printing "exit N" after each.
+#: Validates each plan with the real CLI, printing "exit N" after each: first as shipped, then with embedlens's own
+#: refusal switched off, so that ``trust_remote_code=False`` alone must hold (one interpreter for both).
 _VALIDATE_EACH = """\
 import sys
 from embedlens.cli import app
-if sys.argv[1] == "off":  # embedlens's own refusal switched off: trust_remote_code=False alone must hold
-    import embedlens.adapters as a, embedlens.adapters.base as b
-    a.refuse_remote_code = b.refuse_remote_code = lambda source: None
-for plan in sys.argv[2:]:
-    try:
-        app(["validate", plan])
-    except SystemExit as e:
-        print(f"exit {e.code}", flush=True)
+import embedlens.adapters as a, embedlens.adapters.base as b
+for guard in ("on", "off"):
+    if guard == "off":
+        a.refuse_remote_code = b.refuse_remote_code = lambda source: None
+    for plan in sys.argv[1:]:
+        print(f"guard {guard}", flush=True)
+        try:
+            app(["validate", plan])
+        except SystemExit as e:
+            print(f"exit {e.code}", flush=True)
 """
 
 
-@pytest.mark.parametrize("guard", ["on", "off"], ids=["embedlens refuses the folder", "trust_remote_code=False alone"])
-def test_no_code_from_a_model_folder_runs_on_a_terminal_answering_yes(tmp_path, guard):
+def test_no_code_from_a_model_folder_runs_on_a_terminal_answering_yes(tmp_path):
     """`embedlens validate` on a terminal that answers "y": the folder's evil.py never runs (its marker file is
     never written). With embedlens's own refusal the message names config.json and its auto_map / model_type; with
     that refusal switched off, ``trust_remote_code=False`` alone keeps transformers from asking and importing."""
@@ -456,16 +455,15 @@ def test_no_code_from_a_model_folder_runs_on_a_terminal_answering_yes(tmp_path, 
         plan = tmp_path / f"plan-{folder.name}.yaml"
         plan.write_text(f"model:\n  source: {folder}\ndata:\n  synthetic: {{n: 2}}\nprobes:\n  - name: sink_detector\n")
         plans.append(str(plan))
-    code, out = _in_terminal([sys.executable, "-c", _VALIDATE_EACH, guard, *plans], env)
+    code, out = _in_terminal([sys.executable, "-c", _VALIDATE_EACH, *plans], env)
     text = out.replace("\r\n", "\n")
     assert not (tmp_path / "PWNED").exists(), f"the model folder's evil.py ran\n{text}"
-    assert code == 0 and text.count("exit 2") == 2 and "Traceback" not in text and "[y/N]" not in text, text
-    if guard == "on":
-        flat = text.replace("\n", " ")
-        for name, key in (("auto_map", r"auto_map \{\"AutoConfig\": \"evil\.EvilConfig\""),
-                          ("custom_type", r"model_type 'evil_model' is not a model type transformers knows")):
-            assert re.search(rf"plan-{name}\.yaml:2 model\.source: \S*{name}/config\.json: {key}.*?\(the folder holds evil\.py\)"
-                             r".*?never runs code from a model folder", flat), text
+    assert code == 0 and text.count("exit 2") == 4 and "Traceback" not in text and "[y/N]" not in text, text
+    refused = text.split("guard off")[0].replace("\n", " ")
+    for name, key in (("auto_map", r"auto_map \{\"AutoConfig\": \"evil\.EvilConfig\""),
+                      ("custom_type", r"model_type 'evil_model' is not a model type transformers knows")):
+        assert re.search(rf"plan-{name}\.yaml:2 model\.source: \S*{name}/config\.json: {key}.*?\(the folder holds evil\.py\)"
+                         r".*?never runs code from a model folder", refused), text
 
 
 # -- under torchrun: one refusal, every rank ----------------------------------------------------------------------
