@@ -292,7 +292,8 @@ def eval_benchmarks(
     typer.echo(f"wrote {_shown(result.out_dir)}")
     for name, path in result.tables.items():
         typer.echo(f"  table  {name}: {path}")
-    typer.echo(f"  report: {_shown(result.report)}")
+    if result.report is not None:
+        typer.echo(f"  report: {_shown(result.report)}")
 
 
 @app.command("list")

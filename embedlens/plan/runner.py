@@ -557,13 +557,13 @@ def _start_state(prepared: Prepared, out: Path, h: str, identity: dict, n_batche
             f"{out} holds an unfinished run ({CHECKPOINT}); continue it with --resume or start again with --overwrite"
         )
     state: RunState | None = None
-    if resume and not overwrite:
-        remove_temp(out)  # what a kill left half-written (``.NAME.PID.tmp``): rewritten from the state below
     if unfinished and resume:  # the only place a checkpoint is read
         state = _resume_state(prepared, out, h, identity, n_batches)
+        remove_temp(out)  # what a kill left half-written (``.NAME.PID.tmp``): rewritten from the state
         return state, state.next_batch
     done = finished_result(out) if resume and not overwrite else None
     if done is not None:
+        remove_temp(out)
         return None, done
     clear_run(out)
     return RunState(h, identity, 0, n_batches, False, prepared.probes, prepared.partition, prepared.conditions), None

@@ -359,6 +359,4 @@ def clear_run(out: Path) -> None:
             p.unlink()
     _remove_tree(out / PARTS)
     _remove_tree(out / "tensors")
-    for f in out.glob(".*.tmp"):
-        if f.is_symlink() or f.is_file():
-            f.unlink()
+    remove_temp(out)
