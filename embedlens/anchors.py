@@ -69,7 +69,14 @@ N_COUNTERS = 8
 EVIDENCE_COLUMNS = (
     "id", "token", "verdict", "reason", "tokens", "token_share", "images", "image_fraction",
     "cos_between", "cos_within", "dispersion", "others_dispersion", "relative_dispersion", "outlier_fraction", "norm_ratio",
+    "threshold_ratio", "separation",
 )
+#: An accepted dead anchor within this factor of ``max_dispersion`` (or a frequent content word within it above) is a
+#: marginal decision, and is warned about with its evidence.
+MARGIN = 1.2
+#: The lowest frequent content word's relative dispersion over the highest dead anchor's: below this, the two are
+#: not clearly apart and discovery warns (the zoo checkpoints measure about 3 at background 0.4, 15 at 0.85).
+MIN_SEPARATION = 2.0
 
 
 @value_type
@@ -198,7 +205,12 @@ class AnchorEvidence(Stateful):
         rest_q = self.total_q - 2 * x + q
         rest_m = self.total_m - 2 * y + m
         rest_pairs = rest_n * rest_n - rest_m
-        cos_rest = torch.where(rest_pairs > 0, ((rest * rest).sum(-1) - rest_q) / rest_pairs.clamp_min(1), nan)
+        # ... counting only pairs of tokens on *different* ids: pairs of one word (above all the collapsed pairs of a
+        # dead anchor) would make the reference depend on how many such tokens the data holds
+        same_sum, same_pairs = ss - q, between_pairs  # per id: its own between-image pairs
+        cross_sum = (rest * rest).sum(-1) - rest_q - (same_sum.sum() - same_sum)
+        cross_pairs = rest_pairs - (same_pairs.sum() - same_pairs)
+        cos_rest = torch.where(cross_pairs > 0.5, cross_sum / cross_pairs.clamp_min(1), nan)
         mean_norm = self.norm_sum / max(self.n_tokens, 1)
         out = []
         for r, i in enumerate(self.ids):
@@ -210,8 +222,9 @@ class AnchorEvidence(Stateful):
                 "image_fraction": float(imgs[r]) / max(self.n_images, 1),
                 "cos_between": float(cos_b[r]),
                 "cos_within": float(cos_w[r]),
-                "dispersion": 1.0 - float(cos_b[r]),
-                "others_dispersion": 1.0 - float(cos_rest[r]),
+                # identical tokens give 1 - cos a rounding error below zero: a spread is never negative
+                "dispersion": max(0.0, 1.0 - float(cos_b[r])) if not math.isnan(float(cos_b[r])) else math.nan,
+                "others_dispersion": max(0.0, 1.0 - float(cos_rest[r])) if not math.isnan(float(cos_rest[r])) else math.nan,
                 "outlier_fraction": float(outl[r]) / max(float(n[r]), 1.0),
                 "norm_ratio": float(nsum[r]) / max(float(n[r]), 1.0) / mean_norm if mean_norm > 0 else math.nan,
             })
@@ -253,6 +266,7 @@ class AnchorEvidence(Stateful):
             for s in extra:
                 s["verdict"] = "excess"
                 s["reason"] += f"; beyond max_anchors={rule.max_anchors} {kind} anchors (most tokens first)"
+        _separation(rows, rule)
         anchors = [s for s in rows if s["verdict"] in ("sink", "dead")]
         others = [s for s in rows if s["verdict"] not in ("sink", "dead") and s["images"] >= 2]
         return [{c: s[c] for c in EVIDENCE_COLUMNS} for s in anchors + others[:max_rows]]
@@ -265,17 +279,70 @@ class AnchorEvidence(Stateful):
         return out
 
 
-def discovery_warnings(table: list[dict[str, Any]], rule: AnchorRule) -> list[str]:
-    """What looks degenerate in a discovery: too many anchors, anchors dropped for max_anchors."""
+def _separation(rows: list[dict[str, Any]], rule: AnchorRule) -> None:
+    """Fill ``threshold_ratio`` (relative dispersion over ``max_dispersion``: below 1 collapses) and ``separation``:
+    for a dead anchor, the lowest frequent content word's relative dispersion over its own; for a content word, its
+    own over the highest dead anchor's (NaN where there is nothing to compare). The smallest is how far apart the
+    run's two sides are."""
+    dead = [s["relative_dispersion"] for s in rows if s["verdict"] == "dead"]
+    content = [s["relative_dispersion"] for s in rows if s["verdict"] == "content" and not math.isnan(s["relative_dispersion"])]
+    for s in rows:
+        rel = s["relative_dispersion"]
+        s["threshold_ratio"] = rel / rule.max_dispersion if not math.isnan(rel) else math.nan
+        s["separation"] = math.nan
+        if s["verdict"] == "dead" and content:
+            s["separation"] = min(content) / max(rel, 1e-12)
+        elif s["verdict"] == "content" and dead and not math.isnan(rel):
+            s["separation"] = rel / max(max(dead), 1e-12)
+
+
+def _fmt(r: dict[str, Any]) -> str:
+    return (f"{r['token']!r} (nearest id in {r['image_fraction']:.0%} of the images, dispersion {r['dispersion']:.3g}, "
+            f"relative dispersion {r['relative_dispersion']:.3g})")
+
+
+def discovery_warnings(table: list[dict[str, Any]], rule: AnchorRule, key: str = "max_dispersion") -> list[str]:
+    """What looks degenerate or marginal in a discovery, each with its evidence and the setting that produced it.
+
+    Args:
+        table: the evidence table (`AnchorEvidence.table`).
+        rule: the thresholds it was decided with.
+        key: how the user sets ``rule.max_dispersion`` where this is shown (``partition.discover_max_dispersion``,
+            ``anchor_discovery.max_dispersion``), so a warning names the setting.
+    """
     out = []
+    default = AnchorRule.max_dispersion
+    setting = f"{key}={rule.max_dispersion:g}" + ("" if rule.max_dispersion == default else f" (default {default:g})")
     n = {k: sum(r["verdict"] == k for r in table) for k in ("sink", "dead", "excess")}
+    dead = [r for r in table if r["verdict"] == "dead"]
+    loosened = [r for r in dead if r["relative_dispersion"] > default]
+    if loosened:
+        out.append(f"anchor discovery: {', '.join(_fmt(r) for r in loosened)} passed as dead only because {setting} is above "
+                   f"the default: their tokens spread more than a collapsed anchor's; check the evidence table")
     if n["excess"]:
+        spread = max((r["relative_dispersion"] for r in table if r["verdict"] == "excess"), default=math.nan)
+        why = (f"with {setting} the rule itself lets spread-out ids pass (the largest relative dispersion accepted is "
+               f"{spread:.3g})" if rule.max_dispersion > default else
+               "many collapsed ids usually mean an untrained or broken projector")
         out.append(f"anchor discovery: {n['excess']} more ids passed the anchor tests than max_anchors={rule.max_anchors} keeps; "
-                   "many collapsed ids usually mean an untrained or broken projector: check the evidence table")
+                   f"{why}: check the evidence table")
     if n["dead"] > 3:
-        names = ", ".join(repr(r["token"]) for r in table if r["verdict"] == "dead")
-        out.append(f"anchor discovery: {n['dead']} dead anchors ({names}); a real vocabulary usually has one to three. "
-                   "Check the evidence table (dispersion, images) before trusting the partition")
+        names = ", ".join(repr(r["token"]) for r in dead)
+        out.append(f"anchor discovery: {n['dead']} dead anchors ({names}) with {setting}; a real vocabulary usually has one "
+                   "to three. Check the evidence table (dispersion, images) before trusting the partition")
+    near = [r for r in dead if r not in loosened and r["relative_dispersion"] * MARGIN > rule.max_dispersion]
+    near += [r for r in table if r["verdict"] == "content" and r["relative_dispersion"] < rule.max_dispersion * MARGIN]
+    if near:
+        out.append(f"anchor discovery: marginal decision: {', '.join(_fmt(r) + ' -> ' + r['verdict'] for r in near)} "
+                   f"within a factor {MARGIN:g} of {setting}; the verdict could flip with other data")
+    seps = [r["separation"] for r in table if r["verdict"] == "dead" and not math.isnan(r["separation"])]
+    if seps and min(seps) < MIN_SEPARATION:
+        worst = max(dead, key=lambda r: r["relative_dispersion"])
+        closest = min((r for r in table if r["verdict"] == "content"), key=lambda r: r["relative_dispersion"], default=None)
+        other = f"content word {_fmt(closest)}" if closest is not None else "the closest content word"
+        out.append(f"anchor discovery: marginal decision: dead anchor {_fmt(worst)} and {other} are only "
+                   f"{min(seps):.2g}x apart in relative dispersion (a clear case is {MIN_SEPARATION:g}x or more): the "
+                   "dead anchors may include content words; check the evidence table")
     return out
 
 

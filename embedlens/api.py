@@ -313,7 +313,6 @@ def probe(
     from embedlens.plan.schema import PartitionSpec
     from embedlens.plan.store import _plain
     from embedlens.probes.base import Tensors
-    from embedlens.probes.partition import TokenPartition
     from embedlens.registry import probes as probe_registry
     from embedlens.tracing import collect
 
@@ -346,8 +345,8 @@ def probe(
         part.check(adapter)
     the_probe = cls(**params)
     the_probe.check(adapter)
-    if part is not None and isinstance(the_probe, TokenPartition):
-        the_probe.use_partition(part)  # one partition, as in a plan
+    if part is not None and hasattr(the_probe, "use_partition"):
+        the_probe.use_partition(part)  # one partition and one discovery, as in a plan
     items = _as_samples(samples, adapter)
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 

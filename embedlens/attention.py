@@ -11,6 +11,7 @@ import functools
 import inspect
 import re
 import sys
+from collections.abc import Sequence
 
 import torch
 
@@ -80,34 +81,68 @@ def applies_softcap(attention_class: type) -> bool:
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
-def layer_windows(cfg, n_layers: int, name: str) -> tuple[list[str], list[int | None]]:
+def attention_window(attn: torch.nn.Module, cfg) -> int | None:
+    """The sliding window one attention module applies (None: full attention), read from the module itself.
+
+    A config may carry a ``sliding_window`` that its model never uses: Hugging Face's Idefics3 tester gives the text
+    model a ``LlamaConfig(sliding_window=32)`` and ``LlamaModel`` attends over every key whatever it says. So the
+    window comes from what the attention does, in this order:
+
+    - the module's own ``sliding_window`` attribute, set per layer when it is built (Qwen2/3, Gemma 2/3: the value
+      for a sliding layer, None for a full one);
+    - else, whether its forward passes ``sliding_window=`` to its attention function (Mistral, Phi-3 slide every
+      layer by ``config.sliding_window``; their model builds the matching sliding mask from the same value);
+    - else full attention (Llama and every family whose attention has no window).
+
+    When the forward's source cannot be read (a compiled or C-extension module), the config decides, as the engine
+    did before.
+    """
+    if "sliding_window" in vars(attn):
+        return vars(attn)["sliding_window"]
+    window = getattr(cfg, "sliding_window", None)
+    if window is None or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return window if _passes_window(type(attn)) else None
+
+
+@functools.cache
+def _passes_window(attention_class: type) -> bool:
+    try:
+        return re.search(r"\bsliding_window\s*=", inspect.getsource(attention_class.forward)) is not None
+    except (OSError, TypeError):  # no source to read: trust the config
+        return True
+
+
+def layer_windows(cfg, attention: Sequence[torch.nn.Module], name: str) -> tuple[list[str], list[int | None]]:
     """Each decoder layer's type and sliding window (None: full attention), read as the model reads them.
 
-    ``config.layer_types`` when the config has it (Gemma 2/3, Qwen2, Mistral in recent transformers); without
-    it, every layer slides when ``sliding_window`` is set (older Mistral configs), unless
-    ``use_sliding_window`` is False (Qwen2's switch).
+    The window is what each layer's attention module applies (`attention_window`), never a config attribute the
+    model ignores. The type is the module's ``layer_type`` when it has one (Gemma 3 rotates sliding and full
+    layers with different bases), else the one its window implies.
+
+    Args:
+        cfg: the language model's config.
+        attention: each decoder layer's attention module, in order.
+        name: the adapter's name, for errors.
 
     Raises:
         AdapterError: a layer type the engine cannot mask (chunked or linear attention), or a sliding layer
             without a window.
     """
-    types = list(getattr(cfg, "layer_types", None) or ())
-    window = getattr(cfg, "sliding_window", None)
-    if not types:
-        slides = window is not None and getattr(cfg, "use_sliding_window", True)
-        types = ["sliding_attention" if slides else "full_attention"] * n_layers
-    bad = sorted(set(types) - set(LAYER_TYPES))
+    windows = [attention_window(attn, cfg) for attn in attention]
+    types = [getattr(attn, "layer_type", None) or ("sliding_attention" if w is not None else "full_attention")
+             for attn, w in zip(attention, windows)]
+    bad = sorted((set(types) | set(getattr(cfg, "layer_types", None) or ())) - set(LAYER_TYPES))
     if bad:
         raise AdapterError(
             f"{name}: config.layer_types has {', '.join(map(repr, bad))}; the intervention engine masks "
             f"{' and '.join(LAYER_TYPES)} layers only"
         )
-    if len(types) < n_layers:
-        raise AdapterError(f"{name}: config.layer_types names {len(types)} layers; the language model has {n_layers}")
-    if "sliding_attention" in types and not (isinstance(window, int) and window > 0):
-        raise AdapterError(f"{name}: config.layer_types has sliding_attention layers but config.sliding_window is {window!r}; expected a positive int")
-    types = types[:n_layers]
-    return types, [window if t == "sliding_attention" else None for t in types]
+    for t, w in zip(types, windows):
+        if (t == "sliding_attention") != (w is not None) or (w is not None and not (isinstance(w, int) and w > 0)):
+            raise AdapterError(f"{name}: config.layer_types has sliding_attention layers but config.sliding_window is "
+                               f"{getattr(cfg, 'sliding_window', None)!r}; expected a positive int")
+    return types, windows
 
 
 def rotary_embeddings(lm: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor, layer_types) -> dict:

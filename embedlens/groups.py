@@ -112,6 +112,7 @@ class Partition(Stateful):
     discovered: dict[str, list[int]] = field(default_factory=dict, init=False)
     evidence: list[dict] = field(default_factory=list, init=False, repr=False)
     discovery_notes: list[str] = field(default_factory=list, init=False, repr=False)
+    discovery_counts: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     tally: dict[str, dict[str, int]] = field(default_factory=dict, init=False, repr=False)
     decoded: dict[int, str] = field(default_factory=dict, init=False, repr=False)
 
@@ -238,7 +239,8 @@ class Partition(Stateful):
         found = disc.anchors()
         self.discovered = {g: found.get(g, []) for g in DEFAULT_ORDER}
         self.evidence = disc.table(adapter)
-        self.discovery_notes = discovery_warnings(self.evidence, disc.rule)
+        self.discovery_notes = discovery_warnings(self.evidence, disc.rule, "partition.discover_max_dispersion")
+        self.discovery_counts = {"images": disc.evidence.n_images, "tokens": disc.evidence.n_tokens}
         self._decode(adapter)
         return self.discovered
 
@@ -406,14 +408,39 @@ def partition_warnings(part: Partition, total: dict[str, int], emptied: dict[str
         if dead > DEAD_HIGH:
             out.append(f"partition: {dead:.0%} of visual tokens are dead (more than {DEAD_HIGH:.0%}); the dead anchors "
                        f"({how}: {', '.join(repr(a['token']) for a in part.anchor_table() if a['group'] == 'dead')}) "
-                       "probably include content words: check the discovery evidence, or give anchors / a larger data set")
+                       f"probably include content words: {_dead_setting(part)}")
         elif dead < DEAD_LOW:
             out.append(f"partition: only {dead:.1%} of visual tokens are dead (less than {DEAD_LOW:.0%}); "
-                       + ("no dead anchor was found: this model may have no dead tokens, or the data set is too small"
-                          if part.discover and not part._all_anchors().get("dead") else "check the dead anchors and k"))
+                       + (_no_dead_anchor(part) if part.discover and not part._all_anchors().get("dead") else "check the dead anchors and k"))
     for g, keys in emptied.items():
         if keys:
             shown = ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")
             out.append(f"partition: group {g!r} holds every visual token of {len(keys)} image(s) ({shown}); "
                        f"a condition that removes {g!r} leaves those images without visual tokens")
     return out
+
+
+def _dead_setting(part: Partition) -> str:
+    """What produced the dead anchors, for the too-many-dead warning: the anchors given, or the discovery setting."""
+    if not part.discover:
+        return "they were given in partition.anchors.dead: check them and k"
+    default = AnchorRule.max_dispersion
+    rels = [r["relative_dispersion"] for r in part.evidence if r["verdict"] == "dead"]
+    ev = f"their relative dispersion is {min(rels):.3g}-{max(rels):.3g}" if rels else "no dead anchor was discovered"
+    if part.discover_max_dispersion > default:
+        return (f"partition.discover_max_dispersion={part.discover_max_dispersion:g} is above the default {default:g} and "
+                f"{ev}: the loosened rule accepts spread-out words; check the discovery evidence")
+    return f"discovered with partition.discover_max_dispersion={part.discover_max_dispersion:g}, {ev}: check the discovery evidence, or give anchors / a larger data set"
+
+
+def _no_dead_anchor(part: Partition) -> str:
+    """Why discovery found no dead anchor, with the closest candidate's evidence against the threshold."""
+    cands = [r for r in part.evidence if r["verdict"] == "content" and not math.isnan(r["relative_dispersion"])]
+    msg = "no dead anchor was found: this model may have no dead tokens, or the data set is too small"
+    if cands:
+        c = min(cands, key=lambda r: r["relative_dispersion"])
+        msg += (f"; the closest candidate, {c['token']!r} (nearest id in {c['image_fraction']:.0%} of the images), has relative "
+                f"dispersion {c['relative_dispersion']:.3g} against partition.discover_max_dispersion="
+                f"{part.discover_max_dispersion:g} (dense images, with few background patches that all touch objects, "
+                "spread the background's tokens)")
+    return msg

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from embedlens.anchors import AnchorEvidence, AnchorRule
+from embedlens.anchors import MARGIN, MIN_SEPARATION, AnchorEvidence, AnchorRule
 from embedlens.groups import Partition
 from embedlens.probes import AnchorDiscovery
 from embedlens.testing.planted import planted_model, planted_samples
@@ -111,8 +111,10 @@ def test_frequency_alone_would_call_the_everywhere_word_an_anchor():
     part.fit(adapter, [batch])
     ev = {r["id"]: r for r in part.evidence}
     assert ev[truth.content_id]["image_fraction"] == ev[truth.dead_id]["image_fraction"] == 1.0
-    assert ev[truth.content_id]["relative_dispersion"] > 3 * part.discover_max_dispersion
+    assert ev[truth.content_id]["relative_dispersion"] > MARGIN * part.discover_max_dispersion  # not even marginal
     assert ev[truth.dead_id]["relative_dispersion"] < part.discover_max_dispersion / 5
+    assert ev[truth.dead_id]["separation"] > 10 * MIN_SEPARATION  # and the run says how far apart the two are
+    assert not [w for w in part.summary()["warnings"] if "marginal" in w]
 
 
 def test_evidence_is_decoded_and_explains_every_verdict():
@@ -125,3 +127,89 @@ def test_evidence_is_decoded_and_explains_every_verdict():
         assert r["verdict"] in ("sink", "dead", "content", "rare", "excess") and r["reason"]
     assert {a["token"] for a in part.anchor_table() if a["group"] == "dead"} == {"empty", "dead"}
     assert [a["token"] for a in part.anchor_table() if a["group"] == "sink"] == ["corner"]
+
+
+# -- anisotropic tokens: content words close in absolute terms, no dead token anywhere --------------------------------
+C3 = ("red", "yellow", "blue")  # each colour word is some token's nearest id in a third of the images: candidates
+
+
+def _anisotropic(background: str):
+    adapter, truth = planted_model("clip", background=background, anisotropy=1.0)
+    samples = planted_samples(12, colours=C3)
+    part = Partition(discover=True, k=1)
+    part.fit(adapter, [adapter.encode(samples[i : i + 6], padding_side="left") for i in (0, 6)])
+    for h in truth.handles:
+        h.remove()
+    return part, truth
+
+
+@pytest.fixture(scope="module")
+def anisotropic():
+    return _anisotropic("content")
+
+
+def test_anisotropic_content_without_dead_tokens_is_no_anchor_or_a_marginal_warning(anisotropic):
+    """Tokens clustered around one direction (as real checkpoints' are): every content word's tokens are close in
+    absolute terms (dispersion < max_dispersion), so an absolute criterion calls them dead with full confidence.
+    Relative to the spread between words they are not collapsed: discovery finds no dead anchor, or says the decision
+    is marginal, with the evidence."""
+    part, truth = anisotropic
+    ev = {r["token"]: r for r in part.evidence}
+    frequent = [ev[w] for w in ("empty", *C3)]
+    assert all(r["image_fraction"] >= part.discover_min_images for r in frequent)
+    assert all(r["dispersion"] < part.discover_max_dispersion for r in frequent)  # absolute: all look collapsed
+    marginal = [w for w in part.summary()["warnings"] if "marginal decision" in w]
+    assert not part.discovered["dead"] or marginal, (part.discovered, part.summary()["warnings"])
+    for i in part.discovered["dead"]:  # every dead anchor the warning calls marginal is named there with its evidence
+        tok = part.decoded[i]
+        assert any(repr(tok) in w and "relative dispersion" in w for w in marginal), marginal
+
+
+def test_the_reference_does_not_depend_on_how_many_dead_tokens_there_are(anisotropic):
+    """The same content words, with the background dead instead of content: their relative dispersion is the same
+    (the reference is the spread between words; collapsed pairs of one anchor do not count in it)."""
+    part, _ = anisotropic
+    dead_bg, truth = _anisotropic("dead")
+    assert dead_bg.discovered["dead"] == [truth.dead_id]
+    a = {r["token"]: r["relative_dispersion"] for r in part.evidence}
+    b = {r["token"]: r["relative_dispersion"] for r in dead_bg.evidence}
+    for w in C3:
+        assert b[w] == pytest.approx(a[w], rel=0.05), (w, a[w], b[w])
+
+
+def test_identical_tokens_have_zero_dispersion_not_negative():
+    x = torch.tensor([[0.3, 0.7, -0.2]]).repeat(8, 1)
+    x = torch.cat([x, torch.randn(8, 3, generator=torch.Generator().manual_seed(2))])
+    ev = AnchorEvidence()
+    ev.add(x, torch.tensor([4] * 8 + [1, 2] * 4), torch.arange(16) % 8, torch.zeros(16, dtype=torch.bool))
+    row = next(r for r in ev.table(AnchorRule()) if r["id"] == 4)
+    assert row["dispersion"] == 0.0 and row["relative_dispersion"] == 0.0 and row["verdict"] == "dead"
+
+
+def test_warnings_name_the_setting_and_give_the_evidence(anisotropic):
+    """A loosened threshold that lets content words pass is named as the cause; with no dead anchor, the warning gives
+    the closest candidate's relative dispersion against the threshold."""
+    adapter, truth = planted_model("clip", background="content", anisotropy=1.0)
+    try:
+        batch = adapter.encode(planted_samples(12, colours=C3), padding_side="left")
+        loose = Partition(discover=True, k=1, discover_max_dispersion=0.5)
+        loose.fit(adapter, [batch])
+        loose.label(adapter, batch)
+        warnings = loose.summary()["warnings"]
+        accepted = {r["token"]: r for r in loose.evidence if r["verdict"] == "dead"}
+        assert {"red", "yellow"} <= set(accepted)  # content words, 0.23-0.25, pass only because of the setting
+        named = [w for w in warnings if "only because partition.discover_max_dispersion=0.5 (default 0.2)" in w]
+        assert named and all(f"{accepted[t]['relative_dispersion']:.3g}" in named[0] for t in ("red", "yellow")), warnings
+        assert not any("broken projector" in w for w in warnings)
+    finally:
+        for h in truth.handles:
+            h.remove()
+    adapter, truth = _planted("no_dead_tokens", background="content")
+    part = Partition(discover=True, k=1)
+    batch = adapter.encode(planted_samples(10), padding_side="left")
+    part.fit(adapter, [batch])
+    part.label(adapter, batch)
+    empty = next(r for r in part.evidence if r["token"] == "empty")
+    note = [w for w in part.summary()["warnings"] if "no dead anchor was found" in w]
+    assert note and "'empty'" in note[0] and f"{empty['relative_dispersion']:.3g}" in note[0], note
+    assert "partition.discover_max_dispersion=0.2" in note[0]

@@ -99,3 +99,36 @@ def test_paired_continuous_and_errors():
         paired(x, y, confidence=95)
     with pytest.raises(InputError, match="one length"):
         paired([1, 0], [1])
+
+
+# -- the columns figures and reports draw: standard errors and interval quantiles (issue 29) ----------------------------
+def test_effect_sem_is_the_standard_error_not_the_standard_deviation():
+    """The effects table's ``sem`` (the figures' error bars) is sd(ddof=1) / sqrt(n), per condition and column, against
+    numpy; the standard deviation itself is sqrt(n) times larger and fails at any tolerance used here."""
+    from embedlens.plan.effects import EffectSummary
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0.4, 0.2, 25), rng.normal(-1.0, 2.0, 9)
+    es = EffectSummary()
+    es.add({"condition": ["c"] * 25, "sample": list(range(25)), "m": a.tolist()})
+    es.add({"condition": ["d"] * 9, "sample": list(range(9)), "m": b.tolist(), "x": [float("nan")] * 9})
+    st = es.stats()
+    for cond, x in (("c", a), ("d", b)):
+        assert st[cond]["m"]["n"] == len(x)
+        assert st[cond]["m"]["mean"] == pytest.approx(x.mean(), rel=1e-12)
+        assert st[cond]["m"]["sem"] == pytest.approx(x.std(ddof=1) / np.sqrt(len(x)), rel=1e-9)
+    assert "x" not in st["d"]  # NaN skipped, not counted
+
+
+def test_bootstrap_interval_takes_the_alpha_over_two_quantiles():
+    """At 95%: the 2.5% and 97.5% quantiles of the bootstrap means (same draws), and, independently, normal theory's
+    mean +- 1.96 sd / sqrt(n) within 3% on n = 400; alpha instead of alpha / 2 (mean +- 1.645 se) is 16% narrower."""
+    x = np.random.default_rng(11).normal(2.0, 1.0, 400)
+    lo, hi = bootstrap_ci(x, resamples=20000, confidence=0.95, seed=4)
+    means = bootstrap_means(x, 20000, 4)
+    assert (lo, hi) == tuple(np.quantile(means, [0.025, 0.975]))
+    half = 1.959964 * x.std(ddof=1) / np.sqrt(x.size)
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.03)
+    assert (lo + hi) / 2 == pytest.approx(x.mean(), abs=0.05 * half)
+    lo90, hi90 = bootstrap_ci(x, resamples=20000, confidence=0.90, seed=4)
+    assert (hi90 - lo90) / 2 == pytest.approx(1.644854 / 1.959964 * half, rel=0.03)

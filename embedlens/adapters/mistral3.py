@@ -28,7 +28,8 @@ row per patch (``[1, patches, d]``) and ``projector`` one row per token
 the batch's ``image_sizes``).
 
 The language model is Mistral: plain 1-D positions, and sliding-window
-attention on every layer when ``text_config.sliding_window`` is set (read by
+attention on every layer when ``text_config.sliding_window`` is set (its
+attention passes the window to the attention function; read by
 `embedlens.attention.layer_windows`).
 
 Example:

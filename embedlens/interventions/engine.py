@@ -23,8 +23,10 @@ those per-layer arguments itself:
 - the attention mask is causal in the original order (plus the family's
   bidirectional blocks, e.g. PaliGemma's prefix, Gemma 3's images), minus what
   knockouts block;
-- a sliding-window layer (``config.layer_types[i] == "sliding_attention"``,
-  window ``config.sliding_window``; Gemma 2/3, Mistral) also masks every key
+- a sliding-window layer (one whose attention module applies a window,
+  `embedlens.attention.attention_window`: Gemma 2/3, Mistral, Qwen2's sliding
+  layers; a stray ``sliding_window`` in a Llama config is ignored, as Llama
+  ignores it) also masks every key
   ``sliding_window`` or more *rows* before the query (bidirectional blocks
   included or not, as the family's `Adapter.window_bounds_blocks` says). Rows, not position ids:
   Hugging Face measures the window in sequence index (``kv_idx > q_idx -
@@ -378,7 +380,7 @@ class Engine:
                 f"(they pass their own masks); the model runs {impl!r}. Load it with attn_implementation='sdpa'"
             )
         self.eager = impl == "eager"
-        self.layer_types, self.windows = layer_windows(cfg, len(self.layers), adapter.name)
+        self.layer_types, self.windows = layer_windows(cfg, [resolve_path(layer, adapter.paths.attn) for layer in self.layers], adapter.name)
         self.cache_kwarg = cache_kwarg(self.layers[0]) if self.layers else "past_key_values"
         self._layer_devices: list[torch.device] | None = None
 

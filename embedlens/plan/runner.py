@@ -49,7 +49,6 @@ from embedlens.plan import distributed
 from embedlens.plan.store import CHECKPOINT, Parts, RunLock, _plain, check_parts, claim, clear_run, offload_dir, remove_offload, remove_shards, remove_temp, shard_dir
 from embedlens.sites import Site
 from embedlens.probes.base import Probe, Tensors
-from embedlens.probes.partition import TokenPartition
 from embedlens.registry import interventions as intervention_registry
 from embedlens.registry import metrics as metric_registry
 from embedlens.registry import probes as probe_registry
@@ -251,9 +250,16 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None, model: str | Non
             head, _, msg = str(e).partition(": ")  # "partition.anchors.dead: ..." -> that key
             key = tuple(head.split(".")) if head.startswith("partition.") else ("partition",)
             raise loaded.error(key, msg if head.startswith("partition.") else str(e)) from None
-    for _, probe in built:  # one partition per plan (see loader._one_partition): token_partition labels with it
-        if isinstance(probe, TokenPartition) and partition is not None:
-            probe.use_partition(partition)
+    for i, (_, probe) in enumerate(built):  # one partition per plan (see loader._one_partition): token_partition
+        if partition is not None and hasattr(probe, "use_partition"):  # labels with it, anchor_discovery reports its discovery
+            try:
+                probe.use_partition(partition)
+            except EmbedLensError as e:
+                raise _plugin_error(loaded, ("probes", i), plan.probes[i], e) from None
+    own = [i for i, spec in enumerate(plan.probes) if spec.name == "anchor_discovery"]
+    if not (partition is not None and partition.discover) and len({repr(sorted(plan.probes[i].params.items())) for i in own}) > 1:
+        raise loaded.error(("probes", own[-1]), "a run has one anchor discovery: give the anchor_discovery probes the same "
+                           "parameters, or set them once in a partition: block with discover: true")
     records = read_data(loaded, adapter)
     breakdown_fields(loaded, records)  # report.breakdown names fields the samples have
     key = ("data", "prompts" if plan.data.prompts else "dataset" if plan.data.dataset else "synthetic")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -15,6 +16,7 @@ from embedlens.sites import Site
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
+    from embedlens.groups import Partition
 
 
 @probes.register("anchor_discovery")
@@ -32,6 +34,12 @@ class AnchorDiscovery(Probe):
     ``partition: {discover: true}`` runs, with the same defaults; the
     ``candidates`` table holds the evidence of every id seen in two images or
     more.
+
+    One run has one discovery: when the plan's partition discovers its anchors
+    (a ``partition:`` block, or ``token_partition``), this probe reports that
+    discovery (its evidence, anchors and warnings) instead of running its own,
+    and a parameter given here that differs from the partition's is an error
+    naming the partition key to set instead.
 
     Args:
         min_image_fraction: share of images an anchor must occur in (and at least two).
@@ -89,6 +97,31 @@ class AnchorDiscovery(Probe):
         self._rule = rule
         self._disc: Discoverer | None = None
         self._table: list[dict[str, Any]] = []
+        self._partition: "Partition | None" = None
+
+    def use_partition(self, partition: "Partition") -> None:
+        """Report `partition`'s discovery (the run's one) instead of running a second one.
+
+        Raises:
+            PlanError: a parameter set here (not its default) differs from the partition's, naming both keys.
+        """
+        if not partition.discover:
+            return  # the partition's anchors are given: this probe's discovery is the run's only one
+        mine = {"min_image_fraction": "discover_min_images", "max_dispersion": "discover_max_dispersion",
+                "sink_fraction": "discover_sink_fraction", "max_anchors": "discover_max_anchors", "matrix": "matrix",
+                "vit_layer": "vit_layer", "vit_sigma": "vit_sigma", "vit_ratio": "vit_ratio", "chunk_size": "chunk_size",
+                "search": "search", "massive_threshold": "massive_threshold", "massive_ratio": "massive_ratio"}
+        defaults = {k: v.default for k, v in inspect.signature(type(self).__init__).parameters.items() if k != "self"}
+        for key, theirs in mine.items():
+            value = getattr(self, key)
+            if value != defaults[key] and value != getattr(partition, theirs):
+                raise PlanError(f"{key}: anchor_discovery reports the run's one discovery, the partition's "
+                                f"(partition.{theirs} = {getattr(partition, theirs)!r}); set {theirs} in the partition: "
+                                f"block and give anchor_discovery no {key}")
+        if self.massive != defaults["massive"] and self.massive != (partition.massive is not None):
+            raise PlanError("massive: anchor_discovery reports the partition's discovery, which counts massive activations "
+                            "only when partition.massive names a group; set it there")
+        self._partition, self._rule = partition, partition.anchor_rule()
 
     def _discoverer(self, adapter: "Adapter") -> Discoverer:
         if self._disc is None:
@@ -100,12 +133,17 @@ class AnchorDiscovery(Probe):
         return self._disc
 
     def sites(self, adapter: "Adapter") -> list[Site]:
+        if self._partition is not None:
+            return []  # the partition's own pass collects the evidence
         try:
             return self._discoverer(adapter).sites(adapter)
         except EmbedLensError as e:
             raise PlanError(f"anchor_discovery.vit_layer: {e}") from None
 
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
+        if self._partition is not None:
+            self._table = list(self._partition.evidence)
+            return {}
         disc = self._discoverer(adapter)
         disc.update(adapter, batch, acts)
         self._table = disc.table(adapter)
@@ -124,13 +162,21 @@ class AnchorDiscovery(Probe):
         return out
 
     def result(self) -> dict[str, Any]:
-        ev = self._disc.evidence if self._disc is not None else None
+        if self._partition is not None:
+            self._table = list(self._partition.evidence)
+            n_images, n_tokens = self._partition.discovery_counts.get("images", 0), self._partition.discovery_counts.get("tokens", 0)
+            warnings = list(self._partition.discovery_notes)
+        else:
+            ev = self._disc.evidence if self._disc is not None else None
+            n_images, n_tokens = (ev.n_images, ev.n_tokens) if ev else (0, 0)
+            warnings = discovery_warnings(self._table, self._rule, "anchor_discovery.max_dispersion")
         return {
-            "n_images": ev.n_images if ev else 0,
-            "n_visual_tokens": ev.n_tokens if ev else 0,
+            "source": "partition" if self._partition is not None else "anchor_discovery",
+            "n_images": n_images,
+            "n_visual_tokens": n_tokens,
             "anchors": {g: [{"id": c["id"], "token": c["token"]} for c in self._table if c["verdict"] == g] for g in ("sink", "dead")},
             "candidates": self.candidates(),
-            "warnings": discovery_warnings(self._table, self._rule),
+            "warnings": warnings,
         }
 
     def final_tables(self) -> dict[str, Table]:

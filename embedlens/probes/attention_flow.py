@@ -62,7 +62,7 @@ def llm_attention_rows(adapter: "Adapter", batch: "Batch", layer: int, h_in: tor
     norm = resolve_path(block, adapter.paths.attn_norm)
     dev = h_in.device
     pos_ids = adapter.position_ids(batch.inputs).to(dev)
-    types, windows = layer_windows(lm.config, len(blocks), adapter.name)
+    types, windows = layer_windows(lm.config, [resolve_path(b, adapter.paths.attn) for b in blocks], adapter.name)
     block_ids = adapter.block_ids(batch.inputs)
     with torch.no_grad():
         cos_sin = rotary_embeddings(lm, h_in, pos_ids, types[layer : layer + 1])[types[layer]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,16 @@ if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
 
 FLAGS = ("vit_norm", "massive", "attention_sink")
+#: Kang et al.'s tau, chosen for LLaMA-2-7B (d = 4096, where an RMS-normalised value reaches at most sqrt(d) = 64).
+KANG_TAU = 20.0
+#: The default tau is at most this share of sqrt(d): a small model's ceiling is far below 20 (8 at d = 64).
+TAU_SHARE = 0.5
+
+
+def default_tau(d: int) -> float:
+    """Kang et al.'s 20, or half the ceiling sqrt(d) where that is lower (an RMS-normalised value is at most sqrt(d),
+    reached by a token with all its energy in one dimension; Gaussian noise reaches about sqrt(2 ln d))."""
+    return min(KANG_TAU, TAU_SHARE * math.sqrt(d))
 
 
 @probes.register("sink_detector")
@@ -35,8 +46,13 @@ class SinkDetector(Probe):
       reported for every token, not only visual ones.
     - **Visual attention sinks** (Kang et al.): max over the sink dims of the
       RMS-normalised hidden state > ``tau``, at layers >= ``sink_from_layer``.
-      Sink dims are given, or found per batch as the dims where the BOS
-      token's (else the first token's) RMS-normalised value exceeds ``tau``.
+      Sink dims are given, or found per batch as the dims where a token
+      examined (the visual tokens, and the BOS token, else the first token) has
+      an RMS-normalised value above ``tau``. An RMS-normalised value is at most
+      sqrt(d), so ``tau`` defaults to Kang et al.'s 20 or half of sqrt(d),
+      whichever is lower (20 is out of reach below d = 400); a ``tau`` at or
+      above sqrt(d) cannot fire, and the result says so (``attention_sink``)
+      instead of reporting a disagreement.
 
     Agreement: for each pair of detectors, tokens flagged by both, by either
     and their Jaccard index; and, when the run has a partition, how many of
@@ -56,15 +72,15 @@ class SinkDetector(Probe):
         vit_ratio: a flagged norm is also at least this many times the image's median.
         massive_threshold: |a| above this ...
         massive_ratio: ... and this many times the median |a|.
-        tau: attention-sink threshold on the RMS-normalised value.
+        tau: attention-sink threshold on the RMS-normalised value; None: `default_tau` of the hidden size.
         sink_from_layer: first LLM layer of the attention-sink test.
-        sink_dims: sink dimensions; None finds them from the BOS token.
+        sink_dims: sink dimensions; None finds them from the tokens examined.
 
     Example:
         >>> from embedlens.testing import tiny_batch
         >>> from embedlens.tracing import collect
         >>> adapter, batch = tiny_batch("llava-clip", n=2, padding_side="left")
-        >>> probe = SinkDetector(tau=5.0)
+        >>> probe = SinkDetector()
         >>> rows = probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))["tokens"]
         >>> len(rows["vit_norm_flag"]) == int(batch.roles.visual.sum())
         True
@@ -78,7 +94,7 @@ class SinkDetector(Probe):
         vit_ratio: float = 2.0,
         massive_threshold: float = 100.0,
         massive_ratio: float = 1000.0,
-        tau: float = 20.0,
+        tau: float | None = None,
         sink_from_layer: int = 2,
         sink_dims: list[int] | None = None,
     ):
@@ -86,8 +102,8 @@ class SinkDetector(Probe):
             raise PlanError(f"sink_detector.vit_sigma: must be > 0; got {vit_sigma}")
         if not vit_ratio >= 0:
             raise PlanError(f"sink_detector.vit_ratio: must be >= 0; got {vit_ratio}")
-        if tau <= 0:
-            raise PlanError(f"sink_detector.tau: must be > 0; got {tau}")
+        if tau is not None and not (math.isfinite(tau) and tau > 0):
+            raise PlanError(f"sink_detector.tau: must be a finite number > 0, or null for the default scaled to the hidden size; got {tau}")
         self.vit_layer, self.vit_sigma, self.vit_threshold, self.vit_ratio = vit_layer, vit_sigma, vit_threshold, vit_ratio
         self.massive_threshold, self.massive_ratio, self.tau = massive_threshold, massive_ratio, tau
         self.sink_from_layer, self.sink_dims = sink_from_layer, sink_dims
@@ -98,6 +114,21 @@ class SinkDetector(Probe):
         self._by_group: dict[str, dict[str, int]] = {}
         self._n = 0
         self._first = FirstImage()
+        self._d: int | None = None  # the hidden size seen: tau's ceiling is sqrt(d)
+
+    def tau_for(self, d: int) -> float:
+        """The threshold used on a model of hidden size `d`."""
+        return self.tau if self.tau is not None else default_tau(d)
+
+    def cannot_fire(self) -> str | None:
+        """Why the attention-sink test cannot flag any token here, or None."""
+        if self._d is None:
+            return None
+        tau, ceiling = self.tau_for(self._d), math.sqrt(self._d)
+        if tau >= ceiling:
+            return (f"cannot fire: tau={tau:g} is at or above sqrt(d)={ceiling:.3g}, the largest RMS-normalised value any token "
+                    f"can have at hidden size {self._d} (the default would be {default_tau(self._d):.3g})")
+        return None
 
     def check(self, adapter: "Adapter") -> None:
         self.sites(adapter)
@@ -132,6 +163,10 @@ class SinkDetector(Probe):
         max_abs = torch.zeros(n_tok)
         sink_score = torch.zeros(n_tok)
         ref = batch.roles.bos if batch.roles.bos.any() else _first_valid(valid)
+        examined = ref.clone()
+        examined[s, p] = True  # sink dims come from the tokens the test looks at, not from BOS alone
+        self._d = int(acts[Site("llm.layers", 0)].shape[-1])
+        tau = self.tau_for(self._d)
         for layer in range(adapter.n_llm_layers):
             h = acts[Site("llm.layers", layer)].float().cpu()
             flags, med = massive_entries(h, valid, self.massive_threshold, self.massive_ratio)
@@ -145,10 +180,10 @@ class SinkDetector(Probe):
             st["dims"].update(d_i.tolist())
             st["roles"].update(Role(int(k)).name.lower() for k in kind[b_i, pos_i].tolist())
             if layer >= self.sink_from_layer:
-                dims = self.sink_dims if self.sink_dims is not None else sink_dims(h, ref, self.tau)
+                dims = self.sink_dims if self.sink_dims is not None else sink_dims(h, examined, tau)
                 self._dims_found.update(dims)
                 sink_score = torch.maximum(sink_score, attention_sink_scores(h, dims)[s, p])
-        attn_flag = sink_score > self.tau
+        attn_flag = sink_score > tau
         flags = {"vit_norm": vit_flag, "massive": massive, "attention_sink": attn_flag}
         for f, v in flags.items():
             self._flag_counts[f] += int(v.sum())
@@ -185,11 +220,20 @@ class SinkDetector(Probe):
                 "top_dims": st["dims"].most_common(5),
                 "roles": dict(st["roles"]),
             }
+        why = self.cannot_fire()
+        agreement = {}
+        for (a, b), (both, either) in self._pairs.items():
+            mute = why is not None and "attention_sink" in (a, b)  # no verdict, not a disagreement
+            agreement[f"{a}&{b}"] = {"both": both, "either": either, "jaccard": None if mute or not either else both / either}
+            if mute:
+                agreement[f"{a}&{b}"]["note"] = "attention_sink " + why
         return {
             "n_visual_tokens": self._n,
             "flag_counts": dict(self._flag_counts),
-            "agreement": {f"{a}&{b}": {"both": both, "either": either, "jaccard": both / either if either else None}
-                          for (a, b), (both, either) in self._pairs.items()},
+            "attention_sink": {"tau": self.tau_for(self._d) if self._d else self.tau, "ceiling": math.sqrt(self._d) if self._d else None,
+                               "status": why or "can fire"},
+            "warnings": [f"sink_detector: the attention-sink test {why}; set sink_detector.tau below the ceiling"] if why else [],
+            "agreement": agreement,
             "flags_by_group": self._by_group,
             "sink_dims": sorted(self._dims_found) if self.sink_dims is None else list(self.sink_dims),
             "layers": layers,

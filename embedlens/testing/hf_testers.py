@@ -264,11 +264,12 @@ LLAVA_NEXT_TESTER = dict(
              image_grid_pinpoints=[[32, 32]]),
 )
 
-#: `Idefics3VisionText2TextModelTester` and `SmolVLMVisionText2TextModelTester` (same values).
+#: `Idefics3VisionText2TextModelTester` and `SmolVLMVisionText2TextModelTester` (same values). Their text config is a
+#: `LlamaConfig` carrying ``sliding_window=32``, which `LlamaModel` ignores (full attention): the engine must too.
 IDEFICS3_TESTER = dict(
     text=dict(hidden_size=64, intermediate_size=56, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
               hidden_act="silu", max_position_embeddings=256, initializer_range=0.02, rms_norm_eps=1e-6,
-              tie_word_embeddings=False, rope_theta=10000.0, attention_dropout=0.0),
+              tie_word_embeddings=False, rope_theta=10000.0, attention_dropout=0.0, sliding_window=32),
     vision=dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32,
                 dropout=0.1, attention_dropout=0.1, initializer_range=0.02),
     top=dict(use_cache=False, tie_word_embeddings=False, scale_factor=2),

@@ -112,14 +112,17 @@ def planted_image(colour: str, index: int = 0, full: bool = False) -> Image.Imag
 
 
 def planted_samples(
-    n: int, questions: tuple[str, ...] = ("what colour is the square?", "what is it?"), full_every: int | None = None
+    n: int, questions: tuple[str, ...] = ("what colour is the square?", "what is it?"), full_every: int | None = None,
+    colours: tuple[str, ...] | None = None,
 ) -> list[Sample]:
     """`n` samples cycling through the colours, with per-patch colour annotations in ``meta.patch_labels``.
 
     Args:
         full_every: every `full_every`-th image (1st, (n+1)-th, ...) is filled by the square: no background.
+        colours: cycle through these (names of `COLOURS`) instead of all five; with three, each colour word is the
+            nearest id in a third of the images, frequent enough to be an anchor candidate.
     """
-    names = list(COLOURS)
+    names = list(colours or COLOURS)
     out = []
     for i in range(n):
         c = names[i % len(names)]
@@ -143,6 +146,7 @@ def planted_model(
     dead_words: tuple[str, ...] = ("empty",),
     content_word: str | None = None,
     background: str = "dead",
+    anisotropy: float = 0.0,
 ):
     """A tiny LLaVA (`tower` "clip" or "siglip") with planted sink, dead and alive tokens.
 
@@ -152,6 +156,9 @@ def planted_model(
         dead_words: the dead anchors; background patch row r goes to ``dead_words[r % len(dead_words)]``.
         content_word: every square's top-left patch goes to this word (plus content), in every image.
         background: "dead" (background patches are dead tokens) or "content" (they carry content: no dead tokens).
+        anisotropy: every dead and content token also gets this share of its row's norm along one fixed direction, so
+            that tokens cluster around it as real checkpoints' do (two tokens of different words are then far from
+            orthogonal, and a content word's tokens are close in absolute terms although they still differ).
 
     Returns:
         (adapter, `PlantedTruth`).
@@ -173,8 +180,10 @@ def planted_model(
     prefix = adapter.n_prefix_tokens
     # the content of a patch: a fixed projection of its pixel texture (its deviation from the patch mean)
     proj = torch.randn(3 * PATCH_SIZE * PATCH_SIZE, emb.shape[1], generator=torch.Generator().manual_seed(0))
+    common = torch.nn.functional.normalize(torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(1)), dim=0)
     state: dict[str, object] = {}
-    marker = emb[truth.dead_id] * 1.01  # the massive patch: same direction as the dead row, findable in the sequence
+    # the massive patch: same direction as a dead token, findable in the sequence
+    marker = (emb[truth.dead_id] + anisotropy * emb[truth.dead_id].norm() * common) * 1.01
     bos = emb[tok.bos_token_id]
 
     def capture_pixels(module, args, kwargs):
@@ -182,7 +191,7 @@ def planted_model(
 
     def with_content(row: torch.Tensor, patch: torch.Tensor, amount: float) -> torch.Tensor:
         texture = (patch - patch.mean(dim=(1, 2), keepdim=True)).flatten().float() @ proj
-        return row + amount * row.norm() * texture / texture.norm().clamp_min(1e-12)
+        return row + amount * row.norm() * texture / texture.norm().clamp_min(1e-12) + anisotropy * row.norm() * common
 
     # Hooks sit on the last submodule of each stage (an MLP, the projector's last linear) so that the
     # stage's own output, which is what a trace reads, already carries the planted values.

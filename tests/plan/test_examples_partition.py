@@ -136,3 +136,35 @@ def test_degenerate_partition_warns_in_console_and_report(tmp_path):
     assert "warning: partition:" in res.output
     report = (tmp_path / "out" / "report.html").read_text()
     assert 'id="warnings"' in report and "more than 90%" in report
+
+
+def test_one_discovery_per_run_whichever_probes_ask(tmp_path):
+    """A loosened partition: block and an anchor_discovery probe: the report holds one discovery (the partition's),
+    reported by the probe with the same anchors, evidence and warnings, the warnings naming the setting; a probe
+    parameter that would make a second discovery is refused, naming the partition key."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from embedlens.cli import app
+
+    head = ("model: {source: 'zoo:tiny-llava-clip'}\ndata: {synthetic: {n: 8, seed: 1, size: 96}, padding_side: left}\n"
+            "partition: {discover: true, discover_max_dispersion: 1.0, discover_min_images: 0.1}\n")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(head + "probes: [{name: anchor_discovery}, {name: token_partition}]\noutput: {figures: false}\n")
+    res = CliRunner().invoke(app, ["run", str(plan), "-o", str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    part = summary["partition"]
+    probe = summary["anchor_discovery"]
+    assert probe["source"] == "partition"
+    assert {g: [a["id"] for a in v] for g, v in probe["anchors"].items()} == {
+        g: [a["id"] for a in v] for g, v in part["discovered_anchors"].items()}
+    assert len(probe["anchors"]["dead"]) > 1  # the loosened rule's many anchors, not the probe's own default discovery
+    assert [c["id"] for c in probe["candidates"]] == [c["id"] for c in part["discovery"]]
+    assert probe["warnings"] and set(probe["warnings"]) <= set(part["warnings"])
+    assert any("partition.discover_max_dispersion=1 (default 0.2)" in w for w in probe["warnings"])
+    assert not any("broken projector" in w for w in part["warnings"])  # nothing collapsed: the setting did it
+    plan.write_text(head + "probes: [{name: anchor_discovery, params: {max_dispersion: 0.3}}]\noutput: {figures: false}\n")
+    res = CliRunner().invoke(app, ["run", str(plan), "-o", str(tmp_path / "out2"), "-q"])
+    assert res.exit_code == 2 and "discover_max_dispersion" in res.output and "Traceback" not in res.output, res.output

@@ -7,6 +7,7 @@ import torch
 
 from embedlens.groups import Partition
 from embedlens.probes import AnchorDiscovery, SemanticProbe, SinkDetector, TokenPartition
+from embedlens.sites import Site
 from embedlens.testing.planted import planted_model, planted_samples
 from embedlens.tracing import collect
 from tests.conftest import run_probe
@@ -72,7 +73,7 @@ def test_anchor_discovery_finds_exactly_the_planted_anchors(planted):
 
 def test_sink_detector_flags_exactly_the_planted_tokens(planted):
     adapter, truth, batch = planted
-    probe = SinkDetector(tau=5.0)  # a 64-wide model cannot reach tau=20: max |h/rms(h)| is sqrt(64)
+    probe = SinkDetector()  # tau scaled to d: a 64-wide model cannot reach 20 (max |h/rms(h)| is sqrt(64))
     rows = run_probe(probe, adapter, batch)["tokens"]
     p = truth.patch_masks(batch)
     assert torch.equal(_mask_of(rows, batch, "vit_norm_flag"), p["vit"])
@@ -100,3 +101,40 @@ def test_semantic_probe_reads_colour_from_object_tokens_only(planted):
     scores = {(e["group"]): e for e in probe.result()["scores"]}
     assert scores["alive"]["accuracy"] == 1.0 and scores["alive"]["n"] == 40
     assert scores["dead"]["accuracy"] is None and scores["dead"]["chance"] == 1.0  # one class: nothing to learn
+
+
+def test_attention_sink_test_fires_at_its_default_on_a_sink_of_realistic_strength(planted):
+    """The planted massive activation weakened to a realistic share of the ceiling sqrt(d) (0.6 of it; LLaMA-2-7B's
+    sinks pass Kang et al.'s tau = 20 = 0.31 sqrt(4096)): the default tau, scaled to the model's d, flags exactly
+    the planted token; Kang's 20 cannot fire at d = 64 and the result says so instead of reporting disagreement."""
+    import math
+
+    from embedlens.probes.sink_detector import default_tau
+
+    adapter, truth, batch = planted
+    d = adapter.input_embeddings().shape[1]
+    saved = truth.massive_value
+    try:
+        truth.massive_value = 0.0
+        h = collect(adapter, batch, [f"llm.layers[{truth.massive_layer}]"])[Site("llm.layers", truth.massive_layer)].float()
+        rest = h.norm(dim=-1).max()  # the largest residual norm without the plant
+        truth.massive_value = float(0.75 * rest)  # v / sqrt(v^2 + rest^2) = 0.6: the sink's RMS-normalised value is 0.6 sqrt(d)
+        probe = SinkDetector()
+        rows = run_probe(probe, adapter, batch)["tokens"]
+        p = truth.patch_masks(batch)
+        assert torch.equal(_mask_of(rows, batch, "attention_sink_flag"), p["massive"])
+        scores = torch.tensor(rows["attention_sink_score"])[torch.tensor(rows["attention_sink_flag"])]
+        assert (scores / math.sqrt(d)).min() >= 0.55 and (scores / math.sqrt(d)).max() <= 0.75  # about the strength planted
+        res = probe.result()
+        assert res["attention_sink"] == {"tau": default_tau(d), "ceiling": math.sqrt(d), "status": "can fire"}
+        assert res["sink_dims"] == [truth.massive_dim] and not res["warnings"]
+        kang = SinkDetector(tau=20.0)
+        rows = run_probe(kang, adapter, batch)["tokens"]
+        assert not any(rows["attention_sink_flag"])
+        res = kang.result()
+        assert res["attention_sink"]["status"].startswith("cannot fire") and res["warnings"]
+        assert res["agreement"]["massive&attention_sink"]["jaccard"] is None  # not 0.0: no verdict, not disagreement
+        assert "cannot fire" in res["agreement"]["massive&attention_sink"]["note"]
+        assert res["agreement"]["vit_norm&massive"]["jaccard"] is not None
+    finally:
+        truth.massive_value = saved
