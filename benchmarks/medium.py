@@ -75,8 +75,10 @@ def _tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return fast
 
 
-def medium_model(spec: MediumSpec = MediumSpec(), seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Build the medium model and its processor in float32 on the CPU."""
+def medium_model(spec: MediumSpec = MediumSpec(), seed: int = 0, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Build the medium model and its processor (float32 on the CPU by default; `device` and `dtype` build the
+    weights where and as they are used, e.g. bf16 straight on a GPU: no float32 copy on the host)."""
     tok = _tokenizer(spec.vocab_size)
     vision = dict(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_intermediate,
                   num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
@@ -105,7 +107,11 @@ def medium_model(spec: MediumSpec = MediumSpec(), seed: int = 0) -> tuple[LlavaF
         projector_hidden_act="gelu",
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    if device == "cpu" and dtype == torch.float32:
+        model = LlavaForConditionalGeneration(config).eval()
+    else:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
                                vision_feature_select_strategy=strategy, num_additional_image_tokens=extra,
                                chat_template=tok.chat_template)

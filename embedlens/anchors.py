@@ -395,9 +395,9 @@ class Discoverer(Stateful):
         vocab = self.vocab(adapter)
         x = acts[Site("llm.embed")][vt["sample"], vt["position"]]  # [tokens, d]
         _, ids = nearest_vocab(x, vocab, 1, self.chunk_size, search=self.search)
-        outlier = vit_norm_token_flags(adapter, batch, acts, self.vit_layer, self.vit_sigma, self.vit_threshold, self.vit_ratio)
+        outlier = vit_norm_token_flags(adapter, batch, acts, self.vit_layer, self.vit_sigma, self.vit_threshold, self.vit_ratio).cpu()
         if self.massive_layers:
-            outlier = outlier | massive_token_flags(batch, acts, self.massive_layers, self.massive_threshold, self.massive_ratio)
+            outlier = outlier | massive_token_flags(batch, acts, self.massive_layers, self.massive_threshold, self.massive_ratio).cpu()
         self.evidence.add(x, ids[:, 0], vt["sample"] * 10_000 + vt["image"], outlier)
 
     def table(self, adapter: "Adapter", max_rows: int = 40) -> list[dict[str, Any]]:

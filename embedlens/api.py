@@ -305,13 +305,14 @@ def probe(
         >>> sorted(df["sample"].unique().tolist()), df["sample_id"].iloc[-1]
         ([0, 1, 2], 'syn-0-00002')
     """
+    import numpy as np
     import pyarrow as pa
     import torch
 
     from embedlens.adapters import Adapter, load_model
     from embedlens.groups import Partition
     from embedlens.plan.schema import PartitionSpec
-    from embedlens.plan.store import _plain
+    from embedlens.plan.store import arrow_table, is_empty
     from embedlens.probes.base import Tensors
     from embedlens.registry import probes as probe_registry
     from embedlens.tracing import collect
@@ -371,16 +372,16 @@ def probe(
         if part is not None:
             batch.groups = part.label(adapter, batch, acts=acts)
         for tname, rows in the_probe.update(adapter, batch, acts).items():
-            if isinstance(rows, Tensors) or not rows or not next(iter(rows.values()), None):
+            if isinstance(rows, Tensors) or is_empty(rows):
                 continue  # tensors are written by plans only (tensors/NAME/BATCH.safetensors)
             rows = dict(rows)
             if "sample" in rows:  # batch-local -> index in `samples`
-                rows["sample"] = [offset + int(s) for s in rows["sample"]]
-            parts.setdefault(tname, []).append(pa.table({k: _plain(v) for k, v in rows.items()}))
+                rows["sample"] = np.asarray(rows["sample"], dtype=np.int64) + offset
+            parts.setdefault(tname, []).append(arrow_table(rows))
         offset += len(chunk)
     for tname, rows in the_probe.final_tables().items():
-        if rows and next(iter(rows.values()), None):
-            parts.setdefault(tname, []).append(pa.table({k: _plain(v) for k, v in rows.items()}))
+        if not is_empty(rows):
+            parts.setdefault(tname, []).append(arrow_table(rows))
     written = list(parts)
     if table is None:
         if not written:

@@ -148,12 +148,15 @@ def layer_windows(cfg, attention: Sequence[torch.nn.Module], name: str) -> tuple
 def rotary_embeddings(lm: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor, layer_types) -> dict:
     """``{layer type: (cos, sin)}`` from the language model's own ``rotary_emb``; Gemma 3's takes the layer type
     (sliding and global layers rotate with different bases), the others one set for every layer."""
-    import inspect
-
-    if "layer_type" not in inspect.signature(lm.rotary_emb.forward).parameters:
+    if not _takes_layer_type(type(lm.rotary_emb)):
         pe = lm.rotary_emb(x, position_ids=positions)
         return {t: pe for t in set(layer_types)}
     return {t: lm.rotary_emb(x, positions, layer_type=t) for t in set(layer_types)}
+
+
+@functools.cache
+def _takes_layer_type(rotary_class: type) -> bool:
+    return "layer_type" in inspect.signature(rotary_class.forward).parameters
 
 
 def window_keys(valid: torch.Tensor, query_pos: torch.Tensor, window: int) -> torch.Tensor:

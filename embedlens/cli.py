@@ -148,13 +148,17 @@ def _print_headline(stats: dict, model: str = "") -> None:
         if not d:
             return ""
         lo, hi = d["ci"]
-        mark = "*" if d["p"] < 0.05 else ""
-        return f"{d['diff']:+.3f} [{lo:+.2f}, {hi:+.2f}] p={d['p']:.2g}{mark}"
+        if d.get("test") == "deterministic":
+            return f"{d['diff']:+.3f} (deterministic)"
+        ph = d.get("p_holm", d["p"])
+        mark = "*" if ph == ph and ph < 0.05 else ""
+        return f"{d['diff']:+.3f} [{lo:+.2f}, {hi:+.2f}] p={d['p']:.2g} (Holm {ph:.2g}){mark}"
 
     for metric in stats.get("accuracy_metrics", []):
         base = stats.get("baseline", {}).get(metric)
         title = f"{metric}{' - ' + model if model else ''}" + (f" (baseline {base['mean']:.3f}, n={base['n']})" if base else "")
-        table = Table(title=escape(title), caption=f"{conf}% bootstrap intervals; exact McNemar p, unadjusted; * p < 0.05")
+        table = Table(title=escape(title), caption=f"{conf}% BCa bootstrap intervals; exact McNemar p, raw and Holm-adjusted "
+                      "across the plan's comparisons; * Holm p < 0.05. What each row supports: report.html")
         for col in ("condition", "mean", "minus baseline", "minus matched control"):
             table.add_column(col, justify="left" if col == "condition" else "right")
         for cond, entry in stats.get("conditions", {}).items():
@@ -166,6 +170,8 @@ def _print_headline(stats: dict, model: str = "") -> None:
             table.add_row(escape(label), f"{e['mean']:.3f}", diff(e.get("vs_baseline")),
                           escape(f"{diff(ctrl)} vs {ctrl['control']}") if ctrl else "")
         Console(width=160).print(table)
+    for w in stats.get("warnings", []):
+        Console(width=160).print(f"[yellow]warning:[/yellow] {escape(w)}")
 
 
 @app.command()
@@ -182,9 +188,14 @@ def validate(plan: Path = typer.Argument(..., help="YAML plan file.")) -> None:
 
     try:
         loaded = load_plan(plan)
+        import tempfile
+
         from embedlens.plan import prepare  # torch and the models: after the plan's own errors
         for name in loaded.plan.model_specs():
-            prepared = prepare(loaded, model=name)
+            # a device map's disk modules need a folder to offload to, as run gives them its run folder; a
+            # temporary one here, so validate accepts (and refuses) the same maps as run
+            with tempfile.TemporaryDirectory(prefix="embedlens-validate-") as tmp:
+                prepared = prepare(loaded, model=name, run_dir=Path(tmp))
             typer.echo(
                 f"{plan}: ok ({name}: {prepared.adapter.name} model, {len(prepared.records)} samples, "
                 f"probes: {', '.join(n for n, _ in prepared.probes) or 'none'}, "
@@ -273,7 +284,7 @@ def eval_benchmarks(
         from embedlens.lmms.evaluate import parse_list, run_eval
         n = None
         if limit is not None:
-            n = int(limit) if limit >= 1 and float(limit).is_integer() else limit
+            n = int(limit) if 1 <= limit <= 2**53 and float(limit).is_integer() else limit  # NaN, inf, 1e30 reach the check as given
         result = run_eval(plan, parse_list(tasks, "--tasks"), parse_list(conditions, "--conditions") if conditions is not None else None,
                           limit=n, out_dir=output, batch_size=batch_size, source=source, device=device,
                           progress=typer.echo, resume=resume, overwrite=overwrite)

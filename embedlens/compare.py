@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,16 @@ class Comparison:
     csv: Path | None = None
     html: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    #: Paired tests of each effect between the models over shared samples (`embedlens.compare_effects`).
+    model_tests: list[dict[str, Any]] = field(default_factory=list)
 
     def differences(self, threshold: float = DIFF_THRESHOLD) -> list[dict[str, Any]]:
-        """Rows whose values differ by more than `threshold` (relative), largest first."""
-        d = [r for r in self.rows if r["rel_diff"] is not None and r["rel_diff"] > threshold]
-        return sorted(d, key=lambda r: -r["rel_diff"])
+        """Rows whose values differ by more than `threshold` (relative) and by more than rounding, ordered by the
+        standardised difference (the difference over its standard error) where the runs give one, then by the
+        relative difference; values near zero in every run (below `NEGLIGIBLE`) are left out."""
+        d = [r for r in self.rows if r["rel_diff"] is not None and r["rel_diff"] > threshold and r["abs_diff"] != 0
+             and not _negligible(r["values"])]
+        return sorted(d, key=lambda r: (r.get("z") is None, -(r.get("z") or 0.0), -r["rel_diff"]))
 
 
 def _load(run: Path) -> tuple[dict, dict]:
@@ -48,13 +54,18 @@ def _load(run: Path) -> tuple[dict, dict]:
     if m is None or s is None:
         hint = " (it holds an unfinished run: finish it with embedlens run --resume)" if (run / "checkpoint.safetensors").is_file() else ""
         raise InputError(f"{run} is not a finished embedlens run: manifest.json and summary.json (files, not links) are needed{hint}")
-    try:
-        manifest, summary = json.loads(m.read_text(encoding="utf-8")), json.loads(s.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{run}: cannot read its manifest or summary ({e})") from None
-    if not isinstance(manifest, dict) or not isinstance(summary, dict):
-        raise InputError(f"{run}: manifest.json and summary.json must each hold a JSON object")
-    return manifest, summary
+    return _checked(run, m, s)
+
+
+def _checked(run: Path, m: Path, s: Path) -> tuple[dict, dict]:
+    """Input validation at load time (`embedlens.run_record`): a run folder may come from anyone."""
+    from embedlens.files import utf8_path
+    from embedlens.run_record import check_manifest, check_summary, read_record
+
+    utf8_path(run, "run folder", InputError)  # its name is written into compare.csv and compare.html
+    manifest, summary = read_record(m, "manifest"), read_record(s, "summary")
+    check_summary(s, summary)
+    return check_manifest(m, manifest), summary
 
 
 def readable(v: Any) -> Any:
@@ -117,6 +128,27 @@ def _overlap(vals: list[list], names: list[str]) -> tuple[float, str]:
     return (1.0 - len(common) / len(union) if union else 0.0), "; ".join(parts)
 
 
+#: Numbers at most this large in every run are taken as zero when ordering differences (a log-prob of -0.0002 vs 0.007).
+NEGLIGIBLE = 0.01
+
+
+def _negligible(vals: list[Any]) -> bool:
+    nums = [v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return len(nums) == len(vals) and all(abs(v) <= NEGLIGIBLE for v in nums)
+
+
+def _standardised(key: str, vals: list[Any], summaries: list[dict]) -> float | None:
+    """|a - b| over the root sum of squared standard errors, for an effect mean whose runs give standard errors."""
+    parts = key.split(".")
+    if len(parts) != 3 or parts[0] != "effects" or len(vals) != 2:
+        return None
+    sems = [s.get("effects_sem", {}).get(parts[1], {}).get(parts[2]) for s in summaries]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in [*vals, *sems]):
+        return None
+    se = math.sqrt(sems[0] ** 2 + sems[1] ** 2)
+    return abs(vals[0] - vals[1]) / se if se > 0 else None
+
+
 #: At most this many per-layer curve figures in a comparison (the largest differences first).
 MAX_CURVES = 24
 
@@ -147,12 +179,42 @@ def _curves(cmp: Comparison, out: Path) -> list[Path]:
 
     paths = []
     differing = [k for k in series if spread(series[k]) > 0]  # identical curves say nothing a table does not
+    values = {r["key"]: r["values"] for r in cmp.rows}
     for key in sorted(differing, key=lambda k: -spread(series[k]))[:MAX_CURVES]:
         vals = series[key]
-        curves = {n: (list(range(len(v))), v) for n, v in zip(cmp.names, vals)}
-        paths.append(layer_curves(curves, out / "curves" / f"{safe_name(key)}.png", xlabel="layer (position in the list)",
-                                  ylabel=key.rsplit(".", 1)[-1], title=key))
+        if key.endswith("_l*"):
+            xs_all = [sorted(per_layer[key[:-3]])] * len(vals)
+            xlabel = "LLM layer"
+        else:
+            xs_all, xlabel = _layer_numbers(key, values, vals)
+        curves = {n: (xs, v) for n, xs, v in zip(cmp.names, xs_all, vals)}
+        paths.append(layer_curves(curves, out / "curves" / f"{safe_name(key)}.png", xlabel=xlabel, ylabel=_quantity(key), title=key))
     return paths
+
+
+#: Parts of a summary key that name a token group rather than a quantity.
+_GROUP_WORDS = {"sink", "dead", "alive", "visual", "last", "text", "all", "image", "prompt"}
+
+
+def _quantity(key: str) -> str:
+    """An axis label naming the quantity and the group: ``logit_lens.by_role.alive.mean_entropy`` -> ``mean_entropy
+    (alive tokens)``; ``layer_alignment.cka.dead`` -> ``cka (dead tokens)``."""
+    parts = key.removesuffix("_l*").split(".")[1:] or [key]
+    groups = [p for p in parts if p in _GROUP_WORDS]
+    quantity = next((p for p in reversed(parts) if p not in _GROUP_WORDS and p != "by_role"), parts[-1])
+    return f"{quantity} ({groups[-1]} tokens)" if groups else quantity
+
+
+def _layer_numbers(key: str, values: dict[str, list], vals: list[list]) -> tuple[list[list], str]:
+    """Each run's x values for a per-layer list: the model's layer numbers from the nearest ``layers`` list beside
+    it in the summary (``a.b.layers`` for ``a.b.c.d``), else positions in the list."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        layers = values.get(".".join(parts[:cut] + ["layers"]))
+        if layers and all(isinstance(lv, list) and len(lv) == len(v) and all(isinstance(x, int) for x in lv)
+                          for lv, v in zip(layers, vals)):
+            return [list(lv) for lv in layers], "LLM layer"
+    return [list(range(len(v))) for v in vals], "position in the per-layer list (no layer numbers in the summary)"
 
 
 def compare_runs(runs: list[str | Path], out_dir: str | Path, names: list[str] | None = None) -> Comparison:
@@ -207,13 +269,17 @@ def compare_runs(runs: list[str | Path], out_dir: str | Path, names: list[str] |
             rel_d, detail = _overlap(vals, cmp.names)
         elif abs_d is None and len({json.dumps(v, sort_keys=True, default=str) for v in vals}) > 1:
             rel_d = 1.0  # non-numeric values that differ (or a value only one run has)
-        cmp.rows.append({"key": key, "section": _section(key), "values": vals, "abs_diff": abs_d, "rel_diff": rel_d, "detail": detail})
+        cmp.rows.append({"key": key, "section": _section(key), "values": vals, "abs_diff": abs_d, "rel_diff": rel_d, "detail": detail,
+                         "z": _standardised(key, vals, [sm for _, sm in loaded])})
     figs: dict[str, list[Path | None]] = {}
     for i, (m, _) in enumerate(loaded):
         for f in m.get("figures", []) if isinstance(m.get("figures"), list) else []:
             if isinstance(f, str):  # only files inside the run folder, reached without links, are read
                 figs.setdefault(f, [None] * len(runs))[i] = contained(runs[i], f)
     cmp.figures = figs
+    from embedlens.compare_effects import COLUMNS as TEST_COLUMNS, model_differences
+
+    cmp.model_tests = model_differences(cmp.names, runs, loaded)
     out = claim(out_dir, kind="compare")
     cmp.curves = _curves(cmp, out)
     buf = io.StringIO()
@@ -223,9 +289,42 @@ def compare_runs(runs: list[str | Path], out_dir: str | Path, names: list[str] |
         w.writerow([r["section"], r["key"], *[json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else v) for v in r["values"]], r["abs_diff"] if r["abs_diff"] is not None else "", r["rel_diff"] if r["rel_diff"] is not None else "", r["detail"]])
     cmp.csv = out / "compare.csv"
     write_text(cmp.csv, buf.getvalue())
+    if cmp.model_tests:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["other", *TEST_COLUMNS])
+        for r in cmp.model_tests:
+            w.writerow([r["other"], *[r[c] for c in TEST_COLUMNS]])
+        write_text(out / "compare_effects.csv", buf.getvalue())
     cmp.html = out / "compare.html"
     write_text(cmp.html, _html(cmp, runs, loaded))
     return cmp
+
+
+def _effects_html(names: list[str], loaded: list[tuple[dict, dict]]) -> str:
+    """Each condition's metric means in every run, side by side, one row per condition and metric (baseline
+    columns ``X_base`` shown as the baseline's row)."""
+    effects = [s.get("effects", {}) if isinstance(s.get("effects"), dict) else {} for _, s in loaded]
+    conds = list(dict.fromkeys(c for e in effects for c in e))
+    if not conds:
+        return '<p class="note">No intervention effects in these runs.</p>'
+    import re
+
+    metrics = list(dict.fromkeys(m for e in effects for c in e.values() for m in c if not re.search(r"_l\d+$", m) and not m.endswith("_base")))
+    rows = []
+    for m in metrics:
+        base = [next((e[c].get(f"{m}_base") for c in e if f"{m}_base" in e[c]), None) for e in effects]
+        if any(v is not None for v in base):
+            rows.append(["baseline", m, *base])
+        for c in conds:
+            vals = [e.get(c, {}).get(m) for e in effects]
+            if any(v is not None for v in vals):
+                rows.append([c, m, *vals])
+    for r in rows:
+        nums = [v for v in r[2:] if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        r.append(nums[0] - nums[1] if len(nums) == 2 == len(r[2:]) else "")
+    return ('<p class="note">Means over samples. Whether an effect differs between the models is tested above, on the '
+            "samples both ran.</p>" + table_html(["condition", "metric", *names, f"{names[0]} - {names[1]}" if len(names) == 2 else "diff"], rows))
 
 
 def _html(cmp: Comparison, runs: list[Path], loaded: list[tuple[dict, dict]]) -> str:
@@ -238,15 +337,21 @@ def _html(cmp: Comparison, runs: list[Path], loaded: list[tuple[dict, dict]]) ->
     hashes = {m.get("plan_hash") for m, _ in loaded}
     if len(hashes) > 1:
         parts.append('<p class="bad">The runs come from different plans (plan hashes differ): differences may come from the plans, not only the models.</p>')
-    if cmp.curves:
-        parts.append("<h2>Per-layer values: every run on shared axes</h2><p class='note'>Largest differences first.</p><div class='figs'>"
-                     + "".join(figure_html(p, p.stem) for p in cmp.curves) + "</div>")
+    from embedlens.compare_effects import model_differences_html
+
+    parts.append("<h2>Do the models differ? Paired tests of each effect</h2>" + model_differences_html(cmp.model_tests, cmp.names))
     diffs = cmp.differences()
     parts.append(
-        f"<h2>Where they differ</h2><p class='note'>{len(diffs)} values differ by more than {DIFF_THRESHOLD:.0%} (relative), largest first.</p>"
-        + table_html(head, [[r["key"], *r["values"], r["abs_diff"], r["rel_diff"], r["detail"]] for r in diffs[:40]])
+        f"<h2>Where the summaries differ</h2><p class='note'>{len(diffs)} values differ by more than {DIFF_THRESHOLD:.0%} "
+        f"(relative) and are not near zero (|value| &gt; {NEGLIGIBLE}) in every run; ordered by the standardised difference "
+        "(|a - b| over the root sum of the squared standard errors) where the runs give standard errors (effect means), "
+        "then by the relative difference.</p>"
+        + table_html([*head[:-1], "standardised", "overlap"],
+                     [[r["key"], *r["values"], r["abs_diff"], r["rel_diff"], "" if r.get("z") is None else r["z"], r["detail"]]
+                      for r in diffs[:40]])
     )
-    for section in ("token groups", "intervention effects", "probe summaries"):
+    parts.append("<h2>Intervention effects</h2>" + _effects_html(cmp.names, loaded))
+    for section in ("token groups", "probe summaries"):
         rows = [r for r in cmp.rows if r["section"] == section]
         if not rows:
             continue
@@ -258,10 +363,15 @@ def _html(cmp: Comparison, runs: list[Path], loaded: list[tuple[dict, dict]]) ->
                 [r["rel_diff"] is not None and r["rel_diff"] > DIFF_THRESHOLD for r in rows],
             )
         )
+    if cmp.curves:
+        parts.append("<h2>Per-layer values: every run on shared axes</h2><p class='note'>Largest differences first; x: the "
+                     "model's LLM layer numbers.</p><div class='sidebyside'>" + "".join(figure_html(p, p.stem) for p in cmp.curves) + "</div>")
     if cmp.figures:
         figs = []
         for rel, paths in cmp.figures.items():
             cells = "".join(figure_html(p, f"{n}: {rel}") if p is not None else f'<figure><p class="note">{esc(n)}: no such figure</p></figure>' for n, p in zip(cmp.names, paths))
-            figs.append(f"<h3>{esc(rel)}</h3><div class='figs'>{cells}</div>")
-        parts.append("<h2>Figures side by side</h2>" + "".join(figs))
+            figs.append(f"<h3>{esc(rel)}</h3><div class='sidebyside'>{cells}</div>")
+        parts.append("<h2>Figures side by side</h2><p class='note'>Each run's own figures, click one for full resolution. Group "
+                     "maps share fixed colours (sink red, dead grey, alive green) and accuracy charts a fixed 0-1 axis; a word "
+                     "map colours each run's own most frequent words, so compare words by their labels.</p>" + "".join(figs))
     return page("embedlens comparison: " + " vs ".join(cmp.names), " · ".join(str(r) for r in runs), "".join(parts))

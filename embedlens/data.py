@@ -360,6 +360,7 @@ def read_hf_dataset(
     names.update(columns or {})
     if names["image"] not in ds.column_names and "images" not in ds.column_names:
         raise InputError(f"data set {path} has no image column {names['image']!r}; columns: {ds.column_names} (map it with data.columns.image)")
+    ds, image_columns = _undecoded(ds, datasets)
     for field_ in ("question", "prompt", "answer", "candidates", "id"):
         if field_ in (columns or {}) and names[field_] not in ds.column_names:
             raise InputError(f"data set {path}: data.columns.{field_} names {names[field_]!r}, not a column; columns: {ds.column_names}")
@@ -380,12 +381,15 @@ def read_hf_dataset(
                 import io
 
                 resolved.append(io.BytesIO(im["bytes"]))
+            elif isinstance(im, dict) and isinstance(im.get("path"), str) and im["path"]:  # an image folder's file, by path
+                p = Path(im["path"])
+                resolved.append(p if p.is_absolute() else path / p)
             else:
                 raise InputError(f"{where}: column {names['image']!r} holds {type(im).__name__}, expected an image or a path")
         q, pr = row.get(names["question"]), row.get(names["prompt"])
         if (q not in (None, "")) == (pr not in (None, "")):
             raise InputError(f"{where}: needs exactly one of a question (column {names['question']!r}) or a prompt (column {names['prompt']!r})")
-        meta = {k: v for k, v in row.items() if k not in used and k != "images" and not isinstance(v, Image.Image)}
+        meta = {k: v for k, v in row.items() if k not in used and k != "images" and k not in image_columns and not isinstance(v, Image.Image)}
         if row.get(names["candidates"]) is not None:
             meta["candidates"] = list(row[names["candidates"]])
         rid = row.get(names["id"])
@@ -395,3 +399,24 @@ def read_hf_dataset(
     if not records:
         raise InputError(f"data set {path} has no rows")
     return _unique_ids(records)
+
+
+def _undecoded(ds: Any, datasets: Any) -> tuple[Any, set[str]]:
+    """The data set with its image columns left encoded (``{bytes, path}``), and those columns' names.
+
+    `datasets` decodes an ``Image`` column on every row read, with Pillow's own
+    size check only: a 225-megapixel image raises ``DecompressionBombError``
+    from the row loop. Left encoded, each image goes through `open_image`,
+    whose header check refuses it for its sample alone, as for a prompts file.
+    """
+    image_columns = set()
+    for col, feat in ds.features.items():
+        inner = getattr(feat, "feature", None)  # List(Image()) / Sequence(Image())
+        if isinstance(feat, datasets.Image):
+            ds = ds.cast_column(col, datasets.Image(decode=False))
+        elif isinstance(inner, datasets.Image):
+            ds = ds.cast_column(col, type(feat)(datasets.Image(decode=False)))
+        else:
+            continue
+        image_columns.add(col)
+    return ds, image_columns

@@ -132,7 +132,7 @@ def category_map(
     if labels is not None:
         fs = max(4, min(9, int(220 / max(n_rows, n_cols))))
         for r, c, lab in zip(rows, cols, labels):
-            ax.text((c + 0.5) * pw, (r + 0.5) * ph, str(lab), ha="center", va="center", fontsize=fs, color="black")
+            ax.text((c + 0.5) * pw, (r + 0.5) * ph, str(lab), ha="center", va="center", fontsize=fs, color="black", bbox=LABEL_BACKING)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(handles=[Patch(color=colours[n], label=n) for n in names], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
@@ -170,6 +170,9 @@ def layer_curves(
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for i, (name, (xs, ys)) in enumerate(curves.items()):
         ax.plot(list(xs), list(ys), marker="o", ms=3, label=name, color=GROUP_COLOURS.get(name, _CYCLE[i % len(_CYCLE)]))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers: no tick at 0.5
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -351,7 +354,7 @@ def accuracy_chart(c, metric: str, path: str | Path) -> Path:
     ax.set_xticks(range(len(order)), order, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(-0.02, 1.03)  # the fixed 0-1 axis, with room for lines at 0 and 1
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax.set_ylabel(f"{metric} (mean, {int(c.spec.get('confidence', 0.95) * 100)}% bootstrap interval)")
+    ax.set_ylabel(f"{metric}: share of samples right\n(mean, {int(c.spec.get('confidence', 0.95) * 100)}% Wilson interval)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(_wrap(f"{metric} by condition (hatched: the matched random control beside its condition); "
                        f"n = {rows[0]['n'] if rows else 0} samples", width), fontsize=9)
@@ -377,8 +380,12 @@ def paired_differences(c, metric: str, path: str | Path) -> Path:
         ax.plot([r["diff"]], [y], "o", color=colour, ms=5)
         test = "McNemar" if r["test"].startswith("mcnemar") else "sign-flip"
         extra = f", {r['x_only']} vs {r['reference_only']} discordant" if r["x_only"] >= 0 else ""
-        tx.text(0.0, y, f"{r['diff']:+.3f} [{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]  p={r['p_value']:.3g} ({test}{extra})",
-                va="center", fontsize=8)
+        if r["test"] == "deterministic":
+            tx.text(0.0, y, f"{r['diff']:+.3f} on every sample (deterministic: no test)", va="center", fontsize=8)
+            continue
+        holm = f", Holm {r['p_holm']:.2g}" if r.get("p_holm") == r.get("p_holm") and r.get("p_holm") is not None else ""
+        tx.text(0.0, y, f"{r['diff']:+.3f} [{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]  p={r['p_value']:.2g}{holm} "
+                f"({test}{extra}); mde {r['mde']:.2f}", va="center", fontsize=8)
     tx.set_xlim(0, 1)
     tx.axis("off")
     ax.axvline(0, color="black", lw=0.8)
@@ -389,7 +396,8 @@ def paired_differences(c, metric: str, path: str | Path) -> Path:
     ax.set_xlabel(f"paired difference in {metric}\n(blue: minus the baseline; red: minus the matched control)", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.suptitle(_wrap(f"{metric}: condition minus reference on the same samples, {int(c.spec.get('confidence', 0.95) * 100)}% "
-                       f"percentile bootstrap interval ({c.spec.get('resamples')} resamples); p-values unadjusted", 11), fontsize=9)
+                       f"BCa bootstrap interval ({c.spec.get('resamples')} resamples); p raw and Holm-adjusted; "
+                       "mde: smallest difference detectable with power 0.8", 11), fontsize=9)
     return _save(fig, path)
 
 
@@ -489,6 +497,8 @@ def removal_maps(tm: dict, path: str | Path) -> Path:
 WORD_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
                 "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2"]
 OTHER_COLOUR = "#dddddd"
+#: Behind every word written on an image: a light box, so black text reads on any colour underneath.
+LABEL_BACKING = dict(boxstyle="round,pad=0.12", fc="white", ec="none", alpha=0.78)
 
 
 def label_fits(label: str, patch_points: float, fontsize: float) -> bool:
@@ -533,8 +543,10 @@ def word_map(panels: Sequence[dict], path: str | Path, title: str = "", top: int
             ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, facecolor=colour.get(lab, OTHER_COLOUR), alpha=0.55,
                                    edgecolor="white", lw=0.3))
             shown = lab.replace("\n", "\\n")
-            if label_fits(shown, patch_pts, fs):
-                ax.text((c + 0.5) * pw, (r + 0.5) * ph, shown, ha="center", va="center", fontsize=fs, color="black")
+            size = min(fs, 0.92 * patch_pts / (0.6 * max(1, len(shown))))  # long words smaller, to 4.5 pt
+            if size >= min(fs, 4.5) and label_fits(shown, patch_pts, size):
+                ax.text((c + 0.5) * pw, (r + 0.5) * ph, shown, ha="center", va="center", fontsize=size, color="black",
+                        bbox=LABEL_BACKING)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"{p.get('sample_id', '')} ({nr}x{nc})", fontsize=8)
@@ -542,7 +554,7 @@ def word_map(panels: Sequence[dict], path: str | Path, title: str = "", top: int
     rest = sum(counts.values()) - sum(counts[wd] for wd in top_words)
     if rest:
         handles.append(Patch(facecolor=OTHER_COLOUR, label=f"other ({rest})"))
-    fig.legend(handles=handles, loc="center right", fontsize=7, title="word (tokens)", title_fontsize=7)
+    fig.legend(handles=handles, loc="center right", fontsize=8, title="word (tokens)", title_fontsize=8)
     if title:
         fig.suptitle(_wrap(title, panel_inches * n + 2.4), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1 - 1.7 / (panel_inches * n + 2.4), 1))

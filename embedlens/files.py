@@ -176,14 +176,36 @@ def contained(root: Path, rel: str | Path) -> Path | None:
     return cur
 
 
+def utf8_path(path: str | Path, what: str, error: type[Exception] = RunFolderError) -> Path:
+    """`path`, made absolute, refused when it is not UTF-8 text.
+
+    A folder name with a byte such as 0xff reaches Python as a lone surrogate
+    (``'\udcff'``); every file a run writes names its paths in UTF-8 (Parquet
+    metadata, JSON, HTML), so it would fail at the first one, after the model ran.
+
+    Raises:
+        `error`: naming `what`, the path as bytes and the offending byte.
+    """
+    full = Path(path).absolute()
+    try:
+        str(full).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = os.fsencode(full)
+        bad = os.fsencode(str(full)[e.start:e.end])
+        raise error(f"{what} {raw!r}: the path holds byte 0x{bad[0]:02x}, which is not UTF-8 text; results name their files in "
+                    "UTF-8 (Parquet, JSON, HTML), so rename the folder or choose another") from None
+    return Path(path)
+
+
 def check_output(out: str | Path) -> Path:
-    """Refuse output folders that can only be mistakes: empty, the file system root, the home folder, a file.
+    """Refuse output folders that can only be mistakes: empty, the file system root, the home folder, a file, a path not in UTF-8.
 
     Raises:
         RunFolderError: naming the folder and why.
     """
     if out is None or not str(out).strip():
         raise RunFolderError("the output folder is empty (''); give a folder for the run, e.g. --output runs/NAME")
+    utf8_path(out, "output folder")
     path = Path(out).expanduser()
     try:
         real = path.resolve()

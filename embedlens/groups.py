@@ -265,19 +265,20 @@ class Partition(Stateful):
         vocab = None
         if anchors or self.entropy is not None:
             vocab = (adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach()
-            x = acts[Site("llm.embed")][vt["sample"], vt["position"]].to(vocab.device)  # [tokens, d]
         if anchors:  # the layer-0 lens of the same pass searches alike: computed once (`visual_nearest`)
             _, ids = visual_nearest(batch, Site("llm.embed"), acts[Site("llm.embed")], vocab, self.k, self.chunk_size, self.search)
             for g, a in anchors.items():
-                out[f"anchors:{g}"] = torch.isin(ids, torch.tensor(a, dtype=ids.dtype, device=ids.device)).any(-1).cpu()
+                out[f"anchors:{g}"] = torch.isin(ids, torch.tensor(a, dtype=ids.dtype).to(ids.device, non_blocking=True)).any(-1)
         if self.entropy is not None:
+            h = acts[Site("llm.embed")]
+            x = h[vt["sample"].to(h.device), vt["position"].to(h.device)].to(vocab.device)  # [tokens, d]
             ent = similarity_entropy(x, vocab, self.temperature, self.chunk_size) / math.log(vocab.shape[0])
-            out["entropy"] = (ent > self.entropy_threshold).cpu()
+            out["entropy"] = ent > self.entropy_threshold
         if self.vit_norm is not None:
             out["vit_norm"] = vit_norm_token_flags(adapter, batch, acts, self.vit_layer, self.vit_sigma, self.vit_threshold, self.vit_ratio)
         if self.massive is not None:
             out["massive"] = massive_token_flags(batch, acts, self._massive_layers(adapter), self.massive_threshold, self.massive_ratio)
-        return out
+        return _to_host(out)
 
     def _rule_target(self, rule: str) -> str:
         if rule.startswith("anchors:"):
@@ -349,11 +350,12 @@ class Partition(Stateful):
     def _count(self, batch: "Batch", groups: dict[str, torch.Tensor]) -> None:
         vt = batch.roles.visual_tokens()
         key = vt["sample"] * 10_000 + vt["image"]
-        for k in key.unique().tolist():
+        keys, inverse = key.unique(return_inverse=True)
+        counts = {g: torch.bincount(inverse[m], minlength=len(keys)).tolist() for g, m in groups.items()}  # per image
+        for j, k in enumerate(keys.tolist()):
             s, img = divmod(k, 10_000)
-            sel = key == k
             sid = batch.samples[s].id or f"#{len(self.tally)}"  # an unnamed sample cannot be recognised when relabelled
-            self.tally[f"{sid}/{img}"] = {g: int(m[sel].sum()) for g, m in groups.items()}
+            self.tally[f"{sid}/{img}"] = {g: c[j] for g, c in counts.items()}
 
     def anchor_table(self, adapter: "Adapter | None" = None) -> list[dict]:
         """Every anchor in use, decoded: ``[{group, id, token, source}]`` (source: given or discovered)."""
@@ -390,6 +392,16 @@ class Partition(Stateful):
             out["discovered_anchors"] = {g: [{"id": i, "token": self.decoded.get(i, str(i))} for i in ids] for g, ids in self.discovered.items()}
             out["discovery"] = self.evidence
         return out
+
+
+def _to_host(flags: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rule verdicts (each on its device) to the host in one copy: ``{rule: [tokens] bool}`` on the CPU."""
+    if not flags:
+        return {}
+    names = list(flags)
+    dev = flags[names[0]].device
+    both = torch.stack([flags[r].to(dev) for r in names]).cpu()  # [rules, tokens]
+    return dict(zip(names, both.unbind(0)))
 
 
 #: Thresholds of the degenerate-partition warnings: dead above / below these shares of all visual tokens.

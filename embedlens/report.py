@@ -1,7 +1,9 @@
 """One self-contained HTML page per run (figures inlined), and helpers shared with `compare`.
 
 The page needs no server and no network: images are embedded as data URIs,
-styles are inline, there is no script.
+styles are inline, there is no script. Every figure is shown at the page's
+full width and opens at full resolution on click (a CSS-only overlay; click
+again to close), so a 2500-pixel token map stays readable.
 """
 
 from __future__ import annotations
@@ -24,17 +26,22 @@ main{padding:8px 24px 40px;max-width:1400px}
 h2{font-size:17px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
 h3{font-size:15px;margin:18px 0 6px}
 table{border-collapse:collapse;margin:6px 0 12px;font-size:12.5px;background:#fff}
-th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top;max-width:520px}
+th,td{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top;max-width:520px}
 th{background:#f0f0f0}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.diff td{background:#fff4d6}
-.figs{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0;background:#fff;border:1px solid #ddd;padding:6px;max-width:460px}
-figure.wide{max-width:min(100%,980px)}
+.figs{display:flex;flex-direction:column;gap:14px}
+figure{margin:0;background:#fff;border:1px solid #ddd;padding:6px;max-width:100%}
+figure.wide{max-width:100%}
+label.zoom{cursor:zoom-in;display:block}
+label.zoom input{display:none}
+label.zoom input:checked+span{position:fixed;inset:0;z-index:10;overflow:auto;background:rgba(255,255,255,.98);cursor:zoom-out;padding:8px}
+label.zoom input:checked+span img{max-width:none;width:auto}
+.sidebyside{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:12px}
 td.num{white-space:nowrap}
 pre.plan{background:#fff;border:1px solid #ddd;padding:8px 12px;font-size:12px;overflow-x:auto;white-space:pre-wrap}
 td.sig{font-weight:600}
-figure img{max-width:100%;height:auto;display:block}
+figure img{max-width:100%;height:auto;display:block;margin:0 auto}
 figcaption{font-size:12px;color:#555;margin-top:4px;word-break:break-all}
 .note{color:#666;font-size:12.5px}
 .probe{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
@@ -88,7 +95,9 @@ def figure_html(path: Path | None, caption: str, wide: bool = False) -> str:
     cls = ' class="wide"' if wide else ""
     if path is None or not path.is_file():
         return f'<figure{cls}><p class="note">missing: {esc(caption)}</p></figure>'
-    return f'<figure{cls}><img alt="{esc(caption)}" src="{image_uri(path)}"><figcaption>{esc(caption)}</figcaption></figure>'
+    return (f'<figure{cls}><label class="zoom" title="click: full resolution; click again: back"><input type="checkbox">'
+            f'<span><img alt="{esc(caption)}" src="{image_uri(path)}"></span></label><figcaption>{esc(caption)} '
+            '<span class="note">(click the figure for full resolution)</span></figcaption></figure>')
 
 
 def table_html(header: list[str], rows: Iterable[list[Any]], highlight: Iterable[bool] | None = None) -> str:
@@ -150,6 +159,25 @@ def partition_html(part: dict) -> str:
                 "min_image_fraction of the images. Frequency alone decides nothing. All columns: <code>partition_discovery</code>.</p>"
                 + table_html(cols, rows, highlight=[r["verdict"] in ("sink", "dead") for r in ev]))
     return out
+
+
+def layer_summary_html(lens: dict) -> str:
+    """The embedding lens layer by layer: per token group and layer, the most frequent nearest words, the share
+    that name something in the image (ground truth), and the share that agree with the last layer read."""
+    final = lens.get("final_layer")
+    rows = []
+    for g, layers in lens["groups"].items():
+        for layer, e in sorted(layers.items(), key=lambda kv: int(kv[0])):
+            words = ", ".join(f"{t['token']} ({t['count']})" for t in e.get("top1", []))
+            cs, ag = e.get("content_word_share"), e.get("agrees_with_final_layer")
+            rows.append([g, int(layer), e.get("n_tokens"), words, "" if cs is None else f"{cs:.0%}", "" if ag is None else f"{ag:.0%}"])
+    return ("<h3>Layer by layer: the visual tokens' nearest words</h3>"
+            '<p class="note">Per token group and LLM layer (0: the LLM input): the most frequent nearest (top-1) vocabulary '
+            "words with their token counts; the share of tokens whose top-1 names a content of their image (a colour, shape "
+            f"or written word of the data's ground truth; empty without ground truth); the share whose top-1 is the same as "
+            f"at layer {esc(final)}, the last layer read.</p>"
+            + table_html(["group", "layer", "tokens", "most frequent top-1 words (tokens)", "content word of the image",
+                          f"same top-1 as layer {final}"], rows))
 
 
 def _preview(path: Path, n: int = 8) -> tuple[list[str], list[list[Any]], int]:
@@ -240,8 +268,11 @@ def write_report(run_dir: str | Path, manifest: dict | None = None, extra_sectio
     probe_labels = [k for k in summary if k not in ("data", "effects", "effects_sem", "controls", "partition", "statistics", *(e[0] for e in extra))]
     for label in probe_labels:
         sections.append(f"probe-{label}")
-        flat = flatten(summary[label])
-        html_ = table_html(["key", "value"], [[k, val] for k, val in flat[:60]])
+        res = summary[label]
+        lens = res.get("layer_summary") if isinstance(res, dict) else None
+        flat = flatten({k: v for k, v in res.items() if k != "layer_summary"} if isinstance(res, dict) else res)
+        html_ = layer_summary_html(lens) if isinstance(lens, dict) and lens.get("groups") else ""
+        html_ += table_html(["key", "value"], [[k, val] for k, val in flat[:60]])
         if len(flat) > 60:
             html_ += f'<p class="note">{len(flat) - 60} more values in summary.json</p>'
         base = label.split("[")[0]
@@ -304,22 +335,44 @@ def _ci(lo: Any, hi: Any, signed: bool = False) -> str:
 
 
 def _p(p: Any) -> str:
-    return "" if not isinstance(p, (int, float)) or p != p else (f"{p:.3g}" if p >= 0.001 else "<0.001")
+    return "" if not isinstance(p, (int, float)) or p != p else (f"{p:.2g}" if p >= 0.001 else "<0.001")
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
 
 
 def _diff_cell(r: dict | None) -> str:
+    """Four cells of a paired comparison: the difference, its interval, raw and Holm p (discordant pairs), and the MDE."""
     if r is None:
-        return "<td></td><td></td><td></td>"
-    sig = isinstance(r["p_value"], (int, float)) and r["p_value"] < 0.05
+        return "<td></td>" * 4
+    if r.get("test") == "deterministic":
+        return f'<td class="num">{r["diff"]:+.3f}</td><td colspan=3 class="note">deterministic: the same on every sample, no test</td>'
+    ph = r.get("p_holm")
+    sig = _num(ph) and ph < 0.05
     cls = ' class="num sig"' if sig else ' class="num"'
     disc = f" ({r['x_only']} vs {r['reference_only']})" if isinstance(r.get("x_only"), int) and r["x_only"] >= 0 else ""
+    holm = f" / {_p(ph)}" if _num(ph) else ""
+    mde = f"{r['mde']:.3f}" if _num(r.get("mde")) else ""
     return (f"<td{cls}>{r['diff']:+.3f}</td><td class=\"num\">{esc(_ci(r['diff_ci_low'], r['diff_ci_high'], True))}</td>"
-            f"<td class=\"num\">{esc(_p(r['p_value']))}{esc(disc)}</td>")
+            f"<td class=\"num\">{esc(_p(r['p_value']))}{esc(holm)}{esc(disc)}</td><td class=\"num\">{esc(mde)}</td>")
+
+
+def _overlap_cell(r: dict | None) -> str:
+    v = r.get("overlap") if r else None
+    return f'<td class="num">{v:.0%}</td>' if _num(v) else "<td></td>"
+
+
+def _sentences(items: list[tuple[str, dict | None]]) -> str:
+    """What each comparison supports, one sentence each (the ``verdict`` column of ``effect_tests``)."""
+    lis = [f"<li><b>{esc(label)}</b>: {esc(r['verdict'])}</li>" for label, r in items if r is not None and r.get("verdict")]
+    return f'<ul class="verdicts">{"".join(lis)}</ul>' if lis else ""
 
 
 def statistics_html(run: Path, manifest: dict, stats: dict, figures: list[Path]) -> tuple[str, list[Path]]:
-    """The paired comparisons of a run (`embedlens.plan.conclusions`): method, accuracy tables with intervals and
-    tests, per-group accuracies, the other metrics, and their figures. Returns the HTML and the figures it shows."""
+    """The paired comparisons of a run (`embedlens.plan.conclusions`): method, warnings, accuracy tables with intervals,
+    tests and minimum detectable effects, one sentence per comparison, per-group accuracies, the other metrics, and
+    their figures. Returns the HTML and the figures it shows."""
     rel = manifest.get("tables", {}).get("effect_tests")
     path = contained(run, rel) if rel else None
     if path is None:
@@ -329,13 +382,15 @@ def statistics_html(run: Path, manifest: dict, stats: dict, figures: list[Path])
     m = stats.get("method", {})
     conf = int(round(100 * m.get("confidence", 0.95)))
     out = [f'<p class="note">Every comparison is paired: a condition and its reference ran on the same samples. '
-           f"Intervals: {conf}% {esc(m.get('interval', ''))}, {esc(m.get('resamples'))} resamples, seeded from the run seed "
-           f"{esc(m.get('seed'))}. Accuracies (0/1 per sample): {esc(m.get('accuracy_test', ''))}; the counts in brackets are "
-           f"the discordant pairs (condition right only vs reference right only). Other metrics: {esc(m.get('continuous_test', ''))}. "
-           f"p-values are {esc(m.get('p_values', 'unadjusted'))}. <b>Bold</b>: p &lt; 0.05. With few samples a percentile "
-           "bootstrap interval is narrower than it should be (it can exclude 0 where the exact test does not): "
-           "decide with the test. "
+           f"Intervals of a difference: {conf}% {esc(m.get('interval', ''))}, {esc(m.get('resamples'))} resamples, seeded from "
+           f"the run seed {esc(m.get('seed'))}; of a mean: {esc(m.get('mean_interval', ''))}. Accuracies (0/1 per sample): "
+           f"{esc(m.get('accuracy_test', ''))}; the counts in brackets are the discordant pairs (condition right only vs "
+           f"reference right only). Other metrics: {esc(m.get('continuous_test', ''))}; {esc(m.get('deterministic', ''))}. "
+           f"p: raw / Holm-adjusted ({esc(m.get('p_values', ''))}); <b>bold</b>: Holm p &lt; 0.05. mde: "
+           f"{esc(m.get('mde', ''))}. {esc(m.get('min_n', ''))}. Overlap: {esc(m.get('overlap', ''))}. "
            f"All rows: <code>effect_tests</code> ({esc(rel)}).</p>"]
+    if stats.get("warnings"):
+        out.append('<div class="warn"><ul>' + "".join(f"<li>{esc(w)}</li>" for w in stats["warnings"]) + "</ul></div>")
     controls = {r["condition"]: r["reference"] for r in rows if r["reference"] not in ("", "baseline")}
     conds = list(stats.get("conditions", {}))
     blind = stats.get("blind")
@@ -347,16 +402,18 @@ def statistics_html(run: Path, manifest: dict, stats: dict, figures: list[Path])
         return '<div class="figs">' + "".join(figure_html(contained(run, f), f.name, wide=True) for f in got) + "</div>"
 
     head = ("<tr><th rowspan=2>condition</th><th rowspan=2>tokens acted on (mean)</th><th rowspan=2>n</th><th rowspan=2>mean</th>"
-            f"<th rowspan=2>{conf}% interval</th><th colspan=3>minus the baseline</th><th colspan=4>minus the matched control</th></tr>"
-            "<tr><th>diff</th><th>interval</th><th>p</th><th>control</th><th>diff</th><th>interval</th><th>p</th></tr>")
+            f"<th rowspan=2>{conf}% interval</th><th colspan=4>minus the baseline</th><th colspan=6>minus the matched control</th></tr>"
+            "<tr><th>diff</th><th>interval</th><th>p / Holm</th><th>mde</th><th>control</th><th>overlap with target</th>"
+            "<th>diff</th><th>interval</th><th>p / Holm</th><th>mde</th></tr>")
     for metric in stats.get("accuracy_metrics", []):
         from embedlens.figures import safe_name
 
         body = []
+        said: list[tuple[str, dict | None]] = []
         b = index.get(("baseline", "", metric, "all", "all"))
         if b is not None:
             body.append(f"<tr><td><b>baseline</b></td><td class=\"num\">0</td><td class=\"num\">{b['n']}</td><td class=\"num\">{b['mean']:.3f}</td>"
-                        f"<td class=\"num\">{esc(_ci(b['mean_ci_low'], b['mean_ci_high']))}</td>" + "<td></td>" * 7 + "</tr>")
+                        f"<td class=\"num\">{esc(_ci(b['mean_ci_low'], b['mean_ci_high']))}</td>" + "<td></td>" * 10 + "</tr>")
         for c in conds:
             vb = index.get((c, "baseline", metric, "all", "all"))
             ctrl = controls.get(c)
@@ -367,8 +424,12 @@ def statistics_html(run: Path, manifest: dict, stats: dict, figures: list[Path])
             name = f"<b>{esc(c)}</b> (blind: every visual token removed)" if c == blind else esc(c)
             body.append(f"<tr><td>{name}</td><td class=\"num\">{r['tokens_touched']:.1f}</td><td class=\"num\">{r['n']}</td>"
                         f"<td class=\"num\">{r['mean']:.3f}</td><td class=\"num\">{esc(_ci(r['mean_ci_low'], r['mean_ci_high']))}</td>"
-                        + _diff_cell(vb) + f"<td>{esc(ctrl or '')}</td>" + (_diff_cell(vc) if ctrl else "<td></td><td></td><td></td>") + "</tr>")
+                        + _diff_cell(vb) + f"<td>{esc(ctrl or '')}</td>" + _overlap_cell(vc) + _diff_cell(vc if ctrl else None) + "</tr>")
+            said.append((f"{c} vs the baseline", vb))
+            if ctrl:
+                said.append((f"{c} vs {ctrl}", vc))
         out.append(f"<h3>{esc(metric)}</h3><table>{head}{''.join(body)}</table>")
+        out.append(f"<h4>What the {esc(metric)} comparisons support</h4>" + _sentences(said))
         sm = safe_name(metric)
         out.append(figs(f"effects_{sm}.png", f"effects_paired_{sm}.png"))
         for by in stats.get("breakdown", []):
@@ -389,7 +450,11 @@ def statistics_html(run: Path, manifest: dict, stats: dict, figures: list[Path])
             out.append(f"<h3>{esc(base)}: {esc(metric)} against tokens removed</h3>" + figs(f"effects_sweep_{safe_name(base)}_{sm}.png"))
     maps = [f for f in figures if f.name.startswith("removed_")]
     if maps:
-        out.append("<h3>Which tokens each condition and its control acted on</h3>" + figs(*[f.name for f in maps]))
+        drawn = stats.get("token_map_samples")
+        which = (f"The first {len(drawn)} samples that have an image are drawn ({esc(', '.join(map(str, drawn)))}); "
+                 "every sample's tokens are in <code>touched_tokens</code>." if drawn else "")
+        out.append("<h3>Which tokens each condition and its control acted on</h3>"
+                   f'<p class="note">{which}</p>' + figs(*[f.name for f in maps]))
     others = [r for r in rows if r["by"] == "all" and r["metric"] not in stats.get("accuracy_metrics", []) and r["condition"] != "baseline"]
     if others:
         trs = []
@@ -397,7 +462,8 @@ def statistics_html(run: Path, manifest: dict, stats: dict, figures: list[Path])
             ref = r["reference"] or "(none)"
             trs.append(f"<tr><td>{esc(r['condition'])}</td><td>{esc(r['metric'])}</td><td>{esc(ref)}</td><td class=\"num\">{r['n']}</td>"
                        f"<td class=\"num\">{r['mean']:.4g}</td><td class=\"num\">{esc(_ci(r['mean_ci_low'], r['mean_ci_high']))}</td>"
-                       + (_diff_cell(r) if r["reference"] else "<td></td><td></td><td></td>") + "</tr>")
+                       + (_diff_cell(r) if r["reference"] else "<td></td>" * 4) + f"<td>{esc(r.get('verdict') or '')}</td></tr>")
         out.append("<h3>Other metrics (paired sign-flip permutation tests)</h3><table><tr><th>condition</th><th>metric</th><th>reference</th>"
-                   f"<th>n</th><th>mean</th><th>{conf}% interval</th><th>diff</th><th>interval</th><th>p</th></tr>" + "".join(trs) + "</table>")
+                   f"<th>n</th><th>mean</th><th>{conf}% interval</th><th>diff</th><th>interval</th><th>p / Holm</th><th>mde</th>"
+                   "<th>what it supports</th></tr>" + "".join(trs) + "</table>")
     return "".join(out), shown

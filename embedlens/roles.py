@@ -63,7 +63,12 @@ class TokenRoles:
 
     # -- masks ---------------------------------------------------------------
     def _is(self, *roles: Role) -> torch.Tensor:
-        return torch.isin(self.kind, torch.tensor([int(r) for r in roles], device=self.kind.device))
+        # comparisons with Python ints stay on the device; a tensor of role ids built from a list would cost a
+        # host-to-device copy (and, on a GPU, a wait) at every call
+        out = self.kind == int(roles[0])
+        for r in roles[1:]:
+            out = out | (self.kind == int(r))
+        return out
 
     @property
     def visual(self) -> torch.Tensor:

@@ -249,7 +249,37 @@ def check_name(name: str) -> str:
                          "not a Python keyword), e.g. token_norm; it becomes the plan key, the module and the entry point")
     if len(name) > 60:
         raise InputError(f"NAME {name!r}: at most 60 characters")
+    clash = _shadows(name)
+    if clash:
+        raise InputError(f"NAME {name!r}: {clash}; installed, the plugin's package {name}/ would take the place of that "
+                         f"import for every program in the environment. Choose a distinct name, e.g. my_{name}")
     return name
+
+
+#: Folder names a project keeps for itself: a plugin package of that name would collide with them (the scaffold's own
+#: ``tests/`` included) or, installed, shadow another project's folder of the same name on ``sys.path``.
+GENERIC = frozenset({"tests", "test", "testing", "docs", "doc", "src", "lib", "bin", "build", "dist", "examples", "example",
+                     "scripts", "data", "setup", "conftest", "site", "main", "utils", "plugins"})
+
+
+def _shadows(name: str) -> str | None:
+    """Why `name` cannot be a top-level package: embedlens itself, the standard library, an installed module, a generic folder."""
+    import importlib.util
+    import sys
+
+    if name == "embedlens" or name.startswith("embedlens."):
+        return "that is embedlens itself"
+    if name in sys.stdlib_module_names or name in sys.builtin_module_names:
+        return "a module of Python's standard library has that name"
+    if name in GENERIC:
+        return "that is a generic folder name (tests, docs, src, ...)"
+    try:
+        found = importlib.util.find_spec(name) is not None  # finds, does not import
+    except (ImportError, ValueError):
+        found = True
+    if found:
+        return "an installed module has that name"
+    return None
 
 
 def new_plugin(kind: str, name: str, parent: Path) -> Path:
@@ -261,8 +291,8 @@ def new_plugin(kind: str, name: str, parent: Path) -> Path:
         parent: the folder to create the package in.
 
     Raises:
-        InputError: unknown kind, bad name, a name embedlens already uses, or
-            ``parent/NAME`` already exists (it is never overwritten).
+        InputError: unknown kind, bad name, a name embedlens already uses or that would shadow another
+            module, `parent` not a folder or not writable, or ``parent/NAME`` already exists (it is never overwritten).
     """
     from embedlens.registry import interventions, probes
 
@@ -272,7 +302,10 @@ def new_plugin(kind: str, name: str, parent: Path) -> Path:
     registry = probes if kind == "probe" else interventions
     if name in registry and registry.get(name).__module__.startswith("embedlens."):
         raise InputError(f"NAME {name!r}: embedlens already has a {kind} of that name; choose another")
-    root = Path(parent) / name
+    parent = Path(parent)
+    if (parent.exists() or parent.is_symlink()) and not parent.is_dir():
+        raise InputError(f"--dir {parent}: not a folder; expected a folder to create the package {name}/ in")
+    root = parent / name
     if root.exists() or root.is_symlink():
         raise InputError(f"{root} already exists; embedlens new never overwrites a folder: choose another NAME or folder")
     cls = "".join(part.capitalize() for part in name.split("_") if part) or name.capitalize()
@@ -287,9 +320,15 @@ def new_plugin(kind: str, name: str, parent: Path) -> Path:
         f"tests/test_{name}.py": _PROBE_TEST if kind == "probe" else _INTERVENTION_TEST,
         "README.md": _README,
     }
-    root.mkdir(parents=True)
-    for rel, template in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(template.substitute(fields), encoding="utf-8")
+    try:
+        root.mkdir(parents=True)
+    except OSError as e:
+        raise InputError(f"--dir {parent}: cannot create {root} there ({e.strerror or e}); choose a folder you can write to") from None
+    try:
+        for rel, template in files.items():
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(template.substitute(fields), encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"cannot write the package into {root} ({e.strerror or e}); what was written there is left as it is") from None
     return root

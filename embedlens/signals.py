@@ -61,13 +61,25 @@ def norm_outliers(
     if threshold is not None:
         return norms > threshold
     if images is not None:
-        out = torch.zeros_like(norms, dtype=torch.bool)
-        for i in images.unique().tolist():  # one pass per image of the batch, not per patch
-            at = images == i
-            out[at] = norm_outliers(norms[at][None], sigma, None, ratio)[0]
-        return out
+        return _segment_outliers(norms, images.to(norms.device), sigma, ratio)
     mean, std = norms.mean(dim=1, keepdim=True), norms.std(dim=1, keepdim=True, unbiased=False)
     return (norms > mean + sigma * std) & (norms >= ratio * norms.median(dim=1, keepdim=True).values)
+
+
+def _segment_outliers(norms: torch.Tensor, images: torch.Tensor, sigma: float, ratio: float) -> torch.Tensor:
+    """`norm_outliers`'s per-row rule with each image's statistics, where `images` (ids 0..n-1) says which image
+    each entry belongs to: sums by scatter, the lower median from one sort by (image, norm); no host sync."""
+    v, ids = norms.flatten().float(), images.flatten().long()
+    m = v.numel()
+    count = torch.zeros(m, device=v.device).index_add_(0, ids, torch.ones_like(v))  # [m]: ids < m
+    mean = torch.zeros(m, device=v.device).index_add_(0, ids, v) / count.clamp_min(1)
+    var = torch.zeros(m, device=v.device).index_add_(0, ids, (v - mean[ids]) ** 2) / count.clamp_min(1)
+    order = torch.sort(v, stable=True).indices
+    order = order[torch.sort(ids[order], stable=True).indices]  # by image, then by norm
+    start = torch.cumsum(count, 0) - count  # [m] first sorted slot of each image
+    median = v[order[(start + (count - 1).clamp_min(0) // 2).long().clamp_max(m - 1)]]
+    out = (v > mean[ids] + sigma * var.sqrt()[ids]) & (v >= ratio * median[ids])
+    return out.reshape(norms.shape)
 
 
 def massive_entries(
@@ -83,7 +95,9 @@ def massive_entries(
         (``[batch, seq, d]`` bool flags, ``[batch]`` median |a| over each sample's valid entries).
     """
     a = h.float().abs()
-    med = torch.stack([a[b][valid[b]].median() if valid[b].any() else a.new_tensor(0.0) for b in range(a.shape[0])])
+    # each sample's lower median over its valid entries (as `median`), for the whole batch at once: no host sync
+    med = a.masked_fill(~valid[..., None], float("nan")).flatten(1).nanmedian(dim=1).values
+    med = torch.where(valid.any(dim=1), med, torch.zeros_like(med))
     flags = (a > threshold) & (a > ratio * med[:, None, None]) & valid[..., None]
     return flags, med
 
@@ -169,21 +183,26 @@ def vit_norm_token_flags(
     adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor], layer: int = -2, sigma: float = 2.0,
     threshold: float | None = None, ratio: float = 2.0,
 ) -> torch.Tensor:
-    """``[visual tokens]`` bool: the token's patch (any of its block's) is a ViT high-norm outlier at vision layer `layer`."""
+    """``[visual tokens]`` bool, on the tower's device: the token's patch (any of its block's) is a ViT high-norm
+    outlier at vision layer `layer`."""
     site = adapter.resolve(Site("vision.layers", layer))
     flags = vit_norm_outliers(acts[site], sigma, threshold, adapter.n_prefix_tokens, ratio, adapter.tower_images(batch.inputs))
-    return vision_to_tokens(flags, batch.roles.visual_tokens(), adapter, batch.inputs).cpu()
+    return vision_to_tokens(flags, batch.roles.visual_tokens(), adapter, batch.inputs)  # on the device: the caller copies
 
 
 def massive_token_flags(
     batch: "Batch", acts: dict[Site, torch.Tensor], layers: list[int], threshold: float = 100.0, ratio: float = 1000.0
 ) -> torch.Tensor:
-    """``[visual tokens]`` bool: the token has a massive activation at the output of any LLM layer in `layers`."""
+    """``[visual tokens]`` bool, on the device of the LLM layers: the token has a massive activation at the output of
+    any LLM layer in `layers` (flags combined on the device, no host copy per layer)."""
     vt = batch.roles.visual_tokens()
     hit = torch.zeros(len(vt["sample"]), dtype=torch.bool)
-    valid = ~batch.roles.padding
-    for layer in layers:
+    on: dict = {}  # device -> (valid, sample, position), moved once
+    for layer in layers:  # flags stay on the device; one copy to the host at the end
         h = acts[Site("llm.layers", layer)]
-        flags, _ = massive_entries(h, valid.to(h.device), threshold, ratio)
-        hit |= flags.any(-1)[vt["sample"].to(h.device), vt["position"].to(h.device)].cpu()
-    return hit
+        if h.device not in on:
+            on[h.device] = ((~batch.roles.padding).to(h.device), vt["sample"].to(h.device), vt["position"].to(h.device))
+        valid, s, p = on[h.device]
+        flags, _ = massive_entries(h, valid, threshold, ratio)
+        hit = hit.to(h.device) | flags.any(-1)[s, p]
+    return hit  # on the device: the caller copies

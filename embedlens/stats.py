@@ -4,15 +4,28 @@ Every comparison embedlens reports is *paired*: a condition and its reference
 (the baseline, or the condition's matched random control) were run on the same
 samples, so the unit of resampling and of the test is the sample.
 
-- **Confidence interval**: percentile bootstrap of the mean paired difference
-  (resampling samples with replacement; `RESAMPLES` draws by default, seeded).
+- **Confidence interval of a difference**: BCa bootstrap (bias-corrected and
+  accelerated) of the mean paired difference, resampling samples with
+  replacement (`RESAMPLES` draws by default, seeded). A percentile bootstrap is
+  too narrow at small n; BCa corrects most of that, and below `MIN_N` samples
+  the report says that no bootstrap interval is to be trusted.
+- **Interval of a proportion** (an accuracy's mean): Wilson score interval
+  (`wilson_interval`; `clopper_pearson` gives the exact one). It is never the
+  zero-width ``[1, 1]`` a bootstrap gives for 7 of 7 right.
 - **Accuracies** (0/1 per sample): exact McNemar test, i.e. a two-sided
   binomial test with p = 1/2 on the discordant pairs.
 - **Continuous metrics**: paired sign-flip permutation test of the mean
   difference; exact (all 2^n sign patterns) for n <= `EXACT_MAX_N`, else
   `RESAMPLES` seeded random sign patterns with the (k + 1) / (R + 1) p-value.
+- **A quantity that does not vary** (the same value on every sample under both
+  runs, or the same difference on every sample) is not tested: it is
+  ``deterministic`` and the row says so.
+- **Minimum detectable effect** (`mde`): the smallest true mean difference the
+  test finds with probability `POWER` at level `ALPHA`, at the run's n.
+- **Holm** (`holm`): step-down adjusted p-values across a family of comparisons.
 
-Only numpy is needed; the tests check every function against scipy.stats.
+Only numpy and the standard library are needed; the tests check every
+function against scipy.stats.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 from typing import Sequence
 
 import numpy as np
@@ -30,6 +44,11 @@ from embedlens.errors import InputError
 RESAMPLES = 10_000
 #: Permutation tests enumerate every sign pattern up to this many non-zero differences.
 EXACT_MAX_N = 16
+#: Below this many samples no bootstrap interval is to be trusted (the report warns; decide with the exact test).
+MIN_N = 20
+#: Level and power at which the minimum detectable effect is computed.
+ALPHA = 0.05
+POWER = 0.8
 #: Cap on resample x sample entries drawn at once (memory), fixed so the draws do not depend on it.
 _CHUNK_ENTRIES = 1 << 21
 
@@ -102,6 +121,186 @@ def bootstrap_ci(values: Sequence[float], resamples: int = RESAMPLES, confidence
     return (float(lo), float(hi))
 
 
+_NORMAL = NormalDist()
+
+
+def _level(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise InputError(f"confidence: expected a level in (0, 1), e.g. 0.95; got {confidence!r}")
+
+
+def _counts(k: int, n: int) -> None:
+    for name, v in (("k", k), ("n", n)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise InputError(f"{name}: expected a count (an integer >= 0); got {v!r}")
+    if k > n:
+        raise InputError(f"k: expected at most n = {n} successes; got {k}")
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion: `k` successes of `n` (NaN, NaN when n = 0).
+
+    Unlike a bootstrap, it has width at 0 of n or n of n (7 of 7 right is not ``[1, 1]``),
+    and it keeps close to its level at small n.
+
+    Example:
+        >>> [round(v, 4) for v in wilson_interval(7, 7)]
+        [0.6457, 1.0]
+    """
+    _counts(k, n)
+    _level(confidence)
+    if n == 0:
+        return (math.nan, math.nan)
+    z = _NORMAL.inv_cdf(1 - (1 - confidence) / 2)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, centre - half) if k > 0 else 0.0, min(1.0, centre + half) if k < n else 1.0)
+
+
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed in log space (exact enough for any n a run has)."""
+    if p <= 0:
+        return 1.0
+    if p >= 1:
+        return 1.0 if k >= n else 0.0
+    i = np.arange(k + 1)
+    logs = (math.lgamma(n + 1) - np.array([math.lgamma(j + 1) + math.lgamma(n - j + 1) for j in range(k + 1)])
+            + i * math.log(p) + (n - i) * math.log1p(-p))
+    return float(np.exp(logs).sum())
+
+
+def _solve(f, target: float) -> float:
+    """The p in [0, 1] where the decreasing function `f(p)` crosses `target` (bisection)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if f(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson (exact) interval of a proportion: `k` successes of `n` (NaN, NaN when n = 0).
+
+    The bounds are where an exact binomial test at level ``(1 - confidence) / 2`` per side
+    stops rejecting; it covers at least `confidence` for every true proportion.
+
+    Example:
+        >>> [round(v, 4) for v in clopper_pearson(0, 10)]
+        [0.0, 0.3085]
+    """
+    _counts(k, n)
+    _level(confidence)
+    if n == 0:
+        return (math.nan, math.nan)
+    tail = (1 - confidence) / 2
+    # P(X >= k | p) = P(Y <= n - k | 1 - p), Y the failures: the lower bound from the same decreasing tail
+    lo = 0.0 if k == 0 else 1.0 - _solve(lambda q: _binom_cdf(n - k, n, q), tail)
+    hi = 1.0 if k == n else _solve(lambda p: _binom_cdf(k, n, p), tail)
+    return (lo, hi)
+
+
+def bca_ci(values: Sequence[float], resamples: int = RESAMPLES, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """BCa (bias-corrected and accelerated) bootstrap interval of the mean of `values`.
+
+    The percentile interval's quantiles are moved by the bootstrap's median bias
+    (z0) and the jackknife skewness (acceleration a), which a percentile interval
+    ignores and which make it too narrow at small n (Efron 1987). Constant values
+    give a point interval; no values give (NaN, NaN).
+
+    Example:
+        >>> bca_ci([0.25, 0.25, 0.25])
+        (0.25, 0.25)
+    """
+    _check(resamples, confidence)
+    x = np.asarray(values, dtype=np.float64)
+    n = x.size
+    if n == 0:
+        return (math.nan, math.nan)
+    if np.all(x == x[0]):
+        return (float(x[0]), float(x[0]))
+    means = bootstrap_means(x, resamples, seed)
+    theta = x.mean()
+    below = (np.sum(means < theta) + 0.5 * np.sum(means == theta)) / resamples
+    below = min(max(below, 0.5 / resamples), 1 - 0.5 / resamples)
+    z0 = _NORMAL.inv_cdf(below)
+    jack = (x.sum() - x) / (n - 1)  # [n] leave-one-out means
+    dj = jack.mean() - jack
+    den = 6.0 * float(np.sum(dj * dj)) ** 1.5
+    a = float(np.sum(dj**3)) / den if den > 0 else 0.0
+    alpha = 1.0 - confidence
+    qs = []
+    for z in (_NORMAL.inv_cdf(alpha / 2), _NORMAL.inv_cdf(1 - alpha / 2)):
+        qs.append(_NORMAL.cdf(z0 + (z0 + z) / (1 - a * (z0 + z))))
+    lo, hi = np.quantile(means, qs)
+    return (float(lo), float(hi))
+
+
+def mcnemar_min_discordant(alpha: float = ALPHA) -> int:
+    """The fewest discordant pairs, all one way, with which the exact McNemar test can reach p < `alpha`.
+
+    Example:
+        >>> mcnemar_min_discordant(0.05)
+        6
+    """
+    m = 1
+    while 2.0 / 2**m >= alpha:
+        m += 1
+    return m
+
+
+def mde(diffs: Sequence[float], binary: bool, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Minimum detectable effect of a paired comparison at n = len(diffs): the smallest true mean difference
+    a two-sided test at level `alpha` detects with probability `power` (normal approximation).
+
+    ``c = z(1 - alpha/2) + z(power)``. A continuous metric: ``c * s / sqrt(n)``, s the standard deviation of
+    the paired differences. An accuracy: the differences are -1, 0 or 1 and their variance is at most the
+    discordant share pi, which an effect of size delta makes at least delta; so
+    ``max(c * sqrt(pi / n), c**2 / n, m / n)``, m the fewest discordant pairs that can reach significance
+    (`mcnemar_min_discordant`), at most 1. NaN without differences.
+
+    Example:
+        >>> round(mde([0.0] * 12, binary=True), 3)  # 12 samples, no discordant pair: only very large effects show
+        0.654
+    """
+    d = np.asarray(diffs, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    n = d.size
+    if n == 0:
+        return math.nan
+    c = _NORMAL.inv_cdf(1 - alpha / 2) + _NORMAL.inv_cdf(power)
+    if binary:
+        pi = float(np.mean(d != 0))
+        return min(1.0, max(c * math.sqrt(pi / n), c * c / n, mcnemar_min_discordant(alpha) / n))
+    if n < 2:
+        return math.inf
+    return c * float(np.std(d, ddof=1)) / math.sqrt(n)
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (NaN entries are left out of the family and stay NaN).
+
+    The i-th smallest of m p-values becomes ``max over j <= i of min(1, (m - j + 1) * p_(j))``.
+
+    Example:
+        >>> holm([0.01, 0.04, 0.03]).round(3).tolist()
+        [0.03, 0.06, 0.06]
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    keep = np.flatnonzero(np.isfinite(p))
+    m = keep.size
+    if m == 0:
+        return out
+    order = keep[np.argsort(p[keep], kind="stable")]
+    adj = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    out[order] = np.maximum.accumulate(adj)
+    return out
+
+
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value from the discordant pair counts.
 
@@ -172,6 +371,8 @@ class Paired:
     #: McNemar's discordant pairs: x right and y wrong (`x_only`), the reverse (`reference_only`); -1 for other tests.
     x_only: int = -1
     reference_only: int = -1
+    #: The smallest true difference the test detects with probability `POWER` at level `ALPHA`, at this n (`mde`).
+    mde: float = math.nan
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -185,15 +386,21 @@ def paired(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> Paired:
-    """Compare `x` with `y` sample by sample: mean difference, bootstrap interval and a paired test.
+    """Compare `x` with `y` sample by sample: mean difference, BCa bootstrap interval, a paired test and the
+    minimum detectable effect.
 
     Pairs where either value is NaN are dropped. `binary` (default: both
-    are 0/1) selects exact McNemar, else the sign-flip permutation test.
+    are 0/1) selects exact McNemar, else the sign-flip permutation test. A
+    continuous metric whose paired difference is the same on every sample (it
+    does not vary: a token count both runs set alike) gets no test: its `test`
+    is ``"deterministic"`` and its p-value NaN.
 
     Example:
         >>> r = paired([1, 1, 1, 0], [0, 0, 1, 0])
         >>> r.diff, r.test, r.x_only, r.reference_only, r.p_value
         (0.5, 'mcnemar_exact', 2, 0, 0.5)
+        >>> paired([576.0, 576.0], [576.0, 576.0]).test
+        'deterministic'
     """
     _check(resamples, confidence)
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -208,15 +415,18 @@ def paired(
         nan = math.nan
         return Paired(0, nan, nan, nan, nan, nan, "mcnemar_exact" if binary else "sign_flip_permutation", nan)
     d = a - b
-    lo, hi = bootstrap_ci(d, resamples, confidence, seed)
+    mean_a, mean_b, diff = float(a.mean()), float(b.mean()), float(d.mean())
+    if not binary and np.all(d == d[0]):
+        return Paired(n, mean_a, mean_b, diff, float(d[0]), float(d[0]), "deterministic", math.nan, mde=math.nan)
+    lo, hi = bca_ci(d, resamples, confidence, seed)
     if binary:
         x_only, ref_only = int(np.sum((a == 1) & (b == 0))), int(np.sum((a == 0) & (b == 1)))
-        return Paired(n, float(a.mean()), float(b.mean()), float(d.mean()), lo, hi, "mcnemar_exact",
-                      mcnemar_exact(x_only, ref_only), x_only, ref_only)
+        return Paired(n, mean_a, mean_b, diff, lo, hi, "mcnemar_exact", mcnemar_exact(x_only, ref_only), x_only, ref_only,
+                      mde=mde(d, True))
     p, exact = sign_flip_test(d, resamples, seed)
-    return Paired(n, float(a.mean()), float(b.mean()), float(d.mean()), lo, hi,
-                  "sign_flip_permutation" + ("" if exact else "_sampled"), p)
+    return Paired(n, mean_a, mean_b, diff, lo, hi, "sign_flip_permutation" + ("" if exact else "_sampled"), p, mde=mde(d, False))
 
 
-__all__ = ["EXACT_MAX_N", "RESAMPLES", "Paired", "bootstrap_ci", "bootstrap_means", "is_binary", "mcnemar_exact", "paired",
-           "seed_for", "sign_flip_test"]
+__all__ = ["ALPHA", "EXACT_MAX_N", "MIN_N", "POWER", "RESAMPLES", "Paired", "bca_ci", "bootstrap_ci", "bootstrap_means",
+           "clopper_pearson", "holm", "is_binary", "mcnemar_exact", "mcnemar_min_discordant", "mde", "paired", "seed_for",
+           "sign_flip_test", "wilson_interval"]

@@ -9,7 +9,8 @@ import pytest
 from scipy import stats as sps
 
 from embedlens.errors import InputError
-from embedlens.stats import bootstrap_ci, bootstrap_means, is_binary, mcnemar_exact, paired, sign_flip_test
+from embedlens.stats import (bca_ci, bootstrap_ci, bootstrap_means, clopper_pearson, holm, is_binary, mcnemar_exact,
+                             mcnemar_min_discordant, mde, paired, sign_flip_test, wilson_interval)
 
 
 @pytest.mark.parametrize("b,c", [(0, 0), (0, 1), (3, 0), (2, 7), (10, 10), (15, 4), (60, 41), (400, 350)])
@@ -99,6 +100,72 @@ def test_paired_continuous_and_errors():
         paired(x, y, confidence=95)
     with pytest.raises(InputError, match="one length"):
         paired([1, 0], [1])
+
+
+@pytest.mark.parametrize("k,n", [(0, 10), (7, 7), (3, 12), (41, 41), (50, 96), (1, 1), (0, 1), (13, 200)])
+def test_proportion_intervals_match_scipy(k, n):
+    ref = sps.binomtest(k, n)
+    for ours, method in ((wilson_interval(k, n), "wilson"), (clopper_pearson(k, n), "exact")):
+        want = ref.proportion_ci(confidence_level=0.95, method=method)
+        assert ours == pytest.approx((want.low, want.high), abs=1e-9)
+    want = sps.binomtest(k, n).proportion_ci(confidence_level=0.8, method="exact")
+    assert clopper_pearson(k, n, 0.8) == pytest.approx((want.low, want.high), abs=1e-9)
+
+
+def test_proportion_intervals_cover_at_small_n():
+    # the issue's cases: 7 of 7 and 0 of 41 are not the zero-width [1, 1] and [0, 0] of a bootstrap
+    assert wilson_interval(7, 7)[0] < 0.7 and wilson_interval(0, 41)[1] > 0.08
+    # exact coverage of Clopper-Pearson at n = 12 over a grid of true proportions: at least 95% everywhere
+    n = 12
+    bounds = [clopper_pearson(k, n) for k in range(n + 1)]
+    for p in np.linspace(0.01, 0.99, 25):
+        cover = sum(sps.binom.pmf(k, n, p) for k, (lo, hi) in enumerate(bounds) if lo <= p <= hi)
+        assert cover >= 0.95 - 1e-9
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+    with pytest.raises(InputError, match="k: expected at most"):
+        wilson_interval(3, 2)
+
+
+def test_bca_matches_scipy():
+    d = np.random.default_rng(4).gamma(1.0, 1.0, size=15)  # skewed: BCa and percentile differ
+    ref = sps.bootstrap((d,), np.mean, n_resamples=20000, method="BCa", confidence_level=0.9, rng=np.random.default_rng(1))
+    lo, hi = bca_ci(d, resamples=20000, confidence=0.9, seed=1)
+    assert (lo, hi) == pytest.approx((ref.confidence_interval.low, ref.confidence_interval.high), abs=0.02)
+    assert bca_ci([2.0] * 4) == (2.0, 2.0)
+
+
+def test_mde_against_the_closed_form():
+    c = sps.norm.ppf(0.975) + sps.norm.ppf(0.8)
+    d = np.random.default_rng(2).normal(0.1, 0.7, size=30)
+    assert mde(d, binary=False) == pytest.approx(c * np.std(d, ddof=1) / np.sqrt(30))
+    # accuracies: 12 samples without a discordant pair -> c^2 / n; 96 samples with 30 discordant -> c sqrt(pi / n)
+    assert mde([0.0] * 12, binary=True) == pytest.approx(c * c / 12)
+    d96 = np.array([1.0] * 10 + [-1.0] * 20 + [0.0] * 66)
+    assert mde(d96, binary=True) == pytest.approx(c * np.sqrt(30 / 96 / 96))
+    # the exact test's own floor: 6 one-way discordant pairs are the fewest that reach p < 0.05
+    assert mcnemar_min_discordant(0.05) == 6 and mcnemar_exact(0, 6) < 0.05 <= mcnemar_exact(0, 5)
+    assert mde([1.0] * 5, binary=True) == 1.0
+    # the MDE is what a z-test detects 80% of the time (a simulation independent of the formula's code)
+    rng = np.random.default_rng(3)
+    n, sd = 40, 1.0
+    delta = c * sd / np.sqrt(n)
+    z = rng.normal(delta, sd, size=(20000, n)).mean(axis=1) / (sd / np.sqrt(n))
+    assert np.mean(np.abs(z) > sps.norm.ppf(0.975)) == pytest.approx(0.8, abs=0.015)
+
+
+def test_holm_by_hand():
+    # p sorted: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> monotone 0.06)
+    got = holm([0.03, 0.01, float("nan"), 0.04, 0.02])
+    assert got[[1, 4, 0, 3]] == pytest.approx([0.04, 0.06, 0.06, 0.06]) and math.isnan(got[2])
+    assert holm([0.5, 0.9]).tolist() == [1.0, 1.0]
+
+
+def test_a_quantity_that_does_not_vary_gets_no_test():
+    r = paired([576.0] * 8, [576.0] * 8)
+    assert r.test == "deterministic" and math.isnan(r.p_value) and (r.diff_ci_low, r.diff_ci_high) == (0.0, 0.0)
+    r = paired([10.0, 20.0, 30.0], [8.0, 18.0, 28.0])  # the same difference on every sample
+    assert r.test == "deterministic" and r.diff == pytest.approx(2.0)
+    assert paired([0.1, 0.5, 0.2], [0.0, 0.1, 0.2]).test == "sign_flip_permutation"
 
 
 # -- the columns figures and reports draw: standard errors and interval quantiles (issue 29) ----------------------------

@@ -47,7 +47,7 @@ def test_lens_and_partition_of_one_pass_search_once_and_agree_with_an_independen
     x = acts[Site("llm.embed")][vt["sample"], vt["position"]].float()
     sims = torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(vocab.float(), dim=-1).T
     top = sims.topk(3, dim=-1).indices
-    assert rows["id_1"] == top[:, 0].tolist()
+    assert list(rows["id_1"]) == top[:, 0].tolist()
     assert flags.tolist() == torch.isin(top, torch.tensor([5, 6, 7])).any(-1).tolist()
 
 

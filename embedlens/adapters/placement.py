@@ -54,6 +54,57 @@ class Placement:
         return isinstance(self.device_map, dict) and "disk" in {str(v) for v in self.device_map.values()}
 
 
+class DeviceMapError(AdapterError):
+    """A device map entry that cannot work; `key` is the module path (None: the map as a whole)."""
+
+    def __init__(self, key: str | None, reason: str):
+        self.key, self.reason = key, reason
+        where = "model.device_map" if key is None else f"model.device_map[{key!r}]"
+        super().__init__(f"{where}: {reason}")
+
+
+def check_device_map(device_map: str | dict[Any, Any] | None) -> None:
+    """Refuse a device map no model can run under, before anything is loaded.
+
+    Every value must be a device that holds weights and is present here (a GPU index
+    or ``cuda:N`` below the number of GPUs, ``cpu``, ``mps`` where available, or
+    ``disk``), and at least one module must run somewhere other than ``disk``
+    (accelerate executes offloaded modules on a computing device; with none, the
+    weights stay on ``meta`` and the first copy fails).
+
+    Raises:
+        DeviceMapError: naming the module path and the value.
+    """
+    if device_map is None or isinstance(device_map, str):
+        return
+    if not isinstance(device_map, dict) or not device_map:
+        raise DeviceMapError(None, f"expected a strategy ({', '.join(STRATEGIES)}) or a non-empty mapping of module path -> "
+                                   f"device; got {device_map!r}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for key, dev in device_map.items():
+        if not isinstance(key, str):
+            raise DeviceMapError(str(key), f"a module path must be text (e.g. model.language_model, or '' for the whole model); got {key!r}")
+        if isinstance(dev, bool) or not isinstance(dev, (int, str)):
+            raise DeviceMapError(key, f"expected a GPU index, cuda:N, cpu or disk; got {dev!r}")
+        if isinstance(dev, int) or dev == "cuda" or dev.startswith("cuda:"):
+            index = dev if isinstance(dev, int) else (dev.split(":", 1)[1] if ":" in dev else "0")
+            if not (isinstance(index, int) or index.isdigit()):
+                raise DeviceMapError(key, f"not a device: {dev!r}; expected a GPU index, cuda:N, cpu or disk")
+            if int(index) >= gpus or int(index) < 0:
+                raise DeviceMapError(key, f"{dev!r}: GPU {index} is not available here ({gpus} CUDA device(s)); use cpu, disk or an available GPU")
+        elif dev == "mps":
+            if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+                raise DeviceMapError(key, "'mps' is not available here; use cpu or disk")
+        elif dev == "meta":
+            raise DeviceMapError(key, "'meta' holds no weights (shapes only); expected a GPU index, cuda:N, cpu or disk")
+        elif dev not in ("cpu", "disk"):
+            raise DeviceMapError(key, f"not a device: {dev!r}; expected a GPU index, cuda:N, cpu or disk")
+    if all(v == "disk" for v in device_map.values()):
+        shown = next(iter(device_map))
+        raise DeviceMapError(shown, "every module is mapped to 'disk', so nothing runs the model: map the whole model ('') or some "
+                                    "modules to cpu or a GPU, and only the rest to disk")
+
+
 def quantization_config(options: dict[str, Any]):
     """A `transformers.BitsAndBytesConfig` from a plan's ``model.quantization`` mapping.
 
@@ -93,9 +144,11 @@ def loading_kwargs(placement: Placement | None) -> dict[str, Any]:
 
     Raises:
         AdapterError: quantisation this installation cannot do, or a device map with ``disk`` and no folder.
+        DeviceMapError: a device map entry no model can run under (`check_device_map`).
     """
     if placement is None:
         return {}
+    check_device_map(placement.device_map)
     out: dict[str, Any] = {}
     if placement.device_map is not None:
         out["device_map"] = dict(placement.device_map) if isinstance(placement.device_map, dict) else placement.device_map
@@ -124,6 +177,7 @@ def place(model: torch.nn.Module, placement: Placement) -> torch.nn.Module:
 
     if placement.quantization is not None:
         raise AdapterError("model.quantization: only checkpoints loaded with from_pretrained can be quantised (not tiny: models)")
+    check_device_map(placement.device_map)
     dm = placement.device_map
     if isinstance(dm, str):
         no_split = list(getattr(model, "_no_split_modules", None) or [])
@@ -134,7 +188,7 @@ def place(model: torch.nn.Module, placement: Placement) -> torch.nn.Module:
     names = dict(model.named_modules())
     for path in dm:
         if path and path not in names:
-            raise AdapterError(f"model.device_map.{path}: not a module of {type(model).__name__}")
+            raise DeviceMapError(path, f"not a module of {type(model).__name__}")
     covered = [n for n, _ in model.named_parameters() if not any(n == p or n.startswith(p + ".") or p == "" for p in dm)]
     if covered:
         raise AdapterError(f"model.device_map: no device for {covered[0]} (and {len(covered) - 1} more); map every module")

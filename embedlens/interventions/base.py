@@ -14,7 +14,7 @@ from embedlens.state import Stateful
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
-    from embedlens.interventions.engine import Context, Rows
+    from embedlens.interventions.context import Context, Rows
     from embedlens.sites import Site
 
 IfEmpty = Literal["error", "noop"]

@@ -40,13 +40,18 @@ those per-layer arguments itself:
   the window is shorter than the sequence; each equals its Hugging Face run.
   Decoding continues the count (`Outcome.step`).
 
+All of this is built on the device once per *packing* (the set of tokens a
+layer holds; `embedlens.interventions.layout`) and reused by every layer that
+holds it, so the layer loop never waits for the device: the host reads the
+packings' widths once per run (again only from a layer where an intervention
+moves tokens, e.g. FastV).
+
 With no interventions the engine reproduces the model's forward pass (tests
 compare it with Hugging Face's logits).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -55,14 +60,16 @@ from embedlens.adapters.base import resolve_path
 from embedlens.adapters.placement import module_device
 from embedlens.attention import attention_rows, layer_windows, rotary_embeddings
 from embedlens.errors import AdapterError, EmbedLensError, InterventionError
-from embedlens.interventions.select import Selection, SelectionSpec
+from embedlens.interventions.context import Context, Rows
+from embedlens.interventions.layout import Layout, gather_counts, layer_positions, schedule
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
     from embedlens.interventions.base import Intervention
-    from embedlens.roles import TokenRoles
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
+#: `Outcome.generate` reads whether every sample has ended once per this many tokens.
+DONE_EVERY = 8
 
 
 class _Stop(Exception):
@@ -102,106 +109,32 @@ class RowCache:
         return self.lengths()[layer_idx]
 
 
-@dataclass
-class Rows:
-    """The tokens present in one layer: `index[b, r]` is the batch position of
-    row r of sample b; `valid[b, r]` is False for the packing's padding rows."""
-
-    index: torch.Tensor
-    valid: torch.Tensor
-
-    @classmethod
-    def pack(cls, present: torch.Tensor) -> "Rows":
-        seq = present.shape[1]
-        pos = torch.arange(seq, device=present.device).expand_as(present)
-        order = torch.where(present, pos, pos + seq).argsort(dim=1)
-        n = int(present.sum(dim=1).max().item()) if present.numel() else 0
-        index = order[:, : max(n, 1)]
-        return cls(index=index, valid=present.gather(1, index))
-
-    def gather(self, values: torch.Tensor) -> torch.Tensor:
-        """`[batch, seq, ...]` -> `[batch, rows, ...]`."""
-        if values.dim() == 2:
-            return values.gather(1, self.index)
-        idx = self.index.reshape(*self.index.shape, *([1] * (values.dim() - 2)))
-        return values.gather(1, idx.expand(*self.index.shape, *values.shape[2:]))
-
-    def scatter(self, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Write `rows` (`[batch, rows, d]`) back into `target` (`[batch, seq, d]`) at the valid rows."""
-        out = target.clone()
-        b, r = self.valid.nonzero(as_tuple=True)
-        out[b, self.index[b, r]] = rows[b, r]
-        return out
-
-    def same(self, other: "Rows | None") -> bool:
-        return other is not None and torch.equal(self.index, other.index) and torch.equal(self.valid, other.valid)
-
-
-@dataclass
-class Context:
-    """What interventions see and set during one run of one condition on one batch.
-
-    Attributes:
-        enter, exit: `[batch, seq]` long; a token is present in layer l when
-            ``enter <= l < exit``. Interventions raise ``enter`` (injection) or
-            lower ``exit`` (pruning, withdrawal) — never the reverse.
-        attention: last-token attention recorded for requested layers,
-            ``{layer: [batch, heads, seq]}`` over batch positions (0 where absent).
-    """
-
-    adapter: "Adapter"
-    batch: "Batch"
-    condition: str
-    roles: "TokenRoles"
-    embeds: torch.Tensor
-    positions: torch.Tensor
-    blocks: torch.Tensor
-    n_layers: int
-    enter: torch.Tensor
-    exit: torch.Tensor
-    groups: Callable[[str], torch.Tensor] | None = None
-    deepstack: list[torch.Tensor] | None = None  # Qwen3-VL: `[batch, seq, d]` added after decoder layer i (0 off visual positions)
-    attention: dict[int, torch.Tensor] = field(default_factory=dict)
-    attention_requests: set[int] = field(default_factory=set)
-    #: `[batch, seq]` bool, set by the run: tokens whose LLM input an intervention edited (`edit_embeds`).
-    edited: torch.Tensor | None = None
-
-    @property
-    def valid(self) -> torch.Tensor:
-        return ~self.roles.padding
-
-    def select(self, spec: "SelectionSpec | Selection", *, within: torch.Tensor | None = None) -> torch.Tensor:
-        """Evaluate a selection on this batch, optionally restricted to `within`."""
-        mask = Selection.parse(spec).evaluate(self.roles, self.groups)
-        return mask if within is None else mask & within
-
-    def present(self, layer: int) -> torch.Tensor:
-        return (self.enter <= layer) & (layer < self.exit) & self.valid
-
-    def request_last_attention(self, layer: int) -> None:
-        """Ask the engine to record the last prompt token's attention in `layer`."""
-        self.attention_requests.add(layer)
-
-    def sample_ids(self, mask: torch.Tensor) -> list[str]:
-        return [self.batch.samples[int(b)].id for b in mask.nonzero().flatten()]
-
-
 class Outcome:
     """What a run produced: final hidden states, token counts per layer, and
     (when run with ``cache=True``) a decoder that continues from the prefill."""
 
-    def __init__(self, engine: "Engine", ctx: Context, hidden: torch.Tensor, present: torch.Tensor, counts: dict):
+    def __init__(self, engine: "Engine", ctx: Context, hidden: torch.Tensor, present: torch.Tensor,
+                 counts: "dict | list[torch.Tensor]"):
         self.engine = engine
         self.context = ctx
         self.hidden = hidden
         self.present = present
-        self.counts = counts  # {"rows": [L, B], "visual": [L, B], "keys": [L, B]}
+        self._counts = counts  # the host table, or each layer's `[3, batch]` device counts until first read
         self.memo: dict = {}  # per-run values metrics keep (e.g. the baseline's generation)
         self.cache: RowCache | None = None
         self.key_valid: list[torch.Tensor] = []
         self.row_valid: list[torch.Tensor] = []  # per layer: the prefill's present rows (sliding windows count them)
         self.decoded_valid: torch.Tensor | None = None
         self.next_position: torch.Tensor | None = None
+
+    @property
+    def counts(self) -> dict[str, torch.Tensor]:
+        """``{"rows", "visual", "keys"}: [layers, batch]`` long on the host: each layer's rows (tokens present),
+        visual rows and allowed (query, key) pairs per sample. Moved off the device in one transfer when first
+        read, so the run itself never waits for it."""
+        if not isinstance(self._counts, dict):
+            self._counts = gather_counts(self._counts)
+        return self._counts
 
     @property
     def last_index(self) -> torch.Tensor:
@@ -257,25 +190,33 @@ class Outcome:
         causal = torch.ones(n, n, dtype=torch.bool, device=eng.device).tril()
         new = causal[None] & valid[:, None, :]
         new = new | torch.eye(n, dtype=torch.bool, device=eng.device)[None]
+        lpos = layer_positions(pos)
+        shared: dict = {}  # layers that hold the same prefill rows (and window, device) share one mask
         for layer_idx, layer in enumerate(eng.layers):
-            old = torch.cat([self.key_valid[layer_idx], self.decoded_valid], dim=1)
-            allowed = torch.cat([old[:, None, :].expand(bsz, n, -1), new], dim=2)
             window = eng.windows[layer_idx]
-            if window is not None:
-                # each key's and query's rank among the tokens this layer of the sample holds (prefill rows, then
-                # decoded tokens), as the index a sample run alone would give it
-                held = torch.cat([self.row_valid[layer_idx], self.decoded_valid, valid], dim=1).long()
-                rank = held.cumsum(dim=1) - 1
-                q_rank = rank[:, -n:]
-                allowed = allowed & (rank[:, None, :] > q_rank[:, :, None] - window)
             dev = eng.layer_device(layer_idx)  # a device map may put each layer elsewhere: its inputs go there
-            lpos = _layer_positions(pos)
+            key_rows, held_rows = self.key_valid[layer_idx], self.row_valid[layer_idx]
+            key = (id(key_rows), id(held_rows) if window is not None else None, window, dev)
+            if key not in shared:
+                old = torch.cat([key_rows, self.decoded_valid], dim=1)
+                allowed = torch.cat([old[:, None, :].expand(bsz, n, -1), new], dim=2)
+                if window is not None:
+                    # each key's and query's rank among the tokens this layer of the sample holds (prefill rows,
+                    # then decoded tokens), as the index a sample run alone would give it
+                    held = torch.cat([held_rows, self.decoded_valid, valid], dim=1).long()
+                    rank = held.cumsum(dim=1) - 1
+                    q_rank = rank[:, -n:]
+                    allowed = allowed & (rank[:, None, :] > q_rank[:, :, None] - window)
+                shared[key] = _on(eng.mask(allowed), dev)
+            layer_type = eng.layer_types[layer_idx]
+            if (layer_type, dev) not in shared:
+                shared[layer_type, dev] = tuple(_on(t, dev) for t in pe[layer_type])
             x = layer(
-                x.to(dev),
-                attention_mask=eng.mask(allowed.to(dev)),
-                position_ids=None if lpos is None else lpos.to(dev),
+                _on(x, dev),
+                attention_mask=shared[key],
+                position_ids=None if lpos is None else _on(lpos, dev),
                 use_cache=True,
-                position_embeddings=tuple(t.to(dev) for t in pe[eng.layer_types[layer_idx]]),
+                position_embeddings=shared[layer_type, dev],
                 **{eng.cache_kwarg: self.cache},
             )
         self.decoded_valid = torch.cat([self.decoded_valid, valid], dim=1)
@@ -312,10 +253,12 @@ class Outcome:
             self.rollback(point)
         # the logits that predict token t: the prompt's last position for t = 0, the step's t - 1 after
         pred = torch.cat([self.last_logits()[:, None], logits[:, :-1]], dim=1).double()
-        logp = pred.log_softmax(-1).cpu()
-        picked = logp.gather(2, tokens[..., None])[..., 0]
-        hit = pred.argmax(-1).cpu() == tokens
-        return (picked * valid).sum(dim=1), (hit | ~valid).all(dim=1)
+        tokens, valid = tokens.to(pred.device), valid.to(pred.device)
+        picked = pred.log_softmax(-1).gather(2, tokens[..., None])[..., 0]
+        hit = pred.argmax(-1) == tokens
+        # [batch] scores and greedy flags leave the device together, not the [batch, n, vocab] log-probabilities
+        host = torch.stack([(picked * valid).sum(dim=1), (hit | ~valid).all(dim=1).double()]).cpu()
+        return host[0], host[1].bool()
 
     @torch.no_grad()
     def generate(self, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
@@ -328,10 +271,12 @@ class Outcome:
             nxt = self.last_logits().argmax(dim=-1)
             out = [nxt]
             done = nxt == eos_token_id if eos_token_id is not None else torch.zeros_like(nxt, dtype=torch.bool)
-            for _ in range(max_new_tokens - 1):
-                if bool(done.all()):
-                    out.append(nxt)
-                    continue
+            for t in range(1, max_new_tokens):
+                # whether every sample has ended is read every few tokens, not every token (a host read each):
+                # a step after all ended repeats EOS, so only the time differs
+                if eos_token_id is not None and t % DONE_EVERY == 0 and bool(done.all()):
+                    out += [nxt] * (max_new_tokens - t)
+                    break
                 logits = self.step(nxt[:, None], valid=~done[:, None])[:, 0]
                 cand = logits.argmax(dim=-1)
                 nxt = torch.where(done, nxt, cand)
@@ -456,16 +401,23 @@ class Engine:
     def context(self, batch: "Batch", condition: str = "baseline", groups=None, embeds=None) -> Context:
         inputs = batch.inputs
         roles = batch.roles.to(self.device)
+        positions = None
         if embeds is None:
             captured = self._lm_inputs(batch)
             embeds, deep = captured["x"], _scatter_deepstack(captured)
+            given = captured.get("position_ids")
+            if self.adapter.mrope and isinstance(given, torch.Tensor) and tuple(given.shape) == (3, *roles.kind.shape):
+                # the M-RoPE ids the model itself computed for its language model (Qwen-VL): asking the adapter
+                # would run the same per-image host loop (get_rope_index) a second time
+                positions = given
         else:  # precomputed embeddings; DeepStack features still need the tower
             deep = self.deepstack(batch) if self.adapter.deepstack else None
         if hasattr(groups, "label"):  # a partition: label this batch's tokens once
             groups = _lookup({g: m.to(self.device) for g, m in groups.label(self.adapter, batch, embeds=embeds).items()})
         elif isinstance(groups, dict):
             groups = _lookup(groups)
-        positions = self.adapter.position_ids(inputs)
+        if positions is None:
+            positions = self.adapter.position_ids(inputs)
         if positions.dim() != (3 if self.adapter.mrope else 2):
             raise AdapterError(
                 f"{self.adapter.name}: position_ids gave shape {tuple(positions.shape)}; the adapter declares "
@@ -504,6 +456,12 @@ class Engine:
     ) -> Outcome:
         """Prefill `batch` with `interventions` applied together.
 
+        The host waits on the device a fixed number of times per run, whatever the model's depth: once to learn
+        every layer's packing (`embedlens.interventions.layout.schedule`), and again only from a layer where an
+        intervention moved tokens in or out (FastV); the per-layer loop only launches work, and the token counts
+        leave the device when first read (`Outcome.counts`). The model's own code before its language model (the
+        vision tower, Qwen-VL's M-RoPE ids) and the interventions' `setup` may wait too, once per batch.
+
         Args:
             batch: from `adapter.encode`.
             interventions: instances; applied in order where order matters.
@@ -523,83 +481,65 @@ class Engine:
         for i, iv in enumerate(interventions):
             with _naming(condition, i, iv):
                 x_full = iv.edit_embeds(ctx, x_full)
-        ctx.edited = (x_full != ctx.embeds).any(dim=-1) & ctx.valid
+        edited = x_full is not ctx.embeds
+        ctx.edited = (x_full != ctx.embeds).any(dim=-1) & ctx.valid if edited else torch.zeros_like(ctx.valid)
 
-        n_layers, bsz, seq = self.n_layers, *ctx.roles.kind.shape
+        n_layers, bsz = self.n_layers, ctx.roles.kind.shape[0]
+        home = self.device
         kv = RowCache(n_layers) if cache else None
-        image = ctx.roles.image_span
-        counts = {k: torch.zeros(n_layers, bsz, dtype=torch.long) for k in ("rows", "visual", "keys")}
+        per_layer_counts: list[torch.Tensor] = []
         key_valid: list[torch.Tensor] = []
         row_valid: list[torch.Tensor] = []
-        order = torch.arange(seq, device=self.device)
-        rows: Rows | None = None
+        layout: Layout | None = None
         x = None
+        stamp, widths, changes = None, [], []
         for layer_idx, layer in enumerate(self.layers):
             for i, iv in enumerate(interventions):
                 with _naming(condition, i, iv):
                     iv.before_layer(ctx, layer_idx)
-            new_rows = Rows.pack(ctx.present(layer_idx))
-            if not new_rows.same(rows):
-                if rows is not None:
-                    x_full = rows.scatter(x_full, x)
-                rows = new_rows
+            # which tokens each layer holds follows from enter/exit: read once, again only if an intervention
+            # changed them (a new tensor, or one edited in place: its version counter moves)
+            if stamp is None or _moved(stamp, ctx):
+                widths, changes = schedule(ctx.enter, ctx.exit, ctx.valid, n_layers)
+                stamp = (ctx.enter, ctx.enter._version, ctx.exit, ctx.exit._version)
+                changes[layer_idx] = True
+            if changes[layer_idx]:
+                if layout is not None:
+                    x_full = layout.rows.scatter(x_full, x)
+                rows = Rows.pack(ctx.present(layer_idx), widths[layer_idx])
                 x = rows.gather(x_full)
-                pos = _gather_positions(rows, ctx.positions)
-                pe = self.rotaries(x, pos)
-                o, blk = rows.gather(order[None].expand(bsz, -1)), rows.gather(ctx.blocks)
-                causal = o[:, None, :] <= o[:, :, None]
-                block = (blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] >= 0)
-                base = (causal | block) & rows.valid[:, None, :]
-                # sliding layers: the window counted in rows (the present tokens, packed left), as HF counts sequence
-                # index; it bounds the blocks too (Gemma 3: AND(window, OR(causal, blocks))) or only the causal part
-                # (PaliGemma 2: OR(AND(window, causal), blocks)), as the adapter declares
-                r = torch.arange(base.shape[1], device=self.device)
-                near = {}
-                for w in {w for w in self.windows if w is not None}:
-                    inside = r[None, None, :] > r[None, :, None] - w
-                    near[w] = ((causal | block) & inside if self.adapter.window_bounds_blocks else (causal & inside) | block) & rows.valid[:, None, :]
-            window = self.windows[layer_idx]
-            allowed = base if window is None else near[window]
+                layout = Layout(ctx, rows, x, rotaries=self.rotaries, mask=self.mask,
+                                window_bounds_blocks=self.adapter.window_bounds_blocks)
+            rows = layout.rows
+            blocked, zero_attn, zero_mlp = [], [], []
             for i, iv in enumerate(interventions):
                 with _naming(condition, i, iv):
-                    blocked = iv.blocked(ctx, layer_idx)
-                if blocked is not None:
-                    src, dst = rows.gather(blocked[0]), rows.gather(blocked[1])
-                    allowed = allowed & ~(src[:, :, None] & dst[:, None, :])
-            # a key no prompt query may attend to (e.g. pruned by mask) stays hidden from decoded tokens too
-            seen = (allowed & rows.valid[:, :, None]).any(dim=1)  # padding queries do not count
-            empty = ~allowed.any(dim=-1)
-            if bool(empty.any()):
-                allowed = allowed | (torch.eye(allowed.shape[1], dtype=torch.bool, device=self.device)[None] & empty[..., None])
-            counts["rows"][layer_idx] = rows.valid.sum(dim=1).cpu()
-            counts["visual"][layer_idx] = (rows.valid & rows.gather(image)).sum(dim=1).cpu()
-            counts["keys"][layer_idx] = (allowed & rows.valid[:, :, None]).sum(dim=(1, 2)).cpu()
-            zero = {}
-            for sub in ("attn", "mlp"):
-                z = torch.zeros_like(ctx.valid)
-                for i, iv in enumerate(interventions):
-                    with _naming(condition, i, iv):
-                        m = iv.zero_update(ctx, layer_idx, sub)
-                    if m is not None:
-                        z = z | m
-                zero[sub] = rows.gather(z) & rows.valid
-            zero["attn"] = zero["attn"] | (empty & rows.valid)
-            hooks = self._hooks(layer, layer_idx, ctx, rows, allowed, zero, interventions)
+                    b = iv.blocked(ctx, layer_idx)
+                    za = iv.zero_update(ctx, layer_idx, "attn")
+                    zm = iv.zero_update(ctx, layer_idx, "mlp")
+                if b is not None:
+                    blocked.append(b)
+                if za is not None:
+                    zero_attn.append(za)
+                if zm is not None:
+                    zero_mlp.append(zm)
+            entry = layout.entry(self.windows[layer_idx], blocked, zero_attn, zero_mlp)
+            per_layer_counts.append(entry.counts)
             dev = self.layer_device(layer_idx)  # under a device map each layer computes on its own device
-            lpos = _layer_positions(pos)
+            hooks = self._hooks(layer, layer_idx, ctx, layout, entry)
             try:
                 x = layer(
-                    x.to(dev),
-                    attention_mask=self.mask(allowed.to(dev)),
-                    position_ids=None if lpos is None else lpos.to(dev),
+                    _on(x, dev),
+                    attention_mask=layout.mask(entry, dev),
+                    position_ids=layout.position_ids(dev),
                     use_cache=cache,
-                    position_embeddings=tuple(t.to(dev) for t in pe[self.layer_types[layer_idx]]),
+                    position_embeddings=layout.rotary(self.layer_types[layer_idx], dev),
                     **{self.cache_kwarg: kv},
                 )
             finally:
                 for h in hooks:
                     h.remove()
-            x = x.to(self.device)  # interventions edit the residual stream where the masks are (device to device)
+            x = _on(x, home)  # interventions edit the residual stream where the masks are (device to device)
             for i, iv in enumerate(interventions):
                 with _naming(condition, i, iv):
                     x = iv.after_layer(ctx, layer_idx, x, rows)
@@ -607,48 +547,54 @@ class Engine:
                 # as the model's text model does after this layer, for the visual tokens present (a pruned
                 # token's features go with it; padding rows gather a zero)
                 x = x + rows.gather(ctx.deepstack[layer_idx]) * rows.valid[..., None]
-            key_valid.append(rows.valid & seen)
+            key_valid.append(entry.key_valid)
             row_valid.append(rows.valid)
-        x_full = rows.scatter(x_full, x)
+        x_full = layout.rows.scatter(x_full, x)
         present = ctx.present(n_layers - 1)
-        out = Outcome(self, ctx, self.norm(x_full), present, counts)
+        out = Outcome(self, ctx, self.norm(x_full), present, per_layer_counts)
         if cache:
             out.cache = kv
             out.key_valid = key_valid
             out.row_valid = row_valid
-            out.decoded_valid = torch.zeros(bsz, 0, dtype=torch.bool, device=self.device)
+            out.decoded_valid = torch.zeros(bsz, 0, dtype=torch.bool, device=home)
             out.next_position = next_positions(ctx.positions, ctx.roles.padding)
         return out
 
-    def _hooks(self, layer, layer_idx, ctx, rows, allowed, zero, interventions) -> list:
-        attn = resolve_path(layer, self.adapter.paths.attn)
-        mlp = resolve_path(layer, self.adapter.paths.mlp)
+    def _hooks(self, layer, layer_idx: int, ctx: Context, layout: Layout, entry) -> list:
+        """Forward hooks for this layer, only where needed: zeroing the updates of `entry`'s rows, and recording
+        the last prompt token's attention where an intervention asked for it."""
         hooks = []
+        if entry.zero_attn is not None:
+            zero_attn = entry.zero_attn[..., None]
 
-        def zero_attn(module, args, output):
-            return (output[0].masked_fill(zero["attn"][..., None].to(output[0].device), 0.0), *output[1:])
+            def zero_attn_hook(module, args, output):
+                z = zero_attn if zero_attn.device == output[0].device else zero_attn.to(output[0].device)
+                return (output[0].masked_fill(z, 0.0), *output[1:])
 
-        def zero_mlp(module, args, output):
-            return output.masked_fill(zero["mlp"][..., None].to(output.device), 0.0)
+            hooks.append(resolve_path(layer, self.adapter.paths.attn).register_forward_hook(zero_attn_hook))
+        if entry.zero_mlp is not None:
+            zero_mlp = entry.zero_mlp[..., None]
 
-        hooks.append(attn.register_forward_hook(zero_attn))
-        hooks.append(mlp.register_forward_hook(zero_mlp))
+            def zero_mlp_hook(module, args, output):
+                return output.masked_fill(zero_mlp if zero_mlp.device == output.device else zero_mlp.to(output.device), 0.0)
+
+            hooks.append(resolve_path(layer, self.adapter.paths.mlp).register_forward_hook(zero_mlp_hook))
         if layer_idx in ctx.attention_requests:
+            rows, allowed, home = layout.rows, entry.allowed, self.device
             last = ctx.roles.last_index
-            # the row holding each sample's last prompt token
-            qrow = (rows.index == last[:, None]).float().argmax(dim=1)
+            qrow = (rows.index == last[:, None]).float().argmax(dim=1)  # the row holding each sample's last prompt token
 
             def record(module, args, kwargs):
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
                 q = qrow.to(hidden.device)
                 probs = attention_rows(module, hidden, kwargs["position_embeddings"], q[:, None],
                                        allowed.to(hidden.device).gather(1, q[:, None, None].expand(-1, 1, allowed.shape[2])))
-                full = torch.zeros(hidden.shape[0], probs.shape[1], ctx.roles.kind.shape[1], device=self.device)
-                b, r = rows.valid.nonzero(as_tuple=True)
-                full[b, :, rows.index[b, r]] = probs.to(self.device)[b, :, 0, r]
-                ctx.attention[layer_idx] = full
+                probs = probs.to(home)[:, :, 0].masked_fill(~rows.valid[:, None, :], 0.0)  # [batch, heads, rows]
+                full = torch.zeros(hidden.shape[0], probs.shape[1], ctx.roles.kind.shape[1], device=home, dtype=probs.dtype)
+                # each position is in at most one row of its sample, so the scatter writes every present token once
+                ctx.attention[layer_idx] = full.scatter(2, rows.index[:, None, :].expand_as(probs), probs)
 
-            hooks.append(attn.register_forward_pre_hook(record, with_kwargs=True))
+            hooks.append(resolve_path(layer, self.adapter.paths.attn).register_forward_pre_hook(record, with_kwargs=True))
         return hooks
 
 
@@ -658,26 +604,21 @@ def _scatter_deepstack(captured: dict) -> list[torch.Tensor] | None:
     if feats is None:
         return None
     x, where = captured["x"], captured["visual_pos_masks"].to(captured["x"].device)
-    out = []
-    for f in feats:
-        full = torch.zeros_like(x)
-        full[where] = f.to(x)
-        out.append(full)
-    return out
+    where = where[..., None].expand_as(x)
+    # masked_scatter fills the visual positions in sequence order, as boolean indexing would, without the
+    # host learning how many there are (which boolean indexing waits for)
+    return [torch.zeros_like(x).masked_scatter(where, f.to(x)) for f in feats]
 
 
-def _gather_positions(rows: Rows, positions: torch.Tensor) -> torch.Tensor:
-    """The position ids of the present rows: `[batch, rows]` from `[batch, seq]`, or `[3, batch, rows]` from M-RoPE's
-    `[3, batch, seq]` (each kept token keeps its original (t, h, w) ids)."""
-    if positions.dim() == 3:
-        return torch.stack([rows.gather(p) for p in positions])
-    return rows.gather(positions)
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` (itself, with no copy and no operator, when it is there already)."""
+    return t if t.device == device else t.to(device)
 
 
-def _layer_positions(pos: torch.Tensor) -> torch.Tensor | None:
-    """What a decoder layer takes as ``position_ids`` (only flash-attention kernels read them): the 1-D ids,
-    or None for M-RoPE ids, as the model's own text model passes (its rotary embeddings carry the positions)."""
-    return pos if pos.dim() == 2 else None
+def _moved(stamp: tuple, ctx: Context) -> bool:
+    """Whether `ctx.enter` / `ctx.exit` are other tensors than, or were edited in place since, `stamp`."""
+    enter, v_enter, exit_, v_exit = stamp
+    return ctx.enter is not enter or ctx.exit is not exit_ or ctx.enter._version != v_enter or ctx.exit._version != v_exit
 
 
 def next_positions(positions: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import zlib
 from typing import Literal
 
@@ -137,13 +136,16 @@ def draw_matched(
     pool = ctx.select(pool_sel, within=image)
     if exclude_target:
         pool = pool & ~target
-    chosen = torch.zeros_like(target)
-    ids = ctx.batch.input_ids
+    # The draw is made on the host with a CPU generator seeded from the plan's seed, the sample id and its tokens,
+    # so it picks the same tokens whatever device the model runs on; the masks cross once each way.
+    target_h, pool_h = torch.stack([target, pool]).cpu()
+    chosen = torch.zeros_like(target_h)
+    ids, padding = ctx.batch.input_ids.cpu(), ctx.batch.roles.padding.cpu()
     for b, sample in enumerate(ctx.batch.samples):
-        n = int(target[b].sum())
+        n = int(target_h[b].sum())
         if n == 0:
             continue
-        candidates = pool[b].nonzero().flatten()
+        candidates = pool_h[b].nonzero().flatten()
         if len(candidates) < n:
             where = " outside the target" if exclude_target else ""
             hint = " (exclude_target: false draws from the whole pool)" if exclude_target else ""
@@ -151,10 +153,10 @@ def draw_matched(
                 f"target: sample {sample.id!r} has {n} target tokens but only {len(candidates)} "
                 f"pool tokens ({pool_spec!r}){where} to draw from{hint}"
             )
-        gen = torch.Generator().manual_seed(sample_seed(seed, sample.id, ids[b][~ctx.batch.roles.padding[b]]))
+        gen = torch.Generator().manual_seed(sample_seed(seed, sample.id, ids[b][~padding[b]]))
         pick = torch.randperm(len(candidates), generator=gen)[:n]
-        chosen[b, candidates[pick.to(candidates.device)]] = True
-    return chosen
+        chosen[b, candidates[pick]] = True
+    return chosen.to(target.device)
 
 
 @interventions.register("fastv")
@@ -196,15 +198,12 @@ class FastV(Intervention):
     def before_layer(self, ctx: Context, layer: int) -> None:
         if layer != self.layer:
             return
-        att = ctx.attention[layer - 1].mean(dim=1)
+        att = ctx.attention[layer - 1].mean(dim=1)  # [batch, seq]
         cand = self._candidates & ctx.present(layer - 1)
-        score = att.masked_fill(~cand, float("-inf"))
-        drop = torch.zeros_like(cand)
-        for b in range(cand.shape[0]):
-            n = int(cand[b].sum())
-            n_drop = n - math.ceil(n * self.keep)
-            if n_drop > 0:
-                # lowest attention first; ties broken by position, so the result is deterministic
-                order = torch.argsort(score[b].masked_fill(~cand[b], float("inf")), stable=True)
-                drop[b, order[:n_drop]] = True
+        n = cand.sum(dim=1)
+        n_drop = n - (n.double() * self.keep).ceil().long()  # math.ceil(n * keep), in the same float64
+        # lowest attention first; ties broken by position (a stable sort), so the result is deterministic
+        order = torch.argsort(att.masked_fill(~cand, float("inf")), dim=1, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        drop = cand & (rank < n_drop[:, None])  # all on the device: the engine's layer loop never waits here
         ctx.exit = torch.where(drop, torch.minimum(ctx.exit, torch.full_like(ctx.exit, layer)), ctx.exit)

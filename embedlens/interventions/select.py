@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Union
 
@@ -75,9 +76,18 @@ def visual_index(roles: "TokenRoles") -> torch.Tensor:
     return torch.where(vis, vis.long().cumsum(dim=1) - 1, -1)
 
 
+def _on_device(values, device: torch.device) -> torch.Tensor:
+    """A list of ints as a long tensor on `device`, copied asynchronously: ``torch.tensor(values, device=cuda)``
+    makes the host wait for the copy and everything queued before it (a selection's list is small, which the
+    driver copies from pageable memory without that wait)."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
 #: Selections are short expressions; longer or deeper ones are refused before they are evaluated.
 MAX_SOURCE = 2000
 MAX_DEPTH = 32
+#: The largest number a selection may hold: token fields are int64 tensors; 10**25 cannot become one.
+MAX_NUMBER = 2**31 - 1
 
 
 def _depth(node: ast.AST) -> int:
@@ -110,9 +120,9 @@ class Selection:
         if isinstance(spec, Selection):
             return spec
         if isinstance(spec, (list, tuple)):
-            bad = [i for i in spec if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+            bad = [i for i in spec if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i <= MAX_NUMBER]
             if bad:
-                raise InterventionError(f"a selection list holds visual-token indices (ints >= 0); got {bad}")
+                raise InterventionError(f"a selection list holds visual-token indices (ints in 0..{MAX_NUMBER}); got {bad[:5]}")
             return cls(source=str(list(spec)), tree=None, indices=tuple(spec))
         if not isinstance(spec, str) or not spec.strip():
             raise InterventionError(f"a selection is an expression string or a list of indices; got {spec!r}")
@@ -178,6 +188,12 @@ class Selection:
                     f"selection {self.source!r}: {type(n).__name__} is not allowed; use role/group names, "
                     f"comparisons on {', '.join(FIELDS)}, and/or/not"
                 )
+            if isinstance(n, ast.Constant) and isinstance(n.value, (int, float, complex)) and not isinstance(n.value, bool) and not (
+                not isinstance(n.value, complex) and math.isfinite(n.value) and abs(n.value) <= MAX_NUMBER
+            ):
+                shown = f"{n.value:.3g}" if not isinstance(n.value, complex) else repr(n.value)
+                raise InterventionError(f"selection {self.source!r}: the number {shown} is out of range; expected a number "
+                                        f"within +-{MAX_NUMBER} (token fields are whole numbers)")
             if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Mod) and not (
                 isinstance(n.right, ast.Constant) and isinstance(n.right.value, int) and not isinstance(n.right.value, bool) and n.right.value > 0
             ):
@@ -202,7 +218,7 @@ class Selection:
         """
         if self.tree is None:
             idx = visual_index(roles)
-            return torch.isin(idx, torch.tensor(self.indices, dtype=torch.long, device=idx.device)) & roles.visual
+            return torch.isin(idx, _on_device(self.indices, idx.device)) & roles.visual
         out = self._eval(self.tree, roles, groups)
         if not (isinstance(out, torch.Tensor) and out.dtype == torch.bool):
             raise InterventionError(f"selection {self.source!r} does not give a token mask (is it a comparison?)")
@@ -259,7 +275,7 @@ class Selection:
                 if isinstance(op, (ast.In, ast.NotIn)):
                     if not isinstance(right, list):
                         raise InterventionError(f"selection {self.source!r}: `in` needs a list, e.g. index in [0, 1]")
-                    r = torch.isin(left, torch.tensor(right, dtype=torch.long, device=roles.kind.device))
+                    r = torch.isin(left, _on_device(right, roles.kind.device))
                     r = ~r if isinstance(op, ast.NotIn) else r
                 else:
                     r = _CMP[type(op)](torch.as_tensor(left), torch.as_tensor(right))

@@ -55,15 +55,20 @@ def touched_rows(outcome: "Outcome", interventions: "list[Intervention]", condit
     roles = ctx.roles
     vis = roles.visual & ctx.valid
     index = vis.long().cumsum(dim=1) - 1  # n-th visual token of its sample
-    n_visual = vis.sum(dim=1).tolist()
+    masks = touched_masks(outcome, interventions)
+    # everything the table reads leaves the device in one transfer; the rows are then cut on the host
+    fields = ("image", "tile", "row", "col")
+    host = torch.stack([*(m.long() for m in masks.values()), index, *(getattr(roles, f) for f in fields), vis.long()]).cpu()
+    n_visual = host[-1].sum(dim=1).tolist()
+    at = {name: host[len(masks) + 1 + i] for i, name in enumerate(fields)}
     rows: dict[str, list] = {c: [] for c in COLUMNS}
-    for action, mask in touched_masks(outcome, interventions).items():
-        b, pos = mask.nonzero(as_tuple=True)
+    for k, action in enumerate(masks):
+        b, pos = host[k].bool().nonzero(as_tuple=True)
         rows["sample_id"] += [ctx.batch.samples[i].id for i in b.tolist()]
         rows["condition"] += [condition] * len(b)
         rows["action"] += [action] * len(b)
-        rows["index"] += index[b, pos].tolist()
-        for name in ("image", "tile", "row", "col"):
-            rows[name] += getattr(roles, name)[b, pos].tolist()
+        rows["index"] += host[len(masks)][b, pos].tolist()
+        for name in fields:
+            rows[name] += at[name][b, pos].tolist()
         rows["n_visual"] += [n_visual[i] for i in b.tolist()]
     return rows

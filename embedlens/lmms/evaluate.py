@@ -79,6 +79,20 @@ def default_output(plan_dir: str) -> Path:
     return p.with_name(p.name + "_eval")
 
 
+#: The most documents per task `--limit` may ask for (lmms-eval slices with it; no benchmark comes near).
+MAX_LIMIT = 10**9
+
+
+def _check_limit(limit: Any) -> None:
+    """`--limit` is a whole count in 1..MAX_LIMIT or a fraction in (0, 1): not NaN, an infinity, 2.5 or 10**30."""
+
+    ok = not isinstance(limit, bool) and isinstance(limit, (int, float)) and (
+        (isinstance(limit, int) and 1 <= limit <= MAX_LIMIT)
+        or (isinstance(limit, float) and math.isfinite(limit) and (0 < limit < 1 or (limit.is_integer() and 1 <= limit <= MAX_LIMIT))))
+    if limit is not None and not ok:
+        raise BenchmarkError(f"--limit: expected a whole number of documents in 1..{MAX_LIMIT} or a fraction in (0, 1); got {limit!r}")
+
+
 def run_eval(
     plan: str | Path,
     tasks: Sequence[str],
@@ -119,8 +133,7 @@ def run_eval(
     from embedlens.files import RunLock, check_output, claim, os_error
 
     tasks = parse_list(list(tasks), "--tasks")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
-        raise BenchmarkError(f"--limit: expected a number of documents >= 1 or a fraction in (0, 1); got {limit!r}")
+    _check_limit(limit)
     from embedlens.plan import load_plan
 
     loaded = load_plan(plan)  # the plan's own errors before anything heavy
@@ -424,7 +437,10 @@ def _write(result: EvalResult, bridge, plan: str, tasks, conditions, limit, star
     result.tables[SAMPLES_TABLE] = _write_table(out, SAMPLES_TABLE, result.samples,
                                                 ("task", "condition", "doc_id", "metric", "score", "response"))["parquet"]
     fig_dir = safe_dir(out, "figures")
-    chart = benchmarks_chart(result.rows, conditions, fig_dir / "benchmarks.png")
+    from embedlens.plan.effects import matched_controls
+
+    controls = set(matched_controls(list(bridge.conditions.values())).values())
+    chart = benchmarks_chart(result.rows, conditions, fig_dir / "benchmarks.png", controls=controls)
     if chart is not None:
         result.figures.append(chart)
     import importlib.metadata as md

@@ -30,18 +30,54 @@ def benchmarks_html(run: Path, bench: dict[str, Any], figures: Sequence[str | Pa
     header = ["task", "metric", "condition", "value", "baseline", "diff", "paired diff", "paired s.e.", "pairs"]
     body = [[_cell(r[k]) for k in ("task", "metric", "condition", "value", "baseline", "diff", "paired_diff", "paired_sem", "paired_n")]
             for r in rows]
+    notes = metric_notes(rows)
+    header.append("note")
+    for b, r in zip(body, rows):
+        b.append(notes.get((r["task"], r["metric"], r["condition"]), ""))
     changed = [r["condition"] != "baseline" and r["diff"] is not None and abs(r["diff"]) > 0 for r in rows]
     figs = "".join(figure_html(contained(run, f), Path(f).name) for f in figures)
     return head + table_html(header, body, highlight=changed) + f'<div class="figs">{figs}</div>'
+
+
+def metric_notes(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], str]:
+    """``{(task, metric, condition): note}``: why a metric says nothing (the same value, or 0, under every condition)
+    and why a row has no paired difference.
+
+    Example:
+        >>> rows = [{"task": "pope", "metric": "pope_accuracy", "condition": c, "value": 0.0, "paired_n": 0} for c in ("baseline", "prune")]
+        >>> metric_notes(rows)[("pope", "pope_accuracy", "prune")].split(";")[0]
+        '0 under every condition: the model never gives the answer the task scores (e.g. a colour where yes/no is asked)'
+    """
+    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault((r["task"], r["metric"]), []).append(r)
+    out: dict[tuple[str, str, str], str] = {}
+    for (task, metric), rs in by.items():
+        vals = {r["value"] for r in rs if r["value"] is not None}
+        note = ""
+        if len(vals) == 1 and len(rs) > 1:
+            v = next(iter(vals))
+            note = ("0 under every condition: the model never gives the answer the task scores (e.g. a colour where "
+                    "yes/no is asked)" if v == 0 else f"{v:.4g} under every condition: the conditions change nothing this metric sees")
+        for r in rs:
+            why = ""
+            if not r.get("paired_n") and r["condition"] != "baseline":
+                why = ("no paired difference: every document scores the same under every condition" if len(vals) == 1 else
+                       "no paired difference: lmms-eval aggregates this metric over the whole set (not a mean of "
+                       "per-document scores, e.g. precision, recall, F1, yes ratio), so it has no per-document value to pair")
+            out[(task, metric, r["condition"])] = "; ".join(x for x in (note, why) if x)
+    return out
 
 
 def _cell(v: Any) -> Any:
     return "" if v is None else v  # no paired statistic for this metric: an empty cell, not "None"
 
 
-def benchmarks_chart(rows: Sequence[dict[str, Any]], conditions: Sequence[str], path: Path) -> Path | None:
+def benchmarks_chart(rows: Sequence[dict[str, Any]], conditions: Sequence[str], path: Path, controls: Sequence[str] = ()) -> Path | None:
     """One panel per task (its metrics on the x axis), one bar per condition; error bars: the paired
-    standard error of the difference to the baseline. Returns the file, or None without rows."""
+    standard error of the difference to the baseline. Returns the file, or None without rows.
+
+    The legend follows the run reports': the baseline dark grey, matched random `controls` hatched."""
     if not rows:
         return None
     import matplotlib
@@ -67,12 +103,14 @@ def benchmarks_chart(rows: Sequence[dict[str, Any]], conditions: Sequence[str], 
                 vals.append(np.nan if r is None else r["value"])
                 errs.append(0.0 if r is None or r["paired_sem"] is None else r["paired_sem"])
             ax.bar(x + (k - (len(conditions) - 1) / 2) * width, vals, width, yerr=errs, capsize=2, label=cond,
-                   color=colours(k % 10), hatch="//" if cond == "baseline" else None, edgecolor="white")
+                   color="#555555" if cond == "baseline" else colours(k % 10), hatch="//" if cond in controls else None,
+                   edgecolor="white")
         ax.set_xticks(x, [m.replace("pope_", "") for m in metrics], rotation=30, ha="right", fontsize=8)
         ax.set_title(task, fontsize=10)
         ax.set_ylim(bottom=0)
     axes[0][0].legend(fontsize=7, loc="best")
-    fig.suptitle("lmms-eval scores per condition (error bars: paired s.e. of the difference to baseline)", fontsize=9)
+    fig.suptitle("lmms-eval scores per condition (dark grey: baseline; hatched: matched random control; "
+                 "error bars: paired s.e. of the difference to baseline)", fontsize=9)
     fig.tight_layout()
     import io
 

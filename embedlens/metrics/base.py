@@ -21,6 +21,9 @@ class Metric(ABC):
 
     registered_name: ClassVar[str] = ""
     needs_cache: ClassVar[bool] = False
+    #: Columns that record what a condition did (token counts, FLOPs), not an outcome it caused: the report gives
+    #: their means and no test (a test of a count the condition sets by construction says nothing).
+    descriptive: ClassVar[tuple[str, ...]] = ()
 
     def measure(self, outcome: "Outcome", samples: Sequence["Sample"]) -> dict[str, list[Any]]:
         """Per-run values (e.g. a score or a generation); `both` pairs them up."""

@@ -188,6 +188,8 @@ class VisualTokens(Metric):
         VisualTokens()
     """
 
+    descriptive = ("visual_tokens_mean",)
+
     def compute(self, baseline, condition, samples):
         counts = condition.counts["visual"]  # [layers, batch]
         out = {f"visual_tokens_l{i}": counts[i].tolist() for i in range(counts.shape[0])}
@@ -204,6 +206,8 @@ class PrefillFlops(Metric):
         >>> PrefillFlops()
         PrefillFlops()
     """
+
+    descriptive = ("flops", "flops_saved")
 
     def compute(self, baseline, condition, samples):
         from embedlens.metrics.compare import prefill_flops

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedlens.stats import bootstrap_ci, is_binary, paired, seed_for
+from embedlens.stats import ALPHA, MIN_N, POWER, bca_ci, holm, is_binary, paired, seed_for, wilson_interval
 
 if TYPE_CHECKING:
     from embedlens.data import Record
@@ -32,13 +32,19 @@ if TYPE_CHECKING:
 #: Fields a breakdown takes by default, the first one the data has (``qtype``: the synthetic data set's).
 DEFAULT_BREAKDOWN = ("type", "qtype")
 COLUMNS = ("condition", "reference", "metric", "by", "group", "n", "mean", "mean_ci_low", "mean_ci_high", "mean_reference",
-           "diff", "diff_ci_low", "diff_ci_high", "test", "p_value", "x_only", "reference_only", "tokens_touched")
+           "diff", "diff_ci_low", "diff_ci_high", "test", "p_value", "p_holm", "mde", "x_only", "reference_only", "tokens_touched",
+           "overlap", "verdict")
 _ID_COLUMNS = ("sample", "condition")
 METHOD = {
-    "interval": "percentile bootstrap of the mean paired difference (samples resampled with replacement)",
+    "interval": "BCa bootstrap (bias-corrected and accelerated) of the mean paired difference (samples resampled with replacement)",
+    "mean_interval": "Wilson score interval for an accuracy; BCa bootstrap of the mean for other metrics",
     "accuracy_test": "exact McNemar test (two-sided binomial test, p = 1/2, on the discordant pairs)",
     "continuous_test": "paired sign-flip permutation test of the mean difference (exact up to 16 non-zero differences, else sampled)",
-    "p_values": "unadjusted for multiple comparisons",
+    "deterministic": "a metric whose paired difference is the same on every sample is not tested (test: deterministic)",
+    "p_values": "raw, and Holm-adjusted (p_holm) across the plan's overall comparisons (a breakdown's rows: across that breakdown)",
+    "mde": f"minimum detectable effect: the smallest true difference the test finds with power {POWER} at level {ALPHA}, at the run's n",
+    "min_n": f"below {MIN_N} samples a bootstrap interval is approximate: decide with the exact test",
+    "overlap": "a matched control's tokens that its condition also acted on (share per sample, averaged)",
     "accuracy": "a metric whose every value is 0 or 1",
 }
 
@@ -89,6 +95,10 @@ class Conclusions:
     breakdown: list[str] = field(default_factory=list)
     sweeps: dict[str, list[str]] = field(default_factory=dict)  # only those varying the tokens touched
     touched: dict[str, float] = field(default_factory=dict)  # condition -> mean visual tokens acted on per sample
+    overlap: dict[str, float] = field(default_factory=dict)  # control -> share of its tokens its condition also acted on
+    warnings: list[str] = field(default_factory=list)
+    map_samples: list[str] = field(default_factory=list)  # the samples the token maps draw
+    descriptive: list[str] = field(default_factory=list)  # metrics described, not tested (Metric.descriptive)
     spec: dict[str, Any] = field(default_factory=dict)
 
     def find(self, condition: str, reference: str, metric: str, by: str = "all", group: str = "all") -> dict | None:
@@ -103,7 +113,9 @@ class Conclusions:
     def headline(self) -> dict[str, Any]:
         """The overall numbers of every accuracy metric (for summary.json and the console)."""
         out: dict[str, Any] = {"method": {**METHOD, **self.spec}, "accuracy_metrics": self.accuracy, "blind": self.blind,
-                               "breakdown": self.breakdown, "sweeps": self.sweeps, "baseline": {}, "conditions": {}}
+                               "breakdown": self.breakdown, "sweeps": self.sweeps, "warnings": self.warnings,
+                               "control_overlap": self.overlap, "token_map_samples": self.map_samples, "baseline": {},
+                               "conditions": {}}
         for m in self.accuracy:
             b = self.find("baseline", "", m)
             if b is not None:
@@ -119,14 +131,15 @@ class Conclusions:
                 ctrl = self.controls.get(c)
                 row = self.find(c, ctrl, m) if ctrl else None
                 if row is not None:
-                    e["vs_control"] = {"control": ctrl, **_short(row)}
+                    e["vs_control"] = {"control": ctrl, "overlap": row["overlap"], **_short(row)}
                 entry[m] = e
             out["conditions"][c] = entry
         return out
 
 
 def _short(row: dict) -> dict:
-    return {"diff": row["diff"], "ci": [row["diff_ci_low"], row["diff_ci_high"]], "p": row["p_value"], "test": row["test"]}
+    return {"diff": row["diff"], "ci": [row["diff_ci_low"], row["diff_ci_high"]], "p": row["p_value"], "p_holm": row["p_holm"],
+            "mde": row["mde"], "test": row["test"], "verdict": row["verdict"]}
 
 
 def _numeric(values: list) -> bool:
@@ -147,6 +160,7 @@ def analyse(
     seed: int,
     groups: dict[str, dict[str, Any]] | None = None,
     sweeps: dict[str, list[str]] | None = None,
+    descriptive: set[str] | None = None,
 ) -> Conclusions:
     """Paired comparisons of every condition with the baseline and with its matched control.
 
@@ -159,28 +173,36 @@ def analyse(
         seed: the run's seed; each comparison draws from `seed_for(seed, its names)`.
         groups: ``{field: {sample id: value}}`` to break accuracies down by.
         sweeps: ``{condition as written: [its sweep copies]}``.
+        descriptive: metric columns that record what a condition did (`Metric.descriptive`): means, no test.
     """
     groups = groups or {}
+    descriptive = set(descriptive or ())
     out = Conclusions(controls=dict(controls), breakdown=list(groups),
                       spec={"resamples": spec.resamples, "confidence": spec.confidence, "seed": seed})
     conds = list(dict.fromkeys(effects.get("condition", [])))
     out.conditions = conds
+    out.descriptive = sorted(descriptive)
     index: dict[str, dict[str, int]] = {c: {} for c in conds}
     for i, (s, c) in enumerate(zip(effects.get("sample", []), effects.get("condition", []))):
         index[c].setdefault(str(s), i)
     cols = {k: v for k, v in effects.items() if k not in _ID_COLUMNS and not re.search(r"_l\d+$", k) and _numeric(v)}
-    metrics = [k for k in cols if not k.endswith("_base")]
+    # X_delta of a metric with X and X_base is X minus the baseline again: the same test twice
+    metrics = [k for k in cols if not k.endswith("_base")
+               and not (k.endswith("_delta") and k[: -len("_delta")] in cols and f"{k[: -len('_delta')]}_base" in cols)]
     out.accuracy = [m for m in metrics if is_binary(_floats(cols[m]))]
     out.metrics = out.accuracy + [m for m in metrics if m not in out.accuracy]
     # what each condition acted on, and which condition removed every visual token
     removed: dict[tuple[str, str], int] = {}
     count: dict[tuple[str, str], int] = {}
     n_visual: dict[str, int] = {}
+    acted: dict[tuple[str, str], set] = {}
     if touched:
-        for c, s, a, nv in zip(touched["condition"], touched["sample_id"], touched["action"], touched["n_visual"]):
+        for c, s, a, nv, ti in zip(touched["condition"], touched["sample_id"], touched["action"], touched["n_visual"], touched["index"]):
             count[(c, s)] = count.get((c, s), 0) + 1
             removed[(c, s)] = removed.get((c, s), 0) + (a == "removed")
             n_visual[s] = int(nv)
+            acted.setdefault((c, s), set()).add(int(ti))
+    out.overlap = control_overlap(acted, controls)
     for c in conds:
         samples = list(index[c])
         out.touched[c] = float(np.mean([count.get((c, s), 0) for s in samples])) if samples else 0.0
@@ -203,14 +225,19 @@ def analyse(
             keep = np.isfinite(x) & np.isfinite(y)
             r = paired(x[keep], y[keep], binary, spec.resamples, spec.confidence, seed_for(seed, cond, ref, m, by, group))
         xs = x[keep]
-        lo, hi = bootstrap_ci(xs, spec.resamples, spec.confidence, seed_for(seed, cond, m, by, group, "mean"))
+        if binary:
+            lo, hi = wilson_interval(int(xs.sum()), int(xs.size), spec.confidence)
+        else:
+            lo, hi = bca_ci(xs, spec.resamples, spec.confidence, seed_for(seed, cond, m, by, group, "mean"))
         nan = math.nan
         row = {"condition": cond, "reference": ref, "metric": m, "by": by, "group": group, "n": int(keep.sum()),
                "mean": float(xs.mean()) if xs.size else nan, "mean_ci_low": lo, "mean_ci_high": hi,
                "mean_reference": r.mean_reference if r else nan, "diff": r.diff if r else nan,
                "diff_ci_low": r.diff_ci_low if r else nan, "diff_ci_high": r.diff_ci_high if r else nan,
-               "test": r.test if r else "", "p_value": r.p_value if r else nan, "x_only": r.x_only if r else -1,
-               "reference_only": r.reference_only if r else -1, "tokens_touched": out.touched.get(cond, 0.0)}
+               "test": r.test if r else "", "p_value": r.p_value if r else nan, "p_holm": nan, "mde": r.mde if r else nan,
+               "x_only": r.x_only if r else -1, "reference_only": r.reference_only if r else -1,
+               "tokens_touched": out.touched.get(cond, 0.0),
+               "overlap": out.overlap.get(ref, nan) if ref and controls.get(cond) == ref else nan, "verdict": ""}
         for k in COLUMNS:
             out.rows[k].append(row[k])
 
@@ -234,6 +261,9 @@ def analyse(
                 if not samples:
                     continue
                 x = column(c, m, samples)
+                if m in descriptive:
+                    add(c, "", m, by, group, x, None, binary)
+                    continue
                 if f"{m}_base" in cols:
                     add(c, "baseline", m, by, group, x, column(c, f"{m}_base", samples), binary)
                 ctrl = controls.get(c)
@@ -243,7 +273,86 @@ def analyse(
                         add(c, ctrl, m, by, group, column(c, m, both), column(ctrl, m, both), binary)
                 if f"{m}_base" not in cols and not (ctrl in index):
                     add(c, "", m, by, group, x, None, binary)
+    _adjust_and_say(out, spec)
     return out
+
+
+def control_overlap(acted: dict[tuple[str, str], set], controls: dict[str, str]) -> dict[str, float]:
+    """``{control: mean over samples of |control's tokens & its condition's| / |control's tokens|}``: how much of a
+    matched control is its own target (0 with ``exclude_target: true``); samples where the control acted on no
+    token are left out (NaN when there are none)."""
+    out = {}
+    for cond, ctrl in controls.items():
+        shares = [len(toks & acted.get((cond, s), set())) / len(toks) for (c, s), toks in acted.items() if c == ctrl and toks]
+        out[ctrl] = float(np.mean(shares)) if shares else math.nan
+    return out
+
+
+def _adjust_and_say(out: Conclusions, spec: "ReportSpec") -> None:
+    """Holm-adjusted p-values per family (the overall rows; each breakdown's rows), one plain sentence per row,
+    and the run's warnings about sample size."""
+    rows = out.rows
+    n_rows = len(rows["condition"])
+    p = np.array(rows["p_value"], dtype=np.float64)
+    for by in dict.fromkeys(rows["by"]):
+        idx = np.array([i for i in range(n_rows) if rows["by"][i] == by], dtype=np.int64)
+        adj = holm(p[idx])
+        for i, v in zip(idx.tolist(), adj.tolist()):
+            rows["p_holm"][i] = v
+    family = {by: sum(1 for i in range(n_rows) if rows["by"][i] == by and math.isfinite(p[i])) for by in set(rows["by"])}
+    for i in range(n_rows):
+        row = {c: rows[c][i] for c in COLUMNS}
+        rows["verdict"][i] = verdict(row, row["metric"] in out.accuracy, spec.confidence, family.get(row["by"], 0))
+        if not row["reference"] and row["condition"] != "baseline" and row["metric"] in out.descriptive:
+            rows["verdict"][i] = "what the condition did, not an outcome: described by its mean, not tested"
+    small = sorted({rows["n"][i] for i in range(n_rows) if rows["by"][i] == "all" and rows["reference"][i] and rows["n"][i] < MIN_N})
+    if small:
+        out.warnings.append(f"n = {small[0]} samples: below {MIN_N}, bootstrap intervals are approximate (decide with the exact "
+                            "test), and only large effects can be detected (see the mde column)")
+    need = getattr(spec, "min_effect", None)
+    for m in out.accuracy:
+        mdes = [rows["mde"][i] for i in range(n_rows) if rows["metric"][i] == m and rows["by"][i] == "all" and rows["reference"][i]
+                and math.isfinite(rows["mde"][i])]
+        if need is not None and mdes and min(mdes) > need:
+            n = max(rows["n"][i] for i in range(n_rows) if rows["metric"][i] == m and rows["by"][i] == "all")
+            out.warnings.append(f"{m}: at n = {n} the smallest detectable change is {min(mdes):.2f} (power {POWER}, level {ALPHA}); "
+                                f"the question needs {need:.2f} (report.min_effect): a null result here is not evidence of no effect")
+
+
+def verdict(row: dict, accuracy: bool, confidence: float = 0.95, family: int = 1) -> str:
+    """One plain sentence on what a row of the effect tests supports.
+
+    Example:
+        >>> verdict({"reference": "baseline", "test": "mcnemar_exact", "n": 12, "diff": -0.0833, "diff_ci_low": -0.25,
+        ...          "diff_ci_high": 0.0, "p_value": 0.5, "p_holm": 1.0, "mde": 0.654}, accuracy=True)
+        'no evidence of an effect (p = 0.5); the interval allows a drop of up to 0.25; at n = 12 only a change of 0.654 or more is likely to be detected'
+    """
+    if not row.get("reference"):
+        return ""
+    n, d, lo, hi = row["n"], row["diff"], row["diff_ci_low"], row["diff_ci_high"]
+    if n == 0:
+        return "no sample has a value under both runs: nothing to compare"
+    if row["test"] == "deterministic":
+        return f"deterministic: the difference is {d:+.4g} on every one of the {n} samples; nothing varies to test"
+    p, ph = row["p_value"], row["p_holm"]
+    way = "drop" if d < 0 else "rise"
+    if math.isfinite(ph) and ph < ALPHA:
+        holm_note = f", Holm-adjusted {ph:.2g} over {family} comparisons" if family > 1 else ""
+        return f"evidence of a {way} of {abs(d):.3g} ({int(confidence * 100)}% interval {lo:+.3g} to {hi:+.3g}; p = {p:.2g}{holm_note})"
+    m = row.get("mde", math.nan)
+    power = f"; at n = {n} only a change of {m:.3g} or more is likely to be detected" if isinstance(m, float) and math.isfinite(m) else ""
+    if math.isfinite(p) and p < ALPHA:
+        return (f"a {way} of {abs(d):.3g} (p = {p:.2g}) that does not survive the Holm adjustment over {family} comparisons "
+                f"(adjusted p = {ph:.2g}): not evidence on its own{power}")
+    allows = []
+    if math.isfinite(lo) and lo < 0:
+        allows.append(f"a drop of up to {-lo:.3g}")
+    if math.isfinite(hi) and hi > 0:
+        allows.append(f"a rise of up to {hi:.3g}")
+    s = f"no evidence of an effect (p = {p:.2g})"
+    if allows:
+        s += "; the interval allows " + " and ".join(allows)
+    return s + power
 
 
 def figures(c: Conclusions, fig_dir: Path, token_maps: list[dict] | None = None) -> list[Path]:
@@ -293,6 +402,7 @@ def token_map_panels(c: Conclusions, touched: dict[str, list] | None, adapter, r
         images.append({"sample_id": s.id, "pixels": display_pixels(adapter, batch.inputs, int(vt["feature_row"][sel[0]]), image=int(vt["image"][sel[0]])),
                        "row": [int(vt["row"][i]) for i in sel], "col": [int(vt["col"][i]) for i in sel]})
     ids = {im["sample_id"] for im in images}
+    c.map_samples = [im["sample_id"] for im in images]
     acted: dict[str, dict[str, dict[tuple[int, int], str]]] = {}
     for cond, s, a, img, tile, row, col in zip(touched["condition"], touched["sample_id"], touched["action"], touched["image"],
                                                touched["tile"], touched["row"], touched["col"]):

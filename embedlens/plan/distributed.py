@@ -47,7 +47,8 @@ class World:
         """Read ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (one process when they are absent).
 
         Raises:
-            DistributedError: a variable is not an integer, or the rank is outside ``0..WORLD_SIZE-1``.
+            DistributedError: a variable is not an integer, the rank is outside ``0..WORLD_SIZE-1``, or a
+                group of several processes lacks ``RANK``, ``MASTER_ADDR`` or a valid ``MASTER_PORT``.
         """
         env = os.environ if env is None else env
         if "WORLD_SIZE" not in env:
@@ -62,6 +63,10 @@ class World:
         size, rank = values["WORLD_SIZE"], values["RANK"]
         if size < 1 or not 0 <= rank < size:
             raise DistributedError(f"RANK={rank}, WORLD_SIZE={size}: the rank must be in 0..WORLD_SIZE-1")
+        if not 0 <= values["LOCAL_RANK"] < size:
+            raise DistributedError(f"LOCAL_RANK={values['LOCAL_RANK']}, WORLD_SIZE={size}: the local rank must be in 0..WORLD_SIZE-1")
+        if size > 1:
+            _check_rendezvous(env, size)
         return cls(rank, size, values["LOCAL_RANK"])
 
     @property
@@ -84,6 +89,19 @@ class World:
         if backend == "nccl":
             torch.cuda.set_device(self.local_rank)
         dist.init_process_group(backend=backend, rank=self.rank, world_size=self.size)
+
+
+def _check_rendezvous(env, size: int) -> None:
+    """What ``env://`` needs to join a group of `size`, set as torchrun sets it; checked before torch reads it
+    (torch raises ``ValueError: ... MASTER_ADDR expected`` from deep in its rendezvous)."""
+    launched = "(torchrun and accelerate launch set them; started by hand, set all of them)"
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if not str(env.get(key, "")).strip():
+            raise DistributedError(f"WORLD_SIZE={size} but {key} is not set: a run over several processes needs RANK, "
+                                   f"LOCAL_RANK, MASTER_ADDR and MASTER_PORT {launched}")
+    port = str(env["MASTER_PORT"]).strip()
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise DistributedError(f"MASTER_PORT={port!r}: expected a port number in 1..65535 {launched}")
 
 
 _CURRENT = World()

@@ -161,6 +161,10 @@ def load_plan(path: str | Path | None = None, text: str | None = None, base_dir:
         PlanError: naming file, line and key path.
     """
     p = Path(path) if path is not None else None
+    if p is not None:
+        from embedlens.files import utf8_path
+
+        utf8_path(p, "plan file", PlanError)  # relative paths in the plan, output.dir among them, start from its folder
     if text is None:
         if p is None or not p.is_file():
             raise PlanError(f"plan file not found: {p}")
@@ -495,6 +499,17 @@ def _bad_value(value: Any, depth: int = 0) -> str | None:
     return None
 
 
+def _text_for_number(value: Any, coerced: Any) -> str | None:
+    """The first string in `value` that validation turned into a number or a bool (``layers: ['1']``), or None."""
+    if isinstance(value, str):
+        return value if isinstance(coerced, (int, float, bool)) else None
+    if isinstance(value, (list, tuple)) and isinstance(coerced, (list, tuple)) and len(value) == len(coerced):
+        return next((t for v, c in zip(value, coerced) if (t := _text_for_number(v, c)) is not None), None)
+    if isinstance(value, dict) and isinstance(coerced, dict):
+        return next((t for k, v in value.items() if k in coerced and (t := _text_for_number(v, coerced[k])) is not None), None)
+    return None
+
+
 def _check_plugin(loaded: LoadedPlan, registry, loc: tuple, spec) -> None:
     """Name, parameter names and parameter types of one plugin entry, against its declared signature."""
     try:
@@ -515,12 +530,16 @@ def _check_plugin(loaded: LoadedPlan, registry, loc: tuple, spec) -> None:
             raise loaded.error((*loc, "params", key), f"expected a usable value for {params[key].annotation}; {bad}")
         ann = typing.get_type_hints(cls.__init__).get(key, Any)
         try:
-            TypeAdapter(ann).validate_python(value, strict=False)
+            coerced = TypeAdapter(ann).validate_python(value, strict=False)
         except ValidationError as e:
             raise loaded.error(
                 (*loc, "params", key),
                 f"expected {params[key].annotation}, got {value!r} ({e.errors()[0]['msg']})",
             ) from None
+        text = _text_for_number(value, coerced)
+        if text is not None:  # lax validation reads '1' as 1, but the plugin is given the value as written
+            raise loaded.error((*loc, "params", key), f"expected {params[key].annotation}, got {value!r}: {text!r} is text "
+                                                      "where a number or true/false belongs; write it without quotes")
     missing = [p.name for p in params.values() if p.required and p.name not in spec.params]
     if missing:
         raise loaded.error((*loc, "params"), f"{spec.name} needs parameter(s): {', '.join(missing)}")

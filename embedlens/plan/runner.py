@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from embedlens.adapters import load_model
 from embedlens.adapters.base import Adapter
-from embedlens.adapters.placement import Placement
+from embedlens.adapters.placement import DeviceMapError, Placement, check_device_map
 from embedlens.anchors import EVIDENCE_COLUMNS
 from embedlens.data import Record, Sample, read_hf_dataset, read_records
 from embedlens.errors import EmbedLensError, InputError
@@ -110,6 +111,10 @@ def load_plan_model(loaded: LoadedPlan, name: str | None = None, run_dir: Path |
     if world.size > 1 and device.startswith("cuda") and m.device_map is None:
         device = f"cuda:{world.local_rank}"  # one model per process, each on its own GPU
     _check_device(loaded, loc, device)
+    try:
+        check_device_map(m.device_map)
+    except DeviceMapError as e:  # before loading: named by the map's own key
+        raise _device_map_error(loaded, loc, e) from None
     if m.remote:
         _check_remote(loaded, loc, m)
     placement = None
@@ -118,6 +123,8 @@ def load_plan_model(loaded: LoadedPlan, name: str | None = None, run_dir: Path |
     try:
         return name, load_model(loaded.model_source(m.source), adapter=m.adapter, dtype=m.dtype, device=device, attn_implementation=m.attn_implementation,
                                 placement=placement, remote=m.remote)
+    except DeviceMapError as e:
+        raise _device_map_error(loaded, loc, e) from None
     except EmbedLensError as e:
         msg = str(e)
         for key in ("quantization", "device_map", "max_memory", "remote"):
@@ -132,6 +139,8 @@ def load_plan_model(loaded: LoadedPlan, name: str | None = None, run_dir: Path |
         msg = f"{type(e).__name__}: {e}".strip()
         if m.attn_implementation and "attn" in msg.lower():
             raise loaded.error((*loc, "attn_implementation"), f"{m.attn_implementation!r} cannot be used with this model ({msg[:400]})") from None
+        if m.device_map is not None and any(w in msg.lower() for w in ("device_map", "device map", "offload", "meta tensor")):
+            raise loaded.error((*loc, "device_map"), f"{m.source!r} cannot be placed by this device map: {msg[:600]}") from None
         raise loaded.error((*loc, "source"), f"cannot load the model from {m.source!r}: {msg[:600]}") from None
 
 
@@ -148,6 +157,13 @@ def _check_remote(loaded: LoadedPlan, loc: tuple, m: ModelSpec) -> None:
         raise loaded.error((*loc, "remote"), f"NDIF runs hub checkpoints; {m.source!r} is not a hub id (e.g. llava-hf/llava-1.5-7b-hf)")
 
 
+def _device_map_error(loaded: LoadedPlan, loc: tuple, e: DeviceMapError):
+    """A `DeviceMapError` at its key in the plan (``model.device_map.<module path>``, with the path quoted as written)."""
+    if not e.key:  # the map as a whole, or '' (the whole model): the device_map key itself
+        return loaded.error((*loc, "device_map"), e.reason if e.key is None else f"module '' (the whole model): {e.reason}")
+    return loaded.error((*loc, "device_map", e.key), f"module {e.key!r}: {e.reason}")
+
+
 def _check_device(loaded: LoadedPlan, loc: tuple, device: str) -> None:
     """An unknown or unavailable device is a plan error, not a traceback from the first tensor moved there."""
     try:
@@ -160,7 +176,9 @@ def _check_device(loaded: LoadedPlan, loc: tuple, device: str) -> None:
             raise loaded.error((*loc, "device"), f"{device!r} is not available here ({n} CUDA device(s)); use cpu or an available device")
     elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise loaded.error((*loc, "device"), "'mps' is not available here; use cpu")
-    elif dev.type not in ("cpu", "cuda", "mps", "meta") and not hasattr(torch, dev.type):
+    elif dev.type == "meta":
+        raise loaded.error((*loc, "device"), "'meta' holds no weights (shapes only), so nothing can run on it; expected cpu, cuda, cuda:N or mps")
+    elif dev.type not in ("cpu", "cuda", "mps") and not hasattr(torch, dev.type):
         raise loaded.error((*loc, "device"), f"{device!r} is not a device this torch supports")
 
 
@@ -493,6 +511,11 @@ def _run_locked(prepared: Prepared, out: Path, own: Path, world: "distributed.Wo
             for cond in conditions:
                 if cond.needs_fit:  # data-set statistics (e.g. mean ablation) in an earlier pass
                     fit(f"fit: {cond.name}", cond.fit_sites(adapter), lambda stream, c=cond: c.fit_stream(adapter, stream))
+            from embedlens.plan.pools import check_pools, outside_target_draws
+
+            if outside_target_draws(conditions):  # a matched control its pool cannot serve: refused before the main pass
+                fit("check: control pools", partition.sites(adapter) if partition is not None else [],
+                    lambda stream: check_pools(prepared.loaded, adapter, partition, conditions, stream))
             state.fitted = True
             if world.main:
                 checkpoint()
@@ -737,7 +760,7 @@ def _emit(parts: Parts, label: str, name: str, rows: Any, index: int, n_probes: 
         parts.tensors(full, rows, index)
         return
     if data_index is not None and "sample" in rows:
-        rows = {**rows, "sample": [data_index[int(s)] for s in rows["sample"]]}
+        rows = {**rows, "sample": np.asarray(data_index, dtype=np.int64)[np.asarray(rows["sample"], dtype=np.int64)]}
     parts.table(full, rows, index)
 
 
@@ -781,7 +804,9 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, starte
                 rows["mean"].append(st["mean"])
                 rows["sem"].append(st["sem"])
                 rows["n"].append(st["n"])
-                rows["control"].append(controls.get(cond))
+                # "" where a condition has no matched control, never a missing cell: a missing cell compares
+                # unequal to itself (pandas), so two runs' tables would differ there whatever they computed
+                rows["control"].append(controls.get(cond, ""))
         parts.table("effects_summary", rows, 0)
     if partition is not None and partition.evidence:  # why each id is (not) an anchor
         parts.table("partition_discovery", {k: [r[k] for r in partition.evidence] for k in EVIDENCE_COLUMNS}, 0)
@@ -893,8 +918,9 @@ def _conclusions(prepared: Prepared, parts: Parts, controls: dict[str, str]):
     touched = touched.to_pydict() if touched is not None else None
     fields = breakdown_fields(loaded, prepared.records)
     groups = {f: {r.id: r.meta.get(f) for r in prepared.records} for f in fields}
+    descriptive = {c for m in prepared.metrics for c in getattr(m, "descriptive", ())}
     concl = conclusions.analyse(effects.to_pydict(), touched, controls, loaded.plan.report, loaded.plan.seed, groups,
-                                conclusions.sweep_groups(loaded))
+                                conclusions.sweep_groups(loaded), descriptive=descriptive)
     parts.table("effect_tests", concl.rows, 0)
     return concl, touched
 

@@ -163,8 +163,12 @@ class ReportSpec(_Strict):
     breakdown: list[str] | None = Field(
         None, description="sample fields to break accuracies down by (e.g. [type]); default: the data's type (or qtype) field where it has one"
     )
-    resamples: int = Field(10_000, ge=100, le=1_000_000, description="bootstrap resamples (percentile intervals) and random sign patterns of sampled permutation tests")
+    resamples: int = Field(10_000, ge=100, le=1_000_000, description="bootstrap resamples (BCa intervals) and random sign patterns of sampled permutation tests")
     confidence: float = Field(0.95, ge=0.5, lt=1.0, description="level of the bootstrap intervals")
+    min_effect: float = Field(
+        0.1, gt=0.0, le=1.0, description="the smallest accuracy change the question needs to detect: the report warns when the "
+        "run's n cannot (its minimum detectable effect, at power 0.8 and level 0.05, is larger)"
+    )
     token_map_samples: int = Field(4, ge=1, le=16, description="samples drawn side by side in each token-map figure")
 
 

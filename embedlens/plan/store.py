@@ -68,14 +68,14 @@ class Parts:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if not table or not next(iter(table.values()), None):
+        if is_empty(table):
             return
         lengths = {k: len(v) for k, v in table.items()}
         if len(set(lengths.values())) != 1:
             raise EmbedLensError(f"table {name!r}: columns have different lengths {lengths}")
         folder = safe_dir(self.out, Path(PARTS) / name)
         buf = io.BytesIO()
-        pq.write_table(pa.table({k: _plain(v) for k, v in table.items()}), buf)
+        pq.write_table(arrow_table(table), buf)
         write_bytes(folder / f"{index:06d}.parquet", buf.getvalue())
 
     def tensors(self, name: str, tensors: dict[str, torch.Tensor], index: int) -> None:
@@ -218,8 +218,50 @@ def remove_offload(run_dir: Path) -> None:
         pass
 
 
+def is_empty(table: dict) -> bool:
+    """No columns, or no rows (columns are lists, numpy arrays or tensors)."""
+    return not table or len(next(iter(table.values()))) == 0
+
+
+def arrow_column(values):
+    """One table column as an Arrow array, from a whole numpy array or tensor at once (or a list).
+
+    Arrays keep the schema a list of Python scalars gave: integers int64, floats
+    float64 (a float32 tensor's values widen exactly, as ``.tolist()`` did),
+    booleans bool, strings string.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    if isinstance(values, np.ndarray) and values.ndim == 1:
+        if values.dtype.kind == "f":
+            return pa.array(values.astype(np.float64, copy=False))
+        if values.dtype.kind in "iu":
+            return pa.array(values.astype(np.int64, copy=False))
+        if values.dtype.kind == "b":
+            return pa.array(values)
+        if values.dtype.kind in "UO":
+            values = values.tolist()  # str (and None) objects: Arrow infers string, as from a list
+    return pa.array(_plain(values))
+
+
+def arrow_table(table: dict):
+    """A `pyarrow.Table` from columns (lists, 1-D numpy arrays or tensors), column by column."""
+    import pyarrow as pa
+
+    return pa.table({k: arrow_column(v) for k, v in table.items()})
+
+
 def _plain(values: list) -> list:
     """Python scalars for Arrow (numpy / torch scalars in a column become int / float / bool)."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().tolist()
+    if hasattr(values, "dtype") and hasattr(values, "tolist"):  # a numpy array: its scalars, in one call
+        return values.tolist()
+    if all(v is None or type(v) in (int, float, str, bool) for v in values):
+        return list(values)
     out = []
     for v in values:
         if hasattr(v, "item") and not isinstance(v, (list, dict, str)):

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 
 from embedlens.errors import PlanError
 from embedlens.probes._util import FIGURE_SAMPLES, FirstImage
 from embedlens.probes.base import Probe, Table
-from embedlens.vocab import nearest_vocab, visual_nearest  # noqa: F401 - nearest_vocab's home until it moved to the core; importable here still
+from embedlens.vocab import nearest_vocab, visual_nearest, visual_nearest_layers, vocab_strings  # noqa: F401 - nearest_vocab's home until it moved to the core; importable here still
 from embedlens.vocab_index import check_search
 from embedlens.registry import probes
 from embedlens.sites import Site
@@ -59,7 +60,7 @@ class EmbeddingLens(Probe):
         >>> batch = adapter.encode([Sample([checkerboard()], question="what is it?")])
         >>> lens = EmbeddingLens(k=3)
         >>> rows = lens.update(adapter, batch, collect(adapter, batch, lens.sites(adapter)))["tokens"]
-        >>> len(rows["sample"]), rows["layer"][0]
+        >>> len(rows["sample"]), int(rows["layer"][0])
         (16, 0)
     """
 
@@ -94,6 +95,11 @@ class EmbeddingLens(Probe):
         self._n_tokens = 0
         self._first = FirstImage(n=FIGURE_SAMPLES)
         self._first_layer: int | None = None  # the resolved figure layer (figures() has no adapter)
+        self._map_layers: list[int] = []  # every resolved layer: each gets its own word map
+        # the layer-by-layer summary, per token group ("all" and the run's partition groups) and layer:
+        # [vocab] top-1 counts, and [tokens, with ground truth, top-1 a content word, top-1 as at the last layer]
+        self._by_group: dict[tuple[str, int], torch.Tensor] = {}
+        self._tally: dict[tuple[str, int], torch.Tensor] = {}
 
     def _resolved_layers(self, adapter: "Adapter") -> list[int]:
         n = adapter.n_llm_layers
@@ -117,33 +123,72 @@ class EmbeddingLens(Probe):
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
         vocab = (adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach()
         vt = batch.roles.visual_tokens()
-        rows: Table = {c: [] for c in ("sample", "sample_id", "image", "tile", "row", "col", "position", "layer")}
-        for j in range(1, self.k + 1):
-            rows.update({f"id_{j}": [], f"token_{j}": [], f"score_{j}": []})
-        n = len(vt["sample"])
+        layers = self._resolved_layers(adapter)
         figure_layer = self._first_layer = self._figure_layer(adapter)
-        for layer in self._resolved_layers(adapter):
-            site = lens_site(layer)
-            scores, ids = visual_nearest(batch, site, acts[site], vocab, self.k, self.chunk_size, self.search, self.n_probe)
-            ids_l, scores_l = ids.tolist(), scores.tolist()
-            rows["sample"] += vt["sample"].tolist()
-            rows["sample_id"] += [batch.samples[s].id for s in vt["sample"].tolist()]
-            for c in ("image", "tile", "row", "col", "position"):
-                rows[c] += vt[c].tolist()
-            rows["layer"] += [layer] * n
-            for j in range(min(self.k, ids.shape[1])):
-                col = [r[j] for r in ids_l]
-                rows[f"id_{j + 1}"] += col
-                rows[f"token_{j + 1}"] += adapter.tokenizer.convert_ids_to_tokens(col)
-                rows[f"score_{j + 1}"] += [r[j] for r in scores_l]
-            top1 = torch.bincount(ids[:, 0].cpu(), minlength=vocab.shape[0])  # [vocab]
-            new = [i for i in ids[:, 0].unique().tolist() if i not in self._names]
-            self._names.update(zip(new, adapter.tokenizer.convert_ids_to_tokens(new)))
-            self._counts[layer] = self._counts[layer] + top1 if layer in self._counts else top1
-            if layer == figure_layer:
-                self._first.offer(adapter, batch, vt, tokens=adapter.tokenizer.convert_ids_to_tokens(ids[:, 0].tolist()))
+        # every layer searched on the device; the results leave it once, as two whole arrays
+        scores, ids = visual_nearest_layers(batch, [lens_site(layer) for layer in layers], acts, vocab, self.k,
+                                            self.chunk_size, self.search, self.n_probe)  # [layers, tokens, k]
+        ids_h, scores_h = ids.cpu().numpy(), scores.cpu().numpy()
+        names = vocab_strings(adapter.tokenizer, vocab.shape[0])  # [vocab] id -> token string
+        n, n_layers = ids_h.shape[1], len(layers)
+        meta = {c: vt[c].numpy() for c in ("sample", "image", "tile", "row", "col", "position")}
+        sample_ids = np.array([s.id for s in batch.samples] + [None], dtype=object)[:-1]  # object: ids as given
+        rows: Table = {"sample": np.tile(meta["sample"], n_layers), "sample_id": np.tile(sample_ids[meta["sample"]], n_layers)}
+        for c in ("image", "tile", "row", "col", "position"):
+            rows[c] = np.tile(meta[c], n_layers)
+        rows["layer"] = np.repeat(np.asarray(layers, dtype=np.int64), n)
+        for j in range(ids_h.shape[2]):
+            col = ids_h[:, :, j].reshape(-1)
+            rows[f"id_{j + 1}"] = col
+            rows[f"token_{j + 1}"] = names[col]
+            rows[f"score_{j + 1}"] = scores_h[:, :, j].reshape(-1)
+        for li, layer in enumerate(layers):
+            top = ids_h[li, :, 0]
+            counts = torch.from_numpy(np.bincount(top, minlength=vocab.shape[0]))  # [vocab]
+            self._counts[layer] = self._counts[layer] + counts if layer in self._counts else counts
+            new = [i for i in np.unique(top).tolist() if i not in self._names]
+            self._names.update(zip(new, names[new].tolist()))
+        self._map_layers = layers
+        decoded = {layer: names[ids_h[li, :, 0]] for li, layer in enumerate(layers)}  # layer -> [tokens] top-1 words
+        self._first.offer(adapter, batch, vt, tokens=decoded[figure_layer], **{f"tokens_l{la}": decoded[la] for la in layers})
+        self._summarise(adapter, batch, vt, {layer: ids[li, :, 0] for li, layer in enumerate(layers)}, vocab.shape[0])
         self._n_tokens += n
         return {"tokens": rows}
+
+    def _summarise(self, adapter: "Adapter", batch: "Batch", vt: dict[str, torch.Tensor], top1: dict[int, torch.Tensor], n_vocab: int) -> None:
+        """Fold one batch into the layer-by-layer summary (per group: top-1 counts, content-word share where the
+        samples have ground truth, agreement with the last layer read)."""
+        if not top1:
+            return
+        dev = next(iter(top1.values())).device
+        s_idx, pos = vt["sample"].to(dev), vt["position"].to(dev)
+        groups = {"all": torch.ones_like(s_idx, dtype=torch.bool)}
+        for g, mask in (batch.groups or {}).items():
+            groups[g] = mask.to(dev)[s_idx, pos]  # [tokens]
+        # content words of each image (colours, shapes, the written word) where the data has ground truth
+        truth = torch.tensor([isinstance(s.meta.get("patch_labels"), dict) for s in batch.samples], device=dev)[s_idx]
+        words = [_content_words(s.meta) for s in batch.samples]
+        ids = torch.unique(torch.cat(list(top1.values())))
+        names = [_plain(t) for t in adapter.tokenizer.convert_ids_to_tokens(ids.tolist())]
+        is_content = torch.tensor([[w in ws for w in names] for ws in words], dtype=torch.bool, device=dev)  # [batch, unique ids]
+        last = top1[max(top1)]
+        member = torch.stack(list(groups.values())).float()  # [groups, tokens]
+        g_off = torch.arange(len(groups), device=dev)[:, None] * n_vocab  # [groups, 1]
+        counts, tallies = [], []
+        for t in top1.values():  # on the device; one transfer for the whole batch below
+            content = (is_content[s_idx, torch.searchsorted(ids, t.contiguous())] & truth).float()
+            per = torch.stack([torch.ones_like(content), truth.float(), content, (t == last).float()], dim=1)  # [tokens, 4]
+            tallies.append(member @ per)  # [groups, 4]
+            counts.append(torch.bincount((g_off + t[None, :]).flatten(), weights=member.flatten(),
+                                         minlength=len(groups) * n_vocab).view(len(groups), n_vocab))
+        counts_h = torch.stack(counts).round().long().cpu()  # [layers, groups, vocab]
+        tallies_h = torch.stack(tallies).round().long().cpu()  # [layers, groups, 4]
+        for li, layer in enumerate(top1):
+            for gi, g in enumerate(groups):
+                key = (g, layer)
+                c, tl = counts_h[li, gi], tallies_h[li, gi]  # views: copied when first kept (a checkpoint saves each alone)
+                self._by_group[key] = self._by_group[key] + c if key in self._by_group else c.clone()
+                self._tally[key] = self._tally[key] + tl if key in self._tally else tl.clone()
 
     def _figure_layer(self, adapter: "Adapter") -> int:
         layers = self._resolved_layers(adapter)
@@ -160,17 +205,62 @@ class EmbeddingLens(Probe):
             c, i = counts.topk(min(10, int((counts > 0).sum())))
             top[str(layer)] = [{"id": a, "token": self._names.get(a, str(a)), "count": b} for a, b in zip(i.tolist(), c.tolist())]
         return {"n_visual_tokens": self._n_tokens, "most_frequent_top1_ids": top, "k": self.k, "matrix": self.matrix,
-                "search": self.search}
+                "search": self.search, "layer_summary": self.layer_summary()}
+
+    def layer_summary(self) -> dict[str, Any]:
+        """Per token group (``all``, and sink / dead / alive where the run has a partition) and layer: the most
+        frequent top-1 words, the share of tokens whose top-1 is a content word of their image (a colour, shape or
+        written word of the synthetic data's ground truth; None without it), and the share whose top-1 is the
+        one at the last layer read (`final_layer`)."""
+        out: dict[str, Any] = {"final_layer": max(self._map_layers) if self._map_layers else None, "groups": {}}
+        for (g, layer), counts in sorted(self._by_group.items(), key=lambda kv: (kv[0][0] != "all", kv[0][0], kv[0][1])):
+            n, with_truth, content, agree = (int(v) for v in self._tally[(g, layer)].tolist())
+            k = min(5, int((counts > 0).sum()))
+            c, i = counts.topk(k)
+            out["groups"].setdefault(g, {})[str(layer)] = {
+                "n_tokens": n,
+                "top1": [{"token": self._names.get(a, str(a)), "count": b} for a, b in zip(i.tolist(), c.tolist())],
+                "content_word_share": content / with_truth if with_truth else None,
+                "agrees_with_final_layer": agree / n if n else None,
+            }
+        return out
 
     def figures(self, out_dir: Path) -> list[Path]:
+        """One word map per layer read (the figure layer first), the same samples on each."""
         images = self._first.images
         if not images:
             return []
         from embedlens.figures import word_map
 
-        layer = self._first_layer
-        path = Path(out_dir) / f"embedding_lens_layer{layer}.png"
-        panels = [{**im, "labels": im["tokens"]} for im in images]
-        word_map(panels, path, title=f"Nearest vocabulary token per patch, LLM layer {layer} ({self.matrix} embeddings): "
-                 "each patch coloured by its word, the most frequent words in the legend, words written where they fit")
-        return [path]
+        layers = [self._first_layer] + [la for la in self._map_layers if la != self._first_layer]
+        shown = ", ".join(str(im["sample_id"]) for im in images)
+        out = []
+        for layer in layers:
+            key = f"tokens_l{layer}"
+            if not all(key in im for im in images):
+                key = "tokens"  # images kept before every layer was offered (a resumed older state): the figure layer's
+                if layer != self._first_layer:
+                    continue
+            path = Path(out_dir) / f"embedding_lens_layer{layer}.png"
+            panels = [{**im, "labels": im[key]} for im in images]
+            word_map(panels, path, title=f"Nearest vocabulary token per patch, LLM layer {layer} ({self.matrix} embeddings), "
+                     f"the first {len(images)} samples ({shown}): each patch coloured by its word, the most frequent in the "
+                     "legend, words written where they fit")
+            out.append(path)
+        return out
+
+
+def _plain(token: str) -> str:
+    """A vocabulary piece as a plain lower-case word (SentencePiece's ▁ and GPT-2's Ġ marks dropped)."""
+    return str(token).replace("\u2581", " ").replace("\u0120", " ").strip().lower()
+
+
+def _content_words(meta: dict) -> set[str]:
+    """The content words of a sample's image from its ground truth: colours, shapes and the written word."""
+    labels = meta.get("patch_labels")
+    if not isinstance(labels, dict):
+        return set()
+    out = {str(v).lower() for key in ("colour", "shape") for row in labels.get(key, []) or [] for v in row if v}
+    if isinstance(meta.get("word"), str) and meta["word"]:
+        out.add(meta["word"].lower())
+    return out

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +17,7 @@ from embedlens.probes.base import Probe, Table
 from embedlens.probes.embedding_lens import lens_site
 from embedlens.registry import probes
 from embedlens.sites import Site
+from embedlens.vocab import vocab_strings
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
@@ -126,47 +128,71 @@ class LogitLens(Probe):
             groups = token_groups(batch, s, p) if role == "visual" else [role] * len(s)
             tgt = torch.tensor([t if t is not None else -1 for t in targets])[s]
             chunks = [slice(i, i + self.token_chunk) for i in range(0, len(s), self.token_chunk)]
-            final_top = torch.cat([lens_logits(adapter, acts[lens_site(n)][s[c], p[c]]).argmax(-1).cpu() for c in chunks])
-            for layer in self._layers(adapter):
+            index: dict = {}  # device -> (samples, positions), moved once per selection
+
+            def rows_at(h: torch.Tensor, c: slice) -> torch.Tensor:
+                if h.device not in index:
+                    index[h.device] = (s.to(h.device), p.to(h.device))
+                si, pi = index[h.device]
+                return h[si[c], pi[c]]
+
+            final = [lens_logits(adapter, rows_at(acts[lens_site(n)], c)) for c in chunks]
+            names = vocab_strings(adapter.tokenizer, final[0].shape[-1])  # [vocab] id -> token string, built once
+            final_top = torch.cat([f.argmax(-1) for f in final])
+            del final
+            tgt_d = tgt.to(final_top.device)
+            layers = self._layers(adapter)
+            per_layer = []
+            for layer in layers:  # summaries stay on the device: no copy per layer or chunk
                 self._current = layer
                 h = acts[lens_site(layer)]
-                for c in chunks:
-                    logp = F.log_softmax(self._read(adapter, h[s[c], p[c]]), dim=-1).cpu()  # [rows, vocab]
-                    self._emit(adapter, rows, batch, role, groups[c], layer, s[c], p[c], logp, tgt[c], final_top[c])
+                sums = [self._summarise(adapter, rows_at(h, c), tgt_d[c], final_top[c]) for c in chunks]
+                per_layer.append([torch.cat([x[i] for x in sums]) for i in range(len(sums[0]))])
+            # the results leave the device once per selection: [layers, rows, ...] each
+            ent, top_p, top_i, t_p, rank, agree = (torch.stack([pl[i] for pl in per_layer]).cpu().numpy() for i in range(6))
+            for li, layer in enumerate(layers):
+                self._emit(rows, batch, role, groups, layer, s, p, tgt, names,
+                           (ent[li], top_p[li], top_i[li], t_p[li], rank[li], agree[li]))
         return {"tokens": rows}
 
-    def _emit(self, adapter, rows, batch, role, groups, layer, s, p, logp, tgt, final_top) -> None:
+    def _summarise(self, adapter, h: torch.Tensor, tgt: torch.Tensor, final_top: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """On the device: entropy, top-k probabilities and ids, the target's probability and rank, and
+        whether the top-1 is the final layer's, for `[rows, d]` states `h`."""
+        logp = F.log_softmax(self._read(adapter, h), dim=-1)  # [rows, vocab]
         probs = logp.exp()
         ent = -(probs * logp).sum(-1)
         top_p, top_i = probs.topk(self.k, dim=-1)
-        has = tgt >= 0
-        t_lp = logp.gather(1, tgt.clamp(min=0)[:, None])[:, 0]
+        t_lp = logp.gather(1, tgt.to(logp.device).clamp(min=0)[:, None])[:, 0]
         rank = (logp > t_lp[:, None]).sum(-1)
+        return ent, top_p, top_i, t_lp.exp(), rank, top_i[:, 0] == final_top.to(top_i.device)
+
+    def _emit(self, rows, batch, role, groups, layer, s, p, tgt, names, summary) -> None:
+        ent, top_p, top_i, t_p, rank, agree = summary  # numpy, one row per token
+        has = (tgt >= 0).numpy()
+        n = len(s)
         rows["sample"] += s.tolist()
         rows["sample_id"] += [batch.samples[i].id for i in s.tolist()]
         rows["position"] += p.tolist()
-        rows["role"] += [role] * len(s)
+        rows["role"] += [role] * n
         rows["group"] += list(groups)
-        rows["layer"] += [layer] * len(s)
-        ids = top_i.tolist()
+        rows["layer"] += [layer] * n
         for j in range(self.k):
-            col = [r[j] for r in ids]
-            rows[f"id_{j + 1}"] += col
-            rows[f"token_{j + 1}"] += adapter.tokenizer.convert_ids_to_tokens(col)
+            rows[f"id_{j + 1}"] += top_i[:, j].tolist()
+            rows[f"token_{j + 1}"] += names[top_i[:, j]].tolist()
             rows[f"prob_{j + 1}"] += top_p[:, j].tolist()
         rows["entropy"] += ent.tolist()
         rows["target_id"] += [int(t) if h else None for t, h in zip(tgt.tolist(), has.tolist())]
         rows["target_rank"] += [int(r) if h else None for r, h in zip(rank.tolist(), has.tolist())]
-        rows["target_prob"] += [float(x) if h else None for x, h in zip(t_lp.exp().tolist(), has.tolist())]
-        agree = (top_i[:, 0] == final_top).tolist()
-        for i, g in enumerate(groups):
+        rows["target_prob"] += [float(x) if h else None for x, h in zip(t_p.tolist(), has.tolist())]
+        g_arr = np.asarray(list(groups), dtype=object)
+        for g in dict.fromkeys(groups):  # per group, its tokens in order (sums as the token-by-token loop added them)
+            at = g_arr == g
             st = self._stats.setdefault((g, layer), [0, 0.0, 0.0, 0, 0])
-            st[0] += 1
-            st[1] += float(ent[i])
-            if has[i]:
-                st[2] += float(rank[i])
-                st[3] += 1
-            st[4] += int(agree[i])
+            st[0] += int(at.sum())
+            st[1] = sum(ent[at].astype(np.float64).tolist(), st[1])
+            st[2] = sum(rank[at & has].astype(np.float64).tolist(), st[2])
+            st[3] += int((at & has).sum())
+            st[4] += int(agree[at].sum())
 
     def result(self) -> dict[str, Any]:
         out: dict[str, dict[str, Any]] = {}
@@ -268,18 +294,32 @@ class TunedLens(LogitLens):
         self._init(adapter)
 
     def _load(self, adapter: "Adapter") -> None:
-        from safetensors.torch import load_file
+        """Read fitted translators: a safetensors file (never a pickle), its names, shapes and values checked before use."""
+        from safetensors import safe_open
 
         path = Path(self.translators)
         if not path.is_file():
             raise PlanError(f"tuned_lens.translators: file not found: {path}")
-        state = load_file(str(path))
-        layers = state.pop("layers").tolist()
-        want = self._layers(adapter)
-        if layers != want or state["weight"].shape[-1] != adapter.input_embeddings().shape[1]:
-            raise PlanError(f"tuned_lens.translators: {path} holds layers {layers} of width {state['weight'].shape[-1]}; "
-                            f"this probe reads layers {want} of width {adapter.input_embeddings().shape[1]}")
-        self._tr.load_state_dict(state)
+        want, d = self._layers(adapter), adapter.input_embeddings().shape[1]
+        shapes = {"layers": [len(want)], "weight": [len(want), d, d], "bias": [len(want), d]}
+        expected = f"expected the safetensors file a tuned_lens saves: layers {list(shapes['layers'])}, weight {shapes['weight']}, bias {shapes['bias']}"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                got = {k: f.get_slice(k).get_shape() for k in f.keys()}
+                if got != shapes:
+                    raise PlanError(f"tuned_lens.translators: {path} holds {got or 'no tensors'}; {expected} (layers {want}, width {d})")
+                state = {k: f.get_tensor(k) for k in shapes}
+        except PlanError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a file that is not one
+            raise PlanError(f"tuned_lens.translators: {path} is not a readable safetensors file ({type(e).__name__}: {e}); {expected}") from None
+        layers = state.pop("layers")
+        if layers.is_floating_point() or layers.tolist() != want:
+            raise PlanError(f"tuned_lens.translators: {path} holds layers {layers.tolist()}; this probe reads layers {want}")
+        for k, t in state.items():
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise PlanError(f"tuned_lens.translators: {path}: {k} must hold finite floating-point values (dtype {t.dtype})")
+        self._tr.load_state_dict({k: t.float() for k, t in state.items()})
 
     def _init(self, adapter: "Adapter") -> None:
         if self._tr is None:

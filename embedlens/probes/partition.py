@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Literal
 
+import numpy as np
 import torch
 
 from embedlens.anchors import AnchorRule
@@ -63,10 +64,10 @@ class _PartitionProbe(Probe):
         groups = self.partition.token_groups(adapter, batch, acts)
         rules = self.partition.last_rules
         n = len(vt["sample"])
-        label = ["alive"] * n
+        label = np.full(n, "alive", dtype=object)
         for g, hit in groups.items():  # exclusive after precedence
-            for i in hit.nonzero().flatten().tolist():
-                label[i] = g
+            label[hit.numpy()] = g
+        label = label.tolist()
         rows = token_meta(batch, vt)
         rows["group"] = label
         for r, hit in rules.items():

@@ -15,7 +15,7 @@ from embedlens.probes._util import FirstImage, token_groups, token_meta
 from embedlens.probes.base import Probe, Table
 from embedlens.registry import probes
 from embedlens.roles import Role
-from embedlens.signals import attention_sink_scores, massive_entries, norm_outliers, sink_dims
+from embedlens.signals import massive_entries, norm_outliers, rms_normalized
 from embedlens.sites import Site
 
 if TYPE_CHECKING:
@@ -156,33 +156,12 @@ class SinkDetector(Probe):
         images = adapter.tower_images(batch.inputs)  # a packed tower's rows hold several images: each its own statistics
         vit_flag = vision_to_tokens(norm_outliers(norms, self.vit_sigma, self.vit_threshold, self.vit_ratio, images), vt, adapter, batch.inputs).cpu()
         vit_norm = vision_to_tokens(norms, vt, adapter, batch.inputs).cpu()
-        valid = ~batch.roles.padding
-        kind = batch.roles.kind
         n_tok = len(s)
-        massive = torch.zeros(n_tok, dtype=torch.bool)
-        max_abs = torch.zeros(n_tok)
-        sink_score = torch.zeros(n_tok)
-        ref = batch.roles.bos if batch.roles.bos.any() else _first_valid(valid)
-        examined = ref.clone()
-        examined[s, p] = True  # sink dims come from the tokens the test looks at, not from BOS alone
         self._d = int(acts[Site("llm.layers", 0)].shape[-1])
         tau = self.tau_for(self._d)
-        for layer in range(adapter.n_llm_layers):
-            h = acts[Site("llm.layers", layer)].float().cpu()
-            flags, med = massive_entries(h, valid, self.massive_threshold, self.massive_ratio)
-            massive |= flags.any(-1)[s, p]
-            max_abs = torch.maximum(max_abs, h.abs().amax(-1)[s, p])
-            st = self._layer_stats.setdefault(layer, {"n_massive": 0, "max_abs": 0.0, "median_abs": [], "dims": Counter(), "roles": Counter()})
-            st["n_massive"] += int(flags.sum())
-            st["max_abs"] = max(st["max_abs"], float((h.abs() * valid[..., None]).max()))
-            st["median_abs"] += med.tolist()
-            b_i, pos_i, d_i = flags.nonzero(as_tuple=True)
-            st["dims"].update(d_i.tolist())
-            st["roles"].update(Role(int(k)).name.lower() for k in kind[b_i, pos_i].tolist())
-            if layer >= self.sink_from_layer:
-                dims = self.sink_dims if self.sink_dims is not None else sink_dims(h, examined, tau)
-                self._dims_found.update(dims)
-                sink_score = torch.maximum(sink_score, attention_sink_scores(h, dims)[s, p])
+        layer_out = self._layer_pass(adapter, batch, acts, s, p, tau)
+        massive, max_abs, sink_score = (t.cpu() for t in layer_out.pop("tokens"))
+        self._fold_layer_stats(layer_out)
         attn_flag = sink_score > tau
         flags = {"vit_norm": vit_flag, "massive": massive, "attention_sink": attn_flag}
         for f, v in flags.items():
@@ -208,6 +187,73 @@ class SinkDetector(Probe):
         self._first.offer(adapter, batch, vt, norm=vit_norm.tolist(),
                           label=["V" * a + "M" * b + "A" * c for a, b, c in zip(vit_flag.tolist(), massive.tolist(), attn_flag.tolist())])
         return {"tokens": rows}
+
+    def _layer_pass(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor], s: torch.Tensor,
+                    p: torch.Tensor, tau: float) -> dict[str, Any]:
+        """Every LLM layer's flags and statistics on the device, stacked: nothing is copied to the host per layer."""
+        n_layers = adapter.n_llm_layers
+        dev = acts[Site("llm.layers", 0)].device
+        valid_h = ~batch.roles.padding
+        examined = batch.roles.bos if batch.roles.bos.any() else _first_valid(valid_h)
+        examined = examined.clone()
+        examined[s, p] = True  # sink dims come from the tokens the test looks at, not from BOS alone
+        valid, examined, kind = valid_h.to(dev), examined.to(dev), batch.roles.kind.to(dev)
+        s, p = s.to(dev), p.to(dev)
+        linear = torch.arange(valid.numel(), device=dev).view(valid.shape)  # [batch, seq]: nonzero()'s order
+        big = valid.numel()
+        n_roles = len(Role)
+        massive = torch.zeros(len(s), dtype=torch.bool, device=dev)
+        max_abs = torch.zeros(len(s), device=dev)
+        sink_score = torch.zeros(len(s), device=dev)
+        given = None
+        stats: dict[str, list] = {k: [] for k in ("n_massive", "max_abs", "median", "dim_count", "dim_first", "role_count",
+                                                  "role_first", "dims")}
+        for layer in range(n_layers):
+            h = acts[Site("llm.layers", layer)].to(dev).float()
+            flags, med = massive_entries(h, valid, self.massive_threshold, self.massive_ratio)  # [b, seq, d], [b]
+            massive |= flags.any(-1)[s, p]
+            a = h.abs()
+            max_abs = torch.maximum(max_abs, a.amax(-1)[s, p])
+            per_pos = flags.sum(-1)  # [b, seq]
+            stats["n_massive"].append(per_pos.sum())
+            stats["max_abs"].append((a * valid[..., None]).amax())
+            stats["median"].append(med)
+            stats["dim_count"].append(flags.sum((0, 1)))  # [d]
+            stats["dim_first"].append(torch.where(flags, linear[..., None], big).amin((0, 1)))  # [d]
+            stats["role_count"].append(torch.zeros(n_roles, dtype=torch.long, device=dev).index_add_(0, kind.flatten(), per_pos.flatten()))
+            first = torch.where(per_pos > 0, linear, big).flatten()
+            stats["role_first"].append(torch.full((n_roles,), big, device=dev).scatter_reduce(0, kind.flatten(), first, "amin"))
+            if layer >= self.sink_from_layer:
+                if self.sink_dims is not None:
+                    if given is None:
+                        given = torch.zeros(h.shape[-1], dtype=torch.bool, device=dev)
+                        given[list(self.sink_dims)] = True
+                    dims = given
+                else:  # `sink_dims` as a mask: the examined tokens' RMS-normalised |value| above tau
+                    dims = ((rms_normalized(h).abs() > tau) & examined[..., None]).flatten(0, 1).any(0)
+                stats["dims"].append(dims)
+                sink_score = torch.maximum(sink_score, (rms_normalized(h).abs() * dims).amax(-1)[s, p])
+        out = {k: torch.stack(v).cpu() for k, v in stats.items() if v}  # [layers, ...]: the one copy of the statistics
+        out["tokens"] = (massive, max_abs, sink_score)
+        return out
+
+    def _fold_layer_stats(self, got: dict[str, Any]) -> None:
+        """Add one batch's per-layer statistics (host tensors from `_layer_pass`) to the running ones, in the order
+        the flagged entries come in (`most_common` breaks ties by it)."""
+        roles = [Role(r).name.lower() for r in range(len(Role))]
+        for layer in range(got["n_massive"].shape[0]):
+            st = self._layer_stats.setdefault(layer, {"n_massive": 0, "max_abs": 0.0, "median_abs": [], "dims": Counter(), "roles": Counter()})
+            st["n_massive"] += int(got["n_massive"][layer])
+            st["max_abs"] = max(st["max_abs"], float(got["max_abs"][layer]))
+            st["median_abs"] += got["median"][layer].tolist()
+            count, first = got["dim_count"][layer], got["dim_first"][layer]
+            hit = (count > 0).nonzero().flatten().tolist()
+            st["dims"].update({d: int(count[d]) for d in sorted(hit, key=lambda d: (int(first[d]), d))})
+            count, first = got["role_count"][layer], got["role_first"][layer]
+            hit = (count > 0).nonzero().flatten().tolist()
+            st["roles"].update({roles[r]: int(count[r]) for r in sorted(hit, key=lambda r: int(first[r]))})
+        for dims in got.get("dims", []):
+            self._dims_found.update(dims.nonzero().flatten().tolist())
 
     def result(self) -> dict[str, Any]:
         layers = {}

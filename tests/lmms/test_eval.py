@@ -110,3 +110,21 @@ def test_paired_only_for_per_sample_means():
     assert all(r["paired_n"] == 0 for r in table_rows(flat, zero, ["baseline", "c"]))
     # unless lmms-eval says the metric is aggregated by its mean
     assert [r["paired_n"] for r in table_rows(flat, zero, ["baseline", "c"], {"p": {"acc"}}) if r["metric"] == "acc"] == [4, 4]
+
+
+def test_notes_say_why_a_metric_is_silent():
+    """POPE at 0 under every condition, a constant accuracy, and an F1 (aggregated over the set: nothing to pair)."""
+    from embedlens.lmms.report import metric_notes
+
+    rows = []
+    for c in ("baseline", "prune_dead"):
+        rows.append({"task": "pope", "metric": "pope_accuracy", "condition": c, "value": 0.0, "paired_n": 0})
+        rows.append({"task": "pope", "metric": "pope_f1_score", "condition": c, "value": 0.5 if c == "baseline" else 0.4, "paired_n": 0})
+        rows.append({"task": "qa", "metric": "acc", "condition": c, "value": 0.75, "paired_n": 4})
+        rows.append({"task": "qa", "metric": "exact_match", "condition": c, "value": 0.5 if c == "baseline" else 0.25, "paired_n": 4})
+    notes = metric_notes(rows)
+    assert notes[("pope", "pope_accuracy", "baseline")].startswith("0 under every condition")
+    assert "every document scores the same" in notes[("pope", "pope_accuracy", "prune_dead")]
+    assert "aggregates this metric over the whole set" in notes[("pope", "pope_f1_score", "prune_dead")]
+    assert notes[("qa", "acc", "prune_dead")] == "0.75 under every condition: the conditions change nothing this metric sees"
+    assert notes[("qa", "exact_match", "prune_dead")] == "" and notes[("pope", "pope_f1_score", "baseline")] == ""

@@ -163,3 +163,63 @@ def test_breakdown_field_must_exist(tmp_path):
     (tmp_path / "p3.yaml").write_text(PLAN.replace("resamples: 500", "resamples: 5"))
     with pytest.raises(PlanError, match=r"report\.resamples"):
         load_plan(tmp_path / "p3.yaml")
+
+
+def test_overlap_holm_verdicts_and_no_duplicate_or_constant_tests():
+    """A planted run: the control's tokens drawn at random (some in the target), a token count the same under every
+    run, and a log-prob with its delta column; the overlap checked against a brute-force count per sample."""
+    rng = np.random.default_rng(5)
+    eff = {"sample": [], "condition": [], "correct": [], "correct_base": [], "logprob": [], "logprob_base": [],
+           "logprob_delta": [], "visual_tokens": [], "visual_tokens_base": []}
+    lp_base = rng.normal(-2.0, 0.5, size=10)
+    for cond, vals, shift in (("drop", DROP, -0.4), ("drop_random", RAND, -0.1)):
+        lp = lp_base + shift + rng.normal(0, 0.2, size=10)
+        eff["sample"] += IDS
+        eff["condition"] += [cond] * 10
+        eff["correct"] += [float(v) for v in vals]
+        eff["correct_base"] += [float(v) for v in BASE]
+        eff["logprob"] += lp.tolist()
+        eff["logprob_base"] += lp_base.tolist()
+        eff["logprob_delta"] += (lp - lp_base).tolist()
+        eff["visual_tokens"] += [6.0] * 10
+        eff["visual_tokens_base"] += [9.0] * 10
+    t = {k: [] for k in ("sample_id", "condition", "action", "index", "image", "tile", "row", "col", "n_visual")}
+    chosen = {}
+    for s in IDS:
+        chosen[("drop", s)] = set(rng.choice(9, size=3, replace=False).tolist())
+        chosen[("drop_random", s)] = set(rng.choice(9, size=3, replace=False).tolist())
+        for cond in ("drop", "drop_random"):
+            for i in sorted(chosen[(cond, s)]):
+                for k, v in zip(t, (s, cond, "removed", i, 0, 0, i // 3, i % 3, 9)):
+                    t[k].append(v)
+    c = analyse(eff, t, {"drop": "drop_random"}, ReportSpec(resamples=2000), seed=0)
+    brute = np.mean([len(chosen[("drop", s)] & chosen[("drop_random", s)]) / 3 for s in IDS])
+    assert 0 < brute < 1 and c.overlap == {"drop_random": pytest.approx(brute)}
+    assert c.find("drop", "drop_random", "correct")["overlap"] == pytest.approx(brute)
+    assert c.headline()["conditions"]["drop"]["correct"]["vs_control"]["overlap"] == pytest.approx(brute)
+    # logprob_delta repeats logprob minus the baseline: not a row of its own
+    assert "logprob_delta" not in c.metrics and "logprob" in c.metrics
+    # the token count differs by 3 on every sample: no test, said in words
+    vt = c.find("drop", "baseline", "visual_tokens")
+    assert vt["test"] == "deterministic" and np.isnan(vt["p_value"]) and vt["verdict"].startswith("deterministic")
+    # Holm over the overall rows with a p-value, by hand
+    rows = [i for i in range(len(c.rows["by"])) if c.rows["by"][i] == "all" and np.isfinite(c.rows["p_value"][i])]
+    ps = sorted((c.rows["p_value"][i], i) for i in rows)
+    m, run = len(ps), 0.0
+    for j, (p, i) in enumerate(ps):
+        run = max(run, min(1.0, (m - j) * p))
+        assert c.rows["p_holm"][i] == pytest.approx(run)
+    # a plain sentence per comparison; n = 10 is small: a warning, and the MDE of McNemar at n = 10
+    base = c.find("drop", "baseline", "correct")
+    assert base["verdict"].startswith("no evidence of an effect") and "drop of up to" in base["verdict"]
+    # declared descriptive (Metric.descriptive: a count the condition sets), the same column gets a mean and no test
+    d = analyse(eff, t, {"drop": "drop_random"}, ReportSpec(resamples=200), seed=0, descriptive={"visual_tokens"})
+    vt_rows = [i for i in range(len(d.rows["metric"])) if d.rows["metric"][i] == "visual_tokens" and d.rows["condition"][i] == "drop"]
+    assert [(d.rows["reference"][i], d.rows["test"][i], d.rows["mean"][i]) for i in vt_rows] == [("", "", 6.0)]
+    assert d.rows["verdict"][vt_rows[0]].startswith("what the condition did")
+    assert base["mde"] == pytest.approx(min(1.0, (sps.norm.ppf(0.975) + sps.norm.ppf(0.8)) ** 2 / 10))
+    assert any("below 20" in w for w in c.warnings) and any("report.min_effect" in w for w in c.warnings)
+    # accuracy means: Wilson intervals (0.9 of 10 is not capped at 1 by a bootstrap)
+    b = c.find("baseline", "", "correct")
+    want = sps.binomtest(9, 10).proportion_ci(method="wilson")
+    assert (b["mean_ci_low"], b["mean_ci_high"]) == pytest.approx((want.low, want.high))

@@ -98,7 +98,7 @@ def test_two_gloo_processes_write_the_files_of_one(tmp_path, tmp_path_factory, p
 
 def test_world_from_env():
     assert World.from_env({}) == World(0, 1, 0)
-    w = World.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    w = World.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
     assert (w.rank, w.size, w.local_rank, w.main) == (3, 4, 1, False)
     assert [w.owner(b) for b in range(6)] == [0, 1, 2, 3, 0, 1]
     with pytest.raises(DistributedError, match="RANK=4, WORLD_SIZE=4"):

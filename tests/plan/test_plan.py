@@ -163,4 +163,11 @@ def test_quickstart_runs_from_the_console_script(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert (out / "tokens.csv").is_file() and (out / "figures" / "embedding_lens_layer0.png").is_file()
+    assert (out / "tokens.csv").is_file()
+    # every requested layer (0, 2, 4) gets its own map, each shown in the report with a click to full resolution
+    html = (out / "report.html").read_text()
+    for layer in (0, 2, 4):
+        assert (out / "figures" / f"embedding_lens_layer{layer}.png").is_file()
+        assert f'alt="embedding_lens_layer{layer}.png"' in html
+    assert html.count('<label class="zoom"') == html.count("<img ") and "<script" not in html
+    assert "Layer by layer: the visual tokens' nearest words" in html and "content word of the image" in html

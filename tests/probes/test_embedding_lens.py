@@ -45,6 +45,7 @@ def test_probe_rows_match_brute_force(adapter, matrix):
     vt = batch.roles.visual_tokens()
     m = len(vt["sample"])
     assert len(rows["sample"]) == 3 * m
+    rows = {c: list(v) for c, v in rows.items()}  # numpy columns, compared as lists
     assert rows["layer"] == [0] * m + [1] * m + [n] * m
     for li, layer in enumerate([0, 1, n]):
         h = acts[lens_site(layer)][vt["sample"], vt["position"]].detach()
@@ -84,3 +85,51 @@ def test_bad_parameters_are_named(adapter):
         EmbeddingLens(k=0)
     with pytest.raises(PlanError, match="matrix must be 'input' or 'output'; got 'middle'"):
         EmbeddingLens(matrix="middle")
+
+
+def test_layer_summary_per_group_from_the_rows():
+    """The layer-by-layer summary (top-1 words, content-word share, agreement with the last layer) per planted group,
+    recomputed from the probe's own token rows and the samples' ground truth."""
+    from collections import Counter
+
+    from embedlens.adapters import load_model
+    from embedlens.synthetic import SyntheticSpec, make_records
+
+    adapter = load_model("tiny:llava-clip")
+    records = make_records(SyntheticSpec(n=3, seed=2, size=64), model=adapter)
+    samples = [r.load(None)[0] for r in records]
+    batch = adapter.encode(samples, padding_side="left")
+    vt = batch.roles.visual_tokens()
+    even = torch.zeros_like(batch.roles.visual)
+    even[vt["sample"], vt["position"]] = vt["position"] % 2 == 0
+    batch.groups = {"even": even, "odd": batch.roles.visual & ~even}
+    lens = EmbeddingLens(k=1, layers=[0, 1, -1])
+    rows = lens.update(adapter, batch, collect(adapter, batch, lens.sites(adapter)))["tokens"]
+    # plant a content word: the first sample's image "has" the word its first token lands on at layer 0
+    plain = lambda t: t.replace("\u2581", " ").replace("\u0120", " ").strip().lower()  # noqa: E731
+    samples[0].meta["word"] = plain(rows["token_1"][0])
+    lens = EmbeddingLens(k=1, layers=[0, 1, -1])
+    rows = lens.update(adapter, batch, collect(adapter, batch, lens.sites(adapter)))["tokens"]
+    summary = lens.result()["layer_summary"]
+    n = adapter.n_llm_layers
+    assert summary["final_layer"] == n and set(summary["groups"]) == {"all", "even", "odd"}
+    m = len(vt["sample"])
+    final = rows["token_1"][2 * m:]
+    for li, layer in enumerate([0, 1, n]):
+        toks = rows["token_1"][li * m:(li + 1) * m]
+        for g in ("all", "even", "odd"):
+            keep = [i for i in range(m) if g == "all" or (rows["position"][i] % 2 == 0) == (g == "even")]
+            want = Counter(toks[i] for i in keep)
+            got = summary["groups"][g][str(layer)]
+            assert got["n_tokens"] == len(keep)
+            assert got["top1"][0]["count"] == max(want.values()) and all(want[e["token"]] == e["count"] for e in got["top1"])
+            assert got["agrees_with_final_layer"] == pytest.approx(sum(toks[i] == final[i] for i in keep) / len(keep))
+            words = []
+            for s in samples:
+                pl = s.meta["patch_labels"]
+                words.append({str(v).lower() for k in ("colour", "shape") for row in pl[k] for v in row if v} | {s.meta["word"].lower()} if s.meta.get("word") else
+                             {str(v).lower() for k in ("colour", "shape") for row in pl[k] for v in row if v})
+            share = sum(plain(toks[i]) in words[rows["sample"][i]] for i in keep) / len(keep)
+            assert got["content_word_share"] == pytest.approx(share)
+    assert summary["groups"]["all"]["0"]["content_word_share"] > 0  # the planted word counts
+    assert summary["groups"]["all"][str(n)]["agrees_with_final_layer"] == 1.0

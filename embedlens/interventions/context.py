@@ -1,0 +1,120 @@
+"""What an intervention is handed: `Context` (one condition on one batch) and `Rows` (one layer's tokens).
+
+Interventions (`embedlens.interventions.base`) read and set these; the engine
+(`embedlens.interventions.engine`) builds them. Both import this module, so
+neither imports the other's module to name them.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from embedlens.interventions.select import Selection, SelectionSpec
+
+if TYPE_CHECKING:
+    from embedlens.adapters.base import Adapter, Batch
+    from embedlens.roles import TokenRoles
+
+
+@dataclass
+class Rows:
+    """The tokens present in one layer: `index[b, r]` is the batch position of
+    row r of sample b; `valid[b, r]` is False for the packing's padding rows."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def pack(cls, present: torch.Tensor, n: int | None = None) -> "Rows":
+        """Pack each sample's `present` tokens (`[batch, seq]` bool) to the left, in sequence order.
+
+        Args:
+            present: the tokens the rows hold.
+            n: the most tokens a sample holds (the packing's width), when the caller knows it (`schedule`);
+                without it, it is read from the device (a host synchronisation).
+        """
+        seq = present.shape[1]
+        pos = torch.arange(seq, device=present.device).expand_as(present)
+        order = torch.where(present, pos, pos + seq).argsort(dim=1)
+        if n is None:
+            n = int(present.sum(dim=1).max().item()) if present.numel() else 0
+        index = order[:, : max(n, 1)]
+        return cls(index=index, valid=present.gather(1, index))
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """`[batch, seq, ...]` -> `[batch, rows, ...]`."""
+        if values.dim() == 2:
+            return values.gather(1, self.index)
+        return values.gather(1, self._expand(values))
+
+    def scatter(self, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Write `rows` (`[batch, rows, d]`) back into `target` (`[batch, seq, d]`) at the valid rows.
+
+        The padding rows write back what `target` holds at their positions (each position is in at most one row
+        of its sample), so no mask of the valid rows is ever read on the host.
+        """
+        idx = self._expand(target)
+        kept = torch.where(self.valid[..., None], rows.to(target.dtype), target.gather(1, idx))
+        return target.scatter(1, idx, kept)
+
+    def _expand(self, values: torch.Tensor) -> torch.Tensor:
+        idx = self.index.reshape(*self.index.shape, *([1] * (values.dim() - 2)))
+        return idx.expand(*self.index.shape, *values.shape[2:])
+
+    def same(self, other: "Rows | None") -> bool:
+        """Whether `other` packs the same tokens (reads both from the device: not for per-layer use)."""
+        return other is not None and torch.equal(self.index, other.index) and torch.equal(self.valid, other.valid)
+
+
+@dataclass
+class Context:
+    """What interventions see and set during one run of one condition on one batch.
+
+    Attributes:
+        enter, exit: `[batch, seq]` long; a token is present in layer l when
+            ``enter <= l < exit``. Interventions raise ``enter`` (injection) or
+            lower ``exit`` (pruning, withdrawal) — never the reverse.
+        attention: last-token attention recorded for requested layers,
+            ``{layer: [batch, heads, seq]}`` over batch positions (0 where absent).
+    """
+
+    adapter: "Adapter"
+    batch: "Batch"
+    condition: str
+    roles: "TokenRoles"
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    blocks: torch.Tensor
+    n_layers: int
+    enter: torch.Tensor
+    exit: torch.Tensor
+    groups: Callable[[str], torch.Tensor] | None = None
+    deepstack: list[torch.Tensor] | None = None  # Qwen3-VL: `[batch, seq, d]` added after decoder layer i (0 off visual positions)
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    attention_requests: set[int] = field(default_factory=set)
+    #: `[batch, seq]` bool, set by the run: tokens whose LLM input an intervention edited (`edit_embeds`).
+    edited: torch.Tensor | None = None
+
+    @functools.cached_property
+    def valid(self) -> torch.Tensor:
+        """`[batch, seq]` bool: not padding (computed once: the engine and interventions read it every layer)."""
+        return ~self.roles.padding
+
+    def select(self, spec: "SelectionSpec | Selection", *, within: torch.Tensor | None = None) -> torch.Tensor:
+        """Evaluate a selection on this batch, optionally restricted to `within`."""
+        mask = Selection.parse(spec).evaluate(self.roles, self.groups)
+        return mask if within is None else mask & within
+
+    def present(self, layer: int) -> torch.Tensor:
+        return (self.enter <= layer) & (layer < self.exit) & self.valid
+
+    def request_last_attention(self, layer: int) -> None:
+        """Ask the engine to record the last prompt token's attention in `layer`."""
+        self.attention_requests.add(layer)
+
+    def sample_ids(self, mask: torch.Tensor) -> list[str]:
+        return [self.batch.samples[int(b)].id for b in mask.nonzero().flatten()]
