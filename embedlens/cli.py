@@ -114,7 +114,14 @@ def run(
     except OSError as e:  # a file system that fails under us (full, read-only): named, with the run's state kept
         from embedlens.files import os_error
 
-        _fail(os_error(e, "write"))
+        _fail(os_error(e, "write", output))
+    except Exception as e:  # under torchrun: a collective whose peer stopped is that peer's error, not a traceback here
+        from embedlens.plan.distributed import peer_failure
+
+        gone = peer_failure(e)
+        if gone is None:
+            raise
+        _fail(gone)
     if not world.main:
         return
     for name, result in results.items():
@@ -281,6 +288,8 @@ def eval_benchmarks(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per engine run (default: the plan's batch_size)."),
     source: Optional[str] = typer.Option(None, "--source", help="Replace the plan model's source (e.g. a real checkpoint)."),
     device: Optional[str] = typer.Option(None, "--device", help="Replace the plan model's device (e.g. cuda)."),
+    resume: bool = typer.Option(False, "--resume", help="The output folder holds a finished eval of the same plan, tasks, conditions and limit: show it, do not evaluate again."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what the output folder holds (an unfinished or finished embedlens run, another eval)."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE: set a plan key for this run (dotted: model.source, batch_size, data.synthetic.n, probes.0.params.layer), checked as the plan; repeatable."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and the BLAS libraries (default: theirs)."),
 ) -> None:
@@ -304,13 +313,13 @@ def eval_benchmarks(
             n = int(limit) if 1 <= limit <= 2**53 and float(limit).is_integer() else limit  # NaN, inf, 1e30 reach the check as given
         result = run_eval(plan, parse_list(tasks, "--tasks"), parse_list(conditions, "--conditions") if conditions is not None else None,
                           limit=n, out_dir=output, batch_size=batch_size, source=source, device=device,
-                          progress=lambda line: typer.echo(f"evaluating {line} ..."), overrides=overrides or ())
+                          progress=typer.echo, resume=resume, overwrite=overwrite, overrides=overrides or ())
     except EmbedLensError as e:
         _fail(e)
     except OSError as e:
         from embedlens.files import os_error
 
-        _fail(os_error(e, "write"))
+        _fail(os_error(e, "write", output))
     from embedlens.report import fmt
 
     for r in result.rows:
@@ -320,7 +329,8 @@ def eval_benchmarks(
     typer.echo(f"wrote {_shown(result.out_dir)}")
     for name, path in result.tables.items():
         typer.echo(f"  table  {name}: {path}")
-    typer.echo(f"  report: {_shown(result.report)}")
+    if result.report is not None:
+        typer.echo(f"  report: {_shown(result.report)}")
 
 
 @app.command("list")

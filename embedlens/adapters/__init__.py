@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel, ProcessorMixin
 
+from embedlens.adapters._remote_code import NO_REMOTE_CODE, refuse_remote_code
 from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText, parse_dtype
 from embedlens.adapters.gemma3 import Gemma3Adapter
 from embedlens.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter, SmolVLMImageProcessor
@@ -153,8 +154,9 @@ def load_model(
     else:
         from transformers import AutoConfig
 
+        refuse_remote_code(source)
         try:
-            config = AutoConfig.from_pretrained(source)
+            config = AutoConfig.from_pretrained(source, **NO_REMOTE_CODE)
         except OSError as e:
             raise AdapterError(f"cannot load a model config from {source!r}: {e}") from None
         cls = adapter_for_architecture(getattr(config, "architectures", None), getattr(config, "model_type", ""))

@@ -47,7 +47,7 @@ from embedlens.plan.checkpoint import RunState
 from embedlens.plan.identity import check_same, run_identity
 from embedlens.files import MARKER
 from embedlens.plan import distributed
-from embedlens.plan.store import CHECKPOINT, Parts, RunLock, _plain, claim, clear_run, offload_dir, remove_offload, remove_shards, shard_dir
+from embedlens.plan.store import CHECKPOINT, Parts, RunLock, _plain, check_parts, claim, clear_run, offload_dir, remove_offload, remove_shards, remove_temp, shard_dir
 from embedlens.sites import Site
 from embedlens.probes.base import Probe, Tensors
 from embedlens.registry import interventions as intervention_registry
@@ -386,7 +386,7 @@ def run(
             distributed.barrier(world)
         return result
     except OSError as e:  # full disk, read-only file system, permissions: an error naming the file, state kept
-        raise os_error(e, "write") from None
+        raise os_error(e, "write", out) from None
 
 
 def claim_run(out: Path, world: "distributed.World", kind: str = "run") -> tuple[Path, Path]:
@@ -396,9 +396,13 @@ def claim_run(out: Path, world: "distributed.World", kind: str = "run") -> tuple
         RunFolderError: see `embedlens.files.claim`.
         DistributedError: a rank does not see the folder rank 0 claimed (it must be on a file system every rank sees).
     """
+    refusal = None
     if world.main:
-        out = claim(out, kind=kind)
-    distributed.barrier(world)
+        try:
+            out = claim(out, kind=kind)
+        except EmbedLensError as e:
+            refusal = e
+    distributed.settle(refusal, world)  # every rank stops with rank 0's refusal
     if world.main:
         return out, out
     if not (Path(out) / MARKER).is_file():
@@ -423,6 +427,7 @@ def _run_locked(prepared: Prepared, out: Path, own: Path, world: "distributed.Wo
     if not world.main:  # rank 0 decides whether to start, resume or stop; the others take its state
         tensors, doc = distributed.unpack(distributed.broadcast(None, world))
         if "error" in doc:
+            _leave_together(own, world)
             raise distributed.DistributedError(f"rank 0 stopped: {doc['error']}")
         if doc.get("done"):
             return RunResult(out_dir=out)
@@ -434,6 +439,7 @@ def _run_locked(prepared: Prepared, out: Path, own: Path, world: "distributed.Wo
         except EmbedLensError as e:
             if world.size > 1:
                 distributed.broadcast(distributed.pack({}, {"error": str(e)}), world)
+                _leave_together(own, world)
             raise
         if state is None:  # resuming a finished run: nothing left to do
             if world.size > 1:
@@ -545,6 +551,22 @@ def _run_locked(prepared: Prepared, out: Path, own: Path, world: "distributed.Wo
         EXTRA_FORMATS.reset(token)
 
 
+def _leave_together(own: Path, world: "distributed.World") -> None:
+    """Every rank stops with rank 0's refusal: each other rank first removes its own folder when this run wrote
+    nothing there but its marker and lock (``ranks/rank-N``; parts of an earlier run stay), then all meet, then
+    rank 0 removes ``ranks/`` if it is empty, so a refused run leaves the folder as it found it."""
+    from embedlens.plan.store import RANKS, release_shard
+
+    if not world.main:
+        release_shard(own)
+    distributed.barrier(world)
+    if world.main:
+        try:
+            (own / RANKS).rmdir()
+        except OSError:
+            pass  # not empty (an earlier run's parts), or not there
+
+
 def _state_payload(state: RunState, doc: dict) -> bytes:
     raw = ckpt.encode(state)
     return distributed.pack({"state": torch.frombuffer(bytearray(raw), dtype=torch.uint8)}, doc)
@@ -565,22 +587,38 @@ def _start_state(prepared: Prepared, out: Path, h: str, identity: dict, n_batche
         )
     state: RunState | None = None
     if unfinished and resume:  # the only place a checkpoint is read
-        doc, tensors = ckpt.read_document(out)
-        if doc.get("plan_hash") != h:
-            raise EmbedLensError(
-                f"{out}: the unfinished run there is of a different plan (hash {doc.get('plan_hash')}, this plan {h}); "
-                "resume with the same plan, or start again with --overwrite"
-            )
-        check_same(doc.get("identity") or {}, identity, out)
-        state = ckpt.load_into(doc, tensors, prepared.probes, prepared.partition, prepared.conditions, out / CHECKPOINT)
-        if state.n_batches != n_batches:
-            raise EmbedLensError(f"{out}: the unfinished run has {state.n_batches} batches, this plan {n_batches}; start again with --overwrite")
+        state = _resume_state(prepared, out, h, identity, n_batches)
+        remove_temp(out)  # what a kill left half-written (``.NAME.PID.tmp``): rewritten from the state
         return state, state.next_batch
     done = finished_result(out) if resume and not overwrite else None
     if done is not None:
+        remove_temp(out)
         return None, done
     clear_run(out)
     return RunState(h, identity, 0, n_batches, False, prepared.probes, prepared.partition, prepared.conditions), None
+
+
+def _resume_state(prepared: Prepared, out: Path, h: str, identity: dict, n_batches: int) -> RunState:
+    """The unfinished run's state, every restored value and part file checked before use (`embedlens.plan.checkpoint`).
+
+    Raises:
+        CheckpointError: ``cannot resume: FILE what is wrong; start again with --overwrite``.
+        EmbedLensError: the run there is of another plan, or its inputs changed.
+    """
+    doc, tensors = ckpt.read_document(out)
+    if doc.get("plan_hash") != h:
+        raise EmbedLensError(
+            f"{out}: the unfinished run there is of a different plan (hash {str(doc.get('plan_hash'))[:40]}, this plan {h}); "
+            "resume with the same plan, or start again with --overwrite"
+        )
+    ckpt.check_document(doc, out / CHECKPOINT, n_batches)
+    try:
+        check_same(doc.get("identity") or {}, identity, out)
+    except (AttributeError, TypeError) as e:  # a list or a number where embedlens writes a mapping
+        raise ckpt.damaged(out / CHECKPOINT, f"identity is not of the kind embedlens writes ({type(e).__name__}: {e})") from None
+    state = ckpt.load_into(doc, tensors, prepared.probes, prepared.partition, prepared.conditions, out / CHECKPOINT, n_batches)
+    check_parts(out, state.next_batch)
+    return state
 
 
 def _main_pass(prepared, state, chunks, parts, engine, sites, load_chunk, checkpoint, progress) -> None:
@@ -728,7 +766,8 @@ def _emit(parts: Parts, label: str, name: str, rows: Any, index: int, n_probes: 
 
 #: Test hook: ``EMBEDLENS_KILL_AT=PHASE`` makes the runner SIGKILL itself at that point of the finish, so tests
 #: can check that every state a kill leaves on disk resumes to the same bytes. Phases, in order: see `_PHASES`.
-#: In a data-parallel run, ``rankR_batchB`` kills rank R once it has written its parts of batch B, before rank 0 folds it.
+#: In a data-parallel run, ``rankR_batchB`` kills rank R once it has written its parts of batch B, before rank 0 folds it;
+#: ``write:NAME`` kills the process inside `embedlens.files.write_bytes`, with NAME's temporary file written, not yet renamed.
 KILL_ENV = "EMBEDLENS_KILL_AT"
 _PHASES = ("after_gather", "after_figures", "after_summary", "after_report", "after_manifest", "after_checkpoint")
 
@@ -945,5 +984,5 @@ def run_all(
 
             compare_runs([out / n for n in names], out / "compare", names=names)
     except OSError as e:
-        raise os_error(e, "write") from None
+        raise os_error(e, "write", out) from None
     return results
