@@ -113,6 +113,22 @@ def _passes_window(attention_class: type) -> bool:
         return True
 
 
+def check_layer_types(cfg, name: str, types: Sequence[str] = ()) -> None:
+    """Refuse a model whose config (or `types`, the modules' own) names a layer type the engine cannot mask.
+
+    Called before each layer's attention module is looked up: a hybrid model's linear-attention layers have none.
+
+    Raises:
+        AdapterError: a layer type other than full and sliding attention (chunked or linear attention).
+    """
+    bad = sorted((set(types) | set(getattr(cfg, "layer_types", None) or ())) - set(LAYER_TYPES))
+    if bad:
+        raise AdapterError(
+            f"{name}: config.layer_types has {', '.join(map(repr, bad))}; the intervention engine masks "
+            f"{' and '.join(LAYER_TYPES)} layers only"
+        )
+
+
 def layer_windows(cfg, attention: Sequence[torch.nn.Module], name: str) -> tuple[list[str], list[int | None]]:
     """Each decoder layer's type and sliding window (None: full attention), read as the model reads them.
 
@@ -132,16 +148,14 @@ def layer_windows(cfg, attention: Sequence[torch.nn.Module], name: str) -> tuple
     windows = [attention_window(attn, cfg) for attn in attention]
     types = [getattr(attn, "layer_type", None) or ("sliding_attention" if w is not None else "full_attention")
              for attn, w in zip(attention, windows)]
-    bad = sorted((set(types) | set(getattr(cfg, "layer_types", None) or ())) - set(LAYER_TYPES))
-    if bad:
-        raise AdapterError(
-            f"{name}: config.layer_types has {', '.join(map(repr, bad))}; the intervention engine masks "
-            f"{' and '.join(LAYER_TYPES)} layers only"
-        )
-    for t, w in zip(types, windows):
+    check_layer_types(cfg, name, types)
+    for i, (attn, t, w) in enumerate(zip(attention, types, windows)):
         if (t == "sliding_attention") != (w is not None) or (w is not None and not (isinstance(w, int) and w > 0)):
-            raise AdapterError(f"{name}: config.layer_types has sliding_attention layers but config.sliding_window is "
-                               f"{getattr(cfg, 'sliding_window', None)!r}; expected a positive int")
+            own = vars(attn).get("sliding_window", "unset")
+            raise AdapterError(
+                f"{name}: decoder layer {i} ({type(attn).__name__}, layer type {t!r}) has window {w!r} (its own "
+                f"sliding_window: {own!r}, config.sliding_window: {getattr(cfg, 'sliding_window', None)!r}); expected "
+                f"a positive int window on sliding_attention layers and none on full_attention layers")
     return types, windows
 
 

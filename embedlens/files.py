@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,14 @@ def is_safe_name(name: str, pattern: re.Pattern = FILE_NAME) -> bool:
     return isinstance(name, str) and bool(pattern.match(name)) and name not in (".", "..")
 
 
-def os_error(e: OSError, doing: str) -> RunFolderError:
-    """An `OSError` as a message naming the file and what to do (full disk, read-only, permissions)."""
-    where = e.filename or "?"
+def os_error(e: OSError, doing: str, path: str | Path | None = None) -> RunFolderError:
+    """An `OSError` as a message naming the file and what to do (full disk, read-only, permissions).
+
+    Args:
+        path: the file (or folder) being written, named when the error carries no file name (a ``write`` or
+            ``fsync`` that fails on a full disk names none).
+    """
+    where = e.filename or (str(path) if path is not None and str(path) else None) or "the output folder"
     if e.errno == errno.ENOSPC:
         hint = "the disk is full; free space and continue with --resume"
     elif e.errno == errno.EROFS:
@@ -104,19 +110,20 @@ def write_bytes(path: Path, data: bytes) -> None:
         os.unlink(tmp)  # a leftover of this pid's earlier, killed incarnation: ours (dotted .tmp name)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     except OSError as e:
-        raise os_error(e, "write") from None
+        raise os_error(e, "write", path) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        sys.audit("embedlens.files.write", path.name)  # the temporary file is written, not yet renamed (the kill tests stop here)
         os.replace(tmp, path)
     except OSError as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise os_error(e, "write") from None
+        raise os_error(e, "write", path) from None
 
 
 def _finite(obj: Any) -> Any:
@@ -268,11 +275,14 @@ def claim(out: str | Path, kind: str = "run") -> Path:
         _read_marker(marker)
         return path
     except OSError as e:
-        raise os_error(e, "write the run marker") from None
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(body)
-        fh.flush()
-        os.fsync(fh.fileno())
+        raise os_error(e, "write the run marker", marker) from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        raise os_error(e, "write the run marker", marker) from None
     return path
 
 

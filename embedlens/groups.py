@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, ClassVar, Iterable
 
 import torch
 
@@ -30,7 +30,7 @@ from embedlens.anchors import AnchorRule, Discoverer, discovery_warnings
 from embedlens.errors import InterventionError, ParameterError
 from embedlens.signals import massive_token_flags, similarity_entropy, vit_norm_token_flags
 from embedlens.sites import Site
-from embedlens.state import Stateful
+from embedlens.state import Stateful, check_state, restore
 from embedlens.vocab import visual_nearest
 
 if TYPE_CHECKING:
@@ -61,6 +61,10 @@ class PartitionState:
     discovery_counts: dict[str, int] = field(default_factory=dict)
     tally: dict[str, dict[str, int]] = field(default_factory=dict)
     decoded: dict[int, str] = field(default_factory=dict)
+
+    #: every field is state, none a plan parameter (`embedlens.state.check_state` compares those with the plan)
+    fitted_params: ClassVar[tuple[str, ...]] = ("last_overlap", "last_rules", "discovered", "evidence", "discovery_notes",
+                                                "discovery_counts", "tally", "decoded")
 
 
 @dataclass
@@ -412,6 +416,21 @@ class Partition(Stateful):
     def state_dict(self) -> dict:
         params = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "streaming"}
         return {**params, **vars(self.streaming)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The parameters checked and set as any plugin's; the streaming keys checked against and set on `streaming`.
+
+        Raises:
+            CheckpointError: naming the attribute and what is wrong with its saved value.
+        """
+        streamed = {f.name for f in fields(PartitionState)}
+        if not isinstance(state, dict):
+            return super().load_state_dict(state)  # refused there, with what the file holds
+        super().load_state_dict({k: v for k, v in state.items() if k not in streamed})
+        mine = {k: v for k, v in state.items() if k in streamed}
+        check_state(self.streaming, mine, type(self).__name__)
+        for key, value in mine.items():
+            setattr(self.streaming, key, restore(getattr(self.streaming, key), value, f"{type(self).__name__}.{key}"))
 
 
 def _streamed(name: str) -> property:

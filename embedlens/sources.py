@@ -47,8 +47,11 @@ class HubSource(Source):
         else:
             from transformers import AutoConfig
 
+            from embedlens.adapters._remote_code import NO_REMOTE_CODE, refuse_remote_code
+
+            refuse_remote_code(name)
             try:
-                config = AutoConfig.from_pretrained(name)
+                config = AutoConfig.from_pretrained(name, **NO_REMOTE_CODE)
             except OSError as e:
                 raise AdapterError(f"cannot load a model config from {name!r}: {e}") from None
             cls = adapter_for_architecture(getattr(config, "architectures", None), getattr(config, "model_type", ""))

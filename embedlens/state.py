@@ -23,11 +23,16 @@ Example:
     >>> class Counter(Stateful):
     ...     def __init__(self):
     ...         self.n, self.total = 0, torch.zeros(2)
-    >>> c = Counter(); c.n, c.total = 3, torch.tensor([0.1, float("nan")])
+    >>> c = Counter(); c.n, c.total = 3, torch.tensor([0.1, -2.5])
     >>> meta, tensors = encode_state(c, "probe 'counter'")
     >>> fresh = Counter(); decode_state(fresh, meta, tensors, "probe 'counter'")
-    >>> fresh.n, bool(torch.equal(fresh.total[:1], c.total[:1])), bool(fresh.total[1].isnan())
-    (3, True, True)
+    >>> fresh.n, bool(torch.equal(fresh.total, c.total))
+    (3, True)
+    >>> meta["state"]["total"]["$tensor"] = "t1"; tensors["t1"] = torch.zeros(3)  # a checkpoint someone edited
+    >>> decode_state(Counter(), meta, tensors, "probe 'counter'")
+    Traceback (most recent call last):
+    ...
+    embedlens.state.CheckpointError: Counter.total: the checkpoint holds a torch.float32 tensor of shape [3]; expected a torch.float32 tensor of shape [2]
 """
 
 from __future__ import annotations
@@ -84,12 +89,21 @@ class Stateful:
         """The running state as plain data (tensors allowed); checked when it is encoded."""
         return dict(vars(self))
 
+    #: Constructor parameters that a fit may change (e.g. a partition's discovered ``anchors``); every other
+    #: parameter saved in a checkpoint must equal the value the plan gives the freshly built instance.
+    fitted_params: tuple[str, ...] = ()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Set the state back on an instance built from the same parameters.
 
-        Nested objects (values that are `_Nested`) are loaded into the objects
-        this instance already holds, never created from the file.
+        The saved state is checked against this instance first (`check_state`): attribute names, the
+        plan's parameters, kinds, dtypes, shapes and finiteness. Nested objects (values that are
+        `_Nested`) are loaded into the objects this instance already holds, never created from the file.
+
+        Raises:
+            CheckpointError: naming the attribute and what is wrong with its saved value.
         """
+        check_state(self, state, type(self).__name__)
         for key, value in state.items():
             setattr(self, key, restore(getattr(self, key, None), value, f"{type(self).__name__}.{key}"))
 
@@ -195,19 +209,26 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
                 return {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}[value["$float"]]
             if tag == "$tensor":
                 t = tensors[value["$tensor"]]
-                dev = str(value.get("device", "cpu"))
+                dev = _device(value.get("device", "cpu"), where)
                 if dev != "cpu":
                     try:
                         t = t.to(dev)
                     except (RuntimeError, AssertionError):
                         pass  # resumed on a machine without that device: the caller's model device decides later
+                if t.is_floating_point() and bool(t.isnan().any()):
+                    raise CheckpointError(f"{where}: a saved {t.dtype} tensor of shape {list(t.shape)} holds NaN; a run's "
+                                          "state holds numbers (a NaN would spread to every later result)")
                 return t.requires_grad_(True) if value.get("grad") and t.is_floating_point() else t
             if tag == "$ndarray":
                 arr = tensors[value["$ndarray"]].numpy()
                 return arr[()] if value.get("scalar") else arr
             if tag == "$generator":
-                g = torch.Generator(device=str(value.get("device", "cpu")))
-                g.set_state(tensors[value["$generator"]])
+                g = torch.Generator(device=_device(value.get("device", "cpu"), where))
+                state = tensors[value["$generator"]]
+                if state.dtype != torch.uint8 or state.dim() != 1:
+                    raise CheckpointError(f"{where}: a random generator's state is a 1-d uint8 tensor; the checkpoint holds "
+                                          f"{state.dtype} of shape {list(state.shape)}")
+                g.set_state(state)
                 return g
             if tag == "$tuple":
                 return tuple(_decode(v, tensors, where) for v in value["$tuple"])
@@ -323,3 +344,161 @@ def decode_state(obj: Any, encoded: Any, tensors: dict[str, torch.Tensor], owner
     if not isinstance(value, _Nested):
         raise CheckpointError(f"{owner}: the checkpoint holds no object state here")
     restore(obj, value, owner)
+
+
+# -- checking what a checkpoint restores -------------------------------------------------------------------
+#: How deep a checkpoint's JSON may nest (`encode_state` writes at most 64 attribute levels, a few JSON levels each).
+MAX_JSON_DEPTH = 256
+
+
+def json_depth(text: str) -> int:
+    """The nesting depth of JSON `text`, counted without parsing it (a 100,000-deep document must not recurse).
+
+    Example:
+        >>> json_depth('{"a": [1, {"b": "[[["}]}')
+        3
+    """
+    import re
+
+    depth = deepest = 0
+    for ch in re.sub(r'[^\[\]{}]', "", re.sub(r'"(?:[^"\\]|\\.)*"', "", text)):  # strings hold no structure
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _device(value: Any, where: str) -> str:
+    """A device a restored tensor may go to: cpu, cuda[:N] or mps (never ``meta``, which holds no values)."""
+    import torch
+
+    try:
+        dev = torch.device(str(value))
+    except (RuntimeError, ValueError, TypeError):
+        raise CheckpointError(f"{where}: {value!r} is not a device") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise CheckpointError(f"{where}: a tensor saved on device {str(value)!r}; a checkpoint's tensors live on cpu, cuda or mps")
+    return str(dev)
+
+
+def _params(obj: Any) -> list[str]:
+    """The names `type(obj)`'s constructor takes (the plugin's parameters)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(type(obj))
+    except (TypeError, ValueError):
+        return []
+    return [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _kind(v: Any) -> str:
+    import numpy as np
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        return "tensor"
+    if isinstance(v, np.ndarray):
+        return "array"
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return "number"
+    if isinstance(v, _Nested):
+        return "object"
+    for t, name in ((str, "str"), (list, "list"), (tuple, "tuple"), (dict, "dict"), ((set, frozenset), "set"), (torch.Generator, "generator")):
+        if isinstance(v, t):
+            return name
+    return "object"
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values of the same kind (tensors by dtype, shape and bits; NaN equals NaN)."""
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+                and bool(torch.equal(a.detach().cpu(), b.detach().cpu())))
+    if _kind(a) != _kind(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects without a plain equality are compared by their own load_state_dict
+        return True
+
+
+def _show(v: Any) -> str:
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        return f"a {v.dtype} tensor of shape {list(v.shape)}"
+    if isinstance(v, _Nested):
+        return f"the state of a {v.cls}"
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _behaviour(cls: type, key: str) -> bool:
+    """`cls` defines `key` as behaviour: a method, property or other descriptor, a nested class, a callable
+    (a plain class-level default such as ``_chosen = None`` is data, which an instance may set)."""
+    import inspect
+
+    try:
+        attr = inspect.getattr_static(cls, key)
+    except AttributeError:
+        return False
+    return callable(attr) or hasattr(type(attr), "__get__")
+
+
+def check_state(obj: Any, state: Any, where: str) -> None:
+    """Check a restored state against `obj`, a fresh instance built from the plan, before anything is set.
+
+    - the state is a mapping of attribute names: identifiers, no dunder names, none that would replace a
+      method, property or other behaviour of `obj`'s class (``result``, ``update``, ``needs_fit``);
+    - a constructor parameter (one the plan sets) equals the plan's value, unless the class lists it in
+      ``fitted_params``;
+    - an attribute the fresh instance already holds (not None) keeps its kind (a tensor stays a tensor, a
+      number a number, a list a list ...); a non-empty tensor (a fixed-size accumulator) keeps its dtype and
+      shape, and stays finite when it is finite fresh.
+
+    Raises:
+        CheckpointError: ``WHERE.ATTRIBUTE: what the checkpoint holds, what was expected``.
+    """
+    import dataclasses
+    import inspect
+
+    import torch
+
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: the saved state is {_kind(state)} {_show(state)}; expected a mapping of attribute names")
+    own = vars(obj) if hasattr(obj, "__dict__") else {}
+    fields = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
+    params = set(_params(obj)) - set(getattr(type(obj), "fitted_params", ()))
+    for key, value in state.items():
+        if not isinstance(key, str) or not key.isidentifier() or key.startswith("__"):
+            raise CheckpointError(f"{where}: the saved state names attribute {key!r}, which is not an attribute name a plugin keeps")
+        if key not in own and key not in fields and _behaviour(type(obj), key):
+            what = type(inspect.getattr_static(type(obj), key)).__name__
+            raise CheckpointError(f"{where}: the saved state sets {key!r}, which would replace the {what} {type(obj).__name__}.{key}")
+        if key not in own:
+            continue  # made while the plugin ran (lazily): nothing fresh to compare with
+        fresh = own[key]
+        if key in params and not _has_nested(value) and not _same(fresh, value):
+            raise CheckpointError(f"{where}.{key}: the checkpoint holds {_show(value)}; the plan gives {_show(fresh)}")
+        if fresh is None or isinstance(value, _Nested) or _has_nested(value):
+            continue
+        if _kind(value) != _kind(fresh):
+            raise CheckpointError(f"{where}.{key}: the checkpoint holds {_kind(value)} {_show(value)}; a {type(obj).__name__} keeps {_kind(fresh)} here")
+        if isinstance(fresh, torch.Tensor) and fresh.numel():  # an empty one is a placeholder: it says nothing of what follows
+            if value.dtype != fresh.dtype or value.shape != fresh.shape:
+                raise CheckpointError(f"{where}.{key}: the checkpoint holds {_show(value)}; expected a {fresh.dtype} tensor of shape {list(fresh.shape)}")
+            if value.is_floating_point() and bool(torch.isfinite(fresh).all()) and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"{where}.{key}: the checkpoint holds NaN or infinite values where a run keeps finite ones")

@@ -99,3 +99,47 @@ def test_a_layer_type_the_engine_cannot_mask_is_refused_by_name():
     cfg.layer_types = ["full_attention", "chunked_attention"]
     with pytest.raises(AdapterError, match="'chunked_attention'.*masks full_attention and sliding_attention layers only"):
         layer_windows(cfg, [LlamaAttention(cfg, i) for i in range(2)], "t")
+
+
+def test_a_window_that_does_not_fit_its_layer_type_names_the_layer_and_its_values():
+    """A sliding layer whose module applies no window is named by its index, class and both values, not blamed on
+    config.sliding_window alone (which is fine here)."""
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
+    from embedlens.errors import AdapterError
+
+    qwen = Qwen2Config(sliding_window=7, use_sliding_window=True, max_window_layers=1, hidden_size=16,
+                       num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=3)
+    attention = [Qwen2Attention(qwen, i) for i in range(3)]
+    attention[2].sliding_window = 0
+    with pytest.raises(AdapterError, match=r"decoder layer 2 \(Qwen2Attention, layer type 'sliding_attention'\) has window 0 "
+                                           r"\(its own sliding_window: 0, config.sliding_window: 7\)"):
+        layer_windows(qwen, attention, "t")
+
+
+def test_a_hybrid_models_linear_attention_layers_are_refused_by_type_before_any_module_lookup():
+    """Qwen3-Next's linear-attention layers have no ``self_attn``: the engine and the attention-flow reader refuse
+    the layer type by name instead of reporting a missing module."""
+    from types import SimpleNamespace
+
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    from embedlens.errors import AdapterError
+    from embedlens.probes.attention_flow import llm_attention_rows
+
+    cfg = Qwen3NextConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_hidden_layers=2,
+                          layer_types=["linear_attention", "full_attention"], intermediate_size=16, vocab_size=32,
+                          num_experts=2, num_experts_per_tok=1, moe_intermediate_size=8, shared_expert_intermediate_size=8,
+                          linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=4, linear_value_head_dim=4,
+                          attn_implementation="sdpa")
+    model = Qwen3NextForCausalLM(cfg)
+    assert not hasattr(model.model.layers[0], "self_attn")
+    paths = SimpleNamespace(language_model="model", llm_layers="model.layers", llm_norm="model.norm", unembed="lm_head",
+                            attn="self_attn", attn_norm="input_layernorm")
+    adapter = SimpleNamespace(model=model, paths=paths, name="qwen3-next")
+    refusal = "qwen3-next: config.layer_types has 'linear_attention'; the intervention engine masks full_attention and sliding_attention"
+    with pytest.raises(AdapterError, match=refusal):
+        Engine(adapter)
+    with pytest.raises(AdapterError, match=refusal):
+        llm_attention_rows(adapter, None, 1, None, None)

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoProcessor, BatchFeature, PreTrainedModel, ProcessorMixin
 
 from embedlens.data import Sample
+from embedlens.adapters._remote_code import NO_REMOTE_CODE, refuse_remote_code
 from embedlens.adapters.loading import DTYPES, check_weights_fit, parse_dtype  # noqa: F401 - DTYPES, parse_dtype: importable from here as before
 from embedlens.adapters.placement import Placement, loading_kwargs, module_device, weight
 from embedlens.adapters.role_map import PromptText, build_roles, mark_spans
@@ -154,6 +155,7 @@ class Adapter(ABC):
             placement: a device map, memory limits, quantisation (`embedlens.adapters.placement`).
             remote: build a weightless skeleton and run traces on NDIF (`embedlens.adapters.remote`).
         """
+        refuse_remote_code(path)
         if remote:
             from embedlens.adapters.remote import load_skeleton
 
@@ -165,7 +167,7 @@ class Adapter(ABC):
             kwargs["attn_implementation"] = attn_implementation
         label = f"adapter {cls.registered_name or cls.__name__!r} ({cls.model_class.__name__})"
         try:
-            model, info = cls.model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+            model, info = cls.model_class.from_pretrained(path, output_loading_info=True, **kwargs, **NO_REMOTE_CODE)
         except Exception as e:  # noqa: BLE001 - a checkpoint of another family fails in arbitrary ways
             raise AdapterError(f"{label} cannot load {str(path)!r}: {type(e).__name__}: {e}") from None
         check_weights_fit(label, str(path), model, info)
@@ -178,19 +180,19 @@ class Adapter(ABC):
         """The checkpoint's processor; for a family with `image_only_processor`, that class when the stock one
         cannot be built (its video processor needs torchvision) or degrades to a bare tokenizer."""
         if cls.image_only_processor is None:
-            return AutoProcessor.from_pretrained(path)
+            return AutoProcessor.from_pretrained(path, **NO_REMOTE_CODE)
         try:
-            processor = AutoProcessor.from_pretrained(path)
+            processor = AutoProcessor.from_pretrained(path, **NO_REMOTE_CODE)
         except Exception:  # noqa: BLE001 - any failure here has the same remedy
             processor = None
         if hasattr(processor, "image_processor"):
             return processor
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        extra = cls.image_only_processor.get_processor_dict(path)[0]
+        extra = cls.image_only_processor.get_processor_dict(path, **NO_REMOTE_CODE)[0]
         return cls.image_only_processor(
-            image_processor=AutoImageProcessor.from_pretrained(path),
-            tokenizer=AutoTokenizer.from_pretrained(path),
+            image_processor=AutoImageProcessor.from_pretrained(path, **NO_REMOTE_CODE),
+            tokenizer=AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE),
             **{k: v for k, v in extra.items() if k in cls.image_only_keys},
         )
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
+from embedlens.adapters._remote_code import NO_REMOTE_CODE
 from embedlens.errors import AdapterError
 
 
@@ -44,7 +45,7 @@ def load_skeleton(model_class, path: str, dtype: torch.dtype):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **NO_REMOTE_CODE)
     except OSError as e:
         raise AdapterError(f"cannot load a model config from {path!r}: {e}") from None
     with torch.device("meta"):

@@ -3,7 +3,8 @@ and the engine that applies them."""
 
 from embedlens.interventions.base import Intervention
 from embedlens.attention import attention_rows
-from embedlens.interventions.engine import Context, Engine, Outcome, RowCache, Rows
+from embedlens.interventions.context import Context, Rows
+from embedlens.interventions.engine import Engine, Outcome, RowCache
 from embedlens.interventions.select import Selection
 from embedlens.interventions import ablate, layers, prune  # noqa: F401, E402 - registers the built-ins
 

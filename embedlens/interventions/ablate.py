@@ -8,7 +8,7 @@ import torch
 
 from embedlens.errors import InterventionError
 from embedlens.interventions.base import IfEmpty, Intervention, parse_selection, require_nonempty
-from embedlens.interventions.engine import Context, Rows
+from embedlens.interventions.context import Context, Rows
 from embedlens.interventions.select import SelectionSpec
 from embedlens.registry import interventions
 from embedlens.sites import Site

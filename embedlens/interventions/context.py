@@ -65,10 +65,6 @@ class Rows:
         idx = self.index.reshape(*self.index.shape, *([1] * (values.dim() - 2)))
         return idx.expand(*self.index.shape, *values.shape[2:])
 
-    def same(self, other: "Rows | None") -> bool:
-        """Whether `other` packs the same tokens (reads both from the device: not for per-layer use)."""
-        return other is not None and torch.equal(self.index, other.index) and torch.equal(self.valid, other.valid)
-
 
 @dataclass
 class Context:

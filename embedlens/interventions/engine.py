@@ -58,7 +58,7 @@ import torch
 
 from embedlens.adapters.base import resolve_path
 from embedlens.adapters.placement import module_device
-from embedlens.attention import attention_rows, layer_windows, rotary_embeddings
+from embedlens.attention import attention_rows, check_layer_types, layer_windows, rotary_embeddings
 from embedlens.errors import AdapterError, EmbedLensError, InterventionError
 from embedlens.interventions.context import Context, Rows
 from embedlens.interventions.layout import Layout, gather_counts, layer_positions, schedule
@@ -325,6 +325,7 @@ class Engine:
                 f"(they pass their own masks); the model runs {impl!r}. Load it with attn_implementation='sdpa'"
             )
         self.eager = impl == "eager"
+        check_layer_types(cfg, adapter.name)  # before the lookup: a linear-attention layer has no attention module
         self.layer_types, self.windows = layer_windows(cfg, [resolve_path(layer, adapter.paths.attn) for layer in self.layers], adapter.name)
         self.cache_kwarg = cache_kwarg(self.layers[0]) if self.layers else "past_key_values"
         self._layer_devices: list[torch.device] | None = None

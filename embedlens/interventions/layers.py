@@ -10,7 +10,7 @@ from typing_extensions import TypedDict
 
 from embedlens.errors import InterventionError
 from embedlens.interventions.base import IfEmpty, Intervention, check_layer, parse_selection, require_nonempty
-from embedlens.interventions.engine import Context
+from embedlens.interventions.context import Context
 from embedlens.interventions.select import SelectionSpec
 from embedlens.registry import interventions
 

@@ -9,7 +9,7 @@ import torch
 
 from embedlens.errors import InterventionError
 from embedlens.interventions.base import IfEmpty, Intervention, parse_selection, require_nonempty
-from embedlens.interventions.engine import Context
+from embedlens.interventions.context import Context
 from embedlens.interventions.select import SelectionSpec
 from embedlens.registry import interventions
 

@@ -104,6 +104,9 @@ def run_eval(
     source: str | None = None,
     device: str | None = None,
     progress: Callable[[str], None] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    overrides: Sequence[str] = (),
 ) -> EvalResult:
     """Evaluate the plan's conditions on lmms-eval tasks and write the table, chart and report.
 
@@ -117,7 +120,14 @@ def run_eval(
         batch_size: prompts per engine run (default: the plan's).
         source: replaces the plan model's source.
         device: replaces the plan model's device (e.g. ``cuda``).
-        progress: called with a line of text as each condition starts.
+        progress: called with a line of text for the console as each condition starts (and once with where data sets are cached).
+        resume: `out_dir` holds a finished eval of the same plan, tasks, conditions and limit: return it as it is.
+        overwrite: replace what `out_dir` holds (an unfinished or finished `embedlens run`, another eval).
+        overrides: ``KEY=VALUE`` plan keys set before validation (``--set``), recorded in the manifest.
+
+    The run folder follows `embedlens run`'s rules (`eval_folder`): an unfinished run, a finished run's
+    results and a multi-model run are never deleted without `overwrite`; an earlier eval in the folder is
+    replaced, as a second `run` replaces the first.
 
     Raises:
         BenchmarkError: bad tasks, conditions or limit; PlanError: the plan; RunFolderError: the folder.
@@ -128,9 +138,8 @@ def run_eval(
     _check_limit(limit)
     from embedlens.plan import load_plan
 
-    loaded = load_plan(plan)  # the plan's own errors before anything heavy
-    out = Path(out_dir) if out_dir is not None else default_output(str(loaded.output_dir))
-    check_output(out)
+    loaded = load_plan(plan, overrides=tuple(overrides))  # the plan's own errors before anything heavy
+    out = check_output(out_dir if out_dir is not None else default_output(str(loaded.output_dir)))  # '' is refused, not '.'
     wanted = parse_list(list(conditions), "--conditions") if conditions is not None else None
     if wanted is not None:
         known = [*loaded.plan.conditions, "baseline", "none"]
@@ -144,9 +153,107 @@ def run_eval(
     claim(out, kind="eval")
     try:
         with RunLock(out):
-            return _run_locked(str(plan), tasks, wanted, limit, out, batch_size, source, device, task_manager, progress)
+            done = eval_folder(out, str(plan), tasks, wanted, limit, resume, overwrite, overrides=loaded.overrides)
+            if done is not None:
+                return done
+            return _run_locked(str(plan), tasks, wanted, limit, out, batch_size, source, device, task_manager, progress,
+                               tuple(overrides))
     except OSError as e:
-        raise os_error(e, "write") from None
+        raise os_error(e, "write", out) from None
+
+
+def _read_json(out: Path, name: str) -> Any:
+    from embedlens.files import contained
+
+    path = contained(out, name)
+    if path is None or path.stat().st_size > 64 << 20:
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError, OSError):
+        return None
+
+
+def eval_folder(out: Path, plan: str, tasks: Sequence[str], conditions: Sequence[str], limit, resume: bool,
+                overwrite: bool, overrides: dict | None = None) -> EvalResult | None:
+    """Decide what an eval may do with its claimed, locked folder, by `embedlens run`'s rules.
+
+    - an unfinished `embedlens run` (``checkpoint.safetensors``): refused unless `overwrite` (eval cannot
+      resume it: that is ``embedlens run --resume``);
+    - a finished `embedlens run` (its manifest and tables), or a multi-model run: refused unless `overwrite`;
+    - a finished eval: with `resume`, returned as it is when it is of the same plan, tasks, conditions and
+      limit (refused when not); otherwise replaced, as `run` replaces an earlier run of its folder.
+
+    Returns:
+        The finished eval to return, or None to evaluate (the folder cleared of earlier results).
+
+    Raises:
+        RunFolderError: naming the folder, what it holds and the flag that would allow it.
+    """
+    from embedlens.files import MARKER, RunFolderError, _read_marker
+    from embedlens.plan.store import CHECKPOINT, clear_run
+
+    if resume and overwrite:
+        raise RunFolderError("--resume and --overwrite: give one (continue what the folder holds, or replace it)")
+    manifest = _read_json(out, "manifest.json")
+    manifest = manifest if isinstance(manifest, dict) else None
+    marker = _read_marker(out / MARKER) or {}
+    if overwrite:
+        clear_run(out)
+        return None
+    if (out / CHECKPOINT).is_file() or (out / CHECKPOINT).is_symlink():
+        raise RunFolderError(
+            f"{out} holds an unfinished `embedlens run` ({CHECKPOINT} and its parts); eval leaves it alone: continue it with "
+            f"`embedlens run PLAN --output {out} --resume`, give eval another --output, or discard the run with --overwrite")
+    if manifest is not None and manifest.get("kind") != "eval" or marker.get("kind") == "runs":
+        what = "a multi-model run" if marker.get("kind") == "runs" else "the results of an `embedlens run` (manifest.json and its tables)"
+        raise RunFolderError(f"{out} holds {what}; eval would delete them: give eval another --output (default: the plan's "
+                             "output.dir + _eval), or replace them with --overwrite")
+    if manifest is not None and resume:
+        want = {"plan": plan, "tasks": list(tasks), "conditions": list(conditions), "limit": limit}
+        differ = [f"{k} {manifest.get(k)!r} (now {v!r})" for k, v in want.items() if manifest.get(k) != v]
+        if (manifest.get("overrides") or {}) != (overrides or {}):  # --set: another plan
+            differ.append(f"overrides {manifest.get('overrides') or {}!r} (now {overrides or {}!r})")
+        if differ:
+            raise RunFolderError(f"{out}: the finished eval there has {', '.join(differ)}; --resume returns an eval of the same "
+                                 "plan, tasks, conditions and limit: replace it with --overwrite, or give another --output")
+        return _finished(out, manifest)
+    clear_run(out)
+    return None
+
+
+def _finished(out: Path, manifest: dict) -> EvalResult:
+    """The finished eval in `out`, read back from its summary and manifest."""
+    from embedlens.files import contained
+
+    summary = _read_json(out, "summary.json")
+    bench = summary.get("benchmarks") if isinstance(summary, dict) else None
+    rows = bench.get("rows") if isinstance(bench, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        from embedlens.files import RunFolderError
+
+        raise RunFolderError(f"{out / 'summary.json'}: not the summary of a finished eval; start again with --overwrite")
+    tables = manifest.get("tables") if isinstance(manifest.get("tables"), dict) else {}
+    figures = manifest.get("figures") if isinstance(manifest.get("figures"), list) else []
+    report = contained(out, "report.html")
+    return EvalResult(out_dir=out, rows=rows, tables={k: out / v for k, v in tables.items() if isinstance(v, str) and contained(out, v)},
+                      figures=[out / f for f in figures if isinstance(f, str) and contained(out, f)], report=report)
+
+
+def datasets_cache() -> str:
+    """Where lmms-eval caches the data sets it reads: ``LMMS_EVAL_DATASETS_CACHE``, else Hugging Face datasets'
+    ``HF_DATASETS_CACHE`` (default ``$HF_HOME/datasets``, ``~/.cache/huggingface/datasets``), as lmms-eval
+    resolves it; outside the run folder, so that every eval shares one copy of a benchmark."""
+    import os
+
+    def expand(p: str) -> str:
+        return os.path.expanduser(os.path.expandvars(p))
+
+    explicit = os.environ.get("LMMS_EVAL_DATASETS_CACHE", "").strip()
+    if explicit:
+        return expand(explicit)
+    home = expand(os.environ.get("HF_HOME", "~/.cache/huggingface"))
+    return expand(os.environ.get("HF_DATASETS_CACHE", os.path.join(home, "datasets")))
 
 
 def _task_manager(tasks: Sequence[str]):
@@ -171,18 +278,19 @@ def _task_manager(tasks: Sequence[str]):
     return tm
 
 
-def _run_locked(plan, tasks, conditions, limit, out, batch_size, source, device, task_manager, progress) -> EvalResult:
+def _run_locked(plan, tasks, conditions, limit, out, batch_size, source, device, task_manager, progress, overrides=()) -> EvalResult:
     from lmms_eval.evaluator import simple_evaluate
 
     from embedlens.lmms.bridge import Bridge
     from embedlens.lmms.model import EmbedLensLMM
     from embedlens.lmms.plugin import register
-    from embedlens.plan.store import clear_run
 
     started = time.time()
-    clear_run(out)
+    if progress is not None:  # not in the run folder: one copy of a benchmark serves every eval
+        progress(f"data sets: lmms-eval caches them in {datasets_cache()}, not in {out} "
+                 "(set LMMS_EVAL_DATASETS_CACHE or HF_DATASETS_CACHE to move it)")
     register()
-    bridge = Bridge.load(plan, source=source, device=device, batch_size=batch_size)
+    bridge = Bridge.load(plan, source=source, device=device, batch_size=batch_size, overrides=overrides)
     for c in conditions:
         bridge.check_condition(c)
     seed = bridge.prepared.loaded.plan.seed
@@ -191,7 +299,7 @@ def _run_locked(plan, tasks, conditions, limit, out, batch_size, source, device,
     per_sample: dict[tuple[str, str, str], dict[Any, float]] = {}  # (condition, task, metric) -> doc -> score
     for cond in conditions:
         if progress is not None:
-            progress(f"{cond}: {', '.join(tasks)}")
+            progress(f"evaluating {cond}: {', '.join(tasks)} ...")
         lm = EmbedLensLMM(bridge=bridge, condition=cond)
         res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit, bootstrap_iters=0,
                               log_samples=True, verbosity="WARNING", random_seed=seed, numpy_random_seed=seed,
@@ -357,6 +465,7 @@ def _write(result: EvalResult, bridge, plan: str, tasks, conditions, limit, star
         "kind": "eval",
         "plan": str(plan),
         "plan_hash": plan_hash(bridge.prepared.loaded),
+        "overrides": bridge.prepared.loaded.overrides,  # --set KEY=VALUE applied to the plan
         "seed": bridge.prepared.loaded.plan.seed,
         "model": {"name": bridge.prepared.model_name, "source": adapter.source, "adapter": adapter.name,
                   "class": type(adapter.model).__name__},
@@ -370,6 +479,7 @@ def _write(result: EvalResult, bridge, plan: str, tasks, conditions, limit, star
         "tables": {TABLE: f"{TABLE}.parquet", SAMPLES_TABLE: f"{SAMPLES_TABLE}.parquet"},
         "figures": [str(f.relative_to(out)) for f in result.figures],
         "platform": platform.platform(),
+        "datasets_cache": datasets_cache(),
     }
     write_text(out / "summary.json", json_text(summary, indent=2, default=str))  # NaN -> null: standard JSON
     section = benchmarks_html(out, summary["benchmarks"], manifest["figures"])

@@ -168,6 +168,47 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def settle(error: EmbedLensError | None, world: World) -> None:
+    """Rank 0's refusal, raised on every rank together: rank 0 passes its error (or None), every other rank None.
+
+    Every rank learns of rank 0's refusal (a foreign folder, an unfinished run without --resume) and stops with
+    it, instead of waiting in a collective rank 0 never reaches (a gloo traceback once rank 0 is gone). The ranks
+    meet once more before raising, so none has exited while another still reads the message.
+
+    Raises:
+        EmbedLensError: rank 0's own error on rank 0; `DistributedError` ("rank 0 stopped: ...") on the others.
+    """
+    if world.size == 1:
+        if error is not None:
+            raise error
+        return
+    msg = broadcast(str(error).encode("utf-8") if world.main and error is not None else b"", world)
+    if not msg:
+        return
+    barrier(world)
+    if world.main and error is not None:
+        raise error
+    raise DistributedError(f"rank 0 stopped: {msg.decode('utf-8', 'replace')}")
+
+
+def peer_failure(e: BaseException) -> "DistributedError | None":
+    """A torch.distributed error from a collective whose peer is gone, as an error without a traceback (or None).
+
+    A rank that stops (its own error, a kill) closes its connections; the others fail in whatever send, receive
+    or barrier they were in. Their message then says so and points at the first rank's own message.
+    """
+    if _CURRENT.size == 1 or isinstance(e, EmbedLensError):
+        return None
+    import torch.distributed as dist
+
+    kinds = tuple(k for k in (getattr(dist, "DistError", None), RuntimeError) if k is not None)
+    text = str(e)
+    if isinstance(e, kinds) and (isinstance(e, kinds[:-1]) or any(w in text.lower() for w in ("gloo", "connection", "nccl", "peer", "socket"))):
+        return DistributedError(f"rank {_CURRENT.rank}: another process of this run stopped ({text.splitlines()[0][:200] if text else type(e).__name__}); "
+                                "its own message above says why. Finished batches are kept: fix the cause and continue with --resume")
+    return None
+
+
 def agree(value: Any, world: World, what: str) -> None:
     """Check that every rank holds the same JSON-able `value` (e.g. the plan hash, the number of batches).
 

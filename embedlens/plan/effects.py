@@ -12,6 +12,24 @@ class EffectSummary(Stateful):
     def __init__(self):
         self.sums: dict[str, dict[str, list[float]]] = {}
 
+    def load_state_dict(self, state: dict) -> None:
+        """The saved sums, checked: ``{condition: {column: [sum, sum of squares, count]}}``, numbers, count >= 1."""
+        from embedlens.state import CheckpointError
+
+        sums = state.get("sums") if isinstance(state, dict) and set(state) == {"sums"} else None
+        if not isinstance(sums, dict):
+            raise CheckpointError(f"effect summary: the saved state is {state!r:.80}; expected {{'sums': {{condition: {{column: [sum, sum of squares, n]}}}}}}")
+        for cond, cols in sums.items():
+            if not isinstance(cond, str) or not isinstance(cols, dict):
+                raise CheckpointError(f"effect summary.sums[{cond!r}]: expected a mapping of metric columns")
+            for col, acc in cols.items():
+                ok = (isinstance(col, str) and isinstance(acc, list) and len(acc) == 3
+                      and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in acc)
+                      and isinstance(acc[2], int) and acc[2] >= 1 and not acc[1] < 0)
+                if not ok:
+                    raise CheckpointError(f"effect summary.sums[{cond!r}][{col!r}]: {acc!r:.80}; expected [sum, sum of squares >= 0, n >= 1]")
+        self.sums = sums
+
     def add(self, table: dict[str, list]) -> None:
         for i, cond in enumerate(table["condition"]):
             acc = self.sums.setdefault(cond, {})

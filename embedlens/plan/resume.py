@@ -18,7 +18,7 @@ from embedlens.plan.checkpoint import RunState
 from embedlens.plan.finish import RunResult
 from embedlens.plan.identity import check_same
 from embedlens.plan.preparation import Prepared
-from embedlens.plan.store import CHECKPOINT, Parts, clear_run
+from embedlens.plan.store import CHECKPOINT, Parts, check_parts, clear_run, remove_temp
 
 
 def finished_result(out: Path) -> RunResult | None:
@@ -69,26 +69,58 @@ def _start_state(prepared: Prepared, out: Path, h: str, identity: dict, n_batche
         )
     state: RunState | None = None
     if unfinished and resume:  # the only place a checkpoint is read
-        doc, tensors = ckpt.read_document(out)
-        if doc.get("plan_hash") != h:
-            raise EmbedLensError(
-                f"{out}: the unfinished run there is of a different plan (hash {doc.get('plan_hash')}, this plan {h}); "
-                "resume with the same plan, or start again with --overwrite"
-            )
-        check_same(doc.get("identity") or {}, identity, out)
-        state = ckpt.load_into(doc, tensors, prepared.probes, prepared.partition, prepared.conditions, out / CHECKPOINT)
-        if state.n_batches != n_batches:
-            raise EmbedLensError(f"{out}: the unfinished run has {state.n_batches} batches, this plan {n_batches}; start again with --overwrite")
+        state = _resume_state(prepared, out, h, identity, n_batches)
+        remove_temp(out)  # what a kill left half-written (``.NAME.PID.tmp``): rewritten from the state
         return state, state.next_batch
     done = finished_result(out) if resume and not overwrite else None
     if done is not None:
+        remove_temp(out)
         return None, done
     clear_run(out)
     return RunState(h, identity, 0, n_batches, False, prepared.probes, prepared.partition, prepared.conditions), None
 
 
+def _resume_state(prepared: Prepared, out: Path, h: str, identity: dict, n_batches: int) -> RunState:
+    """The unfinished run's state, every restored value and part file checked before use (`embedlens.plan.checkpoint`).
+
+    Raises:
+        CheckpointError: ``cannot resume: FILE what is wrong; start again with --overwrite``.
+        EmbedLensError: the run there is of another plan, or its inputs changed.
+    """
+    doc, tensors = ckpt.read_document(out)
+    if doc.get("plan_hash") != h:
+        raise EmbedLensError(
+            f"{out}: the unfinished run there is of a different plan (hash {str(doc.get('plan_hash'))[:40]}, this plan {h}); "
+            "resume with the same plan, or start again with --overwrite"
+        )
+    ckpt.check_document(doc, out / CHECKPOINT, n_batches)
+    try:
+        check_same(doc.get("identity") or {}, identity, out)
+    except (AttributeError, TypeError) as e:  # a list or a number where embedlens writes a mapping
+        raise ckpt.damaged(out / CHECKPOINT, f"identity is not of the kind embedlens writes ({type(e).__name__}: {e})") from None
+    state = ckpt.load_into(doc, tensors, prepared.probes, prepared.partition, prepared.conditions, out / CHECKPOINT, n_batches)
+    check_parts(out, state.next_batch)
+    return state
+
+
+def _leave_together(own: Path, world: "distributed.World") -> None:
+    """Every rank stops with rank 0's refusal: each other rank first removes its own folder when this run wrote
+    nothing there but its marker and lock (``ranks/rank-N``; parts of an earlier run stay), then all meet, then
+    rank 0 removes ``ranks/`` if it is empty, so a refused run leaves the folder as it found it."""
+    from embedlens.plan.store import RANKS, release_shard
+
+    if not world.main:
+        release_shard(own)
+    distributed.barrier(world)
+    if world.main:
+        try:
+            (own / RANKS).rmdir()
+        except OSError:
+            pass  # not empty (an earlier run's parts), or not there
+
+
 def agree_start(prepared: Prepared, out: Path, h: str, identity: dict, n_batches: int, resume: bool, overwrite: bool,
-                world: "distributed.World") -> tuple[RunState | None, Any]:
+                world: "distributed.World", own: Path | None = None) -> tuple[RunState | None, Any]:
     """`_start_state` decided by rank 0 and taken by every other rank: (state, resumed_from), or (None, the result
     to return) when the run in `out` is finished already.
 
@@ -98,6 +130,7 @@ def agree_start(prepared: Prepared, out: Path, h: str, identity: dict, n_batches
     if not world.main:
         tensors, doc = distributed.unpack(distributed.broadcast(None, world))
         if "error" in doc:
+            _leave_together(own if own is not None else out, world)
             raise distributed.DistributedError(f"rank 0 stopped: {doc['error']}")
         if doc.get("done"):
             return None, RunResult(out_dir=out)
@@ -107,6 +140,7 @@ def agree_start(prepared: Prepared, out: Path, h: str, identity: dict, n_batches
     except EmbedLensError as e:
         if world.size > 1:
             distributed.broadcast(distributed.pack({}, {"error": str(e)}), world)
+            _leave_together(own if own is not None else out, world)
         raise
     if world.size > 1:
         done = state is None

@@ -77,7 +77,7 @@ def run(
             distributed.barrier(world)
         return result
     except OSError as e:  # full disk, read-only file system, permissions: an error naming the file, state kept
-        raise os_error(e, "write") from None
+        raise os_error(e, "write", out) from None
 
 
 def claim_run(out: Path, world: "distributed.World", kind: str = "run") -> tuple[Path, Path]:
@@ -87,9 +87,13 @@ def claim_run(out: Path, world: "distributed.World", kind: str = "run") -> tuple
         RunFolderError: see `embedlens.files.claim`.
         DistributedError: a rank does not see the folder rank 0 claimed (it must be on a file system every rank sees).
     """
+    refusal = None
     if world.main:
-        out = claim(out, kind=kind)
-    distributed.barrier(world)
+        try:
+            out = claim(out, kind=kind)
+        except EmbedLensError as e:
+            refusal = e
+    distributed.settle(refusal, world)  # every rank stops with rank 0's refusal
     if world.main:
         return out, out
     if not (Path(out) / MARKER).is_file():
@@ -109,7 +113,7 @@ def _run_locked(prepared: Prepared, out: Path, own: Path, world: "distributed.Wo
     chunks = [prepared.records[i : i + bs] for i in range(0, len(prepared.records), bs)]
     identity = run_identity(prepared)
     distributed.agree([h, len(chunks), identity], world, "the plan, its data and its model")
-    state, resumed_from = agree_start(prepared, out, h, identity, len(chunks), resume, overwrite, world)
+    state, resumed_from = agree_start(prepared, out, h, identity, len(chunks), resume, overwrite, world, own)
     if state is None:  # resuming a finished run: nothing left to do
         return resumed_from
     parts = Parts(own, shards=[shard_dir(out, r) for r in range(1, world.size)] if world.main else None)
@@ -206,5 +210,5 @@ def run_all(
 
             compare_runs([out / n for n in names], out / "compare", names=names)
     except OSError as e:
-        raise os_error(e, "write") from None
+        raise os_error(e, "write", out) from None
     return results

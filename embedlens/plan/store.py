@@ -173,6 +173,24 @@ def remove_shards(out: Path) -> None:
         pass
 
 
+def release_shard(own: Path) -> None:
+    """Remove a rank's own folder (``ranks/rank-N``) when it holds nothing but its marker and lock: a run refused
+    before it wrote anything leaves no folder behind (one holding an earlier run's parts stays as it is)."""
+    from embedlens.files import LOCK, MARKER
+
+    own = Path(own)
+    if own.is_symlink() or not own.is_dir() or own.parent.name != RANKS or not re.fullmatch(r"rank-\d+", own.name):
+        return
+    if sorted(os.listdir(own)) != sorted([LOCK, MARKER]):
+        return
+    for name in (LOCK, MARKER):
+        (own / name).unlink()
+    try:
+        own.rmdir()
+    except OSError:
+        pass
+
+
 #: Modules a device map sends to ``disk`` are offloaded by accelerate into ``OUT/offload`` (these names only).
 OFFLOAD = "offload"
 _OFFLOAD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+\.dat$|^index\.json$")
@@ -298,6 +316,58 @@ def _remove_tree(root: Path, names: re.Pattern | None = _PART_NAME) -> None:
         pass
 
 
+#: What `embedlens.files.write_bytes` writes before it renames: ``.NAME.PID.tmp`` next to NAME.
+_TEMP_NAME = re.compile(r"^\..+\.\d+\.tmp$")
+
+
+def remove_temp(out: Path) -> None:
+    """Delete the temporary files a killed run left half-written anywhere in its folder (``.NAME.PID.tmp``,
+    embedlens's own naming; links are removed as links, never followed)."""
+    for root, dirs, files in os.walk(out, followlinks=False):
+        for name in files + [d for d in dirs if Path(root, d).is_symlink()]:
+            p = Path(root) / name
+            if _TEMP_NAME.match(name) and (p.is_symlink() or p.is_file()):
+                p.unlink()
+
+
+def damaged(path: Path, what: str) -> EmbedLensError:
+    """The `embedlens.state.CheckpointError` of a run folder whose resume state cannot be trusted:
+    ``cannot resume: FILE WHAT; start again with --overwrite``."""
+    from embedlens.state import CheckpointError
+
+    return CheckpointError(f"cannot resume: {path}: {what}; start again with --overwrite")
+
+
+def check_parts(out: Path, next_batch: int) -> None:
+    """Before a resume: every part file of a finished batch (``parts/TABLE/NNNNNN.parquet``, the run's and each
+    rank's) is a Parquet file with the columns of the table's other parts.
+
+    Raises:
+        CheckpointError: ``cannot resume: FILE what is wrong; start again with --overwrite``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    roots = [out / PARTS] + sorted((out / RANKS).glob(f"rank-*/{PARTS}")) if (out / RANKS).is_dir() and not (out / RANKS).is_symlink() else [out / PARTS]
+    first: dict[str, tuple[Path, list[str]]] = {}
+    for root in roots:
+        if not root.is_dir() or root.is_symlink():
+            continue
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
+            for f in sorted(folder.glob("*.parquet")):
+                stem = f.name.split(".")[0]
+                if not stem.isdigit() or f.is_symlink() or int(stem) >= next_batch:
+                    continue  # not a part (left alone), or a batch the resumed run writes again
+                try:
+                    names = pq.read_schema(f).names
+                except (pa.ArrowException, OSError, ValueError) as e:
+                    raise damaged(f, f"not a Parquet part file ({type(e).__name__}: {str(e)[:200]})") from None
+                seen = first.setdefault(folder.name, (f, names))
+                if names != seen[1]:
+                    raise damaged(f, f"its columns {names} are not those of {seen[0]} ({seen[1]}): not a part of this run's table {folder.name!r}")
+
+
 def clear_run(out: Path) -> None:
     """Remove what an earlier run wrote in `out`, a folder `claim` checked is embedlens's.
 
@@ -337,6 +407,4 @@ def clear_run(out: Path) -> None:
             p.unlink()
     _remove_tree(out / PARTS)
     _remove_tree(out / "tensors")
-    for f in out.glob(".*.tmp"):
-        if f.is_symlink() or f.is_file():
-            f.unlink()
+    remove_temp(out)

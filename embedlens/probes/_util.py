@@ -128,6 +128,19 @@ class Reservoir(Stateful):
     def rows(self) -> torch.Tensor:
         return torch.stack(self._rows) if self._rows else torch.zeros(0, 0)
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A saved reservoir, checked: at most `capacity` float32 rows of one shape, a label per row, `seen` >= rows."""
+        from embedlens.state import CheckpointError
+
+        super().load_state_dict(state)
+        rows, cap = self._rows, self.capacity
+        ok = (isinstance(rows, list) and all(isinstance(r, torch.Tensor) and r.dtype == torch.float32 and r.shape == rows[0].shape for r in rows)
+              and isinstance(cap, int) and 0 <= len(rows) <= cap and isinstance(self.seen, int) and self.seen >= len(rows)
+              and isinstance(self.labels, dict) and all(isinstance(v, list) and len(v) == len(rows) for v in self.labels.values()))
+        if not ok:
+            raise CheckpointError(f"Reservoir: the saved rows, labels and counts do not fit together ({len(rows) if isinstance(rows, list) else rows!r} "
+                                  f"rows of capacity {cap!r}, seen {self.seen!r}); expected float32 rows of one shape, a label each")
+
     def __len__(self) -> int:
         return len(self._rows)
 
@@ -143,6 +156,18 @@ class Histogram(Stateful):
     def add(self, values: torch.Tensor) -> None:
         idx = torch.bucketize(values.float().cpu().clamp(self.edges[0], self.edges[-1]), self.edges[1:-1])
         self.counts += torch.bincount(idx, minlength=len(self.counts))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A saved histogram, checked: ascending edges, one count >= 0 per bin."""
+        from embedlens.state import CheckpointError
+
+        super().load_state_dict(state)
+        e, c = self.edges, self.counts
+        ok = (isinstance(e, torch.Tensor) and isinstance(c, torch.Tensor) and e.dim() == 1 and c.dim() == 1 and e.is_floating_point()
+              and c.dtype == torch.long and len(e) == len(c) + 1 and bool((e[1:] > e[:-1]).all()) and bool((c >= 0).all()))
+        if not ok:
+            raise CheckpointError("Histogram: the saved edges and counts do not fit together; expected ascending edges and "
+                                  "one count >= 0 per bin")
 
     def to_dict(self) -> dict[str, list]:
         return {"edges": self.edges.tolist(), "counts": self.counts.tolist()}

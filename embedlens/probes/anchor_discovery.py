@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -17,6 +18,18 @@ from embedlens.sites import Site
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
     from embedlens.groups import Partition
+
+
+def _records_given(init):
+    """Wrap `init` to keep the names of the arguments a caller wrote (``self._given``), whatever their values: a
+    value written equal to the default is still the caller's choice. The signature stays `init`'s (``__wrapped__``)."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        self._given = frozenset(inspect.signature(init).bind(self, *args, **kwargs).arguments) - {"self"}
+        init(self, *args, **kwargs)
+
+    return wrapper
 
 
 @probes.register("anchor_discovery")
@@ -66,6 +79,7 @@ class AnchorDiscovery(Probe):
         3
     """
 
+    @_records_given
     def __init__(
         self,
         min_image_fraction: float = AnchorRule.min_image_fraction,
@@ -103,7 +117,8 @@ class AnchorDiscovery(Probe):
         """Report `partition`'s discovery (the run's one) instead of running a second one.
 
         Raises:
-            PlanError: a parameter set here (not its default) differs from the partition's, naming both keys.
+            PlanError: a parameter given here (in the plan's params, or to the constructor), even one equal to its
+                default, that differs from the partition's, naming both keys.
         """
         if not partition.discover:
             return  # the partition's anchors are given: this probe's discovery is the run's only one
@@ -111,14 +126,13 @@ class AnchorDiscovery(Probe):
                 "sink_fraction": "discover_sink_fraction", "max_anchors": "discover_max_anchors", "matrix": "matrix",
                 "vit_layer": "vit_layer", "vit_sigma": "vit_sigma", "vit_ratio": "vit_ratio", "chunk_size": "chunk_size",
                 "search": "search", "massive_threshold": "massive_threshold", "massive_ratio": "massive_ratio"}
-        defaults = {k: v.default for k, v in inspect.signature(type(self).__init__).parameters.items() if k != "self"}
         for key, theirs in mine.items():
             value = getattr(self, key)
-            if value != defaults[key] and value != getattr(partition, theirs):
+            if key in self._given and value != getattr(partition, theirs):
                 raise PlanError(f"{key}: anchor_discovery reports the run's one discovery, the partition's "
                                 f"(partition.{theirs} = {getattr(partition, theirs)!r}); set {theirs} in the partition: "
                                 f"block and give anchor_discovery no {key}")
-        if self.massive != defaults["massive"] and self.massive != (partition.massive is not None):
+        if "massive" in self._given and self.massive != (partition.massive is not None):
             raise PlanError("massive: anchor_discovery reports the partition's discovery, which counts massive activations "
                             "only when partition.massive names a group; set it there")
         self._partition, self._rule = partition, partition.anchor_rule()

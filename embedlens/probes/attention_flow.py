@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from embedlens.adapters.base import resolve_path
-from embedlens.attention import attention_rows, layer_windows, rotary_embeddings, window_keys
+from embedlens.attention import attention_rows, check_layer_types, layer_windows, rotary_embeddings, window_keys
 from embedlens.errors import EmbedLensError, PlanError
 from embedlens.probes._util import FirstImage, group_masks, parse_selections, selection_masks, token_groups, token_meta
 from embedlens.probes.base import Probe, Table
@@ -56,6 +56,7 @@ def llm_attention_rows(adapter: "Adapter", batch: "Batch", layer: int, h_in: tor
         query_pos: ``[batch, q]`` sequence positions of the queries.
     """
     lm = resolve_path(adapter.model, adapter.paths.language_model)
+    check_layer_types(lm.config, adapter.name)  # before the lookup: a linear-attention layer has no attention module
     blocks = resolve_path(adapter.model, adapter.paths.llm_layers)
     block = blocks[layer]
     attn = resolve_path(block, adapter.paths.attn)

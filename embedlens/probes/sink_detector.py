@@ -26,6 +26,8 @@ FLAGS = ("vit_norm", "massive", "attention_sink")
 KANG_TAU = 20.0
 #: The default tau is at most this share of sqrt(d): a small model's ceiling is far below 20 (8 at d = 64).
 TAU_SHARE = 0.5
+#: A dim found from the visual tokens (not BOS) is a sink dim when they pass tau in it in at least this many samples.
+SHARED_SAMPLES = 2
 
 
 def default_tau(d: int) -> float:
@@ -46,9 +48,13 @@ class SinkDetector(Probe):
       reported for every token, not only visual ones.
     - **Visual attention sinks** (Kang et al.): max over the sink dims of the
       RMS-normalised hidden state > ``tau``, at layers >= ``sink_from_layer``.
-      Sink dims are given, or found per batch as the dims where a token
-      examined (the visual tokens, and the BOS token, else the first token) has
-      an RMS-normalised value above ``tau``. An RMS-normalised value is at most
+      Sink dims are given, or found per batch at each layer: the dims where
+      the BOS token (else each sample's first token) has an RMS-normalised
+      value above ``tau``, as in Kang et al., plus the dims where visual tokens
+      pass ``tau`` in at least ``SHARED_SAMPLES`` (2) distinct samples of the
+      batch (sink tokens share their dims; one token's outlier in a dim no
+      other image uses is not a sink). A batch of one sample finds its dims
+      from BOS alone. An RMS-normalised value is at most
       sqrt(d), so ``tau`` defaults to Kang et al.'s 20 or half of sqrt(d),
       whichever is lower (20 is out of reach below d = 400); a ``tau`` at or
       above sqrt(d) cannot fire, and the result says so (``attention_sink``)
@@ -74,7 +80,7 @@ class SinkDetector(Probe):
         massive_ratio: ... and this many times the median |a|.
         tau: attention-sink threshold on the RMS-normalised value; None: `default_tau` of the hidden size.
         sink_from_layer: first LLM layer of the attention-sink test.
-        sink_dims: sink dimensions; None finds them from the tokens examined.
+        sink_dims: sink dimensions; None finds them from BOS and the dims visual tokens share across samples.
 
     Example:
         >>> from embedlens.testing import tiny_batch
@@ -194,11 +200,11 @@ class SinkDetector(Probe):
         n_layers = adapter.n_llm_layers
         dev = acts[Site("llm.layers", 0)].device
         valid_h = ~batch.roles.padding
-        examined = batch.roles.bos if batch.roles.bos.any() else _first_valid(valid_h)
-        examined = examined.clone()
-        examined[s, p] = True  # sink dims come from the tokens the test looks at, not from BOS alone
-        valid, examined, kind = valid_h.to(dev), examined.to(dev), batch.roles.kind.to(dev)
+        ref = batch.roles.bos if batch.roles.bos.any() else _first_valid(valid_h)
+        valid, ref, kind = valid_h.to(dev), ref.to(dev), batch.roles.kind.to(dev)
         s, p = s.to(dev), p.to(dev)
+        visual = torch.zeros_like(valid)
+        visual[s, p] = True  # the tokens the test looks at
         linear = torch.arange(valid.numel(), device=dev).view(valid.shape)  # [batch, seq]: nonzero()'s order
         big = valid.numel()
         n_roles = len(Role)
@@ -224,15 +230,19 @@ class SinkDetector(Probe):
             first = torch.where(per_pos > 0, linear, big).flatten()
             stats["role_first"].append(torch.full((n_roles,), big, device=dev).scatter_reduce(0, kind.flatten(), first, "amin"))
             if layer >= self.sink_from_layer:
+                rn = rms_normalized(h).abs()  # [b, seq, d]
                 if self.sink_dims is not None:
                     if given is None:
                         given = torch.zeros(h.shape[-1], dtype=torch.bool, device=dev)
                         given[list(self.sink_dims)] = True
                     dims = given
-                else:  # `sink_dims` as a mask: the examined tokens' RMS-normalised |value| above tau
-                    dims = ((rms_normalized(h).abs() > tau) & examined[..., None]).flatten(0, 1).any(0)
+                else:  # `sink_dims` as a mask [d]: BOS's dims above tau, and dims visual tokens share across samples
+                    over = rn > tau
+                    from_ref = (over & ref[..., None]).flatten(0, 1).any(0)
+                    shared = (over & visual[..., None]).any(1).sum(0) >= SHARED_SAMPLES  # [d]: samples passing in it
+                    dims = from_ref | shared
                 stats["dims"].append(dims)
-                sink_score = torch.maximum(sink_score, (rms_normalized(h).abs() * dims).amax(-1)[s, p])
+                sink_score = torch.maximum(sink_score, (rn * dims).amax(-1)[s, p])
         out = {k: torch.stack(v).cpu() for k, v in stats.items() if v}  # [layers, ...]: the one copy of the statistics
         out["tokens"] = (massive, max_abs, sink_score)
         return out

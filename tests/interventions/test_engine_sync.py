@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from embedlens.adapters import wrap_model
 from embedlens.adapters.base import resolve_path
 from embedlens.data import Sample
-from embedlens.interventions import Engine
+from embedlens.interventions import Engine, Intervention
 from embedlens.interventions.engine import DONE_EVERY
 from embedlens.interventions.prune import FastV, Prune
 from embedlens.testing import tiny_model
@@ -218,3 +218,71 @@ def test_mrope_ids_taken_from_the_models_own_call_equal_the_adapters(name):
         batch = adapter.encode(samples, padding_side=side)
         ids = Engine(adapter).context(batch).positions
         assert torch.equal(ids, adapter.position_ids(batch.inputs).to(ids.device))
+
+
+class _Exit(Intervention):
+    """Scratch intervention: every other visual token leaves before layer 1, by an in-place edit of ``ctx.exit`` or
+    by a new tensor (`torch.where`, as FastV does)."""
+
+    def __init__(self, in_place: bool):
+        self.in_place = in_place
+
+    def setup(self, ctx):
+        pass
+
+    def before_layer(self, ctx, layer):
+        if layer != 1:
+            return
+        m = ctx.roles.visual & (torch.arange(ctx.roles.visual.shape[1]) % 2 == 0)
+        if self.in_place:
+            ctx.exit[m] = 1
+        else:
+            ctx.exit = torch.where(m, torch.minimum(ctx.exit, torch.ones_like(ctx.exit)), ctx.exit)
+
+
+class _Masks(Intervention):
+    """Scratch intervention: text may not attend to visual tokens, and visual tokens' attention update is zeroed, from
+    layer 1 on; the masks are one tensor object edited in place before layer 1, or new tensors at each layer."""
+
+    def __init__(self, in_place: bool):
+        self.in_place = in_place
+
+    def setup(self, ctx):
+        self.src, self.dst, self.zero = ctx.roles.text.clone(), torch.zeros_like(ctx.roles.visual), torch.zeros_like(ctx.roles.visual)
+
+    def before_layer(self, ctx, layer):
+        if layer == 1 and self.in_place:
+            self.dst |= ctx.roles.visual
+            self.zero |= ctx.roles.visual
+
+    def blocked(self, ctx, layer):
+        if self.in_place:
+            return self.src, self.dst
+        return self.src, ctx.roles.visual & (layer >= 1)
+
+    def zero_update(self, ctx, layer, sublayer):
+        if self.in_place:
+            return self.zero if sublayer == "attn" else None
+        return ctx.roles.visual & (layer >= 1) if sublayer == "attn" else None
+
+
+@pytest.mark.parametrize("kind", [_Exit, _Masks])
+def test_in_place_edits_between_layers_count_as_edits(kind):
+    """The engine rereads ``ctx.enter`` / ``ctx.exit`` and rebuilds an intervention's blocked and zeroed masks when they
+    were edited in place (their version counters moved), not only when they are new tensors: an in-place edit and
+    the same edit out of place give the same logits and token counts, and differ from the run without it."""
+    from conftest import get_adapter
+
+    adapter = get_adapter("llava-clip")
+    samples = [Sample([shapes(48, seed=1)], question="what is it?", id="a"),
+               Sample([noise(40, 70, seed=2)], question="what colour is the big square?", id="b")]
+    batch = adapter.encode(samples, padding_side="left")
+    eng = Engine(adapter)
+    base, in_place, out_place = eng.run(batch), eng.run(batch, [kind(True)]), eng.run(batch, [kind(False)])
+    valid = ~batch.roles.padding & out_place.present
+    torch.testing.assert_close(in_place.logits()[valid], out_place.logits()[valid], atol=1e-5, rtol=0)
+    assert (base.logits()[valid] - out_place.logits()[valid]).abs().max() > 1e-3  # the edit matters
+    for key, want in out_place.counts.items():
+        assert torch.equal(in_place.counts[key], want), key
+    if kind is _Exit:
+        assert not torch.equal(base.counts["visual"], out_place.counts["visual"])

@@ -74,3 +74,8 @@ def test_partition_state_is_apart_from_its_parameters():
     assert fresh == part  # equality is the parameters': the state is not configuration
     fresh.load_state_dict(part.state_dict())  # the checkpoint's flat keys, as before the split
     assert fresh.tally == part.tally and fresh.streaming.tally == part.streaming.tally and fresh.last_overlap == part.last_overlap
+    import dataclasses
+
+    from embedlens.groups import PartitionState
+
+    assert set(PartitionState.fitted_params) == {f.name for f in dataclasses.fields(PartitionState)}  # none compared to the plan

@@ -165,6 +165,23 @@ def test_one_discovery_per_run_whichever_probes_ask(tmp_path):
     assert probe["warnings"] and set(probe["warnings"]) <= set(part["warnings"])
     assert any("partition.discover_max_dispersion=1 (default 0.2)" in w for w in probe["warnings"])
     assert not any("broken projector" in w for w in part["warnings"])  # nothing collapsed: the setting did it
-    plan.write_text(head + "probes: [{name: anchor_discovery, params: {max_dispersion: 0.3}}]\noutput: {figures: false}\n")
-    res = CliRunner().invoke(app, ["run", str(plan), "-o", str(tmp_path / "out2"), "-q"])
-    assert res.exit_code == 2 and "discover_max_dispersion" in res.output and "Traceback" not in res.output, res.output
+    for written in (0.3, 0.2):  # 0.2 is the probe's default, but written: the user asked for it, and it differs
+        plan.write_text(head + f"probes: [{{name: anchor_discovery, params: {{max_dispersion: {written}}}}}]\noutput: {{figures: false}}\n")
+        res = CliRunner().invoke(app, ["run", str(plan), "-o", str(tmp_path / "out2"), "-q"])
+        assert res.exit_code == 2 and "discover_max_dispersion" in res.output and "Traceback" not in res.output, res.output
+
+
+def test_anchor_discovery_compares_the_parameters_it_was_given_with_the_partitions():
+    """Written parameters are compared with the partition's, defaults included; unwritten ones are not."""
+    from embedlens.errors import PlanError
+    from embedlens.groups import Partition
+    from embedlens.probes import AnchorDiscovery
+
+    loose = Partition(discover=True, discover_max_dispersion=0.5)
+    with pytest.raises(PlanError, match=r"max_dispersion: .*partition.discover_max_dispersion = 0.5"):
+        AnchorDiscovery(max_dispersion=0.2).use_partition(loose)  # the default value, but written
+    with pytest.raises(PlanError, match="massive: "):
+        AnchorDiscovery(massive=True).use_partition(loose)  # this partition counts no massive activations
+    for same in (AnchorDiscovery(), AnchorDiscovery(max_dispersion=0.5), AnchorDiscovery(max_dispersion=0.5, massive=False)):
+        same.use_partition(loose)
+        assert same.result()["source"] == "partition"

@@ -89,6 +89,33 @@ def test_sink_detector_flags_exactly_the_planted_tokens(planted):
     assert res["agreement"]["vit_norm&massive"]["both"] == 0
 
 
+def test_attention_sink_dims_are_shared_not_any_tokens_outlier(planted):
+    """Kang et al.'s sink dims are shared by sink tokens: one visual token with a value past tau in a dim no other
+    image uses is not flagged, and the dims stay the planted one; the same outlier in two images is a shared dim."""
+    adapter, truth, batch = planted
+    probe = SinkDetector()
+    acts = collect(adapter, batch, probe.sites(adapter))
+    layer = truth.massive_layer + 1
+    h = acts[Site("llm.layers", layer)].clone()
+    d = h.shape[-1]
+    dim = (truth.massive_dim + 5) % d
+    p = truth.patch_masks(batch)
+    plain = (batch.roles.visual & ~p["massive"]).nonzero()  # visual tokens that are no sink, by sample
+    one = plain[plain[:, 0] == 0][3]
+    two = plain[plain[:, 0] == 1][3]
+    h[one[0], one[1], dim] = 3 * h[one[0], one[1]].norm()  # RMS-normalised about 0.95 sqrt(d): far past tau
+    rows = probe.update(adapter, batch, {**acts, Site("llm.layers", layer): h})["tokens"]
+    assert torch.equal(_mask_of(rows, batch, "attention_sink_flag"), p["massive"])  # not the outlier
+    assert probe.result()["sink_dims"] == [truth.massive_dim]
+    h[two[0], two[1], dim] = 3 * h[two[0], two[1]].norm()  # the same dim in a second image: shared, a sink dim
+    shared = SinkDetector()
+    rows = shared.update(adapter, batch, {**acts, Site("llm.layers", layer): h})["tokens"]
+    want = p["massive"].clone()
+    want[one[0], one[1]] = want[two[0], two[1]] = True
+    assert torch.equal(_mask_of(rows, batch, "attention_sink_flag"), want)
+    assert shared.result()["sink_dims"] == sorted([truth.massive_dim, dim])
+
+
 def test_semantic_probe_reads_colour_from_object_tokens_only(planted):
     adapter, truth, batch = planted
     part = Partition(anchors={"sink": [truth.sink_id], "dead": [truth.dead_id]}, k=1)
