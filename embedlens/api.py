@@ -8,6 +8,7 @@ See ``docs/python-api.md``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import typing
 from pathlib import Path
@@ -155,6 +156,8 @@ def run(
     resume: bool = False,
     overwrite: bool = False,
     progress: Callable[[str, str, int, int], None] | None = None,
+    quiet: bool = False,
+    overrides: Sequence[str] = (),
 ) -> Results:
     """Run an analysis plan, as ``embedlens run`` does, and return its results.
 
@@ -167,6 +170,13 @@ def run(
             a plan file's own folder otherwise).
         resume, overwrite: as the command line's ``--resume`` / ``--overwrite``.
         progress: called as ``progress(model, phase, done, total)``.
+        quiet: no model messages: Hugging Face's progress bars (loading
+            weights, downloads), its log messages below errors and library
+            warnings are silenced for the run (the run's own warnings stay on
+            ``results.warnings``), as the command line's ``--quiet``.
+        overrides: ``KEY=VALUE`` plan keys set before validation, as the command
+            line's ``--set`` (``["model.source=tiny:paligemma", "batch_size=2"]``);
+            recorded as ``overrides`` in each run's ``manifest.json``.
 
     Returns:
         `Results`: ``results.table("tokens")`` and friends.
@@ -183,11 +193,11 @@ def run(
             text = yaml.safe_dump(plan, sort_keys=False)
         except yaml.YAMLError as e:
             raise PlanError(f"<plan>: the plan dict holds a value that is not plain data (str, number, list, dict): {e}") from None
-        loaded = load_plan(text=text, base_dir=base_dir)
+        loaded = load_plan(text=text, base_dir=base_dir, overrides=tuple(overrides))
     elif isinstance(plan, (str, Path)):
         if base_dir is not None:
             raise PlanError("base_dir: only for a dict plan; a plan file's paths are relative to its own folder")
-        loaded = load_plan(plan)
+        loaded = load_plan(plan, overrides=tuple(overrides))
     else:
         raise PlanError(f"plan: expected a YAML file path or a dict; got {type(plan).__name__}")
     from embedlens.plan import run_all
@@ -196,7 +206,35 @@ def run(
         from embedlens.files import check_output
 
         check_output(output)
-    return Results(run_all(loaded, output, progress=progress, resume=resume, overwrite=overwrite))
+    with _quiet(quiet):
+        return Results(run_all(loaded, output, progress=progress, resume=resume, overwrite=overwrite))
+
+
+@contextlib.contextmanager
+def _quiet(on: bool):
+    """Silence Hugging Face's progress bars and info/warning logs and library warnings inside the block; restore after."""
+    if not on:
+        yield
+        return
+    import warnings
+
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars, hub_bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hub.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if hub_bars:
+            hub.enable_progress_bars()
 
 
 def _check_params(cls: type, params: dict[str, Any]) -> None:

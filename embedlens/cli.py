@@ -23,6 +23,19 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _threads(n: Optional[int]) -> None:
+    """``--threads N``: the BLAS libraries read their variables when torch loads them, torch its own setting after."""
+    if n is None:
+        return
+    if n < 1:
+        _fail(EmbedLensError(f"--threads: expected an integer >= 1; got {n}"))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
+        os.environ[var] = str(n)
+    import torch  # after the variables: the BLAS libraries read them as torch loads them
+
+    torch.set_num_threads(n)
+
+
 def _progress_bar(quiet: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -45,6 +58,8 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run in the output folder from its last finished batch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an unfinished run in the output folder and start again."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or model messages."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE: set a plan key for this run (dotted: model.source, batch_size, data.synthetic.n, probes.0.params.layer), checked as the plan; repeatable."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and the BLAS libraries (default: theirs)."),
 ) -> None:
     """Run an analysis plan: tables (Parquet/CSV), figures, report.html and a manifest.
 
@@ -58,11 +73,14 @@ def run(
         embedlens run examples/quickstart.yaml --output runs/quickstart
 
         embedlens run examples/partition_study.yaml --resume
+
+        embedlens run examples/quickstart.yaml --set model.source=tiny:paligemma --set batch_size=2 --threads 1
     """
     from embedlens.plan import load_plan
 
+    _threads(threads)
     try:
-        loaded = load_plan(plan)
+        loaded = load_plan(plan, overrides=overrides or ())
         from embedlens.plan import run_all  # torch and the models: after the plan's own errors
         from embedlens.plan import distributed
 
@@ -175,7 +193,11 @@ def _print_headline(stats: dict, model: str = "") -> None:
 
 
 @app.command()
-def validate(plan: Path = typer.Argument(..., help="YAML plan file.")) -> None:
+def validate(
+    plan: Path = typer.Argument(..., help="YAML plan file."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE: set a plan key (as run --set does); repeatable."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and the BLAS libraries (default: theirs)."),
+) -> None:
     """Check a plan completely without running it: schema, plugin names and
     parameter types, files and data records, and (after loading each model)
     layer ranges and model-dependent options.
@@ -186,8 +208,9 @@ def validate(plan: Path = typer.Argument(..., help="YAML plan file.")) -> None:
     """
     from embedlens.plan import load_plan
 
+    _threads(threads)
     try:
-        loaded = load_plan(plan)
+        loaded = load_plan(plan, overrides=overrides or ())
         import tempfile
 
         from embedlens.plan import prepare  # torch and the models: after the plan's own errors
@@ -267,6 +290,8 @@ def eval_benchmarks(
     device: Optional[str] = typer.Option(None, "--device", help="Replace the plan model's device (e.g. cuda)."),
     resume: bool = typer.Option(False, "--resume", help="The output folder holds a finished eval of the same plan, tasks, conditions and limit: show it, do not evaluate again."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what the output folder holds (an unfinished or finished embedlens run, another eval)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE: set a plan key for this run (dotted: model.source, batch_size, data.synthetic.n, probes.0.params.layer), checked as the plan; repeatable."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and the BLAS libraries (default: theirs)."),
 ) -> None:
     """Score the plan's conditions on lmms-eval benchmarks with each benchmark's own metrics (in-process):
     one task x condition x metric table with the paired difference to the baseline, a chart and report.html.
@@ -275,6 +300,7 @@ def eval_benchmarks(
 
         embedlens eval study.yaml --tasks pope,textvqa_val --conditions baseline,prune_dead,prune_random
     """
+    _threads(threads)
     try:
         import importlib.util
 
@@ -287,7 +313,7 @@ def eval_benchmarks(
             n = int(limit) if 1 <= limit <= 2**53 and float(limit).is_integer() else limit  # NaN, inf, 1e30 reach the check as given
         result = run_eval(plan, parse_list(tasks, "--tasks"), parse_list(conditions, "--conditions") if conditions is not None else None,
                           limit=n, out_dir=output, batch_size=batch_size, source=source, device=device,
-                          progress=typer.echo, resume=resume, overwrite=overwrite)
+                          progress=typer.echo, resume=resume, overwrite=overwrite, overrides=overrides or ())
     except EmbedLensError as e:
         _fail(e)
     except OSError as e:
@@ -315,22 +341,35 @@ def list_plugins() -> None:
 
         embedlens list
     """
-    from embedlens.registry import REGISTRIES, plugin_params, summary  # registries import their built-ins on first look-up
+    from importlib import metadata
 
+    from embedlens.plugin_index import read_index
+    from embedlens.registry import REGISTRIES
+
+    builtin = read_index()  # the built-ins as stored: listing them imports neither them nor torch
     for kind, reg in REGISTRIES.items():
+        rows = {row["name"]: row for row in builtin.get(kind, [])}
+        failed: dict[str, str] = {}
+        if any(ep.name not in rows for ep in metadata.entry_points(group=reg.group)):  # third-party plugins: loaded
+            from embedlens.registry import plugin_params, summary
+
+            for name, cls in reg.items():
+                if name not in rows:
+                    rows[name] = {"name": name, "summary": summary(cls), "params": [str(p) for p in plugin_params(cls)],
+                                  "architectures": list(getattr(cls, "architectures", ()))}
+            failed = reg.failed
         typer.echo(f"{kind}:")
-        items = reg.items()
-        if not items and not reg.failed:
+        if not rows and not failed:
             typer.echo("  (none registered)")
-        for name, cls in items:
-            typer.echo(f"  {name:<18} {summary(cls)}")
+        for name in sorted(rows):
+            row = rows[name]
+            typer.echo(f"  {name:<18} {row['summary']}")
             if kind == "adapters":
-                typer.echo(f"  {'':<18} architectures: {', '.join(cls.architectures)}")
+                typer.echo(f"  {'':<18} architectures: {', '.join(row['architectures'])}")
                 continue
-            params = plugin_params(cls)
-            for p in params:
+            for p in row["params"]:
                 typer.echo(f"  {'':<18}   {p}")
-        for name, err in reg.failed.items():
+        for name, err in failed.items():
             typer.echo(f"  {name:<18} FAILED TO LOAD: {err}")
 
 
@@ -339,16 +378,15 @@ app.add_typer(new_app, name="new")
 
 
 def _new(kind: str, name: str, directory: Path) -> None:
-    from embedlens.scaffold import new_plugin
+    from embedlens.scaffold import new_plugin, next_steps
 
     try:
         root = new_plugin(kind, name, directory)
     except EmbedLensError as e:
         _fail(e)
-    typer.echo(f"wrote {root}")
-    typer.echo(f"  pip install -e {root}     # embedlens finds it through its entry point")
-    typer.echo("  embedlens list             # shows it with its parameters")
-    typer.echo(f"  python -m pytest -q {root / 'tests'}")
+    typer.echo(f"wrote {root}; next, from this folder:")
+    for line in next_steps(root):
+        typer.echo(f"  {line}")
 
 
 @new_app.command("probe")
@@ -360,9 +398,23 @@ def new_probe(
 
     Example:
 
-        embedlens new probe token_norm && pip install -e token_norm && embedlens list
+        embedlens new probe token_norm && pip install -e './token_norm[test]' && embedlens list
     """
     _new("probe", name, directory)
+
+
+@new_app.command("metric")
+def new_metric(
+    name: str = typer.Argument(..., help="The metric's name in plans (a lower-case identifier)."),
+    directory: Path = typer.Option(Path("."), "--dir", "-d", help="Folder to create the package NAME in."),
+) -> None:
+    """Write a metric plugin package NAME/: pyproject (entry point), module, README, tests.
+
+    Example:
+
+        embedlens new metric top_kept && pip install -e './top_kept[test]'
+    """
+    _new("metric", name, directory)
 
 
 @new_app.command("intervention")
@@ -374,7 +426,7 @@ def new_intervention(
 
     Example:
 
-        embedlens new intervention scale_visual && pip install -e scale_visual
+        embedlens new intervention scale_visual && pip install -e './scale_visual[test]'
     """
     _new("intervention", name, directory)
 

@@ -1,32 +1,37 @@
-"""``embedlens new probe NAME`` / ``embedlens new intervention NAME``: a pip-installable plugin package to start from.
+"""``embedlens new probe|intervention|metric NAME``: a pip-installable plugin package to start from.
 
 The package holds a ``pyproject.toml`` with the entry point embedlens loads
-plugins through (group ``embedlens.probes`` / ``embedlens.interventions``,
-entry-point name = the plugin's name in plans), the plugin module (a working
-plugin: a probe that reads the norm of every visual token at one LLM layer,
-or an intervention that scales selected tokens' input embeddings), a README
-and a test that runs the public conformance check. It passes its own tests
-unchanged.
+plugins through (group ``embedlens.probes`` / ``embedlens.interventions`` /
+``embedlens.metrics``, entry-point name = the plugin's name in plans), the
+plugin module under ``src/`` (a working plugin: a probe that reads the norm of
+every visual token at one LLM layer, an intervention that scales selected
+tokens' input embeddings, or a metric that says whether a condition keeps the
+baseline's top next token), a README and tests. The src layout and the
+pytest configuration in ``pyproject.toml`` make ``python -m pytest -q NAME``
+(from the parent folder) and ``python -m pytest -q`` (inside it) import the
+package, never the project folder of the same name; `next_steps` are the
+commands ``embedlens new`` prints, and they pass as printed.
 
 Example:
     >>> import tempfile
     >>> from pathlib import Path
     >>> root = new_plugin("probe", "my_norms", Path(tempfile.mkdtemp()))
     >>> sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    ['README.md', 'my_norms/__init__.py', 'pyproject.toml', 'tests/test_my_norms.py']
+    ['README.md', 'pyproject.toml', 'src/my_norms/__init__.py', 'tests/test_my_norms.py']
 """
 
 from __future__ import annotations
 
 import keyword
 import re
+import shlex
 from pathlib import Path
 from string import Template
 
 from embedlens.errors import InputError
 
-KINDS = ("probe", "intervention")
-GROUPS = {"probe": "embedlens.probes", "intervention": "embedlens.interventions"}
+KINDS = ("probe", "intervention", "metric")
+GROUPS = {"probe": "embedlens.probes", "intervention": "embedlens.interventions", "metric": "embedlens.metrics"}
 
 _PYPROJECT = Template('''\
 [build-system]
@@ -47,8 +52,15 @@ test = ["pytest>=8"]
 [project.entry-points."$group"]
 $name = "$name:$cls"
 
+# src layout: the project folder $name/ and the package src/$name/ cannot be confused on sys.path
 [tool.setuptools]
+package-dir = {"" = "src"}
 packages = ["$name"]
+
+# `python -m pytest -q` inside this folder, or `python -m pytest -q $name` next to it
+[tool.pytest.ini_options]
+testpaths = ["tests"]
+pythonpath = ["src"]
 ''')
 
 _PROBE = Template('''\
@@ -159,6 +171,38 @@ class $cls(Intervention):
         return {}  # nothing learned; the per-batch mask is rebuilt by setup
 ''')
 
+_METRIC = Template('''\
+"""$summary: an embedlens metric plugin (see embedlens's docs/writing-an-intervention.md, "Metrics")."""
+
+from __future__ import annotations
+
+from embedlens.metrics.base import Metric
+from embedlens.registry import metrics
+
+
+@metrics.register("$name")
+class $cls(Metric):
+    """Whether the baseline's top next token stays among the condition's top k (1.0 or 0.0 per sample).
+
+    Args:
+        k: how many of the condition's most likely next tokens to look in (1 = the top token must not change).
+
+    Example:
+        >>> $cls(k=5).k
+        5
+    """
+
+    def __init__(self, k: int = 1):
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"$name.k: expected an integer >= 1, got {k!r}")
+        self.k = k
+
+    def compute(self, baseline, condition, samples):
+        top = baseline.last_logits().argmax(-1)  # [batch]
+        kept = (condition.last_logits().topk(self.k, dim=-1).indices == top[:, None]).any(-1)  # [batch]
+        return {"top_kept": kept.double().cpu().tolist()}  # once per batch, as one list
+''')
+
 _PROBE_TEST = Template('''\
 """The plugin passes embedlens's public conformance checks and reads what it says it reads."""
 
@@ -219,15 +263,54 @@ def test_factor_one_is_the_unmodified_model_and_zero_is_zero_ablation():
     assert torch.allclose(zero, ablated, atol=1e-5) and not torch.allclose(zero, base, atol=1e-3)
 ''')
 
+_METRIC_TEST = Template('''\
+"""The metric is registered, validates its parameter, and agrees with the logits it reads."""
+
+import pytest
+import torch
+
+from $name import $cls
+
+
+def test_registered_and_validated():
+    from embedlens.registry import metrics
+
+    assert metrics.get("$name") is $cls
+    with pytest.raises(ValueError, match="k"):
+        $cls(k=0)
+
+
+def test_against_the_logits():
+    """The unmodified model keeps every top token; zero-ablating the image, checked against the logits themselves."""
+    from embedlens.adapters import load_model
+    from embedlens.interventions.engine import Engine
+    from embedlens.registry import interventions
+    from embedlens.testing.conformance import conformance_samples
+
+    adapter = load_model("tiny:llava-clip")
+    samples = conformance_samples(answers=False)
+    batch = adapter.encode(samples, padding_side="left")
+    engine = Engine(adapter)
+    with torch.no_grad():
+        base = engine.run(batch)
+        same = engine.run(batch)
+        ablated = engine.run(batch, [interventions.get("ablate")(tokens="visual", value="zero")])
+    assert $cls(k=1).compute(base, same, samples)["top_kept"] == [1.0] * len(samples)
+    for k in (1, 3):
+        want = [float(int(base.last_logits()[i].argmax()) in ablated.last_logits()[i].topk(k).indices.tolist())
+                for i in range(len(samples))]
+        assert $cls(k=k).compute(base, ablated, samples)["top_kept"] == want
+''')
+
 _README = Template('''\
 # $dist
 
 $summary: an [embedlens](https://github.com/embedlens/embedlens) $kind plugin, registered as `$name`.
 
 ```bash
-pip install -e .            # embedlens finds it through the "$group" entry point
+pip install -e ".[test]"    # embedlens finds it through the "$group" entry point
 embedlens list              # shows $name with its parameters
-python -m pytest -q tests   # the public conformance check
+python -m pytest -q         # its tests (the public conformance check for probes and interventions)
 ```
 
 Use it in a plan:
@@ -286,7 +369,7 @@ def new_plugin(kind: str, name: str, parent: Path) -> Path:
     """Write the plugin package ``parent/NAME`` and return its folder.
 
     Args:
-        kind: "probe" or "intervention".
+        kind: "probe", "intervention" or "metric".
         name: the plugin's name (see `check_name`).
         parent: the folder to create the package in.
 
@@ -294,14 +377,11 @@ def new_plugin(kind: str, name: str, parent: Path) -> Path:
         InputError: unknown kind, bad name, a name embedlens already uses or that would shadow another
             module, `parent` not a folder or not writable, or ``parent/NAME`` already exists (it is never overwritten).
     """
-    from embedlens.registry import interventions, probes
-
     if kind not in KINDS:
         raise InputError(f"KIND {kind!r}: expected one of {', '.join(KINDS)}")
     check_name(name)
-    registry = probes if kind == "probe" else interventions
-    if name in registry and registry.get(name).__module__.startswith("embedlens."):
-        raise InputError(f"NAME {name!r}: embedlens already has a {kind} of that name; choose another")
+    if name in builtin_names(kind):  # read from the source, not imported: `embedlens new` starts without torch
+        raise InputError(f"NAME {name!r}: embedlens already has {'an' if kind[0] in 'aeiou' else 'a'} {kind} of that name; choose another")
     parent = Path(parent)
     if (parent.exists() or parent.is_symlink()) and not parent.is_dir():
         raise InputError(f"--dir {parent}: not a folder; expected a folder to create the package {name}/ in")
@@ -309,15 +389,19 @@ def new_plugin(kind: str, name: str, parent: Path) -> Path:
     if root.exists() or root.is_symlink():
         raise InputError(f"{root} already exists; embedlens new never overwrites a folder: choose another NAME or folder")
     cls = "".join(part.capitalize() for part in name.split("_") if part) or name.capitalize()
-    summary = "Norm of every visual token at one LLM layer" if kind == "probe" else "Scale the input embeddings of selected image tokens"
-    usage = (f"probes:\n  - name: {name}\n    params: {{layer: 1}}" if kind == "probe" else
-             f"conditions:\n  halve_visual: [{{name: {name}, params: {{tokens: visual, factor: 0.5}}}}]\nmetrics: [{{name: next_token_kl}}]")
+    summary = {"probe": "Norm of every visual token at one LLM layer", "intervention": "Scale the input embeddings of selected image tokens",
+               "metric": "Whether a condition keeps the baseline's top next token"}[kind]
+    usage = {"probe": f"probes:\n  - name: {name}\n    params: {{layer: 1}}",
+             "intervention": f"conditions:\n  halve_visual: [{{name: {name}, params: {{tokens: visual, factor: 0.5}}}}]\n"
+                             "metrics: [{name: next_token_kl}]",
+             "metric": f"conditions:\n  no_image: [{{name: ablate, params: {{tokens: visual, value: zero}}}}]\n"
+                       f"metrics: [{{name: {name}, params: {{k: 5}}}}]"}[kind]
     fields = dict(name=name, cls=cls, kind=kind, group=GROUPS[kind], dist=f"embedlens-{name.replace('_', '-')}",
                   summary=summary, usage=usage)
     files = {
         "pyproject.toml": _PYPROJECT,
-        f"{name}/__init__.py": _PROBE if kind == "probe" else _INTERVENTION,
-        f"tests/test_{name}.py": _PROBE_TEST if kind == "probe" else _INTERVENTION_TEST,
+        f"src/{name}/__init__.py": {"probe": _PROBE, "intervention": _INTERVENTION, "metric": _METRIC}[kind],
+        f"tests/test_{name}.py": {"probe": _PROBE_TEST, "intervention": _INTERVENTION_TEST, "metric": _METRIC_TEST}[kind],
         "README.md": _README,
     }
     try:
@@ -332,3 +416,39 @@ def new_plugin(kind: str, name: str, parent: Path) -> Path:
     except OSError as e:
         raise InputError(f"cannot write the package into {root} ({e.strerror or e}); what was written there is left as it is") from None
     return root
+
+
+def builtin_names(kind: str) -> set[str]:
+    """The names of embedlens's built-in plugins of `kind`, read from the ``@REGISTRY.register("name")`` decorators
+    in the source of ``embedlens/probes/`` (``interventions/``, ``metrics/``) without importing it (nor torch).
+
+    Example:
+        >>> {"embedding_lens", "sink_detector"} <= builtin_names("probe")
+        True
+    """
+    import ast
+
+    registry = {"probe": "probes", "intervention": "interventions", "metric": "metrics"}[kind]
+    names: set[str] = set()
+    for path in sorted((Path(__file__).resolve().parent / registry).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            for deco in getattr(node, "decorator_list", ()) if isinstance(node, ast.ClassDef) else ():
+                if (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute) and deco.func.attr == "register"
+                        and isinstance(deco.func.value, ast.Name) and deco.func.value.id == registry
+                        and deco.args and isinstance(deco.args[0], ast.Constant) and isinstance(deco.args[0].value, str)):
+                    names.add(deco.args[0].value)
+    return names
+
+
+def next_steps(root: Path) -> list[str]:
+    """The shell commands that install the package at `root` with its test extra, list it and run its tests, from
+    the folder that holds it and from inside it: they pass pasted as they are (`embedlens new` prints them).
+
+    Example:
+        >>> print(next_steps(Path("token_norm"))[0])
+        pip install -e './token_norm[test]'
+    """
+    root = Path(root)
+    shown = root.as_posix() if root.is_absolute() or root.as_posix().startswith(".") else f"./{root.as_posix()}"
+    return [f"pip install -e {shlex.quote(shown + '[test]')}", "embedlens list", f"python -m pytest -q {shlex.quote(shown)}",
+            f"(cd {shlex.quote(shown)} && python -m pytest -q)"]

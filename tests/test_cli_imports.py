@@ -64,3 +64,58 @@ def test_import_embedlens_is_light_and_names_load_on_use():
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_new_imports_nothing_heavy_and_knows_the_builtin_names_from_the_source(tmp_path):
+    """`embedlens new` reads the built-in names from the plugin modules' decorators: the same names the registries hold."""
+    from embedlens.registry import interventions, metrics, probes
+    from embedlens.scaffold import builtin_names
+
+    for kind, registry in (("probe", probes), ("intervention", interventions), ("metric", metrics)):
+        assert builtin_names(kind) == {n for n, c in registry.items() if c.__module__.startswith("embedlens.")}, kind
+    heavy, proc = _heavy_imported(["new", "metric", "my_light_metric", "--dir", str(tmp_path)], tmp_path)
+    assert proc.returncode == 0 and (tmp_path / "my_light_metric" / "pyproject.toml").is_file(), proc.stderr
+    assert heavy == []
+    heavy, proc = _heavy_imported(["new", "intervention", "prune", "--dir", str(tmp_path)], tmp_path)
+    assert proc.returncode == 2 and "embedlens already has an intervention of that name" in proc.stderr and heavy == []
+
+
+def test_the_stored_builtin_plugin_index_is_what_the_registries_hold():
+    from embedlens.plugin_index import INDEX, index_text
+
+    assert INDEX.read_text(encoding="utf-8") == index_text(), (
+        "embedlens/resources/builtin_plugins.json is stale; regenerate it with: python -m embedlens.plugin_index")
+
+
+def test_list_of_the_builtins_imports_nothing_heavy_and_shows_what_the_registries_hold(tmp_path):
+    """Without third-party entry points (hidden here), `embedlens list` reads the stored index: no torch, and the
+    lines are those the registries themselves give (rendered here from the imported classes)."""
+    code = (
+        "import sys\n"
+        "from importlib import metadata\n"
+        "real = metadata.entry_points\n"
+        "metadata.entry_points = lambda **k: [] if k.get('group', '').startswith('embedlens') else real(**k)\n"
+        "sys.argv = ['embedlens', 'list']\n"
+        "from embedlens.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    *lines, heavy = proc.stdout.splitlines()
+    assert heavy == "HEAVY="
+    from embedlens.registry import REGISTRIES, plugin_params, summary
+
+    want = []
+    for kind, reg in REGISTRIES.items():
+        want.append(f"{kind}:")
+        for name, cls in reg.items():
+            if not cls.__module__.startswith("embedlens."):
+                continue
+            want.append(f"  {name:<18} {summary(cls)}")
+            if kind == "adapters":
+                want.append(f"  {'':<18} architectures: {', '.join(cls.architectures)}")
+            else:
+                want += [f"  {'':<18}   {p}" for p in plugin_params(cls)]
+    assert lines == want

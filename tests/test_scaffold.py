@@ -55,11 +55,10 @@ def test_scaffolds_and_the_example_install_list_pass_their_tests_and_run_in_a_pl
         assert summary in line, listed
     assert "FAILED TO LOAD" not in listed
 
-    (tmp_path / "pytest.ini").write_text("[pytest]\n")  # the packages' own tests, as their authors run them
-    tests = [str(p / "tests") for p in packages]
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")  # the example's own tests (the scaffolds': the next test)
     out = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(tmp_path / "pytest.ini"),
-                "--rootdir", str(tmp_path), *tests], env, tmp_path).stdout
-    assert "7 passed" in out, out
+                "--rootdir", str(tmp_path), str(EXAMPLE / "tests")], env, tmp_path).stdout
+    assert "3 passed" in out, out
 
     (tmp_path / "plan.yaml").write_text(
         "model: {source: tiny:llava-clip}\n"
@@ -89,3 +88,47 @@ def test_the_install_guard_allows_only_the_temporary_target(tmp_path, pip_target
                  f"{sys.executable} -m pip install --no-deps --no-build-isolation --target {pip_target} x"):
         with pytest.raises(AssertionError, match="a package install was attempted at run time"):
             subprocess.Popen(args)
+
+
+def _shim(bin_dir: Path) -> None:
+    """`python` and `embedlens` on PATH as a user's shell has them: this interpreter, this checkout."""
+    bin_dir.mkdir()
+    for name, cmd in (("python", f'exec {sys.executable} "$@"'),
+                      ("embedlens", f'exec {sys.executable} -c "from embedlens.cli import main; main()" "$@"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{cmd}\n")
+        (bin_dir / name).chmod(0o755)
+
+
+def test_the_printed_next_steps_pass_pasted_into_a_shell(tmp_path, pip_target):
+    """For each kind: `embedlens new` in a shell, then its printed commands pasted as they are. The one line that
+    would reach the network or change the environment, `pip install -e './NAME[test]'`, runs as the guarded
+    `--no-deps --target` install of the same folder (and its [test] extra is checked to bring pytest); the rest
+    (`embedlens list`, the tests from the parent folder and from inside the package) run verbatim."""
+    import shlex
+    import tomllib
+
+    _shim(tmp_path / "bin")
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(pip_target), str(ROOT)]), "PYTEST_ADDOPTS": "-p no:cacheprovider -p no:xdist"}
+    work = tmp_path / "work"
+    work.mkdir()
+    steps = {}
+    for kind, name in (("probe", "my_norms"), ("intervention", "my_scale"), ("metric", "my_top_kept")):
+        out = _run(["bash", "-c", f"embedlens new {kind} {name}"], env, work).stdout.splitlines()
+        assert out[0] == f"wrote {name}; next, from this folder:", out
+        steps[name] = [line.strip() for line in out[1:]]
+        install = steps[name][0]
+        assert shlex.split(install) == ["pip", "install", "-e", f"./{name}[test]"], install
+        extras = tomllib.loads((work / name / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+        assert any(x.startswith("pytest") for x in extras), extras
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--target", str(pip_target), "-q",
+          *(f"./{n}" for n in steps)], env, work)
+    for name, lines in steps.items():
+        assert lines[1:] == ["embedlens list", f"python -m pytest -q ./{name}", f"(cd ./{name} && python -m pytest -q)"], lines
+        proc = subprocess.run(["bash", "-e", "-c", "\n".join(lines[1:])], env=env, cwd=work, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, f"{name}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        listed = [x for x in proc.stdout.splitlines() if x.split()[:1] == [name]]
+        assert listed and "FAILED" not in listed[0], proc.stdout
+        # both pytest runs collected the package's own tests and passed them all
+        assert [x.split(" in ")[0] for x in proc.stdout.splitlines() if " passed" in x or " failed" in x] == ["2 passed"] * 2, proc.stdout

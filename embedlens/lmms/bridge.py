@@ -140,6 +140,7 @@ class Bridge:
         model: str | None = None,
         device: str | None = None,
         batch_size: int | None = None,
+        overrides: Sequence[str] = (),
     ) -> "Bridge":
         """Load the plan's model (one of its `models`, by name) and build its conditions.
 
@@ -149,6 +150,7 @@ class Bridge:
             model: which of the plan's ``models`` (default: the first, or its single ``model``).
             device: replaces the model's ``device``.
             batch_size: prompts per engine run (default: the plan's ``batch_size``).
+            overrides: ``KEY=VALUE`` plan keys set before validation (``--set``; `embedlens.plan.overrides`).
 
         Raises:
             PlanError: the plan does not validate, or the model does not load.
@@ -157,7 +159,7 @@ class Bridge:
         from embedlens.interventions.engine import Engine
         from embedlens.plan import load_plan, prepare
 
-        loaded = load_plan(plan)
+        loaded = load_plan(plan, overrides=tuple(overrides))
         specs = loaded.plan.model_specs()
         name = model if model is not None else next(iter(specs))
         if name not in specs:

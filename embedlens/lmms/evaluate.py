@@ -106,6 +106,7 @@ def run_eval(
     progress: Callable[[str], None] | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    overrides: Sequence[str] = (),
 ) -> EvalResult:
     """Evaluate the plan's conditions on lmms-eval tasks and write the table, chart and report.
 
@@ -122,6 +123,7 @@ def run_eval(
         progress: called with a line of text for the console as each condition starts (and once with where data sets are cached).
         resume: `out_dir` holds a finished eval of the same plan, tasks, conditions and limit: return it as it is.
         overwrite: replace what `out_dir` holds (an unfinished or finished `embedlens run`, another eval).
+        overrides: ``KEY=VALUE`` plan keys set before validation (``--set``), recorded in the manifest.
 
     The run folder follows `embedlens run`'s rules (`eval_folder`): an unfinished run, a finished run's
     results and a multi-model run are never deleted without `overwrite`; an earlier eval in the folder is
@@ -136,7 +138,7 @@ def run_eval(
     _check_limit(limit)
     from embedlens.plan import load_plan
 
-    loaded = load_plan(plan)  # the plan's own errors before anything heavy
+    loaded = load_plan(plan, overrides=tuple(overrides))  # the plan's own errors before anything heavy
     out = check_output(out_dir if out_dir is not None else default_output(str(loaded.output_dir)))  # '' is refused, not '.'
     wanted = parse_list(list(conditions), "--conditions") if conditions is not None else None
     if wanted is not None:
@@ -151,10 +153,11 @@ def run_eval(
     claim(out, kind="eval")
     try:
         with RunLock(out):
-            done = eval_folder(out, str(plan), tasks, wanted, limit, resume, overwrite)
+            done = eval_folder(out, str(plan), tasks, wanted, limit, resume, overwrite, overrides=loaded.overrides)
             if done is not None:
                 return done
-            return _run_locked(str(plan), tasks, wanted, limit, out, batch_size, source, device, task_manager, progress)
+            return _run_locked(str(plan), tasks, wanted, limit, out, batch_size, source, device, task_manager, progress,
+                               tuple(overrides))
     except OSError as e:
         raise os_error(e, "write", out) from None
 
@@ -172,7 +175,7 @@ def _read_json(out: Path, name: str) -> Any:
 
 
 def eval_folder(out: Path, plan: str, tasks: Sequence[str], conditions: Sequence[str], limit, resume: bool,
-                overwrite: bool) -> EvalResult | None:
+                overwrite: bool, overrides: dict | None = None) -> EvalResult | None:
     """Decide what an eval may do with its claimed, locked folder, by `embedlens run`'s rules.
 
     - an unfinished `embedlens run` (``checkpoint.safetensors``): refused unless `overwrite` (eval cannot
@@ -209,6 +212,8 @@ def eval_folder(out: Path, plan: str, tasks: Sequence[str], conditions: Sequence
     if manifest is not None and resume:
         want = {"plan": plan, "tasks": list(tasks), "conditions": list(conditions), "limit": limit}
         differ = [f"{k} {manifest.get(k)!r} (now {v!r})" for k, v in want.items() if manifest.get(k) != v]
+        if (manifest.get("overrides") or {}) != (overrides or {}):  # --set: another plan
+            differ.append(f"overrides {manifest.get('overrides') or {}!r} (now {overrides or {}!r})")
         if differ:
             raise RunFolderError(f"{out}: the finished eval there has {', '.join(differ)}; --resume returns an eval of the same "
                                  "plan, tasks, conditions and limit: replace it with --overwrite, or give another --output")
@@ -273,7 +278,7 @@ def _task_manager(tasks: Sequence[str]):
     return tm
 
 
-def _run_locked(plan, tasks, conditions, limit, out, batch_size, source, device, task_manager, progress) -> EvalResult:
+def _run_locked(plan, tasks, conditions, limit, out, batch_size, source, device, task_manager, progress, overrides=()) -> EvalResult:
     from lmms_eval.evaluator import simple_evaluate
 
     from embedlens.lmms.bridge import Bridge
@@ -285,7 +290,7 @@ def _run_locked(plan, tasks, conditions, limit, out, batch_size, source, device,
         progress(f"data sets: lmms-eval caches them in {datasets_cache()}, not in {out} "
                  "(set LMMS_EVAL_DATASETS_CACHE or HF_DATASETS_CACHE to move it)")
     register()
-    bridge = Bridge.load(plan, source=source, device=device, batch_size=batch_size)
+    bridge = Bridge.load(plan, source=source, device=device, batch_size=batch_size, overrides=overrides)
     for c in conditions:
         bridge.check_condition(c)
     seed = bridge.prepared.loaded.plan.seed
@@ -459,6 +464,7 @@ def _write(result: EvalResult, bridge, plan: str, tasks, conditions, limit, star
         "kind": "eval",
         "plan": str(plan),
         "plan_hash": plan_hash(bridge.prepared.loaded),
+        "overrides": bridge.prepared.loaded.overrides,  # --set KEY=VALUE applied to the plan
         "seed": bridge.prepared.loaded.plan.seed,
         "model": {"name": bridge.prepared.model_name, "source": adapter.source, "adapter": adapter.name,
                   "class": type(adapter.model).__name__},

@@ -11,7 +11,9 @@ import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from embedlens.errors import EmbedLensError, PlanError
+from embedlens.plan.overrides import apply_overrides, overridden
 from embedlens.plan.schema import Plan
+from embedlens.plan.selections import check_selections
 from embedlens.registry import plugin_params, probes
 
 
@@ -65,6 +67,7 @@ class LoadedPlan:
         self._located = located
         self._base_dir = base_dir
         self.aliases: dict[tuple, tuple] = {}
+        self.overrides: dict[str, Any] = {}  # --set KEY=VALUE applied before validation: {dotted key: value}
 
     def written(self, loc: tuple) -> tuple:
         """Where an expanded key path was written in the file."""
@@ -110,8 +113,9 @@ class LoadedPlan:
     def error(self, loc: tuple, message: str) -> PlanError:
         """A `PlanError` pointing at `loc` (a key path tuple) in the plan file."""
         loc = self.written(tuple(loc))
-        line = self._located.line(loc)
-        where = f"{self.path or '<plan>'}" + (f":{line}" if line else "")
+        by = overridden(loc, self.overrides)
+        line = None if by is not None else self._located.line(loc)
+        where = f"{self.path or '<plan>'}" + (f":{line}" if line else "") + (f" --set {by}:" if by is not None else "")
         return PlanError(f"{where} {_key_path(loc)}: {message}")
 
 
@@ -146,7 +150,8 @@ def _suggest(model: type[BaseModel], loc: tuple) -> str:
     return (f". Did you mean: {', '.join(close)}?" if close else "") + f" Allowed keys: {', '.join(names)}"
 
 
-def load_plan(path: str | Path | None = None, text: str | None = None, base_dir: str | Path | None = None) -> LoadedPlan:
+def load_plan(path: str | Path | None = None, text: str | None = None, base_dir: str | Path | None = None,
+              overrides: "list[str] | tuple[str, ...]" = ()) -> LoadedPlan:
     """Parse and validate a plan from a file (or from `text`).
 
     Checks that need no model happen here: schema, unknown keys, plugin names
@@ -155,7 +160,9 @@ def load_plan(path: str | Path | None = None, text: str | None = None, base_dir:
 
     Relative paths in the plan (``data.prompts``, ``data.images``,
     ``data.dataset``, ``output.dir``) are relative to the plan file's folder;
-    for `text`, to `base_dir` (default: the working directory).
+    for `text`, to `base_dir` (default: the working directory). `overrides`
+    (``["model.source=...", "batch_size=4"]``, see `embedlens.plan.overrides`)
+    change keys before validation; ``loaded.overrides`` records them.
 
     Raises:
         PlanError: naming file, line and key path.
@@ -182,6 +189,7 @@ def load_plan(path: str | Path | None = None, text: str | None = None, base_dir:
         raise PlanError(f"{where}: the plan is empty")
     if not isinstance(raw, dict):
         raise PlanError(f"{where}:1: a plan must be a mapping of keys (model, data, probes, ...); got {type(raw).__name__}")
+    applied = apply_overrides(raw, overrides) if overrides else {}
     try:
         plan = Plan.model_validate(raw)
     except ValidationError as e:
@@ -199,14 +207,22 @@ def load_plan(path: str | Path | None = None, text: str | None = None, base_dir:
             msg += _suggest(Plan, loc)
         line = located.line(loc)
         more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
+        by = overridden(loc, applied)
+        if by is not None:  # the file's line would point at what the override replaced
+            raise PlanError(f"{where} --set {by}: {_key_path(loc)}: {msg}{more}") from None
         raise PlanError(f"{where}{':' + str(line) if line else ''} {_key_path(loc)}: {msg}{more}") from None
     loaded = LoadedPlan(plan, p, located, Path(base_dir).expanduser() if base_dir is not None else None)
-    loaded.text = text  # the plan as written (comments kept): the report embeds it
+    loaded.overrides = applied
+    # the plan as written (comments kept): the report embeds it; with overrides, the plan as run
+    loaded.text = text if not applied else (
+        "# " + where + " with " + " ".join(f"--set {overridden(tuple(k.split('.')), applied)}" for k in applied) + "\n"
+        + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
     _check_names(loaded)
     _expand_sweeps(loaded)
     _check_plugins(loaded)
     _check_labels(loaded)
     _one_partition(loaded)
+    check_selections(loaded)
     _check_files(loaded)
     return loaded
 

@@ -859,6 +859,7 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, starte
     manifest = {
         "plan": str(loaded.path) if loaded.path else None,
         "plan_hash": plan_hash(loaded),
+        "overrides": loaded.overrides,  # --set KEY=VALUE applied to the plan file
         "seed": plan.seed,
         "model": {
             "name": prepared.model_name,

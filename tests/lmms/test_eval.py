@@ -29,7 +29,7 @@ def evaluated(lmms_env, tmp_path_factory):
     os.chdir(work)
     try:
         res = CliRunner().invoke(app, ["eval", str(EXAMPLE), "--tasks", TASKS, "--conditions", "prune_dead,prune_random",
-                                       "--limit", "4", "--output", "out"])
+                                       "--limit", "4", "--output", "out", "--set", "batch_size=3"])
     finally:
         os.chdir(here)
     return res, work / "out"
@@ -58,6 +58,10 @@ def test_writes_table_chart_and_report(evaluated):
     assert html.count("data:image/png;base64,") == 1  # the chart, once (not again under other figures)
     assert "missing:" not in html and ">None<" not in html
     assert (out / ".embedlens-run").is_file()
+    import json
+
+    manifest = json.loads((out / "manifest.json").read_text())  # --set batch_size=3: applied, and recorded as applied
+    assert manifest["overrides"] == {"batch_size": 3} and manifest["batch_size"] == 3
     assert "embedlens_pope_mc" in res.output and "prune_random" in res.output
 
 
