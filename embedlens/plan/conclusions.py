@@ -189,7 +189,9 @@ def analyse(
     # X_delta of a metric with X and X_base is X minus the baseline again: the same test twice
     metrics = [k for k in cols if not k.endswith("_base")
                and not (k.endswith("_delta") and k[: -len("_delta")] in cols and f"{k[: -len('_delta')]}_base" in cols)]
-    out.accuracy = [m for m in metrics if is_binary(_floats(cols[m]))]
+    # an accuracy is 0/1 under every condition AND at the baseline: a count that a condition drives to 0/1 (every
+    # visual token removed) is still a count, and its baseline column must not be read as successes
+    out.accuracy = [m for m in metrics if is_binary(np.concatenate([_floats(cols[m]), _floats(cols.get(f"{m}_base", []))]))]
     out.metrics = out.accuracy + [m for m in metrics if m not in out.accuracy]
     # what each condition acted on, and which condition removed every visual token
     removed: dict[tuple[str, str], int] = {}

@@ -234,3 +234,14 @@ def test_four_samples_warn_that_no_change_can_be_detected():
     row = c.find("drop", "baseline", "correct")
     assert row["mde"] == float("inf") and "no change can be detected" in row["verdict"]
     assert any("correct: at n = 4 no change is detectable" in w and "report.min_effect" in w for w in c.warnings)
+
+
+def test_a_count_that_one_condition_drives_to_zero_or_one_is_not_an_accuracy():
+    """A metric that reads 0/1 under every condition but counts at the baseline (visual tokens left by a condition
+    that removes them all) is not an accuracy: its baseline column must not be taken as successes of n trials."""
+    eff = {"sample": IDS, "condition": ["blind"] * 10, "tokens": [0.0] * 9 + [1.0],
+           "tokens_base": [float(30 + i) for i in range(10)]}
+    c = analyse(eff, None, {}, ReportSpec(resamples=200), seed=0)
+    assert "tokens" not in c.accuracy
+    base = [i for i, (cond, m) in enumerate(zip(c.rows["condition"], c.rows["metric"])) if cond == "baseline" and m == "tokens"]
+    assert base and c.rows["mean"][base[0]] == pytest.approx(np.mean([30 + i for i in range(10)]))
