@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from embedlens.files import contained
-from embedlens.stats import holm, paired, seed_for
+from embedlens.stats import holm, paired, power_note, seed_for
 
 #: Columns of ``compare_effects.csv``.
 COLUMNS = ("condition", "reference", "metric", "n_shared", "effect_a", "effect_b", "diff", "diff_ci_low", "diff_ci_high", "test",
@@ -115,9 +115,7 @@ def _verdict(row: dict, a: str, confidence: float) -> str:
         return (f"the effect is {way} in {a} by {abs(d):.3g} ({int(confidence * 100)}% interval {row['diff_ci_low']:+.3g} to "
                 f"{row['diff_ci_high']:+.3g}; p = {p:.2g}, Holm {ph:.2g})")
     s = f"no evidence that the models differ (p = {p:.2g}, Holm {ph:.2g}); the interval allows {row['diff_ci_low']:+.3g} to {row['diff_ci_high']:+.3g}"
-    if math.isfinite(row["mde"]):
-        s += f"; at n = {n} only a difference of {row['mde']:.3g} or more is likely to be detected"
-    return s
+    return s + power_note(n, row["mde"], "difference")
 
 
 def model_differences_html(rows: list[dict[str, Any]], names: list[str]) -> str:

@@ -260,11 +260,17 @@ def mde(diffs: Sequence[float], binary: bool, alpha: float = ALPHA, power: float
     the paired differences. An accuracy: the differences are -1, 0 or 1 and their variance is at most the
     discordant share pi, which an effect of size delta makes at least delta; so
     ``max(c * sqrt(pi / n), c**2 / n, m / n)``, m the fewest discordant pairs that can reach significance
-    (`mcnemar_min_discordant`), at most 1. NaN without differences.
+    (`mcnemar_min_discordant`). NaN without differences.
+
+    Infinite when no effect can be detected: below m samples both exact tests (McNemar, and the sign-flip
+    test, whose smallest p-value with n differences is also ``2 / 2**n``) cannot reach p < `alpha`
+    whatever the data.
 
     Example:
         >>> round(mde([0.0] * 12, binary=True), 3)  # 12 samples, no discordant pair: only very large effects show
         0.654
+        >>> mde([0.3, 0.1, 0.2, 0.4, 0.2], binary=False)  # 5 samples: p >= 2 / 2**5 = 0.0625 on any data
+        inf
     """
     d = np.asarray(diffs, dtype=np.float64)
     d = d[np.isfinite(d)]
@@ -272,12 +278,31 @@ def mde(diffs: Sequence[float], binary: bool, alpha: float = ALPHA, power: float
     if n == 0:
         return math.nan
     c = _NORMAL.inv_cdf(1 - alpha / 2) + _NORMAL.inv_cdf(power)
+    floor = mcnemar_min_discordant(alpha)
+    if n < max(2, floor):  # the exact test cannot reach alpha (and one sample has no spread)
+        return math.inf
     if binary:
         pi = float(np.mean(d != 0))
-        return min(1.0, max(c * math.sqrt(pi / n), c * c / n, mcnemar_min_discordant(alpha) / n))
-    if n < 2:
-        return math.inf
+        # at most 1: with n >= m samples, every one flipping one way is always detected
+        return min(1.0, max(c * math.sqrt(pi / n), c * c / n, floor / n))
     return c * float(np.std(d, ddof=1)) / math.sqrt(n)
+
+
+def power_note(n: int, detectable: float, what: str = "change") -> str:
+    """The clause a verdict ends with: what n samples can detect (`detectable`, from `mde`); "" when it is NaN.
+
+    Example:
+        >>> power_note(12, 0.654)
+        '; at n = 12 only a change of 0.654 or more is likely to be detected'
+        >>> power_note(4, math.inf)
+        '; at n = 4 no change can be detected: the exact test cannot reach p < 0.05 with fewer than 6 samples'
+    """
+    if not isinstance(detectable, (int, float)) or math.isnan(detectable):
+        return ""
+    if math.isinf(detectable):
+        return (f"; at n = {n} no {what} can be detected: the exact test cannot reach p < {ALPHA:g} with fewer than "
+                f"{mcnemar_min_discordant(ALPHA)} samples")
+    return f"; at n = {n} only a {what} of {detectable:.3g} or more is likely to be detected"
 
 
 def holm(p_values: Sequence[float]) -> np.ndarray:
@@ -428,5 +453,5 @@ def paired(
 
 
 __all__ = ["ALPHA", "EXACT_MAX_N", "MIN_N", "POWER", "RESAMPLES", "Paired", "bca_ci", "bootstrap_ci", "bootstrap_means",
-           "clopper_pearson", "holm", "is_binary", "mcnemar_exact", "mcnemar_min_discordant", "mde", "paired", "seed_for",
+           "clopper_pearson", "holm", "is_binary", "mcnemar_exact", "mcnemar_min_discordant", "mde", "paired", "power_note", "seed_for",
            "sign_flip_test", "wilson_interval"]

@@ -144,13 +144,34 @@ def test_mde_against_the_closed_form():
     assert mde(d96, binary=True) == pytest.approx(c * np.sqrt(30 / 96 / 96))
     # the exact test's own floor: 6 one-way discordant pairs are the fewest that reach p < 0.05
     assert mcnemar_min_discordant(0.05) == 6 and mcnemar_exact(0, 6) < 0.05 <= mcnemar_exact(0, 5)
-    assert mde([1.0] * 5, binary=True) == 1.0
+    assert mde([1.0] * 6, binary=True) == 1.0  # 6 of 6 flipping one way is always detected: at most 1
     # the MDE is what a z-test detects 80% of the time (a simulation independent of the formula's code)
     rng = np.random.default_rng(3)
     n, sd = 40, 1.0
     delta = c * sd / np.sqrt(n)
     z = rng.normal(delta, sd, size=(20000, n)).mean(axis=1) / (sd / np.sqrt(n))
     assert np.mean(np.abs(z) > sps.norm.ppf(0.975)) == pytest.approx(0.8, abs=0.015)
+
+
+def test_mde_is_infinite_where_the_exact_test_cannot_reach_alpha():
+    """Below 6 samples no data can give p < 0.05 (scipy's exact tests on the most extreme data: every sample one way,
+    McNemar and the sign-flip test), so the smallest detectable effect is infinite, and the verdict says none can be
+    detected; was: a finite mde (1.0 for an accuracy, c s / sqrt(n) otherwise) promising a detection that cannot happen."""
+    from embedlens.plan.conclusions import verdict
+
+    for n in range(1, 6):
+        extreme = np.linspace(1.0, 2.0, n)  # all positive: the smallest p either test can give
+        assert sps.binomtest(n, n, 0.5).pvalue >= 0.05
+        if n > 1:
+            perm = sps.permutation_test((extreme,), np.mean, permutation_type="samples", n_resamples=np.inf)
+            assert perm.pvalue >= 0.05
+        assert mde(extreme, binary=False) == math.inf and mde([1.0] * n, binary=True) == math.inf
+        assert paired(extreme, np.zeros(n)).mde == math.inf
+    assert sps.binomtest(6, 6, 0.5).pvalue < 0.05 and math.isfinite(mde(np.linspace(1.0, 2.0, 6), binary=False))
+    row = {"reference": "baseline", "test": "sign_flip_permutation", "n": 4, "diff": 0.5, "diff_ci_low": 0.1,
+           "diff_ci_high": 0.9, "p_value": 0.125, "p_holm": 0.125, "mde": mde([0.2, 0.4, 0.6, 0.8], binary=False)}
+    said = verdict(row, accuracy=False)
+    assert "no change can be detected" in said and "only a change of" not in said
 
 
 def test_holm_by_hand():

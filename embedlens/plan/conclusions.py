@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedlens.stats import ALPHA, MIN_N, POWER, bca_ci, holm, is_binary, paired, seed_for, wilson_interval
+from embedlens.stats import ALPHA, MIN_N, POWER, bca_ci, holm, is_binary, mcnemar_min_discordant, paired, power_note, seed_for, wilson_interval
 
 if TYPE_CHECKING:
     from embedlens.data import Record
@@ -189,7 +189,9 @@ def analyse(
     # X_delta of a metric with X and X_base is X minus the baseline again: the same test twice
     metrics = [k for k in cols if not k.endswith("_base")
                and not (k.endswith("_delta") and k[: -len("_delta")] in cols and f"{k[: -len('_delta')]}_base" in cols)]
-    out.accuracy = [m for m in metrics if is_binary(_floats(cols[m]))]
+    # an accuracy is 0/1 under every condition AND at the baseline: a count that a condition drives to 0/1 (every
+    # visual token removed) is still a count, and its baseline column must not be read as successes
+    out.accuracy = [m for m in metrics if is_binary(np.concatenate([_floats(cols[m]), _floats(cols.get(f"{m}_base", []))]))]
     out.metrics = out.accuracy + [m for m in metrics if m not in out.accuracy]
     # what each condition acted on, and which condition removed every visual token
     removed: dict[tuple[str, str], int] = {}
@@ -312,10 +314,12 @@ def _adjust_and_say(out: Conclusions, spec: "ReportSpec") -> None:
     need = getattr(spec, "min_effect", None)
     for m in out.accuracy:
         mdes = [rows["mde"][i] for i in range(n_rows) if rows["metric"][i] == m and rows["by"][i] == "all" and rows["reference"][i]
-                and math.isfinite(rows["mde"][i])]
+                and not math.isnan(rows["mde"][i])]
         if need is not None and mdes and min(mdes) > need:
             n = max(rows["n"][i] for i in range(n_rows) if rows["metric"][i] == m and rows["by"][i] == "all")
-            out.warnings.append(f"{m}: at n = {n} the smallest detectable change is {min(mdes):.2f} (power {POWER}, level {ALPHA}); "
+            can = (f"the smallest detectable change is {min(mdes):.2f} (power {POWER}, level {ALPHA})" if math.isfinite(min(mdes))
+                   else f"no change is detectable (the exact test cannot reach p < {ALPHA} below {mcnemar_min_discordant(ALPHA)} samples)")
+            out.warnings.append(f"{m}: at n = {n} {can}; "
                                 f"the question needs {need:.2f} (report.min_effect): a null result here is not evidence of no effect")
 
 
@@ -340,7 +344,7 @@ def verdict(row: dict, accuracy: bool, confidence: float = 0.95, family: int = 1
         holm_note = f", Holm-adjusted {ph:.2g} over {family} comparisons" if family > 1 else ""
         return f"evidence of a {way} of {abs(d):.3g} ({int(confidence * 100)}% interval {lo:+.3g} to {hi:+.3g}; p = {p:.2g}{holm_note})"
     m = row.get("mde", math.nan)
-    power = f"; at n = {n} only a change of {m:.3g} or more is likely to be detected" if isinstance(m, float) and math.isfinite(m) else ""
+    power = power_note(n, m, "change")
     if math.isfinite(p) and p < ALPHA:
         return (f"a {way} of {abs(d):.3g} (p = {p:.2g}) that does not survive the Holm adjustment over {family} comparisons "
                 f"(adjusted p = {ph:.2g}): not evidence on its own{power}")

@@ -223,3 +223,25 @@ def test_overlap_holm_verdicts_and_no_duplicate_or_constant_tests():
     b = c.find("baseline", "", "correct")
     want = sps.binomtest(9, 10).proportion_ci(method="wilson")
     assert (b["mean_ci_low"], b["mean_ci_high"]) == pytest.approx((want.low, want.high))
+
+
+def test_four_samples_warn_that_no_change_can_be_detected():
+    """At n = 4 McNemar's smallest p is 2 / 2^4 = 0.125 (scipy): the min_effect warning says no change is detectable and
+    the verdict says so; was: no warning at all (an infinite mde was filtered out) and 'only a change of 1 ...'."""
+    assert sps.binomtest(4, 4, 0.5).pvalue > 0.05
+    eff = {"sample": IDS[:4], "condition": ["drop"] * 4, "correct": [0.0, 0.0, 1.0, 0.0], "correct_base": [1.0] * 4}
+    c = analyse(eff, None, {}, ReportSpec(resamples=200), seed=0)
+    row = c.find("drop", "baseline", "correct")
+    assert row["mde"] == float("inf") and "no change can be detected" in row["verdict"]
+    assert any("correct: at n = 4 no change is detectable" in w and "report.min_effect" in w for w in c.warnings)
+
+
+def test_a_count_that_one_condition_drives_to_zero_or_one_is_not_an_accuracy():
+    """A metric that reads 0/1 under every condition but counts at the baseline (visual tokens left by a condition
+    that removes them all) is not an accuracy: its baseline column must not be taken as successes of n trials."""
+    eff = {"sample": IDS, "condition": ["blind"] * 10, "tokens": [0.0] * 9 + [1.0],
+           "tokens_base": [float(30 + i) for i in range(10)]}
+    c = analyse(eff, None, {}, ReportSpec(resamples=200), seed=0)
+    assert "tokens" not in c.accuracy
+    base = [i for i, (cond, m) in enumerate(zip(c.rows["condition"], c.rows["metric"])) if cond == "baseline" and m == "tokens"]
+    assert base and c.rows["mean"][base[0]] == pytest.approx(np.mean([30 + i for i in range(10)]))
