@@ -55,7 +55,11 @@ class RowCache:
 
 class Outcome:
     """What a run produced: final hidden states, token counts per layer, and
-    (when run with ``cache=True``) a decoder that continues from the prefill."""
+    (when run with ``cache=True``) a decoder that continues from the prefill.
+
+    ``engine`` is the `embedlens.interventions.engine.Engine` that ran it: decoding calls its layers, norm,
+    head, rotary embeddings and mask format (not annotated, so this module does not import the engine's).
+    """
 
     def __init__(self, engine, ctx: Context, hidden: torch.Tensor, present: torch.Tensor,
                  counts: "dict | list[torch.Tensor]"):
