@@ -101,8 +101,27 @@ def test_api_run_quiet_silences_hugging_face_during_the_run_and_restores_it(tmp_
     def progress(model, phase, done, total):
         seen.append((hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()))
 
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    # start from Hugging Face's loud defaults, whatever an earlier test in this worker left behind (the CLI quiets them
+    # for the process), so the test can tell quiet from loud; the worker's state is put back at the end
+    before = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled())
+    hf_logging.set_verbosity_warning()
+    hf_logging.enable_progress_bar()
+    enable_progress_bars()
+    try:
+        _quiet_run_restores(tmp_path, hf_logging, are_progress_bars_disabled, seen, progress)
+    finally:
+        hf_logging.set_verbosity(before[0])
+        (hf_logging.enable_progress_bar if before[1] else hf_logging.disable_progress_bar)()
+        (disable_progress_bars if before[2] else enable_progress_bars)()
+
+
+def _quiet_run_restores(tmp_path, hf_logging, are_progress_bars_disabled, seen, progress):
+    import embedlens
+
     state = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled())
-    assert state[0] < hf_logging.ERROR and state[1], state  # else the test could not tell
+    assert state[0] < hf_logging.ERROR and state[1] and not state[2], state  # else the test could not tell
     plan = {"model": {"source": "tiny:llava-clip"}, "data": {"synthetic": {"n": 2, "size": 32}},
             "probes": [{"name": "embedding_lens", "params": {"layers": [0]}}], "output": {"dir": "out", "figures": False, "report": False}}
     res = embedlens.run(plan, base_dir=tmp_path, progress=progress, quiet=True, overrides=["batch_size=1"])
