@@ -48,7 +48,7 @@ def measure(chunk: int) -> dict:
     from embedlens.adapters import wrap_model
     from embedlens.data import Sample
     from embedlens.probes import EmbeddingLens
-    from embedlens.testing._tokenizer import build_tokenizer
+    from embedlens.tokenizer import build_tokenizer
     from embedlens.testing.images import shapes
     from embedlens.tracing import collect
 

@@ -27,7 +27,7 @@ from embedlens.adapters import wrap_model
 from embedlens.data import Sample
 from embedlens.interventions import Engine
 from embedlens.interventions.prune import Prune
-from embedlens.testing._tokenizer import build_tokenizer
+from embedlens.tokenizer import build_tokenizer
 from embedlens.testing.images import shapes
 
 TARGET = 1.5

@@ -26,7 +26,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from embedlens.testing._tokenizer import CHARS, IMAGE_TOKEN, LATER_WORDS, LLAVA_CHAT_TEMPLATE, PUNCTUATION, SPECIAL_TOKENS, WORDS
+from embedlens.tokenizer import CHARS, IMAGE_TOKEN, LATER_WORDS, LLAVA_CHAT_TEMPLATE, PUNCTUATION, SPECIAL_TOKENS, WORDS
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from embedlens.errors import InterventionError
+from embedlens.errors import ParameterError
 from embedlens.signals import massive_token_flags, vit_norm_token_flags
 from embedlens.sites import Site
 from embedlens.state import Stateful, rebuildable, value_type
@@ -102,9 +102,9 @@ class AnchorRule:
         for name in ("min_image_fraction", "max_dispersion", "sink_fraction"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= 1):
-                raise InterventionError(f"{name}: must be a number in (0, 1]; got {v!r}")
+                raise ParameterError("", name, f"must be a number in (0, 1]; got {v!r}")
         if not isinstance(self.max_anchors, int) or self.max_anchors < 1:
-            raise InterventionError(f"max_anchors: must be an integer >= 1; got {self.max_anchors!r}")
+            raise ParameterError("", "max_anchors", f"must be an integer >= 1; got {self.max_anchors!r}")
 
 
 @rebuildable

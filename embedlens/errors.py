@@ -53,5 +53,23 @@ class InterventionError(EmbedLensError):
     """An intervention's parameters or selection do not fit the model or the batch."""
 
 
+class ParameterError(InterventionError):
+    """A parameter value that cannot work, keyed where it is raised (no message is parsed to find the key).
+
+    Attributes:
+        owner: what holds the parameter (``"partition"``; ``""`` when its holder names it).
+        key: the parameter's path under `owner` (``"k"``, ``"anchors.dead"``; ``""``: the whole).
+        detail: what is wrong and what was expected.
+    """
+
+    def __init__(self, owner: str, key: str, detail: str):
+        self.owner, self.key, self.detail = owner, key, detail
+        super().__init__(": ".join((".".join(p for p in (owner, key) if p) or owner, detail)))
+
+    def moved(self, owner: str, key: str | None = None) -> "ParameterError":
+        """The same error held by `owner` (under `key`, default the same key): a probe's copy of a partition."""
+        return ParameterError(owner, self.key if key is None else key, self.detail)
+
+
 class BenchmarkError(EmbedLensError):
     """The lmms-eval bridge: a model argument, a generation setting or a request it cannot honour."""

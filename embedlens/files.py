@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -115,10 +116,7 @@ def write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        if os.environ.get("EMBEDLENS_KILL_AT") == f"write:{path.name}":  # test hook (embedlens.plan.runner.KILL_ENV)
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
+        sys.audit("embedlens.files.write", path.name)  # the temporary file is written, not yet renamed (the kill tests stop here)
         os.replace(tmp, path)
     except OSError as e:
         try:

@@ -21,22 +21,50 @@ can report group fractions and warn when the partition looks degenerate
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, ClassVar, Iterable
 
 import torch
 
 from embedlens.anchors import AnchorRule, Discoverer, discovery_warnings
-from embedlens.errors import InterventionError
+from embedlens.errors import InterventionError, ParameterError
 from embedlens.signals import massive_token_flags, similarity_entropy, vit_norm_token_flags
 from embedlens.sites import Site
-from embedlens.state import Stateful
+from embedlens.state import Stateful, check_state, restore
 from embedlens.vocab import visual_nearest
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
 
 DEFAULT_ORDER = ("sink", "dead")
+#: `AnchorRule` field -> the partition parameter that sets it.
+_RULE_PARAMS = {"min_image_fraction": "discover_min_images", "max_dispersion": "discover_max_dispersion",
+                "sink_fraction": "discover_sink_fraction", "max_anchors": "discover_max_anchors"}
+
+
+def _param_error(key: str, detail: str) -> ParameterError:
+    """A partition parameter that cannot work: ``partition.KEY: detail`` (an `InterventionError`), keyed."""
+    return ParameterError("partition", key, detail)
+
+
+@dataclass
+class PartitionState:
+    """A partition's streaming state, apart from its parameters: the last batch's overlaps and rule verdicts;
+    what `Partition.fit` found and why; the group counts of every image labelled, by "sample id/image"
+    (relabelling one overwrites it); the anchors decoded. A `Partition` reads and sets these as its own attributes."""
+
+    last_overlap: dict[str, int] = field(default_factory=dict)
+    last_rules: dict[str, torch.Tensor] = field(default_factory=dict)
+    discovered: dict[str, list[int]] = field(default_factory=dict)
+    evidence: list[dict] = field(default_factory=list)
+    discovery_notes: list[str] = field(default_factory=list)
+    discovery_counts: dict[str, int] = field(default_factory=dict)
+    tally: dict[str, dict[str, int]] = field(default_factory=dict)
+    decoded: dict[int, str] = field(default_factory=dict)
+
+    #: every field is state, none a plan parameter (`embedlens.state.check_state` compares those with the plan)
+    fitted_params: ClassVar[tuple[str, ...]] = ("last_overlap", "last_rules", "discovered", "evidence", "discovery_notes",
+                                                "discovery_counts", "tally", "decoded")
 
 
 @dataclass
@@ -105,48 +133,38 @@ class Partition(Stateful):
     discover_sink_fraction: float = AnchorRule.sink_fraction
     discover_max_anchors: int = AnchorRule.max_anchors
     order: list[str] | None = None
-    # state, not parameters: the last batch's overlaps and rule verdicts; what `fit` found and why;
-    # and the group counts of every image labelled, by "sample id/image" (relabelling one overwrites it)
-    last_overlap: dict[str, int] = field(default_factory=dict, init=False, repr=False)
-    last_rules: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
-    discovered: dict[str, list[int]] = field(default_factory=dict, init=False)
-    evidence: list[dict] = field(default_factory=list, init=False, repr=False)
-    discovery_notes: list[str] = field(default_factory=list, init=False, repr=False)
-    discovery_counts: dict[str, int] = field(default_factory=dict, init=False, repr=False)
-    tally: dict[str, dict[str, int]] = field(default_factory=dict, init=False, repr=False)
-    decoded: dict[int, str] = field(default_factory=dict, init=False, repr=False)
+    #: what the partition learns and counts as batches stream through (`PartitionState`), apart from the parameters
+    streaming: PartitionState = field(default_factory=lambda: PartitionState(), init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.anchors = {g: list(ids) for g, ids in self.anchors.items()}
         for g in self.rule_groups():
             if g == "alive":
-                raise InterventionError("partition: 'alive' is what no group claims; no rule can assign to it")
+                raise _param_error("", "'alive' is what no group claims; no rule can assign to it")
         if self.matrix not in ("input", "output"):
-            raise InterventionError(f"partition.matrix: must be 'input' or 'output'; got {self.matrix!r}")
+            raise _param_error("matrix", f"must be 'input' or 'output'; got {self.matrix!r}")
         if self.k < 1:
-            raise InterventionError(f"partition.k: must be >= 1; got {self.k}")
+            raise _param_error("k", f"must be >= 1; got {self.k}")
         if self.search not in ("exact", "approximate"):
-            raise InterventionError(f"partition.search: must be 'exact' or 'approximate'; got {self.search!r}")
+            raise _param_error("search", f"must be 'exact' or 'approximate'; got {self.search!r}")
         if self.chunk_size < 1:
-            raise InterventionError(f"partition.chunk_size: must be >= 1; got {self.chunk_size}")
+            raise _param_error("chunk_size", f"must be >= 1; got {self.chunk_size}")
         if not 0 < self.entropy_threshold <= 1:
-            raise InterventionError(f"partition.entropy_threshold: must be in (0, 1]; got {self.entropy_threshold}")
+            raise _param_error("entropy_threshold", f"must be in (0, 1]; got {self.entropy_threshold}")
         if not self.vit_ratio >= 0:
-            raise InterventionError(f"partition.vit_ratio: must be >= 0; got {self.vit_ratio}")
+            raise _param_error("vit_ratio", f"must be >= 0; got {self.vit_ratio}")
         if self.temperature <= 0:
-            raise InterventionError(f"partition.temperature: must be > 0; got {self.temperature}")
+            raise _param_error("temperature", f"must be > 0; got {self.temperature}")
         try:
             self.anchor_rule()
-        except InterventionError as e:
-            raise InterventionError(f"partition.discover_{str(e).replace('min_image_fraction', 'min_images', 1)}") from None
+        except ParameterError as e:  # the rule's own field names -> this partition's parameters
+            raise e.moved("partition", _RULE_PARAMS[e.key]) from None
         if not self.rule_groups() and not self.discover:
-            raise InterventionError(
-                "partition: no rule selected; give anchors, discover: true, or one of vit_norm / massive / entropy"
-            )
+            raise _param_error("", "no rule selected; give anchors, discover: true, or one of vit_norm / massive / entropy")
         if self.order is not None:
             missing = [g for g in self.rule_groups() if g not in self.order]
             if missing:
-                raise InterventionError(f"partition.order: {self.order} does not rank the groups {missing}")
+                raise _param_error("order", f"{self.order} does not rank the groups {missing}")
 
     def rule_groups(self) -> list[str]:
         gs = list(self.anchors)
@@ -181,7 +199,7 @@ class Partition(Stateful):
         for g, ids in self.anchors.items():
             bad = [i for i in ids if not 0 <= i < vocab]
             if bad:
-                raise InterventionError(f"partition.anchors.{g}: ids {bad} are outside the vocabulary (0..{vocab - 1})")
+                raise _param_error(f"anchors.{g}", f"ids {bad} are outside the vocabulary (0..{vocab - 1})")
         self.sites(adapter)
         self._decode(adapter)
 
@@ -192,7 +210,7 @@ class Partition(Stateful):
         for layer in layers:
             idx = layer + n if layer < 0 else layer
             if not 0 <= idx < n:
-                raise InterventionError(f"partition.massive_layers: layer {layer} is out of range for this model (0..{n - 1})")
+                raise _param_error("massive_layers", f"layer {layer} is out of range for this model (0..{n - 1})")
             out.append(idx)
         return out
 
@@ -203,7 +221,7 @@ class Partition(Stateful):
             try:
                 out.append(adapter.resolve(Site("vision.layers", self.vit_layer)))
             except Exception as e:
-                raise InterventionError(f"partition.vit_layer: {e}") from None
+                raise _param_error("vit_layer", str(e)) from None
         if self.anchors or self.discover or self.entropy is not None:
             out.append(Site("llm.embed"))
         if self.massive is not None:
@@ -392,6 +410,36 @@ class Partition(Stateful):
             out["discovered_anchors"] = {g: [{"id": i, "token": self.decoded.get(i, str(i))} for i in ids] for g, ids in self.discovered.items()}
             out["discovery"] = self.evidence
         return out
+
+
+    # -- state (checkpointed flat, as one set of attributes: the file format of before the split) -----------
+    def state_dict(self) -> dict:
+        params = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "streaming"}
+        return {**params, **vars(self.streaming)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The parameters checked and set as any plugin's; the streaming keys checked against and set on `streaming`.
+
+        Raises:
+            CheckpointError: naming the attribute and what is wrong with its saved value.
+        """
+        streamed = {f.name for f in fields(PartitionState)}
+        if not isinstance(state, dict):
+            return super().load_state_dict(state)  # refused there, with what the file holds
+        super().load_state_dict({k: v for k, v in state.items() if k not in streamed})
+        mine = {k: v for k, v in state.items() if k in streamed}
+        check_state(self.streaming, mine, type(self).__name__)
+        for key, value in mine.items():
+            setattr(self.streaming, key, restore(getattr(self.streaming, key), value, f"{type(self).__name__}.{key}"))
+
+
+def _streamed(name: str) -> property:
+    return property(lambda self: getattr(self.streaming, name), lambda self, value: setattr(self.streaming, name, value),
+                    doc=f"`PartitionState.{name}` of this partition.")
+
+
+for _name in (f.name for f in fields(PartitionState)):  # partition.tally, partition.evidence, ... as before the split
+    setattr(Partition, _name, _streamed(_name))
 
 
 def _to_host(flags: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ Plugins register where they are defined, under the name plans use::
 
 Third-party packages add plugins through entry-point groups
 (``embedlens.probes``, ``embedlens.interventions``, ``embedlens.adapters``,
-``embedlens.metrics``); each entry point names a module or object whose import
+``embedlens.metrics``, ``embedlens.sources``); each entry point names a module or object whose import
 registers the plugin. They load lazily, on the first lookup or listing, and a
 plugin that fails to load is kept with its error for `embedlens list`.
 
@@ -219,6 +219,10 @@ interventions: Registry = Registry(
 )
 metrics: Registry = Registry("metric", "embedlens.metrics:Metric", "embedlens.metrics", required=("compute",),
                              builtins="embedlens.metrics")
+#: Model sources (``tiny:``, ``zoo:``, a hub folder or id, NDIF): `embedlens.sources`. Not a plan plugin
+#: kind, so not in `REGISTRIES` (whose kinds `embedlens list` and the plan reference show).
+sources: Registry = Registry("model source", "embedlens.adapters.sources:Source", "embedlens.sources", required=("load",),
+                             builtins="embedlens.sources")
 REGISTRIES: dict[str, Registry] = {
     "adapters": adapters,
     "probes": probes,

@@ -11,8 +11,8 @@ from embedlens.adapters import wrap_model
 from embedlens.attention import layer_windows
 from embedlens.data import Sample
 from embedlens.interventions import Engine
-from embedlens.testing import BLOCK_TESTER_CONFIGS, TESTER_CONFIGS
 from embedlens.testing.images import noise
+from tests.support.hf_testers import BLOCK_TESTER_CONFIGS, TESTER_CONFIGS
 
 ALL = {**TESTER_CONFIGS, **BLOCK_TESTER_CONFIGS}
 LONG_Q = "what is in the picture, and which colour is the large shape in the upper left corner of it?"

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel, ProcessorMixin
 
-from embedlens.adapters._remote_code import NO_REMOTE_CODE, refuse_remote_code
-from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText, parse_dtype
+from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText
 from embedlens.adapters.gemma3 import Gemma3Adapter
 from embedlens.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter, SmolVLMImageProcessor
 from embedlens.adapters.internvl import InternVLAdapter, InternVLImageProcessor
@@ -21,8 +20,9 @@ from embedlens.adapters.llava_next import LlavaNextAdapter
 from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionImageProcessor
 from embedlens.adapters.mistral3 import Mistral3Adapter, PixtralProcessor
 from embedlens.adapters.paligemma import PaliGemmaAdapter
-from embedlens.adapters.placement import Placement, loading_kwargs, place
+from embedlens.adapters.placement import Placement
 from embedlens.adapters.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
+from embedlens.adapters.sources import resolve
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
 
@@ -108,8 +108,9 @@ def load_model(
     Args:
         source: a local folder or hub id (loaded with `from_pretrained`),
             ``zoo:NAME`` for a trained model shipped with embedlens (see
-            `embedlens.zoo`), or ``tiny:NAME`` for a built-in tiny random
-            model (see `embedlens.testing.TINY_SPECS`).
+            `embedlens.zoo`), ``tiny:NAME`` for a built-in tiny random
+            model (see `embedlens.testing.TINY_SPECS`), or ``PREFIX:NAME`` of a
+            source a plugin registers (`embedlens.sources`).
         adapter: force an adapter by registered name instead of choosing one
             from the config's `architectures` (for every kind of source); the
             checkpoint's weights must then fill that adapter's model class exactly.
@@ -126,39 +127,6 @@ def load_model(
     """
     if adapter is not None:
         adapters.get(adapter)  # an unknown name fails here, whatever the source
-    if remote and (source.startswith((ZOO_PREFIX, TINY_PREFIX))):
-        raise AdapterError(f"model.remote: NDIF runs hub checkpoints; {source!r} is not a hub id (e.g. llava-hf/llava-1.5-7b-hf)")
-    if source.startswith(ZOO_PREFIX):
-        from embedlens.zoo import load_zoo
-
-        return load_zoo(source[len(ZOO_PREFIX):], adapter=adapter, dtype=dtype, device=device,
-                        attn_implementation=attn_implementation, placement=placement)
-    if source.startswith(TINY_PREFIX):
-        from embedlens.testing.tiny import tiny_model
-
-        model, processor = tiny_model(source[len(TINY_PREFIX):])
-        if attn_implementation is not None:
-            model.set_attn_implementation(attn_implementation)
-        if placement is not None and placement.spread:
-            model = place(model.to(dtype=parse_dtype(dtype)), placement)
-        else:
-            if placement is not None and placement.quantization is not None:
-                loading_kwargs(placement)  # the installation's own error first (no bitsandbytes, no GPU)
-                raise AdapterError("model.quantization: only checkpoints loaded with from_pretrained can be quantised (not tiny: models)")
-            model = model.to(device=device, dtype=parse_dtype(dtype))
-        wrapped = wrap_model(model, processor, adapter)
-        wrapped.source = source
-        return wrapped
-    if adapter is not None:
-        cls = adapters.get(adapter)
-    else:
-        from transformers import AutoConfig
-
-        refuse_remote_code(source)
-        try:
-            config = AutoConfig.from_pretrained(source, **NO_REMOTE_CODE)
-        except OSError as e:
-            raise AdapterError(f"cannot load a model config from {source!r}: {e}") from None
-        cls = adapter_for_architecture(getattr(config, "architectures", None), getattr(config, "model_type", ""))
-    return cls.from_pretrained(source, dtype=dtype, device=device, attn_implementation=attn_implementation, placement=placement,
-                               remote=remote)
+    source_cls, name = resolve(source, remote)  # the resolvers are in embedlens.sources, reached through the registry
+    return source_cls().load(name, adapter=adapter, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                             placement=placement)

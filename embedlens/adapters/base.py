@@ -15,24 +15,12 @@ from transformers import AutoProcessor, BatchFeature, PreTrainedModel, Processor
 
 from embedlens.data import Sample
 from embedlens.adapters._remote_code import NO_REMOTE_CODE, refuse_remote_code
+from embedlens.adapters.loading import DTYPES, check_weights_fit, parse_dtype  # noqa: F401 - DTYPES, parse_dtype: importable from here as before
 from embedlens.adapters.placement import Placement, loading_kwargs, module_device, weight
+from embedlens.adapters.role_map import PromptText, build_roles, mark_spans
 from embedlens.errors import AdapterError, InputError
 from embedlens.roles import Role, TokenRoles
 from embedlens.sites import Site
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """The torch dtype for a plan's dtype name.
-
-    Raises:
-        AdapterError: naming the allowed values.
-    """
-    if name not in DTYPES:
-        raise AdapterError(f"dtype must be one of {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
-
 
 @dataclass(frozen=True)
 class ModulePaths:
@@ -53,19 +41,6 @@ class ModulePaths:
     # sites read these; interventions still hook `attn` / `mlp` (a zeroed output stays zero through an RMSNorm).
     attn_out: str = ""
     mlp_out: str = ""
-
-
-@dataclass
-class PromptText:
-    """The text a processor receives for one sample, and where its parts are.
-
-    `spans` are character ranges in `text` (before the processor expands image
-    placeholders). `suffix` is an answer a family passes separately (PaliGemma).
-    """
-
-    text: str
-    spans: dict[Role, list[tuple[int, int]]] = field(default_factory=dict)
-    suffix: str | None = None
 
 
 @dataclass
@@ -93,50 +68,6 @@ def resolve_path(root: Any, path: str) -> Any:
         raise AdapterError(
             f"{type(root).__name__} has no module at {path!r}; the adapter's paths do not fit this model"
         ) from None
-
-
-def _names(keys: Any, limit: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def check_weights_fit(label: str, path: str, model: PreTrainedModel, info: dict[str, Any]) -> None:
-    """Refuse a model whose checkpoint does not fill it exactly.
-
-    `from_pretrained` initialises missing weights at random and drops
-    unexpected ones with only a log message; a forced adapter on another
-    family's checkpoint (or a damaged one) would then run as a random model.
-
-    Args:
-        label: the adapter and class, for the message.
-        path: the checkpoint.
-        model: the loaded model (for its config).
-        info: `from_pretrained(..., output_loading_info=True)`'s report.
-
-    Raises:
-        AdapterError: naming the missing, unexpected and wrongly shaped weights.
-    """
-    missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
-    mismatched = [f"{k} (checkpoint {tuple(a)}, model {tuple(b)})" for k, a, b in info.get("mismatched_keys") or ()]
-    errors = list(info.get("error_msgs") or ())
-    if not (missing or unexpected or mismatched or errors):
-        return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} weight(s) the model needs are not in the checkpoint (they would be random): {_names(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} checkpoint weight(s) have no place in the model: {_names(unexpected)}")
-    if mismatched:
-        parts.append(f"{len(mismatched)} weight(s) have the wrong shape: {_names(mismatched)}")
-    if errors:
-        parts.append(f"loading errors: {'; '.join(errors[:3])}")
-    cfg = model.config
-    raise AdapterError(
-        f"{label} does not fit the weights in {path!r}: " + "; ".join(parts) + ". The checkpoint's config says "
-        f"architectures {getattr(cfg, 'architectures', None)}, model_type {getattr(cfg, 'model_type', None)!r}: "
-        "is model.adapter right for it?"
-    )
 
 
 def _pass_through(hidden_states, *args, **kwargs):
@@ -588,98 +519,12 @@ class Adapter(ABC):
         fcol = seq - self.n_prefix_tokens
         return [torch.stack([torch.zeros_like(seq), row, col, torch.full_like(seq, i), fcol], dim=1) for i in range(n_images)]
 
-    # -- role map --------------------------------------------------------------
+    # -- role map (embedlens.adapters.role_map) ---------------------------------
     def _build_roles(self, inputs: BatchFeature, prompts: list[PromptText], samples: Sequence[Sample]) -> TokenRoles:
-        ids = inputs["input_ids"]
-        attn = inputs["attention_mask"].bool()
-        bsz, seq = ids.shape
-        kind = torch.full((bsz, seq), int(Role.TEMPLATE), dtype=torch.long)
-        kind[~attn] = int(Role.PAD)
-        meta = {k: torch.full((bsz, seq), -1, dtype=torch.long) for k in ("image", "tile", "row", "col", "feature_row", "feature_col")}
-        layouts = self.image_layouts(inputs)
-        if len(layouts) != sum(len(s.images) for s in samples):
-            raise AdapterError(f"{self.name}: layout has {len(layouts)} images, batch has {sum(len(s.images) for s in samples)}")
-        special_ids = self.special_token_ids() - {self.image_token_id, self.tokenizer.unk_token_id}
-        next_image = 0
-        for b, (sample, prompt) in enumerate(zip(samples, prompts)):
-            pos = ((ids[b] == self.image_token_id) & attn[b]).nonzero().flatten()
-            mine = layouts[next_image : next_image + len(sample.images)]
-            next_image += len(sample.images)
-            counts = [len(l) for l in mine]
-            if len(pos) != sum(counts):
-                raise AdapterError(
-                    f"sample {sample.id!r}: {len(pos)} image-token positions but the images give "
-                    f"{sum(counts)} features ({counts})"
-                )
-            start = 0
-            for i, lay in enumerate(mine):
-                p = pos[start : start + len(lay)]
-                start += len(lay)
-                not_patch = lay[:, 1] < 0
-                kind[b, p] = torch.where(
-                    not_patch,
-                    torch.where(lay[:, 4] < 0, int(Role.IMAGE_NEWLINE), int(Role.IMAGE_CLS)),
-                    int(Role.VISUAL),
-                )
-                meta["image"][b, p] = i
-                for j, name in enumerate(("tile", "row", "col", "feature_row", "feature_col")):
-                    meta[name][b, p] = lay[:, j]
-            free = attn[b] & (kind[b] == Role.TEMPLATE)
-            bos = free & (ids[b] == self.tokenizer.bos_token_id)
-            kind[b, bos] = int(Role.BOS)
-            kind[b, free & ~bos & torch.isin(ids[b], torch.tensor(sorted(special_ids)))] = int(Role.SPECIAL)
-            self._mark_spans(kind[b], ids[b], attn[b], prompt, counts, sample, inputs, b, next_image - len(counts))
-        return TokenRoles(kind=kind, **meta)
+        return build_roles(self, inputs, prompts, samples)
 
     def _mark_spans(self, kind, ids, attn, prompt: PromptText, counts, sample, inputs, b, first_image: int = 0) -> None:
-        """Mark question/answer tokens by aligning the processor's ids with a tokenization
-        (with offsets) of the same text, image placeholders expanded as the processor does."""
-        ph = self.image_placeholder
-        text, insertions = self.processor_text(prompt.text)
-        pieces = text.split(ph)
-        if len(pieces) - 1 != len(counts):
-            raise AdapterError(f"sample {sample.id!r}: cannot align {len(pieces) - 1} placeholders with {len(counts)} images")
-        # Original offset -> expanded offset, piece by piece.
-        expanded, anchors = "", []
-        orig = 0
-        for k, piece in enumerate(pieces):
-            anchors.append((orig, len(expanded), len(piece)))
-            expanded += piece
-            orig += len(piece)
-            if k < len(counts):
-                expanded += self.placeholder_text(inputs, first_image + k, counts[k])
-                orig += len(ph)
-        enc = self.tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=self._adds_special_tokens())
-        mine = ids[attn]
-        n = len(enc["input_ids"])
-        if self.answer_as_suffix and "token_type_ids" in inputs:
-            types = inputs["token_type_ids"][b][attn]
-            mine = mine[types == 0]
-        if n != len(mine) or not torch.equal(torch.tensor(enc["input_ids"]), mine.cpu()):
-            raise AdapterError(
-                f"sample {sample.id!r}: could not align the processor's tokens with the prompt text; "
-                "question/answer spans would be wrong"
-            )
-        positions = attn.nonzero().flatten()[:n]
-
-        def expand(x: int, end: bool = False) -> int:
-            # Text inserted exactly at a span's end belongs after the span.
-            x += sum(n for at, n in insertions if (at < x if end else at <= x))
-            for o, e, ln in anchors:
-                if o <= x <= o + ln:
-                    return e + (x - o)
-            return len(expanded)
-
-        for role, spans in prompt.spans.items():
-            for s, e in spans:
-                s_, e_ = expand(s), expand(e, end=True)
-                for t, (ts, te) in enumerate(enc["offset_mapping"]):
-                    if te > ts and ts >= s_ and te <= e_ and kind[positions[t]] == Role.TEMPLATE:
-                        kind[positions[t]] = int(role)
-        if self.answer_as_suffix and "token_type_ids" in inputs:
-            types = inputs["token_type_ids"][b]
-            ans = (types == 1) & attn & (kind == Role.TEMPLATE)
-            kind[ans] = int(Role.ANSWER)
+        mark_spans(self, kind, ids, attn, prompt, counts, sample, inputs, b, first_image)
 
     def _adds_special_tokens(self) -> bool:
         return True

@@ -19,15 +19,21 @@ and ``remote: true`` before anything loads. Set ``NDIF_API_KEY`` (or nnsight's
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from embedlens.adapters._remote_code import NO_REMOTE_CODE
 from embedlens.errors import AdapterError
 
-if TYPE_CHECKING:
-    from embedlens.adapters.base import Adapter
+
+class Wrapped(Protocol):
+    """What these functions read of an `Adapter` (a protocol, so this module need not import the adapter it serves)."""
+
+    model: torch.nn.Module
+    processor: Any
+    tokenizer: Any
+    nnsight: Any
 
 
 def load_skeleton(model_class, path: str, dtype: torch.dtype):
@@ -48,7 +54,7 @@ def load_skeleton(model_class, path: str, dtype: torch.dtype):
     return model.eval()
 
 
-def remote_wrapper(adapter: "Adapter"):
+def remote_wrapper(adapter: Wrapped):
     """The adapter's model as an nnsight model NDIF can run: keyed by its hub id (``name_or_path``)."""
     from nnsight.modeling.transformers import TransformersModel
 
@@ -62,7 +68,7 @@ def remote_wrapper(adapter: "Adapter"):
                              device=where)
 
 
-def remote_weight(adapter: "Adapter", module: torch.nn.Module, name: str = "weight") -> torch.Tensor:
+def remote_weight(adapter: Wrapped, module: torch.nn.Module, name: str = "weight") -> torch.Tensor:
     """A weight of the remote model (e.g. the input embeddings), fetched with one remote trace on a one-token input."""
     root = adapter.nnsight
     path = next((n for n, m in adapter.model.named_modules() if m is module), None)

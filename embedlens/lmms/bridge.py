@@ -2,7 +2,7 @@
 and the two request kinds lmms-eval sends (greedy generation, continuation log-likelihoods), batched
 through the intervention engine.
 
-`Bridge` loads a plan's model the way `embedlens run` does (`embedlens.plan.prepare`), fits the
+`Bridge` loads a plan's model the way `embedlens run` does (`embedlens.plan.preparation`), fits the
 partition and any condition that needs a data-set statistic on the plan's own data (as the runner's
 first passes do), and then serves any number of conditions on the same loaded model: `embedlens eval`
 builds one bridge and evaluates every condition with it.
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from embedlens.data import Sample
     from embedlens.interventions.condition import Condition
     from embedlens.interventions.engine import Engine, Outcome
-    from embedlens.plan.runner import Prepared
+    from embedlens.plan.preparation import Prepared
 
 #: Names that mean "no condition": the unmodified model.
 BASELINE_NAMES = ("baseline", "none")

@@ -434,7 +434,8 @@ def _write(result: EvalResult, bridge, plan: str, tasks, conditions, limit, star
 
     from embedlens.files import json_text, safe_dir, write_text
     from embedlens.lmms.report import benchmarks_chart, benchmarks_html
-    from embedlens.plan.runner import _versions, plan_hash
+    from embedlens.plan.finish import _versions
+    from embedlens.plan.preparation import plan_hash
     from embedlens.report import write_report
 
     out = result.out_dir

@@ -24,7 +24,7 @@ import torch
 from embedlens.errors import EmbedLensError
 from embedlens.files import write_bytes
 from embedlens.plan.effects import EffectSummary
-from embedlens.plan.store import CHECKPOINT
+from embedlens.plan.store import CHECKPOINT, damaged  # noqa: F401 - damaged: ckpt.damaged as before
 from embedlens.state import MAX_JSON_DEPTH, CheckpointError, decode_state, decode_value, encode_state, encode_value, json_depth
 
 FORMAT = "embedlens-checkpoint"
@@ -104,11 +104,6 @@ def write(out: Path, state: RunState) -> None:
 def exists(out: Path) -> bool:
     p = Path(out) / CHECKPOINT
     return p.is_file() or p.is_symlink()
-
-
-def damaged(path: Path, what: str) -> CheckpointError:
-    """The error of a run folder whose resume state cannot be trusted: ``cannot resume: FILE WHAT; start again with --overwrite``."""
-    return CheckpointError(f"cannot resume: {path}: {what}; start again with --overwrite")
 
 
 #: safetensors' own limit on the JSON header of a file.

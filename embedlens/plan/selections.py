@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import TYPE_CHECKING
+from typing import Any
 
 from embedlens.errors import EmbedLensError
 from embedlens.registry import interventions, probes
-
-if TYPE_CHECKING:
-    from embedlens.plan.loader import LoadedPlan
 
 
 def selection_params(cls: type) -> list[str]:
@@ -28,7 +25,7 @@ def selection_params(cls: type) -> list[str]:
     return [name for name, p in sig.parameters.items() if "SelectionSpec" in str(p.annotation)]
 
 
-def check_selections(loaded: "LoadedPlan") -> None:
+def check_selections(loaded: Any) -> None:  # an embedlens.plan.loader.LoadedPlan (the loader imports this module)
     """Every selection parameter of the plan's probes and conditions parses, and its group names are the partition's.
 
     Raises:

@@ -331,6 +331,14 @@ def remove_temp(out: Path) -> None:
                 p.unlink()
 
 
+def damaged(path: Path, what: str) -> EmbedLensError:
+    """The `embedlens.state.CheckpointError` of a run folder whose resume state cannot be trusted:
+    ``cannot resume: FILE WHAT; start again with --overwrite``."""
+    from embedlens.state import CheckpointError
+
+    return CheckpointError(f"cannot resume: {path}: {what}; start again with --overwrite")
+
+
 def check_parts(out: Path, next_batch: int) -> None:
     """Before a resume: every part file of a finished batch (``parts/TABLE/NNNNNN.parquet``, the run's and each
     rank's) is a Parquet file that joins the table's other parts as the gather joins them: a plugin's columns may
@@ -342,8 +350,6 @@ def check_parts(out: Path, next_batch: int) -> None:
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from embedlens.plan.checkpoint import damaged
 
     out = Path(out)
     roots = [out / PARTS] + sorted((out / RANKS).glob(f"rank-*/{PARTS}")) if (out / RANKS).is_dir() and not (out / RANKS).is_symlink() else [out / PARTS]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from embedlens.anchors import AnchorRule
-from embedlens.errors import EmbedLensError, PlanError
+from embedlens.errors import ParameterError, PlanError
 from embedlens.groups import Partition
 from embedlens.probes._util import FirstImage, token_meta
 from embedlens.probes.base import Probe, Table
@@ -29,8 +29,8 @@ class _PartitionProbe(Probe):
     def _build(self, **kw) -> None:
         try:
             self.partition = Partition(**kw)
-        except EmbedLensError as e:  # "partition.k: ..." -> "token_partition.k: ..."
-            raise PlanError(str(e).replace("partition.", f"{self.name}.", 1).replace("partition:", f"{self.name}:", 1)) from None
+        except ParameterError as e:  # the partition's parameters are this probe's: token_partition.k
+            raise PlanError(str(e.moved(self.name))) from None
         self._counts: dict[str, int] = {g: 0 for g in self.partition.names}
         self._rule_counts: dict[str, int] = {}
         self._overlap: dict[str, int] = {}
@@ -53,8 +53,8 @@ class _PartitionProbe(Probe):
     def check(self, adapter: "Adapter") -> None:
         try:
             self.partition.check(adapter)
-        except EmbedLensError as e:
-            raise PlanError(str(e).replace("partition.", f"{self.name}.", 1)) from None
+        except ParameterError as e:
+            raise PlanError(str(e.moved(self.name))) from None
 
     def sites(self, adapter: "Adapter") -> list[Site]:
         return self.partition.sites(adapter)

@@ -67,7 +67,7 @@ from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImag
 from embedlens.adapters.idefics3 import FAKE_TOKEN, GLOBAL_TAG, SmolVLMImageProcessor, row_col_tag
 from embedlens.adapters.internvl import InternVLImageProcessor
 from embedlens.adapters.llava_onevision import OnevisionImageProcessor
-from embedlens.testing._tokenizer import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, build_tokenizer
+from embedlens.tokenizer import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, build_tokenizer
 
 IMAGE_SIZE = 32
 PATCH_SIZE = 8

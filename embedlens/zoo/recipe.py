@@ -168,7 +168,7 @@ def build_llava(r: Recipe):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    from embedlens.testing._tokenizer import build_tokenizer
+    from embedlens.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     norm = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])

@@ -1,6 +1,6 @@
 """Every supported family on the configurations Hugging Face's own test suite uses.
 
-Table-driven: one entry of `embedlens.testing.hf_testers.TESTER_CONFIGS` per
+Table-driven: one entry of `tests.support.hf_testers.TESTER_CONFIGS` per
 tester configuration variant; every test runs on every entry. A new family
 is covered by adding its tester's values there. References are computed
 without embedlens: the model's own forward (``output_hidden_states``, torch
@@ -31,10 +31,9 @@ from embedlens.data import Sample
 from embedlens.probes._util import visual_rows
 from embedlens.roles import Role
 from embedlens.sites import Site
-from embedlens.testing import BLOCK_TESTER_CONFIGS, TESTER_CONFIGS
-from embedlens.testing.hf_testers import paligemma_builder
 from embedlens.testing.images import noise
 from embedlens.tracing import collect
+from tests.support.hf_testers import BLOCK_TESTER_CONFIGS, TESTER_CONFIGS, paligemma_builder
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 NAMES = list(TESTER_CONFIGS)

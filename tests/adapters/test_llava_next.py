@@ -15,7 +15,7 @@ from transformers.image_processing_utils import select_best_resolution
 
 from embedlens.adapters import LlavaNextAdapter, load_model, wrap_model
 from embedlens.data import Sample
-from embedlens.testing import TESTER_CONFIGS
+from tests.support.hf_testers import TESTER_CONFIGS
 from embedlens.testing.images import noise
 from tests import test_roles
 from tests.adapters import test_sites
@@ -65,7 +65,7 @@ def test_layout_equals_the_hand_computed_unpadding():
 
 
 def hf_tester_adapter() -> LlavaNextAdapter:
-    """LLaVA-NeXT from the HF tester's values (`embedlens.testing.TESTER_CONFIGS["llava-next"]`, which
+    """LLaVA-NeXT from the HF tester's values (`tests.support.hf_testers.TESTER_CONFIGS["llava-next"]`, which
     `tests/adapters/test_hf_configs.py` also runs)."""
     adapter = wrap_model(*TESTER_CONFIGS["llava-next"].build(0))
     assert isinstance(adapter, LlavaNextAdapter)

@@ -135,3 +135,35 @@ def test_an_auto_map_beside_a_native_model_type_loads_natively_with_a_warning(tm
     with pytest.raises(AdapterError, match=r"config\.json: auto_map \{\"AutoConfig\": \"evil\.EvilConfig\"\} asks to import Python code"):
         load_model(str(folder))
     assert not marker.exists()
+
+
+def test_moved_tester_configs_say_where_they_went():
+    with pytest.raises(ImportError, match=r"embedlens\.testing\.TESTER_CONFIGS .*tests/support/hf_testers\.py"):
+        from embedlens.testing import TESTER_CONFIGS  # noqa: F401
+    from tests.support.hf_testers import TESTER_CONFIGS
+
+    assert "llava-next" in TESTER_CONFIGS
+
+
+def test_a_registered_source_is_reached_through_its_prefix():
+    from embedlens.adapters.sources import Source
+    from embedlens.registry import sources
+
+    calls = []
+
+    class Mirror(Source):
+        """Loads the tiny model of the same name (a plugin's source, planted for the test)."""
+
+        def load(self, name, *, adapter, dtype, device, attn_implementation, placement):
+            calls.append((name, dtype, device))
+            return load_model(f"tiny:{name}", adapter=adapter, dtype=dtype, device=device)
+
+    sources.add("mirror", Mirror)
+    try:
+        adapter = load_model("mirror:llava-siglip", dtype="float64")
+    finally:
+        del sources._items["mirror"]
+    assert calls == [("llava-siglip", "float64", "cpu")]
+    assert adapter.tower == "siglip" and adapter.model.dtype == torch.float64
+    with pytest.raises(AdapterError, match="NDIF runs hub checkpoints; 'tiny:llava-clip'"):
+        load_model("tiny:llava-clip", remote=True)

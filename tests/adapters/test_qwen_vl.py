@@ -19,7 +19,7 @@ from embedlens.adapters.base import resolve_path
 from embedlens.data import Sample
 from embedlens.interventions import Engine
 from embedlens.sites import Site
-from embedlens.testing import BLOCK_TESTER_CONFIGS
+from tests.support.hf_testers import BLOCK_TESTER_CONFIGS
 from embedlens.testing.images import noise, shapes
 from embedlens.tracing import collect
 from tests import test_roles

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import yaml
 from embedlens.plan.distributed import DistributedError, World
 from embedlens.plan.runner import _rounds
 from embedlens.plan.store import VOLATILE
+from tests.support.faults import EVENTS, batch_events, hooked_env, kill_env
 
 # one xdist worker runs the whole module: its module-scoped fixture (the one-process reference runs) is built once
 pytestmark = pytest.mark.xdist_group("test_distributed")
@@ -28,13 +30,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(plan: Path, out: Path, procs: int, *extra: str) -> subprocess.CompletedProcess:
+def _run(plan: Path, out: Path, procs: int, *extra: str, events: Path | None = None) -> subprocess.CompletedProcess:
     if procs == 1:
         cmd = [sys.executable, "-m", "embedlens", "run", str(plan), "--output", str(out), "-q", *extra]
     else:
         cmd = [str(TORCHRUN), "--standalone", f"--nproc-per-node={procs}", "-m", "embedlens", "run", str(plan),
                "--output", str(out), "-q", *extra]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    env = hooked_env(_env(), **{EVENTS: str(events)}) if events is not None else _env()
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _files(out: Path) -> dict[str, bytes]:
@@ -57,6 +60,7 @@ def _plan(tmp: Path, name: str, **changes) -> Path:
 
 
 _SINGLE: dict[str, Path] = {}
+_SINGLE_EVENTS: dict[str, list[tuple[int, int]]] = {}
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +74,10 @@ def _single(tmp_path_factory, plan: Path, key: str) -> Path:
         out = tmp_path_factory.mktemp("one") / "run"
         # one thread, as torchrun gives each rank: scikit-learn's KMeans sums its inertia in thread order, so runs
         # with different thread counts differ in the last bit (ranks or not)
-        r = _run(plan, out, 1)
+        events = out.parent / "events.log"
+        r = _run(plan, out, 1, events=events)
         assert r.returncode == 0, r.stderr[-3000:]
-        _SINGLE[key] = out
+        _SINGLE[key], _SINGLE_EVENTS[key] = out, batch_events(events)
     return _SINGLE[key]
 
 
@@ -87,8 +92,12 @@ PRUNING = {"data": {"limit": 6}, "batch_size": 2}  # discovery and a data-set me
 def test_two_gloo_processes_write_the_files_of_one(tmp_path, tmp_path_factory, plans, name, changes):
     plan = _plan(plans, name, **changes)
     one, two = _single(tmp_path_factory, plan, name), tmp_path / "two"
-    r2 = _run(plan, two, 2)
+    r2 = _run(plan, two, 2, events=tmp_path / "events.log")
     assert r2.returncode == 0, r2.stderr[-3000:]
+    # one pass implementation: the main pass that ran every batch in one process ran each on its rank here
+    n_batches = json.loads((one / "manifest.json").read_text())["n_batches"]
+    assert _SINGLE_EVENTS[name] == [(0, b) for b in range(n_batches)]
+    assert sorted(batch_events(tmp_path / "events.log"), key=lambda e: e[1]) == [(b % 2, b) for b in range(n_batches)]
     a, b = _files(one), _files(two)
     assert sorted(a) == sorted(b)  # no rank folders, no offload, no checkpoint left behind
     assert [k for k in a if a[k] != b[k]] == []
@@ -126,7 +135,7 @@ def test_a_rank_killed_mid_round_resumes_to_the_same_files(tmp_path, tmp_path_fa
     """Rank 1 dies after writing its part of batch 1 (torchrun then stops rank 0); --resume redoes the round."""
     plan = _plan(plans, "pruning_study.yaml", **PRUNING)
     one, two = _single(tmp_path_factory, plan, "pruning_study.yaml"), tmp_path / "two"
-    env_kill = dict(_env(), EMBEDLENS_KILL_AT="rank1_batch1")
+    env_kill = kill_env(_env(), "rank1_batch1")
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node=2", "-m", "embedlens", "run", str(plan), "--output", str(two), "-q"]
     killed = subprocess.run(cmd, env=env_kill, capture_output=True, text=True, timeout=600)
     assert killed.returncode != 0

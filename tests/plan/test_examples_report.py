@@ -17,7 +17,7 @@ from embedlens.cli import app
 from embedlens.compare import compare_runs
 from embedlens.errors import InputError
 from embedlens.plan import load_plan, prepare, run, run_all
-from embedlens.testing.browser import find_chromium, render
+from tests.support.browser import find_chromium, render
 
 # one xdist worker runs the whole module: its module-scoped fixture (the example runs) is built once
 pytestmark = pytest.mark.xdist_group("test_examples_report")

@@ -301,11 +301,13 @@ def test_kill_inside_the_gather_resumes_to_the_same_bytes_and_leaves_no_temporar
     import signal
     import subprocess
 
+    from tests.support.faults import kill_env
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "plan.yaml").write_text(PLAN)
     root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "EMBEDLENS_KILL_AT": "write:effects_summary.parquet"}
+    env = kill_env({**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")},
+                   "write:effects_summary.parquet")  # the test hook (tests/support/kill_hook) kills inside the write
     k = subprocess.run([sys.executable, "-m", "embedlens.cli", "run", "plan.yaml", "-o", "killed", "-q"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert k.returncode == -signal.SIGKILL, k.stderr[-2000:]

@@ -371,7 +371,8 @@ def test_concurrent_runs_second_refused_first_complete(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_at_every_phase_of_the_finish_resumes_to_the_same_bytes(tmp_path):
-    from embedlens.plan.runner import _PHASES, KILL_ENV
+    from embedlens.plan.runner import PHASES
+    from tests.support.faults import KILL_AT, kill_env
 
     plan = tmp_path / "plan.yaml"
     plan.write_text(SMALL)
@@ -381,14 +382,20 @@ def test_sigkill_at_every_phase_of_the_finish_resumes_to_the_same_bytes(tmp_path
     reference = _files(whole)
     assert "effects.parquet" in reference and "embedding_lens.tokens.csv" in reference and "report.html" in reference
     loaded = load_plan(plan)
-    for phase in _PHASES:
+    for phase in PHASES:
         out = tmp_path / phase
-        k = subprocess.run(_cli(plan, out), env=_env(**{KILL_ENV: phase}), capture_output=True, text=True, timeout=300)
+        k = subprocess.run(_cli(plan, out), env=kill_env(_env(), phase), capture_output=True, text=True, timeout=300)
         assert k.returncode == -signal.SIGKILL, (phase, k.returncode, k.stderr[-2000:])
         res = run(prepare(loaded), out, resume=True)
         assert _files(out) == reference, phase
         manifest = json.loads((out / "manifest.json").read_text())
         assert {"effects", "embedding_lens.tokens", "token_partition.tokens"} <= set(manifest["tables"]) and res.report is not None
+    # the package itself reads no kill switch: without the hook on the path, the same setting (and the old one) do nothing
+    out = tmp_path / "unhooked"
+    r = subprocess.run(_cli(plan, out), env=_env(**{KILL_AT: PHASES[0], "EMBEDLENS_KILL_AT": PHASES[0]}), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _files(out) == reference
 
 
 def test_full_disk_while_finishing_keeps_the_run_resumable(tmp_path, monkeypatch):

@@ -342,7 +342,7 @@ def test_attention_rows_cap_scores_where_the_model_does():
     from embedlens.adapters import wrap_model
     from embedlens.attention import applies_softcap
     from embedlens.data import Sample
-    from embedlens.testing.hf_testers import paligemma_builder
+    from tests.support.hf_testers import paligemma_builder
     from embedlens.testing.images import noise
 
     adapter = wrap_model(*paligemma_builder("gemma2", full_attention_only=True)(0))

@@ -12,8 +12,11 @@ word-level tokenizer, so ``vocab_size`` and the special-token ids follow it.
 A new family's adapter is checked by adding its tester's values here as one
 more `HFTesterConfig`; ``tests/adapters/test_hf_configs.py`` runs every entry.
 
+Test support, not installed with the package (the suite is the only user;
+tiny models for plugin authors stay in `embedlens.testing`).
+
 Example:
-    >>> from embedlens.testing import TESTER_CONFIGS
+    >>> from tests.support.hf_testers import TESTER_CONFIGS
     >>> model, processor = TESTER_CONFIGS["paligemma2"].build(0)
     >>> model.config.text_config.model_type, model.config.text_config.final_logit_softcapping
     ('gemma2', 30.0)
@@ -50,7 +53,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from embedlens.adapters.llava_onevision import OnevisionImageProcessor
-from embedlens.testing._tokenizer import build_tokenizer
+from embedlens.tokenizer import build_tokenizer
 
 Builder = Callable[[int], tuple[PreTrainedModel, ProcessorMixin]]
 _NORM = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
@@ -308,7 +311,7 @@ def gemma3_builder(sliding_window: int | None = None) -> Builder:
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3TextConfig
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    from embedlens.testing._tokenizer import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE
+    from embedlens.tokenizer import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE
     from embedlens.testing.tiny import GEMMA3_TOKENS
 
     t = GEMMA3_TESTER
@@ -393,7 +396,7 @@ def internvl_builder() -> Builder:
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     from embedlens.adapters.internvl import InternVLImageProcessor
-    from embedlens.testing._tokenizer import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE
+    from embedlens.tokenizer import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE
     from embedlens.testing.tiny import INTERNVL_TOKENS
 
     t = INTERNVL_TESTER

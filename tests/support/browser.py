@@ -3,7 +3,7 @@
 Talks the DevTools protocol over a pipe (``--remote-debugging-pipe``): no
 network port, no extra package. Console calls, uncaught exceptions and log
 entries (failed resource loads among them) are collected; a full-page PNG
-screenshot is written.
+screenshot is written. Test support (the report pages' console check), not installed with the package.
 """
 
 from __future__ import annotations

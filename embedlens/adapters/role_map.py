@@ -1,0 +1,126 @@
+"""The role map of an encoded batch (`Adapter.encode`): template, visual, newline, question, answer, ... per token.
+
+Functions of the adapter (its layouts, placeholders and tokenizer), kept apart from the contract in
+`embedlens.adapters.base`; `Adapter._build_roles` and `_mark_spans` call them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from transformers import BatchFeature
+
+from embedlens.data import Sample
+from embedlens.errors import AdapterError
+from embedlens.roles import Role, TokenRoles
+
+
+@dataclass
+class PromptText:
+    """The text a processor receives for one sample, and where its parts are.
+
+    `spans` are character ranges in `text` (before the processor expands image
+    placeholders). `suffix` is an answer a family passes separately (PaliGemma).
+    """
+
+    text: str
+    spans: dict[Role, list[tuple[int, int]]] = field(default_factory=dict)
+    suffix: str | None = None
+
+
+def build_roles(self: Any, inputs: BatchFeature, prompts: list[PromptText], samples: Sequence[Sample]) -> TokenRoles:
+    """The batch's role map: each token's role, and for visual tokens their image, tile, patch and feature row.
+
+    `self` is the `embedlens.adapters.base.Adapter` encoding the batch (not imported: it imports this module)."""
+    ids = inputs["input_ids"]
+    attn = inputs["attention_mask"].bool()
+    bsz, seq = ids.shape
+    kind = torch.full((bsz, seq), int(Role.TEMPLATE), dtype=torch.long)
+    kind[~attn] = int(Role.PAD)
+    meta = {k: torch.full((bsz, seq), -1, dtype=torch.long) for k in ("image", "tile", "row", "col", "feature_row", "feature_col")}
+    layouts = self.image_layouts(inputs)
+    if len(layouts) != sum(len(s.images) for s in samples):
+        raise AdapterError(f"{self.name}: layout has {len(layouts)} images, batch has {sum(len(s.images) for s in samples)}")
+    special_ids = self.special_token_ids() - {self.image_token_id, self.tokenizer.unk_token_id}
+    next_image = 0
+    for b, (sample, prompt) in enumerate(zip(samples, prompts)):
+        pos = ((ids[b] == self.image_token_id) & attn[b]).nonzero().flatten()
+        mine = layouts[next_image : next_image + len(sample.images)]
+        next_image += len(sample.images)
+        counts = [len(l) for l in mine]
+        if len(pos) != sum(counts):
+            raise AdapterError(
+                f"sample {sample.id!r}: {len(pos)} image-token positions but the images give "
+                f"{sum(counts)} features ({counts})"
+            )
+        start = 0
+        for i, lay in enumerate(mine):
+            p = pos[start : start + len(lay)]
+            start += len(lay)
+            not_patch = lay[:, 1] < 0
+            kind[b, p] = torch.where(
+                not_patch,
+                torch.where(lay[:, 4] < 0, int(Role.IMAGE_NEWLINE), int(Role.IMAGE_CLS)),
+                int(Role.VISUAL),
+            )
+            meta["image"][b, p] = i
+            for j, name in enumerate(("tile", "row", "col", "feature_row", "feature_col")):
+                meta[name][b, p] = lay[:, j]
+        free = attn[b] & (kind[b] == Role.TEMPLATE)
+        bos = free & (ids[b] == self.tokenizer.bos_token_id)
+        kind[b, bos] = int(Role.BOS)
+        kind[b, free & ~bos & torch.isin(ids[b], torch.tensor(sorted(special_ids)))] = int(Role.SPECIAL)
+        self._mark_spans(kind[b], ids[b], attn[b], prompt, counts, sample, inputs, b, next_image - len(counts))
+    return TokenRoles(kind=kind, **meta)
+
+def mark_spans(self: Any, kind, ids, attn, prompt: PromptText, counts, sample, inputs, b, first_image: int = 0) -> None:
+    """Mark question/answer tokens by aligning the processor's ids with a tokenization
+    (with offsets) of the same text, image placeholders expanded as the processor does."""
+    ph = self.image_placeholder
+    text, insertions = self.processor_text(prompt.text)
+    pieces = text.split(ph)
+    if len(pieces) - 1 != len(counts):
+        raise AdapterError(f"sample {sample.id!r}: cannot align {len(pieces) - 1} placeholders with {len(counts)} images")
+    # Original offset -> expanded offset, piece by piece.
+    expanded, anchors = "", []
+    orig = 0
+    for k, piece in enumerate(pieces):
+        anchors.append((orig, len(expanded), len(piece)))
+        expanded += piece
+        orig += len(piece)
+        if k < len(counts):
+            expanded += self.placeholder_text(inputs, first_image + k, counts[k])
+            orig += len(ph)
+    enc = self.tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=self._adds_special_tokens())
+    mine = ids[attn]
+    n = len(enc["input_ids"])
+    if self.answer_as_suffix and "token_type_ids" in inputs:
+        types = inputs["token_type_ids"][b][attn]
+        mine = mine[types == 0]
+    if n != len(mine) or not torch.equal(torch.tensor(enc["input_ids"]), mine.cpu()):
+        raise AdapterError(
+            f"sample {sample.id!r}: could not align the processor's tokens with the prompt text; "
+            "question/answer spans would be wrong"
+        )
+    positions = attn.nonzero().flatten()[:n]
+
+    def expand(x: int, end: bool = False) -> int:
+        # Text inserted exactly at a span's end belongs after the span.
+        x += sum(n for at, n in insertions if (at < x if end else at <= x))
+        for o, e, ln in anchors:
+            if o <= x <= o + ln:
+                return e + (x - o)
+        return len(expanded)
+
+    for role, spans in prompt.spans.items():
+        for s, e in spans:
+            s_, e_ = expand(s), expand(e, end=True)
+            for t, (ts, te) in enumerate(enc["offset_mapping"]):
+                if te > ts and ts >= s_ and te <= e_ and kind[positions[t]] == Role.TEMPLATE:
+                    kind[positions[t]] = int(role)
+    if self.answer_as_suffix and "token_type_ids" in inputs:
+        types = inputs["token_type_ids"][b]
+        ans = (types == 1) & attn & (kind == Role.TEMPLATE)
+        kind[ans] = int(Role.ANSWER)
