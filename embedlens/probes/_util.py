@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -15,6 +17,18 @@ if TYPE_CHECKING:
 from embedlens.probes.base import Table
 
 META_COLUMNS = ("sample", "sample_id", "image", "tile", "row", "col", "position")
+
+
+def records_given(init):
+    """Wrap `init` to keep the names of the arguments a caller wrote (``self._given``), whatever their values: a
+    value written equal to the default is still the caller's choice. The signature stays `init`'s (``__wrapped__``)."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        self._given = frozenset(inspect.signature(init).bind(self, *args, **kwargs).arguments) - {"self"}
+        init(self, *args, **kwargs)
+
+    return wrapper
 
 
 def resolve_layers(probe: str, param: str, layers: Sequence[int], n: int, *, include_input: bool = True) -> list[int]:
