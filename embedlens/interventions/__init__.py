@@ -4,7 +4,8 @@ and the engine that applies them."""
 from embedlens.interventions.base import Intervention
 from embedlens.attention import attention_rows
 from embedlens.interventions.context import Context, Rows
-from embedlens.interventions.engine import Engine, Outcome, RowCache
+from embedlens.interventions.engine import Engine
+from embedlens.interventions.outcome import Outcome, RowCache
 from embedlens.interventions.select import Selection
 from embedlens.interventions import ablate, layers, prune  # noqa: F401, E402 - registers the built-ins
 
