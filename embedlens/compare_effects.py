@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from embedlens.files import contained
-from embedlens.stats import holm, paired, power_note, seed_for
+from embedlens.stats import alpha_of, holm, paired, power_note, seed_for
 
 #: Columns of ``compare_effects.csv``.
 COLUMNS = ("condition", "reference", "metric", "n_shared", "effect_a", "effect_b", "diff", "diff_ci_low", "diff_ci_high", "test",
@@ -110,12 +110,13 @@ def _verdict(row: dict, a: str, confidence: float) -> str:
     if row["test"] == "deterministic":
         return f"deterministic: the effect differs by {d:+.4g} on every one of the {n} shared samples; nothing varies to test"
     p, ph = row["p_value"], row["p_holm"]
-    if math.isfinite(ph) and ph < 0.05:
+    alpha = alpha_of(confidence)  # the level that agrees with the interval printed beside it
+    if math.isfinite(ph) and ph < alpha:
         way = "larger" if d > 0 else "smaller"
-        return (f"the effect is {way} in {a} by {abs(d):.3g} ({int(confidence * 100)}% interval {row['diff_ci_low']:+.3g} to "
+        return (f"the effect is {way} in {a} by {abs(d):.3g} ({confidence * 100:g}% interval {row['diff_ci_low']:+.3g} to "
                 f"{row['diff_ci_high']:+.3g}; p = {p:.2g}, Holm {ph:.2g})")
     s = f"no evidence that the models differ (p = {p:.2g}, Holm {ph:.2g}); the interval allows {row['diff_ci_low']:+.3g} to {row['diff_ci_high']:+.3g}"
-    return s + power_note(n, row["mde"], "difference")
+    return s + power_note(n, row["mde"], "difference", alpha)
 
 
 def model_differences_html(rows: list[dict[str, Any]], names: list[str]) -> str:

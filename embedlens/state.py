@@ -215,9 +215,8 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
                         t = t.to(dev)
                     except (RuntimeError, AssertionError):
                         pass  # resumed on a machine without that device: the caller's model device decides later
-                if t.is_floating_point() and bool(t.isnan().any()):
-                    raise CheckpointError(f"{where}: a saved {t.dtype} tensor of shape {list(t.shape)} holds NaN; a run's "
-                                          "state holds numbers (a NaN would spread to every later result)")
+                # NaN is not refused here: a plugin may keep one as a placeholder; check_state refuses it where the
+                # freshly built instance holds finite values, and a nested object's load_state_dict where it knows better
                 return t.requires_grad_(True) if value.get("grad") and t.is_floating_point() else t
             if tag == "$ndarray":
                 arr = tensors[value["$ndarray"]].numpy()

@@ -239,6 +239,17 @@ def bca_ci(values: Sequence[float], resamples: int = RESAMPLES, confidence: floa
     return (float(lo), float(hi))
 
 
+def alpha_of(confidence: float) -> float:
+    """The test level that goes with a `confidence` interval: ``1 - confidence``, rounded so 0.95 gives exactly 0.05
+    (a p-value of 0.05 is then not "below" the level by floating-point noise).
+
+    Example:
+        >>> alpha_of(0.95), alpha_of(0.99)
+        (0.05, 0.01)
+    """
+    return round(1.0 - confidence, 12)
+
+
 def mcnemar_min_discordant(alpha: float = ALPHA) -> int:
     """The fewest discordant pairs, all one way, with which the exact McNemar test can reach p < `alpha`.
 
@@ -288,8 +299,9 @@ def mde(diffs: Sequence[float], binary: bool, alpha: float = ALPHA, power: float
     return c * float(np.std(d, ddof=1)) / math.sqrt(n)
 
 
-def power_note(n: int, detectable: float, what: str = "change") -> str:
-    """The clause a verdict ends with: what n samples can detect (`detectable`, from `mde`); "" when it is NaN.
+def power_note(n: int, detectable: float, what: str = "change", alpha: float = ALPHA) -> str:
+    """The clause a verdict ends with: what n samples can detect (`detectable`, from `mde` at level `alpha`);
+    "" when it is NaN.
 
     Example:
         >>> power_note(12, 0.654)
@@ -300,8 +312,8 @@ def power_note(n: int, detectable: float, what: str = "change") -> str:
     if not isinstance(detectable, (int, float)) or math.isnan(detectable):
         return ""
     if math.isinf(detectable):
-        return (f"; at n = {n} no {what} can be detected: the exact test cannot reach p < {ALPHA:g} with fewer than "
-                f"{mcnemar_min_discordant(ALPHA)} samples")
+        return (f"; at n = {n} no {what} can be detected: the exact test cannot reach p < {alpha:g} with fewer than "
+                f"{mcnemar_min_discordant(alpha)} samples")
     return f"; at n = {n} only a {what} of {detectable:.3g} or more is likely to be detected"
 
 
@@ -396,7 +408,7 @@ class Paired:
     #: McNemar's discordant pairs: x right and y wrong (`x_only`), the reverse (`reference_only`); -1 for other tests.
     x_only: int = -1
     reference_only: int = -1
-    #: The smallest true difference the test detects with probability `POWER` at level `ALPHA`, at this n (`mde`).
+    #: The smallest true difference the test detects with probability `POWER` at level ``1 - confidence``, at this n (`mde`).
     mde: float = math.nan
 
     def as_dict(self) -> dict:
@@ -447,11 +459,12 @@ def paired(
     if binary:
         x_only, ref_only = int(np.sum((a == 1) & (b == 0))), int(np.sum((a == 0) & (b == 1)))
         return Paired(n, mean_a, mean_b, diff, lo, hi, "mcnemar_exact", mcnemar_exact(x_only, ref_only), x_only, ref_only,
-                      mde=mde(d, True))
+                      mde=mde(d, True, alpha_of(confidence)))
     p, exact = sign_flip_test(d, resamples, seed)
-    return Paired(n, mean_a, mean_b, diff, lo, hi, "sign_flip_permutation" + ("" if exact else "_sampled"), p, mde=mde(d, False))
+    return Paired(n, mean_a, mean_b, diff, lo, hi, "sign_flip_permutation" + ("" if exact else "_sampled"), p,
+                  mde=mde(d, False, alpha_of(confidence)))
 
 
-__all__ = ["ALPHA", "EXACT_MAX_N", "MIN_N", "POWER", "RESAMPLES", "Paired", "bca_ci", "bootstrap_ci", "bootstrap_means",
+__all__ = ["ALPHA", "alpha_of", "EXACT_MAX_N", "MIN_N", "POWER", "RESAMPLES", "Paired", "bca_ci", "bootstrap_ci", "bootstrap_means",
            "clopper_pearson", "holm", "is_binary", "mcnemar_exact", "mcnemar_min_discordant", "mde", "paired", "power_note", "seed_for",
            "sign_flip_test", "wilson_interval"]

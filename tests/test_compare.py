@@ -99,3 +99,15 @@ def test_models_are_tested_paired_over_shared_samples(tmp_path):
     assert "effects.drop.logprob" not in diffs
     assert diffs["effects.drop_random.logprob"]["z"] == pytest.approx(0.4 / np.sqrt(0.02))
     assert "<h2>Intervention effects</h2>" in html and "effects.drop.logprob</td>" not in html.split("<h2>Intervention effects</h2>")[1].split("<h2>")[0]
+
+
+def test_the_model_difference_verdict_decides_at_the_level_of_its_interval():
+    """A Holm p of 0.03 is a difference at 95% and not at 99%: the sentence's level matches its interval. Was: a fixed
+    0.05, so at 0.99 it said 'the effect is larger ... (99% interval ...)'."""
+    from embedlens.compare_effects import _verdict
+
+    row = {"n_shared": 20, "diff": 0.4, "diff_ci_low": -0.02, "diff_ci_high": 0.8, "test": "sign_flip_permutation",
+           "p_value": 0.03, "p_holm": 0.03, "mde": 0.5}
+    assert _verdict(row, "clip", 0.95).startswith("the effect is larger in clip by 0.4 (95% interval")
+    said = _verdict(row, "clip", 0.99)
+    assert said.startswith("no evidence that the models differ") and "99% interval" not in said

@@ -10,7 +10,7 @@ from scipy import stats as sps
 
 from embedlens.errors import InputError
 from embedlens.stats import (bca_ci, bootstrap_ci, bootstrap_means, clopper_pearson, holm, is_binary, mcnemar_exact,
-                             mcnemar_min_discordant, mde, paired, sign_flip_test, wilson_interval)
+                             mcnemar_min_discordant, mde, paired, power_note, sign_flip_test, wilson_interval)
 
 
 @pytest.mark.parametrize("b,c", [(0, 0), (0, 1), (3, 0), (2, 7), (10, 10), (15, 4), (60, 41), (400, 350)])
@@ -172,6 +172,18 @@ def test_mde_is_infinite_where_the_exact_test_cannot_reach_alpha():
            "diff_ci_high": 0.9, "p_value": 0.125, "p_holm": 0.125, "mde": mde([0.2, 0.4, 0.6, 0.8], binary=False)}
     said = verdict(row, accuracy=False)
     assert "no change can be detected" in said and "only a change of" not in said
+
+
+def test_the_mde_and_power_clause_take_the_level_of_the_interval():
+    """paired() at confidence 0.99 computes the MDE at level 0.01 (closed form with z(0.995)); the power clause names
+    that level and its exact-test floor (8 one-way pairs: scipy's binomial test). Was: always level 0.05."""
+    d = np.random.default_rng(4).normal(0.3, 1.0, size=30)
+    r = paired(d, np.zeros(30), confidence=0.99)
+    want = (sps.norm.ppf(0.995) + sps.norm.ppf(0.8)) * np.std(d, ddof=1) / np.sqrt(30)
+    assert r.mde == pytest.approx(want) and paired(d, np.zeros(30)).mde < r.mde
+    assert sps.binomtest(8, 8, 0.5).pvalue < 0.01 <= sps.binomtest(7, 7, 0.5).pvalue
+    assert power_note(7, math.inf, "change", 0.01).endswith("cannot reach p < 0.01 with fewer than 8 samples")
+    assert paired([1.0] * 7, [0.0] * 7, confidence=0.99).mde == math.inf
 
 
 def test_holm_by_hand():

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedlens.stats import ALPHA, MIN_N, POWER, bca_ci, holm, is_binary, mcnemar_min_discordant, paired, power_note, seed_for, wilson_interval
+from embedlens.stats import MIN_N, POWER, alpha_of, bca_ci, holm, is_binary, mcnemar_min_discordant, paired, power_note, seed_for, wilson_interval
 
 if TYPE_CHECKING:
     from embedlens.data import Record
@@ -42,7 +42,7 @@ METHOD = {
     "continuous_test": "paired sign-flip permutation test of the mean difference (exact up to 16 non-zero differences, else sampled)",
     "deterministic": "a metric whose paired difference is the same on every sample is not tested (test: deterministic)",
     "p_values": "raw, and Holm-adjusted (p_holm) across the plan's overall comparisons (a breakdown's rows: across that breakdown)",
-    "mde": f"minimum detectable effect: the smallest true difference the test finds with power {POWER} at level {ALPHA}, at the run's n",
+    "mde": f"minimum detectable effect: the smallest true difference the test finds with power {POWER} at level 1 - report.confidence, at the run's n",
     "min_n": f"below {MIN_N} samples a bootstrap interval is approximate: decide with the exact test",
     "overlap": "a matched control's tokens that its condition also acted on (share per sample, averaged)",
     "accuracy": "a metric whose every value is 0 or 1",
@@ -312,13 +312,14 @@ def _adjust_and_say(out: Conclusions, spec: "ReportSpec") -> None:
         out.warnings.append(f"n = {small[0]} samples: below {MIN_N}, bootstrap intervals are approximate (decide with the exact "
                             "test), and only large effects can be detected (see the mde column)")
     need = getattr(spec, "min_effect", None)
+    alpha = alpha_of(spec.confidence)
     for m in out.accuracy:
         mdes = [rows["mde"][i] for i in range(n_rows) if rows["metric"][i] == m and rows["by"][i] == "all" and rows["reference"][i]
                 and not math.isnan(rows["mde"][i])]
         if need is not None and mdes and min(mdes) > need:
             n = max(rows["n"][i] for i in range(n_rows) if rows["metric"][i] == m and rows["by"][i] == "all")
-            can = (f"the smallest detectable change is {min(mdes):.2f} (power {POWER}, level {ALPHA})" if math.isfinite(min(mdes))
-                   else f"no change is detectable (the exact test cannot reach p < {ALPHA} below {mcnemar_min_discordant(ALPHA)} samples)")
+            can = (f"the smallest detectable change is {min(mdes):.2f} (power {POWER}, level {alpha:g})" if math.isfinite(min(mdes))
+                   else f"no change is detectable (the exact test cannot reach p < {alpha:g} below {mcnemar_min_discordant(alpha)} samples)")
             out.warnings.append(f"{m}: at n = {n} {can}; "
                                 f"the question needs {need:.2f} (report.min_effect): a null result here is not evidence of no effect")
 
@@ -340,12 +341,13 @@ def verdict(row: dict, accuracy: bool, confidence: float = 0.95, family: int = 1
         return f"deterministic: the difference is {d:+.4g} on every one of the {n} samples; nothing varies to test"
     p, ph = row["p_value"], row["p_holm"]
     way = "drop" if d < 0 else "rise"
-    if math.isfinite(ph) and ph < ALPHA:
+    alpha = alpha_of(confidence)  # the level that agrees with the interval printed beside it
+    if math.isfinite(ph) and ph < alpha:
         holm_note = f", Holm-adjusted {ph:.2g} over {family} comparisons" if family > 1 else ""
-        return f"evidence of a {way} of {abs(d):.3g} ({int(confidence * 100)}% interval {lo:+.3g} to {hi:+.3g}; p = {p:.2g}{holm_note})"
+        return f"evidence of a {way} of {abs(d):.3g} ({confidence * 100:g}% interval {lo:+.3g} to {hi:+.3g}; p = {p:.2g}{holm_note})"
     m = row.get("mde", math.nan)
-    power = power_note(n, m, "change")
-    if math.isfinite(p) and p < ALPHA:
+    power = power_note(n, m, "change", alpha)
+    if math.isfinite(p) and p < alpha:
         return (f"a {way} of {abs(d):.3g} (p = {p:.2g}) that does not survive the Holm adjustment over {family} comparisons "
                 f"(adjusted p = {ph:.2g}): not evidence on its own{power}")
     allows = []

@@ -72,12 +72,28 @@ def _start_state(prepared: Prepared, out: Path, h: str, identity: dict, n_batche
         state = _resume_state(prepared, out, h, identity, n_batches)
         remove_temp(out)  # what a kill left half-written (``.NAME.PID.tmp``): rewritten from the state
         return state, state.next_batch
+    if not overwrite and _manifest_kind(out) == "eval":  # as eval refuses a finished run's folder without --overwrite
+        from embedlens.files import RunFolderError
+
+        raise RunFolderError(f"{out} holds the results of an `embedlens eval` (manifest.json of kind 'eval'); run would delete "
+                             "them: give run another --output, or replace them with --overwrite")
     done = finished_result(out) if resume and not overwrite else None
     if done is not None:
         remove_temp(out)
         return None, done
     clear_run(out)
     return RunState(h, identity, 0, n_batches, False, prepared.probes, prepared.partition, prepared.conditions), None
+
+
+def _manifest_kind(out: Path) -> Any:
+    """The ``kind`` of the manifest in `out` (``"eval"`` for an `embedlens eval`'s), or None."""
+    if contained(out, "manifest.json") is None:
+        return None
+    try:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError):
+        return None
+    return manifest.get("kind") if isinstance(manifest, dict) else None
 
 
 def _resume_state(prepared: Prepared, out: Path, h: str, identity: dict, n_batches: int) -> RunState:

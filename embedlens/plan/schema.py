@@ -167,7 +167,7 @@ class ReportSpec(_Strict):
     confidence: float = Field(0.95, ge=0.5, lt=1.0, description="level of the bootstrap intervals")
     min_effect: float = Field(
         0.1, gt=0.0, le=1.0, description="the smallest accuracy change the question needs to detect: the report warns when the "
-        "run's n cannot (its minimum detectable effect, at power 0.8 and level 0.05, is larger)"
+        "run's n cannot (its minimum detectable effect, at power 0.8 and level 1 - confidence, is larger)"
     )
     token_map_samples: int = Field(4, ge=1, le=16, description="samples drawn side by side in each token-map figure")
 

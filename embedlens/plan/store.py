@@ -21,6 +21,7 @@ import os
 import re
 import stat
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -340,7 +341,9 @@ def damaged(path: Path, what: str) -> EmbedLensError:
 
 def check_parts(out: Path, next_batch: int) -> None:
     """Before a resume: every part file of a finished batch (``parts/TABLE/NNNNNN.parquet``, the run's and each
-    rank's) is a Parquet file with the columns of the table's other parts.
+    rank's) is a Parquet file that joins the table's other parts as the gather joins them: a plugin's columns may
+    vary from batch to batch, but a part shares at least one column with the table's parts before it, and a column
+    present in several parts has types that promote to one (``promote_options="permissive"``).
 
     Raises:
         CheckpointError: ``cannot resume: FILE what is wrong; start again with --overwrite``.
@@ -350,7 +353,7 @@ def check_parts(out: Path, next_batch: int) -> None:
 
     out = Path(out)
     roots = [out / PARTS] + sorted((out / RANKS).glob(f"rank-*/{PARTS}")) if (out / RANKS).is_dir() and not (out / RANKS).is_symlink() else [out / PARTS]
-    first: dict[str, tuple[Path, list[str]]] = {}
+    first: dict[str, tuple[Path, Any]] = {}  # table -> (its first part, the schema of its parts so far)
     for root in roots:
         if not root.is_dir() or root.is_symlink():
             continue
@@ -360,12 +363,21 @@ def check_parts(out: Path, next_batch: int) -> None:
                 if not stem.isdigit() or f.is_symlink() or int(stem) >= next_batch:
                     continue  # not a part (left alone), or a batch the resumed run writes again
                 try:
-                    names = pq.read_schema(f).names
+                    schema = pq.read_schema(f)
                 except (pa.ArrowException, OSError, ValueError) as e:
                     raise damaged(f, f"not a Parquet part file ({type(e).__name__}: {str(e)[:200]})") from None
-                seen = first.setdefault(folder.name, (f, names))
-                if names != seen[1]:
-                    raise damaged(f, f"its columns {names} are not those of {seen[0]} ({seen[1]}): not a part of this run's table {folder.name!r}")
+                if folder.name not in first:
+                    first[folder.name] = (f, schema)
+                    continue
+                where, known = first[folder.name]
+                if not set(schema.names) & set(known.names):
+                    raise damaged(f, f"its columns {schema.names} are not those of {where} ({known.names}): no column in common, "
+                                     f"not a part of this run's table {folder.name!r}")
+                try:
+                    first[folder.name] = (where, pa.unify_schemas([known, schema], promote_options="permissive"))
+                except (pa.ArrowException, ValueError) as e:
+                    raise damaged(f, f"its columns do not join those of the table's other parts ({where} ...): "
+                                     f"{type(e).__name__}: {str(e)[:200]}") from None
 
 
 def clear_run(out: Path) -> None:

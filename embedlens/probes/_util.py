@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -15,6 +17,18 @@ if TYPE_CHECKING:
 from embedlens.probes.base import Table
 
 META_COLUMNS = ("sample", "sample_id", "image", "tile", "row", "col", "position")
+
+
+def records_given(init):
+    """Wrap `init` to keep the names of the arguments a caller wrote (``self._given``), whatever their values: a
+    value written equal to the default is still the caller's choice. The signature stays `init`'s (``__wrapped__``)."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        self._given = frozenset(inspect.signature(init).bind(self, *args, **kwargs).arguments) - {"self"}
+        init(self, *args, **kwargs)
+
+    return wrapper
 
 
 def resolve_layers(probe: str, param: str, layers: Sequence[int], n: int, *, include_input: bool = True) -> list[int]:
@@ -129,17 +143,18 @@ class Reservoir(Stateful):
         return torch.stack(self._rows) if self._rows else torch.zeros(0, 0)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """A saved reservoir, checked: at most `capacity` float32 rows of one shape, a label per row, `seen` >= rows."""
+        """A saved reservoir, checked: at most `capacity` finite float32 rows of one shape, a label per row, `seen` >= rows."""
         from embedlens.state import CheckpointError
 
         super().load_state_dict(state)
         rows, cap = self._rows, self.capacity
-        ok = (isinstance(rows, list) and all(isinstance(r, torch.Tensor) and r.dtype == torch.float32 and r.shape == rows[0].shape for r in rows)
+        ok = (isinstance(rows, list) and all(isinstance(r, torch.Tensor) and r.dtype == torch.float32 and r.shape == rows[0].shape
+                                             and bool(torch.isfinite(r).all()) for r in rows)
               and isinstance(cap, int) and 0 <= len(rows) <= cap and isinstance(self.seen, int) and self.seen >= len(rows)
               and isinstance(self.labels, dict) and all(isinstance(v, list) and len(v) == len(rows) for v in self.labels.values()))
         if not ok:
             raise CheckpointError(f"Reservoir: the saved rows, labels and counts do not fit together ({len(rows) if isinstance(rows, list) else rows!r} "
-                                  f"rows of capacity {cap!r}, seen {self.seen!r}); expected float32 rows of one shape, a label each")
+                                  f"rows of capacity {cap!r}, seen {self.seen!r}); expected finite float32 rows of one shape, a label each")
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -11,6 +9,7 @@ import torch
 
 from embedlens.anchors import EVIDENCE_COLUMNS, AnchorRule, Discoverer, discovery_warnings
 from embedlens.errors import EmbedLensError, PlanError
+from embedlens.probes._util import records_given as _records_given
 from embedlens.probes.base import Probe, Table
 from embedlens.registry import probes
 from embedlens.sites import Site
@@ -18,18 +17,6 @@ from embedlens.sites import Site
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
     from embedlens.groups import Partition
-
-
-def _records_given(init):
-    """Wrap `init` to keep the names of the arguments a caller wrote (``self._given``), whatever their values: a
-    value written equal to the default is still the caller's choice. The signature stays `init`'s (``__wrapped__``)."""
-
-    @functools.wraps(init)
-    def wrapper(self, *args, **kwargs):
-        self._given = frozenset(inspect.signature(init).bind(self, *args, **kwargs).arguments) - {"self"}
-        init(self, *args, **kwargs)
-
-    return wrapper
 
 
 @probes.register("anchor_discovery")

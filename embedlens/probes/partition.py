@@ -11,7 +11,7 @@ import torch
 from embedlens.anchors import AnchorRule
 from embedlens.errors import ParameterError, PlanError
 from embedlens.groups import Partition
-from embedlens.probes._util import FirstImage, token_meta
+from embedlens.probes._util import FirstImage, records_given, token_meta
 from embedlens.probes.base import Probe, Table
 from embedlens.registry import probes
 from embedlens.sites import Site
@@ -39,7 +39,17 @@ class _PartitionProbe(Probe):
         self._first = FirstImage()
 
     def use_partition(self, partition: Partition) -> None:
-        """Label with `partition` (the run's one partition, from the plan) instead of the one built from parameters."""
+        """Label with `partition` (the run's one partition, from the plan) instead of the one built from parameters.
+
+        Raises:
+            PlanError: a parameter given to this probe (even one equal to its default) that differs from the
+                partition's, naming the partition key to set instead.
+        """
+        for key in sorted(getattr(self, "_given", ())):
+            mine, theirs = getattr(self.partition, key), getattr(partition, key)
+            if mine != theirs:
+                raise PlanError(f"{key}: {self.name} labels with the run's one partition (partition.{key} = {theirs!r}, "
+                                f"here {mine!r}); set {key} in the partition: block and give {self.name} no {key}")
         self.partition = partition
         self._counts = {g: 0 for g in partition.names}
 
@@ -164,6 +174,7 @@ class AnchorGroups(_PartitionProbe):
     name = "anchor_groups"
     example_params = {"anchors": {"sink": [5], "dead": [6, 7]}}
 
+    @records_given
     def __init__(
         self,
         anchors: dict[str, list[int]],
@@ -232,6 +243,7 @@ class TokenPartition(_PartitionProbe):
 
     name = "token_partition"
 
+    @records_given
     def __init__(
         self,
         anchors: dict[str, list[int]] = {},  # noqa: B006 - never mutated

@@ -108,6 +108,35 @@ def test_validate_checks_the_adapter_of_a_zoo_model(tmp_path, adapter, expected)
     assert "Traceback" not in r.output
 
 
+def test_an_auto_map_beside_a_native_model_type_loads_natively_with_a_warning(tmp_path):
+    """A folder of a model type transformers ships, with an auto_map into the folder's own code (as many hub checkpoints
+    carry): it loads with transformers' classes, the same logits as without the auto_map, a warning names the ignored
+    auto_map, and the folder's code never runs (was: refused). An auto_map beside an unknown model type is still refused."""
+    import json
+
+    folder = save_tiny_model("llava-clip", tmp_path / "m", seed=3)
+    marker = tmp_path / "PWNED"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nraise SystemExit(9)\n")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llava"
+    for name in ("config.json", "tokenizer_config.json"):
+        doc = json.loads((folder / name).read_text())
+        doc["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForImageTextToText": "evil.EvilModel", "AutoTokenizer": ["evil.T", None]}
+        (folder / name).write_text(json.dumps(doc))
+    with pytest.warns(UserWarning, match=r"m/config\.json: auto_map \{\"AutoConfig\": \"evil\.EvilConfig\".* is ignored.*'llava' classes"):
+        adapter = load_model(str(folder))
+    assert not marker.exists() and adapter.name == TINY_SPECS["llava-clip"].family
+    model, _ = tiny_model("llava-clip", seed=3)
+    batch = adapter.encode(mixed_samples(adapter=adapter)[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.model(**adapter.model_inputs(batch)).logits, model(**adapter.model_inputs(batch)).logits)
+    config["model_type"], config["auto_map"] = "evil_model", {"AutoConfig": "evil.EvilConfig"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=r"config\.json: auto_map \{\"AutoConfig\": \"evil\.EvilConfig\"\} asks to import Python code"):
+        load_model(str(folder))
+    assert not marker.exists()
+
+
 def test_moved_tester_configs_say_where_they_went():
     with pytest.raises(ImportError, match=r"embedlens\.testing\.TESTER_CONFIGS .*tests/support/hf_testers\.py"):
         from embedlens.testing import TESTER_CONFIGS  # noqa: F401

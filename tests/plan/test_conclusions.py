@@ -245,3 +245,18 @@ def test_a_count_that_one_condition_drives_to_zero_or_one_is_not_an_accuracy():
     assert "tokens" not in c.accuracy
     base = [i for i, (cond, m) in enumerate(zip(c.rows["condition"], c.rows["metric"])) if cond == "baseline" and m == "tokens"]
     assert base and c.rows["mean"][base[0]] == pytest.approx(np.mean([30 + i for i in range(10)]))
+
+
+def test_the_verdict_decides_at_the_level_of_its_own_interval():
+    """Six samples all dropping: McNemar p = 2 / 2^6 (scipy) lies between 0.01 and 0.05. At report.confidence 0.95 it is
+    evidence; at 0.99 the verdict, its 99% interval and the power clause all use level 0.01: not evidence, and no change
+    is detectable below 8 samples (2 / 2^8 < 0.01 <= 2 / 2^7). Was: 'evidence ... (99% interval ...)' at a fixed 0.05."""
+    p = sps.binomtest(6, 6, 0.5).pvalue
+    assert 0.01 < p < 0.05 and sps.binomtest(8, 8, 0.5).pvalue < 0.01 <= sps.binomtest(7, 7, 0.5).pvalue
+    eff = {"sample": IDS[:6], "condition": ["drop"] * 6, "correct": [0.0] * 6, "correct_base": [1.0] * 6}
+    at95 = analyse(eff, None, {}, ReportSpec(resamples=200, confidence=0.95), seed=0).find("drop", "baseline", "correct")
+    at99 = analyse(eff, None, {}, ReportSpec(resamples=200, confidence=0.99), seed=0).find("drop", "baseline", "correct")
+    assert at95["p_value"] == pytest.approx(p) and at99["p_value"] == pytest.approx(p)
+    assert at95["verdict"].startswith("evidence of a drop of 1") and "95% interval" in at95["verdict"]
+    assert at99["verdict"].startswith("no evidence of an effect") and "99% interval" not in at99["verdict"]
+    assert at99["mde"] == float("inf") and "cannot reach p < 0.01 with fewer than 8 samples" in at99["verdict"]

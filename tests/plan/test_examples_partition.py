@@ -185,3 +185,27 @@ def test_anchor_discovery_compares_the_parameters_it_was_given_with_the_partitio
     for same in (AnchorDiscovery(), AnchorDiscovery(max_dispersion=0.5), AnchorDiscovery(max_dispersion=0.5, massive=False)):
         same.use_partition(loose)
         assert same.result()["source"] == "partition"
+
+
+def test_token_partition_and_anchor_groups_refuse_given_parameters_the_partition_overrides(tmp_path):
+    """A partition probe labels with the run's one partition: a parameter written to it that differs from the
+    partition's is an error naming the partition key (was: silently dropped); equal or unwritten ones are fine,
+    and the probe then labels with that partition. In a plan: anchor_groups' anchors beside a partition: block."""
+    from embedlens.errors import PlanError
+    from embedlens.groups import Partition
+    from embedlens.probes.partition import AnchorGroups, TokenPartition
+
+    part = Partition(anchors={"dead": [6, 7]}, k=2, vit_norm="sink")
+    with pytest.raises(PlanError, match=r"k: token_partition labels with the run's one partition \(partition\.k = 2, here 3\); set k"):
+        TokenPartition(anchors={"dead": [6, 7]}, k=3).use_partition(part)  # k = 3 is the default, but written
+    with pytest.raises(PlanError, match=r"anchors: anchor_groups .*partition\.anchors = \{'dead': \[6, 7\]\}"):
+        AnchorGroups(anchors={"dead": [5]}).use_partition(part)
+    for same in (TokenPartition(), TokenPartition(k=2, vit_norm="sink"), AnchorGroups(anchors={"dead": [6, 7]}, k=2)):
+        same.use_partition(part)
+        assert same.partition is part
+    plan = tmp_path / "p.yaml"
+    plan.write_text("model: {source: 'tiny:llava-clip'}\ndata: {synthetic: {n: 2, size: 32}}\n"
+                    "partition: {anchors: {dead: [6, 7]}}\n"
+                    "probes:\n  - name: anchor_groups\n    params: {anchors: {dead: [5]}}\n")
+    with pytest.raises(PlanError, match=r"probes\[0\].*anchors: anchor_groups labels with the run's one partition"):
+        prepare(load_plan(plan))

@@ -213,7 +213,7 @@ CASES = [
      FILE + r"Reservoir: the saved rows, labels and counts do not fit together"),
     ("tensor wrong dtype", _edit(lambda d, t: _set_row(d, t, lambda x: x.double())),
      FILE + r"Reservoir: the saved rows, labels and counts do not fit together"),
-    ("tensor NaN", _edit(lambda d, t: _set_row(d, t, lambda x: x * float("nan"))), FILE + r"probe 'token_clusters': a saved torch\.float32 tensor of shape \[\d+\] holds NaN"),
+    ("tensor NaN", _edit(lambda d, t: _set_row(d, t, lambda x: x * float("nan"))), FILE + r"Reservoir: the saved rows, labels and counts do not fit .*expected finite float32 rows"),
     ("tensor on meta", _fn(lambda d, t: _first_tensor(_probe(d, "embedding_lens")).update(device="meta")),
      FILE + r"probe 'embedding_lens': a tensor saved on device 'meta'; a checkpoint's tensors live on cpu, cuda or mps"),
     ("tensor missing", _fn(lambda d, t: _first_tensor(_probe(d, "embedding_lens")).update({"$tensor": "nope"})),
@@ -370,6 +370,14 @@ def test_eval_never_clears_a_run_without_a_flag(stopped, lmms_env, tmp_path, mon
     r = _eval(plan, "out", "--resume", tasks="embedlens_pope_mc")
     assert r.exit_code == 2 and "the finished eval there has tasks ['embedlens_synqa'] (now ['embedlens_pope_mc'])" in r.output, r.output
     assert _snapshot(tmp_path) == before
+    # and run, symmetrically, never clears the finished eval without --overwrite (was: replaced it without a flag)
+    for flags in ([], ["--resume"]):
+        r = CliRunner().invoke(app, ["run", str(tmp_path / "plan.yaml"), "-o", "out", "-q", *flags])
+        assert r.exit_code == 2 and "out holds the results of an `embedlens eval` (manifest.json of kind 'eval'); run would delete" in r.output, r.output
+        _no_traceback(r)
+        assert _snapshot(tmp_path) == before
+    assert CliRunner().invoke(app, ["run", str(tmp_path / "plan.yaml"), "-o", "out", "-q", "--overwrite"]).exit_code == 0
+    assert (tmp_path / "out" / "embedding_lens.tokens.parquet").is_file() and not (tmp_path / "out" / "benchmarks.parquet").exists()
 
 
 # -- no code from a model folder, even on a terminal that answers "y" ---------------------------------------------

@@ -140,3 +140,37 @@ def test_resume_refuses_another_plan(tmp_path):
         run(prepare(load_plan(plan)), tmp_path / "a", resume=True)
     res = run(prepare(load_plan(plan)), tmp_path / "a", overwrite=True)
     assert res.resumed_from is None and (tmp_path / "a" / "manifest.json").is_file()
+
+
+def test_parts_whose_columns_vary_by_batch_resume_and_foreign_parts_are_refused(tmp_path):
+    """A plugin whose table gains a column in a later batch: the gather joins its parts (permissive promotion), so
+    check_parts accepts them (was: refused, so such a run could not resume). A part sharing no column with the
+    table, a column whose types cannot be joined, or a file that is not Parquet are still refused, naming the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedlens.plan.store import PARTS, Parts, check_parts
+    from embedlens.state import CheckpointError
+
+    folder = tmp_path / PARTS / "widgets"
+    folder.mkdir(parents=True)
+
+    def part(i, cols):
+        pq.write_table(pa.table(cols), folder / f"{i:06d}.parquet")
+
+    part(0, {"sample_id": ["a", "b"], "score": [1.0, 2.0]})
+    part(1, {"extra": [3, 4], "sample_id": ["c", "d"]})  # another column, another order, no "score"
+    part(2, {"sample_id": ["e"], "score": [5], "extra": [None]})  # int score, null extra: both promote
+    check_parts(tmp_path, 3)
+    joined = Parts(tmp_path).read("widgets")  # what the gather does with the same parts
+    assert joined.column("sample_id").to_pylist() == list("abcde") and joined.column("score").to_pylist() == [1.0, 2.0, None, None, 5.0]
+    for cols, msg in (({"x": [1]}, r"000003\.parquet: its columns \['x'\] are not those of \S*000000\.parquet .*no column in common"),
+                      ({"sample_id": [1]}, r"000003\.parquet: its columns do not join those of the table's other parts"),
+                      (None, r"000003\.parquet: not a Parquet part file")):
+        if cols is None:
+            (folder / "000003.parquet").write_bytes(b"not parquet")
+        else:
+            part(3, cols)
+        with pytest.raises(CheckpointError, match=msg):
+            check_parts(tmp_path, 4)
+        check_parts(tmp_path, 3)  # a batch the resumed run writes again is not checked
