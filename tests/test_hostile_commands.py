@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from embedlens.cli import app
+from tests.support.snapshot import tree
 
 PLAN = """\
 model:
@@ -309,15 +310,6 @@ def _case(c):
     return c.values[0] if hasattr(c, "values") else c
 
 
-def _snapshot(root: Path, skip: Path | None) -> dict[str, bytes]:
-    out = {}
-    for dirpath, dirs, files in os.walk(root, followlinks=False):
-        for name in dirs + files:
-            p = Path(dirpath) / name
-            if skip is not None and (p == skip or skip in p.parents):
-                continue
-            out[str(p)] = b"link" if p.is_symlink() else (p.read_bytes() if p.is_file() else b"dir")
-    return out
 
 
 def test_the_table_covers_every_command():
@@ -343,13 +335,13 @@ def test_hostile_command_input_is_a_clear_error(tmp_path, monkeypatch, case):
     if "patch" in options:
         options["patch"](monkeypatch, w)
     skip = w / "out" if options.get("writes") else None
-    before = _snapshot(tmp_path, skip)
+    before = tree(tmp_path, skip)
     r = CliRunner().invoke(app, args)
     msg = r.output
     assert r.exit_code == 2, f"{name}: exit {r.exit_code}\n{msg}\n{r.exception!r}"
     assert "Traceback" not in msg and (r.exception is None or isinstance(r.exception, SystemExit)), msg
     assert msg.startswith("error: ") and re.search(expected, msg, flags=re.S), msg
-    assert _snapshot(tmp_path, skip) == before, f"{name}: something outside the output folder was written or deleted"
+    assert tree(tmp_path, skip) == before, f"{name}: something outside the output folder was written or deleted"
 
 
 # -- what still works next to the refusals --

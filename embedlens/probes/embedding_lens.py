@@ -151,13 +151,16 @@ class EmbeddingLens(Probe):
         self._map_layers = layers
         decoded = {layer: names[ids_h[li, :, 0]] for li, layer in enumerate(layers)}  # layer -> [tokens] top-1 words
         self._first.offer(adapter, batch, vt, tokens=decoded[figure_layer], **{f"tokens_l{la}": decoded[la] for la in layers})
-        self._summarise(adapter, batch, vt, {layer: ids[li, :, 0] for li, layer in enumerate(layers)}, vocab.shape[0])
+        self._summarise(batch, vt, {layer: ids[li, :, 0] for li, layer in enumerate(layers)}, names[np.unique(ids_h[:, :, 0])],
+                        vocab.shape[0])
         self._n_tokens += n
         return {"tokens": rows}
 
-    def _summarise(self, adapter: "Adapter", batch: "Batch", vt: dict[str, torch.Tensor], top1: dict[int, torch.Tensor], n_vocab: int) -> None:
+    def _summarise(self, batch: "Batch", vt: dict[str, torch.Tensor], top1: dict[int, torch.Tensor], top1_names: np.ndarray,
+                   n_vocab: int) -> None:
         """Fold one batch into the layer-by-layer summary (per group: top-1 counts, content-word share where the
-        samples have ground truth, agreement with the last layer read)."""
+        samples have ground truth, agreement with the last layer read). `top1` holds each layer's [tokens] top-1 ids on
+        the device; `top1_names` the words of their distinct ids, in id order (decoded once, by the caller)."""
         if not top1:
             return
         dev = next(iter(top1.values())).device
@@ -168,8 +171,8 @@ class EmbeddingLens(Probe):
         # content words of each image (colours, shapes, the written word) where the data has ground truth
         truth = torch.tensor([isinstance(s.meta.get("patch_labels"), dict) for s in batch.samples], device=dev)[s_idx]
         words = [_content_words(s.meta) for s in batch.samples]
-        ids = torch.unique(torch.cat(list(top1.values())))
-        names = [_plain(t) for t in adapter.tokenizer.convert_ids_to_tokens(ids.tolist())]
+        ids = torch.unique(torch.cat(list(top1.values())))  # [unique ids], sorted: the order of top1_names
+        names = [_plain(t) for t in top1_names]
         is_content = torch.tensor([[w in ws for w in names] for ws in words], dtype=torch.bool, device=dev)  # [batch, unique ids]
         last = top1[max(top1)]
         member = torch.stack(list(groups.values())).float()  # [groups, tokens]

@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from embedlens.cli import app
+from tests.support.snapshot import tree
 
 PLAN = """\
 model:
@@ -231,15 +232,6 @@ def test_the_table_is_large_enough():
     assert len({c[0] for c in CASES}) == len(CASES)
 
 
-def _snapshot(root: Path, skip: Path) -> dict[str, bytes]:
-    out = {}
-    for dirpath, dirs, files in os.walk(root, followlinks=False):
-        for name in dirs + files:
-            p = Path(dirpath) / name
-            if p == skip or skip in p.parents:
-                continue
-            out[str(p)] = b"link" if p.is_symlink() else (p.read_bytes() if p.is_file() else b"dir")
-    return out
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -257,13 +249,13 @@ def test_hostile_input_is_a_clear_error(tmp_path, monkeypatch, case):
     args = setup(w)
     if patch is not None:
         patch(monkeypatch, w)
-    before = _snapshot(tmp_path, w / "out")
+    before = tree(tmp_path, w / "out")
     r = CliRunner().invoke(app, args)
     msg = r.output
     assert r.exit_code == 2, f"{name}: exit {r.exit_code}\n{msg}\n{r.exception!r}"
     assert "Traceback" not in msg and (r.exception is None or isinstance(r.exception, SystemExit)), msg
     assert msg.startswith("error: ") and re.search(expected, msg, flags=re.S), msg
-    assert _snapshot(tmp_path, w / "out") == before, f"{name}: something was written outside the output folder"
+    assert tree(tmp_path, w / "out") == before, f"{name}: something was written outside the output folder"
     assert not (w / "PWNED").exists()
 
 

@@ -5,7 +5,6 @@ message naming the file, key and value, no traceback, and nothing changed that t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -17,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from embedlens.cli import app
+from tests.support.snapshot import tree
 
 PLAN = """\
 model:
@@ -239,20 +239,9 @@ def test_the_table_covers_every_class():
 
 
 def _snapshot(root: Path) -> dict[str, tuple]:
-    """Every path under `root` with its size and the hash of its first MiB (a sparse 6 GiB file is not read whole);
-    the lock file's text (the holder's pid) is not compared."""
-    out = {}
-    for dirpath, dirs, files in os.walk(root, followlinks=False):
-        for name in dirs + files:
-            p = Path(dirpath) / name
-            if p.is_symlink():
-                out[str(p)] = ("link", os.readlink(p))
-            elif p.is_file():
-                with open(p, "rb") as fh:
-                    out[str(p)] = (p.stat().st_size, None if name == ".embedlens-lock" else hashlib.sha256(fh.read(1 << 20)).hexdigest())
-            else:
-                out[str(p)] = ("dir",)
-    return out
+    """`tree` of `root`; the lock file's text (the holder's pid) is not compared."""
+    return tree(root, volatile=(".embedlens-lock",))
+
 
 
 def _no_traceback(r) -> None:

@@ -19,6 +19,7 @@ from embedlens.cli import app
 from embedlens.errors import EmbedLensError
 from embedlens.plan import load_plan, prepare, run
 from embedlens.plan.store import clear_run
+from tests.support.snapshot import tree
 
 # names of this fix's modules are imported inside the tests, so that every test also runs (and fails) on the old code
 MARKER, LOCK, CHECKPOINT = ".embedlens-run", ".embedlens-lock", "checkpoint.safetensors"
@@ -50,19 +51,6 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in VOLATILE}
 
 
-def _tree(folder: Path, skip: Path | None = None) -> dict[str, bytes]:
-    """Every file under `folder` (links as their target text) except under `skip`: what must not change."""
-    out = {}
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        for name in dirs + files:
-            p = Path(root) / name
-            if skip is not None and (p == skip or skip in p.parents):
-                continue
-            if p.is_symlink():
-                out[str(p)] = b"link:" + os.readlink(p).encode()
-            elif p.is_file():
-                out[str(p)] = p.read_bytes()
-    return out
 
 
 def _cli(plan: Path, out: Path | str, *extra: str) -> list[str]:
@@ -226,10 +214,10 @@ def test_names_that_become_paths_are_refused_at_load(tmp_path, monkeypatch, text
     work = tmp_path / "w" / "x"
     work.mkdir(parents=True)
     (work / "plan.yaml").write_text(text)
-    before = _tree(tmp_path, skip=work / "out")
+    before = tree(tmp_path, skip=work / "out")
     r, out = _invoke(["run", str(work / "plan.yaml"), "-o", str(work / "out"), "-q"])
     assert r.exit_code == 2 and re.search(pattern, out), out
-    assert _tree(tmp_path, skip=work / "out") == before
+    assert tree(tmp_path, skip=work / "out") == before
 
 
 # -- 3. folders that are not embedlens's ---------------------------------------------------------------------
@@ -247,14 +235,14 @@ def test_foreign_folder_is_refused_and_left_byte_identical(tmp_path, monkeypatch
     (mine / "summary.json").write_text('{"mine": 1}')
     (mine / "manifest.json").write_text(json.dumps({"tables": {"t": "notes.txt"}, "figures": ["../elsewhere.txt"]}))
     (mine / "notes.txt").write_text("keep me")
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
     for flags in ([], ["--overwrite"], ["--resume"]):
         r, text = _invoke(["run", str(plan), "-o", str(mine), "-q", *flags])
         assert r.exit_code == 2 and "not created by embedlens" in text and "notes.txt" in text, text
-    assert _tree(tmp_path) == before
+    assert tree(tmp_path) == before
     with pytest.raises(EmbedLensError, match="no .embedlens-run marker"):
         clear_run(mine)
-    assert _tree(tmp_path) == before
+    assert tree(tmp_path) == before
 
 
 def test_clear_run_deletes_only_its_own_files_and_never_follows_links(tmp_path):
@@ -278,9 +266,9 @@ def test_clear_run_deletes_only_its_own_files_and_never_follows_links(tmp_path):
     os.symlink(victim, out / "parts")
     os.symlink(victim, out / "tensors")
     (out / "my_notes.txt").write_text("user file in the run folder")
-    before = _tree(victim) | {"outside": (tmp_path / "outside.txt").read_bytes()}
+    before = tree(victim) | {"outside": (tmp_path / "outside.txt").read_bytes()}
     clear_run(out)
-    assert _tree(victim) | {"outside": (tmp_path / "outside.txt").read_bytes()} == before
+    assert tree(victim) | {"outside": (tmp_path / "outside.txt").read_bytes()} == before
     assert not (out / "parts").exists() and not os.path.lexists(out / "embedding_lens.tokens.csv")
     assert (out / "my_notes.txt").read_text() == "user file in the run folder" and (out / MARKER).is_file()
 
@@ -300,11 +288,11 @@ def test_symlinks_planted_in_a_run_folder_are_not_written_through(tmp_path, monk
         f.unlink()
     (out / "figures").rmdir()
     os.symlink(victim, out / "figures")
-    before = _tree(victim)
+    before = tree(victim)
     for flags in ([], ["--overwrite"], ["--resume"]):
         r, text = _invoke(["run", str(plan), "-o", str(out), "-q", *flags])
         assert r.exit_code == 2 and "symbolic link" in text, text
-    assert _tree(victim) == before
+    assert tree(victim) == before
 
 
 def test_write_bytes_replaces_a_link_instead_of_writing_through_it(tmp_path):
