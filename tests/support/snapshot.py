@@ -10,8 +10,8 @@ from pathlib import Path
 
 def tree(root: Path, skip: Path | None = None, volatile: tuple[str, ...] = ()) -> dict[str, tuple]:
     """Every path under `root` except under `skip`: a link as its target text, a folder as itself, a file as its
-    size and the hash of its first MiB (a sparse 6 GiB file is not read whole); the content of files named in
-    `volatile` (a lock's holder pid) is not compared, their presence is."""
+    size and the hash of its first MiB (a sparse 6 GiB file is not read whole); of a file named in `volatile` (a
+    lock, whose text is its holder's pid: its length varies with the pid's digits) only the presence is compared."""
     out: dict[str, tuple] = {}
     for dirpath, dirs, files in os.walk(root, followlinks=False):
         for name in dirs + files:
@@ -21,8 +21,11 @@ def tree(root: Path, skip: Path | None = None, volatile: tuple[str, ...] = ()) -
             if p.is_symlink():
                 out[str(p)] = ("link", os.readlink(p))
             elif p.is_file():
+                if name in volatile:
+                    out[str(p)] = ("file",)
+                    continue
                 with open(p, "rb") as fh:
-                    out[str(p)] = (p.stat().st_size, None if name in volatile else hashlib.sha256(fh.read(1 << 20)).hexdigest())
+                    out[str(p)] = (p.stat().st_size, hashlib.sha256(fh.read(1 << 20)).hexdigest())
             else:
                 out[str(p)] = ("dir",)
     return out
