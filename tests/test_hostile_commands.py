@@ -353,7 +353,11 @@ def test_validate_accepts_the_mixed_disk_map_run_accepts_and_leaves_no_offload_b
     _base(tmp_path)
     plan = _model('  device_map: {"": cpu, "model.language_model.layers.1": disk}')
     _put(tmp_path / "plan.yaml", plan)
-    temp = Path(tempfile.gettempdir())
+    # a temporary folder of this test's own: the other xdist worker's validate runs make and remove theirs in the
+    # system one at the same time
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     before = {p.name for p in temp.glob("embedlens-validate-*")}
     r = CliRunner().invoke(app, ["validate", "plan.yaml"])
     assert r.exit_code == 0 and "plan.yaml: ok" in r.output, r.output
