@@ -1,0 +1,1 @@
+"""Token reduction at matched budgets: one budget meaning shared by every method (`budget`)."""

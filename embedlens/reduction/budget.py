@@ -1,0 +1,86 @@
+"""One token budget for every token-reduction method.
+
+``keep: 64`` keeps 64 visual tokens of each image; ``keep: 0.11`` keeps
+``ceil(0.11 * n)`` of an image's ``n`` candidate tokens (at least one, since
+``0 < keep``). An integer budget at or above ``n`` keeps the whole image. The
+budget is per image, so a sample with two images keeps up to twice as many
+tokens, as the papers count LLaVA-1.5's 576 tokens per image.
+
+`Budget.keep_mask` turns per-token scores into the kept set, per image and on
+the device: highest scores first, ties broken by position (the earlier token
+wins), so every method that ranks tokens shares one rule for ties.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from embedlens.errors import InterventionError
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many visual tokens of each image a method keeps: an int count, or a float fraction in (0, 1]."""
+
+    keep: int | float
+
+    @classmethod
+    def parse(cls, value: object, key: str = "keep") -> "Budget":
+        """Check a plan value: a positive int (tokens per image) or a float in (0, 1] (a fraction of them).
+
+        Raises:
+            InterventionError: naming `key` and the value, with what was expected.
+        """
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InterventionError(
+                f"{key}: expected a token count (an integer >= 1) or a fraction in (0, 1]; got {value!r}"
+            )
+        if isinstance(value, int):
+            if value < 1:
+                raise InterventionError(f"{key}: a token count must be at least 1; got {value}")
+            return cls(int(value))
+        if not (0.0 < value <= 1.0):
+            raise InterventionError(f"{key}: a fraction must be in (0, 1]; got {value!r}")
+        return cls(float(value))
+
+    @property
+    def is_fraction(self) -> bool:
+        return isinstance(self.keep, float)
+
+    def counts(self, n: torch.Tensor) -> torch.Tensor:
+        """Tokens kept of `n` candidates (any shape, long), elementwise; 0 where `n` is 0."""
+        n = n.long()
+        if self.is_fraction:
+            k = (n.double() * self.keep).ceil().long()  # in float64, as FastV's `math.ceil(n * keep)`
+        else:
+            k = torch.full_like(n, int(self.keep))
+        return torch.minimum(k, n)
+
+    def keep_mask(self, scores: torch.Tensor, candidates: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """The kept tokens: per (sample, image), the `counts` highest-scoring candidates.
+
+        Args:
+            scores: `[batch, seq]` float; higher is kept first (finite; a method maps its own missing values to -inf).
+            candidates: `[batch, seq]` bool: the tokens the budget is taken from.
+            image: `[batch, seq]` long: each token's image within its sample (`TokenRoles.image`; -1 off images).
+
+        Returns:
+            `[batch, seq]` bool, a subset of `candidates`; everything stays on the device (no host reads).
+        """
+        batch, seq = candidates.shape
+        group = torch.where(candidates & (image >= 0), image, torch.full_like(image, seq))  # seq: "not a candidate"
+        n = torch.zeros(batch, seq + 1, dtype=torch.long, device=candidates.device)
+        n.scatter_add_(1, group, torch.ones_like(group))
+        k = self.counts(n)
+        k[:, seq] = 0
+        # order: by group, then by score (highest first), then by position: two stable sorts
+        by_score = torch.argsort(-scores.double().masked_fill(~candidates, 0.0), dim=1, stable=True)
+        by_group = torch.argsort(group.gather(1, by_score), dim=1, stable=True)
+        order = by_score.gather(1, by_group)
+        g_sorted = group.gather(1, order)
+        start = torch.cumsum(n, dim=1) - n  # first sorted slot of each group
+        rank_sorted = torch.arange(seq, device=candidates.device).expand(batch, seq) - start.gather(1, g_sorted)
+        kept_sorted = rank_sorted < k.gather(1, g_sorted)
+        return torch.zeros_like(candidates).scatter(1, order, kept_sorted) & candidates
