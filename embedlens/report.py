@@ -319,16 +319,20 @@ def write_report(run_dir: str | Path, manifest: dict | None = None, extra_sectio
 def leaderboard_html(board: list[dict[str, Any]]) -> str:
     """The token-reduction leaderboard (`embedlens.plan.leaderboard`): method x budget."""
     header = ["method", "keep", "tokens", "accuracy", "retention %", "p vs baseline", "random", "p vs random", "log-prob diff",
-              "equivalent tokens", "prefill ms", "speed-up", "select ms", "GFLOPs", "peak MB"]
+              "tokens per layer", "paper's count", "prefill ms", "speed-up", "select ms", "GFLOPs", "peak MB"]
     rows = [[r["method"], r["keep"], r["tokens"], r["accuracy"], r["retention"], _p(r["p_baseline"]), r["accuracy_random"],
-             _p(r["p_random"]), r["logprob_diff"], r["equivalent_tokens"], r["prefill_ms"], r["prefill_speedup"], r["select_ms"],
-             r["gflops"], r["peak_mem_mb"]] for r in board]
+             _p(r["p_random"]), r["logprob_diff"], r["equivalent_tokens"], r.get("paper_tokens"), r["prefill_ms"], r["prefill_speedup"],
+             r["select_ms"], r["gflops"], r["peak_mem_mb"]] for r in board]
     rows = [["" if v is None else v for v in row] for row in rows]  # NaN (JSON null): not measured here (peak memory on a CPU)
     base = board[0]
     note = (f'<p class="note">Baseline (every token): accuracy {fmt(base.get("accuracy_base"))}, prefill {fmt(base.get("prefill_ms_base"))} ms '
             f'per sample, {fmt(base.get("gflops_base"))} GFLOPs. p-values are paired (McNemar for accuracy), unadjusted; "random" is the '
-            "random draw at the same budget. Prefill: CUDA events on a GPU, process CPU time otherwise; equivalent tokens: "
-            "visual tokens per LLM layer, averaged over layers. All columns: the <code>leaderboard</code> table.</p>")
+            "random draw at the same budget. Prefill: CUDA events on a GPU, process CPU time otherwise; tokens per layer: "
+            "the visual tokens the LLM's layers held, averaged over layers (measured); paper's count: the number the method's "
+            "paper reports for this schedule. All columns: the <code>leaderboard</code> table.</p>")
+    rules = {r["method"]: r.get("accounting") for r in board if r.get("accounting")}
+    if rules:
+        note += "<p class=\"note\">Accounting: " + "; ".join(f"<b>{esc(m)}</b>: {esc(a)}" for m, a in rules.items()) + "</p>"
     return table_html(header, rows) + note
 
 

@@ -224,7 +224,8 @@ def _leaderboard(prepared: Prepared, parts: Parts, state: RunState, concl) -> di
     from embedlens.plan import conclusions
     from embedlens.plan.leaderboard import leaderboard
 
-    board = leaderboard(concl, state.effects.result(), state.conditions, conclusions.sweep_groups(prepared.loaded))
+    board = leaderboard(concl, state.effects.result(), state.conditions, conclusions.sweep_groups(prepared.loaded),
+                        prepared.adapter.n_llm_layers)
     if board is not None:
         parts.table("leaderboard", board, 0)
     return board

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 COLUMNS = (
     "method", "condition", "keep", "tokens", "random", "metric", "accuracy", "accuracy_base", "retention",
     "p_baseline", "accuracy_random", "p_random", "logprob", "logprob_diff", "logprob_p_baseline", "logprob_p_random",
-    "equivalent_tokens", "prefill_ms", "prefill_ms_base", "prefill_speedup", "select_ms", "gflops", "gflops_base",
+    "equivalent_tokens", "paper_tokens", "accounting", "prefill_ms", "prefill_ms_base", "prefill_speedup", "select_ms", "gflops", "gflops_base",
     "peak_mem_mb",
 )
 NAN = math.nan
@@ -51,6 +51,7 @@ def leaderboard(
     means: dict[str, dict[str, float]],
     conditions: Sequence["Condition"],
     sweeps: dict[str, list[str]],
+    n_layers: int | None = None,
 ) -> dict[str, list[Any]] | None:
     """One row per budget cell (method x budget), ordered by method then budget (largest first); None when the run
     has no budget cell.
@@ -60,10 +61,13 @@ def leaderboard(
         means: ``{condition: {column: mean over samples}}`` (`EffectSummary.result`).
         conditions: the run's conditions (their interventions give each cell's ``keep``).
         sweeps: ``{condition as written: [its sweep copies]}``.
+        n_layers: the LLM's layers, for the accounting of methods that act inside it.
 
     Columns: `COLUMNS`. ``tokens`` is the budget in tokens of the baseline's mean visual tokens (``keep`` applied
     as `Budget.counts` does); ``equivalent_tokens`` the visual tokens the condition's LLM layers held, averaged
-    over layers (FastV's accounting: a method that prunes inside the LLM counts its early full layers);
+    over layers, as measured (a method that prunes inside the LLM counts its early full layers);
+    ``paper_tokens`` and ``accounting`` the count the method's paper reports and how (the intervention's own
+    ``accounting(n_visual, n_layers)``; for a method without one, the measured mean, said so);
     ``retention`` is accuracy as a percentage of the baseline's; ``p_*`` are the paired tests' p-values
     (McNemar for accuracies, sign-flip for log-probs); ``prefill_speedup`` is the baseline's prefill time over
     the condition's; ``gflops`` analytic prefill FLOPs (`embedlens.metrics.prefill_flops`).
@@ -71,6 +75,7 @@ def leaderboard(
     cells = budget_cells(conditions)
     if not cells or concl is None:
         return None
+    by_name = {c.name: c.interventions[0] for c in conditions if c.name in cells}
     controls = concl.controls
     rows = concl.rows
     index = {(c, r, m): i for i, (c, r, m, by) in enumerate(zip(rows["condition"], rows["reference"], rows["metric"], rows["by"])) if by == "all"}
@@ -102,6 +107,7 @@ def leaderboard(
             "logprob_p_baseline": cell(cond, "baseline", lp, "p_value"),
             "logprob_p_random": cell(cond, ctrl, lp, "p_value") if ctrl else NAN,
             "equivalent_tokens": m.get("visual_tokens_mean", NAN),
+            **_accounting(by_name[cond], n_base, m.get("visual_tokens_mean", NAN), n_layers),
             "prefill_ms": ms, "prefill_ms_base": base_ms,
             "prefill_speedup": base_ms / ms if ms and math.isfinite(ms) and ms > 0 else NAN,
             "select_ms": m.get("select_ms", NAN),
@@ -111,6 +117,16 @@ def leaderboard(
         for k in COLUMNS:
             out[k].append(row[k])
     return out
+
+
+def _accounting(iv, n_base: float, measured: float, n_layers: int | None) -> dict[str, Any]:
+    """The paper's token count of one cell and its rule, from the intervention's `accounting` where it has one
+    (else the measured mean over layers, said so)."""
+    n = int(round(n_base)) if math.isfinite(n_base) else 0
+    if hasattr(iv, "accounting") and n > 0 and n_layers:
+        acc = iv.accounting(n, n_layers)
+        return {"paper_tokens": float(acc["equivalent_tokens"]), "accounting": str(acc["rule"])}
+    return {"paper_tokens": measured, "accounting": "no accounting of its own: the measured visual tokens per layer, averaged over layers"}
 
 
 def _as_tokens(keep: int | float, n: float) -> int:
