@@ -54,7 +54,7 @@ def leaderboard(
     n_layers: int | None = None,
 ) -> dict[str, list[Any]] | None:
     """One row per budget cell (method x budget), ordered by method then budget (largest first); None when the run
-    has no budget cell.
+    has no budget cell, or has one but neither sweeps it nor has a random control at a budget.
 
     Args:
         concl: the run's paired tests.
@@ -73,7 +73,10 @@ def leaderboard(
     the condition's; ``gflops`` analytic prefill FLOPs (`embedlens.metrics.prefill_flops`).
     """
     cells = budget_cells(conditions)
-    if not cells or concl is None:
+    swept = {m for members in sweeps.values() for m in members}
+    controls_at_budget = any(getattr(type(c.interventions[0]), "budget_control", False) for c in conditions if c.name in cells)
+    # a budget study: budgets swept, or a random control at a budget; a lone `fastv` among other conditions is not one
+    if not cells or concl is None or not (controls_at_budget or swept & set(cells)):
         return None
     by_name = {c.name: c.interventions[0] for c in conditions if c.name in cells}
     controls = concl.controls

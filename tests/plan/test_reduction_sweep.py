@@ -179,3 +179,18 @@ def test_eval_scores_the_swept_conditions_on_an_lmms_task(tmp_path):
     res = run_eval(EXAMPLES / "token_reduction.yaml", ["embedlens_synqa"], ["fastv[keep=0.111]"], limit=2, out_dir=tmp_path / "eval")
     assert {r["condition"] for r in res.rows} == {"baseline", "fastv[keep=0.111]"}
     assert all(r["paired_n"] == 2 for r in res.rows if r["metric"] == "exact_match")
+
+
+def test_a_lone_budget_condition_is_no_leaderboard(keep_random):
+    """A plan with one unswept `fastv` (examples/interventions.yaml) is no budget study: no leaderboard. Swept, or
+    beside a random control at a budget, it is one."""
+    from embedlens.interventions.condition import Condition
+    from embedlens.plan.conclusions import Conclusions
+    from embedlens.plan.leaderboard import leaderboard
+
+    fastv = Condition.build("fastv", [{"name": "fastv", "params": {"layer": 2, "keep": 0.5}}])
+    random = Condition.build("random", [{"name": keep_random, "params": {"keep": 0.5}}])
+    concl = Conclusions()
+    assert leaderboard(concl, {}, [fastv], {}) is None
+    assert leaderboard(concl, {}, [fastv], {"fastv": ["fastv"]})["method"] == ["fastv"]
+    assert leaderboard(concl, {}, [fastv, random], {})["method"] == ["fastv", "random"]
