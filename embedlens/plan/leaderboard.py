@@ -151,11 +151,14 @@ def accuracy_figure(table: dict[str, list[Any]], path: str | Path, confidence: f
     random_methods = {table["method"][i] for i, c in enumerate(table["condition"]) if c in set(table["random"])}
     ticks: set[int] = set()
     colours = iter(_CYCLE * 4)
+    # tokens per image need the baseline's visual token count (the visual_tokens metric); without it, the keep values
+    by_tokens = all(isinstance(t, (int, float)) and math.isfinite(t) for t in table["tokens"])
+    x_col = "tokens" if by_tokens else "keep"
     for meth in methods:
-        idx = sorted((i for i, mm in enumerate(table["method"]) if mm == meth), key=lambda i: table["tokens"][i])
-        xs = [table["tokens"][i] for i in idx]
+        idx = sorted((i for i, mm in enumerate(table["method"]) if mm == meth), key=lambda i: table[x_col][i])
+        xs = [table[x_col][i] for i in idx]
         ys = [table["accuracy"][i] for i in idx]
-        ticks |= {int(x) for x in xs if isinstance(x, (int, float)) and math.isfinite(x)}
+        ticks |= {x for x in xs if by_tokens}
         if meth in random_methods:
             ax.plot(xs, ys, color="black", lw=2.6, ls="--", marker="s", label=f"{meth} (random)", zorder=5)
         else:
@@ -165,9 +168,9 @@ def accuracy_figure(table: dict[str, list[Any]], path: str | Path, confidence: f
         ax.axhline(base[0], color="#2ca02c", lw=1.2, ls=":", label="baseline (every token)")
     if ticks:
         ax.set_xticks(sorted(ticks))
-        ax.set_xticklabels([str(t) for t in sorted(ticks)])
+        ax.set_xticklabels([str(int(t)) for t in sorted(ticks)])
     ax.set_ylim(0, 1.03)
-    ax.set_xlabel("visual tokens kept per image (budget)")
+    ax.set_xlabel("visual tokens kept per image (budget)" if by_tokens else "keep (budget; add the visual_tokens metric for token counts)")
     ax.set_ylabel(f"accuracy ({table['metric'][0]})" if table["metric"] and table["metric"][0] else "accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
