@@ -2,6 +2,8 @@
 that choose tokens before the LLM (`attention_ranked`, `diversity`, `baselines`), registered as interventions."""
 
 from embedlens.reduction import attention_ranked  # noqa: F401 - registers fastervlm, visionzip, vispruner
+from embedlens.reduction import baselines  # noqa: F401 - registers random_budget, partition_budget
+from embedlens.reduction import diversity  # noqa: F401 - registers divprune, cdpruner
 from embedlens.reduction.base import InputReduction
 from embedlens.reduction.budget import Budget
 
