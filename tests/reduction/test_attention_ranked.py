@@ -203,11 +203,12 @@ def test_tiny_model_visionzip_equals_the_reference_and_feeds_the_merged_tokens(t
 
 
 @pytest.mark.parametrize("cls", [FasterVLM, VisionZip, VisPruner])
-def test_conforms_on_clip_and_siglip(cls):
-    """Same logits with left and right padding, a state that checkpoints, a registration that validates."""
+def test_conforms_on_every_family_with_one_patch_per_token(cls):
+    """Same logits with left and right padding, a state that checkpoints, a registration that validates: on every
+    tiny family with one tower patch per visual token (anyres tiles included)."""
     from embedlens.testing.conformance import check_intervention
 
-    check_intervention(cls, params={"keep": 0.5}, families=("llava-clip", "llava-siglip"))
+    check_intervention(cls, params={"keep": 0.5}, families=("llava-clip", "llava-siglip", "llava-next", "llava-onevision"))
 
 
 def test_a_tower_that_merges_patches_is_refused_by_name():
@@ -216,3 +217,34 @@ def test_a_tower_that_merges_patches_is_refused_by_name():
 
     with pytest.raises(InterventionError, match=r"visionzip ranks the tower's patches.*merges"):
         VisionZip().check(load_model("tiny:idefics3"))
+
+
+def test_anyres_tiles_are_ranked_per_image_by_each_tile_own_cls_row():
+    """LLaVA-NeXT: an image is several tower rows (tiles), each with its own [CLS]. FasterVLM ranks all of an image's
+    tokens together by their own tile's [CLS] attention, which Hugging Face's eager attention gives here
+    (the budget is per image, as the papers count LLaVA-NeXT's tokens)."""
+    from embedlens.sites import Site
+    from embedlens.tracing import collect
+
+    adapter, batch = tiny_batch("llava-next", n=2, padding_side="left")
+    layer = feature_layer(adapter)
+    x_in = collect(adapter, batch, [Site("vision.layers", layer - 1)])[Site("vision.layers", layer - 1)]
+    block = resolve_path(adapter.model, adapter.paths.vision_layers)[layer]
+    tower = adapter.model.model.vision_tower
+    tower.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            weights = block.self_attn(block.layer_norm1(x_in))[1]  # [tiles, H, T, T]
+    finally:
+        tower.set_attn_implementation("sdpa")
+    cls_row = weights[:, :, 0].mean(1)
+    _, kept = _kept(adapter, batch, FasterVLM(keep=0.25))
+    vt = batch.roles.visual_tokens()
+    score = cls_row[vt["feature_row"], vt["feature_col"] + adapter.n_prefix_tokens]
+    for b in range(2):
+        mine = (vt["sample"] == b).nonzero().flatten()
+        k = -(-len(mine) // 4)
+        top = sorted(mine.tolist(), key=lambda i: (-float(score[i]), int(vt["position"][i])))[:k]
+        want = set(vt["position"][top].tolist())
+        assert set(kept[b].nonzero().flatten().tolist()) == want
+        assert len({int(r) for r in vt["feature_row"][mine]}) > 1  # several tiles in this image
