@@ -165,7 +165,8 @@ class VisionZip(InputReduction):
     108 + 20, 162 + 30 with the default 0.15625) and the rest dominant. Each contextual token replaces its target's
     LLM input by the projector applied to the target's feature plus the mean feature of the tokens merged into it
     (merged in the tower's feature space, before the projector, as the reference does). Keys of the same layer
-    decide the merge. The reference also keeps the tower's [CLS] token as one of its dominant tokens; LLaVA-1.5
+    decide the merge. A SigLIP tower (no [CLS]) ranks by the mean attention each patch receives
+    (`embedlens.reduction.vision`). The reference also keeps the tower's [CLS] token as one of its dominant tokens; LLaVA-1.5
     drops [CLS] from its visual tokens, so here every kept token is a patch. Reference: VisionZip
     ``visionzip/clip_encoder.py`` lines 55-90.
 
@@ -210,7 +211,8 @@ class VisPruner(InputReduction):
     """VisPruner: important tokens by [CLS] attention, then diverse tokens from the rest by removing duplicates.
 
     ``int(k * important_ratio)`` tokens by [CLS] attention; the rest of the budget from the remainder, thinned in
-    rounds that drop the tokens most similar (cosine of the tower's features) to another remainder token.
+    rounds that drop the tokens most similar (cosine of the tower's features) to another remainder token. A SigLIP
+    tower (no [CLS]) ranks by the mean attention each patch receives, as the reference's ``siglip_encoder.py``.
     Reference: VisPruner ``llava/model/llava_arch.py`` lines 147-185 (`vispruner_select`).
 
     Args:

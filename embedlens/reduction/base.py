@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from embedlens.interventions.base import Intervention, parse_selection, require_nonempty
+from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import Context
 from embedlens.interventions.select import SelectionSpec
 from embedlens.reduction.budget import Budget
@@ -14,7 +14,8 @@ class InputReduction(Intervention):
     """Keeps `keep` of each image's `tokens` at the LLM input and removes the rest from every layer.
 
     Subclasses implement `choose` (the kept set, on the device). Kept tokens keep their original position ids, as
-    `prune` does; a token that is not a candidate (text, image newlines) is never removed.
+    `prune` does; a token that is not a candidate (text, image newlines) is never removed, and a sample whose
+    `tokens` selection is empty runs unchanged (there is nothing to reduce).
     """
 
     keep: int | float
@@ -32,9 +33,7 @@ class InputReduction(Intervention):
 
     def candidates(self, ctx: Context) -> torch.Tensor:
         """`[batch, seq]` bool: the tokens the budget is taken from (the selection, within the images)."""
-        cand = ctx.select(self.selection, within=ctx.roles.image_span) & ctx.valid
-        require_nonempty(ctx, cand, "tokens", self.tokens, "error", what="image")
-        return cand
+        return ctx.select(self.selection, within=ctx.roles.image_span) & ctx.valid
 
     def choose(self, ctx: Context, candidates: torch.Tensor) -> torch.Tensor:
         """`[batch, seq]` bool, a subset of `candidates`: the tokens kept."""

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from embedlens.errors import InterventionError
+from embedlens.interventions.base import parse_selection
 from embedlens.interventions.context import Context
 from embedlens.interventions.select import SelectionSpec
 from embedlens.reduction._rank import group_sizes, image_groups
@@ -183,8 +184,6 @@ class CDPruner(InputReduction):
 
     def __init__(self, keep: int | float = 64, instruction: SelectionSpec = "question", negate: bool = True,
                  tokens: SelectionSpec = "visual"):
-        from embedlens.interventions.base import parse_selection
-
         if not isinstance(negate, bool):
             raise InterventionError(f"negate: expected true or false; got {negate!r}")
         self._init_budget(keep, tokens)
@@ -192,9 +191,12 @@ class CDPruner(InputReduction):
         self.instruction_sel = parse_selection(instruction, "instruction")
 
     def choose(self, ctx: Context, candidates: torch.Tensor) -> torch.Tensor:
-        from embedlens.interventions.base import require_nonempty
-
         text = ctx.select(self.instruction_sel) & ctx.roles.text & ctx.valid
-        require_nonempty(ctx, text, "instruction", self.instruction, "error", what="text")
+        # a sample with image tokens needs an instruction to measure relevance against; one without has nothing to prune
+        missing = candidates.any(dim=1) & ~text.any(dim=1)
+        if bool(missing.any()):  # one read per batch, in setup (as every selection check)
+            raise InterventionError(
+                f"instruction: selection {self.instruction!r} matches no text token in sample(s) {ctx.sample_ids(missing)}; "
+                "CDPruner measures each image token's relevance against it: pick text every sample has (e.g. question)")
         rel = instruction_relevance(ctx.embeds, text, candidates, ctx.roles.image, self.negate)
         return cdpruner_select(ctx.embeds, rel, candidates, ctx.roles.image, self.budget)

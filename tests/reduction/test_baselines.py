@@ -74,3 +74,16 @@ def test_conforms(cls):
     from embedlens.testing.conformance import check_intervention
 
     check_intervention(cls, params={"keep": 0.5}, families=("llava-clip", "qwen2-vl"))
+
+
+def test_an_empty_selection_leaves_the_sample_unchanged_and_cdpruner_needs_an_instruction():
+    from embedlens.errors import InterventionError
+    from embedlens.reduction.diversity import CDPruner
+
+    adapter, batch = tiny_batch("llava-clip", n=2, padding_side="left")
+    eng = Engine(adapter)
+    base = eng.run(batch).last_logits()
+    out = eng.run(batch, [RandomBudget(keep=2, tokens="visual and image == 5")]).last_logits()
+    torch.testing.assert_close(out, base)
+    with pytest.raises(InterventionError, match=r"instruction: selection 'bos and not bos' matches no text token in sample\(s\) \['s0', 's1'\]"):
+        eng.run(batch, [CDPruner(keep=2, instruction="bos and not bos")])
