@@ -167,8 +167,12 @@ class VisionZip(InputReduction):
     (merged in the tower's feature space, before the projector, as the reference does). Keys of the same layer
     decide the merge. A SigLIP tower (no [CLS]) ranks by the mean attention each patch receives
     (`embedlens.reduction.vision`). The reference also keeps the tower's [CLS] token as one of its dominant tokens; LLaVA-1.5
-    drops [CLS] from its visual tokens, so here every kept token is a patch. Reference: VisionZip
-    ``visionzip/clip_encoder.py`` lines 55-90.
+    drops [CLS] from its visual tokens, so here every kept token is a patch. On anyres models (LLaVA-NeXT) the
+    reference gives every tile the same budget and drops the newline tokens; here the budget is per image, its
+    tiles' tokens ranked together (each by its own tile's [CLS] row), and newline tokens stay (not candidates).
+    Merged tokens sit at their target's position, as every kept token keeps its own (the reference appends them
+    after the dominant tokens and renumbers). Reference: VisionZip ``visionzip/clip_encoder.py`` lines 55-90,
+    ``visionzip/llava_arch.py`` lines 42-80 (anyres).
 
     Args:
         keep: tokens kept per image (an int), or a fraction of them in (0, 1] (rounded up).

@@ -140,7 +140,8 @@ class DivPrune(InputReduction):
     """DivPrune: keep a max-min diverse subset of each image's tokens (cosine distance of the LLM input embeddings).
 
     Reference: DivPrune ``LLaVA/llava/model/llava_arch.py`` lines 147-171 (`divprune_select`). The reference's
-    budget is ``round(ratio * n)``; here it is `keep` (a fraction rounds up, as every method's).
+    budget is ``round(ratio * n)``; here it is `keep` (a fraction rounds up, as every method's). On LLaVA-NeXT the
+    reference runs over the image's whole span, newline tokens included; here over its visual tokens.
 
     Args:
         keep: tokens kept per image (an int), or a fraction of them in (0, 1] (rounded up).
