@@ -87,8 +87,11 @@ def leaderboard(
         i = index.get((cond, ref, metric)) if metric else None
         return NAN if i is None else float(rows[col][i])
 
-    acc = concl.accuracy[0] if concl.accuracy else None
-    lp = "answer_logprob" if any(m == "answer_logprob" for m in concl.metrics) else None
+    # the answer's accuracy: forced choice's or generation's where the plan has them (answer_logprob's `rank` can be
+    # 0/1 on a small run, which makes it look like an accuracy)
+    preferred = [m for m in ("correct", "exact", "contains") if m in concl.accuracy]
+    acc = (preferred or [m for m in concl.accuracy if m != "rank"] or [None])[0]
+    lp = "logprob" if "logprob" in concl.metrics else None  # the answer_logprob metric's column
     out: dict[str, list[Any]] = {k: [] for k in COLUMNS}
     order = sorted(cells, key=lambda c: (_method(c, sweeps), -_as_tokens(cells[c], 1_000_000)))
     for cond in order:

@@ -97,9 +97,15 @@ def test_example_budgets_are_llava_fractions():
     assert counts == [192, 128, 64]
     assert [int(Budget(b).counts(torch.tensor(36)).item()) for b in budgets] == [12, 8, 4]
     methods = {n.split("[")[0] for n in loaded.plan.conditions}
-    assert {"fastv"} <= methods
+    assert {"random", "fastv", "visionzip", "partition"} <= methods
     for name in loaded.plan.conditions:  # every method at every budget
         assert any(name == f"{m}[keep={b}]" for m in methods for b in budgets), name
+    # and each is compared with random_budget at its own budget
+    from embedlens.interventions.condition import Condition
+    from embedlens.plan.effects import matched_controls
+
+    conds = [Condition.build(n, [iv.model_dump() for iv in ivs]) for n, ivs in loaded.plan.conditions.items()]
+    assert matched_controls(conds) == {f"{m}[keep={b}]": f"random[keep={b}]" for m in methods - {"random"} for b in budgets}
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +141,9 @@ def test_each_cell_is_paired_with_random_at_its_budget(sweep_run):
         acc, base = col(cond, "correct"), col(cond, "correct_base")
         assert float(r["accuracy"]) == pytest.approx(sum(acc.values()) / len(acc))
         assert float(r["retention"]) == pytest.approx(100 * sum(acc.values()) / sum(base.values()))
+        lp, lp_base = col(cond, "logprob"), col(cond, "logprob_base")
+        assert float(r["logprob"]) == pytest.approx(sum(lp.values()) / len(lp))
+        assert float(r["logprob_diff"]) == pytest.approx(sum(lp[k] - lp_base[k] for k in lp) / len(lp))
         # McNemar on the discordant pairs, counted here from the effects table
         b = sum(acc[k] == 1 and base[k] == 0 for k in acc)
         c = sum(acc[k] == 0 and base[k] == 1 for k in acc)
