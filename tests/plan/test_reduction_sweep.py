@@ -89,6 +89,14 @@ def test_star_sweep_of_a_parameter_no_condition_takes_is_an_error(tmp_path, keep
         load_plan(tmp_path / "bad.yaml")
 
 
+def test_star_sweep_refuses_a_condition_with_two_budgets(tmp_path, keep_random):
+    text = _write(tmp_path, keep_random, "[0.5]").read_text().replace(
+        "  top_row:", "  both: [{name: fastv, params: {keep: 0.5}}, {name: random_budget, params: {keep: 0.5}}]\n  top_row:")
+    (tmp_path / "two.yaml").write_text(text)
+    with pytest.raises(PlanError, match=r"condition 'both' has several interventions with parameter 'keep'; sweep it with both.INTERVENTION.keep"):
+        load_plan(tmp_path / "two.yaml")
+
+
 def test_example_budgets_are_llava_fractions():
     """The example's fractions keep exactly LLaVA-1.5's 192 / 128 / 64 of 576, and 12 / 8 / 4 of the zoo's 36."""
     loaded = load_plan(EXAMPLES / "token_reduction.yaml")
