@@ -267,7 +267,8 @@ def effect_chart(
     order += [c for c in effects if c not in order and metric in effects[c]]
     means = [effects[c][metric]["mean"] for c in order]
     sems = [effects[c][metric].get("sem", 0.0) or 0.0 for c in order]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(order) + 1.5), 3.2))
+    width = max(5.0, 0.8 * len(order) + 2.5)
+    fig, ax = plt.subplots(figsize=(width, 3.4))
     colours = [CONTROL_COLOUR if c in is_control else "#1f77b4" for c in order]
     bars = ax.bar(range(len(order)), means, yerr=sems, color=colours, capsize=3)
     for b, c in zip(bars, order):
@@ -277,8 +278,8 @@ def effect_chart(
     ax.axhline(0, color="k", lw=0.5)
     ax.set_ylabel(f"{metric}: mean over samples\n(error bar: standard error)", fontsize=8)
     if any(c in is_control for c in order):
-        ax.legend(handles=[control_patch()], fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(title or f"{metric} by condition (hatched: matched random control)", fontsize=9)
+        ax.legend(handles=[control_patch()], fontsize=7, loc="best")
+    ax.set_title(_wrap(title or f"{metric} by condition (hatched: matched random control)", width), fontsize=9)
     return _save(fig, path)
 
 
