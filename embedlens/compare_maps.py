@@ -33,22 +33,40 @@ MAX_SAMPLES = 4
 MAX_LAYERS = 4
 #: Patch grids larger than this per side are not drawn (a table from anywhere may claim any row and column).
 MAX_GRID = 256
-#: Words given their own colour on a word map (the rest grey), by frequency over every run's panels.
+#: Words given their own colour on a word map (the rest grey), by frequency over every run's panels; a category map
+#: with more categories than this is coloured the same way.
 TOP_WORDS = 12
+#: Labels are cut to this many characters (a table may hold any text).
+MAX_LABEL = 40
 
 
-def _columns(path: Path, wanted: list[str]) -> dict[str, list]:
-    """The `wanted` columns a table has (Parquet read column by column; CSV whole)."""
+def _columns(path: Path, wanted: list[str], ids: list[str] | None = None) -> dict[str, list]:
+    """The `wanted` columns a table has, on the rows of samples `ids` (all rows without): Parquet read column by
+    column and filtered before it becomes Python values (a real run's table has millions of rows); CSV whole."""
     if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         have = set(pq.read_schema(path).names)
         t = pq.read_table(path, columns=[c for c in wanted if c in have])
+        if ids is not None and "sample_id" in t.column_names:
+            t = t.filter(pc.is_in(pc.cast(t.column("sample_id"), pa.string()), value_set=pa.array(ids, pa.string())))
         return {c: t.column(c).to_pylist() for c in t.column_names}
     from embedlens.report import read_rows
 
     rows = read_rows(path)
+    if ids is not None:
+        keep = set(ids)
+        rows = [r for r in rows if str(r.get("sample_id")) in keep]
     return {c: [r.get(c) for r in rows] for c in wanted if rows and c in rows[0]}
+
+
+def _shared_ids(paths: list[Path]) -> list[str]:
+    """The first `MAX_SAMPLES` sample ids of the first table (in its order) that every table has."""
+    seen = [list(dict.fromkeys(str(x) for x in _columns(p, ["sample_id"]).get("sample_id", []))) for p in paths]
+    others = [set(s) for s in seen[1:]]
+    return [s for s in seen[0] if all(s in o for o in others)][:MAX_SAMPLES]
 
 
 def _grid_ok(v: Any) -> bool:
@@ -67,17 +85,17 @@ def collect(runs: list[Path], manifests: list[dict], warnings: list[str] | None 
     found: list[dict[str, Any]] = []
     drawn: set[str] = set()
     for key in sorted(shared, key=lambda k: (not k.startswith(("token_partition", "tokens")), k)):  # the partition's own first
-        data = []
-        for run, t in zip(runs, tables):
-            p = contained(run, t[key]) if isinstance(t[key], str) else None
-            try:
-                cols = _columns(p, ["sample_id", "row", "col", "image", "tile", "layer", *(c for c, _, _ in MAP_COLUMNS)]) if p else None
-            except (OSError, ValueError, UnicodeDecodeError, pyarrow.ArrowException) as e:
-                if warnings is not None:
-                    warnings.append(f"{run}: table {t[key]!r} could not be read ({type(e).__name__}: {e}); its maps are left out")
-                cols = None
-            data.append(cols)
-        if any(d is None or not {"sample_id", "row", "col"} <= set(d) for d in data):
+        paths = [contained(run, t[key]) if isinstance(t[key], str) else None for run, t in zip(runs, tables)]
+        if any(p is None for p in paths):
+            continue
+        try:
+            ids = _shared_ids(paths)
+            data = [_columns(p, ["sample_id", "row", "col", "image", "tile", "layer", *(c for c, _, _ in MAP_COLUMNS)], ids) for p in paths]
+        except (OSError, ValueError, UnicodeDecodeError, pyarrow.ArrowException) as e:
+            if warnings is not None:
+                warnings.append(f"table {key!r} of one of the runs could not be read ({type(e).__name__}: {e}); its maps are left out")
+            continue
+        if not ids or any(not {"sample_id", "row", "col"} <= set(d) for d in data):
             continue
         for column, kind, label in MAP_COLUMNS:
             if column in drawn or not all(column in d for d in data):
@@ -127,7 +145,7 @@ def _panels(data: list[dict[str, list]], column: str, kind: str, layer: int | No
                 if kind == "value":
                     grid[d["row"][i], d["col"][i]] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else np.nan
                 else:
-                    grid[d["row"][i], d["col"][i]] = None if v is None else str(v)
+                    grid[d["row"][i], d["col"][i]] = None if v is None else str(v)[:MAX_LABEL]
             out[r].append((sid, grid))
     return out
 
@@ -148,7 +166,7 @@ def shared_scale(m: dict[str, Any]) -> tuple[Any, Any, dict[str, str]]:
         lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 1.0)
         return "magma", Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-12), {}
     counts = collections.Counter(str(x) for g in grids for x in g.ravel() if x is not None)
-    if m["kind"] == "word":
+    if m["kind"] == "word" or len(counts) > TOP_WORDS:
         top = [w for w, _ in counts.most_common(min(TOP_WORDS, len(WORD_COLOURS)))]
         colours = {w: WORD_COLOURS[i] for i, w in enumerate(top)}
         if len(counts) > len(top):

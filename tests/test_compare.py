@@ -196,3 +196,13 @@ def test_side_by_side_maps_share_one_colour_scale(tmp_path, monkeypatch):
             top = [w for w, _ in counts.most_common(12)]
             want = {w: to_rgba(WORD_COLOURS[top.index(w)] if w in top else OTHER_COLOUR) for w in seen}
             assert {w: c.pop() for w, c in seen.items()} == {w: tuple(np.round(v, 3)) for w, v in want.items()}
+
+
+def test_a_table_that_cannot_be_read_leaves_its_maps_out_with_a_warning(tmp_path):
+    groups, entropy, words = [["dead"] * 9] * 2, [[0.5] * 9] * 2, {0: [["sky"] * 9] * 2, 2: [["sky"] * 9] * 2}
+    a = _map_run(tmp_path / "clip", groups, entropy, words)
+    b = _map_run(tmp_path / "siglip", groups, entropy, words)
+    (b / "tokens.csv").write_bytes(b"sample_id,row,col\n\xff\xfe\x00broken\n")  # not UTF-8
+    cmp = compare_runs([a, b], tmp_path / "cmp")
+    assert cmp.maps == [] and len(cmp.warnings) == 1 and "'tokens' of one of the runs could not be read (UnicodeDecodeError" in cmp.warnings[0]
+    assert cmp.html.is_file() and "could not be read" in cmp.html.read_text()
