@@ -176,6 +176,6 @@ def accuracy_figure(table: dict[str, list[Any]], path: str | Path, confidence: f
     ax.set_xlabel("visual tokens kept per image (budget)" if by_tokens else "keep (budget; add the visual_tokens metric for token counts)")
     ax.set_ylabel(f"accuracy ({table['metric'][0]})" if table["metric"] and table["metric"][0] else "accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower right", title="method", title_fontsize=8)
     ax.set_title(_wrap("Token reduction: accuracy at each budget (one line per method; random: black dashed)", 7.0), fontsize=10)
     return _save(fig, path)
