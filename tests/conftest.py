@@ -11,8 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from embedlens.adapters.capabilities import Capability  # noqa: E402
-from embedlens.adapters import load_model  # noqa: E402
+from embedlens.adapters import Capability, load_model  # noqa: E402
 from embedlens.data import Sample  # noqa: E402
 from embedlens.testing import TINY_SPECS  # noqa: E402
 from embedlens.testing.images import noise, shapes  # noqa: E402
