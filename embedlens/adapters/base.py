@@ -101,7 +101,7 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
 
     def has(self, capability: "Capability | str") -> bool:
         """Whether this family declares `capability` (a `Capability` or its name)."""
-        return parse_capabilities(self.name, [capability]) <= self.capabilities
+        return parse_capabilities(f"{self.name}.has()", [capability]) <= self.capabilities
 
     @property
     def name(self) -> str:

@@ -100,19 +100,20 @@ class DeprecatedFlag:
 
 
 def parse_capabilities(where: str, values: Any) -> frozenset[Capability]:
-    """``values`` (members or their names) as a frozenset of `Capability`.
+    """``values`` (members or their names) as a frozenset of `Capability`; `where` names them in errors
+    (``module.Class.capabilities``).
 
     Raises:
-        AdapterError: a value that names no capability, with the class and the names that exist.
+        AdapterError: not a collection, or a value that names no capability (with the names that exist).
     """
     if isinstance(values, (str, Capability)) or not hasattr(values, "__iter__"):
-        raise AdapterError(f"{where}.capabilities must be a set of embedlens.adapters.Capability; got {values!r}")
+        raise AdapterError(f"{where} must be a set of embedlens.adapters.Capability; got {values!r}")
     out = set()
     for v in values:
         try:
             out.add(Capability(v))
         except ValueError:
-            raise AdapterError(f"{where}.capabilities: unknown capability {v!r}; expected one of "
+            raise AdapterError(f"{where}: unknown capability {v!r}; expected one of "
                                f"{', '.join(c.value for c in Capability)}") from None
     return frozenset(out)
 
@@ -120,7 +121,7 @@ def parse_capabilities(where: str, values: Any) -> frozenset[Capability]:
 def declare(cls: type) -> None:
     """Normalise ``cls.capabilities`` and map old flag names a subclass sets onto it (with a warning naming both)."""
     where = f"{cls.__module__}.{cls.__qualname__}"
-    caps = set(parse_capabilities(where, cls.capabilities))
+    caps = set(parse_capabilities(f"{where}.capabilities", cls.capabilities))
     for old, (cap, positive) in DEPRECATED_FLAGS.items():
         if old not in cls.__dict__:
             continue

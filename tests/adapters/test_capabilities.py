@@ -64,6 +64,11 @@ def test_capabilities_are_frozensets_of_capability_and_names_are_accepted():
         capabilities = {"mrope", Capability.PACKED_TOWER}
 
     assert ByName.capabilities == frozenset({Capability.MROPE, Capability.PACKED_TOWER})
+    model, processor = tiny_model("llava-clip")
+    by_name = ByName(model, processor)
+    assert by_name.has("mrope") and by_name.has(Capability.PACKED_TOWER) and not by_name.has(Capability.DEEPSTACK)
+    with pytest.raises(AdapterError, match=r"has\(\): unknown capability 'rope3d'"):
+        by_name.has("rope3d")
     with pytest.raises(AdapterError, match=r"Bad\.capabilities: unknown capability 'rope3d'; expected one of single_image, "):
         class Bad(LlavaAdapter):
             capabilities = {"rope3d"}
