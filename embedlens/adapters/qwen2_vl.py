@@ -51,7 +51,7 @@ numbered alone (padding excluded).
 Example:
     >>> from embedlens import Sample, load_model
     >>> from embedlens.testing.images import shapes
-    >>> adapter = load_model("tiny:qwen2-vl")
+    >>> adapter = load_model("tiny:qwen2_vl")
     >>> batch = adapter.encode([Sample([shapes(64)], question="what is it?")])
     >>> batch.inputs["image_grid_thw"].tolist(), adapter.image_grids(batch.inputs)  # 8 x 8 patches, 4 x 4 tokens
     ([[1, 8, 8]], [(4, 4)])
