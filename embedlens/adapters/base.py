@@ -100,6 +100,9 @@ class Adapter(ABC):
     # cannot be, and the processor_config.json keys it takes (see `load_processor`).
     image_only_processor: ClassVar[type[ProcessorMixin] | None] = None
     image_only_keys: ClassVar[tuple[str, ...]] = ()
+    # What a plan's `model.processor_kwargs` may change: key -> (image processor attribute, ``size.X`` for a key of
+    # its `size`; the value's type). See `embedlens.adapters.processor_options`.
+    processor_options: ClassVar[dict[str, tuple[str, type]]] = {}
     # The tower runs the batch's images as one packed sequence without a batch dimension (Qwen-VL): its sites
     # are `[1, patches, d]`, every visual token has feature_row 0, and `pixel_values` holds one row per patch.
     packed_vision: ClassVar[bool] = False
