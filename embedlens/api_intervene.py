@@ -120,6 +120,18 @@ def _breakdown(samples: "list[Sample]", breakdown: Sequence[str] | None) -> dict
     return {f: {s.id: s.meta.get(f) for s in samples} for f in fields}
 
 
+def _validated(where: str, schema: type, values: Mapping[str, Any]):
+    """A plan block given as a dict, checked by the plan's schema; errors name the key as a plan error would."""
+    from pydantic import ValidationError
+
+    try:
+        return schema(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else f"{err['msg']}; got {err.get('input')!r}"
+        raise InputError(f"{where}.{'.'.join(map(str, err['loc']))}: {msg}") from None
+
+
 def intervene(
     model: "Adapter | str",
     samples: "Sequence[Sample] | Sequence[Record] | SyntheticSpec | str",
@@ -184,8 +196,6 @@ def intervene(
     """
     import pyarrow as pa
     import torch
-    from pydantic import ValidationError
-
     from embedlens.adapters import Adapter, load_model
     from embedlens.api import _as_samples  # one sample reader for both entry points
     from embedlens.groups import Partition
@@ -210,18 +220,14 @@ def intervene(
         raise InputError("conditions: expected {name: [interventions]} with at least one condition, e.g. {'prune_dead': [Prune(tokens='dead')]}")
     if not isinstance(controls, (bool, Mapping)):
         raise InputError(f"controls: expected True/False or a dict of the controls' parameters; got {type(controls).__name__}")
+    if report is not None and not isinstance(report, Mapping):
+        raise InputError(f"report: expected a dict of the plan's report: keys; got {type(report).__name__}")
     report = dict(report or {})
     breakdown = report.pop("breakdown", None)
-    try:
-        spec = ReportSpec(**report)
-        part = Partition(**PartitionSpec(**partition).model_dump()) if partition is not None else None
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = "report" if err["loc"] and err["loc"][0] in ReportSpec.model_fields or not partition else "partition"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else f"{err['msg']}; got {err.get('input')!r}"
-        raise InputError(f"{where}.{'.'.join(map(str, err['loc']))}: {msg}") from None
-    except TypeError:
-        raise InputError(f"partition: expected a dict of the plan's partition: keys; got {type(partition).__name__}") from None
+    spec = _validated("report", ReportSpec, report)
+    if partition is not None and not isinstance(partition, Mapping):
+        raise InputError(f"partition: expected a dict of the plan's partition: keys; got {type(partition).__name__}")
+    part = Partition(**_validated("partition", PartitionSpec, partition).model_dump()) if partition is not None else None
 
     built = []
     for name, items in conditions.items():
