@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from transformers import PreTrainedModel, ProcessorMixin
 
 from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText
@@ -104,6 +106,7 @@ def load_model(
     attn_implementation: str | None = None,
     placement: Placement | None = None,
     remote: bool = False,
+    processor_kwargs: Mapping[str, Any] | None = None,
 ) -> Adapter:
     """Load a model and wrap it in its adapter.
 
@@ -120,6 +123,9 @@ def load_model(
         placement: a device map / memory limits / quantisation (`embedlens.adapters.placement.Placement`):
             passed to `from_pretrained`, or applied with accelerate's `dispatch_model` to a ``tiny:`` model.
         remote: a hub id run on NDIF (`embedlens.adapters.remote`): only its config and processor are loaded here.
+        processor_kwargs: image processor settings the family declares (a plan's ``model.processor_kwargs``:
+            Qwen-VL's ``min_pixels`` / ``max_pixels``, InternVL's ``max_dynamic_patch``; see
+            `embedlens.adapters.processor_options`).
 
     Raises:
         AdapterError: the architecture has no adapter (the error lists the
@@ -130,5 +136,14 @@ def load_model(
     if adapter is not None:
         adapters.get(adapter)  # an unknown name fails here, whatever the source
     source_cls, name = resolve(source, remote)  # the resolvers are in embedlens.sources, reached through the registry
-    return source_cls().load(name, adapter=adapter, dtype=dtype, device=device, attn_implementation=attn_implementation,
-                             placement=placement)
+    if processor_kwargs and adapter is not None:  # a forced family's keys, checked before the weights load
+        from embedlens.adapters.processor_options import check_processor_kwargs
+
+        check_processor_kwargs(adapters.get(adapter), processor_kwargs)
+    loaded = source_cls().load(name, adapter=adapter, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                               placement=placement)
+    if processor_kwargs:
+        from embedlens.adapters.processor_options import configure_processor
+
+        configure_processor(loaded, processor_kwargs)
+    return loaded

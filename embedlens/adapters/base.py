@@ -94,6 +94,9 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
     # cannot be, and the processor_config.json keys it takes (see `load_processor`).
     image_only_processor: ClassVar[type[ProcessorMixin] | None] = None
     image_only_keys: ClassVar[tuple[str, ...]] = ()
+    # What a plan's `model.processor_kwargs` may change: key -> (image processor attribute, ``size.X`` for a key of
+    # its `size`; the value's type). See `embedlens.adapters.processor_options`.
+    processor_options: ClassVar[dict[str, tuple[str, type]]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -54,6 +54,10 @@ class InternVLAdapter(Adapter):
 
     image_only_processor = InternVLImageProcessor
     image_only_keys = ("image_seq_length", "chat_template")
+    # InternVL's own names (its model cards' load_image(max_num=...) / config) for the HF image processor's tiling:
+    # tiles per image between min and max (plus a thumbnail), or no tiling
+    processor_options = {"max_dynamic_patch": ("max_patches", int), "min_dynamic_patch": ("min_patches", int),
+                         "dynamic_image_size": ("crop_to_patches", bool)}
 
     @property
     def patch_block(self) -> tuple[int, int]:

@@ -120,6 +120,8 @@ class Qwen2VLAdapter(Adapter):
 
     image_only_processor = Qwen2VLImageProcessor
     image_only_keys = ("chat_template",)
+    # the pixel bounds an image is resized within (so its visual tokens: pixels / (patch x merge)^2)
+    processor_options = {"min_pixels": ("size.shortest_edge", int), "max_pixels": ("size.longest_edge", int)}
 
     @property
     def merge_size(self) -> int:

@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from embedlens.adapters import wrap_model
 from embedlens.adapters.base import resolve_path
 from embedlens.data import Sample
-from embedlens.interventions import Engine, Intervention
+from embedlens.interventions import Engine, Hook, Intervention
 from embedlens.interventions.engine import DONE_EVERY
 from embedlens.interventions.prune import FastV, Prune
 from embedlens.testing import tiny_model
@@ -48,6 +48,8 @@ CASES = {
     "prune": lambda: [Prune(tokens="visual and index % 2 == 0")],
     "prune_mask": lambda: [Prune(tokens="visual and index % 2 == 0", mode="mask")],
     "fastv": lambda: [FastV(layer=1, keep=0.5)],
+    # a plain function at a site (embedlens.intervene's ad-hoc edits): the packed rows go to batch positions and back
+    "hook": lambda: [Hook(lambda x: 2 * x, site="llm.layers[1]", tokens="visual and index % 2 == 0")],
 }
 
 
