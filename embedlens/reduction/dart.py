@@ -19,19 +19,8 @@ from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import AttentionInput, Context, Rows
 from embedlens.interventions.select import SelectionSpec
 from embedlens.reduction.budget import Budget
-from embedlens.reduction.inllm import check_accounting_args, drop_from, make_accounting
+from embedlens.reduction.inllm import check_accounting_args, drop_from, make_accounting, top_per_sample
 from embedlens.registry import interventions
-
-_ONE = Budget(1)  # only for its keep_mask, always with explicit counts
-
-
-def top_per_sample(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
-    """`[batch, seq]` bool: per sample, the `k` (`[batch]` long, or an int) highest-scoring candidates, the earlier
-    on ties (`Budget.keep_mask` with the whole sample as one group)."""
-    k = k if isinstance(k, torch.Tensor) else torch.full(scores.shape[:1], k, dtype=torch.long, device=scores.device)
-    return _ONE.keep_mask(scores, candidates, torch.zeros_like(candidates, dtype=torch.long),
-                          counts=lambda n: k[:, None].expand_as(n))
-
 
 def dart_keep(norms: torch.Tensor, states: torch.Tensor, candidates: torch.Tensor, text: torch.Tensor,
               per_pivot: torch.Tensor, pivot_image: int, pivot_text: int) -> torch.Tensor:

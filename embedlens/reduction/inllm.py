@@ -16,6 +16,7 @@ import torch
 
 from embedlens.attention import attention_rows
 from embedlens.errors import InterventionError
+from embedlens.reduction.budget import Budget
 
 if TYPE_CHECKING:
     from embedlens.interventions.context import AttentionInput, Context, Rows
@@ -110,6 +111,14 @@ def query_attention(seen: "AttentionInput", queries: torch.Tensor, seq: int, hom
     probs = probs.to(home).masked_fill(~rows.valid[:, None, None, :], 0.0)  # [batch, heads, q, rows]
     full = torch.zeros(*probs.shape[:3], seq, device=home, dtype=probs.dtype)
     return full.scatter(3, rows.index[:, None, None, :].expand_as(probs), probs)
+
+
+def top_per_sample(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+    """`[rows, seq]` bool: per row, the `k` (`[rows]` long, or an int) highest-scoring candidates, the earlier on
+    ties (`Budget.keep_mask` with the whole row as one group)."""
+    k = k if isinstance(k, torch.Tensor) else torch.full(scores.shape[:1], k, dtype=torch.long, device=scores.device)
+    return Budget(1).keep_mask(scores, candidates, torch.zeros_like(candidates, dtype=torch.long),
+                               counts=lambda n: k[:, None].expand_as(n))
 
 
 def drop_from(ctx: "Context", drop: torch.Tensor, layer: int) -> None:
