@@ -19,7 +19,7 @@ from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import AttentionInput, Context, Rows
 from embedlens.interventions.select import SelectionSpec
 from embedlens.reduction.budget import Budget
-from embedlens.reduction.inllm import check_accounting_args, drop_from, make_accounting, top_per_sample
+from embedlens.reduction.inllm import ParametersOnly, check_accounting_args, drop_from, make_accounting, top_per_sample
 from embedlens.registry import interventions
 
 def dart_keep(norms: torch.Tensor, states: torch.Tensor, candidates: torch.Tensor, text: torch.Tensor,
@@ -57,7 +57,7 @@ def dart_keep(norms: torch.Tensor, states: torch.Tensor, candidates: torch.Tenso
 
 
 @interventions.register("dart")
-class DART(Intervention):
+class DART(ParametersOnly, Intervention):
     """DART (Wen et al., 2025) at the shared budget: before layer K keep a few pivot image tokens and, for each
     pivot (image or text), the image tokens least like it; duplicates of what is kept go.
 

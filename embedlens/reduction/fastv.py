@@ -16,7 +16,7 @@ from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import Context
 from embedlens.interventions.select import SelectionSpec
 from embedlens.reduction.budget import Budget
-from embedlens.reduction.inllm import check_accounting_args, drop_from, make_accounting
+from embedlens.reduction.inllm import ParametersOnly, check_accounting_args, drop_from, make_accounting
 from embedlens.registry import interventions
 
 FastVCount = Literal["average", "after"]
@@ -37,7 +37,7 @@ def fastv_kept(k: torch.Tensor, n: torch.Tensor, layer: int, n_layers: int, coun
 
 
 @interventions.register("fastv_budget")
-class FastVBudget(Intervention):
+class FastVBudget(ParametersOnly, Intervention):
     """FastV (Chen et al., 2024) at the shared budget: after layer K, keep the image tokens the last prompt
     token attends to most in layer K-1 (head mean), so many that the budget is met.
 

@@ -22,6 +22,16 @@ if TYPE_CHECKING:
     from embedlens.interventions.context import AttentionInput, Context, Rows
 
 
+class ParametersOnly:
+    """The checkpoint state of a method with nothing fitted: its constructor parameters (what it derives from them,
+    and what one batch's run leaves behind, are rebuilt or overwritten, never saved)."""
+
+    def state_dict(self) -> dict:
+        from embedlens.registry import plugin_params
+
+        return {p.name: getattr(self, p.name) for p in plugin_params(type(self))}
+
+
 @dataclass(frozen=True)
 class Accounting:
     """How many visual tokens of one image a method keeps, layer by layer, and how its paper counts them.

@@ -19,7 +19,7 @@ from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import AttentionInput, Context
 from embedlens.interventions.select import SelectionSpec
 from embedlens.reduction.budget import Budget
-from embedlens.reduction.inllm import check_accounting_args, drop_from, group_sizes, make_accounting, query_attention, scaled_layers
+from embedlens.reduction.inllm import ParametersOnly, check_accounting_args, drop_from, group_sizes, make_accounting, query_attention, scaled_layers
 from embedlens.registry import interventions
 
 REFERENCE_LAYERS = (8, 16, 24)  # the authors' layer_list, for LLaVA-1.5's 32 layers
@@ -56,7 +56,7 @@ def pdrop_schedule(k: torch.Tensor, n: torch.Tensor, layers: Sequence[int], n_la
 
 
 @interventions.register("pyramiddrop")
-class PyramidDrop(Intervention):
+class PyramidDrop(ParametersOnly, Intervention):
     """PyramidDrop (Xing et al., 2024) at the shared budget: before each stage layer, keep the image tokens the
     last instruction token attends to most, fewer at each stage (a geometric ratio λ).
 

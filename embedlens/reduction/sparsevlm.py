@@ -27,7 +27,7 @@ from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import AttentionInput, Context, Rows
 from embedlens.interventions.select import SelectionSpec
 from embedlens.reduction.budget import Budget
-from embedlens.reduction.inllm import check_accounting_args, drop_from, group_sizes, make_accounting, query_attention, top_per_sample
+from embedlens.reduction.inllm import ParametersOnly, check_accounting_args, drop_from, group_sizes, make_accounting, query_attention, top_per_sample
 from embedlens.registry import interventions
 
 REFERENCE_LAYERS = (2, 6, 15)  # pruning_loc: tokens are dropped after these layers of LLaVA-1.5's 32
@@ -162,7 +162,7 @@ def dpc_knn_merge(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tensor) 
 
 
 @interventions.register("sparsevlm")
-class SparseVLM(Intervention):
+class SparseVLM(ParametersOnly, Intervention):
     """SparseVLM (Zhang et al., 2025) at the shared budget: text raters rank the image tokens after a few layers;
     the best are kept and the best of the rest are recycled into merged tokens.
 
