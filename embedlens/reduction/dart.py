@@ -58,8 +58,10 @@ def dart_keep(norms: torch.Tensor, states: torch.Tensor, candidates: torch.Tenso
 
 @interventions.register("dart")
 class DART(ParametersOnly, Intervention):
-    """DART (Wen et al., 2025) at the shared budget: before layer K keep a few pivot image tokens and, for each
-    pivot (image or text), the image tokens least like it; duplicates of what is kept go.
+    """DART at the shared budget: keep a few pivots and the image tokens least like each (duplicates go).
+
+    DART (Wen et al., 2025): before layer K keep a few pivot image tokens and, for each pivot (image or text),
+    the image tokens least like it; duplicates of what is kept go.
 
     Pivots are the tokens with the largest key L1 norm in layer K-1 (recomputed from that layer's input, with
     rotary, whatever attention implementation runs); similarity is the cosine of layer K-1's outputs through the

@@ -38,8 +38,9 @@ def fastv_kept(k: torch.Tensor, n: torch.Tensor, layer: int, n_layers: int, coun
 
 @interventions.register("fastv_budget")
 class FastVBudget(ParametersOnly, Intervention):
-    """FastV (Chen et al., 2024) at the shared budget: after layer K, keep the image tokens the last prompt
-    token attends to most in layer K-1 (head mean), so many that the budget is met.
+    """FastV at the shared budget: after layer K, keep the image tokens the last prompt token attends to most.
+
+    FastV (Chen et al., 2024) ranks by layer K-1's attention (head mean) and keeps so many that the budget is met.
 
     The attention row is recomputed from layer K-1's queries and keys (works with SDPA). With
     ``count: average`` (the default) the kept count after K is set so that the mean number of the image's

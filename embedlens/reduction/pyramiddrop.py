@@ -57,8 +57,10 @@ def pdrop_schedule(k: torch.Tensor, n: torch.Tensor, layers: Sequence[int], n_la
 
 @interventions.register("pyramiddrop")
 class PyramidDrop(ParametersOnly, Intervention):
-    """PyramidDrop (Xing et al., 2024) at the shared budget: before each stage layer, keep the image tokens the
-    last instruction token attends to most, fewer at each stage (a geometric ratio λ).
+    """PyramidDrop at the shared budget: staged drops by the last instruction token's attention.
+
+    PyramidDrop (Xing et al., 2024): before each stage layer, keep the image tokens the last instruction token
+    attends to most, fewer at each stage (a geometric ratio λ).
 
     Before stage layer l, layer l's own attention (its norm, queries, keys and rotary, on the tokens layer l-1
     held) is recomputed for the last prompt token only; the tokens it attends to least are absent from layer l

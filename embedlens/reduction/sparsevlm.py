@@ -163,8 +163,10 @@ def dpc_knn_merge(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tensor) 
 
 @interventions.register("sparsevlm")
 class SparseVLM(ParametersOnly, Intervention):
-    """SparseVLM (Zhang et al., 2025) at the shared budget: text raters rank the image tokens after a few layers;
-    the best are kept and the best of the rest are recycled into merged tokens.
+    """SparseVLM at the shared budget: text raters rank image tokens in a few layers; dropped ones are recycled.
+
+    SparseVLM (Zhang et al., 2025): after a few layers the best image tokens by the raters' attention are kept
+    and the best of the rest are recycled into merged tokens.
 
     Raters are chosen once on the LLM's input; after each stage layer, that layer's attention from the raters'
     rows only (recomputed, whatever attention implementation runs) ranks the image tokens present. A merged
