@@ -119,3 +119,27 @@ def test_kept_tokens_equal_the_reference_on_a_tiny_model(keep, pivots, ordered, 
         expected = reference(keys, states, start, length, budget, *pivots)
         assert set(kept_after(out.context, 2)[b].nonzero().flatten().tolist()) == expected
         assert len(expected) == iv.accounting(length, adapter.n_llm_layers)["equivalent_tokens"]
+
+
+def test_the_run_equals_a_hand_cut_run():
+    """The tokens DART drops are absent from layer K on, at the kept tokens' original position ids: the final
+    logits equal the eager Hugging Face layers run by hand with those tokens cut before layer K."""
+    from tests.reduction.inllm_support import eager_layer
+
+    adapter, eager = models()
+    batch = adapter.encode(samples(), padding_side="left")
+    out = Engine(adapter).run(batch, [DART(keep=8, layer=2, pivot_image=2, pivot_text=2)])
+    embeds = Engine(adapter).embed(batch)
+    positions = eager.position_ids(batch.inputs)
+    for b in range(len(batch.samples)):
+        valid = ~batch.roles.padding[b]
+        h, idx = embeds[b][valid][None], valid.nonzero().flatten()
+        for layer in range(4):
+            if layer == 2:
+                stay = out.context.present(2)[b][idx]
+                assert 0 < int((~stay).sum()) < int(batch.roles.visual[b].sum())
+                h, idx = h[:, stay], idx[stay]
+            h = eager_layer(eager, layer, h, positions[b][idx])
+        with torch.no_grad():
+            expected = eager.model.lm_head(eager.model.model.language_model.norm(h))[0, -1]
+        torch.testing.assert_close(out.logits()[b][int(batch.roles.last_index[b])], expected, atol=1e-4, rtol=0)

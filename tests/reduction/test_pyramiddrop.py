@@ -89,3 +89,38 @@ def test_first_stage_equals_the_reference_topk_on_a_tiny_model():
         assert counts == per_layer
         for layer in range(1, 4):  # each stage keeps a subset of the last
             assert not (kept_after(ctx, layer)[b] & ~kept_after(ctx, layer - 1)[b]).any()
+
+
+def test_every_stage_equals_a_hand_run_of_the_reference_rule():
+    """A layer-by-layer run of the eager Hugging Face layers on one sample at a time: before each stage layer, that
+    layer's own attention (HF's eager softmax) from the last token ranks the image tokens still present, the
+    `topk` are kept (modeling_llama_pdrop.py:1405) and the rest cut from the sequence at their original position
+    ids (the engine's convention; the reference renumbers them, its decoding then shifts them back)."""
+    from tests.reduction.inllm_support import eager_layer, eager_layer_attention
+
+    adapter, eager = models()
+    batch = adapter.encode(samples(), padding_side="left")
+    iv = PyramidDrop(keep=0.4, layers=[1, 2, 3])
+    out = Engine(adapter).run(batch, [iv])
+    embeds = Engine(adapter).embed(batch)
+    positions = eager.position_ids(batch.inputs)
+    for b in range(len(batch.samples)):
+        keep = ~batch.roles.padding[b]
+        vis = batch.roles.visual[b] & keep
+        last = int(batch.roles.last_index[b])
+        counts = iv.accounting(int(vis.sum()), 4)["tokens_per_layer"]
+        h, idx = embeds[b][keep][None], keep.nonzero().flatten()
+        for layer in range(4):
+            if layer in (1, 2, 3):
+                att = eager_layer_attention(eager, layer, h, positions[b][idx]).mean(0)[(idx == last).nonzero()[0, 0]]
+                is_vis = vis[idx]
+                top = att[is_vis].topk(counts[layer]).indices
+                kept_vis = idx[is_vis][top]
+                stay = ~is_vis | torch.isin(idx, kept_vis)
+                h, idx = h[:, stay], idx[stay]
+                assert set(kept_after(out.context, layer)[b].nonzero().flatten().tolist()) == set(kept_vis.tolist())
+            h = eager_layer(eager, layer, h, positions[b][idx])
+        assert idx[-1] == last  # no answer: the last prompt token ends the sequence
+        with torch.no_grad():
+            expected = eager.model.lm_head(eager.model.model.language_model.norm(h))[0, -1]
+        torch.testing.assert_close(out.logits()[b][last], expected, atol=1e-4, rtol=0)  # the whole run, not just the choice

@@ -140,3 +140,68 @@ def test_first_stage_equals_the_reference_on_a_tiny_model(monkeypatch):
         got = seen["hidden"][b][centres]
         dists = torch.cdist(got, merged)
         assert dists.min(dim=1).values.max() < 1e-4 and dists.min(dim=0).values.max() < 1e-4
+
+
+def test_every_stage_equals_a_hand_run_with_the_reference_functions(monkeypatch):
+    """A layer-by-layer run of the eager Hugging Face layers, one sample at a time, choosing with the authors' own
+    functions at every stage: raters (`select_raters`), kept tokens (`attn_postprocess_topk`, with this budget's
+    stage counts) and recycled tokens (`cluster_and_merge`), each merged token put at its cluster centre's place
+    and position id (the engine's convention; the centres are read from the engine's run, their merged values
+    from the reference). The kept sets, the merged values and the final logits must agree."""
+    from tests.reduction.inllm_support import eager_layer, eager_layer_attention
+
+    adapter, eager = models()
+    batch = adapter.encode(samples(), padding_side="left")
+    iv = SparseVLM(keep=0.5, layers=[0, 1, 2])
+    states = {}
+    original = iv.after_layer
+
+    def capture(ctx, layer, hidden, rows):
+        out = original(ctx, layer, hidden, rows)
+        states[layer] = rows.scatter(torch.zeros(*ctx.roles.kind.shape, hidden.shape[-1]), out)
+        return out
+
+    monkeypatch.setattr(iv, "after_layer", capture)
+    out = Engine(adapter).run(batch, [iv])
+    embeds = Engine(adapter).embed(batch)
+    positions = eager.position_ids(batch.inputs)
+    monkeypatch.setattr(ref, "layer_dict", {0: 0, 1: 1, 2: 2})
+    for b in range(len(batch.samples)):
+        valid = ~batch.roles.padding[b]
+        idx = valid.nonzero().flatten()
+        vis_pos = batch.roles.visual[b].nonzero().flatten()
+        first = int(idx[0])
+        start, n = int(vis_pos[0]) - first, len(vis_pos)
+        monkeypatch.setattr(ref, "sparse_token_dict", {ref.RETAIN_TOKN: list(iv.schedule(n, 4))})
+        h = embeds[b][valid][None]
+        raters = ref.select_raters(h, start, start + n)
+        v_num = n
+        for layer in range(4):
+            att = eager_layer_attention(eager, layer, h, positions[b][idx])
+            h = eager_layer(eager, layer, h, positions[b][idx])
+            if layer > 2:
+                continue
+            mask, _, relation = ref.attn_postprocess_topk(att[None], start, v_num, start + v_num, raters, layer)
+            vis_now = idx[start:start + v_num]
+            dropped = (~mask[0]).nonzero().flatten()
+            sel = dropped[relation[0][dropped].topk(int(len(dropped) * 0.3) + 1).indices]
+            torch.manual_seed(0)
+            merged = ref.cluster_and_merge(h[:, start + sel], len(sel) // 10 + 1)[0]
+            present = kept_after(out.context, layer + 1)[b]
+            kept = set(vis_now[mask[0]].tolist())
+            centres = sorted(set(present.nonzero().flatten().tolist()) - kept)
+            assert kept <= set(present.nonzero().flatten().tolist()) and len(centres) == len(merged)
+            got = states[layer][b][centres]
+            match = torch.cdist(got, merged).argmin(dim=1)
+            torch.testing.assert_close(got, merged[match], atol=1e-4, rtol=0)
+            assert len(set(match.tolist())) == len(merged)
+            # the next stage's sequence: kept tokens, and the merged ones at their centres, in position order
+            values = dict(zip(centres, merged[match]))
+            stay = ~torch.isin(idx, vis_now) | torch.isin(idx, torch.tensor(sorted(kept | set(centres))))
+            h = torch.stack([values.get(int(p), h[0, i]) for i, p in enumerate(idx.tolist()) if stay[i]])[None]
+            idx = idx[stay]
+            v_num = len(kept) + len(centres)
+        last = int(batch.roles.last_index[b])
+        with torch.no_grad():
+            expected = eager.model.lm_head(eager.model.model.language_model.norm(h))[0, -1]
+        torch.testing.assert_close(out.logits()[b][last], expected, atol=1e-4, rtol=0)
