@@ -136,7 +136,8 @@ class DART(ParametersOnly, Intervention):
 
     def after_layer(self, ctx: Context, layer: int, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
         if layer == self.layer - 1:
-            normed = self._norm(hidden)
+            where = next(self._norm.parameters(), hidden).device  # the final norm's own device under a device map
+            normed = self._norm(hidden.to(where)).to(hidden.device)
             full = torch.zeros(normed.shape[0], ctx.roles.kind.shape[1], normed.shape[-1], device=normed.device, dtype=normed.dtype)
             self._states = full.scatter(1, rows.index[..., None].expand_as(normed), normed)
         return hidden

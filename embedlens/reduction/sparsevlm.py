@@ -194,6 +194,9 @@ class SparseVLM(ParametersOnly, Intervention):
                 raise InterventionError(f"layers: expected a non-empty list of layer indices; got {layers!r}")
             if layers[0] < 0 or any(b <= a for a, b in zip(layers, layers[1:])):
                 raise InterventionError(f"layers: must be >= 0 and strictly increasing; got {list(layers)}")
+            if len(layers) > len(REFERENCE_LAYERS):
+                raise InterventionError(f"layers: SparseVLM has at most {len(REFERENCE_LAYERS)} stages (the authors' "
+                                        f"table has {len(REFERENCE_LAYERS)}); got {list(layers)}")
         if not isinstance(recycle, bool):
             raise InterventionError(f"recycle: expected true or false; got {recycle!r}")
         self.keep, self.layers, self.recycle, self.tokens = keep, layers, recycle, tokens

@@ -78,3 +78,11 @@ def test_kept_tokens_equal_the_reference_topk_on_a_tiny_model(keep, count):
         expected = set(vis[score.topk(rank).indices].tolist())
         assert set(kept_after(out.context, 2)[b].nonzero().flatten().tolist()) == expected
         assert kept_after(out.context, 1)[b].sum() == n
+
+
+def test_fastv_states_its_accounting_too():
+    from embedlens.interventions.prune import FastV
+
+    acc = FastV(layer=2, keep=0.5).accounting(576, 32)
+    assert acc["tokens_per_layer"] == [576, 576] + [288] * 30 and acc["equivalent_tokens"] == (2 * 576 + 30 * 288) / 32
+    assert FastV(layer=2, keep=0.5).accounting(15, 4)["tokens_per_layer"] == [15, 15, 8, 8]  # ceil, as it prunes

@@ -39,6 +39,8 @@ def test_bad_parameters_are_refused():
         SparseVLM(keep="64")
     with pytest.raises(InterventionError, match="layers: "):
         SparseVLM(keep=4, layers=[2, 2])
+    with pytest.raises(InterventionError, match="layers: SparseVLM has at most 3 stages"):
+        SparseVLM(keep=4, layers=[1, 2, 3, 4])
     with pytest.raises(InterventionError, match="recycle: "):
         SparseVLM(keep=4, recycle="yes")
     with pytest.raises(InterventionError, match="layers: SparseVLM drops after a layer in 0..2"):
