@@ -5,6 +5,10 @@ A method that drops tokens between LLM layers (FastV, PyramidDrop, DART, SparseV
 tokens: layer l computes on the `tokens_per_layer[l]` tokens present there. Each method states how its paper
 counts that as one number (`Accounting.equivalent_tokens`, with its `rule`) and also gives the plain mean over
 layers (`average_tokens`), so a sweep can put every method at the same budget and say how it was matched.
+
+Every such method (`fastv_budget`, `pyramiddrop`, `dart`, `sparsevlm`, and `fastv`) has
+``accounting(n_visual, n_layers) -> dict`` for one image of `n_visual` tokens in an `n_layers`-layer LLM, with
+the keys of `Accounting`: ``budget``, ``tokens_per_layer``, ``equivalent_tokens``, ``average_tokens``, ``rule``.
 """
 
 from __future__ import annotations
