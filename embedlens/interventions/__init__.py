@@ -8,6 +8,6 @@ from embedlens.interventions.engine import Engine
 from embedlens.interventions.outcome import Outcome, RowCache
 from embedlens.interventions.select import Selection
 from embedlens.interventions import ablate, layers, prune  # noqa: F401, E402 - registers the built-ins
-from embedlens.reduction import dart, fastv, pyramiddrop, sparsevlm  # noqa: F401, E402 - registers the in-LLM token-reduction methods
+import embedlens.reduction  # noqa: F401, E402 - registers the token-reduction methods
 
 __all__ = ["Context", "Engine", "Intervention", "Outcome", "RowCache", "Rows", "Selection", "attention_rows"]

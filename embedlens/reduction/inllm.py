@@ -20,6 +20,7 @@ import torch
 
 from embedlens.attention import attention_rows
 from embedlens.errors import InterventionError
+from embedlens.reduction._rank import group_sizes, image_groups
 from embedlens.reduction.budget import Budget
 
 if TYPE_CHECKING:
@@ -87,19 +88,10 @@ def scaled_layers(reference: Sequence[int], reference_depth: int, n_layers: int)
     return out
 
 
-def image_groups(candidates: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """`[batch, seq]` long: each candidate's image (the group `Budget.keep_mask` counts in), `seq` elsewhere."""
-    seq = candidates.shape[1]
-    return torch.where(candidates & (image >= 0), image, torch.full_like(image, seq))
-
-
-def group_sizes(candidates: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """`[batch, seq + 1]` long: candidates per image group, as `Budget.keep_mask` counts them (the last column,
-    "not a candidate", is left as counted; `keep_mask` keeps none of it)."""
-    batch, seq = candidates.shape
-    group = image_groups(candidates, image)
-    n = torch.zeros(batch, seq + 1, dtype=torch.long, device=candidates.device)
-    return n.scatter_add_(1, group, torch.ones_like(group))
+def image_sizes(candidates: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """`[batch, seq + 1]` long: candidates per image, in the columns `Budget.keep_mask` counts them in (the last
+    column, "not a candidate", as counted; `keep_mask` keeps none of it)."""
+    return group_sizes(image_groups(candidates, image))
 
 
 def query_attention(seen: "AttentionInput", queries: torch.Tensor, seq: int, home: torch.device) -> torch.Tensor:

@@ -19,7 +19,7 @@ from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import AttentionInput, Context
 from embedlens.interventions.select import SelectionSpec
 from embedlens.reduction.budget import Budget
-from embedlens.reduction.inllm import ParametersOnly, check_accounting_args, drop_from, group_sizes, make_accounting, query_attention, scaled_layers
+from embedlens.reduction.inllm import ParametersOnly, check_accounting_args, drop_from, image_sizes, make_accounting, query_attention, scaled_layers
 from embedlens.registry import interventions
 
 REFERENCE_LAYERS = (8, 16, 24)  # the authors' layer_list, for LLaVA-1.5's 32 layers
@@ -126,7 +126,7 @@ class PyramidDrop(ParametersOnly, Intervention):
 
     def setup(self, ctx: Context) -> None:
         self._candidates = ctx.select(self.selection, within=ctx.roles.image_span)
-        self._n0 = group_sizes(self._candidates, ctx.roles.image)  # each image's original count, [batch, seq + 1]
+        self._n0 = image_sizes(self._candidates, ctx.roles.image)  # each image's original count, [batch, seq + 1]
         self._n0[:, -1] = 0
         # the stage layers are one set per batch: the default ones follow the batch's largest image (one host read
         # per batch, in setup; none when `layers` is given)

@@ -27,7 +27,7 @@ from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import AttentionInput, Context, Rows
 from embedlens.interventions.select import SelectionSpec
 from embedlens.reduction.budget import Budget
-from embedlens.reduction.inllm import ParametersOnly, check_accounting_args, drop_from, group_sizes, make_accounting, query_attention, top_per_sample
+from embedlens.reduction.inllm import ParametersOnly, check_accounting_args, drop_from, image_sizes, make_accounting, query_attention, top_per_sample
 from embedlens.registry import interventions
 
 REFERENCE_LAYERS = (2, 6, 15)  # pruning_loc: tokens are dropped after these layers of LLaVA-1.5's 32
@@ -230,7 +230,7 @@ class SparseVLM(ParametersOnly, Intervention):
         self._candidates = ctx.select(self.selection, within=roles.image_span)
         seq, home = roles.kind.shape[1], ctx.valid.device
         # once per batch on the host: the images' sizes (for the stages' counts), the raters' number
-        n0 = group_sizes(self._candidates, roles.image)
+        n0 = image_sizes(self._candidates, roles.image)
         n0[:, -1] = 0
         n0_host = n0.cpu()
         self._n_images = int((roles.image.max() + 1).clamp(min=0))
@@ -284,7 +284,7 @@ class SparseVLM(ParametersOnly, Intervention):
         written at their centres' rows and `[batch, seq]` bool the centres (kept as the merged tokens)."""
         roles = ctx.roles
         batch, seq = dropped.shape
-        n_dropped = group_sizes(dropped, roles.image)
+        n_dropped = image_sizes(dropped, roles.image)
         n_sel = torch.where(n_dropped > 0, (n_dropped.double() * RECYCLED_SHARE).floor().long() + 1, 0)
         n_sel[:, -1] = 0
         selected = Budget(1).keep_mask(score, dropped, roles.image, counts=lambda n: n_sel)
