@@ -173,6 +173,8 @@ class SparseVLM(ParametersOnly, Intervention):
     token takes the place (and position id) of its cluster's centre; the reference (version 1.0) instead puts
     the merged tokens after the kept image tokens and renumbers every position id after each stage. The stage
     counts follow the authors' table where it has the budget, else a scaled row of it (`sparsevlm_schedule`).
+    Ties in the raters' score keep the earlier token (the reference's ``topk`` leaves them to the kernel), and
+    ties in the clustering's densities go to the earlier token instead of the reference's 1e-6 random noise.
 
     Args:
         keep: the budget: tokens per image (int) or a fraction of them in (0, 1].
