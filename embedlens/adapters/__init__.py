@@ -12,6 +12,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel, ProcessorMixin
 
 from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText
+from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.gemma3 import Gemma3Adapter
 from embedlens.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter, SmolVLMImageProcessor
 from embedlens.adapters.internvl import InternVLAdapter, InternVLImageProcessor
@@ -21,7 +22,7 @@ from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionI
 from embedlens.adapters.mistral3 import Mistral3Adapter, PixtralProcessor
 from embedlens.adapters.paligemma import PaliGemmaAdapter
 from embedlens.adapters.placement import Placement
-from embedlens.adapters.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
+from embedlens.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 from embedlens.adapters.sources import resolve
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
@@ -33,6 +34,7 @@ ADDING_A_FAMILY = "docs/adding-a-family.md"  # the guide the unsupported-archite
 __all__ = [
     "Adapter",
     "Batch",
+    "Capability",
     "Gemma3Adapter",
     "Idefics3Adapter",
     "InternVLAdapter",

@@ -91,7 +91,7 @@ def measure(fn) -> dict:
     }
 
 
-@pytest.fixture(scope="module", params=["llava-clip", "qwen2.5-vl", "gemma3"])
+@pytest.fixture(scope="module", params=["llava-clip", "qwen2_5_vl", "gemma3"])
 def counts(request):
     """Per depth: the counts of Hugging Face's language model, of every engine case, and of one decoding step."""
     samples = [
@@ -205,7 +205,7 @@ def test_rows_scatter_writes_the_valid_rows_only():
     assert torch.equal(rows.scatter(target, values), expected)
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
 def test_mrope_ids_taken_from_the_models_own_call_equal_the_adapters(name):
     """The engine reuses the M-RoPE ids the model computed for its language model instead of asking the adapter
     (a second get_rope_index, a host loop per image); they are the adapter's ids, padding on either side."""
