@@ -222,10 +222,10 @@ class PrefillTime(Metric):
     """Measured LLM prefill time, the interventions' own selection time and peak memory, with the baseline's.
 
     Each run is timed by the engine (`embedlens.interventions.timing`): ``prefill_ms`` from the LLM's input
-    embeddings to its final norm (an in-LLM method's selection, e.g. FastV's attention row, is part of it),
-    ``select_ms`` inside the interventions' own code (`setup`, `edit_embeds`, `before_layer`), on a GPU by CUDA
-    events, on the CPU by process CPU time. A run is timed per batch; each sample's value is the batch's time
-    divided by its samples, so means over samples are per-sample costs. ``peak_mem_mb`` is the GPU allocator's
+    embeddings to its final norm (attention rows recorded while a layer runs, e.g. FastV's, are part of it),
+    ``select_ms`` inside the interventions' own code (`setup`, `edit_embeds`, attention read ahead of a layer,
+    `before_layer`); on a GPU by CUDA events, on the CPU by process CPU time. A run is timed per batch; each
+    sample's value is the batch's time divided by its samples, so means over samples are per-sample costs. ``peak_mem_mb`` is the GPU allocator's
     peak during the run (NaN on the CPU, which has no such counter). The first run of a batch (the baseline)
     also warms caches: compare conditions with each other, and with the baseline over many batches.
 
