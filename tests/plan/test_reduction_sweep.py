@@ -13,37 +13,12 @@ import pytest
 import torch
 
 from embedlens.errors import PlanError
-from embedlens.interventions.base import Intervention
 from embedlens.plan import load_plan
 from embedlens.plan.preparation import plan_hash
 from embedlens.reduction.budget import Budget
-from embedlens.registry import interventions
 from embedlens.stats import mcnemar_exact
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-class KeepRandom(Intervention):
-    """Test control: keep a seeded random `keep` of each image's visual tokens (Budget's count), drop the rest."""
-
-    budget_control = True
-
-    def __init__(self, keep: int | float = 0.5, seed: int = 0):
-        self.keep, self.seed = keep, seed
-
-    def setup(self, ctx) -> None:
-        gen = torch.Generator().manual_seed(self.seed)
-        scores = torch.rand(ctx.roles.kind.shape, generator=gen).to(ctx.exit.device)
-        visual = ctx.roles.image_span
-        kept = Budget(self.keep).keep_mask(scores, visual, ctx.roles.image)
-        ctx.exit = torch.where(visual & ~kept, torch.zeros_like(ctx.exit), ctx.exit)
-
-
-@pytest.fixture(scope="module")
-def keep_random():
-    interventions.register("_test_keep_random")(KeepRandom)
-    yield "_test_keep_random"
-    interventions._items.pop("_test_keep_random", None)
 
 
 PLAN = """
@@ -51,7 +26,7 @@ model: {{source: zoo:tiny-llava-clip}}
 data: {{synthetic: {{n: 6, seed: 4, size: 96}}, padding_side: left}}
 conditions:
   fastv: [{{name: fastv, params: {{layer: 2, keep: 0.5}}}}]
-  random: [{{name: {random}, params: {{keep: 0.5}}}}]
+  random: [{{name: random_budget, params: {{keep: 0.5}}}}]
   top_row: [{{name: prune, params: {{tokens: "visual and row < 1"}}}}]
 sweep:
   "*.keep": {budgets}
@@ -62,31 +37,31 @@ batch_size: 3
 """
 
 
-def _write(tmp: Path, random: str, budgets: str) -> Path:
+def _write(tmp: Path, budgets: str) -> Path:
     p = tmp / "plan.yaml"
-    p.write_text(PLAN.format(random=random, budgets=budgets))
+    p.write_text(PLAN.format(budgets=budgets))
     return p
 
 
-def test_star_sweep_expands_every_method_with_a_budget(tmp_path, keep_random):
-    loaded = load_plan(_write(tmp_path, keep_random, "[0.333, 0.111]"))
+def test_star_sweep_expands_every_method_with_a_budget(tmp_path):
+    loaded = load_plan(_write(tmp_path, "[0.333, 0.111]"))
     assert list(loaded.plan.conditions) == ["fastv[keep=0.333]", "fastv[keep=0.111]", "random[keep=0.333]", "random[keep=0.111]", "top_row"]
     assert [c[0].params["keep"] for n, c in loaded.plan.conditions.items() if n != "top_row"] == [0.333, 0.111, 0.333, 0.111]
     assert loaded.plan.conditions["fastv[keep=0.111]"][0].params["layer"] == 2  # the other parameters are copied
     # the expanded conditions are the plan's identity: other budgets, another hash (a resume would refuse)
-    other = load_plan(_write(tmp_path, keep_random, "[0.333, 0.222]"))
+    other = load_plan(_write(tmp_path, "[0.333, 0.222]"))
     assert plan_hash(loaded) != plan_hash(other)
 
 
-def test_star_sweep_of_a_parameter_no_condition_takes_is_an_error(tmp_path, keep_random):
-    p = _write(tmp_path, keep_random, "[0.5]").read_text().replace('"*.keep"', '"*.kep"')
+def test_star_sweep_of_a_parameter_no_condition_takes_is_an_error(tmp_path):
+    p = _write(tmp_path, "[0.5]").read_text().replace('"*.keep"', '"*.kep"')
     (tmp_path / "bad.yaml").write_text(p)
     with pytest.raises(PlanError, match=r"bad.yaml:\d+ sweep\.\*\.kep: no condition has an intervention with parameter 'kep'"):
         load_plan(tmp_path / "bad.yaml")
 
 
-def test_star_sweep_refuses_a_condition_with_two_budgets(tmp_path, keep_random):
-    text = _write(tmp_path, keep_random, "[0.5]").read_text().replace(
+def test_star_sweep_refuses_a_condition_with_two_budgets(tmp_path):
+    text = _write(tmp_path, "[0.5]").read_text().replace(
         "  top_row:", "  both: [{name: fastv, params: {keep: 0.5}}, {name: random_budget, params: {keep: 0.5}}]\n  top_row:")
     (tmp_path / "two.yaml").write_text(text)
     with pytest.raises(PlanError, match=r"condition 'both' has several interventions with parameter 'keep'; sweep it with both.INTERVENTION.keep"):
@@ -113,13 +88,13 @@ def test_example_budgets_are_llava_fractions():
 
 
 @pytest.fixture(scope="module")
-def sweep_run(tmp_path_factory, keep_random):
+def sweep_run(tmp_path_factory):
     from typer.testing import CliRunner
 
     from embedlens.cli import app
 
     d = tmp_path_factory.mktemp("reduction")
-    plan = _write(d, keep_random, "[0.333, 0.111]")
+    plan = _write(d, "[0.333, 0.111]")
     r = CliRunner().invoke(app, ["run", str(plan), "-o", str(d / "out"), "-q"])
     assert r.exit_code == 0, r.output
     return d / "out"
@@ -167,7 +142,7 @@ def test_each_cell_is_paired_with_random_at_its_budget(sweep_run):
         assert float(r["equivalent_tokens"]) == pytest.approx(want)
         if r["method"] == "fastv":  # its own accounting(): the same mean over layers, with its rule
             assert float(r["paper_tokens"]) == pytest.approx(want) and r["accounting"].startswith("FastV: all 36 tokens")
-        else:  # the test control states no accounting: the measured count, said so
+        else:  # random_budget states no accounting: the measured count, said so
             assert float(r["paper_tokens"]) == k and "measured" in r["accounting"]
         assert float(r["gflops"]) < float(r["gflops_base"])
         assert float(r["prefill_ms"]) > 0 and float(r["select_ms"]) >= 0
@@ -195,7 +170,7 @@ def test_eval_scores_the_swept_conditions_on_an_lmms_task(tmp_path):
     assert all(r["paired_n"] == 2 for r in res.rows if r["metric"] == "exact_match")
 
 
-def test_a_lone_budget_condition_is_no_leaderboard(keep_random):
+def test_a_lone_budget_condition_is_no_leaderboard():
     """A plan with one unswept `fastv` (examples/interventions.yaml) is no budget study: no leaderboard. Swept, or
     beside a random control at a budget, it is one."""
     from embedlens.interventions.condition import Condition
@@ -203,7 +178,7 @@ def test_a_lone_budget_condition_is_no_leaderboard(keep_random):
     from embedlens.plan.leaderboard import leaderboard
 
     fastv = Condition.build("fastv", [{"name": "fastv", "params": {"layer": 2, "keep": 0.5}}])
-    random = Condition.build("random", [{"name": keep_random, "params": {"keep": 0.5}}])
+    random = Condition.build("random", [{"name": "random_budget", "params": {"keep": 0.5}}])
     concl = Conclusions()
     assert leaderboard(concl, {}, [fastv], {}) is None
     assert leaderboard(concl, {}, [fastv], {"fastv": ["fastv"]})["method"] == ["fastv"]
