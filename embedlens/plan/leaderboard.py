@@ -146,29 +146,33 @@ def _as_tokens(keep: int | float, n: float) -> int:
 def accuracy_figure(table: dict[str, list[Any]], path: str | Path, confidence: float = 0.95) -> Path:
     """Accuracy against tokens kept per image, one line per method; random drawn thick and dashed in black, the
     baseline as a horizontal line; integer ticks at the budgets."""
-    from embedlens.figures import _CYCLE, _plt, _save, _wrap
+    from embedlens.figures import _plt, _save, _wrap
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    fig, ax = plt.subplots(figsize=(9.0, 4.8))
     methods = list(dict.fromkeys(table["method"]))
     random_methods = {table["method"][i] for i, c in enumerate(table["condition"]) if c in set(table["random"])}
     ticks: set[int] = set()
-    colours = iter(_CYCLE * 4)
+    # a colour and a marker per method: a dozen methods outrun any one palette
+    palette = plt.get_cmap("tab10").colors
+    markers = ("o", "^", "D", "v", "P", "X", "<")  # 7 against 10 colours: no pair repeats before 70 methods
     # tokens per image need the baseline's visual token count (the visual_tokens metric); without it, the keep values
     by_tokens = all(isinstance(t, (int, float)) and math.isfinite(t) for t in table["tokens"])
     x_col = "tokens" if by_tokens else "keep"
-    for meth in methods:
+    others = [m for m in methods if m not in random_methods]
+    for meth in [*others, *[m for m in methods if m in random_methods]]:
         idx = sorted((i for i, mm in enumerate(table["method"]) if mm == meth), key=lambda i: table[x_col][i])
         xs = [table[x_col][i] for i in idx]
         ys = [table["accuracy"][i] for i in idx]
         ticks |= {x for x in xs if by_tokens}
         if meth in random_methods:
-            ax.plot(xs, ys, color="black", lw=2.6, ls="--", marker="s", label=f"{meth} (random)", zorder=5)
+            ax.plot(xs, ys, color="black", lw=2.8, ls="--", marker="s", ms=7, label=f"{meth} (the control)", zorder=5)
         else:
-            ax.plot(xs, ys, color=next(colours), lw=1.6, marker="o", label=meth)
+            j = others.index(meth)
+            ax.plot(xs, ys, color=palette[j % len(palette)], lw=1.5, marker=markers[j % len(markers)], ms=6, label=meth, alpha=0.9)
     base = [v for v in table["accuracy_base"] if isinstance(v, float) and math.isfinite(v)]
     if base:
-        ax.axhline(base[0], color="#2ca02c", lw=1.2, ls=":", label="baseline (every token)")
+        ax.axhline(base[0], color="#2ca02c", lw=1.4, ls=":", label="baseline (every token)")
     if ticks:
         ax.set_xticks(sorted(ticks))
         ax.set_xticklabels([str(int(t)) for t in sorted(ticks)])
@@ -176,6 +180,6 @@ def accuracy_figure(table: dict[str, list[Any]], path: str | Path, confidence: f
     ax.set_xlabel("visual tokens kept per image (budget)" if by_tokens else "keep (budget; add the visual_tokens metric for token counts)")
     ax.set_ylabel(f"accuracy ({table['metric'][0]})" if table["metric"] and table["metric"][0] else "accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right", title="method", title_fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method", title_fontsize=8, frameon=False)
     ax.set_title(_wrap("Token reduction: accuracy at each budget (one line per method; random: black dashed)", 7.0), fontsize=10)
     return _save(fig, path)
