@@ -14,6 +14,7 @@ pixels, so the maps are the patch grids without the image underneath.
 from __future__ import annotations
 
 import collections
+import csv
 import math
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ def collect(runs: list[Path], manifests: list[dict], warnings: list[str] | None 
         try:
             ids = _shared_ids(paths)
             data = [_columns(p, ["sample_id", "row", "col", "image", "tile", "layer", *(c for c, _, _ in MAP_COLUMNS)], ids) for p in paths]
-        except (OSError, ValueError, UnicodeDecodeError, pyarrow.ArrowException) as e:
+        except (OSError, ValueError, UnicodeDecodeError, csv.Error, pyarrow.ArrowException) as e:  # csv.Error: e.g. a field past csv's size limit
             if warnings is not None:
                 warnings.append(f"table {key!r} of one of the runs could not be read ({type(e).__name__}: {e}); its maps are left out")
             continue

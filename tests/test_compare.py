@@ -206,3 +206,13 @@ def test_a_table_that_cannot_be_read_leaves_its_maps_out_with_a_warning(tmp_path
     cmp = compare_runs([a, b], tmp_path / "cmp")
     assert cmp.maps == [] and len(cmp.warnings) == 1 and "'tokens' of one of the runs could not be read (UnicodeDecodeError" in cmp.warnings[0]
     assert cmp.html.is_file() and "could not be read" in cmp.html.read_text()
+
+
+def test_a_csv_table_with_a_field_past_csvs_limit_leaves_its_maps_out_with_a_warning(tmp_path):
+    """csv.Error (not an OSError or ValueError) from a hostile table: a warning, not a traceback."""
+    groups, entropy, words = [["dead"] * 9] * 2, [[0.5] * 9] * 2, {0: [["sky"] * 9] * 2, 2: [["sky"] * 9] * 2}
+    a = _map_run(tmp_path / "clip", groups, entropy, words)
+    b = _map_run(tmp_path / "siglip", groups, entropy, words)
+    (b / "tokens.csv").write_text("sample_id,row,col,group\ns0,0,0," + "x" * 200_000 + "\n")  # csv's limit: 131072
+    cmp = compare_runs([a, b], tmp_path / "cmp")
+    assert cmp.maps == [] and len(cmp.warnings) == 1 and "'tokens' of one of the runs could not be read (Error: field larger" in cmp.warnings[0]
