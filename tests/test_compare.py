@@ -237,3 +237,27 @@ def test_an_unreadable_effects_table_is_a_clear_error_with_exit_status_2(tmp_pat
     assert r.exit_code == 2, r.output
     assert "effects.csv: the run's effects table cannot be read (UnicodeDecodeError" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "cmp").exists()
+
+
+def test_words_that_look_like_mathtext_are_drawn_as_written(tmp_path, monkeypatch):
+    """A table's word ``$\\foo$`` is text, not mathtext: the map is drawn (it stopped compare with a parse error) and
+    its label shows the dollars."""
+    from embedlens import figures
+
+    groups, entropy = [["dead"] * 9] * 2, [[0.5] * 9] * 2
+    words = {0: [["$\\foo$"] * 9] * 2, 2: [["$x^{$"] * 9] * 2}
+    a = _map_run(tmp_path / "clip", groups, entropy, words)
+    b = _map_run(tmp_path / "siglip", groups, entropy, words)
+    got = {}
+    save = figures._save
+
+    def capture(fig, path, tight=True):
+        got[path.name] = fig
+        return save(fig, path, tight)
+
+    monkeypatch.setattr(figures, "_save", capture)
+    cmp = compare_runs([a, b], tmp_path / "cmp")
+    assert "tokens_token_1_l0.png" in [p.name for p in cmp.maps] and all(p.is_file() for p in cmp.maps)
+    fig = got["tokens_token_1_l0.png"]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["\\$\\foo\\$"]  # an escaped dollar: matplotlib draws "$\foo$" as written
