@@ -13,6 +13,7 @@ plugin sources have no config file: validate loads them, as ``--deep`` does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,9 @@ class Architecture:
     n_vision_layers: int | None
     vocab_size: int | None
     hidden_size: int | None
+    #: the adapter is forced (``model.adapter``) onto a checkpoint of an architecture it does not list: whether the
+    #: weights fill its model class only loading can tell
+    forced_elsewhere: bool = False
 
     @classmethod
     def from_config(cls, source: str, adapter: str, config: dict[str, Any]) -> "Architecture":
@@ -76,6 +80,10 @@ class Architecture:
         vision = config.get("vision_config") if isinstance(config.get("vision_config"), dict) else None
         return cls(source, adapter, config, _int(text, "num_hidden_layers"), _int(vision, "num_hidden_layers", "depth"),
                    _int(text, "vocab_size"), _int(text, "hidden_size"))
+
+    @property
+    def n_fields(self) -> tuple:
+        return self.n_llm_layers, self.n_vision_layers, self.vocab_size, self.hidden_size
 
     def fixed_grid(self) -> tuple[int, int] | None:
         """(rows, cols) of every image's visual tokens where that is fixed by the config (`FIXED_GRID_ADAPTERS`)."""
@@ -279,12 +287,15 @@ def _with_defaults(where: str) -> dict[str, Any]:
         raise AdapterError(f"cannot load a model config from {where!r}: {type(e).__name__}: {str(e)[:300]}") from None
 
 
-def adapter_name(config: dict[str, Any], forced: str | None) -> str:
+def adapter_name(config: dict[str, Any], forced: str | None, missing_ok: bool = False) -> str | None:
     """The adapter that would load a model of this config: `forced`, else the one whose architectures match.
 
     Built-in adapters are matched from the stored plugin index (no import); a config none of them takes
     is matched against every registered adapter, third-party ones included, which raises the loader's
     own error when none fits.
+
+    Args:
+        missing_ok: None, instead of the loader's error, where no adapter takes the architecture.
 
     Raises:
         UnknownNameError: `forced` is no adapter. AdapterError: no adapter takes the architecture.
@@ -305,7 +316,12 @@ def adapter_name(config: dict[str, Any], forced: str | None) -> str:
             return row["name"]
     from embedlens.adapters import adapter_for_architecture
 
-    return adapter_for_architecture(sorted(archs), str(config.get("model_type", ""))).registered_name
+    try:
+        return adapter_for_architecture(sorted(archs), str(config.get("model_type", ""))).registered_name
+    except AdapterError:
+        if missing_ok:
+            return None
+        raise
 
 
 def architecture(source: str, forced_adapter: str | None = None, remote: bool = False) -> Architecture | None:
@@ -324,7 +340,9 @@ def architecture(source: str, forced_adapter: str | None = None, remote: bool = 
     arch = Architecture.from_config(source, adapter_name(config, forced_adapter), config)
     if Path(where).is_dir():  # as loading does: the architecture's adapter first, then the weights
         check_weight_files(Path(where))
-    if None in (arch.n_llm_layers, arch.n_vision_layers, arch.vocab_size, arch.hidden_size) or (
+    if None in arch.n_fields or (
             arch.adapter in FIXED_GRID_ADAPTERS and (arch.fixed_grid() is None or "vision_feature_select_strategy" not in config)):
         arch = Architecture.from_config(source, arch.adapter, _with_defaults(where))
+    if forced_adapter is not None and adapter_name(config, None, missing_ok=True) != forced_adapter:
+        arch = dataclasses.replace(arch, forced_elsewhere=True)
     return arch

@@ -26,7 +26,8 @@ class ModelCheck:
     samples: int
     probes: list[str]
     conditions: list[str]
-    #: the weights were loaded (``--deep``, or a source without a config file: ``tiny:``, a plugin's)
+    #: the weights were loaded (``--deep``; a source without a config file: ``tiny:``, a plugin's; or a
+    #: ``model.adapter`` forced onto another architecture's checkpoint, which only its weights can accept)
     loaded: bool
     #: ``(key, what it needs)`` of checks that need the loaded model: made by ``--deep`` and at run start
     unchecked: list[tuple[str, str]] = field(default_factory=list)
@@ -50,7 +51,7 @@ def validate_plan(loaded: LoadedPlan, deep: bool = False) -> list[ModelCheck]:
             arch = architecture(loaded.model_source(m.source), m.adapter, m.remote)
         except EmbedLensError as e:
             raise model_error(loaded, name, e) from None
-        if arch is not None and not deep:
+        if arch is not None and not deep and not arch.forced_elsewhere:
             if m.quantization is not None:  # what loading would ask of this installation (bitsandbytes, a GPU)
                 from embedlens.adapters.placement import quantization_config
 

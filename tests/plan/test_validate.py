@@ -219,3 +219,16 @@ def test_a_model_folders_weight_files_are_checked_from_their_headers(tmp_path, n
     shutil.copy(ROOT / "embedlens/resources/zoo/tiny-llava-clip/model.safetensors", weights)  # whole again: valid
     (folder / "model.safetensors.index.json").unlink(missing_ok=True)
     assert _invoke("validate", _plan(tmp_path, "probes: [{name: embedding_lens}]\n", source="./ckpt")).exit_code == 0
+
+
+def test_a_forced_adapter_is_read_from_the_config_where_it_lists_the_architecture(tmp_path, no_weights):
+    """`model.adapter: llava` on a LLaVA checkpoint needs no load; onto another architecture's checkpoint, only
+    the weights tell whether they fit (tests/adapters/test_loading.py: validate loads it and names model.adapter)."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("model: {source: zoo:tiny-llava-clip, adapter: llava}\ndata: {synthetic: {n: 2}}\n"
+                    "probes: [{name: embedding_lens}]\noutput: {dir: out}\n")
+    r = _invoke("validate", plan)
+    assert r.exit_code == 0 and "checked against its config (no weights loaded)" in r.output, r.output
+    plan.write_text(plan.read_text().replace("adapter: llava}", "adapter: paligemma}"))
+    r = CliRunner().invoke(app, ["validate", str(plan)])
+    assert isinstance(r.exception, AssertionError) and str(r.exception) == "validate loaded a model"
