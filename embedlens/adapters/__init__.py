@@ -9,7 +9,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 from embedlens.adapters.sources import resolve
 from embedlens.errors import AdapterError
@@ -18,6 +18,7 @@ from embedlens.registry import adapters
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, ProcessorMixin
 
+    from embedlens.adapters.base import Adapter
     from embedlens.adapters.placement import Placement
 
 # Public name -> module. The families import transformers' model classes (seconds of imports); they load on the
@@ -28,6 +29,7 @@ _LAZY = {
     "Batch": "embedlens.adapters.base",
     "ModulePaths": "embedlens.adapters.base",
     "PromptText": "embedlens.adapters.base",
+    "Capability": "embedlens.adapters.capabilities",
     "Placement": "embedlens.adapters.placement",
     "Gemma3Adapter": "embedlens.adapters.gemma3",
     "Idefics3Adapter": "embedlens.adapters.idefics3",
@@ -42,9 +44,9 @@ _LAZY = {
     "Mistral3Adapter": "embedlens.adapters.mistral3",
     "PixtralProcessor": "embedlens.adapters.mistral3",
     "PaliGemmaAdapter": "embedlens.adapters.paligemma",
-    "Qwen2VLAdapter": "embedlens.adapters.qwen_vl",
-    "Qwen2_5_VLAdapter": "embedlens.adapters.qwen_vl",
-    "Qwen3VLAdapter": "embedlens.adapters.qwen_vl",
+    "Qwen2VLAdapter": "embedlens.adapters.qwen2_vl",
+    "Qwen2_5_VLAdapter": "embedlens.adapters.qwen2_vl",
+    "Qwen3VLAdapter": "embedlens.adapters.qwen2_vl",
 }
 
 
@@ -65,6 +67,7 @@ ADDING_A_FAMILY = "docs/adding-a-family.md"  # the guide the unsupported-archite
 __all__ = [
     "Adapter",
     "Batch",
+    "Capability",
     "Gemma3Adapter",
     "Idefics3Adapter",
     "InternVLAdapter",
@@ -134,6 +137,7 @@ def load_model(
     attn_implementation: str | None = None,
     placement: Placement | None = None,
     remote: bool = False,
+    processor_kwargs: Mapping[str, Any] | None = None,
 ) -> Adapter:
     """Load a model and wrap it in its adapter.
 
@@ -150,6 +154,9 @@ def load_model(
         placement: a device map / memory limits / quantisation (`embedlens.adapters.placement.Placement`):
             passed to `from_pretrained`, or applied with accelerate's `dispatch_model` to a ``tiny:`` model.
         remote: a hub id run on NDIF (`embedlens.adapters.remote`): only its config and processor are loaded here.
+        processor_kwargs: image processor settings the family declares (a plan's ``model.processor_kwargs``:
+            Qwen-VL's ``min_pixels`` / ``max_pixels``, InternVL's ``max_dynamic_patch``; see
+            `embedlens.adapters.processor_options`).
 
     Raises:
         AdapterError: the architecture has no adapter (the error lists the
@@ -160,5 +167,14 @@ def load_model(
     if adapter is not None:
         adapters.get(adapter)  # an unknown name fails here, whatever the source
     source_cls, name = resolve(source, remote)  # the resolvers are in embedlens.sources, reached through the registry
-    return source_cls().load(name, adapter=adapter, dtype=dtype, device=device, attn_implementation=attn_implementation,
-                             placement=placement)
+    if processor_kwargs and adapter is not None:  # a forced family's keys, checked before the weights load
+        from embedlens.adapters.processor_options import check_processor_kwargs
+
+        check_processor_kwargs(adapters.get(adapter), processor_kwargs)
+    loaded = source_cls().load(name, adapter=adapter, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                               placement=placement)
+    if processor_kwargs:
+        from embedlens.adapters.processor_options import configure_processor
+
+        configure_processor(loaded, processor_kwargs)
+    return loaded

@@ -13,5 +13,5 @@ from embedlens.adapters import (  # noqa: F401 - each import registers its famil
     llava_onevision,
     mistral3,
     paligemma,
-    qwen_vl,
+    qwen2_vl,
 )

@@ -59,7 +59,18 @@ def validate_plan(loaded: LoadedPlan, deep: bool = False) -> list[ModelCheck]:
                     quantization_config(m.quantization)
                 except EmbedLensError as e:
                     raise model_error(loaded, name, e) from None
+            processor_unchecked = []
+            if m.processor_kwargs:  # the family's keys and types; the bounds against the processor's own: --deep
+                from embedlens.adapters.processor_options import check_processor_kwargs
+                from embedlens.registry import adapters
+
+                try:
+                    check_processor_kwargs(adapters.get(arch.adapter), m.processor_kwargs)
+                except EmbedLensError as e:
+                    raise model_error(loaded, name, e) from None
+                processor_unchecked.append(("model.processor_kwargs", "the processor (each min_ setting against its max_)"))
             prepared = prepare(loaded, adapter=ConfigAdapter(arch), model=name)
+            prepared.unchecked[:0] = processor_unchecked
         else:
             # a device map's disk modules need a folder to offload to, as run gives them its run folder; a
             # temporary one here, so validate accepts (and refuses) the same maps as run

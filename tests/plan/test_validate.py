@@ -232,3 +232,12 @@ def test_a_forced_adapter_is_read_from_the_config_where_it_lists_the_architectur
     plan.write_text(plan.read_text().replace("adapter: llava}", "adapter: paligemma}"))
     r = CliRunner().invoke(app, ["validate", str(plan)])
     assert isinstance(r.exception, AssertionError) and str(r.exception) == "validate loaded a model"
+
+
+def test_processor_kwargs_the_family_does_not_take_are_refused_without_loading(tmp_path, no_weights):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("model: {source: zoo:tiny-llava-clip, processor_kwargs: {max_pixels: 512}}\ndata: {synthetic: {n: 2}}\n"
+                    "probes: [{name: embedding_lens}]\noutput: {dir: out}\n")
+    r = _invoke("validate", plan)
+    assert r.exit_code == 2, r.output
+    assert f"{plan}:1 model.processor_kwargs.max_pixels: llava's processor does not take it" in r.output
