@@ -11,6 +11,7 @@ from embedlens.adapters import (  # noqa: F401 - each import registers its famil
     llava,
     llava_next,
     llava_onevision,
+    llava_onevision1_5,
     mistral3,
     paligemma,
     qwen2_vl,
