@@ -230,8 +230,12 @@ def validate(
         )
         if c.unchecked:
             typer.echo("  left to validate --deep (and to a run, before its first batch), as they need the loaded model:")
+            by_need: dict[str, list[str]] = {}
             for key, what in c.unchecked:
-                typer.echo(f"    {key}: {what}")
+                by_need.setdefault(what, []).append(key)
+            for what, keys in by_need.items():  # swept copies of one condition need the same: one line
+                more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+                typer.echo(f"    {what}: {', '.join(keys[:3])}{more}")
         for note in c.pool_notes:
             typer.echo(f"  control pool left to the run: {note}")
 
