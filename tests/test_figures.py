@@ -73,7 +73,7 @@ def test_label_fits_by_hand():
 def test_sweep_curve_draws_copies_that_touch_as_many_tokens(tmp_path):
     """Two sweep copies acting on the same number of tokens (an in-LLM method at budgets below what its first
     layers hold) used to make the sort compare their result rows (dicts) and fail the run's figures."""
-    from embedlens.figures import sweep_curve
+    from embedlens.conclusion_figures import sweep_curve
     from embedlens.plan.conclusions import COLUMNS, Conclusions
 
     c = Conclusions()
