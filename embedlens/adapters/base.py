@@ -7,10 +7,9 @@ from __future__ import annotations
 import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
-from transformers import AutoProcessor, BatchFeature, PreTrainedModel, ProcessorMixin
 
 from embedlens.data import Sample
 from embedlens.adapters.capabilities import (
@@ -24,6 +23,9 @@ from embedlens.adapters.role_map import PromptText, build_roles, mark_spans
 from embedlens.errors import AdapterError, InputError
 from embedlens.roles import Role, TokenRoles
 from embedlens.sites import Site
+
+if TYPE_CHECKING:  # annotations only: transformers' model classes take seconds to import (see embedlens.adapters)
+    from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
 @dataclass(frozen=True)
 class ModulePaths:
@@ -169,6 +171,8 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
     def load_processor(cls, path: str) -> ProcessorMixin:
         """The checkpoint's processor; for a family with `image_only_processor`, that class when the stock one
         cannot be built (its video processor needs torchvision) or degrades to a bare tokenizer."""
+        from transformers import AutoProcessor
+
         if cls.image_only_processor is None:
             return AutoProcessor.from_pretrained(path, **NO_REMOTE_CODE)
         try:
