@@ -21,6 +21,7 @@ from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionI
 from embedlens.adapters.mistral3 import Mistral3Adapter, PixtralProcessor
 from embedlens.adapters.paligemma import PaliGemmaAdapter
 from embedlens.adapters.placement import Placement
+from embedlens.adapters.qwen3_5 import Qwen3_5Adapter
 from embedlens.adapters.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 from embedlens.adapters.sources import resolve
 from embedlens.errors import AdapterError
@@ -47,6 +48,7 @@ __all__ = [
     "PixtralProcessor",
     "PromptText",
     "Qwen2VLAdapter",
+    "Qwen3_5Adapter",
     "Qwen2_5_VLAdapter",
     "Qwen3VLAdapter",
     "SmolVLMAdapter",

@@ -42,6 +42,7 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
     Mistral3ForConditionalGeneration,
+    Qwen3_5ForConditionalGeneration,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
@@ -339,6 +340,26 @@ def _qwen_vl(version: str) -> Callable[[int], tuple[PreTrainedModel, ProcessorMi
     return build
 
 
+def _qwen3_5(seed: int):
+    # Qwen3-VL's tiny tower without DeepStack on a hybrid LLM: Gated DeltaNet layers 0 and 2, full attention 1 and 3
+    # (FastV's default K = 2 reads layer 1's attention); 2 key and 4 value heads of 16 dims, a 4-wide causal conv;
+    # attention heads of 32 dims rotate a quarter (8 dims: 4 frequency pairs, M-RoPE sections 2, 1, 1), as the tester
+    from transformers import Qwen3_5Config
+
+    from embedlens.adapters.qwen3_5 import Qwen3_5ImageProcessor
+
+    tok = qwen_tokenizer()
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    text = dict(vocab_size=len(tok), **_TEXT, head_dim=32, rope_parameters=rope, **_special_ids(tok),
+                layer_types=["linear_attention", "full_attention"] * 2, linear_conv_kernel_dim=4,
+                linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4)
+    vis = dict(depth=3, num_heads=4, in_channels=3, patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2,
+               hidden_size=32, intermediate_size=64, out_hidden_size=TEXT_HIDDEN, num_position_embeddings=64)
+    torch.manual_seed(seed)
+    model = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vis, **qwen_ids(tok)))
+    return model.eval(), Qwen3_5ImageProcessor(qwen_image_processor(), tok, chat_template=tok.chat_template)
+
+
 GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
 
 
@@ -421,6 +442,7 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("qwen3-vl", "qwen3_vl", "qwen3-vit", _qwen_vl("3")),
         TinySpec("gemma3", "gemma3", "siglip", _gemma3),
         TinySpec("mistral3", "mistral3", "pixtral", _mistral3),
+        TinySpec("qwen3_5", "qwen3_5", "qwen3-vit", _qwen3_5),
     )
 }
 
@@ -431,7 +453,7 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
     Args:
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
             `llava-onevision`, `paligemma`, `llava-next`, `idefics3`, `smolvlm`, `internvl`,
-            `qwen2-vl`, `qwen2.5-vl`, `qwen3-vl`, `gemma3`, `mistral3`).
+            `qwen2-vl`, `qwen2.5-vl`, `qwen3-vl`, `gemma3`, `mistral3`, `qwen3_5`).
         seed: seed of the random initialisation.
 
     Returns:
