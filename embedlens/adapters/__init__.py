@@ -22,6 +22,7 @@ from embedlens.adapters.mistral3 import Mistral3Adapter, PixtralProcessor
 from embedlens.adapters.paligemma import PaliGemmaAdapter
 from embedlens.adapters.placement import Placement
 from embedlens.adapters.qwen3_5 import Qwen3_5Adapter
+from embedlens.adapters.qwen3_vl_moe import Qwen3VLMoeAdapter
 from embedlens.adapters.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 from embedlens.adapters.sources import resolve
 from embedlens.errors import AdapterError
@@ -49,6 +50,7 @@ __all__ = [
     "PromptText",
     "Qwen2VLAdapter",
     "Qwen3_5Adapter",
+    "Qwen3VLMoeAdapter",
     "Qwen2_5_VLAdapter",
     "Qwen3VLAdapter",
     "SmolVLMAdapter",

@@ -360,6 +360,25 @@ def _qwen3_5(seed: int):
     return model.eval(), Qwen3_5ImageProcessor(qwen_image_processor(), tok, chat_template=tok.chat_template)
 
 
+def _qwen3_vl_moe(seed: int):
+    # tiny:qwen3-vl's tower and DeepStack; the LLM's odd layers (decoder_sparse_step 2) route each token to 2 of 4
+    # experts of width 32, the even ones keep a dense MLP
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    from embedlens.adapters.qwen3_vl_moe import Qwen3VLMoeImageProcessor
+
+    tok = qwen_tokenizer()
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = dict(vocab_size=len(tok), **_TEXT, head_dim=16, rope_parameters=rope, **_special_ids(tok), num_experts=4,
+                num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2)
+    vis = dict(depth=3, num_heads=4, in_channels=3, patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2,
+               hidden_size=32, intermediate_size=64, out_hidden_size=TEXT_HIDDEN, num_position_embeddings=64,
+               deepstack_visual_indexes=[0, 1])
+    torch.manual_seed(seed)
+    model = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(text_config=text, vision_config=vis, **qwen_ids(tok)))
+    return model.eval(), Qwen3VLMoeImageProcessor(qwen_image_processor(), tok, chat_template=tok.chat_template)
+
+
 GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
 
 
@@ -443,6 +462,7 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("gemma3", "gemma3", "siglip", _gemma3),
         TinySpec("mistral3", "mistral3", "pixtral", _mistral3),
         TinySpec("qwen3_5", "qwen3_5", "qwen3-vit", _qwen3_5),
+        TinySpec("qwen3_vl_moe", "qwen3_vl_moe", "qwen3-vit", _qwen3_vl_moe),
     )
 }
 
@@ -453,7 +473,7 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
     Args:
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
             `llava-onevision`, `paligemma`, `llava-next`, `idefics3`, `smolvlm`, `internvl`,
-            `qwen2-vl`, `qwen2.5-vl`, `qwen3-vl`, `gemma3`, `mistral3`, `qwen3_5`).
+            `qwen2-vl`, `qwen2.5-vl`, `qwen3-vl`, `gemma3`, `mistral3`, `qwen3_5`, `qwen3_vl_moe`).
         seed: seed of the random initialisation.
 
     Returns:
