@@ -6,7 +6,7 @@ tower (learned, interpolated position embeddings and 2-D rotary) runs the
 batch's patches as one sequence, and the merger folds each 2 x 2 block into
 one visual token. In the prompt an image is ``<|vision_start|>`` + ``(h / 2) *
 (w / 2)`` image tokens + ``<|vision_end|>``; positions are 3-D M-RoPE ids from
-the model's ``get_rope_index`` (`embedlens.adapters.qwen_vl` says more; the
+the model's ``get_rope_index`` (`embedlens.adapters.qwen2_vl` says more; the
 layout, vision sites and positions are that module's).
 
 The language model interleaves two kinds of decoder layers
@@ -46,7 +46,7 @@ from dataclasses import replace
 
 from transformers import Qwen3_5ForConditionalGeneration
 
-from embedlens.adapters.qwen_vl import _QWEN_PATHS, Qwen2VLAdapter, Qwen3VLImageProcessor
+from embedlens.adapters.qwen2_vl import _QWEN_PATHS, Qwen2VLAdapter, Qwen3VLImageProcessor
 from embedlens.registry import adapters
 
 Qwen3_5ImageProcessor = Qwen3VLImageProcessor  # Qwen3.5 ships Qwen3-VL's processor

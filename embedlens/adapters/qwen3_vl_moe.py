@@ -1,6 +1,6 @@
 """Qwen3-VL-MoE: Qwen3-VL (native-resolution tower, DeepStack, M-RoPE) on a mixture-of-experts language model.
 
-The image side, positions and DeepStack are Qwen3-VL's (`embedlens.adapters.qwen_vl`). In the language model
+The image side, positions and DeepStack are Qwen3-VL's (`embedlens.adapters.qwen2_vl`). In the language model
 the MLP of each decoder layer (``mlp``) is a sparse block (``Qwen3VLMoeTextSparseMoeBlock``: a top-k router,
 ``mlp.gate``, and the experts) except in ``mlp_only_layers`` and between the ``decoder_sparse_step`` layers,
 where it is a dense MLP. The ``llm.layers[i].mlp`` site reads the block's output, the weighted sum of the
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from transformers import Qwen3VLMoeForConditionalGeneration
 
-from embedlens.adapters.qwen_vl import Qwen3VLAdapter, Qwen3VLImageProcessor
+from embedlens.adapters.qwen2_vl import Qwen3VLAdapter, Qwen3VLImageProcessor
 from embedlens.registry import adapters
 
 Qwen3VLMoeImageProcessor = Qwen3VLImageProcessor  # Qwen3-VL-MoE ships Qwen3-VL's processor

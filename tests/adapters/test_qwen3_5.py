@@ -180,6 +180,31 @@ def test_attention_readings_refuse_deltanet_layers_by_name(qwen):
     with pytest.raises(PlanError, match=r"attention_flow.layers: decoder layer 2 is a linear-attention"):
         AttentionFlow(layers=[1, 2]).check(qwen)
     assert AttentionFlow()._layers(qwen) == [1, 3]  # by default the layers that attend
+    # what reduction methods (SparseVLM, DART, PyramidDrop) and FastV ask of the engine: refused at the request
+    ctx = eng.context(batch)
+    with pytest.raises(InterventionError, match=r"an attention probe: decoder layer 2 is a linear-attention.*layers 1, 3$"):
+        ctx.probe_attention(2, lambda seen: None)
+    with pytest.raises(InterventionError, match=r"the last token's attention: decoder layer 0 is a linear-attention"):
+        ctx.request_last_attention(0)
+    ctx.probe_attention(3, lambda seen: None)
+    assert 3 in ctx.attention_probes
+
+
+def test_reduction_defaults_rank_at_attention_layers(qwen):
+    """SparseVLM's and PyramidDrop's default layers move onto the attention layers on a hybrid model; a
+    linear-attention layer given by name is refused."""
+    from embedlens.reduction.pyramiddrop import PyramidDrop
+    from embedlens.reduction.sparsevlm import SparseVLM
+
+    batch = qwen.encode(samples())
+    eng = Engine(qwen)
+    # SparseVLM: [2, 6, 15] of 32 -> [0, 1, 2] of 4 (at most layer 2) -> attention layers 1, 1, 1;
+    # PyramidDrop: [8, 16, 24] of 32 -> [1, 2, 3] of 4 -> 1, 3, 3
+    for iv, want in ((SparseVLM(keep=0.5), [1]), (PyramidDrop(keep=0.5), [1, 3])):
+        eng.run(batch, [iv])
+        assert iv._layers == want
+    with pytest.raises(InterventionError, match=r"decoder layer 2 is a linear-attention.*layers 1, 3$"):
+        eng.run(batch, [SparseVLM(keep=0.5, layers=[2])])
 
 
 def test_flops_count_no_query_key_pairs_in_deltanet_layers(qwen):
