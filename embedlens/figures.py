@@ -492,7 +492,10 @@ def sweep_curve(c, metric: str, base: str, path: str | Path) -> Path:
     intervals as a band, and the baseline and blind reference lines."""
     plt = _plt()
     members = c.sweeps[base]
-    pts = sorted((c.touched.get(m, 0.0), _overall(c, m, metric), m) for m in members if _overall(c, m, metric) is not None)
+    # by tokens touched, then name: two copies can touch as many tokens (a budget an in-LLM method cannot go below),
+    # and their rows (dicts) do not compare
+    pts = sorted(((c.touched.get(m, 0.0), _overall(c, m, metric), m) for m in members if _overall(c, m, metric) is not None),
+                 key=lambda p: (p[0], p[2]))
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     xs = [p[0] for p in pts]
     ax.plot(xs, [p[1]["mean"] for p in pts], marker="o", color="#1f77b4", label=base)

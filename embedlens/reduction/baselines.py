@@ -34,6 +34,8 @@ class RandomBudget(InputReduction):
         1
     """
 
+    budget_control = True  # every method at the same keep is compared with it (embedlens.plan.effects.matched_controls)
+
     def __init__(self, keep: int | float = 64, seed: int = 0, tokens: SelectionSpec = "visual"):
         self._init_budget(keep, tokens)
         self.seed = seed
