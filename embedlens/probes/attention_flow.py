@@ -112,8 +112,8 @@ class AttentionFlow(Probe):
       towers only (SigLIP has no CLS token).
 
     Args:
-        layers: LLM layers (default: all; on a hybrid model the attention layers, its linear-attention layers
-            have no attention and are refused by name).
+        layers: LLM layers (default: all; on a hybrid model such as Qwen3.5, its attention layers: a
+            linear-attention layer has no attention and is refused by name).
         queries: selections of query tokens, by name (roles or any selection expression).
         vit_cls_layer: vision layer for CLS attention, or None.
 
