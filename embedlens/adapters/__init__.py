@@ -48,6 +48,8 @@ _LAZY = {
     "Qwen2VLAdapter": "embedlens.adapters.qwen2_vl",
     "Qwen2_5_VLAdapter": "embedlens.adapters.qwen2_vl",
     "Qwen3VLAdapter": "embedlens.adapters.qwen2_vl",
+    "Qwen3_5Adapter": "embedlens.adapters.qwen3_5",
+    "Qwen3VLMoeAdapter": "embedlens.adapters.qwen3_vl_moe",
 }
 
 
@@ -84,6 +86,8 @@ __all__ = [
     "PixtralProcessor",
     "PromptText",
     "Qwen2VLAdapter",
+    "Qwen3_5Adapter",
+    "Qwen3VLMoeAdapter",
     "Qwen2_5_VLAdapter",
     "Qwen3VLAdapter",
     "SmolVLMAdapter",

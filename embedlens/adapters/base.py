@@ -46,6 +46,9 @@ class ModulePaths:
     # sites read these; interventions still hook `attn` / `mlp` (a zeroed output stays zero through an RMSNorm).
     attn_out: str = ""
     mlp_out: str = ""
+    # Inside one LLM layer of a hybrid model: the linear-attention mixer (Qwen3.5's Gated DeltaNet) of the layers
+    # that have no `attn`; it stands in for `attn` there (the `.attn` site, `skip_sublayer`'s attention update).
+    linear_attn: str = ""
 
 
 @dataclass
@@ -73,6 +76,17 @@ def resolve_path(root: Any, path: str) -> Any:
         raise AdapterError(
             f"{type(root).__name__} has no module at {path!r}; the adapter's paths do not fit this model"
         ) from None
+
+
+def mixer_path(layer: Any, paths: ModulePaths) -> str:
+    """The path, inside decoder layer `layer`, of its token mixer: `paths.attn`, or `paths.linear_attn` in a
+    linear-attention layer of a hybrid model (which has no `attn`)."""
+    if getattr(paths, "linear_attn", ""):
+        try:
+            operator.attrgetter(paths.attn)(layer)
+        except AttributeError:
+            return paths.linear_attn
+    return paths.attn
 
 
 class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):

@@ -15,4 +15,6 @@ from embedlens.adapters import (  # noqa: F401 - each import registers its famil
     mistral3,
     paligemma,
     qwen2_vl,
+    qwen3_5,
+    qwen3_vl_moe,
 )
