@@ -172,7 +172,11 @@ def _packed_patch_blocks(adapter):
         assert len(where) == 1 and where[0][0] == 0, (t, where)
         site_row = where[0][1]  # where the site holds that patch (Qwen2.5-VL: in window order)
         assert site_row in adapter.patch_indices(vt["feature_col"][t : t + 1], batch.inputs)[0].tolist(), (t, site_row)
-        handle = proj.register_forward_pre_hook(lambda m, args: (_bumped(args[0][None], 0, site_row)[0], *args[1:]))
+        if adapter.has(Capability.PRE_PROJECTOR_MERGE):
+            # the tower merges before its merger (GLM-4V's strided convolution): change the last block's row
+            handle = _feature_layer(adapter).register_forward_hook(lambda m, a, o: _bumped(o[None], 0, site_row)[0])
+        else:
+            handle = proj.register_forward_pre_hook(lambda m, args: (_bumped(args[0][None], 0, site_row)[0], *args[1:]))
         try:
             out = collect(adapter, batch, ["projector"])[Site("projector")]
         finally:

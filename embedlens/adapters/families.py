@@ -6,6 +6,7 @@ this module only when an adapter is looked up, so plan checks that need no model
 
 from embedlens.adapters import (  # noqa: F401 - each import registers its family's adapters
     gemma3,
+    glm4v,
     idefics3,
     internvl,
     llava,

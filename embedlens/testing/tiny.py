@@ -450,6 +450,52 @@ def _onevision1_5(seed: int):
     model = LlavaOnevision15ForConditionalGeneration(config).eval()
     return model, OnevisionImageProcessor15(qwen_image_processor(temporal_patch_size=1), tok, chat_template=tok.chat_template)
 
+
+GLM4V_TOKENS = {"image_token": "<|image|>", "video_token": "<|video|>", "image_start_token": "<|begin_of_image|>",
+                "image_end_token": "<|end_of_image|>", "video_start_token": "<|begin_of_video|>",
+                "video_end_token": "<|end_of_video|>"}
+
+
+def glm4v_tokenizer():
+    """The shared word-level tokenizer with GLM-4V's image and video tokens; the chat template frames each image as
+    ``<|begin_of_image|><|image|><|end_of_image|>``, as GLM-4.1V's does."""
+    frame = GLM4V_TOKENS["image_start_token"] + GLM4V_TOKENS["image_token"] + GLM4V_TOKENS["image_end_token"]
+    return build_tokenizer(chat_template=LLAVA_CHAT_TEMPLATE.replace(IMAGE_TOKEN + "\n", frame), extra_special_tokens=GLM4V_TOKENS)
+
+
+def glm4v_image_processor(patch_size: int = QWEN_PATCH, max_side: int = IMAGE_SIZE, min_side: int = 16, merge_size: int = 2):
+    """The PIL `Glm4vImageProcessorPil` (no torchvision): sides rounded to multiples of ``patch_size * merge_size``,
+    two temporal copies of the image at most ``max_side ** 2`` pixels each (a 64-px square becomes 32 x 32)."""
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    return Glm4vImageProcessorPil(size={"shortest_edge": 2 * min_side * min_side, "longest_edge": 2 * max_side * max_side},
+                                  patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2, **_NORM)
+
+
+def glm4v_ids(tok) -> dict:
+    """The token ids a GLM-4V config names, from the tokenizer."""
+    return dict(image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+                image_start_token_id=tok.image_start_token_id, image_end_token_id=tok.image_end_token_id,
+                video_start_token_id=tok.video_start_token_id, video_end_token_id=tok.video_end_token_id)
+
+
+def _glm4v(seed: int):
+    # GLM-4V: 3 blocks of width 32 on 4-px patches, merged 2 x 2 by the tower's strided convolution into the
+    # 64-wide LLM (sandwich-normed decoder layers); heads of 16 dims rotate half (4 pairs: M-RoPE sections 2, 1, 1)
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    from embedlens.adapters.glm4v import Glm4vImageProcessor
+
+    tok = glm4v_tokenizer()
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5}
+    text = dict(vocab_size=len(tok), **_TEXT, rope_parameters=rope, **_special_ids(tok))
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, in_channels=3, image_size=IMAGE_SIZE,
+                  patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=TEXT_HIDDEN)
+    torch.manual_seed(seed)
+    model = Glm4vForConditionalGeneration(Glm4vConfig(text_config=text, vision_config=vision, **glm4v_ids(tok))).eval()
+    return model, Glm4vImageProcessor(glm4v_image_processor(), tok, chat_template=tok.chat_template)
+
+
 def _mistral3(seed: int):
     # 3 Pixtral layers of width 32 on 8-px patches (2-D RoPE from each patch's row and column; the tower never reads
     # image_size, set to the largest image), merged 2 x 2 in the projector. The Mistral LLM slides a window of 8 over
@@ -486,6 +532,7 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("llava_onevision1_5", "llava_onevision1_5", "rice-vit", _onevision1_5),
         TinySpec("qwen3_5", "qwen3_5", "qwen3-vit", _qwen3_5),
         TinySpec("qwen3_vl_moe", "qwen3_vl_moe", "qwen3-vit", _qwen3_vl_moe),
+        TinySpec("glm4v", "glm4v", "glm4v-vit", _glm4v),
     )
 }
 
@@ -507,7 +554,7 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
             `llava_onevision`, `paligemma`, `llava_next`, `idefics3`, `smolvlm`, `internvl`,
             `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `gemma3`, `mistral3`, `llava_onevision1_5`, `qwen3_5`,
-            `qwen3_vl_moe`), or an old
+            `qwen3_vl_moe`, `glm4v`), or an old
             spelling in `TINY_ALIASES` (same model, with a DeprecationWarning).
         seed: seed of the random initialisation.
 

@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_unsupported_architecture_lists_supported_and_points_to_the_guide():
     with pytest.raises(AdapterError) as e:
-        adapter_for_architecture(["Glm4vForConditionalGeneration"], "glm4v")
+        adapter_for_architecture(["AyaVisionForConditionalGeneration"], "aya_vision")
     msg = str(e.value)
-    assert msg.startswith("No adapter supports architecture Glm4vForConditionalGeneration. Supported: ")
+    assert msg.startswith("No adapter supports architecture AyaVisionForConditionalGeneration. Supported: ")
     listed = msg.split("Supported: ", 1)[1].split(". To add", 1)[0].split(", ")
     assert listed == sorted(a for _, cls in adapters.items() for a in cls.architectures)
     for arch in ("LlavaNextForConditionalGeneration", "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration",

@@ -66,6 +66,11 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
         fr = batch.roles.feature_row
         pv = torch.cat([pv[b, : int(fr[b].max() - fr[b][fr[b] >= 0].min()) + 1] for b in range(pv.shape[0])])
     vis = resolve_path(adapter.model, adapter.paths.vision_embed.rsplit(".", 1)[0])  # the tower
+    tower_merges = adapter.has(Capability.PACKED_TOWER) and adapter.has(Capability.PRE_PROJECTOR_MERGE)
+    last = {}
+    if tower_merges:  # GLM-4V: HF's last hidden state is the tower's merged rows; the last block's output is hooked
+        handle = resolve_path(adapter.model, adapter.paths.vision_layers)[n - 1].register_forward_hook(
+            lambda m, a, o: last.__setitem__("out", o[None]))
     with torch.no_grad():
         if adapter.has(Capability.PACKED_TOWER):  # Qwen-VL, Pixtral: the batch's patches as one sequence, split by image sizes
             out = vis(pv, **adapter.tower_kwargs(batch.inputs), output_hidden_states=True)
@@ -73,6 +78,10 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
             out.last_hidden_state = out.last_hidden_state if out.last_hidden_state.dim() == 3 else out.last_hidden_state[None]
         else:
             out = vis(pv, output_hidden_states=True)
+    if tower_merges:
+        handle.remove()
+        torch.testing.assert_close(out.hidden_states[n], out.last_hidden_state, atol=0, rtol=0)
+        out.hidden_states = (*out.hidden_states[:n], last["out"])
     for i in range(n):
         torch.testing.assert_close(acts[Site("vision.layers", i)], without_class_rows(out.hidden_states[i + 1], batch.inputs), **TOL)
     # vision.features: the family's feature layer and CLS rule, then the projector
@@ -80,7 +89,7 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
     layer = getattr(cfg, "vision_feature_layer", None)
     feats = out.last_hidden_state if layer is None else out.hidden_states[layer]
     feats = feats[:, adapter.n_prefix_tokens:]
-    if adapter.has(Capability.PRE_PROJECTOR_MERGE):  # InternVL: the model's own pixel shuffle runs before the projector
+    if adapter.has(Capability.PRE_PROJECTOR_MERGE) and not tower_merges:  # InternVL: the model's own pixel shuffle runs before the projector
         n, (gh, gw), (bh, bw) = feats.shape[0], adapter.grid(), adapter.patch_block
         merged = adapter.model.model.pixel_shuffle(feats.reshape(n, gh * bh, gw * bw, -1), scale_factor=cfg.downsample_ratio)
         feats = merged.reshape(n, gh * gw, -1)

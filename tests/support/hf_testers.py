@@ -554,6 +554,45 @@ def onevision1_5_builder(merge: int = 1) -> Builder:
 
     return build
 
+
+#: `Glm4vVisionText2TextModelTester` (tests/models/glm4v/test_modeling_glm4v.py): a text model 16 wide (2 heads of 8
+#: dims, 1 key-value head, M-RoPE sections 2, 1, 1 over half of each head), a tower 48 wide on 14-px patches with
+#: ``spatial_merge_size=1`` (its downsampling convolution maps each patch to one token). The tester's 112-px images
+#: give 8 x 8 tokens; here the processor keeps images up to 84 x 84 px. Its ``output_channels`` and ``rope_theta``
+#: outside ``rope_parameters`` are read by nothing (the rope's theta is the config's default 10000, as written). The
+#: ``-merge`` variant merges 2 x 2, as the released checkpoints do.
+GLM4V_TESTER = dict(
+    text=dict(hidden_size=16, intermediate_size=22, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+              hidden_act="silu", max_position_embeddings=512, tie_word_embeddings=True,
+              rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000}),
+    vision=dict(depth=2, hidden_act="silu", hidden_size=48, out_hidden_size=16, intermediate_size=22, patch_size=14,
+                spatial_merge_size=1, temporal_patch_size=2),
+    image_size=28,
+)
+
+
+def glm4v_builder(merge: int = 1) -> Builder:
+    """GLM-4V from its tester's values (above), merging ``merge x merge`` patches per token; the image processor
+    keeps images up to 3 x 3 blocks of ``image_size`` px (two temporal copies of each image count against it)."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    from embedlens.adapters.glm4v import Glm4vImageProcessor
+    from embedlens.testing.tiny import glm4v_ids, glm4v_image_processor, glm4v_tokenizer
+
+    t = GLM4V_TESTER
+
+    def build(seed: int):
+        tok = glm4v_tokenizer()
+        v = dict(t["vision"], spatial_merge_size=merge)
+        config = Glm4vConfig(text_config=dict(t["text"], vocab_size=len(tok), **_ids(tok)), vision_config=v, **glm4v_ids(tok))
+        torch.manual_seed(seed)
+        model = Glm4vForConditionalGeneration(config).eval()
+        ip = glm4v_image_processor(patch_size=v["patch_size"], merge_size=merge, max_side=3 * t["image_size"] * merge,
+                                   min_side=v["patch_size"] * merge)
+        return model, Glm4vImageProcessor(ip, tok, chat_template=tok.chat_template)
+
+    return build
+
 #: `Mistral3VisionText2TextModelTester` (tests/models/mistral3/test_modeling_mistral3.py): Mistral text and Pixtral
 #: vision configs of its own, Mistral3Config's default 2 x 2 patch merger. The tester feeds 30-px images of 6-px
 #: patches, a 5 x 5 grid the merger's ``unfold`` floors to 2 x 2 tokens (``image_seq_length=4``); a processor never
@@ -677,6 +716,10 @@ BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
         HFTesterConfig("llava_onevision1_5-merge", "llava_onevision1_5", "LlavaOnevisionVision1_5Text2TextModelTester "
                      "with the checkpoints' 2 x 2 merge", onevision1_5_builder(merge=2), image_sizes=((56, 56), (30, 80)),
                      images_per_sample=2),
+        HFTesterConfig("glm4v", "glm4v", "Glm4vVisionText2TextModelTester (14-px patches, no merge; images up to 84 px)",
+                     glm4v_builder(), image_sizes=((56, 56), (28, 70)), images_per_sample=2),
+        HFTesterConfig("glm4v-merge", "glm4v", "Glm4vVisionText2TextModelTester with the checkpoints' 2 x 2 merge",
+                     glm4v_builder(merge=2), image_sizes=((112, 112), (56, 140)), images_per_sample=2),
         HFTesterConfig("mistral3-window", "mistral3", "Mistral3VisionText2TextModelTester with sliding_window=3, so that "
                      "the window bites on every prompt", mistral3_builder(sliding_window=3), image_sizes=((30, 30),)),
     )

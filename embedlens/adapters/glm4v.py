@@ -1,0 +1,91 @@
+"""GLM-4V (GLM-4.1V, GLM-4.5V): Qwen2-VL's packed native-resolution layout, a tower that merges patches itself.
+
+The image processor (``Glm4vImageProcessor``) resizes each image to multiples of
+``patch_size * spatial_merge_size`` and writes one ``pixel_values`` row per
+patch in merge-window order (each 2 x 2 block's four patches in row-major
+order, blocks in row-major order), as Qwen2-VL's does; the tower runs the
+batch's images as one packed sequence. In the prompt an image is
+``<|begin_of_image|>`` + ``(h / 2) * (w / 2)`` ``<|image|>`` tokens +
+``<|end_of_image|>``; positions are 3-D M-RoPE ids from the model's own
+``get_rope_index`` (`embedlens.adapters.qwen2_vl` says more: the layout,
+packed vision sites and positions are that module's).
+
+What differs from Qwen2-VL:
+
+- The tower merges each block of ``spatial_merge_size`` x ``spatial_merge_size``
+  patches *before* its merger: after the blocks, ``post_layernorm`` and a
+  strided convolution (``downsample``) fold each block of 4 consecutive rows
+  into one row, and the merger (the ``projector`` site) maps those rows one to
+  one. So ``vision.features`` (the merger's input) has one row per visual token
+  (`Capability.PRE_PROJECTOR_MERGE`, indexed by ``feature_col``), while
+  ``vision.embed`` and ``vision.layers[i]`` have one row per patch: a token's
+  block is rows ``4 * feature_col .. + 3`` there.
+- Each decoder layer norms its attention and MLP outputs before the residual
+  add (``post_self_attn_layernorm``, ``post_mlp_layernorm``): the ``.attn`` and
+  ``.mlp`` sites read those norms (the updates the residual stream receives).
+- The frame tokens are ``<|begin_of_image|>`` / ``<|end_of_image|>``
+  (``image_start_token_id`` / ``image_end_token_id``).
+- The largest image the processor keeps is smaller than ``size.longest_edge``
+  pixels: its resize counts ``temporal_patch_size`` copies of an image
+  against that bound (`grid`).
+
+Example:
+    >>> from embedlens import Sample, load_model
+    >>> from embedlens.testing.images import shapes
+    >>> adapter = load_model("tiny:glm4v")
+    >>> batch = adapter.encode([Sample([shapes(64)], question="what is it?")])
+    >>> batch.inputs["image_grid_thw"].tolist(), adapter.image_grids(batch.inputs)  # 8 x 8 patches, 4 x 4 tokens
+    ([[1, 8, 8]], [(4, 4)])
+    >>> adapter.position_ids(batch.inputs).shape[0]  # (t, h, w)
+    3
+"""
+
+from __future__ import annotations
+
+from transformers import Glm4vForConditionalGeneration, Glm4vProcessor
+
+from embedlens.adapters.base import ModulePaths
+from embedlens.adapters.capabilities import Capability
+from embedlens.adapters.qwen2_vl import Qwen2VLAdapter, _image_only
+from embedlens.registry import adapters
+
+#: GLM-4V's processor without its video processor (which needs torchvision).
+Glm4vImageProcessor = _image_only(Glm4vProcessor)
+
+_GLM4V_PATHS = ModulePaths(
+    vision_embed="model.visual.patch_embed",
+    vision_layers="model.visual.blocks",
+    projector="model.visual.merger",
+    language_model="model.language_model",
+    llm_layers="model.language_model.layers",
+    llm_norm="model.language_model.norm",
+    attn_out="post_self_attn_layernorm",
+    mlp_out="post_mlp_layernorm",
+)
+
+
+@adapters.register("glm4v")
+class Glm4vAdapter(Qwen2VLAdapter):
+    """GLM-4V: Qwen2-VL's packed layout and M-RoPE; the tower merges 2 x 2 patches before its merger (the projector)."""
+
+    architectures = ("Glm4vForConditionalGeneration",)
+    model_class = Glm4vForConditionalGeneration
+    paths = _GLM4V_PATHS
+    capabilities = Qwen2VLAdapter.capabilities | {Capability.PRE_PROJECTOR_MERGE}
+    image_only_processor = Glm4vImageProcessor
+
+    def grid(self) -> tuple[int, int]:
+        """The token grid of the largest square image the image processor keeps: its resize bounds
+        ``temporal_patch_size`` copies of the image by ``size.longest_edge`` pixels (GLM-4V's ``smart_resize``)."""
+        ip = self.processor.image_processor
+        factor = int(ip.patch_size) * int(ip.merge_size)
+        side = int((int(ip.size["longest_edge"]) / int(ip.temporal_patch_size)) ** 0.5) // factor
+        return side, side
+
+    def special_token_ids(self) -> set[int]:
+        # <|begin_of_image|> / <|end_of_image|> frame each image: image structure, not text
+        ids = {int(self.config.image_start_token_id), int(self.config.image_end_token_id)}
+        return super(Qwen2VLAdapter, self).special_token_ids() | ids
+
+
+__all__ = ["Glm4vAdapter", "Glm4vImageProcessor"]
