@@ -39,7 +39,7 @@ def build_roles(self: Any, inputs: BatchFeature, prompts: list[PromptText], samp
     bsz, seq = ids.shape
     kind = torch.full((bsz, seq), int(Role.TEMPLATE), dtype=torch.long)
     kind[~attn] = int(Role.PAD)
-    meta = {k: torch.full((bsz, seq), -1, dtype=torch.long) for k in ("image", "tile", "row", "col", "feature_row", "feature_col")}
+    meta = {k: torch.full((bsz, seq), -1, dtype=torch.long) for k in ("image", "tile", "row", "col", "feature_row", "feature_col", "frame")}
     layouts = self.image_layouts(inputs)
     if len(layouts) != sum(len(s.images) for s in samples):
         raise AdapterError(f"{self.name}: layout has {len(layouts)} images, batch has {sum(len(s.images) for s in samples)}")
@@ -68,6 +68,8 @@ def build_roles(self: Any, inputs: BatchFeature, prompts: list[PromptText], samp
             meta["image"][b, p] = i
             for j, name in enumerate(("tile", "row", "col", "feature_row", "feature_col")):
                 meta[name][b, p] = lay[:, j]
+            if lay.shape[1] > 5:  # a video's layout: its sixth column is each token's frame (temporal index)
+                meta["frame"][b, p] = torch.where(not_patch, -1, lay[:, 5])
         free = attn[b] & (kind[b] == Role.TEMPLATE)
         bos = free & (ids[b] == self.tokenizer.bos_token_id)
         kind[b, bos] = int(Role.BOS)
