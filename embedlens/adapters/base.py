@@ -91,6 +91,8 @@ class Adapter(ABC):
     multi_image: ClassVar[bool] = True
     has_image_newline: ClassVar[bool] = False
     answer_as_suffix: ClassVar[bool] = False
+    # Samples with a `video` are encoded (the family's video path, each visual token's `frame` in its role map).
+    takes_video: ClassVar[bool] = False
     # Position id of the first token (PaliGemma counts from 1).
     position_offset: ClassVar[int] = 0
     # Tokens merge blocks of patches before the projector (InternVL's pixel shuffle), so
@@ -416,7 +418,9 @@ class Adapter(ABC):
         if not samples:
             raise InputError("cannot encode an empty batch")
         for s in samples:
-            if not s.images:
+            if getattr(s, "video", None) is not None and not self.takes_video:
+                raise InputError(f"sample {s.id!r} has a video; {self.name} does not take video in embedlens yet")
+            if not s.images and getattr(s, "video", None) is None:
                 raise InputError(f"sample {s.id!r} has no image")
             if len(s.images) > 1 and not self.multi_image:
                 raise InputError(f"sample {s.id!r} has {len(s.images)} images; {self.name} takes one per prompt")
