@@ -29,6 +29,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from embedlens.errors import InputError
+from embedlens.images import REFUSE_FACTOR, open_image
 
 #: Frames kept by default: the most a video gives unless the plan says otherwise (an even number: Qwen-VL
 #: merges frames in pairs).
@@ -123,8 +124,6 @@ class Video:
         Raises:
             InputError: no frames, a frame that cannot be read (named by its index), or frames of different sizes.
         """
-        from embedlens.data import open_image
-
         options = options or VideoOptions()
         if not frames:
             raise InputError(f"video {source}: no frames")
@@ -163,8 +162,6 @@ def read_video_file(path: str | Path, options: VideoOptions | None = None) -> Vi
     if not path.is_file():
         raise InputError(f"video file not found: {path}")
     av = _av()
-    from embedlens.data import REFUSE_FACTOR, open_image
-
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
