@@ -193,8 +193,9 @@ def test_bad_video_settings_exit_2_with_a_located_error(tmp_path, video, prompts
 
 def test_a_family_without_a_video_path_refuses_a_video_sample():
     from embedlens import load_model
+    from embedlens.adapters import Capability
 
     adapter = load_model("tiny:llava-clip")
-    assert not adapter.takes_video
+    assert not adapter.has(Capability.VIDEO)
     with pytest.raises(InputError, match=r"sample 'v' has a video; .* does not take video"):
         adapter.encode([Sample(video=[_frame(0), _frame(1)], question="q", id="v")])

@@ -14,10 +14,10 @@ those per-layer arguments itself:
   rest of the row is padding that nothing attends to;
 - position ids are the ones each sample gets alone (padding does not count),
   so a kept token keeps its original position and decoding continues from the
-  unpruned length; for M-RoPE families (Qwen-VL, `Adapter.mrope`) they are
+  unpruned length; for M-RoPE families (Qwen-VL, `Capability.MROPE`) they are
   `[3, batch, seq]` (t, h, w) ids, gathered per axis, and decoding continues
   one past each sample's largest id (HF's ``rope_deltas``);
-- DeepStack features (Qwen3-VL, `Adapter.deepstack`), taken from the model's
+- DeepStack features (Qwen3-VL, `Capability.DEEPSTACK`), taken from the model's
   own call of its language model, are added after their decoder layers to the
   visual tokens present there, as the text model does;
 - the attention mask is causal in the original order (plus the family's
@@ -28,7 +28,7 @@ those per-layer arguments itself:
   layers; a stray ``sliding_window`` in a Llama config is ignored, as Llama
   ignores it) also masks every key
   ``sliding_window`` or more *rows* before the query (bidirectional blocks
-  included or not, as the family's `Adapter.window_bounds_blocks` says). Rows, not position ids:
+  included or not, as the family's `Capability.WINDOWED_BLOCKS` says). Rows, not position ids:
   Hugging Face measures the window in sequence index (``kv_idx > q_idx -
   sliding_window`` in ``masking_utils.sliding_window_overlay``, indices into
   the cache, whatever the position ids say), so a hand-cut run of the kept
@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.base import resolve_path
 from embedlens.adapters.placement import module_device
 from embedlens.attention import attention_rows, check_layer_types, layer_windows, rotary_embeddings
@@ -196,22 +197,22 @@ class Engine:
             captured = self._lm_inputs(batch)
             embeds, deep = captured["x"], _scatter_deepstack(captured)
             given = captured.get("position_ids")
-            if self.adapter.mrope and isinstance(given, torch.Tensor) and tuple(given.shape) == (3, *roles.kind.shape):
+            if self.adapter.has(Capability.MROPE) and isinstance(given, torch.Tensor) and tuple(given.shape) == (3, *roles.kind.shape):
                 # the M-RoPE ids the model itself computed for its language model (Qwen-VL): asking the adapter
                 # would run the same per-image host loop (get_rope_index) a second time
                 positions = given
         else:  # precomputed embeddings; DeepStack features still need the tower
-            deep = self.deepstack(batch) if self.adapter.deepstack else None
+            deep = self.deepstack(batch) if self.adapter.has(Capability.DEEPSTACK) else None
         if hasattr(groups, "label"):  # a partition: label this batch's tokens once
             groups = _lookup({g: m.to(self.device) for g, m in groups.label(self.adapter, batch, embeds=embeds).items()})
         elif isinstance(groups, dict):
             groups = _lookup(groups)
         if positions is None:
             positions = self.adapter.position_ids(inputs)
-        if positions.dim() != (3 if self.adapter.mrope else 2):
+        if positions.dim() != (3 if self.adapter.has(Capability.MROPE) else 2):
             raise AdapterError(
                 f"{self.adapter.name}: position_ids gave shape {tuple(positions.shape)}; the adapter declares "
-                f"{'[3, batch, seq] M-RoPE' if self.adapter.mrope else '[batch, seq]'} positions (Adapter.mrope)"
+                f"{'[3, batch, seq] M-RoPE' if self.adapter.has(Capability.MROPE) else '[batch, seq]'} positions (Capability.MROPE)"
             )
         blocks = self.adapter.block_ids(inputs)
         if blocks is None:
@@ -299,7 +300,7 @@ class Engine:
                 rows = Rows.pack(ctx.present(layer_idx), widths[layer_idx])
                 x = rows.gather(x_full)
                 layout = Layout(ctx, rows, x, rotaries=self.rotaries, mask=self.mask,
-                                window_bounds_blocks=self.adapter.window_bounds_blocks)
+                                window_bounds_blocks=self.adapter.has(Capability.WINDOWED_BLOCKS))
             rows = layout.rows
             blocked, zero_attn, zero_mlp = [], [], []
             for i, iv in enumerate(interventions):

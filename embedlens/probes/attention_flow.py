@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.base import resolve_path
 from embedlens.attention import attention_rows, check_layer_types, layer_windows, rotary_embeddings, window_keys
 from embedlens.errors import EmbedLensError, PlanError
@@ -68,7 +69,7 @@ def llm_attention_rows(adapter: "Adapter", batch: "Batch", layer: int, h_in: tor
     with torch.no_grad():
         cos_sin = rotary_embeddings(lm, h_in, pos_ids, types[layer : layer + 1])[types[layer]]
         hidden = norm(h_in)
-        allowed = allowed_keys(batch, block_ids, query_pos.cpu(), windows[layer], adapter.window_bounds_blocks)
+        allowed = allowed_keys(batch, block_ids, query_pos.cpu(), windows[layer], adapter.has(Capability.WINDOWED_BLOCKS))
         return attention_rows(attn, hidden, cos_sin, query_pos.to(dev), allowed.to(dev))
 
 

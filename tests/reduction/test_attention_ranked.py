@@ -208,7 +208,7 @@ def test_conforms_on_every_family_with_one_patch_per_token(cls):
     tiny family with one tower patch per visual token (anyres tiles included)."""
     from embedlens.testing.conformance import check_intervention
 
-    check_intervention(cls, params={"keep": 0.5}, families=("llava-clip", "llava-siglip", "llava-next", "llava-onevision"))
+    check_intervention(cls, params={"keep": 0.5}, families=("llava-clip", "llava-siglip", "llava_next", "llava_onevision"))
 
 
 def test_a_tower_that_merges_patches_is_refused_by_name():
@@ -226,7 +226,7 @@ def test_anyres_tiles_are_ranked_per_image_by_each_tile_own_cls_row():
     from embedlens.sites import Site
     from embedlens.tracing import collect
 
-    adapter, batch = tiny_batch("llava-next", n=2, padding_side="left")
+    adapter, batch = tiny_batch("llava_next", n=2, padding_side="left")
     layer = feature_layer(adapter)
     x_in = collect(adapter, batch, [Site("vision.layers", layer - 1)])[Site("vision.layers", layer - 1)]
     block = resolve_path(adapter.model, adapter.paths.vision_layers)[layer]

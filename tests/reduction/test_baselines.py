@@ -73,7 +73,7 @@ def test_partition_budget_refuses_bad_values_by_name():
 def test_conforms(cls):
     from embedlens.testing.conformance import check_intervention
 
-    check_intervention(cls, params={"keep": 0.5}, families=("llava-clip", "qwen2-vl"))
+    check_intervention(cls, params={"keep": 0.5}, families=("llava-clip", "qwen2_vl"))
 
 
 def test_an_empty_selection_leaves_the_sample_unchanged_and_cdpruner_needs_an_instruction():

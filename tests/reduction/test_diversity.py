@@ -115,4 +115,4 @@ def test_tiny_model_selection_equals_the_rule_on_its_embeddings(cls):
 def test_conforms(cls):
     from embedlens.testing.conformance import check_intervention
 
-    check_intervention(cls, params={"keep": 0.5}, families=("llava-clip", "qwen2-vl"))
+    check_intervention(cls, params={"keep": 0.5}, families=("llava-clip", "qwen2_vl"))
