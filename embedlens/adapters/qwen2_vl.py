@@ -218,14 +218,16 @@ class Qwen2VLAdapter(QwenVideo, Adapter):
         return value
 
     def display_pixels(self, inputs: BatchFeature, image: int, feature_row: int) -> torch.Tensor:
-        """`[3, H, W]` normalised pixels of image `image` of the batch, its patch rows put back in place."""
-        thw = inputs["image_grid_thw"]
+        """`[3, H, W]` normalised pixels of image `image` of the batch, its patch rows put back in place; in a video
+        batch, the first frame of video `image` (the frame its temporal patch 0 starts with)."""
+        thw = _thw(inputs)
         n = thw.prod(-1)
         start = int(n[:image].sum())
         _, h, w = thw[image].tolist()
         ip = self.processor.image_processor
         p, m, tp = int(ip.patch_size), self.merge_size, int(ip.temporal_patch_size)
-        rows = inputs["pixel_values"][start : start + h * w].reshape(h // m, w // m, m, m, 3, tp, p, p)[..., 0, :, :]
+        pv = inputs["pixel_values_videos"] if "video_grid_thw" in inputs else inputs["pixel_values"]
+        rows = pv[start : start + h * w].reshape(h // m, w // m, m, m, 3, tp, p, p)[..., 0, :, :]
         return rows.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, h * p, w * p)
 
 

@@ -391,6 +391,8 @@ def token_map_panels(c: Conclusions, touched: dict[str, list] | None, adapter, r
     for r in records:
         if len(samples) >= n:
             break
+        if r.video is not None:
+            continue  # the touched table has no frame column yet: a video's removal map would merge its frames
         try:
             s, _ = r.load(max_pixels)
         except InputError:

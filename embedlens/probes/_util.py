@@ -214,7 +214,9 @@ class FirstImage(Stateful):
         for b in range(len(batch.samples)):
             if len(self.images) >= self.n:
                 return
-            sel = ((vt["sample"] == b) & (vt["image"] == 0) & (vt["tile"] == 0)).nonzero().flatten().tolist()
+            # a video's map is its first frame's (frame 0: Qwen's first temporal patch, shown as its first frame)
+            first = (vt["image"] == 0) & (vt["tile"] == 0) & (vt["frame"] <= 0)
+            sel = ((vt["sample"] == b) & first).nonzero().flatten().tolist()
             if not sel:
                 continue
             frow = int(vt["feature_row"][sel[0]])
