@@ -164,6 +164,26 @@ class TokenRoles:
             out[name] = getattr(self, name)[sample, position]
         return out
 
+    def per_frame(self, mask: torch.Tensor, n_frames: int | None = None) -> torch.Tensor:
+        """`[batch, frames]` long: how many positions of `mask` (`[batch, seq]` bool, e.g. a partition group)
+        each frame of each sample's video holds; positions off video (frame -1) are not counted.
+
+        Computed on the device in one scatter; `n_frames` (default: the batch's largest frame + 1, which reads
+        one number from the device) fixes the width, e.g. to stack batches.
+
+        >>> kind = torch.full((1, 4), int(Role.VISUAL))
+        >>> minus = torch.full_like(kind, -1)
+        >>> roles = TokenRoles(kind, minus, minus, minus, minus, minus, minus, frame=torch.tensor([[0, 0, 1, 1]]))
+        >>> roles.per_frame(torch.tensor([[True, False, True, True]])).tolist()
+        [[1, 2]]
+        """
+        frame = self.frame
+        n = int(frame.max()) + 1 if n_frames is None else n_frames
+        out = torch.zeros(frame.shape[0], max(n, 0), dtype=torch.long, device=frame.device)
+        if n > 0:
+            out.scatter_add_(1, frame.clamp(min=0, max=n - 1), (mask & (frame >= 0) & (frame < n)).long())
+        return out
+
     def grid_shape(self, sample: int, image: int, tile: int = 0) -> tuple[int, int]:
         """(rows, cols) of the patch grid of one tile of one image, as seen in this batch."""
         sel = self.visual[sample] & (self.image[sample] == image) & (self.tile[sample] == tile)
