@@ -4,6 +4,7 @@ frame, and pruning them equals pruning that frame."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -36,3 +37,32 @@ def test_a_frame_planted_dead_is_found_frame_by_frame():
     # pruning the dead group removes those frames' tokens: 3 temporal patches of 16 -> 2 left per sample
     out = engine.run(batch, [Prune(tokens="dead")], groups=part, embeds=embeds)
     assert out.counts["visual"][0].tolist() == [2 * per_tp, 2 * per_tp]
+
+
+def test_the_matched_random_control_can_respect_frames():
+    from embedlens.errors import InterventionError
+    from embedlens.interventions.prune import PruneRandomMatched, draw_matched
+    from embedlens.interventions.select import Selection
+
+    adapter = load_model("tiny:qwen2_vl")
+    rng = np.random.default_rng(1)
+    frames = lambda n: [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(n)]  # noqa: E731
+    batch = adapter.encode([Sample(video=frames(6), question="what?", id=f"s{i}") for i in range(3)], padding_side="left")
+    ctx = Engine(adapter).context(batch)
+    roles = batch.roles
+    target = "visual and ((frame == 1 and row == 0) or (frame == 2 and col < 2))"  # 4 tokens in patch 1, 8 in patch 2
+    want = roles.per_frame(Selection.parse(target).evaluate(roles))
+    assert want.tolist() == [[0, 4, 8]] * 3
+    drawn = {}
+    for per_frame in (True, False):
+        for seed in range(4):
+            chosen = draw_matched(ctx, Selection.parse(target), target, Selection.parse("visual"), "visual", seed, "error",
+                                  True, per_frame)
+            assert not (chosen & Selection.parse(target).evaluate(roles)).any() and (chosen <= roles.visual).all()
+            assert chosen.sum(1).tolist() == [12, 12, 12]
+            drawn[per_frame, seed] = roles.per_frame(chosen, 3)
+    assert all(torch.equal(drawn[True, s], want) for s in range(4))  # frame by frame: the target's own counts
+    assert any(not torch.equal(drawn[False, s], want) for s in range(4))  # without: the frames are left to chance
+    # a whole temporal patch has no pool left in its frame: the error names the frame
+    with pytest.raises(InterventionError, match=r"sample 's0' has 16 target tokens in frame 1 but only 0 pool tokens"):
+        PruneRandomMatched(target="visual and frame == 1", per_frame=True).setup(ctx)
