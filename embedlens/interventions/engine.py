@@ -61,7 +61,7 @@ from embedlens.adapters.base import resolve_path
 from embedlens.adapters.placement import module_device
 from embedlens.attention import attention_rows, check_layer_types, layer_windows, rotary_embeddings
 from embedlens.errors import AdapterError, InterventionError
-from embedlens.interventions.context import Context, Rows
+from embedlens.interventions.context import AttentionInput, Context, Rows
 from embedlens.interventions.layout import Layout, schedule
 from embedlens.interventions.outcome import DONE_EVERY, Outcome, RowCache, _on, next_positions
 
@@ -285,6 +285,8 @@ class Engine:
         x = None
         stamp, widths, changes = None, [], []
         for layer_idx, layer in enumerate(self.layers):
+            if layer_idx in ctx.attention_probes_ahead:
+                self._probe_ahead(layer, layer_idx, ctx, layout, x, interventions, condition)
             for i, iv in enumerate(interventions):
                 with _naming(condition, i, iv):
                     iv.before_layer(ctx, layer_idx)
@@ -351,6 +353,36 @@ class Engine:
             out.next_position = next_positions(ctx.positions, ctx.roles.padding)
         return out
 
+    def _probe_ahead(self, layer, layer_idx: int, ctx: Context, layout: Layout, x: torch.Tensor, interventions,
+                     condition: str) -> None:
+        """Hand `ctx.attention_probes_ahead[layer_idx]` the input of `layer`'s attention on the tokens the previous
+        layer held: `layer` runs its own norm on them and is stopped at its attention module (nothing else runs)."""
+        blocked = []
+        for i, iv in enumerate(interventions):
+            with _naming(condition, i, iv):
+                b = iv.blocked(ctx, layer_idx)
+            if b is not None:
+                blocked.append(b)
+        entry = layout.entry(self.windows[layer_idx], blocked, [], [])
+        dev = self.layer_device(layer_idx)
+        fns = ctx.attention_probes_ahead[layer_idx]
+
+        def probe(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            seen = AttentionInput(module, hidden, kwargs["position_embeddings"], layout.rows, entry.allowed.to(hidden.device))
+            for fn in fns:
+                fn(seen)
+            raise _Stop
+
+        handle = resolve_path(layer, self.adapter.paths.attn).register_forward_pre_hook(probe, with_kwargs=True)
+        try:
+            layer(_on(x, dev), attention_mask=layout.mask(entry, dev), position_ids=layout.position_ids(dev), use_cache=False,
+                  position_embeddings=layout.rotary(self.layer_types[layer_idx], dev), **{self.cache_kwarg: None})
+        except _Stop:
+            pass  # the probe stopped the layer on purpose, once its attention's input was read
+        finally:
+            handle.remove()
+
     def _hooks(self, layer, layer_idx: int, ctx: Context, layout: Layout, entry) -> list:
         """Forward hooks for this layer, only where needed: zeroing the updates of `entry`'s rows, and recording
         the last prompt token's attention where an intervention asked for it."""
@@ -386,6 +418,16 @@ class Engine:
                 ctx.attention[layer_idx] = full.scatter(2, rows.index[:, None, :].expand_as(probs), probs)
 
             hooks.append(resolve_path(layer, self.adapter.paths.attn).register_forward_pre_hook(record, with_kwargs=True))
+        if layer_idx in ctx.attention_probes:
+            fns, allowed_all = ctx.attention_probes[layer_idx], entry.allowed
+
+            def probe(module, args, kwargs):
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                seen = AttentionInput(module, hidden, kwargs["position_embeddings"], layout.rows, allowed_all.to(hidden.device))
+                for fn in fns:
+                    fn(seen)
+
+            hooks.append(resolve_path(layer, self.adapter.paths.attn).register_forward_pre_hook(probe, with_kwargs=True))
         return hooks
 
 

@@ -14,6 +14,7 @@ wins), so every method that ranks tokens shares one rule for ties.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -59,19 +60,24 @@ class Budget:
             k = torch.full_like(n, int(self.keep))
         return torch.minimum(k, n)
 
-    def keep_mask(self, scores: torch.Tensor, candidates: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def keep_mask(self, scores: torch.Tensor, candidates: torch.Tensor, image: torch.Tensor,
+                  counts: "Callable[[torch.Tensor], torch.Tensor] | None" = None) -> torch.Tensor:
         """The kept tokens: per (sample, image), the `counts` highest-scoring candidates.
 
         Args:
             scores: `[batch, seq]` float; higher is kept first (finite; a method maps its own missing values to -inf).
             candidates: `[batch, seq]` bool: the tokens the budget is taken from.
             image: `[batch, seq]` long: each token's image within its sample (`TokenRoles.image`; -1 off images).
+            counts: how many of an image's `n` candidates to keep (`[batch, groups]` long -> same), for a method
+                whose schedule keeps another number at some stage (PyramidDrop, FastV matched to an average);
+                `Budget.counts` by default.
 
         Returns:
             `[batch, seq]` bool, a subset of `candidates`; everything stays on the device (no host reads).
         """
         group = image_groups(candidates, image)
-        k = self.counts(group_sizes(group))
+        n = group_sizes(group)
+        k = torch.minimum((counts or self.counts)(n), n)
         k[:, -1] = 0  # the bucket of non-candidates
         rank = ranks([-scores.double()], candidates, image)  # highest first, then by position
         return (rank < k.gather(1, group)) & candidates
