@@ -222,7 +222,7 @@ class FirstImage(Stateful):
             frow = int(vt["feature_row"][sel[0]])
             entry = {
                 "sample_id": batch.samples[b].id,
-                "pixels": display_pixels(adapter, batch.inputs, frow, image=int(vt["image"][sel[0]])),
+                "pixels": display_pixels(adapter, batch.inputs, frow, image=batch_image(batch, b, int(vt["image"][sel[0]]))),
                 "row": [int(vt["row"][i]) for i in sel],
                 "col": [int(vt["col"][i]) for i in sel],
                 **{k: [v[i] for i in sel] for k, v in per_token.items()},
@@ -265,6 +265,12 @@ def parse_site(probe: str, param: str, adapter: "Adapter", name: str):
     if site.component == "llm.unembed" or site.component == "llm.norm":
         raise PlanError(f"{probe}.{param}: {name} has no per-token residual vectors to compare; use llm.embed or llm.layers[i]")
     return site
+
+
+def batch_image(batch: "Batch", sample: int, image: int) -> int:
+    """The batch-wide index of image `image` of sample `sample` (a video counts as one), which packed towers'
+    `Adapter.display_pixels` take (Qwen-VL, Mistral 3: the batch's images in order)."""
+    return sum(len(s.images) or int(s.video is not None) for s in batch.samples[:sample]) + image
 
 
 def display_pixels(adapter: "Adapter", inputs, feature_row: int, image: int = 0) -> torch.Tensor:

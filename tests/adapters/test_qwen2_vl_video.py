@@ -179,3 +179,26 @@ def test_video_errors(qwen):
     assert not qwen3.has(Capability.VIDEO)
     with pytest.raises(InputError, match="does not take video"):
         qwen3.encode([Sample(video=_frames(2, 32), question="q", id="v")])
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_token_maps_show_each_samples_own_pixels(kind):
+    """The maps of a batch's second sample show its own image / first frame (the packed tower's display takes the
+    batch-wide image index), equal to that sample's pixels encoded alone."""
+    from embedlens.probes._util import FirstImage
+
+    qwen = load_model("tiny:qwen2_vl")
+    make = (lambda i: Sample([_frames(1, 32, seed=i)[0]], question="what?", id=f"s{i}")) if kind == "image" else \
+        (lambda i: Sample(video=_frames(2, 32, seed=i), question="what?", id=f"s{i}"))
+    samples = [make(0), make(1)]
+    batch = qwen.encode(samples)
+    maps = FirstImage(n=2)
+    maps.offer(qwen, batch, batch.roles.visual_tokens())
+    for i, entry in enumerate(maps.images):
+        alone = FirstImage(n=1)
+        one = qwen.encode([samples[i]])
+        alone.offer(qwen, one, one.roles.visual_tokens())
+        torch.testing.assert_close(entry["pixels"], alone.data["pixels"], atol=0, rtol=0)
+    assert not torch.equal(maps.images[0]["pixels"], maps.images[1]["pixels"])
+    if kind == "video":  # the first frame, and frame 0's tokens only
+        assert len(maps.images[0]["row"]) == 16

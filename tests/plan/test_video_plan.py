@@ -30,3 +30,4 @@ def test_a_video_plan_prunes_one_temporal_patch(tmp_path):
     for _, t in touched.groupby("sample_id"):
         assert sorted(t["index"]) == list(range(16))  # the first 16 visual tokens: temporal patch 0
         assert sorted(zip(t.row, t.col)) == [(r, c) for r in range(4) for c in range(4)]
+        assert set(t.frame) == {0}
