@@ -199,3 +199,23 @@ def test_a_family_without_a_video_path_refuses_a_video_sample():
     assert not adapter.has(Capability.VIDEO)
     with pytest.raises(InputError, match=r"sample 'v' has a video; .* does not take video"):
         adapter.encode([Sample(video=[_frame(0), _frame(1)], question="q", id="v")])
+
+
+def test_a_data_set_column_holds_frame_lists_inside_its_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from embedlens.data import read_hf_dataset
+
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_dict({"clip": [["f0.png", "f1.png", "f2.png"], ["f0.png", "../outside.png"]], "question": ["q", "q"]}).save_to_disk(str(folder))
+    for i in range(3):
+        _frame(i).save(folder / f"f{i}.png")
+    _frame(5).save(tmp_path / "outside.png")
+    with pytest.raises(InputError, match=r"ds\[1\]: .video\[1\]. \(\.\./outside\.png\) resolves to .*outside the data folder"):
+        read_hf_dataset(folder, columns={"video": "clip"})
+    datasets.Dataset.from_dict({"clip": [["f0.png", "f1.png", "f2.png"]], "question": ["q"]}).save_to_disk(str(tmp_path / "ok"))
+    for i in range(3):
+        _frame(i).save(tmp_path / "ok" / f"f{i}.png")
+    (rec,) = read_hf_dataset(tmp_path / "ok", columns={"video": "clip"})
+    assert [_which(f) for f in rec.load()[0].video.frames] == [0, 1, 2]
+    with pytest.raises(InputError, match=r"data\.columns\.video names 'film', not a column"):
+        read_hf_dataset(tmp_path / "ok", columns={"video": "film"})
