@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 from embedlens.probes.base import Table
 
-META_COLUMNS = ("sample", "sample_id", "image", "tile", "row", "col", "position")
+META_COLUMNS = ("sample", "sample_id", "image", "tile", "row", "col", "frame", "position")
 
 
 def records_given(init):
@@ -54,7 +54,7 @@ def token_meta(batch: "Batch", vt: dict[str, torch.Tensor]) -> Table:
     """The identifying columns of one row per visual token."""
     rows: Table = {"sample": vt["sample"].tolist()}
     rows["sample_id"] = [batch.samples[s].id for s in rows["sample"]]
-    for c in ("image", "tile", "row", "col", "position"):
+    for c in ("image", "tile", "row", "col", "frame", "position"):
         rows[c] = vt[c].tolist()
     return rows
 
