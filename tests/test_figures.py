@@ -68,3 +68,21 @@ def test_label_fits_by_hand():
     assert label_fits("background", 60, 8)  # 48 pt <= 55.2 pt
     assert not label_fits("background", 10.8, 4.9)
     assert label_fits("red", 10.8, 4.9) and not label_fits("ab", 4.0, 4.9)
+
+
+def test_sweep_curve_draws_copies_that_touch_as_many_tokens(tmp_path):
+    """Two sweep copies acting on the same number of tokens (an in-LLM method at budgets below what its first
+    layers hold) used to make the sort compare their result rows (dicts) and fail the run's figures."""
+    from embedlens.conclusion_figures import sweep_curve
+    from embedlens.plan.conclusions import COLUMNS, Conclusions
+
+    c = Conclusions()
+    for name, mean in (("m[keep=0.3]", 0.5), ("m[keep=0.1]", 0.25)):
+        row = dict.fromkeys(COLUMNS, 0.0) | {"condition": name, "reference": "baseline", "metric": "correct", "by": "all",
+                                              "group": "all", "mean": mean, "mean_ci_low": mean - 0.1, "mean_ci_high": mean + 0.1}
+        for k in COLUMNS:
+            c.rows[k].append(row[k])
+        c.touched[name] = 35.0
+    c.sweeps = {"m": ["m[keep=0.3]", "m[keep=0.1]"]}
+    path = sweep_curve(c, "correct", "m", tmp_path / "sweep.png")
+    assert path.is_file()

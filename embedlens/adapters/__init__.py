@@ -21,6 +21,7 @@ from embedlens.adapters.internvl import InternVLAdapter, InternVLImageProcessor
 from embedlens.adapters.llava import LlavaAdapter
 from embedlens.adapters.llava_next import LlavaNextAdapter
 from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionImageProcessor
+from embedlens.adapters.llava_onevision1_5 import LlavaOnevision15Adapter
 from embedlens.adapters.mistral3 import Mistral3Adapter, PixtralProcessor
 from embedlens.adapters.paligemma import PaliGemmaAdapter
 from embedlens.adapters.placement import Placement
@@ -43,6 +44,7 @@ __all__ = [
     "InternVLImageProcessor",
     "LlavaAdapter",
     "LlavaNextAdapter",
+    "LlavaOnevision15Adapter",
     "LlavaOnevisionAdapter",
     "Mistral3Adapter",
     "ModulePaths",

@@ -102,6 +102,18 @@ class DeprecatedFlag:
         caps = owner.capabilities if obj is None else obj.capabilities
         return (cap in caps) == positive
 
+    def __set__(self, obj: Any, value: Any) -> None:
+        """Setting the old name on an instance (as before, e.g. ``adapter.mrope = True``) sets the capability on
+        that instance, with a warning: without this, the value would shadow the flag and change nothing."""
+        cap, positive = DEPRECATED_FLAGS[self.old]
+        if not isinstance(value, (bool, int)):
+            raise AdapterError(f"{type(obj).__name__}.{self.old} (deprecated) must be True or False; got {value!r}")
+        warnings.warn(f"{DEPRECATION_PREFIX} {self.old!r} set on an instance is deprecated; declare Capability.{cap.name} in "
+                      f"`capabilities` instead (read it with {_new_spelling(self.old)})", DeprecationWarning, stacklevel=2)
+        caps = set(obj.capabilities)
+        (caps.add if bool(value) == positive else caps.discard)(cap)
+        obj.capabilities = frozenset(caps)
+
 
 def parse_capabilities(where: str, values: Any) -> frozenset[Capability]:
     """``values`` (members or their names) as a frozenset of `Capability`; `where` names them in errors

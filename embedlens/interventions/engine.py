@@ -64,6 +64,7 @@ from embedlens.errors import AdapterError, InterventionError
 from embedlens.interventions.context import AttentionInput, Context, Rows
 from embedlens.interventions.layout import Layout, schedule
 from embedlens.interventions.outcome import DONE_EVERY, Outcome, RowCache, _on, next_positions
+from embedlens.interventions.timing import Stopwatch
 
 __all__ = ["DONE_EVERY", "SUPPORTED_ATTENTION", "Engine", "Outcome", "RowCache", "cache_kwarg", "next_positions"]
 
@@ -265,6 +266,10 @@ class Engine:
             cache: keep a key/value cache so the outcome can decode.
         """
         ctx = self.context(batch, condition, groups, embeds)
+        # timed from the LLM's input embeddings on (the vision tower, which no condition changes, is left out):
+        # `select` is the interventions' own code, `prefill` the layers (with any in-LLM selection they host)
+        watch = Stopwatch(self.device)
+        t_select = watch.mark()
         for i, iv in enumerate(interventions):
             with _naming(condition, i, iv):
                 iv.setup(ctx)
@@ -272,6 +277,8 @@ class Engine:
         for i, iv in enumerate(interventions):
             with _naming(condition, i, iv):
                 x_full = iv.edit_embeds(ctx, x_full)
+        t_prefill = watch.mark()
+        watch.add("select", t_select, t_prefill)
         edited = x_full is not ctx.embeds
         ctx.edited = (x_full != ctx.embeds).any(dim=-1) & ctx.valid if edited else torch.zeros_like(ctx.valid)
 
@@ -285,11 +292,15 @@ class Engine:
         x = None
         stamp, widths, changes = None, [], []
         for layer_idx, layer in enumerate(self.layers):
+            if interventions:
+                t_hook = watch.mark()  # selection: reading attention ahead of the layer, and the before_layer hooks
             if layer_idx in ctx.attention_probes_ahead:
                 self._probe_ahead(layer, layer_idx, ctx, layout, x, interventions, condition)
             for i, iv in enumerate(interventions):
                 with _naming(condition, i, iv):
                     iv.before_layer(ctx, layer_idx)
+            if interventions:
+                watch.add("select", t_hook, watch.mark())
             # which tokens each layer holds follows from enter/exit: read once, again only if an intervention
             # changed them (a new tensor, or one edited in place: its version counter moves)
             if stamp is None or _moved(stamp, ctx):
@@ -344,7 +355,11 @@ class Engine:
             row_valid.append(rows.valid)
         x_full = layout.rows.scatter(x_full, x)
         present = ctx.present(n_layers - 1)
-        out = Outcome(self, ctx, self.norm(x_full), present, per_layer_counts)
+        hidden = self.norm(x_full)
+        watch.add("prefill", t_prefill, watch.mark())
+        watch.stop()
+        out = Outcome(self, ctx, hidden, present, per_layer_counts)
+        out.stopwatch = watch
         if cache:
             out.cache = kv
             out.key_valid = key_valid

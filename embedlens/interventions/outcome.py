@@ -74,6 +74,7 @@ class Outcome:
         self.row_valid: list[torch.Tensor] = []  # per layer: the prefill's present rows (sliding windows count them)
         self.decoded_valid: torch.Tensor | None = None
         self.next_position: torch.Tensor | None = None
+        self.stopwatch = None  # `embedlens.interventions.timing.Stopwatch` of the prefill, set by the engine
 
     @property
     def counts(self) -> dict[str, torch.Tensor]:

@@ -364,7 +364,8 @@ def verdict(row: dict, accuracy: bool, confidence: float = 0.95, family: int = 1
 def figures(c: Conclusions, fig_dir: Path, token_maps: list[dict] | None = None) -> list[Path]:
     """The report's figures of the effect tests: accuracies with intervals and reference lines, paired
     differences, per-group accuracies, sweep curves, and token maps of what each condition removed."""
-    from embedlens.figures import accuracy_chart, breakdown_heatmap, paired_differences, removal_maps, safe_name, sweep_curve
+    from embedlens.conclusion_figures import accuracy_chart, breakdown_heatmap, paired_differences, sweep_curve
+    from embedlens.figures import removal_maps, safe_name
 
     out: list[Path] = []
     for m in c.accuracy:

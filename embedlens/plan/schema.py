@@ -213,7 +213,8 @@ class Plan(_Strict):
     partition: PartitionSpec | None = None
     sweep: dict[str, list[Any]] = Field(
         default_factory=dict,
-        description="TARGET.PARAM: [values] - TARGET a condition, an intervention, a probe name or label; "
+        description="TARGET.PARAM: [values] - TARGET a condition, an intervention, a probe name or label, or * (every "
+        "condition with an intervention taking PARAM, e.g. *.keep: the same budgets for every method); "
         "each value gives its own condition/probe (several keys on one target: every combination)",
     )
     output: OutputSpec = Field(default_factory=OutputSpec)

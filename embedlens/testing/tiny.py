@@ -293,13 +293,14 @@ def qwen_tokenizer():
     return build_tokenizer(chat_template=LLAVA_CHAT_TEMPLATE.replace(IMAGE_TOKEN + "\n", frame), extra_special_tokens=QWEN_TOKENS)
 
 
-def qwen_image_processor(patch_size: int = QWEN_PATCH, max_side: int = IMAGE_SIZE, min_side: int = 16, merge_size: int = 2):
+def qwen_image_processor(patch_size: int = QWEN_PATCH, max_side: int = IMAGE_SIZE, min_side: int = 16, merge_size: int = 2,
+                         temporal_patch_size: int = 2):
     """The PIL `Qwen2VLImageProcessorPil` (no torchvision): images resized to multiples of ``patch_size * merge_size``
     with at most ``max_side ** 2`` pixels (a 64-px square becomes 32 x 32: 8 x 8 patches, 4 x 4 tokens)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(size={"shortest_edge": min_side * min_side, "longest_edge": max_side * max_side},
-                                    patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2, **_NORM)
+                                    patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size, **_NORM)
 
 
 def qwen_ids(tok) -> dict:
@@ -393,6 +394,22 @@ def mistral3_processor(tok, patch_size: int = MISTRAL3_PATCH, merge_size: int = 
                             chat_template=tok.chat_template, **MISTRAL3_TOKENS)
 
 
+def _onevision1_5(seed: int):
+    # LLaVA-OneVision-1.5: 3 RICE-ViT blocks of width 32 on 4-px patches (one image per temporal patch), a class
+    # token per image, merged 2 x 2 into a 64-wide Qwen3 LLM with 1-D positions.
+    from transformers import LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration
+
+    from embedlens.adapters.llava_onevision1_5 import OnevisionImageProcessor15
+
+    tok = qwen_tokenizer()
+    text = dict(model_type="qwen3", vocab_size=len(tok), head_dim=16, **_TEXT, **_special_ids(tok))
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, in_channels=3, patch_size=QWEN_PATCH,
+                  spatial_merge_size=2, out_hidden_size=TEXT_HIDDEN)
+    config = LlavaOnevision15Config(text_config=text, vision_config=vision, **qwen_ids(tok))
+    torch.manual_seed(seed)
+    model = LlavaOnevision15ForConditionalGeneration(config).eval()
+    return model, OnevisionImageProcessor15(qwen_image_processor(temporal_patch_size=1), tok, chat_template=tok.chat_template)
+
 def _mistral3(seed: int):
     # 3 Pixtral layers of width 32 on 8-px patches (2-D RoPE from each patch's row and column; the tower never reads
     # image_size, set to the largest image), merged 2 x 2 in the projector. The Mistral LLM slides a window of 8 over
@@ -426,6 +443,7 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("qwen3_vl", "qwen3_vl", "qwen3-vit", _qwen_vl("3")),
         TinySpec("gemma3", "gemma3", "siglip", _gemma3),
         TinySpec("mistral3", "mistral3", "pixtral", _mistral3),
+        TinySpec("llava_onevision1_5", "llava_onevision1_5", "rice-vit", _onevision1_5),
     )
 }
 
@@ -446,7 +464,7 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
     Args:
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
             `llava_onevision`, `paligemma`, `llava_next`, `idefics3`, `smolvlm`, `internvl`,
-            `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `gemma3`, `mistral3`), or an old
+            `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `gemma3`, `mistral3`, `llava_onevision1_5`), or an old
             spelling in `TINY_ALIASES` (same model, with a DeprecationWarning).
         seed: seed of the random initialisation.
 

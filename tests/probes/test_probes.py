@@ -29,6 +29,7 @@ from embedlens.probes.layer_alignment import linear_cka
 from embedlens.testing.planted import planted_model, planted_samples
 from embedlens.tracing import collect
 from tests.conftest import get_adapter, mixed_samples, run_probe
+from tests.support.packed import without_class_rows
 
 
 @contextmanager
@@ -174,6 +175,7 @@ def test_vit_norms_match_hf_hidden_states(adapter):
             hs = tower(batch.inputs["pixel_values"], **adapter.tower_kwargs(batch.inputs), output_hidden_states=True).hidden_states
         feats = hs[adapter.n_vision_layers - 1]
         feats = feats if feats.dim() == 3 else feats[None]  # Qwen-VL's tower states have no batch dimension
+        feats = without_class_rows(feats, batch.inputs)  # LLaVA-OneVision-1.5: patches only, as vision.layers
         if "image_grid_thw" in batch.inputs:
             counts = batch.inputs["image_grid_thw"].prod(-1)
         else:  # Pixtral: each image's real patches, its padding cut off by image_sizes

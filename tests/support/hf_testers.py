@@ -482,6 +482,46 @@ def qwen_vl_builder(version: str) -> Builder:
     return build
 
 
+#: `LlavaOnevisionVision1_5Text2TextModelTester` (tests/models/llava_onevision1_5/test_modeling_llava_onevision1_5.py).
+#: Its configs are the 4B checkpoint's (a 36-layer Qwen3 of width 4096, a 24-block RICE-ViT of width 1024): here
+#: the widths and depths are cut (text 64 wide, 2 layers; tower 64 wide, 2 blocks) and every other value kept:
+#: 14-px patches, ``spatial_merge_size=1`` (one token per patch), ``temporal_patch_size=1``, GQA at the tester's
+#: 4 : 1 query : key-value heads, an MLP 3x (text) and 4x (tower) wide, gelu/silu, its norms' epsilons and
+#: ``rope_theta=1e6``. The ``-merge`` variant merges 2 x 2, as the released checkpoints do.
+ONEVISION1_5_TESTER = dict(
+    text=dict(model_type="qwen3", hidden_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=1,
+              intermediate_size=192, num_hidden_layers=2, hidden_act="silu", attention_bias=False, rms_norm_eps=1e-06,
+              max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+              use_sliding_window=False, sliding_window=None, tie_word_embeddings=False),
+    vision=dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, hidden_act="gelu", in_channels=3,
+                layer_norm_eps=1e-05, patch_size=14, spatial_merge_size=1, out_hidden_size=64),
+    image_size=14,
+)
+
+
+def onevision1_5_builder(merge: int = 1) -> Builder:
+    """LLaVA-OneVision-1.5 from its tester's values (above), merging ``merge x merge`` patches per token; the image
+    processor keeps images up to 3 x 3 tester images (one temporal patch each)."""
+    from transformers import LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration
+
+    from embedlens.adapters.llava_onevision1_5 import OnevisionImageProcessor15
+    from embedlens.testing.tiny import qwen_ids, qwen_image_processor, qwen_tokenizer
+
+    t = ONEVISION1_5_TESTER
+
+    def build(seed: int):
+        tok = qwen_tokenizer()
+        v = dict(t["vision"], spatial_merge_size=merge)
+        config = LlavaOnevision15Config(text_config=dict(t["text"], vocab_size=len(tok), **_ids(tok)), vision_config=v,
+                                        **qwen_ids(tok))
+        torch.manual_seed(seed)
+        model = LlavaOnevision15ForConditionalGeneration(config).eval()
+        ip = qwen_image_processor(patch_size=v["patch_size"], merge_size=merge, max_side=3 * t["image_size"] * merge,
+                                  min_side=t["image_size"] * merge, temporal_patch_size=1)
+        return model, OnevisionImageProcessor15(ip, tok, chat_template=tok.chat_template)
+
+    return build
+
 #: `Mistral3VisionText2TextModelTester` (tests/models/mistral3/test_modeling_mistral3.py): Mistral text and Pixtral
 #: vision configs of its own, Mistral3Config's default 2 x 2 patch merger. The tester feeds 30-px images of 6-px
 #: patches, a 5 x 5 grid the merger's ``unfold`` floors to 2 x 2 tokens (``image_seq_length=4``); a processor never
@@ -590,6 +630,12 @@ BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
         HFTesterConfig("mistral3", "mistral3", "Mistral3VisionText2TextModelTester (Pixtral, 6-px patches merged 2 x 2; "
                      "images at native resolution up to 60 px; no sliding window)", mistral3_builder(),
                      image_sizes=((30, 30), (24, 40)), images_per_sample=2),
+        HFTesterConfig("llava_onevision1_5", "llava_onevision1_5", "LlavaOnevisionVision1_5Text2TextModelTester "
+                     "(14-px patches, no merge; widths and depths cut)", onevision1_5_builder(),
+                     image_sizes=((42, 42), (20, 40)), images_per_sample=2),
+        HFTesterConfig("llava_onevision1_5-merge", "llava_onevision1_5", "LlavaOnevisionVision1_5Text2TextModelTester "
+                     "with the checkpoints' 2 x 2 merge", onevision1_5_builder(merge=2), image_sizes=((56, 56), (30, 80)),
+                     images_per_sample=2),
         HFTesterConfig("mistral3-window", "mistral3", "Mistral3VisionText2TextModelTester with sliding_window=3, so that "
                      "the window bites on every prompt", mistral3_builder(sliding_window=3), image_sizes=((30, 30),)),
     )
