@@ -1,7 +1,7 @@
 """embedlens performance harness: one command, a table of ratios against targets, and a JSON file.
 
     PYTHONPATH=. python benchmarks/run.py                # everything (about 8-10 minutes on 2 CPU cores)
-    PYTHONPATH=. python benchmarks/run.py --only lens    # one group: forward, siglip, lens, plans, memory, startup
+    PYTHONPATH=. python benchmarks/run.py --only lens    # one group: forward, siglip, lens, plans, memory, startup, reduction, validate
 
 Every ratio is measured within one run: the cases being compared run in
 interleaved repetitions (A B A B ...) and each case's time is the median of its
@@ -393,6 +393,46 @@ def startup_cases(reps: int) -> dict:
     return {"times_s": t, "rows": [("embedlens --help minus python -c pass (s)", t["help"] - t["python"], "<=", 1.5)]}
 
 
+def validate_cases(tmp: Path, reps: int) -> dict:
+    """`embedlens validate` on every example plan, `embedlens list` and `embedlens new`, each in a fresh process,
+    against ``python -c "import torch"`` (the floor of any command that builds a plugin): wall time and the child's
+    CPU time (user + system; on a shared machine wall time also counts the waits for a core)."""
+    import resource
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    cli = "import sys; from embedlens.cli import main; sys.argv = ['embedlens', *sys.argv[1:]]; main()"
+    new_dir = tmp / "new"
+    new_dir.mkdir()
+    cases = {"import torch": ["-c", "import torch"], "list": ["-c", cli, "list"]}
+    for plan in sorted((ROOT / "examples").glob("*.yaml")):
+        cases[f"validate {plan.name}"] = ["-c", cli, "validate", str(plan)]
+    wall: dict[str, list[float]] = {k: [] for k in [*cases, "new probe"]}
+    cpu: dict[str, list[float]] = {k: [] for k in wall}
+
+    def children() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    for rep in range(reps + 1):  # the first round warms the file cache and is not counted
+        for name, args in [*cases.items(), ("new probe", ["-c", cli, "new", "probe", f"bench_probe_{rep}", "--dir", str(new_dir)])]:
+            t, c = time.perf_counter(), children()
+            subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, check=True)
+            if rep:
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(children() - c)
+    w = {k: statistics.median(v) for k, v in wall.items()}
+    c = {k: statistics.median(v) for k, v in cpu.items()}
+    validates = [k for k in w if k.startswith("validate ")]
+    slow_w, slow_c = max(validates, key=w.get), max(validates, key=c.get)
+    return {"wall_s": w, "cpu_s": c, "rows": [
+        (f"embedlens validate, slowest of {len(validates)} examples ({slow_w}), wall (s)", w[slow_w], "<=", 2.0),
+        (f"embedlens validate, slowest of {len(validates)} examples ({slow_c}), CPU (s)", c[slow_c], "<=", 2.0),
+        ("embedlens validate (slowest, CPU) / python -c 'import torch' (CPU)", c[slow_c] / c["import torch"], "<=", 1.6),
+        ("embedlens list, wall (s)", w["list"], "<=", 2.0),
+        ("embedlens new probe, wall (s)", w["new probe"], "<=", 2.0),
+    ]}
+
+
 # -- the table ---------------------------------------------------------------------------
 def _met(value: float, op: str | None, target: float | None) -> str:
     if op is None:
@@ -445,7 +485,7 @@ def qwen_vocab_cases(threads: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", nargs="*", default=None, help="groups: forward siglip lens lens152k qwen152k plans memory startup reduction")
+    p.add_argument("--only", nargs="*", default=None, help="groups: forward siglip lens lens152k qwen152k plans memory startup reduction validate")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per case (medians are reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
@@ -458,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     global CLOCK, PROFILE
     CLOCK, PROFILE = args.clock, args.profile
     torch.set_num_threads(args.threads)
-    groups = args.only or ["startup", "forward", "siglip", "lens", "lens152k", "qwen152k", "plans", "memory", "reduction"]
+    groups = args.only or ["startup", "validate", "forward", "siglip", "lens", "lens152k", "qwen152k", "plans", "memory", "reduction"]
     started = time.perf_counter()
     results: dict = {"machine": machine(), "clock": args.clock, "groups": {}}
     rows: list[tuple] = []
@@ -480,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = qwen_vocab_cases(args.threads)
             elif g == "plans":
                 r = plan_cases(tmp, n_b1=2, n_b8=8)
+            elif g == "validate":
+                r = validate_cases(tmp, args.reps)
             elif g == "reduction":
                 r = reduction_cases(max(args.reps, 5))
             elif g == "memory":

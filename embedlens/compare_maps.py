@@ -189,9 +189,9 @@ def codes(grid: np.ndarray, colours: dict[str, str]) -> np.ndarray:
 
 
 def _literal(text: str) -> str:
-    """`text` drawn as written: matplotlib reads ``$...$`` as mathtext, and a word or id from a table such as
-    ``$\\foo$`` would stop the figure with a parse error (``\\$`` is a literal dollar)."""
-    return text.replace("$", r"\$")
+    from embedlens.figures import literal
+
+    return literal(text)
 
 
 def draw(m: dict[str, Any], names: list[str]):

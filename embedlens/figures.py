@@ -49,7 +49,7 @@ def token_map(
         ax.text(
             (c + 0.5) * pw,
             (r + 0.5) * ph,
-            str(label).replace("\n", "\\n"),
+            literal(str(label).replace("\n", "\\n")),
             ha="center",
             va="center",
             fontsize=fontsize,
@@ -68,6 +68,12 @@ def token_map(
 
 GROUP_COLOURS = {"sink": "#d62728", "dead": "#7f7f7f", "alive": "#2ca02c", "visual": "#1f77b4"}
 _CYCLE = ["#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#1f77b4"]
+
+
+def literal(text: object) -> str:
+    """`text` drawn as written: matplotlib reads ``$...$`` as mathtext, so a vocabulary word or a sample id such as
+    ``$\\alpha$`` would be typeset, or stop the figure with a parse error (``\\$`` is a literal dollar)."""
+    return str(text).replace("$", r"\$")
 
 
 def _plt():
@@ -130,10 +136,10 @@ def category_map(
     if labels is not None:
         fs = max(4, min(9, int(220 / max(n_rows, n_cols))))
         for r, c, lab in zip(rows, cols, labels):
-            ax.text((c + 0.5) * pw, (r + 0.5) * ph, str(lab), ha="center", va="center", fontsize=fs, color="black", bbox=LABEL_BACKING)
+            ax.text((c + 0.5) * pw, (r + 0.5) * ph, literal(lab), ha="center", va="center", fontsize=fs, color="black", bbox=LABEL_BACKING)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.legend(handles=[Patch(color=colours[n], label=n) for n in names], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.legend(handles=[Patch(color=colours[n], label=literal(n)) for n in names], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     if title:
         ax.set_title(title, fontsize=9, wrap=True)
     return _save(fig, path)
@@ -442,15 +448,15 @@ def word_map(panels: Sequence[dict], path: str | Path, title: str = "", top: int
             lab = str(lab)
             ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, facecolor=colour.get(lab, OTHER_COLOUR), alpha=0.55,
                                    edgecolor="white", lw=0.3))
-            shown = lab.replace("\n", "\\n")
+            shown = literal(lab.replace("\n", "\\n"))
             size = min(fs, 0.92 * patch_pts / (0.6 * max(1, len(shown))))  # long words smaller, to 4.5 pt
             if size >= min(fs, 4.5) and label_fits(shown, patch_pts, size):
                 ax.text((c + 0.5) * pw, (r + 0.5) * ph, shown, ha="center", va="center", fontsize=size, color="black",
                         bbox=LABEL_BACKING)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"{p.get('sample_id', '')} ({nr}x{nc})", fontsize=8)
-    handles = [Patch(facecolor=colour[wd], alpha=0.7, label=f"{wd!s} ({counts[wd]})") for wd in top_words]
+        ax.set_title(literal(f"{p.get('sample_id', '')} ({nr}x{nc})"), fontsize=8)
+    handles = [Patch(facecolor=colour[wd], alpha=0.7, label=literal(f"{wd!s} ({counts[wd]})")) for wd in top_words]
     rest = sum(counts.values()) - sum(counts[wd] for wd in top_words)
     if rest:
         handles.append(Patch(facecolor=OTHER_COLOUR, label=f"other ({rest})"))

@@ -164,16 +164,16 @@ def hf_masked_run(adapter, batch, b, hidden, embeds, extra_embeds=None):
 
     valid = ~batch.roles.padding[b]
     x = embeds[b][valid]
-    pos = adapter.position_ids(batch.inputs)[b][valid]
+    pos = sample_positions(adapter, batch, b)[..., valid]  # `[n]`, or M-RoPE's `[3, n]`
     mask = (~hidden[valid]).long()
     types = batch.inputs["token_type_ids"][b][valid] if "token_type_ids" in batch.inputs else None
     if extra_embeds is not None:
         n = extra_embeds.shape[0]
         x = torch.cat([x, extra_embeds])
-        pos = torch.cat([pos, pos.max() + 1 + torch.arange(n)])
+        pos = torch.cat([pos, (pos.max() + 1 + torch.arange(n)).expand(*pos.shape[:-1], n)], dim=-1)
         mask = torch.cat([mask, torch.ones(n, dtype=torch.long)])
         types = None if types is None else torch.cat([types, torch.zeros(n, dtype=types.dtype)])
-    kwargs = dict(inputs_embeds=x[None], position_ids=pos[None], attention_mask=mask[None])
+    kwargs = dict(inputs_embeds=x[None], position_ids=pos.unsqueeze(-2), attention_mask=mask[None])
     if types is not None:
         kwargs["token_type_ids"] = types[None]
     with torch.no_grad():

@@ -7,10 +7,9 @@ from __future__ import annotations
 import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
-from transformers import AutoProcessor, BatchFeature, PreTrainedModel, ProcessorMixin
 
 from embedlens.data import Sample
 from embedlens.adapters.capabilities import (
@@ -24,6 +23,9 @@ from embedlens.adapters.role_map import PromptText, build_roles, mark_spans
 from embedlens.errors import AdapterError, InputError
 from embedlens.roles import Role, TokenRoles
 from embedlens.sites import Site
+
+if TYPE_CHECKING:  # annotations only: transformers' model classes take seconds to import (see embedlens.adapters)
+    from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
 @dataclass(frozen=True)
 class ModulePaths:
@@ -44,6 +46,9 @@ class ModulePaths:
     # sites read these; interventions still hook `attn` / `mlp` (a zeroed output stays zero through an RMSNorm).
     attn_out: str = ""
     mlp_out: str = ""
+    # Inside one LLM layer of a hybrid model: the linear-attention mixer (Qwen3.5's Gated DeltaNet) of the layers
+    # that have no `attn`; it stands in for `attn` there (the `.attn` site, `skip_sublayer`'s attention update).
+    linear_attn: str = ""
 
 
 @dataclass
@@ -71,6 +76,17 @@ def resolve_path(root: Any, path: str) -> Any:
         raise AdapterError(
             f"{type(root).__name__} has no module at {path!r}; the adapter's paths do not fit this model"
         ) from None
+
+
+def mixer_path(layer: Any, paths: ModulePaths) -> str:
+    """The path, inside decoder layer `layer`, of its token mixer: `paths.attn`, or `paths.linear_attn` in a
+    linear-attention layer of a hybrid model (which has no `attn`)."""
+    if getattr(paths, "linear_attn", ""):
+        try:
+            operator.attrgetter(paths.attn)(layer)
+        except AttributeError:
+            return paths.linear_attn
+    return paths.attn
 
 
 class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
@@ -169,6 +185,8 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
     def load_processor(cls, path: str) -> ProcessorMixin:
         """The checkpoint's processor; for a family with `image_only_processor`, that class when the stock one
         cannot be built (its video processor needs torchvision) or degrades to a bare tokenizer."""
+        from transformers import AutoProcessor
+
         if cls.image_only_processor is None:
             return AutoProcessor.from_pretrained(path, **NO_REMOTE_CODE)
         try:

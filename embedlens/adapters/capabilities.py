@@ -39,13 +39,15 @@ import operator
 import warnings
 from contextlib import contextmanager
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import BatchFeature
 
 from embedlens.errors import AdapterError
 from embedlens.sites import Site
+
+if TYPE_CHECKING:  # annotations only (see embedlens.adapters: validate imports no transformers)
+    from transformers import BatchFeature
 
 
 class Capability(str, Enum):

@@ -7,15 +7,17 @@ Functions of the adapter (its layouts, placeholders and tokenizer), kept apart f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-from transformers import BatchFeature
 
 from embedlens.adapters.capabilities import Capability
 from embedlens.data import Sample
 from embedlens.errors import AdapterError
 from embedlens.roles import Role, TokenRoles
+
+if TYPE_CHECKING:
+    from transformers import BatchFeature
 
 
 @dataclass

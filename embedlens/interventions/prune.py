@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from embedlens.attention import LINEAR, llm_layer_types
 from embedlens.errors import InterventionError
 from embedlens.interventions.base import IfEmpty, Intervention, parse_selection, require_nonempty
 from embedlens.interventions.context import Context
@@ -200,6 +201,14 @@ class FastV(Intervention):
         n = adapter.n_llm_layers
         if not 1 <= self.layer <= n - 1:
             raise InterventionError(f"layer: FastV prunes after layer K with 1 <= K <= {n - 1}; got {self.layer}")
+        # FastV ranks by the attention of layer K - 1, which a linear-attention layer does not have
+        types = llm_layer_types(adapter)
+        if types[self.layer - 1] == LINEAR:
+            ok = [i + 1 for i, t in enumerate(types[:-1]) if t != LINEAR]
+            raise InterventionError(
+                f"layer: FastV at K = {self.layer} ranks by the attention of decoder layer {self.layer - 1}, a "
+                f"linear-attention (Gated DeltaNet) layer with no attention matrix; K may be "
+                f"{', '.join(map(str, ok)) or '(none)'} (after an attention layer)")
 
     def accounting(self, n_visual: int, n_layers: int) -> dict:
         """The schedule for one image of `n_visual` tokens in an `n_layers`-layer LLM (as the token-reduction

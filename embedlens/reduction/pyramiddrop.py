@@ -19,7 +19,7 @@ from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import AttentionInput, Context
 from embedlens.interventions.select import SelectionSpec
 from embedlens.reduction.budget import Budget
-from embedlens.reduction.inllm import ParametersOnly, check_accounting_args, drop_from, image_sizes, make_accounting, query_attention, scaled_layers
+from embedlens.reduction.inllm import ParametersOnly, attention_layers_near, check_accounting_args, drop_from, image_sizes, make_accounting, query_attention, scaled_layers
 from embedlens.registry import interventions
 
 REFERENCE_LAYERS = (8, 16, 24)  # the authors' layer_list, for LLaVA-1.5's 32 layers
@@ -71,7 +71,9 @@ class PyramidDrop(ParametersOnly, Intervention):
         keep: the budget: tokens per image (int) or a fraction of them in (0, 1].
         layers: the stage layers (strictly increasing, 1..n_layers-1); by default the authors' [8, 16, 24] of
             32 layers at the same relative depth of the model, scaled down together for a budget their first
-            stage alone would pass (`stage_layers`; each image's layers follow its own size, so images of one batch may differ).
+            stage alone would pass (`stage_layers`; each image's layers follow its own size, so images of one batch
+            may differ). On a hybrid model (Qwen3.5) the default stages move to the nearest attention layers
+            (`attention_layers_near`); a linear-attention layer given here is refused by name.
         tokens: the tokens ranked (the others always stay); per image.
 
     Example:
@@ -137,7 +139,9 @@ class PyramidDrop(ParametersOnly, Intervention):
             sizes = sorted(set(n0[n0 > 0].tolist())) or [1]
             by_layers: dict[tuple[int, ...], list[int] | None] = {}
             for n in sizes:
-                by_layers.setdefault(tuple(self.stage_layers(ctx.n_layers, n)), []).append(n)
+                # on a hybrid model the default stages rank at attention layers
+                layers = attention_layers_near(self.stage_layers(ctx.n_layers, n), ctx.adapter, 1, ctx.n_layers - 1)
+                by_layers.setdefault(tuple(layers), []).append(n)
         counts = self.budget.counts(n0)
         self._counts: dict[int, torch.Tensor] = {}  # layer -> [batch, seq + 1] tokens kept from it on, -1: no stage
         for layers, ns in by_layers.items():

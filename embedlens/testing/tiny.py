@@ -43,6 +43,7 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
     Mistral3ForConditionalGeneration,
+    Qwen3_5ForConditionalGeneration,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
@@ -345,6 +346,45 @@ def _qwen_vl(version: str) -> Callable[[int], tuple[PreTrainedModel, ProcessorMi
     return build
 
 
+def _qwen3_5(seed: int):
+    # Qwen3-VL's tiny tower without DeepStack on a hybrid LLM: Gated DeltaNet layers 0 and 2, full attention 1 and 3
+    # (FastV's default K = 2 reads layer 1's attention); 2 key and 4 value heads of 16 dims, a 4-wide causal conv;
+    # attention heads of 32 dims rotate a quarter (8 dims: 4 frequency pairs, M-RoPE sections 2, 1, 1), as the tester
+    from transformers import Qwen3_5Config
+
+    from embedlens.adapters.qwen3_5 import Qwen3_5ImageProcessor
+
+    tok = qwen_tokenizer()
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    text = dict(vocab_size=len(tok), **_TEXT, head_dim=32, rope_parameters=rope, **_special_ids(tok),
+                layer_types=["linear_attention", "full_attention"] * 2, linear_conv_kernel_dim=4,
+                linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4)
+    vis = dict(depth=3, num_heads=4, in_channels=3, patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2,
+               hidden_size=32, intermediate_size=64, out_hidden_size=TEXT_HIDDEN, num_position_embeddings=64)
+    torch.manual_seed(seed)
+    model = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vis, **qwen_ids(tok)))
+    return model.eval(), Qwen3_5ImageProcessor(qwen_image_processor(), tok, chat_template=tok.chat_template)
+
+
+def _qwen3_vl_moe(seed: int):
+    # tiny:qwen3-vl's tower and DeepStack; the LLM's odd layers (decoder_sparse_step 2) route each token to 2 of 4
+    # experts of width 32, the even ones keep a dense MLP
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    from embedlens.adapters.qwen3_vl_moe import Qwen3VLMoeImageProcessor
+
+    tok = qwen_tokenizer()
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = dict(vocab_size=len(tok), **_TEXT, head_dim=16, rope_parameters=rope, **_special_ids(tok), num_experts=4,
+                num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2)
+    vis = dict(depth=3, num_heads=4, in_channels=3, patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2,
+               hidden_size=32, intermediate_size=64, out_hidden_size=TEXT_HIDDEN, num_position_embeddings=64,
+               deepstack_visual_indexes=[0, 1])
+    torch.manual_seed(seed)
+    model = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(text_config=text, vision_config=vis, **qwen_ids(tok)))
+    return model.eval(), Qwen3VLMoeImageProcessor(qwen_image_processor(), tok, chat_template=tok.chat_template)
+
+
 GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
 
 
@@ -444,6 +484,8 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("gemma3", "gemma3", "siglip", _gemma3),
         TinySpec("mistral3", "mistral3", "pixtral", _mistral3),
         TinySpec("llava_onevision1_5", "llava_onevision1_5", "rice-vit", _onevision1_5),
+        TinySpec("qwen3_5", "qwen3_5", "qwen3-vit", _qwen3_5),
+        TinySpec("qwen3_vl_moe", "qwen3_vl_moe", "qwen3-vit", _qwen3_vl_moe),
     )
 }
 
@@ -464,7 +506,8 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
     Args:
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
             `llava_onevision`, `paligemma`, `llava_next`, `idefics3`, `smolvlm`, `internvl`,
-            `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `gemma3`, `mistral3`, `llava_onevision1_5`), or an old
+            `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `gemma3`, `mistral3`, `llava_onevision1_5`, `qwen3_5`,
+            `qwen3_vl_moe`), or an old
             spelling in `TINY_ALIASES` (same model, with a DeprecationWarning).
         seed: seed of the random initialisation.
 
