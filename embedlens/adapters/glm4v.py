@@ -1,4 +1,4 @@
-"""GLM-4V (GLM-4.1V, GLM-4.5V): Qwen2-VL's packed native-resolution layout, a tower that merges patches itself.
+"""GLM-4V (GLM-4.1V) and GLM-4.5V: Qwen2-VL's packed native-resolution layout, a tower that merges patches itself.
 
 The image processor (``Glm4vImageProcessor``) resizes each image to multiples of
 ``patch_size * spatial_merge_size`` and writes one ``pixel_values`` row per
@@ -25,6 +25,8 @@ What differs from Qwen2-VL:
   ``.mlp`` sites read those norms (the updates the residual stream receives).
 - The frame tokens are ``<|begin_of_image|>`` / ``<|end_of_image|>``
   (``image_start_token_id`` / ``image_end_token_id``).
+- GLM-4.5V (`Glm4vMoeAdapter`, ``glm4v_moe``) has the same tower and layout on a mixture-of-experts language
+  model whose decoder layers are plain pre-norm ones (no post-norms).
 - The largest image the processor keeps is smaller than ``size.longest_edge``
   pixels: its resize counts ``temporal_patch_size`` copies of an image
   against that bound (`grid`).
@@ -42,7 +44,9 @@ Example:
 
 from __future__ import annotations
 
-from transformers import Glm4vForConditionalGeneration, Glm4vProcessor
+from dataclasses import replace
+
+from transformers import Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration, Glm4vProcessor
 
 from embedlens.adapters.base import ModulePaths
 from embedlens.adapters.capabilities import Capability
@@ -71,7 +75,9 @@ class Glm4vAdapter(Qwen2VLAdapter):
     architectures = ("Glm4vForConditionalGeneration",)
     model_class = Glm4vForConditionalGeneration
     paths = _GLM4V_PATHS
-    capabilities = Qwen2VLAdapter.capabilities | {Capability.PRE_PROJECTOR_MERGE}
+    # no VIDEO: GLM-4V's video prompts (each frame framed as an image with its timestamp, filled with image tokens)
+    # are not written by embedlens yet
+    capabilities = (Qwen2VLAdapter.capabilities - {Capability.VIDEO}) | {Capability.PRE_PROJECTOR_MERGE}
     image_only_processor = Glm4vImageProcessor
 
     def grid(self) -> tuple[int, int]:
@@ -83,9 +89,25 @@ class Glm4vAdapter(Qwen2VLAdapter):
         return side, side
 
     def special_token_ids(self) -> set[int]:
-        # <|begin_of_image|> / <|end_of_image|> frame each image: image structure, not text
+        # <|begin_of_image|> / <|end_of_image|> frame each image: image structure, not text (the tokenizer's specials
+        # and these, not Qwen's <|vision_start|> ids, which GLM's config does not have)
         ids = {int(self.config.image_start_token_id), int(self.config.image_end_token_id)}
         return super(Qwen2VLAdapter, self).special_token_ids() | ids
 
 
-__all__ = ["Glm4vAdapter", "Glm4vImageProcessor"]
+@adapters.register("glm4v_moe")
+class Glm4vMoeAdapter(Glm4vAdapter):
+    """GLM-4.5V: GLM-4V's tower and layout on a mixture-of-experts LM (pre-norm layers, no post-norms).
+
+    From layer ``first_k_dense_replace`` on, each decoder layer's MLP is a sparse block: a sigmoid router picks
+    ``num_experts_per_tok`` routed experts per token (within the best ``topk_group`` of ``n_group`` groups), whose
+    weighted outputs are added to a shared expert's. ``llm.layers[i].mlp`` reads the block's output. Each token is
+    routed alone, so routing follows whatever sequence the engine runs (a pruned token is routed nowhere).
+    """
+
+    architectures = ("Glm4vMoeForConditionalGeneration",)
+    model_class = Glm4vMoeForConditionalGeneration
+    paths = replace(_GLM4V_PATHS, attn_out="", mlp_out="")  # no post-norms: `.attn` / `.mlp` are the modules' outputs
+
+
+__all__ = ["Glm4vAdapter", "Glm4vImageProcessor", "Glm4vMoeAdapter"]

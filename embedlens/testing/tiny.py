@@ -496,6 +496,25 @@ def _glm4v(seed: int):
     return model, Glm4vImageProcessor(glm4v_image_processor(), tok, chat_template=tok.chat_template)
 
 
+def _glm4v_moe(seed: int):
+    # GLM-4.5V: tiny:glm4v's tower on a mixture-of-experts LM: layer 0 dense (first_k_dense_replace 1), layers 1-3
+    # route each token to 2 of 4 experts of width 32 (2 groups, the best one kept) plus a shared expert
+    from transformers import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+
+    from embedlens.adapters.glm4v import Glm4vImageProcessor
+
+    tok = glm4v_tokenizer()
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5}
+    text = dict(vocab_size=len(tok), **_TEXT, rope_parameters=rope, **_special_ids(tok), n_routed_experts=4,
+                num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32, n_group=2, topk_group=1,
+                first_k_dense_replace=1)
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, in_channels=3, image_size=IMAGE_SIZE,
+                  patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=TEXT_HIDDEN)
+    torch.manual_seed(seed)
+    model = Glm4vMoeForConditionalGeneration(Glm4vMoeConfig(text_config=text, vision_config=vision, **glm4v_ids(tok))).eval()
+    return model, Glm4vImageProcessor(glm4v_image_processor(), tok, chat_template=tok.chat_template)
+
+
 def _mistral3(seed: int):
     # 3 Pixtral layers of width 32 on 8-px patches (2-D RoPE from each patch's row and column; the tower never reads
     # image_size, set to the largest image), merged 2 x 2 in the projector. The Mistral LLM slides a window of 8 over
@@ -533,6 +552,7 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("qwen3_5", "qwen3_5", "qwen3-vit", _qwen3_5),
         TinySpec("qwen3_vl_moe", "qwen3_vl_moe", "qwen3-vit", _qwen3_vl_moe),
         TinySpec("glm4v", "glm4v", "glm4v-vit", _glm4v),
+        TinySpec("glm4v_moe", "glm4v_moe", "glm4v-vit", _glm4v_moe),
     )
 }
 
@@ -554,7 +574,7 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
             `llava_onevision`, `paligemma`, `llava_next`, `idefics3`, `smolvlm`, `internvl`,
             `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `gemma3`, `mistral3`, `llava_onevision1_5`, `qwen3_5`,
-            `qwen3_vl_moe`, `glm4v`), or an old
+            `qwen3_vl_moe`, `glm4v`, `glm4v_moe`), or an old
             spelling in `TINY_ALIASES` (same model, with a DeprecationWarning).
         seed: seed of the random initialisation.
 

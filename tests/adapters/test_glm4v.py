@@ -1,9 +1,9 @@
-"""GLM-4V: the processor's patch layout on image pixels, the tower's own 2 x 2 merge before its merger, M-RoPE
-positions by hand and through HF's generation, and the family proofs on HF's own tester configuration (no merge)
-and its 2 x 2-merge variant.
+"""GLM-4V and GLM-4.5V (mixture of experts): the processor's patch layout on image pixels, the tower's own 2 x 2
+merge before its merger, M-RoPE positions by hand and through HF's generation, routing under pruning, and the family
+proofs on HF's own tester configurations (GLM-4V's without merge, its 2 x 2-merge variant, GLM-4.5V's).
 
 The family-wide proofs (sites == HF hidden states, role map, one patch -> one token, planted codes, conformance,
-intervention equivalences) run on ``tiny:glm4v`` through the parametrised suites.
+intervention equivalences) run on ``tiny:glm4v`` and ``tiny:glm4v_moe`` through the parametrised suites.
 """
 
 from __future__ import annotations
@@ -11,11 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from embedlens.adapters import Glm4vAdapter, load_model, wrap_model
+from conftest import hf_run
+from embedlens.adapters import Glm4vAdapter, Glm4vMoeAdapter, load_model, wrap_model
 from embedlens.adapters.base import resolve_path
 from embedlens.adapters.capabilities import Capability
 from embedlens.data import Sample
+from embedlens.errors import InputError
 from embedlens.interventions import Engine
+from embedlens.interventions.prune import Prune
 from embedlens.roles import Role
 from embedlens.sites import Site
 from embedlens.testing.images import noise, shapes
@@ -25,7 +28,7 @@ from tests.adapters import test_qwen2_vl, test_sites
 from tests.interventions import test_equivalences
 from tests.support.hf_testers import BLOCK_TESTER_CONFIGS
 
-TESTERS = ("glm4v", "glm4v-merge")
+TESTERS = ("glm4v", "glm4v-merge", "glm4v_moe")
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +89,13 @@ def test_image_frame_tokens_are_special(tiny):
     assert tiny.has(Capability.PRE_PROJECTOR_MERGE) and tiny.has(Capability.MROPE) and tiny.has(Capability.PACKED_TOWER)
 
 
+def test_video_is_refused_by_name(tiny):
+    """GLM-4V's video prompts (frames framed as images with timestamps) are not written: a video sample is refused."""
+    assert not tiny.has(Capability.VIDEO)
+    with pytest.raises(InputError, match="glm4v does not take video"):
+        tiny.encode([Sample(video=[shapes(32, seed=i) for i in range(2)], question="what?", id="v")])
+
+
 def test_attn_and_mlp_sites_read_the_post_norms(tiny):
     """The decoder layer norms its attention and MLP outputs before each residual add: `.attn` and `.mlp` are
     those normed updates (the norms' outputs in a plain HF forward, read by hooks), so `in + attn + mlp == out`."""
@@ -106,10 +116,48 @@ def test_attn_and_mlp_sites_read_the_post_norms(tiny):
     test_sites.test_attn_and_mlp_updates_sum_to_the_layer_output(tiny)
 
 
+def test_moe_routing_follows_the_pruned_sequence():
+    """GLM-4.5V's sparse blocks (layers 1-3 of tiny:glm4v_moe) route exactly the tokens present, each as in HF's run
+    of the shortened sequence at the original positions: the (token, expert) choices are HF's."""
+    moe = load_model("tiny:glm4v_moe")
+    samples = [Sample([shapes(64, seed=1)], question="what is it?", id="a"),
+               Sample([noise(40, 24, seed=2)], question="count the shapes", id="b")]
+    batch = moe.encode(samples, padding_side="left")
+    eng = Engine(moe)
+    dead = batch.roles.visual & (torch.arange(batch.input_ids.shape[1]) % 3 == 0)
+    layers = resolve_path(moe.model, moe.paths.llm_layers)
+    sparse = [i for i, layer in enumerate(layers) if hasattr(layer.mlp, "gate")]
+    assert sparse == [1, 2, 3]
+    seen: dict[int, list] = {i: [] for i in sparse}
+    hooks = [layers[i].mlp.gate.register_forward_hook(lambda m, a, o, i=i: seen[i].append(o[2])) for i in sparse]
+    try:
+        out = eng.run(batch, [Prune(tokens="dead")], groups={"dead": dead}.__getitem__)
+        engine_routes = {i: seen[i].pop() for i in sparse}
+        keep = ~dead & ~batch.roles.padding
+        embeds = eng.embed(batch)
+        refs = []
+        for b in range(2):
+            hf_run(moe, batch, b, keep[b], embeds)  # HF on the cut sequence: its routes land in `seen`
+            refs.append({i: seen[i].pop() for i in sparse})
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = out.counts["rows"]
+    width = int(rows[1].max())
+    for i in sparse:
+        assert engine_routes[i].shape == (2 * width, moe.config.text_config.num_experts_per_tok)
+        for b in range(2):
+            n = int(keep[b].sum())
+            assert int(rows[i][b]) == n
+            got = engine_routes[i].view(2, width, -1)[b, :n]  # each sample's present tokens packed left
+            assert torch.equal(got.sort(-1).values, refs[b][i].sort(-1).values)
+
+
 @pytest.fixture(scope="module", params=TESTERS)
 def tester(request):
-    adapter = wrap_model(*BLOCK_TESTER_CONFIGS[request.param].build(0))
-    assert type(adapter) is Glm4vAdapter
+    cfg = BLOCK_TESTER_CONFIGS[request.param]
+    adapter = wrap_model(*cfg.build(0))
+    assert type(adapter) is {"glm4v": Glm4vAdapter, "glm4v_moe": Glm4vMoeAdapter}[cfg.family]
     return adapter
 
 

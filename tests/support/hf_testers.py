@@ -570,23 +570,33 @@ GLM4V_TESTER = dict(
     image_size=28,
 )
 
+#: `Glm4vMoeVisionText2TextModelTester` (tests/models/glm4v_moe/test_modeling_glm4v_moe.py): GLM-4V's tester values on
+#: a mixture-of-experts LM: layer 0 dense (``first_k_dense_replace`` 1), layer 1 routing each token to all 8 routed
+#: experts (one group) plus a shared one; M-RoPE sections 1, 1 (its ``rope_scaling``) over the default half of each
+#: head; the experts keep the config's default width (``moe_intermediate_size`` 1408).
+GLM4V_MOE_TESTER = dict(GLM4V_TESTER, text=dict(
+    GLM4V_TESTER["text"], rope_parameters={"rope_type": "default", "mrope_section": [1, 1], "rope_theta": 10000},
+    n_routed_experts=8, n_shared_experts=1, n_group=1, topk_group=1, num_experts_per_tok=8))
 
-def glm4v_builder(merge: int = 1) -> Builder:
-    """GLM-4V from its tester's values (above), merging ``merge x merge`` patches per token; the image processor
-    keeps images up to 3 x 3 blocks of ``image_size`` px (two temporal copies of each image count against it)."""
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+def glm4v_builder(merge: int = 1, moe: bool = False) -> Builder:
+    """GLM-4V (``moe``: GLM-4.5V's mixture-of-experts LM) from its tester's values (above), merging ``merge x merge``
+    patches per token; the image processor keeps images up to 3 x 3 blocks of ``image_size`` px (two temporal copies
+    of each image count against it)."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
 
     from embedlens.adapters.glm4v import Glm4vImageProcessor
     from embedlens.testing.tiny import glm4v_ids, glm4v_image_processor, glm4v_tokenizer
 
-    t = GLM4V_TESTER
+    t = GLM4V_MOE_TESTER if moe else GLM4V_TESTER
+    config_cls, model_cls = (Glm4vMoeConfig, Glm4vMoeForConditionalGeneration) if moe else (Glm4vConfig, Glm4vForConditionalGeneration)
 
     def build(seed: int):
         tok = glm4v_tokenizer()
         v = dict(t["vision"], spatial_merge_size=merge)
-        config = Glm4vConfig(text_config=dict(t["text"], vocab_size=len(tok), **_ids(tok)), vision_config=v, **glm4v_ids(tok))
+        config = config_cls(text_config=dict(t["text"], vocab_size=len(tok), **_ids(tok)), vision_config=v, **glm4v_ids(tok))
         torch.manual_seed(seed)
-        model = Glm4vForConditionalGeneration(config).eval()
+        model = model_cls(config).eval()
         ip = glm4v_image_processor(patch_size=v["patch_size"], merge_size=merge, max_side=3 * t["image_size"] * merge,
                                    min_side=v["patch_size"] * merge)
         return model, Glm4vImageProcessor(ip, tok, chat_template=tok.chat_template)
@@ -720,6 +730,9 @@ BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
                      glm4v_builder(), image_sizes=((56, 56), (28, 70)), images_per_sample=2),
         HFTesterConfig("glm4v-merge", "glm4v", "Glm4vVisionText2TextModelTester with the checkpoints' 2 x 2 merge",
                      glm4v_builder(merge=2), image_sizes=((112, 112), (56, 140)), images_per_sample=2),
+        HFTesterConfig("glm4v_moe", "glm4v_moe", "Glm4vMoeVisionText2TextModelTester (GLM-4V's tester on a mixture-of-"
+                     "experts LM: layer 1 routes to 8 experts + a shared one)", glm4v_builder(moe=True),
+                     image_sizes=((56, 56), (28, 70)), images_per_sample=2),
         HFTesterConfig("mistral3-window", "mistral3", "Mistral3VisionText2TextModelTester with sliding_window=3, so that "
                      "the window bites on every prompt", mistral3_builder(sliding_window=3), image_sizes=((30, 30),)),
     )
