@@ -171,7 +171,9 @@ def _packed_patch_blocks(adapter):
         assert len(where) == 1 and where[0][0] == 0, (t, where)
         site_row = where[0][1]  # where the site holds that patch (Qwen2.5-VL: in window order)
         assert site_row in adapter.patch_indices(vt["feature_col"][t : t + 1], batch.inputs)[0].tolist(), (t, site_row)
-        handle = proj.register_forward_pre_hook(lambda m, args: (_bumped(args[0][None], 0, site_row)[0], *args[1:]))
+        # the projector's input: `[patches, d]` (Qwen-VL's merger, Mistral 3's projector) or `[1, patches, d]` (LLaVA's)
+        handle = proj.register_forward_pre_hook(
+            lambda m, args: (_bumped(args[0].reshape(1, -1, args[0].shape[-1]), 0, site_row).reshape(args[0].shape), *args[1:]))
         try:
             out = collect(adapter, batch, ["projector"])[Site("projector")]
         finally:

@@ -9,7 +9,7 @@ Example:
 
 from __future__ import annotations
 
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import PretrainedConfig, PreTrainedModel, ProcessorMixin
 
 from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText
 from embedlens.adapters.gemma3 import Gemma3Adapter
@@ -17,6 +17,7 @@ from embedlens.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter, SmolVLM
 from embedlens.adapters.internvl import InternVLAdapter, InternVLImageProcessor
 from embedlens.adapters.llava import LlavaAdapter
 from embedlens.adapters.llava_next import LlavaNextAdapter
+from embedlens.adapters.llava_pixtral import LlavaPixtralAdapter
 from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionImageProcessor
 from embedlens.adapters.mistral3 import Mistral3Adapter, PixtralProcessor
 from embedlens.adapters.paligemma import PaliGemmaAdapter
@@ -40,6 +41,7 @@ __all__ = [
     "LlavaAdapter",
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",
+    "LlavaPixtralAdapter",
     "Mistral3Adapter",
     "ModulePaths",
     "OnevisionImageProcessor",
@@ -57,19 +59,27 @@ __all__ = [
 ]
 
 
-def adapter_for_architecture(architectures: list[str] | tuple[str, ...] | None, model_type: str = "") -> type[Adapter]:
-    """The registered adapter class that supports one of `architectures`.
+def adapter_for_architecture(architectures: list[str] | tuple[str, ...] | None, model_type: str = "",
+                             config: PretrainedConfig | None = None) -> type[Adapter]:
+    """The registered adapter class that supports one of `architectures` (and, given the model's `config`, fits
+    its parts: `Adapter.mismatch`, e.g. `LlavaForConditionalGeneration` with a Pixtral tower).
 
     Raises:
-        AdapterError: listing every supported architecture and pointing to docs/adding-a-family.md.
+        AdapterError: listing every supported architecture (and why the adapters of this one do not fit its
+            config) and pointing to docs/adding-a-family.md.
     """
+    reasons = []
     for name, cls in adapters.items():
         if set(architectures or ()) & set(cls.architectures):
-            return cls
-    supported = sorted(a for _, cls in adapters.items() for a in cls.architectures)
+            reason = None if config is None else cls.mismatch(config)
+            if reason is None:
+                return cls
+            reasons.append(reason)
+    supported = sorted({a for _, cls in adapters.items() for a in cls.architectures})
     got = ", ".join(architectures or ()) or f"(none; model_type {model_type!r})"
+    why = f" ({'; '.join(reasons)})" if reasons else ""
     raise AdapterError(
-        f"No adapter supports architecture {got}. Supported: {', '.join(supported)}. "
+        f"No adapter supports architecture {got}{why}. Supported: {', '.join(supported)}. "
         f"To add a family, see {ADDING_A_FAMILY}"
     )
 
@@ -89,7 +99,7 @@ def wrap_model(model: PreTrainedModel, processor: ProcessorMixin, adapter: str |
             )
     else:
         archs = getattr(model.config, "architectures", None) or [type(model).__name__]
-        cls = adapter_for_architecture(archs, getattr(model.config, "model_type", ""))
+        cls = adapter_for_architecture(archs, getattr(model.config, "model_type", ""), model.config)
     return cls(model, processor)
 
 

@@ -116,6 +116,22 @@ class Adapter(ABC):
     # intervention engine skip them (`vision_layers_needed`).
     selects_vision_layer: ClassVar[bool] = False
 
+    @classmethod
+    def mismatch(cls, config: Any) -> str | None:
+        """What in `config` this adapter does not serve among the models of its `architectures`, or None.
+
+        For an architecture that several adapters share with different parts (`LlavaForConditionalGeneration`
+        with a CLIP or SigLIP tower, or with Pixtral's): `load_model` picks the adapter that fits, the
+        unsupported-architecture error names what fits none, and a forced adapter that does not fit is refused
+        with this reason before any of its module paths is looked up."""
+        return None
+
+    @classmethod
+    def _refuse_unfit(cls, model: PreTrainedModel) -> None:
+        reason = cls.mismatch(model.config)
+        if reason is not None:
+            raise AdapterError(f"adapter {cls.registered_name or cls.__name__!r} does not fit this {type(model).__name__}: {reason}")
+
     @property
     def name(self) -> str:
         """The adapter's registered name (its key in plans)."""
@@ -130,6 +146,7 @@ class Adapter(ABC):
         #: Run traces on NDIF (`embedlens.adapters.remote`); the model here is then a weightless skeleton.
         self.remote = False
         self._remote_weights: dict[str, torch.Tensor] = {}
+        self._refuse_unfit(model)
         for attr in ("vision_embed", "vision_layers", "projector", "language_model", "llm_layers", "llm_norm", "unembed"):
             resolve_path(model, getattr(self.paths, attr))  # fail at load, not mid-run
 
@@ -171,6 +188,7 @@ class Adapter(ABC):
         except Exception as e:  # noqa: BLE001 - a checkpoint of another family fails in arbitrary ways
             raise AdapterError(f"{label} cannot load {str(path)!r}: {type(e).__name__}: {e}") from None
         check_weights_fit(label, str(path), model, info)
+        cls._refuse_unfit(model)  # before its processor, which may be another family's
         if placement is None or placement.device_map is None:  # a dispatched or quantised model is placed already
             model = model if placement is not None and placement.quantization is not None else model.to(device)
         return cls(model.eval(), cls.load_processor(path), source=str(path))

@@ -405,6 +405,23 @@ def _mistral3(seed: int):
     return model, mistral3_processor(tok)
 
 
+def _llava_pixtral(seed: int):
+    # Pixtral-12B's layout: LlavaForConditionalGeneration, a Pixtral tower (3 layers of width 32 on 8-px patches, as
+    # tiny:mistral3) and LLaVA's MLP projector, no patch merger: one [IMG] token per patch, so a 64-px image is 8 x 8
+    # tokens. "full" feature selection and no sliding window, as Pixtral-12B's config.
+    from transformers import MistralConfig, PixtralVisionConfig
+
+    tok = mistral3_tokenizer()
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                 image_size=64, patch_size=MISTRAL3_PATCH)
+    text = MistralConfig(vocab_size=len(tok), head_dim=16, sliding_window=None, **_TEXT, **_special_ids(tok))
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.image_token_id,
+                         vision_feature_select_strategy="full", vision_feature_layer=-1, image_seq_length=1)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    return model, mistral3_processor(tok, merge_size=1)
+
+
 TINY_SPECS: dict[str, TinySpec] = {
     s.name: s
     for s in (
@@ -421,6 +438,7 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("qwen3-vl", "qwen3_vl", "qwen3-vit", _qwen_vl("3")),
         TinySpec("gemma3", "gemma3", "siglip", _gemma3),
         TinySpec("mistral3", "mistral3", "pixtral", _mistral3),
+        TinySpec("llava-pixtral", "llava_pixtral", "pixtral", _llava_pixtral),
     )
 }
 
@@ -431,7 +449,7 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
     Args:
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
             `llava-onevision`, `paligemma`, `llava-next`, `idefics3`, `smolvlm`, `internvl`,
-            `qwen2-vl`, `qwen2.5-vl`, `qwen3-vl`, `gemma3`, `mistral3`).
+            `qwen2-vl`, `qwen2.5-vl`, `qwen3-vl`, `gemma3`, `mistral3`, `llava-pixtral`).
         seed: seed of the random initialisation.
 
     Returns:

@@ -526,6 +526,46 @@ def mistral3_builder(sliding_window: int | None = None) -> Builder:
     return build
 
 
+#: Pixtral-12B is a `LlavaForConditionalGeneration` with a Pixtral tower; transformers tests that pairing only on the
+#: real checkpoint, so its tester values are the two testers it joins: `LlavaVisionText2TextModelTester`'s text and
+#: top-level values (`LLAVA_TESTER`) and `PixtralVisionModelTester`'s tower (tests/models/pixtral/
+#: test_modeling_pixtral.py: 30-px images of 2-px patches, 15 x 15 patches, each one token, as LLaVA's projector
+#: merges none). Feature selection is "full", as Pixtral-12B's config (the tower has no CLS token).
+PIXTRAL_TESTER = dict(
+    vision=dict(model_type="pixtral", image_size=30, patch_size=2, num_channels=3, hidden_size=32, projection_dim=32,
+                num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, dropout=0.1, attention_dropout=0.1,
+                initializer_range=0.02),
+    longest_edge=30,
+)
+
+
+def llava_pixtral_builder(sliding_window: int | None = None) -> Builder:
+    """Pixtral-12B's layout on the testers' values: the LLaVA tester's Llama text model, or (with `sliding_window`)
+    Pixtral-12B's Mistral text model with that window, so that it bites on the test prompts."""
+    from transformers import MistralConfig
+
+    from embedlens.testing.tiny import mistral3_processor, mistral3_tokenizer
+
+    t, v = LLAVA_TESTER, PIXTRAL_TESTER
+
+    def build(seed: int):
+        tok = mistral3_tokenizer()
+        if sliding_window is None:
+            text = LlamaConfig(vocab_size=len(tok), **t["text"], **_ids(tok))
+        else:
+            # MistralConfig's own default is 8 key/value heads; the tester's Llama has as many as query heads
+            text = MistralConfig(vocab_size=len(tok), sliding_window=sliding_window, num_key_value_heads=t["text"]["num_attention_heads"],
+                                 **t["text"], **_ids(tok))
+        top = {**t["top"], "vision_feature_select_strategy": "full", "image_seq_length": 1}
+        config = LlavaConfig(vision_config=v["vision"], text_config=text, image_token_id=tok.image_token_id, **top)
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).eval()
+        processor = mistral3_processor(tok, patch_size=v["vision"]["patch_size"], merge_size=1, longest_edge=v["longest_edge"])
+        return model, processor
+
+    return build
+
+
 _OV_MANY_TILES = [[16 * i, 16 * j] for i in range(1, 4) for j in range(1, 4)]
 
 TESTER_CONFIGS: dict[str, HFTesterConfig] = {
@@ -592,6 +632,12 @@ BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
                      image_sizes=((30, 30), (24, 40)), images_per_sample=2),
         HFTesterConfig("mistral3-window", "mistral3", "Mistral3VisionText2TextModelTester with sliding_window=3, so that "
                      "the window bites on every prompt", mistral3_builder(sliding_window=3), image_sizes=((30, 30),)),
+        HFTesterConfig("llava-pixtral", "llava_pixtral", "LlavaVisionText2TextModelTester's Llama and projector with "
+                     "PixtralVisionModelTester's tower (2-px patches, one token each; images at native resolution up "
+                     "to 30 px)", llava_pixtral_builder(), image_sizes=((20, 20), (12, 30)), images_per_sample=2),
+        HFTesterConfig("llava-pixtral-window", "llava_pixtral", "as llava-pixtral, with Pixtral-12B's Mistral text "
+                     "model and sliding_window=3, so that the window bites on every prompt",
+                     llava_pixtral_builder(sliding_window=3), image_sizes=((20, 20),)),
     )
 }
 
