@@ -75,11 +75,16 @@ def adapter_for_architecture(architectures: list[str] | tuple[str, ...] | None, 
             if reason is None:
                 return cls
             reasons.append(reason)
+    raise unsupported(", ".join(architectures or ()) or f"(none; model_type {model_type!r})", reasons)
+
+
+def unsupported(architecture: str, reasons: list[str] = ()) -> AdapterError:
+    """The unsupported-architecture error: what was got and why it does not fit (where an adapter claims the
+    architecture but not its parts), every supported architecture, and the guide to adding a family."""
     supported = sorted({a for _, cls in adapters.items() for a in cls.architectures})
-    got = ", ".join(architectures or ()) or f"(none; model_type {model_type!r})"
     why = f" ({'; '.join(reasons)})" if reasons else ""
-    raise AdapterError(
-        f"No adapter supports architecture {got}{why}. Supported: {', '.join(supported)}. "
+    return AdapterError(
+        f"No adapter supports architecture {architecture}{why}. Supported: {', '.join(supported)}. "
         f"To add a family, see {ADDING_A_FAMILY}"
     )
 

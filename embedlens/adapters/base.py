@@ -116,15 +116,26 @@ class Adapter(ABC):
     # intervention engine skip them (`vision_layers_needed`).
     selects_vision_layer: ClassVar[bool] = False
 
+    # The vision towers (`vision_config.model_type`) the adapter takes, for model classes that build whatever tower
+    # the config names (LLaVA's `AutoModel.from_config`); empty: the model class fixes its tower.
+    vision_towers: ClassVar[tuple[str, ...]] = ()
+
     @classmethod
     def mismatch(cls, config: Any) -> str | None:
         """What in `config` this adapter does not serve among the models of its `architectures`, or None.
 
-        For an architecture that several adapters share with different parts (`LlavaForConditionalGeneration`
-        with a CLIP or SigLIP tower, or with Pixtral's): `load_model` picks the adapter that fits, the
-        unsupported-architecture error names what fits none, and a forced adapter that does not fit is refused
-        with this reason before any of its module paths is looked up."""
-        return None
+        The default checks the vision tower against `vision_towers`. Where adapters share an architecture with
+        different parts (`LlavaForConditionalGeneration` with a CLIP or SigLIP tower: ``llava``; with Pixtral's:
+        ``llava_pixtral``), `load_model` picks the one that fits; a model none fits gets the unsupported-architecture
+        error with these reasons, and a forced adapter that does not fit is refused with its reason before any of
+        its module paths is looked up."""
+        if not cls.vision_towers:
+            return None
+        tower = getattr(getattr(config, "vision_config", None), "model_type", None)
+        if tower in cls.vision_towers:
+            return None
+        return (f"its vision tower is {tower!r}; adapter {cls.registered_name or cls.__name__!r} takes "
+                f"{' or '.join(map(repr, cls.vision_towers))}")
 
     @classmethod
     def _refuse_unfit(cls, model: PreTrainedModel) -> None:
@@ -148,7 +159,14 @@ class Adapter(ABC):
         self._remote_weights: dict[str, torch.Tensor] = {}
         self._refuse_unfit(model)
         for attr in ("vision_embed", "vision_layers", "projector", "language_model", "llm_layers", "llm_norm", "unembed"):
-            resolve_path(model, getattr(self.paths, attr))  # fail at load, not mid-run
+            path = getattr(self.paths, attr)
+            try:
+                resolve_path(model, path)  # fail at load, not mid-run
+            except AdapterError:  # a layout of the family no adapter serves: the unsupported-architecture error
+                from embedlens.adapters import unsupported
+
+                raise unsupported(type(model).__name__, [f"adapter {self.name!r} reads its {attr} at {path!r}, which this "
+                                                         "model lacks"]) from None
 
     # -- loading -------------------------------------------------------------
     @classmethod

@@ -22,15 +22,7 @@ class LlavaAdapter(Adapter):
     model_class = LlavaForConditionalGeneration
     selects_vision_layer = True  # features = hidden_states[vision_feature_layer]: later encoder layers are skipped
 
-    #: vision towers (``vision_config.model_type``) this adapter takes; a Pixtral tower is `LlavaPixtralAdapter`'s
-    towers: tuple[str, ...] = ("clip_vision_model", "siglip_vision_model")
-
-    @classmethod
-    def mismatch(cls, config) -> str | None:
-        tower = getattr(getattr(config, "vision_config", None), "model_type", None)
-        if tower in cls.towers:
-            return None
-        return f"its vision tower is {tower!r}; adapter {cls.registered_name!r} takes {' or '.join(map(repr, cls.towers))}"
+    vision_towers = ("clip_vision_model", "siglip_vision_model")  # a Pixtral tower is `LlavaPixtralAdapter`'s
 
     @property
     def tower(self) -> str:

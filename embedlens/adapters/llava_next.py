@@ -24,6 +24,7 @@ class LlavaNextAdapter(Adapter):
 
     architectures = ("LlavaNextForConditionalGeneration",)
     model_class = LlavaNextForConditionalGeneration
+    vision_towers = ("clip_vision_model", "siglip_vision_model")
     selects_vision_layer = True  # features = hidden_states[vision_feature_layer]: later encoder layers are skipped
     has_image_newline = True
 

@@ -33,6 +33,7 @@ class LlavaOnevisionAdapter(Adapter):
 
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     model_class = LlavaOnevisionForConditionalGeneration
+    vision_towers = ("siglip_vision_model", "clip_vision_model")
     selects_vision_layer = True  # features = hidden_states[vision_feature_layer]: later encoder layers are skipped
     has_image_newline = True
 

@@ -40,10 +40,7 @@ class LlavaPixtralAdapter(Mistral3Adapter):
     architectures = ("LlavaForConditionalGeneration",)
     model_class = LlavaForConditionalGeneration
 
-    @classmethod
-    def mismatch(cls, config) -> str | None:
-        tower = getattr(getattr(config, "vision_config", None), "model_type", None)
-        return None if tower == "pixtral" else f"its vision tower is {tower!r}; adapter {cls.registered_name!r} takes 'pixtral'"
+    vision_towers = ("pixtral",)
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, source: str | None = None):
         super().__init__(model, processor, source)

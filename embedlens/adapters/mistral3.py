@@ -90,6 +90,7 @@ class Mistral3Adapter(Adapter):
 
     architectures = ("Mistral3ForConditionalGeneration",)
     model_class = Mistral3ForConditionalGeneration
+    vision_towers = ("pixtral",)
     paths = ModulePaths(vision_embed="model.vision_tower.ln_pre", vision_layers="model.vision_tower.transformer.layers")
     packed_vision = True
     selects_vision_layer = True  # features = hidden_states[vision_feature_layer]: later encoder layers are skipped

@@ -22,6 +22,7 @@ class PaliGemmaAdapter(Adapter):
 
     architectures = ("PaliGemmaForConditionalGeneration",)
     model_class = PaliGemmaForConditionalGeneration
+    vision_towers = ("siglip_vision_model",)
     answer_as_suffix = True
     position_offset = 1
 
