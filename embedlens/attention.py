@@ -46,18 +46,25 @@ def attention_rows(
     """
     bsz, n_rows, _ = hidden.shape
     hd = attn.head_dim
+    if getattr(attn, "is_kv_shared_layer", False):
+        raise AdapterError(f"{type(attn).__name__} of layer {attn.layer_idx} reuses an earlier layer's keys and values "
+                           "(num_kv_shared_layers): its attention rows are not recomputed from its input")
     cos, sin = position_embeddings
     q_in = hidden.gather(1, query_rows[..., None].expand(-1, -1, hidden.shape[-1]))
     q = attn.q_proj(q_in).view(bsz, query_rows.shape[1], -1, hd)
     k = attn.k_proj(hidden).view(bsz, n_rows, -1, hd)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
     rope = _rotary_fn(attn)
     qc = cos.gather(1, query_rows[..., None].expand(-1, -1, cos.shape[-1]))
     qs = sin.gather(1, query_rows[..., None].expand(-1, -1, sin.shape[-1]))
-    q = rope(q, q, qc, qs)[0]
-    k = rope(k, k, cos, sin)[1]
+    if _rotates_one_tensor(rope):  # Gemma 4: apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim), on [batch, rows, heads, d]
+        q = rope(q, qc, qs, unsqueeze_dim=2).transpose(1, 2)
+        k = rope(k, cos, sin, unsqueeze_dim=2).transpose(1, 2)
+    else:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q = rope(q, q, qc, qs)[0]
+        k = rope(k, k, cos, sin)[1]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
     cap = getattr(attn.config, "attn_logit_softcapping", None)
@@ -65,6 +72,17 @@ def attention_rows(
         scores = torch.tanh(scores / cap) * cap
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     return scores.softmax(dim=-1)
+
+
+@functools.cache
+def _rotates_one_tensor(rope) -> bool:
+    """Whether the family's ``apply_rotary_pos_emb`` rotates one tensor, ``(x, cos, sin, unsqueeze_dim)`` (Gemma 4),
+    instead of a (q, k) pair (whose function transformers may wrap in a kernel hub's ``(*args, **kwargs)``)."""
+    try:
+        params = inspect.signature(rope).parameters
+    except (TypeError, ValueError):
+        return False
+    return "x" in params and "k" not in params
 
 
 @functools.cache

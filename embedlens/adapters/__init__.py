@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig, PreTrainedModel, ProcessorMixin
 
+from embedlens.adapters._unsupported import ADDING_A_FAMILY, unsupported
 from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText
 from embedlens.adapters.gemma3 import Gemma3Adapter
+from embedlens.adapters.gemma4 import Gemma4Adapter, Gemma4ImageProcessor
 from embedlens.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter, SmolVLMImageProcessor
 from embedlens.adapters.internvl import InternVLAdapter, InternVLImageProcessor
 from embedlens.adapters.llava import LlavaAdapter
@@ -29,12 +31,13 @@ from embedlens.registry import adapters
 
 TINY_PREFIX = "tiny:"
 ZOO_PREFIX = "zoo:"
-ADDING_A_FAMILY = "docs/adding-a-family.md"  # the guide the unsupported-architecture error points to
 
 __all__ = [
     "Adapter",
     "Batch",
     "Gemma3Adapter",
+    "Gemma4Adapter",
+    "Gemma4ImageProcessor",
     "Idefics3Adapter",
     "InternVLAdapter",
     "InternVLImageProcessor",
@@ -76,17 +79,6 @@ def adapter_for_architecture(architectures: list[str] | tuple[str, ...] | None, 
                 return cls
             reasons.append(reason)
     raise unsupported(", ".join(architectures or ()) or f"(none; model_type {model_type!r})", reasons)
-
-
-def unsupported(architecture: str, reasons: list[str] = ()) -> AdapterError:
-    """The unsupported-architecture error: what was got and why it does not fit (where an adapter claims the
-    architecture but not its parts), every supported architecture, and the guide to adding a family."""
-    supported = sorted({a for _, cls in adapters.items() for a in cls.architectures})
-    why = f" ({'; '.join(reasons)})" if reasons else ""
-    return AdapterError(
-        f"No adapter supports architecture {architecture}{why}. Supported: {', '.join(supported)}. "
-        f"To add a family, see {ADDING_A_FAMILY}"
-    )
 
 
 def wrap_model(model: PreTrainedModel, processor: ProcessorMixin, adapter: str | None = None) -> Adapter:

@@ -15,6 +15,7 @@ from transformers import AutoProcessor, BatchFeature, PreTrainedModel, Processor
 
 from embedlens.data import Sample
 from embedlens.adapters._remote_code import NO_REMOTE_CODE, refuse_remote_code
+from embedlens.adapters._unsupported import unsupported
 from embedlens.adapters.loading import DTYPES, check_weights_fit, parse_dtype  # noqa: F401 - DTYPES, parse_dtype: importable from here as before
 from embedlens.adapters.placement import Placement, loading_kwargs, module_device, weight
 from embedlens.adapters.role_map import PromptText, build_roles, mark_spans
@@ -41,6 +42,12 @@ class ModulePaths:
     # sites read these; interventions still hook `attn` / `mlp` (a zeroed output stays zero through an RMSNorm).
     attn_out: str = ""
     mlp_out: str = ""
+    # Inside one LLM layer: the module whose output is a third update, added after the MLP's (Gemma 4's per-layer
+    # input, ``post_per_layer_input_norm``); empty: none. No site reads it: ``in + attn + mlp + it == out``.
+    per_layer_out: str = ""
+    # Inside one LLM layer: the mixture-of-experts router, whose output ends with each token's top-k expert ids
+    # (the ``llm.layers[i].experts`` site); empty: the model has none.
+    router: str = ""
 
 
 @dataclass
@@ -111,6 +118,9 @@ class Adapter(ABC):
     # On sliding-window layers, whether the window also bounds the bidirectional blocks (`block_ids`): Gemma 3 ANDs
     # the window with (causal OR blocks); HF's generic sliding mask with block ids (PaliGemma 2) ORs the blocks in after.
     window_bounds_blocks: ClassVar[bool] = False
+    # Whether full-attention (global) layers see the bidirectional blocks too (Gemma 3: yes; Gemma 4: only its
+    # sliding layers do, its global layers stay causal).
+    full_layers_see_blocks: ClassVar[bool] = True
     # The model's image features are the tower's `hidden_states[config.vision_feature_layer]` (an int or a list:
     # LLaVA's convention), so the encoder layers after the deepest one selected feed nothing; traces and the
     # intervention engine skip them (`vision_layers_needed`).
@@ -163,8 +173,6 @@ class Adapter(ABC):
             try:
                 resolve_path(model, path)  # fail at load, not mid-run
             except AdapterError:  # a layout of the family no adapter serves: the unsupported-architecture error
-                from embedlens.adapters import unsupported
-
                 raise unsupported(type(model).__name__, [f"adapter {self.name!r} reads its {attr} at {path!r}, which this "
                                                          "model lacks"]) from None
 
@@ -332,6 +340,8 @@ class Adapter(ABC):
     def resolve(self, site: "str | Site") -> Site:
         """Parse a site and check its layer index against this model."""
         site = Site.parse(site)
+        if site.sub == "experts" and not self.paths.router:
+            raise AdapterError(f"Site {site}: {self.name} has no mixture-of-experts router (only such families route tokens to experts)")
         if site.layer is None:
             return site
         return site.resolve(self.n_layers(site.component))
@@ -615,6 +625,11 @@ class Adapter(ABC):
         image `image` (counted over the batch), as the vision tower saw them."""
         pv = inputs["pixel_values"]
         return pv.reshape(-1, *pv.shape[-3:])[feature_row]
+
+    def text_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids as the language model embeds them when they are text (decoded tokens): unchanged, except where
+        the model embeds a placeholder id it finds outside any image as another token (Gemma 4: padding)."""
+        return ids
 
     def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Keyword arguments for the model's forward, on the model's device."""

@@ -94,7 +94,7 @@ class Layout:
     """
 
     def __init__(self, ctx: "Context", rows: Rows, x: torch.Tensor, *, rotaries: Callable, mask: Callable,
-                 window_bounds_blocks: bool):
+                 window_bounds_blocks: bool, full_layers_see_blocks: bool = True):
         """
         Args:
             ctx: the run's context (positions, blocks, roles).
@@ -104,9 +104,12 @@ class Layout:
             mask: ``[batch, q, k] bool -> the 4-D mask`` the attention implementation takes.
             window_bounds_blocks: whether a sliding window bounds the bidirectional blocks too
                 (`Adapter.window_bounds_blocks`).
+            full_layers_see_blocks: whether full-attention layers see the blocks (Gemma 4's stay causal:
+                `Adapter.full_layers_see_blocks`).
         """
         self.ctx, self.rows = ctx, rows
         self._rotaries, self._mask, self._window_bounds_blocks = rotaries, mask, window_bounds_blocks
+        self._full_layers_see_blocks = full_layers_see_blocks
         self.positions = gather_positions(rows, ctx.positions)
         self._x = x
         self._pe: dict = {}
@@ -144,7 +147,7 @@ class Layout:
         if window not in self._bases:
             keys = self.rows.valid[:, None, :]
             if window is None:
-                self._bases[window] = (self.causal | self.block) & keys
+                self._bases[window] = ((self.causal | self.block) if self._full_layers_see_blocks else self.causal) & keys
             else:
                 r = torch.arange(self.causal.shape[1], device=self.causal.device)
                 inside = r[None, None, :] > r[None, :, None] - window

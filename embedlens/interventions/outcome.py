@@ -130,6 +130,7 @@ class Outcome:
         tokens = tokens.to(eng.device)
         bsz, n = tokens.shape
         valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.to(eng.device)
+        tokens = eng.adapter.text_ids(tokens)  # as the model embeds decoded tokens (Gemma 4: placeholders as padding)
         x = eng.adapter.model.get_input_embeddings()(tokens)
         pos = self.next_position[:, None] + (valid.long().cumsum(dim=1) - 1).clamp(min=0)
         if self.context.positions.dim() == 3:  # M-RoPE: decoded text has t = h = w (HF: text position + rope_deltas)
@@ -139,6 +140,9 @@ class Outcome:
         new = causal[None] & valid[:, None, :]
         new = new | torch.eye(n, dtype=torch.bool, device=eng.device)[None]
         lpos = layer_positions(pos)
+        # Gemma 4's per-layer inputs of the new tokens, as its text model builds them from ids and embeddings
+        ple = eng.lm.project_per_layer_inputs(x, eng.lm.get_per_layer_inputs(tokens, x)) if eng.per_layer_inputs else None
+        kv_sharing = eng.kv_sharing()  # Gemma 4's layers store keys and values there (none reuses them here)
         shared: dict = {}  # layers that hold the same prefill rows (and window, device) share one mask
         for layer_idx, layer in enumerate(eng.layers):
             window = eng.windows[layer_idx]
@@ -166,6 +170,8 @@ class Outcome:
                 use_cache=True,
                 position_embeddings=shared[layer_type, dev],
                 **{eng.cache_kwarg: self.cache},
+                **kv_sharing,
+                **({} if ple is None else {"per_layer_input": _on(ple[:, :, layer_idx], dev)}),
             )
         self.decoded_valid = torch.cat([self.decoded_valid, valid], dim=1)
         self.next_position = self.next_position + valid.long().sum(dim=1)

@@ -218,9 +218,10 @@ def test_skip_sublayer_equals_hooks_on_hf_forward(setup):
     for b in range(3):
         valid = ~batch.roles.padding[b]
         rows = sel[b][valid]
-        hooks = [
-            layers[0].mlp.register_forward_hook(lambda m, a, o: o.masked_fill(rows[None, :, None], 0.0)),
-            layers[1].self_attn.register_forward_hook(lambda m, a, o: (o[0].masked_fill(rows[None, :, None], 0.0), *o[1:])),
+        hooks = [  # the modules the adapter names (Gemma 4's MLP update is its post-norm over the MLP and the experts)
+            resolve_path(layers[0], adapter.paths.mlp).register_forward_hook(lambda m, a, o: o.masked_fill(rows[None, :, None], 0.0)),
+            resolve_path(layers[1], adapter.paths.attn).register_forward_hook(
+                lambda m, a, o: (o[0].masked_fill(rows[None, :, None], 0.0), *o[1:])),
         ]
         try:
             ref = hf_run(adapter, batch, b, valid, embeds).logits[0]

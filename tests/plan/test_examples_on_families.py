@@ -19,14 +19,14 @@ from embedlens.plan import load_plan, prepare, run_all
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ORIGINAL_SOURCE = "source: zoo:tiny-llava-clip"
 NEW_FAMILIES = ("llava-next", "idefics3", "smolvlm", "internvl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "gemma3", "mistral3",
-                "llava-pixtral")
+                "llava-pixtral", "gemma4")
 TILED = {"llava-next": True, "idefics3": True, "smolvlm": True, "internvl": True,  # families whose images become several tiles
          "qwen2-vl": False, "qwen2.5-vl": False, "qwen3-vl": False, "gemma3": False, "mistral3": False,
-         "llava-pixtral": False}
+         "llava-pixtral": False, "gemma4": False}
 # towers whose CLS attention attention_flow can compute (CLIP's); InternViT has a CLS token, but not CLIP's modules
 HAS_CLS = {"llava-next": True, "idefics3": False, "smolvlm": False, "internvl": False,
            "qwen2-vl": False, "qwen2.5-vl": False, "qwen3-vl": False, "gemma3": False, "mistral3": False,
-           "llava-pixtral": False}
+           "llava-pixtral": False, "gemma4": False}
 CLS_OPTION = ", vit_cls_layer: -2"  # how partition_study.yaml asks attention_flow for CLS attention
 
 
