@@ -54,7 +54,7 @@ def qwen_7b(device: str, dtype: torch.dtype):
     """A Qwen2.5-VL-7B-shaped model (random weights) and a processor for 336-px images (144 visual tokens)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from embedlens.adapters.qwen_vl import Qwen2_5_VLImageProcessor
+    from embedlens.adapters.qwen2_vl import Qwen2_5_VLImageProcessor
     from embedlens.testing.tiny import qwen_ids, qwen_image_processor, qwen_tokenizer
 
     tok = qwen_tokenizer()
@@ -82,7 +82,7 @@ def build(name: str, device: str, tiny: bool):
         model, proc = medium_model(LLAVA_TINY if tiny else LLAVA_7B, device=device, dtype=dtype)
         return wrap_model(model, proc), 336
     if tiny:
-        model, proc = tiny_model("qwen2.5-vl")
+        model, proc = tiny_model("qwen2_5_vl")
         return wrap_model(model.to(device), proc), 64
     model, proc = qwen_7b(device, dtype)
     return wrap_model(model, proc), 336

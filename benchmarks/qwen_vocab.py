@@ -1,7 +1,7 @@
 """Peak memory of the embedding lens and the partition on a Qwen2.5-VL-sized vocabulary (151,936 rows).
 
 Runs in a fresh process (``python benchmarks/qwen_vocab.py``; `run.py --only qwen152k` calls it): a tiny random
-`Qwen2_5_VLForConditionalGeneration` (embedlens's ``tiny:qwen2.5-vl``, hidden 64) whose text vocabulary is
+`Qwen2_5_VLForConditionalGeneration` (embedlens's ``tiny:qwen2_5_vl``, hidden 64) whose text vocabulary is
 151,936 rows, four 64-px images (64 visual tokens), the embedding lens at every layer (5 x 64 queries) and the
 anchor partition with the ViT-norm rule on one trace. A thread samples the resident set (``/proc/self/statm``)
 every millisecond while the lens and the partition run; the extra peak over the resident set before them is
@@ -39,7 +39,7 @@ def main() -> dict:
     from embedlens.tracing import collect
 
     torch.set_num_threads(int(os.environ.get("EMBEDLENS_BENCH_THREADS", "2")))
-    small, processor = tiny_model("qwen2.5-vl")
+    small, processor = tiny_model("qwen2_5_vl")
     config = small.config
     config.text_config.vocab_size = VOCAB
     torch.manual_seed(0)

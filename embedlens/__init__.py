@@ -1,7 +1,8 @@
 """embedlens: probe and intervene on the visual tokens of multimodal LLMs.
 
 In a notebook: `run` a plan (a file or a dict) and read its tables as
-DataFrames, or `probe` a model on samples directly (see docs/python-api.md).
+DataFrames, `probe` a model on samples directly, or `intervene` on them with
+conditions of intervention objects or plain functions (see docs/python-api.md).
 
 Example:
     >>> import embedlens
@@ -17,6 +18,8 @@ if TYPE_CHECKING:  # the names below, imported on first use (see __getattr__)
     from embedlens import interventions, metrics, probes  # noqa: F401
     from embedlens.adapters import Adapter, Batch, load_model, wrap_model
     from embedlens.api import Results, probe, run
+    from embedlens.api_intervene import intervene
+    from embedlens.interventions.hook import Hook
     from embedlens.data import Sample, load_image, read_jsonl
     from embedlens.errors import AdapterError, EmbedLensError, InputError, PlanError, PluginError, UnknownNameError
     from embedlens.registry import Registry
@@ -40,6 +43,8 @@ _LAZY = {
     "Results": ("embedlens.api", "Results"),
     "probe": ("embedlens.api", "probe"),
     "run": ("embedlens.api", "run"),
+    "intervene": ("embedlens.api_intervene", "intervene"),
+    "Hook": ("embedlens.interventions.hook", "Hook"),
     "Sample": ("embedlens.data", "Sample"),
     "load_image": ("embedlens.data", "load_image"),
     "read_jsonl": ("embedlens.data", "read_jsonl"),
@@ -85,6 +90,7 @@ __all__ = [
     "AdapterError",
     "Batch",
     "EmbedLensError",
+    "Hook",
     "InputError",
     "PlanError",
     "PluginError",
@@ -98,6 +104,7 @@ __all__ = [
     "UnknownNameError",
     "adapter_registry",
     "collect",
+    "intervene",
     "intervention_registry",
     "load_image",
     "load_model",

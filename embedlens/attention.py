@@ -74,6 +74,26 @@ def attention_rows(
     return scores.softmax(dim=-1)
 
 
+def attention_keys(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The keys a layer's attention compares queries with, after its key norm and rotary embedding.
+
+    Args:
+        attn: the layer's attention module (``k_proj``, an optional ``k_norm``).
+        hidden: ``[batch, rows, d]`` input of the attention module (after its norm).
+        position_embeddings: the layer's ``(cos, sin)``, ``[batch, rows, head_dim]``.
+
+    Returns:
+        ``[batch, kv_heads, rows, head_dim]``.
+    """
+    bsz, n_rows, _ = hidden.shape
+    k = attn.k_proj(hidden).view(bsz, n_rows, -1, attn.head_dim)
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    k = k.transpose(1, 2)
+    cos, sin = position_embeddings
+    return _rotary_fn(attn)(k, k, cos, sin)[1]
+
+
 @functools.cache
 def _rotates_one_tensor(rope) -> bool:
     """Whether the family's ``apply_rotary_pos_emb`` rotates one tensor, ``(x, cos, sin, unsqueeze_dim)`` (Gemma 4),

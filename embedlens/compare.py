@@ -32,6 +32,7 @@ class Comparison:
     rows: list[dict[str, Any]] = field(default_factory=list)  # key, section, values..., abs_diff, rel_diff
     figures: dict[str, list[Path | None]] = field(default_factory=dict)
     curves: list[Path] = field(default_factory=list)  # per-layer values of every run on shared axes
+    maps: list[Path] = field(default_factory=list)  # token maps of every run on one colour scale (`embedlens.compare_maps`)
     csv: Path | None = None
     html: Path | None = None
     warnings: list[str] = field(default_factory=list)
@@ -188,21 +189,29 @@ def _curves(cmp: Comparison, out: Path) -> list[Path]:
         else:
             xs_all, xlabel = _layer_numbers(key, values, vals)
         curves = {n: (xs, v) for n, xs, v in zip(cmp.names, xs_all, vals)}
-        paths.append(layer_curves(curves, out / "curves" / f"{safe_name(key)}.png", xlabel=xlabel, ylabel=_quantity(key), title=key))
+        paths.append(layer_curves(curves, out / "curves" / f"{safe_name(key)}.png", xlabel=xlabel, ylabel=_quantity(key), title=key,
+                                  legend_title="run"))
     return paths
 
 
 #: Parts of a summary key that name a token group rather than a quantity.
-_GROUP_WORDS = {"sink", "dead", "alive", "visual", "last", "text", "all", "image", "prompt"}
+_GROUP_WORDS = {"sink", "dead", "alive", "visual", "last", "text", "all", "image", "prompt", "question"}
+#: Parts of a summary key that say how values are laid out, not what they are.
+_LAYOUT_WORDS = {"by_role", "per_layer", "per_layer_head", "values", "groups"}
 
 
 def _quantity(key: str) -> str:
-    """An axis label naming the quantity and the group: ``logit_lens.by_role.alive.mean_entropy`` -> ``mean_entropy
-    (alive tokens)``; ``layer_alignment.cka.dead`` -> ``cka (dead tokens)``."""
+    """An axis label naming the quantity and the group(s): ``logit_lens.by_role.alive.mean_entropy`` -> ``mean_entropy
+    (alive tokens)``; ``attention_flow.attention_mass.last.dead.per_layer`` -> ``attention_mass (last / dead tokens)``.
+
+    Example:
+        >>> _quantity("layer_alignment.cka.dead"), _quantity("effects.prune.visual_tokens_l*")
+        ('cka (dead tokens)', 'visual_tokens')
+    """
     parts = key.removesuffix("_l*").split(".")[1:] or [key]
     groups = [p for p in parts if p in _GROUP_WORDS]
-    quantity = next((p for p in reversed(parts) if p not in _GROUP_WORDS and p != "by_role"), parts[-1])
-    return f"{quantity} ({groups[-1]} tokens)" if groups else quantity
+    quantity = next((p for p in reversed(parts) if p not in _GROUP_WORDS and p not in _LAYOUT_WORDS), parts[-1])
+    return f"{quantity} ({' / '.join(groups)} tokens)" if groups else quantity
 
 
 def _layer_numbers(key: str, values: dict[str, list], vals: list[list]) -> tuple[list[list], str]:
@@ -282,6 +291,9 @@ def compare_runs(runs: list[str | Path], out_dir: str | Path, names: list[str] |
     cmp.model_tests = model_differences(cmp.names, runs, loaded)
     out = claim(out_dir, kind="compare")
     cmp.curves = _curves(cmp, out)
+    from embedlens.compare_maps import joint_maps
+
+    cmp.maps = joint_maps(cmp.names, runs, [m for m, _ in loaded], out, cmp.warnings)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["section", "key", *cmp.names, "abs_diff", "rel_diff", "detail"])
@@ -366,12 +378,19 @@ def _html(cmp: Comparison, runs: list[Path], loaded: list[tuple[dict, dict]]) ->
     if cmp.curves:
         parts.append("<h2>Per-layer values: every run on shared axes</h2><p class='note'>Largest differences first; x: the "
                      "model's LLM layer numbers.</p><div class='sidebyside'>" + "".join(figure_html(p, p.stem) for p in cmp.curves) + "</div>")
+    if cmp.maps:
+        parts.append("<h2>Token maps on one colour scale</h2><p class='note'>Drawn again from each run's per-token tables: a "
+                     "row per run, a column per sample both ran; every panel of a figure shares one scale (heat maps: one "
+                     "minimum and maximum over all panels; groups and words: one colour per category, words by their "
+                     "frequency over every run). The patch grid only: the images are in each run's report.</p>"
+                     + "".join(figure_html(p, p.stem) for p in cmp.maps))
     if cmp.figures:
         figs = []
         for rel, paths in cmp.figures.items():
             cells = "".join(figure_html(p, f"{n}: {rel}") if p is not None else f'<figure><p class="note">{esc(n)}: no such figure</p></figure>' for n, p in zip(cmp.names, paths))
             figs.append(f"<h3>{esc(rel)}</h3><div class='sidebyside'>{cells}</div>")
         parts.append("<h2>Figures side by side</h2><p class='note'>Each run's own figures, click one for full resolution. Group "
-                     "maps share fixed colours (sink red, dead grey, alive green) and accuracy charts a fixed 0-1 axis; a word "
-                     "map colours each run's own most frequent words, so compare words by their labels.</p>" + "".join(figs))
+                     "maps share fixed colours (sink red, dead grey, alive green), normalised entropies a fixed 0-1 scale and accuracy "
+                     "charts a fixed 0-1 axis; a run's own word map colours its own most frequent words (the maps above put "
+                     "the runs on one scale).</p>" + "".join(figs))
     return page("embedlens comparison: " + " vs ".join(cmp.names), " · ".join(str(r) for r in runs), "".join(parts))

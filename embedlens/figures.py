@@ -118,9 +118,7 @@ def category_map(
 
     plt = _plt()
     names = list(dict.fromkeys(categories))
-    colours = {}
-    for i, n in enumerate(names):
-        colours[n] = GROUP_COLOURS.get(n, _CYCLE[i % len(_CYCLE)])
+    colours = category_colours(names)
     n_rows, n_cols = max(rows) + 1, max(cols) + 1
     h, w = pixels.shape[:2]
     ph, pw = h / n_rows, w / n_cols
@@ -141,10 +139,32 @@ def category_map(
     return _save(fig, path)
 
 
+def category_colours(names: Sequence[str]) -> dict[str, str]:
+    """A colour per category that does not depend on which run drew it: token groups fixed (sink red, dead grey,
+    alive green), other categories in their natural order (``cluster 2`` before ``cluster 10``), so that the same
+    category has the same colour on maps drawn side by side.
+
+    Example:
+        >>> category_colours(["cluster 1", "alive", "cluster 0"])
+        {'cluster 1': '#ff7f0e', 'alive': '#2ca02c', 'cluster 0': '#9467bd'}
+    """
+    import re
+
+    def natural(n: str) -> list:
+        return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(n))]
+
+    others = sorted((n for n in dict.fromkeys(names) if n not in GROUP_COLOURS), key=natural)
+    return {n: GROUP_COLOURS.get(n) or _CYCLE[others.index(n) % len(_CYCLE)] for n in dict.fromkeys(names)}
+
+
 def value_map(
-    pixels: torch.Tensor, rows: Sequence[int], cols: Sequence[int], values: Sequence[float], path: str | Path, title: str = "", label: str = ""
+    pixels: torch.Tensor, rows: Sequence[int], cols: Sequence[int], values: Sequence[float], path: str | Path, title: str = "", label: str = "",
+    vmin: float | None = None, vmax: float | None = None,
 ) -> Path:
-    """The image with a heat map of one value per patch (attention received, entropy, ...)."""
+    """The image with a heat map of one value per patch (attention received, entropy, ...).
+
+    `vmin`/`vmax` fix the colour scale (a quantity with a known range, such as a normalised entropy in 0..1, gets
+    the same scale in every run, so maps of two models side by side read alike); default: this image's range."""
     plt = _plt()
     n_rows, n_cols = max(rows) + 1, max(cols) + 1
     grid = torch.full((n_rows, n_cols), float("nan"))
@@ -153,7 +173,7 @@ def value_map(
     h, w = pixels.shape[:2]
     fig, ax = plt.subplots(figsize=(5.5, 4.5 * h / w + 0.6))
     ax.imshow(pixels.numpy(), extent=(0, w, h, 0), interpolation="nearest")
-    im = ax.imshow(grid.numpy(), extent=(0, w, h, 0), alpha=0.6, cmap="magma", interpolation="nearest")
+    im = ax.imshow(grid.numpy(), extent=(0, w, h, 0), alpha=0.6, cmap="magma", interpolation="nearest", vmin=vmin, vmax=vmax)
     fig.colorbar(im, ax=ax, label=label, fraction=0.046)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -162,28 +182,47 @@ def value_map(
     return _save(fig, path)
 
 
+#: At most this many x positions get a tick each (the model's layer numbers); more get whole-number ticks.
+MAX_LAYER_TICKS = 16
+
+
 def layer_curves(
-    curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, xlabel: str = "LLM layer", ylabel: str = "", title: str = ""
+    curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, xlabel: str = "LLM layer", ylabel: str = "", title: str = "",
+    legend_title: str = "", xticklabels: dict[int, str] | None = None,
 ) -> Path:
-    """One line per named curve, `(xs, ys)` each (per-layer statistics)."""
+    """One line per named curve, `(xs, ys)` each (per-layer statistics).
+
+    Args:
+        curves: ``{name: (xs, ys)}``; xs are the model's layer numbers, ticked as they are (whole numbers only).
+        ylabel: the quantity, and the group where one curve is drawn (the legend names the curves).
+        legend_title: what the curves are (``token group``, ``run``).
+        xticklabels: a name per x position, where the x values are not layer numbers (a probe's sites).
+    """
+    from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for i, (name, (xs, ys)) in enumerate(curves.items()):
         ax.plot(list(xs), list(ys), marker="o", ms=3, label=name, color=GROUP_COLOURS.get(name, _CYCLE[i % len(_CYCLE)]))
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers: no tick at 0.5
+    ticks = sorted({x for xs, _ in curves.values() for x in xs if isinstance(x, (int, np.integer)) or float(x).is_integer()})
+    if xticklabels:
+        ax.set_xticks(sorted(xticklabels), [xticklabels[k] for k in sorted(xticklabels)], fontsize=8,
+                      rotation=30 if len(xticklabels) > 4 else 0, ha="right" if len(xticklabels) > 4 else "center")
+    elif ticks and len(ticks) <= MAX_LAYER_TICKS:
+        ax.set_xticks([int(t) for t in ticks])  # the model's own layer numbers, each a tick: no tick at 0.5
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(_wrap(title, 6), fontsize=9)
     if len(curves) > 1:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title=legend_title or None, title_fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
-def histograms(hists: dict[str, dict[str, list]], path: str | Path, xlabel: str = "", title: str = "") -> Path:
+def histograms(hists: dict[str, dict[str, list]], path: str | Path, xlabel: str = "", title: str = "", legend_title: str = "token group") -> Path:
     """Overlaid step histograms from ``{name: {"edges": [...], "counts": [...]}}`` (normalised per name)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -193,10 +232,10 @@ def histograms(hists: dict[str, dict[str, list]], path: str | Path, xlabel: str 
             continue
         ax.stairs((counts / counts.sum()).numpy(), h["edges"], label=name, color=GROUP_COLOURS.get(name, _CYCLE[i % len(_CYCLE)]))
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("fraction of tokens")
+    ax.set_ylabel(f"share of the {legend_title}'s tokens" if legend_title else "share of tokens")
     if title:
-        ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+        ax.set_title(_wrap(title, 6), fontsize=9)
+    ax.legend(fontsize=8, title=legend_title or None, title_fontsize=8)
     return _save(fig, path)
 
 
@@ -228,17 +267,33 @@ def effect_chart(
     order += [c for c in effects if c not in order and metric in effects[c]]
     means = [effects[c][metric]["mean"] for c in order]
     sems = [effects[c][metric].get("sem", 0.0) or 0.0 for c in order]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(order) + 1.5), 3.2))
-    colours = ["#bbbbbb" if c in is_control else "#1f77b4" for c in order]
+    width = max(5.0, 0.8 * len(order) + 2.5)
+    fig, ax = plt.subplots(figsize=(width, 3.4))
+    colours = [CONTROL_COLOUR if c in is_control else "#1f77b4" for c in order]
     bars = ax.bar(range(len(order)), means, yerr=sems, color=colours, capsize=3)
     for b, c in zip(bars, order):
         if c in is_control:
-            b.set_hatch("//")
+            b.set_hatch(CONTROL_HATCH)
     ax.set_xticks(range(len(order)), order, rotation=30, ha="right", fontsize=8)
     ax.axhline(0, color="k", lw=0.5)
-    ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric} by condition (hatched: matched random control)", fontsize=9)
+    ax.set_ylabel(f"{metric}: mean over samples\n(error bar: standard error)", fontsize=8)
+    if any(c in is_control for c in order):
+        ax.legend(handles=[control_patch()], fontsize=7, loc="best")
+    ax.set_title(_wrap(title or f"{metric} by condition (hatched: matched random control)", width), fontsize=9)
     return _save(fig, path)
+
+
+#: The one hatching convention of every figure (run reports, compare, eval's benchmarks.png): hatched bars are
+#: matched random controls; the baseline is a line (run reports) or a dark grey bar (benchmarks), never hatched.
+CONTROL_HATCH = "//"
+CONTROL_COLOUR = "#bbbbbb"
+
+
+def control_patch(label: str = "matched random control"):
+    """The legend entry for a hatched (matched random control) bar."""
+    from matplotlib.patches import Patch
+
+    return Patch(facecolor=CONTROL_COLOUR, hatch=CONTROL_HATCH, edgecolor="black", lw=0.5, label=label)
 
 
 def evidence_figure(table: list[dict[str, Any]], rule: "AnchorRule", path: Path, title: str = "") -> Path:
@@ -343,19 +398,22 @@ def accuracy_chart(c, metric: str, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(width, 4.2))
     means = [r["mean"] for r in rows]
     err = [[max(0.0, r["mean"] - r["mean_ci_low"]) for r in rows], [max(0.0, r["mean_ci_high"] - r["mean"]) for r in rows]]
-    bars = ax.bar(range(len(order)), means, yerr=err, capsize=3, color=["#bbbbbb" if x in is_control else "#1f77b4" for x in order])
+    bars = ax.bar(range(len(order)), means, yerr=err, capsize=3, color=[CONTROL_COLOUR if x in is_control else "#1f77b4" for x in order])
     for b, x in zip(bars, order):
         if x in is_control:
-            b.set_hatch("//")
+            b.set_hatch(CONTROL_HATCH)
     for i, m in enumerate(means):
         ax.text(i, 0.015, f"{m:.2f}", ha="center", va="bottom", fontsize=7, color="black",
                 bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))
     _reference_lines(ax, c, metric)
+    handles, _ = ax.get_legend_handles_labels()
+    if any(x in is_control for x in order):
+        handles.append(control_patch())
     ax.set_xticks(range(len(order)), order, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(-0.02, 1.03)  # the fixed 0-1 axis, with room for lines at 0 and 1
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel(f"{metric}: share of samples right\n(mean, {int(c.spec.get('confidence', 0.95) * 100)}% Wilson interval)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(_wrap(f"{metric} by condition (hatched: the matched random control beside its condition); "
                        f"n = {rows[0]['n'] if rows else 0} samples", width), fontsize=9)
     return _save(fig, path)
@@ -423,7 +481,8 @@ def breakdown_heatmap(c, metric: str, by: str, path: str | Path) -> Path:
                         color="black" if grid[i, j] > 0.6 else "white")
     ax.set_xticks(range(len(groups)), groups, fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
-    fig.colorbar(im, ax=ax, label=metric, fraction=0.04)
+    fig.colorbar(im, ax=ax, label=f"{metric}: share of samples right", fraction=0.04)
+    ax.set_xlabel(by, fontsize=8)
     ax.set_title(_wrap(f"{metric} by {by} (cells: mean and number of samples)", width), fontsize=9)
     return _save(fig, path)
 
@@ -443,7 +502,7 @@ def sweep_curve(c, metric: str, base: str, path: str | Path) -> Path:
     _reference_lines(ax, c, metric)
     ax.set_ylim(0, 1.03)
     ax.set_xlabel("visual tokens removed or replaced per sample (mean)")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(f"{metric}: share of samples right")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     ax.set_title(_wrap(f"{base}: {metric} against tokens removed (band: {int(c.spec.get('confidence', 0.95) * 100)}% bootstrap interval)", 6.5),

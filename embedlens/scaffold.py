@@ -420,7 +420,8 @@ def new_plugin(kind: str, name: str, parent: Path) -> Path:
 
 def builtin_names(kind: str) -> set[str]:
     """The names of embedlens's built-in plugins of `kind`, read from the ``@REGISTRY.register("name")`` decorators
-    in the source of ``embedlens/probes/`` (``interventions/``, ``metrics/``) without importing it (nor torch).
+    in the source of ``embedlens/probes/`` (``interventions/`` and ``reduction/``, ``metrics/``) without importing it
+    (nor torch).
 
     Example:
         >>> {"embedding_lens", "sink_detector"} <= builtin_names("probe")
@@ -429,8 +430,10 @@ def builtin_names(kind: str) -> set[str]:
     import ast
 
     registry = {"probe": "probes", "intervention": "interventions", "metric": "metrics"}[kind]
+    folders = {"intervention": ("interventions", "reduction")}.get(kind, (registry,))  # reduction/: token budgets
     names: set[str] = set()
-    for path in sorted((Path(__file__).resolve().parent / registry).glob("*.py")):
+    root = Path(__file__).resolve().parent
+    for path in sorted(p for folder in folders for p in (root / folder).glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             for deco in getattr(node, "decorator_list", ()) if isinstance(node, ast.ClassDef) else ():
                 if (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute) and deco.func.attr == "register"

@@ -27,9 +27,9 @@ norm, while ``llm.layers[n - 1]`` is before it. The lenses number layers from
 the LLM input (lens layer ``l`` = ``llm.layers[l - 1]``); per-layer keys of
 ``sink_detector`` are decoder layers (``llm.layers[l]``).
 
-A packed tower (Qwen-VL, Pixtral: the batch's patches as one sequence, `Adapter.packed_vision`)
+A packed tower (Qwen-VL, Pixtral: the batch's patches as one sequence, `Capability.PACKED_TOWER`)
 gives its vision sites as ``[1, patches, d]`` (``projector``: ``[1, tokens, d]``);
-see `embedlens.adapters.qwen_vl` and `embedlens.adapters.mistral3` for the order of their rows.
+see `embedlens.adapters.qwen2_vl` and `embedlens.adapters.mistral3` for the order of their rows.
 
 ``vision.features`` is indexed by a visual token's ``feature_col``;
 ``vision.layers[i]`` by ``feature_col`` + `Adapter.n_prefix_tokens` (the

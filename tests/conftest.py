@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from embedlens.adapters import load_model  # noqa: E402
+from embedlens.adapters import Capability, load_model  # noqa: E402
 from embedlens.data import Sample  # noqa: E402
 from embedlens.testing import TINY_SPECS  # noqa: E402
 from embedlens.testing.images import noise, shapes  # noqa: E402
@@ -80,7 +80,7 @@ def mixed_samples(n_images_last: int = 1, adapter=None) -> list[Sample]:
     The last has no answer, except for families that pass answers separately
     (PaliGemma's suffix), where a batch is all-or-none.
     """
-    last_answer = "two" if adapter is not None and adapter.answer_as_suffix else None
+    last_answer = "two" if adapter is not None and adapter.has(Capability.ANSWER_SUFFIX) else None
     return [
         Sample([shapes(64, seed=1)], question="what is it?", answer="a red circle", id="a"),
         Sample([noise(40, 70, seed=2)], question="what colour is the big square on the left?", answer="blue", id="b"),
@@ -142,7 +142,7 @@ def hf_run(adapter, batch, b, keep, embeds=None, **extra):
     per_layer = Engine(adapter).per_layer_token_inputs(batch)  # Gemma 4: the kept tokens' own identities
     if per_layer is not None:
         kwargs["per_layer_inputs"] = per_layer[b][keep][None]
-    if adapter.deepstack:
+    if adapter.has(Capability.DEEPSTACK):
         return _hf_run_deepstack(adapter, batch, b, keep, kwargs, extra)
     with torch.no_grad():
         return adapter.model(**kwargs, **extra)

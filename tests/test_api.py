@@ -33,6 +33,8 @@ def test_python_api_doc_runs(tmp_path, monkeypatch, capsys):
     assert "is ambiguous" in out and "embedding_lens.tokens" in out
     assert (tmp_path / "runs" / "quickstart" / "tokens.parquet").is_file()
     assert (tmp_path / "runs" / "notebook" / "embedding_lens.tokens.parquet").is_file()
+    assert (tmp_path / "runs" / "pruning8" / "effects.parquet").is_file()  # the intervene example's plan run
+    assert "'prune_dead': 'prune_dead_random'" in out and "drop_top_rows" in out
 
 
 @pytest.fixture(scope="module")

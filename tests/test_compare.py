@@ -111,3 +111,98 @@ def test_the_model_difference_verdict_decides_at_the_level_of_its_interval():
     assert _verdict(row, "clip", 0.95).startswith("the effect is larger in clip by 0.4 (95% interval")
     said = _verdict(row, "clip", 0.99)
     assert said.startswith("no evidence that the models differ") and "99% interval" not in said
+
+
+def _map_run(path, groups, entropy, words):
+    """A run folder with one per-token table: 2 samples on a 3x3 grid; `words` per layer (0 and 2)."""
+    claim(path, kind="run")
+    rows = []
+    for s in range(2):
+        for i in range(9):
+            for layer in (0, 2):
+                rows.append({"sample": s, "sample_id": f"s{s}", "image": 0, "tile": 0, "row": i // 3, "col": i % 3, "layer": layer,
+                             "group": groups[s][i], "normalized_entropy": entropy[s][i], "token_1": words[layer][s][i]})
+    with open(path / "tokens.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (path / "manifest.json").write_text(json.dumps({"model": {"name": path.name}, "figures": [], "plan_hash": "x",
+                                                    "tables": {"tokens": "tokens.csv"}}))
+    (path / "summary.json").write_text(json.dumps({"data": {"used": 2}}))
+    return path
+
+
+def test_side_by_side_maps_share_one_colour_scale(tmp_path, monkeypatch):
+    """Every panel of a compare map (a row per run) is drawn under one norm and colour map: a heat map spans the
+    smallest to the largest value of both runs, and a word or group has the same colour in every run's panels."""
+    import collections
+
+    import numpy as np
+    import pytest
+    from matplotlib.image import AxesImage
+
+    from embedlens import figures
+    from embedlens.figures import GROUP_COLOURS, OTHER_COLOUR, WORD_COLOURS
+    from matplotlib.colors import to_rgba
+
+    rng = np.random.default_rng(1)
+    vocab = ["sky", "red", "background", "cat", "dog", "a", "b", "c", "d", "e", "f", "g", "h", "i"]  # 14 > 12 coloured
+    runs = {}
+    for name, lo, hi in (("clip", 0.0, 0.3), ("siglip", 0.4, 0.9)):  # scales that would differ if each had its own
+        groups = [[str(rng.choice(["dead", "alive", "sink"])) for _ in range(9)] for _ in range(2)]
+        entropy = [list(rng.uniform(lo, hi, 9)) for _ in range(2)]
+        words = {layer: [[str(rng.choice(vocab)) for _ in range(9)] for _ in range(2)] for layer in (0, 2)}
+        runs[name] = (_map_run(tmp_path / name, groups, entropy, words), groups, entropy, words)
+    got = {}
+    save = figures._save
+
+    def capture(fig, path, tight=True):
+        got[path.name] = fig
+        return save(fig, path, tight)
+
+    monkeypatch.setattr(figures, "_save", capture)
+    cmp = compare_runs([runs["clip"][0], runs["siglip"][0]], tmp_path / "cmp")
+    assert sorted(p.name for p in cmp.maps) == ["tokens_group.png", "tokens_normalized_entropy_l0.png", "tokens_token_1_l0.png",
+                                                "tokens_token_1_l2.png"]
+    assert all(p.is_file() for p in cmp.maps) and "Token maps on one colour scale" in cmp.html.read_text()
+
+    def images(name):
+        fig = got[name]
+        ims = [im for ax in fig.axes for im in ax.get_images() if isinstance(im, AxesImage)]
+        assert len(ims) == 4  # 2 runs x 2 samples
+        assert len({(im.norm.vmin, im.norm.vmax) for im in ims}) == 1 and all(im.cmap == ims[0].cmap for im in ims)
+        return ims
+
+    ims = images("tokens_normalized_entropy_l0.png")
+    every = [v for _, _, e, _ in runs.values() for s in e for v in s]
+    assert (ims[0].norm.vmin, ims[0].norm.vmax) == pytest.approx((min(every), max(every)))
+
+    def colour_of(im, r, c):
+        return tuple(np.round(im.cmap(im.norm(im.get_array()[r, c])), 3))
+
+    # panels run by run, sample by sample: clip s0, clip s1, siglip s0, siglip s1
+    for fname, truth in (("tokens_group.png", lambda run, s: runs[run][1][s]),
+                         ("tokens_token_1_l2.png", lambda run, s: runs[run][3][2][s])):
+        ims = images(fname)
+        seen: dict[str, set] = collections.defaultdict(set)
+        for k, (run, s) in enumerate([("clip", 0), ("clip", 1), ("siglip", 0), ("siglip", 1)]):
+            for i, label in enumerate(truth(run, s)):
+                seen[label].add(colour_of(ims[k], i // 3, i % 3))
+        assert all(len(c) == 1 for c in seen.values()), seen  # one colour per category in every run's panels
+        if fname == "tokens_group.png":
+            assert {g: c.pop() for g, c in seen.items()} == {g: tuple(np.round(to_rgba(GROUP_COLOURS[g]), 3)) for g in seen}
+        else:  # words by their count over both runs: the 12 most frequent coloured in that order, the rest grey
+            counts = collections.Counter(w for run in runs.values() for s in run[3][2] for w in s)
+            top = [w for w, _ in counts.most_common(12)]
+            want = {w: to_rgba(WORD_COLOURS[top.index(w)] if w in top else OTHER_COLOUR) for w in seen}
+            assert {w: c.pop() for w, c in seen.items()} == {w: tuple(np.round(v, 3)) for w, v in want.items()}
+
+
+def test_a_table_that_cannot_be_read_leaves_its_maps_out_with_a_warning(tmp_path):
+    groups, entropy, words = [["dead"] * 9] * 2, [[0.5] * 9] * 2, {0: [["sky"] * 9] * 2, 2: [["sky"] * 9] * 2}
+    a = _map_run(tmp_path / "clip", groups, entropy, words)
+    b = _map_run(tmp_path / "siglip", groups, entropy, words)
+    (b / "tokens.csv").write_bytes(b"sample_id,row,col\n\xff\xfe\x00broken\n")  # not UTF-8
+    cmp = compare_runs([a, b], tmp_path / "cmp")
+    assert cmp.maps == [] and len(cmp.warnings) == 1 and "'tokens' of one of the runs could not be read (UnicodeDecodeError" in cmp.warnings[0]
+    assert cmp.html.is_file() and "could not be read" in cmp.html.read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.base import resolve_path
 from embedlens.roles import Role
 from embedlens.sites import Site
@@ -13,7 +14,7 @@ from tests.conftest import mixed_samples
 
 
 def _samples(adapter):
-    return mixed_samples(n_images_last=2 if adapter.multi_image else 1, adapter=adapter)
+    return mixed_samples(n_images_last=2 if not adapter.has(Capability.SINGLE_IMAGE) else 1, adapter=adapter)
 
 
 def _n_features(adapter, batch) -> int:
@@ -69,7 +70,7 @@ def test_text_spans_decode_to_what_was_asked(adapter, padding_side):
 
 def test_newline_tokens_only_where_the_family_has_them(adapter):
     batch = adapter.encode(_samples(adapter))
-    assert bool(batch.roles.image_newline.any()) == adapter.has_image_newline
+    assert bool(batch.roles.image_newline.any()) == adapter.has(Capability.IMAGE_NEWLINE)
 
 
 def test_row_col_match_the_patch_embedding(adapter):
@@ -78,7 +79,7 @@ def test_row_col_match_the_patch_embedding(adapter):
     exactly that patch changes; then change that patch's row of the projector input: of the
     projector output (the model's own merging, e.g. Idefics3's pixel shuffle) exactly the
     token the map names changes."""
-    if adapter.packed_vision:
+    if adapter.has(Capability.PACKED_TOWER):
         return _packed_patch_blocks(adapter)
     batch = adapter.encode(_samples(adapter)[:2])
     roles = batch.roles
@@ -112,7 +113,7 @@ def test_row_col_match_the_patch_embedding(adapter):
         assert where == [[fr, prefix + patch]], (t, where)
         assert patch in adapter.patch_indices(vt["feature_col"][t : t + 1], batch.inputs)[0].tolist()
 
-        if adapter.merge_before_projector:
+        if adapter.has(Capability.PRE_PROJECTOR_MERGE):
             # the merge runs between tower and projector (InternVL): change the tower layer the features come from
             handle = _feature_layer(adapter).register_forward_hook(lambda m, a, o: _bumped(o, fr, prefix + patch))
         else:
@@ -139,7 +140,7 @@ def qwen_patch_row(image_start: int, grid_w: int, pr: int, pc: int, m: int = 2) 
 def _packed_patch_blocks(adapter):
     """`test_row_col_match_the_patch_embedding` for a packed tower. Qwen-VL: `pixel_values` has one row per
     patch, so the patch at (row, col) of an image's patch grid is perturbed through the processor's own
-    layout (`qwen_patch_row`; `tests/adapters/test_qwen_vl.py` proves that layout on image pixels). Pixtral:
+    layout (`qwen_patch_row`; `tests/adapters/test_qwen2_vl.py` proves that layout on image pixels). Pixtral:
     `pixel_values` holds each image's pixels (padded), so the patch's pixels are perturbed in place."""
     batch = adapter.encode(_samples(adapter)[:2])
     vt = batch.roles.visual_tokens()
@@ -174,7 +175,7 @@ def _packed_patch_blocks(adapter):
         assert len(where) == 1 and where[0][0] == 0, (t, where)
         site_row = where[0][1]  # where the site holds that patch (Qwen2.5-VL: in window order)
         assert site_row in adapter.patch_indices(vt["feature_col"][t : t + 1], batch.inputs)[0].tolist(), (t, site_row)
-        if adapter.merge_before_projector:
+        if adapter.has(Capability.PRE_PROJECTOR_MERGE):
             # Gemma 4: the pooler merges before the projector; raise that patch in the last layer's output (its
             # padded image rows: the site_row-th real patch) and only its token's feature may change
             real = (batch.inputs["image_position_ids"] >= 0).all(-1).flatten().nonzero().flatten()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.base import resolve_path
 from embedlens.sites import Site
 from embedlens.tracing import collect, collect_text
@@ -111,7 +112,7 @@ def test_encoder_layers_after_the_selected_feature_layer_never_run_and_change_no
     batch = adapter.encode(mixed_samples(adapter=adapter))
     n = adapter.n_vision_layers
     feature = getattr(adapter.config, "vision_feature_layer", None)
-    expected = n + 1 + feature if adapter.selects_vision_layer and isinstance(feature, int) and feature < 0 else n
+    expected = n + 1 + feature if adapter.has(Capability.VISION_FEATURE_LAYER) and isinstance(feature, int) and feature < 0 else n
     assert adapter.vision_layers_needed == expected
     embeds, layer0 = _hf_reference(adapter, batch)
     with _Calls(_attention_calls(adapter)) as calls:

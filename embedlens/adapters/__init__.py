@@ -9,10 +9,13 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from transformers import PretrainedConfig, PreTrainedModel, ProcessorMixin
 
 from embedlens.adapters._unsupported import ADDING_A_FAMILY, unsupported
 from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText
+from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.gemma3 import Gemma3Adapter
 from embedlens.adapters.gemma4 import Gemma4Adapter, Gemma4ImageProcessor
 from embedlens.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter, SmolVLMImageProcessor
@@ -24,7 +27,7 @@ from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionI
 from embedlens.adapters.mistral3 import Mistral3Adapter, PixtralProcessor
 from embedlens.adapters.paligemma import PaliGemmaAdapter
 from embedlens.adapters.placement import Placement
-from embedlens.adapters.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
+from embedlens.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 from embedlens.adapters.sources import resolve
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
@@ -35,6 +38,7 @@ ZOO_PREFIX = "zoo:"
 __all__ = [
     "Adapter",
     "Batch",
+    "Capability",
     "Gemma3Adapter",
     "Gemma4Adapter",
     "Gemma4ImageProcessor",
@@ -109,6 +113,7 @@ def load_model(
     attn_implementation: str | None = None,
     placement: Placement | None = None,
     remote: bool = False,
+    processor_kwargs: Mapping[str, Any] | None = None,
 ) -> Adapter:
     """Load a model and wrap it in its adapter.
 
@@ -125,6 +130,9 @@ def load_model(
         placement: a device map / memory limits / quantisation (`embedlens.adapters.placement.Placement`):
             passed to `from_pretrained`, or applied with accelerate's `dispatch_model` to a ``tiny:`` model.
         remote: a hub id run on NDIF (`embedlens.adapters.remote`): only its config and processor are loaded here.
+        processor_kwargs: image processor settings the family declares (a plan's ``model.processor_kwargs``:
+            Qwen-VL's ``min_pixels`` / ``max_pixels``, InternVL's ``max_dynamic_patch``; see
+            `embedlens.adapters.processor_options`).
 
     Raises:
         AdapterError: the architecture has no adapter (the error lists the
@@ -135,5 +143,14 @@ def load_model(
     if adapter is not None:
         adapters.get(adapter)  # an unknown name fails here, whatever the source
     source_cls, name = resolve(source, remote)  # the resolvers are in embedlens.sources, reached through the registry
-    return source_cls().load(name, adapter=adapter, dtype=dtype, device=device, attn_implementation=attn_implementation,
-                             placement=placement)
+    if processor_kwargs and adapter is not None:  # a forced family's keys, checked before the weights load
+        from embedlens.adapters.processor_options import check_processor_kwargs
+
+        check_processor_kwargs(adapters.get(adapter), processor_kwargs)
+    loaded = source_cls().load(name, adapter=adapter, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                               placement=placement)
+    if processor_kwargs:
+        from embedlens.adapters.processor_options import configure_processor
+
+        configure_processor(loaded, processor_kwargs)
+    return loaded

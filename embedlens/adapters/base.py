@@ -5,7 +5,6 @@ which patch each one is)."""
 from __future__ import annotations
 
 import operator
-from contextlib import contextmanager
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
@@ -14,6 +13,10 @@ import torch
 from transformers import AutoProcessor, BatchFeature, PreTrainedModel, ProcessorMixin
 
 from embedlens.data import Sample
+from embedlens.adapters.capabilities import (
+    DEPRECATED_FLAGS, Capability, DeprecatedFlag, Layout, PackedTower, Positions, VisionFeatureLayer, declare,
+    parse_capabilities,
+)
 from embedlens.adapters._remote_code import NO_REMOTE_CODE, refuse_remote_code
 from embedlens.adapters._unsupported import unsupported
 from embedlens.adapters.loading import DTYPES, check_weights_fit, parse_dtype  # noqa: F401 - DTYPES, parse_dtype: importable from here as before
@@ -77,54 +80,38 @@ def resolve_path(root: Any, path: str) -> Any:
         ) from None
 
 
-def _pass_through(hidden_states, *args, **kwargs):
-    """An encoder layer that is skipped: its output is its input."""
-    return hidden_states
-
-
-class Adapter(ABC):
+class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
     """Base class of model-family adapters.
 
-    Subclasses are mostly data: `paths`, `architectures`, `model_class` and
-    capability flags; they override `image_layouts` (and `prompt` where the
-    family formats prompts differently).
+    The required core: `architectures`, `model_class`, `paths` and `image_layouts`; `prompt` / `encode`
+    and the role map work for every family from the processor's own output. Anything more a family does
+    is a named capability it declares in `capabilities` (`embedlens.adapters.capabilities`: each one, its
+    methods, grouped in the `Layout`, `Positions`, `PackedTower` and `VisionFeatureLayer` mixins).
+    Variants that differ only in a name are one-line subclasses.
     """
 
     registered_name: ClassVar[str] = ""  # set by the registry
     architectures: ClassVar[tuple[str, ...]] = ()
     model_class: ClassVar[type[PreTrainedModel]]
     paths: ClassVar[ModulePaths] = ModulePaths()
-    # Capabilities
-    multi_image: ClassVar[bool] = True
-    has_image_newline: ClassVar[bool] = False
-    answer_as_suffix: ClassVar[bool] = False
-    # Position id of the first token (PaliGemma counts from 1).
-    position_offset: ClassVar[int] = 0
-    # Tokens merge blocks of patches before the projector (InternVL's pixel shuffle), so
-    # `vision.features` has one row per token; otherwise one row per patch.
-    merge_before_projector: ClassVar[bool] = False
+    # The capabilities this family has beyond the required core (`embedlens.adapters.capabilities`, which
+    # documents each and groups its methods); read them with `has`.
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
     # A processor subclass without the video part (which needs torchvision), built when the stock processor
     # cannot be, and the processor_config.json keys it takes (see `load_processor`).
     image_only_processor: ClassVar[type[ProcessorMixin] | None] = None
     image_only_keys: ClassVar[tuple[str, ...]] = ()
-    # The tower runs the batch's images as one packed sequence without a batch dimension (Qwen-VL): its sites
-    # are `[1, patches, d]`, every visual token has feature_row 0, and `pixel_values` holds one row per patch.
-    packed_vision: ClassVar[bool] = False
-    # Position ids are `[3, batch, seq]` (t, h, w) M-RoPE ids instead of `[batch, seq]` (Qwen-VL).
-    mrope: ClassVar[bool] = False
-    # DeepStack (Qwen3-VL): vision features added to the LLM's hidden states at visual positions after the
-    # first decoder layers; the intervention engine adds them itself.
-    deepstack: ClassVar[bool] = False
-    # On sliding-window layers, whether the window also bounds the bidirectional blocks (`block_ids`): Gemma 3 ANDs
-    # the window with (causal OR blocks); HF's generic sliding mask with block ids (PaliGemma 2) ORs the blocks in after.
-    window_bounds_blocks: ClassVar[bool] = False
-    # Whether full-attention (global) layers see the bidirectional blocks too (Gemma 3: yes; Gemma 4: only its
-    # sliding layers do, its global layers stay causal).
-    full_layers_see_blocks: ClassVar[bool] = True
-    # The model's image features are the tower's `hidden_states[config.vision_feature_layer]` (an int or a list:
-    # LLaVA's convention), so the encoder layers after the deepest one selected feed nothing; traces and the
-    # intervention engine skip them (`vision_layers_needed`).
-    selects_vision_layer: ClassVar[bool] = False
+    # What a plan's `model.processor_kwargs` may change: key -> (image processor attribute, ``size.X`` for a key of
+    # its `size`; the value's type). See `embedlens.adapters.processor_options`.
+    processor_options: ClassVar[dict[str, tuple[str, type]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        declare(cls)  # `capabilities` as a frozenset of Capability; old flag names mapped onto it, with a warning
+
+    def has(self, capability: "Capability | str") -> bool:
+        """Whether this family declares `capability` (a `Capability` or its name)."""
+        return parse_capabilities(f"{self.name}.has()", [capability]) <= self.capabilities
 
     # The vision towers (`vision_config.model_type`) the adapter takes, for model classes that build whatever tower
     # the config names (LLaVA's `AutoModel.from_config`); empty: the model class fixes its tower.
@@ -248,40 +235,6 @@ class Adapter(ABC):
     @property
     def n_vision_layers(self) -> int:
         return len(resolve_path(self.model, self.paths.vision_layers))
-
-    @property
-    def vision_layers_needed(self) -> int:
-        """How many of the tower's encoder layers (from the first) the model's image features depend on.
-
-        All of them, unless the family selects a hidden state (`selects_vision_layer`): then up to the
-        deepest of ``config.vision_feature_layer``, counted as HF counts ``hidden_states`` (entry 0 is the
-        embeddings, entry i the output of layer i - 1; -2 is the output of the last layer but one).
-        """
-        n = self.n_vision_layers
-        if not self.selects_vision_layer:
-            return n
-        chosen = self.config.vision_feature_layer
-        chosen = [chosen] if isinstance(chosen, int) else list(chosen)
-        return max(min(n, h if h >= 0 else n + 1 + h) for h in chosen)
-
-    @contextmanager
-    def unused_vision_layers_skipped(self):
-        """Within this block a plain forward of `model` skips the encoder layers after
-        `vision_layers_needed`: each returns its input (so ``hidden_states`` keep their count and the selected
-        ones are the model's own, bit for bit). For code that runs the model outside a trace (the intervention
-        engine); traces skip them through nnsight (`embedlens.tracing`)."""
-        layers = list(resolve_path(self.model, self.paths.vision_layers))[self.vision_layers_needed :]
-        own = [layer.__dict__.get("forward") for layer in layers]  # an instance forward (accelerate's hook) or None
-        for layer in layers:
-            layer.forward = _pass_through
-        try:
-            yield
-        finally:
-            for layer, forward in zip(layers, own):
-                if forward is None:
-                    del layer.forward
-                else:
-                    layer.forward = forward
 
     @property
     def n_llm_layers(self) -> int:
@@ -413,11 +366,11 @@ class Adapter(ABC):
                 spans[Role.QUESTION] = [(start, start + len(sample.question))]
         else:
             text, spans = self._render_question(sample)
-        if sample.answer is not None and not self.answer_as_suffix:
+        if sample.answer is not None and not self.has(Capability.ANSWER_SUFFIX):
             start = len(text) + 1
             text = f"{text} {sample.answer}"
             spans.setdefault(Role.ANSWER, []).append((start, len(text)))
-        return PromptText(text, spans, suffix=sample.answer if self.answer_as_suffix else None)
+        return PromptText(text, spans, suffix=sample.answer if self.has(Capability.ANSWER_SUFFIX) else None)
 
     def _render_question(self, sample: Sample) -> tuple[str, dict[Role, list[tuple[int, int]]]]:
         template = getattr(self.processor, "chat_template", None)
@@ -464,7 +417,7 @@ class Adapter(ABC):
         for s in samples:
             if not s.images:
                 raise InputError(f"sample {s.id!r} has no image")
-            if len(s.images) > 1 and not self.multi_image:
+            if len(s.images) > 1 and self.has(Capability.SINGLE_IMAGE):
                 raise InputError(f"sample {s.id!r} has {len(s.images)} images; {self.name} takes one per prompt")
         prompts = [self.prompt(s) for s in samples]
         tok = self.tokenizer
@@ -479,7 +432,7 @@ class Adapter(ABC):
                 padding_side=padding_side,  # some processors default to their own side (InternVL: left)
                 **self.processor_kwargs(samples),
             )
-            if self.answer_as_suffix and any(p.suffix is not None for p in prompts):
+            if self.has(Capability.ANSWER_SUFFIX) and any(p.suffix is not None for p in prompts):
                 if any(p.suffix is None for p in prompts):
                     raise InputError(
                         f"{self.name} passes answers as a separate suffix: in one batch either every "
@@ -505,39 +458,6 @@ class Adapter(ABC):
             kept CLS token row = col = -1 and its `vision.features` index.
         """
 
-    def grid(self) -> tuple[int, int]:
-        """(rows, cols) of the visual-token grid of one tile: the vision encoder's patch
-        grid, divided by `patch_block` where tokens merge blocks of patches."""
-        v = self.config.vision_config
-        n = v.image_size // v.patch_size
-        bh, bw = self.patch_block
-        return n // bh, n // bw
-
-    def image_grids(self, inputs: BatchFeature) -> list[tuple[int, int]]:
-        """(rows, cols) of tile 0's token grid for each image of the batch (flattened in order): `grid()`,
-        except for native-resolution families, where each image has its own."""
-        return [self.grid()] * len(self.image_layouts(inputs))
-
-    @property
-    def patch_block(self) -> tuple[int, int]:
-        """(rows, cols) of vision patches one visual token stands for: (1, 1), or the
-        block a pixel-shuffle or pooling family merges into one token."""
-        return 1, 1
-
-    def patch_indices(self, feature_col: torch.Tensor, inputs: BatchFeature | None = None) -> torch.Tensor:
-        """`[tokens, bh * bw]`: for each token's `feature_col` (its index in the projector
-        output of its tile), the indices of the patches it stands for in that tile's patch
-        sequence: the tower's tokens after `n_prefix_tokens` (add it for `vision.layers`),
-        which is also `vision.features` unless `merge_before_projector`.
-
-        `inputs` (the batch's processor output) is needed where the answer depends on the
-        batch (Mistral 3's packed tower of images of different sizes); the others ignore it."""
-        bh, bw = self.patch_block
-        _, gw = self.grid()
-        r, c = feature_col // gw, feature_col % gw
-        i, j = torch.meshgrid(torch.arange(bh, device=feature_col.device), torch.arange(bw, device=feature_col.device), indexing="ij")
-        return (r[:, None] * bh + i.flatten()) * (gw * bw) + c[:, None] * bw + j.flatten()
-
     def special_token_ids(self) -> set[int]:
         """Ids the role map marks SPECIAL (outside image spans): the tokenizer's special
         tokens, plus marker tokens a family's processor writes (Idefics3's sub-image tags)."""
@@ -548,22 +468,6 @@ class Adapter(ABC):
         which fills `n_tokens` image tokens; families that add marker text around the
         image tokens (Idefics3's sub-image tags) override this."""
         return self.image_placeholder * n_tokens
-
-    def _plain_layouts(self, n_images: int) -> list[torch.Tensor]:
-        """Layout of families where each image is one tile, tokens in the tower's order.
-
-        The tower's sequence is `n_cls_tokens` CLS tokens then the patches in
-        row-major order; the model keeps it from `n_prefix_tokens` on. A kept CLS
-        token ("full" strategy on a CLIP tower) has row = col = -1.
-        """
-        h, w = self.grid()
-        seq = torch.arange(self.n_prefix_tokens, self.n_cls_tokens + h * w)  # tower indices the model keeps
-        patch = seq - self.n_cls_tokens
-        is_patch = patch >= 0
-        row = torch.where(is_patch, patch.div(w, rounding_mode="floor"), -1)
-        col = torch.where(is_patch, patch % w, -1)
-        fcol = seq - self.n_prefix_tokens
-        return [torch.stack([torch.zeros_like(seq), row, col, torch.full_like(seq, i), fcol], dim=1) for i in range(n_images)]
 
     # -- role map (embedlens.adapters.role_map) ---------------------------------
     def _build_roles(self, inputs: BatchFeature, prompts: list[PromptText], samples: Sequence[Sample]) -> TokenRoles:
@@ -588,44 +492,6 @@ class Adapter(ABC):
             return list(full[len(ctx) :])
         return list(tok(f" {text}", add_special_tokens=False)["input_ids"])
 
-    def block_ids(self, inputs: BatchFeature) -> torch.Tensor | None:
-        """`[batch, seq]` ids of bidirectional attention blocks (-1: causal), or None
-        when the whole sequence is causal. Tokens of one block >= 0 see each other."""
-        return None
-
-    def position_ids(self, inputs: BatchFeature) -> torch.Tensor:
-        """`[batch, seq]` position ids each sample would get if it ran alone
-        (padding does not count), as `generate` computes them."""
-        mask = inputs["attention_mask"].long()
-        return (mask.cumsum(dim=1) - 1).clamp(min=0) + self.position_offset
-
-    def tower_kwargs(self, inputs: BatchFeature) -> dict[str, Any]:
-        """Keyword inputs the vision tower (the module above `paths.vision_embed`) takes besides `pixel_values`:
-        none, except for packed towers (Qwen-VL's ``grid_thw``, Pixtral's ``image_sizes``)."""
-        return {}
-
-    def projector_args(self, inputs: BatchFeature) -> tuple:
-        """Positional inputs the projector takes after the features: none, except where it merges patches per
-        image (Mistral 3's patch merger takes ``image_sizes``)."""
-        return ()
-
-    def tower_images(self, inputs: BatchFeature) -> torch.Tensor | None:
-        """`[rows, patches]`: the image (counted over the batch) of each patch of the tower's batch, for families
-        whose tower rows hold several images (`packed_vision`); None where each row is one tile of one image
-        (per-image statistics of the tower, such as the ViT-norm rule, are then per row)."""
-        return None
-
-    def site_value(self, site: Site, value: torch.Tensor, inputs: BatchFeature) -> torch.Tensor:
-        """A site's value as embedlens defines it, from the module's own tensor (the identity, except where a
-        family's tensors need a documented view: Qwen-VL's packed tower)."""
-        return value
-
-    def display_pixels(self, inputs: BatchFeature, image: int, feature_row: int) -> torch.Tensor:
-        """`[3, H, W]` normalised pixels of the tile in row `feature_row` of the vision batch, which belongs to
-        image `image` (counted over the batch), as the vision tower saw them."""
-        pv = inputs["pixel_values"]
-        return pv.reshape(-1, *pv.shape[-3:])[feature_row]
-
     def text_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids as the language model embeds them when they are text (decoded tokens): unchanged, except where
         the model embeds a placeholder id it finds outside any image as another token (Gemma 4: padding)."""
@@ -637,3 +503,7 @@ class Adapter(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source!r}, vision_layers={self.n_vision_layers}, llm_layers={self.n_llm_layers})"
+
+
+for _old in DEPRECATED_FLAGS:  # the old flag names still read (with a warning), answered from `capabilities`
+    setattr(Adapter, _old, DeprecatedFlag(_old))

@@ -41,6 +41,7 @@ import torch
 from transformers import BatchFeature, Gemma3ForConditionalGeneration
 
 from embedlens.adapters.base import Adapter, ModulePaths
+from embedlens.adapters.capabilities import Capability
 from embedlens.data import Sample
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
@@ -59,7 +60,7 @@ class Gemma3Adapter(Adapter):
     # Gemma 3 layers norm each update before the residual add: the .attn/.mlp sites are those norms' outputs
     paths = ModulePaths(attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
     # sliding layers: AND(window, OR(causal, image blocks)) (create_masks_for_vision_model)
-    window_bounds_blocks = True
+    capabilities = frozenset({Capability.WINDOWED_BLOCKS})
 
     @property
     def feature_select_strategy(self) -> str:

@@ -20,7 +20,7 @@ padding rows, as the pooler does). The pooler averages every ``k x k`` block of 
 
 The language model. Sliding-window layers interleave with global ones, rotated with different bases; where
 ``use_bidirectional_attention == "vision"`` each image's tokens see each other on *sliding* layers only
-(AND(window, OR(causal, image blocks))), while global layers stay causal (`full_layers_see_blocks` False). Each
+(AND(window, OR(causal, image blocks))), while global layers stay causal (`Capability.SLIDING_BLOCKS_ONLY`). Each
 decoder layer adds, after its attention and MLP updates, a per-layer-input update (where
 ``hidden_size_per_layer_input`` is set) and scales its output by ``layer_scalar``; the MLP update is the dense MLP
 plus the experts' (``post_feedforward_layernorm`` of their sum), so the ``.mlp`` site and MLP interventions read
@@ -46,6 +46,7 @@ from transformers.models.gemma4.modeling_gemma4 import get_block_sequence_ids_fo
 from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
 
 from embedlens.adapters.base import Adapter, ModulePaths
+from embedlens.adapters.capabilities import Capability
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
 from embedlens.sites import Site
@@ -83,10 +84,8 @@ class Gemma4Adapter(Adapter):
     model_class = Gemma4ForConditionalGeneration
     _paths = dict(vision_embed="model.vision_tower.patch_embedder", vision_layers="model.vision_tower.encoder.layers",
                   projector="model.embed_vision", mlp="post_feedforward_layernorm", attn_out="post_attention_layernorm")
-    packed_vision = True
-    merge_before_projector = True
-    window_bounds_blocks = True
-    full_layers_see_blocks = False
+    capabilities = frozenset({Capability.PACKED_TOWER, Capability.PRE_PROJECTOR_MERGE, Capability.WINDOWED_BLOCKS,
+                              Capability.SLIDING_BLOCKS_ONLY})
 
     image_only_processor = Gemma4ImageProcessor
     image_only_keys = ("image_seq_length", "chat_template")

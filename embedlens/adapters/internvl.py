@@ -19,6 +19,7 @@ import torch
 from transformers import BatchFeature, InternVLForConditionalGeneration, InternVLProcessor
 
 from embedlens.adapters.base import Adapter, ModulePaths
+from embedlens.adapters.capabilities import Capability
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
 
@@ -48,12 +49,15 @@ class InternVLAdapter(Adapter):
 
     architectures = ("InternVLForConditionalGeneration",)
     model_class = InternVLForConditionalGeneration
-    selects_vision_layer = True  # features = hidden_states[vision_feature_layer]: later encoder layers are skipped
     paths = ModulePaths(vision_layers="model.vision_tower.encoder.layer")
-    merge_before_projector = True
+    capabilities = frozenset({Capability.VISION_FEATURE_LAYER, Capability.PRE_PROJECTOR_MERGE})
 
     image_only_processor = InternVLImageProcessor
     image_only_keys = ("image_seq_length", "chat_template")
+    # InternVL's own names (its model cards' load_image(max_num=...) / config) for the HF image processor's tiling:
+    # tiles per image between min and max (plus a thumbnail), or no tiling
+    processor_options = {"max_dynamic_patch": ("max_patches", int), "min_dynamic_patch": ("min_patches", int),
+                         "dynamic_image_size": ("crop_to_patches", bool)}
 
     @property
     def patch_block(self) -> tuple[int, int]:

@@ -11,6 +11,7 @@ import torch
 from transformers import BatchFeature, LlavaForConditionalGeneration
 
 from embedlens.adapters.base import Adapter
+from embedlens.adapters.capabilities import Capability
 from embedlens.registry import adapters
 
 
@@ -20,7 +21,7 @@ class LlavaAdapter(Adapter):
 
     architectures = ("LlavaForConditionalGeneration",)
     model_class = LlavaForConditionalGeneration
-    selects_vision_layer = True  # features = hidden_states[vision_feature_layer]: later encoder layers are skipped
+    capabilities = frozenset({Capability.VISION_FEATURE_LAYER})  # later encoder layers are skipped
 
     vision_towers = ("clip_vision_model", "siglip_vision_model")  # a Pixtral tower is `LlavaPixtralAdapter`'s
 

@@ -15,6 +15,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 from embedlens.adapters._anyres import packed_layouts
 from embedlens.adapters.base import Adapter
+from embedlens.adapters.capabilities import Capability
 from embedlens.registry import adapters
 
 
@@ -25,8 +26,7 @@ class LlavaNextAdapter(Adapter):
     architectures = ("LlavaNextForConditionalGeneration",)
     model_class = LlavaNextForConditionalGeneration
     vision_towers = ("clip_vision_model", "siglip_vision_model")
-    selects_vision_layer = True  # features = hidden_states[vision_feature_layer]: later encoder layers are skipped
-    has_image_newline = True
+    capabilities = frozenset({Capability.VISION_FEATURE_LAYER, Capability.IMAGE_NEWLINE})
 
     def n_tiles(self, inputs: BatchFeature) -> list[int]:
         """Tiles of each image of the batch (base image included), as the model splits `pixel_values`."""

@@ -12,6 +12,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from embedlens.adapters.base import Adapter
+from embedlens.adapters.capabilities import Capability
 from embedlens.registry import adapters
 
 
@@ -34,8 +35,7 @@ class LlavaOnevisionAdapter(Adapter):
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     model_class = LlavaOnevisionForConditionalGeneration
     vision_towers = ("siglip_vision_model", "clip_vision_model")
-    selects_vision_layer = True  # features = hidden_states[vision_feature_layer]: later encoder layers are skipped
-    has_image_newline = True
+    capabilities = frozenset({Capability.VISION_FEATURE_LAYER, Capability.IMAGE_NEWLINE})
 
     image_only_processor = OnevisionImageProcessor
     image_only_keys = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "chat_template")

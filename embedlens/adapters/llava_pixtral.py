@@ -16,7 +16,7 @@ and ``"default"`` is refused at load.
 Example:
     >>> from embedlens import Sample, load_model
     >>> from embedlens.testing.images import noise
-    >>> adapter = load_model("tiny:llava-pixtral")
+    >>> adapter = load_model("tiny:llava_pixtral")
     >>> batch = adapter.encode([Sample([noise(40, 70)], question="what is it?")])
     >>> batch.inputs["image_sizes"].tolist(), adapter.image_grids(batch.inputs)  # 5 x 8 patches, one token each
     ([[40, 64]], [(5, 8)])

@@ -50,6 +50,7 @@ import torch
 from transformers import BatchFeature, Mistral3ForConditionalGeneration, ProcessorMixin
 
 from embedlens.adapters.base import Adapter, ModulePaths
+from embedlens.adapters.capabilities import Capability
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
 from embedlens.sites import Site
@@ -92,8 +93,7 @@ class Mistral3Adapter(Adapter):
     model_class = Mistral3ForConditionalGeneration
     vision_towers = ("pixtral",)
     paths = ModulePaths(vision_embed="model.vision_tower.ln_pre", vision_layers="model.vision_tower.transformer.layers")
-    packed_vision = True
-    selects_vision_layer = True  # features = hidden_states[vision_feature_layer]: later encoder layers are skipped
+    capabilities = frozenset({Capability.PACKED_TOWER, Capability.VISION_FEATURE_LAYER})
 
     image_only_processor = PixtralProcessor
     image_only_keys = ("patch_size", "spatial_merge_size", "image_token", "image_break_token", "image_end_token", "chat_template")

@@ -11,6 +11,7 @@ import torch
 from transformers import BatchFeature, PaliGemmaForConditionalGeneration
 
 from embedlens.adapters.base import Adapter, ModulePaths, PromptText
+from embedlens.adapters.capabilities import Capability
 from embedlens.data import Sample
 from embedlens.registry import adapters
 from embedlens.roles import Role
@@ -23,7 +24,7 @@ class PaliGemmaAdapter(Adapter):
     architectures = ("PaliGemmaForConditionalGeneration",)
     model_class = PaliGemmaForConditionalGeneration
     vision_towers = ("siglip_vision_model",)
-    answer_as_suffix = True
+    capabilities = frozenset({Capability.ANSWER_SUFFIX})
     position_offset = 1
 
     @property

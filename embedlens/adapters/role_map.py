@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 from transformers import BatchFeature
 
+from embedlens.adapters.capabilities import Capability
 from embedlens.data import Sample
 from embedlens.errors import AdapterError
 from embedlens.roles import Role, TokenRoles
@@ -96,7 +97,7 @@ def mark_spans(self: Any, kind, ids, attn, prompt: PromptText, counts, sample, i
     enc = self.tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=self._adds_special_tokens())
     mine = ids[attn]
     n = len(enc["input_ids"])
-    if self.answer_as_suffix and "token_type_ids" in inputs:
+    if self.has(Capability.ANSWER_SUFFIX) and "token_type_ids" in inputs:
         types = inputs["token_type_ids"][b][attn]
         mine = mine[types == 0]
     if n != len(mine) or not torch.equal(torch.tensor(enc["input_ids"]), mine.cpu()):
@@ -120,7 +121,7 @@ def mark_spans(self: Any, kind, ids, attn, prompt: PromptText, counts, sample, i
             for t, (ts, te) in enumerate(enc["offset_mapping"]):
                 if te > ts and ts >= s_ and te <= e_ and kind[positions[t]] == Role.TEMPLATE:
                     kind[positions[t]] = int(role)
-    if self.answer_as_suffix and "token_type_ids" in inputs:
+    if self.has(Capability.ANSWER_SUFFIX) and "token_type_ids" in inputs:
         types = inputs["token_type_ids"][b]
         ans = (types == 1) & attn & (kind == Role.TEMPLATE)
         kind[ans] = int(Role.ANSWER)

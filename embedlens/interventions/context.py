@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from embedlens.errors import InterventionError
 from embedlens.interventions.select import Selection, SelectionSpec
 
 if TYPE_CHECKING:
@@ -67,6 +68,25 @@ class Rows:
 
 
 @dataclass
+class AttentionInput:
+    """What a layer's attention module is handed, for an intervention that reads it (`Context.probe_attention`).
+
+    Attributes:
+        module: the layer's attention module (``q_proj``, ``k_proj``, ...; `embedlens.attention.attention_rows`).
+        hidden: `[batch, rows, d]`, its input (after the layer's own norm), in the layer's packing.
+        position_embeddings: the layer's ``(cos, sin)``, `[batch, rows, head_dim]`.
+        rows: the packing (`Rows`): row r of sample b is batch position ``rows.index[b, r]``.
+        allowed: `[batch, rows, rows]` bool, what each row may attend to in that layer.
+    """
+
+    module: torch.nn.Module
+    hidden: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    rows: Rows
+    allowed: torch.Tensor
+
+
+@dataclass
 class Context:
     """What interventions see and set during one run of one condition on one batch.
 
@@ -95,6 +115,10 @@ class Context:
     per_layer: torch.Tensor | None = None
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
     attention_requests: set[int] = field(default_factory=set)
+    #: `{layer: [fn]}`: called with the layer's `AttentionInput` as it runs (`probe_attention`)
+    attention_probes: dict[int, list[Callable[[AttentionInput], None]]] = field(default_factory=dict)
+    #: `{layer: [fn]}`: called with the layer's `AttentionInput` before its `before_layer` hooks (``ahead=True``)
+    attention_probes_ahead: dict[int, list[Callable[[AttentionInput], None]]] = field(default_factory=dict)
     #: `[batch, seq]` bool, set by the run: tokens whose LLM input an intervention edited (`edit_embeds`).
     edited: torch.Tensor | None = None
 
@@ -114,6 +138,20 @@ class Context:
     def request_last_attention(self, layer: int) -> None:
         """Ask the engine to record the last prompt token's attention in `layer`."""
         self.attention_requests.add(layer)
+
+    def probe_attention(self, layer: int, fn: Callable[[AttentionInput], None], *, ahead: bool = False) -> None:
+        """Ask the engine to hand `fn` the input of `layer`'s attention module (`AttentionInput`).
+
+        An intervention recomputes from it only the attention rows (or keys) it needs, whatever attention
+        implementation the model runs. With ``ahead=False`` `fn` is called as `layer` runs, on the tokens it
+        holds. With ``ahead=True`` it is called before `layer`'s `before_layer` hooks, on the tokens layer
+        ``layer - 1`` held (the engine runs `layer`'s own norm on them and stops at its attention): what an
+        intervention that drops tokens *before* `layer` by `layer`'s own attention reads (PyramidDrop).
+        `fn` must only launch device work (no host reads).
+        """
+        if ahead and layer < 1:
+            raise InterventionError(f"an ahead attention probe needs a layer before it; got layer {layer}")
+        (self.attention_probes_ahead if ahead else self.attention_probes).setdefault(layer, []).append(fn)
 
     def sample_ids(self, mask: torch.Tensor) -> list[str]:
         return [self.batch.samples[int(b)].id for b in mask.nonzero().flatten()]

@@ -14,10 +14,10 @@ those per-layer arguments itself:
   rest of the row is padding that nothing attends to;
 - position ids are the ones each sample gets alone (padding does not count),
   so a kept token keeps its original position and decoding continues from the
-  unpruned length; for M-RoPE families (Qwen-VL, `Adapter.mrope`) they are
+  unpruned length; for M-RoPE families (Qwen-VL, `Capability.MROPE`) they are
   `[3, batch, seq]` (t, h, w) ids, gathered per axis, and decoding continues
   one past each sample's largest id (HF's ``rope_deltas``);
-- DeepStack features (Qwen3-VL, `Adapter.deepstack`), taken from the model's
+- DeepStack features (Qwen3-VL, `Capability.DEEPSTACK`), taken from the model's
   own call of its language model, are added after their decoder layers to the
   visual tokens present there, as the text model does;
 - per-layer inputs (Gemma 4's ``hidden_size_per_layer_input``): the token
@@ -38,7 +38,7 @@ those per-layer arguments itself:
   layers; a stray ``sliding_window`` in a Llama config is ignored, as Llama
   ignores it) also masks every key
   ``sliding_window`` or more *rows* before the query (bidirectional blocks
-  included or not, as the family's `Adapter.window_bounds_blocks` says). Rows, not position ids:
+  included or not, as the family's `Capability.WINDOWED_BLOCKS` says). Rows, not position ids:
   Hugging Face measures the window in sequence index (``kv_idx > q_idx -
   sliding_window`` in ``masking_utils.sliding_window_overlay``, indices into
   the cache, whatever the position ids say), so a hand-cut run of the kept
@@ -66,11 +66,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.base import resolve_path
 from embedlens.adapters.placement import module_device
 from embedlens.attention import attention_rows, check_layer_types, layer_windows, rotary_embeddings
 from embedlens.errors import AdapterError, InterventionError
-from embedlens.interventions.context import Context, Rows
+from embedlens.interventions.context import AttentionInput, Context, Rows
 from embedlens.interventions.layout import Layout, schedule
 from embedlens.interventions.outcome import DONE_EVERY, Outcome, RowCache, _on, next_positions
 
@@ -226,13 +227,13 @@ class Engine:
             captured = self._lm_inputs(batch)
             embeds, deep = captured["x"], _scatter_deepstack(captured)
             given = captured.get("position_ids")
-            if self.adapter.mrope and isinstance(given, torch.Tensor) and tuple(given.shape) == (3, *roles.kind.shape):
+            if self.adapter.has(Capability.MROPE) and isinstance(given, torch.Tensor) and tuple(given.shape) == (3, *roles.kind.shape):
                 # the M-RoPE ids the model itself computed for its language model (Qwen-VL): asking the adapter
                 # would run the same per-image host loop (get_rope_index) a second time
                 positions = given
             per_layer = captured.get("per_layer_inputs")
         else:  # precomputed embeddings; DeepStack features and per-layer inputs still need the model's own call
-            deep = self.deepstack(batch) if self.adapter.deepstack else None
+            deep = self.deepstack(batch) if self.adapter.has(Capability.DEEPSTACK) else None
             per_layer = self._lm_inputs(batch).get("per_layer_inputs") if self.per_layer_inputs else None
         if hasattr(groups, "label"):  # a partition: label this batch's tokens once
             groups = _lookup({g: m.to(self.device) for g, m in groups.label(self.adapter, batch, embeds=embeds).items()})
@@ -240,10 +241,10 @@ class Engine:
             groups = _lookup(groups)
         if positions is None:
             positions = self.adapter.position_ids(inputs)
-        if positions.dim() != (3 if self.adapter.mrope else 2):
+        if positions.dim() != (3 if self.adapter.has(Capability.MROPE) else 2):
             raise AdapterError(
                 f"{self.adapter.name}: position_ids gave shape {tuple(positions.shape)}; the adapter declares "
-                f"{'[3, batch, seq] M-RoPE' if self.adapter.mrope else '[batch, seq]'} positions (Adapter.mrope)"
+                f"{'[3, batch, seq] M-RoPE' if self.adapter.has(Capability.MROPE) else '[batch, seq]'} positions (Capability.MROPE)"
             )
         blocks = self.adapter.block_ids(inputs)
         if blocks is None:
@@ -324,6 +325,8 @@ class Engine:
         x = None
         stamp, widths, changes = None, [], []
         for layer_idx, layer in enumerate(self.layers):
+            if layer_idx in ctx.attention_probes_ahead:
+                self._probe_ahead(layer, layer_idx, ctx, layout, x, interventions, condition)
             for i, iv in enumerate(interventions):
                 with _naming(condition, i, iv):
                     iv.before_layer(ctx, layer_idx)
@@ -344,8 +347,8 @@ class Engine:
                 rows = Rows.pack(ctx.present(layer_idx), widths[layer_idx])
                 x = rows.gather(x_full)
                 layout = Layout(ctx, rows, x, rotaries=self.rotaries, mask=self.mask,
-                                window_bounds_blocks=self.adapter.window_bounds_blocks,
-                                full_layers_see_blocks=self.adapter.full_layers_see_blocks)
+                                window_bounds_blocks=self.adapter.has(Capability.WINDOWED_BLOCKS),
+                                full_layers_see_blocks=not self.adapter.has(Capability.SLIDING_BLOCKS_ONLY))
             rows = layout.rows
             blocked, zero_attn, zero_mlp = [], [], []
             for i, iv in enumerate(interventions):
@@ -398,6 +401,36 @@ class Engine:
             out.next_position = next_positions(ctx.positions, ctx.roles.padding)
         return out
 
+    def _probe_ahead(self, layer, layer_idx: int, ctx: Context, layout: Layout, x: torch.Tensor, interventions,
+                     condition: str) -> None:
+        """Hand `ctx.attention_probes_ahead[layer_idx]` the input of `layer`'s attention on the tokens the previous
+        layer held: `layer` runs its own norm on them and is stopped at its attention module (nothing else runs)."""
+        blocked = []
+        for i, iv in enumerate(interventions):
+            with _naming(condition, i, iv):
+                b = iv.blocked(ctx, layer_idx)
+            if b is not None:
+                blocked.append(b)
+        entry = layout.entry(self.windows[layer_idx], blocked, [], [])
+        dev = self.layer_device(layer_idx)
+        fns = ctx.attention_probes_ahead[layer_idx]
+
+        def probe(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            seen = AttentionInput(module, hidden, kwargs["position_embeddings"], layout.rows, entry.allowed.to(hidden.device))
+            for fn in fns:
+                fn(seen)
+            raise _Stop
+
+        handle = resolve_path(layer, self.adapter.paths.attn).register_forward_pre_hook(probe, with_kwargs=True)
+        try:
+            layer(_on(x, dev), attention_mask=layout.mask(entry, dev), position_ids=layout.position_ids(dev), use_cache=False,
+                  position_embeddings=layout.rotary(self.layer_types[layer_idx], dev), **{self.cache_kwarg: None})
+        except _Stop:
+            pass  # the probe stopped the layer on purpose, once its attention's input was read
+        finally:
+            handle.remove()
+
     def _hooks(self, layer, layer_idx: int, ctx: Context, layout: Layout, entry) -> list:
         """Forward hooks for this layer, only where needed: zeroing the updates of `entry`'s rows, and recording
         the last prompt token's attention where an intervention asked for it."""
@@ -433,6 +466,16 @@ class Engine:
                 ctx.attention[layer_idx] = full.scatter(2, rows.index[:, None, :].expand_as(probs), probs)
 
             hooks.append(resolve_path(layer, self.adapter.paths.attn).register_forward_pre_hook(record, with_kwargs=True))
+        if layer_idx in ctx.attention_probes:
+            fns, allowed_all = ctx.attention_probes[layer_idx], entry.allowed
+
+            def probe(module, args, kwargs):
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                seen = AttentionInput(module, hidden, kwargs["position_embeddings"], layout.rows, allowed_all.to(hidden.device))
+                for fn in fns:
+                    fn(seen)
+
+            hooks.append(resolve_path(layer, self.adapter.paths.attn).register_forward_pre_hook(probe, with_kwargs=True))
         return hooks
 
 

@@ -103,9 +103,9 @@ class Layout:
             rotaries: ``(x, positions) -> {layer type: (cos, sin)}``, the model's own rotary embeddings.
             mask: ``[batch, q, k] bool -> the 4-D mask`` the attention implementation takes.
             window_bounds_blocks: whether a sliding window bounds the bidirectional blocks too
-                (`Adapter.window_bounds_blocks`).
-            full_layers_see_blocks: whether full-attention layers see the blocks (Gemma 4's stay causal:
-                `Adapter.full_layers_see_blocks`).
+                (`Capability.WINDOWED_BLOCKS`).
+            full_layers_see_blocks: whether full-attention layers see the blocks (False: Gemma 4's stay causal,
+                `Capability.SLIDING_BLOCKS_ONLY`).
         """
         self.ctx, self.rows = ctx, rows
         self._rotaries, self._mask, self._window_bounds_blocks = rotaries, mask, window_bounds_blocks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Literal
 
@@ -189,6 +190,19 @@ class FastV(Intervention):
         n = adapter.n_llm_layers
         if not 1 <= self.layer <= n - 1:
             raise InterventionError(f"layer: FastV prunes after layer K with 1 <= K <= {n - 1}; got {self.layer}")
+
+    def accounting(self, n_visual: int, n_layers: int) -> dict:
+        """The schedule for one image of `n_visual` tokens in an `n_layers`-layer LLM (as the token-reduction
+        methods of `embedlens.reduction` state theirs): all tokens up to layer K-1, ``ceil(n * keep)`` from K on;
+        the equivalent count is the mean over layers. `fastv_budget` sets K and R from a token budget instead."""
+        from embedlens.reduction.inllm import check_accounting_args, make_accounting
+
+        check_accounting_args(n_visual, n_layers)
+        m = math.ceil(n_visual * self.keep)  # in float64, as `before_layer` counts
+        per_layer = [n_visual] * self.layer + [m] * (n_layers - self.layer)
+        rule = (f"FastV: all {n_visual} tokens in layers 0..{self.layer - 1}, ceil({n_visual} * {self.keep}) = {m} from "
+                f"layer {self.layer}; equivalent = the mean over layers")
+        return make_accounting(m, per_layer, sum(per_layer) / n_layers, rule)
 
     def setup(self, ctx: Context) -> None:
         self.check(ctx.adapter)

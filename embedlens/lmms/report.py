@@ -80,14 +80,27 @@ def benchmarks_chart(rows: Sequence[dict[str, Any]], conditions: Sequence[str], 
     The legend follows the run reports': the baseline dark grey, matched random `controls` hatched."""
     if not rows:
         return None
-    import matplotlib
+    import io
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     from embedlens.files import write_bytes
 
+    fig = benchmarks_figure(rows, conditions, controls)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+    return path
+
+
+def benchmarks_figure(rows: Sequence[dict[str, Any]], conditions: Sequence[str], controls: Sequence[str] = ()):
+    """The figure of `benchmarks_chart` (not saved): a panel per task."""
+    import numpy as np
+
+    from embedlens.figures import CONTROL_HATCH, _plt
+
+    plt = _plt()
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.5, 1.2 + 0.9 * len({r['metric'] for r in rows}) * len(conditions) / 2) * len(tasks), 3.6),
                              squeeze=False)
@@ -103,19 +116,15 @@ def benchmarks_chart(rows: Sequence[dict[str, Any]], conditions: Sequence[str], 
                 vals.append(np.nan if r is None else r["value"])
                 errs.append(0.0 if r is None or r["paired_sem"] is None else r["paired_sem"])
             ax.bar(x + (k - (len(conditions) - 1) / 2) * width, vals, width, yerr=errs, capsize=2, label=cond,
-                   color="#555555" if cond == "baseline" else colours(k % 10), hatch="//" if cond in controls else None,
+                   color="#555555" if cond == "baseline" else colours(k % 10), hatch=CONTROL_HATCH if cond in controls else None,
                    edgecolor="white")
         ax.set_xticks(x, [m.replace("pope_", "") for m in metrics], rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel("metric", fontsize=8)
+        ax.set_ylabel(f"{task} score per condition", fontsize=8)
         ax.set_title(task, fontsize=10)
         ax.set_ylim(bottom=0)
-    axes[0][0].legend(fontsize=7, loc="best")
+    axes[0][0].legend(fontsize=7, loc="best", title="condition (hatched: matched random control)", title_fontsize=7)
     fig.suptitle("lmms-eval scores per condition (dark grey: baseline; hatched: matched random control; "
                  "error bars: paired s.e. of the difference to baseline)", fontsize=9)
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    write_bytes(path, buf.getvalue())
-    return path
+    return fig

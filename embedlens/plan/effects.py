@@ -55,6 +55,22 @@ class EffectSummary(Stateful):
         return {c: {k: v["mean"] for k, v in cols.items()} for c, cols in self.stats().items()}
 
 
+def summary_rows(stats: dict[str, dict[str, dict[str, float]]], controls: dict[str, str]) -> dict[str, list]:
+    """The ``effects_summary`` table: one row per condition and metric column of `EffectSummary.stats`."""
+    rows: dict[str, list] = {"condition": [], "metric": [], "mean": [], "sem": [], "n": [], "control": []}
+    for cond, cols in stats.items():
+        for metric, st in cols.items():
+            rows["condition"].append(cond)
+            rows["metric"].append(metric)
+            rows["mean"].append(st["mean"])
+            rows["sem"].append(st["sem"])
+            rows["n"].append(st["n"])
+            # "" where a condition has no matched control, never a missing cell: a missing cell compares
+            # unequal to itself (pandas), so two runs' tables would differ there whatever they computed
+            rows["control"].append(controls.get(cond, ""))
+    return rows
+
+
 def _family(iv) -> tuple[str, ...] | None:
     """What kind of removal an intervention makes, so a control pairs only with its own kind."""
     from embedlens.interventions.ablate import Ablate

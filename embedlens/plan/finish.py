@@ -22,7 +22,7 @@ from embedlens.files import json_text, safe_dir, write_text
 from embedlens.plan import distributed
 from embedlens.plan.checkpoint import RunState
 from embedlens.plan.conclusions import breakdown_fields
-from embedlens.plan.effects import matched_controls
+from embedlens.plan.effects import matched_controls, summary_rows
 from embedlens.plan.loader import LoadedPlan
 from embedlens.plan.preparation import Prepared, plan_hash
 from embedlens.plan.store import CHECKPOINT, Parts
@@ -100,18 +100,7 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, starte
     effects = state.effects.stats()
     controls = matched_controls(state.conditions)
     if effects:
-        rows: dict[str, list] = {"condition": [], "metric": [], "mean": [], "sem": [], "n": [], "control": []}
-        for cond, cols in effects.items():
-            for metric, st in cols.items():
-                rows["condition"].append(cond)
-                rows["metric"].append(metric)
-                rows["mean"].append(st["mean"])
-                rows["sem"].append(st["sem"])
-                rows["n"].append(st["n"])
-                # "" where a condition has no matched control, never a missing cell: a missing cell compares
-                # unequal to itself (pandas), so two runs' tables would differ there whatever they computed
-                rows["control"].append(controls.get(cond, ""))
-        parts.table("effects_summary", rows, 0)
+        parts.table("effects_summary", summary_rows(effects, controls), 0)
     if partition is not None and partition.evidence:  # why each id is (not) an anchor
         parts.table("partition_discovery", {k: [r[k] for r in partition.evidence] for k in EVIDENCE_COLUMNS}, 0)
     concl, touched = _conclusions(prepared, parts, controls)

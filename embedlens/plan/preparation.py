@@ -15,6 +15,7 @@ import torch
 from embedlens.adapters import load_model
 from embedlens.adapters.base import Adapter
 from embedlens.adapters.placement import DeviceMapError, Placement, check_device_map
+from embedlens.adapters.processor_options import ProcessorOptionError, configure_processor
 from embedlens.data import Record, Sample, read_hf_dataset, read_records
 from embedlens.errors import EmbedLensError, ParameterError
 from embedlens.groups import Partition
@@ -77,8 +78,8 @@ def load_plan_model(loaded: LoadedPlan, name: str | None = None, run_dir: Path |
     if m.device_map is not None or m.quantization is not None:
         placement = Placement(m.device_map, m.max_memory, offload_dir(run_dir) if run_dir is not None else None, m.quantization)
     try:
-        return name, load_model(loaded.model_source(m.source), adapter=m.adapter, dtype=m.dtype, device=device, attn_implementation=m.attn_implementation,
-                                placement=placement, remote=m.remote)
+        adapter = load_model(loaded.model_source(m.source), adapter=m.adapter, dtype=m.dtype, device=device, attn_implementation=m.attn_implementation,
+                             placement=placement, remote=m.remote)
     except DeviceMapError as e:
         raise _device_map_error(loaded, loc, e) from None
     except EmbedLensError as e:
@@ -98,6 +99,11 @@ def load_plan_model(loaded: LoadedPlan, name: str | None = None, run_dir: Path |
         if m.device_map is not None and any(w in msg.lower() for w in ("device_map", "device map", "offload", "meta tensor")):
             raise loaded.error((*loc, "device_map"), f"{m.source!r} cannot be placed by this device map: {msg[:600]}") from None
         raise loaded.error((*loc, "source"), f"cannot load the model from {m.source!r}: {msg[:600]}") from None
+    try:
+        configure_processor(adapter, m.processor_kwargs)
+    except ProcessorOptionError as e:
+        raise loaded.error((*loc, "processor_kwargs", *([e.key] if e.key else [])), e.detail) from None
+    return name, adapter
 
 
 def _check_remote(loaded: LoadedPlan, loc: tuple, m: ModelSpec) -> None:

@@ -61,6 +61,8 @@ resolved path and the folder it was resolved from.
 def _type(ann: Any) -> str:
     """A readable type: ``int | None``, ``'a' | 'b'``, ``list[int]``, ``ModelSpec``."""
     origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Annotated:  # the type; its validators are the schema's business
+        return _type(args[0])
     if origin is typing.Literal:
         return " \\| ".join(repr(a) for a in args)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):

@@ -6,14 +6,21 @@ declared constructor signature by `embedlens.plan.loader`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
     # NaN and infinities are never a usable setting; refused here rather than written into results
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _setting(value: Any) -> Any:
+    """One processor setting: a plain value (which settings a family takes, and their types: at model load)."""
+    if not isinstance(value, (bool, int, float, str)) or isinstance(value, float) and value != value:
+        raise ValueError(f"expected a number, a string or true/false; got {value!r}")
+    return value
 
 
 class ModelSpec(_Strict):
@@ -35,6 +42,10 @@ class ModelSpec(_Strict):
         None, description="BitsAndBytesConfig arguments, e.g. {load_in_4bit: true, bnb_4bit_compute_dtype: bfloat16}"
     )
     remote: bool = Field(False, description="run probe passes on NDIF through nnsight (hub ids only; interventions run locally)")
+    processor_kwargs: dict[str, Annotated[bool | int | float | str, BeforeValidator(_setting)]] = Field(
+        default_factory=dict, description="image processor settings the family declares, e.g. Qwen-VL's {min_pixels: 3136, "
+        "max_pixels: 802816} or InternVL's {max_dynamic_patch: 6}: they cap the visual tokens per image"
+    )
 
     @model_validator(mode="after")
     def _placement(self) -> "ModelSpec":

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.base import resolve_path
 from embedlens.attention import attention_rows, check_layer_types, layer_windows, rotary_embeddings, window_keys
 from embedlens.errors import EmbedLensError, PlanError
@@ -68,7 +69,7 @@ def llm_attention_rows(adapter: "Adapter", batch: "Batch", layer: int, h_in: tor
     with torch.no_grad():
         cos_sin = rotary_embeddings(lm, h_in, pos_ids, types[layer : layer + 1])[types[layer]]
         hidden = norm(h_in)
-        allowed = allowed_keys(batch, block_ids, query_pos.cpu(), windows[layer], adapter.window_bounds_blocks)
+        allowed = allowed_keys(batch, block_ids, query_pos.cpu(), windows[layer], adapter.has(Capability.WINDOWED_BLOCKS))
         return attention_rows(attn, hidden, cos_sin, query_pos.to(dev), allowed.to(dev))
 
 
@@ -135,6 +136,7 @@ class AttentionFlow(Probe):
         self._last_n: dict[str, int] = {}
         self._first = FirstImage()
         self._first_layer: int | None = None
+        self._layer_ids: list[int] = []  # the model's numbers of the layers probed, in order (the figures' x)
 
     def _layers(self, adapter: "Adapter") -> list[int]:
         n = adapter.n_llm_layers
@@ -174,6 +176,7 @@ class AttentionFlow(Probe):
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
         roles = batch.roles
         layers = self._layers(adapter)
+        self._layer_ids = list(layers)
         vt = roles.visual_tokens()
         groups = token_groups(batch, vt["sample"], vt["position"])
         by_group = group_masks(groups)  # group -> [tokens]
@@ -242,7 +245,7 @@ class AttentionFlow(Probe):
             per = acc / n
             mass.setdefault(q, {})[g] = {"per_layer": per.mean(1).tolist(), "per_layer_head": per.tolist()}
         last = {g: (s / max(self._last_n[g], 1)).tolist() for g, s in self._last_sum.items()}
-        return {"n_queries": dict(self._n_queries), "attention_mass": mass, "last_token_attention_mean": last}
+        return {"n_queries": dict(self._n_queries), "layers": list(self._layer_ids), "attention_mass": mass, "last_token_attention_mean": last}
 
     def figures(self, out_dir: Path) -> list[Path]:
         from embedlens.figures import layer_curves, value_map
@@ -250,15 +253,16 @@ class AttentionFlow(Probe):
         out = []
         res = self.result()
         for q, per_target in res["attention_mass"].items():
-            curves = {g: (list(range(len(v["per_layer"]))), v["per_layer"]) for g, v in per_target.items()}
+            curves = {g: (res["layers"] or list(range(len(v["per_layer"]))), v["per_layer"]) for g, v in per_target.items()}
             out.append(layer_curves(curves, Path(out_dir) / f"attention_flow_{q.replace(' ', '_')}.png",
-                                    xlabel="layer index among those probed", ylabel="attention mass",
+                                    xlabel="LLM layer (its attention)" if res["layers"] else "position among the layers probed",
+                                    ylabel=f"attention mass from '{q}' queries\nto the group's tokens", legend_title="token group",
                                     title=f"Attention mass from '{q}' queries to each token group (head average)"))
         f = self._first.data
         if f is not None:
             out.append(value_map(f["pixels"], f["row"], f["col"], f["value"], Path(out_dir) / "attention_flow_last_token.png",
                                  title=f"Attention from the last token, LLM layer {self._first_layer} (FastV) - {f['sample_id']}",
-                                 label="attention"))
+                                 label="attention from the last token (head mean)"))
         return out
 
 

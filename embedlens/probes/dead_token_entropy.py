@@ -137,5 +137,6 @@ class DeadTokenEntropy(Probe):
         f = self._first.data
         if f is not None:
             out.append(value_map(f["pixels"], f["row"], f["col"], f["value"], Path(out_dir) / "dead_token_entropy_map.png",
-                                 title=f"Normalised similarity entropy - {f['sample_id']}", label="entropy / log V"))
+                                 title=f"Normalised similarity entropy - {f['sample_id']}", label="entropy / log V",
+                                 vmin=0.0, vmax=1.0))  # its whole range: the same scale in every run
         return out

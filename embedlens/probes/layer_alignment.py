@@ -155,10 +155,10 @@ class LayerAlignment(Probe):
             return []
         xs = res["layers"]
         out = [layer_curves({g: (xs, v) for g, v in res["mean_best_cosine"].items()}, Path(out_dir) / "layer_alignment_cosine.png",
-                            xlabel="LLM layer of the text states", ylabel="mean best cosine",
+                            xlabel="LLM layer of the text states", ylabel="mean best cosine of the group's\nlayer-0 visual tokens", legend_title="token group",
                             title=f"Layer-0 visual tokens vs text states per layer (recommended injection layer: {res['recommended_layer']})")]
         if res["cka"]:
             out.append(layer_curves({g: (xs, v) for g, v in res["cka"].items()}, Path(out_dir) / "layer_alignment_cka.png",
-                                    xlabel="LLM layer of the text states", ylabel="linear CKA over samples",
+                                    xlabel="LLM layer of the text states", ylabel="linear CKA over samples\n(the group's mean token)", legend_title="token group",
                                     title="Per-sample mean visual token (layer 0) vs mean text state per layer"))
         return out

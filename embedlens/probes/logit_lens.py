@@ -212,11 +212,13 @@ class LogitLens(Probe):
             return []
         name = self.registered_name
         out = [layer_curves({g: (d["layers"], d["mean_entropy"]) for g, d in res.items()}, Path(out_dir) / f"{name}_entropy.png",
-                            ylabel="entropy (nats)", title=f"{name}: entropy of the read-out per layer")]
+                            xlabel="LLM layer (hidden state read)", ylabel="entropy of the read-out (nats),\nmean over the tokens",
+                            legend_title="tokens", title=f"{name}: entropy of the read-out per layer")]
         ranked = {g: (d["layers"], [math.log1p(x) if x is not None else float("nan") for x in d["mean_target_rank"]])
                   for g, d in res.items() if any(x is not None for x in d["mean_target_rank"])}
         if ranked:
-            out.append(layer_curves(ranked, Path(out_dir) / f"{name}_target_rank.png", ylabel="log(1 + mean target rank)",
+            out.append(layer_curves(ranked, Path(out_dir) / f"{name}_target_rank.png", xlabel="LLM layer (hidden state read)",
+                                    ylabel="log(1 + mean rank of the target)\nover the tokens", legend_title="tokens",
                                     title=f"{name}: rank of the target token per layer"))
         return out
 
@@ -401,6 +403,7 @@ class TunedLens(LogitLens):
             xs = [int(k) for k in kl]
             out.append(layer_curves({"logit lens": (xs, [v["logit_lens"] for v in kl.values()]),
                                      "tuned lens": (xs, [v["tuned_lens"] for v in kl.values()])},
-                                    Path(out_dir) / "tuned_lens_kl.png", ylabel="KL to the final layer (nats/token)",
+                                    Path(out_dir) / "tuned_lens_kl.png", xlabel="LLM layer (hidden state read)",
+                                    ylabel="held-out KL to the final layer\n(nats per token)", legend_title="read-out",
                                     title="Held-out KL per layer: logit lens vs tuned lens"))
         return out

@@ -199,7 +199,8 @@ class SemanticProbe(Probe):
                     xs.append(self.site_names.index(e["site"]))
                     ys.append(e["accuracy"])
             if curves:
-                out.append(layer_curves(curves, Path(out_dir) / f"semantic_probe_{a}.png", xlabel="site: " + ", ".join(
-                    f"{i}={s}" for i, s in enumerate(self.site_names)), ylabel="cross-validated accuracy",
+                out.append(layer_curves(curves, Path(out_dir) / f"semantic_probe_{a}.png", xlabel="site probed",
+                    xticklabels=dict(enumerate(self.site_names)), ylabel=f"cross-validated accuracy\npredicting '{a}' from the group's tokens",
+                    legend_title="token group",
                     title=f"Linear probe for '{a}' per site and token group"))
         return out

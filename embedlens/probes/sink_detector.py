@@ -304,7 +304,8 @@ class SinkDetector(Probe):
             xs = [int(k) + 1 for k in r]
             out.append(layer_curves({"max |a|": (xs, [v["max_abs"] for v in r.values()]),
                                      "median |a|": (xs, [v["median_abs"] for v in r.values()])},
-                                    Path(out_dir) / "sink_detector_layers.png", ylabel="|activation|",
+                                    Path(out_dir) / "sink_detector_layers.png", xlabel="LLM hidden state (1: the first layer's output, as the lenses number them)",
+                                    ylabel="|activation| over every token\nand dimension", legend_title="statistic",
                                     title="Largest and median hidden-state magnitude after each LLM layer"))
         f = self._first.data
         if f is not None:

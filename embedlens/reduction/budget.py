@@ -14,10 +14,12 @@ wins), so every method that ranks tokens shares one rule for ties.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from embedlens.errors import InterventionError
+from embedlens.reduction._rank import group_sizes, image_groups, ranks
 
 
 @dataclass(frozen=True)
@@ -58,29 +60,24 @@ class Budget:
             k = torch.full_like(n, int(self.keep))
         return torch.minimum(k, n)
 
-    def keep_mask(self, scores: torch.Tensor, candidates: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def keep_mask(self, scores: torch.Tensor, candidates: torch.Tensor, image: torch.Tensor,
+                  counts: "Callable[[torch.Tensor], torch.Tensor] | None" = None) -> torch.Tensor:
         """The kept tokens: per (sample, image), the `counts` highest-scoring candidates.
 
         Args:
             scores: `[batch, seq]` float; higher is kept first (finite; a method maps its own missing values to -inf).
             candidates: `[batch, seq]` bool: the tokens the budget is taken from.
             image: `[batch, seq]` long: each token's image within its sample (`TokenRoles.image`; -1 off images).
+            counts: how many of an image's `n` candidates to keep (`[batch, groups]` long -> same), for a method
+                whose schedule keeps another number at some stage (PyramidDrop, FastV matched to an average);
+                `Budget.counts` by default.
 
         Returns:
             `[batch, seq]` bool, a subset of `candidates`; everything stays on the device (no host reads).
         """
-        batch, seq = candidates.shape
-        group = torch.where(candidates & (image >= 0), image, torch.full_like(image, seq))  # seq: "not a candidate"
-        n = torch.zeros(batch, seq + 1, dtype=torch.long, device=candidates.device)
-        n.scatter_add_(1, group, torch.ones_like(group))
-        k = self.counts(n)
-        k[:, seq] = 0
-        # order: by group, then by score (highest first), then by position: two stable sorts
-        by_score = torch.argsort(-scores.double().masked_fill(~candidates, 0.0), dim=1, stable=True)
-        by_group = torch.argsort(group.gather(1, by_score), dim=1, stable=True)
-        order = by_score.gather(1, by_group)
-        g_sorted = group.gather(1, order)
-        start = torch.cumsum(n, dim=1) - n  # first sorted slot of each group
-        rank_sorted = torch.arange(seq, device=candidates.device).expand(batch, seq) - start.gather(1, g_sorted)
-        kept_sorted = rank_sorted < k.gather(1, g_sorted)
-        return torch.zeros_like(candidates).scatter(1, order, kept_sorted) & candidates
+        group = image_groups(candidates, image)
+        n = group_sizes(group)
+        k = torch.minimum((counts or self.counts)(n), n)
+        k[:, -1] = 0  # the bucket of non-candidates
+        rank = ranks([-scores.double()], candidates, image)  # highest first, then by position
+        return (rank < k.gather(1, group)) & candidates

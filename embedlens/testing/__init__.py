@@ -7,9 +7,9 @@ and friends) and the headless-browser check serve only embedlens's own suite and
 moved there (``tests/support/``).
 """
 
-from embedlens.testing.tiny import TINY_SPECS, TinySpec, save_tiny_model, tiny_batch, tiny_model
+from embedlens.testing.tiny import TINY_ALIASES, TINY_SPECS, TinySpec, save_tiny_model, tiny_batch, tiny_model
 
-__all__ = ["TINY_SPECS", "TinySpec", "save_tiny_model", "tiny_batch", "tiny_model"]
+__all__ = ["TINY_ALIASES", "TINY_SPECS", "TinySpec", "save_tiny_model", "tiny_batch", "tiny_model"]
 
 _MOVED = {name: "tests/support/hf_testers.py"
           for name in ("BLOCK_TESTER_CONFIGS", "HFTesterConfig", "TESTER_CONFIGS", "hf_tester_model")}

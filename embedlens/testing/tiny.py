@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -95,7 +96,11 @@ _NORM = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 @dataclass(frozen=True)
 class TinySpec:
-    """One tiny configuration: a family, its vision tower, and how to build it."""
+    """One tiny configuration: a family, its vision tower, and how to build it.
+
+    `name` (``tiny:NAME``) is the family's adapter name (`family`, its ``model.adapter`` key), or
+    ``FAMILY-TOWER`` where one family has tiny models with different towers (``llava-clip``, ``llava-siglip``).
+    """
 
     name: str
     family: str
@@ -310,7 +315,7 @@ def _qwen_vl(version: str) -> Callable[[int], tuple[PreTrainedModel, ProcessorMi
         from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                                   Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
 
-        from embedlens.adapters.qwen_vl import Qwen2_5_VLImageProcessor, Qwen2VLImageProcessor, Qwen3VLImageProcessor
+        from embedlens.adapters.qwen2_vl import Qwen2_5_VLImageProcessor, Qwen2VLImageProcessor, Qwen3VLImageProcessor
 
         tok = qwen_tokenizer()
         rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
@@ -483,20 +488,30 @@ TINY_SPECS: dict[str, TinySpec] = {
     for s in (
         TinySpec("llava-clip", "llava", "clip", _llava("clip")),
         TinySpec("llava-siglip", "llava", "siglip", _llava("siglip")),
-        TinySpec("llava-onevision", "llava_onevision", "siglip", _onevision),
+        TinySpec("llava_onevision", "llava_onevision", "siglip", _onevision),
         TinySpec("paligemma", "paligemma", "siglip", _paligemma),
-        TinySpec("llava-next", "llava_next", "clip", _llava_next),
+        TinySpec("llava_next", "llava_next", "clip", _llava_next),
         TinySpec("idefics3", "idefics3", "idefics3", _idefics3_family(smolvlm=False)),
         TinySpec("smolvlm", "smolvlm", "smolvlm", _idefics3_family(smolvlm=True)),
         TinySpec("internvl", "internvl", "internvit", _internvl),
-        TinySpec("qwen2-vl", "qwen2_vl", "qwen2-vit", _qwen_vl("2")),
-        TinySpec("qwen2.5-vl", "qwen2_5_vl", "qwen2.5-vit", _qwen_vl("2.5")),
-        TinySpec("qwen3-vl", "qwen3_vl", "qwen3-vit", _qwen_vl("3")),
+        TinySpec("qwen2_vl", "qwen2_vl", "qwen2-vit", _qwen_vl("2")),
+        TinySpec("qwen2_5_vl", "qwen2_5_vl", "qwen2.5-vit", _qwen_vl("2.5")),
+        TinySpec("qwen3_vl", "qwen3_vl", "qwen3-vit", _qwen_vl("3")),
         TinySpec("gemma3", "gemma3", "siglip", _gemma3),
         TinySpec("mistral3", "mistral3", "pixtral", _mistral3),
-        TinySpec("llava-pixtral", "llava_pixtral", "pixtral", _llava_pixtral),
+        TinySpec("llava_pixtral", "llava_pixtral", "pixtral", _llava_pixtral),
         TinySpec("gemma4", "gemma4", "gemma4-vit", _gemma4),
     )
+}
+
+
+#: Old spellings of tiny names, before each became its adapter's name (`model.adapter`); they load the same model.
+TINY_ALIASES: dict[str, str] = {
+    "llava-onevision": "llava_onevision",
+    "llava-next": "llava_next",
+    "qwen2-vl": "qwen2_vl",
+    "qwen2.5-vl": "qwen2_5_vl",
+    "qwen3-vl": "qwen3_vl",
 }
 
 
@@ -505,8 +520,9 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
 
     Args:
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
-            `llava-onevision`, `paligemma`, `llava-next`, `idefics3`, `smolvlm`, `internvl`,
-            `qwen2-vl`, `qwen2.5-vl`, `qwen3-vl`, `gemma3`, `mistral3`, `llava-pixtral`, `gemma4`).
+            `llava_onevision`, `paligemma`, `llava_next`, `idefics3`, `smolvlm`, `internvl`,
+            `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `gemma3`, `mistral3`, `llava_pixtral`, `gemma4`), or an old
+            spelling in `TINY_ALIASES` (same model, with a DeprecationWarning).
         seed: seed of the random initialisation.
 
     Returns:
@@ -517,9 +533,19 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
     """
     from embedlens.errors import UnknownNameError
 
+    name = canonical_tiny_name(name)
     if name not in TINY_SPECS:
         raise UnknownNameError.make("tiny model", name, TINY_SPECS)
     return TINY_SPECS[name].build(seed)
+
+
+def canonical_tiny_name(name: str) -> str:
+    """`name`, or the name an old spelling in `TINY_ALIASES` now has (with a DeprecationWarning)."""
+    if name in TINY_ALIASES:
+        warnings.warn(f"tiny model {name!r} is now spelled {TINY_ALIASES[name]!r} (its adapter's name); "
+                      f"the old name still loads the same model", DeprecationWarning, stacklevel=3)
+        return TINY_ALIASES[name]
+    return name
 
 
 def save_tiny_model(name: str, directory: str | Path, seed: int = 0) -> Path:

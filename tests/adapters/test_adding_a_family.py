@@ -39,5 +39,18 @@ def test_the_guide_names_files_and_functions_that_exist():
     from embedlens.adapters.base import Adapter
 
     for name in ("image_layouts", "placeholder_text", "special_token_ids", "processor_text", "block_ids", "position_ids",
-                 "load_processor", "grid", "patch_block", "merge_before_projector", "n_prefix_tokens"):
+                 "load_processor", "grid", "patch_block", "capabilities", "has", "n_prefix_tokens", "tower_kwargs",
+                 "tower_images", "site_value", "vision_layers_needed"):
         assert f"`{name}" in text and hasattr(Adapter, name), name
+
+
+def test_the_guide_lists_every_capability_with_the_families_that_declare_it():
+    """One row per `Capability` in the guide's capability table, naming exactly the registered adapters that declare it."""
+    from embedlens.adapters import Capability
+
+    text = (ROOT / ADDING_A_FAMILY).read_text()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([A-Z_]+)` \|.*\| ([^|]*) \|$", text, re.M)}
+    assert set(rows) == {c.name for c in Capability}
+    for cap in Capability:
+        declared = sorted(name for name, cls in adapters.items() if cap in cls.capabilities)
+        assert sorted(re.findall(r"`(\w+)`", rows[cap.name])) == declared, cap

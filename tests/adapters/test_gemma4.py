@@ -16,7 +16,7 @@ import torch
 from transformers.models.gemma4.processing_gemma4 import get_aspect_ratio_preserving_size
 
 from conftest import get_adapter, hf_run
-from embedlens.adapters import wrap_model
+from embedlens.adapters import Capability, wrap_model
 from embedlens.data import Sample
 from embedlens.errors import AdapterError, InterventionError
 from embedlens.interventions import Engine
@@ -180,12 +180,12 @@ def test_global_layers_do_not_see_the_image_blocks():
     batch = a.encode(_two(), padding_side="right")
     valid = ~batch.roles.padding
     ours = Engine(a).run(batch).logits()[valid]
-    assert a.full_layers_see_blocks is False and a.block_ids(batch.inputs) is not None
-    a.full_layers_see_blocks = True
+    assert a.has(Capability.SLIDING_BLOCKS_ONLY) and a.block_ids(batch.inputs) is not None
+    a.capabilities = a.capabilities - {Capability.SLIDING_BLOCKS_ONLY}
     try:
         gemma3_rule = Engine(a).run(batch).logits()[valid]
     finally:
-        del a.full_layers_see_blocks
+        del a.capabilities
     assert (ours - gemma3_rule).abs().max() > 1e-3
 
 

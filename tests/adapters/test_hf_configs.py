@@ -25,6 +25,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     image_size_to_num_patches,
 )
 
+from embedlens.adapters.capabilities import Capability
 from embedlens.adapters import wrap_model
 from embedlens.adapters.llava_onevision import anyres_layouts
 from embedlens.data import Sample
@@ -193,7 +194,7 @@ def test_role_counts_match_the_model(name):
     kept_cls = seen["features"].shape[1] - adapter.grid()[0] * adapter.grid()[1]
     assert kept_cls in (0, 1)
     assert int(roles.image_cls.sum()) == kept_cls * n_images
-    if not adapter.has_image_newline:
+    if not adapter.has(Capability.IMAGE_NEWLINE):
         assert int(roles.visual.sum()) == n_images * adapter.grid()[0] * adapter.grid()[1]
         assert not roles.image_newline.any()
     for b, s in enumerate(batch.samples):
@@ -253,7 +254,7 @@ def test_each_token_shows_the_patch_the_map_names(name):
     span = roles.image_span
     got = emb[span]
     newline = torch.zeros(len(got), dtype=torch.bool)
-    if adapter.has_image_newline:  # the model's learned newline vector, not a planted code
+    if adapter.has(Capability.IMAGE_NEWLINE):  # the model's learned newline vector, not a planted code
         newline = torch.isclose(got, adapter.model.model.image_newline.detach().expand_as(got), atol=1e-6).all(-1)
     kind = roles.kind[span]
     assert torch.equal(newline, kind == Role.IMAGE_NEWLINE)
@@ -406,17 +407,17 @@ def test_paligemma2_interventions_equal_hand_built_hf_runs(window):
         valid = ~batch.roles.padding
         with torch.no_grad():
             ref = adapter.model(**adapter.model_inputs(batch), position_ids=adapter.position_ids(batch.inputs)).logits
-        type(adapter).window_bounds_blocks = True
+        adapter.capabilities = adapter.capabilities | {Capability.WINDOWED_BLOCKS}  # this instance only
         try:
             assert (eng.run(batch).logits()[valid] - ref[valid]).abs().max() > 1e-4
         finally:
-            type(adapter).window_bounds_blocks = False
+            del adapter.capabilities
 
 
 # -- families whose tokens are blocks of patches ------------------------------------------------------------
 # The tests above assume one patch per token and LLaVA's module names; every `BLOCK_TESTER_CONFIGS` entry runs the
 # block-aware shared proofs instead: a new entry is covered by adding it there. The Qwen-VL entries (packed towers
-# in window order, M-RoPE) run the packed variants of the same proofs in tests/adapters/test_qwen_vl.py.
+# in window order, M-RoPE) run the packed variants of the same proofs in tests/adapters/test_qwen2_vl.py.
 BLOCK_NAMES = [n for n, c in BLOCK_TESTER_CONFIGS.items() if not c.family.startswith("qwen")]
 
 
@@ -447,7 +448,7 @@ def test_block_family_tokens_stand_for_their_patch_blocks(name):
     from tests import test_roles
 
     adapter = _block_adapter(name)
-    assert adapter.patch_block != (1, 1) or adapter.packed_vision  # Pixtral in LLaVA: one patch per token, packed
+    assert adapter.patch_block != (1, 1) or adapter.has(Capability.PACKED_TOWER)  # Pixtral in LLaVA: one patch per token, packed
     test_roles.test_row_col_match_the_patch_embedding(adapter)
     test_roles.test_sequence_positions_receive_the_named_features(adapter)
     test_roles.test_newline_tokens_only_where_the_family_has_them(adapter)

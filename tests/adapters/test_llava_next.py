@@ -1,7 +1,7 @@
 """LLaVA-NeXT: the anyres layout against a hand computation, and the family's proofs on HF's own tester configuration.
 
 The family-wide proofs (sites == HF hidden states, role map, patch perturbation,
-planted codes, conformance, intervention equivalences) run on ``tiny:llava-next``
+planted codes, conformance, intervention equivalences) run on ``tiny:llava_next``
 through the parametrised suites; here the same role-map proofs also run on a model
 built from the values of ``LlavaNextVisionText2TextModelTester``
 (tests/models/llava_next/test_modeling_llava_next.py in transformers).
@@ -44,7 +44,7 @@ def expected_layout(image_hw: tuple[int, int], tile: int, grid: int, pinpoints) 
 
 
 def test_layout_equals_the_hand_computed_unpadding():
-    adapter = load_model("tiny:llava-next")
+    adapter = load_model("tiny:llava_next")
     cfg = adapter.config
     sizes = [(40, 70), (70, 40), (64, 64), (32, 32), (20, 60)]  # (height, width): wide, tall, square, small
     samples = [Sample([noise(h, w, seed=i)], question="what is it?", id=f"s{i}") for i, (h, w) in enumerate(sizes)]
@@ -65,9 +65,9 @@ def test_layout_equals_the_hand_computed_unpadding():
 
 
 def hf_tester_adapter() -> LlavaNextAdapter:
-    """LLaVA-NeXT from the HF tester's values (`tests.support.hf_testers.TESTER_CONFIGS["llava-next"]`, which
+    """LLaVA-NeXT from the HF tester's values (`tests.support.hf_testers.TESTER_CONFIGS["llava_next"]`, which
     `tests/adapters/test_hf_configs.py` also runs)."""
-    adapter = wrap_model(*TESTER_CONFIGS["llava-next"].build(0))
+    adapter = wrap_model(*TESTER_CONFIGS["llava_next"].build(0))
     assert isinstance(adapter, LlavaNextAdapter)
     return adapter
 

@@ -4,9 +4,9 @@ span and its markers as the processor writes them, each visual token filled with
 the pairings that do not fit.
 
 The family-wide proofs (sites, role map with left/right padding and several images, one pixel patch -> exactly
-its token, planted codes, conformance, intervention equivalences, examples) run on ``tiny:llava-pixtral`` through
+its token, planted codes, conformance, intervention equivalences, examples) run on ``tiny:llava_pixtral`` through
 the parametrised suites, and on the testers' values in ``tests/adapters/test_hf_configs.py``
-(``BLOCK_TESTER_CONFIGS["llava-pixtral"]``, ``["llava-pixtral-window"]``).
+(``BLOCK_TESTER_CONFIGS["llava_pixtral"]``, ``["llava_pixtral-window"]``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _CACHE: dict[str, object] = {}
 
 @pytest.fixture(scope="module")
 def adapter():
-    return get_adapter("llava-pixtral")
+    return get_adapter("llava_pixtral")
 
 
 def _tester(name: str):
@@ -45,21 +45,21 @@ def _tester(name: str):
 def test_the_adapter_follows_the_tower(tmp_path):
     """The same architecture, LlavaForConditionalGeneration, loads as ``llava_pixtral`` with a Pixtral tower and
     as ``llava`` with a CLIP one, from a saved folder (the config) and from a built model."""
-    pixtral = save_tiny_model("llava-pixtral", tmp_path / "pixtral")
+    pixtral = save_tiny_model("llava_pixtral", tmp_path / "pixtral")
     clip = save_tiny_model("llava-clip", tmp_path / "clip")
     assert load_model(str(pixtral)).name == "llava_pixtral"
     assert load_model(str(clip)).name == "llava"
-    assert wrap_model(*tiny_model("llava-pixtral")).name == "llava_pixtral"
+    assert wrap_model(*tiny_model("llava_pixtral")).name == "llava_pixtral"
 
 
 def test_forced_adapters_that_do_not_fit_the_tower_are_refused(tmp_path):
     """Forcing ``llava`` on Pixtral-12B's layout (once a raw ``no module at 'model.vision_tower.embeddings'``) or
     ``llava_pixtral`` on a CLIP tower names the tower and the adapter that takes it."""
-    model, processor = tiny_model("llava-pixtral")
+    model, processor = tiny_model("llava_pixtral")
     with pytest.raises(AdapterError, match=r"adapter 'llava' does not fit this LlavaForConditionalGeneration: its vision "
                                            r"tower is 'pixtral'; adapter 'llava' takes 'clip_vision_model' or 'siglip_vision_model'"):
         wrap_model(model, processor, adapter="llava")
-    pixtral = save_tiny_model("llava-pixtral", tmp_path / "pixtral")
+    pixtral = save_tiny_model("llava_pixtral", tmp_path / "pixtral")
     with pytest.raises(AdapterError, match=r"its vision tower is 'pixtral'"):
         load_model(str(pixtral), adapter="llava")
     with pytest.raises(AdapterError, match=r"adapter 'llava_pixtral' does not fit .*its vision tower is 'clip_vision_model'; "
@@ -89,7 +89,7 @@ def test_a_llava_tower_no_adapter_takes_gets_the_listing_error():
 def test_configurations_the_model_cannot_fill_are_refused():
     """"default" feature selection would drop the first patch of the packed sequence; a processor that merges
     patches writes fewer [IMG] tokens than LLaVA's projector gives features."""
-    model, processor = tiny_model("llava-pixtral")
+    model, processor = tiny_model("llava_pixtral")
     model.config.vision_feature_select_strategy = "default"
     with pytest.raises(AdapterError, match=r"vision_feature_select_strategy must be 'full' with a Pixtral tower.*got 'default'"):
         wrap_model(model, processor)
@@ -108,7 +108,7 @@ def test_layout_follows_the_processors_rule_and_its_markers(adapter, padding_sid
     test_mistral3.test_layout_follows_the_processors_rule_and_its_markers(adapter, padding_side)
 
 
-@pytest.mark.parametrize("name", ["tiny", "llava-pixtral", "llava-pixtral-window"])
+@pytest.mark.parametrize("name", ["tiny", "llava_pixtral", "llava_pixtral-window"])
 def test_each_visual_token_holds_the_row_hf_scattered(adapter, name):
     """`llm.embed` at the ``[IMG]`` positions is, in sequence order, the model's own `get_image_features` output
     (image by image, as it splits them by ``image_sizes``); the markers keep their token embeddings."""
@@ -134,7 +134,7 @@ def _two():
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize("name", ["llava-pixtral", "llava-pixtral-window"])
+@pytest.mark.parametrize("name", ["llava_pixtral", "llava_pixtral-window"])
 def test_engine_baseline_equals_hf_at_batch_two(name, padding_side):
     """Engine logits == the model's own at every real position, batch 2, both paddings; on the window variant
     every prompt is longer than the window (3), so the engine's window is the one that bites."""
@@ -151,7 +151,7 @@ def test_engine_baseline_equals_hf_at_batch_two(name, padding_side):
     torch.testing.assert_close(eng.run(batch).logits()[valid], ref[valid], atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["llava-pixtral", "llava-pixtral-window"])
+@pytest.mark.parametrize("name", ["llava_pixtral", "llava_pixtral-window"])
 def test_prune_equals_hf_on_the_shortened_sequence(name):
     """Pruning a different number of visual tokens per sample (batch 2, left padding) == HF run on each sample's
     kept rows at their original position ids."""

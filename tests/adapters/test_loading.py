@@ -142,7 +142,7 @@ def test_moved_tester_configs_say_where_they_went():
         from embedlens.testing import TESTER_CONFIGS  # noqa: F401
     from tests.support.hf_testers import TESTER_CONFIGS
 
-    assert "llava-next" in TESTER_CONFIGS
+    assert "llava_next" in TESTER_CONFIGS
 
 
 def test_a_registered_source_is_reached_through_its_prefix():

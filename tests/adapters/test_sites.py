@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.base import resolve_path
 from embedlens.errors import AdapterError, UnknownNameError
 from embedlens.sites import Site
@@ -42,7 +43,7 @@ def test_llm_sites_equal_hf_hidden_states(adapter, padding_side):
 def _deepstack_features(adapter, batch) -> list:
     """Qwen3-VL's DeepStack features from the model's own `get_image_features`, scattered onto the image tokens
     (`[batch, seq, d]` each); none for other families."""
-    if not adapter.deepstack:
+    if not adapter.has(Capability.DEEPSTACK):
         return []
     with torch.no_grad():
         out = adapter.model.model.get_image_features(batch.inputs["pixel_values"], batch.inputs["image_grid_thw"])
@@ -65,7 +66,7 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
         pv = torch.cat([pv[b, : int(fr[b].max() - fr[b][fr[b] >= 0].min()) + 1] for b in range(pv.shape[0])])
     vis = resolve_path(adapter.model, adapter.paths.vision_embed.rsplit(".", 1)[0])  # the tower
     with torch.no_grad():
-        if adapter.packed_vision:  # Qwen-VL, Pixtral, Gemma 4: the batch's patches as one sequence, split by image sizes
+        if adapter.has(Capability.PACKED_TOWER):  # Qwen-VL, Pixtral, Gemma 4: the batch's patches as one sequence, split by image sizes
             encoded = {}
             enc = getattr(vis, "encoder", None)
             handle = enc.register_forward_hook(lambda m, a, o: encoded.update(h=o.last_hidden_state)) if enc is not None else None
@@ -91,13 +92,13 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
     layer = getattr(cfg, "vision_feature_layer", None)
     feats = out.last_hidden_state if layer is None else out.hidden_states[layer]
     feats = feats[:, adapter.n_prefix_tokens:]
-    if adapter.merge_before_projector and not adapter.packed_vision:  # InternVL: the model's own pixel shuffle runs before the projector
+    if adapter.has(Capability.PRE_PROJECTOR_MERGE) and not adapter.has(Capability.PACKED_TOWER):  # InternVL: the model's own pixel shuffle runs before the projector
         n, (gh, gw), (bh, bw) = feats.shape[0], adapter.grid(), adapter.patch_block
         merged = adapter.model.model.pixel_shuffle(feats.reshape(n, gh * bh, gw * bw, -1), scale_factor=cfg.downsample_ratio)
         feats = merged.reshape(n, gh * gw, -1)
     torch.testing.assert_close(acts[Site("vision.features")], feats, **TOL)
     merger = resolve_path(adapter.model, adapter.paths.projector)
-    proj = merger(feats[0], *adapter.projector_args(batch.inputs))[None] if adapter.packed_vision else merger(feats)
+    proj = merger(feats[0], *adapter.projector_args(batch.inputs))[None] if adapter.has(Capability.PACKED_TOWER) else merger(feats)
     torch.testing.assert_close(acts[Site("projector")], proj, **TOL)
 
 

@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from embedlens.adapters import wrap_model
 from embedlens.adapters.base import resolve_path
 from embedlens.data import Sample
-from embedlens.interventions import Engine, Intervention
+from embedlens.interventions import Engine, Hook, Intervention
 from embedlens.interventions.engine import DONE_EVERY
 from embedlens.interventions.prune import FastV, Prune
 from embedlens.testing import tiny_model
@@ -48,6 +48,8 @@ CASES = {
     "prune": lambda: [Prune(tokens="visual and index % 2 == 0")],
     "prune_mask": lambda: [Prune(tokens="visual and index % 2 == 0", mode="mask")],
     "fastv": lambda: [FastV(layer=1, keep=0.5)],
+    # a plain function at a site (embedlens.intervene's ad-hoc edits): the packed rows go to batch positions and back
+    "hook": lambda: [Hook(lambda x: 2 * x, site="llm.layers[1]", tokens="visual and index % 2 == 0")],
 }
 
 
@@ -91,7 +93,7 @@ def measure(fn) -> dict:
     }
 
 
-@pytest.fixture(scope="module", params=["llava-clip", "qwen2.5-vl", "gemma3"])
+@pytest.fixture(scope="module", params=["llava-clip", "qwen2_5_vl", "gemma3"])
 def counts(request):
     """Per depth: the counts of Hugging Face's language model, of every engine case, and of one decoding step."""
     samples = [
@@ -205,7 +207,7 @@ def test_rows_scatter_writes_the_valid_rows_only():
     assert torch.equal(rows.scatter(target, values), expected)
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
 def test_mrope_ids_taken_from_the_models_own_call_equal_the_adapters(name):
     """The engine reuses the M-RoPE ids the model computed for its language model instead of asking the adapter
     (a second get_rope_index, a host loop per image); they are the adapter's ids, padding on either side."""

@@ -18,15 +18,15 @@ from embedlens.plan import load_plan, prepare, run_all
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ORIGINAL_SOURCE = "source: zoo:tiny-llava-clip"
-NEW_FAMILIES = ("llava-next", "idefics3", "smolvlm", "internvl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "gemma3", "mistral3",
-                "llava-pixtral", "gemma4")
-TILED = {"llava-next": True, "idefics3": True, "smolvlm": True, "internvl": True,  # families whose images become several tiles
-         "qwen2-vl": False, "qwen2.5-vl": False, "qwen3-vl": False, "gemma3": False, "mistral3": False,
-         "llava-pixtral": False, "gemma4": False}
+NEW_FAMILIES = ("llava_next", "idefics3", "smolvlm", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "mistral3",
+                "llava_pixtral", "gemma4")
+TILED = {"llava_next": True, "idefics3": True, "smolvlm": True, "internvl": True,  # families whose images become several tiles
+         "qwen2_vl": False, "qwen2_5_vl": False, "qwen3_vl": False, "gemma3": False, "mistral3": False,
+         "llava_pixtral": False, "gemma4": False}
 # towers whose CLS attention attention_flow can compute (CLIP's); InternViT has a CLS token, but not CLIP's modules
-HAS_CLS = {"llava-next": True, "idefics3": False, "smolvlm": False, "internvl": False,
-           "qwen2-vl": False, "qwen2.5-vl": False, "qwen3-vl": False, "gemma3": False, "mistral3": False,
-           "llava-pixtral": False, "gemma4": False}
+HAS_CLS = {"llava_next": True, "idefics3": False, "smolvlm": False, "internvl": False,
+           "qwen2_vl": False, "qwen2_5_vl": False, "qwen3_vl": False, "gemma3": False, "mistral3": False,
+           "llava_pixtral": False, "gemma4": False}
 CLS_OPTION = ", vit_cls_layer: -2"  # how partition_study.yaml asks attention_flow for CLS attention
 
 

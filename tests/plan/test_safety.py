@@ -504,6 +504,10 @@ INTERVENTION_PARAMS = {
     "prune_random_matched": {"target": "visual"},
     "skip_sublayer": {"tokens": "visual", "sublayers": [0, 1.5]},
     "withdraw_at_layer": {"layer": 1, "tokens": "visual"},
+    "fastv_budget": {"keep": 0.5},
+    "pyramiddrop": {"keep": 0.5},
+    "dart": {"keep": 0.5},
+    "sparsevlm": {"keep": 0.5},
 }
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.base import resolve_path
 from embedlens.sites import Site
 from embedlens.probes import (
@@ -169,7 +170,7 @@ def test_vit_norms_match_hf_hidden_states(adapter):
     rows = run_probe(SinkDetector(), adapter, batch)["tokens"]
     tower = resolve_path(adapter.model, adapter.paths.vision_embed.rsplit(".", 1)[0])
     vt = batch.roles.visual_tokens()
-    if adapter.packed_vision:  # Qwen-VL, Pixtral: every patch of the batch in one sequence; statistics per image
+    if adapter.has(Capability.PACKED_TOWER):  # Qwen-VL, Pixtral: every patch of the batch in one sequence; statistics per image
         with torch.no_grad():
             hs = tower(batch.inputs["pixel_values"], **adapter.tower_kwargs(batch.inputs), output_hidden_states=True).hidden_states
         # the site's view (`site_value`): Qwen-VL's tower states have no batch dimension, Gemma 4's padded image
@@ -197,7 +198,7 @@ def test_vit_norms_match_hf_hidden_states(adapter):
     assert any(sigma_only)  # the 2-sigma tail of any image: what the ratio keeps out
     for t, (flag, flag0, r, ns) in enumerate(zip(rows["vit_norm_flag"], sigma_only, vt["feature_row"].tolist(), patch_norms.tolist())):
         v = all_norms[r]
-        if adapter.packed_vision:  # the patches of this token's own image
+        if adapter.has(Capability.PACKED_TOWER):  # the patches of this token's own image
             v = v[image_of == image_of[patches[t, 0] - adapter.n_prefix_tokens]]
         tails = [n > float(v.mean() + 2 * v.std(unbiased=False)) for n in ns]  # a block's token: any of its patches
         assert flag0 == any(tails)

@@ -460,7 +460,7 @@ def qwen_vl_builder(version: str) -> Builder:
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                               Qwen3VLConfig, Qwen3VLForConditionalGeneration)
 
-    from embedlens.adapters.qwen_vl import Qwen2_5_VLImageProcessor, Qwen2VLImageProcessor, Qwen3VLImageProcessor
+    from embedlens.adapters.qwen2_vl import Qwen2_5_VLImageProcessor, Qwen2VLImageProcessor, Qwen3VLImageProcessor
     from embedlens.testing.tiny import qwen_ids, qwen_image_processor, qwen_tokenizer
 
     t, config_cls, model_cls, proc_cls = {
@@ -625,16 +625,16 @@ TESTER_CONFIGS: dict[str, HFTesterConfig] = {
         HFTesterConfig("llava-tied", "llava", "LlavaVisionText2TextModelTester with tied embeddings and LlavaConfig's "
                      "default image_seq_length (576, not the tester's 16 patches)",
                      llava_builder(tie_word_embeddings=True, image_seq_length=None)),
-        HFTesterConfig("llava-onevision", "llava_onevision", "LlavaOnevisionVisionText2TextModelTester (one 16-px "
+        HFTesterConfig("llava_onevision", "llava_onevision", "LlavaOnevisionVisionText2TextModelTester (one 16-px "
                      "pinpoint: base image + 1 tile, no downsampling)", onevision_builder(),
                      image_sizes=((45, 45), (30, 50))),
-        HFTesterConfig("llava-onevision-layers", "llava_onevision", "LlavaOnevisionForConditionalGenerationModelTest."
+        HFTesterConfig("llava_onevision-layers", "llava_onevision", "LlavaOnevisionForConditionalGenerationModelTest."
                      "test_vision_feature_layers: vision_feature_layer=[-1, -2]",
                      onevision_builder(feature_layer=[-1, -2]), image_sizes=((45, 45),)),
-        HFTesterConfig("llava-onevision-multi", "llava_onevision", "LlavaOnevisionVisionText2TextModelTester, two images "
+        HFTesterConfig("llava_onevision-multi", "llava_onevision", "LlavaOnevisionVisionText2TextModelTester, two images "
                      "per prompt (each one tile: batch_num_images)", onevision_builder(pinpoints=_OV_MANY_TILES),
                      image_sizes=((40, 30),), images_per_sample=2),
-        HFTesterConfig("llava-onevision-downsample", "llava_onevision", "LlavaOnevisionVisionText2TextModelTester with "
+        HFTesterConfig("llava_onevision-downsample", "llava_onevision", "LlavaOnevisionVisionText2TextModelTester with "
                      "pinpoints up to 3x3 tiles and anyres_max_1, so that multi-tile grids are downsampled",
                      onevision_builder(pinpoints=_OV_MANY_TILES, vision_aspect_ratio="anyres_max_1"),
                      image_sizes=((48, 48), (44, 30), (30, 47)), downsamples=True),
@@ -643,7 +643,7 @@ TESTER_CONFIGS: dict[str, HFTesterConfig] = {
                      images_per_sample=2),
         HFTesterConfig("paligemma2", "paligemma", "PaliGemma2VisionText2TextModelTester (Gemma2 text config: final "
                      "logit softcapping 30, sliding-window layers)", paligemma_builder("gemma2"), image_sizes=((20, 20),)),
-        HFTesterConfig("llava-next", "llava_next", "LlavaNextVisionText2TextModelTester (one 32-px pinpoint: base image "
+        HFTesterConfig("llava_next", "llava_next", "LlavaNextVisionText2TextModelTester (one 32-px pinpoint: base image "
                      "+ 2 x 2 tiles, unpadded)", llava_next_builder(), image_sizes=((30, 30), (20, 32)), images_per_sample=2),
     )
 }
@@ -652,7 +652,7 @@ TESTER_CONFIGS: dict[str, HFTesterConfig] = {
 #: from LLaVA's. The LLaVA-specific tests of ``tests/adapters/test_hf_configs.py`` assume one patch per token and
 #: LLaVA's module names; these entries run there through the block-aware shared proofs instead (role map, each
 #: token's patch block by perturbing one patch, sites, pruning equivalence); the Qwen-VL entries also in
-#: ``tests/adapters/test_qwen_vl.py`` (packed towers, M-RoPE).
+#: ``tests/adapters/test_qwen2_vl.py`` (packed towers, M-RoPE).
 BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
     c.name: c
     for c in (
@@ -662,12 +662,12 @@ BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
                      image_sizes=((30, 30), (12, 30))),
         HFTesterConfig("internvl", "internvl", "InternVLVisionText2TextModelTester (64-px tiles, up to 4 + thumbnail)",
                      internvl_builder(), image_sizes=((64, 64), (40, 100))),
-        HFTesterConfig("qwen2-vl", "qwen2_vl", "Qwen2VLVisionText2TextModelTester (14-px patches merged 2 x 2; images "
+        HFTesterConfig("qwen2_vl", "qwen2_vl", "Qwen2VLVisionText2TextModelTester (14-px patches merged 2 x 2; images "
                      "at native resolution up to 84 x 84 px)", qwen_vl_builder("2"), image_sizes=((56, 56), (30, 80)),
                      images_per_sample=2),
-        HFTesterConfig("qwen2.5-vl", "qwen2_5_vl", "Qwen2_5_VLVisionText2TextModelTester (14-px patches, no merge, "
+        HFTesterConfig("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLVisionText2TextModelTester (14-px patches, no merge, "
                      "112-px windows)", qwen_vl_builder("2.5"), image_sizes=((42, 42), (20, 40)), images_per_sample=2),
-        HFTesterConfig("qwen3-vl", "qwen3_vl", "Qwen3VLVisionText2TextModelTester (16-px patches, no merge, DeepStack "
+        HFTesterConfig("qwen3_vl", "qwen3_vl", "Qwen3VLVisionText2TextModelTester (16-px patches, no merge, DeepStack "
                      "after vision blocks 0 and 1)", qwen_vl_builder("3"), image_sizes=((48, 48), (20, 40)), images_per_sample=2),
         HFTesterConfig("gemma3", "gemma3", "Gemma3Vision2TextModelTester (4 x 4 patches pooled to one token; two sliding "
                      "layers, window 4096)", gemma3_builder(), image_sizes=((20, 20), (12, 30)), images_per_sample=2),
@@ -683,10 +683,10 @@ BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
                      "2 x 2, images at most 70 tokens)", gemma4_builder(), image_sizes=((30, 30), (20, 45)), images_per_sample=2),
         HFTesterConfig("gemma4-window", "gemma4", "as gemma4, with sliding_window=3, so that the window bites on every "
                      "prompt", gemma4_builder(sliding_window=3), image_sizes=((30, 30),)),
-        HFTesterConfig("llava-pixtral", "llava_pixtral", "LlavaVisionText2TextModelTester's Llama and projector with "
+        HFTesterConfig("llava_pixtral", "llava_pixtral", "LlavaVisionText2TextModelTester's Llama and projector with "
                      "PixtralVisionModelTester's tower (2-px patches, one token each; images at native resolution up "
                      "to 30 px)", llava_pixtral_builder(), image_sizes=((20, 20), (12, 30)), images_per_sample=2),
-        HFTesterConfig("llava-pixtral-window", "llava_pixtral", "as llava-pixtral, with Pixtral-12B's Mistral text "
+        HFTesterConfig("llava_pixtral-window", "llava_pixtral", "as llava_pixtral, with Pixtral-12B's Mistral text "
                      "model and sliding_window=3, so that the window bites on every prompt",
                      llava_pixtral_builder(sliding_window=3), image_sizes=((20, 20),)),
     )

@@ -3,8 +3,8 @@ against a hand computation and HF's own generation, Qwen2.5-VL's window order, a
 own tester configurations.
 
 The family-wide proofs (sites == HF hidden states, role map, one patch -> one token of the 2 x 2 merger,
-planted codes, conformance, intervention equivalences incl. DeepStack) run on ``tiny:qwen2-vl``,
-``tiny:qwen2.5-vl`` and ``tiny:qwen3-vl`` through the parametrised suites.
+planted codes, conformance, intervention equivalences incl. DeepStack) run on ``tiny:qwen2_vl``,
+``tiny:qwen2_5_vl`` and ``tiny:qwen3_vl`` through the parametrised suites.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from embedlens.adapters.capabilities import Capability
 from embedlens.adapters import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter, load_model, wrap_model
 from embedlens.adapters.base import resolve_path
 from embedlens.data import Sample
@@ -26,7 +27,7 @@ from tests import test_roles
 from tests.adapters import test_sites
 from tests.test_roles import qwen_patch_row
 
-QWEN = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @pytest.fixture(scope="module", params=QWEN)
@@ -110,7 +111,7 @@ def test_engine_decodes_as_hf_generate(qwen):
 def test_qwen2_5_sites_are_in_the_towers_window_order():
     """Tiny Qwen2.5-VL windows are 2 x 2 tokens, so a 4 x 4-token image spans four: its tokens' rows of the merger
     output are the model's window order, and `vision.embed` is what the first block receives."""
-    adapter = load_model("tiny:qwen2.5-vl")
+    adapter = load_model("tiny:qwen2_5_vl")
     batch = adapter.encode([Sample([shapes(64, seed=1)], question="what?", id="a")])
     order = adapter.token_order(batch.inputs)
     assert not torch.equal(order, torch.arange(len(order)))  # the windows do reorder this image
@@ -134,7 +135,7 @@ def test_engine_refuses_positions_the_adapter_does_not_declare(qwen, monkeypatch
     from embedlens.errors import AdapterError
 
     batch = qwen.encode([Sample([shapes(32)], question="what?", id="a")])
-    monkeypatch.setattr(qwen, "mrope", False)
+    monkeypatch.setattr(qwen, "capabilities", qwen.capabilities - {Capability.MROPE})
     with pytest.raises(AdapterError, match=r"position_ids gave shape \(3, 1, \d+\); the adapter declares \[batch, seq\]"):
         Engine(qwen).run(batch)
 
@@ -153,7 +154,7 @@ def test_unsupported_video_and_errors(qwen):
 def tester(request):
     cfg = BLOCK_TESTER_CONFIGS[request.param]
     adapter = wrap_model(*cfg.build(0))
-    want = {"qwen2-vl": Qwen2VLAdapter, "qwen2.5-vl": Qwen2_5_VLAdapter, "qwen3-vl": Qwen3VLAdapter}[request.param]
+    want = {"qwen2_vl": Qwen2VLAdapter, "qwen2_5_vl": Qwen2_5_VLAdapter, "qwen3_vl": Qwen3VLAdapter}[request.param]
     assert type(adapter) is want
     return adapter
 

@@ -1,0 +1,45 @@
+"""What every method that picks tokens before the LLM shares: the budget, the candidates, the removal."""
+
+from __future__ import annotations
+
+import torch
+
+from embedlens.interventions.base import Intervention, parse_selection
+from embedlens.interventions.context import Context
+from embedlens.interventions.select import SelectionSpec
+from embedlens.reduction.budget import Budget
+
+
+class InputReduction(Intervention):
+    """Keeps `keep` of each image's `tokens` at the LLM input and removes the rest from every layer.
+
+    Subclasses implement `choose` (the kept set, on the device). Kept tokens keep their original position ids, as
+    `prune` does; a token that is not a candidate (text, image newlines) is never removed, and a sample whose
+    `tokens` selection is empty runs unchanged (there is nothing to reduce).
+    """
+
+    keep: int | float
+    tokens: SelectionSpec
+
+    def _init_budget(self, keep: int | float, tokens: SelectionSpec) -> None:
+        Budget.parse(keep, "keep")  # the plan's value, checked when the plan is read
+        self.keep, self.tokens = keep, tokens
+        self.selection = parse_selection(tokens, "tokens")
+
+    @property
+    def budget(self) -> Budget:
+        """`keep` as a `Budget` (derived, never stored: a checkpoint holds the plan's value only)."""
+        return Budget.parse(self.keep, "keep")
+
+    def candidates(self, ctx: Context) -> torch.Tensor:
+        """`[batch, seq]` bool: the tokens the budget is taken from (the selection, within the images)."""
+        return ctx.select(self.selection, within=ctx.roles.image_span) & ctx.valid
+
+    def choose(self, ctx: Context, candidates: torch.Tensor) -> torch.Tensor:
+        """`[batch, seq]` bool, a subset of `candidates`: the tokens kept."""
+        raise NotImplementedError
+
+    def setup(self, ctx: Context) -> None:
+        cand = self.candidates(ctx)
+        kept = self.choose(ctx, cand) & cand
+        ctx.exit = torch.where(cand & ~kept, torch.zeros_like(ctx.exit), ctx.exit)
