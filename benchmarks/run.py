@@ -1,7 +1,7 @@
 """embedlens performance harness: one command, a table of ratios against targets, and a JSON file.
 
     PYTHONPATH=. python benchmarks/run.py                # everything (about 8-10 minutes on 2 CPU cores)
-    PYTHONPATH=. python benchmarks/run.py --only lens    # one group: forward, siglip, lens, plans, memory, startup
+    PYTHONPATH=. python benchmarks/run.py --only lens    # one group: forward, siglip, lens, plans, memory, startup, reduction, validate
 
 Every ratio is measured within one run: the cases being compared run in
 interleaved repetitions (A B A B ...) and each case's time is the median of its
@@ -288,6 +288,41 @@ def _plan_yaml(source: str, n: int, batch_size: int, kind: str, size: int, out: 
     return path
 
 
+def reduction_cases(reps: int, budgets: tuple[int, ...] = (192, 128, 64)) -> dict:
+    """Medium CLIP model (576 visual tokens), batch 1: the LLM prefill's CPU time at every token against the same
+    prefill keeping `budgets` tokens (the first ones by `prune`, and a random draw of as many by the matched
+    control), all on the same input embeddings; the clock is process CPU time whatever `--clock` says (the issue's
+    measure). Also the engine's own measurement (`Outcome.stopwatch`, what the `prefill_time` metric reports)."""
+    from embedlens.adapters import wrap_model
+    from embedlens.interventions.engine import Engine
+    from embedlens.interventions.prune import Prune, PruneRandomMatched
+
+    spec = MediumSpec()
+    model, processor = medium_model(spec)
+    adapter = wrap_model(model, processor)
+    batch = _image_batch(adapter, 1, spec.image_size)
+    engine = Engine(adapter)
+    embeds = engine.embed(batch)
+    n = int(batch.roles.visual[0].sum())
+    cases: dict[str, Callable[[], object]] = {"keep_all": lambda: engine.run(batch, embeds=embeds)}
+    own: dict[str, list[float]] = {"keep_all": []}
+    for k in budgets:
+        drop = f"visual and index >= {k}"
+        cases[f"prune_{k}"] = lambda drop=drop: engine.run(batch, [Prune(tokens=drop)], embeds=embeds)
+        cases[f"random_{k}"] = lambda drop=drop: engine.run(batch, [PruneRandomMatched(target=drop, exclude_target=False)], embeds=embeds)
+    # the engine's own stopwatch, read after each run: the number the plan's `prefill_time` metric writes
+    timed = {name: (lambda fn=fn, name=name: own.setdefault(name, []).append(fn().stopwatch.read()["prefill_ms"])) for name, fn in cases.items()}
+    t = interleaved(timed, reps, clock="cpu")  # Engine.run is no_grad (inference mode would hide the tensors' versions it reads)
+    engine_ms = {name: statistics.median(v[1:]) for name, v in own.items()}  # [0] is the warm-up
+    rows = []
+    for k in budgets:
+        target = (">=", 3.0) if k == 64 else (None, None)
+        rows.append((f"LLM prefill CPU time, {n} / {k} visual tokens (prune)", t["keep_all"] / t[f"prune_{k}"], *target))
+        rows.append((f"LLM prefill CPU time, {n} / {k} visual tokens (random at the budget)", t["keep_all"] / t[f"random_{k}"], *target))
+        rows.append((f"  same, the engine's stopwatch (prefill_time metric), prune {k}", engine_ms["keep_all"] / engine_ms[f"prune_{k}"], None, None))
+    return {"visual_tokens": n, "sequence": int(batch.input_ids.shape[1]), "cpu_times_s": t, "engine_prefill_ms": engine_ms, "rows": rows}
+
+
 def plan_cases(tmp: Path, n_b1: int, n_b8: int) -> dict:
     """Images per second of the quickstart and partition plans (medium CLIP model), batch 1 and 8."""
     from embedlens.plan import load_plan, prepare, run
@@ -358,6 +393,46 @@ def startup_cases(reps: int) -> dict:
     return {"times_s": t, "rows": [("embedlens --help minus python -c pass (s)", t["help"] - t["python"], "<=", 1.5)]}
 
 
+def validate_cases(tmp: Path, reps: int) -> dict:
+    """`embedlens validate` on every example plan, `embedlens list` and `embedlens new`, each in a fresh process,
+    against ``python -c "import torch"`` (the floor of any command that builds a plugin): wall time and the child's
+    CPU time (user + system; on a shared machine wall time also counts the waits for a core)."""
+    import resource
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    cli = "import sys; from embedlens.cli import main; sys.argv = ['embedlens', *sys.argv[1:]]; main()"
+    new_dir = tmp / "new"
+    new_dir.mkdir()
+    cases = {"import torch": ["-c", "import torch"], "list": ["-c", cli, "list"]}
+    for plan in sorted((ROOT / "examples").glob("*.yaml")):
+        cases[f"validate {plan.name}"] = ["-c", cli, "validate", str(plan)]
+    wall: dict[str, list[float]] = {k: [] for k in [*cases, "new probe"]}
+    cpu: dict[str, list[float]] = {k: [] for k in wall}
+
+    def children() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    for rep in range(reps + 1):  # the first round warms the file cache and is not counted
+        for name, args in [*cases.items(), ("new probe", ["-c", cli, "new", "probe", f"bench_probe_{rep}", "--dir", str(new_dir)])]:
+            t, c = time.perf_counter(), children()
+            subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, check=True)
+            if rep:
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(children() - c)
+    w = {k: statistics.median(v) for k, v in wall.items()}
+    c = {k: statistics.median(v) for k, v in cpu.items()}
+    validates = [k for k in w if k.startswith("validate ")]
+    slow_w, slow_c = max(validates, key=w.get), max(validates, key=c.get)
+    return {"wall_s": w, "cpu_s": c, "rows": [
+        (f"embedlens validate, slowest of {len(validates)} examples ({slow_w}), wall (s)", w[slow_w], "<=", 2.0),
+        (f"embedlens validate, slowest of {len(validates)} examples ({slow_c}), CPU (s)", c[slow_c], "<=", 2.0),
+        ("embedlens validate (slowest, CPU) / python -c 'import torch' (CPU)", c[slow_c] / c["import torch"], "<=", 1.6),
+        ("embedlens list, wall (s)", w["list"], "<=", 2.0),
+        ("embedlens new probe, wall (s)", w["new probe"], "<=", 2.0),
+    ]}
+
+
 # -- the table ---------------------------------------------------------------------------
 def _met(value: float, op: str | None, target: float | None) -> str:
     if op is None:
@@ -410,7 +485,7 @@ def qwen_vocab_cases(threads: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", nargs="*", default=None, help="groups: forward siglip lens lens152k qwen152k plans memory startup")
+    p.add_argument("--only", nargs="*", default=None, help="groups: forward siglip lens lens152k qwen152k plans memory startup reduction validate")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per case (medians are reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
@@ -423,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     global CLOCK, PROFILE
     CLOCK, PROFILE = args.clock, args.profile
     torch.set_num_threads(args.threads)
-    groups = args.only or ["startup", "forward", "siglip", "lens", "lens152k", "qwen152k", "plans", "memory"]
+    groups = args.only or ["startup", "validate", "forward", "siglip", "lens", "lens152k", "qwen152k", "plans", "memory", "reduction"]
     started = time.perf_counter()
     results: dict = {"machine": machine(), "clock": args.clock, "groups": {}}
     rows: list[tuple] = []
@@ -445,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
                 r = qwen_vocab_cases(args.threads)
             elif g == "plans":
                 r = plan_cases(tmp, n_b1=2, n_b8=8)
+            elif g == "validate":
+                r = validate_cases(tmp, args.reps)
+            elif g == "reduction":
+                r = reduction_cases(max(args.reps, 5))
             elif g == "memory":
                 r = memory_cases(tmp, "tiny:llava-clip", 32, (20, 200))
             else:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from embedlens.errors import AdapterError
+from embedlens.errors import AdapterError, InterventionError
 
 
 def _rotary_fn(attn: torch.nn.Module):
@@ -52,6 +52,9 @@ def attention_rows(
     cos, sin = position_embeddings
     q_in = hidden.gather(1, query_rows[..., None].expand(-1, -1, hidden.shape[-1]))
     q = attn.q_proj(q_in).view(bsz, query_rows.shape[1], -1, hd)
+    if q.shape[2] == 2 * attn.config.num_attention_heads:
+        # gated attention (Qwen3.5, Qwen3-Next): each head's q_proj rows are its query, then its output gate
+        q = q.view(bsz, query_rows.shape[1], -1, 2 * hd)[..., :hd]
     k = attn.k_proj(hidden).view(bsz, n_rows, -1, hd)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
@@ -117,6 +120,45 @@ def applies_softcap(attention_class: type) -> bool:
 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
+LINEAR = "linear_attention"  # a recurrent token mixer (Qwen3.5's Gated DeltaNet): no attention matrix, no window
+ENGINE_LAYER_TYPES = (*LAYER_TYPES, LINEAR)
+
+
+def linear_layers(types: Sequence[str]) -> list[int]:
+    """The indices of the linear-attention layers among `types` (each layer's type, `layer_windows`)."""
+    return [i for i, t in enumerate(types) if t == LINEAR]
+
+
+def llm_layer_types(adapter) -> list[str]:
+    """Each LLM decoder layer's type as far as attention readings care: ``linear_attention`` where the layer's mixer
+    is a linear-attention one (`Adapter.paths.linear_attn`), else ``attention``."""
+    from embedlens.adapters.base import mixer_path, resolve_path
+
+    layers = resolve_path(adapter.model, adapter.paths.llm_layers)
+    linear = getattr(adapter.paths, "linear_attn", "")
+    return [LINEAR if linear and mixer_path(layer, adapter.paths) == linear else "attention" for layer in layers]
+
+
+def refuse_linear(layers, types: Sequence[str], what: str) -> None:
+    """Refuse, by name, an attention reading or mask asked of linear-attention layers.
+
+    Args:
+        layers: the decoder layers asked for.
+        types: each decoder layer's type (`layer_windows`).
+        what: who asks (``"attention_knockout.layers"``), for the message.
+
+    Raises:
+        InterventionError: some of `layers` are linear-attention layers; the message lists them and the layers
+            where attention applies.
+    """
+    bad = sorted(i for i in set(layers) if types[i] == LINEAR)
+    if bad:
+        attends = [i for i, t in enumerate(types) if t != LINEAR]
+        raise InterventionError(
+            f"{what}: decoder layer{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} "
+            f"{'are' if len(bad) > 1 else 'is a'} linear-attention (Gated DeltaNet) layer{'s' if len(bad) > 1 else ''}: "
+            f"a recurrent state, no attention matrix to read or mask. Attention applies in layers "
+            f"{', '.join(map(str, attends)) or '(none)'}")
 
 
 def attention_window(attn: torch.nn.Module, cfg) -> int | None:
@@ -151,19 +193,24 @@ def _passes_window(attention_class: type) -> bool:
         return True
 
 
-def check_layer_types(cfg, name: str, types: Sequence[str] = ()) -> None:
+def check_layer_types(cfg, name: str, types: Sequence[str] = (), allowed: Sequence[str] = LAYER_TYPES) -> None:
     """Refuse a model whose config (or `types`, the modules' own) names a layer type the engine cannot mask.
 
-    Called before each layer's attention module is looked up: a hybrid model's linear-attention layers have none.
+    Called before each layer's attention module is looked up: a linear-attention layer's mixer is found only where
+    the adapter names it (`ModulePaths.linear_attn`, Qwen3.5).
+
+    Args:
+        allowed: the layer types accepted: full and sliding attention, plus linear attention where the adapter
+            names the linear mixer (`ENGINE_LAYER_TYPES`).
 
     Raises:
-        AdapterError: a layer type other than full and sliding attention (chunked or linear attention).
+        AdapterError: another layer type (chunked attention; linear attention without a named mixer).
     """
-    bad = sorted((set(types) | set(getattr(cfg, "layer_types", None) or ())) - set(LAYER_TYPES))
+    bad = sorted((set(types) | set(getattr(cfg, "layer_types", None) or ())) - set(allowed))
     if bad:
         raise AdapterError(
             f"{name}: config.layer_types has {', '.join(map(repr, bad))}; the intervention engine masks "
-            f"{' and '.join(LAYER_TYPES)} layers only"
+            f"{' and '.join(allowed)} layers only"
         )
 
 
@@ -179,14 +226,16 @@ def layer_windows(cfg, attention: Sequence[torch.nn.Module], name: str) -> tuple
         attention: each decoder layer's attention module, in order.
         name: the adapter's name, for errors.
 
+    A linear-attention mixer (its ``layer_type`` says so: Qwen3.5's Gated DeltaNet) has type ``linear_attention``
+    and no window.
+
     Raises:
-        AdapterError: a layer type the engine cannot mask (chunked or linear attention), or a sliding layer
-            without a window.
+        AdapterError: a layer type the engine cannot run (chunked attention), or a sliding layer without a window.
     """
-    windows = [attention_window(attn, cfg) for attn in attention]
-    types = [getattr(attn, "layer_type", None) or ("sliding_attention" if w is not None else "full_attention")
-             for attn, w in zip(attention, windows)]
-    check_layer_types(cfg, name, types)
+    types = [getattr(attn, "layer_type", None) for attn in attention]
+    windows = [None if t == LINEAR else attention_window(attn, cfg) for attn, t in zip(attention, types)]
+    types = [t or ("sliding_attention" if w is not None else "full_attention") for t, w in zip(types, windows)]
+    check_layer_types(cfg, name, types, ENGINE_LAYER_TYPES if LINEAR in types else LAYER_TYPES)
     for i, (attn, t, w) in enumerate(zip(attention, types, windows)):
         if (t == "sliding_attention") != (w is not None) or (w is not None and not (isinstance(w, int) and w > 0)):
             own = vars(attn).get("sliding_window", "unset")

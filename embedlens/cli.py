@@ -195,37 +195,49 @@ def _print_headline(stats: dict, model: str = "") -> None:
 @app.command()
 def validate(
     plan: Path = typer.Argument(..., help="YAML plan file."),
+    deep: bool = typer.Option(False, "--deep", help="Load each model's weights, as a run does, to check also what its config "
+                              "cannot tell: the tokenizer's ids, the processor's prompts (seconds to minutes)."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE: set a plan key (as run --set does); repeatable."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch and the BLAS libraries (default: theirs)."),
 ) -> None:
-    """Check a plan completely without running it: schema, plugin names and
-    parameter types, files and data records, and (after loading each model)
-    layer ranges and model-dependent options.
+    """Check a plan without running it, in about a second: schema, plugin names and
+    parameter types, selections and group names, files and data records, and, against
+    each model's config (no weights loaded), layer ranges, sites, vocabulary ids and the
+    pools of matched controls where the token layout fixes them. --deep loads each model
+    and checks the rest (what validate lists as needing the model).
 
     Example:
 
         embedlens validate examples/quickstart.yaml
+
+        embedlens validate examples/pruning_study.yaml --deep
     """
     from embedlens.plan import load_plan
 
     _threads(threads)
     try:
         loaded = load_plan(plan, overrides=overrides or ())
-        import tempfile
+        from embedlens.plan.validation import validate_plan  # torch: after the plan's own errors
 
-        from embedlens.plan import prepare  # torch and the models: after the plan's own errors
-        for name in loaded.plan.model_specs():
-            # a device map's disk modules need a folder to offload to, as run gives them its run folder; a
-            # temporary one here, so validate accepts (and refuses) the same maps as run
-            with tempfile.TemporaryDirectory(prefix="embedlens-validate-") as tmp:
-                prepared = prepare(loaded, model=name, run_dir=Path(tmp))
-            typer.echo(
-                f"{plan}: ok ({name}: {prepared.adapter.name} model, {len(prepared.records)} samples, "
-                f"probes: {', '.join(n for n, _ in prepared.probes) or 'none'}, "
-                f"conditions: {', '.join(c.name for c in prepared.conditions) or 'none'})"
-            )
+        checks = validate_plan(loaded, deep=deep)
     except EmbedLensError as e:
         _fail(e)
+    for c in checks:
+        typer.echo(
+            f"{plan}: ok ({c.name}: {c.adapter} model, {c.samples} samples, "
+            f"probes: {', '.join(c.probes) or 'none'}, conditions: {', '.join(c.conditions) or 'none'}), "
+            + ("checked with the model loaded" if c.loaded else "checked against its config (no weights loaded)")
+        )
+        if c.unchecked:
+            typer.echo("  left to validate --deep (and to a run, before its first batch), as they need the loaded model:")
+            by_need: dict[str, list[str]] = {}
+            for key, what in c.unchecked:
+                by_need.setdefault(what, []).append(key)
+            for what, keys in by_need.items():  # swept copies of one condition need the same: one line
+                more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+                typer.echo(f"    {what}: {', '.join(keys[:3])}{more}")
+        for note in c.pool_notes:
+            typer.echo(f"  control pool left to the run: {note}")
 
 
 @app.command()

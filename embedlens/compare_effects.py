@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from embedlens.errors import InputError
 from embedlens.files import contained
 from embedlens.stats import alpha_of, holm, paired, power_note, seed_for
 
@@ -35,7 +36,14 @@ def _effects_table(run: Path, manifest: dict) -> dict[str, list] | None:
     path = contained(run, rel) if isinstance(rel, str) else None
     if path is None:
         return None
-    rows = read_rows(path)
+    import csv
+
+    import pyarrow
+
+    try:
+        rows = read_rows(path)
+    except (OSError, ValueError, csv.Error, pyarrow.ArrowException) as e:  # UnicodeDecodeError is a ValueError
+        raise InputError(f"{path}: the run's effects table cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
     cols: dict[str, list] = {}
     for r in rows:
         for k, v in r.items():

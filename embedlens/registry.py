@@ -207,7 +207,7 @@ class Registry(Generic[T]):
 
 adapters: Registry = Registry(
     "adapter", "embedlens.adapters.base:Adapter", "embedlens.adapters", required=("image_layouts",),
-    builtins="embedlens.adapters",
+    builtins="embedlens.adapters.families",
 )
 probes: Registry = Registry(
     "probe", "embedlens.probes.base:Probe", "embedlens.probes", required=("sites", "update", "result"),

@@ -252,6 +252,13 @@ def write_report(run_dir: str | Path, manifest: dict | None = None, extra_sectio
         html_, figs = statistics_html(run, manifest, stats, figures)
         used |= set(figs)
         parts.append('<h2 id="statistics">What the effects support: paired comparisons</h2>' + html_)
+    board = summary.get("leaderboard")
+    if board:
+        sections.append("leaderboard")
+        figs = [f for f in figures if f.name == "leaderboard_accuracy.png"]
+        used |= set(figs)
+        parts.append('<h2 id="leaderboard">Token reduction: methods at matched budgets</h2>' + leaderboard_html(board)
+                     + '<div class="figs">' + "".join(figure_html(contained(run, f), f.name) for f in figs) + "</div>")
     effects = summary.get("effects")
     if effects:
         sections.append("effects")
@@ -265,7 +272,8 @@ def write_report(run_dir: str | Path, manifest: dict | None = None, extra_sectio
         used |= set(figs)
         html_ += '<div class="figs">' + "".join(figure_html(contained(run, f), f.name) for f in figs) + "</div>"
         parts.append('<h2 id="effects">Intervention effects</h2>' + html_)
-    probe_labels = [k for k in summary if k not in ("data", "effects", "effects_sem", "controls", "partition", "statistics", *(e[0] for e in extra))]
+    probe_labels = [k for k in summary if k not in ("data", "effects", "effects_sem", "controls", "partition", "statistics", "leaderboard",
+                                                    *(e[0] for e in extra))]
     for label in probe_labels:
         sections.append(f"probe-{label}")
         res = summary[label]
@@ -306,6 +314,26 @@ def write_report(run_dir: str | Path, manifest: dict | None = None, extra_sectio
     out = run / "report.html"
     write_text(out, page(title, subtitle, nav + "".join(parts)))
     return out
+
+
+def leaderboard_html(board: list[dict[str, Any]]) -> str:
+    """The token-reduction leaderboard (`embedlens.plan.leaderboard`): method x budget."""
+    header = ["method", "keep", "tokens", "accuracy", "retention %", "p vs baseline", "random", "p vs random", "log-prob diff",
+              "tokens per layer", "paper's count", "prefill ms", "speed-up", "select ms", "GFLOPs", "peak MB"]
+    rows = [[r["method"], r["keep"], r["tokens"], r["accuracy"], r["retention"], _p(r["p_baseline"]), r["accuracy_random"],
+             _p(r["p_random"]), r["logprob_diff"], r["equivalent_tokens"], r.get("paper_tokens"), r["prefill_ms"], r["prefill_speedup"],
+             r["select_ms"], r["gflops"], r["peak_mem_mb"]] for r in board]
+    rows = [["" if v is None else v for v in row] for row in rows]  # NaN (JSON null): not measured here (peak memory on a CPU)
+    base = board[0]
+    note = (f'<p class="note">Baseline (every token): accuracy {fmt(base.get("accuracy_base"))}, prefill {fmt(base.get("prefill_ms_base"))} ms '
+            f'per sample, {fmt(base.get("gflops_base"))} GFLOPs. p-values are paired (McNemar for accuracy), unadjusted; "random" is the '
+            "random draw at the same budget. Prefill: CUDA events on a GPU, process CPU time otherwise; tokens per layer: "
+            "the visual tokens the LLM's layers held, averaged over layers (measured); paper's count: the number the method's "
+            "paper reports for this schedule. All columns: the <code>leaderboard</code> table.</p>")
+    rules = {r["method"]: r.get("accounting") for r in board if r.get("accounting")}
+    if rules:
+        note += "<p class=\"note\">Accounting: " + "; ".join(f"<b>{esc(m)}</b>: {esc(a)}" for m, a in rules.items()) + "</p>"
+    return table_html(header, rows) + note
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import torch
 
-from embedlens.adapters.base import resolve_path
+from embedlens.adapters.base import mixer_path, resolve_path
 from embedlens.sites import COMPONENTS, Site
 
 if TYPE_CHECKING:
@@ -50,7 +50,8 @@ def _read(root, adapter: "Adapter", site: Site):
     if site.sub == "in":
         return layer.input
     if site.sub == "attn":
-        return _first(resolve_path(layer, p.attn_out or p.attn).output)
+        # a hybrid model's linear-attention layer: its mixer's update (no `attn` there)
+        return _first(resolve_path(layer, p.attn_out or mixer_path(layer, p)).output)
     if site.sub == "mlp":
         return _first(resolve_path(layer, p.mlp_out or p.mlp).output)
     if site.sub == "experts":  # the router returns (probabilities, top-k weights, top-k expert ids), rows flattened

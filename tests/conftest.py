@@ -176,16 +176,16 @@ def hf_masked_run(adapter, batch, b, hidden, embeds, extra_embeds=None):
 
     valid = ~batch.roles.padding[b]
     x = embeds[b][valid]
-    pos = adapter.position_ids(batch.inputs)[b][valid]
+    pos = sample_positions(adapter, batch, b)[..., valid]  # `[n]`, or M-RoPE's `[3, n]`
     mask = (~hidden[valid]).long()
     types = {k: batch.inputs[k][b][valid] for k in _type_keys(adapter, batch)}
     if extra_embeds is not None:
         n = extra_embeds.shape[0]
         x = torch.cat([x, extra_embeds])
-        pos = torch.cat([pos, pos.max() + 1 + torch.arange(n)])
+        pos = torch.cat([pos, (pos.max() + 1 + torch.arange(n)).expand(*pos.shape[:-1], n)], dim=-1)
         mask = torch.cat([mask, torch.ones(n, dtype=torch.long)])
         types = {k: torch.cat([t, torch.zeros(n, dtype=t.dtype)]) for k, t in types.items()}
-    kwargs = dict(inputs_embeds=x[None], position_ids=pos[None], attention_mask=mask[None], **{k: t[None] for k, t in types.items()})
+    kwargs = dict(inputs_embeds=x[None], position_ids=pos.unsqueeze(-2), attention_mask=mask[None], **{k: t[None] for k, t in types.items()})
     from embedlens.interventions import Engine
 
     per_layer = Engine(adapter).per_layer_token_inputs(batch)  # Gemma 4 (no continuation tokens there)

@@ -206,3 +206,58 @@ def test_a_table_that_cannot_be_read_leaves_its_maps_out_with_a_warning(tmp_path
     cmp = compare_runs([a, b], tmp_path / "cmp")
     assert cmp.maps == [] and len(cmp.warnings) == 1 and "'tokens' of one of the runs could not be read (UnicodeDecodeError" in cmp.warnings[0]
     assert cmp.html.is_file() and "could not be read" in cmp.html.read_text()
+
+
+def test_a_csv_table_with_a_field_past_csvs_limit_leaves_its_maps_out_with_a_warning(tmp_path):
+    """csv.Error (not an OSError or ValueError) from a hostile table: a warning, not a traceback."""
+    groups, entropy, words = [["dead"] * 9] * 2, [[0.5] * 9] * 2, {0: [["sky"] * 9] * 2, 2: [["sky"] * 9] * 2}
+    a = _map_run(tmp_path / "clip", groups, entropy, words)
+    b = _map_run(tmp_path / "siglip", groups, entropy, words)
+    (b / "tokens.csv").write_text("sample_id,row,col,group\ns0,0,0," + "x" * 200_000 + "\n")  # csv's limit: 131072
+    cmp = compare_runs([a, b], tmp_path / "cmp")
+    assert cmp.maps == [] and len(cmp.warnings) == 1 and "'tokens' of one of the runs could not be read (Error: field larger" in cmp.warnings[0]
+
+
+def test_an_unreadable_effects_table_is_a_clear_error_with_exit_status_2(tmp_path):
+    """`compare` on runs whose effects table is not UTF-8: exit 2 naming the file, no traceback, nothing written."""
+    from typer.testing import CliRunner
+
+    from embedlens.cli import app
+
+    groups, entropy, words = [["dead"] * 9] * 2, [[0.5] * 9] * 2, {0: [["sky"] * 9] * 2, 2: [["sky"] * 9] * 2}
+    runs = []
+    for name in ("a", "b"):
+        run = _map_run(tmp_path / name, groups, entropy, words)
+        manifest = json.loads((run / "manifest.json").read_text())
+        manifest["tables"]["effects"] = "effects.csv"
+        (run / "manifest.json").write_text(json.dumps(manifest))
+        (run / "effects.csv").write_bytes(b"sample,condition,kl,kl_base\n\xff\xfe,c,1,0\n")
+        runs.append(str(run))
+    r = CliRunner().invoke(app, ["compare", *runs, "--output", str(tmp_path / "cmp")])
+    assert r.exit_code == 2, r.output
+    assert "effects.csv: the run's effects table cannot be read (UnicodeDecodeError" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_words_that_look_like_mathtext_are_drawn_as_written(tmp_path, monkeypatch):
+    """A table's word ``$\\foo$`` is text, not mathtext: the map is drawn (it stopped compare with a parse error) and
+    its label shows the dollars."""
+    from embedlens import figures
+
+    groups, entropy = [["dead"] * 9] * 2, [[0.5] * 9] * 2
+    words = {0: [["$\\foo$"] * 9] * 2, 2: [["$x^{$"] * 9] * 2}
+    a = _map_run(tmp_path / "clip", groups, entropy, words)
+    b = _map_run(tmp_path / "siglip", groups, entropy, words)
+    got = {}
+    save = figures._save
+
+    def capture(fig, path, tight=True):
+        got[path.name] = fig
+        return save(fig, path, tight)
+
+    monkeypatch.setattr(figures, "_save", capture)
+    cmp = compare_runs([a, b], tmp_path / "cmp")
+    assert "tokens_token_1_l0.png" in [p.name for p in cmp.maps] and all(p.is_file() for p in cmp.maps)
+    fig = got["tokens_token_1_l0.png"]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["\\$\\foo\\$"]  # an escaped dollar: matplotlib draws "$\foo$" as written

@@ -68,3 +68,36 @@ def test_label_fits_by_hand():
     assert label_fits("background", 60, 8)  # 48 pt <= 55.2 pt
     assert not label_fits("background", 10.8, 4.9)
     assert label_fits("red", 10.8, 4.9) and not label_fits("ab", 4.0, 4.9)
+
+
+def test_sweep_curve_draws_copies_that_touch_as_many_tokens(tmp_path):
+    """Two sweep copies acting on the same number of tokens (an in-LLM method at budgets below what its first
+    layers hold) used to make the sort compare their result rows (dicts) and fail the run's figures."""
+    from embedlens.conclusion_figures import sweep_curve
+    from embedlens.plan.conclusions import COLUMNS, Conclusions
+
+    c = Conclusions()
+    for name, mean in (("m[keep=0.3]", 0.5), ("m[keep=0.1]", 0.25)):
+        row = dict.fromkeys(COLUMNS, 0.0) | {"condition": name, "reference": "baseline", "metric": "correct", "by": "all",
+                                              "group": "all", "mean": mean, "mean_ci_low": mean - 0.1, "mean_ci_high": mean + 0.1}
+        for k in COLUMNS:
+            c.rows[k].append(row[k])
+        c.touched[name] = 35.0
+    c.sweeps = {"m": ["m[keep=0.3]", "m[keep=0.1]"]}
+    path = sweep_curve(c, "correct", "m", tmp_path / "sweep.png")
+    assert path.is_file()
+
+
+def test_words_that_look_like_mathtext_are_drawn_as_written(tmp_path, captured):
+    """A vocabulary word or a sample id such as `$\\alpha$` (real tokenizers hold LaTeX pieces) is drawn as written:
+    unescaped, matplotlib typesets it, and `$\\foo$` stops the whole report with a parse error."""
+    words = ["$\\foo$", "$x$"]
+    panel = {"sample_id": "$id$", "pixels": torch.rand(28, 28, 3), "row": [0, 0, 1, 1], "col": [0, 1, 0, 1],
+             "labels": [words[0], words[1], words[0], words[0]]}
+    path = word_map([panel], tmp_path / "map.png", top=2)
+    assert path.exists()
+    fig = captured["fig"]
+    # what matplotlib would draw: every `$` escaped, so no text is parsed as math
+    drawn = captured["texts"] + captured["legend"] + [ax.get_title() for ax in fig.axes]
+    assert drawn and all("$" not in t.replace("\\$", "") for t in drawn)
+    assert "\\$\\foo\\$ (3)" in captured["legend"] and "\\$id\\$ (2x2)" in [ax.get_title() for ax in fig.axes]

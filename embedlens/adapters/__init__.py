@@ -9,28 +9,63 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
-from transformers import PretrainedConfig, PreTrainedModel, ProcessorMixin
+from typing import TYPE_CHECKING, Any, Mapping
 
 from embedlens.adapters._unsupported import ADDING_A_FAMILY, unsupported
-from embedlens.adapters.base import Adapter, Batch, ModulePaths, PromptText
-from embedlens.adapters.capabilities import Capability
-from embedlens.adapters.gemma3 import Gemma3Adapter
-from embedlens.adapters.gemma4 import Gemma4Adapter, Gemma4ImageProcessor
-from embedlens.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter, SmolVLMImageProcessor
-from embedlens.adapters.internvl import InternVLAdapter, InternVLImageProcessor
-from embedlens.adapters.llava import LlavaAdapter
-from embedlens.adapters.llava_next import LlavaNextAdapter
-from embedlens.adapters.llava_pixtral import LlavaPixtralAdapter
-from embedlens.adapters.llava_onevision import LlavaOnevisionAdapter, OnevisionImageProcessor
-from embedlens.adapters.mistral3 import Mistral3Adapter, PixtralProcessor
-from embedlens.adapters.paligemma import PaliGemmaAdapter
-from embedlens.adapters.placement import Placement
-from embedlens.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 from embedlens.adapters.sources import resolve
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, ProcessorMixin
+
+    from embedlens.adapters.base import Adapter
+    from embedlens.adapters.placement import Placement
+
+# Public name -> module. The families import transformers' model classes (seconds of imports); they load on the
+# first use of one of these names or of the adapter registry (whose built-ins are `embedlens.adapters.families`),
+# so a module that only needs `resolve_path` or `Placement`, and `embedlens validate`, stays light.
+_LAZY = {
+    "Adapter": "embedlens.adapters.base",
+    "Batch": "embedlens.adapters.base",
+    "ModulePaths": "embedlens.adapters.base",
+    "PromptText": "embedlens.adapters.base",
+    "Capability": "embedlens.adapters.capabilities",
+    "Placement": "embedlens.adapters.placement",
+    "Gemma3Adapter": "embedlens.adapters.gemma3",
+    "Gemma4Adapter": "embedlens.adapters.gemma4",
+    "Gemma4ImageProcessor": "embedlens.adapters.gemma4",
+    "Idefics3Adapter": "embedlens.adapters.idefics3",
+    "SmolVLMAdapter": "embedlens.adapters.idefics3",
+    "SmolVLMImageProcessor": "embedlens.adapters.idefics3",
+    "InternVLAdapter": "embedlens.adapters.internvl",
+    "InternVLImageProcessor": "embedlens.adapters.internvl",
+    "LlavaAdapter": "embedlens.adapters.llava",
+    "LlavaNextAdapter": "embedlens.adapters.llava_next",
+    "LlavaOnevisionAdapter": "embedlens.adapters.llava_onevision",
+    "LlavaOnevision15Adapter": "embedlens.adapters.llava_onevision1_5",
+    "LlavaPixtralAdapter": "embedlens.adapters.llava_pixtral",
+    "OnevisionImageProcessor": "embedlens.adapters.llava_onevision",
+    "Mistral3Adapter": "embedlens.adapters.mistral3",
+    "PixtralProcessor": "embedlens.adapters.mistral3",
+    "PaliGemmaAdapter": "embedlens.adapters.paligemma",
+    "Qwen2VLAdapter": "embedlens.adapters.qwen2_vl",
+    "Qwen2_5_VLAdapter": "embedlens.adapters.qwen2_vl",
+    "Qwen3VLAdapter": "embedlens.adapters.qwen2_vl",
+    "Qwen3_5Adapter": "embedlens.adapters.qwen3_5",
+    "Qwen3VLMoeAdapter": "embedlens.adapters.qwen3_vl_moe",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 TINY_PREFIX = "tiny:"
 ZOO_PREFIX = "zoo:"
@@ -47,6 +82,7 @@ __all__ = [
     "InternVLImageProcessor",
     "LlavaAdapter",
     "LlavaNextAdapter",
+    "LlavaOnevision15Adapter",
     "LlavaOnevisionAdapter",
     "LlavaPixtralAdapter",
     "Mistral3Adapter",
@@ -56,6 +92,8 @@ __all__ = [
     "PixtralProcessor",
     "PromptText",
     "Qwen2VLAdapter",
+    "Qwen3_5Adapter",
+    "Qwen3VLMoeAdapter",
     "Qwen2_5_VLAdapter",
     "Qwen3VLAdapter",
     "SmolVLMAdapter",

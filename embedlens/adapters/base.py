@@ -7,10 +7,9 @@ from __future__ import annotations
 import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
-from transformers import AutoProcessor, BatchFeature, PreTrainedModel, ProcessorMixin
 
 from embedlens.data import Sample
 from embedlens.adapters.capabilities import (
@@ -25,6 +24,9 @@ from embedlens.adapters.role_map import PromptText, build_roles, mark_spans
 from embedlens.errors import AdapterError, InputError
 from embedlens.roles import Role, TokenRoles
 from embedlens.sites import Site
+
+if TYPE_CHECKING:  # annotations only: transformers' model classes take seconds to import (see embedlens.adapters)
+    from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
 @dataclass(frozen=True)
 class ModulePaths:
@@ -51,6 +53,9 @@ class ModulePaths:
     # Inside one LLM layer: the mixture-of-experts router, whose output ends with each token's top-k expert ids
     # (the ``llm.layers[i].experts`` site); empty: the model has none.
     router: str = ""
+    # Inside one LLM layer of a hybrid model: the linear-attention mixer (Qwen3.5's Gated DeltaNet) of the layers
+    # that have no `attn`; it stands in for `attn` there (the `.attn` site, `skip_sublayer`'s attention update).
+    linear_attn: str = ""
 
 
 @dataclass
@@ -78,6 +83,17 @@ def resolve_path(root: Any, path: str) -> Any:
         raise AdapterError(
             f"{type(root).__name__} has no module at {path!r}; the adapter's paths do not fit this model"
         ) from None
+
+
+def mixer_path(layer: Any, paths: ModulePaths) -> str:
+    """The path, inside decoder layer `layer`, of its token mixer: `paths.attn`, or `paths.linear_attn` in a
+    linear-attention layer of a hybrid model (which has no `attn`)."""
+    if getattr(paths, "linear_attn", ""):
+        try:
+            operator.attrgetter(paths.attn)(layer)
+        except AttributeError:
+            return paths.linear_attn
+    return paths.attn
 
 
 class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
@@ -210,6 +226,8 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
     def load_processor(cls, path: str) -> ProcessorMixin:
         """The checkpoint's processor; for a family with `image_only_processor`, that class when the stock one
         cannot be built (its video processor needs torchvision) or degrades to a bare tokenizer."""
+        from transformers import AutoProcessor
+
         if cls.image_only_processor is None:
             return AutoProcessor.from_pretrained(path, **NO_REMOTE_CODE)
         try:
@@ -415,7 +433,9 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
         if not samples:
             raise InputError("cannot encode an empty batch")
         for s in samples:
-            if not s.images:
+            if s.video is not None and not self.has(Capability.VIDEO):
+                raise InputError(f"sample {s.id!r} has a video; {self.name} does not take video in embedlens yet")
+            if not s.images and s.video is None:
                 raise InputError(f"sample {s.id!r} has no image")
             if len(s.images) > 1 and self.has(Capability.SINGLE_IMAGE):
                 raise InputError(f"sample {s.id!r} has {len(s.images)} images; {self.name} takes one per prompt")

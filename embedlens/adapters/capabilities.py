@@ -27,6 +27,9 @@ capability                  methods (defaults below / in `Adapter`)     what dec
                                                                         states after its first layers
 ``VISION_FEATURE_LAYER``    `VisionFeatureLayer`                        image features are the tower's
                                                                         ``hidden_states[vision_feature_layer]``
+``VIDEO``                   `Adapter.encode`, `Layout.image_layouts`    video samples are encoded: the family's
+                                                                        video inputs, each visual token's
+                                                                        ``frame`` in the role map (docs/video.md)
 ==========================  =========================================  ============================================
 
 Before these names, each was a boolean class attribute (`DEPRECATED_FLAGS`): a subclass that still sets
@@ -39,13 +42,15 @@ import operator
 import warnings
 from contextlib import contextmanager
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import BatchFeature
 
 from embedlens.errors import AdapterError
 from embedlens.sites import Site
+
+if TYPE_CHECKING:  # annotations only (see embedlens.adapters: validate imports no transformers)
+    from transformers import BatchFeature
 
 
 class Capability(str, Enum):
@@ -61,6 +66,7 @@ class Capability(str, Enum):
     SLIDING_BLOCKS_ONLY = "sliding_blocks_only"
     DEEPSTACK = "deepstack"
     VISION_FEATURE_LAYER = "vision_feature_layer"
+    VIDEO = "video"
 
     def __str__(self) -> str:
         return self.value
@@ -101,6 +107,18 @@ class DeprecatedFlag:
                       f"(embedlens.adapters.Capability)", DeprecationWarning, stacklevel=2)
         caps = owner.capabilities if obj is None else obj.capabilities
         return (cap in caps) == positive
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        """Setting the old name on an instance (as before, e.g. ``adapter.mrope = True``) sets the capability on
+        that instance, with a warning: without this, the value would shadow the flag and change nothing."""
+        cap, positive = DEPRECATED_FLAGS[self.old]
+        if not isinstance(value, (bool, int)):
+            raise AdapterError(f"{type(obj).__name__}.{self.old} (deprecated) must be True or False; got {value!r}")
+        warnings.warn(f"{DEPRECATION_PREFIX} {self.old!r} set on an instance is deprecated; declare Capability.{cap.name} in "
+                      f"`capabilities` instead (read it with {_new_spelling(self.old)})", DeprecationWarning, stacklevel=2)
+        caps = set(obj.capabilities)
+        (caps.add if bool(value) == positive else caps.discard)(cap)
+        obj.capabilities = frozenset(caps)
 
 
 def parse_capabilities(where: str, values: Any) -> frozenset[Capability]:

@@ -41,6 +41,9 @@ class Intervention(Stateful, ABC):
 
     registered_name: ClassVar[str] = ""
     needs_fit: ClassVar[bool] = False
+    #: True for a random draw of as many tokens as a budget (``keep``) allows: the control every method with
+    #: the same ``keep`` is compared with (`embedlens.plan.effects.matched_controls`).
+    budget_control: ClassVar[bool] = False
 
     def check(self, adapter: "Adapter") -> None:
         """Validate parameters against the loaded model; raise `InterventionError` naming the value."""

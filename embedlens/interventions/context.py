@@ -136,8 +136,20 @@ class Context:
         return (self.enter <= layer) & (layer < self.exit) & self.valid
 
     def request_last_attention(self, layer: int) -> None:
-        """Ask the engine to record the last prompt token's attention in `layer`."""
+        """Ask the engine to record the last prompt token's attention in `layer`.
+
+        Raises:
+            InterventionError: `layer` is a linear-attention layer (no attention matrix), named with the layers
+                where attention applies.
+        """
+        self._refuse_linear(layer, "the last token's attention")
         self.attention_requests.add(layer)
+
+    def _refuse_linear(self, layer: int, what: str) -> None:
+        from embedlens.attention import llm_layer_types, refuse_linear
+
+        if getattr(self.adapter.paths, "linear_attn", ""):  # a hybrid model (Qwen3.5's Gated DeltaNet layers)
+            refuse_linear([layer], llm_layer_types(self.adapter), what)
 
     def probe_attention(self, layer: int, fn: Callable[[AttentionInput], None], *, ahead: bool = False) -> None:
         """Ask the engine to hand `fn` the input of `layer`'s attention module (`AttentionInput`).
@@ -147,10 +159,12 @@ class Context:
         holds. With ``ahead=True`` it is called before `layer`'s `before_layer` hooks, on the tokens layer
         ``layer - 1`` held (the engine runs `layer`'s own norm on them and stops at its attention): what an
         intervention that drops tokens *before* `layer` by `layer`'s own attention reads (PyramidDrop).
-        `fn` must only launch device work (no host reads).
+        `fn` must only launch device work (no host reads). A hybrid model's linear-attention layers have no
+        attention module and are refused by name, with the layers where attention applies.
         """
         if ahead and layer < 1:
             raise InterventionError(f"an ahead attention probe needs a layer before it; got layer {layer}")
+        self._refuse_linear(layer, "an attention probe")
         (self.attention_probes_ahead if ahead else self.attention_probes).setdefault(layer, []).append(fn)
 
     def sample_ids(self, mask: torch.Tensor) -> list[str]:

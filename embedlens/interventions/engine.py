@@ -49,6 +49,23 @@ those per-layer arguments itself:
   attention mask). On sliding layers removal and mask therefore differ once
   the window is shorter than the sequence; each equals its Hugging Face run.
   Decoding continues the count (`Outcome.step`).
+- a linear-attention layer (Qwen3.5's Gated DeltaNet, type ``linear_attention``)
+  has no attention matrix: its recurrent state is a scan over the rows it is
+  given. The engine hands it the packed rows and, as Hugging Face's
+  ``create_recurrent_attention_mask``, a 2-D mask that zeroes the mixer's input
+  on every row no query may attend to: the padding after each sample's packed
+  tokens (after its last token, so no token's state sees it) and the tokens
+  pruned by *mask* (as Hugging Face with a 0 in the 2-D attention mask: the
+  token keeps its step of the scan, with nothing written into the state).
+  Pruning, injection and withdrawal change the rows, so the state follows from
+  the sequence each layer holds, as a Hugging Face run of that sequence.
+  Attention knockout and the attention readings (FastV, ``attention_flow``)
+  refuse these layers by name (`embedlens.attention.refuse_linear`);
+  ``skip_sublayer``'s attention update is the mixer's. Decoding from the
+  prefill (``cache=True``) keeps such a layer's *input rows* instead of a
+  key/value cache and runs the layer again over them and the new tokens, each
+  sample's rows moved after its padding (`RowCache.hold`): the scan then starts
+  from a zero state on zeroed rows, as a run of the sample alone.
 
 All of this is built on the device once per *packing* (the set of tokens a
 layer holds; `embedlens.interventions.layout`) and reused by every layer that
@@ -66,14 +83,16 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from embedlens.adapters.base import mixer_path, resolve_path
 from embedlens.adapters.capabilities import Capability
-from embedlens.adapters.base import resolve_path
 from embedlens.adapters.placement import module_device
-from embedlens.attention import attention_rows, check_layer_types, layer_windows, rotary_embeddings
+from embedlens.attention import (ENGINE_LAYER_TYPES, LAYER_TYPES, LINEAR, attention_rows, check_layer_types,
+                                  layer_windows, linear_layers, rotary_embeddings)
 from embedlens.errors import AdapterError, InterventionError
 from embedlens.interventions.context import AttentionInput, Context, Rows
 from embedlens.interventions.layout import Layout, schedule
 from embedlens.interventions.outcome import DONE_EVERY, Outcome, RowCache, _on, next_positions
+from embedlens.interventions.timing import Stopwatch
 
 __all__ = ["DONE_EVERY", "SUPPORTED_ATTENTION", "Engine", "Outcome", "RowCache", "cache_kwarg", "next_positions"]
 
@@ -125,8 +144,11 @@ class Engine:
                 f"(they pass their own masks); the model runs {impl!r}. Load it with attn_implementation='sdpa'"
             )
         self.eager = impl == "eager"
-        check_layer_types(cfg, adapter.name)  # before the lookup: a linear-attention layer has no attention module
-        self.layer_types, self.windows = layer_windows(cfg, [resolve_path(layer, adapter.paths.attn) for layer in self.layers], adapter.name)
+        # before the lookup: a linear-attention layer has no attention module, only the mixer the adapter names
+        check_layer_types(cfg, adapter.name, allowed=ENGINE_LAYER_TYPES if getattr(adapter.paths, "linear_attn", "") else LAYER_TYPES)
+        self.mixers = [resolve_path(layer, mixer_path(layer, adapter.paths)) for layer in self.layers]
+        self.layer_types, self.windows = layer_windows(cfg, self.mixers, adapter.name)
+        self.linear = linear_layers(self.layer_types)
         self.cache_kwarg = cache_kwarg(self.layers[0]) if self.layers else "past_key_values"
         modes = list(getattr(cfg, "kv_sharing_modes", None) or ())
         #: Gemma 4's layers write keys and values to a ``shared_kv_states`` they take (the last layers may reuse them)
@@ -298,6 +320,10 @@ class Engine:
             cache: keep a key/value cache so the outcome can decode.
         """
         ctx = self.context(batch, condition, groups, embeds)
+        # timed from the LLM's input embeddings on (the vision tower, which no condition changes, is left out):
+        # `select` is the interventions' own code, `prefill` the layers (with any in-LLM selection they host)
+        watch = Stopwatch(self.device)
+        t_select = watch.mark()
         for i, iv in enumerate(interventions):
             with _naming(condition, i, iv):
                 iv.setup(ctx)
@@ -305,6 +331,8 @@ class Engine:
         for i, iv in enumerate(interventions):
             with _naming(condition, i, iv):
                 x_full = iv.edit_embeds(ctx, x_full)
+        t_prefill = watch.mark()
+        watch.add("select", t_select, t_prefill)
         edited = x_full is not ctx.embeds
         ctx.edited = (x_full != ctx.embeds).any(dim=-1) & ctx.valid if edited else torch.zeros_like(ctx.valid)
 
@@ -325,11 +353,15 @@ class Engine:
         x = None
         stamp, widths, changes = None, [], []
         for layer_idx, layer in enumerate(self.layers):
+            if interventions:
+                t_hook = watch.mark()  # selection: reading attention ahead of the layer, and the before_layer hooks
             if layer_idx in ctx.attention_probes_ahead:
                 self._probe_ahead(layer, layer_idx, ctx, layout, x, interventions, condition)
             for i, iv in enumerate(interventions):
                 with _naming(condition, i, iv):
                     iv.before_layer(ctx, layer_idx)
+            if interventions:
+                watch.add("select", t_hook, watch.mark())
             # which tokens each layer holds follows from enter/exit: read once, again only if an intervention
             # changed them (a new tensor, or one edited in place: its version counter moves)
             if stamp is None or _moved(stamp, ctx):
@@ -366,14 +398,23 @@ class Engine:
             per_layer_counts.append(entry.counts)
             dev = self.layer_device(layer_idx)  # under a device map each layer computes on its own device
             hooks = self._hooks(layer, layer_idx, ctx, layout, entry)
+            linear = self.layer_types[layer_idx] == LINEAR
+            if linear:
+                # the recurrent mixer takes a 2-D mask: rows no query attends to (padding, pruned by mask) are zeroed
+                # before the scan, as HF's create_recurrent_attention_mask does for padding
+                mask = entry.key_valid.to(device=dev, dtype=x.dtype)
+                if kv is not None:  # decoding re-runs the layer over its input rows (RowCache.hold)
+                    kv.hold(layer_idx, x, rows.valid, entry.key_valid)
+            else:
+                mask = layout.mask(entry, dev)
             try:
                 x = layer(
                     _on(x, dev),
-                    attention_mask=layout.mask(entry, dev),
+                    attention_mask=mask,
                     position_ids=layout.position_ids(dev),
-                    use_cache=cache,
+                    use_cache=cache and not linear,
                     position_embeddings=layout.rotary(self.layer_types[layer_idx], dev),
-                    **{self.cache_kwarg: kv},
+                    **{self.cache_kwarg: None if linear else kv},
                     **extra,
                     **({} if ple is None else {"per_layer_input": _on(rows.gather(ple[:, :, layer_idx]), dev)}),
                 )
@@ -392,7 +433,11 @@ class Engine:
             row_valid.append(rows.valid)
         x_full = layout.rows.scatter(x_full, x)
         present = ctx.present(n_layers - 1)
-        out = Outcome(self, ctx, self.norm(x_full), present, per_layer_counts)
+        hidden = self.norm(x_full)
+        watch.add("prefill", t_prefill, watch.mark())
+        watch.stop()
+        out = Outcome(self, ctx, hidden, present, per_layer_counts)
+        out.stopwatch = watch
         if cache:
             out.cache = kv
             out.key_valid = key_valid
@@ -439,10 +484,11 @@ class Engine:
             zero_attn = entry.zero_attn[..., None]
 
             def zero_attn_hook(module, args, output):
-                z = zero_attn if zero_attn.device == output[0].device else zero_attn.to(output[0].device)
-                return (output[0].masked_fill(z, 0.0), *output[1:])
+                update = output if isinstance(output, torch.Tensor) else output[0]  # a linear mixer returns a tensor
+                z = zero_attn if zero_attn.device == update.device else zero_attn.to(update.device)
+                return update.masked_fill(z, 0.0) if isinstance(output, torch.Tensor) else (update.masked_fill(z, 0.0), *output[1:])
 
-            hooks.append(resolve_path(layer, self.adapter.paths.attn).register_forward_hook(zero_attn_hook))
+            hooks.append(self.mixers[layer_idx].register_forward_hook(zero_attn_hook))
         if entry.zero_mlp is not None:
             zero_mlp = entry.zero_mlp[..., None]
 
@@ -465,7 +511,7 @@ class Engine:
                 # each position is in at most one row of its sample, so the scatter writes every present token once
                 ctx.attention[layer_idx] = full.scatter(2, rows.index[:, None, :].expand_as(probs), probs)
 
-            hooks.append(resolve_path(layer, self.adapter.paths.attn).register_forward_pre_hook(record, with_kwargs=True))
+            hooks.append(self.mixers[layer_idx].register_forward_pre_hook(record, with_kwargs=True))
         if layer_idx in ctx.attention_probes:
             fns, allowed_all = ctx.attention_probes[layer_idx], entry.allowed
 
@@ -475,7 +521,7 @@ class Engine:
                 for fn in fns:
                     fn(seen)
 
-            hooks.append(resolve_path(layer, self.adapter.paths.attn).register_forward_pre_hook(probe, with_kwargs=True))
+            hooks.append(self.mixers[layer_idx].register_forward_pre_hook(probe, with_kwargs=True))
         return hooks
 
 

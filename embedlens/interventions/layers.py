@@ -8,6 +8,7 @@ from typing import Literal, Union
 import torch
 from typing_extensions import TypedDict
 
+from embedlens.attention import llm_layer_types, refuse_linear
 from embedlens.errors import InterventionError
 from embedlens.interventions.base import IfEmpty, Intervention, check_layer, parse_selection, require_nonempty
 from embedlens.interventions.context import Context
@@ -74,7 +75,10 @@ class SkipSublayer(Intervention):
     """Zero the attention and/or MLP update of selected tokens in selected layers.
 
     The update is zeroed before the residual add; the tokens' keys and values
-    are still computed and attended by others. `sublayers` takes the study's
+    are still computed and attended by others. In a linear-attention layer of a
+    hybrid model (Qwen3.5's Gated DeltaNet) the "attention" sublayer is the
+    DeltaNet mixer: its update is zeroed, and the tokens still write into the
+    recurrent state that later tokens read. `sublayers` takes the study's
     notation (n = attention of layer n, n + 0.5 = its MLP) or
     ``{layer: n, sublayer: attn|mlp}``.
 
@@ -116,6 +120,9 @@ class AttentionKnockout(Intervention):
 
     `layers` takes indices and inclusive ranges (``["0-9"]`` for a 10-layer
     window). A query left with nothing to attend to gets a zero attention update.
+    A hybrid model's linear-attention layers (Qwen3.5's Gated DeltaNet) have no
+    attention to block and are refused by name, with the layers where knockout
+    applies.
 
     Args:
         source: the queries that may not look.
@@ -144,6 +151,7 @@ class AttentionKnockout(Intervention):
 
     def check(self, adapter) -> None:
         self._layers = parse_layers(self.layers, adapter.n_llm_layers)
+        refuse_linear(self._layers, llm_layer_types(adapter), "attention_knockout.layers")
 
     def setup(self, ctx: Context) -> None:
         self.check(ctx.adapter)

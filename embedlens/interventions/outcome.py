@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from embedlens.attention import LINEAR
 from embedlens.errors import EmbedLensError
 from embedlens.interventions.context import Context
 from embedlens.interventions.layout import gather_counts, layer_positions
@@ -25,7 +26,8 @@ class RowCache:
 
     Layers may hold different tokens (pruned after layer K, injected at k), so
     each layer's length is its own. Implements the `update` call Hugging Face
-    attention modules make.
+    attention modules make. A linear-attention layer (Gated DeltaNet) holds its
+    input rows and their flags instead (`hold`).
     """
 
     def __init__(self, n_layers: int):
@@ -39,6 +41,23 @@ class RowCache:
             self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=-2)
             self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=-2)
         return self.keys[layer_idx], self.values[layer_idx]
+
+    def hold(self, layer_idx: int, x: torch.Tensor, present: torch.Tensor, kept: torch.Tensor) -> None:
+        """Keep a linear-attention layer's input rows instead of keys and values (its recurrent state is a scan
+        over them, re-run when decoding: `Outcome.step`).
+
+        Args:
+            x: `[batch, rows, d]` the layer's input.
+            present: `[batch, rows]` bool, the rows the sample holds (False: padding).
+            kept: `[batch, rows]` bool, the rows whose input the mixer reads (False also for tokens hidden by mask,
+                which keep their step of the scan with nothing written).
+        """
+        flags = torch.stack([present, kept], dim=-1)
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx], self.values[layer_idx] = x, flags
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], x], dim=-2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], flags], dim=-2)
 
     def lengths(self) -> list[int]:
         return [0 if k is None else int(k.shape[-2]) for k in self.keys]
@@ -74,6 +93,7 @@ class Outcome:
         self.row_valid: list[torch.Tensor] = []  # per layer: the prefill's present rows (sliding windows count them)
         self.decoded_valid: torch.Tensor | None = None
         self.next_position: torch.Tensor | None = None
+        self.stopwatch = None  # `embedlens.interventions.timing.Stopwatch` of the prefill, set by the engine
 
     @property
     def counts(self) -> dict[str, torch.Tensor]:
@@ -163,6 +183,9 @@ class Outcome:
             layer_type = eng.layer_types[layer_idx]
             if (layer_type, dev) not in shared:
                 shared[layer_type, dev] = tuple(_on(t, dev) for t in pe[layer_type])
+            if layer_type == LINEAR:
+                x = _linear_step(layer, self.cache, layer_idx, _on(x, dev), _on(valid, dev), eng.cache_kwarg)
+                continue
             x = layer(
                 _on(x, dev),
                 attention_mask=shared[key],
@@ -253,3 +276,19 @@ def next_positions(positions: torch.Tensor, padding: torch.Tensor) -> torch.Tens
     (`[3, batch, seq]`) that is the largest over t, h and w: HF's ``rope_deltas`` continue text there."""
     p = positions if positions.dim() == 3 else positions[None]
     return p.masked_fill(padding[None], -1).amax(dim=(0, 2)) + 1
+
+
+def _linear_step(layer, cache: RowCache, layer_idx: int, x: torch.Tensor, valid: torch.Tensor, cache_kwarg: str) -> torch.Tensor:
+    """A linear-attention layer's output for new rows `x` (`[batch, n, d]`, `valid` False for padding): the layer
+    run again over the rows it holds and these, each sample's present rows moved after its padding (a stable
+    sort), so the scan and its short convolution start from zeros on zeroed rows, as for the sample alone. Rows
+    hidden by mask keep their place with their input zeroed, as in the prefill. The new rows are then held."""
+    cache.hold(layer_idx, x, valid, valid)
+    held, flags = cache.keys[layer_idx], cache.values[layer_idx]
+    order = torch.argsort(flags[..., 0].to(torch.int8), dim=1, stable=True)  # padding first, then the sample's rows
+    rows = held.gather(1, order[..., None].expand_as(held))
+    kept = flags[..., 1].gather(1, order)
+    out = layer(rows, attention_mask=kept.to(rows.dtype), position_ids=None, use_cache=False,
+                position_embeddings=None, **{cache_kwarg: None})
+    back = torch.empty_like(out).scatter_(1, order[..., None].expand_as(out), out)
+    return back[:, -x.shape[1]:]

@@ -217,4 +217,35 @@ class PrefillFlops(Metric):
         return {"flops_base": base.tolist(), "flops": cond.tolist(), "flops_saved": saved}
 
 
-__all__ = ["AnswerLogprob", "ForcedChoice", "Generation", "NextTokenKL", "PrefillFlops", "VisualTokens"]
+@metrics.register("prefill_time")
+class PrefillTime(Metric):
+    """Measured LLM prefill time, the interventions' own selection time and peak memory, with the baseline's.
+
+    Each run is timed by the engine (`embedlens.interventions.timing`): ``prefill_ms`` from the LLM's input
+    embeddings to its final norm (attention rows recorded while a layer runs, e.g. FastV's, are part of it),
+    ``select_ms`` inside the interventions' own code (`setup`, `edit_embeds`, attention read ahead of a layer,
+    `before_layer`); on a GPU by CUDA events, on the CPU by process CPU time. A run is timed per batch; each
+    sample's value is the batch's time divided by its samples, so means over samples are per-sample costs. ``peak_mem_mb`` is the GPU allocator's
+    peak during the run (NaN on the CPU, which has no such counter). The first run of a batch (the baseline)
+    also warms caches: compare conditions with each other, and with the baseline over many batches.
+
+    Example:
+        >>> PrefillTime()
+        PrefillTime()
+    """
+
+    descriptive = ("prefill_ms", "select_ms", "peak_mem_mb")
+
+    def measure(self, outcome, samples):
+        t = outcome.stopwatch.read()
+        n = max(len(samples), 1)
+        return {"prefill_ms": [t.get("prefill_ms", NAN) / n] * len(samples), "select_ms": [t.get("select_ms", 0.0) / n] * len(samples),
+                "peak_mem_mb": [t["peak_mem_mb"]] * len(samples)}
+
+    def compute(self, baseline, condition, samples):
+        out = self.both(baseline, condition, samples)
+        out.pop("select_ms_base", None)  # the baseline selects nothing
+        return out
+
+
+__all__ = ["AnswerLogprob", "ForcedChoice", "Generation", "NextTokenKL", "PrefillFlops", "PrefillTime", "VisualTokens"]

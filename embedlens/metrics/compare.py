@@ -20,16 +20,19 @@ def prefill_flops(outcome: "Outcome") -> torch.Tensor:
     """Estimated LLM prefill FLOPs per sample (`[batch]`, float64).
 
     Per layer: 2 x (tokens present) x (weights of the layer's linear maps), plus
-    4 x (query-key pairs attended) x (heads x head_dim) for scores and values.
+    4 x (query-key pairs attended) x (heads x head_dim) for scores and values
+    (none in a linear-attention layer, whose scan is linear in its tokens).
     The vision tower and the head are left out (no intervention changes them).
     """
     eng = outcome.engine
     total = torch.zeros(outcome.counts["rows"].shape[1], dtype=torch.float64)
     for i, layer in enumerate(eng.layers):
         weights = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
-        attn = resolve_path(layer, eng.adapter.paths.attn)
-        width = attn.config.num_attention_heads * attn.head_dim
         total += 2.0 * outcome.counts["rows"][i].double() * weights
+        if i in eng.linear:
+            continue  # a linear-attention layer's scan is linear in its rows: no query-key pairs
+        attn = eng.mixers[i]
+        width = attn.config.num_attention_heads * attn.head_dim
         total += 4.0 * outcome.counts["keys"][i].double() * width
     return total
 

@@ -83,9 +83,17 @@ def _family(iv) -> tuple[str, ...] | None:
     return None
 
 
+def budget_of(iv) -> int | float | None:
+    """A token-reduction method's budget: its ``keep`` parameter (tokens per image, or a fraction), else None."""
+    keep = getattr(iv, "keep", None)
+    return keep if isinstance(keep, (int, float)) and not isinstance(keep, bool) else None
+
+
 def matched_controls(conditions: list[Condition]) -> dict[str, str]:
     """``{condition: its matched random control}``: a one-intervention condition removing tokens X, paired
-    with a one-intervention condition drawing as many at random with ``target: X`` (same kind and mode)."""
+    with a one-intervention condition drawing as many at random with ``target: X`` (same kind and mode); and a
+    one-intervention condition with a budget (``keep``), paired with the condition keeping as many tokens at
+    random (an intervention whose class sets ``budget_control = True``) at the same ``keep``."""
     from embedlens.interventions.ablate import AblateRandomMatched
     from embedlens.interventions.prune import PruneRandomMatched
 
@@ -103,4 +111,15 @@ def matched_controls(conditions: list[Condition]) -> dict[str, str]:
             key = (*_family(iv), str(iv.target))
             if key in subjects:
                 out.setdefault(subjects[key], c.name)
+    at_budget: dict[tuple, str] = {}
+    for c in conditions:
+        if len(c.interventions) == 1 and getattr(type(c.interventions[0]), "budget_control", False):
+            keep = budget_of(c.interventions[0])
+            if keep is not None:
+                at_budget.setdefault((type(keep), keep), c.name)
+    for c in conditions:
+        if len(c.interventions) == 1 and c.name not in out and not getattr(type(c.interventions[0]), "budget_control", False):
+            keep = budget_of(c.interventions[0])
+            if keep is not None and (type(keep), keep) in at_budget:
+                out[c.name] = at_budget[(type(keep), keep)]
     return out

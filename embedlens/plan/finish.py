@@ -104,6 +104,7 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, starte
     if partition is not None and partition.evidence:  # why each id is (not) an anchor
         parts.table("partition_discovery", {k: [r[k] for r in partition.evidence] for k in EVIDENCE_COLUMNS}, 0)
     concl, touched = _conclusions(prepared, parts, controls)
+    board = _leaderboard(prepared, parts, state, concl)
     tables = parts.gather(plan.output.formats)
     _phase("after_gather")
     result = RunResult(out_dir=out, tables=tables, skipped=list(state.skipped), resumed_from=resumed_from)
@@ -144,10 +145,17 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, starte
         if concl is not None:
             from embedlens.plan.conclusions import figures as conclusion_figures, token_map_panels
 
-            panels = token_map_panels(concl, touched, adapter, prepared.records, plan.report.token_map_samples, plan.data.max_pixels)
+            panels = token_map_panels(concl, touched, adapter, prepared.records, plan.report.token_map_samples, plan.data.max_pixels,
+                                      plan.data.video.options())
             result.figures += conclusion_figures(concl, fig_dir, panels)
+        if board is not None:
+            from embedlens.plan.leaderboard import accuracy_figure
+
+            result.figures.append(accuracy_figure(board, fig_dir / "leaderboard_accuracy.png"))
     if concl is not None:
         result.summary["statistics"] = concl.headline()
+    if board is not None:
+        result.summary["leaderboard"] = [dict(zip(board, vals)) for vals in zip(*board.values())]
     _phase("after_figures")
     manifest = {
         "plan": str(loaded.path) if loaded.path else None,
@@ -198,6 +206,19 @@ def _plan_yaml(loaded: LoadedPlan) -> str:
     import yaml
 
     return "# the validated plan (it was not read from a file)\n" + yaml.safe_dump(loaded.plan.model_dump(mode="json"), sort_keys=False)
+
+
+def _leaderboard(prepared: Prepared, parts: Parts, state: RunState, concl) -> dict[str, list] | None:
+    """The token-reduction leaderboard (`embedlens.plan.leaderboard`), written as the ``leaderboard`` table when
+    the run has a condition with a budget."""
+    from embedlens.plan import conclusions
+    from embedlens.plan.leaderboard import leaderboard
+
+    board = leaderboard(concl, state.effects.result(), state.conditions, conclusions.sweep_groups(prepared.loaded),
+                        prepared.adapter.n_llm_layers)
+    if board is not None:
+        parts.table("leaderboard", board, 0)
+    return board
 
 
 def _conclusions(prepared: Prepared, parts: Parts, controls: dict[str, str]):

@@ -244,8 +244,9 @@ def _expand_sweeps(loaded: LoadedPlan) -> None:
 
     Keys are ``TARGET.PARAM``: TARGET is a condition name (its one
     intervention with PARAM), ``CONDITION.INTERVENTION``, an intervention name
-    (every condition using it) or a probe name or label. Copies are named
-    ``target[param=value]``.
+    (every condition using it), ``*`` (every condition with an intervention
+    taking PARAM: ``*.keep`` gives every token-reduction method the same
+    budgets) or a probe name or label. Copies are named ``target[param=value]``.
     """
     from embedlens.registry import interventions
 
@@ -263,7 +264,15 @@ def _expand_sweeps(loaded: LoadedPlan) -> None:
             raise loaded.error(loc, "needs at least one value")
         hits: list[tuple[str, Any]] = []
         cname, _, ivname = target.partition(".")
-        if target in plan.conditions:
+        if target == "*":  # every condition one of whose interventions takes PARAM (a budget for every method)
+            for c, items in plan.conditions.items():
+                idx = [i for i, iv in enumerate(items) if param in _param_names(interventions, iv.name)]
+                if len(idx) > 1:
+                    raise loaded.error(loc, f"condition {c!r} has several interventions with parameter {param!r}; sweep it with {c}.INTERVENTION.{param}")
+                hits += [("condition", (c, i)) for i in idx]
+            if not hits:
+                raise loaded.error(loc, f"no condition has an intervention with parameter {param!r}")
+        elif target in plan.conditions:
             idx = [i for i, iv in enumerate(plan.conditions[target]) if param in _param_names(interventions, iv.name)]
             if len(idx) > 1:
                 raise loaded.error(loc, f"condition {target!r} has several interventions with parameter {param!r}; write {target}.INTERVENTION.{param}")

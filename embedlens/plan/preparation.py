@@ -22,6 +22,7 @@ from embedlens.groups import Partition
 from embedlens.interventions.condition import Condition
 from embedlens.metrics import Metric
 from embedlens.plan import distributed
+from embedlens.plan.architecture import NeedsModel, needs
 from embedlens.plan.conclusions import breakdown_fields
 from embedlens.plan.loader import LoadedPlan
 from embedlens.plan.schema import ModelSpec
@@ -44,6 +45,8 @@ class Prepared:
     metrics: list[Metric] = field(default_factory=list)
     partition: Partition | None = None
     model_name: str = "model"
+    #: Checks a weightless `embedlens.plan.architecture.ConfigAdapter` could not make: ``(key path, what it needs)``.
+    unchecked: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _model_loc(loaded: LoadedPlan, name: str) -> tuple:
@@ -61,19 +64,7 @@ def load_plan_model(loaded: LoadedPlan, name: str | None = None, run_dir: Path |
         name = next(iter(specs))
     m: ModelSpec = specs[name]
     loc = _model_loc(loaded, name)
-    device = m.device
-    from embedlens.plan import distributed
-
-    world = distributed.current()
-    if world.size > 1 and device.startswith("cuda") and m.device_map is None:
-        device = f"cuda:{world.local_rank}"  # one model per process, each on its own GPU
-    _check_device(loaded, loc, device)
-    try:
-        check_device_map(m.device_map)
-    except DeviceMapError as e:  # before loading: named by the map's own key
-        raise _device_map_error(loaded, loc, e) from None
-    if m.remote:
-        _check_remote(loaded, loc, m)
+    device = check_model_spec(loaded, name)
     placement = None
     if m.device_map is not None or m.quantization is not None:
         placement = Placement(m.device_map, m.max_memory, offload_dir(run_dir) if run_dir is not None else None, m.quantization)
@@ -83,13 +74,7 @@ def load_plan_model(loaded: LoadedPlan, name: str | None = None, run_dir: Path |
     except DeviceMapError as e:
         raise _device_map_error(loaded, loc, e) from None
     except EmbedLensError as e:
-        msg = str(e)
-        for key in ("quantization", "device_map", "max_memory", "remote"):
-            if msg.startswith(f"model.{key}"):
-                sub = msg.split(":", 1)[0].split(".")[1:]
-                raise loaded.error((*loc, *sub), msg.split(": ", 1)[1]) from None
-        key = "adapter" if m.adapter and "adapter" in str(e) else "source"
-        raise loaded.error((*loc, key), str(e)) from None
+        raise model_error(loaded, name, e) from None
     except MemoryError:
         raise loaded.error((*loc, "source"), f"not enough memory to load {m.source!r}") from None
     except Exception as e:  # noqa: BLE001 - transformers / safetensors raise many types for a broken model folder
@@ -102,8 +87,45 @@ def load_plan_model(loaded: LoadedPlan, name: str | None = None, run_dir: Path |
     try:
         configure_processor(adapter, m.processor_kwargs)
     except ProcessorOptionError as e:
-        raise loaded.error((*loc, "processor_kwargs", *([e.key] if e.key else [])), e.detail) from None
+        raise model_error(loaded, name, e) from None
     return name, adapter
+
+
+def check_model_spec(loaded: LoadedPlan, name: str) -> str:
+    """What a model entry asks for, checked before anything loads: its device, device map and remote use.
+
+    Returns:
+        the device the model goes to (under torchrun, each process's own GPU).
+    """
+    m: ModelSpec = loaded.plan.model_specs()[name]
+    loc = _model_loc(loaded, name)
+    device = m.device
+    world = distributed.current()
+    if world.size > 1 and device.startswith("cuda") and m.device_map is None:
+        device = f"cuda:{world.local_rank}"  # one model per process, each on its own GPU
+    _check_device(loaded, loc, device)
+    try:
+        check_device_map(m.device_map)
+    except DeviceMapError as e:  # before loading: named by the map's own key
+        raise _device_map_error(loaded, loc, e) from None
+    if m.remote:
+        _check_remote(loaded, loc, m)
+    return device
+
+
+def model_error(loaded: LoadedPlan, name: str, e: EmbedLensError):
+    """A loader's error (an unknown source or adapter, a config no adapter takes) at the model entry's key."""
+    m: ModelSpec = loaded.plan.model_specs()[name]
+    loc = _model_loc(loaded, name)
+    if isinstance(e, ProcessorOptionError):
+        return loaded.error((*loc, "processor_kwargs", *([e.key] if e.key else [])), e.detail)
+    msg = str(e)
+    for key in ("quantization", "device_map", "max_memory", "remote"):
+        if msg.startswith(f"model.{key}"):
+            sub = msg.split(":", 1)[0].split(".")[1:]
+            return loaded.error((*loc, *sub), msg.split(": ", 1)[1])
+    key = "adapter" if m.adapter and "adapter" in str(e) else "source"
+    return loaded.error((*loc, key), msg)
 
 
 def _check_remote(loaded: LoadedPlan, loc: tuple, m: ModelSpec) -> None:
@@ -182,7 +204,9 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None, model: str | Non
 
     Args:
         loaded: from `load_plan`.
-        adapter: an already loaded model (skips loading `model`).
+        adapter: an already loaded model (skips loading `model`), or a weightless
+            `embedlens.plan.architecture.ConfigAdapter` (`embedlens validate`): a check that asks it for
+            what only the model has is listed in ``Prepared.unchecked`` instead of made.
         model: which of the plan's `models` (default: the first).
         run_dir: the run folder (claimed), for modules a device map offloads to ``disk``.
 
@@ -193,11 +217,14 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None, model: str | Non
     name = model or next(iter(plan.model_specs()))
     if adapter is None:
         name, adapter = load_plan_model(loaded, name, run_dir)
+    unchecked: list[tuple[str, str]] = []  # stays empty with a loaded model: only a ConfigAdapter raises NeedsModel
     built: list[tuple[str, Probe]] = []
     for i, spec in enumerate(plan.probes):
         try:
             probe = probe_registry.get(spec.name)(**spec.params)
             probe.check(adapter)
+        except NeedsModel as e:
+            unchecked.append((f"probes[{i}] ({spec.name})", needs(e)))
         except EmbedLensError as e:
             msg = str(e)
             key = next((k for k in spec.params if msg.startswith(f"{spec.name}.{k}")), None)
@@ -211,6 +238,8 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None, model: str | Non
             try:
                 iv = intervention_registry.get(spec.name)(**spec.params)
                 iv.check(adapter)
+            except NeedsModel as e:
+                unchecked.append((f"conditions.{cname}[{i}] ({spec.name})", needs(e)))
             except EmbedLensError as e:
                 raise _plugin_error(loaded, ("conditions", cname, i), spec, e, f"condition {cname!r} ({spec.name}): ") from None
             ivs.append(iv)
@@ -226,6 +255,8 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None, model: str | Non
         try:
             partition = Partition(**plan.partition.model_dump())
             partition.check(adapter)
+        except NeedsModel as e:
+            unchecked.append(("partition", needs(e)))
         except ParameterError as e:  # keyed where raised: partition.anchors.dead
             raise loaded.error(("partition", *e.key.split(".")) if e.key else ("partition",), e.detail) from None
         except EmbedLensError as e:
@@ -240,15 +271,22 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None, model: str | Non
     if not (partition is not None and partition.discover) and len({repr(sorted(plan.probes[i].params.items())) for i in own}) > 1:
         raise loaded.error(("probes", own[-1]), "a run has one anchor discovery: give the anchor_discovery probes the same "
                            "parameters, or set them once in a partition: block with discover: true")
-    records = read_data(loaded, adapter)
+    try:
+        records = read_data(loaded, adapter)
+    except NeedsModel as e:  # synthetic images sized to the model's patch grid, which only the processor knows here
+        unchecked.append(("data.synthetic.patch_grid", "the processor's patch grid, which sizes the synthetic images"))
+        records = read_data(loaded, None)
     breakdown_fields(loaded, records)  # report.breakdown names fields the samples have
     key = ("data", "prompts" if plan.data.prompts else "dataset" if plan.data.dataset else "synthetic")
-    for r in records:  # prompt checks are cheap: fail before the first batch, not in the middle
-        try:
-            adapter.prompt(Sample([None] * len(r.images), r.question, r.prompt, r.answer, r.id, r.meta))
-        except EmbedLensError as e:
-            raise loaded.error(key, f"{r.where}: {e}") from None
-    return Prepared(loaded, adapter, built, records, conditions, metrics, partition, name)
+    try:
+        for r in records:  # prompt checks are cheap: fail before the first batch, not in the middle
+            try:
+                adapter.prompt(Sample([None] * len(r.images), r.question, r.prompt, r.answer, r.id, r.meta))
+            except EmbedLensError as e:
+                raise loaded.error(key, f"{r.where}: {e}") from None
+    except NeedsModel as e:
+        unchecked.append((".".join(key), "each sample's prompt, rendered by the processor (its chat template and image placeholder)"))
+    return Prepared(loaded, adapter, built, records, conditions, metrics, partition, name, unchecked)
 
 
 def _plugin_error(loaded: LoadedPlan, loc: tuple, spec, err: EmbedLensError, prefix: str = ""):

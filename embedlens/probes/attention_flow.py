@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from embedlens.adapters.base import mixer_path, resolve_path
 from embedlens.adapters.capabilities import Capability
-from embedlens.adapters.base import resolve_path
-from embedlens.attention import attention_rows, check_layer_types, layer_windows, rotary_embeddings, window_keys
+from embedlens.attention import (LINEAR, attention_rows, check_layer_types, layer_windows, llm_layer_types, refuse_linear,
+                                  rotary_embeddings, window_keys)
 from embedlens.errors import EmbedLensError, PlanError
 from embedlens.probes._util import FirstImage, group_masks, parse_selections, selection_masks, token_groups, token_meta
 from embedlens.probes.base import Probe, Table
@@ -57,14 +58,17 @@ def llm_attention_rows(adapter: "Adapter", batch: "Batch", layer: int, h_in: tor
         query_pos: ``[batch, q]`` sequence positions of the queries.
     """
     lm = resolve_path(adapter.model, adapter.paths.language_model)
-    check_layer_types(lm.config, adapter.name)  # before the lookup: a linear-attention layer has no attention module
+    if getattr(adapter.paths, "linear_attn", ""):  # a hybrid model: its linear-attention layers are refused by name
+        refuse_linear([layer], llm_layer_types(adapter), "attention_flow.layers")
+    else:  # before the lookup: a linear-attention layer has no attention module
+        check_layer_types(lm.config, adapter.name)
     blocks = resolve_path(adapter.model, adapter.paths.llm_layers)
     block = blocks[layer]
     attn = resolve_path(block, adapter.paths.attn)
     norm = resolve_path(block, adapter.paths.attn_norm)
     dev = h_in.device
     pos_ids = adapter.position_ids(batch.inputs).to(dev)
-    types, windows = layer_windows(lm.config, [resolve_path(b, adapter.paths.attn) for b in blocks], adapter.name)
+    types, windows = layer_windows(lm.config, [resolve_path(b, mixer_path(b, adapter.paths)) for b in blocks], adapter.name)
     block_ids = adapter.block_ids(batch.inputs)
     with torch.no_grad():
         cos_sin = rotary_embeddings(lm, h_in, pos_ids, types[layer : layer + 1])[types[layer]]
@@ -108,7 +112,8 @@ class AttentionFlow(Probe):
       towers only (SigLIP has no CLS token).
 
     Args:
-        layers: LLM layers (default: all).
+        layers: LLM layers (default: all; on a hybrid model such as Qwen3.5, its attention layers: a
+            linear-attention layer has no attention and is refused by name).
         queries: selections of query tokens, by name (roles or any selection expression).
         vit_cls_layer: vision layer for CLS attention, or None.
 
@@ -140,14 +145,19 @@ class AttentionFlow(Probe):
 
     def _layers(self, adapter: "Adapter") -> list[int]:
         n = adapter.n_llm_layers
-        if self.layers is None:
-            return list(range(n))
+        types = llm_layer_types(adapter) if getattr(adapter.paths, "linear_attn", "") else ["attention"] * n
+        if self.layers is None:  # a hybrid model's attention layers only (linear-attention layers have no attention)
+            return [i for i, t in enumerate(types) if t != LINEAR]
         out = []
         for layer in self.layers:
             idx = layer + n if layer < 0 else layer
             if not 0 <= idx < n:
                 raise PlanError(f"attention_flow.layers: layer {layer} is out of range for this model (0..{n - 1})")
             out.append(idx)
+        try:
+            refuse_linear(out, types, "attention_flow.layers")
+        except EmbedLensError as e:
+            raise PlanError(str(e)) from None
         return out
 
     def _vit_layer(self, adapter: "Adapter") -> int | None:

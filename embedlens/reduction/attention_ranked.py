@@ -194,6 +194,10 @@ class VisionZip(InputReduction):
 
     check = _vision_reduction_check
 
+    def state_dict(self) -> dict:
+        """The parameters only: the last batch's merged tokens are rebuilt by every batch, never checkpointed."""
+        return {k: v for k, v in vars(self).items() if k not in ("_merged", "_targets")}
+
     def choose(self, ctx: Context, candidates: torch.Tensor) -> torch.Tensor:
         read = read_tower(ctx.adapter, ctx.batch, candidates, features=True, keys=True)
         kept, targets, into = visionzip_select(read.attention, read.keys, candidates, ctx.roles.image, self.budget, self.contextual)

@@ -40,6 +40,7 @@ class InputReduction(Intervention):
         raise NotImplementedError
 
     def setup(self, ctx: Context) -> None:
+        self.check(ctx.adapter)  # also when run by the engine directly: a model the method cannot read is refused by name
         cand = self.candidates(ctx)
         kept = self.choose(ctx, cand) & cand
         ctx.exit = torch.where(cand & ~kept, torch.zeros_like(ctx.exit), ctx.exit)

@@ -34,7 +34,11 @@ class RandomBudget(InputReduction):
         1
     """
 
+    budget_control = True  # every method at the same keep is compared with it (embedlens.plan.effects.matched_controls)
+
     def __init__(self, keep: int | float = 64, seed: int = 0, tokens: SelectionSpec = "visual"):
+        if isinstance(seed, bool) or not isinstance(seed, int):  # the draw hashes its text: 1, 1.0 and True would differ
+            raise InterventionError(f"seed: expected an integer; got {seed!r}")
         self._init_budget(keep, tokens)
         self.seed = seed
 

@@ -88,6 +88,28 @@ def scaled_layers(reference: Sequence[int], reference_depth: int, n_layers: int)
     return out
 
 
+def attention_layers_near(layers: Sequence[int], adapter, lo: int, hi: int) -> list[int]:
+    """Default stage `layers` moved onto attention layers on a hybrid model (Qwen3.5's Gated DeltaNet layers have
+    no attention to rank by): each to the first attention layer at or after it within `lo`..`hi`, else the last
+    one before it; kept strictly increasing (a layer two defaults land on is used once). Unchanged on a model
+    without linear-attention layers. Layers a user names are not moved: the engine refuses a linear one by name.
+    """
+    from embedlens.attention import LINEAR, llm_layer_types
+
+    if not getattr(adapter.paths, "linear_attn", ""):
+        return list(layers)
+    attends = [i for i, t in enumerate(llm_layer_types(adapter)) if t != LINEAR and lo <= i <= hi]
+    if not attends:
+        raise InterventionError(f"{adapter.name}: no attention layer in {lo}..{hi} to rank tokens by (the others are "
+                                "linear-attention layers)")
+    out: list[int] = []
+    for layer in layers:
+        v = next((a for a in attends if a >= layer), attends[-1])
+        if not out or v > out[-1]:
+            out.append(v)
+    return out
+
+
 def image_sizes(candidates: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """`[batch, seq + 1]` long: candidates per image, in the columns `Budget.keep_mask` counts them in (the last
     column, "not a candidate", as counted; `keep_mask` keeps none of it)."""

@@ -19,7 +19,7 @@ from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import AttentionInput, Context
 from embedlens.interventions.select import SelectionSpec
 from embedlens.reduction.budget import Budget
-from embedlens.reduction.inllm import ParametersOnly, check_accounting_args, drop_from, image_sizes, make_accounting, query_attention, scaled_layers
+from embedlens.reduction.inllm import ParametersOnly, attention_layers_near, check_accounting_args, drop_from, image_sizes, make_accounting, query_attention, scaled_layers
 from embedlens.registry import interventions
 
 REFERENCE_LAYERS = (8, 16, 24)  # the authors' layer_list, for LLaVA-1.5's 32 layers
@@ -71,7 +71,9 @@ class PyramidDrop(ParametersOnly, Intervention):
         keep: the budget: tokens per image (int) or a fraction of them in (0, 1].
         layers: the stage layers (strictly increasing, 1..n_layers-1); by default the authors' [8, 16, 24] of
             32 layers at the same relative depth of the model, scaled down together for a budget their first
-            stage alone would pass (`stage_layers`; the layers are then set per batch from its images' sizes).
+            stage alone would pass (`stage_layers`; each image's layers follow its own size, so images of one batch
+            may differ). On a hybrid model (Qwen3.5) the default stages move to the nearest attention layers
+            (`attention_layers_near`); a linear-attention layer given here is refused by name.
         tokens: the tokens ranked (the others always stay); per image.
 
     Example:
@@ -126,13 +128,29 @@ class PyramidDrop(ParametersOnly, Intervention):
 
     def setup(self, ctx: Context) -> None:
         self._candidates = ctx.select(self.selection, within=ctx.roles.image_span)
-        self._n0 = image_sizes(self._candidates, ctx.roles.image)  # each image's original count, [batch, seq + 1]
-        self._n0[:, -1] = 0
-        # the stage layers are one set per batch: the default ones follow the batch's largest image (one host read
-        # per batch, in setup; none when `layers` is given)
-        n_max = None if self.layers is not None else max(int(self._n0.max()), 1)
-        self._layers = self.stage_layers(ctx.n_layers, n_max)
-        self._kept = pdrop_schedule(self.budget.counts(self._n0), self._n0, self._layers, ctx.n_layers)
+        n0 = image_sizes(self._candidates, ctx.roles.image)  # each image's original count, [batch, seq + 1]
+        n0[:, -1] = 0
+        # each image's stages are its own (`accounting` of its size), whatever else is in the batch: the default
+        # layers follow the image's size, so images of different sizes can have different stage layers (one host
+        # read of the sizes per batch, in setup; none when `layers` is given)
+        if self.layers is not None:
+            by_layers = {tuple(self.layers): None}
+        else:
+            sizes = sorted(set(n0[n0 > 0].tolist())) or [1]
+            by_layers: dict[tuple[int, ...], list[int] | None] = {}
+            for n in sizes:
+                # on a hybrid model the default stages rank at attention layers
+                layers = attention_layers_near(self.stage_layers(ctx.n_layers, n), ctx.adapter, 1, ctx.n_layers - 1)
+                by_layers.setdefault(tuple(layers), []).append(n)
+        counts = self.budget.counts(n0)
+        self._counts: dict[int, torch.Tensor] = {}  # layer -> [batch, seq + 1] tokens kept from it on, -1: no stage
+        for layers, ns in by_layers.items():
+            mine = n0 > 0 if ns is None else torch.isin(n0, torch.tensor(ns, device=n0.device))
+            kept = pdrop_schedule(counts, n0, layers, ctx.n_layers)
+            for stage, layer in enumerate(layers):
+                before = self._counts.get(layer, torch.full_like(n0, -1))
+                self._counts[layer] = torch.where(mine, kept[..., stage], before)
+        self._layers = sorted(self._counts)
         self._scores: dict[int, torch.Tensor] = {}
         last = ctx.roles.last_index[:, None]
         seq, home = ctx.roles.kind.shape[1], ctx.valid.device
@@ -146,8 +164,8 @@ class PyramidDrop(ParametersOnly, Intervention):
     def before_layer(self, ctx: Context, layer: int) -> None:
         if layer not in self._scores:
             return
-        stage = self._layers.index(layer)
         cand = self._candidates & ctx.present(layer)  # what would enter the layer
-        kept = self._kept[..., stage]
-        keep = self.budget.keep_mask(self._scores.pop(layer), cand, ctx.roles.image, counts=lambda n: kept)
+        kept = self._counts[layer]
+        keep = self.budget.keep_mask(self._scores.pop(layer), cand, ctx.roles.image,
+                                     counts=lambda n: torch.where(kept >= 0, kept, n))  # no stage here: all stay
         drop_from(ctx, cand & ~keep, layer)

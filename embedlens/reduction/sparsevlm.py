@@ -27,7 +27,8 @@ from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import AttentionInput, Context, Rows
 from embedlens.interventions.select import SelectionSpec
 from embedlens.reduction.budget import Budget
-from embedlens.reduction.inllm import ParametersOnly, check_accounting_args, drop_from, image_sizes, make_accounting, query_attention, top_per_sample
+from embedlens.reduction.inllm import (ParametersOnly, attention_layers_near, check_accounting_args, drop_from, image_sizes,
+                                      make_accounting, query_attention, top_per_sample)
 from embedlens.registry import interventions
 
 REFERENCE_LAYERS = (2, 6, 15)  # pruning_loc: tokens are dropped after these layers of LLaVA-1.5's 32
@@ -179,7 +180,9 @@ class SparseVLM(ParametersOnly, Intervention):
     Args:
         keep: the budget: tokens per image (int) or a fraction of them in (0, 1].
         layers: the layers after which tokens are dropped (strictly increasing, 0..n_layers-2); by default the
-            authors' [2, 6, 15] of 32 at the same relative depth.
+            authors' [2, 6, 15] of 32 at the same relative depth (on a hybrid model such as Qwen3.5, moved to
+            the nearest attention layers, `attention_layers_near`; a linear-attention layer given here is refused
+            by name).
         recycle: merge the best dropped tokens back (the reference's default) or only drop.
         tokens: the tokens of each image ranked (the others always stay).
 
@@ -207,8 +210,9 @@ class SparseVLM(ParametersOnly, Intervention):
     def check(self, adapter) -> None:
         stage_layers(adapter.n_llm_layers, self.layers)
 
-    def schedule(self, n_visual: int, n_layers: int) -> tuple[int, ...]:
-        layers = stage_layers(n_layers, self.layers)
+    def schedule(self, n_visual: int, n_layers: int, layers: Sequence[int] | None = None) -> tuple[int, ...]:
+        """The tokens kept after each stage layer (`layers`: the run's, default `stage_layers`)."""
+        layers = stage_layers(n_layers, self.layers) if layers is None else layers
         k = int(self.budget.counts(torch.tensor(n_visual)))
         return sparsevlm_schedule(n_visual, k, n_layers, layers, self.recycle, self.layers is None)
 
@@ -229,6 +233,8 @@ class SparseVLM(ParametersOnly, Intervention):
     def setup(self, ctx: Context) -> None:
         roles = ctx.roles
         self._layers = stage_layers(ctx.n_layers, self.layers)
+        if self.layers is None:  # on a hybrid model the default layers rank at attention layers
+            self._layers = attention_layers_near(self._layers, ctx.adapter, 0, ctx.n_layers - 2)
         self._candidates = ctx.select(self.selection, within=roles.image_span)
         seq, home = roles.kind.shape[1], ctx.valid.device
         # once per batch on the host: the images' sizes (for the stages' counts), the raters' number
@@ -241,7 +247,7 @@ class SparseVLM(ParametersOnly, Intervention):
         for b, g in (n0_host > 0).nonzero().tolist():
             n = int(n0_host[b, g])
             if n not in cache:
-                cache[n] = self.schedule(n, ctx.n_layers)
+                cache[n] = self.schedule(n, ctx.n_layers, self._layers)
             table[b, g] = torch.tensor(cache[n])
         self._counts = table.to(home)
         self._width = int(int(n0_host.max()) * RECYCLED_SHARE) + 1

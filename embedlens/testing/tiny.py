@@ -43,6 +43,7 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
     Mistral3ForConditionalGeneration,
+    Qwen3_5ForConditionalGeneration,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
@@ -293,13 +294,14 @@ def qwen_tokenizer():
     return build_tokenizer(chat_template=LLAVA_CHAT_TEMPLATE.replace(IMAGE_TOKEN + "\n", frame), extra_special_tokens=QWEN_TOKENS)
 
 
-def qwen_image_processor(patch_size: int = QWEN_PATCH, max_side: int = IMAGE_SIZE, min_side: int = 16, merge_size: int = 2):
+def qwen_image_processor(patch_size: int = QWEN_PATCH, max_side: int = IMAGE_SIZE, min_side: int = 16, merge_size: int = 2,
+                         temporal_patch_size: int = 2):
     """The PIL `Qwen2VLImageProcessorPil` (no torchvision): images resized to multiples of ``patch_size * merge_size``
     with at most ``max_side ** 2`` pixels (a 64-px square becomes 32 x 32: 8 x 8 patches, 4 x 4 tokens)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(size={"shortest_edge": min_side * min_side, "longest_edge": max_side * max_side},
-                                    patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2, **_NORM)
+                                    patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size, **_NORM)
 
 
 def qwen_ids(tok) -> dict:
@@ -342,6 +344,45 @@ def _qwen_vl(version: str) -> Callable[[int], tuple[PreTrainedModel, ProcessorMi
         return model.eval(), proc(qwen_image_processor(), tok, chat_template=tok.chat_template)
 
     return build
+
+
+def _qwen3_5(seed: int):
+    # Qwen3-VL's tiny tower without DeepStack on a hybrid LLM: Gated DeltaNet layers 0 and 2, full attention 1 and 3
+    # (FastV's default K = 2 reads layer 1's attention); 2 key and 4 value heads of 16 dims, a 4-wide causal conv;
+    # attention heads of 32 dims rotate a quarter (8 dims: 4 frequency pairs, M-RoPE sections 2, 1, 1), as the tester
+    from transformers import Qwen3_5Config
+
+    from embedlens.adapters.qwen3_5 import Qwen3_5ImageProcessor
+
+    tok = qwen_tokenizer()
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    text = dict(vocab_size=len(tok), **_TEXT, head_dim=32, rope_parameters=rope, **_special_ids(tok),
+                layer_types=["linear_attention", "full_attention"] * 2, linear_conv_kernel_dim=4,
+                linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4)
+    vis = dict(depth=3, num_heads=4, in_channels=3, patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2,
+               hidden_size=32, intermediate_size=64, out_hidden_size=TEXT_HIDDEN, num_position_embeddings=64)
+    torch.manual_seed(seed)
+    model = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vis, **qwen_ids(tok)))
+    return model.eval(), Qwen3_5ImageProcessor(qwen_image_processor(), tok, chat_template=tok.chat_template)
+
+
+def _qwen3_vl_moe(seed: int):
+    # tiny:qwen3-vl's tower and DeepStack; the LLM's odd layers (decoder_sparse_step 2) route each token to 2 of 4
+    # experts of width 32, the even ones keep a dense MLP
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    from embedlens.adapters.qwen3_vl_moe import Qwen3VLMoeImageProcessor
+
+    tok = qwen_tokenizer()
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = dict(vocab_size=len(tok), **_TEXT, head_dim=16, rope_parameters=rope, **_special_ids(tok), num_experts=4,
+                num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2)
+    vis = dict(depth=3, num_heads=4, in_channels=3, patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2,
+               hidden_size=32, intermediate_size=64, out_hidden_size=TEXT_HIDDEN, num_position_embeddings=64,
+               deepstack_visual_indexes=[0, 1])
+    torch.manual_seed(seed)
+    model = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(text_config=text, vision_config=vis, **qwen_ids(tok)))
+    return model.eval(), Qwen3VLMoeImageProcessor(qwen_image_processor(), tok, chat_template=tok.chat_template)
 
 
 GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
@@ -392,6 +433,22 @@ def mistral3_processor(tok, patch_size: int = MISTRAL3_PATCH, merge_size: int = 
     return PixtralProcessor(image_processor=ip, tokenizer=tok, patch_size=patch_size, spatial_merge_size=merge_size,
                             chat_template=tok.chat_template, **MISTRAL3_TOKENS)
 
+
+def _onevision1_5(seed: int):
+    # LLaVA-OneVision-1.5: 3 RICE-ViT blocks of width 32 on 4-px patches (one image per temporal patch), a class
+    # token per image, merged 2 x 2 into a 64-wide Qwen3 LLM with 1-D positions.
+    from transformers import LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration
+
+    from embedlens.adapters.llava_onevision1_5 import OnevisionImageProcessor15
+
+    tok = qwen_tokenizer()
+    text = dict(model_type="qwen3", vocab_size=len(tok), head_dim=16, **_TEXT, **_special_ids(tok))
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, in_channels=3, patch_size=QWEN_PATCH,
+                  spatial_merge_size=2, out_hidden_size=TEXT_HIDDEN)
+    config = LlavaOnevision15Config(text_config=text, vision_config=vision, **qwen_ids(tok))
+    torch.manual_seed(seed)
+    model = LlavaOnevision15ForConditionalGeneration(config).eval()
+    return model, OnevisionImageProcessor15(qwen_image_processor(temporal_patch_size=1), tok, chat_template=tok.chat_template)
 
 def _mistral3(seed: int):
     # 3 Pixtral layers of width 32 on 8-px patches (2-D RoPE from each patch's row and column; the tower never reads
@@ -499,6 +556,9 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("qwen3_vl", "qwen3_vl", "qwen3-vit", _qwen_vl("3")),
         TinySpec("gemma3", "gemma3", "siglip", _gemma3),
         TinySpec("mistral3", "mistral3", "pixtral", _mistral3),
+        TinySpec("llava_onevision1_5", "llava_onevision1_5", "rice-vit", _onevision1_5),
+        TinySpec("qwen3_5", "qwen3_5", "qwen3-vit", _qwen3_5),
+        TinySpec("qwen3_vl_moe", "qwen3_vl_moe", "qwen3-vit", _qwen3_vl_moe),
         TinySpec("llava_pixtral", "llava_pixtral", "pixtral", _llava_pixtral),
         TinySpec("gemma4", "gemma4", "gemma4-vit", _gemma4),
     )
@@ -521,7 +581,8 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
     Args:
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
             `llava_onevision`, `paligemma`, `llava_next`, `idefics3`, `smolvlm`, `internvl`,
-            `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `gemma3`, `mistral3`, `llava_pixtral`, `gemma4`), or an old
+            `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `gemma3`, `mistral3`, `llava_onevision1_5`, `qwen3_5`,
+            `qwen3_vl_moe`, `llava_pixtral`, `gemma4`), or an old
             spelling in `TINY_ALIASES` (same model, with a DeprecationWarning).
         seed: seed of the random initialisation.
 

@@ -106,6 +106,15 @@ def test_a_third_party_subclass_with_the_old_flag_names_still_works_and_warns():
     assert set(DEPRECATED_FLAGS) >= {"packed_vision", "multi_image", "mrope", "has_image_newline", "answer_as_suffix",
                                      "merge_before_projector", "deepstack", "window_bounds_blocks", "selects_vision_layer"}
 
+    # setting an old name on an instance (as before) acts on that instance's capabilities, with a warning
+    other = LlavaAdapter(model, processor)
+    with pytest.warns(DeprecationWarning, match=r"Adapter flag 'mrope' set on an instance is deprecated; declare Capability\.MROPE"):
+        other.mrope = True
+    with pytest.warns(DeprecationWarning):
+        other.selects_vision_layer = False
+    assert other.has(Capability.MROPE) and not other.has(Capability.VISION_FEATURE_LAYER)
+    assert LlavaAdapter.capabilities == frozenset({Capability.VISION_FEATURE_LAYER})  # the class is untouched
+
     # and the mapped capabilities act: SINGLE_IMAGE refuses a second image, no VISION_FEATURE_LAYER runs every layer
     two = Sample([shapes(32, seed=0), shapes(32, seed=1)], prompt="<image><image> what?", id="two")
     with pytest.raises(InputError, match=r"sample 'two' has 2 images; .* takes one per prompt"):

@@ -417,8 +417,9 @@ def test_paligemma2_interventions_equal_hand_built_hf_runs(window):
 # -- families whose tokens are blocks of patches ------------------------------------------------------------
 # The tests above assume one patch per token and LLaVA's module names; every `BLOCK_TESTER_CONFIGS` entry runs the
 # block-aware shared proofs instead: a new entry is covered by adding it there. The Qwen-VL entries (packed towers
-# in window order, M-RoPE) run the packed variants of the same proofs in tests/adapters/test_qwen2_vl.py.
-BLOCK_NAMES = [n for n, c in BLOCK_TESTER_CONFIGS.items() if not c.family.startswith("qwen")]
+# in window order, M-RoPE) run the packed variants of the same proofs in tests/adapters/test_qwen2_vl.py, and
+# LLaVA-OneVision-1.5's (a packed tower with a class token per image) in tests/adapters/test_llava_onevision1_5.py.
+BLOCK_NAMES = [n for n, c in BLOCK_TESTER_CONFIGS.items() if not c.family.startswith(("qwen", "llava_onevision1_5"))]
 
 
 def _block_adapter(name: str):

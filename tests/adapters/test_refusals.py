@@ -19,8 +19,7 @@ from embedlens.registry import adapters
 from embedlens.testing import tiny_model
 
 #: released since the last families were added; transformers 5.25 has their classes, no adapter serves them yet
-UNSUPPORTED = ("Qwen3_5ForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration", "LlavaOnevision15ForConditionalGeneration",
-               "Llama4ForConditionalGeneration", "Glm4vForConditionalGeneration", "Molmo2ForConditionalGeneration",
+UNSUPPORTED = ("Llama4ForConditionalGeneration", "Glm4vForConditionalGeneration", "Molmo2ForConditionalGeneration",
                "Idefics2ForConditionalGeneration", "LlavaNextVideoForConditionalGeneration")
 
 #: (architecture, vision tower) pairs HF builds but no adapter takes: LLaVA-style classes build whatever tower the

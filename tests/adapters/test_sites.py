@@ -11,6 +11,7 @@ from embedlens.errors import AdapterError, UnknownNameError
 from embedlens.sites import Site
 from embedlens.tracing import collect
 from tests.conftest import mixed_samples
+from tests.support.packed import without_class_rows
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -75,18 +76,20 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
             finally:
                 if handle is not None:
                     handle.remove()
-            if out.hidden_states[-1].shape != out.hidden_states[-2].shape:
-                # Gemma 4's hidden_states end with the pooled features in place of the last layer's output: that one
-                # is its encoder's own output
+            if "image_position_ids" in batch.inputs:  # Gemma 4
+                # its hidden_states end with the pooled features in place of the last layer's output (that one is its
+                # encoder's own output); the sites' documented view (`site_value`) packs the padded image rows, and
+                # its last_hidden_state is the pooler's output, the features
                 out.hidden_states = (*out.hidden_states[:-1], encoded["h"])
-            # the sites' documented view (`site_value`): Qwen-VL's have no batch dimension, Gemma 4's padded image rows
-            # are packed; Gemma 4's last_hidden_state is its pooler's output, the features
-            out.hidden_states = tuple(adapter.site_value(Site("vision.layers", 0), h, batch.inputs) for h in out.hidden_states)
-            out.last_hidden_state = adapter.site_value(Site("vision.features"), out.last_hidden_state, batch.inputs)
+                out.hidden_states = tuple(adapter.site_value(Site("vision.layers", 0), h, batch.inputs) for h in out.hidden_states)
+                out.last_hidden_state = adapter.site_value(Site("vision.features"), out.last_hidden_state, batch.inputs)
+            else:
+                out.hidden_states = tuple(h if h.dim() == 3 else h[None] for h in out.hidden_states)  # Qwen-VL's have no batch dimension
+                out.last_hidden_state = out.last_hidden_state if out.last_hidden_state.dim() == 3 else out.last_hidden_state[None]
         else:
             out = vis(pv, output_hidden_states=True)
     for i in range(n):
-        torch.testing.assert_close(acts[Site("vision.layers", i)], out.hidden_states[i + 1], **TOL)
+        torch.testing.assert_close(acts[Site("vision.layers", i)], without_class_rows(out.hidden_states[i + 1], batch.inputs), **TOL)
     # vision.features: the family's feature layer and CLS rule, then the projector
     cfg = adapter.config
     layer = getattr(cfg, "vision_feature_layer", None)

@@ -30,6 +30,7 @@ from embedlens.probes.layer_alignment import linear_cka
 from embedlens.testing.planted import planted_model, planted_samples
 from embedlens.tracing import collect
 from tests.conftest import get_adapter, mixed_samples, run_probe
+from tests.support.packed import without_class_rows
 
 
 @contextmanager
@@ -176,6 +177,7 @@ def test_vit_norms_match_hf_hidden_states(adapter):
         # the site's view (`site_value`): Qwen-VL's tower states have no batch dimension, Gemma 4's padded image
         # rows are packed
         feats = adapter.site_value(Site("vision.layers", adapter.n_vision_layers - 2), hs[adapter.n_vision_layers - 1], batch.inputs)
+        feats = without_class_rows(feats, batch.inputs)  # LLaVA-OneVision-1.5: patches only, as vision.layers
         if "image_grid_thw" in batch.inputs:
             counts = batch.inputs["image_grid_thw"].prod(-1)
         elif "image_position_ids" in batch.inputs:  # Gemma 4: each image's real patches, (-1, -1) for padding

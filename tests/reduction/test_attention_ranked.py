@@ -248,3 +248,32 @@ def test_anyres_tiles_are_ranked_per_image_by_each_tile_own_cls_row():
         want = set(vt["position"][top].tolist())
         assert set(kept[b].nonzero().flatten().tolist()) == want
         assert len({int(r) for r in vt["feature_row"][mine]}) > 1  # several tiles in this image
+
+
+@pytest.mark.parametrize("cls", [FasterVLM, VisionZip, VisPruner])
+def test_a_tower_they_cannot_read_is_refused_by_name_when_the_engine_runs_them(cls):
+    """Qwen2-VL merges 2x2 patches per visual token: the engine's own run refuses it as the plan's check does,
+    with the method's reason, not an AttributeError from inside the tower."""
+    from embedlens.errors import InterventionError
+
+    adapter, batch = tiny_batch("qwen2_vl", n=1)
+    with pytest.raises(InterventionError, match=r"ranks the tower's patches, one per visual token; qwen2_vl merges \(2, 2\)"):
+        Engine(adapter).run(batch, [cls(keep=2)])
+
+
+def test_visionzip_checkpoints_its_parameters_not_the_last_batchs_merged_tokens():
+    """A checkpoint after a batch holds no tensor (the merged tokens, `[batch, seq, d]`, are rebuilt by every
+    batch) and loads back into a fresh instance."""
+    import json
+
+    from embedlens.state import decode_state, encode_state
+
+    adapter, batch = tiny_batch("llava-clip", n=2)
+    iv = VisionZip(keep=3)
+    Engine(adapter).run(batch, [iv])
+    assert iv._merged is not None  # the run did merge
+    meta, tensors = encode_state(iv, "visionzip")
+    assert tensors == {}
+    fresh = VisionZip(keep=3)
+    decode_state(fresh, json.loads(json.dumps(meta)), tensors, "visionzip")
+    assert encode_state(fresh, "visionzip")[0] == meta

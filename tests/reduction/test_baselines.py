@@ -67,6 +67,9 @@ def test_partition_budget_refuses_bad_values_by_name():
         PartitionBudget(sinks="first")
     with pytest.raises(InterventionError, match="keep: a fraction must be in"):
         PartitionBudget(keep=1.5)
+    for bad in (1.0, True, "1"):  # the draw is seeded by the seed's text: 1.0 would silently differ from 1
+        with pytest.raises(InterventionError, match="seed: expected an integer"):
+            RandomBudget(keep=2, seed=bad)
 
 
 @pytest.mark.parametrize("cls", [RandomBudget, PartitionBudget])

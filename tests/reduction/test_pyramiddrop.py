@@ -65,9 +65,45 @@ def test_planted_attention_has_one_right_answer_per_stage():
         iv.before_layer(ctx, layer)
         for b in range(vis.shape[0]):
             pos = cand[b].nonzero().flatten()
-            k = int(iv._kept[b, 0, stage])
+            k = int(iv._counts[layer][b, 0])
             truth = set(pos[planted[b, pos].topk(k).indices].tolist())
             assert set(kept_after(ctx, layer)[b].nonzero().flatten().tolist()) == truth
+
+
+def test_each_image_runs_its_own_schedule_whatever_its_batch():
+    """Images of 80, 48 and 32 tokens (tiny LLaVA-NeXT) at keep 12 of a 32-layer depth: the 80-token image's
+    default layers are scaled down (80 * 8 > 12 * 32), the others' are the authors' [8, 16, 24]. Each image holds,
+    layer by layer, what `accounting` of its own size says, batched together or alone."""
+    from embedlens.data import Sample
+    from embedlens.testing import tiny_batch
+    from embedlens.testing.images import noise, shapes
+
+    adapter, _ = tiny_batch("llava_next", n=1)
+    both = [Sample([shapes(64, seed=1), noise(40, 70, seed=2)], question="what is it?", id="a"),
+            Sample([shapes(32, seed=3)], question="count", id="b")]
+    depth, gen = 32, torch.Generator().manual_seed(0)
+
+    def per_layer(samples):
+        batch = adapter.encode(samples, padding_side="left")
+        ctx = Engine(adapter).context(batch)
+        ctx.n_layers = depth  # the schedule of a 32-layer model, run by hand below
+        ctx.exit = torch.where(ctx.valid, depth, 0)
+        iv = PyramidDrop(keep=12)
+        iv.setup(ctx)
+        vis, image = batch.roles.visual, batch.roles.image
+        for layer in range(depth):
+            if layer in iv._layers:
+                iv._scores[layer] = torch.rand(vis.shape, generator=gen)
+            iv.before_layer(ctx, layer)
+        return {(s.id, g): [int((ctx.present(layer) & vis & (image == g))[b].sum()) for layer in range(depth)]
+                for b, s in enumerate(samples) for g in range(len(s.images))}
+
+    together = per_layer(both)
+    sizes = {key: counts[0] for key, counts in together.items()}
+    assert sorted(sizes.values()) == [32, 48, 80]
+    for key, counts in together.items():
+        assert counts == PyramidDrop(keep=12).accounting(sizes[key], depth)["tokens_per_layer"], key
+    assert per_layer(both[1:]) == {("b", 0): together[("b", 0)]}
 
 
 def test_first_stage_equals_the_reference_topk_on_a_tiny_model():

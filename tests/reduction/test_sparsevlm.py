@@ -75,6 +75,24 @@ def test_planted_clusters_merge_as_the_reference():
     torch.testing.assert_close(order(got), centres, atol=0.02, rtol=0)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unstructured_tokens_merge_as_the_reference(seed):
+    """Tokens without blobs, so which tokens become centres (density, distance to a denser token) decides every
+    merged token: the same centres' cluster means as the reference, also with padding after a row's tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 40, 6, generator=gen, dtype=torch.float64)
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, 31:] = False  # the second row holds 31 tokens
+    is_centre, merged = dpc_knn_merge(x, valid, torch.tensor([4, 3]))
+    for row, (n, k) in enumerate([(40, 4), (31, 3)]):
+        torch.manual_seed(0)  # the reference's 1e-6 density noise (distinct densities here: it decides nothing)
+        expected = ref.cluster_and_merge(x[row : row + 1, :n], k)[0]
+        got = merged[row][is_centre[row]]
+        assert got.shape == (k, 6)
+        key = lambda t: t[t[:, 0].argsort()]  # noqa: E731 - the same set, in any order
+        torch.testing.assert_close(key(got), key(expected), atol=1e-5, rtol=0)
+
+
 def test_planted_scores_have_one_right_answer_per_stage():
     adapter, _ = models()
     batch = adapter.encode(samples(), padding_side="left")

@@ -453,20 +453,52 @@ QWEN3_VL_TESTER = dict(
 )
 
 
+#: `Qwen3VLMoeVisionText2TextModelTester` (tests/models/qwen3_vl_moe/test_modeling_qwen3_vl_moe.py, a `VLMModelTester`):
+#: Qwen3-VL's tester values, every LLM layer a sparse block routing each token to 4 of 8 experts of width 16.
+QWEN3_VL_MOE_TESTER = dict(QWEN3_VL_TESTER, text=dict(QWEN3_VL_TESTER["text"], moe_intermediate_size=16, num_experts_per_tok=4,
+                                                      num_experts=8, decoder_sparse_step=1))
+
+#: `Qwen3_5VisionText2TextModelTester` (tests/models/qwen3_5/test_modeling_qwen3_5.py): Qwen3-VL's tower without
+#: DeepStack (16-px patches, no merge) on a hybrid LM of one full-attention layer then one Gated DeltaNet layer
+#: (2-wide causal conv, 4 key / 8 value heads of 16 dims); gated attention heads of 32 dims rotating a quarter.
+QWEN3_5_TESTER = dict(
+    text=dict(hidden_act="silu", head_dim=32, hidden_size=32, intermediate_size=37, max_position_embeddings=512,
+              num_attention_heads=4, num_hidden_layers=2, layer_types=["full_attention", "linear_attention"],
+              num_key_value_heads=2, tie_word_embeddings=True,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000, "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+              linear_conv_kernel_dim=2, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=4,
+              linear_num_value_heads=8),
+    vision=dict(depth=2, in_chans=3, hidden_act="gelu_pytorch_tanh", intermediate_size=32, out_hidden_size=32, hidden_size=32,
+                num_heads=4, patch_size=16, spatial_merge_size=1, temporal_patch_size=2, num_position_embeddings=16),
+    image_size=16,
+)
+#: The released models' pattern on the tester's sizes: three Gated DeltaNet layers, then full attention.
+QWEN3_5_3TO1_TESTER = dict(QWEN3_5_TESTER, text=dict(QWEN3_5_TESTER["text"], num_hidden_layers=4,
+                                                      layer_types=["linear_attention"] * 3 + ["full_attention"]))
+
+
 def qwen_vl_builder(version: str) -> Builder:
-    """Qwen2-VL, Qwen2.5-VL or Qwen3-VL from its tester: 14-px patches merged 2 x 2 (Qwen2-VL), 14-px patches
-    unmerged (Qwen2.5-VL), 16-px patches unmerged with DeepStack (Qwen3-VL); the image processor keeps images up
-    to 3 x 3 tester images."""
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5 from its tester: 14-px patches merged 2 x 2 (Qwen2-VL), 14-px
+    patches unmerged (Qwen2.5-VL), 16-px patches unmerged with DeepStack (Qwen3-VL, ``3``; on a mixture-of-experts LM, ``3-moe``) or without it on a hybrid
+    Gated DeltaNet LM (Qwen3.5, ``3.5``; ``3.5-3to1`` with the released models' layer pattern); the image processor
+    keeps images up to 3 x 3 tester images."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                               Qwen3VLConfig, Qwen3VLForConditionalGeneration)
 
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
     from embedlens.adapters.qwen2_vl import Qwen2_5_VLImageProcessor, Qwen2VLImageProcessor, Qwen3VLImageProcessor
+    from embedlens.adapters.qwen3_5 import Qwen3_5ImageProcessor
+    from embedlens.adapters.qwen3_vl_moe import Qwen3VLMoeImageProcessor
     from embedlens.testing.tiny import qwen_ids, qwen_image_processor, qwen_tokenizer
 
     t, config_cls, model_cls, proc_cls = {
         "2": (QWEN2_VL_TESTER, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor),
         "2.5": (QWEN2_5_VL_TESTER, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLImageProcessor),
         "3": (QWEN3_VL_TESTER, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLImageProcessor),
+        "3-moe": (QWEN3_VL_MOE_TESTER, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeImageProcessor),
+        "3.5": (QWEN3_5_TESTER, Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3_5ImageProcessor),
+        "3.5-3to1": (QWEN3_5_3TO1_TESTER, Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3_5ImageProcessor),
     }[version]
 
     def build(seed: int):
@@ -481,6 +513,46 @@ def qwen_vl_builder(version: str) -> Builder:
 
     return build
 
+
+#: `LlavaOnevisionVision1_5Text2TextModelTester` (tests/models/llava_onevision1_5/test_modeling_llava_onevision1_5.py).
+#: Its configs are the 4B checkpoint's (a 36-layer Qwen3 of width 4096, a 24-block RICE-ViT of width 1024): here
+#: the widths and depths are cut (text 64 wide, 2 layers; tower 64 wide, 2 blocks) and every other value kept:
+#: 14-px patches, ``spatial_merge_size=1`` (one token per patch), ``temporal_patch_size=1``, GQA at the tester's
+#: 4 : 1 query : key-value heads, an MLP 3x (text) and 4x (tower) wide, gelu/silu, its norms' epsilons and
+#: ``rope_theta=1e6``. The ``-merge`` variant merges 2 x 2, as the released checkpoints do.
+ONEVISION1_5_TESTER = dict(
+    text=dict(model_type="qwen3", hidden_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=1,
+              intermediate_size=192, num_hidden_layers=2, hidden_act="silu", attention_bias=False, rms_norm_eps=1e-06,
+              max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+              use_sliding_window=False, sliding_window=None, tie_word_embeddings=False),
+    vision=dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, hidden_act="gelu", in_channels=3,
+                layer_norm_eps=1e-05, patch_size=14, spatial_merge_size=1, out_hidden_size=64),
+    image_size=14,
+)
+
+
+def onevision1_5_builder(merge: int = 1) -> Builder:
+    """LLaVA-OneVision-1.5 from its tester's values (above), merging ``merge x merge`` patches per token; the image
+    processor keeps images up to 3 x 3 tester images (one temporal patch each)."""
+    from transformers import LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration
+
+    from embedlens.adapters.llava_onevision1_5 import OnevisionImageProcessor15
+    from embedlens.testing.tiny import qwen_ids, qwen_image_processor, qwen_tokenizer
+
+    t = ONEVISION1_5_TESTER
+
+    def build(seed: int):
+        tok = qwen_tokenizer()
+        v = dict(t["vision"], spatial_merge_size=merge)
+        config = LlavaOnevision15Config(text_config=dict(t["text"], vocab_size=len(tok), **_ids(tok)), vision_config=v,
+                                        **qwen_ids(tok))
+        torch.manual_seed(seed)
+        model = LlavaOnevision15ForConditionalGeneration(config).eval()
+        ip = qwen_image_processor(patch_size=v["patch_size"], merge_size=merge, max_side=3 * t["image_size"] * merge,
+                                  min_side=t["image_size"] * merge, temporal_patch_size=1)
+        return model, OnevisionImageProcessor15(ip, tok, chat_template=tok.chat_template)
+
+    return build
 
 #: `Mistral3VisionText2TextModelTester` (tests/models/mistral3/test_modeling_mistral3.py): Mistral text and Pixtral
 #: vision configs of its own, Mistral3Config's default 2 x 2 patch merger. The tester feeds 30-px images of 6-px
@@ -669,6 +741,15 @@ BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
                      "112-px windows)", qwen_vl_builder("2.5"), image_sizes=((42, 42), (20, 40)), images_per_sample=2),
         HFTesterConfig("qwen3_vl", "qwen3_vl", "Qwen3VLVisionText2TextModelTester (16-px patches, no merge, DeepStack "
                      "after vision blocks 0 and 1)", qwen_vl_builder("3"), image_sizes=((48, 48), (20, 40)), images_per_sample=2),
+        HFTesterConfig("qwen3_vl_moe", "qwen3_vl_moe", "Qwen3VLMoeVisionText2TextModelTester (Qwen3-VL's; every LLM "
+                     "layer sparse, 4 of 8 experts per token)", qwen_vl_builder("3-moe"), image_sizes=((48, 48), (20, 40)),
+                     images_per_sample=2),
+        HFTesterConfig("qwen3_5", "qwen3_5", "Qwen3_5VisionText2TextModelTester (16-px patches, no merge; a full-attention "
+                     "layer, then a Gated DeltaNet layer)", qwen_vl_builder("3.5"), image_sizes=((48, 48), (20, 40)),
+                     images_per_sample=2),
+        HFTesterConfig("qwen3_5-3to1", "qwen3_5", "Qwen3_5VisionText2TextModelTester with the released models' layers: "
+                     "three Gated DeltaNet layers, then full attention", qwen_vl_builder("3.5-3to1"),
+                     image_sizes=((48, 48), (20, 40)), images_per_sample=2),
         HFTesterConfig("gemma3", "gemma3", "Gemma3Vision2TextModelTester (4 x 4 patches pooled to one token; two sliding "
                      "layers, window 4096)", gemma3_builder(), image_sizes=((20, 20), (12, 30)), images_per_sample=2),
         HFTesterConfig("gemma3-window", "gemma3", "Gemma3Vision2TextModelTester with sliding_window=3, so that the "
@@ -676,6 +757,12 @@ BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
         HFTesterConfig("mistral3", "mistral3", "Mistral3VisionText2TextModelTester (Pixtral, 6-px patches merged 2 x 2; "
                      "images at native resolution up to 60 px; no sliding window)", mistral3_builder(),
                      image_sizes=((30, 30), (24, 40)), images_per_sample=2),
+        HFTesterConfig("llava_onevision1_5", "llava_onevision1_5", "LlavaOnevisionVision1_5Text2TextModelTester "
+                     "(14-px patches, no merge; widths and depths cut)", onevision1_5_builder(),
+                     image_sizes=((42, 42), (20, 40)), images_per_sample=2),
+        HFTesterConfig("llava_onevision1_5-merge", "llava_onevision1_5", "LlavaOnevisionVision1_5Text2TextModelTester "
+                     "with the checkpoints' 2 x 2 merge", onevision1_5_builder(merge=2), image_sizes=((56, 56), (30, 80)),
+                     images_per_sample=2),
         HFTesterConfig("mistral3-window", "mistral3", "Mistral3VisionText2TextModelTester with sliding_window=3, so that "
                      "the window bites on every prompt", mistral3_builder(sliding_window=3), image_sizes=((30, 30),)),
         HFTesterConfig("gemma4", "gemma4", "Gemma4Vision2TextModelTester with Gemma4TextModelTester's LM (per-layer "
