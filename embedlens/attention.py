@@ -1,5 +1,5 @@
 """Attention rows recomputed from a layer's queries and keys, and what each LLM layer's mask and rotary
-embeddings depend on (its type: full or sliding-window attention).
+embeddings depend on (its type: full, sliding-window or chunked attention).
 
 Only the rows asked for are computed, never the full pattern, so this works
 whatever attention implementation (SDPA, eager) runs the model.
@@ -12,6 +12,7 @@ import inspect
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -101,7 +102,31 @@ def applies_softcap(attention_class: type) -> bool:
         return True
 
 
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+CHUNKED = "chunked_attention"  # Llama 4: a query attends to the earlier keys of its own chunk only
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The window of a chunked-attention layer (Llama 4): the sequence is cut into chunks of `size` tokens, counted
+    from each sample's first token, and a query attends to the keys of its own chunk only (HF's
+    ``masking_utils.chunked_overlay``: ``(kv_idx - left_padding) // chunk_size == (q_idx - left_padding) //
+    chunk_size``). An int window is a sliding one; None is full attention."""
+
+    size: int
+
+
+def within(window: int | Chunk | None, key_rank: torch.Tensor, query_rank: torch.Tensor) -> torch.Tensor:
+    """Whether a key is inside a query's window, both given by their rank among the tokens that are there (padding
+    and tokens pruned by removal do not count, as HF counts a sample run alone): ``key_rank`` and ``query_rank``
+    broadcast against each other. A sliding window keeps the `window` ranks up to the query; a `Chunk`, the
+    query's chunk; None (full attention) everything."""
+    if window is None:
+        shape = torch.broadcast_shapes(key_rank.shape, query_rank.shape)
+        return torch.ones(shape, dtype=torch.bool, device=key_rank.device)
+    if isinstance(window, Chunk):
+        return key_rank.div(window.size, rounding_mode="floor") == query_rank.div(window.size, rounding_mode="floor")
+    return key_rank > query_rank - window
 LINEAR = "linear_attention"  # a recurrent token mixer (Qwen3.5's Gated DeltaNet): no attention matrix, no window
 ENGINE_LAYER_TYPES = (*LAYER_TYPES, LINEAR)
 
@@ -182,17 +207,17 @@ def check_layer_types(cfg, name: str, types: Sequence[str] = (), allowed: Sequen
     the adapter names it (`ModulePaths.linear_attn`, Qwen3.5).
 
     Args:
-        allowed: the layer types accepted: full and sliding attention, plus linear attention where the adapter
+        allowed: the layer types accepted: full, sliding and chunked attention, plus linear attention where the adapter
             names the linear mixer (`ENGINE_LAYER_TYPES`).
 
     Raises:
-        AdapterError: another layer type (chunked attention; linear attention without a named mixer).
+        AdapterError: another layer type (linear attention without a named mixer, or one the engine does not know).
     """
     bad = sorted((set(types) | set(getattr(cfg, "layer_types", None) or ())) - set(allowed))
     if bad:
         raise AdapterError(
             f"{name}: config.layer_types has {', '.join(map(repr, bad))}; the intervention engine masks "
-            f"{' and '.join(allowed)} layers only"
+            f"{', '.join(allowed[:-1])} and {allowed[-1]} layers only"
         )
 
 
@@ -211,14 +236,24 @@ def layer_windows(cfg, attention: Sequence[torch.nn.Module], name: str) -> tuple
     A linear-attention mixer (its ``layer_type`` says so: Qwen3.5's Gated DeltaNet) has type ``linear_attention``
     and no window.
 
+    A chunked-attention layer (the config's ``layer_types`` says so: Llama 4) has type ``chunked_attention`` and a
+    `Chunk` of ``config.attention_chunk_size`` tokens as its window.
+
     Raises:
-        AdapterError: a layer type the engine cannot run (chunked attention), or a sliding layer without a window.
+        AdapterError: a layer type the engine cannot run, a sliding layer without a window, or a chunked layer
+            without a positive ``attention_chunk_size``.
     """
+    cfg_types = list(getattr(cfg, "layer_types", None) or ())
     types = [getattr(attn, "layer_type", None) for attn in attention]
-    windows = [None if t == LINEAR else attention_window(attn, cfg) for attn, t in zip(attention, types)]
+    # a chunked layer's module says nothing of it (Llama 4): the config's layer_types does, as its model reads it
+    types = [CHUNKED if i < len(cfg_types) and cfg_types[i] == CHUNKED else t for i, t in enumerate(types)]
+    windows = [None if t == LINEAR else _chunk(cfg, name, i) if t == CHUNKED else attention_window(attn, cfg)
+               for i, (attn, t) in enumerate(zip(attention, types))]
     types = [t or ("sliding_attention" if w is not None else "full_attention") for t, w in zip(types, windows)]
     check_layer_types(cfg, name, types, ENGINE_LAYER_TYPES if LINEAR in types else LAYER_TYPES)
     for i, (attn, t, w) in enumerate(zip(attention, types, windows)):
+        if t == CHUNKED:
+            continue  # `_chunk` checked its size
         if (t == "sliding_attention") != (w is not None) or (w is not None and not (isinstance(w, int) and w > 0)):
             own = vars(attn).get("sliding_window", "unset")
             raise AdapterError(
@@ -226,6 +261,14 @@ def layer_windows(cfg, attention: Sequence[torch.nn.Module], name: str) -> tuple
                 f"sliding_window: {own!r}, config.sliding_window: {getattr(cfg, 'sliding_window', None)!r}); expected "
                 f"a positive int window on sliding_attention layers and none on full_attention layers")
     return types, windows
+
+
+def _chunk(cfg, name: str, layer: int) -> Chunk:
+    size = getattr(cfg, "attention_chunk_size", None)
+    if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        raise AdapterError(f"{name}: decoder layer {layer} is a chunked_attention layer and config.attention_chunk_size is "
+                           f"{size!r}; expected a positive int")
+    return Chunk(size)
 
 
 def rotary_embeddings(lm: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor, layer_types) -> dict:
@@ -242,9 +285,9 @@ def _takes_layer_type(rotary_class: type) -> bool:
     return "layer_type" in inspect.signature(rotary_class.forward).parameters
 
 
-def window_keys(valid: torch.Tensor, query_pos: torch.Tensor, window: int) -> torch.Tensor:
-    """``[batch, q, seq]`` bool: keys within `window` tokens before each query, counted over the tokens that are
-    there (`valid`, ``[batch, seq]``; padding does not count), as Hugging Face counts a sliding window in sequence
-    index for a sample run alone."""
+def window_keys(valid: torch.Tensor, query_pos: torch.Tensor, window: int | Chunk) -> torch.Tensor:
+    """``[batch, q, seq]`` bool: keys within `window` tokens before each query (or in its `Chunk`), counted over the
+    tokens that are there (`valid`, ``[batch, seq]``; padding does not count), as Hugging Face counts a sliding
+    window (and a chunk) in sequence index for a sample run alone."""
     rank = valid.long().cumsum(dim=1) - 1
-    return rank[:, None, :] > rank.gather(1, query_pos)[..., None] - window
+    return within(window, rank[:, None, :], rank.gather(1, query_pos)[..., None])
