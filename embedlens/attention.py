@@ -41,27 +41,32 @@ def attention_rows(
     Args:
         attn: the layer's attention module (``q_proj``, ``k_proj``, ``scaling``).
         hidden: ``[batch, rows, d]`` input of the attention module (after its norm).
-        position_embeddings: the layer's ``(cos, sin)``, ``[batch, rows, head_dim]``.
+        position_embeddings: the layer's ``(cos, sin)``, ``[batch, rows, head_dim]``, or Llama 4's complex
+            frequencies (``[batch, rows, head_dim / 2]``; its NoPE layers skip them and scale their queries by
+            row index, as the module does by sequence index).
         query_rows: ``[batch, q]`` row indices of the queries.
         allowed: ``[batch, q, rows]`` bool, what each query may attend to.
     """
     bsz, n_rows, _ = hidden.shape
     hd = attn.head_dim
-    cos, sin = position_embeddings
     q_in = hidden.gather(1, query_rows[..., None].expand(-1, -1, hidden.shape[-1]))
     q = attn.q_proj(q_in).view(bsz, query_rows.shape[1], -1, hd)
     if q.shape[2] == 2 * attn.config.num_attention_heads:
         # gated attention (Qwen3.5, Qwen3-Next): each head's q_proj rows are its query, then its output gate
         q = q.view(bsz, query_rows.shape[1], -1, 2 * hd)[..., :hd]
     k = attn.k_proj(hidden).view(bsz, n_rows, -1, hd)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    rope = _rotary_fn(attn)
-    qc = cos.gather(1, query_rows[..., None].expand(-1, -1, cos.shape[-1]))
-    qs = sin.gather(1, query_rows[..., None].expand(-1, -1, sin.shape[-1]))
-    q = rope(q, q, qc, qs)[0]
-    k = rope(k, k, cos, sin)[1]
+    if _complex_rotary(position_embeddings):
+        q, k = _llama4_qk(attn, q, k, position_embeddings, query_rows)
+    else:
+        cos, sin = position_embeddings
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        rope = _rotary_fn(attn)
+        qc = cos.gather(1, query_rows[..., None].expand(-1, -1, cos.shape[-1]))
+        qs = sin.gather(1, query_rows[..., None].expand(-1, -1, sin.shape[-1]))
+        q = rope(q, q, qc, qs)[0]
+        k = rope(k, k, cos, sin)[1]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
     cap = getattr(attn.config, "attn_logit_softcapping", None)
@@ -84,11 +89,41 @@ def attention_keys(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddi
     """
     bsz, n_rows, _ = hidden.shape
     k = attn.k_proj(hidden).view(bsz, n_rows, -1, attn.head_dim)
+    if _complex_rotary(position_embeddings):
+        return _llama4_qk(attn, None, k, position_embeddings, None)[1]
     if hasattr(attn, "k_norm"):
         k = attn.k_norm(k)
     k = k.transpose(1, 2)
     cos, sin = position_embeddings
     return _rotary_fn(attn)(k, k, cos, sin)[1]
+
+
+def _complex_rotary(position_embeddings) -> bool:
+    return isinstance(position_embeddings, torch.Tensor) and position_embeddings.is_complex()
+
+
+def _llama4_qk(attn: torch.nn.Module, q: torch.Tensor | None, k: torch.Tensor, freqs: torch.Tensor,
+               query_rows: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Llama 4's queries and keys as its attention module makes them (``Llama4TextAttention.forward``): the complex
+    rotary frequencies on a RoPE layer (``use_rope``), then the weightless ``qk_norm`` where the layer has one; on a
+    NoPE layer with ``attn_temperature_tuning`` the queries scaled by ``log1p(floor((i + 1) / floor_scale)) *
+    attn_scale + 1``, `i` the query's row (HF: its sequence index). `q` ``[batch, q, heads, hd]`` (None: keys only),
+    `k` ``[batch, rows, kv_heads, hd]``; returned as ``[batch, heads, ., hd]``."""
+    use_rope = getattr(attn, "use_rope", True)
+    if use_rope:
+        rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_emb", None)
+        if rope is None:
+            raise AdapterError(f"{type(attn).__name__}: cannot find the module's apply_rotary_emb to recompute attention rows")
+        k = rope(k, k, freqs)[1]
+        if q is not None:
+            q = rope(q, q, freqs.gather(1, query_rows[..., None].expand(-1, -1, freqs.shape[-1])))[0]
+    if hasattr(attn, "qk_norm"):
+        k = attn.qk_norm(k)
+        q = None if q is None else attn.qk_norm(q)
+    if q is not None and getattr(attn, "attn_temperature_tuning", False) and not use_rope:
+        scale = torch.log1p(torch.floor((query_rows.float() + 1.0) / attn.floor_scale)) * attn.attn_scale + 1.0
+        q = (q * scale[..., None, None]).to(q.dtype)
+    return (None if q is None else q.transpose(1, 2)), k.transpose(1, 2)
 
 
 @functools.cache

@@ -126,3 +126,47 @@ def test_skip_sublayer_zeroes_a_mixture_of_experts_update_as_a_hook_on_hf(setup)
         torch.testing.assert_close(out.logits()[b][valid], ref, atol=eq.TOL, rtol=0)
     valid = ~batch.roles.padding
     assert (out.logits()[valid] - eng.run(batch).logits()[valid]).abs().max() > 1e-3  # the skipped updates mattered
+
+
+@pytest.mark.parametrize("floor_scale", [8192, 4])
+def test_attention_rows_equal_hfs_eager_attention_on_rope_chunked_and_nope_layers(adapter, floor_scale):
+    """`attention_rows` rebuilds Llama 4's queries and keys (complex rotary frequencies on RoPE layers, none on the
+    NoPE layer 3, whose queries HF scales by sequence index once `floor_scale` tokens pass: lowered to 4 here so
+    the scaling bites) and equals HF's eager attention weights of one unpadded sample, under the chunked mask built
+    here from HF's rule (key and query in the same chunk of 8)."""
+    from embedlens.adapters.base import resolve_path
+    from embedlens.attention import attention_rows
+
+    batch = adapter.encode(eq.prompt_samples()[1:2])
+    layers = resolve_path(adapter.model, adapter.paths.llm_layers)
+    nope = layers[3].self_attn
+    assert not nope.use_rope and nope.attn_temperature_tuning
+    seen = {}
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda m, a, kw, i=i: seen.__setitem__(i, (kw["hidden_states"], kw["position_embeddings"])), with_kwargs=True)
+        for i, layer in enumerate(layers)]
+    nope.floor_scale = floor_scale
+    impl = adapter.model.config._attn_implementation
+    adapter.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            ref = adapter.model(**adapter.model_inputs(batch), output_attentions=True).attentions
+            n = batch.inputs["input_ids"].shape[1]
+            assert n > 2 * CHUNK
+            i = torch.arange(n)
+            causal = i[None, :] <= i[:, None]
+            chunked = causal & (i[None, :] // CHUNK == i[:, None] // CHUNK)
+            for layer, allowed in ((0, chunked), (1, chunked), (3, causal)):
+                hidden, pe = seen[layer]
+                assert pe.is_complex()
+                got = attention_rows(layers[layer].self_attn, hidden, pe, i[None], allowed[None])
+                torch.testing.assert_close(got, ref[layer], atol=1e-5, rtol=0)
+            if floor_scale == 4:  # the scaling changed the NoPE layer's pattern: a reader without it would differ
+                nope.attn_temperature_tuning = False
+                plain = attention_rows(nope, *seen[3], i[None], causal[None])
+                assert (plain - ref[3]).abs().max() > 1e-4
+    finally:
+        for h in hooks:
+            h.remove()
+        nope.floor_scale, nope.attn_temperature_tuning = 8192, True
+        adapter.model.set_attn_implementation(impl)
