@@ -1,4 +1,4 @@
-"""Samples (images + prompt text) and reading them from disk with clear errors."""
+"""Samples (images or a video + prompt text) and reading them from disk with clear errors."""
 
 from __future__ import annotations
 
@@ -7,134 +7,57 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from embedlens.errors import InputError
+from embedlens.images import DEFAULT_MAX_PIXELS, MAX_ASPECT, REFUSE_FACTOR, load_image, open_image  # noqa: F401 (public names here)
+from embedlens.video import Video, VideoOptions, read_video_file, resolve_inside
 
 
 @dataclass
 class Sample:
-    """One prompt with its images.
+    """One prompt with its images, or with a video.
 
     Give either `question` (wrapped in the model family's chat template, images
     first) or a full `prompt` containing one image placeholder per image.
     `answer`, when given, is appended and marked as the answer span.
+
+    `video` is a `embedlens.video.Video` or its frames as a list of images in
+    time order (all one size), taken as they are; a sample has images or a
+    video, not both.
+
+    >>> from PIL import Image
+    >>> s = Sample(video=[Image.new("RGB", (28, 28)) for _ in range(4)], question="what moves?")
+    >>> len(s.video), s.images
+    (4, [])
     """
 
-    images: list[Image.Image]
+    images: list[Image.Image] = field(default_factory=list)
     question: str | None = None
     prompt: str | None = None
     answer: str | None = None
     id: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    video: Video | None = None
 
-
-#: Images with more pixels than this are downscaled (aspect kept) when read; see `open_image`.
-DEFAULT_MAX_PIXELS = 4096 * 4096
-#: Images with more than this many times `max_pixels` are refused unread (decoding them could exhaust memory).
-REFUSE_FACTOR = 16
-#: Longer side / shorter side above which an image is refused unread: processors resize the short side up,
-#: so a 200000x1 strip of a few hundred bytes would become gigabytes of pixels.
-MAX_ASPECT = 50.0
-
-
-def open_image(source: "str | Path | Image.Image | Any", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, list[str]]:
-    """Open an image as 8-bit RGB and say what was converted.
-
-    Grayscale and palette images are converted; RGBA is composited on white
-    (so transparent areas do not turn black); 16/32-bit integer and float
-    images are scaled to 8 bit instead of clipped; images with more than
-    `max_pixels` pixels are downscaled (decoded at reduced size where the
-    format allows). Images too large for Pillow to open safely are refused.
-
-    Returns:
-        (image, notes): notes name each conversion, e.g. ``"mode I;16 -> RGB (scaled to 8 bit)"``.
-
-    Raises:
-        InputError: the file is missing or is not a readable image.
-    """
-    import numpy as np
-
-    notes: list[str] = []
-    if isinstance(source, Image.Image):
-        im, name = source, "<image>"
-    else:
-        file_like = hasattr(source, "read")  # encoded bytes, e.g. from a data set
-        name = "image bytes" if file_like else f"image {source}"
-        if not file_like and not Path(source).is_file():
-            raise InputError(f"image file not found: {source}")
-        try:
-            if file_like:
-                source.seek(0)
-            im = Image.open(source)
-        except Image.DecompressionBombError as e:
-            raise InputError(f"{name} is too large to open safely: {e}") from None
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise InputError(f"cannot read {name}: {e}") from None
-    w, h = im.size  # read from the header: nothing is decoded yet
-    if w < 1 or h < 1:
-        raise InputError(f"{name} has no pixels ({w}x{h})")
-    if max(w, h) / min(w, h) > MAX_ASPECT:
-        raise InputError(f"{name} is {w}x{h}: aspect ratio {max(w, h) / min(w, h):.0f}:1 is above {MAX_ASPECT:.0f}:1, which no vision tower sees usefully; crop it")
-    if max_pixels is not None and w * h > REFUSE_FACTOR * max_pixels:
-        raise InputError(f"{name} is {w}x{h} ({w * h} pixels), more than {REFUSE_FACTOR} x data.max_pixels ({max_pixels}); downscale it first")
-    try:
-        if max_pixels is not None and im.width * im.height > max_pixels:
-            scale = (max_pixels / (im.width * im.height)) ** 0.5
-            size = (max(1, int(im.width * scale)), max(1, int(im.height * scale)))
-            if hasattr(im, "draft") and im.format == "JPEG":
-                im.draft("RGB", size)
-            notes.append(f"downscaled from {im.width}x{im.height} to {size[0]}x{size[1]} (max_pixels {max_pixels})")
-            im.load()
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                im = im.convert("F")  # resized in float, scaled below by the original mode's range
-            im = im.resize(size, Image.Resampling.BILINEAR) if im.size != size else im
-        else:
-            im.load()
-            mode = im.mode
-        if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-            canvas.paste(rgba, mask=rgba.getchannel("A"))
-            notes.append(f"mode {mode} -> RGB (alpha composited on white)")
-            return canvas, notes
-        if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            arr = np.nan_to_num(np.asarray(im, dtype=np.float64))
-            hi = float(arr.max()) if arr.size else 0.0
-            if mode.startswith("I;16") or (mode == "I" and 0 <= arr.min() and hi <= 65535):
-                arr = arr / 65535.0  # 16-bit range (PNG 16-bit opens as I or I;16)
-            elif not (mode == "F" and 0 <= arr.min() and hi <= 1.0):  # float already in 0..1 stays; else its own range
-                lo = float(arr.min())
-                arr = (arr - lo) / ((hi - lo) or 1.0)
-            notes.append(f"mode {mode} -> RGB (scaled to 8 bit)")
-            return Image.fromarray((arr * 255).round().astype("uint8")).convert("RGB"), notes
-        if mode != "RGB":
-            notes.append(f"mode {mode} -> RGB")
-            return im.convert("RGB"), notes
-        return im, notes
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"cannot read {name}: {e}") from None
-    except (MemoryError, Image.DecompressionBombError) as e:
-        raise InputError(f"cannot read {name}: too large to decode ({type(e).__name__})") from None
-
-
-def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open an image as RGB (see `open_image` for the conversions).
-
-    Raises:
-        InputError: the file is missing or is not a readable image.
-    """
-    return open_image(path, max_pixels)[0]
+    def __post_init__(self) -> None:
+        if self.video is not None and not isinstance(self.video, Video):
+            frames = list(self.video) if isinstance(self.video, (list, tuple)) else None
+            if not frames or not all(isinstance(f, Image.Image) for f in frames):
+                raise InputError(f"sample {self.id!r}: video must be a Video or a non-empty list of PIL images; got {type(self.video).__name__}")
+            self.video = Video([f if f.mode == "RGB" else f.convert("RGB") for f in frames], source=f"sample {self.id!r}")
+        if self.video is not None and self.images:
+            raise InputError(f"sample {self.id!r}: has {len(self.images)} image(s) and a video; give one or the other")
 
 
 @dataclass
 class Record:
     """One sample before its images are decoded: what a data source lists.
 
-    `images` holds paths or in-memory images; `where` says where the record
-    came from (``file:line``) for error messages. `load` decodes the images
-    and returns the `Sample`; a bad image is an error for that sample only.
+    `images` holds paths or in-memory images; `video` a video file's path or
+    a list of frame paths; `where` says where the record came from
+    (``file:line``) for error messages. `load` decodes the images or the
+    video and returns the `Sample`; a bad file is an error for that sample only.
     """
 
     images: list[Any]
@@ -144,16 +67,26 @@ class Record:
     id: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     where: str = ""
+    video: Any = None
 
-    def load(self, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[Sample, list[str]]:
-        """Decode the images.
+    def load(self, max_pixels: int | None = DEFAULT_MAX_PIXELS, video: VideoOptions | None = None) -> tuple[Sample, list[str]]:
+        """Decode the images, or the frames of the video that `video` keeps.
 
         Returns:
             (sample, notes): the conversions applied, one note per converted image.
 
         Raises:
-            InputError: naming the record and the image.
+            InputError: naming the record and the image or video.
         """
+        if self.video is not None:
+            try:
+                if isinstance(self.video, (list, tuple)):
+                    v = Video.from_frames(list(self.video), video, source=f"{self.where} 'video'")
+                else:
+                    v = read_video_file(self.video, video)
+            except InputError as e:
+                raise InputError(f"{self.where}: {e}") from None
+            return Sample([], self.question, self.prompt, self.answer, self.id, dict(self.meta), v), []
         images, notes = [], []
         for i, src in enumerate(self.images):
             try:
@@ -201,14 +134,31 @@ def regions_to_grids(regions: Any, size: tuple[int, int], cells: int = 32, where
     return grids
 
 
-_JSON_COLUMNS = ("candidates", "patch_labels", "regions", "images")
+_JSON_COLUMNS = ("candidates", "patch_labels", "regions", "images", "video")
+
+
+def _video_record(rec: dict, where: str, root: Path) -> Any:
+    """The `video` key of a record: one path (a video file) or a list of frame image paths, each a file inside
+    the data folder (`resolve_inside`)."""
+    v = rec.pop("video")
+    if any(rec.get(k) not in (None, "", []) for k in ("image", "images")):
+        raise InputError(f"{where}: give 'video' or 'image'/'images', not both")
+    rec.pop("image", None), rec.pop("images", None)
+    if isinstance(v, str):
+        return resolve_inside(root, v, where, "video")
+    if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
+        return [resolve_inside(root, p, where, f"video[{i}]") for i, p in enumerate(v)]
+    raise InputError(f"{where}: 'video' must be a video file path or a non-empty list of frame image paths; got {v!r}")
 
 
 def _record(rec: dict, where: str, root: Path) -> Record:
+    video = _video_record(rec, where, root) if rec.get("video") not in (None, "") else None
+    rec.pop("video", None)
     paths = rec.pop("images", None) or ([rec.pop("image")] if rec.get("image") not in (None, "") else None)
     rec.pop("image", None)
-    if not paths:
-        raise InputError(f"{where}: needs 'image' (a path) or 'images' (a list of paths)")
+    if not paths and video is None:
+        raise InputError(f"{where}: needs 'image' (a path), 'images' (a list of paths) or 'video' (a video file or a list of frame paths)")
+    paths = paths or []
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise InputError(f"{where}: 'images' must be a list of paths; got {paths!r}")
     has_q, has_p = rec.get("question") not in (None, ""), rec.get("prompt") not in (None, "")
@@ -222,7 +172,7 @@ def _record(rec: dict, where: str, root: Path) -> Record:
     question, prompt = rec.pop("question", None) or None, rec.pop("prompt", None) or None
     answer = rec.pop("answer", None)
     rid = rec.pop("id", None)
-    return Record([root / p for p in paths], question, prompt, answer if answer not in ("",) else None, str(rid) if rid not in (None, "") else "", rec, where)
+    return Record([root / p for p in paths], question, prompt, answer if answer not in ("",) else None, str(rid) if rid not in (None, "") else "", rec, where, video)
 
 
 def read_records(path: str | Path, image_root: str | Path | None = None) -> list[Record]:
@@ -230,7 +180,9 @@ def read_records(path: str | Path, image_root: str | Path | None = None) -> list
 
     JSONL: one object per line. CSV: a header row; list-valued columns
     (``candidates``, ``patch_labels``, ``regions``) hold JSON, ``images``
-    holds paths separated by ``;``. Keys: ``image`` (a path) or ``images``,
+    holds paths separated by ``;`` (so does ``video``, for a list of frames).
+    Keys: ``image`` (a path) or ``images``, or ``video`` (a video file, or a
+    list of frame image files in time order, each inside the data folder),
     ``question`` or ``prompt``; optional ``answer``, ``id``, ``candidates``
     (candidate answers), ``patch_labels`` (per-patch annotation grids),
     ``regions`` (boxes with labels); other keys go to `Sample.meta`. Image
@@ -266,6 +218,10 @@ def read_records(path: str | Path, image_root: str | Path | None = None) -> list
                     if k in rec:
                         if k == "images" and not rec[k].lstrip().startswith("["):
                             rec[k] = [p.strip() for p in rec[k].split(";") if p.strip()]
+                            continue
+                        if k == "video" and not rec[k].lstrip().startswith("["):
+                            parts = [p.strip() for p in rec[k].split(";") if p.strip()]
+                            rec[k] = parts if len(parts) > 1 else rec[k].strip()
                             continue
                         try:
                             rec[k] = json.loads(rec[k])
@@ -328,8 +284,10 @@ def read_hf_dataset(
     ``DatasetDict``'s, then `split` picks one), or a folder ``load_dataset``
     reads (data files, e.g. Parquet/JSON/CSV or an image folder). `columns`
     maps the fields embedlens uses (``image``, ``question``, ``prompt``,
-    ``answer``, ``candidates``, ``id``, ``patch_labels``, ``regions``) to the
-    data set's column names; unmapped columns go to `meta`.
+    ``answer``, ``candidates``, ``id``, ``patch_labels``, ``regions``,
+    ``video``) to the data set's column names; unmapped columns go to `meta`.
+    A ``video`` column holds a video file's path or a list of frame image
+    paths, relative to `path` and inside it.
 
     Raises:
         InputError: naming the path, split or column that is wrong.
@@ -356,9 +314,12 @@ def read_hf_dataset(
         if split not in ds:
             raise InputError(f"data set {path} has no split {split!r}; splits: {sorted(ds)}")
         ds = ds[split]
-    names = {"image": "image", "question": "question", "prompt": "prompt", "answer": "answer", "candidates": "candidates", "id": "id"}
+    names = {"image": "image", "question": "question", "prompt": "prompt", "answer": "answer", "candidates": "candidates", "id": "id", "video": "video"}
     names.update(columns or {})
-    if names["image"] not in ds.column_names and "images" not in ds.column_names:
+    has_video = names["video"] in ds.column_names
+    if "video" in (columns or {}) and not has_video:
+        raise InputError(f"data set {path}: data.columns.video names {names['video']!r}, not a column; columns: {ds.column_names}")
+    if names["image"] not in ds.column_names and "images" not in ds.column_names and not has_video:
         raise InputError(f"data set {path} has no image column {names['image']!r}; columns: {ds.column_names} (map it with data.columns.image)")
     ds, image_columns = _undecoded(ds, datasets)
     for field_ in ("question", "prompt", "answer", "candidates", "id"):
@@ -368,7 +329,13 @@ def read_hf_dataset(
     used = set(names.values())
     for i, row in enumerate(ds):
         where = f"{path}[{i}]"
-        img = row.get(names["image"], row.get("images"))
+        video = row.get(names["video"]) if has_video else None
+        if video not in (None, "", []):
+            video = _video_record({"video": video, "image": row.get(names["image"]), "images": row.get("images")}, where, path)
+            img = []
+        else:
+            video = None
+            img = row.get(names["image"], row.get("images"))
         imgs = img if isinstance(img, list) else [img]
         resolved = []
         for im in imgs:
@@ -394,7 +361,7 @@ def read_hf_dataset(
             meta["candidates"] = list(row[names["candidates"]])
         rid = row.get(names["id"])
         records.append(
-            Record(resolved, q or None, pr or None, row.get(names["answer"]) or None, str(rid) if rid is not None else f"{path.name}-{i}", meta, where)
+            Record(resolved, q or None, pr or None, row.get(names["answer"]) or None, str(rid) if rid is not None else f"{path.name}-{i}", meta, where, video)
         )
     if not records:
         raise InputError(f"data set {path} has no rows")

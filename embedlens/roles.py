@@ -2,7 +2,8 @@
 
 Probes and interventions select tokens by role (``roles.visual``,
 ``roles.question``, ``roles.last``) instead of doing position arithmetic, and
-read for each visual token which image, tile and patch (row, col) it shows.
+read for each visual token which image, tile and patch (row, col) it shows, and
+for a video which frame (temporal index) it comes from.
 
 Example:
     >>> import torch
@@ -51,6 +52,9 @@ class TokenRoles:
         row, col: patch coordinates in the vision encoder's grid of that tile, else -1.
         feature_row: row of the vision-tower batch (one per tile) this token comes from, else -1.
         feature_col: index into that row's `vision.features` sequence, else -1.
+        frame: for a video's visual tokens, the temporal index of the token within its video (the frame, or
+            the temporal patch for families that merge frames in time: see the adapter for which frames it
+            covers), else -1 (every image token and every non-visual token). Defaults to all -1.
     """
 
     kind: torch.Tensor
@@ -60,6 +64,13 @@ class TokenRoles:
     col: torch.Tensor
     feature_row: torch.Tensor
     feature_col: torch.Tensor
+    frame: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.frame is None:
+            self.frame = torch.full_like(self.kind, -1)
+        elif self.frame.shape != self.kind.shape:
+            raise ValueError(f"TokenRoles.frame is {tuple(self.frame.shape)}; expected {tuple(self.kind.shape)} like kind")
 
     # -- masks ---------------------------------------------------------------
     def _is(self, *roles: Role) -> torch.Tensor:
@@ -145,12 +156,32 @@ class TokenRoles:
 
         Returns:
             dict of 1-D long tensors: ``sample``, ``position``, ``image``,
-            ``tile``, ``row``, ``col``, ``feature_row``, ``feature_col``.
+            ``tile``, ``row``, ``col``, ``feature_row``, ``feature_col``, ``frame``.
         """
         sample, position = self.visual.nonzero(as_tuple=True)
         out = {"sample": sample, "position": position}
-        for name in ("image", "tile", "row", "col", "feature_row", "feature_col"):
+        for name in ("image", "tile", "row", "col", "feature_row", "feature_col", "frame"):
             out[name] = getattr(self, name)[sample, position]
+        return out
+
+    def per_frame(self, mask: torch.Tensor, n_frames: int | None = None) -> torch.Tensor:
+        """`[batch, frames]` long: how many positions of `mask` (`[batch, seq]` bool, e.g. a partition group)
+        each frame of each sample's video holds; positions off video (frame -1) are not counted.
+
+        Computed on the device in one scatter; `n_frames` (default: the batch's largest frame + 1, which reads
+        one number from the device) fixes the width, e.g. to stack batches.
+
+        >>> kind = torch.full((1, 4), int(Role.VISUAL))
+        >>> minus = torch.full_like(kind, -1)
+        >>> roles = TokenRoles(kind, minus, minus, minus, minus, minus, minus, frame=torch.tensor([[0, 0, 1, 1]]))
+        >>> roles.per_frame(torch.tensor([[True, False, True, True]])).tolist()
+        [[1, 2]]
+        """
+        frame = self.frame
+        n = int(frame.max()) + 1 if n_frames is None else n_frames
+        out = torch.zeros(frame.shape[0], max(n, 0), dtype=torch.long, device=frame.device)
+        if n > 0:
+            out.scatter_add_(1, frame.clamp(min=0, max=n - 1), (mask & (frame >= 0) & (frame < n)).long())
         return out
 
     def grid_shape(self, sample: int, image: int, tile: int = 0) -> tuple[int, int]:

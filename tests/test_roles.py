@@ -234,3 +234,10 @@ def test_role_kinds_partition_every_position(adapter):
     assert torch.isin(ids[roles.special], special).all()
     assert not torch.isin(ids[roles.text], special[special != tok.unk_token_id]).any()
     assert torch.equal(roles.bos, (ids == tok.bos_token_id) & ~roles.padding)
+
+
+def test_image_tokens_have_no_frame(adapter):
+    # frame is a video token's temporal index: every position of an image-only batch is -1
+    roles = adapter.encode(_samples(adapter)).roles
+    assert torch.equal(roles.frame, torch.full_like(roles.kind, -1))
+    assert set(roles.visual_tokens()) >= {"frame", "row", "col"}

@@ -390,7 +390,9 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
         if not samples:
             raise InputError("cannot encode an empty batch")
         for s in samples:
-            if not s.images:
+            if s.video is not None and not self.has(Capability.VIDEO):
+                raise InputError(f"sample {s.id!r} has a video; {self.name} does not take video in embedlens yet")
+            if not s.images and s.video is None:
                 raise InputError(f"sample {s.id!r} has no image")
             if len(s.images) > 1 and self.has(Capability.SINGLE_IMAGE):
                 raise InputError(f"sample {s.id!r} has {len(s.images)} images; {self.name} takes one per prompt")

@@ -24,6 +24,9 @@ capability                  methods (defaults below / in `Adapter`)     what dec
                                                                         states after its first layers
 ``VISION_FEATURE_LAYER``    `VisionFeatureLayer`                        image features are the tower's
                                                                         ``hidden_states[vision_feature_layer]``
+``VIDEO``                   `Adapter.encode`, `Layout.image_layouts`    video samples are encoded: the family's
+                                                                        video inputs, each visual token's
+                                                                        ``frame`` in the role map (docs/video.md)
 ==========================  =========================================  ============================================
 
 Before these names, each was a boolean class attribute (`DEPRECATED_FLAGS`): a subclass that still sets
@@ -59,6 +62,7 @@ class Capability(str, Enum):
     WINDOWED_BLOCKS = "windowed_blocks"
     DEEPSTACK = "deepstack"
     VISION_FEATURE_LAYER = "vision_feature_layer"
+    VIDEO = "video"
 
     def __str__(self) -> str:
         return self.value

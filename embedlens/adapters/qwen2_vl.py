@@ -74,6 +74,7 @@ from transformers import (
 
 from embedlens.adapters.base import Adapter, ModulePaths
 from embedlens.adapters.capabilities import Capability
+from embedlens.adapters.qwen2_vl_video import QwenVideo
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
 from embedlens.sites import Site
@@ -110,13 +111,14 @@ _QWEN_PATHS = ModulePaths(
 
 
 @adapters.register("qwen2_vl")
-class Qwen2VLAdapter(Adapter):
+class Qwen2VLAdapter(QwenVideo, Adapter):
     """Qwen2-VL: native-resolution ViT (2-D RoPE), 2 x 2 patch merger, Qwen2 LLM with 3-D M-RoPE."""
 
     architectures = ("Qwen2VLForConditionalGeneration",)
     model_class = Qwen2VLForConditionalGeneration
     paths = _QWEN_PATHS
-    capabilities = frozenset({Capability.PACKED_TOWER, Capability.MROPE})
+    # VIDEO: samples with a video (`embedlens.adapters.qwen2_vl_video`: a token's frame is its temporal patch)
+    capabilities = frozenset({Capability.PACKED_TOWER, Capability.MROPE, Capability.VIDEO})
 
     image_only_processor = Qwen2VLImageProcessor
     image_only_keys = ("chat_template",)
@@ -149,7 +151,7 @@ class Qwen2VLAdapter(Adapter):
 
     def image_grids(self, inputs: BatchFeature) -> list[tuple[int, int]]:
         m = self.merge_size
-        return [(int(h) // m, int(w) // m) for _, h, w in inputs["image_grid_thw"].tolist()]
+        return [(int(h) // m, int(w) // m) for _, h, w in _thw(inputs).tolist()]
 
     def patch_indices(self, feature_col: torch.Tensor, inputs: BatchFeature | None = None) -> torch.Tensor:
         # the packed sequence is in merge-window order: a token's block is its merge unit's consecutive rows
@@ -162,21 +164,26 @@ class Qwen2VLAdapter(Adapter):
         return torch.arange(int(self._tokens_per_image(inputs).sum()))
 
     def _tokens_per_image(self, inputs: BatchFeature) -> torch.Tensor:
-        thw = inputs["image_grid_thw"]
-        return thw.prod(-1) // self.merge_size**2
+        return _thw(inputs).prod(-1) // self.merge_size**2
 
     def image_layouts(self, inputs: BatchFeature) -> list[torch.Tensor]:
-        if "image_grid_thw" not in inputs:
+        """One layout per image, or per video in a video batch: a video's tokens come temporal patch by temporal
+        patch, each a row-major grid of 2 x 2 blocks, so token k is at frame ``k // (h w)`` (its temporal patch:
+        see `embedlens.adapters.qwen2_vl_video`), the sixth column."""
+        video = "video_grid_thw" in inputs
+        if not video and "image_grid_thw" not in inputs:
             raise AdapterError(f"{self.name}: the processor gave no image_grid_thw; it does not fit this family")
         order = self.token_order(inputs)
         out, first = [], 0
-        for (t, h, w), n in zip(inputs["image_grid_thw"].tolist(), self._tokens_per_image(inputs).tolist()):
-            if t != 1:
+        for (t, h, w), n in zip(_thw(inputs).tolist(), self._tokens_per_image(inputs).tolist()):
+            if t != 1 and not video:
                 raise AdapterError(f"{self.name}: an image with {t} temporal patches; images have one")
-            gw = w // self.merge_size
+            gw, per_frame = w // self.merge_size, (h // self.merge_size) * (w // self.merge_size)
             k = torch.arange(n)
             cols = order[first : first + n]
-            out.append(torch.stack([torch.zeros_like(k), k // gw, k % gw, torch.zeros_like(k), cols], dim=1))
+            s = k % per_frame
+            columns = [torch.zeros_like(k), s // gw, s % gw, torch.zeros_like(k), cols] + ([k // per_frame] if video else [])
+            out.append(torch.stack(columns, dim=1))
             first += n
         return out
 
@@ -193,15 +200,16 @@ class Qwen2VLAdapter(Adapter):
             mm_token_type_ids=inputs["mm_token_type_ids"],
             image_grid_thw=inputs.get("image_grid_thw"),
             attention_mask=inputs["attention_mask"],
+            **{k: inputs[k] for k in ("video_grid_thw", "second_per_grid_ts") if k in inputs},
         )
         return ids
 
     def tower_kwargs(self, inputs: BatchFeature) -> dict:
-        return {"grid_thw": inputs["image_grid_thw"]}
+        return {"grid_thw": _thw(inputs)}
 
     def tower_images(self, inputs: BatchFeature) -> torch.Tensor:
         # images are contiguous in the packed sequence (Qwen2.5-VL's windows reorder within an image only)
-        n = inputs["image_grid_thw"].prod(-1)
+        n = _thw(inputs).prod(-1)
         return torch.repeat_interleave(torch.arange(len(n)), n)[None]
 
     def site_value(self, site: Site, value: torch.Tensor, inputs: BatchFeature) -> torch.Tensor:
@@ -210,15 +218,23 @@ class Qwen2VLAdapter(Adapter):
         return value
 
     def display_pixels(self, inputs: BatchFeature, image: int, feature_row: int) -> torch.Tensor:
-        """`[3, H, W]` normalised pixels of image `image` of the batch, its patch rows put back in place."""
-        thw = inputs["image_grid_thw"]
+        """`[3, H, W]` normalised pixels of image `image` of the batch, its patch rows put back in place; in a video
+        batch, the first frame of video `image` (the frame its temporal patch 0 starts with)."""
+        thw = _thw(inputs)
         n = thw.prod(-1)
         start = int(n[:image].sum())
         _, h, w = thw[image].tolist()
         ip = self.processor.image_processor
         p, m, tp = int(ip.patch_size), self.merge_size, int(ip.temporal_patch_size)
-        rows = inputs["pixel_values"][start : start + h * w].reshape(h // m, w // m, m, m, 3, tp, p, p)[..., 0, :, :]
+        pv = inputs["pixel_values_videos"] if "video_grid_thw" in inputs else inputs["pixel_values"]
+        rows = pv[start : start + h * w].reshape(h // m, w // m, m, m, 3, tp, p, p)[..., 0, :, :]
         return rows.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, h * p, w * p)
+
+
+def _thw(inputs: BatchFeature) -> torch.Tensor:
+    """`[n, 3]` (t, h, w) patch grids of what the tower runs: the videos in a video batch, else the images (a batch
+    holds one or the other: `embedlens.adapters.qwen2_vl_video`)."""
+    return inputs["video_grid_thw"] if "video_grid_thw" in inputs else inputs["image_grid_thw"]
 
 
 def _window_index(adapter: Adapter, inputs: BatchFeature) -> torch.Tensor:
@@ -226,7 +242,7 @@ def _window_index(adapter: Adapter, inputs: BatchFeature) -> torch.Tensor:
     from transformers.vision_utils import get_vision_window_index
 
     v = adapter.config.vision_config
-    index, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=v.spatial_merge_size,
+    index, _ = get_vision_window_index(_thw(inputs), spatial_merge_size=v.spatial_merge_size,
                                        window_size=v.window_size, patch_size=v.patch_size)
     return index
 
@@ -238,6 +254,7 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
     model_class = Qwen2_5_VLForConditionalGeneration
     image_only_processor = Qwen2_5_VLImageProcessor
+    seconds_per_patch = True  # M-RoPE spaces temporal patches by second_per_grid_ts
 
     def token_order(self, inputs: BatchFeature) -> torch.Tensor:
         # the merger's row w holds merge unit window_index[w]: unit k sits at row argsort(window_index)[k]
@@ -258,4 +275,5 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     architectures = ("Qwen3VLForConditionalGeneration",)
     model_class = Qwen3VLForConditionalGeneration
     image_only_processor = Qwen3VLImageProcessor
-    capabilities = Qwen2VLAdapter.capabilities | {Capability.DEEPSTACK}
+    # no VIDEO: Qwen3-VL's video prompts carry per-frame timestamps, which embedlens does not write yet
+    capabilities = (Qwen2VLAdapter.capabilities - {Capability.VIDEO}) | {Capability.DEEPSTACK}

@@ -47,6 +47,7 @@ from dataclasses import replace
 from transformers import Qwen3_5ForConditionalGeneration
 
 from embedlens.adapters.qwen2_vl import _QWEN_PATHS, Qwen2VLAdapter, Qwen3VLImageProcessor
+from embedlens.adapters.capabilities import Capability
 from embedlens.registry import adapters
 
 Qwen3_5ImageProcessor = Qwen3VLImageProcessor  # Qwen3.5 ships Qwen3-VL's processor
@@ -60,5 +61,7 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
 
     architectures = ("Qwen3_5ForConditionalGeneration",)
     model_class = Qwen3_5ForConditionalGeneration
+    # no VIDEO: Qwen3.5 takes Qwen3-VL's video prompts (per-frame timestamps), which embedlens does not write yet
+    capabilities = Qwen2VLAdapter.capabilities - {Capability.VIDEO}
     paths = _QWEN3_5_PATHS
     image_only_processor = Qwen3_5ImageProcessor

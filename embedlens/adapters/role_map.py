@@ -42,16 +42,20 @@ def build_roles(self: Any, inputs: BatchFeature, prompts: list[PromptText], samp
     bsz, seq = ids.shape
     kind = torch.full((bsz, seq), int(Role.TEMPLATE), dtype=torch.long)
     kind[~attn] = int(Role.PAD)
-    meta = {k: torch.full((bsz, seq), -1, dtype=torch.long) for k in ("image", "tile", "row", "col", "feature_row", "feature_col")}
+    meta = {k: torch.full((bsz, seq), -1, dtype=torch.long) for k in ("image", "tile", "row", "col", "feature_row", "feature_col", "frame")}
     layouts = self.image_layouts(inputs)
-    if len(layouts) != sum(len(s.images) for s in samples):
-        raise AdapterError(f"{self.name}: layout has {len(layouts)} images, batch has {sum(len(s.images) for s in samples)}")
-    special_ids = self.special_token_ids() - {self.image_token_id, self.tokenizer.unk_token_id}
+    # a video batch (the family declares Capability.VIDEO): one layout per video, its tokens are video tokens
+    video = any(s.video is not None for s in samples)
+    token_id = self.video_token_id if video else self.image_token_id
+    n_visual = [1 if s.video is not None else len(s.images) for s in samples]
+    if len(layouts) != sum(n_visual):
+        raise AdapterError(f"{self.name}: layout has {len(layouts)} {'videos' if video else 'images'}, batch has {sum(n_visual)}")
+    special_ids = self.special_token_ids() - {token_id, self.image_token_id, self.tokenizer.unk_token_id}
     next_image = 0
     for b, (sample, prompt) in enumerate(zip(samples, prompts)):
-        pos = ((ids[b] == self.image_token_id) & attn[b]).nonzero().flatten()
-        mine = layouts[next_image : next_image + len(sample.images)]
-        next_image += len(sample.images)
+        pos = ((ids[b] == token_id) & attn[b]).nonzero().flatten()
+        mine = layouts[next_image : next_image + n_visual[b]]
+        next_image += n_visual[b]
         counts = [len(l) for l in mine]
         if len(pos) != sum(counts):
             raise AdapterError(
@@ -71,6 +75,8 @@ def build_roles(self: Any, inputs: BatchFeature, prompts: list[PromptText], samp
             meta["image"][b, p] = i
             for j, name in enumerate(("tile", "row", "col", "feature_row", "feature_col")):
                 meta[name][b, p] = lay[:, j]
+            if lay.shape[1] > 5:  # a video's layout: its sixth column is each token's frame (temporal index)
+                meta["frame"][b, p] = torch.where(not_patch, -1, lay[:, 5])
         free = attn[b] & (kind[b] == Role.TEMPLATE)
         bos = free & (ids[b] == self.tokenizer.bos_token_id)
         kind[b, bos] = int(Role.BOS)
@@ -81,7 +87,8 @@ def build_roles(self: Any, inputs: BatchFeature, prompts: list[PromptText], samp
 def mark_spans(self: Any, kind, ids, attn, prompt: PromptText, counts, sample, inputs, b, first_image: int = 0) -> None:
     """Mark question/answer tokens by aligning the processor's ids with a tokenization
     (with offsets) of the same text, image placeholders expanded as the processor does."""
-    ph = self.image_placeholder
+    video = sample.video is not None
+    ph = self.video_placeholder if video else self.image_placeholder
     text, insertions = self.processor_text(prompt.text)
     pieces = text.split(ph)
     if len(pieces) - 1 != len(counts):
@@ -94,7 +101,7 @@ def mark_spans(self: Any, kind, ids, attn, prompt: PromptText, counts, sample, i
         expanded += piece
         orig += len(piece)
         if k < len(counts):
-            expanded += self.placeholder_text(inputs, first_image + k, counts[k])
+            expanded += ph * counts[k] if video else self.placeholder_text(inputs, first_image + k, counts[k])
             orig += len(ph)
     enc = self.tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=self._adds_special_tokens())
     mine = ids[attn]

@@ -169,6 +169,7 @@ class AblateRandomMatched(Ablate):
             samples unchanged.
         exclude_target: draw from the pool outside the target (``false``: from the whole pool).
         word: as `ablate`.
+        per_frame: match the count frame by frame, as `prune_random_matched`.
 
     Example:
         >>> AblateRandomMatched(target="dead", value="zero").target
@@ -186,9 +187,11 @@ class AblateRandomMatched(Ablate):
         if_empty: IfEmpty = "error",
         exclude_target: bool = True,
         word: str | int | None = None,
+        per_frame: bool = False,
     ):
         super().__init__(target, value=value, site=site, mean_over=mean_over, if_empty=if_empty, word=word)
         self.target, self.seed, self.pool, self.exclude_target = target, seed, pool, exclude_target
+        self.per_frame = per_frame
         self.target_sel = parse_selection(target, "target")
         self.pool_sel = parse_selection(pool, "pool")
 
@@ -198,4 +201,5 @@ class AblateRandomMatched(Ablate):
         self.check(ctx.adapter)
         if self.value == "mean" and self.mean is None:
             raise InterventionError("value: mean needs the data-set mean; run the condition's fit pass first")
-        self._mask = draw_matched(ctx, self.target_sel, self.target, self.pool_sel, self.pool, self.seed, self.if_empty, self.exclude_target)
+        self._mask = draw_matched(ctx, self.target_sel, self.target, self.pool_sel, self.pool, self.seed, self.if_empty,
+                                  self.exclude_target, self.per_frame)

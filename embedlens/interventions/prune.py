@@ -100,6 +100,8 @@ class PruneRandomMatched(_Pruning):
             samples unchanged.
         exclude_target: draw from the pool outside the target (``false``: from the whole pool, for a target that
             is most of it).
+        per_frame: match the count frame by frame (a video's tokens: as many from each frame as the target has
+            there, drawn from that frame's pool); image tokens are one frame (-1).
 
     Example:
         >>> PruneRandomMatched(target="dead", seed=1).seed
@@ -114,24 +116,29 @@ class PruneRandomMatched(_Pruning):
         mode: PruneMode = "remove",
         if_empty: IfEmpty = "error",
         exclude_target: bool = True,
+        per_frame: bool = False,
     ):
         if mode not in ("remove", "mask"):
             raise InterventionError(f"mode: must be 'remove' or 'mask'; got {mode!r}")
         self.target, self.seed, self.pool, self.mode, self.if_empty = target, seed, pool, mode, if_empty
-        self.exclude_target = exclude_target
+        self.exclude_target, self.per_frame = exclude_target, per_frame
         self.target_sel = parse_selection(target, "target")
         self.pool_sel = parse_selection(pool, "pool")
 
     def setup(self, ctx: Context) -> None:
-        chosen = draw_matched(ctx, self.target_sel, self.target, self.pool_sel, self.pool, self.seed, self.if_empty, self.exclude_target)
+        chosen = draw_matched(ctx, self.target_sel, self.target, self.pool_sel, self.pool, self.seed, self.if_empty,
+                              self.exclude_target, self.per_frame)
         self._apply(ctx, chosen)
 
 
 def draw_matched(
-    ctx: Context, target_sel, target_spec, pool_sel, pool_spec, seed: int, if_empty: IfEmpty, exclude_target: bool = True
+    ctx: Context, target_sel, target_spec, pool_sel, pool_spec, seed: int, if_empty: IfEmpty, exclude_target: bool = True,
+    per_frame: bool = False,
 ) -> torch.Tensor:
     """Per sample, as many tokens as the target has, drawn at random from the pool (outside the target unless
-    `exclude_target` is False). Seeded by the run seed, the sample id and its tokens, so batching does not matter."""
+    `exclude_target` is False). Seeded by the run seed, the sample id and its tokens, so batching does not matter.
+    With `per_frame`, the count is matched in each frame of a video (`TokenRoles.frame`), drawn from that frame's
+    pool, one frame after another from the same generator."""
     image = ctx.roles.image_span
     target = ctx.select(target_sel, within=image)
     require_nonempty(ctx, target, "target", target_spec, if_empty, what="image")
@@ -142,22 +149,25 @@ def draw_matched(
     # so it picks the same tokens whatever device the model runs on; the masks cross once each way.
     target_h, pool_h = torch.stack([target, pool]).cpu()
     chosen = torch.zeros_like(target_h)
-    ids, padding = ctx.batch.input_ids.cpu(), ctx.batch.roles.padding.cpu()
+    ids, padding, frame = ctx.batch.input_ids.cpu(), ctx.batch.roles.padding.cpu(), ctx.batch.roles.frame.cpu()
     for b, sample in enumerate(ctx.batch.samples):
-        n = int(target_h[b].sum())
-        if n == 0:
+        if not target_h[b].any():
             continue
-        candidates = pool_h[b].nonzero().flatten()
-        if len(candidates) < n:
-            where = " outside the target" if exclude_target else ""
-            hint = " (exclude_target: false draws from the whole pool)" if exclude_target else ""
-            raise InterventionError(
-                f"target: sample {sample.id!r} has {n} target tokens but only {len(candidates)} "
-                f"pool tokens ({pool_spec!r}){where} to draw from{hint}"
-            )
         gen = torch.Generator().manual_seed(sample_seed(seed, sample.id, ids[b][~padding[b]]))
-        pick = torch.randperm(len(candidates), generator=gen)[:n]
-        chosen[b, candidates[pick]] = True
+        groups = frame[b][target_h[b]].unique().tolist() if per_frame else [None]
+        for f in groups:  # per_frame: each frame the target touches, in order; else the whole sample at once
+            in_f = torch.ones_like(target_h[b]) if f is None else frame[b] == f
+            n = int((target_h[b] & in_f).sum())
+            candidates = (pool_h[b] & in_f).nonzero().flatten()
+            if len(candidates) < n:
+                where = (" outside the target" if exclude_target else "") + ("" if f is None else f" in frame {f}")
+                hint = " (exclude_target: false draws from the whole pool)" if exclude_target else ""
+                raise InterventionError(
+                    f"target: sample {sample.id!r} has {n} target tokens{'' if f is None else f' in frame {f}'} but only "
+                    f"{len(candidates)} pool tokens ({pool_spec!r}){where} to draw from{hint}"
+                )
+            pick = torch.randperm(len(candidates), generator=gen)[:n]
+            chosen[b, candidates[pick]] = True
     return chosen.to(target.device)
 
 

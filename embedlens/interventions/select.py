@@ -9,8 +9,10 @@ each sample, in sequence order) or an expression over the token-role map:
 - group names from the run's partition (``sink``, ``dead``, ``alive``, or any
   group the partition defines);
 - comparisons on token metadata: ``row``, ``col``, ``image``, ``tile``,
-  ``position`` (index in the sequence) and ``index`` (n-th visual token of the
-  sample), e.g. ``row < 12``, ``index in [0, 5, 7]``, ``col % 2 == 0``;
+  ``frame`` (a video token's temporal index, -1 off video), ``position``
+  (index in the sequence) and ``index`` (n-th visual token of the sample),
+  e.g. ``row < 12``, ``index in [0, 5, 7]``, ``col % 2 == 0``,
+  ``visual and frame == 2``;
 - combined with ``and``, ``or``, ``not`` (or ``&``, ``|``, ``~``, which here
   bind looser than comparisons, so ``visual & row < 2`` means what it says)
   and parentheses.
@@ -54,7 +56,7 @@ ROLE_NAMES = (
     "last",
     "padding",
 )
-FIELDS = ("row", "col", "image", "tile", "position", "index")
+FIELDS = ("row", "col", "image", "tile", "frame", "position", "index")
 CONSTANTS = ("all", "none")
 
 # What plugins accept as a selection parameter.

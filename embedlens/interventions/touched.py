@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from embedlens.interventions.engine import Outcome
 
 ACTIONS = ("removed", "masked", "replaced", "dropped")
-COLUMNS = ("sample_id", "condition", "action", "index", "image", "tile", "row", "col", "n_visual")
+COLUMNS = ("sample_id", "condition", "action", "index", "image", "tile", "row", "col", "frame", "n_visual")
 
 
 def touched_masks(outcome: "Outcome", interventions: "list[Intervention]") -> dict[str, torch.Tensor]:
@@ -57,7 +57,7 @@ def touched_rows(outcome: "Outcome", interventions: "list[Intervention]", condit
     index = vis.long().cumsum(dim=1) - 1  # n-th visual token of its sample
     masks = touched_masks(outcome, interventions)
     # everything the table reads leaves the device in one transfer; the rows are then cut on the host
-    fields = ("image", "tile", "row", "col")
+    fields = ("image", "tile", "row", "col", "frame")
     host = torch.stack([*(m.long() for m in masks.values()), index, *(getattr(roles, f) for f in fields), vis.long()]).cpu()
     n_visual = host[-1].sum(dim=1).tolist()
     at = {name: host[len(masks) + 1 + i] for i, name in enumerate(fields)}

@@ -380,22 +380,25 @@ def figures(c: Conclusions, fig_dir: Path, token_maps: list[dict] | None = None)
     return out
 
 
-def token_map_panels(c: Conclusions, touched: dict[str, list] | None, adapter, records: "list[Record]", n: int, max_pixels: int) -> list[dict]:
+def token_map_panels(c: Conclusions, touched: dict[str, list] | None, adapter, records: "list[Record]", n: int, max_pixels: int,
+                     video=None) -> list[dict]:
     """What `removal_maps` draws: per condition with a control (and the others that acted on tokens), the
     first `n` samples' first image with the tokens the condition and its control acted on."""
     if not touched or not records:
         return []
     from embedlens.errors import InputError
-    from embedlens.probes._util import display_pixels
+    from embedlens.probes._util import batch_image, display_pixels
 
     samples = []
     for r in records:
         if len(samples) >= n:
             break
         try:
-            s, _ = r.load(max_pixels)
+            s, _ = r.load(max_pixels, video)
         except InputError:
             continue
+        if samples and (s.video is None) != (samples[0].video is None):
+            continue  # one batch holds images or videos (Qwen-VL): the maps show the first sample's kind
         samples.append(s)
     if not samples:
         return []
@@ -403,17 +406,20 @@ def token_map_panels(c: Conclusions, touched: dict[str, list] | None, adapter, r
     vt = batch.roles.visual_tokens()
     images = []
     for b, s in enumerate(samples):
-        sel = ((vt["sample"] == b) & (vt["image"] == 0) & (vt["tile"] == 0)).nonzero().flatten().tolist()
+        # a video's map is its first frame's (frame 0), as the probes' token maps
+        sel = ((vt["sample"] == b) & (vt["image"] == 0) & (vt["tile"] == 0) & (vt["frame"] <= 0)).nonzero().flatten().tolist()
         if not sel:
             continue
-        images.append({"sample_id": s.id, "pixels": display_pixels(adapter, batch.inputs, int(vt["feature_row"][sel[0]]), image=int(vt["image"][sel[0]])),
+        images.append({"sample_id": s.id, "pixels": display_pixels(adapter, batch.inputs, int(vt["feature_row"][sel[0]]),
+                                                                   image=batch_image(batch, b, int(vt["image"][sel[0]]))),
                        "row": [int(vt["row"][i]) for i in sel], "col": [int(vt["col"][i]) for i in sel]})
     ids = {im["sample_id"] for im in images}
     c.map_samples = [im["sample_id"] for im in images]
     acted: dict[str, dict[str, dict[tuple[int, int], str]]] = {}
-    for cond, s, a, img, tile, row, col in zip(touched["condition"], touched["sample_id"], touched["action"], touched["image"],
-                                               touched["tile"], touched["row"], touched["col"]):
-        if s in ids and img == 0 and tile == 0:
+    frames = touched.get("frame") or [-1] * len(touched["condition"])  # a table written before the frame column
+    for cond, s, a, img, tile, row, col, frame in zip(touched["condition"], touched["sample_id"], touched["action"], touched["image"],
+                                                      touched["tile"], touched["row"], touched["col"], frames):
+        if s in ids and img == 0 and tile == 0 and frame <= 0:
             acted.setdefault(cond, {}).setdefault(s, {})[(int(row), int(col))] = a
     is_control = set(c.controls.values())
     out = []

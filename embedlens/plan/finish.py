@@ -145,7 +145,8 @@ def _finish(prepared: Prepared, out: Path, parts: Parts, state: RunState, starte
         if concl is not None:
             from embedlens.plan.conclusions import figures as conclusion_figures, token_map_panels
 
-            panels = token_map_panels(concl, touched, adapter, prepared.records, plan.report.token_map_samples, plan.data.max_pixels)
+            panels = token_map_panels(concl, touched, adapter, prepared.records, plan.report.token_map_samples, plan.data.max_pixels,
+                                      plan.data.video.options())
             result.figures += conclusion_figures(concl, fig_dir, panels)
         if board is not None:
             from embedlens.plan.leaderboard import accuracy_figure

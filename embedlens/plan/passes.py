@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from embedlens.interventions.engine import Engine
     from embedlens.plan.checkpoint import RunState
     from embedlens.plan.preparation import Prepared
+    from embedlens.video import VideoOptions
     from embedlens.sites import Site
 
 #: ``progress(phase, done, total)``: phase is "fit: NAME" for a fitting pass, "run" for the main pass.
@@ -59,12 +60,12 @@ class Loaded:
     converted: list[dict[str, str]] = field(default_factory=list)
 
 
-def load_chunk(chunk: list[Record], max_pixels: int | None) -> Loaded:
+def load_chunk(chunk: list[Record], max_pixels: int | None, video: "VideoOptions | None" = None) -> Loaded:
     """The chunk's samples that load; the others are recorded as skipped, with their error."""
     out = Loaded()
     for i, r in enumerate(chunk):
         try:
-            s, notes = r.load(max_pixels)
+            s, notes = r.load(max_pixels, video)
         except InputError as e:
             out.skipped.append({"sample_id": r.id, "where": r.where, "error": str(e)})
             continue
@@ -153,7 +154,7 @@ class Passes:
         self.n_records = len(prepared.records)
 
     def _load(self, b: int) -> Loaded:
-        return load_chunk(self.chunks[b], self.plan.data.max_pixels)
+        return load_chunk(self.chunks[b], self.plan.data.max_pixels, self.plan.data.video.options())
 
     def _encode(self, samples: list[Sample]) -> "Batch":
         return self.adapter.encode(samples, padding_side=self.plan.data.padding_side)

@@ -31,6 +31,7 @@ SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("model / models.NAME", schema.ModelSpec),
     ("data", schema.DataSpec),
     ("data.synthetic", schema.SyntheticDataSpec),
+    ("data.video", schema.VideoSpec),
     ("probes[i]", schema.ProbeSpec),
     ("conditions.NAME[i]", schema.InterventionSpec),
     ("metrics[i]", schema.MetricSpec),
@@ -49,7 +50,8 @@ path: `./ckpt`, `../models/llava`; anything else is a hub id such as
 `llava-hf/llava-1.5-7b-hf`). A plan shared
 with its data (a folder holding `plan.yaml` and `data/`) runs the same from
 anywhere, and writes its results next to itself. Image paths inside a prompts
-file are relative to that file's folder (or to `data.images`). The command
+file are relative to that file's folder (or to `data.images`); a record's
+`video` (a file, or a list of frame files) must lie inside that folder. The command
 line's `--output` is relative to the working directory, as any command-line
 argument; so is `output=` of `embedlens.run`. A plan given to `embedlens.run`
 as a dict resolves its paths from `base_dir=` (default: the working

@@ -75,6 +75,19 @@ class SyntheticDataSpec(_Strict):
     )
 
 
+class VideoSpec(_Strict):
+    """Which frames of each video sample are kept (`embedlens.video.VideoOptions`)."""
+
+    fps: float | None = Field(None, gt=0, le=1000, description="sample a video file at this many frames per second (default: every frame; a list of frames is taken as already sampled)")
+    num_frames: int | None = Field(8, ge=1, le=4096, description="then keep at most this many frames, evenly spread, first and last included (null: all)")
+    max_pixels: int = Field(28 * 28 * 768, ge=1, le=2**31, description="each frame is downscaled to at most this many pixels when read (16x larger are refused)")
+
+    def options(self):
+        from embedlens.video import VideoOptions
+
+        return VideoOptions(fps=self.fps, num_frames=self.num_frames, max_pixels=self.max_pixels)
+
+
 class DataSpec(_Strict):
     """Where samples come from: exactly one of `prompts`, `dataset` or `synthetic`."""
 
@@ -87,6 +100,7 @@ class DataSpec(_Strict):
     padding_side: Literal["left", "right"] = Field("right", description="side the tokenizer pads the prompts of a batch on")
     limit: int | None = Field(None, ge=1, description="use only the first N samples")
     max_pixels: int = Field(4096 * 4096, ge=1, le=2**31, description="larger images are downscaled when read (16x larger are refused)")
+    video: VideoSpec = Field(default_factory=VideoSpec, description="frames kept from each video sample (a record's `video` key)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":

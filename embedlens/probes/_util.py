@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 from embedlens.probes.base import Table
 
-META_COLUMNS = ("sample", "sample_id", "image", "tile", "row", "col", "position")
+META_COLUMNS = ("sample", "sample_id", "image", "tile", "row", "col", "frame", "position")
 
 
 def records_given(init):
@@ -54,7 +54,7 @@ def token_meta(batch: "Batch", vt: dict[str, torch.Tensor]) -> Table:
     """The identifying columns of one row per visual token."""
     rows: Table = {"sample": vt["sample"].tolist()}
     rows["sample_id"] = [batch.samples[s].id for s in rows["sample"]]
-    for c in ("image", "tile", "row", "col", "position"):
+    for c in ("image", "tile", "row", "col", "frame", "position"):
         rows[c] = vt[c].tolist()
     return rows
 
@@ -214,13 +214,15 @@ class FirstImage(Stateful):
         for b in range(len(batch.samples)):
             if len(self.images) >= self.n:
                 return
-            sel = ((vt["sample"] == b) & (vt["image"] == 0) & (vt["tile"] == 0)).nonzero().flatten().tolist()
+            # a video's map is its first frame's (frame 0: Qwen's first temporal patch, shown as its first frame)
+            first = (vt["image"] == 0) & (vt["tile"] == 0) & (vt["frame"] <= 0)
+            sel = ((vt["sample"] == b) & first).nonzero().flatten().tolist()
             if not sel:
                 continue
             frow = int(vt["feature_row"][sel[0]])
             entry = {
                 "sample_id": batch.samples[b].id,
-                "pixels": display_pixels(adapter, batch.inputs, frow, image=int(vt["image"][sel[0]])),
+                "pixels": display_pixels(adapter, batch.inputs, frow, image=batch_image(batch, b, int(vt["image"][sel[0]]))),
                 "row": [int(vt["row"][i]) for i in sel],
                 "col": [int(vt["col"][i]) for i in sel],
                 **{k: [v[i] for i in sel] for k, v in per_token.items()},
@@ -263,6 +265,12 @@ def parse_site(probe: str, param: str, adapter: "Adapter", name: str):
     if site.component == "llm.unembed" or site.component == "llm.norm":
         raise PlanError(f"{probe}.{param}: {name} has no per-token residual vectors to compare; use llm.embed or llm.layers[i]")
     return site
+
+
+def batch_image(batch: "Batch", sample: int, image: int) -> int:
+    """The batch-wide index of image `image` of sample `sample` (a video counts as one), which packed towers'
+    `Adapter.display_pixels` take (Qwen-VL, Mistral 3: the batch's images in order)."""
+    return sum(len(s.images) or int(s.video is not None) for s in batch.samples[:sample]) + image
 
 
 def display_pixels(adapter: "Adapter", inputs, feature_row: int, image: int = 0) -> torch.Tensor:

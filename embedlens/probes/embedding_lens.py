@@ -131,10 +131,10 @@ class EmbeddingLens(Probe):
         ids_h, scores_h = ids.cpu().numpy(), scores.cpu().numpy()
         names = vocab_strings(adapter.tokenizer, vocab.shape[0])  # [vocab] id -> token string
         n, n_layers = ids_h.shape[1], len(layers)
-        meta = {c: vt[c].numpy() for c in ("sample", "image", "tile", "row", "col", "position")}
+        meta = {c: vt[c].numpy() for c in ("sample", "image", "tile", "row", "col", "frame", "position")}
         sample_ids = np.array([s.id for s in batch.samples] + [None], dtype=object)[:-1]  # object: ids as given
         rows: Table = {"sample": np.tile(meta["sample"], n_layers), "sample_id": np.tile(sample_ids[meta["sample"]], n_layers)}
-        for c in ("image", "tile", "row", "col", "position"):
+        for c in ("image", "tile", "row", "col", "frame", "position"):
             rows[c] = np.tile(meta[c], n_layers)
         rows["layer"] = np.repeat(np.asarray(layers, dtype=np.int64), n)
         for j in range(ids_h.shape[2]):
