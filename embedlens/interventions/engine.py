@@ -49,6 +49,13 @@ those per-layer arguments itself:
   attention mask). On sliding layers removal and mask therefore differ once
   the window is shorter than the sequence; each equals its Hugging Face run.
   Decoding continues the count (`Outcome.step`).
+- a chunked-attention layer (Llama 4: ``chunked_attention`` in the config's
+  ``layer_types``) lets a query attend to the earlier keys of its own chunk of
+  ``attention_chunk_size`` tokens only. Hugging Face counts chunks from each
+  sample's first non-padding token in sequence index
+  (``masking_utils.chunked_overlay``), so the engine counts them over the rows
+  a layer holds, as it counts a sliding window: removal frees a token's place,
+  masking keeps it.
 - a linear-attention layer (Qwen3.5's Gated DeltaNet, type ``linear_attention``)
   has no attention matrix: its recurrent state is a scan over the rows it is
   given. The engine hands it the packed rows and, as Hugging Face's
@@ -493,7 +500,11 @@ class Engine:
             zero_mlp = entry.zero_mlp[..., None]
 
             def zero_mlp_hook(module, args, output):
-                return output.masked_fill(zero_mlp if zero_mlp.device == output.device else zero_mlp.to(output.device), 0.0)
+                # a mixture of experts returns (update, router logits), its update flattened to [batch * rows, d]
+                # (Llama 4); the rows' mask follows the update's shape
+                update = output if isinstance(output, torch.Tensor) else output[0]
+                z = zero_mlp.to(update.device).reshape(*update.shape[:-1], 1)
+                return update.masked_fill(z, 0.0) if isinstance(output, torch.Tensor) else (update.masked_fill(z, 0.0), *output[1:])
 
             hooks.append(resolve_path(layer, self.adapter.paths.mlp).register_forward_hook(zero_mlp_hook))
         if layer_idx in ctx.attention_requests:

@@ -12,10 +12,10 @@ from typing import Sequence
 
 import torch
 
-from embedlens.attention import LINEAR
+from embedlens.attention import LINEAR, within
 from embedlens.errors import EmbedLensError
 from embedlens.interventions.context import Context
-from embedlens.interventions.layout import gather_counts, layer_positions
+from embedlens.interventions.layout import gather_counts, layer_positions, rotary_on
 
 #: `Outcome.generate` reads whether every sample has ended once per this many tokens.
 DONE_EVERY = 8
@@ -178,11 +178,11 @@ class Outcome:
                     held = torch.cat([held_rows, self.decoded_valid, valid], dim=1).long()
                     rank = held.cumsum(dim=1) - 1
                     q_rank = rank[:, -n:]
-                    allowed = allowed & (rank[:, None, :] > q_rank[:, :, None] - window)
+                    allowed = allowed & within(window, rank[:, None, :], q_rank[:, :, None])
                 shared[key] = _on(eng.mask(allowed), dev)
             layer_type = eng.layer_types[layer_idx]
             if (layer_type, dev) not in shared:
-                shared[layer_type, dev] = tuple(_on(t, dev) for t in pe[layer_type])
+                shared[layer_type, dev] = rotary_on(pe[layer_type], dev)
             if layer_type == LINEAR:
                 x = _linear_step(layer, self.cache, layer_idx, _on(x, dev), _on(valid, dev), eng.cache_kwarg)
                 continue

@@ -72,10 +72,11 @@ def attention_layers(eng) -> list[int]:
 
 
 def window_bites(eng, batch) -> bool:
-    """Masking and removal differ: some sliding-window layer's window is shorter than a sample, or the model has
+    """Masking and removal differ: some sliding-window layer's window (or chunked layer's chunk: Llama 4) is shorter
+    than a sample, or the model has
     linear-attention layers (Qwen3.5's Gated DeltaNet: a masked token keeps its step of the recurrent scan and its
     place in the short causal convolution, as in HF with a 0 in the 2-D mask; a removed one has neither)."""
-    windows = [w for w in eng.windows if w is not None]
+    windows = [getattr(w, "size", w) for w in eng.windows if w is not None]  # a sliding window, or a chunk's size
     return bool(eng.linear) or (bool(windows) and min(windows) < int((~batch.roles.padding).sum(dim=1).max()))
 
 
