@@ -241,3 +241,21 @@ def test_processor_kwargs_the_family_does_not_take_are_refused_without_loading(t
     r = _invoke("validate", plan)
     assert r.exit_code == 2, r.output
     assert f"{plan}:1 model.processor_kwargs.max_pixels: llava's processor does not take it" in r.output
+
+
+def test_adapters_sharing_an_architecture_are_told_apart_by_the_tower_from_the_config_alone():
+    """`LlavaForConditionalGeneration` is `llava` with a CLIP or SigLIP tower and `llava_pixtral` with Pixtral's; from
+    config.json alone (no import of the families) validate picks as `load_model` does, and refuses a tower no adapter
+    takes with the loader's reasons."""
+    from embedlens.errors import AdapterError
+    from embedlens.plan.architecture import adapter_name
+
+    llava = {"architectures": ["LlavaForConditionalGeneration"]}
+    assert adapter_name({**llava, "vision_config": {"model_type": "clip_vision_model"}}, None) == "llava"
+    assert adapter_name({**llava, "vision_config": {"model_type": "siglip_vision_model"}}, None) == "llava"
+    assert adapter_name({**llava, "vision_config": {"model_type": "pixtral"}}, None) == "llava_pixtral"
+    dino = {**llava, "vision_config": {"model_type": "dinov2"}}
+    assert adapter_name(dino, None, missing_ok=True) is None
+    with pytest.raises(AdapterError, match=r"No adapter supports architecture LlavaForConditionalGeneration \(its vision "
+                                           r"tower is 'dinov2'; adapter 'llava' takes"):
+        adapter_name(dino, None)
