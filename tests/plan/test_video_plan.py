@@ -3,10 +3,17 @@ run, and pruning `visual and frame == 0` removes exactly the first temporal patc
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pandas as pd
+import pytest
+from typer.testing import CliRunner
 
 import embedlens
-from embedlens.synthetic_video import SyntheticVideoSpec, save_video
+from embedlens.cli import app
+from embedlens.plan import load_plan, run_all
+from embedlens.synthetic_video import SyntheticVideoSpec, make_video_records, save_video
 
 
 def test_a_video_plan_prunes_one_temporal_patch(tmp_path):
@@ -31,3 +38,52 @@ def test_a_video_plan_prunes_one_temporal_patch(tmp_path):
         assert sorted(t["index"]) == list(range(16))  # the first 16 visual tokens: temporal patch 0
         assert sorted(zip(t.row, t.col)) == [(r, c) for r in range(4) for c in range(4)]
         assert set(t.frame) == {0}
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "video.yaml"
+
+
+@pytest.fixture(scope="module")
+def video_example(tmp_path_factory):
+    """examples/video.yaml run as written (tiny:qwen2_vl, the synthetic video set from data.synthetic_video)."""
+    out = tmp_path_factory.mktemp("video") / "run"
+    return run_all(load_plan(EXAMPLE), out), out
+
+
+def test_the_video_example_prunes_by_frame_with_frame_matched_controls(video_example):
+    _, out = video_example
+    plan = load_plan(EXAMPLE).plan
+    spec = SyntheticVideoSpec(**{**plan.data.synthetic_video.model_dump(), "question_types": tuple(plan.data.synthetic_video.question_types)})
+    ids = [r.id for r in make_video_records(spec)]
+    tokens = pd.read_parquet(out / "token_partition.tokens.parquet")
+    assert sorted(tokens.sample_id.unique()) == sorted(ids)
+    # 8 frames of 32 px -> 4 temporal patches of 4 x 4 tokens (4-px patches merged 2 x 2) per video
+    assert (tokens.groupby("sample_id").apply(lambda t: sorted(set(zip(t.frame, t.row, t.col))), include_groups=False)
+            == pd.Series({i: [(f, r, c) for f in range(4) for r in range(4) for c in range(4)] for i in ids})).all()
+    touched = pd.read_parquet(out / "touched_tokens.parquet")
+    for sid, t in touched.groupby("sample_id"):
+        frame0 = t[t.condition == "prune_frame0"]
+        assert sorted(zip(frame0.frame, frame0.row, frame0.col)) == [(0, r, c) for r in range(4) for c in range(4)]
+        ctrl = t[t.condition == "prune_frame0_random"]  # matched per sample, drawn outside the target: other frames
+        assert len(ctrl) == 16 and (ctrl.frame > 0).all()
+        top = t[t.condition == "prune_top1"]
+        assert sorted(zip(top.frame, top.row)) == [(1, 0)] * 4
+        ctrl = t[t.condition == "prune_top1_random"]  # per_frame: 4 tokens of frame 1, none of them the target
+        assert len(ctrl) == 4 and set(ctrl.frame) == {1} and (ctrl.row > 0).all()
+        dead = tokens[(tokens.sample_id == sid) & (tokens.group == "dead")]
+        pruned = t[t.condition == "prune_dead"]
+        assert sorted(zip(pruned.frame, pruned.row, pruned.col)) == sorted(zip(dead.frame, dead.row, dead.col))
+        ctrl = t[t.condition == "prune_dead_random"]  # as many in each frame as the dead group has there
+        assert ctrl.frame.value_counts().sort_index().to_dict() == dead.frame.value_counts().sort_index().to_dict()
+
+
+def test_a_bad_synthetic_video_value_is_named_with_its_line(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(EXAMPLE.read_text().replace("frames: 8, speed: 2", "frames: 8, speed: 9"))
+    r = CliRunner().invoke(app, ["run", str(plan), "-q"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert re.search(r"plan\.yaml:\d+ data\.synthetic_video: synthetic_video\.speed: 9 pixels a frame over 8 frames leaves a "
+                     r"32-pixel frame \(at most 3\)", r.output), r.output
+    plan.write_text(EXAMPLE.read_text().replace("still_rate: 0.5", "still_rate: 0.5, colours: 3"))
+    r = CliRunner().invoke(app, ["validate", str(plan)])
+    assert r.exit_code == 2 and re.search(r"plan\.yaml:\d+ data\.synthetic_video\.colours: unknown key", r.output), r.output
