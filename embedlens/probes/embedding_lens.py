@@ -236,7 +236,10 @@ class EmbeddingLens(Probe):
         from embedlens.figures import word_map
 
         layers = [self._first_layer] + [la for la in self._map_layers if la != self._first_layer]
-        shown = ", ".join(str(im["sample_id"]) for im in images)
+        shown = ", ".join(dict.fromkeys(str(im["sample_id"]) for im in images))
+        frames = [im["frame"] for im in images if im.get("frame", -1) >= 0]
+        what = (f"{len(frames)} frames of {len(dict.fromkeys(im['sample_id'] for im in images))} video(s) ({shown}), one panel "
+                "per frame (temporal patch) with its tokens") if frames else f"the first {len(images)} samples ({shown})"
         out = []
         for layer in layers:
             key = f"tokens_l{layer}"
@@ -247,7 +250,7 @@ class EmbeddingLens(Probe):
             path = Path(out_dir) / f"embedding_lens_layer{layer}.png"
             panels = [{**im, "labels": im[key]} for im in images]
             word_map(panels, path, title=f"Nearest vocabulary token per patch, LLM layer {layer} ({self.matrix} embeddings), "
-                     f"the first {len(images)} samples ({shown}): each patch coloured by its word, the most frequent in the "
+                     f"{what}: each patch coloured by its word, the most frequent in the "
                      "legend, words written where they fit")
             out.append(path)
         return out

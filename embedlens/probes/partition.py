@@ -132,11 +132,15 @@ class _PartitionProbe(Probe):
 
         fr = self.result()["fractions"]
         summary = ", ".join(f"{g} {fr[g]:.0%}" for g in self.partition.names)
+        frames = self._first.frames  # a video: one map per frame (temporal patch), each with that frame's tokens
         out = [
             category_map(
-                f["pixels"], f["row"], f["col"], f["group"], Path(out_dir) / f"{self.name}_map.png",
-                title=f"{self.name} - {f['sample_id']} (run: {summary})",
+                e["pixels"], e["row"], e["col"], e["group"],
+                Path(out_dir) / (f"{self.name}_map.png" if e.get("frame", -1) < 0 else f"{self.name}_map_frame{e['frame']}.png"),
+                title=f"{self.name} - {e['sample_id']}" + (f", frame {e['frame']} of {len(frames)}" if e.get("frame", -1) >= 0 else "")
+                + f" (run: {summary})",
             )
+            for e in frames
         ]
         if self.partition.evidence:
             out.append(evidence_figure(self.partition.evidence, self.partition.anchor_rule(), Path(out_dir) / f"{self.name}_discovery.png",

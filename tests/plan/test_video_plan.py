@@ -87,3 +87,43 @@ def test_a_bad_synthetic_video_value_is_named_with_its_line(tmp_path):
     plan.write_text(EXAMPLE.read_text().replace("still_rate: 0.5", "still_rate: 0.5, colours: 3"))
     r = CliRunner().invoke(app, ["validate", str(plan)])
     assert r.exit_code == 2 and re.search(r"plan\.yaml:\d+ data\.synthetic_video\.colours: unknown key", r.output), r.output
+
+
+def test_a_video_has_one_token_map_per_temporal_patch_in_the_report(video_example):
+    _, out = video_example
+    report = (out / "report.html").read_text()
+    for t in range(4):  # 8 kept frames -> 4 temporal patches
+        assert (out / "figures" / f"token_partition_map_frame{t}.png").is_file()
+        assert f"token_partition_map_frame{t}.png" in report
+    assert not (out / "figures" / "token_partition_map.png").exists()
+
+
+def test_each_frame_map_holds_that_frames_pixels_and_tokens():
+    """FirstImage, which every token map draws from: per temporal patch t, the tokens whose frame is t (rows, cols,
+    positions as the role map has them) over kept frame 2t's pixels (32-px frames are not resized)."""
+    import numpy as np
+
+    from embedlens import load_model
+    from embedlens.probes._util import FirstImage
+
+    adapter = load_model("tiny:qwen2_vl")
+    recs = make_video_records(SyntheticVideoSpec(n=2, frames=6, size=32, speed=2, patch_grid=4))
+    samples = [r.load()[0] for r in recs]
+    batch = adapter.encode(samples, padding_side="left")
+    vt = batch.roles.visual_tokens()
+    first = FirstImage(n=4)
+    first.offer(adapter, batch, vt, position=vt["position"].tolist())
+    assert [e["frame"] for e in first.images] == [0, 1, 2] and {e["sample_id"] for e in first.images} == {recs[0].id}
+    assert first.frames == first.images  # n=4 panels: the second 3-frame video does not fit and is not cut
+    for e in first.images:
+        t = e["frame"]
+        mine = (vt["sample"] == 0) & (vt["frame"] == t)
+        assert e["position"] == vt["position"][mine].tolist()
+        assert list(zip(e["row"], e["col"])) == list(zip(vt["row"][mine].tolist(), vt["col"][mine].tolist()))
+        want = np.asarray(samples[0].video.frames[2 * t], dtype=np.float32) / 255
+        assert np.abs(e["pixels"].numpy() - want).max() < 0.02, t
+        other = np.asarray(samples[0].video.frames[2 * t + 2 if t < 2 else 0], dtype=np.float32) / 255
+        assert np.abs(e["pixels"].numpy() - other).max() > 0.1  # the shapes moved: another frame is told apart
+    one = FirstImage(n=1)  # one panel asked: the first video is still kept whole
+    one.offer(adapter, batch, vt, position=vt["position"].tolist())
+    assert [e["frame"] for e in one.images] == [0, 1, 2]
