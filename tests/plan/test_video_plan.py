@@ -127,3 +127,47 @@ def test_each_frame_map_holds_that_frames_pixels_and_tokens():
     one = FirstImage(n=1)  # one panel asked: the first video is still kept whole
     one.offer(adapter, batch, vt, position=vt["position"].tolist())
     assert [e["frame"] for e in one.images] == [0, 1, 2]
+
+
+def _over_time_run(tmp_path, still_rate: float):
+    plan = {
+        "model": {"source": "tiny:qwen2_vl"},
+        "data": {"synthetic_video": {"n": 4, "size": 32, "frames": 8, "speed": 2, "still_rate": still_rate, "patch_grid": 4}},
+        "partition": {"discover": True},
+        "probes": [{"name": "token_partition"}, {"name": "embedding_lens", "params": {"k": 2, "layers": [0]}}],
+        "output": {"dir": "out"},
+        "batch_size": 2,
+    }
+    results = embedlens.run(plan, base_dir=tmp_path, quiet=True)
+    out = tmp_path / "out"
+    return results, pd.read_parquet(out / "token_partition.frames.parquet"), pd.read_parquet(out / "embedding_lens.frames.parquet")
+
+
+def test_static_videos_keep_their_partition_and_their_words_in_every_frame(tmp_path):
+    """Planted: with every shape still, a place's frames are the same pixels, so its token is in the same group
+    and reads the same word at LLM layer 0 in every frame (agreement 1); moving shapes break that somewhere."""
+    results, part, lens = _over_time_run(tmp_path / "still", 1.0)
+    tokens = pd.read_parquet(tmp_path / "still" / "out" / "token_partition.tokens.parquet")
+    assert len(part) == 4 * 16 and (part.n_frames == 4).all()  # 4 videos x 4 x 4 places, 4 temporal patches each
+    assert ((part.n_sink + part.n_dead + part.n_alive) == part.n_frames).all()
+    # independently from the token table: per place, the frames of each group
+    want = tokens.groupby(["sample_id", "row", "col"]).group.agg(lambda g: (g == "dead").sum())
+    got = part.set_index(["sample_id", "row", "col"]).n_dead
+    assert (want.sort_index() == got.sort_index()).all()
+    for g in ("dead", "alive"):
+        assert part[f"n_{g}"].isin([0, 4]).all()
+    over = results.summary["token_partition"]["over_time"]
+    assert over["dead"]["places_ever"] > 0 and over["alive"]["places_ever"] > 0
+    for g, t in over.items():
+        assert t["places_ever"] == int((part[f"n_{g}"] > 0).sum())
+        if t["places_ever"]:
+            assert t["mean_share_of_frames"] == 1.0 and t["share_in_every_frame"] == 1.0
+    assert (lens.agreement == 1.0).all() and (lens.n_agree == 4).all()
+    assert results.summary["embedding_lens"]["frame_agreement"] == {"0": 1.0}
+
+    results, part, lens = _over_time_run(tmp_path / "moving", 0.0)
+    assert (lens.agreement < 1.0).any() and results.summary["embedding_lens"]["frame_agreement"]["0"] < 1.0
+    assert results.summary["embedding_lens"]["frame_agreement"]["0"] == pytest.approx(lens.agreement.mean())
+    toks = pd.read_parquet(tmp_path / "moving" / "out" / "embedding_lens.tokens.parquet")
+    modal = toks.groupby(["sample_id", "row", "col"]).id_1.agg(lambda s: s.value_counts().iloc[0])
+    assert (modal.sort_index() == lens.set_index(["sample_id", "row", "col"]).n_agree.sort_index()).all()
