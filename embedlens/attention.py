@@ -1,5 +1,5 @@
 """Attention rows recomputed from a layer's queries and keys, and what each LLM layer's mask and rotary
-embeddings depend on (its type: full or sliding-window attention).
+embeddings depend on (its type: full, sliding-window or chunked attention).
 
 Only the rows asked for are computed, never the full pattern, so this works
 whatever attention implementation (SDPA, eager) runs the model.
@@ -12,6 +12,7 @@ import inspect
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -40,27 +41,39 @@ def attention_rows(
     Args:
         attn: the layer's attention module (``q_proj``, ``k_proj``, ``scaling``).
         hidden: ``[batch, rows, d]`` input of the attention module (after its norm).
-        position_embeddings: the layer's ``(cos, sin)``, ``[batch, rows, head_dim]``.
+        position_embeddings: the layer's ``(cos, sin)``, ``[batch, rows, head_dim]``, or Llama 4's complex
+            frequencies (``[batch, rows, head_dim / 2]``; its NoPE layers skip them and scale their queries by
+            row index, as the module does by sequence index).
         query_rows: ``[batch, q]`` row indices of the queries.
         allowed: ``[batch, q, rows]`` bool, what each query may attend to.
     """
     bsz, n_rows, _ = hidden.shape
     hd = attn.head_dim
-    cos, sin = position_embeddings
+    if getattr(attn, "is_kv_shared_layer", False):
+        raise AdapterError(f"{type(attn).__name__} of layer {attn.layer_idx} reuses an earlier layer's keys and values "
+                           "(num_kv_shared_layers): its attention rows are not recomputed from its input")
     q_in = hidden.gather(1, query_rows[..., None].expand(-1, -1, hidden.shape[-1]))
     q = attn.q_proj(q_in).view(bsz, query_rows.shape[1], -1, hd)
     if q.shape[2] == 2 * attn.config.num_attention_heads:
         # gated attention (Qwen3.5, Qwen3-Next): each head's q_proj rows are its query, then its output gate
         q = q.view(bsz, query_rows.shape[1], -1, 2 * hd)[..., :hd]
     k = attn.k_proj(hidden).view(bsz, n_rows, -1, hd)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    rope = _rotary_fn(attn)
-    qc = cos.gather(1, query_rows[..., None].expand(-1, -1, cos.shape[-1]))
-    qs = sin.gather(1, query_rows[..., None].expand(-1, -1, sin.shape[-1]))
-    q = rope(q, q, qc, qs)[0]
-    k = rope(k, k, cos, sin)[1]
+    if _complex_rotary(position_embeddings):
+        q, k = _llama4_qk(attn, q, k, position_embeddings, query_rows)
+    else:
+        cos, sin = position_embeddings
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        rope = _rotary_fn(attn)
+        qc = cos.gather(1, query_rows[..., None].expand(-1, -1, cos.shape[-1]))
+        qs = sin.gather(1, query_rows[..., None].expand(-1, -1, sin.shape[-1]))
+        if _rotates_one_tensor(rope):  # Gemma 4: apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim), on [batch, rows, heads, d]
+            q = rope(q, qc, qs, unsqueeze_dim=2).transpose(1, 2)
+            k = rope(k, cos, sin, unsqueeze_dim=2).transpose(1, 2)
+        else:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            q = rope(q, q, qc, qs)[0]
+            k = rope(k, k, cos, sin)[1]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
     cap = getattr(attn.config, "attn_logit_softcapping", None)
@@ -83,11 +96,52 @@ def attention_keys(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddi
     """
     bsz, n_rows, _ = hidden.shape
     k = attn.k_proj(hidden).view(bsz, n_rows, -1, attn.head_dim)
+    if _complex_rotary(position_embeddings):
+        return _llama4_qk(attn, None, k, position_embeddings, None)[1]
     if hasattr(attn, "k_norm"):
         k = attn.k_norm(k)
     k = k.transpose(1, 2)
     cos, sin = position_embeddings
     return _rotary_fn(attn)(k, k, cos, sin)[1]
+
+
+def _complex_rotary(position_embeddings) -> bool:
+    return isinstance(position_embeddings, torch.Tensor) and position_embeddings.is_complex()
+
+
+def _llama4_qk(attn: torch.nn.Module, q: torch.Tensor | None, k: torch.Tensor, freqs: torch.Tensor,
+               query_rows: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Llama 4's queries and keys as its attention module makes them (``Llama4TextAttention.forward``): the complex
+    rotary frequencies on a RoPE layer (``use_rope``), then the weightless ``qk_norm`` where the layer has one; on a
+    NoPE layer with ``attn_temperature_tuning`` the queries scaled by ``log1p(floor((i + 1) / floor_scale)) *
+    attn_scale + 1``, `i` the query's row (HF: its sequence index). `q` ``[batch, q, heads, hd]`` (None: keys only),
+    `k` ``[batch, rows, kv_heads, hd]``; returned as ``[batch, heads, ., hd]``."""
+    use_rope = getattr(attn, "use_rope", True)
+    if use_rope:
+        rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_emb", None)
+        if rope is None:
+            raise AdapterError(f"{type(attn).__name__}: cannot find the module's apply_rotary_emb to recompute attention rows")
+        k = rope(k, k, freqs)[1]
+        if q is not None:
+            q = rope(q, q, freqs.gather(1, query_rows[..., None].expand(-1, -1, freqs.shape[-1])))[0]
+    if hasattr(attn, "qk_norm"):
+        k = attn.qk_norm(k)
+        q = None if q is None else attn.qk_norm(q)
+    if q is not None and getattr(attn, "attn_temperature_tuning", False) and not use_rope:
+        scale = torch.log1p(torch.floor((query_rows.float() + 1.0) / attn.floor_scale)) * attn.attn_scale + 1.0
+        q = (q * scale[..., None, None]).to(q.dtype)
+    return (None if q is None else q.transpose(1, 2)), k.transpose(1, 2)
+
+
+@functools.cache
+def _rotates_one_tensor(rope) -> bool:
+    """Whether the family's ``apply_rotary_pos_emb`` rotates one tensor, ``(x, cos, sin, unsqueeze_dim)`` (Gemma 4),
+    instead of a (q, k) pair (whose function transformers may wrap in a kernel hub's ``(*args, **kwargs)``)."""
+    try:
+        params = inspect.signature(rope).parameters
+    except (TypeError, ValueError):
+        return False
+    return "x" in params and "k" not in params
 
 
 @functools.cache
@@ -101,7 +155,31 @@ def applies_softcap(attention_class: type) -> bool:
         return True
 
 
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+CHUNKED = "chunked_attention"  # Llama 4: a query attends to the earlier keys of its own chunk only
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The window of a chunked-attention layer (Llama 4): the sequence is cut into chunks of `size` tokens, counted
+    from each sample's first token, and a query attends to the keys of its own chunk only (HF's
+    ``masking_utils.chunked_overlay``: ``(kv_idx - left_padding) // chunk_size == (q_idx - left_padding) //
+    chunk_size``). An int window is a sliding one; None is full attention."""
+
+    size: int
+
+
+def within(window: int | Chunk | None, key_rank: torch.Tensor, query_rank: torch.Tensor) -> torch.Tensor:
+    """Whether a key is inside a query's window, both given by their rank among the tokens that are there (padding
+    and tokens pruned by removal do not count, as HF counts a sample run alone): ``key_rank`` and ``query_rank``
+    broadcast against each other. A sliding window keeps the `window` ranks up to the query; a `Chunk`, the
+    query's chunk; None (full attention) everything."""
+    if window is None:
+        shape = torch.broadcast_shapes(key_rank.shape, query_rank.shape)
+        return torch.ones(shape, dtype=torch.bool, device=key_rank.device)
+    if isinstance(window, Chunk):
+        return key_rank.div(window.size, rounding_mode="floor") == query_rank.div(window.size, rounding_mode="floor")
+    return key_rank > query_rank - window
 LINEAR = "linear_attention"  # a recurrent token mixer (Qwen3.5's Gated DeltaNet): no attention matrix, no window
 ENGINE_LAYER_TYPES = (*LAYER_TYPES, LINEAR)
 
@@ -182,17 +260,17 @@ def check_layer_types(cfg, name: str, types: Sequence[str] = (), allowed: Sequen
     the adapter names it (`ModulePaths.linear_attn`, Qwen3.5).
 
     Args:
-        allowed: the layer types accepted: full and sliding attention, plus linear attention where the adapter
+        allowed: the layer types accepted: full, sliding and chunked attention, plus linear attention where the adapter
             names the linear mixer (`ENGINE_LAYER_TYPES`).
 
     Raises:
-        AdapterError: another layer type (chunked attention; linear attention without a named mixer).
+        AdapterError: another layer type (linear attention without a named mixer, or one the engine does not know).
     """
     bad = sorted((set(types) | set(getattr(cfg, "layer_types", None) or ())) - set(allowed))
     if bad:
         raise AdapterError(
             f"{name}: config.layer_types has {', '.join(map(repr, bad))}; the intervention engine masks "
-            f"{' and '.join(allowed)} layers only"
+            f"{', '.join(allowed[:-1])} and {allowed[-1]} layers only"
         )
 
 
@@ -211,14 +289,24 @@ def layer_windows(cfg, attention: Sequence[torch.nn.Module], name: str) -> tuple
     A linear-attention mixer (its ``layer_type`` says so: Qwen3.5's Gated DeltaNet) has type ``linear_attention``
     and no window.
 
+    A chunked-attention layer (the config's ``layer_types`` says so: Llama 4) has type ``chunked_attention`` and a
+    `Chunk` of ``config.attention_chunk_size`` tokens as its window.
+
     Raises:
-        AdapterError: a layer type the engine cannot run (chunked attention), or a sliding layer without a window.
+        AdapterError: a layer type the engine cannot run, a sliding layer without a window, or a chunked layer
+            without a positive ``attention_chunk_size``.
     """
+    cfg_types = list(getattr(cfg, "layer_types", None) or ())
     types = [getattr(attn, "layer_type", None) for attn in attention]
-    windows = [None if t == LINEAR else attention_window(attn, cfg) for attn, t in zip(attention, types)]
+    # a chunked layer's module says nothing of it (Llama 4): the config's layer_types does, as its model reads it
+    types = [CHUNKED if i < len(cfg_types) and cfg_types[i] == CHUNKED else t for i, t in enumerate(types)]
+    windows = [None if t == LINEAR else _chunk(cfg, name, i) if t == CHUNKED else attention_window(attn, cfg)
+               for i, (attn, t) in enumerate(zip(attention, types))]
     types = [t or ("sliding_attention" if w is not None else "full_attention") for t, w in zip(types, windows)]
     check_layer_types(cfg, name, types, ENGINE_LAYER_TYPES if LINEAR in types else LAYER_TYPES)
     for i, (attn, t, w) in enumerate(zip(attention, types, windows)):
+        if t == CHUNKED:
+            continue  # `_chunk` checked its size
         if (t == "sliding_attention") != (w is not None) or (w is not None and not (isinstance(w, int) and w > 0)):
             own = vars(attn).get("sliding_window", "unset")
             raise AdapterError(
@@ -226,6 +314,14 @@ def layer_windows(cfg, attention: Sequence[torch.nn.Module], name: str) -> tuple
                 f"sliding_window: {own!r}, config.sliding_window: {getattr(cfg, 'sliding_window', None)!r}); expected "
                 f"a positive int window on sliding_attention layers and none on full_attention layers")
     return types, windows
+
+
+def _chunk(cfg, name: str, layer: int) -> Chunk:
+    size = getattr(cfg, "attention_chunk_size", None)
+    if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        raise AdapterError(f"{name}: decoder layer {layer} is a chunked_attention layer and config.attention_chunk_size is "
+                           f"{size!r}; expected a positive int")
+    return Chunk(size)
 
 
 def rotary_embeddings(lm: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor, layer_types) -> dict:
@@ -242,9 +338,9 @@ def _takes_layer_type(rotary_class: type) -> bool:
     return "layer_type" in inspect.signature(rotary_class.forward).parameters
 
 
-def window_keys(valid: torch.Tensor, query_pos: torch.Tensor, window: int) -> torch.Tensor:
-    """``[batch, q, seq]`` bool: keys within `window` tokens before each query, counted over the tokens that are
-    there (`valid`, ``[batch, seq]``; padding does not count), as Hugging Face counts a sliding window in sequence
-    index for a sample run alone."""
+def window_keys(valid: torch.Tensor, query_pos: torch.Tensor, window: int | Chunk) -> torch.Tensor:
+    """``[batch, q, seq]`` bool: keys within `window` tokens before each query (or in its `Chunk`), counted over the
+    tokens that are there (`valid`, ``[batch, seq]``; padding does not count), as Hugging Face counts a sliding
+    window (and a chunk) in sequence index for a sample run alone."""
     rank = valid.long().cumsum(dim=1) - 1
-    return rank[:, None, :] > rank.gather(1, query_pos)[..., None] - window
+    return within(window, rank[:, None, :], rank.gather(1, query_pos)[..., None])

@@ -12,6 +12,8 @@ A site names an activation independently of the model family:
 ``llm.layers[i]``          residual stream leaving LLM layer ``i`` (before the final norm)
 ``llm.layers[i].attn``     attention update of layer ``i`` (before the residual add)
 ``llm.layers[i].mlp``      MLP update of layer ``i`` (before the residual add)
+``llm.layers[i].experts``  the experts each token is routed to in layer ``i``
+                           (mixture-of-experts families: Gemma 4), ``[batch, seq, top_k]`` ids
 ``llm.norm``               final norm output
 ``llm.unembed``            logits as the model returns them (``outputs.logits``;
                            ``lm_head`` then final-logit softcapping, Gemma2)
@@ -62,9 +64,9 @@ COMPONENTS = (
     "llm.unembed",
 )
 LAYERED = {"vision.layers", "llm.layers"}
-LLM_SUBS = ("in", "attn", "mlp", None)  # execution order inside a decoder layer
+LLM_SUBS = ("in", "attn", "experts", "mlp", None)  # execution order inside a decoder layer (the router runs before the MLP update is complete)
 
-_PATTERN = re.compile(r"^(?P<comp>[a-z.]+?)(?:\[(?P<layer>-?\d+)\])?(?:\.(?P<sub>in|attn|mlp))?$")
+_PATTERN = re.compile(r"^(?P<comp>[a-z.]+?)(?:\[(?P<layer>-?\d+)\])?(?:\.(?P<sub>in|attn|experts|mlp))?$")
 
 
 @value_type
@@ -91,7 +93,7 @@ class Site:
         if comp not in COMPONENTS:
             raise UnknownNameError.make("site", name, [*COMPONENTS[:1], "vision.layers[i]", *COMPONENTS[2:5],
                                                          "llm.layers[i]", "llm.layers[i].in", "llm.layers[i].attn",
-                                                         "llm.layers[i].mlp", *COMPONENTS[6:]])
+                                                         "llm.layers[i].mlp", "llm.layers[i].experts", *COMPONENTS[6:]])
         layer = int(m.group("layer")) if m.group("layer") is not None else None
         sub = m.group("sub")
         if comp in LAYERED and layer is None:
@@ -99,7 +101,7 @@ class Site:
         if comp not in LAYERED and layer is not None:
             raise AdapterError(f"Site {name!r}: {comp} takes no layer index")
         if sub is not None and comp != "llm.layers":
-            raise AdapterError(f"Site {name!r}: only llm.layers[i] has .in/.attn/.mlp")
+            raise AdapterError(f"Site {name!r}: only llm.layers[i] has .in/.attn/.mlp/.experts")
         return cls(comp, layer, sub)
 
     def __str__(self) -> str:

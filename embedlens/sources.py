@@ -54,7 +54,7 @@ class HubSource(Source):
                 config = AutoConfig.from_pretrained(name, **NO_REMOTE_CODE)
             except OSError as e:
                 raise AdapterError(f"cannot load a model config from {name!r}: {e}") from None
-            cls = adapter_for_architecture(getattr(config, "architectures", None), getattr(config, "model_type", ""))
+            cls = adapter_for_architecture(getattr(config, "architectures", None), getattr(config, "model_type", ""), config)
         return cls.from_pretrained(name, dtype=dtype, device=device, attn_implementation=attn_implementation,
                                    placement=placement, remote=self.remote)
 

@@ -54,6 +54,8 @@ def _read(root, adapter: "Adapter", site: Site):
         return _first(resolve_path(layer, p.attn_out or mixer_path(layer, p)).output)
     if site.sub == "mlp":
         return _first(resolve_path(layer, p.mlp_out or p.mlp).output)
+    if site.sub == "experts":  # the router returns (probabilities, top-k weights, top-k expert ids), rows flattened
+        return resolve_path(layer, p.router).output[2]
     return _first(layer.output)
 
 

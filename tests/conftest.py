@@ -112,6 +112,15 @@ def sample_positions(adapter, batch, b):
     return adapter.position_ids(batch.inputs).select(-2, b)
 
 
+def _type_keys(adapter, batch) -> list[str]:
+    """The token-type inputs the model's forward reads its attention blocks from: PaliGemma's prefix and Gemma 3's
+    images (``token_type_ids``), Gemma 4's images (``mm_token_type_ids``)."""
+    import inspect
+
+    params = inspect.signature(adapter.model.forward).parameters
+    return [k for k in ("token_type_ids", "mm_token_type_ids") if k in batch.inputs and k in params]
+
+
 def hf_run(adapter, batch, b, keep, embeds=None, **extra):
     """HF forward of sample b with only the `keep` rows, at their original position ids: the hand-cut reference
     for token removal. The explicit all-ones attention mask matters: without one, transformers (>= 5.24) reads
@@ -128,8 +137,11 @@ def hf_run(adapter, batch, b, keep, embeds=None, **extra):
         position_ids=sample_positions(adapter, batch, b)[..., keep].unsqueeze(-2),
         attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
     )
-    if "token_type_ids" in batch.inputs:
-        kwargs["token_type_ids"] = batch.inputs["token_type_ids"][b][keep][None]
+    for key in _type_keys(adapter, batch):
+        kwargs[key] = batch.inputs[key][b][keep][None]
+    per_layer = Engine(adapter).per_layer_token_inputs(batch)  # Gemma 4: the kept tokens' own identities
+    if per_layer is not None:
+        kwargs["per_layer_inputs"] = per_layer[b][keep][None]
     if adapter.has(Capability.DEEPSTACK):
         return _hf_run_deepstack(adapter, batch, b, keep, kwargs, extra)
     with torch.no_grad():
@@ -166,15 +178,20 @@ def hf_masked_run(adapter, batch, b, hidden, embeds, extra_embeds=None):
     x = embeds[b][valid]
     pos = sample_positions(adapter, batch, b)[..., valid]  # `[n]`, or M-RoPE's `[3, n]`
     mask = (~hidden[valid]).long()
-    types = batch.inputs["token_type_ids"][b][valid] if "token_type_ids" in batch.inputs else None
+    types = {k: batch.inputs[k][b][valid] for k in _type_keys(adapter, batch)}
     if extra_embeds is not None:
         n = extra_embeds.shape[0]
         x = torch.cat([x, extra_embeds])
         pos = torch.cat([pos, (pos.max() + 1 + torch.arange(n)).expand(*pos.shape[:-1], n)], dim=-1)
         mask = torch.cat([mask, torch.ones(n, dtype=torch.long)])
-        types = None if types is None else torch.cat([types, torch.zeros(n, dtype=types.dtype)])
-    kwargs = dict(inputs_embeds=x[None], position_ids=pos.unsqueeze(-2), attention_mask=mask[None])
-    if types is not None:
-        kwargs["token_type_ids"] = types[None]
+        types = {k: torch.cat([t, torch.zeros(n, dtype=t.dtype)]) for k, t in types.items()}
+    kwargs = dict(inputs_embeds=x[None], position_ids=pos.unsqueeze(-2), attention_mask=mask[None], **{k: t[None] for k, t in types.items()})
+    from embedlens.interventions import Engine
+
+    per_layer = Engine(adapter).per_layer_token_inputs(batch)  # Gemma 4 (no continuation tokens there)
+    if per_layer is not None:
+        if extra_embeds is not None:
+            raise NotImplementedError("hf_masked_run: continuation tokens with per-layer inputs")
+        kwargs["per_layer_inputs"] = per_layer[b][valid][None]
     with torch.no_grad():
         return adapter.model(**kwargs)

@@ -96,8 +96,9 @@ def test_a_layer_type_the_engine_cannot_mask_is_refused_by_name():
     from embedlens.errors import AdapterError
 
     cfg = LlamaConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2)
-    cfg.layer_types = ["full_attention", "chunked_attention"]
-    with pytest.raises(AdapterError, match="'chunked_attention'.*masks full_attention and sliding_attention layers only"):
+    cfg.layer_types = ["full_attention", "local_attention"]  # no such type: the engine cannot know its mask
+    with pytest.raises(AdapterError, match="'local_attention'.*masks full_attention, sliding_attention and chunked_attention "
+                                           "layers only"):
         layer_windows(cfg, [LlamaAttention(cfg, i) for i in range(2)], "t")
 
 
@@ -138,7 +139,7 @@ def test_a_hybrid_models_linear_attention_layers_are_refused_by_type_before_any_
     paths = SimpleNamespace(language_model="model", llm_layers="model.layers", llm_norm="model.norm", unembed="lm_head",
                             attn="self_attn", attn_norm="input_layernorm")
     adapter = SimpleNamespace(model=model, paths=paths, name="qwen3-next")
-    refusal = "qwen3-next: config.layer_types has 'linear_attention'; the intervention engine masks full_attention and sliding_attention"
+    refusal = "qwen3-next: config.layer_types has 'linear_attention'; the intervention engine masks full_attention, sliding_attention and chunked_attention"
     with pytest.raises(AdapterError, match=refusal):
         Engine(adapter)
     with pytest.raises(AdapterError, match=refusal):

@@ -19,7 +19,7 @@ def _samples(adapter):
 
 def _n_features(adapter, batch) -> int:
     """Rows of image features the model itself scatters into the sequence."""
-    keys = ("pixel_values", "image_sizes", "batch_num_images", "pixel_attention_mask", "image_grid_thw")
+    keys = ("pixel_values", "image_sizes", "batch_num_images", "pixel_attention_mask", "image_grid_thw", "image_position_ids")
     kwargs = {k: v for k, v in batch.inputs.items() if k in keys}
     with torch.no_grad():
         feats = adapter.model.model.get_image_features(**kwargs).pooler_output
@@ -159,6 +159,9 @@ def _packed_patch_blocks(adapter):
         changed = pv.clone()
         if thw is not None:
             changed[qwen_patch_row(int(starts[g]), int(thw[g, 2]), r * bh + i, c * bw + j, bh)] += 1.0
+        elif "image_position_ids" in batch.inputs:  # Gemma 4: each image's patches row-major, one row per patch
+            pw = int(batch.inputs["image_position_ids"][g, :, 0].max()) + 1
+            changed[g, (r * bh + i) * pw + c * bw + j] += 1.0
         else:
             ps = adapter.config.vision_config.patch_size
             pr, pc = r * bh + i, c * bw + j
@@ -172,7 +175,23 @@ def _packed_patch_blocks(adapter):
         assert len(where) == 1 and where[0][0] == 0, (t, where)
         site_row = where[0][1]  # where the site holds that patch (Qwen2.5-VL: in window order)
         assert site_row in adapter.patch_indices(vt["feature_col"][t : t + 1], batch.inputs)[0].tolist(), (t, site_row)
-        handle = proj.register_forward_pre_hook(lambda m, args: (_bumped(args[0][None], 0, site_row)[0], *args[1:]))
+        if adapter.has(Capability.PRE_PROJECTOR_MERGE):
+            # Gemma 4: the pooler merges before the projector; raise that patch in the last layer's output (its
+            # padded image rows: the site_row-th real patch) and only its token's feature may change
+            real = (batch.inputs["image_position_ids"] >= 0).all(-1).flatten().nonzero().flatten()
+            flat = int(real[site_row])
+            layer = resolve_path(adapter.model, adapter.paths.vision_layers)[-1]
+
+            def bump_patch(m, args, out):
+                h = (out[0] if isinstance(out, tuple) else out).clone()
+                h.view(-1, h.shape[-1])[flat] += 1.0
+                return (h, *out[1:]) if isinstance(out, tuple) else h
+
+            handle = layer.register_forward_hook(bump_patch)
+        else:
+            # the projector's input: `[patches, d]` (Qwen-VL's merger, Mistral 3's projector) or `[1, patches, d]` (LLaVA's)
+            handle = proj.register_forward_pre_hook(
+                lambda m, args: (_bumped(args[0].reshape(1, -1, args[0].shape[-1]), 0, site_row).reshape(args[0].shape), *args[1:]))
         try:
             out = collect(adapter, batch, ["projector"])[Site("projector")]
         finally:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping
 
+from embedlens.adapters._unsupported import ADDING_A_FAMILY, unsupported
 from embedlens.adapters.sources import resolve
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, ProcessorMixin
+    from transformers import PretrainedConfig, PreTrainedModel, ProcessorMixin
 
     from embedlens.adapters.base import Adapter
     from embedlens.adapters.placement import Placement
@@ -32,6 +33,8 @@ _LAZY = {
     "Capability": "embedlens.adapters.capabilities",
     "Placement": "embedlens.adapters.placement",
     "Gemma3Adapter": "embedlens.adapters.gemma3",
+    "Gemma4Adapter": "embedlens.adapters.gemma4",
+    "Gemma4ImageProcessor": "embedlens.adapters.gemma4",
     "Idefics3Adapter": "embedlens.adapters.idefics3",
     "SmolVLMAdapter": "embedlens.adapters.idefics3",
     "SmolVLMImageProcessor": "embedlens.adapters.idefics3",
@@ -41,6 +44,7 @@ _LAZY = {
     "LlavaNextAdapter": "embedlens.adapters.llava_next",
     "LlavaOnevisionAdapter": "embedlens.adapters.llava_onevision",
     "LlavaOnevision15Adapter": "embedlens.adapters.llava_onevision1_5",
+    "LlavaPixtralAdapter": "embedlens.adapters.llava_pixtral",
     "OnevisionImageProcessor": "embedlens.adapters.llava_onevision",
     "Mistral3Adapter": "embedlens.adapters.mistral3",
     "PixtralProcessor": "embedlens.adapters.mistral3",
@@ -65,13 +69,14 @@ def __getattr__(name: str):
 
 TINY_PREFIX = "tiny:"
 ZOO_PREFIX = "zoo:"
-ADDING_A_FAMILY = "docs/adding-a-family.md"  # the guide the unsupported-architecture error points to
 
 __all__ = [
     "Adapter",
     "Batch",
     "Capability",
     "Gemma3Adapter",
+    "Gemma4Adapter",
+    "Gemma4ImageProcessor",
     "Idefics3Adapter",
     "InternVLAdapter",
     "InternVLImageProcessor",
@@ -79,6 +84,7 @@ __all__ = [
     "LlavaNextAdapter",
     "LlavaOnevision15Adapter",
     "LlavaOnevisionAdapter",
+    "LlavaPixtralAdapter",
     "Mistral3Adapter",
     "ModulePaths",
     "OnevisionImageProcessor",
@@ -98,21 +104,23 @@ __all__ = [
 ]
 
 
-def adapter_for_architecture(architectures: list[str] | tuple[str, ...] | None, model_type: str = "") -> type[Adapter]:
-    """The registered adapter class that supports one of `architectures`.
+def adapter_for_architecture(architectures: list[str] | tuple[str, ...] | None, model_type: str = "",
+                             config: PretrainedConfig | None = None) -> type[Adapter]:
+    """The registered adapter class that supports one of `architectures` (and, given the model's `config`, fits
+    its parts: `Adapter.mismatch`, e.g. `LlavaForConditionalGeneration` with a Pixtral tower).
 
     Raises:
-        AdapterError: listing every supported architecture and pointing to docs/adding-a-family.md.
+        AdapterError: listing every supported architecture (and why the adapters of this one do not fit its
+            config) and pointing to docs/adding-a-family.md.
     """
+    reasons = []
     for name, cls in adapters.items():
         if set(architectures or ()) & set(cls.architectures):
-            return cls
-    supported = sorted(a for _, cls in adapters.items() for a in cls.architectures)
-    got = ", ".join(architectures or ()) or f"(none; model_type {model_type!r})"
-    raise AdapterError(
-        f"No adapter supports architecture {got}. Supported: {', '.join(supported)}. "
-        f"To add a family, see {ADDING_A_FAMILY}"
-    )
+            reason = None if config is None else cls.mismatch(config)
+            if reason is None:
+                return cls
+            reasons.append(reason)
+    raise unsupported(", ".join(architectures or ()) or f"(none; model_type {model_type!r})", reasons)
 
 
 def wrap_model(model: PreTrainedModel, processor: ProcessorMixin, adapter: str | None = None) -> Adapter:
@@ -130,7 +138,7 @@ def wrap_model(model: PreTrainedModel, processor: ProcessorMixin, adapter: str |
             )
     else:
         archs = getattr(model.config, "architectures", None) or [type(model).__name__]
-        cls = adapter_for_architecture(archs, getattr(model.config, "model_type", ""))
+        cls = adapter_for_architecture(archs, getattr(model.config, "model_type", ""), model.config)
     return cls(model, processor)
 
 

@@ -17,6 +17,7 @@ from embedlens.adapters.capabilities import (
     parse_capabilities,
 )
 from embedlens.adapters._remote_code import NO_REMOTE_CODE, refuse_remote_code
+from embedlens.adapters._unsupported import unsupported
 from embedlens.adapters.loading import DTYPES, check_weights_fit, parse_dtype  # noqa: F401 - DTYPES, parse_dtype: importable from here as before
 from embedlens.adapters.placement import Placement, loading_kwargs, module_device, weight
 from embedlens.adapters.role_map import PromptText, build_roles, mark_spans
@@ -46,6 +47,12 @@ class ModulePaths:
     # sites read these; interventions still hook `attn` / `mlp` (a zeroed output stays zero through an RMSNorm).
     attn_out: str = ""
     mlp_out: str = ""
+    # Inside one LLM layer: the module whose output is a third update, added after the MLP's (Gemma 4's per-layer
+    # input, ``post_per_layer_input_norm``); empty: none. No site reads it: ``in + attn + mlp + it == out``.
+    per_layer_out: str = ""
+    # Inside one LLM layer: the mixture-of-experts router, whose output ends with each token's top-k expert ids
+    # (the ``llm.layers[i].experts`` site); empty: the model has none.
+    router: str = ""
     # Inside one LLM layer of a hybrid model: the linear-attention mixer (Qwen3.5's Gated DeltaNet) of the layers
     # that have no `attn`; it stands in for `attn` there (the `.attn` site, `skip_sublayer`'s attention update).
     linear_attn: str = ""
@@ -122,6 +129,33 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
         """Whether this family declares `capability` (a `Capability` or its name)."""
         return parse_capabilities(f"{self.name}.has()", [capability]) <= self.capabilities
 
+    # The vision towers (`vision_config.model_type`) the adapter takes, for model classes that build whatever tower
+    # the config names (LLaVA's `AutoModel.from_config`); empty: the model class fixes its tower.
+    vision_towers: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def mismatch(cls, config: Any) -> str | None:
+        """What in `config` this adapter does not serve among the models of its `architectures`, or None.
+
+        The default checks the vision tower against `vision_towers`. Where adapters share an architecture with
+        different parts (`LlavaForConditionalGeneration` with a CLIP or SigLIP tower: ``llava``; with Pixtral's:
+        ``llava_pixtral``), `load_model` picks the one that fits; a model none fits gets the unsupported-architecture
+        error with these reasons, and a forced adapter that does not fit is refused with its reason before any of
+        its module paths is looked up."""
+        if not cls.vision_towers:
+            return None
+        tower = getattr(getattr(config, "vision_config", None), "model_type", None)
+        if tower in cls.vision_towers:
+            return None
+        return (f"its vision tower is {tower!r}; adapter {cls.registered_name or cls.__name__!r} takes "
+                f"{' or '.join(map(repr, cls.vision_towers))}")
+
+    @classmethod
+    def _refuse_unfit(cls, model: PreTrainedModel) -> None:
+        reason = cls.mismatch(model.config)
+        if reason is not None:
+            raise AdapterError(f"adapter {cls.registered_name or cls.__name__!r} does not fit this {type(model).__name__}: {reason}")
+
     @property
     def name(self) -> str:
         """The adapter's registered name (its key in plans)."""
@@ -136,8 +170,14 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
         #: Run traces on NDIF (`embedlens.adapters.remote`); the model here is then a weightless skeleton.
         self.remote = False
         self._remote_weights: dict[str, torch.Tensor] = {}
+        self._refuse_unfit(model)
         for attr in ("vision_embed", "vision_layers", "projector", "language_model", "llm_layers", "llm_norm", "unembed"):
-            resolve_path(model, getattr(self.paths, attr))  # fail at load, not mid-run
+            path = getattr(self.paths, attr)
+            try:
+                resolve_path(model, path)  # fail at load, not mid-run
+            except AdapterError:  # a layout of the family no adapter serves: the unsupported-architecture error
+                raise unsupported(type(model).__name__, [f"adapter {self.name!r} reads its {attr} at {path!r}, which this "
+                                                         "model lacks"]) from None
 
     # -- loading -------------------------------------------------------------
     @classmethod
@@ -177,6 +217,7 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
         except Exception as e:  # noqa: BLE001 - a checkpoint of another family fails in arbitrary ways
             raise AdapterError(f"{label} cannot load {str(path)!r}: {type(e).__name__}: {e}") from None
         check_weights_fit(label, str(path), model, info)
+        cls._refuse_unfit(model)  # before its processor, which may be another family's
         if placement is None or placement.device_map is None:  # a dispatched or quantised model is placed already
             model = model if placement is not None and placement.quantization is not None else model.to(device)
         return cls(model.eval(), cls.load_processor(path), source=str(path))
@@ -270,6 +311,8 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
     def resolve(self, site: "str | Site") -> Site:
         """Parse a site and check its layer index against this model."""
         site = Site.parse(site)
+        if site.sub == "experts" and not self.paths.router:
+            raise AdapterError(f"Site {site}: {self.name} has no mixture-of-experts router (only such families route tokens to experts)")
         if site.layer is None:
             return site
         return site.resolve(self.n_layers(site.component))
@@ -468,6 +511,11 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
         if full[: len(ctx)] == ctx:
             return list(full[len(ctx) :])
         return list(tok(f" {text}", add_special_tokens=False)["input_ids"])
+
+    def text_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids as the language model embeds them when they are text (decoded tokens): unchanged, except where
+        the model embeds a placeholder id it finds outside any image as another token (Gemma 4: padding)."""
+        return ids
 
     def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Keyword arguments for the model's forward, on the model's device."""

@@ -20,6 +20,9 @@ capability                  methods (defaults below / in `Adapter`)     what dec
 ``MROPE``                   `Positions.position_ids`                    `[3, batch, seq]` (t, h, w) position ids
 ``WINDOWED_BLOCKS``         `Positions.block_ids`                       a sliding window bounds the bidirectional
                                                                         blocks too (else only the causal part)
+``SLIDING_BLOCKS_ONLY``     `Positions.block_ids`                       the bidirectional blocks apply on sliding
+                                                                        layers only; global layers stay causal
+                                                                        (Gemma 4)
 ``DEEPSTACK``               `embedlens.interventions.Engine.deepstack`  vision features added to the LLM's hidden
                                                                         states after its first layers
 ``VISION_FEATURE_LAYER``    `VisionFeatureLayer`                        image features are the tower's
@@ -60,6 +63,7 @@ class Capability(str, Enum):
     PACKED_TOWER = "packed_tower"
     MROPE = "mrope"
     WINDOWED_BLOCKS = "windowed_blocks"
+    SLIDING_BLOCKS_ONLY = "sliding_blocks_only"
     DEEPSTACK = "deepstack"
     VISION_FEATURE_LAYER = "vision_feature_layer"
     VIDEO = "video"

@@ -6,12 +6,14 @@ this module only when an adapter is looked up, so plan checks that need no model
 
 from embedlens.adapters import (  # noqa: F401 - each import registers its family's adapters
     gemma3,
+    gemma4,
     idefics3,
     internvl,
     llava,
     llava_next,
     llava_onevision,
     llava_onevision1_5,
+    llava_pixtral,
     mistral3,
     paligemma,
     qwen2_vl,

@@ -56,6 +56,7 @@ class Gemma3Adapter(Adapter):
 
     architectures = ("Gemma3ForConditionalGeneration",)
     model_class = Gemma3ForConditionalGeneration
+    vision_towers = ("siglip_vision_model",)
     # Gemma 3 layers norm each update before the residual add: the .attn/.mlp sites are those norms' outputs
     paths = ModulePaths(attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
     # sliding layers: AND(window, OR(causal, image blocks)) (create_masks_for_vision_model)

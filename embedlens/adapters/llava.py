@@ -23,6 +23,8 @@ class LlavaAdapter(Adapter):
     model_class = LlavaForConditionalGeneration
     capabilities = frozenset({Capability.VISION_FEATURE_LAYER})  # later encoder layers are skipped
 
+    vision_towers = ("clip_vision_model", "siglip_vision_model")  # a Pixtral tower is `LlavaPixtralAdapter`'s
+
     @property
     def tower(self) -> str:
         """'clip' or 'siglip' (or the vision config's model type)."""

@@ -25,6 +25,7 @@ class LlavaNextAdapter(Adapter):
 
     architectures = ("LlavaNextForConditionalGeneration",)
     model_class = LlavaNextForConditionalGeneration
+    vision_towers = ("clip_vision_model", "siglip_vision_model")
     capabilities = frozenset({Capability.VISION_FEATURE_LAYER, Capability.IMAGE_NEWLINE})
 
     def n_tiles(self, inputs: BatchFeature) -> list[int]:

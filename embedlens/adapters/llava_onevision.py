@@ -34,6 +34,7 @@ class LlavaOnevisionAdapter(Adapter):
 
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     model_class = LlavaOnevisionForConditionalGeneration
+    vision_towers = ("siglip_vision_model", "clip_vision_model")
     capabilities = frozenset({Capability.VISION_FEATURE_LAYER, Capability.IMAGE_NEWLINE})
 
     image_only_processor = OnevisionImageProcessor

@@ -91,6 +91,7 @@ class Mistral3Adapter(Adapter):
 
     architectures = ("Mistral3ForConditionalGeneration",)
     model_class = Mistral3ForConditionalGeneration
+    vision_towers = ("pixtral",)
     paths = ModulePaths(vision_embed="model.vision_tower.ln_pre", vision_layers="model.vision_tower.transformer.layers")
     capabilities = frozenset({Capability.PACKED_TOWER, Capability.VISION_FEATURE_LAYER})
 

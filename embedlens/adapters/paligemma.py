@@ -23,6 +23,7 @@ class PaliGemmaAdapter(Adapter):
 
     architectures = ("PaliGemmaForConditionalGeneration",)
     model_class = PaliGemmaForConditionalGeneration
+    vision_towers = ("siglip_vision_model",)
     capabilities = frozenset({Capability.ANSWER_SUFFIX})
     position_offset = 1
 

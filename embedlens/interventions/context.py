@@ -110,6 +110,9 @@ class Context:
     exit: torch.Tensor
     groups: Callable[[str], torch.Tensor] | None = None
     deepstack: list[torch.Tensor] | None = None  # Qwen3-VL: `[batch, seq, d]` added after decoder layer i (0 off visual positions)
+    #: Gemma 4's per-layer inputs, their token-identity part as the model hands it to its language model
+    #: (`[batch, seq, layers, d_ple]`); the engine projects the (edited) embeddings into them as the text model does
+    per_layer: torch.Tensor | None = None
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
     attention_requests: set[int] = field(default_factory=set)
     #: `{layer: [fn]}`: called with the layer's `AttentionInput` as it runs (`probe_attention`)

@@ -20,6 +20,16 @@ those per-layer arguments itself:
 - DeepStack features (Qwen3-VL, `Capability.DEEPSTACK`), taken from the model's
   own call of its language model, are added after their decoder layers to the
   visual tokens present there, as the text model does;
+- per-layer inputs (Gemma 4's ``hidden_size_per_layer_input``): the token
+  identities the model hands its language model, combined with the (edited)
+  input embeddings by the text model's own ``project_per_layer_inputs``, and
+  given to each layer for the tokens present; layers that reuse an earlier
+  layer's keys and values (Gemma 4's ``num_kv_shared_layers``) get them through
+  one ``shared_kv_states`` per run, so tokens may leave or enter only before the
+  first layer that stores them (an intervention that moves tokens later is
+  refused), and such a model does not decode from the engine's cache;
+- mixture-of-experts layers route the tokens they hold: running the model's
+  own layers on the modified sequence recomputes the routing;
 - the attention mask is causal in the original order (plus the family's
   bidirectional blocks, e.g. PaliGemma's prefix, Gemma 3's images), minus what
   knockouts block;
@@ -39,6 +49,13 @@ those per-layer arguments itself:
   attention mask). On sliding layers removal and mask therefore differ once
   the window is shorter than the sequence; each equals its Hugging Face run.
   Decoding continues the count (`Outcome.step`).
+- a chunked-attention layer (Llama 4: ``chunked_attention`` in the config's
+  ``layer_types``) lets a query attend to the earlier keys of its own chunk of
+  ``attention_chunk_size`` tokens only. Hugging Face counts chunks from each
+  sample's first non-padding token in sequence index
+  (``masking_utils.chunked_overlay``), so the engine counts them over the rows
+  a layer holds, as it counts a sliding window: removal frees a token's place,
+  masking keeps it.
 - a linear-attention layer (Qwen3.5's Gated DeltaNet, type ``linear_attention``)
   has no attention matrix: its recurrent state is a scan over the rows it is
   given. The engine hands it the packed rows and, as Hugging Face's
@@ -140,6 +157,12 @@ class Engine:
         self.layer_types, self.windows = layer_windows(cfg, self.mixers, adapter.name)
         self.linear = linear_layers(self.layer_types)
         self.cache_kwarg = cache_kwarg(self.layers[0]) if self.layers else "past_key_values"
+        modes = list(getattr(cfg, "kv_sharing_modes", None) or ())
+        #: Gemma 4's layers write keys and values to a ``shared_kv_states`` they take (the last layers may reuse them)
+        self.shares_kv = bool(set(modes) & {"store", "reuse"})
+        #: first layer that stores keys and values later layers reuse, None where none reuses them
+        self.kv_store = modes.index("store") if "reuse" in modes and "store" in modes else None
+        self.per_layer_inputs = bool(getattr(cfg, "hidden_size_per_layer_input", 0))
         self._layer_devices: list[torch.device] | None = None
 
     @property
@@ -192,9 +215,23 @@ class Engine:
         family without them."""
         return _scatter_deepstack(self._lm_inputs(batch))
 
+    def kv_sharing(self) -> dict:
+        """The keyword Gemma 4's layers take their shared keys and values under: a fresh store for one pass."""
+        if not self.shares_kv:
+            return {}
+        from transformers.cache_utils import KVSharingDict
+
+        return {"shared_kv_states": KVSharingDict()}
+
+    @torch.no_grad()
+    def per_layer_token_inputs(self, batch: "Batch") -> torch.Tensor | None:
+        """Gemma 4: the token-identity part of the per-layer inputs, as the model hands it to its language model
+        (`[batch, seq, layers, d]`); None for a model without per-layer inputs."""
+        return self._lm_inputs(batch).get("per_layer_inputs") if self.per_layer_inputs else None
+
     @torch.no_grad()
     def _lm_inputs(self, batch: "Batch") -> dict:
-        captured = {}
+        captured: dict = {}
 
         def hook(module, args, kwargs):
             captured.update(kwargs)
@@ -223,8 +260,10 @@ class Engine:
                 # the M-RoPE ids the model itself computed for its language model (Qwen-VL): asking the adapter
                 # would run the same per-image host loop (get_rope_index) a second time
                 positions = given
-        else:  # precomputed embeddings; DeepStack features still need the tower
+            per_layer = captured.get("per_layer_inputs")
+        else:  # precomputed embeddings; DeepStack features and per-layer inputs still need the model's own call
             deep = self.deepstack(batch) if self.adapter.has(Capability.DEEPSTACK) else None
+            per_layer = self._lm_inputs(batch).get("per_layer_inputs") if self.per_layer_inputs else None
         if hasattr(groups, "label"):  # a partition: label this batch's tokens once
             groups = _lookup({g: m.to(self.device) for g, m in groups.label(self.adapter, batch, embeds=embeds).items()})
         elif isinstance(groups, dict):
@@ -253,6 +292,7 @@ class Engine:
             exit=torch.where(valid, self.n_layers, 0),
             groups=groups,
             deepstack=deep,
+            per_layer=per_layer,
         )
 
     # -- the run ---------------------------------------------------------------
@@ -305,6 +345,13 @@ class Engine:
 
         n_layers, bsz = self.n_layers, ctx.roles.kind.shape[0]
         home = self.device
+        extra = self.kv_sharing()
+        if self.kv_store is not None and cache:
+            raise InterventionError(
+                f"{self.adapter.name}: decoding from the engine's cache is not supported for a model whose last "
+                f"layers reuse earlier layers' keys and values (num_kv_shared_layers={self.lm.config.num_kv_shared_layers})")
+        # Gemma 4: the text model's own projection of its input embeddings, with the tokens' identities
+        ple = self.lm.project_per_layer_inputs(x_full, ctx.per_layer) if ctx.per_layer is not None else None
         kv = RowCache(n_layers) if cache else None
         per_layer_counts: list[torch.Tensor] = []
         key_valid: list[torch.Tensor] = []
@@ -329,12 +376,18 @@ class Engine:
                 stamp = (ctx.enter, ctx.enter._version, ctx.exit, ctx.exit._version)
                 changes[layer_idx] = True
             if changes[layer_idx]:
+                if self.kv_store is not None and layer_idx > self.kv_store:
+                    raise InterventionError(
+                        f"{condition}: tokens leave or enter the sequence at decoder layer {layer_idx}, after layer "
+                        f"{self.kv_store}, whose keys and values the last {self.lm.config.num_kv_shared_layers} layers of "
+                        f"{self.adapter.name} reuse; here tokens may be removed or added only up to layer {self.kv_store}")
                 if layout is not None:
                     x_full = layout.rows.scatter(x_full, x)
                 rows = Rows.pack(ctx.present(layer_idx), widths[layer_idx])
                 x = rows.gather(x_full)
                 layout = Layout(ctx, rows, x, rotaries=self.rotaries, mask=self.mask,
-                                window_bounds_blocks=self.adapter.has(Capability.WINDOWED_BLOCKS))
+                                window_bounds_blocks=self.adapter.has(Capability.WINDOWED_BLOCKS),
+                                full_layers_see_blocks=not self.adapter.has(Capability.SLIDING_BLOCKS_ONLY))
             rows = layout.rows
             blocked, zero_attn, zero_mlp = [], [], []
             for i, iv in enumerate(interventions):
@@ -369,6 +422,8 @@ class Engine:
                     use_cache=cache and not linear,
                     position_embeddings=layout.rotary(self.layer_types[layer_idx], dev),
                     **{self.cache_kwarg: None if linear else kv},
+                    **extra,
+                    **({} if ple is None else {"per_layer_input": _on(rows.gather(ple[:, :, layer_idx]), dev)}),
                 )
             finally:
                 for h in hooks:
@@ -445,7 +500,11 @@ class Engine:
             zero_mlp = entry.zero_mlp[..., None]
 
             def zero_mlp_hook(module, args, output):
-                return output.masked_fill(zero_mlp if zero_mlp.device == output.device else zero_mlp.to(output.device), 0.0)
+                # a mixture of experts returns (update, router logits), its update flattened to [batch * rows, d]
+                # (Llama 4); the rows' mask follows the update's shape
+                update = output if isinstance(output, torch.Tensor) else output[0]
+                z = zero_mlp.to(update.device).reshape(*update.shape[:-1], 1)
+                return update.masked_fill(z, 0.0) if isinstance(output, torch.Tensor) else (update.masked_fill(z, 0.0), *output[1:])
 
             hooks.append(resolve_path(layer, self.adapter.paths.mlp).register_forward_hook(zero_mlp_hook))
         if layer_idx in ctx.attention_requests:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from embedlens.attention import Chunk, within
 from embedlens.interventions.context import Rows
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class Layout:
     """
 
     def __init__(self, ctx: "Context", rows: Rows, x: torch.Tensor, *, rotaries: Callable, mask: Callable,
-                 window_bounds_blocks: bool):
+                 window_bounds_blocks: bool, full_layers_see_blocks: bool = True):
         """
         Args:
             ctx: the run's context (positions, blocks, roles).
@@ -104,9 +105,12 @@ class Layout:
             mask: ``[batch, q, k] bool -> the 4-D mask`` the attention implementation takes.
             window_bounds_blocks: whether a sliding window bounds the bidirectional blocks too
                 (`Capability.WINDOWED_BLOCKS`).
+            full_layers_see_blocks: whether full-attention layers see the blocks (False: Gemma 4's stay causal,
+                `Capability.SLIDING_BLOCKS_ONLY`).
         """
         self.ctx, self.rows = ctx, rows
         self._rotaries, self._mask, self._window_bounds_blocks = rotaries, mask, window_bounds_blocks
+        self._full_layers_see_blocks = full_layers_see_blocks
         self.positions = gather_positions(rows, ctx.positions)
         self._x = x
         self._pe: dict = {}
@@ -121,14 +125,14 @@ class Layout:
         self.visual_rows = (rows.valid & rows.gather(ctx.roles.image_span)).sum(dim=1)
         self.n_rows = rows.valid.sum(dim=1)
 
-    def rotary(self, layer_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The `(cos, sin)` of one layer type, on `device`."""
+    def rotary(self, layer_type: str, device: torch.device):
+        """The rotary embeddings of one layer type, on `device`: `(cos, sin)`, or the one complex tensor of
+        Llama 4's ``rotary_emb``, as the model's own rotary embedding returns them."""
         if None not in self._pe:
             self._pe[None] = self._rotaries(self._x, self.positions)
         key = (layer_type, device)
         if key not in self._pe:
-            cos, sin = self._pe[None][layer_type]
-            self._pe[key] = (cos, sin) if cos.device == device else (cos.to(device), sin.to(device))
+            self._pe[key] = rotary_on(self._pe[None][layer_type], device)
         return self._pe[key]
 
     def position_ids(self, device: torch.device) -> torch.Tensor | None:
@@ -136,25 +140,26 @@ class Layout:
         pos = layer_positions(self.positions)
         return pos if pos is None or pos.device == device else pos.to(device)
 
-    def base(self, window: int | None) -> torch.Tensor:
+    def base(self, window: int | Chunk | None) -> torch.Tensor:
         """`[batch, rows, rows]`: causal in the original order, plus the family's bidirectional blocks, over the
         valid keys; on a sliding layer also within `window` rows (the present tokens, packed left), as HF counts
-        sequence index. The window bounds the blocks too (Gemma 3: AND(window, OR(causal, blocks))) or only the
-        causal part (PaliGemma 2: OR(AND(window, causal), blocks)), as the adapter declares."""
+        sequence index; on a chunked layer (`Chunk`, Llama 4) within the query's chunk of rows, counted the same
+        way. The window bounds the blocks too (Gemma 3: AND(window, OR(causal, blocks))) or only the causal part
+        (PaliGemma 2: OR(AND(window, causal), blocks)), as the adapter declares."""
         if window not in self._bases:
             keys = self.rows.valid[:, None, :]
             if window is None:
-                self._bases[window] = (self.causal | self.block) & keys
+                self._bases[window] = ((self.causal | self.block) if self._full_layers_see_blocks else self.causal) & keys
             else:
                 r = torch.arange(self.causal.shape[1], device=self.causal.device)
-                inside = r[None, None, :] > r[None, :, None] - window
+                inside = within(window, r[None, None, :], r[None, :, None])
                 if self._window_bounds_blocks:
                     self._bases[window] = (self.causal | self.block) & inside & keys
                 else:
                     self._bases[window] = ((self.causal & inside) | self.block) & keys
         return self._bases[window]
 
-    def entry(self, window: int | None, blocked: list, zero_attn: list, zero_mlp: list) -> Entry:
+    def entry(self, window: int | Chunk | None, blocked: list, zero_attn: list, zero_mlp: list) -> Entry:
         """The shared tensors for one layer: its window, the `(src, dst)` masks interventions block and the
         `[batch, seq]` masks whose attention / MLP updates they zero (all over batch positions)."""
         flat = [t for pair in blocked for t in pair]
@@ -197,6 +202,13 @@ class Layout:
             m = self._mask(entry.allowed)
             entry.masks[device] = m if m.device == device else m.to(device)
         return entry.masks[device]
+
+
+def rotary_on(pe, device: torch.device):
+    """A layer's rotary embeddings on `device`: a `(cos, sin)` pair, or one tensor (Llama 4's complex frequencies)."""
+    if isinstance(pe, torch.Tensor):
+        return pe if pe.device == device else pe.to(device)
+    return tuple(t if t.device == device else t.to(device) for t in pe)
 
 
 def gather_positions(rows: Rows, positions: torch.Tensor) -> torch.Tensor:

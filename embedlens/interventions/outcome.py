@@ -12,10 +12,10 @@ from typing import Sequence
 
 import torch
 
-from embedlens.attention import LINEAR
+from embedlens.attention import LINEAR, within
 from embedlens.errors import EmbedLensError
 from embedlens.interventions.context import Context
-from embedlens.interventions.layout import gather_counts, layer_positions
+from embedlens.interventions.layout import gather_counts, layer_positions, rotary_on
 
 #: `Outcome.generate` reads whether every sample has ended once per this many tokens.
 DONE_EVERY = 8
@@ -150,6 +150,7 @@ class Outcome:
         tokens = tokens.to(eng.device)
         bsz, n = tokens.shape
         valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.to(eng.device)
+        tokens = eng.adapter.text_ids(tokens)  # as the model embeds decoded tokens (Gemma 4: placeholders as padding)
         x = eng.adapter.model.get_input_embeddings()(tokens)
         pos = self.next_position[:, None] + (valid.long().cumsum(dim=1) - 1).clamp(min=0)
         if self.context.positions.dim() == 3:  # M-RoPE: decoded text has t = h = w (HF: text position + rope_deltas)
@@ -159,6 +160,9 @@ class Outcome:
         new = causal[None] & valid[:, None, :]
         new = new | torch.eye(n, dtype=torch.bool, device=eng.device)[None]
         lpos = layer_positions(pos)
+        # Gemma 4's per-layer inputs of the new tokens, as its text model builds them from ids and embeddings
+        ple = eng.lm.project_per_layer_inputs(x, eng.lm.get_per_layer_inputs(tokens, x)) if eng.per_layer_inputs else None
+        kv_sharing = eng.kv_sharing()  # Gemma 4's layers store keys and values there (none reuses them here)
         shared: dict = {}  # layers that hold the same prefill rows (and window, device) share one mask
         for layer_idx, layer in enumerate(eng.layers):
             window = eng.windows[layer_idx]
@@ -174,11 +178,11 @@ class Outcome:
                     held = torch.cat([held_rows, self.decoded_valid, valid], dim=1).long()
                     rank = held.cumsum(dim=1) - 1
                     q_rank = rank[:, -n:]
-                    allowed = allowed & (rank[:, None, :] > q_rank[:, :, None] - window)
+                    allowed = allowed & within(window, rank[:, None, :], q_rank[:, :, None])
                 shared[key] = _on(eng.mask(allowed), dev)
             layer_type = eng.layer_types[layer_idx]
             if (layer_type, dev) not in shared:
-                shared[layer_type, dev] = tuple(_on(t, dev) for t in pe[layer_type])
+                shared[layer_type, dev] = rotary_on(pe[layer_type], dev)
             if layer_type == LINEAR:
                 x = _linear_step(layer, self.cache, layer_idx, _on(x, dev), _on(valid, dev), eng.cache_kwarg)
                 continue
@@ -189,6 +193,8 @@ class Outcome:
                 use_cache=True,
                 position_embeddings=shared[layer_type, dev],
                 **{eng.cache_kwarg: self.cache},
+                **kv_sharing,
+                **({} if ple is None else {"per_layer_input": _on(ple[:, :, layer_idx], dev)}),
             )
         self.decoded_valid = torch.cat([self.decoded_valid, valid], dim=1)
         self.next_position = self.next_position + valid.long().sum(dim=1)

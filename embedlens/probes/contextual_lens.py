@@ -105,14 +105,23 @@ class ContextualLens(Probe):
         self._passages = self.passages()
         special = set(adapter.tokenizer.all_special_ids)
         rows, labels = [], []
+        # a token after the same prefix has the same state in every passage (causal attention): keep the first, so
+        # that the bank holds no exact ties whose order float noise would decide (a mixture-of-experts layer's
+        # grouped matmuls differ in the last bits with the batch's shape)
+        seen: set[tuple[int, ...]] = set()
         for start in range(0, len(self._passages), self.batch_size):
             chunk = self._passages[start : start + self.batch_size]
             acts, ids, mask = collect_text(adapter, chunk, [site])
             h = acts[site].float().cpu()
             for b in range(len(chunk)):
+                real = ids[b][mask[b].bool()].tolist()
                 for t in range(ids.shape[1]):
                     tid = int(ids[b, t])
                     if mask[b, t] and tid not in special:
+                        prefix = tuple(real[: int(mask[b, : t + 1].sum())])
+                        if prefix in seen:
+                            continue
+                        seen.add(prefix)
                         rows.append(h[b, t])
                         labels.append((adapter.tokenizer.convert_ids_to_tokens(tid), start + b, t))
         rows, labels = rows[: self.max_bank], labels[: self.max_bank]

@@ -467,6 +467,79 @@ def _mistral3(seed: int):
     return model, mistral3_processor(tok)
 
 
+def _llava_pixtral(seed: int):
+    # Pixtral-12B's layout: LlavaForConditionalGeneration, a Pixtral tower (3 layers of width 32 on 8-px patches, as
+    # tiny:mistral3) and LLaVA's MLP projector, no patch merger: one [IMG] token per patch, so a 64-px image is 8 x 8
+    # tokens. "full" feature selection and no sliding window, as Pixtral-12B's config.
+    from transformers import MistralConfig, PixtralVisionConfig
+
+    tok = mistral3_tokenizer()
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                 image_size=64, patch_size=MISTRAL3_PATCH)
+    text = MistralConfig(vocab_size=len(tok), head_dim=16, sliding_window=None, **_TEXT, **_special_ids(tok))
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.image_token_id,
+                         vision_feature_select_strategy="full", vision_feature_layer=-1, image_seq_length=1)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    return model, mistral3_processor(tok, merge_size=1)
+
+
+GEMMA4_TOKENS = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                 # never written (images only), but the model embeds their ids to find video and audio placeholders
+                 "video_token": "<|video|>", "audio_token": "<|audio|>"}
+
+
+def gemma4_tokenizer():
+    """The shared word-level tokenizer with Gemma 4's image token and its begin/end markers; the chat template
+    writes ``<|image|>`` for each image, which the processor expands."""
+    return build_tokenizer(chat_template=LLAVA_CHAT_TEMPLATE.replace(IMAGE_TOKEN, GEMMA4_TOKENS["image_token"]),
+                           extra_special_tokens=GEMMA4_TOKENS)
+
+
+def gemma4_ids(tok) -> dict[str, int]:
+    """Gemma4Config's token ids from the tokenizer (its defaults are ids of Gemma 4's own vocabulary)."""
+    return dict(image_token_id=tok.image_token_id, boi_token_id=tok.boi_token_id, eoi_token_id=tok.eoi_token_id,
+                video_token_id=tok.video_token_id, audio_token_id=tok.audio_token_id)
+
+
+def gemma4_processor(tok, patch_size: int = 4, pool: int = 2, max_soft_tokens: int = 70):
+    """`Gemma4ImageProcessor` (images and text only) with the PIL image processor: images resized to at most
+    ``max_soft_tokens`` tokens of ``pool x pool`` patches (70, its smallest setting)."""
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    from embedlens.adapters.gemma4 import Gemma4ImageProcessor
+
+    ip = Gemma4ImageProcessorPil(patch_size=patch_size, max_soft_tokens=max_soft_tokens, pooling_kernel_size=pool)
+    return Gemma4ImageProcessor(ip, tok, chat_template=tok.chat_template, image_seq_length=max_soft_tokens)
+
+
+def _gemma4(seed: int):
+    # Gemma 4's encoder (3 layers of width 32 on 4-px patches, 2-D RoPE, pooled 2 x 2) and LM: sliding layers (window
+    # 8, shorter than every image's tokens) alternate with global ones, images bidirectional on sliding layers only,
+    # mixture-of-experts blocks (4 experts, top 2) beside each MLP, final-logit softcapping. No per-layer inputs and
+    # no shared key/values (Gemma 4's larger checkpoints have neither); the HF tester configuration in
+    # tests/support/hf_testers.py has both.
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    tok = gemma4_tokenizer()
+    text = dict(vocab_size=len(tok), head_dim=16, global_head_dim=16, sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"] * (_TEXT["num_hidden_layers"] // 2),
+                enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32, use_bidirectional_attention="vision",
+                hidden_size_per_layer_input=0, num_kv_shared_layers=0, final_logit_softcapping=30.0,
+                **{k: v for k, v in _TEXT.items() if k != "max_position_embeddings"}, **_special_ids(tok))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, patch_size=4,
+                  pooling_kernel_size=2)
+    config = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, **gemma4_ids(tok))
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # HF initialises the patch position table to ones (a checkpoint fills it): one constant vector in every patch,
+        # which after the pooler's and the projector's norms leaves all tokens alike; give it a position's worth
+        model.model.vision_tower.patch_embedder.position_embedding_table.normal_(std=0.02)
+        model.model.embed_vision.embedding_projection.weight.normal_(std=0.5)  # as Gemma 3's: weights to carry
+    return model, gemma4_processor(tok)
+
+
 TINY_SPECS: dict[str, TinySpec] = {
     s.name: s
     for s in (
@@ -486,6 +559,8 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("llava_onevision1_5", "llava_onevision1_5", "rice-vit", _onevision1_5),
         TinySpec("qwen3_5", "qwen3_5", "qwen3-vit", _qwen3_5),
         TinySpec("qwen3_vl_moe", "qwen3_vl_moe", "qwen3-vit", _qwen3_vl_moe),
+        TinySpec("llava_pixtral", "llava_pixtral", "pixtral", _llava_pixtral),
+        TinySpec("gemma4", "gemma4", "gemma4-vit", _gemma4),
     )
 }
 
@@ -507,7 +582,7 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
             `llava_onevision`, `paligemma`, `llava_next`, `idefics3`, `smolvlm`, `internvl`,
             `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `gemma3`, `mistral3`, `llava_onevision1_5`, `qwen3_5`,
-            `qwen3_vl_moe`), or an old
+            `qwen3_vl_moe`, `llava_pixtral`, `gemma4`), or an old
             spelling in `TINY_ALIASES` (same model, with a DeprecationWarning).
         seed: seed of the random initialisation.
 

@@ -67,10 +67,25 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
         pv = torch.cat([pv[b, : int(fr[b].max() - fr[b][fr[b] >= 0].min()) + 1] for b in range(pv.shape[0])])
     vis = resolve_path(adapter.model, adapter.paths.vision_embed.rsplit(".", 1)[0])  # the tower
     with torch.no_grad():
-        if adapter.has(Capability.PACKED_TOWER):  # Qwen-VL, Pixtral: the batch's patches as one sequence, split by image sizes
-            out = vis(pv, **adapter.tower_kwargs(batch.inputs), output_hidden_states=True)
-            out.hidden_states = tuple(h if h.dim() == 3 else h[None] for h in out.hidden_states)  # Qwen-VL's have no batch dimension
-            out.last_hidden_state = out.last_hidden_state if out.last_hidden_state.dim() == 3 else out.last_hidden_state[None]
+        if adapter.has(Capability.PACKED_TOWER):  # Qwen-VL, Pixtral, Gemma 4: the batch's patches as one sequence, split by image sizes
+            encoded = {}
+            enc = getattr(vis, "encoder", None)
+            handle = enc.register_forward_hook(lambda m, a, o: encoded.update(h=o.last_hidden_state)) if enc is not None else None
+            try:
+                out = vis(pv, **adapter.tower_kwargs(batch.inputs), output_hidden_states=True)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            if "image_position_ids" in batch.inputs:  # Gemma 4
+                # its hidden_states end with the pooled features in place of the last layer's output (that one is its
+                # encoder's own output); the sites' documented view (`site_value`) packs the padded image rows, and
+                # its last_hidden_state is the pooler's output, the features
+                out.hidden_states = (*out.hidden_states[:-1], encoded["h"])
+                out.hidden_states = tuple(adapter.site_value(Site("vision.layers", 0), h, batch.inputs) for h in out.hidden_states)
+                out.last_hidden_state = adapter.site_value(Site("vision.features"), out.last_hidden_state, batch.inputs)
+            else:
+                out.hidden_states = tuple(h if h.dim() == 3 else h[None] for h in out.hidden_states)  # Qwen-VL's have no batch dimension
+                out.last_hidden_state = out.last_hidden_state if out.last_hidden_state.dim() == 3 else out.last_hidden_state[None]
         else:
             out = vis(pv, output_hidden_states=True)
     for i in range(n):
@@ -80,7 +95,7 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
     layer = getattr(cfg, "vision_feature_layer", None)
     feats = out.last_hidden_state if layer is None else out.hidden_states[layer]
     feats = feats[:, adapter.n_prefix_tokens:]
-    if adapter.has(Capability.PRE_PROJECTOR_MERGE):  # InternVL: the model's own pixel shuffle runs before the projector
+    if adapter.has(Capability.PRE_PROJECTOR_MERGE) and not adapter.has(Capability.PACKED_TOWER):  # InternVL: the model's own pixel shuffle runs before the projector
         n, (gh, gw), (bh, bw) = feats.shape[0], adapter.grid(), adapter.patch_block
         merged = adapter.model.model.pixel_shuffle(feats.reshape(n, gh * bh, gw * bw, -1), scale_factor=cfg.downsample_ratio)
         feats = merged.reshape(n, gh * gw, -1)
@@ -92,9 +107,18 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
 
 def test_attn_and_mlp_updates_sum_to_the_layer_output(adapter):
     batch = adapter.encode(mixed_samples(adapter=adapter)[:2])
-    acts = collect(adapter, batch, ["llm.layers[1].in", "llm.layers[1].attn", "llm.layers[1].mlp", "llm.layers[1]"])
+    third = {}  # Gemma 4's per-layer-input update, where the model has one (`ModulePaths.per_layer_out`)
+    path = adapter.paths.per_layer_out
+    layer = resolve_path(adapter.model, adapter.paths.llm_layers)[1]
+    handle = resolve_path(layer, path).register_forward_hook(lambda m, a, o: third.update(x=o)) if path else None
+    try:
+        acts = collect(adapter, batch, ["llm.layers[1].in", "llm.layers[1].attn", "llm.layers[1].mlp", "llm.layers[1]"])
+    finally:
+        if handle is not None:
+            handle.remove()
     h_in, attn, mlp, out = (acts[Site("llm.layers", 1, s)] for s in ("in", "attn", "mlp", None))
-    torch.testing.assert_close(h_in + attn + mlp, out, **TOL)
+    scalar = getattr(layer, "layer_scalar", 1.0)  # Gemma 4 scales each layer's output (1 until a checkpoint sets it)
+    torch.testing.assert_close((h_in + attn + mlp + third.get("x", 0.0)) * scalar, out, **TOL)
 
 
 def test_site_errors(adapter):

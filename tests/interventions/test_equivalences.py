@@ -72,10 +72,11 @@ def attention_layers(eng) -> list[int]:
 
 
 def window_bites(eng, batch) -> bool:
-    """Masking and removal differ: some sliding-window layer's window is shorter than a sample, or the model has
+    """Masking and removal differ: some sliding-window layer's window (or chunked layer's chunk: Llama 4) is shorter
+    than a sample, or the model has
     linear-attention layers (Qwen3.5's Gated DeltaNet: a masked token keeps its step of the recurrent scan and its
     place in the short causal convolution, as in HF with a 0 in the 2-D mask; a removed one has neither)."""
-    windows = [w for w in eng.windows if w is not None]
+    windows = [getattr(w, "size", w) for w in eng.windows if w is not None]  # a sliding window, or a chunk's size
     return bool(eng.linear) or (bool(windows) and min(windows) < int((~batch.roles.padding).sum(dim=1).max()))
 
 
@@ -231,9 +232,10 @@ def test_skip_sublayer_equals_hooks_on_hf_forward(setup):
     for b in range(3):
         valid = ~batch.roles.padding[b]
         rows = sel[b][valid]
-        hooks = [
-            layers[0].mlp.register_forward_hook(lambda m, a, o: o.masked_fill(rows[None, :, None], 0.0)),
-            layers[1].self_attn.register_forward_hook(lambda m, a, o: (o[0].masked_fill(rows[None, :, None], 0.0), *o[1:])),
+        hooks = [  # the modules the adapter names (Gemma 4's MLP update is its post-norm over the MLP and the experts)
+            resolve_path(layers[0], adapter.paths.mlp).register_forward_hook(lambda m, a, o: o.masked_fill(rows[None, :, None], 0.0)),
+            resolve_path(layers[1], adapter.paths.attn).register_forward_hook(
+                lambda m, a, o: (o[0].masked_fill(rows[None, :, None], 0.0), *o[1:])),
         ]
         try:
             ref = hf_run(adapter, batch, b, valid, embeds).logits[0]

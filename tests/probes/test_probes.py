@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.base import resolve_path
+from embedlens.sites import Site
 from embedlens.probes import (
     AnchorGroups,
     AttentionFlow,
@@ -173,11 +174,14 @@ def test_vit_norms_match_hf_hidden_states(adapter):
     if adapter.has(Capability.PACKED_TOWER):  # Qwen-VL, Pixtral: every patch of the batch in one sequence; statistics per image
         with torch.no_grad():
             hs = tower(batch.inputs["pixel_values"], **adapter.tower_kwargs(batch.inputs), output_hidden_states=True).hidden_states
-        feats = hs[adapter.n_vision_layers - 1]
-        feats = feats if feats.dim() == 3 else feats[None]  # Qwen-VL's tower states have no batch dimension
+        # the site's view (`site_value`): Qwen-VL's tower states have no batch dimension, Gemma 4's padded image
+        # rows are packed
+        feats = adapter.site_value(Site("vision.layers", adapter.n_vision_layers - 2), hs[adapter.n_vision_layers - 1], batch.inputs)
         feats = without_class_rows(feats, batch.inputs)  # LLaVA-OneVision-1.5: patches only, as vision.layers
         if "image_grid_thw" in batch.inputs:
             counts = batch.inputs["image_grid_thw"].prod(-1)
+        elif "image_position_ids" in batch.inputs:  # Gemma 4: each image's real patches, (-1, -1) for padding
+            counts = (batch.inputs["image_position_ids"] >= 0).all(-1).sum(-1)
         else:  # Pixtral: each image's real patches, its padding cut off by image_sizes
             counts = (batch.inputs["image_sizes"] // adapter.config.vision_config.patch_size).prod(-1)
         image_of = torch.repeat_interleave(torch.arange(len(counts)), counts)  # the image of each patch
@@ -211,13 +215,16 @@ def test_contextual_lens_matches_brute_force(adapter):
     tok = adapter.tokenizer
     bank, words = [], []
     special = set(tok.all_special_ids)
+    seen = set()  # a token after a prefix already in the bank has that entry's state: the bank holds it once
     for text in default_corpus():  # one passage at a time, no padding: an independent path
         ids = tok(text, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             pos = torch.arange(ids.shape[1])[None] + adapter.position_offset
             h = resolve_path(adapter.model, adapter.paths.language_model)(input_ids=ids, position_ids=pos, output_hidden_states=True).hidden_states[2][0]
         for t, i in enumerate(ids[0].tolist()):
-            if i not in special:
+            prefix = tuple(ids[0][: t + 1].tolist())
+            if i not in special and prefix not in seen:
+                seen.add(prefix)
                 bank.append(h[t])
                 words.append(tok.convert_ids_to_tokens(i))
     vt = batch.roles.visual_tokens()

@@ -598,6 +598,92 @@ def mistral3_builder(sliding_window: int | None = None) -> Builder:
     return build
 
 
+#: Pixtral-12B is a `LlavaForConditionalGeneration` with a Pixtral tower; transformers tests that pairing only on the
+#: real checkpoint, so its tester values are the two testers it joins: `LlavaVisionText2TextModelTester`'s text and
+#: top-level values (`LLAVA_TESTER`) and `PixtralVisionModelTester`'s tower (tests/models/pixtral/
+#: test_modeling_pixtral.py: 30-px images of 2-px patches, 15 x 15 patches, each one token, as LLaVA's projector
+#: merges none). Feature selection is "full", as Pixtral-12B's config (the tower has no CLS token).
+PIXTRAL_TESTER = dict(
+    vision=dict(model_type="pixtral", image_size=30, patch_size=2, num_channels=3, hidden_size=32, projection_dim=32,
+                num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, dropout=0.1, attention_dropout=0.1,
+                initializer_range=0.02),
+    longest_edge=30,
+)
+
+
+def llava_pixtral_builder(sliding_window: int | None = None) -> Builder:
+    """Pixtral-12B's layout on the testers' values: the LLaVA tester's Llama text model, or (with `sliding_window`)
+    Pixtral-12B's Mistral text model with that window, so that it bites on the test prompts."""
+    from transformers import MistralConfig
+
+    from embedlens.testing.tiny import mistral3_processor, mistral3_tokenizer
+
+    t, v = LLAVA_TESTER, PIXTRAL_TESTER
+
+    def build(seed: int):
+        tok = mistral3_tokenizer()
+        if sliding_window is None:
+            text = LlamaConfig(vocab_size=len(tok), **t["text"], **_ids(tok))
+        else:
+            # MistralConfig's own default is 8 key/value heads; the tester's Llama has as many as query heads
+            text = MistralConfig(vocab_size=len(tok), sliding_window=sliding_window, num_key_value_heads=t["text"]["num_attention_heads"],
+                                 **t["text"], **_ids(tok))
+        top = {**t["top"], "vision_feature_select_strategy": "full", "image_seq_length": 1}
+        config = LlavaConfig(vision_config=v["vision"], text_config=text, image_token_id=tok.image_token_id, **top)
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).eval()
+        processor = mistral3_processor(tok, patch_size=v["vision"]["patch_size"], merge_size=1, longest_edge=v["longest_edge"])
+        return model, processor
+
+    return build
+
+
+#: `Gemma4Vision2TextModelTester` (tests/models/gemma4/test_modeling_gemma4.py): its vision values (5-px patches,
+#: pooled 2 x 2 as its ``prepare_config_and_inputs`` sets) and `Gemma4TextModelTester`'s text model, which switches on
+#: everything Gemma 4's LM has: 4 layers sliding / global, the last 2 reusing the earlier layers' keys and values,
+#: per-layer inputs of width 16, mixture-of-experts blocks (8 experts, top 2), images bidirectional on sliding layers
+#: (`CausalLMModelTester`'s defaults otherwise: width 32, 2 heads of 16, MLP 37). ``vocab_size_per_layer_input``
+#: follows our vocabulary (the tester's 99 is its vocabulary size). The tester feeds 20-px images, 4 tokens each;
+#: the processor's smallest setting is 70 tokens, so images here are resized to at most 70 tokens.
+GEMMA4_TESTER = dict(
+    text=dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2, intermediate_size=37,
+              max_position_embeddings=512, initializer_range=0.02, head_dim=16, global_head_dim=16, num_kv_shared_layers=2,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+              hidden_size_per_layer_input=16, enable_moe_block=True, moe_intermediate_size=16, top_k_experts=2, num_experts=8,
+              use_bidirectional_attention="vision"),
+    vision=dict(patch_size=5, num_channels=3, hidden_size=32, num_key_value_heads=1, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=37, attention_dropout=0.1, initializer_range=0.02, pooling_kernel_size=2),
+    max_soft_tokens=70,
+)
+
+
+def gemma4_builder(sliding_window: int | None = None) -> Builder:
+    """Gemma 4 from its testers.
+
+    Args:
+        sliding_window: replaces Gemma4TextConfig's default window (longer than the test prompts) so that it bites.
+    """
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    from embedlens.testing.tiny import gemma4_ids, gemma4_processor, gemma4_tokenizer
+
+    t = GEMMA4_TESTER
+
+    def build(seed: int):
+        tok = gemma4_tokenizer()
+        text = dict(t["text"], vocab_size=len(tok), vocab_size_per_layer_input=len(tok), **_ids(tok))
+        if sliding_window is not None:
+            text["sliding_window"] = sliding_window
+        config = Gemma4Config(text_config=text, vision_config=t["vision"], audio_config=None, **gemma4_ids(tok))
+        torch.manual_seed(seed)
+        model = Gemma4ForConditionalGeneration(config).eval()
+        processor = gemma4_processor(tok, patch_size=t["vision"]["patch_size"], pool=t["vision"]["pooling_kernel_size"],
+                                     max_soft_tokens=t["max_soft_tokens"])
+        return model, processor
+
+    return build
+
+
 _OV_MANY_TILES = [[16 * i, 16 * j] for i in range(1, 4) for j in range(1, 4)]
 
 TESTER_CONFIGS: dict[str, HFTesterConfig] = {
@@ -679,6 +765,17 @@ BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
                      images_per_sample=2),
         HFTesterConfig("mistral3-window", "mistral3", "Mistral3VisionText2TextModelTester with sliding_window=3, so that "
                      "the window bites on every prompt", mistral3_builder(sliding_window=3), image_sizes=((30, 30),)),
+        HFTesterConfig("gemma4", "gemma4", "Gemma4Vision2TextModelTester with Gemma4TextModelTester's LM (per-layer "
+                     "inputs, shared key/values, experts, images bidirectional on sliding layers; 5-px patches pooled "
+                     "2 x 2, images at most 70 tokens)", gemma4_builder(), image_sizes=((30, 30), (20, 45)), images_per_sample=2),
+        HFTesterConfig("gemma4-window", "gemma4", "as gemma4, with sliding_window=3, so that the window bites on every "
+                     "prompt", gemma4_builder(sliding_window=3), image_sizes=((30, 30),)),
+        HFTesterConfig("llava_pixtral", "llava_pixtral", "LlavaVisionText2TextModelTester's Llama and projector with "
+                     "PixtralVisionModelTester's tower (2-px patches, one token each; images at native resolution up "
+                     "to 30 px)", llava_pixtral_builder(), image_sizes=((20, 20), (12, 30)), images_per_sample=2),
+        HFTesterConfig("llava_pixtral-window", "llava_pixtral", "as llava_pixtral, with Pixtral-12B's Mistral text "
+                     "model and sliding_window=3, so that the window bites on every prompt",
+                     llava_pixtral_builder(sliding_window=3), image_sizes=((20, 20),)),
     )
 }
 
