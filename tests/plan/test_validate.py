@@ -45,11 +45,22 @@ def _invoke(*args):
     return r
 
 
-@pytest.mark.parametrize("plan", EXAMPLES, ids=lambda p: p.name)
+def _tiny(plan: Path) -> bool:
+    """A plan on a ``tiny:`` model, which has no config file: validate builds it (seconds), as --deep does."""
+    return "source: tiny:" in plan.read_text()
+
+
+@pytest.mark.parametrize("plan", [p for p in EXAMPLES if not _tiny(p)], ids=lambda p: p.name)
 def test_validate_checks_every_example_without_loading_a_model(plan, no_weights):
     r = _invoke("validate", plan)
     assert r.exit_code == 0, r.output
     assert "ok (" in r.output and "checked against its config (no weights loaded)" in r.output
+
+
+@pytest.mark.parametrize("plan", [p for p in EXAMPLES if _tiny(p)], ids=lambda p: p.name)
+def test_validate_checks_every_tiny_model_example_on_the_model(plan):
+    r = _invoke("validate", plan)
+    assert r.exit_code == 0 and "ok (" in r.output, r.output
 
 
 def test_validate_imports_no_model_code_in_a_fresh_process():
