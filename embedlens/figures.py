@@ -455,7 +455,8 @@ def word_map(panels: Sequence[dict], path: str | Path, title: str = "", top: int
                         bbox=LABEL_BACKING)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(literal(f"{p.get('sample_id', '')} ({nr}x{nc})"), fontsize=8)
+        frame = f", frame {p['frame']}" if p.get("frame", -1) >= 0 else ""  # a video's temporal patch
+        ax.set_title(literal(f"{p.get('sample_id', '')}{frame} ({nr}x{nc})"), fontsize=8)
     handles = [Patch(facecolor=colour[wd], alpha=0.7, label=literal(f"{wd!s} ({counts[wd]})")) for wd in top_words]
     rest = sum(counts.values()) - sum(counts[wd] for wd in top_words)
     if rest:

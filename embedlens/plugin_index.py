@@ -18,7 +18,7 @@ INDEX = Path(__file__).resolve().parent / "resources" / "builtin_plugins.json"
 
 
 def describe_builtins() -> dict[str, list[dict[str, Any]]]:
-    """``{registry: [{name, summary, params, architectures?}, ...]}`` of the built-in plugins, by importing them."""
+    """``{registry: [{name, summary, params, architectures?, vision_towers?}, ...]}`` of the built-in plugins, by importing them."""
     from embedlens.registry import REGISTRIES, plugin_params, summary
 
     out: dict[str, list[dict[str, Any]]] = {}
@@ -30,6 +30,8 @@ def describe_builtins() -> dict[str, list[dict[str, Any]]]:
             row: dict[str, Any] = {"name": name, "summary": summary(cls)}
             if kind == "adapters":
                 row["architectures"] = list(cls.architectures)
+                if cls.vision_towers:  # adapters sharing an architecture are told apart by the tower (`Adapter.mismatch`)
+                    row["vision_towers"] = list(cls.vision_towers)
             else:
                 row["params"] = [str(p) for p in plugin_params(cls)]
             rows.append(row)

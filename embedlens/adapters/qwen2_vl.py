@@ -217,13 +217,15 @@ class Qwen2VLAdapter(QwenVideo, Adapter):
             return value[None]
         return value
 
-    def display_pixels(self, inputs: BatchFeature, image: int, feature_row: int) -> torch.Tensor:
+    def display_pixels(self, inputs: BatchFeature, image: int, feature_row: int, frame: int = 0) -> torch.Tensor:
         """`[3, H, W]` normalised pixels of image `image` of the batch, its patch rows put back in place; in a video
-        batch, the first frame of video `image` (the frame its temporal patch 0 starts with)."""
+        batch, the first frame of temporal patch `frame` of video `image` (kept frame ``2 * frame``)."""
         thw = _thw(inputs)
         n = thw.prod(-1)
-        start = int(n[:image].sum())
-        _, h, w = thw[image].tolist()
+        t, h, w = thw[image].tolist()
+        if not 0 <= frame < t:
+            raise IndexError(f"display_pixels: frame {frame} of image {image}, which has {t} temporal patch(es)")
+        start = int(n[:image].sum()) + frame * h * w
         ip = self.processor.image_processor
         p, m, tp = int(ip.patch_size), self.merge_size, int(ip.temporal_patch_size)
         pv = inputs["pixel_values_videos"] if "video_grid_thw" in inputs else inputs["pixel_values"]

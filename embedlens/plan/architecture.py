@@ -311,9 +311,21 @@ def adapter_name(config: dict[str, Any], forced: str | None, missing_ok: bool = 
         return adapters.get(forced).registered_name
     archs = config.get("architectures") or ()
     archs = set(archs) if isinstance(archs, list) else set()
+    tower = (config.get("vision_config") or {}).get("model_type") if isinstance(config.get("vision_config"), dict) else None
     for row in index:
-        if archs & set(row.get("architectures", ())):
+        # as `Adapter.mismatch`: where adapters share an architecture (LLaVA with a CLIP/SigLIP tower, or Pixtral's),
+        # the one whose declared towers hold the config's
+        if archs & set(row.get("architectures", ())) and (not row.get("vision_towers") or tower in row["vision_towers"]):
             return row["name"]
+    unfit = [row for row in index if archs & set(row.get("architectures", ()))]
+    if unfit:  # built-in adapters take the architecture, but none this tower: the loader's refusal, with the reasons
+        from embedlens.adapters._unsupported import unsupported
+
+        if missing_ok:
+            return None
+        raise unsupported(", ".join(sorted(archs)), [
+            f"its vision tower is {tower!r}; adapter {row['name']!r} takes {' or '.join(map(repr, row['vision_towers']))}"
+            for row in unfit])
     from embedlens.adapters import adapter_for_architecture
 
     try:

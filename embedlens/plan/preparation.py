@@ -180,6 +180,13 @@ def read_data(loaded: LoadedPlan, adapter: Adapter | None = None) -> list[Record
         elif data.dataset is not None:
             key = "dataset"
             records = read_hf_dataset(loaded.resolve(data.dataset), data.split, data.columns)
+        elif data.synthetic_video is not None:
+            from embedlens.synthetic_video import SyntheticVideoSpec, make_video_records
+
+            key = "synthetic_video"
+            syn = data.synthetic_video.model_dump()
+            syn["question_types"] = tuple(syn["question_types"])
+            records = make_video_records(SyntheticVideoSpec(**syn))
         else:
             from embedlens.synthetic import SyntheticSpec, make_records
 
@@ -277,7 +284,7 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None, model: str | Non
         unchecked.append(("data.synthetic.patch_grid", "the processor's patch grid, which sizes the synthetic images"))
         records = read_data(loaded, None)
     breakdown_fields(loaded, records)  # report.breakdown names fields the samples have
-    key = ("data", "prompts" if plan.data.prompts else "dataset" if plan.data.dataset else "synthetic")
+    key = ("data", next(k for k in ("prompts", "dataset", "synthetic", "synthetic_video") if getattr(plan.data, k) is not None))
     try:
         for r in records:  # prompt checks are cheap: fail before the first batch, not in the middle
             try:

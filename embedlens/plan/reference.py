@@ -31,6 +31,7 @@ SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("model / models.NAME", schema.ModelSpec),
     ("data", schema.DataSpec),
     ("data.synthetic", schema.SyntheticDataSpec),
+    ("data.synthetic_video", schema.SyntheticVideoDataSpec),
     ("data.video", schema.VideoSpec),
     ("probes[i]", schema.ProbeSpec),
     ("conditions.NAME[i]", schema.InterventionSpec),

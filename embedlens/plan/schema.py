@@ -75,6 +75,26 @@ class SyntheticDataSpec(_Strict):
     )
 
 
+class SyntheticVideoDataSpec(_Strict):
+    """The built-in synthetic video set (`embedlens.synthetic_video`): shapes that move or stay still, with per-patch, per-frame ground truth."""
+
+    n: int = Field(16, ge=1, le=100_000, description="number of videos (one question each)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the videos and questions (the same seed, the same data set)")
+    size: int = Field(64, ge=16, le=1024, description="frame side in pixels")
+    frames: int = Field(8, ge=1, le=256, description="frames per video (data.video.num_frames then keeps at most that many)")
+    objects: int = Field(2, ge=1, le=4, description="shapes per video, of distinct colours")
+    object_size: float = Field(0.25, ge=0.05, le=0.5, description="an object's box side as a share of the frame side")
+    speed: int = Field(4, ge=0, le=1024, description="pixels a moving object travels per frame (its path stays inside the frame)")
+    still_rate: float = Field(0.25, ge=0.0, le=1.0, description="share of objects that stay still (static content across frames)")
+    texture: float = Field(0.08, ge=0.0, le=1.0, description="amplitude of the static background's light texture")
+    patch_grid: int = Field(8, ge=1, le=1024, description="ground-truth patches per side of a frame (match the model's token grid of a frame)")
+    question_types: list[Literal["direction", "colour", "count"]] = Field(
+        default_factory=lambda: ["direction", "colour", "count"],
+        min_length=1,
+        description="questions asked, cycled through the videos",
+    )
+
+
 class VideoSpec(_Strict):
     """Which frames of each video sample are kept (`embedlens.video.VideoOptions`)."""
 
@@ -89,7 +109,7 @@ class VideoSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    """Where samples come from: exactly one of `prompts`, `dataset` or `synthetic`."""
+    """Where samples come from: exactly one of `prompts`, `dataset`, `synthetic` or `synthetic_video`."""
 
     prompts: str | None = Field(None, description="JSONL or CSV file of samples; paths relative to the plan file")
     images: str | None = Field(None, description="folder image paths are relative to (default: the prompts file's folder)")
@@ -97,6 +117,7 @@ class DataSpec(_Strict):
     split: str | None = Field(None, description="split of `dataset` to read")
     columns: dict[str, str] = Field(default_factory=dict, description="embedlens field -> data set column (image, question, answer, ...)")
     synthetic: SyntheticDataSpec | None = Field(None, description="the built-in synthetic data set")
+    synthetic_video: SyntheticVideoDataSpec | None = Field(None, description="the built-in synthetic video set (docs/video.md)")
     padding_side: Literal["left", "right"] = Field("right", description="side the tokenizer pads the prompts of a batch on")
     limit: int | None = Field(None, ge=1, description="use only the first N samples")
     max_pixels: int = Field(4096 * 4096, ge=1, le=2**31, description="larger images are downscaled when read (16x larger are refused)")
@@ -104,10 +125,10 @@ class DataSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
-        given = [k for k in ("prompts", "dataset", "synthetic") if getattr(self, k) is not None]
+        given = [k for k in ("prompts", "dataset", "synthetic", "synthetic_video") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one data source: prompts (JSONL/CSV), dataset (a local Hugging Face data set) or synthetic"
+                "give exactly one data source: prompts (JSONL/CSV), dataset (a local Hugging Face data set), synthetic or synthetic_video"
                 + (f"; got {', '.join(given)}" if given else "")
             )
         if self.columns and self.dataset is None:

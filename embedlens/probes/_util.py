@@ -197,7 +197,9 @@ FIGURE_SAMPLES = 4
 class FirstImage(Stateful):
     """What a token-map figure needs from the first images of a run (image 0, tile 0 of the first `n` samples).
 
-    `data` is the first one (figures of one image); `images` all that were kept.
+    `data` is the first one (figures of one image); `images` all that were kept. A video sample gives one
+    entry per frame (a token's `frame`: Qwen's temporal patch), each with that frame's pixels and tokens and
+    its ``frame``; `n` then counts entries, but the first video is always kept whole. Off video ``frame`` is -1.
     """
 
     def __init__(self, n: int = 1):
@@ -209,28 +211,38 @@ class FirstImage(Stateful):
     def images(self) -> list[dict[str, Any]]:
         return ([self.data] if self.data is not None else []) + list(self.more)
 
+    @property
+    def frames(self) -> list[dict[str, Any]]:
+        """The entries of the first sample kept (one per frame of a video; one entry for an image)."""
+        return [e for e in self.images if e["sample_id"] == self.data["sample_id"]] if self.data is not None else []
+
     def offer(self, adapter: "Adapter", batch: "Batch", vt: dict[str, torch.Tensor], **per_token: Sequence[Any]) -> None:
         """Keep the first images' patches with one value per visual token of `vt` for each keyword."""
         for b in range(len(batch.samples)):
             if len(self.images) >= self.n:
                 return
-            # a video's map is its first frame's (frame 0: Qwen's first temporal patch, shown as its first frame)
-            first = (vt["image"] == 0) & (vt["tile"] == 0) & (vt["frame"] <= 0)
-            sel = ((vt["sample"] == b) & first).nonzero().flatten().tolist()
-            if not sel:
+            first = (vt["sample"] == b) & (vt["image"] == 0) & (vt["tile"] == 0)
+            frames = sorted(set(vt["frame"][first].tolist()))  # [-1] off video; small: one sample's frames
+            if not frames:
                 continue
-            frow = int(vt["feature_row"][sel[0]])
-            entry = {
-                "sample_id": batch.samples[b].id,
-                "pixels": display_pixels(adapter, batch.inputs, frow, image=batch_image(batch, b, int(vt["image"][sel[0]]))),
-                "row": [int(vt["row"][i]) for i in sel],
-                "col": [int(vt["col"][i]) for i in sel],
-                **{k: [v[i] for i in sel] for k, v in per_token.items()},
-            }
-            if self.data is None:
-                self.data = entry
-            else:
-                self.more.append(entry)
+            if self.images and len(self.images) + len(frames) > self.n:
+                return  # a later video kept whole or not at all
+            for f in frames:
+                sel = (first & (vt["frame"] == f)).nonzero().flatten().tolist()
+                frow = int(vt["feature_row"][sel[0]])
+                entry = {
+                    "sample_id": batch.samples[b].id,
+                    "frame": f,
+                    "pixels": display_pixels(adapter, batch.inputs, frow, image=batch_image(batch, b, int(vt["image"][sel[0]])),
+                                             frame=max(f, 0)),
+                    "row": [int(vt["row"][i]) for i in sel],
+                    "col": [int(vt["col"][i]) for i in sel],
+                    **{k: [v[i] for i in sel] for k, v in per_token.items()},
+                }
+                if self.data is None:
+                    self.data = entry
+                else:
+                    self.more.append(entry)
 
 
 def visual_rows(adapter: "Adapter", site, act: torch.Tensor, vt: dict[str, torch.Tensor], inputs=None) -> torch.Tensor:
@@ -273,9 +285,10 @@ def batch_image(batch: "Batch", sample: int, image: int) -> int:
     return sum(len(s.images) or int(s.video is not None) for s in batch.samples[:sample]) + image
 
 
-def display_pixels(adapter: "Adapter", inputs, feature_row: int, image: int = 0) -> torch.Tensor:
-    """`[H, W, 3]` in 0..1: the tile the vision tower saw (`Adapter.display_pixels`), un-normalised for display."""
-    pv = adapter.display_pixels(inputs, image, feature_row).float()
+def display_pixels(adapter: "Adapter", inputs, feature_row: int, image: int = 0, frame: int = 0) -> torch.Tensor:
+    """`[H, W, 3]` in 0..1: the tile the vision tower saw (`Adapter.display_pixels`), un-normalised for display;
+    of a video, temporal patch `frame` (its first frame), which the video families' `display_pixels` take."""
+    pv = (adapter.display_pixels(inputs, image, feature_row, frame=frame) if frame else adapter.display_pixels(inputs, image, feature_row)).float()
     ip = adapter.processor.image_processor
     mean = torch.tensor(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0])[:, None, None]
     std = torch.tensor(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0])[:, None, None]

@@ -93,6 +93,7 @@ class EmbeddingLens(Probe):
         self._counts: dict[int, torch.Tensor] = {}  # layer -> [vocab] top-1 counts
         self._names: dict[int, str] = {}  # vocabulary id -> token, for the ids counted
         self._n_tokens = 0
+        self._time: dict[int, torch.Tensor] = {}  # layer -> [places, summed top-1 agreement over frames] (video)
         self._first = FirstImage(n=FIGURE_SAMPLES)
         self._first_layer: int | None = None  # the resolved figure layer (figures() has no adapter)
         self._map_layers: list[int] = []  # every resolved layer: each gets its own word map
@@ -154,7 +155,31 @@ class EmbeddingLens(Probe):
         self._summarise(batch, vt, {layer: ids[li, :, 0] for li, layer in enumerate(layers)}, names[np.unique(ids_h[:, :, 0])],
                         vocab.shape[0])
         self._n_tokens += n
-        return {"tokens": rows}
+        out = {"tokens": rows}
+        if bool((vt["frame"] >= 0).any()):  # a video batch: does a place read the same word in every frame?
+            out["frames"] = self._over_time(batch, vt, layers, ids[:, :, 0])
+        return out
+
+    def _over_time(self, batch: "Batch", vt: dict[str, torch.Tensor], layers: list[int], top1: torch.Tensor) -> Table:
+        """One row per layer and place of the frame grid (sample, image, row, col): its frames and how many read
+        its most frequent top-1 word; the run's tally per layer (places, summed agreement) for ``frame_agreement``."""
+        from embedlens.probes.over_time import top1_agreement
+
+        rows: Table = {c: [] for c in ("sample_id", "image", "row", "col", "layer", "n_frames", "n_agree", "agreement")}
+        for li, layer in enumerate(layers):
+            keys, n_frames, n_agree = top1_agreement(vt, top1[li])
+            share = n_agree / n_frames
+            k = keys.cpu()
+            rows["sample_id"] += [batch.samples[i].id for i in k[:, 0].tolist()]
+            for j, c in enumerate(("image", "row", "col")):
+                rows[c] += k[:, j + 1].tolist()
+            rows["layer"] += [layer] * len(k)
+            rows["n_frames"] += n_frames.tolist()
+            rows["n_agree"] += n_agree.tolist()
+            rows["agreement"] += share.tolist()
+            tally = torch.stack([torch.tensor(float(len(k)), dtype=torch.float64), share.double().sum().cpu()])
+            self._time[layer] = self._time[layer] + tally if layer in self._time else tally
+        return rows
 
     def _summarise(self, batch: "Batch", vt: dict[str, torch.Tensor], top1: dict[int, torch.Tensor], top1_names: np.ndarray,
                    n_vocab: int) -> None:
@@ -208,7 +233,8 @@ class EmbeddingLens(Probe):
             c, i = counts.topk(min(10, int((counts > 0).sum())))
             top[str(layer)] = [{"id": a, "token": self._names.get(a, str(a)), "count": b} for a, b in zip(i.tolist(), c.tolist())]
         return {"n_visual_tokens": self._n_tokens, "most_frequent_top1_ids": top, "k": self.k, "matrix": self.matrix,
-                "search": self.search, "layer_summary": self.layer_summary()}
+                "search": self.search, "layer_summary": self.layer_summary(),
+                **({"frame_agreement": {str(la): float(t[1] / t[0]) for la, t in sorted(self._time.items())}} if self._time else {})}
 
     def layer_summary(self) -> dict[str, Any]:
         """Per token group (``all``, and sink / dead / alive where the run has a partition) and layer: the most
@@ -236,7 +262,10 @@ class EmbeddingLens(Probe):
         from embedlens.figures import word_map
 
         layers = [self._first_layer] + [la for la in self._map_layers if la != self._first_layer]
-        shown = ", ".join(str(im["sample_id"]) for im in images)
+        shown = ", ".join(dict.fromkeys(str(im["sample_id"]) for im in images))
+        frames = [im["frame"] for im in images if im.get("frame", -1) >= 0]
+        what = (f"{len(frames)} frames of {len(dict.fromkeys(im['sample_id'] for im in images))} video(s) ({shown}), one panel "
+                "per frame (temporal patch) with its tokens") if frames else f"the first {len(images)} samples ({shown})"
         out = []
         for layer in layers:
             key = f"tokens_l{layer}"
@@ -247,7 +276,7 @@ class EmbeddingLens(Probe):
             path = Path(out_dir) / f"embedding_lens_layer{layer}.png"
             panels = [{**im, "labels": im[key]} for im in images]
             word_map(panels, path, title=f"Nearest vocabulary token per patch, LLM layer {layer} ({self.matrix} embeddings), "
-                     f"the first {len(images)} samples ({shown}): each patch coloured by its word, the most frequent in the "
+                     f"{what}: each patch coloured by its word, the most frequent in the "
                      "legend, words written where they fit")
             out.append(path)
         return out

@@ -37,6 +37,7 @@ class _PartitionProbe(Probe):
         self._per_image: list[dict[str, float]] = []
         self._n = 0
         self._first = FirstImage()
+        self._time: dict[str, torch.Tensor] = {}  # group -> [places ever in it, sum of their shares, always in it]
 
     def use_partition(self, partition: Partition) -> None:
         """Label with `partition` (the run's one partition, from the plan) instead of the one built from parameters.
@@ -93,7 +94,32 @@ class _PartitionProbe(Probe):
             self._per_image.append({g: float(groups[g][sel].float().mean()) for g in groups})
         self._n += n
         self._first.offer(adapter, batch, vt, group=label)
-        return {"tokens": rows}
+        out = {"tokens": rows}
+        if bool((vt["frame"] >= 0).any()):  # a video batch: each place's groups over its frames
+            out["frames"] = self._over_time(batch, vt, groups)
+        return out
+
+    def _over_time(self, batch: "Batch", vt: dict[str, torch.Tensor], groups: dict[str, torch.Tensor]) -> Table:
+        """One row per place of the frame grid (sample, image, row, col): its frames and in how many each group
+        holds its token; the run's tally per group (places ever in it, summed share of their frames in it, places
+        in it in every frame) for `result`'s ``over_time``."""
+        from embedlens.probes.over_time import group_persistence
+
+        masks = dict(groups)  # exclusive after precedence; alive: in none of the others, where not given
+        if "alive" not in masks:
+            masks["alive"] = ~torch.stack(list(groups.values())).any(0) if groups else torch.ones_like(vt["frame"], dtype=torch.bool)
+        rows: Table = {}
+        for g in self.partition.names:
+            keys, n_frames, n_in = group_persistence(vt, masks[g])
+            if not rows:
+                k = keys.cpu()
+                rows = {"sample_id": [batch.samples[i].id for i in k[:, 0].tolist()], "image": k[:, 1].tolist(),
+                        "row": k[:, 2].tolist(), "col": k[:, 3].tolist(), "n_frames": n_frames.tolist()}
+            rows[f"n_{g}"] = n_in.tolist()
+            ever = n_in > 0
+            tally = torch.stack([ever.sum().double(), (n_in / n_frames)[ever].sum().double(), (ever & (n_in == n_frames)).sum().double()])
+            self._time[g] = self._time[g] + tally.cpu() if g in self._time else tally.cpu()
+        return rows
 
     def result(self) -> dict[str, Any]:
         n = max(self._n, 1)
@@ -120,6 +146,10 @@ class _PartitionProbe(Probe):
             out["discovered_anchors"] = summ["discovered_anchors"]
             out["discovery"] = summ["discovery"]
         out["warnings"] = summ["warnings"]
+        if self._time:  # video: does a token stay in its group across frames (table: <probe>.frames)
+            out["over_time"] = {g: {"places_ever": int(t[0]), "mean_share_of_frames": float(t[1] / t[0]) if t[0] else None,
+                                    "share_in_every_frame": float(t[2] / t[0]) if t[0] else None}
+                                for g, t in self._time.items()}
         return out
 
     def figures(self, out_dir: Path) -> list[Path]:
@@ -132,11 +162,15 @@ class _PartitionProbe(Probe):
 
         fr = self.result()["fractions"]
         summary = ", ".join(f"{g} {fr[g]:.0%}" for g in self.partition.names)
+        frames = self._first.frames  # a video: one map per frame (temporal patch), each with that frame's tokens
         out = [
             category_map(
-                f["pixels"], f["row"], f["col"], f["group"], Path(out_dir) / f"{self.name}_map.png",
-                title=f"{self.name} - {f['sample_id']} (run: {summary})",
+                e["pixels"], e["row"], e["col"], e["group"],
+                Path(out_dir) / (f"{self.name}_map.png" if e.get("frame", -1) < 0 else f"{self.name}_map_frame{e['frame']}.png"),
+                title=f"{self.name} - {e['sample_id']}" + (f", frame {e['frame']} of {len(frames)}" if e.get("frame", -1) >= 0 else "")
+                + f" (run: {summary})",
             )
+            for e in frames
         ]
         if self.partition.evidence:
             out.append(evidence_figure(self.partition.evidence, self.partition.anchor_rule(), Path(out_dir) / f"{self.name}_discovery.png",

@@ -45,11 +45,22 @@ def _invoke(*args):
     return r
 
 
-@pytest.mark.parametrize("plan", EXAMPLES, ids=lambda p: p.name)
+def _tiny(plan: Path) -> bool:
+    """A plan on a ``tiny:`` model, which has no config file: validate builds it (seconds), as --deep does."""
+    return "source: tiny:" in plan.read_text()
+
+
+@pytest.mark.parametrize("plan", [p for p in EXAMPLES if not _tiny(p)], ids=lambda p: p.name)
 def test_validate_checks_every_example_without_loading_a_model(plan, no_weights):
     r = _invoke("validate", plan)
     assert r.exit_code == 0, r.output
     assert "ok (" in r.output and "checked against its config (no weights loaded)" in r.output
+
+
+@pytest.mark.parametrize("plan", [p for p in EXAMPLES if _tiny(p)], ids=lambda p: p.name)
+def test_validate_checks_every_tiny_model_example_on_the_model(plan):
+    r = _invoke("validate", plan)
+    assert r.exit_code == 0 and "ok (" in r.output, r.output
 
 
 def test_validate_imports_no_model_code_in_a_fresh_process():
@@ -241,3 +252,21 @@ def test_processor_kwargs_the_family_does_not_take_are_refused_without_loading(t
     r = _invoke("validate", plan)
     assert r.exit_code == 2, r.output
     assert f"{plan}:1 model.processor_kwargs.max_pixels: llava's processor does not take it" in r.output
+
+
+def test_adapters_sharing_an_architecture_are_told_apart_by_the_tower_from_the_config_alone():
+    """`LlavaForConditionalGeneration` is `llava` with a CLIP or SigLIP tower and `llava_pixtral` with Pixtral's; from
+    config.json alone (no import of the families) validate picks as `load_model` does, and refuses a tower no adapter
+    takes with the loader's reasons."""
+    from embedlens.errors import AdapterError
+    from embedlens.plan.architecture import adapter_name
+
+    llava = {"architectures": ["LlavaForConditionalGeneration"]}
+    assert adapter_name({**llava, "vision_config": {"model_type": "clip_vision_model"}}, None) == "llava"
+    assert adapter_name({**llava, "vision_config": {"model_type": "siglip_vision_model"}}, None) == "llava"
+    assert adapter_name({**llava, "vision_config": {"model_type": "pixtral"}}, None) == "llava_pixtral"
+    dino = {**llava, "vision_config": {"model_type": "dinov2"}}
+    assert adapter_name(dino, None, missing_ok=True) is None
+    with pytest.raises(AdapterError, match=r"No adapter supports architecture LlavaForConditionalGeneration \(its vision "
+                                           r"tower is 'dinov2'; adapter 'llava' takes"):
+        adapter_name(dino, None)

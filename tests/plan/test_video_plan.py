@@ -3,10 +3,17 @@ run, and pruning `visual and frame == 0` removes exactly the first temporal patc
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pandas as pd
+import pytest
+from typer.testing import CliRunner
 
 import embedlens
-from embedlens.synthetic_video import SyntheticVideoSpec, save_video
+from embedlens.cli import app
+from embedlens.plan import load_plan, run_all
+from embedlens.synthetic_video import SyntheticVideoSpec, make_video_records, save_video
 
 
 def test_a_video_plan_prunes_one_temporal_patch(tmp_path):
@@ -31,3 +38,136 @@ def test_a_video_plan_prunes_one_temporal_patch(tmp_path):
         assert sorted(t["index"]) == list(range(16))  # the first 16 visual tokens: temporal patch 0
         assert sorted(zip(t.row, t.col)) == [(r, c) for r in range(4) for c in range(4)]
         assert set(t.frame) == {0}
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "video.yaml"
+
+
+@pytest.fixture(scope="module")
+def video_example(tmp_path_factory):
+    """examples/video.yaml run as written (tiny:qwen2_vl, the synthetic video set from data.synthetic_video)."""
+    out = tmp_path_factory.mktemp("video") / "run"
+    return run_all(load_plan(EXAMPLE), out), out
+
+
+def test_the_video_example_prunes_by_frame_with_frame_matched_controls(video_example):
+    _, out = video_example
+    plan = load_plan(EXAMPLE).plan
+    spec = SyntheticVideoSpec(**{**plan.data.synthetic_video.model_dump(), "question_types": tuple(plan.data.synthetic_video.question_types)})
+    ids = [r.id for r in make_video_records(spec)]
+    tokens = pd.read_parquet(out / "token_partition.tokens.parquet")
+    assert sorted(tokens.sample_id.unique()) == sorted(ids)
+    # 8 frames of 32 px -> 4 temporal patches of 4 x 4 tokens (4-px patches merged 2 x 2) per video
+    assert (tokens.groupby("sample_id").apply(lambda t: sorted(set(zip(t.frame, t.row, t.col))), include_groups=False)
+            == pd.Series({i: [(f, r, c) for f in range(4) for r in range(4) for c in range(4)] for i in ids})).all()
+    touched = pd.read_parquet(out / "touched_tokens.parquet")
+    for sid, t in touched.groupby("sample_id"):
+        frame0 = t[t.condition == "prune_frame0"]
+        assert sorted(zip(frame0.frame, frame0.row, frame0.col)) == [(0, r, c) for r in range(4) for c in range(4)]
+        ctrl = t[t.condition == "prune_frame0_random"]  # matched per sample, drawn outside the target: other frames
+        assert len(ctrl) == 16 and (ctrl.frame > 0).all()
+        top = t[t.condition == "prune_top1"]
+        assert sorted(zip(top.frame, top.row)) == [(1, 0)] * 4
+        ctrl = t[t.condition == "prune_top1_random"]  # per_frame: 4 tokens of frame 1, none of them the target
+        assert len(ctrl) == 4 and set(ctrl.frame) == {1} and (ctrl.row > 0).all()
+        dead = tokens[(tokens.sample_id == sid) & (tokens.group == "dead")]
+        pruned = t[t.condition == "prune_dead"]
+        assert sorted(zip(pruned.frame, pruned.row, pruned.col)) == sorted(zip(dead.frame, dead.row, dead.col))
+        ctrl = t[t.condition == "prune_dead_random"]  # as many in each frame as the dead group has there
+        assert ctrl.frame.value_counts().sort_index().to_dict() == dead.frame.value_counts().sort_index().to_dict()
+
+
+def test_a_bad_synthetic_video_value_is_named_with_its_line(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(EXAMPLE.read_text().replace("frames: 8, speed: 2", "frames: 8, speed: 9"))
+    r = CliRunner().invoke(app, ["run", str(plan), "-q"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert re.search(r"plan\.yaml:\d+ data\.synthetic_video: synthetic_video\.speed: 9 pixels a frame over 8 frames leaves a "
+                     r"32-pixel frame \(at most 3\)", r.output), r.output
+    plan.write_text(EXAMPLE.read_text().replace("still_rate: 0.5", "still_rate: 0.5, colours: 3"))
+    r = CliRunner().invoke(app, ["validate", str(plan)])
+    assert r.exit_code == 2 and re.search(r"plan\.yaml:\d+ data\.synthetic_video\.colours: unknown key", r.output), r.output
+
+
+def test_a_video_has_one_token_map_per_temporal_patch_in_the_report(video_example):
+    _, out = video_example
+    report = (out / "report.html").read_text()
+    for t in range(4):  # 8 kept frames -> 4 temporal patches
+        assert (out / "figures" / f"token_partition_map_frame{t}.png").is_file()
+        assert f"token_partition_map_frame{t}.png" in report
+    assert not (out / "figures" / "token_partition_map.png").exists()
+
+
+def test_each_frame_map_holds_that_frames_pixels_and_tokens():
+    """FirstImage, which every token map draws from: per temporal patch t, the tokens whose frame is t (rows, cols,
+    positions as the role map has them) over kept frame 2t's pixels (32-px frames are not resized)."""
+    import numpy as np
+
+    from embedlens import load_model
+    from embedlens.probes._util import FirstImage
+
+    adapter = load_model("tiny:qwen2_vl")
+    recs = make_video_records(SyntheticVideoSpec(n=2, frames=6, size=32, speed=2, patch_grid=4))
+    samples = [r.load()[0] for r in recs]
+    batch = adapter.encode(samples, padding_side="left")
+    vt = batch.roles.visual_tokens()
+    first = FirstImage(n=4)
+    first.offer(adapter, batch, vt, position=vt["position"].tolist())
+    assert [e["frame"] for e in first.images] == [0, 1, 2] and {e["sample_id"] for e in first.images} == {recs[0].id}
+    assert first.frames == first.images  # n=4 panels: the second 3-frame video does not fit and is not cut
+    for e in first.images:
+        t = e["frame"]
+        mine = (vt["sample"] == 0) & (vt["frame"] == t)
+        assert e["position"] == vt["position"][mine].tolist()
+        assert list(zip(e["row"], e["col"])) == list(zip(vt["row"][mine].tolist(), vt["col"][mine].tolist()))
+        want = np.asarray(samples[0].video.frames[2 * t], dtype=np.float32) / 255
+        assert np.abs(e["pixels"].numpy() - want).max() < 0.02, t
+        other = np.asarray(samples[0].video.frames[2 * t + 2 if t < 2 else 0], dtype=np.float32) / 255
+        assert np.abs(e["pixels"].numpy() - other).max() > 0.1  # the shapes moved: another frame is told apart
+    one = FirstImage(n=1)  # one panel asked: the first video is still kept whole
+    one.offer(adapter, batch, vt, position=vt["position"].tolist())
+    assert [e["frame"] for e in one.images] == [0, 1, 2]
+
+
+def _over_time_run(tmp_path, still_rate: float):
+    plan = {
+        "model": {"source": "tiny:qwen2_vl"},
+        "data": {"synthetic_video": {"n": 4, "size": 32, "frames": 8, "speed": 2, "still_rate": still_rate, "patch_grid": 4}},
+        "partition": {"discover": True},
+        "probes": [{"name": "token_partition"}, {"name": "embedding_lens", "params": {"k": 2, "layers": [0]}}],
+        "output": {"dir": "out"},
+        "batch_size": 2,
+    }
+    results = embedlens.run(plan, base_dir=tmp_path, quiet=True)
+    out = tmp_path / "out"
+    return results, pd.read_parquet(out / "token_partition.frames.parquet"), pd.read_parquet(out / "embedding_lens.frames.parquet")
+
+
+def test_static_videos_keep_their_partition_and_their_words_in_every_frame(tmp_path):
+    """Planted: with every shape still, a place's frames are the same pixels, so its token is in the same group
+    and reads the same word at LLM layer 0 in every frame (agreement 1); moving shapes break that somewhere."""
+    results, part, lens = _over_time_run(tmp_path / "still", 1.0)
+    tokens = pd.read_parquet(tmp_path / "still" / "out" / "token_partition.tokens.parquet")
+    assert len(part) == 4 * 16 and (part.n_frames == 4).all()  # 4 videos x 4 x 4 places, 4 temporal patches each
+    assert ((part.n_sink + part.n_dead + part.n_alive) == part.n_frames).all()
+    # independently from the token table: per place, the frames of each group
+    want = tokens.groupby(["sample_id", "row", "col"]).group.agg(lambda g: (g == "dead").sum())
+    got = part.set_index(["sample_id", "row", "col"]).n_dead
+    assert (want.sort_index() == got.sort_index()).all()
+    for g in ("dead", "alive"):
+        assert part[f"n_{g}"].isin([0, 4]).all()
+    over = results.summary["token_partition"]["over_time"]
+    assert over["dead"]["places_ever"] > 0 and over["alive"]["places_ever"] > 0
+    for g, t in over.items():
+        assert t["places_ever"] == int((part[f"n_{g}"] > 0).sum())
+        if t["places_ever"]:
+            assert t["mean_share_of_frames"] == 1.0 and t["share_in_every_frame"] == 1.0
+    assert (lens.agreement == 1.0).all() and (lens.n_agree == 4).all()
+    assert results.summary["embedding_lens"]["frame_agreement"] == {"0": 1.0}
+
+    results, part, lens = _over_time_run(tmp_path / "moving", 0.0)
+    assert (lens.agreement < 1.0).any() and results.summary["embedding_lens"]["frame_agreement"]["0"] < 1.0
+    assert results.summary["embedding_lens"]["frame_agreement"]["0"] == pytest.approx(lens.agreement.mean())
+    toks = pd.read_parquet(tmp_path / "moving" / "out" / "embedding_lens.tokens.parquet")
+    modal = toks.groupby(["sample_id", "row", "col"]).id_1.agg(lambda s: s.value_counts().iloc[0])
+    assert (modal.sort_index() == lens.set_index(["sample_id", "row", "col"]).n_agree.sort_index()).all()
