@@ -94,15 +94,21 @@ def attention_keys(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddi
     Returns:
         ``[batch, kv_heads, rows, head_dim]``.
     """
+    if getattr(attn, "is_kv_shared_layer", False):
+        raise AdapterError(f"{type(attn).__name__} of layer {attn.layer_idx} reuses an earlier layer's keys and values "
+                           "(num_kv_shared_layers): its keys are not recomputed from its input")
     bsz, n_rows, _ = hidden.shape
     k = attn.k_proj(hidden).view(bsz, n_rows, -1, attn.head_dim)
     if _complex_rotary(position_embeddings):
         return _llama4_qk(attn, None, k, position_embeddings, None)[1]
     if hasattr(attn, "k_norm"):
         k = attn.k_norm(k)
-    k = k.transpose(1, 2)
     cos, sin = position_embeddings
-    return _rotary_fn(attn)(k, k, cos, sin)[1]
+    rope = _rotary_fn(attn)
+    if _rotates_one_tensor(rope):  # Gemma 4: apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim), on [batch, rows, heads, d]
+        return rope(k, cos, sin, unsqueeze_dim=2).transpose(1, 2)
+    k = k.transpose(1, 2)
+    return rope(k, k, cos, sin)[1]
 
 
 def _complex_rotary(position_embeddings) -> bool:
