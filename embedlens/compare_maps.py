@@ -188,17 +188,11 @@ def codes(grid: np.ndarray, colours: dict[str, str]) -> np.ndarray:
     return out
 
 
-def _literal(text: str) -> str:
-    from embedlens.figures import literal
-
-    return literal(text)
-
-
 def draw(m: dict[str, Any], names: list[str]):
     """The figure of map `m`: a row per run, a column per sample, every panel under the one scale of `shared_scale`."""
     from matplotlib.patches import Patch
 
-    from embedlens.figures import LABEL_BACKING, _plt, _wrap, label_fits
+    from embedlens.figures import LABEL_BACKING, _plt, _wrap, label_fits, literal
 
     plt = _plt()
     cmap, norm, colours = shared_scale(m)
@@ -218,20 +212,20 @@ def draw(m: dict[str, Any], names: list[str]):
                 fs = max(4.0, min(7.0, patch_pts * 0.45))
                 for (y, x), w in np.ndenumerate(grid):
                     if w is not None and label_fits(str(w), patch_pts, fs):
-                        ax.text(x, y, _literal(str(w)), ha="center", va="center", fontsize=fs, bbox=LABEL_BACKING)
+                        ax.text(x, y, literal(str(w)), ha="center", va="center", fontsize=fs, bbox=LABEL_BACKING)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(_literal(sid), fontsize=8)
+                ax.set_title(literal(sid), fontsize=8)
             if j == 0:
-                ax.set_ylabel(_literal(names[r]), fontsize=9)
+                ax.set_ylabel(literal(names[r]), fontsize=9)
     if m["kind"] == "value":
         fig.colorbar(image, ax=axes.ravel().tolist(), label=m["label"] + " (one scale for every run)", fraction=0.03)
     else:
-        fig.legend(handles=[Patch(facecolor=c, label=_literal(n)) for n, c in colours.items()], loc="center right", fontsize=8,
+        fig.legend(handles=[Patch(facecolor=c, label=literal(n)) for n, c in colours.items()], loc="center right", fontsize=8,
                    title=m["label"], title_fontsize=8)
     layer = "" if m["layer"] is None else f", LLM layer {m['layer']}"
-    fig.suptitle(_wrap(f"{_literal(m['table'])}: {m['label']}{layer}, per patch; a row per run, one colour scale for every panel", width),
+    fig.suptitle(_wrap(f"{literal(m['table'])}: {m['label']}{layer}, per patch; a row per run, one colour scale for every panel", width),
                  fontsize=9)
     return fig
 

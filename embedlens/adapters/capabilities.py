@@ -241,6 +241,22 @@ class Positions:
         return None
 
 
+def packed_block_patches(feature_col: torch.Tensor, sizes: torch.Tensor, k: int) -> torch.Tensor:
+    """`[tokens, k * k]`: the rows of a packed patch sequence that each token's k x k block holds, where `sizes`
+    (`[images, 2]`, patches high and wide) lays the batch's images out one after another, each row-major, and each
+    image's tokens are its k x k blocks, row-major (Mistral 3's and Pixtral's merger, Gemma 4's pooler)."""
+    device = feature_col.device
+    tokens = (sizes // k).prod(-1)
+    token_start = torch.cumsum(tokens, 0) - tokens
+    patch_start = torch.cumsum(sizes.prod(-1), 0) - sizes.prod(-1)
+    image = torch.searchsorted(torch.cumsum(tokens, 0), feature_col, right=True)
+    t = feature_col - token_start[image]
+    gw, pw = sizes[image, 1] // k, sizes[image, 1]
+    r, c = t // gw, t % gw
+    i, j = torch.meshgrid(torch.arange(k, device=device), torch.arange(k, device=device), indexing="ij")
+    return patch_start[image, None] + (r[:, None] * k + i.flatten()) * pw[:, None] + c[:, None] * k + j.flatten()
+
+
 class PackedTower:
     """What the vision tower and projector take and give, where that is not one `[tiles, 3, H, W]` batch.
 

@@ -46,7 +46,7 @@ from transformers.models.gemma4.modeling_gemma4 import get_block_sequence_ids_fo
 from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
 
 from embedlens.adapters.base import Adapter, ModulePaths
-from embedlens.adapters.capabilities import Capability
+from embedlens.adapters.capabilities import Capability, packed_block_patches
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
 from embedlens.sites import Site
@@ -148,17 +148,7 @@ class Gemma4Adapter(Adapter):
         token's block holds: its image's patches are row-major after the real patches of the images before it."""
         if inputs is None:
             raise AdapterError(f"{self.name}: a token's patches depend on the batch's image sizes; pass the batch's inputs")
-        k, device = self.pool, feature_col.device
-        sizes = self._patch_grids(inputs).to(device)
-        tokens = (sizes // k).prod(-1)
-        token_start = torch.cumsum(tokens, 0) - tokens
-        patch_start = torch.cumsum(sizes.prod(-1), 0) - sizes.prod(-1)
-        image = torch.searchsorted(torch.cumsum(tokens, 0), feature_col, right=True)
-        t = feature_col - token_start[image]
-        gw, pw = sizes[image, 1] // k, sizes[image, 1]
-        r, c = t // gw, t % gw
-        i, j = torch.meshgrid(torch.arange(k, device=device), torch.arange(k, device=device), indexing="ij")
-        return patch_start[image, None] + (r[:, None] * k + i.flatten()) * pw[:, None] + c[:, None] * k + j.flatten()
+        return packed_block_patches(feature_col, self._patch_grids(inputs).to(feature_col.device), self.pool)
 
     def _marker_ids(self) -> set[int]:
         return {int(self.config.boi_token_id), int(self.config.eoi_token_id)}

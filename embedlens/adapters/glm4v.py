@@ -48,24 +48,15 @@ from dataclasses import replace
 
 from transformers import Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration, Glm4vProcessor
 
-from embedlens.adapters.base import ModulePaths
 from embedlens.adapters.capabilities import Capability
-from embedlens.adapters.qwen2_vl import Qwen2VLAdapter, _image_only
+from embedlens.adapters.qwen2_vl import _QWEN_PATHS, Qwen2VLAdapter, _image_only
 from embedlens.registry import adapters
 
 #: GLM-4V's processor without its video processor (which needs torchvision).
 Glm4vImageProcessor = _image_only(Glm4vProcessor)
 
-_GLM4V_PATHS = ModulePaths(
-    vision_embed="model.visual.patch_embed",
-    vision_layers="model.visual.blocks",
-    projector="model.visual.merger",
-    language_model="model.language_model",
-    llm_layers="model.language_model.layers",
-    llm_norm="model.language_model.norm",
-    attn_out="post_self_attn_layernorm",
-    mlp_out="post_mlp_layernorm",
-)
+# Qwen-VL's module paths, with the post-norms GLM applies to each sublayer's update before its residual add
+_GLM4V_PATHS = replace(_QWEN_PATHS, attn_out="post_self_attn_layernorm", mlp_out="post_mlp_layernorm")
 
 
 @adapters.register("glm4v")
@@ -107,7 +98,7 @@ class Glm4vMoeAdapter(Glm4vAdapter):
 
     architectures = ("Glm4vMoeForConditionalGeneration",)
     model_class = Glm4vMoeForConditionalGeneration
-    paths = replace(_GLM4V_PATHS, attn_out="", mlp_out="")  # no post-norms: `.attn` / `.mlp` are the modules' outputs
+    paths = _QWEN_PATHS  # no post-norms: `.attn` / `.mlp` are the modules' outputs
 
 
 __all__ = ["Glm4vAdapter", "Glm4vImageProcessor", "Glm4vMoeAdapter"]

@@ -50,7 +50,7 @@ import torch
 from transformers import BatchFeature, Mistral3ForConditionalGeneration, ProcessorMixin
 
 from embedlens.adapters.base import Adapter, ModulePaths
-from embedlens.adapters.capabilities import Capability
+from embedlens.adapters.capabilities import Capability, packed_block_patches
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
 from embedlens.sites import Site
@@ -146,17 +146,7 @@ class Mistral3Adapter(Adapter):
         each token's block of patches holds: its image's patches are row-major after the images before it."""
         if inputs is None:
             raise AdapterError(f"{self.name}: a token's patches depend on the batch's image sizes; pass the batch's inputs")
-        m, device = self.merge_size, feature_col.device
-        sizes = self._sizes(inputs).to(device)
-        tokens = (sizes // m).prod(-1)
-        token_start = torch.cumsum(tokens, 0) - tokens
-        patch_start = torch.cumsum(sizes.prod(-1), 0) - sizes.prod(-1)
-        image = torch.searchsorted(torch.cumsum(tokens, 0), feature_col, right=True)
-        k = feature_col - token_start[image]
-        gw, pw = sizes[image, 1] // m, sizes[image, 1]
-        r, c = k // gw, k % gw
-        i, j = torch.meshgrid(torch.arange(m, device=device), torch.arange(m, device=device), indexing="ij")
-        return patch_start[image, None] + (r[:, None] * m + i.flatten()) * pw[:, None] + c[:, None] * m + j.flatten()
+        return packed_block_patches(feature_col, self._sizes(inputs).to(feature_col.device), self.merge_size)
 
     def _marker_ids(self) -> set[int]:
         ids = set()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 
 from embedlens.interventions.base import Intervention, parse_selection
@@ -35,9 +37,9 @@ class InputReduction(Intervention):
         """`[batch, seq]` bool: the tokens the budget is taken from (the selection, within the images)."""
         return ctx.select(self.selection, within=ctx.roles.image_span) & ctx.valid
 
+    @abstractmethod
     def choose(self, ctx: Context, candidates: torch.Tensor) -> torch.Tensor:
         """`[batch, seq]` bool, a subset of `candidates`: the tokens kept."""
-        raise NotImplementedError
 
     def setup(self, ctx: Context) -> None:
         self.check(ctx.adapter)  # also when run by the engine directly: a model the method cannot read is refused by name
