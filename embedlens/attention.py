@@ -14,8 +14,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from embedlens.errors import AdapterError, InterventionError
 
 
@@ -47,6 +45,8 @@ def attention_rows(
         query_rows: ``[batch, q]`` row indices of the queries.
         allowed: ``[batch, q, rows]`` bool, what each query may attend to.
     """
+    import torch
+
     bsz, n_rows, _ = hidden.shape
     hd = attn.head_dim
     if getattr(attn, "is_kv_shared_layer", False):
@@ -112,6 +112,8 @@ def attention_keys(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddi
 
 
 def _complex_rotary(position_embeddings) -> bool:
+    import torch
+
     return isinstance(position_embeddings, torch.Tensor) and position_embeddings.is_complex()
 
 
@@ -122,6 +124,8 @@ def _llama4_qk(attn: torch.nn.Module, q: torch.Tensor | None, k: torch.Tensor, f
     NoPE layer with ``attn_temperature_tuning`` the queries scaled by ``log1p(floor((i + 1) / floor_scale)) *
     attn_scale + 1``, `i` the query's row (HF: its sequence index). `q` ``[batch, q, heads, hd]`` (None: keys only),
     `k` ``[batch, rows, kv_heads, hd]``; returned as ``[batch, heads, ., hd]``."""
+    import torch
+
     use_rope = getattr(attn, "use_rope", True)
     if use_rope:
         rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_emb", None)
@@ -180,6 +184,8 @@ def within(window: int | Chunk | None, key_rank: torch.Tensor, query_rank: torch
     and tokens pruned by removal do not count, as HF counts a sample run alone): ``key_rank`` and ``query_rank``
     broadcast against each other. A sliding window keeps the `window` ranks up to the query; a `Chunk`, the
     query's chunk; None (full attention) everything."""
+    import torch
+
     if window is None:
         shape = torch.broadcast_shapes(key_rank.shape, query_rank.shape)
         return torch.ones(shape, dtype=torch.bool, device=key_rank.device)

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import numpy as np
-import torch
 
 from embedlens.anchors import AnchorRule
 from embedlens.errors import ParameterError, PlanError
@@ -103,6 +102,7 @@ class _PartitionProbe(Probe):
         """One row per place of the frame grid (sample, image, row, col): its frames and in how many each group
         holds its token; the run's tally per group (places ever in it, summed share of their frames in it, places
         in it in every frame) for `result`'s ``over_time``."""
+        import torch
         from embedlens.probes.over_time import group_persistence
 
         masks = dict(groups)  # exclusive after precedence; alive: in none of the others, where not given

@@ -22,8 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
+from embedlens._torch import no_grad
 from embedlens.adapters.base import resolve_path
 from embedlens.errors import InterventionError
 
@@ -81,12 +80,14 @@ def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-@torch.no_grad()
+@no_grad
 def read_tower(adapter: "Adapter", batch: "Batch", tokens: torch.Tensor, *, features: bool = False, keys: bool = False) -> TowerRead:
     """Read the criteria of `tokens` (`[batch, seq]` bool, visual tokens) from the tower's feature layer.
 
     The tower runs once, up to the feature layer; the model stops there.
     """
+    import torch
+
     layers = resolve_path(adapter.model, adapter.paths.vision_layers)
     block = layers[feature_layer(adapter)]
     seen: dict[str, torch.Tensor] = {}
