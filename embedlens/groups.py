@@ -347,6 +347,7 @@ class Partition(Stateful):
             embeds: the LLM input embeddings, when that is all the rules need.
         """
         import torch
+
         from embedlens.tracing import collect
 
         need = self.sites(adapter)

@@ -12,10 +12,9 @@ it: ``embedlens list`` loads their entry points, as before.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-INDEX = Path(__file__).resolve().parent / "resources" / "builtin_plugins.json"
+from embedlens.registry import BUILTIN_INDEX as INDEX  # the registry reads each built-in's module from it
 
 
 def describe_builtins() -> dict[str, list[dict[str, Any]]]:

@@ -33,11 +33,15 @@ import importlib
 import inspect
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Callable, Generic, Iterator, TypeVar
 
 from embedlens.errors import PluginError, UnknownNameError
 
 T = TypeVar("T")
+
+#: The stored description of the built-in plugins (`embedlens.plugin_index` writes and reads it): each one's module.
+BUILTIN_INDEX = Path(__file__).resolve().parent / "resources" / "builtin_plugins.json"
 
 
 @dataclass(frozen=True)
@@ -198,9 +202,10 @@ class Registry(Generic[T]):
         if self._modules is None:
             self._modules = {}
             if self.index is not None and self.builtins is not None:
-                from embedlens.plugin_index import read_index
+                import json
 
-                self._modules = {row["name"]: row["module"] for row in read_index().get(self.index, []) if "module" in row}
+                rows = json.loads(BUILTIN_INDEX.read_text(encoding="utf-8")).get(self.index, [])
+                self._modules = {row["name"]: row["module"] for row in rows if "module" in row}
         return self._modules
 
     def __contains__(self, name: str) -> bool:

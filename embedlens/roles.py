@@ -176,6 +176,7 @@ class TokenRoles:
         Computed on the device in one scatter; `n_frames` (default: the batch's largest frame + 1, which reads
         one number from the device) fixes the width, e.g. to stack batches.
 
+        >>> import torch
         >>> kind = torch.full((1, 4), int(Role.VISUAL))
         >>> minus = torch.full_like(kind, -1)
         >>> roles = TokenRoles(kind, minus, minus, minus, minus, minus, minus, frame=torch.tensor([[0, 0, 1, 1]]))

@@ -62,6 +62,7 @@ def nearest_vocab(
         EmbedLensError: an unknown `search`, or FAISS missing for an approximate one.
 
     Example:
+        >>> import torch
         >>> v = torch.eye(4)
         >>> scores, ids = nearest_vocab(torch.tensor([[0.0, 2.0, 1.0, 0.0]]), v, k=2, chunk_size=3)
         >>> ids.tolist()

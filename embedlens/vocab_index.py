@@ -232,6 +232,7 @@ def recall_at_k(approximate_ids: torch.Tensor, exact_ids: torch.Tensor) -> float
     """Mean share of each query's exact top-k that the approximate top-k found.
 
     Example:
+        >>> import torch
         >>> recall_at_k(torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[3, 2, 1], [4, 5, 7]]))
         0.8333333333333334
     """

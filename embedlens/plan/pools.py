@@ -96,6 +96,7 @@ def fixed_layout(grid: tuple[int, int], n_images: int, cls: bool = False) -> "To
         (12, [0, 0, 0, 1, 1, 1], 1)
     """
     import torch
+
     from embedlens.roles import Role, TokenRoles
 
     h, w = grid

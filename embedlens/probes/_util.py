@@ -111,6 +111,7 @@ class Reservoir(Stateful):
     Rows are tensors ``[n, d]`` with optional parallel label lists.
 
     Example:
+        >>> import torch
         >>> r = Reservoir(3, seed=0)
         >>> r.add(torch.arange(10.0)[:, None], label=list("abcdefghij"))
         >>> r.rows().shape, len(r.labels["label"]), r.seen
@@ -164,6 +165,7 @@ class Reservoir(Stateful):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A saved reservoir, checked: at most `capacity` finite float32 rows of one shape, a label per row, `seen` >= rows."""
         import torch
+
         from embedlens.state import CheckpointError
 
         self._generator()  # the saved generator is loaded into this one
@@ -200,6 +202,7 @@ class Histogram(Stateful):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A saved histogram, checked: ascending edges, one count >= 0 per bin."""
         import torch
+
         from embedlens.state import CheckpointError
 
         super().load_state_dict(state)

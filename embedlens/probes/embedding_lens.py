@@ -165,6 +165,7 @@ class EmbeddingLens(Probe):
         """One row per layer and place of the frame grid (sample, image, row, col): its frames and how many read
         its most frequent top-1 word; the run's tally per layer (places, summed agreement) for ``frame_agreement``."""
         import torch
+
         from embedlens.probes.over_time import top1_agreement
 
         rows: Table = {c: [] for c in ("sample_id", "image", "row", "col", "layer", "n_frames", "n_agree", "agreement")}

@@ -103,6 +103,7 @@ class _PartitionProbe(Probe):
         holds its token; the run's tally per group (places ever in it, summed share of their frames in it, places
         in it in every frame) for `result`'s ``over_time``."""
         import torch
+
         from embedlens.probes.over_time import group_persistence
 
         masks = dict(groups)  # exclusive after precedence; alive: in none of the others, where not given
