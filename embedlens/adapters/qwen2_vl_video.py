@@ -1,4 +1,4 @@
-"""The Qwen2-VL / Qwen2.5-VL video path: frames to ``pixel_values_videos`` / ``video_grid_thw`` without
+"""The Qwen2-VL / Qwen2.5-VL / Qwen3-VL video path: frames to ``pixel_values_videos`` / ``video_grid_thw`` without
 torchvision, video prompts, and what a video token's ``frame`` is.
 
 Qwen's tower embeds a video in *temporal patches of 2 frames* (``temporal_patch_size``): patch row
@@ -17,8 +17,19 @@ torchvision processor's where a frame is resized (different interpolation code);
 multiples of ``patch_size * merge_size`` within the pixel bounds are not resized.
 
 A batch holds image samples or video samples, not both: the tower runs images and videos as two separate
-packed sequences, and the vision sites are one of them. Qwen3-VL's video prompts carry per-frame timestamps
-and are not supported here.
+packed sequences, and the vision sites are one of them.
+
+Qwen3-VL (and Qwen3-VL-MoE and Qwen3.5, which share its processor and positions; `Qwen3Video`) writes each
+temporal patch into the prompt apart: ``<{t:.1f} seconds><|vision_start|>`` + its ``(h / 2) * (w / 2)`` video
+tokens + ``<|vision_end|>``, the template's own ``<|vision_start|>``/``<|vision_end|>`` around the video dropped,
+as HF's ``Qwen3VLProcessor`` does. ``t`` is the patch's time in seconds (`frame_timestamps`): the mean of its two
+frames' source index over the file's own rate, or over 24 fps (HF's default) for a list of frames, whose
+indices are their places in the list. The timestamps are text (template tokens, ``frame`` -1); the model's
+``get_rope_index`` gives each temporal patch its own ``t = 1`` grid, so the text between patches counts on and a
+patch's tokens get (start, start + row, start + col). The frames are the ones embedlens keeps (`VideoOptions`),
+taken as HF's processor takes pre-sampled frames (``do_sample_frames=False``); they are sized by the image
+processor per frame, where HF's Qwen3-VL video processor bounds ``frames * h * w`` by its own ``size``: the two
+agree on frames whose sides are multiples of ``patch_size * merge_size`` inside both bounds.
 """
 
 from __future__ import annotations
@@ -121,7 +132,8 @@ class QwenVideo:
         vin = self.video_inputs([s.video for s in samples])
         n_tokens = (vin["video_grid_thw"].prod(-1) // self.merge_size**2).tolist()
         ph = self.video_placeholder
-        texts = [p.text.replace(ph, ph * n, 1) for p, n in zip(prompts, n_tokens)]
+        texts = [p.text.replace(ph, self.video_placeholder_text(s.video, vin, i, n), 1)
+                 for i, (s, p, n) in enumerate(zip(samples, prompts, n_tokens))]
         tok = self.tokenizer
         old_side = tok.padding_side
         tok.padding_side = padding_side
@@ -135,3 +147,56 @@ class QwenVideo:
         inputs.update(vin)
         roles = self._build_roles(inputs, prompts, samples)
         return Batch(inputs=inputs, roles=roles, samples=list(samples))
+
+
+#: HF's Qwen3-VL processor's source rate when a video's own is unknown (a list of frames): timestamps in seconds are
+#: source frame index / this.
+TIMESTAMP_FPS = 24.0
+
+
+def frame_timestamps(video: Video, temporal_patch_size: int) -> list[float]:
+    """Each temporal patch's time in seconds, as HF's ``Qwen3VLProcessor._calculate_timestamps``: the source
+    indices padded to whole patches with the last one, each index over the file's own rate (`TIMESTAMP_FPS` for a
+    list of frames), and a patch's time the mean of its first and last frame's.
+
+    >>> from PIL import Image
+    >>> frame_timestamps(Video([Image.new("RGB", (8, 8))] * 3, [0, 12, 24], source_fps=24.0), 2)
+    [0.25, 1.0]
+    """
+    idx = list(video.indices) + [video.indices[-1]] * (-len(video) % temporal_patch_size)
+    fps = video.source_fps or TIMESTAMP_FPS
+    return [(idx[i] / fps + idx[i + temporal_patch_size - 1] / fps) / 2 for i in range(0, len(idx), temporal_patch_size)]
+
+
+class Qwen3Video(QwenVideo):
+    """The video path of Qwen3-VL, Qwen3-VL-MoE and Qwen3.5: Qwen2-VL's, with a timestamp and its own
+    ``<|vision_start|>…<|vision_end|>`` before each temporal patch's tokens (see the module)."""
+
+    def prompt(self, sample: Sample) -> PromptText:
+        """Qwen2-VL's video prompt, the template's ``<|vision_start|><|video_pad|><|vision_end|>`` collapsed into
+        the bare placeholder, as HF's ``Qwen3VLProcessor.get_text_with_replacements`` does (each temporal patch
+        brings its own pair)."""
+        p = super().prompt(sample)
+        if sample.video is None:
+            return p
+        vs, ve, ph = self.processor.vision_start_token, self.processor.vision_end_token, self.video_placeholder
+        at = p.text.index(ph)
+        if not (p.text[:at].endswith(vs) and p.text[at + len(ph):].startswith(ve)):
+            return p
+        cuts = [(at - len(vs), len(vs)), (at + len(ph), len(ve))]
+        text = p.text[: at - len(vs)] + ph + p.text[at + len(ph) + len(ve):]
+
+        def shift(x: int) -> int:
+            return x - sum(n for c, n in cuts if c + n <= x)
+
+        spans = {r: [(shift(s), shift(e)) for s, e in v] for r, v in p.spans.items()}
+        return PromptText(text, spans, p.suffix)
+
+    def video_placeholder_text(self, video: Video, inputs: BatchFeature, index: int, n_tokens: int) -> str:
+        """HF's ``Qwen3VLProcessor.replace_video_token``: per temporal patch ``<{t:.1f} seconds>`` (its time,
+        `frame_timestamps`), ``<|vision_start|>``, its tokens, ``<|vision_end|>``."""
+        grid_t = int(inputs["video_grid_thw"][index][0])
+        vs, ve = self.processor.vision_start_token, self.processor.vision_end_token
+        per_patch = self.video_placeholder * (n_tokens // grid_t)
+        times = frame_timestamps(video, int(self.processor.image_processor.temporal_patch_size))
+        return "".join(f"<{t:.1f} seconds>{vs}{per_patch}{ve}" for t in times)
