@@ -2,7 +2,7 @@
 HF's own processor code and HF's video patchify written out, positions against Qwen3-VL's M-RoPE rule written out,
 each visual token on its true temporal patch and patch (one frame's patch perturbed), the feature rows and DeepStack
 rows HF scatters, sites and engine logits equal to HF's forward, and pruning a temporal patch equal to HF on the
-shortened sequence; on embedlens's tiny models and HF's Qwen3-VL tester configuration."""
+shortened sequence; on embedlens's tiny models and HF's Qwen3-VL, Qwen3-VL-MoE and Qwen3.5 tester configurations."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from embedlens.video import Video
 from tests.support.hf_testers import BLOCK_TESTER_CONFIGS
 
 TOL = dict(atol=1e-4, rtol=1e-4)
-MODELS = ("tiny:qwen3_vl", "tester:qwen3_vl", "tiny:qwen3_vl_moe", "tiny:qwen3_5")
+MODELS = ("tiny:qwen3_vl", "tester:qwen3_vl", "tiny:qwen3_vl_moe", "tester:qwen3_vl_moe", "tiny:qwen3_5", "tester:qwen3_5")
 
 
 def _frames(n: int, side: int, seed: int = 0) -> list[Image.Image]:
@@ -82,20 +82,38 @@ def test_prompt_and_pixels_equal_hfs_processing(qwen):
         assert batch.inputs["video_grid_thw"].tolist() == [[t, g, g]]
         # the prompt: HF's processor on the template's text (its <|vision_start|><|video_pad|><|vision_end|>)
         template = QwenVideo.prompt(qwen, Sample(video=video, question="what moves?", id="v")).text
-        meta = VideoMetadata(total_num_frames=max(video.indices) + 1, fps=video.source_fps, frames_indices=list(video.indices))
-        proc = qwen.processor
-        proc.video_processor = SimpleNamespace(merge_size=m, temporal_patch_size=int(ip.temporal_patch_size))
-        try:
-            rep = Qwen3VLProcessor.replace_video_token(proc, {**batch.inputs, "video_metadata": [meta]}, 0)
-            (text,), _ = Qwen3VLProcessor.get_text_with_replacements(proc, [template], [], [rep])
-        finally:
-            proc.video_processor = None
-        assert "seconds>" in text and text.count(proc.vision_start_token) == t
+        text = _hf_text(qwen, template, video, batch.inputs)
+        assert "seconds>" in text and text.count(qwen.processor.vision_start_token) == t
         assert batch.input_ids[0].tolist() == qwen.tokenizer(text)["input_ids"]
         assert torch.equal(batch.inputs["mm_token_type_ids"], (batch.input_ids == qwen.config.video_token_id).long() * 2)
     # the patch times by hand: source frames 3, 10, 17 (17 repeated) at 25 fps; a list of frames at HF's 24 fps
     assert frame_timestamps(_videos(qwen, (3,))[0], 2) == pytest.approx([(3 + 10) / 2 / 25, 17 / 25])
     assert frame_timestamps(Video(_frames(4, 8)), 2) == pytest.approx([0.5 / 24, 2.5 / 24])
+
+
+def _hf_text(qwen, template: str, video: Video, inputs) -> str:
+    """HF's `Qwen3VLProcessor` text for one video: its `replace_video_token` (timestamps from the video's metadata
+    as HF's loader gives it) and `get_text_with_replacements` (the template's wrapper collapsed), run on the
+    adapter's processor with a stand-in for the torchvision video processor (which only lends two sizes here)."""
+    ip = qwen.processor.image_processor
+    meta = VideoMetadata(total_num_frames=max(video.indices) + 1, fps=video.source_fps, frames_indices=list(video.indices))
+    proc = qwen.processor
+    proc.video_processor = SimpleNamespace(merge_size=int(ip.merge_size), temporal_patch_size=int(ip.temporal_patch_size))
+    try:
+        rep = Qwen3VLProcessor.replace_video_token(proc, {**inputs, "video_metadata": [meta]}, 0)
+        (text,), _ = Qwen3VLProcessor.get_text_with_replacements(proc, [template], [], [rep])
+    finally:
+        proc.video_processor = None
+    return text
+
+
+def test_a_full_prompt_places_the_video_where_it_says(qwen):
+    """A sample's own `prompt` with a bare video placeholder (no wrapper to collapse) is expanded as HF expands it."""
+    video = _videos(qwen, (4,))[0]
+    prompt = "look: <|video_pad|> what moves?"
+    batch = qwen.encode([Sample(video=video, prompt=prompt, id="v")])
+    assert batch.input_ids[0].tolist() == qwen.tokenizer(_hf_text(qwen, prompt, video, batch.inputs))["input_ids"]
+    assert int(batch.roles.visual.sum()) == int(batch.inputs["video_grid_thw"][0].prod()) // qwen.merge_size**2
 
 
 def test_role_map_and_positions(qwen):
