@@ -28,8 +28,9 @@ indices are their places in the list. The timestamps are text (template tokens, 
 ``get_rope_index`` gives each temporal patch its own ``t = 1`` grid, so the text between patches counts on and a
 patch's tokens get (start, start + row, start + col). The frames are the ones embedlens keeps (`VideoOptions`),
 taken as HF's processor takes pre-sampled frames (``do_sample_frames=False``); they are sized by the image
-processor per frame, where HF's Qwen3-VL video processor bounds ``frames * h * w`` by its own ``size``: the two
-agree on frames whose sides are multiples of ``patch_size * merge_size`` inside both bounds.
+processor per frame, where HF's Qwen3-VL video processor bounds ``frames * h * w`` by its own ``size``: both
+round each side to a multiple of ``patch_size * merge_size``, so they agree wherever no bound bites (a frame
+under the image processor's minimum is upscaled here, and may not be by HF's video processor).
 """
 
 from __future__ import annotations
