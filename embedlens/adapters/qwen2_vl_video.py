@@ -27,10 +27,9 @@ frames' source index over the file's own rate, or over 24 fps (HF's default) for
 indices are their places in the list. The timestamps are text (template tokens, ``frame`` -1); the model's
 ``get_rope_index`` gives each temporal patch its own ``t = 1`` grid, so the text between patches counts on and a
 patch's tokens get (start, start + row, start + col). The frames are the ones embedlens keeps (`VideoOptions`),
-taken as HF's processor takes pre-sampled frames (``do_sample_frames=False``); they are sized by the image
-processor per frame, where HF's Qwen3-VL video processor bounds ``frames * h * w`` by its own ``size``: both
-round each side to a multiple of ``patch_size * merge_size``, so they agree wherever no bound bites (a frame
-under the image processor's minimum is upscaled here, and may not be by HF's video processor).
+taken as HF's processor takes pre-sampled frames (``do_sample_frames=False``), and sized as HF's Qwen3-VL video
+processor sizes a clip (`Qwen3Video.video_size`: ``frames * h * w`` within its ``size``) when the checkpoint gives
+its settings, else by the image processor per frame.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ import dataclasses
 from typing import Any, Sequence
 
 import torch
+from PIL import Image
 from transformers import BatchFeature
 
 from embedlens.adapters.role_map import PromptText
@@ -51,13 +51,20 @@ from embedlens.video import Video
 DEFAULT_FPS = 2.0
 
 
-def frames_to_patches(image_processor: Any, video: Video) -> tuple[torch.Tensor, list[int]]:
+def frames_to_patches(image_processor: Any, video: Video, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[int]]:
     """A video's ``[grid_t * h * w, C * 2 * p * p]`` patch rows in HF's video layout, and its (t, h, w) grid.
 
     Each frame is processed as an image (its rows repeat the frame over the temporal axis); the rows of frames
     ``2t`` and ``2t + 1`` are then interleaved on that axis, so row ``(t, block, y, x)`` holds both frames.
+    `size` ((height, width), multiples of ``patch_size * merge_size``): each frame resized to it (bicubic) instead
+    of by the image processor's own bounds.
     """
-    out = image_processor(images=list(video.frames), return_tensors="pt")
+    if size is None:
+        out = image_processor(images=list(video.frames), return_tensors="pt")
+    else:
+        h, w = size
+        frames = [f if f.size == (w, h) else f.resize((w, h), Image.BICUBIC) for f in video.frames]
+        out = image_processor(images=frames, do_resize=False, return_tensors="pt")
     pv, thw = out["pixel_values"], out["image_grid_thw"]
     if not bool((thw == thw[0]).all()):
         raise InputError(f"video {video.source}: frames were resized to different grids {thw.tolist()}")
@@ -172,6 +179,52 @@ def frame_timestamps(video: Video, temporal_patch_size: int) -> list[float]:
 class Qwen3Video(QwenVideo):
     """The video path of Qwen3-VL, Qwen3-VL-MoE and Qwen3.5: Qwen2-VL's, with a timestamp and its own
     ``<|vision_start|>…<|vision_end|>`` before each temporal patch's tokens (see the module)."""
+
+    @classmethod
+    def load_processor(cls, path: str):
+        """The checkpoint's processor, holding (as ``video_sizing``) its video processor's settings when the stock
+        processor could not be built: HF's `Qwen3VLVideoProcessor` reads them without torchvision."""
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        from embedlens.adapters._remote_code import NO_REMOTE_CODE
+
+        processor = super().load_processor(path)
+        if getattr(processor, "video_processor", None) is None:
+            try:
+                processor.video_sizing = Qwen3VLVideoProcessor.from_pretrained(path, **NO_REMOTE_CODE)
+            except OSError:  # no video processor in the checkpoint: frames are sized by the image processor
+                processor.video_sizing = None
+        return processor
+
+    def video_size(self, video: Video) -> tuple[int, int] | None:
+        """(height, width) HF's Qwen3-VL video processor resizes `video`'s frames to (its ``smart_resize``: the
+        clip's ``frames * h * w`` within its ``size`` bounds, optionally capped per frame), or None when the
+        processor holds no video processor settings (then the image processor sizes each frame)."""
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+        vp = getattr(self.processor, "video_processor", None)
+        vp = getattr(self.processor, "video_sizing", None) if vp is None else vp
+        if vp is None:
+            return None
+        ip = self.processor.image_processor
+        if (int(vp.patch_size), int(vp.merge_size)) != (int(ip.patch_size), int(ip.merge_size)):
+            raise InputError(f"{self.name}: the video processor's patch_size x merge_size ({vp.patch_size} x "
+                             f"{vp.merge_size}) differs from the image processor's ({ip.patch_size} x {ip.merge_size})")
+        factor, tp = int(vp.patch_size) * int(vp.merge_size), int(vp.temporal_patch_size)
+        shortest, longest = int(vp.size["shortest_edge"]), int(vp.size["longest_edge"])
+        n = max(len(video), tp)  # HF refuses a single frame; embedlens pads it to a temporal patch
+        if vp.cap_pixels_per_frame:
+            per_frame = max(min(int(vp.max_video_tokens) * factor * factor, longest // n), int(shortest * 1.05))
+            longest = per_frame * n
+        w, h = video.frames[0].size
+        return smart_resize(n, h, w, temporal_factor=tp, factor=factor, min_pixels=shortest, max_pixels=longest)
+
+    def video_inputs(self, videos: Sequence[Video]) -> BatchFeature:
+        """``pixel_values_videos`` and ``video_grid_thw``, each video's frames at HF's video processor's size
+        (`video_size`) when the checkpoint gives its settings."""
+        ip = self.processor.image_processor
+        rows, grids = zip(*(frames_to_patches(ip, v, self.video_size(v)) for v in videos))
+        return BatchFeature({"pixel_values_videos": torch.cat(rows), "video_grid_thw": torch.tensor(grids)})
 
     def prompt(self, sample: Sample) -> PromptText:
         """Qwen2-VL's video prompt, the template's ``<|vision_start|><|video_pad|><|vision_end|>`` collapsed into

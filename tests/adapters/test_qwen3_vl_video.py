@@ -6,6 +6,7 @@ shortened sequence; on embedlens's tiny models and HF's Qwen3-VL, Qwen3-VL-MoE a
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +20,7 @@ from embedlens.adapters import load_model, wrap_model
 from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.qwen2_vl_video import QwenVideo, frame_timestamps
 from embedlens.data import Sample
+from embedlens.errors import InputError
 from embedlens.interventions import Engine
 from embedlens.roles import Role
 from embedlens.sites import Site
@@ -262,3 +264,51 @@ def test_engine_generation_equals_hf(qwen):
     with torch.no_grad():
         hf = qwen.model.generate(**qwen.model_inputs(batch), max_new_tokens=3, do_sample=False)[:, batch.input_ids.shape[1]:]
     assert torch.equal(ours, hf)
+
+
+@pytest.mark.parametrize("cap", [False, True])
+def test_a_checkpoints_video_processor_sizes_the_frames(tmp_path, cap):
+    """With a checkpoint's video processor settings (read by HF's `Qwen3VLVideoProcessor`, no torchvision), a clip is
+    sized as HF's video processor sizes it: its patch count is HF's own `get_num_of_video_patches`, bounding the
+    whole clip (8 frames of 64 px: 40 px here, 24 with the per-frame cap, where the image processor alone gives 32);
+    without them, per frame."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from embedlens.adapters.qwen2_vl import Qwen3VLAdapter
+
+    tiny = load_model("tiny:qwen3_vl")
+    tiny.processor.save_pretrained(tmp_path)
+    video = Video(_frames(8, 64, seed=5))
+    alone = Qwen3VLAdapter.load_processor(str(tmp_path))
+    assert alone.video_sizing is None
+    tiny.processor = alone
+    assert tiny.encode([Sample(video=video, question="q", id="v")]).inputs["video_grid_thw"].tolist() == [[4, 8, 8]]
+    settings = {"size": {"shortest_edge": 256, "longest_edge": 16384}, "patch_size": 4, "temporal_patch_size": 2,
+                "merge_size": 2, "cap_pixels_per_frame": cap, "max_video_tokens": 9,
+                "video_processor_type": "Qwen3VLVideoProcessor"}
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(settings))
+    tiny.processor = Qwen3VLAdapter.load_processor(str(tmp_path))
+    assert isinstance(tiny.processor.video_sizing, Qwen3VLVideoProcessor)
+    batch = tiny.encode([Sample(video=video, question="q", id="v")])
+    t, gh, gw = batch.inputs["video_grid_thw"][0].tolist()
+    hf = Qwen3VLVideoProcessor(**settings)
+    assert t * gh * gw == hf.get_num_of_video_patches(8, 64, 64) and gh == gw
+    assert gh * 4 == (24 if cap else 40)
+    # the rows: each frame resized (bicubic) to that size, then normalised and patchified as HF does
+    ip = tiny.processor.image_processor
+    side = gh * 4
+    x = torch.stack([torch.tensor(np.asarray(f.resize((side, side), Image.BICUBIC)), dtype=torch.float32).permute(2, 0, 1)
+                     for f in video.frames]) / 255
+    x = (x - torch.tensor(ip.image_mean)[:, None, None]) / torch.tensor(ip.image_std)[:, None, None]
+    g, p, m = gh, 4, 2
+    want = x.view(t, 2, 3, g // m, m, p, g // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(t * g * g, -1)
+    torch.testing.assert_close(batch.inputs["pixel_values_videos"], want, atol=1e-5, rtol=0)
+    assert int(batch.roles.visual.sum()) == t * g * g // m**2
+    with torch.no_grad():
+        ref = tiny.model(**tiny.model_inputs(batch)).logits
+    torch.testing.assert_close(Engine(tiny).run(batch).logits(), ref, **TOL)
+    if not cap:  # settings that do not fit the tower are refused, naming both
+        (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({**settings, "patch_size": 8}))
+        tiny.processor = Qwen3VLAdapter.load_processor(str(tmp_path))
+        with pytest.raises(InputError, match=r"video processor's patch_size x merge_size \(8 x 2\) differs .* \(4 x 2\)"):
+            tiny.encode([Sample(video=video, question="q", id="v")])
