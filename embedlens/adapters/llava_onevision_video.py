@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from embedlens.adapters._remote_code import NO_REMOTE_CODE
 from embedlens.adapters.role_map import PromptText
 from embedlens.data import Sample
 from embedlens.errors import InputError
@@ -159,8 +160,6 @@ class OnevisionVideo:
         processor = super().load_processor(path)
         if getattr(processor, "video_processor", None) is None:
             from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
-
-            from embedlens.adapters._remote_code import NO_REMOTE_CODE
 
             try:
                 processor.video_config = LlavaOnevisionVideoProcessor.get_video_processor_dict(path, **NO_REMOTE_CODE)[0]

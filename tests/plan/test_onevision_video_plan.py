@@ -16,8 +16,9 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "video.yaml"
 def test_the_video_example_runs_on_tiny_onevision(tmp_path):
     plan = tmp_path / "video.yaml"
     text = EXAMPLE.read_text()
-    assert "source: tiny:qwen2_vl" in text
-    plan.write_text(text.replace("source: tiny:qwen2_vl", "source: tiny:llava_onevision"))
+    assert "source: tiny:qwen2_vl" in text and "patch_grid: 4" in text
+    # the ground truth at the model's token grid of a frame: 4 x 4 patches pooled to 2 x 2
+    plan.write_text(text.replace("source: tiny:qwen2_vl", "source: tiny:llava_onevision").replace("patch_grid: 4", "patch_grid: 2"))
     out = tmp_path / "run"
     run_all(load_plan(plan), out)
     tokens = pd.read_parquet(out / "token_partition.tokens.parquet")
