@@ -27,6 +27,7 @@ from embedlens.sites import Site
 from embedlens.testing.images import noise, shapes
 from embedlens.testing.tiny import _glm4v_moe
 from embedlens.tracing import collect
+from tests.support.hf_testers import BLOCK_TESTER_CONFIGS
 
 
 def _glm_variant():
@@ -41,8 +42,12 @@ def _glm_variant():
     return wrap_model(model, processor)
 
 
-@pytest.fixture(scope="module", params=["qwen3_vl_moe", "glm4v_moe"])
+@pytest.fixture(scope="module", params=["qwen3_vl_moe", "qwen3_vl_moe-tester", "glm4v_moe"])
 def moe(request):
+    """tiny:qwen3_vl_moe (layers 1 and 3 sparse, 2 of 4 experts), HF's Qwen3-VL-MoE tester configuration (every layer
+    sparse, 4 of 8) and the GLM-4.5V variant above."""
+    if request.param == "qwen3_vl_moe-tester":
+        return wrap_model(*BLOCK_TESTER_CONFIGS["qwen3_vl_moe"].build(0))
     return load_model("tiny:qwen3_vl_moe") if request.param == "qwen3_vl_moe" else _glm_variant()
 
 
@@ -106,6 +111,9 @@ def test_site_is_the_routers_top_k_computed_by_hand(moe, padding_side):
 
 
 def test_dense_layers_refuse_the_site_naming_the_sparse_ones(moe):
+    if moe.expert_layers == list(range(moe.n_llm_layers)):  # the tester: every layer sparse, none to refuse
+        assert moe.config.text_config.decoder_sparse_step == 1 and not moe.config.text_config.mlp_only_layers
+        return
     sparse = {"qwen3_vl_moe": [1, 3], "glm4v_moe": [1, 2, 3]}[moe.name]
     assert moe.expert_layers == sparse
     with pytest.raises(AdapterError, match=re.escape(f"layer 0 of {moe.name} is dense (a plain MLP, no router); "
