@@ -257,8 +257,6 @@ def test_pruning_one_temporal_patch_equals_hf_on_the_shortened_sequence(qwen):
 
 
 def test_engine_generation_equals_hf(qwen):
-    if qwen.name == "qwen3_5":
-        pytest.skip("the engine does not decode on Gated DeltaNet layers (docs: qwen3_5)")
     batch = _batch(qwen, padding_side="left")
     ours = Engine(qwen).run(batch, cache=True).generate(3)
     with torch.no_grad():
