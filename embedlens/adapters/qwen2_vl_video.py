@@ -211,7 +211,11 @@ class Qwen3Video(QwenVideo):
             raise InputError(f"{self.name}: the video processor's patch_size x merge_size ({vp.patch_size} x "
                              f"{vp.merge_size}) differs from the image processor's ({ip.patch_size} x {ip.merge_size})")
         factor, tp = int(vp.patch_size) * int(vp.merge_size), int(vp.temporal_patch_size)
-        shortest, longest = int(vp.size["shortest_edge"]), int(vp.size["longest_edge"])
+        shortest, longest = vp.size["shortest_edge"], vp.size["longest_edge"]
+        if not (shortest and longest):
+            raise InputError(f"{self.name}: the video processor's size needs shortest_edge and longest_edge (pixels of "
+                             f"a clip); got {dict(vp.size)}")
+        shortest, longest = int(shortest), int(longest)
         n = max(len(video), tp)  # HF refuses a single frame; embedlens pads it to a temporal patch
         if vp.cap_pixels_per_frame:
             per_frame = max(min(int(vp.max_video_tokens) * factor * factor, longest // n), int(shortest * 1.05))

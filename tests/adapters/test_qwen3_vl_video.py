@@ -310,3 +310,7 @@ def test_a_checkpoints_video_processor_sizes_the_frames(tmp_path, cap):
         tiny.processor = Qwen3VLAdapter.load_processor(str(tmp_path))
         with pytest.raises(InputError, match=r"video processor's patch_size x merge_size \(8 x 2\) differs .* \(4 x 2\)"):
             tiny.encode([Sample(video=video, question="q", id="v")])
+        (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({**settings, "size": {"longest_edge": 4096}}))
+        tiny.processor = Qwen3VLAdapter.load_processor(str(tmp_path))
+        with pytest.raises(InputError, match=r"size needs shortest_edge and longest_edge"):
+            tiny.encode([Sample(video=video, question="q", id="v")])
