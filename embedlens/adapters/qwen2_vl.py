@@ -19,6 +19,10 @@ merger output, and a token's patch block is rows ``4 * feature_col ..
 4 * feature_col + 3`` of ``vision.layers[i]`` / ``vision.features``.
 Per-image statistics of the tower (the ViT-norm rule of ``sink_detector`` and
 the partition) are taken over each image's own patches (`tower_images`).
+A batch of images and videos runs the tower twice (images, then videos, as HF
+does); its vision sites are the two runs joined in that order
+(`vision_passes`), so the same mapping holds with ``feature_col`` counted over
+both (`embedlens.adapters.qwen2_vl_video`).
 
 Qwen2.5-VL's tower attends within windows (all but ``fullatt_block_indexes``)
 and, to do so, permutes whole 2 x 2 blocks into window order right after the
