@@ -176,21 +176,33 @@ def _kept(adapter, batch, iv):
     return ctx.roles.visual & ctx.valid & (ctx.exit > 0)
 
 
+@pytest.fixture(scope="module")
+def onevision():
+    adapter = load_model("tiny:llava_onevision")
+    rng = np.random.default_rng(1)
+    frames = lambda n: [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(n)]  # noqa: E731
+    batch = adapter.encode([Sample(video=frames(4), question="what moves?", id="a"),
+                            Sample(video=frames(4), question="which colour?", id="b")], padding_side="left")
+    return adapter, batch  # 4 frames of 2 x 2 pooled tokens per video, and a newline token (no frame) after them
+
+
 @pytest.mark.parametrize("make", [lambda **k: RandomBudget(seed=2, **k), lambda **k: DivPrune(**k)], ids=["random", "divprune"])
-@pytest.mark.parametrize("keep", [5, 0.25])
-def test_on_a_video_each_frame_keeps_its_budget_chosen_within_it(video, make, keep):
-    adapter, batch = video
+@pytest.mark.parametrize("keep", [3, 0.25])
+@pytest.mark.parametrize("family", ["video", "onevision"])
+def test_on_a_video_each_frame_keeps_its_budget_chosen_within_it(request, family, make, keep):
+    adapter, batch = request.getfixturevalue(family)
     roles = batch.roles
+    sizes = roles.per_frame(roles.visual)  # [samples, frames]: tokens per frame
     got = _kept(adapter, batch, make(keep=keep, per="frame"))
-    # the same method with the image-level budget, restricted to one temporal patch at a time
+    # the same method with the image-level budget, restricted to one frame (temporal patch) at a time
     alone = torch.zeros_like(got)
-    for f in range(3):
+    for f in range(sizes.shape[1]):
         alone |= _kept(adapter, batch, make(keep=keep, tokens=f"visual and frame == {f}")) & (roles.frame == f)
     assert torch.equal(got, alone)
-    k = keep if isinstance(keep, int) else math.ceil(16 * keep)
-    assert roles.per_frame(got).tolist() == [[k] * 3] * 2
+    count = (lambda n: min(keep, n)) if isinstance(keep, int) else (lambda n: math.ceil(n * keep))
+    assert roles.per_frame(got).tolist() == [[count(n) for n in row] for row in sizes.tolist()]
     whole = _kept(adapter, batch, make(keep=keep))  # per: image: the budget of the whole video
-    assert whole.sum(1).tolist() == [keep if isinstance(keep, int) else math.ceil(48 * keep)] * 2
+    assert whole.sum(1).tolist() == [count(n) for n in sizes.sum(1).tolist()]
 
 
 def test_the_random_control_draws_within_frames(video):
