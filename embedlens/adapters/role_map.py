@@ -82,7 +82,10 @@ def build_roles(self: Any, inputs: BatchFeature, prompts: list[PromptText], samp
         bos = free & (ids[b] == self.tokenizer.bos_token_id)
         kind[b, bos] = int(Role.BOS)
         kind[b, free & ~bos & torch.isin(ids[b], torch.tensor(sorted(special_ids)))] = int(Role.SPECIAL)
-        self._mark_spans(kind[b], ids[b], attn[b], prompt, counts, sample, inputs, b, next_image - len(counts))
+        # the sample's first image (or its video) counted among the batch's images (or videos): a mixed batch's
+        # processor inputs hold each kind apart
+        first = sum(n for s, n in zip(samples[:b], n_visual) if (s.video is None) == (sample.video is None))
+        self._mark_spans(kind[b], ids[b], attn[b], prompt, counts, sample, inputs, b, first)
     return TokenRoles(kind=kind, **meta)
 
 def mark_spans(self: Any, kind, ids, attn, prompt: PromptText, counts, sample, inputs, b, first_image: int = 0) -> None:
@@ -102,7 +105,8 @@ def mark_spans(self: Any, kind, ids, attn, prompt: PromptText, counts, sample, i
         expanded += piece
         orig += len(piece)
         if k < len(counts):
-            expanded += ph * counts[k] if video else self.placeholder_text(inputs, first_image + k, counts[k])
+            expanded += (self.video_placeholder_text(sample.video, inputs, first_image + k, counts[k]) if video
+                         else self.placeholder_text(inputs, first_image + k, counts[k]))
             orig += len(ph)
     enc = self.tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=self._adds_special_tokens())
     mine = ids[attn]

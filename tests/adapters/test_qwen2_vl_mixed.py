@@ -24,7 +24,11 @@ def _pictures(n: int, side: int, seed: int) -> list[Image.Image]:
     return [Image.fromarray((rng.random((side, side, 3)) * 255).astype(np.uint8)) for _ in range(n)]
 
 
-@pytest.fixture(scope="module", params=["tiny:qwen2_vl", "tiny:qwen2_5_vl", "tester:qwen2_vl", "tester:qwen2_5_vl"])
+MODELS = ("tiny:qwen2_vl", "tiny:qwen2_5_vl", "tester:qwen2_vl", "tester:qwen2_5_vl", "tiny:qwen3_vl", "tester:qwen3_vl",
+          "tiny:qwen3_vl_moe", "tester:qwen3_vl_moe", "tiny:qwen3_5", "tester:qwen3_5")
+
+
+@pytest.fixture(scope="module", params=MODELS)
 def qwen(request):
     kind, family = request.param.split(":")
     adapter = load_model(f"tiny:{family}") if kind == "tiny" else wrap_model(*BLOCK_TESTER_CONFIGS[family].build(0))
