@@ -25,7 +25,9 @@ The language model: on ``chunked_attention`` layers a token sees the tokens of i
 ``attention_chunk_size`` only; NoPE layers (``no_rope_layers``) attend over the whole prompt without rotary
 embeddings, and scale their queries by sequence index (``attn_temperature_tuning``, from ``floor_scale`` tokens);
 the MoE layers' ``feed_forward`` (a routed expert plus a shared one) returns its update flattened to
-``[batch * seq, d]`` with the router's logits: the ``.mlp`` site is read as ``[batch, seq, d]``. The intervention
+``[batch * seq, d]`` with the router's logits: the ``.mlp`` site is read as ``[batch, seq, d]``. The site
+``llm.layers[i].experts`` of an MoE layer (``moe_layers``; a dense layer refuses it) gives each token's routed
+experts, ``[batch, seq, top_k]`` ids: the top-k of its router's logits, as the router picks them. The intervention
 engine runs the model's own layers (`embedlens.interventions.engine`), so a modified sequence is routed anew.
 
 Example:
@@ -67,7 +69,8 @@ class Llama4Adapter(Adapter):
     paths = ModulePaths(vision_embed="vision_model.layernorm_pre", vision_layers="vision_model.model.layers",
                         projector="multi_modal_projector", language_model="language_model.model",
                         llm_layers="language_model.model.layers", llm_norm="language_model.model.norm",
-                        unembed="language_model.lm_head", mlp="feed_forward")
+                        unembed="language_model.lm_head", mlp="feed_forward", router="feed_forward.router")
+    router_output = 1  # Llama4Router returns (scores, logits): the site takes the top-k of the logits, as the router does
     capabilities = frozenset({Capability.PRE_PROJECTOR_MERGE})
 
     @classmethod
@@ -175,4 +178,6 @@ class Llama4Adapter(Adapter):
             return value.reshape(value.shape[0], -1, value.shape[-1])[:, :-1]
         if site.sub == "mlp" and value.dim() == 2:
             return value.reshape(*inputs["input_ids"].shape, -1)
+        if site.sub == "experts":  # the router's logits, `[batch, seq, experts]`: its top-k are the experts it picks
+            return value.topk(int(self.config.get_text_config().num_experts_per_tok), dim=-1).indices
         return value
