@@ -189,6 +189,31 @@ def test_layout_follows_the_processors_rule_and_its_markers(padding_side):
     assert torch.equal(roles.visual, batch.input_ids == a.config.image_token_id)
 
 
+def test_a_patch_of_one_crop_reaches_its_tile_and_the_token_the_map_names():
+    """A 64 x 64 image (tiny: 32-px tiles of 4-px patches, 2 x 2 crops, no resize): inverting the pixels of patch
+    (pr, pc) of crop (tr, tc) changes, among the crop tiles' rows of ``vision.embed`` (before attention mixes them),
+    exactly one: patch pr * 8 + pc of the tile row the role map gives tile 1 + 2 * tr + tc; the token the map puts at
+    (pr // 2, pc // 2) of that tile stands for that patch. The global tile (the whole image, resized) changes too."""
+    a = _get("tiny")
+    base = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    enc = lambda arr: a.encode([Sample([Image.fromarray(arr)], question="what is it?", id="s")])  # noqa: E731
+    ref = enc(base)
+    roles, vt = ref.roles, ref.roles.visual_tokens()
+    assert a.tile_grids(ref.inputs).tolist() == [[2, 2]]
+    emb0 = collect(a, ref, ["vision.embed"])[Site("vision.embed")]
+    global_row = int(roles.feature_row[0][roles.visual[0] & (roles.tile[0] == 0)].unique())
+    for tr, tc, pr, pc in ((0, 0, 0, 0), (0, 1, 3, 5), (1, 0, 7, 2), (1, 1, 6, 7)):
+        arr = base.copy()
+        y, x = 32 * tr + 4 * pr, 32 * tc + 4 * pc
+        arr[y : y + 4, x : x + 4] = 255 - arr[y : y + 4, x : x + 4]
+        changed = ((collect(a, enc(arr), ["vision.embed"])[Site("vision.embed")] - emb0).abs().amax(-1) > 0).nonzero().tolist()
+        token = ((vt["tile"] == 1 + 2 * tr + tc) & (vt["row"] == pr // 2) & (vt["col"] == pc // 2)).nonzero().flatten()
+        fr = int(vt["feature_row"][token])
+        assert [rc for rc in changed if rc[0] != global_row] == [[fr, 8 * pr + pc]], (tr, tc, pr, pc, changed)
+        assert any(rc[0] == global_row for rc in changed)
+        assert 8 * pr + pc in a.patch_indices(vt["feature_col"][token], ref.inputs)[0].tolist()
+
+
 @pytest.mark.parametrize("name", ["tiny", "llama4", "llama4-chunk"])
 def test_each_visual_token_holds_the_row_hf_scattered(name):
     """`llm.embed` at the ``<|patch|>`` tokens is, in sequence order, the model's own `get_image_features` output,
