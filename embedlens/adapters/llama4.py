@@ -23,7 +23,9 @@ projector's input, is ``vision.features`` (``[tiles, tokens, d]``: the merge com
 
 The language model: on ``chunked_attention`` layers a token sees the tokens of its own chunk of
 ``attention_chunk_size`` only; NoPE layers (``no_rope_layers``) attend over the whole prompt without rotary
-embeddings, and scale their queries by sequence index (``attn_temperature_tuning``, from ``floor_scale`` tokens);
+embeddings, and scale their queries by sequence index (``attn_temperature_tuning``, from ``floor_scale`` tokens: HF's
+left-padded batch counts the padding in that index, the engine each sample's own tokens, as HF's run of the sample
+alone; the two agree wherever prompts are shorter than ``floor_scale``, 8192 in the released models);
 the MoE layers' ``feed_forward`` (a routed expert plus a shared one) returns its update flattened to
 ``[batch * seq, d]`` with the router's logits: the ``.mlp`` site is read as ``[batch, seq, d]``. The site
 ``llm.layers[i].experts`` of an MoE layer (``moe_layers``; a dense layer refuses it) gives each token's routed

@@ -21,6 +21,7 @@ from transformers.image_utils import PILImageResampling, SizeDict
 
 from conftest import get_adapter, hf_run
 from embedlens.adapters import wrap_model
+from embedlens.adapters.base import resolve_path
 from embedlens.adapters.llama4_tiles import Llama4ImageProcessorPil, best_canvas, resized_size, supported_canvases
 from embedlens.data import Sample
 from embedlens.interventions import Engine
@@ -266,6 +267,31 @@ def test_engine_baseline_equals_hf_at_batch_two(name, padding_side):
     with torch.no_grad():
         ref = a.model(**a.model_inputs(batch), position_ids=a.position_ids(batch.inputs)).logits
     torch.testing.assert_close(eng.run(batch).logits()[valid], ref[valid], atol=TOL, rtol=0)
+
+
+def test_nope_query_temperature_counts_each_samples_own_tokens():
+    """The NoPE layer scales its queries by sequence index once ``floor_scale`` tokens pass (8192 in the released
+    models; lowered to 4 here so that it bites): the engine equals HF's run of each sample alone, with either padding.
+    HF's own left-padded batch counts the padding in that index (``arange`` over the padded row), so it differs
+    from the samples run alone, and from the engine."""
+    a = _get("tiny")
+    nope = resolve_path(a.model, a.paths.llm_layers)[3].self_attn
+    assert not nope.use_rope and nope.attn_temperature_tuning
+    nope.floor_scale = 4
+    try:
+        for side in ("left", "right"):
+            batch = a.encode(_two(), padding_side=side)
+            got = Engine(a).run(batch).logits()
+            for b in range(2):
+                valid = ~batch.roles.padding[b]
+                torch.testing.assert_close(got[b][valid], hf_run(a, batch, b, valid).logits[0], atol=TOL, rtol=0)
+        left = a.encode(_two(), padding_side="left")
+        valid = ~left.roles.padding
+        with torch.no_grad():
+            padded = a.model(**a.model_inputs(left), position_ids=a.position_ids(left.inputs)).logits
+        assert (padded[valid] - Engine(a).run(left).logits()[valid]).abs().max() > 1e-4
+    finally:
+        nope.floor_scale = 8192
 
 
 @pytest.mark.parametrize("name", ["tiny", "llama4-chunk"])
