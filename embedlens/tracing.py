@@ -137,6 +137,8 @@ def collect(adapter: "Adapter", batch: "Batch", sites: Iterable["str | Site"]) -
     Raises:
         AdapterError: a site the model does not have or a layer out of range.
     """
+    import torch
+
     resolved = sorted({adapter.resolve(s) for s in sites}, key=Site.order_key)
     inputs = adapter.model_inputs(batch)
     passes = adapter.vision_passes(inputs)

@@ -54,6 +54,8 @@ def frame_groups(image: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
     dense within each sample (below ``seq``), so they index the same ``seq + 1`` columns as `image_groups`; computed
     by one sort on the device (no host reads, no loop over frames).
     """
+    import torch
+
     batch, seq = image.shape
     on = image >= 0
     key = torch.where(on, image * (seq + 2) + frame + 1, torch.full_like(image, -1))  # frame >= -1: key unique per pair
