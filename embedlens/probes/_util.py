@@ -168,7 +168,8 @@ class Reservoir(Stateful):
 
         from embedlens.state import CheckpointError
 
-        self._generator()  # the saved generator is loaded into this one
+        if "_gen" in vars(self):  # built from the plan (not rebuilt blank from a checkpoint): a generator to load into
+            self._generator()
         super().load_state_dict(state)
         rows, cap = self._rows, self.capacity
         ok = (isinstance(rows, list) and all(isinstance(r, torch.Tensor) and r.dtype == torch.float32 and r.shape == rows[0].shape
