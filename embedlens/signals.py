@@ -174,7 +174,7 @@ def vision_to_tokens(flags: torch.Tensor, vt: dict[str, torch.Tensor], adapter: 
     the block's patches where they depend on the batch (`Adapter.patch_indices`).
     """
     rows = vt["feature_row"].to(flags.device)
-    if adapter is None or adapter.patch_block == (1, 1):
+    if adapter is None or adapter.batch_patch_block(inputs) == (1, 1):
         return flags[rows, vt["feature_col"].to(flags.device)]
     return flags[rows[:, None], adapter.patch_indices(vt["feature_col"], inputs).to(flags.device)].amax(dim=1)
 

@@ -12,6 +12,7 @@ from embedlens.adapters import (  # noqa: F401 - each import registers its famil
     internvl,
     llava,
     llava_next,
+    llava_next_video,
     llava_onevision,
     llava_onevision1_5,
     llava_pixtral,

@@ -87,6 +87,9 @@ def read_tower(adapter: "Adapter", batch: "Batch", tokens: torch.Tensor, *, feat
 
     The tower runs once, up to the feature layer; the model stops there.
     """
+    if tuple(adapter.batch_patch_block(batch.inputs)) != (1, 1):  # LLaVA-NeXT-Video's pooled video frames
+        raise InterventionError(f"the tower's criteria need one tower token per visual token; {adapter.name}'s tokens in "
+                                f"this batch pool {adapter.batch_patch_block(batch.inputs)} patches each")
     layers = resolve_path(adapter.model, adapter.paths.vision_layers)
     block = layers[feature_layer(adapter)]
     seen: dict[str, torch.Tensor] = {}

@@ -20,14 +20,15 @@ from embedlens.testing import tiny_model
 
 #: released since the last families were added; transformers 5.25 has their classes, no adapter serves them yet
 UNSUPPORTED = ("Llama4ForConditionalGeneration", "Molmo2ForConditionalGeneration",
-               "Idefics2ForConditionalGeneration", "LlavaNextVideoForConditionalGeneration")
+               "Idefics2ForConditionalGeneration")
 
 #: (architecture, vision tower) pairs HF builds but no adapter takes: LLaVA-style classes build whatever tower the
 #: config names
 FOREIGN_TOWERS = (("LlavaForConditionalGeneration", "dinov2"), ("LlavaForConditionalGeneration", "siglip2_vision_model"),
                   ("LlavaNextForConditionalGeneration", "pixtral"), ("LlavaOnevisionForConditionalGeneration", "pixtral"),
                   ("PaliGemmaForConditionalGeneration", "dinov2"), ("Gemma3ForConditionalGeneration", "dinov2"),
-                  ("Mistral3ForConditionalGeneration", "siglip2_vision_model"))
+                  ("Mistral3ForConditionalGeneration", "siglip2_vision_model"),
+                  ("LlavaNextVideoForConditionalGeneration", "pixtral"))
 
 
 @pytest.fixture(scope="module")
