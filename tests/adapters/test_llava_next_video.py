@@ -300,3 +300,25 @@ def test_tower_ranked_reductions_refuse_pooled_video_tokens():
     assert adapter.batch_patch_block(image.inputs) == (1, 1) and not adapter.features_per_token(image.inputs)
     kept = Engine(adapter).run(image, [FasterVLM(keep=2)])
     assert kept.logits().shape[0] == 1
+
+
+def test_per_patch_flags_reach_the_video_token_that_pools_them(lnv):
+    """A flag planted on one patch of one frame (`[tower rows, patches]`, as the ViT-norm rule gives) reaches exactly
+    the video token whose pooled block holds that patch (`vision_to_tokens`), and a tower site's row of each token is
+    the mean over its block (`visual_rows`)."""
+    from embedlens.probes._util import visual_rows
+    from embedlens.signals import vision_to_tokens
+
+    batch = _batch(lnv, n_frames=(3, 2))
+    vt = batch.roles.visual_tokens()
+    n, s = lnv.side // int(lnv.config.vision_config.patch_size), int(lnv.config.spatial_pool_stride)
+    for row, pr, pc in ((0, 0, 0), (2, n - 1, 1), (4, 1, n - 1)):
+        flags = torch.zeros(5, n * n)
+        flags[row, pr * n + pc] = 1.0
+        got = vision_to_tokens(flags, vt, lnv, batch.inputs)
+        want = (vt["feature_row"] == row) & (vt["row"] == pr // s) & (vt["col"] == pc // s)
+        assert torch.equal(got.bool(), want) and int(want.sum()) == 1
+    site = Site("vision.layers", 0)
+    layer = collect(lnv, batch, [site])[site]  # [frames, 1 + n * n, d]
+    grid = layer[:, 1:].reshape(5, n // s, s, n // s, s, -1).mean((2, 4)).reshape(5, (n // s) ** 2, -1)  # blocks, by hand
+    torch.testing.assert_close(visual_rows(lnv, site, layer, vt, batch.inputs), grid[vt["feature_row"], vt["feature_col"]], **TOL)
