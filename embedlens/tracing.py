@@ -54,7 +54,9 @@ def _read(root, adapter: "Adapter", site: Site):
         return _first(resolve_path(layer, p.attn_out or mixer_path(layer, p)).output)
     if site.sub == "mlp":
         return _first(resolve_path(layer, p.mlp_out or p.mlp).output)
-    if site.sub == "experts":  # the router returns (probabilities, top-k weights, top-k expert ids), rows flattened
+    if site.sub == "experts":
+        # every router (Gemma 4's, Qwen3-VL-MoE's and GLM-4.5V's ``mlp.gate``) returns (logits or probabilities,
+        # top-k weights, top-k expert ids) over the batch's rows flattened, `[batch * seq, k]`
         return resolve_path(layer, p.router).output[2]
     return _first(layer.output)
 
@@ -63,7 +65,10 @@ def _value(adapter: "Adapter", site: Site, saved, inputs: dict) -> torch.Tensor:
     """A saved site value as the site defines it: `llm.unembed` is the model's logits,
     so it carries the final-logit softcapping (Gemma2) that follows `lm_head`; a family's
     documented view of its own tensors (`Adapter.site_value`: Qwen-VL's packed tower) applies."""
-    value = adapter.site_value(site, saved.detach(), inputs)
+    value = saved.detach()
+    if site.sub == "experts":  # the router's rows are the batch's positions flattened: `[batch, seq, k]`
+        value = value.reshape(*inputs["input_ids"].shape, -1)
+    value = adapter.site_value(site, value, inputs)
     return adapter.softcap_logits(value) if site.component == "llm.unembed" else value
 
 
