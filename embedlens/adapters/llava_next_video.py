@@ -160,8 +160,9 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         per_video = [fp(images=list(v.frames), return_tensors="pt")["pixel_values"] for v in videos]  # [frames, 3, H, W]
         side = int(self.config.vision_config.image_size)
         if tuple(per_video[0].shape[-2:]) != (side, side):
-            raise AdapterError(f"{self.name}: the video processor makes {tuple(per_video[0].shape[-2:])} frames (crop_size "
-                               f"{fp.crop_size}); the vision tower takes {side} x {side}")
+            h, w = per_video[0].shape[-2:]
+            raise AdapterError(f"{self.name}: the video processor makes {h} x {w} frames; the vision tower takes {side} x {side} "
+                               "(the video processor's crop_size must be the tower's image_size)")
         same = len({len(p) for p in per_video}) == 1
         return BatchFeature({"pixel_values_videos": torch.stack(per_video) if same else torch.cat(per_video)[None]})
 
