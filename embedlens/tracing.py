@@ -80,8 +80,9 @@ def _needs_whole_forward(resolved: list[Site]) -> bool:
 def _skipped_vision_layers(adapter: "Adapter", resolved: list[Site], inputs: dict) -> range:
     """Encoder layers that feed nothing the trace reads: after the deepest one the model's image features
     select (`Adapter.vision_layers_needed`) and the deepest `vision.layers[i]` site read. Empty unless the
-    trace runs the tower (it has images) and reads something past it (otherwise it stops before them anyway)."""
-    if (inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None) or not resolved or resolved[-1].component in ("vision.embed", "vision.layers") or getattr(adapter, "remote", False):
+    trace runs the tower once (it has images or videos, not both: a skip acts on the tower's first call) and reads
+    something past it (otherwise it stops before them anyway)."""
+    if (inputs.get("pixel_values") is None) == (inputs.get("pixel_values_videos") is None) or not resolved or resolved[-1].component in ("vision.embed", "vision.layers") or getattr(adapter, "remote", False):
         return range(0)
     keep = max([adapter.vision_layers_needed] + [s.layer + 1 for s in resolved if s.component == "vision.layers"])
     return range(keep, adapter.n_vision_layers)

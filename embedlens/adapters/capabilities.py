@@ -28,8 +28,8 @@ capability                  methods (defaults below / in `Adapter`)     what dec
 ``VISION_FEATURE_LAYER``    `VisionFeatureLayer`                        image features are the tower's
                                                                         ``hidden_states[vision_feature_layer]``
 ``VIDEO``                   `Adapter.encode`, `Layout.image_layouts`    video samples are encoded: the family's
-                            (`Layout.batch_patch_block`,                video inputs, each visual token's
-                            `Layout.features_per_token` where video     ``frame`` in the role map (docs/video.md)
+                            (`Layout.features_per_token`,               video inputs, each visual token's
+                            `patch_indices` of the batch where video    ``frame`` in the role map (docs/video.md)
                             tokens pool patches image tokens do not)
 ==========================  =========================================  ============================================
 
@@ -187,11 +187,6 @@ class Layout:
         """(rows, cols) of vision patches one visual token stands for: (1, 1), or the
         block a pixel-shuffle or pooling family merges into one token."""
         return 1, 1
-
-    def batch_patch_block(self, inputs: BatchFeature | None) -> tuple[int, int]:
-        """`patch_block` of the visual tokens of the batch `inputs`: the family's, except where a batch's tokens
-        stand for other blocks (LLaVA-NeXT-Video pools video frames' patches s x s, not images')."""
-        return self.patch_block
 
     def features_per_token(self, inputs: BatchFeature | None) -> bool:
         """Whether `vision.features` of the batch `inputs` has one row per visual token (indexed by its

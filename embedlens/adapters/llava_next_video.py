@@ -240,11 +240,6 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
             return [self.video_grid()] * len(self.image_layouts(inputs))
         return super().image_grids(inputs)
 
-    def batch_patch_block(self, inputs: BatchFeature | None) -> tuple[int, int]:
-        if inputs is not None and "pixel_values_videos" in inputs:
-            return self.pool_stride, self.pool_stride
-        return super().batch_patch_block(inputs)
-
     def features_per_token(self, inputs: BatchFeature | None) -> bool:
         return (inputs is not None and "pixel_values_videos" in inputs) or super().features_per_token(inputs)
 

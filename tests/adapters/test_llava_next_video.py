@@ -293,11 +293,11 @@ def test_tower_ranked_reductions_refuse_pooled_video_tokens():
 
     adapter = load_model("tiny:llava_next_video")
     video = adapter.encode([Sample(video=_frames(2, 32, 32), question="what?", id="v")])
-    assert adapter.batch_patch_block(video.inputs) == (2, 2) and adapter.features_per_token(video.inputs)
-    with pytest.raises(InterventionError, match=r"pool \(2, 2\) patches each"):
+    assert adapter.patch_indices(torch.zeros(1, dtype=torch.long), video.inputs).shape == (1, 4) and adapter.features_per_token(video.inputs)
+    with pytest.raises(InterventionError, match=r"pools several of the tower's patches"):
         Engine(adapter).run(video, [FasterVLM(keep=2)])
     image = adapter.encode([Sample([shapes(32)], question="what?", id="i")])
-    assert adapter.batch_patch_block(image.inputs) == (1, 1) and not adapter.features_per_token(image.inputs)
+    assert adapter.patch_indices(torch.zeros(1, dtype=torch.long), image.inputs).shape == (1, 1) and not adapter.features_per_token(image.inputs)
     kept = Engine(adapter).run(image, [FasterVLM(keep=2)])
     assert kept.logits().shape[0] == 1
 
