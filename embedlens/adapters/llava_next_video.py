@@ -137,7 +137,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         s = self.pool_stride
         return h // s, w // s
 
-    def _frames(self) -> CLIPImageProcessorPil:
+    def _frame_processor(self) -> CLIPImageProcessorPil:
         fp = getattr(self.processor, "frame_processor", None)
         if fp is None:  # a stock processor (torchvision installed): its video processor's settings
             vp = getattr(self.processor, "video_processor", None)
@@ -156,7 +156,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         if self.n_prefix_tokens != self.n_cls_tokens:
             raise AdapterError(f"{self.name}: vision_feature_select_strategy {self.feature_select_strategy!r} keeps the "
                                "tower's CLS token, which the model's video pooling cannot place; video needs 'default'")
-        fp = self._frames()
+        fp = self._frame_processor()
         per_video = [fp(images=list(v.frames), return_tensors="pt")["pixel_values"] for v in videos]  # [frames, 3, H, W]
         side = int(self.config.vision_config.image_size)
         if tuple(per_video[0].shape[-2:]) != (side, side):
