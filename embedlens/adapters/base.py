@@ -518,6 +518,12 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
         image tokens (Idefics3's sub-image tags) override this."""
         return self.image_placeholder * n_tokens
 
+    def video_placeholder_text(self, video: Any, inputs: BatchFeature, index: int, n_tokens: int) -> str:
+        """The text the processor puts in place of video `index` of the batch (an `embedlens.video.Video`),
+        which fills `n_tokens` video tokens; families whose processor writes text between the frames (Qwen3-VL's
+        timestamps) override this. Only families with `Capability.VIDEO` are asked."""
+        return self.video_placeholder * n_tokens
+
     # -- role map (embedlens.adapters.role_map) ---------------------------------
     def _build_roles(self, inputs: BatchFeature, prompts: list[PromptText], samples: Sequence[Sample]) -> TokenRoles:
         return build_roles(self, inputs, prompts, samples)

@@ -74,7 +74,7 @@ from transformers import (
 
 from embedlens.adapters.base import Adapter, ModulePaths
 from embedlens.adapters.capabilities import Capability
-from embedlens.adapters.qwen2_vl_video import QwenVideo
+from embedlens.adapters.qwen2_vl_video import Qwen3Video, QwenVideo
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
 from embedlens.sites import Site
@@ -271,11 +271,11 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
 
 @adapters.register("qwen3_vl")
-class Qwen3VLAdapter(Qwen2VLAdapter):
+class Qwen3VLAdapter(Qwen3Video, Qwen2VLAdapter):
     """Qwen3-VL: Qwen2-VL's layout, a tower with learned (interpolated) position embeddings, DeepStack features."""
 
     architectures = ("Qwen3VLForConditionalGeneration",)
     model_class = Qwen3VLForConditionalGeneration
     image_only_processor = Qwen3VLImageProcessor
-    # no VIDEO: Qwen3-VL's video prompts carry per-frame timestamps, which embedlens does not write yet
-    capabilities = (Qwen2VLAdapter.capabilities - {Capability.VIDEO}) | {Capability.DEEPSTACK}
+    # VIDEO: a timestamp before each temporal patch (`embedlens.adapters.qwen2_vl_video.Qwen3Video`)
+    capabilities = Qwen2VLAdapter.capabilities | {Capability.DEEPSTACK}

@@ -101,7 +101,8 @@ def mark_spans(self: Any, kind, ids, attn, prompt: PromptText, counts, sample, i
         expanded += piece
         orig += len(piece)
         if k < len(counts):
-            expanded += ph * counts[k] if video else self.placeholder_text(inputs, first_image + k, counts[k])
+            expanded += (self.video_placeholder_text(sample.video, inputs, first_image + k, counts[k]) if video
+                         else self.placeholder_text(inputs, first_image + k, counts[k]))
             orig += len(ph)
     enc = self.tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=self._adds_special_tokens())
     mine = ids[attn]
