@@ -55,9 +55,10 @@ def _read(root, adapter: "Adapter", site: Site):
     if site.sub == "mlp":
         return _first(resolve_path(layer, p.mlp_out or p.mlp).output)
     if site.sub == "experts":
-        # every router (Gemma 4's, Qwen3-VL-MoE's and GLM-4.5V's ``mlp.gate``) returns (logits or probabilities,
-        # top-k weights, top-k expert ids) over the batch's rows flattened, `[batch * seq, k]`
-        return resolve_path(layer, p.router).output[2]
+        # Gemma 4's, Qwen3-VL-MoE's and GLM-4.5V's (``mlp.gate``) routers return (logits or probabilities, top-k weights,
+        # top-k expert ids) over the batch's rows flattened, `[batch * seq, k]`; the family names the item
+        # (`Adapter.router_output`: Llama 4's router gives its logits, whose top-k `site_value` takes)
+        return resolve_path(layer, p.router).output[adapter.router_output]
     return _first(layer.output)
 
 
