@@ -16,8 +16,12 @@ regroups the patches into HF's video layout (`frames_to_patches`). Pixel values 
 torchvision processor's where a frame is resized (different interpolation code); frames whose sides are
 multiples of ``patch_size * merge_size`` within the pixel bounds are not resized.
 
-A batch holds image samples or video samples, not both: the tower runs images and videos as two separate
-packed sequences, and the vision sites are one of them.
+A batch may mix image samples and video samples, in every Qwen family here (HF's forward takes
+``pixel_values`` and ``pixel_values_videos`` together). The tower then runs twice, as HF runs it: the batch's images as one packed
+sequence, then its videos as another. Its sites in such a batch are the two passes' sequences concatenated,
+images first (`[1, image patches + video patches, d]`; `projector`: image tokens, then video tokens), so a
+video token's ``feature_col`` counts on past the batch's image tokens, and the block and tower rules of
+`embedlens.adapters.qwen2_vl` hold unchanged over the concatenation (`vision_passes`).
 
 Qwen3-VL (and Qwen3-VL-MoE and Qwen3.5, which share its processor and positions; `Qwen3Video`) writes each
 temporal patch into the prompt apart: ``<{t:.1f} seconds><|vision_start|>`` + its ``(h / 2) * (w / 2)`` video
@@ -123,7 +127,7 @@ class QwenVideo:
         return BatchFeature(data)
 
     def encode(self, samples: Sequence[Sample], padding_side: str = "right"):
-        """`Adapter.encode`, with video samples: a batch holds image samples or video samples, not both."""
+        """`Adapter.encode`, with video samples; a batch may mix image samples and video samples (see the module)."""
         from embedlens.adapters.base import Batch
 
         from embedlens.adapters.capabilities import Capability
@@ -131,23 +135,33 @@ class QwenVideo:
         videos = [s.video is not None for s in samples]
         if not any(videos) or not self.has(Capability.VIDEO):  # Adapter.encode refuses video without the capability
             return super().encode(samples, padding_side)
-        if not all(videos):
-            raise InputError(f"a batch holds image samples or video samples, not both; images: "
-                             f"{[s.id for s, v in zip(samples, videos) if not v]}, videos: {[s.id for s, v in zip(samples, videos) if v]}")
         if padding_side not in ("left", "right"):
             raise InputError(f"padding_side must be 'left' or 'right'; got {padding_side!r}")
+        for s in samples:
+            if s.video is None and not s.images:
+                raise InputError(f"sample {s.id!r} has no image")
         prompts = [self.prompt(s) for s in samples]
-        vin = self.video_inputs([s.video for s in samples])
-        n_tokens = (vin["video_grid_thw"].prod(-1) // self.merge_size**2).tolist()
+        vin = self.video_inputs([s.video for s in samples if s.video is not None])
         ph = self.video_placeholder
-        texts = [p.text.replace(ph, self.video_placeholder_text(s.video, vin, i, n), 1)
-                 for i, (s, p, n) in enumerate(zip(samples, prompts, n_tokens))]
+        n_tokens = (vin["video_grid_thw"].prod(-1) // self.merge_size**2).tolist()
+        at = [sum(videos[:b]) for b in range(len(samples))]  # each video sample's index among the batch's videos
+        texts = [p.text.replace(ph, self.video_placeholder_text(s.video, vin, at[b], n_tokens[at[b]]), 1) if videos[b] else p.text
+                 for b, (s, p) in enumerate(zip(samples, prompts))]
+        if not all(videos):
+            # images too: the image processor on every image of the batch, and each image placeholder expanded to its
+            # image's tokens, as the processor does (which refuses video tokens without its torchvision processor)
+            vin.update(self.processor.image_processor(images=[im for s in samples for im in s.images], return_tensors="pt"))
+            per_image = iter((vin["image_grid_thw"].prod(-1) // self.merge_size**2).tolist())
+            iph = self.image_placeholder
+            texts = [t if v else "".join(piece + (iph * next(per_image) if k < t.count(iph) else "")
+                                         for k, piece in enumerate(t.split(iph)))
+                     for t, v in zip(texts, videos)]
         tok = self.tokenizer
         old_side = tok.padding_side
         tok.padding_side = padding_side
         try:
-            # the tokenizer, as the processor runs it on the text (the processor itself refuses video tokens
-            # without its torchvision video processor), and the processor's own modality types (video: 2)
+            # the tokenizer, as the processor runs it on the text, and the processor's own modality types (image: 1,
+            # video: 2)
             inputs = BatchFeature(dict(tok(texts, return_tensors="pt", padding=True, padding_side=padding_side)))
         finally:
             tok.padding_side = old_side
