@@ -140,3 +140,31 @@ def test_images_are_left_out_and_bad_parameters_are_named():
         TemporalSinks(gamma=0)
     with pytest.raises(PlanError, match=r"temporal_sinks\.vision_layer: layer 9 is out of range for this model \(0\.\.2\)"):
         TemporalSinks(vision_layer=9).check(adapter)
+
+
+def test_the_host_waits_as_often_for_six_temporal_patches_as_for_two():
+    """The score's hot path (the tower's attention recomputed per frame, then per place) has no loop over frames or
+    tokens that reads the device: `torch.profiler`'s count of host syncs is the same for 2 and 6 temporal patches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from embedlens.probes.over_time import sink_persistence
+    from embedlens.probes.temporal_sinks import tower_attention_received
+
+    adapter = load_model("tiny:qwen2_vl")
+    rng = np.random.default_rng(1)
+    counts = {}
+    for n in (4, 12):
+        frames = [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(n)]
+        batch = adapter.encode([Sample(video=frames, question="what?", id="v")])
+        vt = batch.roles.visual_tokens()
+        attention = torch.rand(len(vt["frame"]))
+
+        def fn():
+            tower_attention_received(adapter, batch, 2)
+            sink_persistence(vt, attention, 1.1)
+
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        counts[n] = sum(e.count for e in prof.key_averages() if e.key in ("aten::item", "aten::_local_scalar_dense", "aten::nonzero"))
+    assert counts[4] == counts[12], f"host syncs by number of frames: {counts}"
