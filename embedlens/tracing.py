@@ -54,7 +54,9 @@ def _read(root, adapter: "Adapter", site: Site):
         return _first(resolve_path(layer, p.attn_out or mixer_path(layer, p)).output)
     if site.sub == "mlp":
         return _first(resolve_path(layer, p.mlp_out or p.mlp).output)
-    if site.sub == "experts":  # the router returns (probabilities, top-k weights, top-k expert ids), rows flattened
+    if site.sub == "experts":
+        # every router (Gemma 4's, Qwen3-VL-MoE's and GLM-4.5V's ``mlp.gate``) returns (logits or probabilities,
+        # top-k weights, top-k expert ids) over the batch's rows flattened, `[batch * seq, k]`
         return resolve_path(layer, p.router).output[2]
     return _first(layer.output)
 
@@ -63,7 +65,10 @@ def _value(adapter: "Adapter", site: Site, saved, inputs: dict) -> torch.Tensor:
     """A saved site value as the site defines it: `llm.unembed` is the model's logits,
     so it carries the final-logit softcapping (Gemma2) that follows `lm_head`; a family's
     documented view of its own tensors (`Adapter.site_value`: Qwen-VL's packed tower) applies."""
-    value = adapter.site_value(site, saved.detach(), inputs)
+    value = saved.detach()
+    if site.sub == "experts":  # the router's rows are the batch's positions flattened: `[batch, seq, k]`
+        value = value.reshape(*inputs["input_ids"].shape, -1)
+    value = adapter.site_value(site, value, inputs)
     return adapter.softcap_logits(value) if site.component == "llm.unembed" else value
 
 
@@ -75,8 +80,9 @@ def _needs_whole_forward(resolved: list[Site]) -> bool:
 def _skipped_vision_layers(adapter: "Adapter", resolved: list[Site], inputs: dict) -> range:
     """Encoder layers that feed nothing the trace reads: after the deepest one the model's image features
     select (`Adapter.vision_layers_needed`) and the deepest `vision.layers[i]` site read. Empty unless the
-    trace runs the tower (it has images) and reads something past it (otherwise it stops before them anyway)."""
-    if inputs.get("pixel_values") is None or not resolved or resolved[-1].component in ("vision.embed", "vision.layers") or getattr(adapter, "remote", False):
+    trace runs the tower once (it has images or videos, not both: a skip acts on the tower's first call) and reads
+    something past it (otherwise it stops before them anyway)."""
+    if (inputs.get("pixel_values") is None) == (inputs.get("pixel_values_videos") is None) or not resolved or resolved[-1].component in ("vision.embed", "vision.layers") or getattr(adapter, "remote", False):
         return range(0)
     keep = max([adapter.vision_layers_needed] + [s.layer + 1 for s in resolved if s.component == "vision.layers"])
     return range(keep, adapter.n_vision_layers)

@@ -149,3 +149,27 @@ def test_vision_layers_needed_counts_as_hf_indexes_hidden_states(feature_layer, 
         acts = collect(adapter, batch, ["vision.features", "llm.embed"])
     assert [calls.n[i] > 0 for i in range(3)] == [i < needed for i in range(3)]
     assert torch.equal(acts[Site("llm.embed")], embeds)
+
+
+def test_a_video_batch_skips_the_encoder_layers_after_the_feature_layer_too():
+    """Videos reach the tower as ``pixel_values_videos``: a trace reading the LLM skips the encoder layers after
+    the selected feature layer for them as for images, and the LLM's input and first layer stay HF's own."""
+    import numpy as np
+    from PIL import Image
+
+    from embedlens.adapters import load_model
+    from embedlens.data import Sample
+
+    adapter = load_model("tiny:llava_onevision")
+    n = adapter.n_vision_layers
+    adapter.config.vision_feature_layer = -2  # read by HF's video features and by the adapter alike
+    assert adapter.vision_layers_needed == n - 1
+    rng = np.random.default_rng(0)
+    frames = [[Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)) for _ in range(2)] for _ in range(2)]
+    batch = adapter.encode([Sample(video=f, question="what moves?", id=f"v{i}") for i, f in enumerate(frames)])
+    assert "pixel_values_videos" in adapter.model_inputs(batch) and adapter.model_inputs(batch).get("pixel_values") is None
+    embeds, layer0 = _hf_reference(adapter, batch)
+    with _Calls(_attention_calls(adapter)) as calls:
+        acts = collect(adapter, batch, ["llm.embed", "llm.layers[0]"])
+    assert [calls.n[i] > 0 for i in range(n)] == [i < n - 1 for i in range(n)]
+    assert torch.equal(acts[Site("llm.embed")], embeds) and torch.equal(acts[Site("llm.layers", 0)], layer0)

@@ -259,6 +259,31 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
         return len(resolve_path(self.model, self.paths.llm_layers))
 
     @property
+    def expert_layers(self) -> list[int]:
+        """The LLM layers that route tokens to experts: those holding the router `paths.router` (every layer of
+        Gemma 4; Qwen3-VL-MoE's sparse ones; GLM-4.5V's from ``first_k_dense_replace`` on). Empty without a router."""
+        if not self.paths.router:
+            return []
+        get = operator.attrgetter(self.paths.router)
+        found = []
+        for i, layer in enumerate(resolve_path(self.model, self.paths.llm_layers)):
+            try:
+                get(layer)
+            except AttributeError:  # a dense layer: a plain MLP, no router
+                continue
+            found.append(i)
+        return found
+
+    @property
+    def n_experts(self) -> int:
+        """Routed experts per mixture-of-experts layer (0 without a router): the text config's ``num_local_experts``
+        (GLM-4.5V's ``n_routed_experts``, Qwen3-VL-MoE's ``num_experts``) or ``num_experts`` (Gemma 4)."""
+        if not self.paths.router:
+            return 0
+        text = self.config.get_text_config()
+        return int(getattr(text, "num_local_experts", None) or text.num_experts)
+
+    @property
     def image_token_id(self) -> int:
         return int(self.config.image_token_id)
 
@@ -315,7 +340,11 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
             raise AdapterError(f"Site {site}: {self.name} has no mixture-of-experts router (only such families route tokens to experts)")
         if site.layer is None:
             return site
-        return site.resolve(self.n_layers(site.component))
+        resolved = site.resolve(self.n_layers(site.component))
+        if resolved.sub == "experts" and resolved.layer not in (routed := self.expert_layers):
+            raise AdapterError(f"Site {site}: layer {resolved.layer} of {self.name} is dense (a plain MLP, no router); "
+                               f"the .experts site applies to layers {routed}")
+        return resolved
 
     @property
     def feature_select_strategy(self) -> str:

@@ -191,8 +191,6 @@ class Gemma4Adapter(Adapter):
             return value[self._real(inputs, value.device)][None]
         if site.component in ("vision.features", "projector") and value.dim() == 2:
             return value[None]
-        if site.sub == "experts":  # the router sees the batch's rows flattened
-            return value.reshape(*inputs["input_ids"].shape, -1)
         return value
 
     def display_pixels(self, inputs: BatchFeature, image: int, feature_row: int) -> torch.Tensor:

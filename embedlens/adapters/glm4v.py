@@ -93,12 +93,16 @@ class Glm4vMoeAdapter(Glm4vAdapter):
     From layer ``first_k_dense_replace`` on, each decoder layer's MLP is a sparse block: a sigmoid router picks
     ``num_experts_per_tok`` routed experts per token (within the best ``topk_group`` of ``n_group`` groups), whose
     weighted outputs are added to a shared expert's. ``llm.layers[i].mlp`` reads the block's output. Each token is
-    routed alone, so routing follows whatever sequence the engine runs (a pruned token is routed nowhere).
+    routed alone, so routing follows whatever sequence the engine runs (a pruned token is routed nowhere). The site
+    ``llm.layers[i].experts`` gives each token's routed experts in a sparse layer, ``[batch, seq, top_k]`` ids as
+    its router (``mlp.gate``) chose them (the shared expert, which every token passes through, is not among them);
+    the dense layers refuse it, naming the sparse ones (`Adapter.expert_layers`).
     """
 
     architectures = ("Glm4vMoeForConditionalGeneration",)
     model_class = Glm4vMoeForConditionalGeneration
-    paths = _QWEN_PATHS  # no post-norms: `.attn` / `.mlp` are the modules' outputs
+    # no post-norms: `.attn` / `.mlp` are the modules' outputs; the sparse blocks' router (dense layers have none)
+    paths = replace(_QWEN_PATHS, router="mlp.gate")
 
 
 __all__ = ["Glm4vAdapter", "Glm4vImageProcessor", "Glm4vMoeAdapter"]

@@ -1,4 +1,5 @@
-"""LLaVA-OneVision: SigLIP tower, anyres tiling with newline tokens, Qwen2 LLM."""
+"""LLaVA-OneVision: SigLIP tower, anyres tiling with newline tokens, Qwen2 LLM; video frames pooled 2 x 2
+(`embedlens.adapters.llava_onevision_video`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 
 from embedlens.adapters.base import Adapter
 from embedlens.adapters.capabilities import Capability
+from embedlens.adapters.llava_onevision_video import OnevisionVideo
 from embedlens.registry import adapters
 
 
@@ -29,19 +31,23 @@ class OnevisionImageProcessor(LlavaOnevisionProcessor):
 
 
 @adapters.register("llava_onevision")
-class LlavaOnevisionAdapter(Adapter):
-    """LLaVA-OneVision: SigLIP tower, anyres tiles (base image + unpadded tile grid with newline tokens), Qwen2."""
+class LlavaOnevisionAdapter(OnevisionVideo, Adapter):
+    """LLaVA-OneVision: SigLIP tower, anyres tiles (base image + unpadded tile grid with newline tokens), Qwen2;
+    video frames pooled 2 x 2, a newline after the last (`embedlens.adapters.llava_onevision_video`)."""
 
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     model_class = LlavaOnevisionForConditionalGeneration
     vision_towers = ("siglip_vision_model", "clip_vision_model")
-    capabilities = frozenset({Capability.VISION_FEATURE_LAYER, Capability.IMAGE_NEWLINE})
+    capabilities = frozenset({Capability.VISION_FEATURE_LAYER, Capability.IMAGE_NEWLINE, Capability.VIDEO})
 
     image_only_processor = OnevisionImageProcessor
     image_only_keys = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "chat_template")
 
     def image_layouts(self, inputs: BatchFeature) -> list[torch.Tensor]:
-        """The model's own `pack_image_features` run on patch coordinates (see `anyres_layouts`)."""
+        """The model's own `pack_image_features` run on patch coordinates (see `anyres_layouts`); in a video
+        batch, one layout per video (`OnevisionVideo.video_layouts`)."""
+        if "pixel_values_videos" in inputs:
+            return self.video_layouts(inputs)
         cfg = self.config
         image_sizes = inputs["image_sizes"]
         batch_num_images = inputs.get("batch_num_images")

@@ -26,8 +26,9 @@ interventions do on the DeltaNet layers (`embedlens.interventions.engine`):
 - attention knockout, FastV and ``attention_flow`` read or mask an attention
   matrix: they refuse linear-attention layers by name and list the layers
   where they apply;
-- decoding from the engine's prefill is refused (the recurrent state of the
-  packed rows is not carried into a cache).
+- decoding from the engine's prefill keeps each DeltaNet layer's input rows
+  instead of a key/value cache and runs the layer again over them and the new
+  tokens (`embedlens.interventions.engine`), as Hugging Face's generation.
 
 Example:
     >>> from embedlens import Sample, load_model

@@ -7,15 +7,22 @@ where it is a dense MLP. The ``llm.layers[i].mlp`` site reads the block's output
 chosen experts' outputs. Each token is routed alone (top-k of its own router logits, no capacity limit), so
 routing follows whatever sequence the engine runs: a pruned token is routed nowhere, the kept ones as in a
 Hugging Face run of the shortened sequence, a withdrawn or injected one only in the layers it is present in.
+The site ``llm.layers[i].experts`` gives the experts each token is routed to in a sparse layer, ``[batch, seq,
+top_k]`` ids as its router (``mlp.gate``: the top-k of the softmax over its logits) chose them; a dense layer
+refuses it, naming the sparse ones (`Adapter.expert_layers`).
 
 Example:
     >>> from embedlens import load_model
     >>> adapter = load_model("tiny:qwen3_vl_moe")
     >>> [type(layer.mlp).__name__ for layer in adapter.model.model.language_model.layers]
     ['Qwen3VLMoeTextMLP', 'Qwen3VLMoeTextSparseMoeBlock', 'Qwen3VLMoeTextMLP', 'Qwen3VLMoeTextSparseMoeBlock']
+    >>> adapter.expert_layers
+    [1, 3]
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from transformers import Qwen3VLMoeForConditionalGeneration
 
@@ -32,3 +39,4 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
     architectures = ("Qwen3VLMoeForConditionalGeneration",)
     model_class = Qwen3VLMoeForConditionalGeneration
     image_only_processor = Qwen3VLMoeImageProcessor
+    paths = replace(Qwen3VLAdapter.paths, router="mlp.gate")  # the sparse blocks' router (dense layers have none)

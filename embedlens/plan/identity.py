@@ -85,7 +85,7 @@ def run_identity(prepared) -> dict[str, Any]:
     return {"data": data_identity(prepared), "model": model_identity(prepared.adapter.source)}
 
 
-def check_same(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
+def check_same(saved: dict[str, Any], now: dict[str, Any], where: Path, what: str = "unfinished run") -> None:
     """Refuse to resume when the data or the model differ from the checkpoint's; name what changed.
 
     Raises:
@@ -109,6 +109,6 @@ def check_same(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
     if changes:
         more = f" and {len(changes) - 5} more" if len(changes) > 5 else ""
         raise CheckpointError(
-            f"{where}: the inputs changed since the unfinished run started: {'; '.join(changes[:5])}{more}. "
-            "Resuming would mix two data sets or models; restore them, or start again with --overwrite"
+            f"{where}: the inputs changed since the {what} started: {'; '.join(changes[:5])}{more}. "
+            "Resuming would mix (or hand back) results of other data or models; restore them, or start again with --overwrite"
         )

@@ -79,10 +79,28 @@ def _start_state(prepared: Prepared, out: Path, h: str, identity: dict, n_batche
                              "them: give run another --output, or replace them with --overwrite")
     done = finished_result(out) if resume and not overwrite else None
     if done is not None:
+        _check_finished_same(out, h, identity)
         remove_temp(out)
         return None, done
     clear_run(out)
     return RunState(h, identity, 0, n_batches, False, prepared.probes, prepared.partition, prepared.conditions), None
+
+
+def _check_finished_same(out: Path, h: str, identity: dict) -> None:
+    """Refuse to hand back a finished run of another plan, or of data or a model that changed since (as resuming an
+    unfinished one refuses): ``--resume`` would otherwise return results this plan did not make."""
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))  # finished_result read it already
+    if manifest.get("plan_hash") != h:
+        raise EmbedLensError(
+            f"{out}: the finished run there is of a different plan (hash {str(manifest.get('plan_hash'))[:40]}, this plan "
+            f"{h}); give run another --output, or start again with --overwrite"
+        )
+    saved = manifest.get("inputs")
+    try:
+        check_same(saved if isinstance(saved, dict) else {}, identity, out, what="finished run")
+    except (AttributeError, TypeError) as e:  # a list or a number where embedlens writes a mapping
+        raise EmbedLensError(f"{out / 'manifest.json'}: inputs is not of the kind embedlens writes ({type(e).__name__}: {e}); "
+                             "start again with --overwrite") from None
 
 
 def _manifest_kind(out: Path) -> Any:

@@ -272,8 +272,13 @@ def visual_rows(adapter: "Adapter", site, act: torch.Tensor, vt: dict[str, torch
     tower site gives the mean over the block's patches. `inputs`, the batch's
     processor output, names the patches where they depend on the batch
     (`Adapter.patch_indices`: Mistral 3's packed images of different sizes).
+    ``llm.layers[i].experts`` (`[batch, seq, top_k]` expert ids) gives each token's routing as a multi-hot row,
+    ``[tokens, n_experts]`` (1.0 at the experts it was routed to), so a probe reading vectors reads routing.
     """
     comp = site.component
+    if site.sub == "experts":
+        ids = act[vt["sample"].to(act.device), vt["position"].to(act.device)]  # [tokens, top_k]
+        return torch.zeros(ids.shape[0], adapter.n_experts, device=act.device).scatter_(1, ids, 1.0)
     if comp.startswith("llm."):
         return act[vt["sample"].to(act.device), vt["position"].to(act.device)]
     rows = vt["feature_row"].to(act.device)

@@ -65,7 +65,8 @@ class SemanticProbe(Probe):
 
     Args:
         attributes: annotation names to predict.
-        sites: where tokens are read, e.g. ``[llm.embed, llm.layers[3]]``.
+        sites: where tokens are read, e.g. ``[llm.embed, llm.layers[3]]``; ``llm.layers[i].experts``
+            (mixture-of-experts families) reads each token's routing, multi-hot over the experts.
         cv: folds (fewer when a class is rarer).
         C: inverse regularisation strength.
         max_tokens: reservoir size per site.

@@ -29,7 +29,8 @@ class TokenClusters(Probe):
     Args:
         n_clusters: k.
         site: where the tokens are read (``llm.embed``, ``llm.layers[i]``,
-            ``projector``, ``vision.layers[i]``, ...).
+            ``projector``, ``vision.layers[i]``, ...; ``llm.layers[i].experts``: each token's routing,
+            multi-hot over the experts, in a mixture-of-experts family).
         max_tokens: reservoir size.
         normalize: cluster unit-norm vectors (cosine geometry) instead of raw ones.
         n_init: k-means restarts.

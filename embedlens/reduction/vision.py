@@ -86,7 +86,15 @@ def read_tower(adapter: "Adapter", batch: "Batch", tokens: torch.Tensor, *, feat
     """Read the criteria of `tokens` (`[batch, seq]` bool, visual tokens) from the tower's feature layer.
 
     The tower runs once, up to the feature layer; the model stops there.
+
+    Raises:
+        InterventionError: a batch whose visual tokens each stand for several tower patches (a LLaVA-OneVision
+            video's pooled frames: `Adapter.patch_indices` on the batch), which `check_tower` cannot see.
     """
+    if adapter.patch_indices(torch.zeros(1, dtype=torch.long), batch.inputs).shape[1] != 1:
+        raise InterventionError(f"{adapter.name}: each visual token of this batch pools several of the tower's patches (a "
+                                "video's frames), and the tower's criteria rank one patch per token (use a method that "
+                                "ranks LLM tokens: divprune, random_budget, ...)")
     layers = resolve_path(adapter.model, adapter.paths.vision_layers)
     block = layers[feature_layer(adapter)]
     seen: dict[str, torch.Tensor] = {}

@@ -454,6 +454,27 @@ def test_resume_refuses_changed_data_naming_it(tmp_path, change):
         run(prepare(load_plan(plan)), tmp_path / "out", resume=True)
 
 
+def test_resume_of_a_finished_run_refuses_another_plan_or_changed_data(tmp_path):
+    """--resume on a finished run hands back its results only when they are this plan's on these inputs."""
+    plan = _prompt_plan(tmp_path)
+    out = tmp_path / "out"
+    first = run(prepare(load_plan(plan)), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    same = run(prepare(load_plan(plan)), out, resume=True)  # the same plan and inputs: the results, untouched
+    assert same.summary == first.summary
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+    from embedlens.testing.images import shapes
+
+    shapes(48, seed=99).save(tmp_path / "data" / "im3.png")
+    with pytest.raises(EmbedLensError, match=r"inputs changed since the finished run started.*im3\.png changed.*--overwrite"):
+        run(prepare(load_plan(plan)), out, resume=True)
+    plan.write_text(plan.read_text().replace("seed: 3", "seed: 11"))
+    with pytest.raises(EmbedLensError, match=r"finished run there is of a different plan.*--overwrite"):
+        run(prepare(load_plan(plan)), out, resume=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # refused: nothing touched
+
+
 def test_model_folder_identity_names_a_changed_weight_file(tmp_path):
     from embedlens.plan.identity import check_same, model_identity
     from embedlens.state import CheckpointError
