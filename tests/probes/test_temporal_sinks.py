@@ -168,3 +168,38 @@ def test_the_host_waits_as_often_for_six_temporal_patches_as_for_two():
             fn()
         counts[n] = sum(e.count for e in prof.key_averages() if e.key in ("aten::item", "aten::_local_scalar_dense", "aten::nonzero"))
     assert counts[4] == counts[12], f"host syncs by number of frames: {counts}"
+
+
+def test_the_score_on_a_siglip_tower_pools_each_tokens_patches():
+    """LLaVA-OneVision runs each frame through its SigLIP tower as an image and pools its patch grid 2 x 2: each
+    token's attention is the mean over its 2 x 2 patches of the attention they receive at the feature layer, from
+    HF's own eager attention weights (``output_attentions``), then SToP's formula per place over the frames."""
+    adapter = load_model("tiny:llava_onevision")
+    rng = np.random.default_rng(2)
+    frames = [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(3)]
+    batch = adapter.encode([Sample(video=frames, question="what moves?", id="v")])
+    probe = TemporalSinks()
+    tables = probe.update(adapter, batch, {})
+    layer = probe.result()["vision_layer"]
+    tower = adapter.model.model.vision_tower
+    old = tower.config._attn_implementation
+    try:
+        tower.config._attn_implementation = "eager"
+        with torch.no_grad():
+            out = tower(batch.inputs["pixel_values_videos"][0], output_attentions=True)
+    finally:
+        tower.config._attn_implementation = old
+    received = out.attentions[layer].double().mean(1).mean(1)  # [frames, patches]: head mean, query mean
+    side = int(received.shape[1] ** 0.5)
+    grid = received.reshape(3, side // 2, 2, side // 2, 2).mean((2, 4)).flatten(1)  # [frames, tokens]: 2 x 2 means
+    x = grid.mean(0) ** 1.1
+    want = (x - x.min()) / (x.max() - x.min() + 1e-12)
+    n = side // 2
+    tok = tables["tokens"]
+    got = torch.zeros_like(grid)
+    for f, r, c, a in zip(tok["frame"], tok["row"], tok["col"], tok["attention"]):
+        got[f, r * n + c] = a
+    assert torch.allclose(got, grid, atol=1e-6)
+    places = tables["places"]
+    assert [(r, c) for r, c in zip(places["row"], places["col"])] == [(r, c) for r in range(n) for c in range(n)]
+    assert torch.allclose(torch.tensor(places["sink_score"], dtype=torch.float64), want, atol=1e-6)
