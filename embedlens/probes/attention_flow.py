@@ -268,9 +268,11 @@ class AttentionFlow(Probe):
                                     xlabel="LLM layer (its attention)" if res["layers"] else "position among the layers probed",
                                     ylabel=f"attention mass from '{q}' queries\nto the group's tokens", legend_title="token group",
                                     title=f"Attention mass from '{q}' queries to each token group (head average)"))
+        values = [v for f in self._first.frames for v in f["value"]]  # a video's frames share one colour scale
         out += frame_maps(self._first, out_dir, "attention_flow_last_token", lambda f, path, where: value_map(
             f["pixels"], f["row"], f["col"], f["value"], path, label="attention from the last token (head mean)",
-            title=f"Attention from the last token, LLM layer {self._first_layer} (FastV) - {f['sample_id']}{where}"))
+            title=f"Attention from the last token, LLM layer {self._first_layer} (FastV) - {f['sample_id']}{where}",
+            vmin=min(values, default=None), vmax=max(values, default=None)))
         return out
 
 

@@ -254,9 +254,10 @@ class TemporalSinks(Probe):
         if not frames:
             return []
         layer = self._layer_used
+        values = [a for e in frames for a in e["attention"]]  # one colour scale for every frame: they are compared
         out = frame_maps(self._first, out_dir, "temporal_sinks_map", lambda e, path, where: value_map(
             e["pixels"], e["row"], e["col"], e["attention"], path, label="attention received in the frame (head, query mean)",
-            title=f"Attention each token draws at vision layer {layer} - {e['sample_id']}{where}"))
+            title=f"Attention each token draws at vision layer {layer} - {e['sample_id']}{where}", vmin=min(values), vmax=max(values)))
         e = frames[0]
         out.append(value_map(e["pixels"], e["row"], e["col"], e["sink_score"], Path(out_dir) / "temporal_sinks_score.png",
                              vmin=0.0, vmax=1.0, label="SToP sink score (0..1)",
