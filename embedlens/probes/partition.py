@@ -101,9 +101,10 @@ class _PartitionProbe(Probe):
         return out
 
     def _over_time(self, batch: "Batch", vt: dict[str, torch.Tensor], groups: dict[str, torch.Tensor]) -> Table:
-        """One row per place of the frame grid (sample, image, row, col): its frames and in how many each group
-        holds its token; the run's tally per group (places ever in it, summed share of their frames in it, places
-        in it in every frame) for `result`'s ``over_time``."""
+        """One row per place of the frame grid (sample, image, row, col): its content (`over_time.place_content`),
+        its frames and in how many each group holds its token; the run's tally per group (places ever in it, summed
+        share of their frames in it, places in it in every frame), over all places and per content, for `result`'s
+        ``over_time`` and ``over_time_by_content``."""
         from embedlens.probes.over_time import CONTENT, group_persistence, place_content
 
         masks = dict(groups)  # exclusive after precedence; alive: in none of the others, where not given
@@ -167,8 +168,10 @@ class _PartitionProbe(Probe):
 
             out["over_time"] = {g: tally(t[-1]) for g, t in self._time.items()}
             # split by what the place shows (ground truth of synthetic videos): static content should keep its group
-            out["over_time_by_content"] = {c: {"places": int(self._time_places[i]), **{g: tally(t[i]) for g, t in self._time.items()}}
-                                           for i, c in enumerate(CONTENT) if self._time_places is not None and self._time_places[i] > 0}
+            by = {c: {"places": int(self._time_places[i]), **{g: tally(t[i]) for g, t in self._time.items()}}
+                  for i, c in enumerate(CONTENT) if self._time_places is not None and self._time_places[i] > 0}
+            if by:  # only where the videos have the truth
+                out["over_time_by_content"] = by
         return out
 
     def figures(self, out_dir: Path) -> list[Path]:
