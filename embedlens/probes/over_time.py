@@ -3,7 +3,10 @@ across frames (temporal patches).
 
 - `group_persistence`: in how many of a place's frames its token is in a group (does a dead token stay dead?);
 - `top1_agreement`: the share of a place's frames whose top-1 vocabulary id is the place's most frequent one
-  (1 where every frame reads the same word: static content on a model that sees it the same way).
+  (1 where every frame reads the same word: static content on a model that sees it the same way);
+- `sink_persistence`: SToP's temporal sink score, the attention a place draws averaged over its frames;
+- `place_content`: what a place shows over the kept frames of a synthetic video (static background, static
+  object, moving), from its truth, to split the others by.
 
 Both run on the device in a few scatters over the batch's video tokens (image tokens, ``frame == -1``, are
 left out) and return whole tensors, one row per place, in the order of `places`.
