@@ -8,7 +8,7 @@ across frames (temporal patches).
 - `place_content`: what a place shows over the kept frames of a synthetic video (static background, static
   object, moving), from its truth, to split the others by.
 
-Both run on the device in a few scatters over the batch's video tokens (image tokens, ``frame == -1``, are
+The first three run on the device in a few scatters over the batch's video tokens (image tokens, ``frame == -1``, are
 left out) and return whole tensors, one row per place, in the order of `places`.
 """
 
