@@ -13,8 +13,8 @@ A site names an activation independently of the model family:
 ``llm.layers[i].attn``     attention update of layer ``i`` (before the residual add)
 ``llm.layers[i].mlp``      MLP update of layer ``i`` (before the residual add)
 ``llm.layers[i].experts``  the experts each token is routed to in layer ``i``, ``[batch, seq, top_k]``
-                           ids (mixture-of-experts layers: Gemma 4's, Qwen3-VL-MoE's and
-                           GLM-4.5V's sparse ones, `Adapter.expert_layers`)
+                           ids (mixture-of-experts layers: Gemma 4's, Qwen3-VL-MoE's,
+                           GLM-4.5V's and Llama 4's sparse ones, `Adapter.expert_layers`)
 ``llm.norm``               final norm output
 ``llm.unembed``            logits as the model returns them (``outputs.logits``;
                            ``lm_head`` then final-logit softcapping, Gemma2)

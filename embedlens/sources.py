@@ -78,6 +78,22 @@ class ZooSource(Source):
                         placement=placement)
 
 
+def _cast(model, dtype):
+    """`model` in `dtype`, its complex buffers kept complex: ``Module.to(dtype)`` would cast them to the real dtype,
+    dropping their imaginary part (Llama 4's vision rotary frequencies, ``freqs_ci``); they are set aside meanwhile."""
+    kept = []
+    for name, buf in list(model.named_buffers()):
+        if buf.is_complex():
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            kept.append((module, attr, buf, attr not in module._non_persistent_buffers_set))
+            del module._buffers[attr]
+    model = model.to(dtype=dtype)
+    for module, attr, buf, persistent in kept:
+        module.register_buffer(attr, buf, persistent=persistent)
+    return model
+
+
 @sources.register("tiny")
 class TinySource(Source):
     """``tiny:NAME``: a tiny random model of a family, built offline (`embedlens.testing.TINY_SPECS`)."""
@@ -92,12 +108,12 @@ class TinySource(Source):
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
         if placement is not None and placement.spread:
-            model = place(model.to(dtype=parse_dtype(dtype)), placement)
+            model = place(_cast(model, parse_dtype(dtype)), placement)
         else:
             if placement is not None and placement.quantization is not None:
                 loading_kwargs(placement)  # the installation's own error first (no bitsandbytes, no GPU)
                 raise AdapterError("model.quantization: only checkpoints loaded with from_pretrained can be quantised (not tiny: models)")
-            model = model.to(device=device, dtype=parse_dtype(dtype))
+            model = _cast(model, parse_dtype(dtype)).to(device)
         wrapped = wrap_model(model, processor, adapter)
         wrapped.source = f"tiny:{name}"
         return wrapped

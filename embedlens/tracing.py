@@ -23,6 +23,9 @@ from embedlens.sites import COMPONENTS, Site
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
 
+#: the components the vision tower (and its projector) computes
+VISION = ("vision.embed", "vision.layers", "vision.features", "projector")
+
 
 def _first(value):
     return value[0] if isinstance(value, (tuple, list)) else value
@@ -55,9 +58,10 @@ def _read(root, adapter: "Adapter", site: Site):
     if site.sub == "mlp":
         return _first(resolve_path(layer, p.mlp_out or p.mlp).output)
     if site.sub == "experts":
-        # every router (Gemma 4's, Qwen3-VL-MoE's and GLM-4.5V's ``mlp.gate``) returns (logits or probabilities,
-        # top-k weights, top-k expert ids) over the batch's rows flattened, `[batch * seq, k]`
-        return resolve_path(layer, p.router).output[2]
+        # Gemma 4's, Qwen3-VL-MoE's and GLM-4.5V's (``mlp.gate``) routers return (logits or probabilities, top-k weights,
+        # top-k expert ids) over the batch's rows flattened, `[batch * seq, k]`; the family names the item
+        # (`Adapter.router_output`: Llama 4's router gives its logits, whose top-k `site_value` takes)
+        return resolve_path(layer, p.router).output[adapter.router_output]
     return _first(layer.output)
 
 
@@ -134,7 +138,17 @@ def collect(adapter: "Adapter", batch: "Batch", sites: Iterable["str | Site"]) -
         AdapterError: a site the model does not have or a layer out of range.
     """
     resolved = sorted({adapter.resolve(s) for s in sites}, key=Site.order_key)
-    return _trace(adapter.nnsight, adapter.model_inputs(batch), adapter, resolved)
+    inputs = adapter.model_inputs(batch)
+    passes = adapter.vision_passes(inputs)
+    vision = [s for s in resolved if s.component in VISION]
+    if not passes or not vision:
+        return _trace(adapter.nnsight, inputs, adapter, resolved)
+    # the tower runs more than once in this forward (Qwen-VL: a batch's images, then its videos): each run is read
+    # in a trace of its own, which stops before the language model, and the runs' packed sequences are joined
+    parts = [_trace(adapter.nnsight, p, adapter, vision) for p in passes]
+    out = {s: torch.cat([part[s] for part in parts], dim=1) for s in vision}  # packed towers: [1, patches, d]
+    rest = [s for s in resolved if s.component not in VISION]
+    return {**out, **(_trace(adapter.nnsight, inputs, adapter, rest) if rest else {})}
 
 
 def collect_text(adapter: "Adapter", texts: list[str], sites: Iterable["str | Site"]) -> tuple[dict[Site, torch.Tensor], torch.Tensor, torch.Tensor]:

@@ -96,12 +96,15 @@ class Video:
         indices: the source frame index of each kept frame.
         fps: the rate of the kept frames (source rate / sampling step); None for a list of frames.
         source: where the frames came from, for messages.
+        source_fps: the file's own frame rate (``indices / source_fps`` is each kept frame's time in seconds);
+            None for a list of frames.
     """
 
     frames: list[Image.Image]
     indices: list[int] = field(default_factory=list)
     fps: float | None = None
     source: str = "<frames>"
+    source_fps: float | None = None
 
     def __post_init__(self) -> None:
         if not self.frames:
@@ -192,7 +195,7 @@ def read_video_file(path: str | Path, options: VideoOptions | None = None) -> Vi
     if not keep:
         raise InputError(f"video {path}: no frame could be decoded")
     step = (source_fps / options.fps) if (options.fps and source_fps and source_fps > options.fps) else 1.0
-    return Video([frames[i] for i in keep], keep, source_fps / step if source_fps else None, str(path))
+    return Video([frames[i] for i in keep], keep, source_fps / step if source_fps else None, str(path), source_fps)
 
 
 def resolve_inside(root: Path, name: str, where: str, key: str) -> Path:

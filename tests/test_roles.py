@@ -22,7 +22,8 @@ def _n_features(adapter, batch) -> int:
     keys = ("pixel_values", "image_sizes", "batch_num_images", "pixel_attention_mask", "image_grid_thw", "image_position_ids")
     kwargs = {k: v for k, v in batch.inputs.items() if k in keys}
     with torch.no_grad():
-        feats = adapter.model.model.get_image_features(**kwargs).pooler_output
+        # Llama 4's top-level model holds the tower itself (no inner `model`)
+        feats = getattr(adapter.model, "model", adapter.model).get_image_features(**kwargs).pooler_output
     return sum(f.shape[0] for f in feats) if isinstance(feats, (list, tuple)) else feats.shape[0] * feats.shape[1]
 
 

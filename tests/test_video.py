@@ -142,6 +142,7 @@ def test_a_video_file_is_sampled_at_the_plan_rate(tmp_path):
     assert v.indices == [0, 2, 4, 6, 8]
     assert [_which(f) for f in v.frames] == [0, 2, 4, 6, 8]
     assert v.fps == pytest.approx(5.0)
+    assert v.source_fps == pytest.approx(10.0)  # each kept frame's time is index / the file's own rate
     v = read_video_file(tmp_path / "clip.mkv", VideoOptions(num_frames=3))
     assert [_which(f) for f in v.frames] == [0, 4, 9] and v.fps == pytest.approx(10.0)
 

@@ -57,6 +57,8 @@ _LAZY = {
     "Qwen3VLAdapter": "embedlens.adapters.qwen2_vl",
     "Qwen3_5Adapter": "embedlens.adapters.qwen3_5",
     "Qwen3VLMoeAdapter": "embedlens.adapters.qwen3_vl_moe",
+    "Llama4Adapter": "embedlens.adapters.llama4",
+    "Llama4ImageProcessorPil": "embedlens.adapters.llama4_tiles",
 }
 
 
@@ -86,6 +88,8 @@ __all__ = [
     "Idefics3Adapter",
     "InternVLAdapter",
     "InternVLImageProcessor",
+    "Llama4Adapter",
+    "Llama4ImageProcessorPil",
     "LlavaAdapter",
     "LlavaNextAdapter",
     "LlavaOnevision15Adapter",

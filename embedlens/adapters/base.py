@@ -129,6 +129,11 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
         """Whether this family declares `capability` (a `Capability` or its name)."""
         return parse_capabilities(f"{self.name}.has()", [capability]) <= self.capabilities
 
+    # Which item of the router's output (`ModulePaths.router`) the ``llm.layers[i].experts`` site reads: its top-k expert
+    # ids, the third of (scores, top-k weights, top-k ids) for Gemma 4's, Qwen3-VL-MoE's and GLM-4.5V's routers; a family
+    # whose router returns other items (Llama 4's: (scores, logits)) names the one its `site_value` makes the ids from.
+    router_output: ClassVar[int] = 2
+
     # The vision towers (`vision_config.model_type`) the adapter takes, for model classes that build whatever tower
     # the config names (LLaVA's `AutoModel.from_config`); empty: the model class fixes its tower.
     vision_towers: ClassVar[tuple[str, ...]] = ()
@@ -517,6 +522,12 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
         which fills `n_tokens` image tokens; families that add marker text around the
         image tokens (Idefics3's sub-image tags) override this."""
         return self.image_placeholder * n_tokens
+
+    def video_placeholder_text(self, video: Any, inputs: BatchFeature, index: int, n_tokens: int) -> str:
+        """The text the processor puts in place of video `index` of the batch (an `embedlens.video.Video`),
+        which fills `n_tokens` video tokens; families whose processor writes text between the frames (Qwen3-VL's
+        timestamps) override this. Only families with `Capability.VIDEO` are asked."""
+        return self.video_placeholder * n_tokens
 
     # -- role map (embedlens.adapters.role_map) ---------------------------------
     def _build_roles(self, inputs: BatchFeature, prompts: list[PromptText], samples: Sequence[Sample]) -> TokenRoles:

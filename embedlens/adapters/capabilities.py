@@ -274,6 +274,12 @@ class PackedTower:
         image (Mistral 3's patch merger takes ``image_sizes``)."""
         return ()
 
+    def vision_passes(self, inputs: dict) -> list[dict] | None:
+        """The model's inputs for each run of the vision tower, where one forward runs it more than once (Qwen-VL on
+        a batch of images and videos), for reading vision sites run by run and joining them on the patch axis; None
+        (the default) where the tower runs once."""
+        return None
+
     def tower_images(self, inputs: BatchFeature) -> torch.Tensor | None:
         """`[rows, patches]`: the image (counted over the batch) of each patch of the tower's batch, for families
         whose tower rows hold several images (`PACKED_TOWER`); None where each row is one tile of one image

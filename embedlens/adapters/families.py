@@ -10,6 +10,7 @@ from embedlens.adapters import (  # noqa: F401 - each import registers its famil
     glm4v,
     idefics3,
     internvl,
+    llama4,
     llava,
     llava_next,
     llava_onevision,

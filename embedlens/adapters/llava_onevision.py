@@ -32,8 +32,10 @@ class OnevisionImageProcessor(LlavaOnevisionProcessor):
 
 @adapters.register("llava_onevision")
 class LlavaOnevisionAdapter(OnevisionVideo, Adapter):
-    """LLaVA-OneVision: SigLIP tower, anyres tiles (base image + unpadded tile grid with newline tokens), Qwen2;
-    video frames pooled 2 x 2, a newline after the last (`embedlens.adapters.llava_onevision_video`)."""
+    """LLaVA-OneVision: SigLIP tower, anyres tiles with newline tokens, Qwen2 LLM; videos pooled 2 x 2 per frame.
+
+    Images: a base image and an unpadded tile grid with newline tokens. Video frames are pooled 2 x 2, with one
+    newline after the last (`embedlens.adapters.llava_onevision_video`)."""
 
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     model_class = LlavaOnevisionForConditionalGeneration

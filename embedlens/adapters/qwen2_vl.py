@@ -19,6 +19,10 @@ merger output, and a token's patch block is rows ``4 * feature_col ..
 4 * feature_col + 3`` of ``vision.layers[i]`` / ``vision.features``.
 Per-image statistics of the tower (the ViT-norm rule of ``sink_detector`` and
 the partition) are taken over each image's own patches (`tower_images`).
+A batch of images and videos runs the tower twice (images, then videos, as HF
+does); its vision sites are the two runs joined in that order
+(`vision_passes`), so the same mapping holds with ``feature_col`` counted over
+both (`embedlens.adapters.qwen2_vl_video`).
 
 Qwen2.5-VL's tower attends within windows (all but ``fullatt_block_indexes``)
 and, to do so, permutes whole 2 x 2 blocks into window order right after the
@@ -74,7 +78,7 @@ from transformers import (
 
 from embedlens.adapters.base import Adapter, ModulePaths
 from embedlens.adapters.capabilities import Capability
-from embedlens.adapters.qwen2_vl_video import QwenVideo
+from embedlens.adapters.qwen2_vl_video import Qwen3Video, QwenVideo
 from embedlens.errors import AdapterError
 from embedlens.registry import adapters
 from embedlens.sites import Site
@@ -151,7 +155,8 @@ class Qwen2VLAdapter(QwenVideo, Adapter):
 
     def image_grids(self, inputs: BatchFeature) -> list[tuple[int, int]]:
         m = self.merge_size
-        return [(int(h) // m, int(w) // m) for _, h, w in _thw(inputs).tolist()]
+        thw = _thw(inputs)
+        return [(int(thw[j, 1]) // m, int(thw[j, 2]) // m) for j in _batch_order(self, inputs)]
 
     def patch_indices(self, feature_col: torch.Tensor, inputs: BatchFeature | None = None) -> torch.Tensor:
         # the packed sequence is in merge-window order: a token's block is its merge unit's consecutive rows
@@ -159,32 +164,34 @@ class Qwen2VLAdapter(QwenVideo, Adapter):
         return feature_col[:, None] * unit + torch.arange(unit, device=feature_col.device)
 
     def token_order(self, inputs: BatchFeature) -> torch.Tensor:
-        """`[tokens]`: for each visual token of the batch in sequence order, its row of the packed merger output
-        (the identity here; Qwen2.5-VL's window order differs)."""
+        """`[tokens]`: for each visual token of the batch in the tower's order (images, then videos), its row of the
+        packed merger output (the identity here; Qwen2.5-VL's window order differs)."""
         return torch.arange(int(self._tokens_per_image(inputs).sum()))
 
     def _tokens_per_image(self, inputs: BatchFeature) -> torch.Tensor:
         return _thw(inputs).prod(-1) // self.merge_size**2
 
     def image_layouts(self, inputs: BatchFeature) -> list[torch.Tensor]:
-        """One layout per image, or per video in a video batch: a video's tokens come temporal patch by temporal
+        """One layout per image or video, in the samples' order: a video's tokens come temporal patch by temporal
         patch, each a row-major grid of 2 x 2 blocks, so token k is at frame ``k // (h w)`` (its temporal patch:
-        see `embedlens.adapters.qwen2_vl_video`), the sixth column."""
-        video = "video_grid_thw" in inputs
-        if not video and "image_grid_thw" not in inputs:
+        see `embedlens.adapters.qwen2_vl_video`), the sixth column; ``feature_col`` counts over the tower's order,
+        the batch's images, then its videos."""
+        if "video_grid_thw" not in inputs and "image_grid_thw" not in inputs:
             raise AdapterError(f"{self.name}: the processor gave no image_grid_thw; it does not fit this family")
         order = self.token_order(inputs)
-        out, first = [], 0
-        for (t, h, w), n in zip(_thw(inputs).tolist(), self._tokens_per_image(inputs).tolist()):
+        thw, n_tokens = _thw(inputs).tolist(), self._tokens_per_image(inputs)
+        first, n_images = (torch.cumsum(n_tokens, 0) - n_tokens).tolist(), _n_images(inputs)
+        out = []
+        for j in _batch_order(self, inputs):
+            (t, h, w), n, video = thw[j], int(n_tokens[j]), j >= n_images
             if t != 1 and not video:
                 raise AdapterError(f"{self.name}: an image with {t} temporal patches; images have one")
             gw, per_frame = w // self.merge_size, (h // self.merge_size) * (w // self.merge_size)
             k = torch.arange(n)
-            cols = order[first : first + n]
+            cols = order[first[j] : first[j] + n]
             s = k % per_frame
             columns = [torch.zeros_like(k), s // gw, s % gw, torch.zeros_like(k), cols] + ([k // per_frame] if video else [])
             out.append(torch.stack(columns, dim=1))
-            first += n
         return out
 
     def special_token_ids(self) -> set[int]:
@@ -208,9 +215,21 @@ class Qwen2VLAdapter(QwenVideo, Adapter):
         return {"grid_thw": _thw(inputs)}
 
     def tower_images(self, inputs: BatchFeature) -> torch.Tensor:
-        # images are contiguous in the packed sequence (Qwen2.5-VL's windows reorder within an image only)
+        # images are contiguous in the packed sequence (Qwen2.5-VL's windows reorder within an image only); in a batch
+        # of images and videos, each is numbered in the samples' order (as `image_layouts`)
         n = _thw(inputs).prod(-1)
-        return torch.repeat_interleave(torch.arange(len(n)), n)[None]
+        order = torch.tensor(_batch_order(self, inputs))
+        number = torch.empty_like(order).scatter_(0, order, torch.arange(len(order)))
+        return torch.repeat_interleave(number, n)[None]
+
+    def vision_passes(self, inputs: dict) -> list[dict] | None:
+        """In a batch of images and videos, the model's inputs for each of the tower's two runs (HF's order: the
+        images, then the videos), each without the other's pixels, for reading the vision sites (concatenated in
+        that order); None otherwise (one run)."""
+        if "image_grid_thw" not in inputs or "video_grid_thw" not in inputs:
+            return None
+        videos, images = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"), ("pixel_values", "image_grid_thw")
+        return [{k: v for k, v in inputs.items() if k not in videos}, {k: v for k, v in inputs.items() if k not in images}]
 
     def site_value(self, site: Site, value: torch.Tensor, inputs: BatchFeature) -> torch.Tensor:
         if site.component in ("vision.embed", "vision.layers", "vision.features", "projector") and value.dim() == 2:
@@ -218,25 +237,57 @@ class Qwen2VLAdapter(QwenVideo, Adapter):
         return value
 
     def display_pixels(self, inputs: BatchFeature, image: int, feature_row: int, frame: int = 0) -> torch.Tensor:
-        """`[3, H, W]` normalised pixels of image `image` of the batch, its patch rows put back in place; in a video
-        batch, the first frame of temporal patch `frame` of video `image` (kept frame ``2 * frame``)."""
-        thw = _thw(inputs)
-        n = thw.prod(-1)
-        t, h, w = thw[image].tolist()
+        """`[3, H, W]` normalised pixels of image `image` of the batch (counted in the samples' order, a video as one),
+        its patch rows put back in place; of a video, the first frame of temporal patch `frame` (kept frame
+        ``2 * frame``)."""
+        j, n_images = _batch_order(self, inputs)[image], _n_images(inputs)
+        video = j >= n_images
+        grids = inputs["video_grid_thw"] if video else inputs["image_grid_thw"]
+        i = j - n_images if video else j
+        n = grids.prod(-1)
+        t, h, w = grids[i].tolist()
         if not 0 <= frame < t:
             raise IndexError(f"display_pixels: frame {frame} of image {image}, which has {t} temporal patch(es)")
-        start = int(n[:image].sum()) + frame * h * w
+        start = int(n[:i].sum()) + frame * h * w
         ip = self.processor.image_processor
         p, m, tp = int(ip.patch_size), self.merge_size, int(ip.temporal_patch_size)
-        pv = inputs["pixel_values_videos"] if "video_grid_thw" in inputs else inputs["pixel_values"]
+        pv = inputs["pixel_values_videos"] if video else inputs["pixel_values"]
         rows = pv[start : start + h * w].reshape(h // m, w // m, m, m, 3, tp, p, p)[..., 0, :, :]
         return rows.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, h * p, w * p)
 
 
 def _thw(inputs: BatchFeature) -> torch.Tensor:
-    """`[n, 3]` (t, h, w) patch grids of what the tower runs: the videos in a video batch, else the images (a batch
-    holds one or the other: `embedlens.adapters.qwen2_vl_video`)."""
-    return inputs["video_grid_thw"] if "video_grid_thw" in inputs else inputs["image_grid_thw"]
+    """`[n, 3]` (t, h, w) patch grids of what the tower runs, in its order: the batch's images, then its videos (a
+    batch may hold both: `embedlens.adapters.qwen2_vl_video`)."""
+    grids = [inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None]
+    return torch.cat(grids) if len(grids) > 1 else grids[0] if grids else inputs["image_grid_thw"]
+
+
+def _n_images(inputs: BatchFeature) -> int:
+    """How many of `_thw`'s grids are images (the rest are videos)."""
+    return len(inputs["image_grid_thw"]) if inputs.get("image_grid_thw") is not None else 0
+
+
+def _batch_order(adapter: Adapter, inputs: BatchFeature) -> list[int]:
+    """For each image or video of the batch in the samples' order (a sample holds images or one video), its row of
+    `_thw`: the identity unless the batch holds both, where each sample's placeholder tokens say which it holds."""
+    n_images = _n_images(inputs)
+    if n_images == 0 or inputs.get("video_grid_thw") is None:
+        return list(range(len(_thw(inputs))))
+    ids, attn = inputs["input_ids"], inputs["attention_mask"].bool()
+    per_image = (inputs["image_grid_thw"].prod(-1) // adapter.merge_size**2).tolist()
+    n_img = ((ids == adapter.image_token_id) & attn).sum(1).tolist()
+    has_video = ((ids == adapter.video_token_id) & attn).any(1).tolist()
+    order, i, v = [], 0, n_images
+    for left, video in zip(n_img, has_video):  # encoding time, on the host: one pass over the samples
+        if video:
+            order.append(v)
+            v += 1
+        while left > 0 and i < n_images:
+            order.append(i)
+            left -= per_image[i]
+            i += 1
+    return order
 
 
 def _window_index(adapter: Adapter, inputs: BatchFeature) -> torch.Tensor:
@@ -271,11 +322,11 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
 
 @adapters.register("qwen3_vl")
-class Qwen3VLAdapter(Qwen2VLAdapter):
+class Qwen3VLAdapter(Qwen3Video, Qwen2VLAdapter):
     """Qwen3-VL: Qwen2-VL's layout, a tower with learned (interpolated) position embeddings, DeepStack features."""
 
     architectures = ("Qwen3VLForConditionalGeneration",)
     model_class = Qwen3VLForConditionalGeneration
     image_only_processor = Qwen3VLImageProcessor
-    # no VIDEO: Qwen3-VL's video prompts carry per-frame timestamps, which embedlens does not write yet
-    capabilities = (Qwen2VLAdapter.capabilities - {Capability.VIDEO}) | {Capability.DEEPSTACK}
+    # VIDEO: a timestamp before each temporal patch (`embedlens.adapters.qwen2_vl_video.Qwen3Video`)
+    capabilities = Qwen2VLAdapter.capabilities | {Capability.DEEPSTACK}

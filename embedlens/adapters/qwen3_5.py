@@ -48,7 +48,7 @@ from dataclasses import replace
 from transformers import Qwen3_5ForConditionalGeneration
 
 from embedlens.adapters.qwen2_vl import _QWEN_PATHS, Qwen2VLAdapter, Qwen3VLImageProcessor
-from embedlens.adapters.capabilities import Capability
+from embedlens.adapters.qwen2_vl_video import Qwen3Video
 from embedlens.registry import adapters
 
 Qwen3_5ImageProcessor = Qwen3VLImageProcessor  # Qwen3.5 ships Qwen3-VL's processor
@@ -57,12 +57,12 @@ _QWEN3_5_PATHS = replace(_QWEN_PATHS, linear_attn="linear_attn")
 
 
 @adapters.register("qwen3_5")
-class Qwen3_5Adapter(Qwen2VLAdapter):
+class Qwen3_5Adapter(Qwen3Video, Qwen2VLAdapter):
     """Qwen3.5: Qwen3-VL's tower and layout without DeepStack; a hybrid Gated DeltaNet / full-attention LLM."""
 
     architectures = ("Qwen3_5ForConditionalGeneration",)
     model_class = Qwen3_5ForConditionalGeneration
-    # no VIDEO: Qwen3.5 takes Qwen3-VL's video prompts (per-frame timestamps), which embedlens does not write yet
-    capabilities = Qwen2VLAdapter.capabilities - {Capability.VIDEO}
+    # VIDEO: Qwen3-VL's video prompts, a timestamp before each temporal patch (`qwen2_vl_video.Qwen3Video`)
+    capabilities = Qwen2VLAdapter.capabilities
     paths = _QWEN3_5_PATHS
     image_only_processor = Qwen3_5ImageProcessor

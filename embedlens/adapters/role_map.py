@@ -44,15 +44,16 @@ def build_roles(self: Any, inputs: BatchFeature, prompts: list[PromptText], samp
     kind[~attn] = int(Role.PAD)
     meta = {k: torch.full((bsz, seq), -1, dtype=torch.long) for k in ("image", "tile", "row", "col", "feature_row", "feature_col", "frame")}
     layouts = self.image_layouts(inputs)
-    # a video batch (the family declares Capability.VIDEO): one layout per video, its tokens are video tokens
+    # a video sample (the family declares Capability.VIDEO): one layout, its tokens are video tokens; a batch may
+    # mix video and image samples, the layouts in the samples' order
     video = any(s.video is not None for s in samples)
-    token_id = self.video_token_id if video else self.image_token_id
     n_visual = [1 if s.video is not None else len(s.images) for s in samples]
     if len(layouts) != sum(n_visual):
-        raise AdapterError(f"{self.name}: layout has {len(layouts)} {'videos' if video else 'images'}, batch has {sum(n_visual)}")
-    special_ids = self.special_token_ids() - {token_id, self.image_token_id, self.tokenizer.unk_token_id}
+        raise AdapterError(f"{self.name}: layout has {len(layouts)} images and videos, batch has {sum(n_visual)}")
+    special_ids = self.special_token_ids() - {self.image_token_id, self.tokenizer.unk_token_id} - ({self.video_token_id} if video else set())
     next_image = 0
     for b, (sample, prompt) in enumerate(zip(samples, prompts)):
+        token_id = self.video_token_id if sample.video is not None else self.image_token_id
         pos = ((ids[b] == token_id) & attn[b]).nonzero().flatten()
         mine = layouts[next_image : next_image + n_visual[b]]
         next_image += n_visual[b]
@@ -81,7 +82,10 @@ def build_roles(self: Any, inputs: BatchFeature, prompts: list[PromptText], samp
         bos = free & (ids[b] == self.tokenizer.bos_token_id)
         kind[b, bos] = int(Role.BOS)
         kind[b, free & ~bos & torch.isin(ids[b], torch.tensor(sorted(special_ids)))] = int(Role.SPECIAL)
-        self._mark_spans(kind[b], ids[b], attn[b], prompt, counts, sample, inputs, b, next_image - len(counts))
+        # the sample's first image (or its video) counted among the batch's images (or videos): a mixed batch's
+        # processor inputs hold each kind apart
+        first = sum(n for s, n in zip(samples[:b], n_visual) if (s.video is None) == (sample.video is None))
+        self._mark_spans(kind[b], ids[b], attn[b], prompt, counts, sample, inputs, b, first)
     return TokenRoles(kind=kind, **meta)
 
 def mark_spans(self: Any, kind, ids, attn, prompt: PromptText, counts, sample, inputs, b, first_image: int = 0) -> None:
@@ -101,7 +105,8 @@ def mark_spans(self: Any, kind, ids, attn, prompt: PromptText, counts, sample, i
         expanded += piece
         orig += len(piece)
         if k < len(counts):
-            expanded += ph * counts[k] if video else self.placeholder_text(inputs, first_image + k, counts[k])
+            expanded += (self.video_placeholder_text(sample.video, inputs, first_image + k, counts[k]) if video
+                         else self.placeholder_text(inputs, first_image + k, counts[k]))
             orig += len(ph)
     enc = self.tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=self._adds_special_tokens())
     mine = ids[attn]

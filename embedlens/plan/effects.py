@@ -89,11 +89,18 @@ def budget_of(iv) -> int | float | None:
     return keep if isinstance(keep, (int, float)) and not isinstance(keep, bool) else None
 
 
+def budget_per(iv) -> str:
+    """What one budget of `iv` covers (``image`` or ``frame``, `embedlens.reduction.budget`); ``image`` for a method
+    without ``per``."""
+    return str(getattr(iv, "per", "image"))
+
+
 def matched_controls(conditions: list[Condition]) -> dict[str, str]:
     """``{condition: its matched random control}``: a one-intervention condition removing tokens X, paired
     with a one-intervention condition drawing as many at random with ``target: X`` (same kind and mode); and a
     one-intervention condition with a budget (``keep``), paired with the condition keeping as many tokens at
-    random (an intervention whose class sets ``budget_control = True``) at the same ``keep``."""
+    random (an intervention whose class sets ``budget_control = True``) at the same ``keep`` and the same ``per``
+    (a budget per frame of a video is paired with random tokens drawn frame by frame)."""
     from embedlens.interventions.ablate import AblateRandomMatched
     from embedlens.interventions.prune import PruneRandomMatched
 
@@ -116,10 +123,11 @@ def matched_controls(conditions: list[Condition]) -> dict[str, str]:
         if len(c.interventions) == 1 and getattr(type(c.interventions[0]), "budget_control", False):
             keep = budget_of(c.interventions[0])
             if keep is not None:
-                at_budget.setdefault((type(keep), keep), c.name)
+                at_budget.setdefault((type(keep), keep, budget_per(c.interventions[0])), c.name)
     for c in conditions:
         if len(c.interventions) == 1 and c.name not in out and not getattr(type(c.interventions[0]), "budget_control", False):
             keep = budget_of(c.interventions[0])
-            if keep is not None and (type(keep), keep) in at_budget:
-                out[c.name] = at_budget[(type(keep), keep)]
+            key = (type(keep), keep, budget_per(c.interventions[0]))
+            if keep is not None and key in at_budget:
+                out[c.name] = at_budget[key]
     return out

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from embedlens.plan.effects import budget_of
+from embedlens.plan.effects import budget_of, budget_per
 from embedlens.reduction.budget import Budget
 
 if TYPE_CHECKING:
@@ -102,7 +102,8 @@ def leaderboard(
         base_ms, ms = m.get("prefill_ms_base", NAN), m.get("prefill_ms", NAN)
         row = {
             "method": _method(cond, sweeps), "condition": cond, "keep": float(keep),
-            "tokens": _as_tokens(keep, n_base) if math.isfinite(n_base) else NAN,
+            # per frame of a video, the budget in tokens depends on the frames: no single count per image
+            "tokens": _as_tokens(keep, n_base) if math.isfinite(n_base) and budget_per(by_name[cond]) == "image" else NAN,
             "random": ctrl, "metric": acc or "",
             "accuracy": a, "accuracy_base": a_base,
             "retention": 100.0 * a / a_base if a_base and math.isfinite(a_base) and a_base > 0 else NAN,
@@ -129,6 +130,8 @@ def _accounting(iv, n_base: float, measured: float, n_layers: int | None) -> dic
     """The paper's token count of one cell and its rule, from the intervention's `accounting` where it has one
     (else the measured mean over layers, said so)."""
     n = int(round(n_base)) if math.isfinite(n_base) else 0
+    if budget_per(iv) == "frame":  # a method's accounting counts one image's schedule; frame by frame it has no such count
+        return {"paper_tokens": measured, "accounting": "budget per frame: the measured visual tokens per layer, averaged over layers"}
     if hasattr(iv, "accounting") and n > 0 and n_layers:
         acc = iv.accounting(n, n_layers)
         return {"paper_tokens": float(acc["equivalent_tokens"]), "accounting": str(acc["rule"])}

@@ -81,8 +81,17 @@ def tower_attention_received(adapter: "Adapter", batch: "Batch", layer: int) -> 
     """``[rows, positions]`` float32, as the tower's `vision.layers[layer]` site is laid out: the attention each
     position receives in that layer, head mean, mean over the queries of its own attention sequence (a frame).
 
-    The model runs up to that layer's attention (its input is hooked, then the forward stops)."""
+    The model runs up to that layer's attention (its input is hooked, then the forward stops); where one forward
+    runs the tower more than once (`Adapter.vision_passes`: Qwen-VL on a batch of images and videos), each run is
+    read alone and the runs are joined on the patch axis, as the vision sites are."""
     attn = _attention_module(adapter, layer)
+    inputs = adapter.model_inputs(batch)
+    passes = adapter.vision_passes(inputs) or [inputs]
+    return torch.cat([_received_in_run(adapter, attn, layer, p) for p in passes], dim=1)
+
+
+def _received_in_run(adapter: "Adapter", attn: torch.nn.Module, layer: int, inputs: dict) -> torch.Tensor:
+    """`tower_attention_received` of one run of the tower (the model's `inputs`, stopped at `attn`)."""
     seen: dict[str, Any] = {}
 
     def grab(module, args, kwargs):
@@ -92,7 +101,7 @@ def tower_attention_received(adapter: "Adapter", batch: "Batch", layer: int) -> 
 
     handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        adapter.model(**adapter.model_inputs(batch))
+        adapter.model(**inputs)
     except _Stop:
         pass
     finally:

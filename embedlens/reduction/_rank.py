@@ -40,3 +40,20 @@ def ranks(keys: list[torch.Tensor], candidates: torch.Tensor, image: torch.Tenso
     start = torch.cumsum(n, dim=1) - n  # first sorted slot of each group
     rank_sorted = torch.arange(seq, device=candidates.device).expand(batch, seq) - start.gather(1, group.gather(1, order))
     return torch.empty_like(order).scatter_(1, order, rank_sorted)
+
+
+def frame_groups(image: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+    """`[batch, seq]` long: one group per (image, frame) of each sample, numbered 0.. in sorted order; -1 off images.
+
+    An image's tokens (frame -1) form one group, a video's tokens one group per frame (temporal patch). The ids are
+    dense within each sample (below ``seq``), so they index the same ``seq + 1`` columns as `image_groups`; computed
+    by one sort on the device (no host reads, no loop over frames).
+    """
+    batch, seq = image.shape
+    on = image >= 0
+    key = torch.where(on, image * (seq + 2) + frame + 1, torch.full_like(image, -1))  # frame >= -1: key unique per pair
+    sorted_key, order = torch.sort(key, dim=1, stable=True)
+    new = torch.ones_like(sorted_key, dtype=torch.bool)
+    new[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
+    dense = torch.cumsum(new.long(), dim=1) - 1 - (~on).any(dim=1, keepdim=True).long()  # off-image keys sort first
+    return torch.where(on, torch.empty_like(dense).scatter_(1, order, dense), torch.full_like(image, -1))

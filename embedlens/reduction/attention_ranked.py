@@ -18,7 +18,7 @@ from embedlens.interventions.context import Context
 from embedlens.interventions.select import SelectionSpec
 from embedlens.reduction._rank import group_sizes, image_groups, ranks
 from embedlens.reduction.base import InputReduction
-from embedlens.reduction.budget import Budget
+from embedlens.reduction.budget import Budget, BudgetPer
 from embedlens.reduction.vision import check_tower, read_tower
 from embedlens.registry import interventions
 
@@ -32,7 +32,7 @@ def visionzip_select(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """VisionZip's choice: dominant tokens by [CLS] attention, the rest merged into evenly spaced contextual tokens.
 
-    Per image of ``n`` candidates and a budget of ``k < n``: ``c = floor(k * contextual)`` contextual tokens and
+    BudgetPer image of ``n`` candidates and a budget of ``k < n``: ``c = floor(k * contextual)`` contextual tokens and
     ``k - c`` dominant ones (the highest `cls`). The other ``n - k + c`` tokens, in position order, are the
     remainder: every ``step = max(1, R // c)``-th of them (the first ``c``) is a contextual target, and each other
     remainder token is merged into the target whose key is most similar (cosine; the first target on ties, as
@@ -141,20 +141,21 @@ class FasterVLM(InputReduction):
     Args:
         keep: tokens kept per image (an int), or a fraction of them in (0, 1] (rounded up).
         tokens: the image tokens the budget is taken from.
+        per: ``image`` (one budget per image, a video counting as one) or ``frame`` (one per frame of a video).
 
     Example:
         >>> FasterVLM(keep=64).keep
         64
     """
 
-    def __init__(self, keep: int | float = 64, tokens: SelectionSpec = "visual"):
-        self._init_budget(keep, tokens)
+    def __init__(self, keep: int | float = 64, tokens: SelectionSpec = "visual", per: BudgetPer = "image"):
+        self._init_budget(keep, tokens, per)
 
     check = _vision_reduction_check
 
     def choose(self, ctx: Context, candidates: torch.Tensor) -> torch.Tensor:
         read = read_tower(ctx.adapter, ctx.batch, candidates)
-        return self.budget.keep_mask(read.attention, candidates, ctx.roles.image)
+        return self.budget.keep_mask(read.attention, candidates, self.groups(ctx))
 
 
 @interventions.register("visionzip")
@@ -178,16 +179,17 @@ class VisionZip(InputReduction):
         keep: tokens kept per image (an int), or a fraction of them in (0, 1] (rounded up).
         contextual: the share of the budget given to contextual (merged) tokens, in [0, 1).
         tokens: the image tokens the budget is taken from.
+        per: ``image`` (one budget per image, a video counting as one) or ``frame`` (one per frame of a video).
 
     Example:
         >>> VisionZip(keep=64).contextual
         0.15625
     """
 
-    def __init__(self, keep: int | float = 64, contextual: float = 0.15625, tokens: SelectionSpec = "visual"):
+    def __init__(self, keep: int | float = 64, contextual: float = 0.15625, tokens: SelectionSpec = "visual", per: BudgetPer = "image"):
         if isinstance(contextual, bool) or not isinstance(contextual, (int, float)) or not 0.0 <= contextual < 1.0:
             raise InterventionError(f"contextual: expected a share of the budget in [0, 1); got {contextual!r}")
-        self._init_budget(keep, tokens)
+        self._init_budget(keep, tokens, per)
         self.contextual = float(contextual)
         self._merged: torch.Tensor | None = None
         self._targets: torch.Tensor | None = None
@@ -200,7 +202,7 @@ class VisionZip(InputReduction):
 
     def choose(self, ctx: Context, candidates: torch.Tensor) -> torch.Tensor:
         read = read_tower(ctx.adapter, ctx.batch, candidates, features=True, keys=True)
-        kept, targets, into = visionzip_select(read.attention, read.keys, candidates, ctx.roles.image, self.budget, self.contextual)
+        kept, targets, into = visionzip_select(read.attention, read.keys, candidates, self.groups(ctx), self.budget, self.contextual)
         merged = visionzip_merge(read.features, into, targets)
         projector = resolve_path(ctx.adapter.model, ctx.adapter.paths.projector)
         with torch.no_grad():
@@ -227,20 +229,21 @@ class VisPruner(InputReduction):
         keep: tokens kept per image (an int), or a fraction of them in (0, 1] (rounded up).
         important_ratio: the share of the budget chosen by attention, in [0, 1] (the reference's default 0.5).
         tokens: the image tokens the budget is taken from.
+        per: ``image`` (one budget per image, a video counting as one) or ``frame`` (one per frame of a video).
 
     Example:
         >>> VisPruner(keep=64).important_ratio
         0.5
     """
 
-    def __init__(self, keep: int | float = 64, important_ratio: float = 0.5, tokens: SelectionSpec = "visual"):
+    def __init__(self, keep: int | float = 64, important_ratio: float = 0.5, tokens: SelectionSpec = "visual", per: BudgetPer = "image"):
         if isinstance(important_ratio, bool) or not isinstance(important_ratio, (int, float)) or not 0.0 <= important_ratio <= 1.0:
             raise InterventionError(f"important_ratio: expected a share of the budget in [0, 1]; got {important_ratio!r}")
-        self._init_budget(keep, tokens)
+        self._init_budget(keep, tokens, per)
         self.important_ratio = float(important_ratio)
 
     check = _vision_reduction_check
 
     def choose(self, ctx: Context, candidates: torch.Tensor) -> torch.Tensor:
         read = read_tower(ctx.adapter, ctx.batch, candidates, features=True)
-        return vispruner_select(read.attention, read.features, candidates, ctx.roles.image, self.budget, self.important_ratio)
+        return vispruner_select(read.attention, read.features, candidates, self.groups(ctx), self.budget, self.important_ratio)

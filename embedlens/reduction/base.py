@@ -13,7 +13,8 @@ from embedlens.reduction.budget import Budget
 
 
 class InputReduction(Intervention):
-    """Keeps `keep` of each image's `tokens` at the LLM input and removes the rest from every layer.
+    """Keeps `keep` of each image's `tokens` (or of each frame's, ``per: frame``) at the LLM input and removes the
+    rest from every layer.
 
     Subclasses implement `choose` (the kept set, on the device). Kept tokens keep their original position ids, as
     `prune` does; a token that is not a candidate (text, image newlines) is never removed, and a sample whose
@@ -22,16 +23,21 @@ class InputReduction(Intervention):
 
     keep: int | float
     tokens: SelectionSpec
+    per: str
 
-    def _init_budget(self, keep: int | float, tokens: SelectionSpec) -> None:
-        Budget.parse(keep, "keep")  # the plan's value, checked when the plan is read
-        self.keep, self.tokens = keep, tokens
+    def _init_budget(self, keep: int | float, tokens: SelectionSpec, per: str = "image") -> None:
+        Budget.parse(keep, "keep", per)  # the plan's values, checked when the plan is read
+        self.keep, self.tokens, self.per = keep, tokens, per
         self.selection = parse_selection(tokens, "tokens")
 
     @property
     def budget(self) -> Budget:
-        """`keep` as a `Budget` (derived, never stored: a checkpoint holds the plan's value only)."""
-        return Budget.parse(self.keep, "keep")
+        """`keep` and `per` as a `Budget` (derived, never stored: a checkpoint holds the plan's values only)."""
+        return Budget.parse(self.keep, "keep", self.per)
+
+    def groups(self, ctx: Context) -> torch.Tensor:
+        """`[batch, seq]` long: each token's budget group (`Budget.groups`: its image, or its image and frame)."""
+        return self.budget.groups(ctx.roles)
 
     def candidates(self, ctx: Context) -> torch.Tensor:
         """`[batch, seq]` bool: the tokens the budget is taken from (the selection, within the images)."""

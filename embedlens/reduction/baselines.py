@@ -13,6 +13,7 @@ from embedlens.interventions.context import Context
 from embedlens.interventions.prune import sample_seed
 from embedlens.interventions.select import SelectionSpec
 from embedlens.reduction.base import InputReduction
+from embedlens.reduction.budget import BudgetPer
 from embedlens.registry import interventions
 from embedlens.signals import similarity_entropy
 
@@ -28,6 +29,7 @@ class RandomBudget(InputReduction):
         keep: tokens kept per image (an int), or a fraction of them in (0, 1] (rounded up).
         seed: seeds the per-sample draw.
         tokens: the image tokens the budget is taken from.
+        per: ``image`` (one budget per image, a video counting as one) or ``frame`` (one per frame of a video).
 
     Example:
         >>> RandomBudget(keep=64, seed=1).seed
@@ -36,10 +38,10 @@ class RandomBudget(InputReduction):
 
     budget_control = True  # every method at the same keep is compared with it (embedlens.plan.effects.matched_controls)
 
-    def __init__(self, keep: int | float = 64, seed: int = 0, tokens: SelectionSpec = "visual"):
+    def __init__(self, keep: int | float = 64, seed: int = 0, tokens: SelectionSpec = "visual", per: BudgetPer = "image"):
         if isinstance(seed, bool) or not isinstance(seed, int):  # the draw hashes its text: 1, 1.0 and True would differ
             raise InterventionError(f"seed: expected an integer; got {seed!r}")
-        self._init_budget(keep, tokens)
+        self._init_budget(keep, tokens, per)
         self.seed = seed
 
     def choose(self, ctx: Context, candidates: torch.Tensor) -> torch.Tensor:
@@ -51,14 +53,14 @@ class RandomBudget(InputReduction):
             keep = ~padding[b]
             gen = torch.Generator().manual_seed(sample_seed(self.seed, sample.id, ids[b][keep]))
             scores[b, keep] = torch.rand(int(keep.sum()), generator=gen, dtype=torch.float64)
-        return self.budget.keep_mask(scores.to(candidates.device), candidates, ctx.roles.image)
+        return self.budget.keep_mask(scores.to(candidates.device), candidates, self.groups(ctx))
 
 
 @interventions.register("partition_budget")
 class PartitionBudget(InputReduction):
     """EmbedLens's order at the budget: dead tokens go first, sinks stay, alive tokens ranked by how nameable they are.
 
-    Per image, tokens are removed in this order until `keep` remain: the `dead` group (no image-specific meaning:
+    BudgetPer image, tokens are removed in this order until `keep` remain: the `dead` group (no image-specific meaning:
     the study found pruning them barely changes answers), then the alive tokens whose vocabulary neighbours are
     flattest (highest entropy of ``softmax(cos(token, input embeddings) / temperature)``: the least nameable
     content), and the `sink` group last (``sinks: keep``): they are a handful of tokens per image that the LLM's
@@ -74,6 +76,7 @@ class PartitionBudget(InputReduction):
         sinks: ``keep`` (removed last) or ``drop`` (removed right after the dead tokens).
         temperature: softmax temperature of the entropy over cosine similarities (the partition's default).
         tokens: the image tokens the budget is taken from.
+        per: ``image`` (one budget per image, a video counting as one) or ``frame`` (one per frame of a video).
 
     Example:
         >>> PartitionBudget(keep=64).sinks
@@ -81,17 +84,17 @@ class PartitionBudget(InputReduction):
     """
 
     def __init__(self, keep: int | float = 64, dead: SelectionSpec = "dead", sink: SelectionSpec = "sink",
-                 sinks: Literal["keep", "drop"] = "keep", temperature: float = 0.05, tokens: SelectionSpec = "visual"):
+                 sinks: Literal["keep", "drop"] = "keep", temperature: float = 0.05, tokens: SelectionSpec = "visual", per: BudgetPer = "image"):
         if sinks not in ("keep", "drop"):
             raise InterventionError(f"sinks: must be 'keep' or 'drop'; got {sinks!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise InterventionError(f"temperature: expected a positive number; got {temperature!r}")
-        self._init_budget(keep, tokens)
+        self._init_budget(keep, tokens, per)
         self.dead, self.sink, self.sinks, self.temperature = dead, sink, sinks, float(temperature)
         self.dead_sel, self.sink_sel = parse_selection(dead, "dead"), parse_selection(sink, "sink")
 
     def choose(self, ctx: Context, candidates: torch.Tensor) -> torch.Tensor:
-        return self.budget.keep_mask(self.scores(ctx, candidates), candidates, ctx.roles.image)
+        return self.budget.keep_mask(self.scores(ctx, candidates), candidates, self.groups(ctx))
 
     def scores(self, ctx: Context, candidates: torch.Tensor) -> torch.Tensor:
         """`[batch, seq]` float64: the tier (dead 0, sinks 3 or 1, alive 2) plus a share in [0, 1) for alive tokens

@@ -18,7 +18,7 @@ from embedlens.errors import InterventionError
 from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import AttentionInput, Context, Rows
 from embedlens.interventions.select import SelectionSpec
-from embedlens.reduction.budget import Budget
+from embedlens.reduction.budget import Budget, BudgetPer
 from embedlens.reduction.inllm import ParametersOnly, check_accounting_args, drop_from, make_accounting, top_per_sample
 from embedlens.registry import interventions
 
@@ -76,6 +76,8 @@ class DART(ParametersOnly, Intervention):
         pivot_image: image pivots per image (the reference's default, 4).
         pivot_text: text pivots per image (the reference's default, 4).
         tokens: the tokens of each image DART chooses among (the others always stay).
+        per: ``image`` only (one budget per image, a video counting as one): its pivots are chosen image by
+            image; ``frame`` is refused by name.
 
     Example:
         >>> DART(keep=128).accounting(576, 32)["equivalent_tokens"]
@@ -83,8 +85,12 @@ class DART(ParametersOnly, Intervention):
     """
 
     def __init__(self, keep: int | float, layer: int = 2, pivot_image: int = 4, pivot_text: int = 4,
-                 tokens: SelectionSpec = "visual"):
-        self.budget = Budget.parse(keep, "keep")
+                 tokens: SelectionSpec = "visual", per: BudgetPer = "image"):
+        self.budget = Budget.parse(keep, "keep", per)
+        if per != "image":
+            raise InterventionError("per: dart takes its budget per image (a video counting as one): its pivots are "
+                                    "chosen image by image; per: frame is not supported")
+        self.per = per
         for name, value, low in (("layer", layer, 1), ("pivot_image", pivot_image, 1), ("pivot_text", pivot_text, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InterventionError(f"{name}: expected an integer >= {low}; got {value!r}")

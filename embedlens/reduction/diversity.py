@@ -19,7 +19,7 @@ from embedlens.interventions.context import Context
 from embedlens.interventions.select import SelectionSpec
 from embedlens.reduction._rank import group_sizes, image_groups
 from embedlens.reduction.base import InputReduction
-from embedlens.reduction.budget import Budget
+from embedlens.reduction.budget import Budget, BudgetPer
 from embedlens.registry import interventions
 
 
@@ -146,17 +146,18 @@ class DivPrune(InputReduction):
     Args:
         keep: tokens kept per image (an int), or a fraction of them in (0, 1] (rounded up).
         tokens: the image tokens the budget is taken from.
+        per: ``image`` (one budget per image, a video counting as one) or ``frame`` (one per frame of a video).
 
     Example:
         >>> DivPrune(keep=64).keep
         64
     """
 
-    def __init__(self, keep: int | float = 64, tokens: SelectionSpec = "visual"):
-        self._init_budget(keep, tokens)
+    def __init__(self, keep: int | float = 64, tokens: SelectionSpec = "visual", per: BudgetPer = "image"):
+        self._init_budget(keep, tokens, per)
 
     def choose(self, ctx: Context, candidates: torch.Tensor) -> torch.Tensor:
-        return divprune_select(ctx.embeds, candidates, ctx.roles.image, self.budget)
+        return divprune_select(ctx.embeds, candidates, self.groups(ctx), self.budget)
 
 
 @interventions.register("cdpruner")
@@ -177,6 +178,7 @@ class CDPruner(InputReduction):
         instruction: the text tokens relevance is measured against (default: the question).
         negate: negate the mean similarity before scaling, as the reference.
         tokens: the image tokens the budget is taken from.
+        per: ``image`` (one budget per image, a video counting as one) or ``frame`` (one per frame of a video).
 
     Example:
         >>> CDPruner(keep=64).negate
@@ -184,10 +186,10 @@ class CDPruner(InputReduction):
     """
 
     def __init__(self, keep: int | float = 64, instruction: SelectionSpec = "question", negate: bool = True,
-                 tokens: SelectionSpec = "visual"):
+                 tokens: SelectionSpec = "visual", per: BudgetPer = "image"):
         if not isinstance(negate, bool):
             raise InterventionError(f"negate: expected true or false; got {negate!r}")
-        self._init_budget(keep, tokens)
+        self._init_budget(keep, tokens, per)
         self.instruction, self.negate = instruction, negate
         self.instruction_sel = parse_selection(instruction, "instruction")
 
@@ -200,4 +202,4 @@ class CDPruner(InputReduction):
                 f"instruction: selection {self.instruction!r} matches no text token in sample(s) {ctx.sample_ids(missing)}; "
                 "CDPruner measures each image token's relevance against it: pick text every sample has (e.g. question)")
         rel = instruction_relevance(ctx.embeds, text, candidates, ctx.roles.image, self.negate)
-        return cdpruner_select(ctx.embeds, rel, candidates, ctx.roles.image, self.budget)
+        return cdpruner_select(ctx.embeds, rel, candidates, self.groups(ctx), self.budget)

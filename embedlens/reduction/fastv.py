@@ -15,7 +15,7 @@ from embedlens.errors import InterventionError
 from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import Context
 from embedlens.interventions.select import SelectionSpec
-from embedlens.reduction.budget import Budget
+from embedlens.reduction.budget import Budget, BudgetPer
 from embedlens.reduction.inllm import ParametersOnly, check_accounting_args, drop_from, make_accounting
 from embedlens.registry import interventions
 
@@ -54,14 +54,17 @@ class FastVBudget(ParametersOnly, Intervention):
             (1..n_layers-1).
         count: ``average`` (the budget is the mean over layers) or ``after`` (the budget is kept after K).
         tokens: the tokens ranked (the others always stay); per image.
+        per: ``image`` (one budget per image, a video counting as one) or ``frame`` (one per frame of a video).
 
     Example:
         >>> FastVBudget(keep=64).accounting(576, 32)["tokens_per_layer"][2]
         29
     """
 
-    def __init__(self, keep: int | float, layer: int = 2, count: FastVCount = "average", tokens: SelectionSpec = "visual"):
-        self.budget = Budget.parse(keep, "keep")
+    def __init__(self, keep: int | float, layer: int = 2, count: FastVCount = "average", tokens: SelectionSpec = "visual",
+                 per: BudgetPer = "image"):
+        self.budget = Budget.parse(keep, "keep", per)
+        self.per = per
         if count not in ("average", "after"):
             raise InterventionError(f"count: must be 'average' or 'after'; got {count!r}")
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
@@ -107,5 +110,5 @@ class FastVBudget(ParametersOnly, Intervention):
         def counts(n: torch.Tensor) -> torch.Tensor:
             return fastv_kept(self.budget.counts(n), n, self.layer, ctx.n_layers, self.count)
 
-        keep = self.budget.keep_mask(att, cand, ctx.roles.image, counts=counts)
+        keep = self.budget.keep_mask(att, cand, self.budget.groups(ctx.roles), counts=counts)
         drop_from(ctx, cand & ~keep, layer)

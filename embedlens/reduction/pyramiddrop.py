@@ -18,7 +18,7 @@ from embedlens.errors import InterventionError
 from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import AttentionInput, Context
 from embedlens.interventions.select import SelectionSpec
-from embedlens.reduction.budget import Budget
+from embedlens.reduction.budget import Budget, BudgetPer
 from embedlens.reduction.inllm import ParametersOnly, attention_layers_near, check_accounting_args, drop_from, image_sizes, make_accounting, query_attention, scaled_layers
 from embedlens.registry import interventions
 
@@ -75,14 +75,17 @@ class PyramidDrop(ParametersOnly, Intervention):
             may differ). On a hybrid model (Qwen3.5) the default stages move to the nearest attention layers
             (`attention_layers_near`); a linear-attention layer given here is refused by name.
         tokens: the tokens ranked (the others always stay); per image.
+        per: ``image`` (one budget per image, a video counting as one) or ``frame`` (one per frame of a video).
 
     Example:
         >>> [round(PyramidDrop(keep=0.5).accounting(576, 32)["equivalent_tokens"])]
         [288]
     """
 
-    def __init__(self, keep: int | float, layers: list[int] | None = None, tokens: SelectionSpec = "visual"):
-        self.budget = Budget.parse(keep, "keep")
+    def __init__(self, keep: int | float, layers: list[int] | None = None, tokens: SelectionSpec = "visual",
+                 per: BudgetPer = "image"):
+        self.budget = Budget.parse(keep, "keep", per)
+        self.per = per
         if layers is not None:
             if not isinstance(layers, (list, tuple)) or not layers or any(isinstance(v, bool) or not isinstance(v, int) for v in layers):
                 raise InterventionError(f"layers: expected a non-empty list of layer indices; got {layers!r}")
@@ -128,7 +131,8 @@ class PyramidDrop(ParametersOnly, Intervention):
 
     def setup(self, ctx: Context) -> None:
         self._candidates = ctx.select(self.selection, within=ctx.roles.image_span)
-        n0 = image_sizes(self._candidates, ctx.roles.image)  # each image's original count, [batch, seq + 1]
+        self._groups = self.budget.groups(ctx.roles)  # each token's image (or image and frame: `per`)
+        n0 = image_sizes(self._candidates, self._groups)  # each group's original count, [batch, seq + 1]
         n0[:, -1] = 0
         # each image's stages are its own (`accounting` of its size), whatever else is in the batch: the default
         # layers follow the image's size, so images of different sizes can have different stage layers (one host
@@ -166,6 +170,6 @@ class PyramidDrop(ParametersOnly, Intervention):
             return
         cand = self._candidates & ctx.present(layer)  # what would enter the layer
         kept = self._counts[layer]
-        keep = self.budget.keep_mask(self._scores.pop(layer), cand, ctx.roles.image,
+        keep = self.budget.keep_mask(self._scores.pop(layer), cand, self._groups,
                                      counts=lambda n: torch.where(kept >= 0, kept, n))  # no stage here: all stay
         drop_from(ctx, cand & ~keep, layer)

@@ -26,7 +26,7 @@ from embedlens.errors import InterventionError
 from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import AttentionInput, Context, Rows
 from embedlens.interventions.select import SelectionSpec
-from embedlens.reduction.budget import Budget
+from embedlens.reduction.budget import Budget, BudgetPer
 from embedlens.reduction.inllm import (ParametersOnly, attention_layers_near, check_accounting_args, drop_from, image_sizes,
                                       make_accounting, query_attention, top_per_sample)
 from embedlens.registry import interventions
@@ -185,6 +185,8 @@ class SparseVLM(ParametersOnly, Intervention):
             by name).
         recycle: merge the best dropped tokens back (the reference's default) or only drop.
         tokens: the tokens of each image ranked (the others always stay).
+        per: ``image`` only (one budget per image, a video counting as one): its raters, stages and recycled
+            clusters are per image; ``frame`` is refused by name.
 
     Example:
         >>> SparseVLM(keep=64).accounting(576, 32)["tokens_per_layer"][3]
@@ -192,8 +194,12 @@ class SparseVLM(ParametersOnly, Intervention):
     """
 
     def __init__(self, keep: int | float, layers: list[int] | None = None, recycle: bool = True,
-                 tokens: SelectionSpec = "visual"):
-        self.budget = Budget.parse(keep, "keep")
+                 tokens: SelectionSpec = "visual", per: BudgetPer = "image"):
+        self.budget = Budget.parse(keep, "keep", per)
+        if per != "image":
+            raise InterventionError("per: sparsevlm takes its budget per image (a video counting as one): its stages and "
+                                    "recycled clusters run image by image; per: frame is not supported")
+        self.per = per
         if layers is not None:
             if not isinstance(layers, (list, tuple)) or not layers or any(isinstance(v, bool) or not isinstance(v, int) for v in layers):
                 raise InterventionError(f"layers: expected a non-empty list of layer indices; got {layers!r}")

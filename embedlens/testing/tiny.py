@@ -605,6 +605,50 @@ def _gemma4(seed: int):
     return model, gemma4_processor(tok)
 
 
+LLAMA4_TOKENS = {"image_token": "<|image|>", "patch_token": "<|patch|>", "start_of_image_token": "<|image_start|>",
+                 "end_of_image_token": "<|image_end|>", "tile_x_separator_token": "<|tile_x_separator|>",
+                 "tile_y_separator_token": "<|tile_y_separator|>"}
+
+
+def llama4_tokenizer():
+    """The shared word-level tokenizer with Llama 4's image tokens and markers; the chat template writes
+    ``<|image|>`` for each image, which the processor expands."""
+    return build_tokenizer(chat_template=LLAVA_CHAT_TEMPLATE.replace(IMAGE_TOKEN, LLAMA4_TOKENS["image_token"]),
+                           extra_special_tokens=LLAMA4_TOKENS)
+
+
+def llama4_processor(tok, tile: int = 32, patch_size: int = 4, max_patches: int = 4):
+    """HF's `Llama4Processor` with `Llama4ImageProcessorPil` (HF's tiling rule on PIL): images fit up to
+    `max_patches` tiles of `tile` px (plus the global tile where there are several)."""
+    from transformers.models.llama4.processing_llama4 import Llama4Processor
+
+    from embedlens.adapters.llama4_tiles import Llama4ImageProcessorPil
+
+    ip = Llama4ImageProcessorPil(size={"height": tile, "width": tile}, max_patches=max_patches)
+    return Llama4Processor(image_processor=ip, tokenizer=tok, patch_size=patch_size, pixel_shuffle_ratio=0.5,
+                           chat_template=tok.chat_template, **LLAMA4_TOKENS)
+
+
+def _llama4(seed: int):
+    # Llama 4: a ViT of 3 layers, width 32, on 32-px tiles of 4-px patches (class token last), pixel-shuffled 2 x 2:
+    # 16 tokens a tile, images cut into up to 4 tiles + the global one. The LM: chunked attention (chunks of 8, shorter
+    # than every prompt) with rotary embeddings on layers 0-2, a global NoPE layer 3 (as every 4th layer of the released
+    # models), mixture-of-experts feed-forwards (4 experts, top 1, + the shared one) on layers 1 and 3.
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    tok = llama4_tokenizer()
+    text = dict(vocab_size=len(tok), head_dim=16, intermediate_size=64, intermediate_size_mlp=128, num_local_experts=4,
+                num_experts_per_tok=1, moe_layers=[1, 3], attention_chunk_size=8, no_rope_layers=[1, 1, 1, 0],
+                **{k: v for k, v in _TEXT.items() if k != "intermediate_size"}, **_special_ids(tok))
+    vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                  patch_size=4, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32, pixel_shuffle_ratio=0.5)
+    config = Llama4Config(text_config=text, vision_config=vision, image_token_index=tok.patch_token_id,
+                          boi_token_index=tok.start_of_image_token_id, eoi_token_index=tok.end_of_image_token_id)
+    torch.manual_seed(seed)
+    model = Llama4ForConditionalGeneration(config).eval()
+    return model, llama4_processor(tok)
+
+
 TINY_SPECS: dict[str, TinySpec] = {
     s.name: s
     for s in (
@@ -628,6 +672,7 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("gemma4", "gemma4", "gemma4-vit", _gemma4),
         TinySpec("glm4v", "glm4v", "glm4v-vit", _glm4v),
         TinySpec("glm4v_moe", "glm4v_moe", "glm4v-vit", _glm4v_moe),
+        TinySpec("llama4", "llama4", "llama4-vit", _llama4),
     )
 }
 
@@ -649,7 +694,7 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
             `llava_onevision`, `paligemma`, `llava_next`, `idefics3`, `smolvlm`, `internvl`,
             `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `gemma3`, `mistral3`, `llava_onevision1_5`, `qwen3_5`,
-            `qwen3_vl_moe`, `llava_pixtral`, `gemma4`, `glm4v`, `glm4v_moe`), or an old
+            `qwen3_vl_moe`, `llava_pixtral`, `gemma4`, `glm4v`, `glm4v_moe`, `llama4`), or an old
             spelling in `TINY_ALIASES` (same model, with a DeprecationWarning).
         seed: seed of the random initialisation.
 

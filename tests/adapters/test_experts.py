@@ -1,8 +1,8 @@
-"""The ``llm.layers[i].experts`` site on Qwen3-VL-MoE and GLM-4.5V (Gemma 4's is proved in test_gemma4.py).
+"""The ``llm.layers[i].experts`` site on Qwen3-VL-MoE, GLM-4.5V and Llama 4 (Gemma 4's is proved in test_gemma4.py).
 
 Against a computation by hand: each sparse layer's router weights applied to the hidden states its block receives
 (a hook on the block's input in Hugging Face's own forward), then the family's rule written out here (Qwen3-VL-MoE:
-top-k of the softmax; GLM-4.5V: top-k of the sigmoid plus the correction bias, within the best ``topk_group`` groups
+top-k of the softmax; Llama 4: top-k of the logits; GLM-4.5V: top-k of the sigmoid plus the correction bias, within the best ``topk_group`` groups
 ranked by their two best scores). GLM-4.5V runs on a variant of ``tiny:glm4v_moe`` with 8 experts in 4 groups, 3 kept
 from the best 2 groups and a random correction bias, so group choice, bias and top-k within the groups all decide.
 """
@@ -42,13 +42,18 @@ def _glm_variant():
     return wrap_model(model, processor)
 
 
-@pytest.fixture(scope="module", params=["qwen3_vl_moe", "qwen3_vl_moe-tester", "glm4v_moe"])
+@pytest.fixture(scope="module", params=["qwen3_vl_moe", "qwen3_vl_moe-tester", "glm4v_moe", "llama4", "llama4-tester"])
 def moe(request):
     """tiny:qwen3_vl_moe (layers 1 and 3 sparse, 2 of 4 experts), HF's Qwen3-VL-MoE tester configuration (every layer
-    sparse, 4 of 8) and the GLM-4.5V variant above."""
-    if request.param == "qwen3_vl_moe-tester":
-        return wrap_model(*BLOCK_TESTER_CONFIGS["qwen3_vl_moe"].build(0))
-    return load_model("tiny:qwen3_vl_moe") if request.param == "qwen3_vl_moe" else _glm_variant()
+    sparse, 4 of 8), the GLM-4.5V variant above, tiny:llama4 (layers 1 and 3 sparse, 1 of 4 experts) and HF's Llama 4
+    tester configuration (both layers sparse, 1 of 16; its processor at up to 4 tiles, not 16, for which the two
+    test prompts happen to come out equally long)."""
+    if request.param.endswith("-tester"):
+        adapter = wrap_model(*BLOCK_TESTER_CONFIGS[request.param.removesuffix("-tester")].build(0))
+        if adapter.name == "llama4":
+            adapter.processor.image_processor.max_patches = 4
+        return adapter
+    return load_model(f"tiny:{request.param}") if request.param != "glm4v_moe" else _glm_variant()
 
 
 def _samples():
@@ -59,9 +64,11 @@ def _samples():
 def _by_hand(adapter, x: torch.Tensor, layer: int) -> torch.Tensor:
     """`[rows, k]` expert ids of the rows `x` ([..., d], the sparse block's input) in LLM layer `layer`."""
     text = adapter.config.get_text_config()
-    gate = resolve_path(adapter.model, adapter.paths.llm_layers)[layer].mlp.gate
+    gate = _router(adapter, layer)
     logits = x.reshape(-1, x.shape[-1]).float() @ gate.weight.float().T  # [rows, experts]
     k = text.num_experts_per_tok
+    if adapter.name == "llama4":  # Llama4Router: top-k of its logits (their sigmoid weighs the chosen experts)
+        return logits.topk(k, dim=-1).indices
     if adapter.name == "qwen3_vl_moe":
         return logits.softmax(-1).topk(k, dim=-1).indices
     scores = logits.sigmoid() + gate.e_score_correction_bias  # GLM-4.5V
@@ -71,11 +78,15 @@ def _by_hand(adapter, x: torch.Tensor, layer: int) -> torch.Tensor:
     return grouped.masked_fill(~kept[..., None], float("-inf")).flatten(1).topk(k, dim=-1).indices
 
 
+def _router(adapter, layer: int) -> torch.nn.Module:
+    return resolve_path(resolve_path(adapter.model, adapter.paths.llm_layers)[layer], adapter.paths.router)
+
+
 def _block_inputs(adapter, run) -> dict[int, torch.Tensor]:
     """Each sparse layer's block input during `run()` (its last call), from a hook on the model's own modules."""
     layers = resolve_path(adapter.model, adapter.paths.llm_layers)
     seen: dict[int, torch.Tensor] = {}
-    hooks = [layers[i].mlp.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].detach()))
+    hooks = [resolve_path(layers[i], adapter.paths.mlp).register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].detach()))
              for i in adapter.expert_layers]
     try:
         with torch.no_grad():
@@ -111,10 +122,14 @@ def test_site_is_the_routers_top_k_computed_by_hand(moe, padding_side):
 
 
 def test_dense_layers_refuse_the_site_naming_the_sparse_ones(moe):
-    if moe.expert_layers == list(range(moe.n_llm_layers)):  # the tester: every layer sparse, none to refuse
-        assert moe.config.text_config.decoder_sparse_step == 1 and not moe.config.text_config.mlp_only_layers
+    text = moe.config.text_config
+    if moe.expert_layers == list(range(moe.n_llm_layers)):  # the testers: every layer sparse, none to refuse
+        if moe.name == "llama4":
+            assert text.moe_layers == list(range(moe.n_llm_layers))
+        else:
+            assert text.decoder_sparse_step == 1 and not text.mlp_only_layers
         return
-    sparse = {"qwen3_vl_moe": [1, 3], "glm4v_moe": [1, 2, 3]}[moe.name]
+    sparse = {"qwen3_vl_moe": [1, 3], "glm4v_moe": [1, 2, 3], "llama4": [1, 3]}[moe.name]
     assert moe.expert_layers == sparse
     with pytest.raises(AdapterError, match=re.escape(f"layer 0 of {moe.name} is dense (a plain MLP, no router); "
                                                      f"the .experts site applies to layers {sparse}")):
@@ -135,7 +150,10 @@ def test_prune_recomputes_routing_on_the_shortened_sequence(moe):
     eng = Engine(moe)
     layers = resolve_path(moe.model, moe.paths.llm_layers)
     routed: dict[int, torch.Tensor] = {}
-    hooks = [layers[i].mlp.gate.register_forward_hook(lambda m, a, o, i=i: routed.__setitem__(i, o[2]))
+    k = moe.config.get_text_config().num_experts_per_tok
+    # the ids each router picks: its third output, or (Llama 4's, which returns (scores, logits)) the top-k logits
+    ids = (lambda o: o[1].topk(k, dim=-1).indices) if moe.name == "llama4" else (lambda o: o[2])
+    hooks = [_router(moe, i).register_forward_hook(lambda m, a, o, i=i: routed.__setitem__(i, ids(o)))
              for i in moe.expert_layers]
     try:
         out = eng.run(batch, [Prune(tokens="dead")], groups={"dead": dead}.__getitem__)

@@ -19,7 +19,7 @@ from embedlens.registry import adapters
 from embedlens.testing import tiny_model
 
 #: released since the last families were added; transformers 5.25 has their classes, no adapter serves them yet
-UNSUPPORTED = ("Llama4ForConditionalGeneration", "Molmo2ForConditionalGeneration",
+UNSUPPORTED = ("Molmo2ForConditionalGeneration",
                "Idefics2ForConditionalGeneration", "LlavaNextVideoForConditionalGeneration")
 
 #: (architecture, vision tower) pairs HF builds but no adapter takes: LLaVA-style classes build whatever tower the

@@ -101,7 +101,7 @@ def test_logit_lens_matches_hf_and_float64(adapter):
     out = _hf(adapter, batch, output_hidden_states=True)
     n = adapter.n_llm_layers
     norm64 = copy.deepcopy(resolve_path(adapter.model, adapter.paths.llm_norm)).double()
-    head64 = copy.deepcopy(adapter.model.lm_head).double()
+    head64 = copy.deepcopy(resolve_path(adapter.model, adapter.paths.unembed)).double()
     for i, (s, p, layer, role) in enumerate(zip(rows["sample"], rows["position"], rows["layer"], rows["role"])):
         h = acts[probe.sites(adapter)[layer]][s, p]
         lp = F.log_softmax(head64(norm64(h.double())), -1)
@@ -191,6 +191,8 @@ def test_vit_norms_match_hf_hidden_states(adapter):
         with torch.no_grad():
             hs = tower(pv, output_hidden_states=True).hidden_states
         feats = hs[adapter.n_vision_layers - 1]  # output of layer n-2 = vision.layers[-2]
+        if type(tower).__name__ == "Llama4VisionModel":  # its class row comes after the patches: not a patch, left out
+            feats = feats[:, :-1]
     # each token's patches (one, or the block a pixel-shuffle family merges): the block's largest norm
     patches = adapter.patch_indices(vt["feature_col"], batch.inputs) + adapter.n_prefix_tokens
     patch_norms = feats.double().norm(dim=-1)[vt["feature_row"][:, None], patches]  # [tokens, block]

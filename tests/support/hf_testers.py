@@ -733,6 +733,48 @@ def gemma4_builder(sliding_window: int | None = None) -> Builder:
     return build
 
 
+#: `Llama4ForVisionText2TextModelTester` (tests/models/llama4/test_modeling_llama4.py): a 2-layer Llama 4 text model
+#: of width 32 with 40 heads (Llama4TextConfig's head_dim 128 and 8 key/value heads), both layers mixture-of-experts
+#: (its defaults: 16 experts, top 1, a shared expert) with rotary chunked attention in chunks of 8192 (no NoPE layer in
+#: 2), and a 2-layer tower on 8-px tiles of 2-px patches, pixel-shuffled 2 x 2: 4 tokens a tile. The tester feeds
+#: one tile per image; the processor here cuts images into up to ``max_patches`` (its default, 16) tiles + the global.
+LLAMA4_TESTER = dict(
+    text=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=40, intermediate_size=128, hidden_act="gelu",
+              max_position_embeddings=512, initializer_range=0.02),
+    vision=dict(vision_output_dim=32, hidden_size=32, image_size=8, patch_size=2, num_channels=3, projection_dim=32,
+                num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, attention_dropout=0.1,
+                initializer_range=0.02, pixel_shuffle_ratio=0.5, projector_input_dim=32, projector_output_dim=32),
+)
+
+
+def llama4_builder(chunk: int | None = None) -> Builder:
+    """Llama 4 from its tester.
+
+    Args:
+        chunk: replaces the tester's ``attention_chunk_size`` (8192) so that chunks bite on the test prompts; the
+            last layer is then a NoPE layer of full attention, as every 4th layer of the released models.
+    """
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    from embedlens.testing.tiny import llama4_processor, llama4_tokenizer
+
+    t = LLAMA4_TESTER
+
+    def build(seed: int):
+        tok = llama4_tokenizer()
+        text = dict(t["text"], vocab_size=len(tok), **_ids(tok))
+        if chunk is not None:
+            text.update(attention_chunk_size=chunk, no_rope_layers=[1, 0])
+        config = Llama4Config(text_config=text, vision_config=t["vision"], image_token_index=tok.patch_token_id,
+                              boi_token_index=tok.start_of_image_token_id, eoi_token_index=tok.end_of_image_token_id)
+        torch.manual_seed(seed)
+        model = Llama4ForConditionalGeneration(config).eval()
+        processor = llama4_processor(tok, tile=t["vision"]["image_size"], patch_size=t["vision"]["patch_size"], max_patches=16)
+        return model, processor
+
+    return build
+
+
 _OV_MANY_TILES = [[16 * i, 16 * j] for i in range(1, 4) for j in range(1, 4)]
 
 TESTER_CONFIGS: dict[str, HFTesterConfig] = {
@@ -832,6 +874,12 @@ BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
         HFTesterConfig("llava_pixtral-window", "llava_pixtral", "as llava_pixtral, with Pixtral-12B's Mistral text "
                      "model and sliding_window=3, so that the window bites on every prompt",
                      llava_pixtral_builder(sliding_window=3), image_sizes=((20, 20),)),
+        HFTesterConfig("llama4", "llama4", "Llama4ForVisionText2TextModelTester (8-px tiles of 2-px patches, 4 tokens "
+                     "each, up to 16 tiles + the global one; chunks of 8192)", llama4_builder(),
+                     image_sizes=((16, 16), (8, 20)), images_per_sample=2),
+        HFTesterConfig("llama4-chunk", "llama4", "as llama4, with attention_chunk_size=8, so that chunks bite on every "
+                     "prompt, and its last layer NoPE with full attention", llama4_builder(chunk=8),
+                     image_sizes=((16, 16),)),
     )
 }
 
