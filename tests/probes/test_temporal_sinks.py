@@ -203,3 +203,20 @@ def test_the_score_on_a_siglip_tower_pools_each_tokens_patches():
     places = tables["places"]
     assert [(r, c) for r, c in zip(places["row"], places["col"])] == [(r, c) for r in range(n) for c in range(n)]
     assert torch.allclose(torch.tensor(places["sink_score"], dtype=torch.float64), want, atol=1e-6)
+
+
+def test_a_batch_of_images_and_a_video_scores_the_video_as_alone():
+    """Qwen-VL runs a mixed batch's tower twice (its images, then its videos): the video's attention and scores are
+    those of the video in a batch of its own, and the image is left out."""
+    from embedlens.testing.images import shapes
+
+    adapter = load_model("tiny:qwen2_vl")
+    rng = np.random.default_rng(3)
+    frames = [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(4)]
+    video = Sample(video=frames, question="what moves?", id="v")
+    alone = TemporalSinks().update(adapter, adapter.encode([video]), {})
+    mixed = TemporalSinks().update(adapter, adapter.encode([Sample([shapes(32, seed=0)], question="what?", id="i"), video],
+                                                           padding_side="left"), {})
+    assert set(mixed["tokens"]["sample_id"]) == {"v"} and set(mixed["places"]["sample_id"]) == {"v"}
+    for table, col in (("tokens", "attention"), ("places", "sink_score")):
+        assert mixed[table][col] == pytest.approx(alone[table][col], abs=1e-6)
