@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from embedlens.adapters.capabilities import Capability
 from embedlens.errors import PlanError
 from embedlens.state import Stateful, rebuildable
 
@@ -282,7 +281,7 @@ def visual_rows(adapter: "Adapter", site, act: torch.Tensor, vt: dict[str, torch
     if comp.startswith("llm."):
         return act[vt["sample"].to(act.device), vt["position"].to(act.device)]
     rows = vt["feature_row"].to(act.device)
-    if comp == "projector" or (comp == "vision.features" and adapter.has(Capability.PRE_PROJECTOR_MERGE)):
+    if comp == "projector" or (comp == "vision.features" and adapter.features_per_token(inputs)):
         return act[rows, vt["feature_col"].to(act.device)]
     cols = adapter.patch_indices(vt["feature_col"], inputs) + (adapter.n_prefix_tokens if comp in ("vision.layers", "vision.embed") else 0)
     return act[rows[:, None], cols.to(act.device)].mean(dim=1)  # [tokens, block, d] -> [tokens, d]

@@ -733,6 +733,44 @@ def gemma4_builder(sliding_window: int | None = None) -> Builder:
     return build
 
 
+#: `LlavaNextVideoVisionText2TextModelTester` (tests/models/llava_next_video/test_modeling_llava_next_video.py): LLaVA-NeXT's
+#: values (16-px tiles of 2-px patches, one 32-px pinpoint) with ``video_token_index`` and LlavaNextVideoConfig's default
+#: pooling (average, stride 2: each 8 x 8 frame grid pooled to 4 x 4 tokens); its videos have 8 frames.
+LLAVA_NEXT_VIDEO_TESTER = dict(text=LLAVA_NEXT_TESTER["text"], vision=LLAVA_NEXT_TESTER["vision"], top=LLAVA_NEXT_TESTER["top"],
+                               frames=8)
+
+
+def llava_next_video_builder(pool_mode: str = "average") -> Builder:
+    """LLaVA-NeXT-Video from its tester: LLaVA-NeXT's images, 16-px video frames pooled 2 x 2.
+
+    Args:
+        pool_mode: ``spatial_pool_mode`` (the tester keeps the default, "average"; "conv" pools with learned weights).
+    """
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from embedlens.adapters.llava_next_video import LlavaNextVideoImageProcessor, frame_processor
+
+    t = LLAVA_NEXT_VIDEO_TESTER
+
+    def build(seed: int):
+        tok = build_tokenizer()
+        config = LlavaNextVideoConfig(text_config=LlamaConfig(vocab_size=len(tok), **t["text"], **_ids(tok)),
+                                      vision_config=CLIPVisionConfig(**t["vision"]), image_token_id=tok.image_token_id,
+                                      video_token_id=tok.convert_tokens_to_ids("<video>"), spatial_pool_mode=pool_mode, **t["top"])
+        torch.manual_seed(seed)
+        model = LlavaNextVideoForConditionalGeneration(config).eval()
+        size = t["vision"]["image_size"]
+        crop = {"height": size, "width": size}
+        ip = LlavaNextImageProcessorPil(size={"shortest_edge": size}, crop_size=crop, image_grid_pinpoints=t["top"]["image_grid_pinpoints"])
+        processor = LlavaNextVideoImageProcessor(image_processor=ip, tokenizer=tok, frame_processor=frame_processor(dict(size={"shortest_edge": size}, crop_size=crop)),
+                                                 patch_size=t["vision"]["patch_size"], vision_feature_select_strategy="default",
+                                                 num_additional_image_tokens=1, chat_template=tok.chat_template)
+        return model, processor
+
+    return build
+
+
 #: `Llama4ForVisionText2TextModelTester` (tests/models/llama4/test_modeling_llama4.py): a 2-layer Llama 4 text model
 #: of width 32 with 40 heads (Llama4TextConfig's head_dim 128 and 8 key/value heads), both layers mixture-of-experts
 #: (its defaults: 16 experts, top 1, a shared expert) with rotary chunked attention in chunks of 8192 (no NoPE layer in
@@ -808,6 +846,9 @@ TESTER_CONFIGS: dict[str, HFTesterConfig] = {
                      "logit softcapping 30, sliding-window layers)", paligemma_builder("gemma2"), image_sizes=((20, 20),)),
         HFTesterConfig("llava_next", "llava_next", "LlavaNextVisionText2TextModelTester (one 32-px pinpoint: base image "
                      "+ 2 x 2 tiles, unpadded)", llava_next_builder(), image_sizes=((30, 30), (20, 32)), images_per_sample=2),
+        HFTesterConfig("llava_next_video", "llava_next_video", "LlavaNextVideoVisionText2TextModelTester (LLaVA-NeXT's "
+                     "images; its video path in tests/adapters/test_llava_next_video.py)", llava_next_video_builder(),
+                     image_sizes=((30, 30), (20, 32)), images_per_sample=2),
     )
 }
 
