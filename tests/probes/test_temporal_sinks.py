@@ -170,11 +170,13 @@ def test_the_host_waits_as_often_for_six_temporal_patches_as_for_two():
     assert counts[4] == counts[12], f"host syncs by number of frames: {counts}"
 
 
-def test_the_score_on_a_siglip_tower_pools_each_tokens_patches():
-    """LLaVA-OneVision runs each frame through its SigLIP tower as an image and pools its patch grid 2 x 2: each
-    token's attention is the mean over its 2 x 2 patches of the attention they receive at the feature layer, from
-    HF's own eager attention weights (``output_attentions``), then SToP's formula per place over the frames."""
-    adapter = load_model("tiny:llava_onevision")
+@pytest.mark.parametrize("family", ["llava_onevision", "llava_next_video"])
+def test_the_score_on_a_clip_or_siglip_tower_pools_each_tokens_patches(family):
+    """LLaVA-OneVision (SigLIP) and LLaVA-NeXT-Video (CLIP, with [CLS], features from layer -2) run each frame
+    through the tower as an image and pool its patch grid 2 x 2: each token's attention is the mean over its 2 x 2
+    patches of the attention they receive at the feature layer (every query, [CLS] too), from HF's own eager
+    attention weights (``output_attentions``), then SToP's formula per place over the frames."""
+    adapter = load_model(f"tiny:{family}")
     rng = np.random.default_rng(2)
     frames = [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(3)]
     batch = adapter.encode([Sample(video=frames, question="what moves?", id="v")])
@@ -189,7 +191,7 @@ def test_the_score_on_a_siglip_tower_pools_each_tokens_patches():
             out = tower(batch.inputs["pixel_values_videos"][0], output_attentions=True)
     finally:
         tower.config._attn_implementation = old
-    received = out.attentions[layer].double().mean(1).mean(1)  # [frames, patches]: head mean, query mean
+    received = out.attentions[layer].double().mean(1).mean(1)[:, adapter.n_prefix_tokens:]  # [frames, patches]: head, query mean
     side = int(received.shape[1] ** 0.5)
     grid = received.reshape(3, side // 2, 2, side // 2, 2).mean((2, 4)).flatten(1)  # [frames, tokens]: 2 x 2 means
     x = grid.mean(0) ** 1.1
