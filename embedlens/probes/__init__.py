@@ -15,6 +15,7 @@ from embedlens.probes.logit_lens import LogitLens, TunedLens
 from embedlens.probes.partition import AnchorGroups, TokenPartition
 from embedlens.probes.semantic_probe import SemanticProbe
 from embedlens.probes.sink_detector import SinkDetector
+from embedlens.probes.temporal_sinks import TemporalSinks
 from embedlens.probes.token_clusters import TokenClusters
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "SemanticProbe",
     "SinkDetector",
     "Table",
+    "TemporalSinks",
     "TokenClusters",
     "TokenPartition",
     "TunedLens",
