@@ -361,7 +361,8 @@ def removal_maps(tm: dict, path: str | Path) -> Path:
     """Which visual tokens a condition (top row) and its matched control (bottom row) acted on, for several samples.
 
     Args:
-        tm: ``{"condition", "images": [{"sample_id", "pixels", "row", "col"}], "rows": [(name, {sample_id: {(row, col): action}})]}``.
+        tm: ``{"condition", "images": [{"sample_id", "pixels", "row", "col"}], "rows": [(name, {sample_id: {(row, col): action}})]}``;
+            a panel with a ``key`` (one frame of a video) is looked up by it instead of its sample id, and titled ``title``.
     """
     from matplotlib.patches import Patch, Rectangle
 
@@ -378,14 +379,14 @@ def removal_maps(tm: dict, path: str | Path) -> Path:
             nr, nc = max(im["row"]) + 1, max(im["col"]) + 1
             ph, pw = h / nr, w / nc
             ax.imshow(px.numpy(), extent=(0, w, h, 0), interpolation="nearest")
-            marks = acted.get(im["sample_id"], {})
+            marks = acted.get(im.get("key", im["sample_id"]), {})
             for (r, col), action in marks.items():
                 seen.add(action)
                 ax.add_patch(Rectangle((col * pw, r * ph), pw, ph, **ACTION_STYLE.get(action, ACTION_STYLE["removed"])))
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(f"{im['sample_id']}", fontsize=7)
+                ax.set_title(f"{im.get('title', im['sample_id'])}", fontsize=7)
             ax.set_xlabel(f"{len(marks)} of {len(im['row'])} tokens", fontsize=7)
             if j == 0:
                 ax.set_ylabel(_wrap(name, panel, 8), fontsize=8)

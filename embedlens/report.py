@@ -479,7 +479,7 @@ def statistics_html(run: Path, manifest: dict, stats: dict, figures: list[Path])
     maps = [f for f in figures if f.name.startswith("removed_")]
     if maps:
         drawn = stats.get("token_map_samples")
-        which = (f"The first {len(drawn)} samples that have an image are drawn ({esc(', '.join(map(str, drawn)))}); "
+        which = (f"The first {len(drawn)} samples that have an image are drawn (a video frame by frame) ({esc(', '.join(map(str, drawn)))}); "
                  "every sample's tokens are in <code>touched_tokens</code>." if drawn else "")
         out.append("<h3>Which tokens each condition and its control acted on</h3>"
                    f'<p class="note">{which}</p>' + figs(*[f.name for f in maps]))

@@ -173,6 +173,14 @@ def similarity_entropy(
 
 
 # -- per visual token, from a batch's activations ------------------------------------
+def _one_patch_each(adapter: "Adapter", inputs) -> bool:
+    """Whether each visual token of the batch `inputs` stands for one tower patch: a family whose image tokens do can
+    pool patches in its video batches (LLaVA-NeXT-Video, LLaVA-OneVision), which `patch_indices` names per batch."""
+    import torch
+
+    return adapter.patch_indices(torch.zeros(1, dtype=torch.long), inputs).shape[1] == 1
+
+
 def vision_to_tokens(flags: torch.Tensor, vt: dict[str, torch.Tensor], adapter: "Adapter | None" = None, inputs=None) -> torch.Tensor:
     """Per-patch values of the vision batch (``[rows, patches]``) read at each visual token; ``[tokens]``.
 
@@ -182,7 +190,7 @@ def vision_to_tokens(flags: torch.Tensor, vt: dict[str, torch.Tensor], adapter: 
     the block's patches where they depend on the batch (`Adapter.patch_indices`).
     """
     rows = vt["feature_row"].to(flags.device)
-    if adapter is None or adapter.patch_block == (1, 1):
+    if adapter is None or (adapter.patch_block == (1, 1) and (inputs is None or _one_patch_each(adapter, inputs))):
         return flags[rows, vt["feature_col"].to(flags.device)]
     return flags[rows[:, None], adapter.patch_indices(vt["feature_col"], inputs).to(flags.device)].amax(dim=1)
 

@@ -164,8 +164,9 @@ def make_video_records(spec: SyntheticVideoSpec) -> list[Record]:
     """The data set as records (frames rendered in memory), one question per video.
 
     Each record's meta holds ``qtype``, ``candidates``, ``frame_patch_labels``
-    (`frame_truth` at `patch_grid`, one grid per source frame) and ``objects``
-    (colour, shape, direction, and the box ``[x0, y0, x1, y1]`` in each frame).
+    (`frame_truth` at `patch_grid`, one grid per source frame), ``objects``
+    (colour, shape, direction, and the box ``[x0, y0, x1, y1]`` in each frame)
+    and ``size`` (the frame side the boxes are in).
     """
     spec.check()
     out = []
@@ -183,7 +184,8 @@ def make_video_records(spec: SyntheticVideoSpec) -> list[Record]:
         if qa is None:  # only "colour" asked and two objects share a shape: ask for the count instead
             qtype, qa = "count", video_question(clip, "count", rng)
         q, a, cands = qa
-        meta = {"qtype": qtype, "candidates": cands, "frame_patch_labels": frame_truth(clip, spec.patch_grid), "objects": clip.objects}
+        meta = {"qtype": qtype, "candidates": cands, "frame_patch_labels": frame_truth(clip, spec.patch_grid), "objects": clip.objects,
+                "size": spec.size}
         out.append(Record([], question=q, answer=a, id=f"vid-{spec.seed}-{i:05d}", meta=meta, where=f"synthetic_video[{i}]",
                           video=[s.image for s in clip.scenes]))
     return out

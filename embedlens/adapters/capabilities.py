@@ -28,8 +28,9 @@ capability                  methods (defaults below / in `Adapter`)     what dec
 ``VISION_FEATURE_LAYER``    `VisionFeatureLayer`                        image features are the tower's
                                                                         ``hidden_states[vision_feature_layer]``
 ``VIDEO``                   `Adapter.encode`, `Layout.image_layouts`    video samples are encoded: the family's
-                                                                        video inputs, each visual token's
-                                                                        ``frame`` in the role map (docs/video.md)
+                            (`Layout.features_per_token`,               video inputs, each visual token's
+                            `patch_indices` of the batch where video    ``frame`` in the role map (docs/video.md)
+                            tokens pool patches image tokens do not)
 ==========================  =========================================  ============================================
 
 Before these names, each was a boolean class attribute (`DEPRECATED_FLAGS`): a subclass that still sets
@@ -184,6 +185,12 @@ class Layout:
         """(rows, cols) of vision patches one visual token stands for: (1, 1), or the
         block a pixel-shuffle or pooling family merges into one token."""
         return 1, 1
+
+    def features_per_token(self, inputs: BatchFeature | None) -> bool:
+        """Whether `vision.features` of the batch `inputs` has one row per visual token (indexed by its
+        `feature_col`), as under `PRE_PROJECTOR_MERGE`; else one per patch (`patch_indices`). LLaVA-NeXT-Video's
+        video batches pool before the projector, its image batches do not."""
+        return Capability.PRE_PROJECTOR_MERGE in self.capabilities
 
     def patch_indices(self, feature_col: torch.Tensor, inputs: BatchFeature | None = None) -> torch.Tensor:
         """`[tokens, bh * bw]`: for each token's `feature_col` (its index in the projector

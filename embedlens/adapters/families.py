@@ -13,6 +13,7 @@ from embedlens.adapters import (  # noqa: F401 - each import registers its famil
     llama4,
     llava,
     llava_next,
+    llava_next_video,
     llava_onevision,
     llava_onevision1_5,
     llava_pixtral,

@@ -383,7 +383,9 @@ def figures(c: Conclusions, fig_dir: Path, token_maps: list[dict] | None = None)
 def token_map_panels(c: Conclusions, touched: dict[str, list] | None, adapter, records: "list[Record]", n: int, max_pixels: int,
                      video=None) -> list[dict]:
     """What `removal_maps` draws: per condition with a control (and the others that acted on tokens), the
-    first `n` samples' first image with the tokens the condition and its control acted on."""
+    first `n` samples' first image with the tokens the condition and its control acted on. A video sample is
+    drawn frame by frame (one panel per frame, i.e. temporal patch, with that frame's tokens), as the probes'
+    token maps; the first video is kept whole, a later one only if all its frames fit `n` panels."""
     if not touched or not records:
         return []
     from embedlens.errors import InputError
@@ -406,21 +408,25 @@ def token_map_panels(c: Conclusions, touched: dict[str, list] | None, adapter, r
     vt = batch.roles.visual_tokens()
     images = []
     for b, s in enumerate(samples):
-        # a video's map is its first frame's (frame 0), as the probes' token maps
-        sel = ((vt["sample"] == b) & (vt["image"] == 0) & (vt["tile"] == 0) & (vt["frame"] <= 0)).nonzero().flatten().tolist()
-        if not sel:
+        first = (vt["sample"] == b) & (vt["image"] == 0) & (vt["tile"] == 0)
+        frames = sorted(set(vt["frame"][first].tolist()))  # [-1] off video; one sample's frames: few
+        if not frames or (images and len(images) + len(frames) > n):
             continue
-        images.append({"sample_id": s.id, "pixels": display_pixels(adapter, batch.inputs, int(vt["feature_row"][sel[0]]),
-                                                                   image=batch_image(batch, b, int(vt["image"][sel[0]]))),
-                       "row": [int(vt["row"][i]) for i in sel], "col": [int(vt["col"][i]) for i in sel]})
-    ids = {im["sample_id"] for im in images}
-    c.map_samples = [im["sample_id"] for im in images]
+        for f in frames:
+            sel = (first & (vt["frame"] == f)).nonzero().flatten().tolist()
+            images.append({"sample_id": s.id, "key": _panel_key(s.id, f), "title": s.id if f < 0 else f"{s.id}, frame {f}",
+                           "pixels": display_pixels(adapter, batch.inputs, int(vt["feature_row"][sel[0]]),
+                                                    image=batch_image(batch, b, int(vt["image"][sel[0]])), frame=max(f, 0)),
+                           "row": [int(vt["row"][i]) for i in sel], "col": [int(vt["col"][i]) for i in sel]})
+    keys = {im["key"] for im in images}
+    c.map_samples = list(dict.fromkeys(im["sample_id"] for im in images))
     acted: dict[str, dict[str, dict[tuple[int, int], str]]] = {}
     frames = touched.get("frame") or [-1] * len(touched["condition"])  # a table written before the frame column
     for cond, s, a, img, tile, row, col, frame in zip(touched["condition"], touched["sample_id"], touched["action"], touched["image"],
                                                       touched["tile"], touched["row"], touched["col"], frames):
-        if s in ids and img == 0 and tile == 0 and frame <= 0:
-            acted.setdefault(cond, {}).setdefault(s, {})[(int(row), int(col))] = a
+        key = _panel_key(s, int(frame))
+        if key in keys and img == 0 and tile == 0:
+            acted.setdefault(cond, {}).setdefault(key, {})[(int(row), int(col))] = a
     is_control = set(c.controls.values())
     out = []
     for cond in c.conditions:
@@ -430,3 +436,8 @@ def token_map_panels(c: Conclusions, touched: dict[str, list] | None, adapter, r
         rows = [(cond, acted.get(cond, {}))] + ([(ctrl, acted.get(ctrl, {}))] if ctrl else [])
         out.append({"condition": cond, "images": images, "rows": rows})
     return out
+
+
+def _panel_key(sample_id: str, frame: int) -> str:
+    """A removal map's panel: a sample (an image), or one frame of a video sample."""
+    return str(sample_id) if frame < 0 else f"{sample_id}\x00frame {frame}"

@@ -20,6 +20,7 @@ BUILTINS = (
     "embedlens.probes.partition",
     "embedlens.probes.semantic_probe",
     "embedlens.probes.sink_detector",
+    "embedlens.probes.temporal_sinks",
     "embedlens.probes.token_clusters",
 )
 
@@ -37,6 +38,7 @@ _LAZY = {
     "SemanticProbe": "embedlens.probes.semantic_probe",
     "SinkDetector": "embedlens.probes.sink_detector",
     "Table": "embedlens.probes.base",
+    "TemporalSinks": "embedlens.probes.temporal_sinks",
     "TokenClusters": "embedlens.probes.token_clusters",
     "TokenPartition": "embedlens.probes.partition",
     "TunedLens": "embedlens.probes.logit_lens",
@@ -65,6 +67,7 @@ __all__ = [
     "SemanticProbe",
     "SinkDetector",
     "Table",
+    "TemporalSinks",
     "TokenClusters",
     "TokenPartition",
     "TunedLens",

@@ -274,6 +274,23 @@ class FirstImage(Stateful):
                     self.more.append(entry)
 
 
+def frame_maps(first: FirstImage, out_dir, stem: str, draw) -> list:
+    """One token map per entry of the first sample `first` kept: ``{stem}.png`` for an image, and for a video
+    ``{stem}_frame{t}.png`` per frame (temporal patch) t, each with that frame's tokens over its pixels.
+
+    `draw(entry, path, where)` writes one map and returns its path; `where` is ``""`` for an image and
+    ``", frame t of n"`` for a video's frame, to end its title with."""
+    from pathlib import Path
+
+    frames = first.frames
+    out = []
+    for e in frames:
+        f = e.get("frame", -1)
+        path = Path(out_dir) / (f"{stem}.png" if f < 0 else f"{stem}_frame{f}.png")
+        out.append(draw(e, path, "" if f < 0 else f", frame {f} of {len(frames)}"))
+    return out
+
+
 def visual_rows(adapter: "Adapter", site, act: torch.Tensor, vt: dict[str, torch.Tensor], inputs=None) -> torch.Tensor:
     """``[tokens, d]``: the activation at `site` of each visual token of `vt`.
 
@@ -296,7 +313,7 @@ def visual_rows(adapter: "Adapter", site, act: torch.Tensor, vt: dict[str, torch
     if comp.startswith("llm."):
         return act[vt["sample"].to(act.device), vt["position"].to(act.device)]
     rows = vt["feature_row"].to(act.device)
-    if comp == "projector" or (comp == "vision.features" and adapter.has(Capability.PRE_PROJECTOR_MERGE)):
+    if comp == "projector" or (comp == "vision.features" and adapter.features_per_token(inputs)):
         return act[rows, vt["feature_col"].to(act.device)]
     cols = adapter.patch_indices(vt["feature_col"], inputs) + (adapter.n_prefix_tokens if comp in ("vision.layers", "vision.embed") else 0)
     return act[rows[:, None], cols.to(act.device)].mean(dim=1)  # [tokens, block, d] -> [tokens, d]

@@ -15,7 +15,7 @@ from embedlens.adapters.capabilities import Capability
 from embedlens.attention import (LINEAR, attention_rows, check_layer_types, layer_windows, llm_layer_types, refuse_linear,
                                   rotary_embeddings, window_keys)
 from embedlens.errors import EmbedLensError, PlanError
-from embedlens.probes._util import FirstImage, group_masks, parse_selections, selection_masks, token_groups, token_meta
+from embedlens.probes._util import FirstImage, frame_maps, group_masks, parse_selections, selection_masks, token_groups, token_meta
 from embedlens.probes.base import Probe, Table
 from embedlens.registry import probes
 from embedlens.sites import Site
@@ -274,11 +274,11 @@ class AttentionFlow(Probe):
                                     xlabel="LLM layer (its attention)" if res["layers"] else "position among the layers probed",
                                     ylabel=f"attention mass from '{q}' queries\nto the group's tokens", legend_title="token group",
                                     title=f"Attention mass from '{q}' queries to each token group (head average)"))
-        f = self._first.data
-        if f is not None:
-            out.append(value_map(f["pixels"], f["row"], f["col"], f["value"], Path(out_dir) / "attention_flow_last_token.png",
-                                 title=f"Attention from the last token, LLM layer {self._first_layer} (FastV) - {f['sample_id']}",
-                                 label="attention from the last token (head mean)"))
+        values = [v for f in self._first.frames for v in f["value"]]  # a video's frames share one colour scale
+        out += frame_maps(self._first, out_dir, "attention_flow_last_token", lambda f, path, where: value_map(
+            f["pixels"], f["row"], f["col"], f["value"], path, label="attention from the last token (head mean)",
+            title=f"Attention from the last token, LLM layer {self._first_layer} (FastV) - {f['sample_id']}{where}",
+            vmin=min(values, default=None), vmax=max(values, default=None)))
         return out
 
 

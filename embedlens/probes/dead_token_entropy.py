@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from embedlens.errors import PlanError
-from embedlens.probes._util import FirstImage, Histogram, group_masks, resolve_layers, token_groups, token_meta
+from embedlens.probes._util import FirstImage, Histogram, frame_maps, group_masks, resolve_layers, token_groups, token_meta
 from embedlens.probes.base import Probe, Table
 from embedlens.probes.embedding_lens import lens_site
 from embedlens.vocab import nearest_vocab
@@ -134,9 +134,7 @@ class DeadTokenEntropy(Probe):
             out.append(histograms({g: h.to_dict() for g, h in self._hist.items()}, Path(out_dir) / "dead_token_entropy_hist.png",
                                   xlabel="normalised entropy of vocabulary similarities",
                                   title=f"Vocabulary-similarity entropy by group (T={self.temperature}; threshold {self.threshold})"))
-        f = self._first.data
-        if f is not None:
-            out.append(value_map(f["pixels"], f["row"], f["col"], f["value"], Path(out_dir) / "dead_token_entropy_map.png",
-                                 title=f"Normalised similarity entropy - {f['sample_id']}", label="entropy / log V",
-                                 vmin=0.0, vmax=1.0))  # its whole range: the same scale in every run
+        out += frame_maps(self._first, out_dir, "dead_token_entropy_map", lambda f, path, where: value_map(
+            f["pixels"], f["row"], f["col"], f["value"], path, title=f"Normalised similarity entropy - {f['sample_id']}{where}",
+            label="entropy / log V", vmin=0.0, vmax=1.0))  # its whole range: the same scale in every run (and frame)
         return out

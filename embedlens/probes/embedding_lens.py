@@ -93,6 +93,7 @@ class EmbeddingLens(Probe):
         self._names: dict[int, str] = {}  # vocabulary id -> token, for the ids counted
         self._n_tokens = 0
         self._time: dict[int, torch.Tensor] = {}  # layer -> [places, summed top-1 agreement over frames] (video)
+        self._time_content: dict[int, torch.Tensor] = {}  # layer -> [content, 2]: the same per place content (video with truth)
         self._first = FirstImage(n=FIGURE_SAMPLES)
         self._first_layer: int | None = None  # the resolved figure layer (figures() has no adapter)
         self._map_layers: list[int] = []  # every resolved layer: each gets its own word map
@@ -166,16 +167,25 @@ class EmbeddingLens(Probe):
         its most frequent top-1 word; the run's tally per layer (places, summed agreement) for ``frame_agreement``."""
         import torch
 
-        from embedlens.probes.over_time import top1_agreement
+        from embedlens.probes.over_time import CONTENT, place_content, top1_agreement
 
-        rows: Table = {c: [] for c in ("sample_id", "image", "row", "col", "layer", "n_frames", "n_agree", "agreement")}
+        rows: Table = {c: [] for c in ("sample_id", "image", "row", "col", "content", "layer", "n_frames", "n_agree", "agreement")}
+        names = list(CONTENT) + ["unknown"]
+        content = None
         for li, layer in enumerate(layers):
             keys, n_frames, n_agree = top1_agreement(vt, top1[li])
             share = n_agree / n_frames
             k = keys.cpu()
+            if content is None:  # the places are the same at every layer
+                content = place_content(batch, keys)  # static background / static object / moving, -1 without truth
+                content_names = [names[c] for c in content.cpu().tolist()]
             rows["sample_id"] += [batch.samples[i].id for i in k[:, 0].tolist()]
             for j, c in enumerate(("image", "row", "col")):
                 rows[c] += k[:, j + 1].tolist()
+            rows["content"] += content_names
+            sets = torch.stack([content == i for i in range(len(CONTENT))]).double()  # [content, places]
+            by = torch.stack([sets.sum(1), sets @ share.double()], dim=1).cpu()  # [content, 2]: places, summed agreement
+            self._time_content[layer] = self._time_content[layer] + by if layer in self._time_content else by
             rows["layer"] += [layer] * len(k)
             rows["n_frames"] += n_frames.tolist()
             rows["n_agree"] += n_agree.tolist()
@@ -239,7 +249,21 @@ class EmbeddingLens(Probe):
             top[str(layer)] = [{"id": a, "token": self._names.get(a, str(a)), "count": b} for a, b in zip(i.tolist(), c.tolist())]
         return {"n_visual_tokens": self._n_tokens, "most_frequent_top1_ids": top, "k": self.k, "matrix": self.matrix,
                 "search": self.search, "layer_summary": self.layer_summary(),
-                **({"frame_agreement": {str(la): float(t[1] / t[0]) for la, t in sorted(self._time.items())}} if self._time else {})}
+                **({"frame_agreement": {str(la): float(t[1] / t[0]) for la, t in sorted(self._time.items())}} if self._time else {}),
+                **({"frame_agreement_by_content": self._agreement_by_content()} if self._agreement_by_content() else {})}
+
+    def _agreement_by_content(self) -> dict[str, Any]:
+        """Per place content (static background, static object, moving: videos with per-frame truth): the places
+        and their mean top-1 agreement over frames at each layer. Static content the model sees the same way in
+        every frame reads one word: agreement 1."""
+        from embedlens.probes.over_time import CONTENT
+
+        out = {}
+        for i, c in enumerate(CONTENT):
+            per = {str(la): t[i] for la, t in sorted(self._time_content.items())}
+            if per and float(next(iter(per.values()))[0]) > 0:
+                out[c] = {"places": int(next(iter(per.values()))[0]), **{la: float(t[1] / t[0]) for la, t in per.items()}}
+        return out
 
     def layer_summary(self) -> dict[str, Any]:
         """Per token group (``all``, and sink / dead / alive where the run has a partition) and layer: the most

@@ -36,7 +36,8 @@ class _PartitionProbe(Probe):
         self._per_image: list[dict[str, float]] = []
         self._n = 0
         self._first = FirstImage()
-        self._time: dict[str, torch.Tensor] = {}  # group -> [places ever in it, sum of their shares, always in it]
+        self._time: dict[str, torch.Tensor] = {}  # group -> [content..., all] x [places ever in it, sum of their shares, always in it]
+        self._time_places: torch.Tensor | None = None  # [content...]: places of each content seen (over_time_by_content)
 
     def use_partition(self, partition: Partition) -> None:
         """Label with `partition` (the run's one partition, from the plan) instead of the one built from parameters.
@@ -99,27 +100,39 @@ class _PartitionProbe(Probe):
         return out
 
     def _over_time(self, batch: "Batch", vt: dict[str, torch.Tensor], groups: dict[str, torch.Tensor]) -> Table:
-        """One row per place of the frame grid (sample, image, row, col): its frames and in how many each group
-        holds its token; the run's tally per group (places ever in it, summed share of their frames in it, places
-        in it in every frame) for `result`'s ``over_time``."""
+        """One row per place of the frame grid (sample, image, row, col): its content (`over_time.place_content`),
+        its frames and in how many each group holds its token; the run's tally per group (places ever in it, summed
+        share of their frames in it, places in it in every frame), over all places and per content, for `result`'s
+        ``over_time`` and ``over_time_by_content``."""
         import torch
 
-        from embedlens.probes.over_time import group_persistence
+        from embedlens.probes.over_time import CONTENT, group_persistence, place_content
 
         masks = dict(groups)  # exclusive after precedence; alive: in none of the others, where not given
         if "alive" not in masks:
             masks["alive"] = ~torch.stack(list(groups.values())).any(0) if groups else torch.ones_like(vt["frame"], dtype=torch.bool)
         rows: Table = {}
+        content = None
         for g in self.partition.names:
             keys, n_frames, n_in = group_persistence(vt, masks[g])
             if not rows:
                 k = keys.cpu()
+                content = place_content(batch, keys)  # static background / static object / moving, -1 without truth
+                names = list(CONTENT) + ["unknown"]
                 rows = {"sample_id": [batch.samples[i].id for i in k[:, 0].tolist()], "image": k[:, 1].tolist(),
-                        "row": k[:, 2].tolist(), "col": k[:, 3].tolist(), "n_frames": n_frames.tolist()}
+                        "row": k[:, 2].tolist(), "col": k[:, 3].tolist(), "content": [names[c] for c in content.cpu().tolist()],
+                        "n_frames": n_frames.tolist()}
             rows[f"n_{g}"] = n_in.tolist()
             ever = n_in > 0
-            tally = torch.stack([ever.sum().double(), (n_in / n_frames)[ever].sum().double(), (ever & (n_in == n_frames)).sum().double()])
-            self._time[g] = self._time[g] + tally.cpu() if g in self._time else tally.cpu()
+            # [content + all, 3]: per place set (each content, then every place), places ever in g, their summed
+            # share of frames in g, places in g in every frame
+            sets = torch.stack([content == i for i in range(len(CONTENT))] + [torch.ones_like(ever)])  # [4, places]
+            per = torch.stack([ever, torch.where(ever, n_in / n_frames, 0.0), ever & (n_in == n_frames)]).double()  # [3, places]
+            tally = (sets.double() @ per.T).cpu()  # [4, 3]
+            self._time[g] = self._time[g] + tally if g in self._time else tally
+        if content is not None:
+            shown = torch.stack([(content == i).sum() for i in range(len(CONTENT))]).cpu()  # places of each content
+            self._time_places = self._time_places + shown if self._time_places is not None else shown
         return rows
 
     def result(self) -> dict[str, Any]:
@@ -148,9 +161,18 @@ class _PartitionProbe(Probe):
             out["discovery"] = summ["discovery"]
         out["warnings"] = summ["warnings"]
         if self._time:  # video: does a token stay in its group across frames (table: <probe>.frames)
-            out["over_time"] = {g: {"places_ever": int(t[0]), "mean_share_of_frames": float(t[1] / t[0]) if t[0] else None,
-                                    "share_in_every_frame": float(t[2] / t[0]) if t[0] else None}
-                                for g, t in self._time.items()}
+            from embedlens.probes.over_time import CONTENT
+
+            def tally(t: torch.Tensor) -> dict[str, Any]:
+                return {"places_ever": int(t[0]), "mean_share_of_frames": float(t[1] / t[0]) if t[0] else None,
+                        "share_in_every_frame": float(t[2] / t[0]) if t[0] else None}
+
+            out["over_time"] = {g: tally(t[-1]) for g, t in self._time.items()}
+            # split by what the place shows (ground truth of synthetic videos): static content should keep its group
+            by = {c: {"places": int(self._time_places[i]), **{g: tally(t[i]) for g, t in self._time.items()}}
+                  for i, c in enumerate(CONTENT) if self._time_places is not None and self._time_places[i] > 0}
+            if by:  # only where the videos have the truth
+                out["over_time_by_content"] = by
         return out
 
     def figures(self, out_dir: Path) -> list[Path]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from embedlens.errors import PlanError
 from embedlens.signals import vision_to_tokens
-from embedlens.probes._util import FirstImage, token_groups, token_meta
+from embedlens.probes._util import FirstImage, frame_maps, token_groups, token_meta
 from embedlens.probes.base import Probe, Table
 from embedlens.registry import probes
 from embedlens.roles import Role
@@ -309,11 +309,9 @@ class SinkDetector(Probe):
                                     Path(out_dir) / "sink_detector_layers.png", xlabel="LLM hidden state (1: the first layer's output, as the lenses number them)",
                                     ylabel="|activation| over every token\nand dimension", legend_title="statistic",
                                     title="Largest and median hidden-state magnitude after each LLM layer"))
-        f = self._first.data
-        if f is not None:
-            labels = [f"{n:.0f}{(' ' + lab) if lab else ''}" for n, lab in zip(f["norm"], f["label"])]
-            out.append(token_map(f["pixels"], f["row"], f["col"], labels, Path(out_dir) / "sink_detector_map.png",
-                                 title=f"ViT norm per patch; V = high norm, M = massive activation, A = attention sink - {f['sample_id']}"))
+        out += frame_maps(self._first, out_dir, "sink_detector_map", lambda f, path, where: token_map(
+            f["pixels"], f["row"], f["col"], [f"{n:.0f}{(' ' + lab) if lab else ''}" for n, lab in zip(f["norm"], f["label"])], path,
+            title=f"ViT norm per patch; V = high norm, M = massive activation, A = attention sink - {f['sample_id']}{where}"))
         return out
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embedlens.errors import PlanError
-from embedlens.probes._util import FirstImage, Reservoir, parse_site, token_groups, visual_rows
+from embedlens.probes._util import FirstImage, Reservoir, frame_maps, parse_site, token_groups, visual_rows
 from embedlens.probes.base import Probe, Table
 from embedlens.registry import probes
 from embedlens.sites import Site
@@ -59,6 +59,7 @@ class TokenClusters(Probe):
         self._res = Reservoir(max_tokens, seed)
         self._first = FirstImage()
         self._first_x: torch.Tensor | None = None
+        self._first_frame: torch.Tensor | None = None  # the frame of each row of `_first_x` (-1 off video)
         self._model = None
         self._fitted_on = -1
 
@@ -93,6 +94,7 @@ class TokenClusters(Probe):
             if self._first.data is not None:
                 sel = (vt["sample"] == 0) & (vt["image"] == 0) & (vt["tile"] == 0)
                 self._first_x = x[sel]
+                self._first_frame = vt["frame"][sel]  # a video: each map takes its frame's rows
         return {}
 
     def fit(self):
@@ -141,11 +143,18 @@ class TokenClusters(Probe):
         return {"contingency": out}
 
     def figures(self, out_dir: Path) -> list[Path]:
-        f = self._first.data
-        if f is None or len(self._res) < 2:
+        import torch
+
+        if self._first.data is None or len(self._res) < 2:
             return []
         from embedlens.figures import category_map
 
-        labels = self.fit().predict(self._first_x.double().numpy()).tolist()
-        return [category_map(f["pixels"], f["row"], f["col"], [f"cluster {c}" for c in labels], Path(out_dir) / "token_clusters_map.png",
-                             title=f"k-means clusters at {self.site} (k={self.n_clusters}) - {f['sample_id']}")]
+        km = self.fit()
+        frame = self._first_frame if self._first_frame is not None else torch.full((len(self._first_x),), -1)
+
+        def draw(f, path, where):
+            labels = km.predict(self._first_x[frame == f.get("frame", -1)].double().numpy()).tolist()
+            return category_map(f["pixels"], f["row"], f["col"], [f"cluster {c}" for c in labels], path,
+                                title=f"k-means clusters at {self.site} (k={self.n_clusters}) - {f['sample_id']}{where}")
+
+        return frame_maps(self._first, out_dir, "token_clusters_map", draw)

@@ -583,7 +583,7 @@ def _gemma4(seed: int):
     # 8, shorter than every image's tokens) alternate with global ones, images bidirectional on sliding layers only,
     # mixture-of-experts blocks (4 experts, top 2) beside each MLP, final-logit softcapping. No per-layer inputs and
     # no shared key/values (Gemma 4's larger checkpoints have neither); the HF tester configuration in
-    # tests/support/hf_testers.py has both.
+    # tests/support/hf_testers/ has both.
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
     tok = gemma4_tokenizer()
@@ -603,6 +603,44 @@ def _gemma4(seed: int):
         model.model.vision_tower.patch_embedder.position_embedding_table.normal_(std=0.02)
         model.model.embed_vision.embedding_projection.weight.normal_(std=0.5)  # as Gemma 3's: weights to carry
     return model, gemma4_processor(tok)
+
+
+def _llava_next_video(seed: int):
+    # LLaVA-NeXT's tiny model (CLIP tower, "default" strategy, anyres images) with a video path: 32-px frames of 4 x 4
+    # patches pooled 2 x 2 (the model's default stride), so 2 x 2 video tokens per frame.
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    from embedlens.adapters.llava_next_video import LlavaNextVideoImageProcessor, frame_processor
+
+    tok = build_tokenizer()
+    pinpoints = [[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+    config = LlavaNextVideoConfig(
+        vision_config=CLIPVisionConfig(**_VISION),
+        text_config=LlamaConfig(vocab_size=len(tok), **_TEXT, **_special_ids(tok)),
+        image_token_id=tok.image_token_id,
+        video_token_id=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextVideoForConditionalGeneration(config).eval()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_grid_pinpoints=pinpoints, **_NORM,
+    )
+    frames = frame_processor(dict(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **_NORM))
+    processor = LlavaNextVideoImageProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        frame_processor=frames,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    )
+    return model, processor
 
 
 LLAMA4_TOKENS = {"image_token": "<|image|>", "patch_token": "<|patch|>", "start_of_image_token": "<|image_start|>",
@@ -673,6 +711,7 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("glm4v", "glm4v", "glm4v-vit", _glm4v),
         TinySpec("glm4v_moe", "glm4v_moe", "glm4v-vit", _glm4v_moe),
         TinySpec("llama4", "llama4", "llama4-vit", _llama4),
+        TinySpec("llava_next_video", "llava_next_video", "clip", _llava_next_video),
     )
 }
 

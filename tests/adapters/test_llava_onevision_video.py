@@ -327,3 +327,21 @@ def test_tower_ranked_reduction_refuses_a_pooled_video_batch():
     engine.run(ov.encode([Sample([shapes(32)], question="q", id="i")]), [FasterVLM(keep=0.5)])
     with pytest.raises(InterventionError, match="pools several of the tower's patches"):
         engine.run(ov.encode([Sample(video=_frames(2, 32), question="q", id="v")]), [FasterVLM(keep=0.5)])
+
+
+def test_a_flag_on_one_patch_reaches_the_tokens_that_pool_it(ov):
+    """`vision_to_tokens` (the ViT-norm rule's per-patch flags read per token) on a video batch: a flag planted on one
+    patch of one frame reaches exactly the tokens whose pooled 2 x 2 support (`patch_indices`) holds it, not the
+    token whose pooled index happens to equal the patch's."""
+    from embedlens.signals import vision_to_tokens
+
+    batch = _batch(ov, n=1)
+    vt = batch.roles.visual_tokens()
+    n = ov.side // ov.config.vision_config.patch_size
+    rows = int(batch.inputs["pixel_values_videos"].shape[1])
+    for f, pr, pc in ((0, 0, 0), (rows - 1, n - 1, n - 1), (1 % rows, n // 2, 1)):
+        flags = torch.zeros(rows, n * n)
+        flags[f, pr * n + pc] = 1.0
+        got = vision_to_tokens(flags, vt, ov, batch.inputs).bool()
+        want = (vt["feature_row"] == f) & (ov.patch_indices(vt["feature_col"], batch.inputs) == pr * n + pc).any(1)
+        assert torch.equal(got, want) and bool(want.any())

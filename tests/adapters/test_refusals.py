@@ -19,15 +19,15 @@ from embedlens.registry import adapters
 from embedlens.testing import tiny_model
 
 #: released since the last families were added; transformers 5.25 has their classes, no adapter serves them yet
-UNSUPPORTED = ("Molmo2ForConditionalGeneration",
-               "Idefics2ForConditionalGeneration", "LlavaNextVideoForConditionalGeneration")
+UNSUPPORTED = ("Molmo2ForConditionalGeneration", "Idefics2ForConditionalGeneration")
 
 #: (architecture, vision tower) pairs HF builds but no adapter takes: LLaVA-style classes build whatever tower the
 #: config names
 FOREIGN_TOWERS = (("LlavaForConditionalGeneration", "dinov2"), ("LlavaForConditionalGeneration", "siglip2_vision_model"),
                   ("LlavaNextForConditionalGeneration", "pixtral"), ("LlavaOnevisionForConditionalGeneration", "pixtral"),
                   ("PaliGemmaForConditionalGeneration", "dinov2"), ("Gemma3ForConditionalGeneration", "dinov2"),
-                  ("Mistral3ForConditionalGeneration", "siglip2_vision_model"))
+                  ("Mistral3ForConditionalGeneration", "siglip2_vision_model"),
+                  ("LlavaNextVideoForConditionalGeneration", "pixtral"))
 
 
 @pytest.fixture(scope="module")

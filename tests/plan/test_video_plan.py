@@ -171,3 +171,71 @@ def test_static_videos_keep_their_partition_and_their_words_in_every_frame(tmp_p
     toks = pd.read_parquet(tmp_path / "moving" / "out" / "embedding_lens.tokens.parquet")
     modal = toks.groupby(["sample_id", "row", "col"]).id_1.agg(lambda s: s.value_counts().iloc[0])
     assert (modal.sort_index() == lens.set_index(["sample_id", "row", "col"]).n_agree.sort_index()).all()
+
+
+def test_the_video_example_splits_over_time_by_static_and_moving_content(video_example):
+    """The `content` of each place, summed independently from the frames tables, is what the summary reports; on
+    this model static places keep their group and their top-1 word in every frame, moving ones do not."""
+    import json
+
+    _, out = video_example
+    summary = json.loads((out / "summary.json").read_text())
+    part = pd.read_parquet(out / "token_partition.frames.parquet")
+    lens = pd.read_parquet(out / "embedding_lens.frames.parquet")
+    sinks = pd.read_parquet(out / "temporal_sinks.places.parquet")
+    key = ["sample_id", "row", "col"]
+    merged = part.merge(lens[key + ["content"]], on=key, suffixes=("", "_lens")).merge(sinks[key + ["content"]], on=key, suffixes=("", "_sinks"))
+    assert len(merged) == len(part) == 6 * 16 and (merged.content == merged.content_lens).all() and (merged.content == merged.content_sinks).all()
+    assert set(part.content) == {"static_background", "static_object", "moving"}
+    by = summary["token_partition"]["over_time_by_content"]
+    for content, rows in part.groupby("content"):
+        assert by[content]["places"] == len(rows)
+        for g in ("dead", "alive"):
+            ever = rows[rows[f"n_{g}"] > 0]
+            assert by[content][g]["places_ever"] == len(ever)
+            if len(ever):
+                assert by[content][g]["mean_share_of_frames"] == pytest.approx((ever[f"n_{g}"] / ever.n_frames).mean())
+                assert by[content][g]["share_in_every_frame"] == pytest.approx((ever[f"n_{g}"] == ever.n_frames).mean())
+    agree = summary["embedding_lens"]["frame_agreement_by_content"]
+    for content, rows in lens.groupby("content"):
+        assert agree[content]["places"] == len(rows) and agree[content]["0"] == pytest.approx(rows.agreement.mean())
+    static = part[part.content != "moving"]
+    assert ((static.n_dead == static.n_frames) | (static.n_alive == static.n_frames)).all()
+    assert (lens[lens.content != "moving"].agreement == 1.0).all() and agree["moving"]["0"] < 1.0
+    sink = summary["temporal_sinks"]
+    assert sink["n_videos"] == 6 and sink["n_places"] == 96 and set(sink["by_content"]) == set(part.content)
+    assert sinks.groupby("sample_id").sink_score.agg(["min", "max"]).values.tolist() == [[0.0, pytest.approx(1.0)]] * 6
+    report = (out / "report.html").read_text()
+    for t in range(4):
+        assert f"temporal_sinks_map_frame{t}.png" in report
+    assert "over_time_by_content.static_background.dead.places_ever" in report
+    assert "frame_agreement_by_content.moving.0" in report
+
+
+def test_a_videos_removal_map_has_one_panel_per_frame(video_example):
+    """The panels `removal_maps` draws for the example's prune_top1 and its per_frame control: the first video's
+    4 temporal patches, each marked with the tokens touched_tokens says were removed in that frame."""
+    from embedlens import load_model
+    from embedlens.plan.conclusions import Conclusions, token_map_panels
+
+    _, out = video_example
+    plan = load_plan(EXAMPLE).plan
+    spec = SyntheticVideoSpec(**{**plan.data.synthetic_video.model_dump(), "question_types": tuple(plan.data.synthetic_video.question_types)})
+    records = make_video_records(spec)
+    touched = pd.read_parquet(out / "touched_tokens.parquet")
+    concl = Conclusions(conditions=["prune_top1", "prune_top1_random"], controls={"prune_top1": "prune_top1_random"})
+    panels = token_map_panels(concl, touched.to_dict("list"), load_model("tiny:qwen2_vl"), records, 4, plan.data.max_pixels,
+                              plan.data.video.options())
+    first = records[0].id
+    assert len(panels) == 1 and concl.map_samples == [first]
+    images = panels[0]["images"]
+    assert [im["title"] for im in images] == [f"{first}, frame {t}" for t in range(4)]
+    assert all(sorted(zip(im["row"], im["col"])) == [(r, c) for r in range(4) for c in range(4)] for im in images)
+    (name, acted), (ctrl, acted_ctrl) = panels[0]["rows"]
+    assert (name, ctrl) == ("prune_top1", "prune_top1_random")
+    mine = touched[touched.sample_id == first]
+    for t, im in enumerate(images):
+        for cond, marks in ((name, acted), (ctrl, acted_ctrl)):
+            want = mine[(mine.condition == cond) & (mine.frame == t)]
+            assert sorted(marks.get(im["key"], {})) == sorted(zip(want.row, want.col)), (cond, t)
+    assert len(acted[images[1]["key"]]) == 4 and images[0]["key"] not in acted  # frame 1's top row only

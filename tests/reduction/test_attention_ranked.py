@@ -208,7 +208,8 @@ def test_conforms_on_every_family_with_one_patch_per_token(cls):
     tiny family with one tower patch per visual token (anyres tiles included)."""
     from embedlens.testing.conformance import check_intervention
 
-    check_intervention(cls, params={"keep": 0.5}, families=("llava-clip", "llava-siglip", "llava_next", "llava_onevision", "paligemma"))
+    check_intervention(cls, params={"keep": 0.5}, families=("llava-clip", "llava-siglip", "llava_next", "llava_onevision", "paligemma",
+                                                                   "llava_next_video"))
 
 
 def test_a_tower_that_merges_patches_is_refused_by_name():
