@@ -11,7 +11,7 @@ from embedlens.testing.tiny import TINY_ALIASES, TINY_SPECS, TinySpec, save_tiny
 
 __all__ = ["TINY_ALIASES", "TINY_SPECS", "TinySpec", "save_tiny_model", "tiny_batch", "tiny_model"]
 
-_MOVED = {name: "tests/support/hf_testers.py"
+_MOVED = {name: "tests/support/hf_testers/"
           for name in ("BLOCK_TESTER_CONFIGS", "HFTesterConfig", "TESTER_CONFIGS", "hf_tester_model")}
 
 

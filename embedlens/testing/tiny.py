@@ -583,7 +583,7 @@ def _gemma4(seed: int):
     # 8, shorter than every image's tokens) alternate with global ones, images bidirectional on sliding layers only,
     # mixture-of-experts blocks (4 experts, top 2) beside each MLP, final-logit softcapping. No per-layer inputs and
     # no shared key/values (Gemma 4's larger checkpoints have neither); the HF tester configuration in
-    # tests/support/hf_testers.py has both.
+    # tests/support/hf_testers/ has both.
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
     tok = gemma4_tokenizer()

@@ -138,7 +138,7 @@ def test_an_auto_map_beside_a_native_model_type_loads_natively_with_a_warning(tm
 
 
 def test_moved_tester_configs_say_where_they_went():
-    with pytest.raises(ImportError, match=r"embedlens\.testing\.TESTER_CONFIGS .*tests/support/hf_testers\.py"):
+    with pytest.raises(ImportError, match=r"embedlens\.testing\.TESTER_CONFIGS .*tests/support/hf_testers/"):
         from embedlens.testing import TESTER_CONFIGS  # noqa: F401
     from tests.support.hf_testers import TESTER_CONFIGS
 
