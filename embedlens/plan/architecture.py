@@ -179,12 +179,17 @@ class ConfigAdapter:
             return site
         return site.resolve(self.n_layers(site.component))
 
-    def input_embeddings(self) -> "WeightShape":
-        """`[vocab, d_model]`: the shape, no values (checks read its ``shape``)."""
-        return WeightShape((self._known(self.arch.vocab_size, "input_embeddings"),
+    def input_embeddings(self, _extra: bool = True) -> "WeightShape":
+        """`[vocab, d_model]`: the shape, no values (checks read its ``shape``). Molmo2's input table also holds
+        its ``additional_vocab_size`` rows (its image tokens' embeddings), which its head does not."""
+        text = self.arch.config.get("text_config") if isinstance(self.arch.config.get("text_config"), dict) else self.arch.config
+        extra = (_int(text, "additional_vocab_size") or 0) if _extra else 0
+        return WeightShape((self._known(self.arch.vocab_size, "input_embeddings") + extra,
                             self._known(self.arch.hidden_size, "input_embeddings")), "input_embeddings")
 
-    output_embeddings = input_embeddings
+    def output_embeddings(self):
+        """`[vocab, d_model]`: the head's rows (the shape, no values)."""
+        return self.input_embeddings(_extra=False)
 
     def grid(self) -> tuple[int, int]:
         g = self.arch.fixed_grid()

@@ -61,7 +61,7 @@ def _write(workdir: Path, text: str) -> Path:
         ("      k: 2", "      k: two", r"plan.yaml:8 probes\[0\].params.k: expected int, got 'two'"),
         ("      layers: [0, 1]", "      layers: [0, 40]", r"plan.yaml:\d+ probes\[0\].params.layers: layer 40 is out of range for this model \(0..4"),
         ("  source: tiny:llava-clip", "  source: tiny:llava-clop", r"plan.yaml:2 model.source: Unknown tiny model 'llava-clop'. Did you mean: llava-clip"),
-        ("  source: tiny:llava-clip", "  source: tiny:llava-clip\n  adapter: lava", r"model.adapter: Unknown adapter 'lava'. Did you mean: llava\?"),
+        ("  source: tiny:llava-clip", "  source: tiny:llava-clip\n  adapter: lava", r"model.adapter: Unknown adapter 'lava'. Did you mean: llava\b"),
         ("  prompts: prompts.jsonl", "  prompts: missing.jsonl", r"plan.yaml:4 data.prompts: file not found: .*missing.jsonl"),
         ("batch_size: 2", "batch_size: 0", r"plan.yaml:12 batch_size: Input should be greater than or equal to 1; got 0"),
         ("probes:", "probes: [\n", r"plan.yaml:\d+: YAML syntax error"),

@@ -456,13 +456,18 @@ def test_resume_refuses_changed_data_naming_it(tmp_path, change):
 
 def test_resume_of_a_finished_run_refuses_another_plan_or_changed_data(tmp_path):
     """--resume on a finished run hands back its results only when they are this plan's on these inputs."""
+    from embedlens.plan.store import VOLATILE
+
+    def _outputs(folder):  # the run's files, less the lock each run rewrites
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name not in VOLATILE}
+
     plan = _prompt_plan(tmp_path)
     out = tmp_path / "out"
     first = run(prepare(load_plan(plan)), out)
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    before = _outputs(out)
     same = run(prepare(load_plan(plan)), out, resume=True)  # the same plan and inputs: the results, untouched
     assert same.summary == first.summary
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert _outputs(out) == before
 
     from embedlens.testing.images import shapes
 
@@ -472,7 +477,7 @@ def test_resume_of_a_finished_run_refuses_another_plan_or_changed_data(tmp_path)
     plan.write_text(plan.read_text().replace("seed: 3", "seed: 11"))
     with pytest.raises(EmbedLensError, match=r"finished run there is of a different plan.*--overwrite"):
         run(prepare(load_plan(plan)), out, resume=True)
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # refused: nothing touched
+    assert _outputs(out) == before  # refused: nothing touched
 
 
 def test_model_folder_identity_names_a_changed_weight_file(tmp_path):
