@@ -330,6 +330,26 @@ def _chunk(cfg, name: str, layer: int) -> Chunk:
     return Chunk(size)
 
 
+def check_rotary(lm: torch.nn.Module, name: str) -> None:
+    """Refuse a language model whose layers rotate with tables other than the one per layer type the engine builds:
+    Molmo2 rotates its ``rope_scaling_layers`` with ``rotary_emb`` and the others with ``rotary_emb_unscaled``; where
+    the two tables differ (a scaled ``rope_type`` on some layers only), the engine cannot give each layer its own.
+
+    Raises:
+        AdapterError: the two tables differ and both are in use.
+    """
+    other, kinds = getattr(lm, "rotary_emb_unscaled", None), set(getattr(lm, "rope_types", None) or ())
+    if other is None or len(kinds) < 2:
+        return
+    scaled = lm.rotary_emb
+    if torch.equal(scaled.inv_freq, other.inv_freq) and scaled.attention_scaling == other.attention_scaling:
+        return
+    raise AdapterError(f"{name}: its language model rotates layers {list(lm.config.rope_scaling_layers)} with a scaled "
+                       f"rotary table ({lm.config.rope_parameters.get('rope_type')!r}) and the others with an unscaled "
+                       "one; the intervention engine builds one table per layer type, so it does not run this model "
+                       "(traces, which run the model's own forward, do)")
+
+
 def rotary_embeddings(lm: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor, layer_types) -> dict:
     """``{layer type: (cos, sin)}`` from the language model's own ``rotary_emb``; Gemma 3's takes the layer type
     (sliding and global layers rotate with different bases), the others one set for every layer."""

@@ -151,14 +151,19 @@ class ConfigAdapter:
             return site
         return site.resolve(self.n_layers(site.component))
 
-    def input_embeddings(self):
-        """`[vocab, d_model]` on the meta device: the shape, no values."""
+    def input_embeddings(self, _extra: bool = True):
+        """`[vocab, d_model]` on the meta device: the shape, no values. Molmo2's input table also holds its
+        ``additional_vocab_size`` rows (its image tokens' embeddings), which its head does not."""
         import torch
 
-        return torch.empty(self._known(self.arch.vocab_size, "input_embeddings"),
+        text = self.arch.config.get("text_config") if isinstance(self.arch.config.get("text_config"), dict) else self.arch.config
+        extra = (_int(text, "additional_vocab_size") or 0) if _extra else 0
+        return torch.empty(self._known(self.arch.vocab_size, "input_embeddings") + extra,
                            self._known(self.arch.hidden_size, "input_embeddings"), device="meta")
 
-    output_embeddings = input_embeddings
+    def output_embeddings(self):
+        """`[vocab, d_model]` on the meta device: the head's rows."""
+        return self.input_embeddings(_extra=False)
 
     def grid(self) -> tuple[int, int]:
         g = self.arch.fixed_grid()

@@ -8,7 +8,7 @@ One module per family line holds its builders and the tokenizers and
 processors they share with tests: `llava` (LLaVA, LLaVA-NeXT, LLaVA-NeXT-Video,
 LLaVA-OneVision, Mistral 3, LLaVA-Pixtral), `qwen` (Qwen-VL, Qwen3.5,
 LLaVA-OneVision-1.5, GLM-4V), `gemma` (PaliGemma, Gemma 3, Gemma 4), `tiled`
-(Idefics3/SmolVLM, InternVL, Llama 4); `_common` holds the sizes and config
+(Idefics3/SmolVLM, InternVL, Llama 4), `molmo` (Molmo2); `_common` holds the sizes and config
 values they all use. This module holds the registry (`TINY_SPECS`,
 `TINY_ALIASES`), the public functions, and every name the builders' modules
 define, so ``from embedlens.testing.tiny import NAME`` keeps working.
@@ -62,6 +62,7 @@ from embedlens.testing.tiny.llava import (  # noqa: F401
     mistral3_processor,
     mistral3_tokenizer,
 )
+from embedlens.testing.tiny.molmo import _molmo2, molmo2_processor, molmo2_tokenizer  # noqa: F401
 from embedlens.testing.tiny.qwen import (  # noqa: F401
     GLM4V_TOKENS,
     QWEN_PATCH,
@@ -132,6 +133,7 @@ TINY_SPECS: dict[str, TinySpec] = {
         TinySpec("glm4v_moe", "glm4v_moe", "glm4v-vit", _glm4v_moe),
         TinySpec("llama4", "llama4", "llama4-vit", _llama4),
         TinySpec("llava_next_video", "llava_next_video", "clip", _llava_next_video),
+        TinySpec("molmo2", "molmo2", "molmo2-vit", _molmo2),
     )
 }
 
@@ -153,7 +155,7 @@ def tiny_model(name: str = "llava-clip", seed: int = 0) -> tuple[PreTrainedModel
         name: one of `TINY_SPECS` (`llava-clip`, `llava-siglip`,
             `llava_onevision`, `paligemma`, `llava_next`, `idefics3`, `smolvlm`, `internvl`,
             `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `gemma3`, `mistral3`, `llava_onevision1_5`, `qwen3_5`,
-            `qwen3_vl_moe`, `llava_pixtral`, `gemma4`, `glm4v`, `glm4v_moe`, `llama4`), or an old
+            `qwen3_vl_moe`, `llava_pixtral`, `gemma4`, `glm4v`, `glm4v_moe`, `llama4`, `llava_next_video`, `molmo2`), or an old
             spelling in `TINY_ALIASES` (same model, with a DeprecationWarning).
         seed: seed of the random initialisation.
 
