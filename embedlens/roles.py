@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from enum import IntEnum
 
+from embedlens._arrays import device_of, namespace
 
 
 class Role(IntEnum):
@@ -44,6 +45,9 @@ TEXT_ROLES = (Role.TEMPLATE, Role.QUESTION, Role.ANSWER)
 class TokenRoles:
     """Per-position roles for a batch; every tensor is ``[batch, seq]`` and long.
 
+    The tensors are torch's in a run; the role masks (`visual`, `last`, ...) also work on NumPy arrays (what
+    `validate` counts a control's pool on, without importing torch): see `embedlens._arrays`.
+
     Attributes:
         kind: a `Role` per position.
         image: index of the image within its sample (every token of the image span), else -1.
@@ -66,10 +70,8 @@ class TokenRoles:
     frame: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        import torch
-
         if self.frame is None:
-            self.frame = torch.full_like(self.kind, -1)
+            self.frame = namespace(self.kind).full_like(self.kind, -1)
         elif self.frame.shape != self.kind.shape:
             raise ValueError(f"TokenRoles.frame is {tuple(self.frame.shape)}; expected {tuple(self.kind.shape)} like kind")
 
@@ -138,21 +140,19 @@ class TokenRoles:
         With an answer, it is the token just before the answer starts;
         without, the last non-padding token.
         """
-        import torch
-
+        xp = namespace(self.kind)
         seq = self.kind.shape[1]
-        pos = torch.arange(seq, device=self.kind.device).expand_as(self.kind)
-        first_answer = torch.where(self.answer, pos, seq).min(dim=1).values
+        pos = xp.broadcast_to(xp.arange(seq, device=device_of(self.kind)), self.kind.shape)
+        first_answer = xp.amin(xp.where(self.answer, pos, seq), dim=1)
         prompt = ~self.padding & (pos < first_answer[:, None])
-        return torch.where(prompt, pos, -1).max(dim=1).values
+        return xp.amax(xp.where(prompt, pos, -1), dim=1)
 
     @property
     def last(self) -> torch.Tensor:
         """`[batch, seq]` bool, one position per sample: the last prompt token."""
-        import torch
-
-        mask = torch.zeros_like(self.kind, dtype=torch.bool)
-        mask[torch.arange(self.kind.shape[0]), self.last_index] = True
+        xp = namespace(self.kind)
+        mask = xp.zeros_like(self.kind, dtype=xp.bool)
+        mask[xp.arange(self.kind.shape[0]), self.last_index] = True
         return mask
 
     # -- tables ----------------------------------------------------------------

@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Union
 
+from embedlens._arrays import device_of, namespace, on_device
 from embedlens.errors import InterventionError
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ CONSTANTS = ("all", "none")
 # What plugins accept as a selection parameter.
 SelectionSpec = Union[str, list[int]]
 
-_CMP = {  # the torch function of each comparison, by name: torch is imported when a selection is evaluated
+_CMP = {  # the function of each comparison, by its torch name (see `embedlens._arrays`)
     ast.Lt: "lt",
     ast.LtE: "le",
     ast.Gt: "gt",
@@ -72,19 +73,9 @@ _CMP = {  # the torch function of each comparison, by name: torch is imported wh
 
 def visual_index(roles: "TokenRoles") -> torch.Tensor:
     """`[batch, seq]` long: the n-th visual token of its sample (-1 elsewhere)."""
-    import torch
-
     vis = roles.visual
-    return torch.where(vis, vis.long().cumsum(dim=1) - 1, -1)
-
-
-def _on_device(values, device: torch.device) -> torch.Tensor:
-    """A list of ints as a long tensor on `device`, copied asynchronously: ``torch.tensor(values, device=cuda)``
-    makes the host wait for the copy and everything queued before it (a selection's list is small, which the
-    driver copies from pageable memory without that wait)."""
-    import torch
-
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+    xp = namespace(vis)
+    return xp.where(vis, xp.cumsum(xp.as_tensor(vis, dtype=xp.long), dim=1) - 1, -1)
 
 
 #: Selections are short expressions; longer or deeper ones are refused before they are evaluated.
@@ -215,35 +206,36 @@ class Selection:
     def evaluate(self, roles: "TokenRoles", groups: "Callable[[str], torch.Tensor] | None" = None) -> torch.Tensor:
         """The `[batch, seq]` bool mask this selection picks in a batch.
 
+        Computed with the array library of `roles` (`embedlens._arrays`): on the device for torch tensors, as
+        a run evaluates it; on NumPy arrays where `validate` counts a control's pool without torch.
+
         Args:
             roles: the batch's token-role map.
             groups: returns a group's `[batch, seq]` mask by name; needed when
                 the selection names a group.
         """
-        import torch
-
+        xp = namespace(roles.kind)
         if self.tree is None:
             idx = visual_index(roles)
-            return torch.isin(idx, _on_device(self.indices, idx.device)) & roles.visual
+            return xp.isin(idx, on_device(xp, self.indices, device_of(idx))) & roles.visual
         out = self._eval(self.tree, roles, groups)
-        if not (isinstance(out, torch.Tensor) and out.dtype == torch.bool):
+        if not (xp.is_tensor(out) and out.dtype == xp.bool):
             raise InterventionError(f"selection {self.source!r} does not give a token mask (is it a comparison?)")
         return out & ~roles.padding
 
     def _eval(self, node, roles, groups):
-        import torch
-
+        xp = namespace(roles.kind)
         if isinstance(node, ast.Name):
             name = node.id
             if name == "all":
-                return torch.ones_like(roles.kind, dtype=torch.bool)
+                return xp.ones_like(roles.kind, dtype=xp.bool)
             if name == "none":
-                return torch.zeros_like(roles.kind, dtype=torch.bool)
+                return xp.zeros_like(roles.kind, dtype=xp.bool)
             if name in ROLE_NAMES:
-                return getattr(roles, name).clone()
+                return xp.clone(getattr(roles, name))
             if name in FIELDS:
                 if name == "position":
-                    return torch.arange(roles.kind.shape[1], device=roles.kind.device).expand_as(roles.kind)
+                    return xp.broadcast_to(xp.arange(roles.kind.shape[1], device=device_of(roles.kind)), roles.kind.shape)
                 if name == "index":
                     return visual_index(roles)
                 return getattr(roles, name)
@@ -264,10 +256,10 @@ class Selection:
         if isinstance(node, ast.UnaryOp):
             v = self._eval(node.operand, roles, groups)
             if isinstance(node.op, ast.Not):
-                return ~self._mask(v, node.operand)
+                return ~self._mask(v, node.operand, xp)
             return -v
         if isinstance(node, ast.BoolOp):
-            masks = [self._mask(self._eval(v, roles, groups), v) for v in node.values]
+            masks = [self._mask(self._eval(v, roles, groups), v, xp) for v in node.values]
             out = masks[0]
             for m in masks[1:]:
                 out = out & m if isinstance(node.op, ast.And) else out | m
@@ -283,19 +275,17 @@ class Selection:
                 if isinstance(op, (ast.In, ast.NotIn)):
                     if not isinstance(right, list):
                         raise InterventionError(f"selection {self.source!r}: `in` needs a list, e.g. index in [0, 1]")
-                    r = torch.isin(left, _on_device(right, roles.kind.device))
+                    r = xp.isin(left, on_device(xp, right, device_of(roles.kind)))
                     r = ~r if isinstance(op, ast.NotIn) else r
                 else:
-                    r = getattr(torch, _CMP[type(op)])(torch.as_tensor(left), torch.as_tensor(right))
+                    r = getattr(xp, _CMP[type(op)])(xp.as_tensor(left), xp.as_tensor(right))
                 out = r if out is None else out & r
                 left = right
             return out
         raise InterventionError(f"selection {self.source!r}: cannot evaluate {ast.dump(node)}")
 
-    def _mask(self, value, node) -> torch.Tensor:
-        import torch
-
-        if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+    def _mask(self, value, node, xp) -> torch.Tensor:
+        if xp.is_tensor(value) and value.dtype == xp.bool:
             return value
         raise InterventionError(
             f"selection {self.source!r}: {ast.unparse(node)!r} is not a token mask; "

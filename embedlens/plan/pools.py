@@ -51,10 +51,13 @@ def short_samples(batch: "Batch", groups: "Callable[[str], torch.Tensor] | None"
 
 def _counts(roles: "TokenRoles", groups, iv) -> tuple[torch.Tensor, torch.Tensor]:
     """``[batch]`` target tokens and pool tokens outside the target, within each sample's image span (on the host)."""
+    from embedlens._arrays import device_of, namespace, to_device, to_host
+
     image = roles.image_span
+    xp = namespace(image)  # torch in a run; NumPy on validate's `fixed_layout`
     target = iv.target_sel.evaluate(roles, groups) & image  # [batch, seq]
-    pool = iv.pool_sel.evaluate(roles, groups) & image & ~target.to(image.device)
-    return target.sum(dim=1).cpu(), pool.sum(dim=1).cpu()  # once per batch: two [batch] vectors
+    pool = iv.pool_sel.evaluate(roles, groups) & image & ~to_device(xp, target, device_of(image))
+    return to_host(xp, xp.sum(target, dim=1)), to_host(xp, xp.sum(pool, dim=1))  # once per batch: two [batch] vectors
 
 
 def _short_error(loaded: "LoadedPlan", name: str, i: int, iv, sid: str, nt: int, npool: int, more: str = ""):
@@ -86,32 +89,42 @@ def check_pools(loaded: "LoadedPlan", adapter: "Adapter", partition: "Partition 
                 raise _short_error(loaded, name, i, iv, sid, nt, npool, more)
 
 
-def fixed_layout(grid: tuple[int, int], n_images: int, cls: bool = False) -> "TokenRoles":
+def fixed_layout(grid: tuple[int, int], n_images: int, cls: bool = False, numpy: bool = False) -> "TokenRoles":
     """The role map `[1, seq]` of one sample's image span where every image is the same `grid` of visual tokens
     (row-major, after a CLS token where the model keeps one) and nothing else: what an image-span selection sees.
+
+    Args:
+        numpy: NumPy arrays instead of torch tensors (`validate` counts pools on them without importing torch;
+            the selections evaluate the same on both, see `embedlens._arrays`).
 
     Example:
         >>> roles = fixed_layout((2, 3), 2)
         >>> roles.visual.sum().item(), roles.row[0, :6].tolist(), roles.image[0, -1].item()
         (12, [0, 0, 0, 1, 1, 1], 1)
+        >>> type(fixed_layout((2, 3), 2, numpy=True).kind).__name__
+        'ndarray'
     """
-    import torch
-
+    from embedlens._arrays import numpy_ns
     from embedlens.roles import Role, TokenRoles
+
+    if numpy:
+        xp = numpy_ns()
+    else:
+        import torch as xp
 
     h, w = grid
     per = h * w + int(cls)
-    kind = torch.full((n_images, per), int(Role.VISUAL))
-    row = torch.arange(h).repeat_interleave(w).expand(n_images, -1)
-    col = torch.arange(w).repeat(h).expand(n_images, -1)
+    kind = xp.full((n_images, per), int(Role.VISUAL))
+    row = xp.broadcast_to(xp.repeat_interleave(xp.arange(h), w), (n_images, h * w))
+    col = xp.broadcast_to(xp.tile(xp.arange(w), (h,)), (n_images, h * w))
     if cls:
         kind[:, 0] = int(Role.IMAGE_CLS)
-        minus = torch.full((n_images, 1), -1)
-        row, col = torch.cat([minus, row], dim=1), torch.cat([minus, col], dim=1)
-    image = torch.arange(n_images)[:, None].expand(-1, per)
-    feature_col = torch.arange(per).expand(n_images, -1) - int(cls)
+        minus = xp.full((n_images, 1), -1)
+        row, col = xp.cat([minus, row], dim=1), xp.cat([minus, col], dim=1)
+    image = xp.broadcast_to(xp.arange(n_images)[:, None], (n_images, per))
+    feature_col = xp.broadcast_to(xp.arange(per), (n_images, per)) - int(cls)
     flat = lambda t: t.reshape(1, -1)  # noqa: E731 - the images one after another in one sequence
-    return TokenRoles(kind=flat(kind), image=flat(image), tile=flat(torch.zeros_like(kind)), row=flat(row), col=flat(col),
+    return TokenRoles(kind=flat(kind), image=flat(image), tile=flat(xp.zeros_like(kind)), row=flat(row), col=flat(col),
                       feature_row=flat(image), feature_col=flat(feature_col))
 
 
@@ -155,12 +168,11 @@ def check_fixed_pools(loaded: "LoadedPlan", grid: "tuple[int, int] | None", cls:
             notes.append(f"{where}: this model family lays each image out by its size; the run counts the pool on "
                          "every sample before its main pass")
             continue
-        import torch  # the selections are counted on a role map, as the run counts them (`short_samples`)
-
+        # counted by the run's own code (`_counts`, `Selection.evaluate`) on a NumPy role map: no torch to import
         counts: dict[int, tuple[int, int]] = {}
         for k in sorted({len(r.images) for r in records}):
-            nt, npool = _counts(fixed_layout(grid, k, cls), None, iv) if k else (torch.zeros(1), torch.zeros(1))
-            counts[k] = int(nt[0]), int(npool[0])  # validation, before any model: no device to wait for
+            nt, npool = _counts(fixed_layout(grid, k, cls, numpy=True), None, iv) if k else ((0,), (0,))
+            counts[k] = int(nt[0]), int(npool[0])
         short = [r for r in records if counts[len(r.images)][0] > counts[len(r.images)][1]]
         if short:
             nt, npool = counts[len(short[0].images)]

@@ -45,11 +45,6 @@ def _invoke(*args):
     return r
 
 
-#: Examples whose matched control validate counts on the model's fixed token layout (LLaVA's grid): the count
-#: evaluates the selections as a run does, on a role map of torch tensors, so these import torch (at the count only).
-COUNTS_A_POOL = ("interventions.yaml",)
-
-
 @pytest.mark.parametrize("plan", EXAMPLES, ids=lambda p: p.name)
 def test_validate_checks_every_example_without_loading_a_model(plan, no_weights):
     """``tiny:`` models too: their configs are stored (`embedlens.plan.tiny_configs`), read as a checkpoint's is."""
@@ -77,27 +72,23 @@ def _fresh_validate(plans: list[str]) -> tuple[list[tuple[int, str]], set[str]]:
 
 def test_validate_imports_neither_torch_nor_model_code_in_a_fresh_process(tmp_path):
     """What makes validate fast: the plugins a plan names are imported alone, and they import torch only in the
-    functions that compute; the model is its config (a file, or a tiny model's stored one). Every example, the
-    misspelt group of the issue (``tokens: ded``) and an over-drawn control on a family without a fixed layout."""
+    functions that compute; the model is its config (a file, or a tiny model's stored one); a matched control's
+    pool is counted on a NumPy role map (`fixed_layout(numpy=True)`) by the run's own selection code. Every example
+    (interventions.yaml counts its control's pool), the misspelt group of the issue (``tokens: ded``) and an
+    over-drawn control on a fixed layout, refused at its key with its counts."""
     ded = tmp_path / "ded.yaml"
     ded.write_text((ROOT / "examples" / "pruning_study.yaml").read_text()
                    .replace("{tokens: dead, if_empty: noop}", "{tokens: ded, if_empty: noop}")
                    .replace("data/", str(ROOT / "examples" / "data") + "/"))
-    plans = [str(p) for p in EXAMPLES if p.name not in COUNTS_A_POOL] + [str(ded)]
+    overdrawn = _plan(tmp_path, OVERDRAWN % "")
+    plans = [str(p) for p in EXAMPLES] + [str(ded), str(overdrawn)]
     runs, loaded = _fresh_validate(plans)
-    assert [code for code, _ in runs] == [0] * (len(plans) - 1) + [2], runs
-    assert "conditions.prune_dead[0].params.tokens: condition 'prune_dead' (prune): unknown group 'ded'" in runs[-1][1]
+    assert [code for code, _ in runs] == [0] * (len(plans) - 2) + [2, 2], runs
+    assert "conditions.prune_dead[0].params.tokens: condition 'prune_dead' (prune): unknown group 'ded'" in runs[-2][1]
+    assert f"{overdrawn}:7 conditions.first_random[0].params: prune_random_matched: sample " in runs[-1][1]
+    assert "has 28 target tokens ('index < 28') but only 8 pool tokens ('visual') outside the target" in runs[-1][1]
+    assert any("interventions.yaml" in p for p in plans)
     assert loaded == set()
-
-
-def test_validate_counting_a_fixed_layouts_pool_imports_torch_and_no_model_code(tmp_path):
-    """The control pools validate counts (a fixed grid, selections without groups) are counted by the run's own
-    selection code on torch tensors: torch, but still no transformers, no weights."""
-    plan = _plan(tmp_path, OVERDRAWN % "")
-    runs, loaded = _fresh_validate([str(ROOT / "examples" / n) for n in COUNTS_A_POOL] + [str(plan)])
-    assert [code for code, _ in runs] == [0] * len(COUNTS_A_POOL) + [2], runs
-    assert "conditions.first_random[0].params: prune_random_matched: sample " in runs[-1][1]
-    assert loaded == {"torch"}
 
 
 def _plan(tmp_path: Path, body: str, source: str = "zoo:tiny-llava-clip") -> Path:
