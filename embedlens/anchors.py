@@ -53,8 +53,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-
+from embedlens._torch import no_grad
 from embedlens.errors import ParameterError
 from embedlens.signals import massive_token_flags, vit_norm_token_flags
 from embedlens.sites import Site
@@ -115,6 +114,8 @@ class AnchorEvidence(Stateful):
     """
 
     def __init__(self) -> None:
+        import torch
+
         self.ids: list[int] = []  # row -> vocabulary id
         self._row: dict[int, int] = {}
         self.sum = torch.zeros(0, 0)  # [rows, d] sum of unit vectors
@@ -130,6 +131,8 @@ class AnchorEvidence(Stateful):
         self.norm_sum = 0.0
 
     def _rows_for(self, ids: list[int], d: int) -> torch.Tensor:
+        import torch
+
         new = [i for i in ids if i not in self._row]
         if new:
             for i in new:
@@ -141,7 +144,7 @@ class AnchorEvidence(Stateful):
             self.counters = torch.cat([self.counters, torch.zeros(len(new), N_COUNTERS, dtype=torch.float64)])
         return torch.tensor([self._row[i] for i in ids], dtype=torch.long)
 
-    @torch.no_grad()
+    @no_grad
     def add(self, x: torch.Tensor, ids: torch.Tensor, image: torch.Tensor, outlier: torch.Tensor) -> None:
         """Add one batch.
 
@@ -151,6 +154,8 @@ class AnchorEvidence(Stateful):
             image: ``[tokens]`` an image key, equal for tokens of the same image (within this call).
             outlier: ``[tokens]`` bool, the token is a ViT-norm or massive-activation outlier.
         """
+        import torch
+
         if x.shape[0] == 0:
             return
         x = x.detach().to(torch.float64).cpu()
@@ -189,6 +194,8 @@ class AnchorEvidence(Stateful):
     # -- the statistics and the verdicts --------------------------------------------
     def stats(self) -> list[dict[str, Any]]:
         """Per id: tokens, images, cos_between, cos_within, dispersion, outlier_fraction, norm_ratio."""
+        import torch
+
         if not self.ids:
             return []
         S = self.sum.to(torch.float64)
@@ -346,6 +353,13 @@ def discovery_warnings(table: list[dict[str, Any]], rule: AnchorRule, key: str =
     return out
 
 
+def discovery_sites(adapter: "Adapter", vit_layer: int, massive_layers: "list[int] | None") -> list[Site]:
+    """The sites a discovery reads: the tower's `vit_layer`, the LLM input and the `massive_layers` (resolved)."""
+    out = [adapter.resolve(Site("vision.layers", vit_layer)), Site("llm.embed")]
+    out += [Site("llm.layers", i) for i in massive_layers or ()]
+    return sorted(set(out), key=Site.order_key)
+
+
 @rebuildable
 @dataclass
 class Discoverer(Stateful):
@@ -383,9 +397,7 @@ class Discoverer(Stateful):
         self.evidence = AnchorEvidence()
 
     def sites(self, adapter: "Adapter") -> list[Site]:
-        out = [adapter.resolve(Site("vision.layers", self.vit_layer)), Site("llm.embed")]
-        out += [Site("llm.layers", i) for i in self.massive_layers or ()]
-        return sorted(set(out), key=Site.order_key)
+        return discovery_sites(adapter, self.vit_layer, self.massive_layers)
 
     def vocab(self, adapter: "Adapter") -> torch.Tensor:
         return (adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach()

@@ -14,8 +14,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from embedlens.errors import AdapterError, InterventionError
 
 
@@ -47,6 +45,8 @@ def attention_rows(
         query_rows: ``[batch, q]`` row indices of the queries.
         allowed: ``[batch, q, rows]`` bool, what each query may attend to.
     """
+    import torch
+
     bsz, n_rows, _ = hidden.shape
     hd = attn.head_dim
     if getattr(attn, "is_kv_shared_layer", False):
@@ -112,6 +112,8 @@ def attention_keys(attn: torch.nn.Module, hidden: torch.Tensor, position_embeddi
 
 
 def _complex_rotary(position_embeddings) -> bool:
+    import torch
+
     return isinstance(position_embeddings, torch.Tensor) and position_embeddings.is_complex()
 
 
@@ -122,6 +124,8 @@ def _llama4_qk(attn: torch.nn.Module, q: torch.Tensor | None, k: torch.Tensor, f
     NoPE layer with ``attn_temperature_tuning`` the queries scaled by ``log1p(floor((i + 1) / floor_scale)) *
     attn_scale + 1``, `i` the query's row (HF: its sequence index). `q` ``[batch, q, heads, hd]`` (None: keys only),
     `k` ``[batch, rows, kv_heads, hd]``; returned as ``[batch, heads, ., hd]``."""
+    import torch
+
     use_rope = getattr(attn, "use_rope", True)
     if use_rope:
         rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_emb", None)
@@ -180,6 +184,8 @@ def within(window: int | Chunk | None, key_rank: torch.Tensor, query_rank: torch
     and tokens pruned by removal do not count, as HF counts a sample run alone): ``key_rank`` and ``query_rank``
     broadcast against each other. A sliding window keeps the `window` ranks up to the query; a `Chunk`, the
     query's chunk; None (full attention) everything."""
+    import torch
+
     if window is None:
         shape = torch.broadcast_shapes(key_rank.shape, query_rank.shape)
         return torch.ones(shape, dtype=torch.bool, device=key_rank.device)
@@ -328,6 +334,28 @@ def _chunk(cfg, name: str, layer: int) -> Chunk:
         raise AdapterError(f"{name}: decoder layer {layer} is a chunked_attention layer and config.attention_chunk_size is "
                            f"{size!r}; expected a positive int")
     return Chunk(size)
+
+
+def check_rotary(lm: torch.nn.Module, name: str) -> None:
+    """Refuse a language model whose layers rotate with tables other than the one per layer type the engine builds:
+    Molmo2 rotates its ``rope_scaling_layers`` with ``rotary_emb`` and the others with ``rotary_emb_unscaled``; where
+    the two tables differ (a scaled ``rope_type`` on some layers only), the engine cannot give each layer its own.
+
+    Raises:
+        AdapterError: the two tables differ and both are in use.
+    """
+    import torch
+
+    other, kinds = getattr(lm, "rotary_emb_unscaled", None), set(getattr(lm, "rope_types", None) or ())
+    if other is None or len(kinds) < 2:
+        return
+    scaled = lm.rotary_emb
+    if torch.equal(scaled.inv_freq, other.inv_freq) and scaled.attention_scaling == other.attention_scaling:
+        return
+    raise AdapterError(f"{name}: its language model rotates layers {list(lm.config.rope_scaling_layers)} with a scaled "
+                       f"rotary table ({lm.config.rope_parameters.get('rope_type')!r}) and the others with an unscaled "
+                       "one; the intervention engine builds one table per layer type, so it does not run this model "
+                       "(traces, which run the model's own forward, do)")
 
 
 def rotary_embeddings(lm: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor, layer_types) -> dict:

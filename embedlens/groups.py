@@ -24,8 +24,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar, Iterable
 
-import torch
-
+from embedlens._torch import no_grad
 from embedlens.anchors import AnchorRule, Discoverer, discovery_warnings
 from embedlens.errors import InterventionError, ParameterError
 from embedlens.signals import massive_token_flags, similarity_entropy, vit_norm_token_flags
@@ -269,12 +268,14 @@ class Partition(Stateful):
         return out
 
     # -- labelling -----------------------------------------------------------------
-    @torch.no_grad()
+    @no_grad
     def rules(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each rule's verdict before precedence: ``{"anchors:dead": [tokens] bool, "vit_norm": ..., ...}``.
 
         Tokens are the batch's visual tokens in `TokenRoles.visual_tokens` order.
         """
+        import torch
+
         if self.needs_fit:
             raise InterventionError("partition: discover is set but fit() has not run; call partition.fit(adapter, batches)")
         vt = batch.roles.visual_tokens()
@@ -305,6 +306,8 @@ class Partition(Stateful):
 
     def assign(self, rules: dict[str, torch.Tensor], n: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """Apply precedence to rule verdicts; returns (``{group: [tokens] bool}`` incl. alive, overlaps)."""
+        import torch
+
         claims = {g: torch.zeros(n, dtype=torch.bool) for g in self.names[:-1]}
         for rule, hit in rules.items():
             claims[self._rule_target(rule)] |= hit
@@ -343,6 +346,8 @@ class Partition(Stateful):
             acts: activations at `sites(adapter)`; collected with a trace when missing.
             embeds: the LLM input embeddings, when that is all the rules need.
         """
+        import torch
+
         from embedlens.tracing import collect
 
         need = self.sites(adapter)
@@ -366,6 +371,8 @@ class Partition(Stateful):
         self.decoded = {i: str(adapter.tokenizer.convert_ids_to_tokens(i)) for i in ids}
 
     def _count(self, batch: "Batch", groups: dict[str, torch.Tensor]) -> None:
+        import torch
+
         vt = batch.roles.visual_tokens()
         key = vt["sample"] * 10_000 + vt["image"]
         keys, inverse = key.unique(return_inverse=True)
@@ -444,6 +451,8 @@ for _name in (f.name for f in fields(PartitionState)):  # partition.tally, parti
 
 def _to_host(flags: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rule verdicts (each on its device) to the host in one copy: ``{rule: [tokens] bool}`` on the CPU."""
+    import torch
+
     if not flags:
         return {}
     names = list(flags)

@@ -1,7 +1,8 @@
 """The built-in plugins as ``embedlens list`` shows them, stored so that listing them needs no import of torch.
 
 ``embedlens/resources/builtin_plugins.json`` holds, per registry, each built-in
-plugin's name, summary line, parameters (as `plugin_params` renders them) and,
+plugin's name, module (which a look-up of that name imports, and no other),
+summary line, parameters (as `plugin_params` renders them) and,
 for adapters, architectures. It is generated from the registries themselves
 (``python -m embedlens.plugin_index``), and a test fails while it differs from
 what the registries hold, naming that command. Third-party plugins are not in
@@ -11,14 +12,13 @@ it: ``embedlens list`` loads their entry points, as before.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-INDEX = Path(__file__).resolve().parent / "resources" / "builtin_plugins.json"
+from embedlens.registry import BUILTIN_INDEX as INDEX  # the registry reads each built-in's module from it
 
 
 def describe_builtins() -> dict[str, list[dict[str, Any]]]:
-    """``{registry: [{name, summary, params, architectures?, vision_towers?}, ...]}`` of the built-in plugins, by importing them."""
+    """``{registry: [{name, module, summary, params, architectures?, vision_towers?}, ...]}`` of the built-in plugins, by importing them."""
     from embedlens.registry import REGISTRIES, plugin_params, summary
 
     out: dict[str, list[dict[str, Any]]] = {}
@@ -27,7 +27,7 @@ def describe_builtins() -> dict[str, list[dict[str, Any]]]:
         for name, cls in reg.items():
             if not cls.__module__.startswith("embedlens."):
                 continue
-            row: dict[str, Any] = {"name": name, "summary": summary(cls)}
+            row: dict[str, Any] = {"name": name, "module": cls.__module__, "summary": summary(cls)}
             if kind == "adapters":
                 row["architectures"] = list(cls.architectures)
                 if cls.vision_towers:  # adapters sharing an architecture are told apart by the tower (`Adapter.mismatch`)

@@ -9,7 +9,9 @@ Third-party packages add plugins through entry-point groups
 (``embedlens.probes``, ``embedlens.interventions``, ``embedlens.adapters``,
 ``embedlens.metrics``, ``embedlens.sources``); each entry point names a module or object whose import
 registers the plugin. They load lazily, on the first lookup or listing, and a
-plugin that fails to load is kept with its error for `embedlens list`.
+plugin that fails to load is kept with its error for `embedlens list`. A look-up of
+a built-in name imports that plugin's module alone (found in the stored index,
+`embedlens.plugin_index`), so checking a plan imports only the plugins it names.
 
 Example:
     >>> class Base: pass
@@ -31,11 +33,15 @@ import importlib
 import inspect
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Callable, Generic, Iterator, TypeVar
 
 from embedlens.errors import PluginError, UnknownNameError
 
 T = TypeVar("T")
+
+#: The stored description of the built-in plugins (`embedlens.plugin_index` writes and reads it): each one's module.
+BUILTIN_INDEX = Path(__file__).resolve().parent / "resources" / "builtin_plugins.json"
 
 
 @dataclass(frozen=True)
@@ -86,17 +92,22 @@ class Registry(Generic[T]):
             imported on first use (the base classes' packages import this module).
         group: entry-point group to load third-party plugins from.
         required: methods a plugin must define (not inherit from `base` unchanged).
-        builtins: module whose import registers the built-in plugins; imported on
-            the first look-up, so ``import embedlens`` itself stays light.
+        builtins: module whose import registers the built-in plugins (or, where it holds a ``BUILTINS`` tuple,
+            whose listed modules do); imported on the first listing, so ``import embedlens`` itself stays light.
+        index: this kind's key in the stored built-in index (`embedlens.plugin_index`): a look-up of a
+            name the index holds imports the module it names and nothing else (a name it no longer finds there
+            falls back to every built-in and entry point).
     """
 
     def __init__(self, kind: str, base: "type | str", group: str | None = None, required: tuple[str, ...] = (),
-                 builtins: str | None = None):
+                 builtins: str | None = None, index: str | None = None):
         self.kind = kind
         self._base = base
         self.group = group
         self.required = required
         self.builtins = builtins
+        self.index = index
+        self._modules: dict[str, str] | None = None  # built-in name -> its module, from the stored index
         self._items: dict[str, type] = {}
         self._failed: dict[str, str] = {}  # entry-point name -> error
         self._entry_points_loaded = group is None and builtins is None
@@ -152,7 +163,9 @@ class Registry(Generic[T]):
             return
         self._entry_points_loaded = True
         if self.builtins is not None:
-            importlib.import_module(self.builtins)  # registers through the decorators (a no-op once imported)
+            package = importlib.import_module(self.builtins)  # registers through the decorators (a no-op once imported)
+            for module in getattr(package, "BUILTINS", ()):
+                importlib.import_module(module)
         for ep in (metadata.entry_points(group=self.group) if self.group is not None else ()):
             if ep.name in self._items:
                 continue
@@ -174,6 +187,8 @@ class Registry(Generic[T]):
             UnknownNameError: with close matches and every available name; a
                 plugin that failed to load is reported with its error.
         """
+        if name not in self._items and name in self._builtin_modules():
+            importlib.import_module(self._builtin_modules()[name])  # this plugin's module alone: registers it
         if name not in self._items:
             self._load_entry_points()
         if name in self._items:
@@ -181,6 +196,17 @@ class Registry(Generic[T]):
         if name in self._failed:
             raise PluginError(f"{self.kind} {name!r} failed to load: {self._failed[name]}")
         raise UnknownNameError.make(self.kind, name, self._items)
+
+    def _builtin_modules(self) -> dict[str, str]:
+        """``{name: module}`` of the built-ins the stored index holds for this kind (empty without an index)."""
+        if self._modules is None:
+            self._modules = {}
+            if self.index is not None and self.builtins is not None:
+                import json
+
+                rows = json.loads(BUILTIN_INDEX.read_text(encoding="utf-8")).get(self.index, [])
+                self._modules = {row["name"]: row["module"] for row in rows if "module" in row}
+        return self._modules
 
     def __contains__(self, name: str) -> bool:
         self._load_entry_points()
@@ -207,18 +233,18 @@ class Registry(Generic[T]):
 
 adapters: Registry = Registry(
     "adapter", "embedlens.adapters.base:Adapter", "embedlens.adapters", required=("image_layouts",),
-    builtins="embedlens.adapters.families",
+    builtins="embedlens.adapters.families", index="adapters",
 )
 probes: Registry = Registry(
     "probe", "embedlens.probes.base:Probe", "embedlens.probes", required=("sites", "update", "result"),
-    builtins="embedlens.probes",
+    builtins="embedlens.probes", index="probes",
 )
 interventions: Registry = Registry(
     "intervention", "embedlens.interventions.base:Intervention", "embedlens.interventions", required=("setup",),
-    builtins="embedlens.interventions",
+    builtins="embedlens.interventions", index="interventions",
 )
 metrics: Registry = Registry("metric", "embedlens.metrics:Metric", "embedlens.metrics", required=("compute",),
-                             builtins="embedlens.metrics")
+                             builtins="embedlens.metrics", index="metrics")
 #: Model sources (``tiny:``, ``zoo:``, a hub folder or id, NDIF): `embedlens.sources`. Not a plan plugin
 #: kind, so not in `REGISTRIES` (whose kinds `embedlens list` and the plan reference show).
 sources: Registry = Registry("model source", "embedlens.adapters.sources:Source", "embedlens.sources", required=("load",),

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from enum import IntEnum
 
-import torch
 
 
 class Role(IntEnum):
@@ -67,6 +66,8 @@ class TokenRoles:
     frame: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        import torch
+
         if self.frame is None:
             self.frame = torch.full_like(self.kind, -1)
         elif self.frame.shape != self.kind.shape:
@@ -137,6 +138,8 @@ class TokenRoles:
         With an answer, it is the token just before the answer starts;
         without, the last non-padding token.
         """
+        import torch
+
         seq = self.kind.shape[1]
         pos = torch.arange(seq, device=self.kind.device).expand_as(self.kind)
         first_answer = torch.where(self.answer, pos, seq).min(dim=1).values
@@ -146,6 +149,8 @@ class TokenRoles:
     @property
     def last(self) -> torch.Tensor:
         """`[batch, seq]` bool, one position per sample: the last prompt token."""
+        import torch
+
         mask = torch.zeros_like(self.kind, dtype=torch.bool)
         mask[torch.arange(self.kind.shape[0]), self.last_index] = True
         return mask
@@ -171,12 +176,15 @@ class TokenRoles:
         Computed on the device in one scatter; `n_frames` (default: the batch's largest frame + 1, which reads
         one number from the device) fixes the width, e.g. to stack batches.
 
+        >>> import torch
         >>> kind = torch.full((1, 4), int(Role.VISUAL))
         >>> minus = torch.full_like(kind, -1)
         >>> roles = TokenRoles(kind, minus, minus, minus, minus, minus, minus, frame=torch.tensor([[0, 0, 1, 1]]))
         >>> roles.per_frame(torch.tensor([[True, False, True, True]])).tolist()
         [[1, 2]]
         """
+        import torch
+
         frame = self.frame
         n = int(frame.max()) + 1 if n_frames is None else n_frames
         out = torch.zeros(frame.shape[0], max(n, 0), dtype=torch.long, device=frame.device)

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-
 from embedlens.sites import Site
 
 if TYPE_CHECKING:
@@ -69,6 +66,8 @@ def norm_outliers(
 def _segment_outliers(norms: torch.Tensor, images: torch.Tensor, sigma: float, ratio: float) -> torch.Tensor:
     """`norm_outliers`'s per-row rule with each image's statistics, where `images` (ids 0..n-1) says which image
     each entry belongs to: sums by scatter, the lower median from one sort by (image, norm); no host sync."""
+    import torch
+
     v, ids = norms.flatten().float(), images.flatten().long()
     m = v.numel()
     count = torch.zeros(m, device=v.device).index_add_(0, ids, torch.ones_like(v))  # [m]: ids < m
@@ -94,6 +93,8 @@ def massive_entries(
     Returns:
         (``[batch, seq, d]`` bool flags, ``[batch]`` median |a| over each sample's valid entries).
     """
+    import torch
+
     a = h.float().abs()
     # each sample's lower median over its valid entries (as `median`), for the whole batch at once: no host sync
     med = a.masked_fill(~valid[..., None], float("nan")).flatten(1).nanmedian(dim=1).values
@@ -104,6 +105,8 @@ def massive_entries(
 
 def rms_normalized(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``h / RMS(h)`` over the last dim, in float32 (the final-norm style normalisation, without weights)."""
+    import torch
+
     h = h.float()
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
 
@@ -125,6 +128,8 @@ def attention_sink_scores(h: torch.Tensor, dims: list[int]) -> torch.Tensor:
 
     Zero everywhere when there are no sink dims.
     """
+    import torch
+
     if not dims:
         return h.new_zeros(h.shape[:-1], dtype=torch.float32)
     return rms_normalized(h)[..., dims].abs().amax(dim=-1)
@@ -144,6 +149,9 @@ def similarity_entropy(
     Returns:
         ``[tokens]`` float32; divide by ``log(vocab)`` for a 0..1 scale.
     """
+    import torch
+    import torch.nn.functional as F
+
     xn = F.normalize(x.to(vocab.device, torch.float32), dim=-1)
     n = x.shape[0]
     m = torch.full((n,), float("-inf"), device=vocab.device)
@@ -168,6 +176,8 @@ def similarity_entropy(
 def _one_patch_each(adapter: "Adapter", inputs) -> bool:
     """Whether each visual token of the batch `inputs` stands for one tower patch: a family whose image tokens do can
     pool patches in its video batches (LLaVA-NeXT-Video, LLaVA-OneVision), which `patch_indices` names per batch."""
+    import torch
+
     return adapter.patch_indices(torch.zeros(1, dtype=torch.long), inputs).shape[1] == 1
 
 
@@ -201,6 +211,8 @@ def massive_token_flags(
 ) -> torch.Tensor:
     """``[visual tokens]`` bool, on the device of the LLM layers: the token has a massive activation at the output of
     any LLM layer in `layers` (flags combined on the device, no host copy per layer)."""
+    import torch
+
     vt = batch.roles.visual_tokens()
     hit = torch.zeros(len(vt["sample"]), dtype=torch.bool)
     on: dict = {}  # device -> (valid, sample, position), moved once

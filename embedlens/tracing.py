@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable
 
-import torch
-
 from embedlens.adapters.base import mixer_path, resolve_path
 from embedlens.sites import COMPONENTS, Site
 
@@ -102,6 +100,8 @@ def _skip(root, adapter: "Adapter", layers: range) -> None:
 
 def _trace(root, inputs: dict, adapter: "Adapter", resolved: list[Site]) -> dict[Site, torch.Tensor]:
     """Read `resolved` (in forward order) in one trace, stopping right after the last one."""
+    import torch
+
     saved = {}
     with torch.no_grad():
         with root.trace(**inputs, **({"remote": True} if getattr(adapter, "remote", False) else {})) as tracer:  # NDIF runs a remote one
@@ -137,6 +137,8 @@ def collect(adapter: "Adapter", batch: "Batch", sites: Iterable["str | Site"]) -
     Raises:
         AdapterError: a site the model does not have or a layer out of range.
     """
+    import torch
+
     resolved = sorted({adapter.resolve(s) for s in sites}, key=Site.order_key)
     inputs = adapter.model_inputs(batch)
     passes = adapter.vision_passes(inputs)
@@ -161,6 +163,8 @@ def collect_text(adapter: "Adapter", texts: list[str], sites: Iterable["str | Si
     Returns:
         (activations by site ``[batch, seq, d]``, ``input_ids``, ``attention_mask``).
     """
+    import torch
+
     resolved = sorted({adapter.resolve(s) for s in sites}, key=Site.order_key)
     bad = [str(s) for s in resolved if not s.component.startswith("llm.")]
     if bad:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Literal
 
-import torch
-import torch.nn.functional as F
-
 from embedlens.vocab_index import approximate_nearest, check_search
 
 if TYPE_CHECKING:
@@ -65,11 +62,15 @@ def nearest_vocab(
         EmbedLensError: an unknown `search`, or FAISS missing for an approximate one.
 
     Example:
+        >>> import torch
         >>> v = torch.eye(4)
         >>> scores, ids = nearest_vocab(torch.tensor([[0.0, 2.0, 1.0, 0.0]]), v, k=2, chunk_size=3)
         >>> ids.tolist()
         [[1, 2]]
     """
+    import torch
+    import torch.nn.functional as F
+
     n = x.shape[0]
     k = min(k, vocab.shape[0])
     xn = F.normalize(x.to(vocab.device, torch.float32), dim=-1)
@@ -87,6 +88,8 @@ def nearest_vocab(
 def _exact_f32(xn: torch.Tensor, vocab: torch.Tensor, k: int, chunk_size: int, normalized_vocab: bool = False,
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 search: `[tokens, d]` unit rows `xn` against every vocabulary row, chunk by chunk."""
+    import torch
+
     n = xn.shape[0]
     best_s = torch.full((n, 0), float("-inf"), device=vocab.device)
     best_i = torch.zeros((n, 0), dtype=torch.long, device=vocab.device)
@@ -117,11 +120,15 @@ class _NoReducedBf16Reduction:
         self.on = device.type == "cuda"
 
     def __enter__(self):
+        import torch
+
         if self.on:
             self.saved = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 
     def __exit__(self, *exc):
+        import torch
+
         if self.on:
             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = self.saved
 
@@ -159,6 +166,8 @@ def certified_candidates(
     Returns:
         (scores `[tokens, k]`, ids `[tokens, k]`, certified `[tokens]` bool), on the device; nothing is copied to the host.
     """
+    import torch
+
     n, d = xn.shape
     c = k + n_extra
     if vocab.shape[0] <= c:
@@ -300,6 +309,8 @@ def visual_nearest_layers(
     Returns:
         (scores `[sites, tokens, k]`, ids `[sites, tokens, k]`) on `vocab`'s device, best first.
     """
+    import torch
+
     keys = [(site, vocab.data_ptr(), tuple(vocab.shape), vocab._version, k, search, n_probe) for site in sites]
     found: dict = {}
     for site, key in zip(sites, keys):

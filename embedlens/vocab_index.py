@@ -28,9 +28,6 @@ import math
 from collections import OrderedDict
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 from embedlens.errors import EmbedLensError, PlanError
 
 SEARCHES = ("exact", "approximate")
@@ -99,6 +96,9 @@ class VocabIndex:
     """
 
     def __init__(self, vocab: torch.Tensor, n_lists: int | None = None, chunk_size: int = 8192):
+        import torch
+        import torch.nn.functional as F
+
         faiss = _faiss()
         n, d = vocab.shape
         self.n_lists = default_n_lists(n) if n_lists is None else n_lists
@@ -131,6 +131,8 @@ class VocabIndex:
         Returns:
             `[tokens, n_candidates]` row ids, best first, -1 where the probed lists held fewer rows.
         """
+        import torch
+
         q = xn.detach().to("cpu", torch.float32)
         n_probe = default_n_probe(self.n_lists) if n_probe is None else n_probe
         t, p, c = q.shape[0], min(n_probe, self.n_lists), min(n_candidates, self.n_rows)
@@ -159,6 +161,8 @@ def _key(vocab: torch.Tensor, n_lists: int | None) -> tuple:
 
     The fingerprint guards against a freed matrix whose memory a new one of the same shape reuses.
     """
+    import torch
+
     n = vocab.shape[0]
     probe_rows = torch.linspace(0, n - 1, steps=min(n, 16)).long().to(vocab.device)
     fingerprint = vocab[probe_rows].double().sum(dim=-1).tolist()
@@ -207,6 +211,8 @@ def approximate_nearest(
         (scores `[tokens, k]`, ids `[tokens, k]`), best first; a query whose probed lists
         held fewer than `k` rows gets -inf scores and id -1 in the missing places.
     """
+    import torch
+
     cand = vocab_index(vocab).candidates(xn, max(n_candidates, k), n_probe).to(vocab.device)  # [tokens, c]
     scores, ids = [], []
     for start in range(0, xn.shape[0], token_chunk):
@@ -226,6 +232,7 @@ def recall_at_k(approximate_ids: torch.Tensor, exact_ids: torch.Tensor) -> float
     """Mean share of each query's exact top-k that the approximate top-k found.
 
     Example:
+        >>> import torch
         >>> recall_at_k(torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[3, 2, 1], [4, 5, 7]]))
         0.8333333333333334
     """

@@ -58,8 +58,11 @@ def test_import_embedlens_is_light_and_names_load_on_use():
         "import sys, embedlens\n"
         f"assert not [m for m in {HEAVY!r} if m in sys.modules], sys.modules.keys()\n"
         "assert embedlens.Site.parse('llm.layers[1]').layer == 1 and 'torch' not in sys.modules\n"
-        "assert 'embedding_lens' in embedlens.probe_registry  # the registry imports its built-ins\n"
-        "assert 'torch' in sys.modules and callable(embedlens.collect)\n"
+        "assert embedlens.probe_registry.get('embedding_lens').__name__ == 'EmbeddingLens'  # its module alone\n"
+        "assert 'embedlens.probes.sink_detector' not in sys.modules and 'torch' not in sys.modules\n"
+        "assert 'sink_detector' in embedlens.probe_registry  # listing imports every built-in\n"
+        "assert 'embedlens.probes.sink_detector' in sys.modules\n"
+        "assert callable(embedlens.collect) and 'torch' in sys.modules\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120)

@@ -90,3 +90,31 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):
     with pytest.raises(PluginError, match="broken_probe' failed to load: ModuleNotFoundError"):
         reg.get("broken_probe")
     sys.modules.pop("thirdparty_probe", None)
+
+
+def test_a_builtin_name_imports_its_module_alone_and_a_stale_index_falls_back_to_every_builtin(tmp_path, monkeypatch):
+    """The stored index maps a built-in name to its module: a look-up imports that one (a plan's check imports only
+    the plugins it names). Where the index names the wrong module, the look-up still finds the plugin."""
+    pkg = tmp_path / "idx_plugins"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("BUILTINS = ('idx_plugins.a', 'idx_plugins.b')\n")
+    (pkg / "reg.py").write_text(textwrap.dedent("""
+        from embedlens.registry import Registry
+        class Base: pass
+        REG = Registry("widget", Base, builtins="idx_plugins", index="widgets")
+    """))
+    for mod, name in (("a", "knob"), ("b", "dial")):
+        (pkg / f"{mod}.py").write_text(f"from idx_plugins.reg import REG, Base\n@REG.register({name!r})\nclass W(Base): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from idx_plugins.reg import REG
+
+    REG._modules = {"knob": "idx_plugins.a", "dial": "idx_plugins.a"}  # as read from the index: dial's entry is stale
+    try:
+        assert REG.get("knob").__module__ == "idx_plugins.a"
+        assert "idx_plugins.b" not in sys.modules
+        assert REG.get("dial").__module__ == "idx_plugins.b"  # not in a: every built-in module, then found
+        assert list(REG) == ["dial", "knob"]
+    finally:
+        for m in [m for m in sys.modules if m.split(".")[0] == "idx_plugins"]:
+            del sys.modules[m]
+

@@ -19,7 +19,8 @@ def _samples(adapter):
 
 def _n_features(adapter, batch) -> int:
     """Rows of image features the model itself scatters into the sequence."""
-    keys = ("pixel_values", "image_sizes", "batch_num_images", "pixel_attention_mask", "image_grid_thw", "image_position_ids")
+    keys = ("pixel_values", "image_sizes", "batch_num_images", "pixel_attention_mask", "image_grid_thw", "image_position_ids",
+            "image_token_pooling", "image_grids", "image_num_crops")  # the last three: Molmo2's
     kwargs = {k: v for k, v in batch.inputs.items() if k in keys}
     with torch.no_grad():
         # Llama 4's top-level model holds the tower itself (no inner `model`)
@@ -80,6 +81,11 @@ def test_row_col_match_the_patch_embedding(adapter):
     exactly that patch changes; then change that patch's row of the projector input: of the
     projector output (the model's own merging, e.g. Idefics3's pixel shuffle) exactly the
     token the map names changes."""
+    if adapter.name == "molmo2":
+        # Molmo2: tokens pool patches of the low-res crop or of several high-res crops (the processor's pooling table)
+        from tests.adapters.test_molmo2 import patch_blocks_by_perturbation
+
+        return patch_blocks_by_perturbation(adapter)
     if adapter.has(Capability.PACKED_TOWER):
         return _packed_patch_blocks(adapter)
     batch = adapter.encode(_samples(adapter)[:2])

@@ -61,6 +61,9 @@ _LAZY = {
     "Qwen3VLMoeAdapter": "embedlens.adapters.qwen3_vl_moe",
     "Llama4Adapter": "embedlens.adapters.llama4",
     "Llama4ImageProcessorPil": "embedlens.adapters.llama4_tiles",
+    "Molmo2Adapter": "embedlens.adapters.molmo2",
+    "Molmo2ImageProcessor": "embedlens.adapters.molmo2",
+    "Molmo2ImageProcessorNoTorchvision": "embedlens.adapters.molmo2_crops",
 }
 
 
@@ -101,6 +104,9 @@ __all__ = [
     "LlavaPixtralAdapter",
     "Mistral3Adapter",
     "ModulePaths",
+    "Molmo2Adapter",
+    "Molmo2ImageProcessor",
+    "Molmo2ImageProcessorNoTorchvision",
     "OnevisionImageProcessor",
     "PaliGemmaAdapter",
     "PixtralProcessor",

@@ -9,8 +9,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-import torch
-
 from embedlens.data import Sample
 from embedlens.adapters.capabilities import (
     DEPRECATED_FLAGS, Capability, DeprecatedFlag, Layout, PackedTower, Positions, VisionFeatureLayer, declare,
@@ -299,6 +297,8 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
         With a device map the model has no single device; every other module is
         asked for its own (`embedlens.adapters.placement.module_device`).
         """
+        import torch
+
         if self.remote:
             return torch.device("cpu")  # inputs are built here and sent; the activations come back here
         return module_device(self.model.get_input_embeddings())
@@ -332,6 +332,8 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
         `llm.unembed`, the logit lens and the intervention engine all go
         through this, so their logits are the model's own (``outputs.logits``).
         """
+        import torch
+
         cap = self.final_logit_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -559,6 +561,8 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
 
     def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Keyword arguments for the model's forward, on the model's device."""
+        import torch
+
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.inputs.items()}
 
     def __repr__(self) -> str:

@@ -45,8 +45,6 @@ from contextlib import contextmanager
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from embedlens.errors import AdapterError
 from embedlens.sites import Site
 
@@ -202,6 +200,8 @@ class Layout:
 
         `inputs` (the batch's processor output) is needed where the answer depends on the
         batch (Mistral 3's packed tower of images of different sizes); the others ignore it."""
+        import torch
+
         bh, bw = self.patch_block
         _, gw = self.grid()
         r, c = feature_col // gw, feature_col % gw
@@ -215,6 +215,8 @@ class Layout:
         row-major order; the model keeps it from `n_prefix_tokens` on. A kept CLS
         token ("full" strategy on a CLIP tower) has row = col = -1.
         """
+        import torch
+
         h, w = self.grid()
         seq = torch.arange(self.n_prefix_tokens, self.n_cls_tokens + h * w)  # tower indices the model keeps
         patch = seq - self.n_cls_tokens
@@ -252,6 +254,8 @@ def packed_block_patches(feature_col: torch.Tensor, sizes: torch.Tensor, k: int)
     """`[tokens, k * k]`: the rows of a packed patch sequence that each token's k x k block holds, where `sizes`
     (`[images, 2]`, patches high and wide) lays the batch's images out one after another, each row-major, and each
     image's tokens are its k x k blocks, row-major (Mistral 3's and Pixtral's merger, Gemma 4's pooler)."""
+    import torch
+
     device = feature_col.device
     tokens = (sizes // k).prod(-1)
     token_start = torch.cumsum(tokens, 0) - tokens

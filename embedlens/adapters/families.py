@@ -18,6 +18,7 @@ from embedlens.adapters import (  # noqa: F401 - each import registers its famil
     llava_onevision1_5,
     llava_pixtral,
     mistral3,
+    molmo2,
     paligemma,
     qwen2_vl,
     qwen3_5,

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from embedlens.errors import AdapterError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+#: The dtype names a plan may give, each torch's attribute of that name (read when a model loads: no torch import here).
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -22,7 +21,9 @@ def parse_dtype(name: str) -> torch.dtype:
     """
     if name not in DTYPES:
         raise AdapterError(f"dtype must be one of {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
+    import torch
+
+    return getattr(torch, name)
 
 
 def _names(keys: Any, limit: int = 8) -> str:

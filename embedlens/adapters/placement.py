@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from embedlens.errors import AdapterError
 
 #: The device-map strategies accelerate computes itself (`infer_auto_device_map`).
@@ -80,6 +78,8 @@ def check_device_map(device_map: str | dict[Any, Any] | None) -> None:
     if not isinstance(device_map, dict) or not device_map:
         raise DeviceMapError(None, f"expected a strategy ({', '.join(STRATEGIES)}) or a non-empty mapping of module path -> "
                                    f"device; got {device_map!r}")
+    import torch
+
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for key, dev in device_map.items():
         if not isinstance(key, str):
@@ -113,6 +113,7 @@ def quantization_config(options: dict[str, Any]):
             `BitsAndBytesConfig`'s arguments, or when this installation cannot quantise
             (bitsandbytes missing, or no CUDA device).
     """
+    import torch
     from transformers import BitsAndBytesConfig
 
     known = [p for p in inspect.signature(BitsAndBytesConfig.__init__).parameters if p not in ("self", "kwargs")]
@@ -209,6 +210,8 @@ def module_device(module: torch.nn.Module) -> torch.device:
     hook moves the real weights to its execution device for each forward, so
     that is where its inputs must be and where its outputs appear.
     """
+    import torch
+
     for m in module.modules():
         hook = getattr(m, "_hf_hook", None)
         dev = _hook_device(hook)
@@ -224,6 +227,8 @@ def module_device(module: torch.nn.Module) -> torch.device:
 
 
 def _hook_device(hook) -> torch.device | None:
+    import torch
+
     for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook holds several
         dev = getattr(h, "execution_device", None)
         if dev is not None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-
 from embedlens.adapters.capabilities import Capability
 from embedlens.data import Sample
 from embedlens.errors import AdapterError
@@ -37,6 +35,8 @@ def build_roles(self: Any, inputs: BatchFeature, prompts: list[PromptText], samp
     """The batch's role map: each token's role, and for visual tokens their image, tile, patch and feature row.
 
     `self` is the `embedlens.adapters.base.Adapter` encoding the batch (not imported: it imports this module)."""
+    import torch
+
     ids = inputs["input_ids"]
     attn = inputs["attention_mask"].bool()
     bsz, seq = ids.shape
@@ -91,6 +91,8 @@ def build_roles(self: Any, inputs: BatchFeature, prompts: list[PromptText], samp
 def mark_spans(self: Any, kind, ids, attn, prompt: PromptText, counts, sample, inputs, b, first_image: int = 0) -> None:
     """Mark question/answer tokens by aligning the processor's ids with a tokenization
     (with offsets) of the same text, image placeholders expanded as the processor does."""
+    import torch
+
     video = sample.video is not None
     ph = self.video_placeholder if video else self.image_placeholder
     text, insertions = self.processor_text(prompt.text)

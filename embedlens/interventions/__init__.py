@@ -1,14 +1,49 @@
 """Interventions on visual tokens, found through `embedlens.registry.interventions`,
-and the engine that applies them."""
+and the engine that applies them.
 
-from embedlens.interventions.base import Intervention
-from embedlens.attention import attention_rows
-from embedlens.interventions.context import Context, Rows
-from embedlens.interventions.engine import Engine
-from embedlens.interventions.hook import Hook
-from embedlens.interventions.outcome import Outcome, RowCache
-from embedlens.interventions.select import Selection
-from embedlens.interventions import ablate, layers, prune  # noqa: F401, E402 - registers the built-ins
-import embedlens.reduction  # noqa: F401, E402 - registers the token-reduction methods
+The public names load on first use, so that a look-up of one intervention (``embedlens validate``) imports that
+intervention's module alone; the registry imports every module of `BUILTINS` when it lists the interventions.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+#: Every module that registers a built-in intervention, the token-reduction methods included (imported when the
+#: intervention registry lists its plugins).
+BUILTINS = (
+    "embedlens.interventions.ablate",
+    "embedlens.interventions.layers",
+    "embedlens.interventions.prune",
+    "embedlens.reduction.attention_ranked",
+    "embedlens.reduction.baselines",
+    "embedlens.reduction.diversity",
+    "embedlens.reduction.dart",
+    "embedlens.reduction.fastv",
+    "embedlens.reduction.pyramiddrop",
+    "embedlens.reduction.sparsevlm",
+)
+
+# Public name -> module.
+_LAZY = {
+    "Context": "embedlens.interventions.context",
+    "Engine": "embedlens.interventions.engine",
+    "Hook": "embedlens.interventions.hook",
+    "Intervention": "embedlens.interventions.base",
+    "Outcome": "embedlens.interventions.outcome",
+    "RowCache": "embedlens.interventions.outcome",
+    "Rows": "embedlens.interventions.context",
+    "Selection": "embedlens.interventions.select",
+    "attention_rows": "embedlens.attention",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Context", "Engine", "Hook", "Intervention", "Outcome", "RowCache", "Rows", "Selection", "attention_rows"]

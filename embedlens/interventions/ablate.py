@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-
 from embedlens.errors import InterventionError
 from embedlens.interventions.base import IfEmpty, Intervention, parse_selection, require_nonempty
 from embedlens.interventions.context import Context, Rows
@@ -118,6 +116,8 @@ class Ablate(Intervention):
         require_nonempty(ctx, self._mask, "tokens", self.tokens, self.if_empty, what="image")
 
     def _fill(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        import torch
+
         if self.value == "zero":
             fill = torch.zeros((), dtype=x.dtype, device=x.device)
         else:

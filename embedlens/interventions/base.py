@@ -6,8 +6,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
-
 from embedlens.errors import InterventionError
 from embedlens.interventions.select import Selection, SelectionSpec
 from embedlens.state import Stateful

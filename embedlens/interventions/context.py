@@ -11,8 +11,6 @@ import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-import torch
-
 from embedlens.errors import InterventionError
 from embedlens.interventions.select import Selection, SelectionSpec
 
@@ -38,6 +36,8 @@ class Rows:
             n: the most tokens a sample holds (the packing's width), when the caller knows it (`schedule`);
                 without it, it is read from the device (a host synchronisation).
         """
+        import torch
+
         seq = present.shape[1]
         pos = torch.arange(seq, device=present.device).expand_as(present)
         order = torch.where(present, pos, pos + seq).argsort(dim=1)
@@ -58,6 +58,8 @@ class Rows:
         The padding rows write back what `target` holds at their positions (each position is in at most one row
         of its sample), so no mask of the valid rows is ever read on the host.
         """
+        import torch
+
         idx = self._expand(target)
         kept = torch.where(self.valid[..., None], rows.to(target.dtype), target.gather(1, idx))
         return target.scatter(1, idx, kept)

@@ -94,7 +94,7 @@ from embedlens.adapters.base import mixer_path, resolve_path
 from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.placement import module_device
 from embedlens.attention import (ENGINE_LAYER_TYPES, LAYER_TYPES, LINEAR, attention_rows, check_layer_types,
-                                  layer_windows, linear_layers, rotary_embeddings)
+                                  check_rotary, layer_windows, linear_layers, rotary_embeddings)
 from embedlens.errors import AdapterError, InterventionError
 from embedlens.interventions.context import AttentionInput, Context, Rows
 from embedlens.interventions.layout import Layout, schedule
@@ -156,6 +156,7 @@ class Engine:
         self.mixers = [resolve_path(layer, mixer_path(layer, adapter.paths)) for layer in self.layers]
         self.layer_types, self.windows = layer_windows(cfg, self.mixers, adapter.name)
         self.linear = linear_layers(self.layer_types)
+        check_rotary(self.lm, adapter.name)  # Molmo2: a scaled and an unscaled table on different layers
         self.cache_kwarg = cache_kwarg(self.layers[0]) if self.layers else "past_key_values"
         modes = list(getattr(cfg, "kv_sharing_modes", None) or ())
         #: Gemma 4's layers write keys and values to a ``shared_kv_states`` they take (the last layers may reuse them)

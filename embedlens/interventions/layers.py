@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-import torch
 from typing_extensions import TypedDict
 
 from embedlens.attention import llm_layer_types, refuse_linear
@@ -191,6 +190,8 @@ class InjectAtLayer(Intervention):
         self._k = check_layer(self.layer, adapter.n_llm_layers, "layer")
 
     def setup(self, ctx: Context) -> None:
+        import torch
+
         self.check(ctx.adapter)
         sel = ctx.select(self.selection, within=ctx.roles.image_span)
         require_nonempty(ctx, sel, "tokens", self.tokens, self.if_empty, what="image")
@@ -222,6 +223,8 @@ class WithdrawAtLayer(Intervention):
         self._k = check_layer(self.layer, adapter.n_llm_layers, "layer", allow_end=True)
 
     def setup(self, ctx: Context) -> None:
+        import torch
+
         self.check(ctx.adapter)
         sel = ctx.select(self.selection, within=ctx.roles.image_span)
         require_nonempty(ctx, sel, "tokens", self.tokens, self.if_empty, what="image")

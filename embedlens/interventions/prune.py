@@ -6,8 +6,6 @@ import math
 import zlib
 from typing import Literal
 
-import torch
-
 from embedlens.attention import LINEAR, llm_layer_types
 from embedlens.errors import InterventionError
 from embedlens.interventions.base import IfEmpty, Intervention, parse_selection, require_nonempty
@@ -25,6 +23,8 @@ class _Pruning(Intervention):
     _chosen: torch.Tensor | None = None
 
     def _apply(self, ctx: Context, chosen: torch.Tensor) -> None:
+        import torch
+
         self._chosen = chosen
         if self.mode == "remove":
             ctx.exit = torch.where(chosen, torch.zeros_like(ctx.exit), ctx.exit)
@@ -139,6 +139,8 @@ def draw_matched(
     `exclude_target` is False). Seeded by the run seed, the sample id and its tokens, so batching does not matter.
     With `per_frame`, the count is matched in each frame of a video (`TokenRoles.frame`), drawn from that frame's
     pool, one frame after another from the same generator."""
+    import torch
+
     image = ctx.roles.image_span
     target = ctx.select(target_sel, within=image)
     require_nonempty(ctx, target, "target", target_spec, if_empty, what="image")
@@ -229,6 +231,8 @@ class FastV(Intervention):
         ctx.request_last_attention(self.layer - 1)
 
     def before_layer(self, ctx: Context, layer: int) -> None:
+        import torch
+
         if layer != self.layer:
             return
         att = ctx.attention[layer - 1].mean(dim=1)  # [batch, seq]

@@ -35,8 +35,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Union
 
-import torch
-
 from embedlens.errors import InterventionError
 
 if TYPE_CHECKING:
@@ -62,18 +60,20 @@ CONSTANTS = ("all", "none")
 # What plugins accept as a selection parameter.
 SelectionSpec = Union[str, list[int]]
 
-_CMP = {
-    ast.Lt: torch.lt,
-    ast.LtE: torch.le,
-    ast.Gt: torch.gt,
-    ast.GtE: torch.ge,
-    ast.Eq: torch.eq,
-    ast.NotEq: torch.ne,
+_CMP = {  # the torch function of each comparison, by name: torch is imported when a selection is evaluated
+    ast.Lt: "lt",
+    ast.LtE: "le",
+    ast.Gt: "gt",
+    ast.GtE: "ge",
+    ast.Eq: "eq",
+    ast.NotEq: "ne",
 }
 
 
 def visual_index(roles: "TokenRoles") -> torch.Tensor:
     """`[batch, seq]` long: the n-th visual token of its sample (-1 elsewhere)."""
+    import torch
+
     vis = roles.visual
     return torch.where(vis, vis.long().cumsum(dim=1) - 1, -1)
 
@@ -82,6 +82,8 @@ def _on_device(values, device: torch.device) -> torch.Tensor:
     """A list of ints as a long tensor on `device`, copied asynchronously: ``torch.tensor(values, device=cuda)``
     makes the host wait for the copy and everything queued before it (a selection's list is small, which the
     driver copies from pageable memory without that wait)."""
+    import torch
+
     return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
 
@@ -218,6 +220,8 @@ class Selection:
             groups: returns a group's `[batch, seq]` mask by name; needed when
                 the selection names a group.
         """
+        import torch
+
         if self.tree is None:
             idx = visual_index(roles)
             return torch.isin(idx, _on_device(self.indices, idx.device)) & roles.visual
@@ -227,6 +231,8 @@ class Selection:
         return out & ~roles.padding
 
     def _eval(self, node, roles, groups):
+        import torch
+
         if isinstance(node, ast.Name):
             name = node.id
             if name == "all":
@@ -280,13 +286,15 @@ class Selection:
                     r = torch.isin(left, _on_device(right, roles.kind.device))
                     r = ~r if isinstance(op, ast.NotIn) else r
                 else:
-                    r = _CMP[type(op)](torch.as_tensor(left), torch.as_tensor(right))
+                    r = getattr(torch, _CMP[type(op)])(torch.as_tensor(left), torch.as_tensor(right))
                 out = r if out is None else out & r
                 left = right
             return out
         raise InterventionError(f"selection {self.source!r}: cannot evaluate {ast.dump(node)}")
 
     def _mask(self, value, node) -> torch.Tensor:
+        import torch
+
         if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
             return value
         raise InterventionError(

@@ -6,8 +6,6 @@ import re
 import string
 from typing import TYPE_CHECKING, Sequence
 
-import torch
-
 from embedlens.errors import InputError
 from embedlens.metrics.base import Metric
 from embedlens.registry import metrics
@@ -111,6 +109,8 @@ class ForcedChoice(Metric):
         return out
 
     def measure(self, outcome, samples):
+        import torch
+
         ad = outcome.engine.adapter
         cands = self._candidates(samples)
         n = max((len(c) for c in cands), default=0)

@@ -2,13 +2,13 @@
 
 `embedlens validate` checks a plan's layer ranges, sites, vocabulary ids and
 control pools against the model's architecture in about a second: it reads
-the checkpoint's ``config.json`` (no transformers import, no weights) and
+the checkpoint's ``config.json`` (no transformers or torch import, no weights) and
 gives the plugins' own ``check`` methods a `ConfigAdapter`, which answers
 what a config determines (layer counts, vocabulary and hidden size, a fixed
 patch grid) and raises `NeedsModel` for anything else (the tokenizer, the
 processor, a module). What a check could not see is listed by validate, and
-``validate --deep`` (which loads the model) checks it. ``tiny:`` models and
-plugin sources have no config file: validate loads them, as ``--deep`` does.
+``validate --deep`` (which loads the model) checks it. ``tiny:`` models are built in code: their configs are stored (`embedlens.plan.tiny_configs`) and read the same
+way. Plugin sources have no config file: validate loads them, as ``--deep`` does.
 """
 
 from __future__ import annotations
@@ -102,6 +102,34 @@ class Architecture:
         return strategy == "full" and str(vision.get("model_type", "")).startswith("clip")
 
 
+class WeightShape:
+    """A weight matrix as a config describes it: its ``shape``, and nothing else (no torch import, no values).
+
+    Anything else a check reads of it (its values, its dtype) is what only the loaded model has: `NeedsModel`.
+
+    Example:
+        >>> w = WeightShape((10, 8), "input_embeddings")
+        >>> w.shape[0], w.shape
+        (10, (10, 8))
+        >>> w[3]
+        Traceback (most recent call last):
+        ...
+        embedlens.plan.architecture.NeedsModel: input_embeddings
+    """
+
+    def __init__(self, shape: tuple[int, ...], what: str):
+        self.shape = shape
+        self._what = what
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise NeedsModel(self._what)
+
+    def __getitem__(self, key):
+        raise NeedsModel(self._what)
+
+
 class ConfigAdapter:
     """The part of the `embedlens.adapters.base.Adapter` interface a config answers; everything else raises `NeedsModel`.
 
@@ -151,14 +179,17 @@ class ConfigAdapter:
             return site
         return site.resolve(self.n_layers(site.component))
 
-    def input_embeddings(self):
-        """`[vocab, d_model]` on the meta device: the shape, no values."""
-        import torch
+    def input_embeddings(self, _extra: bool = True) -> "WeightShape":
+        """`[vocab, d_model]`: the shape, no values (checks read its ``shape``). Molmo2's input table also holds
+        its ``additional_vocab_size`` rows (its image tokens' embeddings), which its head does not."""
+        text = self.arch.config.get("text_config") if isinstance(self.arch.config.get("text_config"), dict) else self.arch.config
+        extra = (_int(text, "additional_vocab_size") or 0) if _extra else 0
+        return WeightShape((self._known(self.arch.vocab_size, "input_embeddings") + extra,
+                            self._known(self.arch.hidden_size, "input_embeddings")), "input_embeddings")
 
-        return torch.empty(self._known(self.arch.vocab_size, "input_embeddings"),
-                           self._known(self.arch.hidden_size, "input_embeddings"), device="meta")
-
-    output_embeddings = input_embeddings
+    def output_embeddings(self):
+        """`[vocab, d_model]`: the head's rows (the shape, no values)."""
+        return self.input_embeddings(_extra=False)
 
     def grid(self) -> tuple[int, int]:
         g = self.arch.fixed_grid()
@@ -234,7 +265,7 @@ def check_weight_files(folder: Path) -> None:
 
 def read_config(source: str, remote: bool = False) -> tuple[dict[str, Any], str] | None:
     """``config.json`` of a model source without loading the model, and where transformers would read it;
-    None for a source that has none (``tiny:``, a plugin's).
+    for a ``tiny:`` model, its stored config; None for a source that has none (a plugin's, a tiny name not stored).
 
     Args:
         source: as `embedlens.plan.loader.LoadedPlan.model_source` resolves it (a local folder absolute).
@@ -255,6 +286,11 @@ def read_config(source: str, remote: bool = False) -> tuple[dict[str, Any], str]
         except FileNotFoundError as e:
             raise AdapterError(str(e)) from None
         return _read_json(folder / "config.json", f"zoo:{name}"), str(folder)
+    if kind == "tiny":  # built in code: its config as stored (`embedlens.plan.tiny_configs`), no model built
+        from embedlens.plan.tiny_configs import stored_config
+
+        config = stored_config(name)
+        return None if config is None else (config, f"tiny:{name}")
     if kind not in ("hub", "remote"):
         return None
     folder = Path(name)
@@ -350,6 +386,10 @@ def architecture(source: str, forced_adapter: str | None = None, remote: bool = 
         return None
     config, where = found
     arch = Architecture.from_config(source, adapter_name(config, forced_adapter), config)
+    if where.startswith("tiny:"):  # a stored config is whole (every default written): nothing to read again
+        if forced_adapter is not None and adapter_name(config, None, missing_ok=True) != forced_adapter:
+            arch = dataclasses.replace(arch, forced_elsewhere=True)
+        return arch
     if Path(where).is_dir():  # as loading does: the architecture's adapter first, then the weights
         check_weight_files(Path(where))
     if None in arch.n_fields or (

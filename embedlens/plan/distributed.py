@@ -22,8 +22,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from embedlens.errors import EmbedLensError
 
 #: Environment variables torchrun and accelerate launch set for every process.
@@ -80,6 +78,7 @@ class World:
 
     def init(self, backend: str | None = None) -> None:
         """Join the process group (``env://``, as torchrun sets it up); gloo without CUDA, nccl with it."""
+        import torch
         import torch.distributed as dist
 
         if self.size == 1 or dist.is_initialized():
@@ -121,6 +120,7 @@ def activate(world: World) -> World:
 
 
 def _transfer_device() -> torch.device:
+    import torch
     import torch.distributed as dist
 
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -128,6 +128,7 @@ def _transfer_device() -> torch.device:
 
 def send(data: bytes, dst: int) -> None:
     """Send bytes to rank `dst` (length first, then the bytes as a uint8 tensor)."""
+    import torch
     import torch.distributed as dist
 
     dev = _transfer_device()
@@ -138,6 +139,7 @@ def send(data: bytes, dst: int) -> None:
 
 def recv(src: int) -> bytes:
     """Receive the bytes `send` sent from rank `src`."""
+    import torch
     import torch.distributed as dist
 
     dev = _transfer_device()
@@ -215,6 +217,8 @@ def agree(value: Any, world: World, what: str) -> None:
     Raises:
         DistributedError: naming `what` and the ranks' values.
     """
+    import torch
+
     if world.size == 1:
         return
     mine = json.dumps(value, sort_keys=True, default=str).encode()

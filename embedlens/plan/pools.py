@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Iterable
 
-import torch
-
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
     from embedlens.groups import Partition
@@ -97,6 +95,8 @@ def fixed_layout(grid: tuple[int, int], n_images: int, cls: bool = False) -> "To
         >>> roles.visual.sum().item(), roles.row[0, :6].tolist(), roles.image[0, -1].item()
         (12, [0, 0, 0, 1, 1, 1], 1)
     """
+    import torch
+
     from embedlens.roles import Role, TokenRoles
 
     h, w = grid
@@ -155,6 +155,8 @@ def check_fixed_pools(loaded: "LoadedPlan", grid: "tuple[int, int] | None", cls:
             notes.append(f"{where}: this model family lays each image out by its size; the run counts the pool on "
                          "every sample before its main pass")
             continue
+        import torch  # the selections are counted on a role map, as the run counts them (`short_samples`)
+
         counts: dict[int, tuple[int, int]] = {}
         for k in sorted({len(r.images) for r in records}):
             nt, npool = _counts(fixed_layout(grid, k, cls), None, iv) if k else (torch.zeros(1), torch.zeros(1))

@@ -10,8 +10,6 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from embedlens.adapters import load_model
 from embedlens.adapters.base import Adapter
 from embedlens.adapters.placement import DeviceMapError, Placement, check_device_map
@@ -150,6 +148,10 @@ def _device_map_error(loaded: LoadedPlan, loc: tuple, e: DeviceMapError):
 
 def _check_device(loaded: LoadedPlan, loc: tuple, device: str) -> None:
     """An unknown or unavailable device is a plan error, not a traceback from the first tensor moved there."""
+    if device == "cpu":  # always there: no torch import to tell (validate stays light)
+        return
+    import torch
+
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as e:

@@ -45,9 +45,11 @@ def check_selections(loaded: Any) -> None:  # an embedlens.plan.loader.LoadedPla
     entries += [(("conditions", cname, i), interventions, spec)
                 for cname, items in plan.conditions.items() for i, spec in enumerate(items)]
     for loc, registry, spec in entries:
-        if spec.name not in registry:
+        try:
+            cls = registry.get(spec.name)  # the plugin's module alone (`in` would import every plugin)
+        except EmbedLensError:
             continue  # named by the plugin check
-        for key in selection_params(registry.get(spec.name)):
+        for key in selection_params(cls):
             value = spec.params.get(key)
             if not isinstance(value, str):
                 continue  # a default (the plugin's own) or a list of indices

@@ -23,8 +23,6 @@ import stat
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from embedlens.errors import EmbedLensError
 from embedlens.files import LOCK, MARKER, RunFolderError, RunLock, claim, check_output, safe_dir, write_bytes, write_text  # noqa: F401
 
@@ -231,6 +229,7 @@ def arrow_column(values):
     float64 (a float32 tensor's values widen exactly, as ``.tolist()`` did),
     booleans bool, strings string.
     """
+    import torch
     import numpy as np
     import pyarrow as pa
 
@@ -257,6 +256,8 @@ def arrow_table(table: dict):
 
 def _plain(values: list) -> list:
     """Python scalars for Arrow (numpy / torch scalars in a column become int / float / bool)."""
+    import torch
+
     if isinstance(values, torch.Tensor):
         return values.detach().cpu().tolist()
     if hasattr(values, "dtype") and hasattr(values, "tolist"):  # a numpy array: its scalars, in one call

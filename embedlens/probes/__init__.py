@@ -1,22 +1,58 @@
 """Probes over visual tokens, found through `embedlens.registry.probes`.
 
-Importing this package registers every built-in probe.
+The public names load on first use, so that a look-up of one probe (``embedlens validate``) imports that probe's
+module alone; the registry imports every module of `BUILTINS` when it lists the probes.
 """
 
-from embedlens.probes.anchor_discovery import AnchorDiscovery
-from embedlens.probes.attention_flow import AttentionFlow
-from embedlens.probes.base import Probe, Table
-from embedlens.probes.contextual_lens import ContextualLens
-from embedlens.probes.dead_token_entropy import DeadTokenEntropy
-from embedlens.probes.embedding_lens import EmbeddingLens
-from embedlens.vocab import nearest_vocab
-from embedlens.probes.layer_alignment import LayerAlignment
-from embedlens.probes.logit_lens import LogitLens, TunedLens
-from embedlens.probes.partition import AnchorGroups, TokenPartition
-from embedlens.probes.semantic_probe import SemanticProbe
-from embedlens.probes.sink_detector import SinkDetector
-from embedlens.probes.temporal_sinks import TemporalSinks
-from embedlens.probes.token_clusters import TokenClusters
+from __future__ import annotations
+
+import importlib
+
+#: Every module that registers a built-in probe (imported when the probe registry lists its plugins).
+BUILTINS = (
+    "embedlens.probes.anchor_discovery",
+    "embedlens.probes.attention_flow",
+    "embedlens.probes.contextual_lens",
+    "embedlens.probes.dead_token_entropy",
+    "embedlens.probes.embedding_lens",
+    "embedlens.probes.layer_alignment",
+    "embedlens.probes.logit_lens",
+    "embedlens.probes.partition",
+    "embedlens.probes.semantic_probe",
+    "embedlens.probes.sink_detector",
+    "embedlens.probes.temporal_sinks",
+    "embedlens.probes.token_clusters",
+)
+
+# Public name -> module.
+_LAZY = {
+    "AnchorDiscovery": "embedlens.probes.anchor_discovery",
+    "AnchorGroups": "embedlens.probes.partition",
+    "AttentionFlow": "embedlens.probes.attention_flow",
+    "ContextualLens": "embedlens.probes.contextual_lens",
+    "DeadTokenEntropy": "embedlens.probes.dead_token_entropy",
+    "EmbeddingLens": "embedlens.probes.embedding_lens",
+    "LayerAlignment": "embedlens.probes.layer_alignment",
+    "LogitLens": "embedlens.probes.logit_lens",
+    "Probe": "embedlens.probes.base",
+    "SemanticProbe": "embedlens.probes.semantic_probe",
+    "SinkDetector": "embedlens.probes.sink_detector",
+    "Table": "embedlens.probes.base",
+    "TemporalSinks": "embedlens.probes.temporal_sinks",
+    "TokenClusters": "embedlens.probes.token_clusters",
+    "TokenPartition": "embedlens.probes.partition",
+    "TunedLens": "embedlens.probes.logit_lens",
+    "nearest_vocab": "embedlens.vocab",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AnchorDiscovery",

@@ -6,8 +6,7 @@ import functools
 import inspect
 from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-
+from embedlens.adapters.capabilities import Capability
 from embedlens.errors import PlanError
 from embedlens.state import Stateful, rebuildable
 
@@ -98,6 +97,8 @@ def selection_masks(probe: str, param: str, selections: dict[str, Any], batch: "
 
 def group_masks(groups: Sequence[str]) -> dict[str, torch.Tensor]:
     """``{group: [tokens] bool}`` from one group name per token (groups in order of first appearance)."""
+    import torch
+
     names = list(dict.fromkeys(groups))
     idx = torch.tensor([names.index(g) for g in groups], dtype=torch.long)
     return {g: idx == i for i, g in enumerate(names)}
@@ -110,6 +111,7 @@ class Reservoir(Stateful):
     Rows are tensors ``[n, d]`` with optional parallel label lists.
 
     Example:
+        >>> import torch
         >>> r = Reservoir(3, seed=0)
         >>> r.add(torch.arange(10.0)[:, None], label=list("abcdefghij"))
         >>> r.rows().shape, len(r.labels["label"]), r.seen
@@ -121,9 +123,25 @@ class Reservoir(Stateful):
         self.seen = 0
         self._rows: list[torch.Tensor] = []
         self.labels: dict[str, list[Any]] = {}
-        self._gen = torch.Generator().manual_seed(seed)
+        # the seed until the generator is first needed: building a probe (``embedlens validate``) imports no torch
+        self._gen: torch.Generator | int = seed
+
+    def _generator(self) -> torch.Generator:
+        """The seeded generator, made on first use (the same draws as one made in the constructor)."""
+        import torch
+
+        if not isinstance(self._gen, torch.Generator):
+            self._gen = torch.Generator().manual_seed(self._gen)
+        return self._gen
+
+    def state_dict(self) -> dict[str, Any]:
+        self._generator()  # saved as a generator, as it always was
+        return super().state_dict()
 
     def add(self, rows: torch.Tensor, **labels: Sequence[Any]) -> None:
+        import torch
+
+        self._generator()
         rows = rows.detach().float().cpu()
         for i in range(rows.shape[0]):
             self.seen += 1
@@ -140,12 +158,18 @@ class Reservoir(Stateful):
                     self.labels[k][slot] = v[i]
 
     def rows(self) -> torch.Tensor:
+        import torch
+
         return torch.stack(self._rows) if self._rows else torch.zeros(0, 0)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A saved reservoir, checked: at most `capacity` finite float32 rows of one shape, a label per row, `seen` >= rows."""
+        import torch
+
         from embedlens.state import CheckpointError
 
+        if "_gen" in vars(self):  # built from the plan (not rebuilt blank from a checkpoint): a generator to load into
+            self._generator()
         super().load_state_dict(state)
         rows, cap = self._rows, self.capacity
         ok = (isinstance(rows, list) and all(isinstance(r, torch.Tensor) and r.dtype == torch.float32 and r.shape == rows[0].shape
@@ -165,15 +189,21 @@ class Histogram(Stateful):
     """Counts of values in fixed bins over ``[lo, hi]`` (values outside go to the end bins)."""
 
     def __init__(self, lo: float, hi: float, bins: int = 40):
+        import torch
+
         self.edges = torch.linspace(lo, hi, bins + 1)
         self.counts = torch.zeros(bins, dtype=torch.long)
 
     def add(self, values: torch.Tensor) -> None:
+        import torch
+
         idx = torch.bucketize(values.float().cpu().clamp(self.edges[0], self.edges[-1]), self.edges[1:-1])
         self.counts += torch.bincount(idx, minlength=len(self.counts))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A saved histogram, checked: ascending edges, one count >= 0 per bin."""
+        import torch
+
         from embedlens.state import CheckpointError
 
         super().load_state_dict(state)
@@ -274,6 +304,8 @@ def visual_rows(adapter: "Adapter", site, act: torch.Tensor, vt: dict[str, torch
     ``llm.layers[i].experts`` (`[batch, seq, top_k]` expert ids) gives each token's routing as a multi-hot row,
     ``[tokens, n_experts]`` (1.0 at the experts it was routed to), so a probe reading vectors reads routing.
     """
+    import torch
+
     comp = site.component
     if site.sub == "experts":
         ids = act[vt["sample"].to(act.device), vt["position"].to(act.device)]  # [tokens, top_k]
@@ -309,6 +341,8 @@ def batch_image(batch: "Batch", sample: int, image: int) -> int:
 def display_pixels(adapter: "Adapter", inputs, feature_row: int, image: int = 0, frame: int = 0) -> torch.Tensor:
     """`[H, W, 3]` in 0..1: the tile the vision tower saw (`Adapter.display_pixels`), un-normalised for display;
     of a video, temporal patch `frame` (its first frame), which the video families' `display_pixels` take."""
+    import torch
+
     pv = (adapter.display_pixels(inputs, image, feature_row, frame=frame) if frame else adapter.display_pixels(inputs, image, feature_row)).float()
     ip = adapter.processor.image_processor
     mean = torch.tensor(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0])[:, None, None]

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
-from embedlens.anchors import EVIDENCE_COLUMNS, AnchorRule, Discoverer, discovery_warnings
+from embedlens.anchors import EVIDENCE_COLUMNS, AnchorRule, Discoverer, discovery_sites, discovery_warnings
 from embedlens.errors import EmbedLensError, PlanError
 from embedlens.probes._util import records_given as _records_given
 from embedlens.probes.base import Probe, Table
@@ -136,8 +134,8 @@ class AnchorDiscovery(Probe):
     def sites(self, adapter: "Adapter") -> list[Site]:
         if self._partition is not None:
             return []  # the partition's own pass collects the evidence
-        try:
-            return self._discoverer(adapter).sites(adapter)
+        try:  # without building the discoverer (its evidence is tensors): checking a plan imports no torch
+            return discovery_sites(adapter, self.vit_layer, list(range(adapter.n_llm_layers)) if self.massive else None)
         except EmbedLensError as e:
             raise PlanError(f"anchor_discovery.vit_layer: {e}") from None
 

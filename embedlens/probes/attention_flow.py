@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from embedlens.adapters.base import mixer_path, resolve_path
 from embedlens.adapters.capabilities import Capability
 from embedlens.attention import (LINEAR, attention_rows, check_layer_types, layer_windows, llm_layer_types, refuse_linear,
@@ -35,6 +33,8 @@ def allowed_keys(
         window: on a sliding-window layer, its window (counted over the tokens present, as `window_keys`).
         window_bounds_blocks: the window bounds the blocks too (Gemma 3), or only the causal part (PaliGemma 2).
     """
+    import torch
+
     roles = batch.roles
     seq = roles.kind.shape[1]
     key = torch.arange(seq)
@@ -57,6 +57,8 @@ def llm_attention_rows(adapter: "Adapter", batch: "Batch", layer: int, h_in: tor
         h_in: ``[batch, seq, d]`` residual stream entering the layer (site ``llm.layers[i].in``).
         query_pos: ``[batch, q]`` sequence positions of the queries.
     """
+    import torch
+
     lm = resolve_path(adapter.model, adapter.paths.language_model)
     if getattr(adapter.paths, "linear_attn", ""):  # a hybrid model: its linear-attention layers are refused by name
         refuse_linear([layer], llm_layer_types(adapter), "attention_flow.layers")
@@ -83,6 +85,8 @@ def vit_cls_attention(adapter: "Adapter", layer: int, x_in: torch.Tensor) -> tor
     Args:
         x_in: ``[images, tokens, d]`` input of that layer (after CLIP's pre-layernorm for layer 0).
     """
+    import torch
+
     block = resolve_path(adapter.model, adapter.paths.vision_layers)[layer]
     attn = block.self_attn
     with torch.no_grad():
@@ -184,6 +188,8 @@ class AttentionFlow(Probe):
         return out + [Site("llm.layers", i, "in") for i in self._layers(adapter)]
 
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
+        import torch
+
         roles = batch.roles
         layers = self._layers(adapter)
         self._layer_ids = list(layers)
@@ -277,6 +283,8 @@ class AttentionFlow(Probe):
 
 
 def _vision_layer0_input(adapter: "Adapter", embed: torch.Tensor) -> torch.Tensor:
+    import torch
+
     tower = resolve_path(adapter.model, adapter.paths.vision_embed.rsplit(".", 1)[0])
     pre = getattr(tower, "pre_layrnorm", None)
     with torch.no_grad():

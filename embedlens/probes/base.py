@@ -6,8 +6,6 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
-import torch
-
 from embedlens.state import Stateful
 
 if TYPE_CHECKING:

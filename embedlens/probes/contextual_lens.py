@@ -7,9 +7,6 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-
 from embedlens.errors import PlanError
 from embedlens.probes._util import FIGURE_SAMPLES, FirstImage, resolve_layers, token_groups, token_meta
 from embedlens.probes.base import Probe, Table
@@ -100,6 +97,9 @@ class ContextualLens(Probe):
 
     def build_bank(self, adapter: "Adapter") -> None:
         """Run the corpus through the LLM and keep its token states at `text_layer`."""
+        import torch
+        import torch.nn.functional as F
+
         _, tl = self._layers(adapter)
         site = lens_site(tl)
         self._passages = self.passages()

@@ -6,8 +6,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
 from embedlens.errors import PlanError
 from embedlens.probes._util import FirstImage, Histogram, frame_maps, group_masks, resolve_layers, token_groups, token_meta
 from embedlens.probes.base import Probe, Table
@@ -81,6 +79,8 @@ class DeadTokenEntropy(Probe):
         return [lens_site(self._layer(adapter))]
 
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
+        import torch
+
         vocab = (adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach()
         vt = batch.roles.visual_tokens()
         x = acts[lens_site(self._layer(adapter))][vt["sample"], vt["position"]].to(vocab.device)

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 
 from embedlens.errors import PlanError
 from embedlens.probes._util import FIGURE_SAMPLES, FirstImage
@@ -123,6 +122,8 @@ class EmbeddingLens(Probe):
         return [lens_site(layer) for layer in self._resolved_layers(adapter)]
 
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
+        import torch
+
         vocab = (adapter.input_embeddings() if self.matrix == "input" else adapter.output_embeddings()).detach()
         vt = batch.roles.visual_tokens()
         layers = self._resolved_layers(adapter)
@@ -164,6 +165,8 @@ class EmbeddingLens(Probe):
     def _over_time(self, batch: "Batch", vt: dict[str, torch.Tensor], layers: list[int], top1: torch.Tensor) -> Table:
         """One row per layer and place of the frame grid (sample, image, row, col): its frames and how many read
         its most frequent top-1 word; the run's tally per layer (places, summed agreement) for ``frame_agreement``."""
+        import torch
+
         from embedlens.probes.over_time import CONTENT, place_content, top1_agreement
 
         rows: Table = {c: [] for c in ("sample_id", "image", "row", "col", "content", "layer", "n_frames", "n_agree", "agreement")}
@@ -196,6 +199,8 @@ class EmbeddingLens(Probe):
         """Fold one batch into the layer-by-layer summary (per group: top-1 counts, content-word share where the
         samples have ground truth, agreement with the last layer read). `top1` holds each layer's [tokens] top-1 ids on
         the device; `top1_names` the words of their distinct ids, in id order (decoded once, by the caller)."""
+        import torch
+
         if not top1:
             return
         dev = next(iter(top1.values())).device

@@ -5,9 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-
 from embedlens.errors import PlanError
 from embedlens.probes._util import Reservoir, group_masks, resolve_layers, token_groups
 from embedlens.probes.base import Probe, Table
@@ -89,6 +86,8 @@ class LayerAlignment(Probe):
         return [lens_site(x) for x in sorted(set(self._layers(adapter)) | {0})]
 
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
+        import torch
+
         layers = self._layers(adapter)
         roles = batch.roles
         vt = roles.visual_tokens()
@@ -114,6 +113,9 @@ class LayerAlignment(Probe):
         return {}
 
     def result(self) -> dict[str, Any]:
+        import torch
+        import torch.nn.functional as F
+
         if self._shape is None or len(self._visual) == 0:
             return {"layers": [], "mean_best_cosine": {}, "cka": {}, "recommended_layer": None}
         n_l, d = self._shape

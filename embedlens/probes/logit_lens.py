@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from embedlens._torch import no_grad
 from embedlens.adapters.base import resolve_path
 from embedlens.errors import PlanError
 from embedlens.probes._util import parse_selections, resolve_layers, selection_masks, token_groups
@@ -21,6 +20,7 @@ from embedlens.vocab import vocab_strings
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
+    from embedlens.probes.translators import Translators
 
 
 def lens_logits(adapter: "Adapter", h: torch.Tensor) -> torch.Tensor:
@@ -109,12 +109,14 @@ class LogitLens(Probe):
     def _read(self, adapter: "Adapter", h: torch.Tensor) -> torch.Tensor:
         return lens_logits(adapter, h)
 
-    @torch.no_grad()
+    @no_grad
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
         return self._tables(adapter, batch, acts)
 
-    @torch.no_grad()
+    @no_grad
     def _tables(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
+        import torch
+
         cols = ["sample", "sample_id", "position", "role", "group", "layer"]
         cols += [f"{x}_{j}" for j in range(1, self.k + 1) for x in ("id", "token", "prob")]
         cols += ["entropy", "target_id", "target_rank", "target_prob"]
@@ -158,6 +160,8 @@ class LogitLens(Probe):
     def _summarise(self, adapter, h: torch.Tensor, tgt: torch.Tensor, final_top: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """On the device: entropy, top-k probabilities and ids, the target's probability and rank, and
         whether the top-1 is the final layer's, for `[rows, d]` states `h`."""
+        import torch.nn.functional as F
+
         logp = F.log_softmax(self._read(adapter, h), dim=-1)  # [rows, vocab]
         probs = logp.exp()
         ent = -(probs * logp).sum(-1)
@@ -223,19 +227,6 @@ class LogitLens(Probe):
         return out
 
 
-class Translators(torch.nn.Module):
-    """One affine translator per layer, ``h + A h + b`` with A, b starting at zero (the logit lens)."""
-
-    def __init__(self, layers: list[int], d: int):
-        super().__init__()
-        self.layers = list(layers)
-        self.weight = torch.nn.Parameter(torch.zeros(len(layers), d, d))
-        self.bias = torch.nn.Parameter(torch.zeros(len(layers), d))
-
-    def forward(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        return h + h @ self.weight[i].T + self.bias[i]
-
-
 @probes.register("tuned_lens")
 class TunedLens(LogitLens):
     """Tuned lens (2303.08112): a learned affine translator per layer before the final norm and unembedding.
@@ -297,6 +288,7 @@ class TunedLens(LogitLens):
 
     def _load(self, adapter: "Adapter") -> None:
         """Read fitted translators: a safetensors file (never a pickle), its names, shapes and values checked before use."""
+        import torch
         from safetensors import safe_open
 
         path = Path(self.translators)
@@ -324,6 +316,10 @@ class TunedLens(LogitLens):
         self._tr.load_state_dict({k: t.float() for k, t in state.items()})
 
     def _init(self, adapter: "Adapter") -> None:
+        import torch
+
+        from embedlens.probes.translators import Translators
+
         if self._tr is None:
             torch.manual_seed(self.seed)
             layers = self._layers(adapter)
@@ -334,10 +330,15 @@ class TunedLens(LogitLens):
                 self._load(adapter)
 
     def _read(self, adapter: "Adapter", h: torch.Tensor) -> torch.Tensor:
+        import torch
+
         with torch.no_grad():
             return lens_logits(adapter, self._tr(self._layer_index[self._current], h.float()))
 
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
+        import torch
+        import torch.nn.functional as F
+
         self._init(adapter)
         n = adapter.n_llm_layers
         sel = [(s, p) for _, s, p in _select(self.registered_name, self._sels, batch) if len(s)]
@@ -364,6 +365,9 @@ class TunedLens(LogitLens):
         return tables
 
     def _train(self, adapter, acts, s, p, final) -> None:
+        import torch
+        import torch.nn.functional as F
+
         layers = self._layers(adapter)
         hs = [acts[lens_site(layer)][s, p].float() for layer in layers]
         with torch.random.fork_rng():
@@ -384,6 +388,8 @@ class TunedLens(LogitLens):
         return out
 
     def artifacts(self, out_dir: Path) -> list[Path]:
+        import torch
+
         if self._tr is None:
             return []
         from safetensors.torch import save_file

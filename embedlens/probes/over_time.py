@@ -14,12 +14,13 @@ left out) and return whole tensors, one row per place, in the order of `places`.
 
 from __future__ import annotations
 
-import torch
 
 
 def places(vt: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(video, inverse, keys)``: the mask of video tokens in `vt`, each one's place index, and ``[places, 4]``
     (sample, image, row, col) of every place."""
+    import torch
+
     video = vt["frame"] >= 0
     cols = torch.stack([vt[c][video] for c in ("sample", "image", "row", "col")], dim=1)  # [tokens, 4]
     keys, inverse = torch.unique(cols, dim=0, return_inverse=True)
@@ -29,6 +30,8 @@ def places(vt: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tor
 def group_persistence(vt: dict[str, torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(keys, n_frames, n_in)``: per place, its frames and those in which its token is in `mask` (one bool per
     token of `vt`)."""
+    import torch
+
     video, inverse, keys = places(vt)
     n = len(keys)
     n_frames = torch.bincount(inverse, minlength=n)
@@ -39,6 +42,8 @@ def group_persistence(vt: dict[str, torch.Tensor], mask: torch.Tensor) -> tuple[
 def top1_agreement(vt: dict[str, torch.Tensor], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(keys, n_frames, n_agree)``: per place, its frames and how many of them have its most frequent top-1 id
     (`ids`: one vocabulary id per token of `vt`)."""
+    import torch
+
     video, inverse, keys = places(vt)
     n = len(keys)
     n_frames = torch.bincount(inverse, minlength=n)
@@ -60,6 +65,8 @@ def content_grid(sample) -> torch.Tensor | None:
     pixels of a static place are the same in every kept frame (the background does not change and still shapes
     are drawn alike); a moving one's may change. None where the sample has no such truth (e.g. a real video).
     """
+    import torch
+
     meta = sample.meta or {}
     labels, objects = meta.get("frame_patch_labels"), meta.get("objects")
     if not isinstance(labels, dict) or not isinstance(objects, list) or sample.video is None or not labels.get("kind"):
@@ -87,6 +94,8 @@ def place_content(batch, keys: torch.Tensor) -> torch.Tensor:
     """``[places]`` index into `CONTENT` of each place (`places`' keys: sample, image, row, col), -1 where unknown:
     the sample has no per-frame truth, or its truth grid is not the video's token grid (a place's truth must be its
     token's own patch; `synthetic_video.patch_grid` = the frame's token grid)."""
+    import torch
+
     k = keys.cpu()
     out = torch.full((len(k),), -1, dtype=torch.long)
     for b, s in enumerate(batch.samples):  # per sample (a few), never per token
@@ -118,6 +127,8 @@ def sink_persistence(vt: dict[str, torch.Tensor], attention: torch.Tensor, gamma
         ``(keys, n_frames, mean_attention, score, inverse)``: per place (sample, image, row, col), its frames, mean
         attention and score; `inverse` the place of each video token of `vt` (in `vt`'s order of video tokens).
     """
+    import torch
+
     video, inverse, keys = places(vt)
     n = len(keys)
     n_frames = torch.bincount(inverse, minlength=n)

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import numpy as np
-import torch
 
 from embedlens.anchors import AnchorRule
 from embedlens.errors import ParameterError, PlanError
@@ -105,6 +104,8 @@ class _PartitionProbe(Probe):
         its frames and in how many each group holds its token; the run's tally per group (places ever in it, summed
         share of their frames in it, places in it in every frame), over all places and per content, for `result`'s
         ``over_time`` and ``over_time_by_content``."""
+        import torch
+
         from embedlens.probes.over_time import CONTENT, group_persistence, place_content
 
         masks = dict(groups)  # exclusive after precedence; alive: in none of the others, where not given

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from embedlens.errors import InputError, PlanError
 from embedlens.probes._util import Reservoir, parse_site, token_groups, visual_rows
 from embedlens.probes.base import Probe, Table
@@ -115,6 +113,8 @@ class SemanticProbe(Probe):
         return [parse_site("semantic_probe", "sites", adapter, s) for s in self.site_names]
 
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
+        import torch
+
         vt = batch.roles.visual_tokens()
         labels: dict[str, list[Any]] = {a: [] for a in self.attributes}
         keep = []

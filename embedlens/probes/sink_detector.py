@@ -7,8 +7,6 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from embedlens.errors import PlanError
 from embedlens.signals import vision_to_tokens
 from embedlens.probes._util import FirstImage, frame_maps, token_groups, token_meta
@@ -197,6 +195,8 @@ class SinkDetector(Probe):
     def _layer_pass(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor], s: torch.Tensor,
                     p: torch.Tensor, tau: float) -> dict[str, Any]:
         """Every LLM layer's flags and statistics on the device, stacked: nothing is copied to the host per layer."""
+        import torch
+
         n_layers = adapter.n_llm_layers
         dev = acts[Site("llm.layers", 0)].device
         valid_h = ~batch.roles.padding
@@ -266,6 +266,8 @@ class SinkDetector(Probe):
             self._dims_found.update(dims.nonzero().flatten().tolist())
 
     def result(self) -> dict[str, Any]:
+        import torch
+
         layers = {}
         for layer, st in sorted(self._layer_stats.items()):
             med = torch.tensor(st["median_abs"]).median().item() if st["median_abs"] else 0.0
@@ -314,6 +316,8 @@ class SinkDetector(Probe):
 
 
 def _first_valid(valid: torch.Tensor) -> torch.Tensor:
+    import torch
+
     out = torch.zeros_like(valid)
     out[torch.arange(valid.shape[0]), valid.long().argmax(dim=1)] = True
     return out

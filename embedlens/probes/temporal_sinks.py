@@ -27,8 +27,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
+from embedlens._torch import no_grad
 from embedlens.adapters.base import resolve_path
 from embedlens.adapters.capabilities import Capability
 from embedlens.errors import AdapterError, EmbedLensError, PlanError
@@ -66,6 +65,8 @@ def _received(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, scale: fl
     """``[sequences, L]`` float32: the attention each key of each sequence receives, averaged over the heads and
     the sequence's queries (softmax over its own keys). `q`, `k`: ``[sequences, L, heads, head_dim]``, rows past
     ``lengths`` padding."""
+    import torch
+
     n_seq, width, heads, _ = q.shape
     valid = torch.arange(width, device=q.device)[None, :] < lengths[:, None]  # [sequences, L]
     out = torch.zeros(n_seq, width, device=q.device)
@@ -76,7 +77,7 @@ def _received(q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, scale: fl
     return out / (heads * lengths[:, None].clamp(min=1))
 
 
-@torch.no_grad()
+@no_grad
 def tower_attention_received(adapter: "Adapter", batch: "Batch", layer: int) -> torch.Tensor:
     """``[rows, positions]`` float32, as the tower's `vision.layers[layer]` site is laid out: the attention each
     position receives in that layer, head mean, mean over the queries of its own attention sequence (a frame).
@@ -84,6 +85,8 @@ def tower_attention_received(adapter: "Adapter", batch: "Batch", layer: int) -> 
     The model runs up to that layer's attention (its input is hooked, then the forward stops); where one forward
     runs the tower more than once (`Adapter.vision_passes`: Qwen-VL on a batch of images and videos), each run is
     read alone and the runs are joined on the patch axis, as the vision sites are."""
+    import torch
+
     attn = _attention_module(adapter, layer)
     inputs = adapter.model_inputs(batch)
     passes = adapter.vision_passes(inputs) or [inputs]
@@ -92,6 +95,8 @@ def tower_attention_received(adapter: "Adapter", batch: "Batch", layer: int) -> 
 
 def _received_in_run(adapter: "Adapter", attn: torch.nn.Module, layer: int, inputs: dict) -> torch.Tensor:
     """`tower_attention_received` of one run of the tower (the model's `inputs`, stopped at `attn`)."""
+    import torch
+
     seen: dict[str, Any] = {}
 
     def grab(module, args, kwargs):
@@ -232,6 +237,8 @@ class TemporalSinks(Probe):
         return {"tokens": rows, "places": places}
 
     def _fold(self, places: Table, content: torch.Tensor, score: torch.Tensor, mean: torch.Tensor, keys: torch.Tensor) -> None:
+        import torch
+
         self._n_videos += len(torch.unique(keys[:, :2], dim=0))
         self._n_places += len(score)
         self._score_sum += float(score.sum())

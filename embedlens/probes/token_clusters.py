@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from embedlens.errors import PlanError
 from embedlens.probes._util import FirstImage, Reservoir, frame_maps, parse_site, token_groups, visual_rows
 from embedlens.probes.base import Probe, Table
@@ -80,6 +78,8 @@ class TokenClusters(Probe):
         return [parse_site("token_clusters", "site", adapter, self.site)]
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         x = x.float()
         return torch.nn.functional.normalize(x, dim=-1) if self.normalize else x
 
@@ -110,6 +110,8 @@ class TokenClusters(Probe):
 
     def contingency(self) -> tuple[list[str], torch.Tensor]:
         """(group names, ``[clusters, groups]`` counts) over the reservoir."""
+        import torch
+
         km = self.fit()
         groups = sorted(set(self._res.labels["group"]))
         table = torch.zeros(km.n_clusters, len(groups), dtype=torch.long)
@@ -141,6 +143,8 @@ class TokenClusters(Probe):
         return {"contingency": out}
 
     def figures(self, out_dir: Path) -> list[Path]:
+        import torch
+
         if self._first.data is None or len(self._res) < 2:
             return []
         from embedlens.figures import category_map

@@ -1,13 +1,25 @@
 """Token reduction at matched budgets: one budget meaning shared by every method (`budget`), the methods
 that choose tokens before the LLM (`attention_ranked`, `diversity`, `baselines`) and those that drop them inside
 it (`fastv`, `pyramiddrop`, `dart`, `sparsevlm`, with their token accounting: `inllm`), registered as
-interventions."""
+interventions (their modules are in `embedlens.interventions.BUILTINS`)."""
 
-from embedlens.reduction import attention_ranked  # noqa: F401 - registers fastervlm, visionzip, vispruner
-from embedlens.reduction import baselines  # noqa: F401 - registers random_budget, partition_budget
-from embedlens.reduction import diversity  # noqa: F401 - registers divprune, cdpruner
-from embedlens.reduction import dart, fastv, pyramiddrop, sparsevlm  # noqa: F401 - registers the in-LLM methods
-from embedlens.reduction.base import InputReduction
-from embedlens.reduction.budget import Budget
+from __future__ import annotations
+
+import importlib
+
+# Public name -> module (loaded on first use, so a look-up of one method imports that method's module alone).
+_LAZY = {
+    "Budget": "embedlens.reduction.budget",
+    "InputReduction": "embedlens.reduction.base",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Budget", "InputReduction"]

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import torch
 
 
 def image_groups(candidates: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """`[batch, seq]` long: each candidate's image within its sample, ``seq`` (one bucket past every image) for the rest."""
+    import torch
+
     seq = candidates.shape[1]
     return torch.where(candidates & (image >= 0), image, torch.full_like(image, seq))
 
 
 def group_sizes(group: torch.Tensor) -> torch.Tensor:
     """`[batch, seq + 1]` long: how many tokens each group of `image_groups` holds (the last bucket: non-candidates)."""
+    import torch
+
     batch, seq = group.shape
     n = torch.zeros(batch, seq + 1, dtype=torch.long, device=group.device)
     return n.scatter_add_(1, group, torch.ones_like(group))
@@ -29,6 +32,8 @@ def ranks(keys: list[torch.Tensor], candidates: torch.Tensor, image: torch.Tenso
     Returns:
         ranks of candidates; a non-candidate's rank is meaningless (mask it).
     """
+    import torch
+
     batch, seq = candidates.shape
     group = image_groups(candidates, image)
     order = torch.arange(seq, device=candidates.device).expand(batch, seq)
@@ -49,6 +54,8 @@ def frame_groups(image: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
     dense within each sample (below ``seq``), so they index the same ``seq + 1`` columns as `image_groups`; computed
     by one sort on the device (no host reads, no loop over frames).
     """
+    import torch
+
     batch, seq = image.shape
     on = image >= 0
     key = torch.where(on, image * (seq + 2) + frame + 1, torch.full_like(image, -1))  # frame >= -1: key unique per pair

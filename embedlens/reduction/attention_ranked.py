@@ -9,9 +9,6 @@ score first, then the earlier position) where the references leave ties to
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 from embedlens.adapters.base import resolve_path
 from embedlens.errors import InterventionError
 from embedlens.interventions.context import Context
@@ -47,6 +44,9 @@ def visionzip_select(
         contextual targets), and `[batch, seq]` long: for each merged token the position of its target, -1 for the
         others.
     """
+    import torch
+    import torch.nn.functional as F
+
     group = image_groups(candidates, image)
     n = group_sizes(group)
     k = budget.counts(n)
@@ -72,6 +72,8 @@ def visionzip_select(
 def visionzip_merge(features: torch.Tensor, into: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """`[batch, seq, d]`: each target's feature plus the mean of the features merged into it (VisionZip's
     ``target_hidden + aggregated_hidden``, the count clamped to 1); other rows unchanged."""
+    import torch
+
     batch, seq, d = features.shape
     src = into.clamp(min=0)
     w = (into >= 0).to(features.dtype)[..., None]
@@ -95,6 +97,9 @@ def vispruner_select(
     Returns:
         `[batch, seq]` bool, the kept tokens.
     """
+    import torch
+    import torch.nn.functional as F
+
     batch, seq = candidates.shape
     group = image_groups(candidates, image)
     n = group_sizes(group)
@@ -201,6 +206,8 @@ class VisionZip(InputReduction):
         return {k: v for k, v in vars(self).items() if k not in ("_merged", "_targets")}
 
     def choose(self, ctx: Context, candidates: torch.Tensor) -> torch.Tensor:
+        import torch
+
         read = read_tower(ctx.adapter, ctx.batch, candidates, features=True, keys=True)
         kept, targets, into = visionzip_select(read.attention, read.keys, candidates, self.groups(ctx), self.budget, self.contextual)
         merged = visionzip_merge(read.features, into, targets)
@@ -211,6 +218,8 @@ class VisionZip(InputReduction):
         return kept
 
     def edit_embeds(self, ctx: Context, embeds: torch.Tensor) -> torch.Tensor:
+        import torch
+
         if self._targets is None:
             return embeds
         return torch.where(self._targets[..., None], self._merged.to(embeds), embeds)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from abc import abstractmethod
 
-import torch
-
 from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import Context
 from embedlens.interventions.select import SelectionSpec
@@ -48,6 +46,8 @@ class InputReduction(Intervention):
         """`[batch, seq]` bool, a subset of `candidates`: the tokens kept."""
 
     def setup(self, ctx: Context) -> None:
+        import torch
+
         self.check(ctx.adapter)  # also when run by the engine directly: a model the method cannot read is refused by name
         cand = self.candidates(ctx)
         kept = self.choose(ctx, cand) & cand

@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
-
 from embedlens.errors import InterventionError
 from embedlens.interventions.base import parse_selection
 from embedlens.interventions.context import Context
@@ -47,6 +45,8 @@ class RandomBudget(InputReduction):
     def choose(self, ctx: Context, candidates: torch.Tensor) -> torch.Tensor:
         # one uniform score per unpadded token, drawn on the host from a per-sample generator (the same tokens
         # whatever the device or padding); the scores cross to the device once
+        import torch
+
         ids, padding = ctx.batch.input_ids.cpu(), ctx.batch.roles.padding.cpu()
         scores = torch.zeros(padding.shape, dtype=torch.float64)
         for b, sample in enumerate(ctx.batch.samples):
@@ -99,6 +99,8 @@ class PartitionBudget(InputReduction):
     def scores(self, ctx: Context, candidates: torch.Tensor) -> torch.Tensor:
         """`[batch, seq]` float64: the tier (dead 0, sinks 3 or 1, alive 2) plus a share in [0, 1) for alive tokens
         (1 - normalised entropy): higher is kept first."""
+        import torch
+
         dead = ctx.select(self.dead_sel) & candidates
         sink = ctx.select(self.sink_sel) & candidates & ~dead
         batch, seq, d = ctx.embeds.shape

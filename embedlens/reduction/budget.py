@@ -23,8 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Literal
 
-import torch
-
 from embedlens.errors import InterventionError
 from embedlens.reduction._rank import frame_groups, group_sizes, image_groups, ranks
 
@@ -94,6 +92,8 @@ class Budget:
 
     def counts(self, n: torch.Tensor) -> torch.Tensor:
         """Tokens kept of `n` candidates (any shape, long), elementwise; 0 where `n` is 0."""
+        import torch
+
         n = n.long()
         if self.is_fraction:
             k = (n.double() * self.keep).ceil().long()  # in float64, as FastV's `math.ceil(n * keep)`
@@ -117,6 +117,8 @@ class Budget:
         Returns:
             `[batch, seq]` bool, a subset of `candidates`; everything stays on the device (no host reads).
         """
+        import torch
+
         group = image_groups(candidates, image)
         n = group_sizes(group)
         k = torch.minimum((counts or self.counts)(n), n)

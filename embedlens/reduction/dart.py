@@ -10,8 +10,6 @@ remaining image tokens least cosine-similar to it are kept (lines 428-437); the 
 
 from __future__ import annotations
 
-import torch
-
 from embedlens.adapters.base import resolve_path
 from embedlens.attention import attention_keys
 from embedlens.errors import InterventionError
@@ -40,6 +38,8 @@ def dart_keep(norms: torch.Tensor, states: torch.Tensor, candidates: torch.Tenso
         which is position order whenever every index is below the set's table size, 32 for 8 pivots); ties in
         norm or similarity go to the earlier token.
     """
+    import torch
+
     seq = candidates.shape[1]
     image_pivots = top_per_sample(norms, candidates, pivot_image)
     pivots = image_pivots | top_per_sample(norms, text, pivot_text)
@@ -104,12 +104,16 @@ class DART(ParametersOnly, Intervention):
 
     def kept_count(self, k: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """Tokens an image of `n` keeps at budget `k`: its image pivots, and ``k // pivots`` per pivot."""
+        import torch
+
         per_pivot = torch.div(k, self.pivot_image + self.pivot_text, rounding_mode="floor")
         return torch.minimum(self.pivot_image + (self.pivot_image + self.pivot_text) * per_pivot, n)
 
     def accounting(self, n_visual: int, n_layers: int) -> dict:
         """The schedule for one image of `n_visual` tokens in an `n_layers`-layer LLM. DART's paper counts the
         tokens kept after layer K (``equivalent_tokens``); the mean over layers is `average_tokens`."""
+        import torch
+
         check_accounting_args(n_visual, n_layers)
         if not 1 <= self.layer <= n_layers - 1:
             raise InterventionError(f"layer: DART prunes before layer K with 1 <= K <= {n_layers - 1}; got {self.layer}")
@@ -125,6 +129,8 @@ class DART(ParametersOnly, Intervention):
         return make_accounting(int(k), per_layer, m, rule)
 
     def setup(self, ctx: Context) -> None:
+        import torch
+
         self.check(ctx.adapter)
         roles = ctx.roles
         self._candidates = ctx.select(self.selection, within=roles.image_span)
@@ -141,6 +147,8 @@ class DART(ParametersOnly, Intervention):
         ctx.probe_attention(self.layer - 1, read_keys)
 
     def after_layer(self, ctx: Context, layer: int, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
+        import torch
+
         if layer == self.layer - 1:
             where = next(self._norm.parameters(), hidden).device  # the final norm's own device under a device map
             normed = self._norm(hidden.to(where)).to(hidden.device)
@@ -149,6 +157,8 @@ class DART(ParametersOnly, Intervention):
         return hidden
 
     def before_layer(self, ctx: Context, layer: int) -> None:
+        import torch
+
         if layer != self.layer:
             return
         roles = ctx.roles

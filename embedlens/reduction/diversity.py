@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
-
 from embedlens.errors import InterventionError
 from embedlens.interventions.base import parse_selection
 from embedlens.interventions.context import Context
@@ -30,6 +27,8 @@ def _steps(budget: Budget, seq: int) -> int:
 
 def _group_pick(score: torch.Tensor, allowed: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """`[batch, seq]` bool: per group, the allowed token of highest score (the earliest on ties, as ``argmax``)."""
+    import torch
+
     batch, seq = score.shape
     s = score.masked_fill(~allowed, float("-inf"))
     top = torch.full((batch, seq + 1), float("-inf"), dtype=s.dtype, device=s.device).scatter_reduce(1, group, s, "amax")
@@ -41,6 +40,8 @@ def _group_pick(score: torch.Tensor, allowed: torch.Tensor, group: torch.Tensor)
 
 def _taken(pick: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """`[batch, seq]` long: for each token, the position its group picked (`seq` where it picked none)."""
+    import torch
+
     batch, seq = pick.shape
     pos = torch.arange(seq, device=pick.device).expand(batch, seq)
     first = torch.full((batch, seq + 1), seq, device=pick.device).scatter_reduce(1, group, torch.where(pick, pos, seq), "amin")
@@ -59,6 +60,9 @@ def divprune_select(x: torch.Tensor, candidates: torch.Tensor, image: torch.Tens
         x: `[batch, seq, d]` the tokens' LLM input embeddings.
         candidates, image: as `Budget.keep_mask`.
     """
+    import torch
+    import torch.nn.functional as F
+
     batch, seq, _ = x.shape
     group = image_groups(candidates, image)
     k = budget.counts(group_sizes(group)).gather(1, group)  # each token's image budget
@@ -92,6 +96,9 @@ def cdpruner_select(x: torch.Tensor, relevance: torch.Tensor, candidates: torch.
         relevance: `[batch, seq]` each token's relevance to the instruction (already normalised).
         candidates, image: as `Budget.keep_mask`.
     """
+    import torch
+    import torch.nn.functional as F
+
     batch, seq, _ = x.shape
     group = image_groups(candidates, image)
     k = budget.counts(group_sizes(group)).gather(1, group)
@@ -123,6 +130,9 @@ def instruction_relevance(x: torch.Tensor, text: torch.Tensor, candidates: torch
                           negate: bool) -> torch.Tensor:
     """`[batch, seq]`: each candidate's mean cosine to its sample's `text` tokens, negated as the reference does
     (``(-relevance).mean``) when `negate`, then min-max scaled per image to (0, 1] (``+ 1e-6`` as the reference)."""
+    import torch
+    import torch.nn.functional as F
+
     xn = F.normalize(x.float(), dim=-1)
     cos = xn @ xn.transpose(1, 2)  # [batch, seq, seq]; the text columns are the instruction
     rel = (cos * text[:, None, :]).sum(-1) / text.sum(1, keepdim=True).clamp(min=1)

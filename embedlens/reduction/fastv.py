@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-
 from embedlens.errors import InterventionError
 from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import Context
@@ -29,6 +27,8 @@ def fastv_kept(k: torch.Tensor, n: torch.Tensor, layer: int, n_layers: int, coun
     the largest m in 1..n whose average over the layers, ``(K·n + (L−K)·m) / L``, does not pass `k`: FastV's K and
     R matched to the budget as an equivalent average count.
     """
+    import torch
+
     if count == "after":
         m = k
     else:
@@ -83,6 +83,8 @@ class FastVBudget(ParametersOnly, Intervention):
         FastV's paper states K and R; the equivalent count is the mean over layers of the tokens each holds:
         ``(K·n + (L−K)·m) / L`` with m kept after K.
         """
+        import torch
+
         check_accounting_args(n_visual, n_layers)
         if not 1 <= self.layer <= n_layers - 1:
             raise InterventionError(f"layer: FastV prunes after layer K with 1 <= K <= {n_layers - 1}; got {self.layer}")

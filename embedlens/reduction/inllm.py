@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Sequence
 
-import torch
-
 from embedlens.attention import attention_rows
 from embedlens.errors import InterventionError
 from embedlens.reduction._rank import group_sizes, image_groups
@@ -131,6 +129,8 @@ def query_attention(seen: "AttentionInput", queries: torch.Tensor, seq: int, hom
     Returns:
         `[batch, heads, q, seq]` float, 0 at positions absent from the layer.
     """
+    import torch
+
     rows: Rows = seen.rows
     index = rows.index.to(seen.hidden.device)
     qrow = (index[:, None, :] == queries.to(index.device)[:, :, None]).float().argmax(dim=-1)  # [batch, q]
@@ -144,6 +144,8 @@ def query_attention(seen: "AttentionInput", queries: torch.Tensor, seq: int, hom
 def top_per_sample(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """`[rows, seq]` bool: per row, the `k` (`[rows]` long, or an int) highest-scoring candidates, the earlier on
     ties (`Budget.keep_mask` with the whole row as one group)."""
+    import torch
+
     k = k if isinstance(k, torch.Tensor) else torch.full(scores.shape[:1], k, dtype=torch.long, device=scores.device)
     return Budget(1).keep_mask(scores, candidates, torch.zeros_like(candidates, dtype=torch.long),
                                counts=lambda n: k[:, None].expand_as(n))
@@ -151,4 +153,6 @@ def top_per_sample(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tens
 
 def drop_from(ctx: "Context", drop: torch.Tensor, layer: int) -> None:
     """Remove the `drop` tokens (`[batch, seq]` bool) from `layer` on (on the device; no host read)."""
+    import torch
+
     ctx.exit = torch.where(drop, torch.minimum(ctx.exit, torch.full_like(ctx.exit, layer)), ctx.exit)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from embedlens.errors import InterventionError
 from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import AttentionInput, Context
@@ -38,6 +36,8 @@ def pdrop_schedule(k: torch.Tensor, n: torch.Tensor, layers: Sequence[int], n_la
     Returns:
         `[*n.shape, len(layers)]` long.
     """
+    import torch
+
     bounds = list(layers) + [n_layers]
     lengths = torch.tensor([bounds[s + 1] - bounds[s] for s in range(len(layers))], dtype=torch.float64, device=n.device)
     powers = torch.arange(1, len(layers) + 1, dtype=torch.float64, device=n.device)
@@ -104,6 +104,8 @@ class PyramidDrop(ParametersOnly, Intervention):
             return list(self.layers)
         layers = scaled_layers(REFERENCE_LAYERS, REFERENCE_DEPTH, n_layers)
         if n_visual is not None:
+            import torch
+
             k = int(self.budget.counts(torch.tensor(n_visual)))
             if n_visual * layers[0] > k * n_layers:
                 scale = (k * n_layers / 2) / (n_visual * REFERENCE_LAYERS[0] * n_layers / REFERENCE_DEPTH)
@@ -116,6 +118,8 @@ class PyramidDrop(ParametersOnly, Intervention):
     def accounting(self, n_visual: int, n_layers: int) -> dict:
         """The stages for one image of `n_visual` tokens in an `n_layers`-layer LLM, and its equivalent count:
         as the paper counts, the mean over layers of the tokens each layer holds."""
+        import torch
+
         check_accounting_args(n_visual, n_layers)
         layers = self.stage_layers(n_layers, n_visual)
         n = torch.tensor(n_visual)
@@ -130,6 +134,8 @@ class PyramidDrop(ParametersOnly, Intervention):
         return make_accounting(int(k), per_layer, sum(per_layer) / n_layers, rule)
 
     def setup(self, ctx: Context) -> None:
+        import torch
+
         self._candidates = ctx.select(self.selection, within=ctx.roles.image_span)
         self._groups = self.budget.groups(ctx.roles)  # each token's image (or image and frame: `per`)
         n0 = image_sizes(self._candidates, self._groups)  # each group's original count, [batch, seq + 1]
@@ -166,6 +172,8 @@ class PyramidDrop(ParametersOnly, Intervention):
             ctx.probe_attention(layer, read, ahead=True)
 
     def before_layer(self, ctx: Context, layer: int) -> None:
+        import torch
+
         if layer not in self._scores:
             return
         cand = self._candidates & ctx.present(layer)  # what would enter the layer

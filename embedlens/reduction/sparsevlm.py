@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from embedlens.errors import InterventionError
 from embedlens.interventions.base import Intervention, parse_selection
 from embedlens.interventions.context import AttentionInput, Context, Rows
@@ -139,6 +137,8 @@ def dpc_knn_merge(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tensor) 
         `[rows, width, d]` the cluster means at the centres (x elsewhere). The reference adds noise of 1e-6 to the
         densities to break their ties; here ties go to the earlier token.
     """
+    import torch
+
     rows, width, d = x.shape
     xf = x.float()
     inf = float("inf")
@@ -218,6 +218,8 @@ class SparseVLM(ParametersOnly, Intervention):
 
     def schedule(self, n_visual: int, n_layers: int, layers: Sequence[int] | None = None) -> tuple[int, ...]:
         """The tokens kept after each stage layer (`layers`: the run's, default `stage_layers`)."""
+        import torch
+
         layers = stage_layers(n_layers, self.layers) if layers is None else layers
         k = int(self.budget.counts(torch.tensor(n_visual)))
         return sparsevlm_schedule(n_visual, k, n_layers, layers, self.recycle, self.layers is None)
@@ -226,6 +228,8 @@ class SparseVLM(ParametersOnly, Intervention):
         """The stages for one image of `n_visual` tokens in an `n_layers`-layer LLM. The paper's count (the
         reference's logged "Equal Tokens") is the mean over layers of the tokens after each layer's own drop,
         merged tokens included; `average_tokens` is the mean of what each layer computes on."""
+        import torch
+
         check_accounting_args(n_visual, n_layers)
         layers = stage_layers(n_layers, self.layers)
         counts = self.schedule(n_visual, n_layers)
@@ -237,6 +241,8 @@ class SparseVLM(ParametersOnly, Intervention):
         return make_accounting(k, computed, sum(logged) / n_layers, rule)
 
     def setup(self, ctx: Context) -> None:
+        import torch
+
         roles = ctx.roles
         self._layers = stage_layers(ctx.n_layers, self.layers)
         if self.layers is None:  # on a hybrid model the default layers rank at attention layers
@@ -277,6 +283,8 @@ class SparseVLM(ParametersOnly, Intervention):
             ctx.probe_attention(layer, read)
 
     def after_layer(self, ctx: Context, layer: int, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
+        import torch
+
         if layer not in self._relation:
             return hidden
         roles = ctx.roles
@@ -296,6 +304,8 @@ class SparseVLM(ParametersOnly, Intervention):
     def _recycle(self, ctx: Context, hidden: torch.Tensor, rows: Rows, score: torch.Tensor, dropped: torch.Tensor):
         """Merge the best dropped tokens of each image into a few: `(hidden, centres)` with the merged tokens
         written at their centres' rows and `[batch, seq]` bool the centres (kept as the merged tokens)."""
+        import torch
+
         roles = ctx.roles
         batch, seq = dropped.shape
         n_dropped = image_sizes(dropped, roles.image)

@@ -22,8 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
+from embedlens._torch import no_grad
 from embedlens.adapters.base import resolve_path
 from embedlens.errors import InterventionError
 
@@ -81,7 +80,7 @@ def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-@torch.no_grad()
+@no_grad
 def read_tower(adapter: "Adapter", batch: "Batch", tokens: torch.Tensor, *, features: bool = False, keys: bool = False) -> TowerRead:
     """Read the criteria of `tokens` (`[batch, seq]` bool, visual tokens) from the tower's feature layer.
 
@@ -91,6 +90,8 @@ def read_tower(adapter: "Adapter", batch: "Batch", tokens: torch.Tensor, *, feat
         InterventionError: a batch whose visual tokens each stand for several tower patches (a LLaVA-OneVision
             video's pooled frames: `Adapter.patch_indices` on the batch), which `check_tower` cannot see.
     """
+    import torch
+
     if adapter.patch_indices(torch.zeros(1, dtype=torch.long), batch.inputs).shape[1] != 1:
         raise InterventionError(f"{adapter.name}: each visual token of this batch pools several of the tower's patches (a "
                                 "video's frames), and the tower's criteria rank one patch per token (use a method that "

@@ -419,8 +419,10 @@ def test_paligemma2_interventions_equal_hand_built_hf_runs(window):
 # block-aware shared proofs instead: a new entry is covered by adding it there. The Qwen-VL entries (packed towers
 # in window order, M-RoPE) run the packed variants of the same proofs in tests/adapters/test_qwen2_vl.py, and
 # LLaVA-OneVision-1.5's (a packed tower with a class token per image) in tests/adapters/test_llava_onevision1_5.py,
-# GLM-4V's (a packed tower that merges before its merger) in tests/adapters/test_glm4v.py.
-BLOCK_NAMES = [n for n, c in BLOCK_TESTER_CONFIGS.items() if not c.family.startswith(("qwen", "llava_onevision1_5", "glm4v"))]
+# GLM-4V's (a packed tower that merges before its merger) in tests/adapters/test_glm4v.py, Molmo2's (tokens that pool
+# patches of several crops, features added to the token embeddings) in tests/adapters/test_molmo2.py.
+BLOCK_NAMES = [n for n, c in BLOCK_TESTER_CONFIGS.items()
+               if not c.family.startswith(("qwen", "llava_onevision1_5", "glm4v", "molmo2"))]
 
 
 def _block_adapter(name: str):

@@ -19,7 +19,7 @@ from embedlens.registry import adapters
 from embedlens.testing import tiny_model
 
 #: released since the last families were added; transformers 5.25 has their classes, no adapter serves them yet
-UNSUPPORTED = ("Molmo2ForConditionalGeneration", "Idefics2ForConditionalGeneration")
+UNSUPPORTED = ("Idefics2ForConditionalGeneration",)
 
 #: (architecture, vision tower) pairs HF builds but no adapter takes: LLaVA-style classes build whatever tower the
 #: config names

@@ -69,7 +69,7 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
     # GLM-4V: the tower merges its blocks' rows itself (no separate encoder module): HF's last hidden state is the
     # merged rows, so the last block's output is hooked
     tower_merges = (adapter.has(Capability.PACKED_TOWER) and adapter.has(Capability.PRE_PROJECTOR_MERGE)
-                    and getattr(vis, "encoder", None) is None)
+                    and getattr(vis, "encoder", None) is None and "image_token_pooling" not in batch.inputs)  # not Molmo2's
     last = {}
     if tower_merges:
         last_hook = resolve_path(adapter.model, adapter.paths.vision_layers)[n - 1].register_forward_hook(
@@ -84,7 +84,18 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
             finally:
                 if handle is not None:
                     handle.remove()
-            if "image_position_ids" in batch.inputs:  # Gemma 4
+            if "image_token_pooling" in batch.inputs:  # Molmo2: its crops packed; its features, the adapter's pooled rows
+                seen = {}
+                pooled = adapter.model.model.multi_modal_projector.image_projector.register_forward_hook(
+                    lambda m, a, o: seen.update(x=a[0]))
+                try:
+                    adapter.model.model.get_image_features(**{k: batch.inputs[k] for k in (
+                        "pixel_values", "image_token_pooling", "image_grids", "image_num_crops")})
+                finally:
+                    pooled.remove()
+                out.hidden_states = tuple(h.reshape(1, -1, h.shape[-1]) for h in out.hidden_states)
+                out.last_hidden_state = seen["x"][None]
+            elif "image_position_ids" in batch.inputs:  # Gemma 4
                 # its hidden_states end with the pooled features in place of the last layer's output (that one is its
                 # encoder's own output); the sites' documented view (`site_value`) packs the padded image rows, and
                 # its last_hidden_state is the pooler's output, the features
@@ -109,7 +120,8 @@ def test_vision_sites_equal_hf_hidden_states(adapter):
         torch.testing.assert_close(acts[Site("vision.layers", i)], without_class_rows(out.hidden_states[i + 1], batch.inputs), **TOL)
     # vision.features: the family's feature layer and CLS rule, then the projector
     cfg = adapter.config
-    layer = getattr(cfg, "vision_feature_layer", None)
+    # Molmo2's config names its feature layers too, but its features are the adapter's pooled rows (last_hidden_state)
+    layer = None if "image_token_pooling" in batch.inputs else getattr(cfg, "vision_feature_layer", None)
     feats = out.last_hidden_state if layer is None else out.hidden_states[layer]
     feats = feats[:, adapter.n_prefix_tokens:]
     (gh, gw), (bh, bw) = adapter.grid(), adapter.patch_block

@@ -20,18 +20,20 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ORIGINAL_SOURCE = "source: zoo:tiny-llava-clip"
 NEW_FAMILIES = ("llava_next", "idefics3", "smolvlm", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "mistral3",
                 "llava_onevision1_5", "qwen3_5", "qwen3_vl_moe", "llava_pixtral", "gemma4", "glm4v", "glm4v_moe", "llama4",
-                "llava_next_video")
+                "llava_next_video", "molmo2")
 TILED = {"llava_next": True, "idefics3": True, "smolvlm": True, "internvl": True,  # families whose images become several tiles
          "qwen2_vl": False, "qwen2_5_vl": False, "qwen3_vl": False, "gemma3": False, "mistral3": False,
          "llava_onevision1_5": False, "qwen3_5": False, "qwen3_vl_moe": False, "llava_pixtral": False, "gemma4": False,
-         "glm4v": False, "glm4v_moe": False, "llama4": True, "llava_next_video": True}
+         "glm4v": False, "glm4v_moe": False, "llama4": True, "llava_next_video": True,
+         "molmo2": True}  # its low-res view (tile 0) and high-res crops (tile 1)
 # towers whose CLS attention attention_flow can compute (CLIP's); InternViT has a CLS token, but not CLIP's modules
 HAS_CLS = {"llava_next": True, "idefics3": False, "smolvlm": False, "internvl": False,
            "qwen2_vl": False, "qwen2_5_vl": False, "qwen3_vl": False, "gemma3": False, "mistral3": False,
            "qwen3_5": False, "qwen3_vl_moe": False, "llava_pixtral": False, "gemma4": False, "glm4v": False, "glm4v_moe": False,
            "llava_onevision1_5": False,  # its per-image class token is dropped before the merger, no CLS attention
            "llava_next_video": True,
-           "llama4": False}  # its class token comes after the patches and is dropped before the pixel shuffle
+           "llama4": False,  # its class token comes after the patches and is dropped before the pixel shuffle
+           "molmo2": False}
 CLS_OPTION = ", vit_cls_layer: -2"  # how partition_study.yaml asks attention_flow for CLS attention
 
 

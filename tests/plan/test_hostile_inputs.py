@@ -180,7 +180,8 @@ CASES = [
      r"plan\.yaml:6 probes\[0\]\.label: a sweep value makes the label 'logit_lens\[target=\.\./\.\./etc\]', which cannot be a file name"),
     ("model key ..", lambda w: _plan(w, _sub("model:\n  source: tiny:llava-clip", "models:\n  ..: {source: tiny:llava-clip}\n  b: {source: tiny:llava-clip}")),
      r"plan\.yaml:2 models\.\.\.: model name '\.\.' becomes a folder name"),
-    ("unknown attn_implementation", lambda w: _plan(w, _sub("  source: tiny:llava-clip", "  source: tiny:llava-clip\n  attn_implementation: warp_drive")),
+    # only loading tells (validate reads a tiny: model's stored config, as a checkpoint's): --deep loads it
+    ("unknown attn_implementation", lambda w: [*_plan(w, _sub("  source: tiny:llava-clip", "  source: tiny:llava-clip\n  attn_implementation: warp_drive")), "--deep"],
      r"plan\.yaml:3 model\.attn_implementation: 'warp_drive' cannot be used with this model"),
     ("unavailable device", lambda w: _plan(w, _sub("  source: tiny:llava-clip", "  source: tiny:llava-clip\n  device: cuda:7")),
      r"plan\.yaml:3 model\.device: 'cuda:7' is not available here"),

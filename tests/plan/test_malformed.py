@@ -76,10 +76,10 @@ def workdir(tmp_path):
     return tmp_path
 
 
-def _validate(workdir: Path, text: str):
+def _validate(workdir: Path, text: str, *extra: str):
     plan = workdir / "plan.yaml"
     plan.write_text(text)
-    return CliRunner().invoke(app, ["validate", str(plan)])
+    return CliRunner().invoke(app, ["validate", str(plan), *extra])
 
 
 def test_the_table_is_large_enough():
@@ -95,10 +95,14 @@ def test_malformed_plan_gets_a_located_error(workdir, case):
     else:
         assert old in BASE, old
         text = BASE.replace(old, new, 1)
-    if name == "CLS on a SigLIP tower":
+    deep = []
+    if name == "CLS on a SigLIP tower":  # the tower's modules tell: listed by validate, refused by --deep
         text = text.replace("conditions:", "  - {name: attention_flow, params: {vit_cls_layer: -2}}\nconditions:")
         expected = r"plan\.yaml:11 probes\[1\].*vit_cls_layer.*CLS"
-    r = _validate(workdir, text)
+        r = _validate(workdir, text)
+        assert r.exit_code == 0 and "the model's modules: probes[1] (attention_flow)" in r.output, r.output
+        deep = ["--deep"]
+    r = _validate(workdir, text, *deep)
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
     msg = r.output.strip()

@@ -1,7 +1,7 @@
 """`embedlens validate` without weights: the plan against each model's config, refusals at their keys, `--deep` loading.
 
 Speed is measured in benchmarks/ (`run.py --only validate`); these tests check behaviour: no weights are loaded
-(the loader is replaced by one that fails, and a fresh interpreter never imports transformers' model code),
+(the loader is replaced by one that fails, and a fresh interpreter imports neither torch nor transformers),
 the config's counts equal the loaded model's, and the layout a pool count assumes is the one the adapter encodes.
 """
 
@@ -45,39 +45,59 @@ def _invoke(*args):
     return r
 
 
-def _tiny(plan: Path) -> bool:
-    """A plan on a ``tiny:`` model, which has no config file: validate builds it (seconds), as --deep does."""
-    return "source: tiny:" in plan.read_text()
+#: Examples whose matched control validate counts on the model's fixed token layout (LLaVA's grid): the count
+#: evaluates the selections as a run does, on a role map of torch tensors, so these import torch (at the count only).
+COUNTS_A_POOL = ("interventions.yaml",)
 
 
-@pytest.mark.parametrize("plan", [p for p in EXAMPLES if not _tiny(p)], ids=lambda p: p.name)
+@pytest.mark.parametrize("plan", EXAMPLES, ids=lambda p: p.name)
 def test_validate_checks_every_example_without_loading_a_model(plan, no_weights):
+    """``tiny:`` models too: their configs are stored (`embedlens.plan.tiny_configs`), read as a checkpoint's is."""
     r = _invoke("validate", plan)
     assert r.exit_code == 0, r.output
     assert "ok (" in r.output and "checked against its config (no weights loaded)" in r.output
 
 
-@pytest.mark.parametrize("plan", [p for p in EXAMPLES if _tiny(p)], ids=lambda p: p.name)
-def test_validate_checks_every_tiny_model_example_on_the_model(plan):
-    r = _invoke("validate", plan)
-    assert r.exit_code == 0 and "ok (" in r.output, r.output
-
-
-def test_validate_imports_no_model_code_in_a_fresh_process():
-    """What makes validate fast: no transformers import (its model classes take seconds). Every example imports the
-    same modules (the registries load all their built-ins): three of them, with probes, conditions and two models."""
-    plans = [str(ROOT / "examples" / n) for n in ("pruning_study.yaml", "partition_study.yaml", "clip_vs_siglip.yaml")]
+def _fresh_validate(plans: list[str]) -> tuple[list[tuple[int, str]], set[str]]:
+    """``validate`` on each plan in one fresh interpreter: (exit code, output) of each, and the heavy packages loaded."""
     code = (
         "import sys\nfrom typer.testing import CliRunner\nfrom embedlens.cli import app\n"
         f"for plan in {plans!r}:\n"
         "    r = CliRunner().invoke(app, ['validate', plan])\n"
-        "    assert r.exit_code == 0, r.output\n"
-        "print('LOADED=' + ','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'nnsight', 'safetensors'))))\n"
+        "    print(f'EXIT={r.exit_code} ' + ' '.join(r.output.split()))\n"
+        "print('LOADED=' + ','.join(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'nnsight', 'safetensors'})))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split("LOADED=")[-1].strip() == ""
+    lines = proc.stdout.splitlines()
+    runs = [(int(x.split()[0][5:]), x) for x in lines if x.startswith("EXIT=")]
+    return runs, set(filter(None, lines[-1][len("LOADED="):].split(",")))
+
+
+def test_validate_imports_neither_torch_nor_model_code_in_a_fresh_process(tmp_path):
+    """What makes validate fast: the plugins a plan names are imported alone, and they import torch only in the
+    functions that compute; the model is its config (a file, or a tiny model's stored one). Every example, the
+    misspelt group of the issue (``tokens: ded``) and an over-drawn control on a family without a fixed layout."""
+    ded = tmp_path / "ded.yaml"
+    ded.write_text((ROOT / "examples" / "pruning_study.yaml").read_text()
+                   .replace("{tokens: dead, if_empty: noop}", "{tokens: ded, if_empty: noop}")
+                   .replace("data/", str(ROOT / "examples" / "data") + "/"))
+    plans = [str(p) for p in EXAMPLES if p.name not in COUNTS_A_POOL] + [str(ded)]
+    runs, loaded = _fresh_validate(plans)
+    assert [code for code, _ in runs] == [0] * (len(plans) - 1) + [2], runs
+    assert "conditions.prune_dead[0].params.tokens: condition 'prune_dead' (prune): unknown group 'ded'" in runs[-1][1]
+    assert loaded == set()
+
+
+def test_validate_counting_a_fixed_layouts_pool_imports_torch_and_no_model_code(tmp_path):
+    """The control pools validate counts (a fixed grid, selections without groups) are counted by the run's own
+    selection code on torch tensors: torch, but still no transformers, no weights."""
+    plan = _plan(tmp_path, OVERDRAWN % "")
+    runs, loaded = _fresh_validate([str(ROOT / "examples" / n) for n in COUNTS_A_POOL] + [str(plan)])
+    assert [code for code, _ in runs] == [0] * len(COUNTS_A_POOL) + [2], runs
+    assert "conditions.first_random[0].params: prune_random_matched: sample " in runs[-1][1]
+    assert loaded == {"torch"}
 
 
 def _plan(tmp_path: Path, body: str, source: str = "zoo:tiny-llava-clip") -> Path:
@@ -177,11 +197,21 @@ def test_the_config_gives_the_loaded_models_counts(name):
     config = {**ad.config.to_dict(), "architectures": [type(ad.model).__name__]}  # as save_pretrained writes it
     arch = Architecture.from_config(name, adapter_name(config, None), config)
     assert arch.adapter == ad.name
+    stored = architecture(f"tiny:{name}")  # what validate reads for a tiny: source: the same counts, no model built
+    assert (stored.adapter, stored.n_fields, stored.fixed_grid()) == (arch.adapter, arch.n_fields, arch.fixed_grid())
     view = ConfigAdapter(arch)
     assert (view.n_llm_layers, view.n_vision_layers) == (ad.n_llm_layers, ad.n_vision_layers)
     assert view.input_embeddings().shape == ad.input_embeddings().shape
+    assert view.output_embeddings().shape == ad.output_embeddings().shape  # Molmo2: fewer rows than its input table
     with pytest.raises(NeedsModel):
         view.tokenizer
+
+
+def test_the_stored_tiny_configs_are_what_the_builders_make():
+    from embedlens.plan.tiny_configs import STORE, store_text
+
+    assert STORE.read_text(encoding="utf-8") == store_text(), (
+        "embedlens/resources/tiny_configs.json is stale; regenerate it with: python -m embedlens.plan.tiny_configs")
 
 
 @pytest.mark.parametrize("source", ["zoo:tiny-llava-clip", "zoo:tiny-llava-siglip", "tiny:llava-clip"])

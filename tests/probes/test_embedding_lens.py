@@ -70,6 +70,8 @@ def test_layer_zero_is_the_projector_output(adapter):
     batch = adapter.encode(mixed_samples(adapter=adapter)[:1])
     acts = collect(adapter, batch, ["llm.embed", "projector"])
     vis = acts[lens_site(0)][batch.roles.visual]
+    if adapter.name == "molmo2":  # it adds each token's feature to the embedding of its <im_patch> token
+        vis = vis - adapter.model.get_input_embeddings()(batch.input_ids[batch.roles.visual])
     vt = batch.roles.visual_tokens()
     proj = acts[Site("projector")][vt["feature_row"], vt["feature_col"]]
     cos = torch.nn.functional.cosine_similarity(vis, proj, dim=-1)

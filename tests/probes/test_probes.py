@@ -182,6 +182,8 @@ def test_vit_norms_match_hf_hidden_states(adapter):
             counts = batch.inputs["image_grid_thw"].prod(-1)
         elif "image_position_ids" in batch.inputs:  # Gemma 4: each image's real patches, (-1, -1) for padding
             counts = (batch.inputs["image_position_ids"] >= 0).all(-1).sum(-1)
+        elif "image_num_crops" in batch.inputs:  # Molmo2: each image's crops, every patch of each
+            counts = batch.inputs["image_num_crops"] * batch.inputs["pixel_values"].shape[-2]
         else:  # Pixtral: each image's real patches, its padding cut off by image_sizes
             counts = (batch.inputs["image_sizes"] // adapter.config.vision_config.patch_size).prod(-1)
         image_of = torch.repeat_interleave(torch.arange(len(counts)), counts)  # the image of each patch

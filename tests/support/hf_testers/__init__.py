@@ -10,7 +10,7 @@ config). Only the vocabulary is ours: every variant uses embedlens's offline
 word-level tokenizer, so ``vocab_size`` and the special-token ids follow it.
 
 One module per family line holds its testers' values and builders: `llava`
-(LLaVA, LLaVA-OneVision, LLaVA-NeXT, LLaVA-NeXT-Video, Mistral 3, Pixtral-12B),
+(LLaVA, LLaVA-OneVision, LLaVA-NeXT, LLaVA-NeXT-Video, Mistral 3, Pixtral-12B), `molmo` (Molmo2),
 `gemma` (PaliGemma, Gemma 3, Gemma 4), `qwen` (Qwen-VL, Qwen3.5,
 LLaVA-OneVision-1.5, GLM-4V), `tiled` (Idefics3/SmolVLM, InternVL, Llama 4);
 `_common` holds `HFTesterConfig` and what the builders share. This module
@@ -58,6 +58,7 @@ from tests.support.hf_testers.llava import (
     mistral3_builder,
     onevision_builder,
 )
+from tests.support.hf_testers.molmo import MOLMO2_TESTER, molmo2_builder
 from tests.support.hf_testers.qwen import (
     GLM4V_MOE_TESTER,
     GLM4V_TESTER,
@@ -84,11 +85,11 @@ from tests.support.hf_testers.tiled import (
 __all__ = [
     "BLOCK_TESTER_CONFIGS", "Builder", "GEMMA3_TESTER", "GEMMA4_TESTER", "GLM4V_MOE_TESTER", "GLM4V_TESTER",
     "HFTesterConfig", "IDEFICS3_TESTER", "INTERNVL_TESTER", "LLAMA4_TESTER", "LLAVA_NEXT_TESTER",
-    "LLAVA_NEXT_VIDEO_TESTER", "LLAVA_TESTER", "MISTRAL3_TESTER", "ONEVISION1_5_TESTER", "ONEVISION_TESTER",
+    "LLAVA_NEXT_VIDEO_TESTER", "LLAVA_TESTER", "MISTRAL3_TESTER", "MOLMO2_TESTER", "ONEVISION1_5_TESTER", "ONEVISION_TESTER",
     "PALIGEMMA_TESTER", "PIXTRAL_TESTER", "QWEN2_5_VL_TESTER", "QWEN2_VL_TESTER", "QWEN3_5_3TO1_TESTER",
     "QWEN3_5_TESTER", "QWEN3_VL_MOE_TESTER", "QWEN3_VL_TESTER", "TESTER_CONFIGS", "gemma3_builder",
     "gemma4_builder", "glm4v_builder", "hf_tester_model", "idefics3_builder", "internvl_builder", "llama4_builder",
-    "llava_builder", "llava_next_builder", "llava_next_video_builder", "llava_pixtral_builder", "mistral3_builder",
+    "llava_builder", "llava_next_builder", "llava_next_video_builder", "llava_pixtral_builder", "mistral3_builder", "molmo2_builder",
     "onevision1_5_builder", "onevision_builder", "paligemma_builder", "qwen_vl_builder",
 ]
 
@@ -200,6 +201,9 @@ BLOCK_TESTER_CONFIGS: dict[str, HFTesterConfig] = {
         HFTesterConfig("llama4-chunk", "llama4", "as llama4, with attention_chunk_size=8, so that chunks bite on every "
                      "prompt, and its last layer NoPE with full attention", llama4_builder(chunk=8),
                      image_sizes=((16, 16),)),
+        HFTesterConfig("molmo2", "molmo2", "Molmo2VisionText2TextModelTester (378-px crops of 14-px patches pooled "
+                     "2 x 2 across crops, up to 8 crops + the low-res view; image tokens one bidirectional block)",
+                     molmo2_builder(), image_sizes=((378, 378), (300, 500)), images_per_sample=2),
     )
 }
 
