@@ -18,7 +18,7 @@ from embedlens.registry import BUILTIN_INDEX as INDEX  # the registry reads each
 
 
 def describe_builtins() -> dict[str, list[dict[str, Any]]]:
-    """``{registry: [{name, module, summary, params, architectures?, vision_towers?}, ...]}`` of the built-in plugins, by importing them."""
+    """``{registry: [{name, module, summary, params, architectures?, capabilities?, vision_towers?}, ...]}`` of the built-in plugins, by importing them."""
     from embedlens.registry import REGISTRIES, plugin_params, summary
 
     out: dict[str, list[dict[str, Any]]] = {}
@@ -30,6 +30,7 @@ def describe_builtins() -> dict[str, list[dict[str, Any]]]:
             row: dict[str, Any] = {"name": name, "module": cls.__module__, "summary": summary(cls)}
             if kind == "adapters":
                 row["architectures"] = list(cls.architectures)
+                row["capabilities"] = sorted(c.value for c in cls.capabilities)  # what validate may ask without the model
                 if cls.vision_towers:  # adapters sharing an architecture are told apart by the tower (`Adapter.mismatch`)
                     row["vision_towers"] = list(cls.vision_towers)
             else:

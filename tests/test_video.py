@@ -202,6 +202,27 @@ def test_a_family_without_a_video_path_refuses_a_video_sample():
         adapter.encode([Sample(video=[_frame(0), _frame(1)], question="q", id="v")])
 
 
+@pytest.mark.parametrize("deep", [False, True], ids=["config", "deep"])
+def test_validate_refuses_video_samples_for_a_family_without_video_naming_the_record(tmp_path, deep):
+    """validate (from the config, and --deep) refuses a video sample on a family that takes none, as the run
+    would at that sample's batch, naming the record and the families that take video (from the registry)."""
+    from embedlens.adapters import Capability
+    from embedlens.registry import adapters
+
+    _frame(0).save(tmp_path / "f0.png")
+    (tmp_path / "prompts.jsonl").write_text('{"image": "f0.png", "question": "q"}\n{"video": ["f0.png", "f0.png"], "question": "q", "id": "clip"}\n')
+    (tmp_path / "plan.yaml").write_text(PLAN.format(video=""))
+    r = CliRunner().invoke(app, ["validate", str(tmp_path / "plan.yaml"), *(["--deep"] if deep else [])])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    takes = sorted(name for name, cls in adapters.items() if Capability.VIDEO in cls.capabilities)
+    assert "prompts.jsonl:2" in r.output and "sample 'clip' has a video; llava does not take video" in r.output, r.output
+    assert f"families that do: {', '.join(takes)})" in r.output.replace("\n", ""), r.output
+    (tmp_path / "prompts.jsonl").write_text('{"video": ["f0.png", "f0.png"], "question": "q", "id": "clip"}\n')
+    (tmp_path / "plan.yaml").write_text(PLAN.format(video="").replace("tiny:llava-clip", "tiny:qwen2_vl"))
+    r = CliRunner().invoke(app, ["validate", str(tmp_path / "plan.yaml"), *(["--deep"] if deep else [])])
+    assert r.exit_code == 0, r.output
+
+
 def test_a_data_set_column_holds_frame_lists_inside_its_folder(tmp_path):
     datasets = pytest.importorskip("datasets")
     from embedlens.data import read_hf_dataset

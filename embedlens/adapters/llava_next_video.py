@@ -192,8 +192,9 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         if not any(videos):
             return super().encode(samples, padding_side)
         if not all(videos):
-            raise InputError(f"a batch holds image samples or video samples, not both; images: "
-                             f"{[s.id for s, v in zip(samples, videos) if not v]}, videos: {[s.id for s, v in zip(samples, videos) if v]}")
+            raise InputError(f"{self.name}: a batch holds image samples or video samples, not both; images: "
+                             f"{[s.id for s, v in zip(samples, videos) if not v]}, videos: {[s.id for s, v in zip(samples, videos) if v]} "
+                             "(set batch_size: 1, or give the images and the videos in separate data sets)")
         if padding_side not in ("left", "right"):
             raise InputError(f"padding_side must be 'left' or 'right'; got {padding_side!r}")
         prompts = [self.prompt(s) for s in samples]

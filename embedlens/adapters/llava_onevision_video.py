@@ -187,8 +187,9 @@ class OnevisionVideo:
         if not any(videos):
             return super().encode(samples, padding_side)
         if not all(videos):
-            raise InputError(f"a batch holds image samples or video samples, not both; images: "
-                             f"{[s.id for s, v in zip(samples, videos) if not v]}, videos: {[s.id for s, v in zip(samples, videos) if v]}")
+            raise InputError(f"{self.name}: a batch holds image samples or video samples, not both; images: "
+                             f"{[s.id for s, v in zip(samples, videos) if not v]}, videos: {[s.id for s, v in zip(samples, videos) if v]} "
+                             "(set batch_size: 1, or give the images and the videos in separate data sets)")
         counts = {s.id: len(s.video) for s in samples}
         if len(set(counts.values())) > 1:
             raise InputError(f"{self.name} takes the videos of a batch as one tensor: they need one frame count; got "

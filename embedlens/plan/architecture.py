@@ -191,6 +191,15 @@ class ConfigAdapter:
         """`[vocab, d_model]`: the head's rows (the shape, no values)."""
         return self.input_embeddings(_extra=False)
 
+    def has(self, capability) -> bool:
+        """As `Adapter.has`, from the built-in plugin index (a third-party adapter's capabilities need the model)."""
+        from embedlens.plugin_index import read_index
+
+        row = next((r for r in read_index().get("adapters", []) if r["name"] == self.name), None)
+        if row is None or "capabilities" not in row:
+            raise NeedsModel("capabilities")
+        return getattr(capability, "value", capability) in row["capabilities"]
+
     def grid(self) -> tuple[int, int]:
         g = self.arch.fixed_grid()
         if g is None:

@@ -208,6 +208,26 @@ def read_data(loaded: LoadedPlan, adapter: Adapter | None = None) -> list[Record
     return records
 
 
+def _check_video(loaded: LoadedPlan, adapter, records: list[Record], key: tuple, unchecked: list) -> None:
+    """Refuse video samples for a family that takes none, before any batch (a run met them at their batch)."""
+    from embedlens.adapters.capabilities import Capability
+
+    first = next((r for r in records if r.video is not None), None)
+    if first is None:
+        return
+    try:
+        takes = adapter.has(Capability.VIDEO)
+    except NeedsModel:  # a third-party adapter: its class says, once loaded
+        unchecked.append((".".join(key), "whether the model takes the samples' videos"))
+        return
+    if not takes:
+        from embedlens.plugin_index import read_index
+
+        video = [r["name"] for r in read_index().get("adapters", []) if Capability.VIDEO.value in r.get("capabilities", ())]
+        raise loaded.error(key, f"{first.where}: sample {first.id!r} has a video; {adapter.name} does not take video in "
+                                f"embedlens (families that do: {', '.join(video)})")
+
+
 def prepare(loaded: LoadedPlan, adapter: Adapter | None = None, model: str | None = None, run_dir: Path | None = None) -> Prepared:
     """Load model and data and build the plugins; run the checks that need the model.
 
@@ -287,6 +307,7 @@ def prepare(loaded: LoadedPlan, adapter: Adapter | None = None, model: str | Non
         records = read_data(loaded, None)
     breakdown_fields(loaded, records)  # report.breakdown names fields the samples have
     key = ("data", next(k for k in ("prompts", "dataset", "synthetic", "synthetic_video") if getattr(plan.data, k) is not None))
+    _check_video(loaded, adapter, records, key, unchecked)
     try:
         for r in records:  # prompt checks are cheap: fail before the first batch, not in the middle
             try:

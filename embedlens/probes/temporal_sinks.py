@@ -203,7 +203,9 @@ class TemporalSinks(Probe):
                 raise PlanError(f"temporal_sinks: {e}") from None
 
     def sites(self, adapter: "Adapter") -> list[Site]:
-        return [Site("vision.layers", self._layer(adapter))]
+        """None: `update` runs the tower up to the layer's attention itself (`tower_attention_received`), so a
+        traced activation of that layer would be a second tower run per batch that nothing reads."""
+        return []
 
     def update(self, adapter: "Adapter", batch: "Batch", acts: dict[Site, torch.Tensor]) -> dict[str, Table]:
         all_vt = batch.roles.visual_tokens()

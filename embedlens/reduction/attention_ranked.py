@@ -29,7 +29,7 @@ def visionzip_select(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """VisionZip's choice: dominant tokens by [CLS] attention, the rest merged into evenly spaced contextual tokens.
 
-    BudgetPer image of ``n`` candidates and a budget of ``k < n``: ``c = floor(k * contextual)`` contextual tokens and
+    Per image of ``n`` candidates and a budget of ``k < n``: ``c = floor(k * contextual)`` contextual tokens and
     ``k - c`` dominant ones (the highest `cls`). The other ``n - k + c`` tokens, in position order, are the
     remainder: every ``step = max(1, R // c)``-th of them (the first ``c``) is a contextual target, and each other
     remainder token is merged into the target whose key is most similar (cosine; the first target on ties, as

@@ -60,7 +60,7 @@ class RandomBudget(InputReduction):
 class PartitionBudget(InputReduction):
     """EmbedLens's order at the budget: dead tokens go first, sinks stay, alive tokens ranked by how nameable they are.
 
-    BudgetPer image, tokens are removed in this order until `keep` remain: the `dead` group (no image-specific meaning:
+    Per image, tokens are removed in this order until `keep` remain: the `dead` group (no image-specific meaning:
     the study found pruning them barely changes answers), then the alive tokens whose vocabulary neighbours are
     flattest (highest entropy of ``softmax(cos(token, input embeddings) / temperature)``: the least nameable
     content), and the `sink` group last (``sinks: keep``): they are a handful of tokens per image that the LLM's

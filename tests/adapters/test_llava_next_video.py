@@ -240,7 +240,7 @@ def test_pruning_one_frame_equals_hf_on_the_shortened_sequence(lnv):
 
 
 def test_video_errors(lnv):
-    with pytest.raises(InputError, match="image samples or video samples, not both"):
+    with pytest.raises(InputError, match=r"image samples or video samples, not both; .*\(set batch_size: 1"):
         lnv.encode([Sample([shapes(32)], question="q", id="i"), Sample(video=_frames(2, lnv.side, lnv.side), question="q", id="v")])
     with pytest.raises(InputError, match="one video placeholder"):
         lnv.encode([Sample(video=_frames(2, lnv.side, lnv.side), prompt="no placeholder here", id="v")])

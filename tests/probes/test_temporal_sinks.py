@@ -142,6 +142,26 @@ def test_images_are_left_out_and_bad_parameters_are_named():
         TemporalSinks(vision_layer=9).check(adapter)
 
 
+def test_the_tower_runs_once_per_batch():
+    """The probe recomputes the feature layer's attention from its own run of the tower; the activations the runner
+    collects for it (`collect` at its `sites`) must not cost a second run: the first tower block runs once per batch."""
+    from embedlens.adapters.base import resolve_path
+    from embedlens.tracing import collect
+
+    adapter = load_model("tiny:qwen2_vl")
+    rng = np.random.default_rng(2)
+    frames = [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(4)]
+    batch = adapter.encode([Sample(video=frames, question="what?", id="v")])
+    runs = []
+    handle = resolve_path(adapter.model, adapter.paths.vision_layers)[0].register_forward_hook(lambda *_: runs.append(1))
+    try:
+        probe = TemporalSinks()
+        probe.check(adapter)
+        out = probe.update(adapter, batch, collect(adapter, batch, probe.sites(adapter)))
+    finally:
+        handle.remove()
+    assert len(out["places"]["sink_score"]) == GRID * GRID and len(runs) == 1
+
 def test_the_host_waits_as_often_for_six_temporal_patches_as_for_two():
     """The score's hot path (the tower's attention recomputed per frame, then per place) has no loop over frames or
     tokens that reads the device: `torch.profiler`'s count of host syncs is the same for 2 and 6 temporal patches."""
