@@ -123,7 +123,7 @@ class Selection:
             raise InterventionError(f"a selection is an expression string or a list of indices; got {spec!r}")
         if len(spec) > MAX_SOURCE:
             raise InterventionError(f"a selection is at most {MAX_SOURCE} characters; got {len(spec)}")
-        text = spec.strip().replace("&", " and ").replace("|", " or ").replace("~", " not ")
+        text = spec.replace("&", " and ").replace("|", " or ").replace("~", " not ").strip()  # stripped last: "~text" starts with a space
         try:
             tree = ast.parse(text, mode="eval").body
         except SyntaxError as exc:

@@ -127,3 +127,12 @@ def test_pool_counts_on_a_numpy_layout_are_the_torch_counts(target, pool):
         nt, npool = _counts(fixed_layout(grid, k, cls), None, iv)
         mt, mpool = _counts(fixed_layout(grid, k, cls, numpy=True), None, iv)
         assert (int(nt[0]), int(npool[0])) == (int(mt[0]), int(mpool[0])), (target, grid, k)
+
+
+@pytest.mark.parametrize("lead, swapped", [("~text | bos", "bos | ~text"), ("~(visual & row < 2)", "not (visual and row < 2)"),
+                                           ("  ~visual", "not visual")])
+def test_a_selection_may_start_with_not(lead, swapped):
+    """`~` first is `not` first: it parsed as an indented line ("unexpected indent") before."""
+    roles = fixed_layout((4, 4), 2, cls=True)
+    assert torch.equal(Selection.parse(lead).evaluate(roles), Selection.parse(swapped).evaluate(roles))
+    assert Selection.parse(lead).evaluate(roles).any()
