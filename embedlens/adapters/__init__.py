@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping
 
+from embedlens._lazy import lazy_names
 from embedlens.adapters._unsupported import ADDING_A_FAMILY, unsupported
 from embedlens.adapters.sources import resolve
 from embedlens.errors import AdapterError
@@ -67,14 +68,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
 TINY_PREFIX = "tiny:"

@@ -7,7 +7,8 @@ intervention's module alone; the registry imports every module of `BUILTINS` whe
 
 from __future__ import annotations
 
-import importlib
+from embedlens._lazy import lazy_names
+
 
 #: Every module that registers a built-in intervention, the token-reduction methods included (imported when the
 #: intervention registry lists its plugins).
@@ -38,12 +39,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
 __all__ = ["Context", "Engine", "Hook", "Intervention", "Outcome", "RowCache", "Rows", "Selection", "attention_rows"]

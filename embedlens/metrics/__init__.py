@@ -7,7 +7,8 @@ code; the registry imports every module of `BUILTINS` when it lists the metrics.
 
 from __future__ import annotations
 
-import importlib
+from embedlens._lazy import lazy_names
+
 
 #: Every module that registers a built-in metric (imported when the metric registry lists its plugins).
 BUILTINS = ("embedlens.metrics.builtin",)
@@ -20,12 +21,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
 __all__ = ["Metric", "compare", "prefill_flops"]

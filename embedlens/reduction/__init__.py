@@ -5,7 +5,7 @@ interventions (their modules are in `embedlens.interventions.BUILTINS`)."""
 
 from __future__ import annotations
 
-import importlib
+from embedlens._lazy import lazy_names
 
 # Public name -> module (loaded on first use, so a look-up of one method imports that method's module alone).
 _LAZY = {
@@ -14,12 +14,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
 __all__ = ["Budget", "InputReduction"]
