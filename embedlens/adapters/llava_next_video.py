@@ -40,7 +40,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import torch
@@ -52,7 +51,7 @@ from embedlens.adapters._remote_code import NO_REMOTE_CODE
 from embedlens.adapters.base import Batch
 from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.llava_next import LlavaNextAdapter
-from embedlens.adapters.role_map import PromptText
+from embedlens.adapters.role_map import PromptText, video_prompt
 from embedlens.data import Sample
 from embedlens.errors import AdapterError, InputError
 from embedlens.registry import adapters
@@ -172,19 +171,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         full `prompt` holds one video placeholder and no image placeholder."""
         if sample.video is None:
             return super().prompt(sample)
-        iph, vph = self.image_placeholder, self.video_placeholder
-        if sample.prompt is not None:
-            if sample.prompt.count(vph) != 1 or iph in sample.prompt:
-                raise InputError(f"sample {sample.id!r}: a video prompt holds one video placeholder {vph!r} and no "
-                                 f"image placeholder {iph!r}: {sample.prompt!r}")
-            stand_in = dataclasses.replace(sample, images=[None], video=None, prompt=sample.prompt.replace(vph, iph))
-        else:
-            stand_in = dataclasses.replace(sample, images=[None], video=None)
-        p = super().prompt(stand_in)
-        at, delta = p.text.index(iph), len(vph) - len(iph)
-        text = p.text[:at] + vph + p.text[at + len(iph):]
-        spans = {r: [(s + (delta if s > at else 0), e + (delta if e > at else 0)) for s, e in v] for r, v in p.spans.items()}
-        return PromptText(text, spans, p.suffix)
+        return video_prompt(self, sample, super().prompt)
 
     def encode(self, samples: Sequence[Sample], padding_side: str = "right") -> Batch:
         """`Adapter.encode`, with video samples: a batch holds image samples or video samples, not both."""

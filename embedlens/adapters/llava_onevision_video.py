@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from embedlens.adapters._remote_code import NO_REMOTE_CODE
-from embedlens.adapters.role_map import PromptText
+from embedlens.adapters.role_map import PromptText, video_prompt
 from embedlens.data import Sample
 from embedlens.errors import InputError
 from embedlens.sites import Site
@@ -110,24 +110,6 @@ def frames_to_pixels(video: Video, settings: VideoSettings, size: int) -> torch.
     if settings.do_normalize:
         return (x - mean) / std
     return x * settings.rescale_factor if settings.do_rescale else x
-
-
-def video_prompt(adapter: Any, sample: Sample, render) -> PromptText:
-    """A video sample's prompt: rendered by `render` (the family's image prompt) as a one-image prompt whose image
-    placeholder then becomes the video's; a full `prompt` holds one video placeholder and no image placeholder."""
-    iph, vph = adapter.image_placeholder, adapter.video_placeholder
-    if sample.prompt is not None:
-        if sample.prompt.count(vph) != 1 or iph in sample.prompt:
-            raise InputError(f"sample {sample.id!r}: a video prompt holds one video placeholder {vph!r} and no "
-                             f"image placeholder {iph!r}: {sample.prompt!r}")
-        stand_in = dataclasses.replace(sample, images=[None], video=None, prompt=sample.prompt.replace(vph, iph))
-    else:
-        stand_in = dataclasses.replace(sample, images=[None], video=None)
-    p = render(stand_in)
-    at, delta = p.text.index(iph), len(vph) - len(iph)
-    text = p.text[:at] + vph + p.text[at + len(iph):]
-    spans = {r: [(s + (delta if s > at else 0), e + (delta if e > at else 0)) for s, e in v] for r, v in p.spans.items()}
-    return PromptText(text, spans, p.suffix)
 
 
 def pooled_support(n: int) -> tuple[int, torch.Tensor]:

@@ -38,14 +38,13 @@ its settings, else by the image processor per frame.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import torch
 from PIL import Image
 from transformers import BatchFeature
 
-from embedlens.adapters.role_map import PromptText
+from embedlens.adapters.role_map import PromptText, video_prompt
 from embedlens.data import Sample
 from embedlens.errors import InputError
 from embedlens.video import Video
@@ -102,19 +101,7 @@ class QwenVideo:
         (Qwen frames both as ``<|vision_start|>…<|vision_end|>``); a full `prompt` holds one video placeholder."""
         if sample.video is None:
             return super().prompt(sample)
-        iph, vph = self.image_placeholder, self.video_placeholder
-        if sample.prompt is not None:
-            if sample.prompt.count(vph) != 1 or iph in sample.prompt:
-                raise InputError(f"sample {sample.id!r}: a video prompt holds one video placeholder {vph!r} and no "
-                                 f"image placeholder {iph!r}: {sample.prompt!r}")
-            stand_in = dataclasses.replace(sample, images=[None], video=None, prompt=sample.prompt.replace(vph, iph))
-        else:
-            stand_in = dataclasses.replace(sample, images=[None], video=None)
-        p = super().prompt(stand_in)
-        at, delta = p.text.index(iph), len(vph) - len(iph)
-        text = p.text[:at] + vph + p.text[at + len(iph):]
-        spans = {r: [(s + (delta if s > at else 0), e + (delta if e > at else 0)) for s, e in v] for r, v in p.spans.items()}
-        return PromptText(text, spans, p.suffix)
+        return video_prompt(self, sample, super().prompt)
 
     def video_inputs(self, videos: Sequence[Video]) -> BatchFeature:
         """``pixel_values_videos`` and ``video_grid_thw`` (and Qwen2.5-VL's ``second_per_grid_ts``) of the videos."""

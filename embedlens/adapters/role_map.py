@@ -6,12 +6,13 @@ Functions of the adapter (its layouts, placeholders and tokenizer), kept apart f
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from embedlens.adapters.capabilities import Capability
 from embedlens.data import Sample
-from embedlens.errors import AdapterError
+from embedlens.errors import AdapterError, InputError
 from embedlens.roles import Role, TokenRoles
 
 if TYPE_CHECKING:
@@ -141,3 +142,21 @@ def mark_spans(self: Any, kind, ids, attn, prompt: PromptText, counts, sample, i
         types = inputs["token_type_ids"][b]
         ans = (types == 1) & attn & (kind == Role.TEMPLATE)
         kind[ans] = int(Role.ANSWER)
+
+
+def video_prompt(adapter: Any, sample: Sample, render: Callable[[Sample], PromptText]) -> PromptText:
+    """A video sample's prompt: rendered by `render` (the family's image prompt) as a one-image prompt whose image
+    placeholder then becomes the video's; a full `prompt` holds one video placeholder and no image placeholder."""
+    iph, vph = adapter.image_placeholder, adapter.video_placeholder
+    if sample.prompt is not None:
+        if sample.prompt.count(vph) != 1 or iph in sample.prompt:
+            raise InputError(f"sample {sample.id!r}: a video prompt holds one video placeholder {vph!r} and no "
+                             f"image placeholder {iph!r}: {sample.prompt!r}")
+        stand_in = dataclasses.replace(sample, images=[None], video=None, prompt=sample.prompt.replace(vph, iph))
+    else:
+        stand_in = dataclasses.replace(sample, images=[None], video=None)
+    p = render(stand_in)
+    at, delta = p.text.index(iph), len(vph) - len(iph)
+    text = p.text[:at] + vph + p.text[at + len(iph):]
+    spans = {r: [(s + (delta if s > at else 0), e + (delta if e > at else 0)) for s, e in v] for r, v in p.spans.items()}
+    return PromptText(text, spans, p.suffix)
