@@ -115,6 +115,8 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
     # cannot be, and the processor_config.json keys it takes (see `load_processor`).
     image_only_processor: ClassVar[type[ProcessorMixin] | None] = None
     image_only_keys: ClassVar[tuple[str, ...]] = ()
+    # Where the checkpoint's image processor itself needs torchvision: a port built from its settings instead.
+    image_processor_port: ClassVar[type | None] = None
     # What a plan's `model.processor_kwargs` may change: key -> (image processor attribute, ``size.X`` for a key of
     # its `size`; the value's type). See `embedlens.adapters.processor_options`.
     processor_options: ClassVar[dict[str, tuple[str, type]]] = {}
@@ -228,7 +230,8 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
     @classmethod
     def load_processor(cls, path: str) -> ProcessorMixin:
         """The checkpoint's processor; for a family with `image_only_processor`, that class when the stock one
-        cannot be built (its video processor needs torchvision) or degrades to a bare tokenizer."""
+        cannot be built (its video processor needs torchvision) or degrades to a bare tokenizer, with the
+        checkpoint's image processor, or `image_processor_port` built from its settings where that needs torchvision."""
         from transformers import AutoProcessor
 
         if cls.image_only_processor is None:
@@ -242,8 +245,14 @@ class Adapter(Layout, Positions, PackedTower, VisionFeatureLayer, ABC):
         from transformers import AutoImageProcessor, AutoTokenizer
 
         extra = cls.image_only_processor.get_processor_dict(path, **NO_REMOTE_CODE)[0]
+        port = cls.image_processor_port
+        if port is None:
+            image_processor = AutoImageProcessor.from_pretrained(path, **NO_REMOTE_CODE)
+        else:  # the checkpoint's image processor settings (in processor_config.json, or a file of their own)
+            settings = extra.get("image_processor") or port.get_image_processor_dict(path, **NO_REMOTE_CODE)[0]
+            image_processor = port(**{k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")})
         return cls.image_only_processor(
-            image_processor=AutoImageProcessor.from_pretrained(path, **NO_REMOTE_CODE),
+            image_processor=image_processor,
             tokenizer=AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE),
             **{k: v for k, v in extra.items() if k in cls.image_only_keys},
         )

@@ -44,10 +44,9 @@ Example:
 from __future__ import annotations
 
 import torch
-from transformers import BatchFeature, Llama4ForConditionalGeneration, ProcessorMixin
+from transformers import BatchFeature, Llama4ForConditionalGeneration
 from transformers.models.llama4.processing_llama4 import Llama4Processor
 
-from embedlens.adapters._remote_code import NO_REMOTE_CODE
 from embedlens.adapters.base import Adapter, Batch, ModulePaths
 from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.llama4_tiles import Llama4ImageProcessorPil
@@ -74,25 +73,9 @@ class Llama4Adapter(Adapter):
                         unembed="language_model.lm_head", mlp="feed_forward", router="feed_forward.router")
     router_output = 1  # Llama4Router returns (scores, logits): the site takes the top-k of the logits, as the router does
     capabilities = frozenset({Capability.PRE_PROJECTOR_MERGE})
-
-    @classmethod
-    def load_processor(cls, path: str) -> ProcessorMixin:
-        """The checkpoint's `Llama4Processor`; where its image processor cannot be built (HF's needs torchvision),
-        the same processor with `Llama4ImageProcessorPil` read from the checkpoint's image processor settings."""
-        from transformers import AutoProcessor, AutoTokenizer
-
-        try:
-            processor = AutoProcessor.from_pretrained(path, **NO_REMOTE_CODE)
-        except Exception:  # noqa: BLE001 - any failure here has the same remedy
-            processor = None
-        if hasattr(processor, "image_processor"):
-            return processor
-        extra = Llama4Processor.get_processor_dict(path, **NO_REMOTE_CODE)[0]
-        settings = extra.get("image_processor") or Llama4ImageProcessorPil.get_image_processor_dict(path, **NO_REMOTE_CODE)[0]
-        settings = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")}
-        return Llama4Processor(image_processor=Llama4ImageProcessorPil(**settings),
-                               tokenizer=AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE),
-                               **{k: v for k, v in extra.items() if k in _PROCESSOR_KEYS})
+    image_only_processor = Llama4Processor  # where the stock processor cannot be built (HF's image processor needs torchvision)
+    image_only_keys = _PROCESSOR_KEYS
+    image_processor_port = Llama4ImageProcessorPil
 
     @property
     def shuffle(self) -> int:

@@ -50,7 +50,6 @@ import torch
 from transformers import BatchFeature, Molmo2ForConditionalGeneration, PreTrainedModel, ProcessorMixin
 from transformers.models.molmo2.processing_molmo2 import Molmo2Processor
 
-from embedlens.adapters._remote_code import NO_REMOTE_CODE
 from embedlens.adapters.base import Adapter, ModulePaths
 from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.molmo2_crops import Molmo2ImageProcessorNoTorchvision
@@ -103,6 +102,9 @@ class Molmo2Adapter(Adapter):
     paths = ModulePaths(vision_embed="model.vision_tower.patch_embedding", vision_layers="model.vision_tower.layers",
                         projector="model.multi_modal_projector.image_projector")
     capabilities = frozenset({Capability.PACKED_TOWER, Capability.PRE_PROJECTOR_MERGE})
+    image_only_processor = Molmo2ImageProcessor  # where the stock processor cannot be built (HF's image processor needs torchvision)
+    image_only_keys = _PROCESSOR_KEYS
+    image_processor_port = Molmo2ImageProcessorNoTorchvision
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, source: str | None = None):
         super().__init__(model, processor, source)
@@ -112,25 +114,6 @@ class Molmo2Adapter(Adapter):
                                f"(norm_after={text.norm_after}) or its queries over all heads (qk_norm_type="
                                f"{text.qk_norm_type!r}); the adapter serves the pre-norm one with per-head query/key "
                                "norms (norm_after=False, qk_norm_type='qwen3')")
-
-    @classmethod
-    def load_processor(cls, path: str) -> ProcessorMixin:
-        """The checkpoint's `Molmo2Processor`; where it cannot be built (its image and video processors need
-        torchvision), `Molmo2ImageProcessor` with `Molmo2ImageProcessorNoTorchvision` from the checkpoint's settings."""
-        from transformers import AutoProcessor, AutoTokenizer
-
-        try:
-            processor = AutoProcessor.from_pretrained(path, **NO_REMOTE_CODE)
-        except Exception:  # noqa: BLE001 - any failure here has the same remedy
-            processor = None
-        if hasattr(processor, "image_processor"):
-            return processor
-        extra = Molmo2Processor.get_processor_dict(path, **NO_REMOTE_CODE)[0]
-        settings = extra.get("image_processor") or Molmo2ImageProcessorNoTorchvision.get_image_processor_dict(path, **NO_REMOTE_CODE)[0]
-        settings = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")}
-        return Molmo2ImageProcessor(image_processor=Molmo2ImageProcessorNoTorchvision(**settings),
-                                    tokenizer=AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE),
-                                    **{k: v for k, v in extra.items() if k in _PROCESSOR_KEYS})
 
     # -- the image span --------------------------------------------------------------------------------------------
     @property
