@@ -90,6 +90,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from embedlens._torch import run_to
 from embedlens.adapters.base import mixer_path, resolve_path
 from embedlens.adapters.capabilities import Capability
 from embedlens.adapters.placement import module_device
@@ -108,10 +109,6 @@ if TYPE_CHECKING:
     from embedlens.interventions.base import Intervention
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
-
-
-class _Stop(Exception):
-    """Raised by a hook to end the model's forward once the LLM input is captured."""
 
 
 def cache_kwarg(layer: torch.nn.Module) -> str:
@@ -232,22 +229,14 @@ class Engine:
 
     @torch.no_grad()
     def _lm_inputs(self, batch: "Batch") -> dict:
-        captured: dict = {}
-
-        def hook(module, args, kwargs):
-            captured.update(kwargs)
-            captured["x"] = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[4]
-            raise _Stop
-
-        handle = self.lm.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
+        def forward():
             with self.adapter.unused_vision_layers_skipped():
                 self.adapter.model(**self.adapter.model_inputs(batch))
-        except _Stop:
-            pass  # the hook stopped the forward on purpose
-        finally:
-            handle.remove()
-        return captured
+
+        reached = run_to(self.lm, forward)  # the model stops at its language model's input
+        if reached is None:
+            return {}
+        return {**reached.kwargs, "x": reached.hidden("inputs_embeds", 4)}
 
     def context(self, batch: "Batch", condition: str = "baseline", groups=None, embeds=None) -> Context:
         inputs = batch.inputs
@@ -468,21 +457,14 @@ class Engine:
         dev = self.layer_device(layer_idx)
         fns = ctx.attention_probes_ahead[layer_idx]
 
-        def probe(module, args, kwargs):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            seen = AttentionInput(module, hidden, kwargs["position_embeddings"], layout.rows, entry.allowed.to(hidden.device))
-            for fn in fns:
-                fn(seen)
-            raise _Stop
-
-        handle = resolve_path(layer, self.adapter.paths.attn).register_forward_pre_hook(probe, with_kwargs=True)
-        try:
-            layer(_on(x, dev), attention_mask=layout.mask(entry, dev), position_ids=layout.position_ids(dev), use_cache=False,
-                  position_embeddings=layout.rotary(self.layer_types[layer_idx], dev), **{self.cache_kwarg: None})
-        except _Stop:
-            pass  # the probe stopped the layer on purpose, once its attention's input was read
-        finally:
-            handle.remove()
+        attn = resolve_path(layer, self.adapter.paths.attn)
+        reached = run_to(attn, lambda: layer(  # the layer stops at its attention's input
+            _on(x, dev), attention_mask=layout.mask(entry, dev), position_ids=layout.position_ids(dev), use_cache=False,
+            position_embeddings=layout.rotary(self.layer_types[layer_idx], dev), **{self.cache_kwarg: None}))
+        hidden = reached.hidden()
+        seen = AttentionInput(attn, hidden, reached.kwargs["position_embeddings"], layout.rows, entry.allowed.to(hidden.device))
+        for fn in fns:
+            fn(seen)
 
     def _hooks(self, layer, layer_idx: int, ctx: Context, layout: Layout, entry) -> list:
         """Forward hooks for this layer, only where needed: zeroing the updates of `entry`'s rows, and recording

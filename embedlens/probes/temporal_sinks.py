@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embedlens._torch import no_grad
+from embedlens._torch import no_grad, run_to
 from embedlens.adapters.base import resolve_path
 from embedlens.adapters.capabilities import Capability
 from embedlens.errors import AdapterError, EmbedLensError, PlanError
@@ -44,10 +44,6 @@ if TYPE_CHECKING:
 STOP_GAMMA = 1.1
 #: Places listed in the result, most sink-like first.
 TOP_PLACES = 10
-
-
-class _Stop(Exception):
-    """Raised by the hook once the layer's attention input is seen: nothing after it is needed."""
 
 
 def _attention_module(adapter: "Adapter", layer: int) -> torch.nn.Module:
@@ -97,23 +93,10 @@ def _received_in_run(adapter: "Adapter", attn: torch.nn.Module, layer: int, inpu
     """`tower_attention_received` of one run of the tower (the model's `inputs`, stopped at `attn`)."""
     import torch
 
-    seen: dict[str, Any] = {}
-
-    def grab(module, args, kwargs):
-        seen["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        seen["kw"] = kwargs
-        raise _Stop
-
-    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        adapter.model(**inputs)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "x" not in seen:
+    reached = run_to(attn, lambda: adapter.model(**inputs))  # the model stops at that layer's attention
+    if reached is None:
         raise AdapterError(f"{adapter.name}: vision layer {layer} did not run for this batch")
-    x, kw = seen["x"], seen["kw"]
+    x, kw = reached.hidden(), reached.kwargs
     if hasattr(attn, "qkv"):  # Qwen-VL: [patches, d], one attention sequence per cu_seqlens span (a temporal patch)
         cu, pe = kw.get("cu_seqlens"), kw.get("position_embeddings")
         if cu is None or pe is None:

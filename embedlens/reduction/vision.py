@@ -22,16 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from embedlens._torch import no_grad
+from embedlens._torch import no_grad, run_to
 from embedlens.adapters.base import resolve_path
 from embedlens.errors import InterventionError
 
 if TYPE_CHECKING:
     from embedlens.adapters.base import Adapter, Batch
-
-
-class _Stop(Exception):
-    """Raised by the hook once the feature layer has run: nothing after it is needed."""
 
 
 @dataclass
@@ -98,27 +94,15 @@ def read_tower(adapter: "Adapter", batch: "Batch", tokens: torch.Tensor, *, feat
                                 "ranks LLM tokens: divprune, random_budget, ...)")
     layers = resolve_path(adapter.model, adapter.paths.vision_layers)
     block = layers[feature_layer(adapter)]
-    seen: dict[str, torch.Tensor] = {}
 
-    def take_input(module, args, kwargs):
-        seen["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-    def take_output(module, args, output):
-        seen["y"] = _hidden(output)
-        raise _Stop
-
-    handles = [block.register_forward_pre_hook(take_input, with_kwargs=True), block.register_forward_hook(take_output)]
-    try:
+    def forward():
         with adapter.unused_vision_layers_skipped():
             adapter.model(**adapter.model_inputs(batch))
-    except _Stop:
-        pass  # the feature layer ran: nothing later is needed
-    finally:
-        for h in handles:
-            h.remove()
-    if "y" not in seen:
+
+    reached = run_to(block, forward, output=True)  # the model stops once the feature layer has run
+    if reached is None or reached.output is None:
         raise InterventionError(f"{adapter.name}: the tower's feature layer did not run for this batch")
-    x_in, out = seen["x"], seen["y"]  # [tiles, tokens, d]
+    x_in, out = reached.hidden(), _hidden(reached.output)  # [tiles, tokens, d]
     attn = block.self_attn
     x = block.layer_norm1(x_in)
     n, t, _ = x.shape
