@@ -190,8 +190,8 @@ def hf_masked_run(adapter, batch, b, hidden, embeds, extra_embeds=None):
 
     per_layer = Engine(adapter).per_layer_token_inputs(batch)  # Gemma 4 (no continuation tokens there)
     if per_layer is not None:
-        if extra_embeds is not None:
-            raise NotImplementedError("hf_masked_run: continuation tokens with per-layer inputs")
+        # continuation tokens would need their own per-layer inputs (token ids the reference does not have)
+        assert extra_embeds is None, "hf_masked_run has no reference for continuation tokens with per-layer inputs (Gemma 4)"
         kwargs["per_layer_inputs"] = per_layer[b][valid][None]
     with torch.no_grad():
         return adapter.model(**kwargs)
