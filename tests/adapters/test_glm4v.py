@@ -11,14 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hf_run
 from embedlens.adapters import Glm4vAdapter, Glm4vMoeAdapter, load_model, wrap_model
 from embedlens.adapters.base import resolve_path
 from embedlens.adapters.capabilities import Capability
 from embedlens.data import Sample
 from embedlens.errors import InputError
 from embedlens.interventions import Engine
-from embedlens.interventions.prune import Prune
 from embedlens.roles import Role
 from embedlens.sites import Site
 from embedlens.testing.images import noise, shapes
@@ -27,6 +25,7 @@ from tests import test_roles
 from tests.adapters import test_qwen2_vl, test_sites
 from tests.interventions import test_equivalences
 from tests.support.hf_testers import BLOCK_TESTER_CONFIGS
+from tests.support.moe import assert_routing_follows_pruned_sequence
 
 TESTERS = ("glm4v", "glm4v-merge", "glm4v_moe")
 
@@ -123,34 +122,7 @@ def test_moe_routing_follows_the_pruned_sequence():
     samples = [Sample([shapes(64, seed=1)], question="what is it?", id="a"),
                Sample([noise(40, 24, seed=2)], question="count the shapes", id="b")]
     batch = moe.encode(samples, padding_side="left")
-    eng = Engine(moe)
-    dead = batch.roles.visual & (torch.arange(batch.input_ids.shape[1]) % 3 == 0)
-    layers = resolve_path(moe.model, moe.paths.llm_layers)
-    sparse = [i for i, layer in enumerate(layers) if hasattr(layer.mlp, "gate")]
-    assert sparse == [1, 2, 3]
-    seen: dict[int, list] = {i: [] for i in sparse}
-    hooks = [layers[i].mlp.gate.register_forward_hook(lambda m, a, o, i=i: seen[i].append(o[2])) for i in sparse]
-    try:
-        out = eng.run(batch, [Prune(tokens="dead")], groups={"dead": dead}.__getitem__)
-        engine_routes = {i: seen[i].pop() for i in sparse}
-        keep = ~dead & ~batch.roles.padding
-        embeds = eng.embed(batch)
-        refs = []
-        for b in range(2):
-            hf_run(moe, batch, b, keep[b], embeds)  # HF on the cut sequence: its routes land in `seen`
-            refs.append({i: seen[i].pop() for i in sparse})
-    finally:
-        for h in hooks:
-            h.remove()
-    rows = out.counts["rows"]
-    width = int(rows[1].max())
-    for i in sparse:
-        assert engine_routes[i].shape == (2 * width, moe.config.text_config.num_experts_per_tok)
-        for b in range(2):
-            n = int(keep[b].sum())
-            assert int(rows[i][b]) == n
-            got = engine_routes[i].view(2, width, -1)[b, :n]  # each sample's present tokens packed left
-            assert torch.equal(got.sort(-1).values, refs[b][i].sort(-1).values)
+    assert_routing_follows_pruned_sequence(moe, batch, [1, 2, 3])
 
 
 @pytest.fixture(scope="module", params=TESTERS)

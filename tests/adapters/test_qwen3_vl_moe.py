@@ -8,19 +8,16 @@ decoder layers are sparse blocks, so every equivalence there passes through the 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from conftest import hf_run
 from embedlens.adapters import Qwen3VLMoeAdapter, load_model, wrap_model
-from embedlens.adapters.base import resolve_path
 from embedlens.data import Sample
 from embedlens.interventions import Engine
-from embedlens.interventions.prune import Prune
 from embedlens.testing.images import noise, shapes
 from tests import test_roles
 from tests.adapters import test_sites
 from tests.interventions import test_equivalences
 from tests.support.hf_testers import BLOCK_TESTER_CONFIGS
+from tests.support.moe import assert_routing_follows_pruned_sequence
 
 
 @pytest.fixture(scope="module")
@@ -34,35 +31,7 @@ def test_routing_follows_the_pruned_sequence(moe):
     samples = [Sample([shapes(64, seed=1)], question="what is it?", id="a"),
                Sample([noise(40, 70, seed=2)], question="count the shapes", id="b")]
     batch = moe.encode(samples, padding_side="left")
-    eng = Engine(moe)
-    dead = batch.roles.visual & (torch.arange(batch.input_ids.shape[1]) % 3 == 0)
-    layers = resolve_path(moe.model, moe.paths.llm_layers)
-    sparse = [i for i, layer in enumerate(layers) if hasattr(layer.mlp, "gate")]
-    assert sparse == [1, 3]
-    seen: dict[int, list] = {i: [] for i in sparse}
-    hooks = [layers[i].mlp.gate.register_forward_hook(lambda m, a, o, i=i: seen[i].append(o[2])) for i in sparse]
-    try:
-        out = eng.run(batch, [Prune(tokens="dead")], groups={"dead": dead}.__getitem__)
-        engine_routes = {i: seen[i].pop() for i in sparse}
-        keep = ~dead & ~batch.roles.padding
-        embeds = eng.embed(batch)
-        refs = []
-        for b in range(2):
-            hf_run(moe, batch, b, keep[b], embeds)  # HF on the cut sequence: its routes land in `seen`
-            refs.append({i: seen[i].pop() for i in sparse})
-    finally:
-        for h in hooks:
-            h.remove()
-    rows = out.counts["rows"]
-    width = int(rows[1].max())
-    for i in sparse:
-        assert engine_routes[i].shape == (2 * width, moe.config.text_config.num_experts_per_tok)
-        for b in range(2):
-            n = int(keep[b].sum())
-            assert int(rows[i][b]) == n
-            # the engine packs each sample's present tokens left in its row of `width`
-            got = engine_routes[i].view(2, width, -1)[b, :n]
-            assert torch.equal(got.sort(-1).values, refs[b][i].sort(-1).values)
+    assert_routing_follows_pruned_sequence(moe, batch, [1, 3])
 
 
 @pytest.fixture(scope="module")
